@@ -1,0 +1,54 @@
+// custody.toml: where the token, the PIN and the store are.
+//
+//   state_dir = "/var/lib/custody"
+//   [token]
+//   module   = "/usr/lib/softhsm/libsofthsm2.so"
+//   uri      = "pkcs11:token=custody"
+//   pin_file = "/etc/custody/pin"          # optional; else CUSTODY_PIN or --pin-fd
+//   [token.environment]                    # optional; set before the module loads
+//   SOFTHSM2_CONF = "/var/lib/custody/softhsm2.conf"
+//   [store]
+//   path = "/var/lib/custody/custody.db"
+//
+// The config never holds a PIN: only where to read one.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "custody/common/result.h"
+#include "custody/common/secret.h"
+
+namespace custody::core {
+
+struct Config {
+  std::string state_dir;
+  std::string token_module;
+  std::string token_uri;
+  std::optional<std::string> pin_file;
+  std::vector<std::pair<std::string, std::string>> token_environment;
+  std::string store_path;
+};
+
+// --config, then $CUSTODY_CONFIG, then /etc/custody/custody.toml.
+std::string LocateConfig(const std::optional<std::string>& flag);
+
+// kNotFound if the file is missing; kConfig naming file:line:column for a
+// syntax error or a missing or mistyped key.
+Result<Config> LoadConfig(const std::string& path);
+
+// Writes atomically (temporary file, fsync, rename), mode 0600.
+Status WriteConfig(const Config& config, const std::string& path);
+
+// Sets [token.environment] variables not already set in the process.
+void ApplyTokenEnvironment(const Config& config);
+
+// The user PIN: from descriptor `pin_fd` if given, else $CUSTODY_PIN (which
+// is then removed from the environment, so children do not inherit it), else
+// the config's pin_file (which must be mode 0600 or stricter). One trailing
+// newline is dropped.
+Result<SecretBuffer> ResolvePin(const Config& config, std::optional<int> pin_fd);
+
+}  // namespace custody::core

@@ -1,0 +1,57 @@
+// SecretService: the operations on projects, environments and secrets that
+// the CLI (and later the server) call. It joins the store and the sealer;
+// it has no idea how either is implemented.
+//
+//   auto token = core::OpenToken(config, pin);
+//   core::Sealer sealer(*token->pool, *store);
+//   core::SecretService svc(*store, sealer);
+//   auto version = svc.Put(path, value);
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "custody/common/result.h"
+#include "custody/common/secret.h"
+#include "custody/core/config.h"
+#include "custody/core/names.h"
+#include "custody/core/sealer.h"
+#include "custody/core/store.h"
+#include "custody/hsm/session.h"
+
+namespace custody::core {
+
+// The token named by the config, logged in, with a session pool.
+struct Token {
+  std::shared_ptr<hsm::Module> module;
+  CK_SLOT_ID slot = 0;
+  std::unique_ptr<hsm::SessionPool> pool;
+};
+Result<Token> OpenToken(const Config& config, const SecretBuffer& pin);
+
+struct Unsealed {
+  SecretBuffer value;
+  uint32_t version = 0;
+};
+
+class SecretService {
+ public:
+  SecretService(Store& store, Sealer& sealer) : store_(store), sealer_(sealer) {}
+
+  // Creates the project's KEK in the token, then the project and its
+  // environments in the store; if the store refuses, the new KEK is
+  // destroyed again so nothing is half-made.
+  Result<ProjectRecord> CreateProject(const std::string& name, const std::vector<std::string>& envs);
+
+  // Seals `value` as the next version. Returns the version number.
+  Result<uint32_t> Put(const SecretPath& path, const SecretBuffer& value);
+  Result<Unsealed> Get(const SecretPath& path, std::optional<uint32_t> version);
+
+ private:
+  Store& store_;
+  Sealer& sealer_;
+};
+
+}  // namespace custody::core

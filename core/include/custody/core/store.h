@@ -1,0 +1,103 @@
+// Store: projects, environments, KEK records, secrets and their sealed
+// versions. Never a plaintext value: only sealed blobs.
+//
+//   auto store = core::OpenSqliteStore("/var/lib/custody/custody.db");
+//   auto env = (*store)->FindEnvironment("payments", "prod");
+//
+// This interface is all that code above the store sees. SQLite implements it
+// now; a PostgreSQL implementation for multi-server deployments comes later,
+// so nothing here may expose SQLite types or semantics. Every mutating call
+// is one transaction: it happens whole or not at all.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "custody/common/result.h"
+#include "custody/core/blob.h"
+#include "custody/core/sealer.h"
+
+namespace custody::core {
+
+struct ProjectRecord {
+  int64_t id = 0;
+  std::string name;
+  int64_t created_at = 0;  // unix seconds
+};
+
+struct EnvironmentRecord {
+  int64_t id = 0;
+  int64_t project_id = 0;
+  std::string project;
+  std::string name;
+};
+
+struct KekRecord {
+  int64_t id = 0;
+  int64_t project_id = 0;
+  KekRef ref;
+  std::string label;
+  uint64_t encryptions_reserved = 0;
+  int64_t created_at = 0;
+};
+
+struct SecretVersionRecord {
+  uint32_t version = 0;
+  int64_t kek_record_id = 0;
+  std::vector<uint8_t> blob;
+  int64_t created_at = 0;
+};
+
+struct SecretSummary {
+  std::string project, environment, name;
+  uint32_t latest_version = 0;
+  uint32_t version_count = 0;
+  int64_t updated_at = 0;
+};
+
+class Store : public KekUsageLedger {
+ public:
+  ~Store() override = default;
+
+  // Creates the project, its first KEK record and its environments at once.
+  // kUsage "already exists" if the name is taken.
+  virtual Result<ProjectRecord> CreateProject(const std::string& name, const std::vector<std::string>& envs,
+                                              const KekRef& kek, const std::string& kek_label) = 0;
+  virtual Result<ProjectRecord> FindProject(const std::string& name) = 0;
+  virtual Result<std::vector<ProjectRecord>> ListProjects() = 0;
+
+  virtual Result<EnvironmentRecord> CreateEnvironment(const std::string& project, const std::string& env) = 0;
+  virtual Result<EnvironmentRecord> FindEnvironment(const std::string& project, const std::string& env) = 0;
+  virtual Result<std::vector<EnvironmentRecord>> ListEnvironments(const std::string& project) = 0;
+
+  // The KEK new seals in this project use.
+  virtual Result<KekRecord> CurrentKek(int64_t project_id) = 0;
+  virtual Result<KekRecord> KekById(int64_t kek_record_id) = 0;
+  virtual Result<std::vector<KekRecord>> ListKeks() = 0;
+
+  // Version numbers: the next one for a secret (1 for a new secret).
+  virtual Result<uint32_t> NextVersion(int64_t env_id, const std::string& name) = 0;
+  // Adds a version. If another writer took `version` first, kUnavailable with
+  // backend code kVersionTaken, so the caller re-seals with the next number.
+  virtual Status AddVersion(int64_t env_id, const std::string& name, uint32_t version,
+                            int64_t kek_record_id, const std::vector<uint8_t>& blob) = 0;
+  // The newest version, or `version` if given. kNotFound names what is missing.
+  virtual Result<SecretVersionRecord> GetVersion(const EnvironmentRecord& env, const std::string& name,
+                                                 std::optional<uint32_t> version) = 0;
+  virtual Result<std::vector<SecretSummary>> ListSecrets(const std::optional<std::string>& project,
+                                                         const std::optional<std::string>& env) = 0;
+  // Deletes a secret with every version. kNotFound if there is none.
+  virtual Status DeleteSecret(const EnvironmentRecord& env, const std::string& name) = 0;
+
+  static constexpr uint64_t kVersionTaken = 1;
+};
+
+// Opens (creating if `create`) a SQLite store, in WAL mode, migrated to the
+// current schema. A file that is not a custody store is kIntegrity; a path
+// that cannot be opened or written is kUnavailable.
+Result<std::unique_ptr<Store>> OpenSqliteStore(const std::string& path, bool create);
+
+}  // namespace custody::core

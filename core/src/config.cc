@@ -1,0 +1,160 @@
+#include "custody/core/config.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <sstream>
+#include <toml++/toml.h>
+
+namespace custody::core {
+namespace {
+
+constexpr size_t kMaxPinSize = 256;
+
+std::string Where(const std::string& path, const toml::source_region& r) {
+  return path + ":" + std::to_string(r.begin.line) + ":" + std::to_string(r.begin.column);
+}
+
+Result<std::string> RequireString(const toml::table& t, std::string_view key, const std::string& path,
+                                  std::string_view section) {
+  const toml::node* n = t.get(key);
+  std::string full = section.empty() ? std::string(key) : std::string(section) + "." + std::string(key);
+  if (n == nullptr) return Error(Category::kConfig, path + ": missing key '" + full + "'");
+  if (!n->is_string()) return Error(Category::kConfig, Where(path, n->source()) + ": '" + full + "' must be a string");
+  std::string v = n->as_string()->get();
+  if (v.empty()) return Error(Category::kConfig, Where(path, n->source()) + ": '" + full + "' is empty");
+  return v;
+}
+
+void DropTrailingNewline(SecretBuffer& pin) {
+  auto s = pin.RevealString(SecretAccess{});
+  size_t n = s.size();
+  if (n > 0 && s[n - 1] == '\n') --n;
+  if (n > 0 && s[n - 1] == '\r') --n;
+  pin.Truncate(n);
+}
+
+}  // namespace
+
+std::string LocateConfig(const std::optional<std::string>& flag) {
+  if (flag) return *flag;
+  if (const char* env = std::getenv("CUSTODY_CONFIG"); env != nullptr && *env != '\0') return env;
+  return "/etc/custody/custody.toml";
+}
+
+Result<Config> LoadConfig(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) {
+    return Error(Category::kConfig, "config " + path + " not found; run 'custody init' or pass --config");
+  }
+  toml::table root;
+  try {
+    root = toml::parse_file(path);
+  } catch (const toml::parse_error& e) {
+    return Error(Category::kConfig, Where(path, e.source()) + ": " + std::string(e.description()));
+  }
+  Config c;
+  CUSTODY_ASSIGN_OR_RETURN(c.state_dir, RequireString(root, "state_dir", path, ""));
+  const toml::table* token = root["token"].as_table();
+  if (token == nullptr) return Error(Category::kConfig, path + ": missing table [token]");
+  CUSTODY_ASSIGN_OR_RETURN(c.token_module, RequireString(*token, "module", path, "token"));
+  CUSTODY_ASSIGN_OR_RETURN(c.token_uri, RequireString(*token, "uri", path, "token"));
+  if (token->contains("pin_file")) {
+    CUSTODY_ASSIGN_OR_RETURN(std::string pf, RequireString(*token, "pin_file", path, "token"));
+    c.pin_file = std::move(pf);
+  }
+  if (const toml::node* pin = token->get("pin"); pin != nullptr) {
+    return Error(Category::kConfig, Where(path, pin->source()) +
+                                        ": a PIN may not be written in the config; use pin_file, CUSTODY_PIN or --pin-fd");
+  }
+  if (const toml::table* env = (*token)["environment"].as_table()) {
+    for (const auto& [k, v] : *env) {
+      if (!v.is_string()) {
+        return Error(Category::kConfig, Where(path, v.source()) + ": token.environment." + std::string(k.str()) +
+                                            " must be a string");
+      }
+      c.token_environment.emplace_back(std::string(k.str()), v.as_string()->get());
+    }
+  }
+  const toml::table* store = root["store"].as_table();
+  if (store == nullptr) return Error(Category::kConfig, path + ": missing table [store]");
+  CUSTODY_ASSIGN_OR_RETURN(c.store_path, RequireString(*store, "path", path, "store"));
+  return c;
+}
+
+Status WriteConfig(const Config& c, const std::string& path) {
+  toml::table token{{"module", c.token_module}, {"uri", c.token_uri}};
+  if (c.pin_file) token.insert("pin_file", *c.pin_file);
+  if (!c.token_environment.empty()) {
+    toml::table env;
+    for (const auto& [k, v] : c.token_environment) env.insert(k, v);
+    token.insert("environment", std::move(env));
+  }
+  toml::table root{{"state_dir", c.state_dir}, {"token", std::move(token)},
+                   {"store", toml::table{{"path", c.store_path}}}};
+  std::ostringstream out;
+  out << "# custody configuration, written by 'custody init'. It never holds a PIN.\n" << root << "\n";
+  std::string text = out.str();
+
+  std::string tmp = path + ".tmp";
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) return Error::Os(errno, "cannot write config " + tmp, Category::kConfig);
+  size_t off = 0;
+  while (off < text.size()) {
+    ssize_t n = ::write(fd, text.data() + off, text.size() - off);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      int e = errno;
+      ::close(fd);
+      ::unlink(tmp.c_str());
+      return Error::Os(e, "cannot write config " + tmp, Category::kConfig);
+    }
+    off += static_cast<size_t>(n);
+  }
+  if (::fsync(fd) != 0 || ::close(fd) != 0) {
+    int e = errno;
+    ::unlink(tmp.c_str());
+    return Error::Os(e, "cannot write config " + tmp, Category::kConfig);
+  }
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    int e = errno;
+    ::unlink(tmp.c_str());
+    return Error::Os(e, "cannot write config " + path, Category::kConfig);
+  }
+  return Status::Ok();
+}
+
+void ApplyTokenEnvironment(const Config& c) {
+  for (const auto& [k, v] : c.token_environment) ::setenv(k.c_str(), v.c_str(), /*overwrite=*/0);
+}
+
+Result<SecretBuffer> ResolvePin(const Config& c, std::optional<int> pin_fd) {
+  Result<SecretBuffer> pin = Error(Category::kConfig,
+                                   "no PIN given: set pin_file in [token], CUSTODY_PIN, or pass --pin-fd");
+  if (pin_fd) {
+    pin = SecretBuffer::ReadFd(*pin_fd, kMaxPinSize);
+    if (!pin) return std::move(pin).error().Wrap("reading PIN from descriptor " + std::to_string(*pin_fd));
+  } else if (const char* env = std::getenv("CUSTODY_PIN"); env != nullptr) {
+    pin = SecretBuffer::Copy(std::string_view(env));
+    // The environment copy cannot be wiped safely (other code may hold the
+    // pointer); unsetting it at least keeps it out of child processes.
+    ::unsetenv("CUSTODY_PIN");
+  } else if (c.pin_file) {
+    pin = SecretBuffer::ReadFile(*c.pin_file, kMaxPinSize, /*require_private=*/true);
+    if (!pin) {
+      Error e = std::move(pin).error();
+      return Error(e.category() == Category::kNotFound ? Category::kConfig : e.category(),
+                   "PIN file: " + e.message());
+    }
+  } else {
+    return pin;
+  }
+  DropTrailingNewline(*pin);
+  if (pin->empty()) return Error(Category::kConfig, "the PIN is empty");
+  return pin;
+}
+
+}  // namespace custody::core

@@ -1,0 +1,224 @@
+#include "custody/core/sealer.h"
+
+#include <openssl/crypto.h>
+
+#include <algorithm>
+#include <string>
+
+#include "custody/hsm/objects.h"
+#include "custody/hsm/rv.h"
+
+namespace custody::core {
+namespace {
+
+constexpr uint64_t kMaxBlock = 1024;
+constexpr size_t kNoncesPerDraw = 32;
+
+bool IsStaleHandle(CK_RV rv) { return rv == CKR_KEY_HANDLE_INVALID || rv == CKR_OBJECT_HANDLE_INVALID; }
+
+// A session-fatal error means the lease must not go back to the pool.
+Error Fail(hsm::SessionPool::Lease& lease, CK_RV rv, std::string_view call) {
+  if (hsm::IsSessionFatal(rv)) lease.Discard();
+  return hsm::RvError(rv, call);
+}
+
+}  // namespace
+
+std::string KekLabel::For(std::string_view project, uint32_t version) {
+  return "custody:kek:" + std::string(project) + ":v" + std::to_string(version);
+}
+
+Result<KekRef> Sealer::CreateKek(std::string_view project, uint32_t version) {
+  CUSTODY_ASSIGN_OR_RETURN(auto lease, pool_.Acquire());
+  KekRef ref;
+  ref.version = version;
+  CUSTODY_RETURN_IF_ERROR(hsm::GenerateRandom(*lease, ref.id));
+
+  std::string label = KekLabel::For(project, version);
+  CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
+  CK_ULONG len = 32;
+  CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+  CK_KEY_TYPE kt = CKK_AES;
+  // Sensitive and non-extractable: the value can never be read or wrapped out.
+  // Private: only a logged-in user sees it. Encrypt/decrypt only for now; the
+  // wrap/unwrap rights for in-token re-sealing arrive with KEK rotation.
+  CK_ATTRIBUTE tmpl[] = {
+      {CKA_CLASS, &cls, sizeof cls},
+      {CKA_KEY_TYPE, &kt, sizeof kt},
+      {CKA_TOKEN, &yes, sizeof yes},
+      {CKA_PRIVATE, &yes, sizeof yes},
+      {CKA_SENSITIVE, &yes, sizeof yes},
+      {CKA_EXTRACTABLE, &no, sizeof no},
+      {CKA_MODIFIABLE, &no, sizeof no},
+      {CKA_ENCRYPT, &yes, sizeof yes},
+      {CKA_DECRYPT, &yes, sizeof yes},
+      {CKA_WRAP, &no, sizeof no},
+      {CKA_UNWRAP, &no, sizeof no},
+      {CKA_SIGN, &no, sizeof no},
+      {CKA_VERIFY, &no, sizeof no},
+      {CKA_DERIVE, &no, sizeof no},
+      {CKA_VALUE_LEN, &len, sizeof len},
+      {CKA_LABEL, label.data(), static_cast<CK_ULONG>(label.size())},
+      {CKA_ID, ref.id.data(), static_cast<CK_ULONG>(ref.id.size())},
+  };
+  CK_MECHANISM mech{CKM_AES_KEY_GEN, nullptr, 0};
+  CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+  CK_RV rv = lease->fn()->C_GenerateKey(lease->handle(), &mech, tmpl, std::size(tmpl), &h);
+  if (rv != CKR_OK) return Fail(lease, rv, "C_GenerateKey").Wrap("creating KEK " + label);
+  std::unique_lock lock(handles_mu_);
+  handles_[ref.id] = h;
+  return ref;
+}
+
+Status Sealer::DestroyKek(const KekRef& kek) {
+  CUSTODY_ASSIGN_OR_RETURN(auto lease, pool_.Acquire());
+  CUSTODY_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE h, KekHandle(*lease, kek));
+  ForgetHandle(kek);
+  return hsm::DestroyObject(*lease, h);
+}
+
+Result<CK_OBJECT_HANDLE> Sealer::KekHandle(hsm::Session& s, const KekRef& kek) {
+  {
+    std::shared_lock lock(handles_mu_);
+    if (auto it = handles_.find(kek.id); it != handles_.end()) return it->second;
+  }
+  CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+  CK_BBOOL yes = CK_TRUE;
+  KekId id = kek.id;
+  CK_ATTRIBUTE tmpl[] = {
+      {CKA_CLASS, &cls, sizeof cls},
+      {CKA_TOKEN, &yes, sizeof yes},
+      {CKA_ID, id.data(), static_cast<CK_ULONG>(id.size())},
+  };
+  CUSTODY_ASSIGN_OR_RETURN(auto found, hsm::FindObjects(s, tmpl, 2));
+  if (found.empty()) {
+    return Error(Category::kNotFound, "KEK " + hsm::ToHex(kek.id) + " (v" + std::to_string(kek.version) +
+                                          ") is not in the token; was the token replaced or the key deleted?");
+  }
+  if (found.size() > 1) {
+    return Error(Category::kIntegrity, "two token objects share KEK id " + hsm::ToHex(kek.id));
+  }
+  std::unique_lock lock(handles_mu_);
+  handles_[kek.id] = found[0];
+  return found[0];
+}
+
+void Sealer::ForgetHandle(const KekRef& kek) {
+  std::unique_lock lock(handles_mu_);
+  handles_.erase(kek.id);
+}
+
+Status Sealer::TakeUse(const KekRef& kek) {
+  std::lock_guard lock(budget_mu_);
+  Budget& b = budgets_[kek.id];
+  if (b.left == 0) {
+    // Reservations grow 1, 2, 4 ... 1024: a one-shot CLI burns one count, a
+    // busy server one ledger write per 1024 seals.
+    CUSTODY_RETURN_IF_ERROR(ledger_.Reserve(kek, b.block, max_encryptions_));
+    b.left = b.block;
+    b.block = std::min(b.block * 2, kMaxBlock);
+  }
+  --b.left;
+  return Status::Ok();
+}
+
+Status Sealer::NextNonce(hsm::Session& s, std::span<uint8_t, kNonceSize> out) {
+  std::lock_guard lock(nonce_mu_);
+  if (nonce_off_ + kNonceSize > nonce_pool_.size()) {
+    nonce_pool_.assign(kNonceSize * kNoncesPerDraw, 0);
+    CUSTODY_RETURN_IF_ERROR(hsm::GenerateRandom(s, nonce_pool_));
+    nonce_off_ = 0;
+  }
+  std::copy_n(nonce_pool_.begin() + static_cast<ptrdiff_t>(nonce_off_), kNonceSize, out.begin());
+  // Each nonce is used once: wipe it from the pool as it is taken.
+  OPENSSL_cleanse(nonce_pool_.data() + nonce_off_, kNonceSize);
+  nonce_off_ += kNonceSize;
+  return Status::Ok();
+}
+
+Result<std::vector<uint8_t>> Sealer::Seal(const KekRef& kek, const SealContext& ctx,
+                                          const SecretBuffer& value) {
+  if (value.empty()) return Error(Category::kIntegrity, "refusing to seal an empty value");
+  if (value.size() > kMaxSecretSize) {
+    return Error(Category::kUsage, "value is " + std::to_string(value.size()) + " bytes; the limit is " +
+                                       std::to_string(kMaxSecretSize));
+  }
+  CUSTODY_RETURN_IF_ERROR(TakeUse(kek));
+  CUSTODY_ASSIGN_OR_RETURN(auto lease, pool_.Acquire());
+
+  BlobHeader header;
+  header.kek = kek;
+  CUSTODY_RETURN_IF_ERROR(NextNonce(*lease, header.nonce));
+  auto header_bytes = EncodeHeader(header);
+  std::vector<uint8_t> aad = ContextAad(header_bytes, ctx);
+
+  std::vector<uint8_t> blob(kHeaderSize + value.size() + kTagSize);
+  std::copy(header_bytes.begin(), header_bytes.end(), blob.begin());
+
+  for (int attempt = 0;; ++attempt) {
+    CUSTODY_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE key, KekHandle(*lease, kek));
+    CK_GCM_PARAMS gcm{header.nonce.data(), kNonceSize, kNonceSize * 8, aad.data(),
+                      static_cast<CK_ULONG>(aad.size()), kTagSize * 8};
+    CK_MECHANISM mech{CKM_AES_GCM, &gcm, sizeof gcm};
+    CK_RV rv = lease->fn()->C_EncryptInit(lease->handle(), &mech, key);
+    if (IsStaleHandle(rv) && attempt == 0) {
+      ForgetHandle(kek);  // the token was reset under us: search again once
+      continue;
+    }
+    if (rv != CKR_OK) return Fail(lease, rv, "C_EncryptInit");
+    CK_ULONG out_len = static_cast<CK_ULONG>(blob.size() - kHeaderSize);
+    auto plain = value.Reveal(SecretAccess{});
+    rv = lease->fn()->C_Encrypt(lease->handle(), const_cast<CK_BYTE*>(plain.data()),
+                                static_cast<CK_ULONG>(plain.size()), blob.data() + kHeaderSize, &out_len);
+    if (rv != CKR_OK) return Fail(lease, rv, "C_Encrypt");
+    if (out_len != value.size() + kTagSize) {
+      return Error(Category::kInternal, "token returned " + std::to_string(out_len) +
+                                            " bytes of AES-GCM output, expected " +
+                                            std::to_string(value.size() + kTagSize));
+    }
+    return blob;
+  }
+}
+
+Result<SecretBuffer> Sealer::Unseal(const KekRef& expected, const SealContext& ctx,
+                                    std::span<const uint8_t> blob) {
+  CUSTODY_ASSIGN_OR_RETURN(BlobView view, ParseBlob(blob));
+  if (!(view.header.kek == expected)) {
+    return Error(Category::kIntegrity, "sealed blob names KEK " + hsm::ToHex(view.header.kek.id) + " v" +
+                                           std::to_string(view.header.kek.version) +
+                                           " but the store records another; refusing");
+  }
+  std::vector<uint8_t> aad = ContextAad(view.header_bytes, ctx);
+  CUSTODY_ASSIGN_OR_RETURN(auto lease, pool_.Acquire());
+  // SoftHSM2 asks for room for the ciphertext including the tag; the plaintext
+  // is shorter by the tag and the buffer is truncated after.
+  SecretBuffer out(view.ciphertext_and_tag.size());
+  for (int attempt = 0;; ++attempt) {
+    CUSTODY_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE key, KekHandle(*lease, expected));
+    CK_GCM_PARAMS gcm{const_cast<CK_BYTE*>(view.header.nonce.data()), kNonceSize, kNonceSize * 8,
+                      aad.data(), static_cast<CK_ULONG>(aad.size()), kTagSize * 8};
+    CK_MECHANISM mech{CKM_AES_GCM, &gcm, sizeof gcm};
+    CK_RV rv = lease->fn()->C_DecryptInit(lease->handle(), &mech, key);
+    if (IsStaleHandle(rv) && attempt == 0) {
+      ForgetHandle(expected);
+      continue;
+    }
+    if (rv != CKR_OK) return Fail(lease, rv, "C_DecryptInit");
+    auto dst = out.RevealMutable(SecretAccess{});
+    CK_ULONG out_len = static_cast<CK_ULONG>(dst.size());
+    rv = lease->fn()->C_Decrypt(lease->handle(), const_cast<CK_BYTE*>(view.ciphertext_and_tag.data()),
+                                static_cast<CK_ULONG>(view.ciphertext_and_tag.size()), dst.data(), &out_len);
+    if (rv == CKR_ENCRYPTED_DATA_INVALID || rv == CKR_ENCRYPTED_DATA_LEN_RANGE) {
+      return Error(Category::kIntegrity,
+                   "sealed blob failed authentication in the token (" + hsm::RvName(rv) +
+                       "): it was altered, truncated, or copied from another project, environment, "
+                       "name or version",
+                   Backend::kPkcs11, rv);
+    }
+    if (rv != CKR_OK) return Fail(lease, rv, "C_Decrypt");
+    out.Truncate(out_len);
+    return out;
+  }
+}
+
+}  // namespace custody::core

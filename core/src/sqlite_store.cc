@@ -1,0 +1,536 @@
+// SQLite implementation of core::Store. Nothing outside this file sees SQLite.
+#include <sqlite3.h>
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <ctime>
+#include <mutex>
+#include <string>
+
+#include "custody/core/store.h"
+
+namespace custody::core {
+namespace {
+
+// 'CSTD': marks a SQLite file as a custody store, so a stray database is
+// refused instead of being migrated.
+constexpr int kApplicationId = 0x43535444;
+
+// Schema migrations, applied in order; PRAGMA user_version counts how many
+// have run. Append only: never edit a released step.
+constexpr const char* kMigrations[] = {
+    R"sql(
+CREATE TABLE projects (
+  id         INTEGER PRIMARY KEY,
+  name       TEXT NOT NULL UNIQUE,
+  created_at INTEGER NOT NULL
+);
+CREATE TABLE environments (
+  id         INTEGER PRIMARY KEY,
+  project_id INTEGER NOT NULL REFERENCES projects(id),
+  name       TEXT NOT NULL,
+  created_at INTEGER NOT NULL,
+  UNIQUE (project_id, name)
+);
+CREATE TABLE keks (
+  id                   INTEGER PRIMARY KEY,
+  project_id           INTEGER NOT NULL REFERENCES projects(id),
+  version              INTEGER NOT NULL,
+  token_id             BLOB NOT NULL UNIQUE,
+  label                TEXT NOT NULL,
+  state                TEXT NOT NULL DEFAULT 'active',
+  encryptions_reserved INTEGER NOT NULL DEFAULT 0,
+  created_at           INTEGER NOT NULL,
+  UNIQUE (project_id, version)
+);
+CREATE TABLE secrets (
+  id             INTEGER PRIMARY KEY,
+  environment_id INTEGER NOT NULL REFERENCES environments(id),
+  name           TEXT NOT NULL,
+  created_at     INTEGER NOT NULL,
+  UNIQUE (environment_id, name)
+);
+CREATE TABLE secret_versions (
+  secret_id  INTEGER NOT NULL REFERENCES secrets(id) ON DELETE CASCADE,
+  version    INTEGER NOT NULL,
+  kek_id     INTEGER NOT NULL REFERENCES keks(id),
+  blob       BLOB NOT NULL,
+  created_at INTEGER NOT NULL,
+  PRIMARY KEY (secret_id, version)
+);
+)sql",
+};
+
+int64_t Now() { return static_cast<int64_t>(std::time(nullptr)); }
+
+class Stmt {
+ public:
+  Stmt(sqlite3* db, const char* sql) : db_(db) { rc_ = sqlite3_prepare_v2(db, sql, -1, &s_, nullptr); }
+  ~Stmt() { sqlite3_finalize(s_); }
+  Stmt(const Stmt&) = delete;
+  Stmt& operator=(const Stmt&) = delete;
+
+  bool prepared() const { return rc_ == SQLITE_OK; }
+  int prepare_rc() const { return rc_; }
+  Stmt& Bind(int i, int64_t v) { sqlite3_bind_int64(s_, i, v); return *this; }
+  Stmt& Bind(int i, const std::string& v) {
+    sqlite3_bind_text(s_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
+    return *this;
+  }
+  Stmt& Bind(int i, std::span<const uint8_t> v) {
+    sqlite3_bind_blob(s_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
+    return *this;
+  }
+  int Step() { return sqlite3_step(s_); }
+  int64_t Int(int c) const { return sqlite3_column_int64(s_, c); }
+  std::string Text(int c) const {
+    auto* p = sqlite3_column_text(s_, c);
+    return p ? std::string(reinterpret_cast<const char*>(p), static_cast<size_t>(sqlite3_column_bytes(s_, c))) : "";
+  }
+  std::vector<uint8_t> Blob(int c) const {
+    auto* p = static_cast<const uint8_t*>(sqlite3_column_blob(s_, c));
+    return p ? std::vector<uint8_t>(p, p + sqlite3_column_bytes(s_, c)) : std::vector<uint8_t>{};
+  }
+
+ private:
+  sqlite3* db_;
+  sqlite3_stmt* s_ = nullptr;
+  int rc_;
+};
+
+class SqliteStore final : public Store {
+ public:
+  SqliteStore(sqlite3* db, std::string path) : db_(db), path_(std::move(path)) {}
+  ~SqliteStore() override { sqlite3_close_v2(db_); }
+
+  Status Init(bool create);
+
+  Result<ProjectRecord> CreateProject(const std::string& name, const std::vector<std::string>& envs,
+                                      const KekRef& kek, const std::string& kek_label) override;
+  Result<ProjectRecord> FindProject(const std::string& name) override;
+  Result<std::vector<ProjectRecord>> ListProjects() override;
+  Result<EnvironmentRecord> CreateEnvironment(const std::string& project, const std::string& env) override;
+  Result<EnvironmentRecord> FindEnvironment(const std::string& project, const std::string& env) override;
+  Result<std::vector<EnvironmentRecord>> ListEnvironments(const std::string& project) override;
+  Result<KekRecord> CurrentKek(int64_t project_id) override;
+  Result<KekRecord> KekById(int64_t id) override;
+  Result<std::vector<KekRecord>> ListKeks() override;
+  Result<uint32_t> NextVersion(int64_t env_id, const std::string& name) override;
+  Status AddVersion(int64_t env_id, const std::string& name, uint32_t version, int64_t kek_record_id,
+                    const std::vector<uint8_t>& blob) override;
+  Result<SecretVersionRecord> GetVersion(const EnvironmentRecord& env, const std::string& name,
+                                         std::optional<uint32_t> version) override;
+  Result<std::vector<SecretSummary>> ListSecrets(const std::optional<std::string>& project,
+                                                 const std::optional<std::string>& env) override;
+  Status DeleteSecret(const EnvironmentRecord& env, const std::string& name) override;
+  Status Reserve(const KekRef& kek, uint64_t n, uint64_t limit) override;
+
+ private:
+  // Maps a SQLite result code to the error a user can act on.
+  Error Fail(int rc, std::string_view what) const {
+    std::string msg = "store " + path_ + ": " + std::string(what) + ": " + sqlite3_errstr(rc);
+    int primary = rc & 0xff;
+    Category c = Category::kInternal;
+    if (primary == SQLITE_NOTADB || primary == SQLITE_CORRUPT) {
+      c = Category::kIntegrity;
+      msg = "store " + path_ + " is corrupt or not a custody store (" + sqlite3_errstr(rc) + ")";
+    } else if (primary == SQLITE_READONLY || primary == SQLITE_CANTOPEN || primary == SQLITE_PERM ||
+               primary == SQLITE_IOERR || primary == SQLITE_FULL || primary == SQLITE_BUSY ||
+               primary == SQLITE_LOCKED || primary == SQLITE_AUTH) {
+      c = Category::kUnavailable;
+    }
+    return Error(c, std::move(msg), Backend::kStore, static_cast<uint64_t>(rc));
+  }
+  Status Exec(const char* sql) {
+    char* err = nullptr;
+    int rc = sqlite3_exec(db_, sql, nullptr, nullptr, &err);
+    sqlite3_free(err);
+    if (rc != SQLITE_OK) return Fail(rc, "executing statement");
+    return Status::Ok();
+  }
+  // BEGIN IMMEDIATE takes the write lock up front, so two writers never
+  // deadlock upgrading a read lock.
+  Status Begin() { return Exec("BEGIN IMMEDIATE"); }
+  void Rollback() { (void)Exec("ROLLBACK"); }
+  Status Commit() {
+    Status s = Exec("COMMIT");
+    if (!s.ok()) Rollback();
+    return s;
+  }
+  Result<int64_t> ProjectId(const std::string& name);
+  Result<int64_t> SecretId(int64_t env_id, const std::string& name);
+
+  std::mutex mu_;  // one connection, used by one thread at a time
+  sqlite3* db_;
+  std::string path_;
+};
+
+Status SqliteStore::Init(bool create) {
+  sqlite3_busy_timeout(db_, 5000);
+  sqlite3_extended_result_codes(db_, 1);
+  {
+    Stmt s(db_, "PRAGMA application_id");
+    if (!s.prepared()) return Fail(s.prepare_rc(), "reading header");
+    int rc = s.Step();
+    if (rc != SQLITE_ROW) return Fail(rc, "reading header");
+    int64_t app = s.Int(0);
+    Stmt t(db_, "SELECT count(*) FROM sqlite_master");
+    if (!t.prepared()) return Fail(t.prepare_rc(), "reading schema");
+    if (t.Step() != SQLITE_ROW) return Fail(SQLITE_CORRUPT, "reading schema");
+    if (app != kApplicationId && t.Int(0) > 0) {
+      return Error(Category::kIntegrity, "store " + path_ + " is a SQLite database but not a custody store; refusing to touch it");
+    }
+    if (app != kApplicationId && !create) {
+      return Error(Category::kNotFound, "store " + path_ + " is empty; run 'custody init' first");
+    }
+  }
+  // WAL lets readers proceed during a write; synchronous=FULL makes every
+  // commit durable before the call returns.
+  CUSTODY_RETURN_IF_ERROR(Exec("PRAGMA journal_mode=WAL"));
+  CUSTODY_RETURN_IF_ERROR(Exec("PRAGMA synchronous=FULL"));
+  CUSTODY_RETURN_IF_ERROR(Exec("PRAGMA foreign_keys=ON"));
+
+  Stmt v(db_, "PRAGMA user_version");
+  if (!v.prepared() || v.Step() != SQLITE_ROW) return Fail(SQLITE_CORRUPT, "reading schema version");
+  int64_t have = v.Int(0);
+  const int64_t want = static_cast<int64_t>(std::size(kMigrations));
+  if (have > want) {
+    return Error(Category::kConfig, "store " + path_ + " has schema version " + std::to_string(have) +
+                                        ", newer than this custody understands (" + std::to_string(want) +
+                                        "); upgrade custody");
+  }
+  for (int64_t i = have; i < want; ++i) {
+    CUSTODY_RETURN_IF_ERROR(Begin());
+    Status s = Exec(kMigrations[i]);
+    if (s.ok()) s = Exec(("PRAGMA user_version=" + std::to_string(i + 1)).c_str());
+    if (s.ok()) s = Exec(("PRAGMA application_id=" + std::to_string(kApplicationId)).c_str());
+    if (!s.ok()) {
+      Rollback();
+      return s;
+    }
+    CUSTODY_RETURN_IF_ERROR(Commit());
+  }
+  return Status::Ok();
+}
+
+Result<int64_t> SqliteStore::ProjectId(const std::string& name) {
+  Stmt s(db_, "SELECT id FROM projects WHERE name = ?");
+  s.Bind(1, name);
+  int rc = s.Step();
+  if (rc == SQLITE_ROW) return s.Int(0);
+  if (rc == SQLITE_DONE) return Error(Category::kNotFound, "project '" + name + "' does not exist");
+  return Fail(rc, "finding project");
+}
+
+Result<ProjectRecord> SqliteStore::CreateProject(const std::string& name, const std::vector<std::string>& envs,
+                                                 const KekRef& kek, const std::string& kek_label) {
+  std::lock_guard lock(mu_);
+  CUSTODY_RETURN_IF_ERROR(Begin());
+  auto fail = [&](Error e) { Rollback(); return e; };
+  int64_t now = Now();
+  {
+    Stmt s(db_, "INSERT INTO projects(name, created_at) VALUES (?, ?)");
+    s.Bind(1, name).Bind(2, now);
+    int rc = s.Step();
+    if ((rc & 0xff) == SQLITE_CONSTRAINT) return fail(Error(Category::kUsage, "project '" + name + "' already exists"));
+    if (rc != SQLITE_DONE) return fail(Fail(rc, "creating project"));
+  }
+  int64_t pid = sqlite3_last_insert_rowid(db_);
+  {
+    Stmt s(db_, "INSERT INTO keks(project_id, version, token_id, label, created_at) VALUES (?, ?, ?, ?, ?)");
+    s.Bind(1, pid).Bind(2, kek.version).Bind(3, kek.id).Bind(4, kek_label).Bind(5, now);
+    int rc = s.Step();
+    if (rc != SQLITE_DONE) return fail(Fail(rc, "recording KEK"));
+  }
+  for (const auto& e : envs) {
+    Stmt s(db_, "INSERT INTO environments(project_id, name, created_at) VALUES (?, ?, ?)");
+    s.Bind(1, pid).Bind(2, e).Bind(3, now);
+    int rc = s.Step();
+    if ((rc & 0xff) == SQLITE_CONSTRAINT) {
+      return fail(Error(Category::kUsage, "environment '" + e + "' is listed twice"));
+    }
+    if (rc != SQLITE_DONE) return fail(Fail(rc, "creating environment"));
+  }
+  CUSTODY_RETURN_IF_ERROR(Commit());
+  return ProjectRecord{pid, name, now};
+}
+
+Result<ProjectRecord> SqliteStore::FindProject(const std::string& name) {
+  std::lock_guard lock(mu_);
+  Stmt s(db_, "SELECT id, created_at FROM projects WHERE name = ?");
+  s.Bind(1, name);
+  int rc = s.Step();
+  if (rc == SQLITE_ROW) return ProjectRecord{s.Int(0), name, s.Int(1)};
+  if (rc == SQLITE_DONE) return Error(Category::kNotFound, "project '" + name + "' does not exist");
+  return Fail(rc, "finding project");
+}
+
+Result<std::vector<ProjectRecord>> SqliteStore::ListProjects() {
+  std::lock_guard lock(mu_);
+  Stmt s(db_, "SELECT id, name, created_at FROM projects ORDER BY name");
+  std::vector<ProjectRecord> out;
+  int rc;
+  while ((rc = s.Step()) == SQLITE_ROW) out.push_back({s.Int(0), s.Text(1), s.Int(2)});
+  if (rc != SQLITE_DONE) return Fail(rc, "listing projects");
+  return out;
+}
+
+Result<EnvironmentRecord> SqliteStore::CreateEnvironment(const std::string& project, const std::string& env) {
+  std::lock_guard lock(mu_);
+  CUSTODY_RETURN_IF_ERROR(Begin());
+  auto pid = ProjectId(project);
+  if (!pid) {
+    Rollback();
+    return std::move(pid).error();
+  }
+  Stmt s(db_, "INSERT INTO environments(project_id, name, created_at) VALUES (?, ?, ?)");
+  s.Bind(1, *pid).Bind(2, env).Bind(3, Now());
+  int rc = s.Step();
+  if (rc != SQLITE_DONE) {
+    Rollback();
+    if ((rc & 0xff) == SQLITE_CONSTRAINT) {
+      return Error(Category::kUsage, "environment '" + project + "/" + env + "' already exists");
+    }
+    return Fail(rc, "creating environment");
+  }
+  int64_t id = sqlite3_last_insert_rowid(db_);
+  CUSTODY_RETURN_IF_ERROR(Commit());
+  return EnvironmentRecord{id, *pid, project, env};
+}
+
+Result<EnvironmentRecord> SqliteStore::FindEnvironment(const std::string& project, const std::string& env) {
+  std::lock_guard lock(mu_);
+  CUSTODY_ASSIGN_OR_RETURN(int64_t pid, ProjectId(project));
+  Stmt s(db_, "SELECT id FROM environments WHERE project_id = ? AND name = ?");
+  s.Bind(1, pid).Bind(2, env);
+  int rc = s.Step();
+  if (rc == SQLITE_ROW) return EnvironmentRecord{s.Int(0), pid, project, env};
+  if (rc == SQLITE_DONE) {
+    return Error(Category::kNotFound, "environment '" + env + "' does not exist in project '" + project + "'");
+  }
+  return Fail(rc, "finding environment");
+}
+
+Result<std::vector<EnvironmentRecord>> SqliteStore::ListEnvironments(const std::string& project) {
+  std::lock_guard lock(mu_);
+  CUSTODY_ASSIGN_OR_RETURN(int64_t pid, ProjectId(project));
+  Stmt s(db_, "SELECT id, name FROM environments WHERE project_id = ? ORDER BY name");
+  s.Bind(1, pid);
+  std::vector<EnvironmentRecord> out;
+  int rc;
+  while ((rc = s.Step()) == SQLITE_ROW) out.push_back({s.Int(0), pid, project, s.Text(1)});
+  if (rc != SQLITE_DONE) return Fail(rc, "listing environments");
+  return out;
+}
+
+namespace {
+constexpr const char* kKekColumns = "id, project_id, version, token_id, label, encryptions_reserved, created_at";
+KekRecord ReadKek(const Stmt& s) {
+  KekRecord k;
+  k.id = s.Int(0);
+  k.project_id = s.Int(1);
+  k.ref.version = static_cast<uint32_t>(s.Int(2));
+  auto id = s.Blob(3);
+  std::copy_n(id.begin(), std::min(id.size(), k.ref.id.size()), k.ref.id.begin());
+  k.label = s.Text(4);
+  k.encryptions_reserved = static_cast<uint64_t>(s.Int(5));
+  k.created_at = s.Int(6);
+  return k;
+}
+}  // namespace
+
+Result<KekRecord> SqliteStore::CurrentKek(int64_t project_id) {
+  std::lock_guard lock(mu_);
+  std::string sql = std::string("SELECT ") + kKekColumns +
+                    " FROM keks WHERE project_id = ? AND state = 'active' ORDER BY version DESC LIMIT 1";
+  Stmt s(db_, sql.c_str());
+  s.Bind(1, project_id);
+  int rc = s.Step();
+  if (rc == SQLITE_ROW) return ReadKek(s);
+  if (rc == SQLITE_DONE) return Error(Category::kIntegrity, "project has no active KEK in the store");
+  return Fail(rc, "finding KEK");
+}
+
+Result<KekRecord> SqliteStore::KekById(int64_t id) {
+  std::lock_guard lock(mu_);
+  std::string sql = std::string("SELECT ") + kKekColumns + " FROM keks WHERE id = ?";
+  Stmt s(db_, sql.c_str());
+  s.Bind(1, id);
+  int rc = s.Step();
+  if (rc == SQLITE_ROW) return ReadKek(s);
+  if (rc == SQLITE_DONE) return Error(Category::kIntegrity, "store names a KEK record that does not exist");
+  return Fail(rc, "finding KEK");
+}
+
+Result<std::vector<KekRecord>> SqliteStore::ListKeks() {
+  std::lock_guard lock(mu_);
+  std::string sql = std::string("SELECT ") + kKekColumns + " FROM keks ORDER BY project_id, version";
+  Stmt s(db_, sql.c_str());
+  std::vector<KekRecord> out;
+  int rc;
+  while ((rc = s.Step()) == SQLITE_ROW) out.push_back(ReadKek(s));
+  if (rc != SQLITE_DONE) return Fail(rc, "listing KEKs");
+  return out;
+}
+
+Result<int64_t> SqliteStore::SecretId(int64_t env_id, const std::string& name) {
+  Stmt s(db_, "SELECT id FROM secrets WHERE environment_id = ? AND name = ?");
+  s.Bind(1, env_id).Bind(2, name);
+  int rc = s.Step();
+  if (rc == SQLITE_ROW) return s.Int(0);
+  if (rc == SQLITE_DONE) return Error(Category::kNotFound, "secret '" + name + "' does not exist");
+  return Fail(rc, "finding secret");
+}
+
+Result<uint32_t> SqliteStore::NextVersion(int64_t env_id, const std::string& name) {
+  std::lock_guard lock(mu_);
+  Stmt s(db_,
+         "SELECT coalesce(max(v.version), 0) FROM secrets s JOIN secret_versions v ON v.secret_id = s.id "
+         "WHERE s.environment_id = ? AND s.name = ?");
+  s.Bind(1, env_id).Bind(2, name);
+  int rc = s.Step();
+  if (rc != SQLITE_ROW) return Fail(rc, "reading versions");
+  return static_cast<uint32_t>(s.Int(0) + 1);
+}
+
+Status SqliteStore::AddVersion(int64_t env_id, const std::string& name, uint32_t version,
+                               int64_t kek_record_id, const std::vector<uint8_t>& blob) {
+  std::lock_guard lock(mu_);
+  CUSTODY_RETURN_IF_ERROR(Begin());
+  auto fail = [&](Error e) { Rollback(); return e; };
+  int64_t now = Now();
+  {
+    Stmt s(db_, "INSERT INTO secrets(environment_id, name, created_at) VALUES (?, ?, ?) "
+                "ON CONFLICT(environment_id, name) DO NOTHING");
+    s.Bind(1, env_id).Bind(2, name).Bind(3, now);
+    int rc = s.Step();
+    if (rc != SQLITE_DONE) return fail(Fail(rc, "creating secret"));
+  }
+  auto sid = SecretId(env_id, name);
+  if (!sid) return fail(std::move(sid).error());
+  Stmt s(db_, "INSERT INTO secret_versions(secret_id, version, kek_id, blob, created_at) VALUES (?, ?, ?, ?, ?)");
+  s.Bind(1, *sid).Bind(2, version).Bind(3, kek_record_id).Bind(4, blob).Bind(5, now);
+  int rc = s.Step();
+  if ((rc & 0xff) == SQLITE_CONSTRAINT) {
+    return fail(Error(Category::kUnavailable, "version " + std::to_string(version) + " of '" + name +
+                                                  "' was taken by a concurrent writer",
+                      Backend::kStore, kVersionTaken));
+  }
+  if (rc != SQLITE_DONE) return fail(Fail(rc, "storing sealed version"));
+  return Commit();
+}
+
+Result<SecretVersionRecord> SqliteStore::GetVersion(const EnvironmentRecord& env, const std::string& name,
+                                                    std::optional<uint32_t> version) {
+  std::lock_guard lock(mu_);
+  std::string where = env.project + "/" + env.name + "/" + name;
+  auto sid = SecretId(env.id, name);
+  if (!sid) {
+    if (sid.error().category() == Category::kNotFound) {
+      return Error(Category::kNotFound, "secret '" + where + "' does not exist");
+    }
+    return std::move(sid).error();
+  }
+  const char* sql = version ? "SELECT version, kek_id, blob, created_at FROM secret_versions "
+                              "WHERE secret_id = ? AND version = ?"
+                            : "SELECT version, kek_id, blob, created_at FROM secret_versions "
+                              "WHERE secret_id = ? ORDER BY version DESC LIMIT 1";
+  Stmt s(db_, sql);
+  s.Bind(1, *sid);
+  if (version) s.Bind(2, static_cast<int64_t>(*version));
+  int rc = s.Step();
+  if (rc == SQLITE_ROW) {
+    return SecretVersionRecord{static_cast<uint32_t>(s.Int(0)), s.Int(1), s.Blob(2), s.Int(3)};
+  }
+  if (rc == SQLITE_DONE) {
+    return Error(Category::kNotFound, version ? "secret '" + where + "' has no version " + std::to_string(*version)
+                                              : "secret '" + where + "' has no versions");
+  }
+  return Fail(rc, "reading secret");
+}
+
+Result<std::vector<SecretSummary>> SqliteStore::ListSecrets(const std::optional<std::string>& project,
+                                                            const std::optional<std::string>& env) {
+  std::lock_guard lock(mu_);
+  if (project) CUSTODY_RETURN_IF_ERROR(ProjectId(*project));
+  Stmt s(db_,
+         "SELECT p.name, e.name, s.name, max(v.version), count(v.version), max(v.created_at) "
+         "FROM secrets s JOIN environments e ON e.id = s.environment_id "
+         "JOIN projects p ON p.id = e.project_id JOIN secret_versions v ON v.secret_id = s.id "
+         "WHERE (?1 IS NULL OR p.name = ?1) AND (?2 IS NULL OR e.name = ?2) "
+         "GROUP BY s.id ORDER BY p.name, e.name, s.name");
+  if (project) s.Bind(1, *project);
+  if (env) s.Bind(2, *env);
+  std::vector<SecretSummary> out;
+  int rc;
+  while ((rc = s.Step()) == SQLITE_ROW) {
+    out.push_back({s.Text(0), s.Text(1), s.Text(2), static_cast<uint32_t>(s.Int(3)),
+                   static_cast<uint32_t>(s.Int(4)), s.Int(5)});
+  }
+  if (rc != SQLITE_DONE) return Fail(rc, "listing secrets");
+  return out;
+}
+
+Status SqliteStore::DeleteSecret(const EnvironmentRecord& env, const std::string& name) {
+  std::lock_guard lock(mu_);
+  CUSTODY_RETURN_IF_ERROR(Begin());
+  auto sid = SecretId(env.id, name);
+  if (!sid) {
+    Rollback();
+    if (sid.error().category() == Category::kNotFound) {
+      return Error(Category::kNotFound, "secret '" + env.project + "/" + env.name + "/" + name + "' does not exist");
+    }
+    return std::move(sid).error();
+  }
+  Stmt s(db_, "DELETE FROM secrets WHERE id = ?");  // versions go by ON DELETE CASCADE
+  s.Bind(1, *sid);
+  int rc = s.Step();
+  if (rc != SQLITE_DONE) {
+    Rollback();
+    return Fail(rc, "deleting secret");
+  }
+  return Commit();
+}
+
+Status SqliteStore::Reserve(const KekRef& kek, uint64_t n, uint64_t limit) {
+  std::lock_guard lock(mu_);
+  Stmt s(db_,
+         "UPDATE keks SET encryptions_reserved = encryptions_reserved + ?1 "
+         "WHERE token_id = ?2 AND encryptions_reserved + ?1 <= ?3");
+  s.Bind(1, static_cast<int64_t>(n)).Bind(2, kek.id).Bind(3, static_cast<int64_t>(limit));
+  int rc = s.Step();
+  if (rc != SQLITE_DONE) return Fail(rc, "reserving KEK uses");
+  if (sqlite3_changes(db_) == 1) return Status::Ok();
+  Stmt e(db_, "SELECT label FROM keks WHERE token_id = ?");
+  e.Bind(1, kek.id);
+  if (e.Step() != SQLITE_ROW) return Error(Category::kIntegrity, "KEK is not recorded in the store");
+  return Error(Category::kLimit, "KEK " + e.Text(0) + " has reached its limit of " + std::to_string(limit) +
+                                     " encryptions; rotate the project's KEK");
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Store>> OpenSqliteStore(const std::string& path, bool create) {
+  struct stat st {};
+  bool exists = ::stat(path.c_str(), &st) == 0;
+  if (!exists && !create) {
+    return Error(Category::kNotFound, "store " + path + " does not exist; run 'custody init' first");
+  }
+  sqlite3* db = nullptr;
+  int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX | (create ? SQLITE_OPEN_CREATE : 0);
+  int rc = sqlite3_open_v2(path.c_str(), &db, flags, nullptr);
+  if (rc != SQLITE_OK) {
+    sqlite3_close_v2(db);
+    return Error(Category::kUnavailable, "cannot open store " + path + ": " + sqlite3_errstr(rc),
+                 Backend::kStore, static_cast<uint64_t>(rc));
+  }
+  // The store holds only sealed blobs, but names and metadata are still
+  // nobody else's business: owner-only, like the config.
+  if (!exists) ::chmod(path.c_str(), 0600);
+  auto store = std::make_unique<SqliteStore>(db, path);
+  CUSTODY_RETURN_IF_ERROR(store->Init(create));
+  return std::unique_ptr<Store>(std::move(store));
+}
+
+}  // namespace custody::core

@@ -1,0 +1,47 @@
+// Object helpers over a session: search (C_FindObjects* with its Final always
+// called), attribute reads, random bytes, and a printable object summary.
+//
+//   CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+//   CK_ATTRIBUTE t[] = {{CKA_CLASS, &cls, sizeof cls}};
+//   auto handles = hsm::FindObjects(session, t, 16);
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "custody/common/result.h"
+#include "custody/hsm/session.h"
+
+namespace custody::hsm {
+
+Result<std::vector<CK_OBJECT_HANDLE>> FindObjects(Session& s, std::span<CK_ATTRIBUTE> tmpl,
+                                                  size_t max_results);
+
+Status GenerateRandom(Session& s, std::span<uint8_t> out);
+
+Status DestroyObject(Session& s, CK_OBJECT_HANDLE h);
+
+// What a token object is, as the token reports it. Sensitive values are never
+// read: only public attributes.
+struct ObjectSummary {
+  CK_OBJECT_CLASS object_class = 0;
+  CK_KEY_TYPE key_type = 0;
+  std::string label;
+  std::vector<uint8_t> id;
+  bool token = false, is_private = false;
+  bool sensitive = false, extractable = false, always_sensitive = false, never_extractable = false;
+  bool local = false;
+  CK_ULONG value_len = 0;
+};
+Result<ObjectSummary> Describe(Session& s, CK_OBJECT_HANDLE h);
+
+// Every object visible to the logged-in session.
+Result<std::vector<ObjectSummary>> ListObjects(Session& s);
+
+std::string ClassName(CK_OBJECT_CLASS c);
+std::string KeyTypeName(CK_KEY_TYPE k);
+std::string ToHex(std::span<const uint8_t> bytes);
+
+}  // namespace custody::hsm

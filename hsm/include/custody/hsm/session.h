@@ -1,0 +1,107 @@
+// PKCS#11 sessions: a move-only RAII Session and a thread-safe SessionPool.
+//
+//   auto pool = hsm::SessionPool::Open(module, slot, pin);
+//   auto lease = (*pool)->Acquire();          // returns to the pool on scope exit
+//   lease->fn()->C_Decrypt(lease->handle(), ...);
+//
+// PKCS#11 login state belongs to the application, not to one session: all
+// sessions of the process share it and lose it when the last one closes. The
+// pool therefore keeps one "anchor" session that logs in at Open and logs out
+// and closes in the pool's destructor, and lends out other sessions freely.
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "custody/common/result.h"
+#include "custody/common/secret.h"
+#include "custody/hsm/module.h"
+
+namespace custody::hsm {
+
+class Session {
+ public:
+  static Result<Session> Open(std::shared_ptr<Module> module, CK_SLOT_ID slot, bool read_write);
+  ~Session();
+  Session(Session&& other) noexcept;
+  Session& operator=(Session&& other) noexcept;
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
+
+  CK_SESSION_HANDLE handle() const { return handle_; }
+  CK_FUNCTION_LIST* fn() const { return module_->fn(); }
+  CK_SLOT_ID slot() const { return slot_; }
+
+  // Logs the user in. CKR_USER_ALREADY_LOGGED_IN counts as success: another
+  // session of this application (or libp11 sharing the module) did it.
+  Status Login(const SecretBuffer& pin);
+  void Logout() noexcept;
+
+ private:
+  Session(std::shared_ptr<Module> m, CK_SLOT_ID slot, CK_SESSION_HANDLE h)
+      : module_(std::move(m)), slot_(slot), handle_(h) {}
+  void Close() noexcept;
+
+  std::shared_ptr<Module> module_;
+  CK_SLOT_ID slot_ = 0;
+  CK_SESSION_HANDLE handle_ = CK_INVALID_HANDLE;
+};
+
+class SessionPool {
+ public:
+  struct Options {
+    size_t max_idle = 8;  // sessions kept open between uses
+  };
+
+  // A borrowed session; goes back to the pool when destroyed, unless
+  // Discard() was called after a session-fatal error.
+  class Lease {
+   public:
+    Lease(Lease&& other) noexcept;
+    Lease& operator=(Lease&&) = delete;
+    Lease(const Lease&) = delete;
+    ~Lease();
+    Session* operator->() { return &session_; }
+    Session& operator*() { return session_; }
+    void Discard() { discard_ = true; }
+
+   private:
+    friend class SessionPool;
+    Lease(SessionPool* pool, Session s) : pool_(pool), session_(std::move(s)) {}
+    SessionPool* pool_;
+    Session session_;
+    bool discard_ = false;
+  };
+
+  static Result<std::unique_ptr<SessionPool>> Open(std::shared_ptr<Module> module, CK_SLOT_ID slot,
+                                                   const SecretBuffer& pin, Options options);
+  static Result<std::unique_ptr<SessionPool>> Open(std::shared_ptr<Module> module, CK_SLOT_ID slot,
+                                                   const SecretBuffer& pin) {
+    return Open(std::move(module), slot, pin, Options{});
+  }
+  // Leases must all be returned before the pool is destroyed.
+  ~SessionPool();
+
+  Result<Lease> Acquire();
+
+  Module& module() const { return *module_; }
+  CK_SLOT_ID slot() const { return slot_; }
+  size_t idle() const;
+
+ private:
+  SessionPool(std::shared_ptr<Module> m, CK_SLOT_ID slot, Session anchor, Options o)
+      : module_(std::move(m)), slot_(slot), anchor_(std::move(anchor)), options_(o) {}
+  void Return(Session s, bool discard);
+
+  std::shared_ptr<Module> module_;
+  CK_SLOT_ID slot_;
+  Session anchor_;
+  Options options_;
+  mutable std::mutex mu_;
+  std::vector<Session> idle_;
+  size_t outstanding_ = 0;
+};
+
+}  // namespace custody::hsm

@@ -1,0 +1,113 @@
+#include "custody/hsm/session.h"
+
+#include <cassert>
+#include <cstdio>
+
+#include "custody/hsm/rv.h"
+
+namespace custody::hsm {
+
+Result<Session> Session::Open(std::shared_ptr<Module> module, CK_SLOT_ID slot, bool read_write) {
+  CK_FLAGS flags = CKF_SERIAL_SESSION | (read_write ? CKF_RW_SESSION : 0);
+  CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+  CK_RV rv = module->fn()->C_OpenSession(slot, flags, nullptr, nullptr, &h);
+  if (rv != CKR_OK) return RvError(rv, "C_OpenSession");
+  module->open_sessions_.fetch_add(1);
+  return Session(std::move(module), slot, h);
+}
+
+Session::~Session() { Close(); }
+
+void Session::Close() noexcept {
+  if (handle_ == CK_INVALID_HANDLE) return;
+  // A failure here (token gone) leaves nothing for us to release.
+  (void)module_->fn()->C_CloseSession(handle_);
+  module_->open_sessions_.fetch_sub(1);
+  handle_ = CK_INVALID_HANDLE;
+}
+
+Session::Session(Session&& o) noexcept
+    : module_(std::move(o.module_)), slot_(o.slot_), handle_(o.handle_) {
+  o.handle_ = CK_INVALID_HANDLE;
+}
+
+Session& Session::operator=(Session&& o) noexcept {
+  if (this != &o) {
+    Close();
+    module_ = std::move(o.module_);
+    slot_ = o.slot_;
+    handle_ = o.handle_;
+    o.handle_ = CK_INVALID_HANDLE;
+  }
+  return *this;
+}
+
+Status Session::Login(const SecretBuffer& pin) {
+  auto bytes = pin.Reveal(SecretAccess{});
+  CK_RV rv = fn()->C_Login(handle_, CKU_USER, const_cast<CK_UTF8CHAR*>(bytes.data()),
+                           static_cast<CK_ULONG>(bytes.size()));
+  if (rv == CKR_OK || rv == CKR_USER_ALREADY_LOGGED_IN) return Status::Ok();
+  return RvError(rv, "C_Login");
+}
+
+void Session::Logout() noexcept {
+  if (handle_ != CK_INVALID_HANDLE) (void)fn()->C_Logout(handle_);
+}
+
+Result<std::unique_ptr<SessionPool>> SessionPool::Open(std::shared_ptr<Module> module,
+                                                       CK_SLOT_ID slot, const SecretBuffer& pin,
+                                                       Options options) {
+  CUSTODY_ASSIGN_OR_RETURN(Session anchor, Session::Open(module, slot, /*read_write=*/true));
+  CUSTODY_RETURN_IF_ERROR(anchor.Login(pin));
+  return std::unique_ptr<SessionPool>(new SessionPool(std::move(module), slot, std::move(anchor), options));
+}
+
+SessionPool::~SessionPool() {
+  assert(outstanding_ == 0 && "SessionPool destroyed with sessions still leased");
+  idle_.clear();  // closes them
+  anchor_.Logout();
+}
+
+size_t SessionPool::idle() const {
+  std::lock_guard lock(mu_);
+  return idle_.size();
+}
+
+Result<SessionPool::Lease> SessionPool::Acquire() {
+  {
+    std::lock_guard lock(mu_);
+    if (!idle_.empty()) {
+      Session s = std::move(idle_.back());
+      idle_.pop_back();
+      ++outstanding_;
+      return Lease(this, std::move(s));
+    }
+  }
+  // Opened outside the lock: a slow token must not serialise every caller.
+  CUSTODY_ASSIGN_OR_RETURN(Session s, Session::Open(module_, slot_, /*read_write=*/true));
+  std::lock_guard lock(mu_);
+  ++outstanding_;
+  return Lease(this, std::move(s));
+}
+
+void SessionPool::Return(Session s, bool discard) {
+  std::unique_lock lock(mu_);
+  --outstanding_;
+  if (!discard && idle_.size() < options_.max_idle) {
+    idle_.push_back(std::move(s));
+    return;
+  }
+  lock.unlock();
+  // `s` closes here, outside the lock.
+}
+
+SessionPool::Lease::Lease(Lease&& o) noexcept
+    : pool_(o.pool_), session_(std::move(o.session_)), discard_(o.discard_) {
+  o.pool_ = nullptr;
+}
+
+SessionPool::Lease::~Lease() {
+  if (pool_ != nullptr) pool_->Return(std::move(session_), discard_);
+}
+
+}  // namespace custody::hsm

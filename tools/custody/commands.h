@@ -1,0 +1,50 @@
+// The `custody` CLI commands. Each returns a Status; main() turns an error
+// into one line on stderr and its sysexits.h code.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "custody/common/result.h"
+
+namespace custody::cli {
+
+struct Globals {
+  std::optional<std::string> config;
+  bool json = false;
+  std::optional<int> pin_fd;
+};
+
+struct InitArgs {
+  std::string module, token;
+  std::optional<std::string> pin_file;
+  std::string state_dir = "/var/lib/custody";
+  std::vector<std::string> module_env;  // NAME=VALUE
+  bool force = false;
+};
+Status Init(const Globals& g, const InitArgs& a);
+
+Status ProjectCreate(const Globals& g, const std::string& name, const std::vector<std::string>& envs);
+Status ProjectList(const Globals& g);
+Status EnvCreate(const Globals& g, const std::string& project, const std::string& env);
+
+struct PutArgs {
+  std::string path;
+  std::optional<std::string> from_file;
+  bool keep_newline = false;
+};
+Status SecretPut(const Globals& g, const PutArgs& a);
+
+struct GetArgs {
+  std::string path;
+  std::optional<uint32_t> version;
+  std::optional<std::string> out;
+};
+Status SecretGet(const Globals& g, const GetArgs& a);
+Status SecretList(const Globals& g, const std::string& scope);
+Status SecretDelete(const Globals& g, const std::string& path);
+
+Status TokenInfo(const Globals& g);
+
+}  // namespace custody::cli

@@ -1,0 +1,116 @@
+// custody: the command-line tool. See README.md for the commands and
+// docs/ARCHITECTURE.md for what happens underneath.
+#include <sys/stat.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <string>
+
+#include "commands.h"
+#include "custody/common/secret.h"
+
+using custody::Category;
+using custody::Status;
+
+namespace {
+
+int Report(const Status& s) {
+  if (s.ok()) return 0;
+  std::fprintf(stderr, "custody: %s\n", s.error().message().c_str());
+  return s.error().exit_code();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Before anything touches a secret: no core dumps, no ptrace by peers, and
+  // every file we create is private.
+  custody::HardenProcess();
+  ::umask(077);
+
+  CLI::App app{"custody: hardware-backed key custody for projects and environments", "custody"};
+  app.require_subcommand(1);
+  custody::cli::Globals g;
+  app.add_option("--config", g.config, "config file (default: $CUSTODY_CONFIG, then /etc/custody/custody.toml)");
+  app.add_flag("--json", g.json, "machine-readable output");
+  app.add_option("--pin-fd", g.pin_fd, "read the token PIN from this file descriptor");
+
+  Status result;
+  auto run = [&](auto fn) { return [&, fn] { result = fn(); }; };
+
+  // init
+  custody::cli::InitArgs init;
+  auto* c_init = app.add_subcommand("init", "write the config and create the store");
+  c_init->add_option("--module", init.module, "PKCS#11 module path")->required();
+  c_init->add_option("--token", init.token, "token URI (RFC 7512), e.g. pkcs11:token=custody")->required();
+  c_init->add_option("--pin-file", init.pin_file, "file holding the user PIN (mode 0600)");
+  c_init->add_option("--state-dir", init.state_dir, "folder for the store")->capture_default_str();
+  c_init->add_option("--module-env", init.module_env, "NAME=VALUE set before the module loads (repeatable)");
+  c_init->add_flag("--force", init.force, "overwrite an existing config");
+  c_init->callback(run([&] { return custody::cli::Init(g, init); }));
+
+  // project
+  auto* c_project = app.add_subcommand("project", "projects: each has its own KEK in the token");
+  c_project->require_subcommand(1);
+  std::string project_name;
+  std::vector<std::string> project_envs;
+  auto* c_pcreate = c_project->add_subcommand("create", "create a project and its KEK");
+  c_pcreate->add_option("NAME", project_name)->required();
+  c_pcreate->add_option("--env", project_envs, "environments, comma-separated")->delimiter(',');
+  c_pcreate->callback(run([&] { return custody::cli::ProjectCreate(g, project_name, project_envs); }));
+  c_project->add_subcommand("list", "list projects")->callback(run([&] { return custody::cli::ProjectList(g); }));
+
+  // env
+  auto* c_env = app.add_subcommand("env", "environments of a project");
+  c_env->require_subcommand(1);
+  std::string env_project, env_name;
+  auto* c_ecreate = c_env->add_subcommand("create", "add an environment to a project");
+  c_ecreate->add_option("PROJECT", env_project)->required();
+  c_ecreate->add_option("ENV", env_name)->required();
+  c_ecreate->callback(run([&] { return custody::cli::EnvCreate(g, env_project, env_name); }));
+
+  // secret
+  auto* c_secret = app.add_subcommand("secret", "sealed secrets");
+  c_secret->require_subcommand(1);
+  custody::cli::PutArgs put;
+  auto* c_put = c_secret->add_subcommand("put", "seal a new version (value from stdin, never from argv)");
+  c_put->add_option("PATH", put.path, "PROJECT/ENV/NAME")->required();
+  c_put->add_option("--from-file", put.from_file, "read the value from this file instead of stdin");
+  c_put->add_flag("--keep-newline", put.keep_newline, "keep a trailing newline in the value");
+  c_put->callback(run([&] { return custody::cli::SecretPut(g, put); }));
+
+  custody::cli::GetArgs get;
+  auto* c_get = c_secret->add_subcommand("get", "unseal a version and print it");
+  c_get->add_option("PATH", get.path, "PROJECT/ENV/NAME")->required();
+  c_get->add_option("--version", get.version, "version number (default: the newest)");
+  c_get->add_option("--out", get.out, "write to this file (created 0600) instead of stdout");
+  c_get->callback(run([&] { return custody::cli::SecretGet(g, get); }));
+
+  std::string list_scope;
+  auto* c_list = c_secret->add_subcommand("list", "list secrets (names and versions, never values)");
+  c_list->add_option("SCOPE", list_scope, "PROJECT or PROJECT/ENV");
+  c_list->callback(run([&] { return custody::cli::SecretList(g, list_scope); }));
+
+  std::string del_path;
+  auto* c_del = c_secret->add_subcommand("delete", "delete a secret and all its versions");
+  c_del->add_option("PATH", del_path, "PROJECT/ENV/NAME")->required();
+  c_del->callback(run([&] { return custody::cli::SecretDelete(g, del_path); }));
+
+  // token
+  auto* c_token = app.add_subcommand("token", "the token");
+  c_token->require_subcommand(1);
+  c_token->add_subcommand("info", "show the token and the objects it holds")
+      ->callback(run([&] { return custody::cli::TokenInfo(g); }));
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::fprintf(stderr, "custody: %s (see 'custody --help')\n", e.what());
+    return custody::ExitCode(Category::kUsage);
+  }
+  return Report(result);
+}
