@@ -1,17 +1,87 @@
 #include "custody/core/service.h"
 
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <thread>
+
 #include "custody/hsm/uri.h"
 
 namespace custody::core {
+namespace {
+
+// An advisory flock on a file in the state folder, taken with a deadline so
+// a stuck peer can delay us but never hang us; without it we proceed.
+class StateLock {
+ public:
+  explicit StateLock(const std::string& path) {
+    fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd_ < 0) return;
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+      if (errno != EWOULDBLOCK || std::chrono::steady_clock::now() > deadline) {
+        ::close(fd_);
+        fd_ = -1;
+        return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+  }
+  ~StateLock() {
+    if (fd_ >= 0) ::close(fd_);  // closing releases the flock
+  }
+  StateLock(const StateLock&) = delete;
+  StateLock& operator=(const StateLock&) = delete;
+
+ private:
+  int fd_ = -1;
+};
+
+}  // namespace
 
 Result<Token> OpenToken(const Config& config, const SecretBuffer& pin) {
   ApplyTokenEnvironment(config);
-  Token t;
-  CUSTODY_ASSIGN_OR_RETURN(t.module, hsm::Module::Load(config.token_module));
   CUSTODY_ASSIGN_OR_RETURN(auto uri, hsm::TokenUri::Parse(config.token_uri));
-  CUSTODY_ASSIGN_OR_RETURN(t.slot, hsm::FindSlot(*t.module, uri));
-  CUSTODY_ASSIGN_OR_RETURN(t.pool, hsm::SessionPool::Open(t.module, t.slot, pin));
-  return t;
+  // custody processes sharing a state folder open the token one at a time
+  // (the lock is held for the C_Initialize and C_Login only, not for the
+  // work after), which keeps them from tripping over each other below.
+  StateLock lock(config.state_dir + "/token.lock");
+  // SoftHSM2's file store can read a token while another process is
+  // rewriting it (SoftHSMv2 issue 757, "Token integrity check failed"): the
+  // token then looks absent, or looks as if it had no user PIN, until the
+  // module is initialised again. Those answers are retried a few times with
+  // a fresh C_Initialize. A wrong PIN is never retried: each try counts
+  // towards the token's lockout.
+  constexpr int kAttempts = 6;
+  for (int attempt = 1;; ++attempt) {
+    Token t;
+    CUSTODY_ASSIGN_OR_RETURN(t.module, hsm::Module::Load(config.token_module));
+    Status s = Status::Ok();
+    if (auto slot = hsm::FindSlot(*t.module, uri); slot.ok()) {
+      t.slot = *slot;
+      auto pool = hsm::SessionPool::Open(t.module, t.slot, pin);
+      if (pool.ok()) {
+        t.pool = std::move(*pool);
+        return t;
+      }
+      s = std::move(pool).error();
+    } else {
+      s = std::move(slot).error();
+    }
+    const Error& e = s.error();
+    bool transient = (e.category() == Category::kUnavailable && e.code() == CKR_TOKEN_NOT_PRESENT) ||
+                     (e.backend() == Backend::kPkcs11 &&
+                      (e.code() == CKR_USER_PIN_NOT_INITIALIZED || e.code() == CKR_GENERAL_ERROR));
+    // Re-initialising is only possible when nobody else in this process holds the module.
+    if (!transient || attempt == kAttempts || t.module.use_count() != 1 || !t.module->owns_initialization()) {
+      return s.error();
+    }
+    t.module.reset();  // the last reference: C_Finalize, so the next Load re-reads the store
+    std::this_thread::sleep_for(std::chrono::milliseconds(20 * attempt));
+  }
 }
 
 Result<ProjectRecord> SecretService::CreateProject(const std::string& name, const std::vector<std::string>& envs) {

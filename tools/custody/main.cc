@@ -102,6 +102,34 @@ int main(int argc, char** argv) {
   c_token->add_subcommand("info", "show the token and the objects it holds")
       ->callback(run([&] { return custody::cli::TokenInfo(g); }));
 
+  // Before a subcommand, CLI11 reports an unknown command as "a subcommand is
+  // required" and may take an unknown option's value for the command; name
+  // the word that is wrong instead.
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a == "--config" || a == "--pin-fd") {
+      ++i;
+      continue;
+    }
+    if (a.rfind("-", 0) == 0) {
+      if (a == "--json" || a == "--help" || a == "-h" || a.rfind("--config=", 0) == 0 ||
+          a.rfind("--pin-fd=", 0) == 0) {
+        continue;
+      }
+      std::fprintf(stderr, "custody: unknown option '%s' (see 'custody --help')\n", a.c_str());
+      return custody::ExitCode(Category::kUsage);
+    }
+    bool known = false;
+    for (const CLI::App* sub : app.get_subcommands([](const CLI::App*) { return true; })) {
+      known = known || sub->check_name(a);
+    }
+    if (!known) {
+      std::fprintf(stderr, "custody: unknown command '%s' (see 'custody --help')\n", a.c_str());
+      return custody::ExitCode(Category::kUsage);
+    }
+    break;
+  }
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

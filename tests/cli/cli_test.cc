@@ -1,0 +1,334 @@
+// The `custody` binary end to end: a real SoftHSM2 token, a real SQLite file,
+// real processes. Each test asserts what a user would see: the exit code, the
+// one line on stderr, and that nothing was written when something failed.
+#include <gtest/gtest.h>
+#include <sqlite3.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <set>
+#include <thread>
+
+#include "../support/testenv.h"
+
+namespace custody::test {
+namespace {
+
+constexpr const char* kSecret = "sk-live-51H8xQzLkT0pSecretValue9876";
+
+class CliTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    token_.InitCli();
+    ASSERT_EQ(Cli({"project", "create", "payments", "--env", "dev,staging,prod"}).exit_code, 0);
+  }
+
+  RunResult Cli(const std::vector<std::string>& args, const std::string& in = "") {
+    RunOptions o;
+    o.env = token_.CliEnv();
+    o.stdin_data = in;
+    return RunCustody(args, o);
+  }
+  RunResult CliWithEnv(const std::vector<std::string>& args, std::map<std::string, std::string> extra,
+                       const std::string& in = "") {
+    RunOptions o;
+    o.env = token_.CliEnv();
+    for (auto& [k, v] : extra) o.env[k] = v;
+    o.stdin_data = in;
+    return RunCustody(args, o);
+  }
+  void Put(const std::string& path, const std::string& value) {
+    auto r = Cli({"secret", "put", path}, value);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+  }
+  std::string SecretList() { return Cli({"--json", "secret", "list"}).out; }
+
+  // Runs SQL against the store file directly, as an attacker with file access could.
+  void Sql(const std::string& sql) {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open(token_.store_path().c_str(), &db), SQLITE_OK);
+    char* err = nullptr;
+    int rc = sqlite3_exec(db, sql.c_str(), nullptr, nullptr, &err);
+    std::string msg = err ? err : "";
+    sqlite3_free(err);
+    sqlite3_close(db);
+    ASSERT_EQ(rc, SQLITE_OK) << msg;
+  }
+
+  static void ExpectOneLine(const RunResult& r, int code, const std::string& says) {
+    EXPECT_EQ(r.exit_code, code) << r.err;
+    EXPECT_EQ(r.err.rfind("custody: ", 0), 0u) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << "one line, got: " << r.err;
+    EXPECT_NE(r.err.find(says), std::string::npos) << "expected '" << says << "' in: " << r.err;
+    EXPECT_EQ(r.err.find(kSecret), std::string::npos);
+    EXPECT_EQ(r.err.find(SoftHsmToken::kPin), std::string::npos);
+  }
+
+  SoftHsmToken token_;
+};
+
+TEST_F(CliTest, PutGetListDelete) {
+  Put("payments/prod/stripe", std::string(kSecret) + "\n");
+  auto get = Cli({"secret", "get", "payments/prod/stripe"});
+  ASSERT_EQ(get.exit_code, 0) << get.err;
+  EXPECT_EQ(get.out, kSecret) << "trailing newline dropped on put, none added on get";
+
+  Put("payments/prod/stripe", "second-value");
+  EXPECT_EQ(Cli({"secret", "get", "payments/prod/stripe"}).out, "second-value");
+  EXPECT_EQ(Cli({"secret", "get", "payments/prod/stripe", "--version", "1"}).out, kSecret);
+
+  auto list = Cli({"secret", "list", "payments/prod"});
+  ASSERT_EQ(list.exit_code, 0);
+  EXPECT_NE(list.out.find("payments/prod/stripe  2       2"), std::string::npos) << list.out;
+  EXPECT_EQ(list.out.find(kSecret), std::string::npos);
+
+  auto del = Cli({"secret", "delete", "payments/prod/stripe"});
+  ASSERT_EQ(del.exit_code, 0) << del.err;
+  ExpectOneLine(Cli({"secret", "get", "payments/prod/stripe"}), 66, "'payments/prod/stripe' does not exist");
+}
+
+TEST_F(CliTest, ProjectsAndEnvironments) {
+  auto list = Cli({"--json", "project", "list"});
+  ASSERT_EQ(list.exit_code, 0);
+  EXPECT_NE(list.out.find("\"payments\""), std::string::npos);
+  EXPECT_NE(list.out.find("\"staging\""), std::string::npos);
+  ASSERT_EQ(Cli({"env", "create", "payments", "qa"}).exit_code, 0);
+  Put("payments/qa/key", "v");
+  ExpectOneLine(Cli({"env", "create", "payments", "qa"}), 64, "already exists");
+  ExpectOneLine(Cli({"env", "create", "nope", "qa"}), 66, "project 'nope' does not exist");
+}
+
+TEST_F(CliTest, TokenInfoShowsTheKekAsNonExtractable) {
+  auto r = Cli({"--json", "token", "info"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("\"label\": \"custody:kek:payments:v1\""), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("\"extractable\": false"), std::string::npos);
+  EXPECT_NE(r.out.find("\"never_extractable\": true"), std::string::npos);
+  EXPECT_EQ(r.out.find("\"extractable\": true"), std::string::npos);
+}
+
+TEST_F(CliTest, TheStoreFileNeverHoldsThePlaintext) {
+  Put("payments/prod/stripe", kSecret);
+  Put("payments/dev/stripe", kSecret);
+  ASSERT_EQ(Cli({"secret", "list"}).exit_code, 0);
+  for (const char* suffix : {"", "-wal", "-shm"}) {
+    std::string data = ReadFile(token_.store_path() + suffix);
+    EXPECT_EQ(data.find(kSecret), std::string::npos) << "plaintext found in custody.db" << suffix;
+    EXPECT_EQ(data.find("sk-live-51H8"), std::string::npos) << suffix;
+  }
+  std::string config = ReadFile(token_.config_path());
+  EXPECT_EQ(config.find(SoftHsmToken::kPin), std::string::npos) << "the config must not hold the PIN";
+  struct stat st {};
+  ASSERT_EQ(::stat(token_.store_path().c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+}
+
+TEST_F(CliTest, GetToFileCreatesItPrivate) {
+  Put("payments/prod/stripe", kSecret);
+  std::string out = token_.dir() / "out.txt";
+  auto r = Cli({"secret", "get", "payments/prod/stripe", "--out", out});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, "") << "the value goes to the file only";
+  EXPECT_EQ(ReadFile(out), kSecret);
+  struct stat st {};
+  ASSERT_EQ(::stat(out.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+}
+
+TEST_F(CliTest, PutFromFileAndPinFromEnvironmentOrDescriptor) {
+  std::string f = token_.dir() / "value";
+  WriteFile(f, "from-a-file");
+  // Config without pin_file: PIN must come from CUSTODY_PIN or --pin-fd.
+  std::string cfg = ReadFile(token_.config_path());
+  size_t at = cfg.find("pin_file");
+  cfg.erase(at, cfg.find('\n', at) - at + 1);
+  WriteFile(token_.config_path(), cfg);
+
+  ExpectOneLine(Cli({"secret", "put", "payments/prod/a", "--from-file", f}), 78, "no PIN given");
+  auto r = CliWithEnv({"secret", "put", "payments/prod/a", "--from-file", f}, {{"CUSTODY_PIN", SoftHsmToken::kPin}});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  std::string pin = std::string(SoftHsmToken::kPin) + "\n";
+  ASSERT_EQ(::write(fds[1], pin.data(), pin.size()), static_cast<ssize_t>(pin.size()));
+  ::close(fds[1]);
+  RunOptions o;
+  o.env = token_.CliEnv();
+  o.keep_fds = {fds[0]};
+  auto g = RunCustody({"--pin-fd", std::to_string(fds[0]), "secret", "get", "payments/prod/a"}, o);
+  ::close(fds[0]);
+  ASSERT_EQ(g.exit_code, 0) << g.err;
+  EXPECT_EQ(g.out, "from-a-file");
+}
+
+// --- Bad input: one line, the documented code, nothing written. ---
+
+TEST_F(CliTest, UnknownProjectEnvironmentOrSecretIs66) {
+  ExpectOneLine(Cli({"secret", "put", "nope/prod/x"}, "v"), 66, "project 'nope' does not exist");
+  ExpectOneLine(Cli({"secret", "put", "payments/qa/x"}, "v"), 66, "environment 'qa' does not exist in project 'payments'");
+  ExpectOneLine(Cli({"secret", "get", "payments/prod/x"}), 66, "secret 'payments/prod/x' does not exist");
+  Put("payments/prod/x", "v");
+  ExpectOneLine(Cli({"secret", "get", "payments/prod/x", "--version", "9"}), 66, "has no version 9");
+  ExpectOneLine(Cli({"secret", "list", "nope"}), 66, "project 'nope' does not exist");
+  ExpectOneLine(Cli({"secret", "delete", "payments/dev/x"}), 66, "does not exist");
+  EXPECT_EQ(SecretList().find("\"nope\""), std::string::npos);
+}
+
+TEST_F(CliTest, WrongPinIs77AndWritesNothing) {
+  WriteFile(token_.pin_file(), "wrong-pin-0000\n");
+  auto r = Cli({"secret", "put", "payments/prod/stripe"}, kSecret);
+  ExpectOneLine(r, 77, "CKR_PIN_INCORRECT");
+  EXPECT_EQ(r.err.find("wrong-pin-0000"), std::string::npos);
+  EXPECT_EQ(SecretList().find("stripe"), std::string::npos);
+}
+
+TEST_F(CliTest, MissingModuleIs78AndMissingTokenIs69) {
+  std::string cfg = ReadFile(token_.config_path());
+  std::string broken = cfg;
+  broken.replace(broken.find("/usr/lib/softhsm/libsofthsm2.so"), 31, "/nonexistent/module.so");
+  WriteFile(token_.config_path(), broken);
+  ExpectOneLine(Cli({"secret", "put", "payments/prod/a"}, "v"), 78, "PKCS#11 module /nonexistent/module.so not found");
+
+  broken = cfg;
+  broken.replace(broken.find("token=custody-test"), 18, "token=elsewhere");
+  WriteFile(token_.config_path(), broken);
+  ExpectOneLine(Cli({"secret", "get", "payments/prod/a"}), 69, "no token matches pkcs11:token=elsewhere");
+  WriteFile(token_.config_path(), cfg);
+  EXPECT_EQ(SecretList().find("\"a\""), std::string::npos);
+}
+
+TEST_F(CliTest, TruncatedOrCorruptedBlobIs65) {
+  Put("payments/prod/stripe", kSecret);
+  Sql("UPDATE secret_versions SET blob = substr(blob, 1, length(blob) - 5)");
+  ExpectOneLine(Cli({"secret", "get", "payments/prod/stripe"}), 65, "failed authentication");
+  Sql("UPDATE secret_versions SET blob = substr(blob, 1, 30)");
+  ExpectOneLine(Cli({"secret", "get", "payments/prod/stripe"}), 65, "truncated");
+
+  Put("payments/prod/other", kSecret);
+  // Flip one ciphertext byte (offset 45, past the 40-byte header).
+  Sql("UPDATE secret_versions SET blob = substr(blob, 1, 44) || "
+      "CASE WHEN substr(blob, 45, 1) = X'00' THEN X'01' ELSE X'00' END || substr(blob, 46) "
+      "WHERE secret_id = (SELECT id FROM secrets WHERE name = 'other')");
+  ExpectOneLine(Cli({"secret", "get", "payments/prod/other"}), 65, "failed authentication");
+}
+
+TEST_F(CliTest, BlobMovedToAnotherNameEnvironmentProjectOrVersionIs65) {
+  ASSERT_EQ(Cli({"project", "create", "billing", "--env", "prod"}).exit_code, 0);
+  Put("payments/prod/stripe", kSecret);
+  Put("payments/prod/github", "gh-value");
+  Put("payments/dev/stripe", "dev-value");
+  Put("billing/prod/stripe", "billing-value");
+  Put("payments/prod/stripe", "v2-value");
+  const std::string src =
+      "(SELECT v.blob FROM secret_versions v JOIN secrets s ON s.id = v.secret_id JOIN environments e ON "
+      "e.id = s.environment_id JOIN projects p ON p.id = e.project_id WHERE p.name = 'payments' AND e.name = 'prod' "
+      "AND s.name = 'stripe' AND v.version = 1)";
+  auto target = [](const std::string& project, const std::string& env, const std::string& name, int version) {
+    return "secret_id = (SELECT s.id FROM secrets s JOIN environments e ON e.id = s.environment_id JOIN projects p "
+           "ON p.id = e.project_id WHERE p.name = '" + project + "' AND e.name = '" + env + "' AND s.name = '" +
+           name + "') AND version = " + std::to_string(version);
+  };
+  Sql("UPDATE secret_versions SET blob = " + src + " WHERE " + target("payments", "prod", "github", 1));
+  ExpectOneLine(Cli({"secret", "get", "payments/prod/github"}), 65, "failed authentication");
+  Sql("UPDATE secret_versions SET blob = " + src + " WHERE " + target("payments", "dev", "stripe", 1));
+  ExpectOneLine(Cli({"secret", "get", "payments/dev/stripe"}), 65, "failed authentication");
+  Sql("UPDATE secret_versions SET blob = " + src + " WHERE " + target("payments", "prod", "stripe", 2));
+  ExpectOneLine(Cli({"secret", "get", "payments/prod/stripe"}), 65, "failed authentication");
+  // To another project: the blob also names a KEK that is not billing's.
+  Sql("UPDATE secret_versions SET blob = " + src + " WHERE " + target("billing", "prod", "stripe", 1));
+  ExpectOneLine(Cli({"secret", "get", "billing/prod/stripe"}), 65, "store records another");
+  // The original is still fine.
+  EXPECT_EQ(Cli({"secret", "get", "payments/prod/stripe", "--version", "1"}).out, kSecret);
+}
+
+TEST_F(CliTest, UnwritableOrCorruptStore) {
+  std::string cfg = ReadFile(token_.config_path());
+  std::string dir_store = cfg;
+  // A folder where the store should be: it cannot be opened as a file.
+  std::filesystem::create_directories(token_.dir() / "a-folder");
+  dir_store.replace(dir_store.find(token_.store_path()), token_.store_path().size(), token_.dir() / "a-folder");
+  WriteFile(token_.config_path(), dir_store);
+  ExpectOneLine(Cli({"secret", "list"}), 69, "cannot open store");
+
+  std::string garbage = token_.dir() / "garbage.db";
+  WriteFile(garbage, std::string(8192, 'z'));
+  std::string bad = cfg;
+  bad.replace(bad.find(token_.store_path()), token_.store_path().size(), garbage);
+  WriteFile(token_.config_path(), bad);
+  ExpectOneLine(Cli({"secret", "put", "payments/prod/x"}, "v"), 65, "corrupt or not a custody store");
+  EXPECT_EQ(ReadFile(garbage), std::string(8192, 'z')) << "a corrupt store must not be modified";
+}
+
+TEST_F(CliTest, EmptyValueIs65AndStoresNothing) {
+  ExpectOneLine(Cli({"secret", "put", "payments/prod/stripe"}, ""), 65, "empty value");
+  ExpectOneLine(Cli({"secret", "put", "payments/prod/stripe"}, "\n"), 65, "empty value");
+  EXPECT_EQ(SecretList().find("stripe"), std::string::npos);
+}
+
+TEST_F(CliTest, UsageErrorsAre64) {
+  ExpectOneLine(Cli({"secret", "put", "payments/prod"}), 64, "PROJECT/ENV/NAME");
+  ExpectOneLine(Cli({"secret", "get", "Payments/prod/x"}), 64, "project name 'Payments' is not allowed");
+  ExpectOneLine(Cli({"frobnicate"}), 64, "frobnicate");
+  // There is no way to pass a PIN or a value in argv.
+  ExpectOneLine(Cli({"--pin", "1234", "secret", "list"}), 64, "--pin");
+  ExpectOneLine(Cli({"secret", "put", "payments/prod/x", "sk-live-value"}), 64, "sk-live-value");
+  ExpectOneLine(Cli({"project", "create", "payments"}), 64, "project 'payments' already exists");
+  ExpectOneLine(Cli({"project", "create", "new", "--env", "prod,prod"}), 64, "listed twice");
+  EXPECT_EQ(Cli({"project", "list"}).out.find("new"), std::string::npos);
+}
+
+TEST_F(CliTest, DuplicateProjectLeavesNoKekInTheToken) {
+  ASSERT_EQ(Cli({"project", "create", "payments"}).exit_code, 64);
+  auto info = Cli({"--json", "token", "info"});
+  size_t first = info.out.find("custody:kek:");
+  ASSERT_NE(first, std::string::npos);
+  EXPECT_EQ(info.out.find("custody:kek:", first + 1), std::string::npos) << info.out;
+}
+
+TEST_F(CliTest, MissingConfigIs78) {
+  RunOptions o;
+  o.env = {{"CUSTODY_CONFIG", token_.dir() / "none.toml"}};
+  ExpectOneLine(RunCustody({"secret", "list"}, o), 78, "none.toml not found");
+}
+
+TEST_F(CliTest, InitRefusesToOverwriteAndChecksTheTokenFirst) {
+  ExpectOneLine(Cli({"init", "--module", SoftHsmToken::kModule, "--token", token_.uri(), "--pin-file",
+                     token_.pin_file(), "--state-dir", token_.dir() / "state"}),
+                64, "already exists");
+  RunOptions o;
+  o.env = {{"CUSTODY_CONFIG", token_.dir() / "other.toml"}, {"SOFTHSM2_CONF", token_.conf()}};
+  WriteFile(token_.dir() / "badpin", "nope-nope\n");
+  ::chmod((token_.dir() / "badpin").c_str(), 0600);
+  ExpectOneLine(RunCustody({"init", "--module", SoftHsmToken::kModule, "--token", token_.uri(), "--pin-file",
+                     token_.dir() / "badpin", "--state-dir", token_.dir() / "state2"},
+                    o),
+                77, "CKR_PIN_INCORRECT");
+  EXPECT_FALSE(std::filesystem::exists(token_.dir() / "other.toml"));
+  EXPECT_FALSE(std::filesystem::exists(token_.dir() / "state2"));
+}
+
+TEST_F(CliTest, ConcurrentPutsFromSeparateProcessesGetDistinctVersions) {
+  constexpr int kProcs = 6;
+  std::vector<std::thread> threads;
+  std::vector<RunResult> results(kProcs);
+  for (int i = 0; i < kProcs; ++i) {
+    threads.emplace_back([&, i] { results[i] = Cli({"secret", "put", "payments/prod/shared"}, "value-" + std::to_string(i)); });
+  }
+  for (auto& t : threads) t.join();
+  std::set<std::string> versions;
+  for (const auto& r : results) {
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    versions.insert(r.out);
+  }
+  EXPECT_EQ(versions.size(), static_cast<size_t>(kProcs)) << "each put must report its own version";
+  for (int v = 1; v <= kProcs; ++v) {
+    auto g = Cli({"secret", "get", "payments/prod/shared", "--version", std::to_string(v)});
+    ASSERT_EQ(g.exit_code, 0) << g.err;
+    EXPECT_EQ(g.out.rfind("value-", 0), 0u);
+  }
+}
+
+}  // namespace
+}  // namespace custody::test

@@ -1,0 +1,125 @@
+#include "custody/core/config.h"
+
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "../support/testenv.h"
+
+namespace custody::core {
+namespace {
+
+Config Sample(const test::TempDir& dir) {
+  Config c;
+  c.state_dir = dir / "state";
+  c.token_module = "/usr/lib/softhsm/libsofthsm2.so";
+  c.token_uri = "pkcs11:token=custody";
+  c.pin_file = dir / "pin";
+  c.token_environment = {{"SOFTHSM2_CONF", dir / "softhsm2.conf"}};
+  c.store_path = dir / "state/custody.db";
+  return c;
+}
+
+TEST(Config, WriteThenLoadRoundTripsAndIsPrivate) {
+  test::TempDir dir;
+  Config c = Sample(dir);
+  std::string path = dir / "custody.toml";
+  ASSERT_TRUE(WriteConfig(c, path).ok());
+  struct stat st {};
+  ASSERT_EQ(::stat(path.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  auto back = LoadConfig(path);
+  ASSERT_TRUE(back.ok()) << back.error().message();
+  EXPECT_EQ(back->token_module, c.token_module);
+  EXPECT_EQ(back->token_uri, c.token_uri);
+  EXPECT_EQ(back->pin_file, c.pin_file);
+  EXPECT_EQ(back->store_path, c.store_path);
+  EXPECT_EQ(back->token_environment, c.token_environment);
+}
+
+TEST(Config, SyntaxErrorNamesFileLineAndColumn) {
+  test::TempDir dir;
+  std::string path = dir / "bad.toml";
+  test::WriteFile(path, "state_dir = \"/x\"\n[token\nmodule = 1\n");
+  auto r = LoadConfig(path);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().category(), Category::kConfig);
+  EXPECT_NE(r.error().message().find(path + ":2:"), std::string::npos) << r.error().message();
+}
+
+TEST(Config, MissingOrMistypedKeysAreConfigErrors) {
+  test::TempDir dir;
+  std::string path = dir / "c.toml";
+  test::WriteFile(path, "state_dir = \"/x\"\n[token]\nmodule = 5\nuri = \"pkcs11:\"\n[store]\npath = \"/x/db\"\n");
+  auto r = LoadConfig(path);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.error().message().find(path + ":3:"), std::string::npos) << r.error().message();
+  EXPECT_NE(r.error().message().find("token.module"), std::string::npos);
+
+  test::WriteFile(path, "state_dir = \"/x\"\n[token]\nmodule = \"/m.so\"\nuri = \"pkcs11:\"\n");
+  r = LoadConfig(path);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.error().message().find("[store]"), std::string::npos);
+
+  EXPECT_EQ(LoadConfig(dir / "missing.toml").error().category(), Category::kConfig);
+}
+
+TEST(Config, APinInTheConfigIsRefused) {
+  test::TempDir dir;
+  std::string path = dir / "c.toml";
+  test::WriteFile(path, "state_dir = \"/x\"\n[token]\nmodule = \"/m.so\"\nuri = \"pkcs11:\"\npin = \"1234\"\n"
+                        "[store]\npath = \"/x/db\"\n");
+  auto r = LoadConfig(path);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.error().message().find("may not be written in the config"), std::string::npos);
+  EXPECT_EQ(r.error().message().find("1234"), std::string::npos);
+}
+
+TEST(ResolvePin, DescriptorThenEnvironmentThenFile) {
+  test::TempDir dir;
+  Config c = Sample(dir);
+  test::WriteFile(*c.pin_file, "from-file\n");
+  ::chmod(c.pin_file->c_str(), 0600);
+
+  ::unsetenv("CUSTODY_PIN");
+  auto f = ResolvePin(c, std::nullopt);
+  ASSERT_TRUE(f.ok()) << f.error().message();
+  EXPECT_EQ(f->RevealString(SecretAccess{}), "from-file");  // newline dropped
+
+  ::setenv("CUSTODY_PIN", "from-env", 1);
+  auto e = ResolvePin(c, std::nullopt);
+  ASSERT_TRUE(e.ok());
+  EXPECT_EQ(e->RevealString(SecretAccess{}), "from-env");
+  EXPECT_EQ(::getenv("CUSTODY_PIN"), nullptr) << "CUSTODY_PIN must be removed after reading";
+
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  ASSERT_EQ(::write(fds[1], "from-fd", 7), 7);
+  ::close(fds[1]);
+  ::setenv("CUSTODY_PIN", "from-env", 1);
+  auto d = ResolvePin(c, fds[0]);
+  ::close(fds[0]);
+  ::unsetenv("CUSTODY_PIN");
+  ASSERT_TRUE(d.ok());
+  EXPECT_EQ(d->RevealString(SecretAccess{}), "from-fd");
+}
+
+TEST(ResolvePin, NoSourceOrEmptyPinIsAConfigError) {
+  test::TempDir dir;
+  Config c = Sample(dir);
+  c.pin_file.reset();
+  ::unsetenv("CUSTODY_PIN");
+  auto r = ResolvePin(c, std::nullopt);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().category(), Category::kConfig);
+
+  c = Sample(dir);
+  test::WriteFile(*c.pin_file, "\n");
+  ::chmod(c.pin_file->c_str(), 0600);
+  r = ResolvePin(c, std::nullopt);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.error().message().find("empty"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace custody::core

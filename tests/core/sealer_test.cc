@@ -1,0 +1,265 @@
+// Sealing and unsealing in a real SoftHSM2 token, with a real SQLite ledger.
+#include "custody/core/sealer.h"
+
+#include <gtest/gtest.h>
+
+#include <set>
+#include <thread>
+
+#include "../support/testenv.h"
+#include "custody/core/service.h"
+#include "custody/core/store.h"
+#include "custody/hsm/objects.h"
+#include "custody/hsm/uri.h"
+
+namespace custody::core {
+namespace {
+
+using test::SoftHsmToken;
+
+class SealerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto m = hsm::Module::Load(SoftHsmToken::kModule);
+    ASSERT_TRUE(m.ok()) << m.error().message();
+    module_ = *m;
+    auto slot = hsm::FindSlot(*module_, *hsm::TokenUri::Parse(token_.uri()));
+    ASSERT_TRUE(slot.ok());
+    auto pool = hsm::SessionPool::Open(module_, *slot, token_.pin());
+    ASSERT_TRUE(pool.ok()) << pool.error().message();
+    pool_ = std::move(*pool);
+    auto store = OpenSqliteStore(token_.dir() / "custody.db", true);
+    ASSERT_TRUE(store.ok());
+    store_ = std::move(*store);
+    sealer_ = std::make_unique<Sealer>(*pool_, *store_);
+  }
+  void TearDown() override {
+    sealer_.reset();
+    pool_.reset();
+    if (module_) {
+      EXPECT_EQ(module_->open_sessions(), 0);
+    }
+  }
+
+  // A KEK in the token and recorded in the store, as `project create` does.
+  KekRef MakeKek(const std::string& project) {
+    auto kek = sealer_->CreateKek(project, 1);
+    EXPECT_TRUE(kek.ok()) << kek.error().message();
+    EXPECT_TRUE(store_->CreateProject(project, {"prod"}, *kek, KekLabel::For(project, 1)).ok());
+    return *kek;
+  }
+
+  SoftHsmToken token_;
+  std::shared_ptr<hsm::Module> module_;
+  std::unique_ptr<hsm::SessionPool> pool_;
+  std::unique_ptr<Store> store_;
+  std::unique_ptr<Sealer> sealer_;
+};
+
+const SecretBuffer kValue = SecretBuffer::Copy(std::string_view("sk-live-51H8abcDEFghiJKLmnoPQRstuVWXyz0123456789"));
+
+TEST_F(SealerTest, RoundTripAndBlobShape) {
+  KekRef kek = MakeKek("payments");
+  SealContext ctx{"payments", "prod", "stripe", 1};
+  auto blob = sealer_->Seal(kek, ctx, kValue);
+  ASSERT_TRUE(blob.ok()) << blob.error().message();
+  EXPECT_EQ(blob->size(), kHeaderSize + kValue.size() + kTagSize);
+  auto view = ParseBlob(*blob);
+  ASSERT_TRUE(view.ok());
+  EXPECT_EQ(view->header.kek, kek);
+  // The plaintext does not appear in the blob.
+  std::string b(blob->begin(), blob->end());
+  EXPECT_EQ(b.find("sk-live"), std::string::npos);
+
+  auto back = sealer_->Unseal(kek, ctx, *blob);
+  ASSERT_TRUE(back.ok()) << back.error().message();
+  EXPECT_TRUE(back->Equals(kValue));
+}
+
+TEST_F(SealerTest, NoncesAreFreshForEverySeal) {
+  KekRef kek = MakeKek("payments");
+  SealContext ctx{"payments", "prod", "stripe", 1};
+  std::set<std::vector<uint8_t>> nonces;
+  for (int i = 0; i < 100; ++i) {
+    auto blob = sealer_->Seal(kek, ctx, kValue);
+    ASSERT_TRUE(blob.ok());
+    auto view = ParseBlob(*blob);
+    nonces.insert(std::vector<uint8_t>(view->header.nonce.begin(), view->header.nonce.end()));
+  }
+  EXPECT_EQ(nonces.size(), 100u);
+}
+
+TEST_F(SealerTest, KekIsSensitiveNonExtractableAndRecognisable) {
+  KekRef kek = MakeKek("payments");
+  auto lease = pool_->Acquire();
+  ASSERT_TRUE(lease.ok());
+  auto objects = hsm::ListObjects(**lease);
+  ASSERT_TRUE(objects.ok());
+  ASSERT_EQ(objects->size(), 1u);
+  const auto& o = (*objects)[0];
+  EXPECT_EQ(o.label, "custody:kek:payments:v1");
+  EXPECT_EQ(o.id, std::vector<uint8_t>(kek.id.begin(), kek.id.end()));
+  EXPECT_EQ(o.object_class, static_cast<CK_OBJECT_CLASS>(CKO_SECRET_KEY));
+  EXPECT_EQ(o.key_type, static_cast<CK_KEY_TYPE>(CKK_AES));
+  EXPECT_EQ(o.value_len, 32u);
+  EXPECT_TRUE(o.token);
+  EXPECT_TRUE(o.is_private);
+  EXPECT_TRUE(o.sensitive);
+  EXPECT_FALSE(o.extractable);
+  EXPECT_TRUE(o.never_extractable);
+  EXPECT_TRUE(o.always_sensitive);
+  EXPECT_TRUE(o.local);
+
+  // And the token really refuses to hand out its value.
+  auto handles = hsm::FindObjects(**lease, {}, 10);
+  ASSERT_EQ(handles->size(), 1u);
+  std::vector<uint8_t> value(32);
+  CK_ATTRIBUTE a{CKA_VALUE, value.data(), 32};
+  EXPECT_EQ((*lease)->fn()->C_GetAttributeValue((*lease)->handle(), (*handles)[0], &a, 1), CKR_ATTRIBUTE_SENSITIVE);
+}
+
+TEST_F(SealerTest, ABlobMovedToAnyOtherContextFailsToUnseal) {
+  KekRef kek = MakeKek("payments");
+  SealContext ctx{"payments", "prod", "stripe", 3};
+  auto blob = sealer_->Seal(kek, ctx, kValue);
+  ASSERT_TRUE(blob.ok());
+  for (SealContext other : {SealContext{"payments", "prod", "github", 3}, SealContext{"payments", "staging", "stripe", 3},
+                            SealContext{"billing", "prod", "stripe", 3}, SealContext{"payments", "prod", "stripe", 2}}) {
+    auto r = sealer_->Unseal(kek, other, *blob);
+    ASSERT_FALSE(r.ok()) << other.project << "/" << other.environment << "/" << other.name << " v" << other.version;
+    EXPECT_EQ(r.error().category(), Category::kIntegrity);
+    EXPECT_NE(r.error().message().find("failed authentication"), std::string::npos) << r.error().message();
+  }
+}
+
+TEST_F(SealerTest, AnotherProjectsKekIsRefusedBeforeTheToken) {
+  KekRef a = MakeKek("payments");
+  KekRef b = MakeKek("billing");
+  SealContext ctx{"payments", "prod", "stripe", 1};
+  auto blob = sealer_->Seal(a, ctx, kValue);
+  ASSERT_TRUE(blob.ok());
+  auto r = sealer_->Unseal(b, ctx, *blob);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().category(), Category::kIntegrity);
+  EXPECT_NE(r.error().message().find("store records another"), std::string::npos);
+}
+
+TEST_F(SealerTest, EveryFlippedBitAndEveryTruncationIsRefused) {
+  KekRef kek = MakeKek("payments");
+  SealContext ctx{"payments", "prod", "stripe", 1};
+  auto blob = sealer_->Seal(kek, ctx, SecretBuffer::Copy(std::string_view("short-value")));
+  ASSERT_TRUE(blob.ok());
+  for (size_t i = 0; i < blob->size(); ++i) {
+    auto bad = *blob;
+    bad[i] ^= 0x01;
+    auto r = sealer_->Unseal(kek, ctx, bad);
+    ASSERT_FALSE(r.ok()) << "flipped byte " << i;
+    EXPECT_EQ(r.error().category(), Category::kIntegrity) << i << ": " << r.error().message();
+  }
+  for (size_t n = 0; n < blob->size(); ++n) {
+    std::vector<uint8_t> cut(blob->begin(), blob->begin() + static_cast<ptrdiff_t>(n));
+    auto r = sealer_->Unseal(kek, ctx, cut);
+    ASSERT_FALSE(r.ok()) << "truncated to " << n;
+    EXPECT_EQ(r.error().category(), Category::kIntegrity) << n << ": " << r.error().message();
+  }
+}
+
+TEST_F(SealerTest, EmptyAndOversizedValuesAreRefused) {
+  KekRef kek = MakeKek("payments");
+  SealContext ctx{"payments", "prod", "stripe", 1};
+  auto empty = sealer_->Seal(kek, ctx, SecretBuffer());
+  ASSERT_FALSE(empty.ok());
+  EXPECT_EQ(empty.error().category(), Category::kIntegrity);
+  auto big = sealer_->Seal(kek, ctx, SecretBuffer(kMaxSecretSize + 1));
+  ASSERT_FALSE(big.ok());
+  EXPECT_EQ(big.error().category(), Category::kUsage);
+  auto max = sealer_->Seal(kek, ctx, SecretBuffer(kMaxSecretSize));
+  EXPECT_TRUE(max.ok()) << max.error().message();
+}
+
+TEST_F(SealerTest, UsageBudgetIsDurableAndEnforced) {
+  KekRef kek = MakeKek("payments");
+  Sealer limited(*pool_, *store_, /*max_encryptions=*/5);
+  SealContext ctx{"payments", "prod", "stripe", 1};
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(limited.Seal(kek, ctx, kValue).ok()) << i;
+  auto over = limited.Seal(kek, ctx, kValue);
+  ASSERT_FALSE(over.ok());
+  EXPECT_EQ(over.error().category(), Category::kLimit);
+  // The count lives in the store: a new Sealer (a new process) cannot reset it.
+  Sealer fresh(*pool_, *store_, 5);
+  EXPECT_EQ(fresh.Seal(kek, ctx, kValue).error().category(), Category::kLimit);
+  EXPECT_EQ((*store_->ListKeks())[0].encryptions_reserved, 5u);
+}
+
+TEST_F(SealerTest, DeletedKekIsReportedAsMissing) {
+  KekRef kek = MakeKek("payments");
+  SealContext ctx{"payments", "prod", "stripe", 1};
+  auto blob = sealer_->Seal(kek, ctx, kValue);
+  ASSERT_TRUE(blob.ok());
+  ASSERT_TRUE(sealer_->DestroyKek(kek).ok());
+  auto r = sealer_->Unseal(kek, ctx, *blob);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().category(), Category::kNotFound);
+  EXPECT_NE(r.error().message().find("is not in the token"), std::string::npos);
+}
+
+TEST_F(SealerTest, ANewSealerFindsTheKekByItsId) {
+  KekRef kek = MakeKek("payments");
+  SealContext ctx{"payments", "prod", "stripe", 1};
+  auto blob = sealer_->Seal(kek, ctx, kValue);
+  ASSERT_TRUE(blob.ok());
+  // As a new process would: no cached handle, the key is found by CKA_ID.
+  Sealer other(*pool_, *store_);
+  auto r = other.Unseal(kek, ctx, *blob);
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  EXPECT_TRUE(r->Equals(kValue));
+}
+
+TEST_F(SealerTest, ConcurrentSealAndUnsealFromManyThreads) {
+  KekRef kek = MakeKek("payments");
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 100; ++i) {
+        std::string name = "k" + std::to_string(t);
+        SealContext ctx{"payments", "prod", name, static_cast<uint32_t>(i)};
+        auto v = SecretBuffer::Copy(std::string_view(name + "-" + std::to_string(i)));
+        auto blob = sealer_->Seal(kek, ctx, v);
+        if (!blob.ok()) { ++failures; continue; }
+        auto back = sealer_->Unseal(kek, ctx, *blob);
+        if (!back.ok() || !back->Equals(v)) ++failures;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(failures.load(), 0);
+}
+
+TEST_F(SealerTest, ServiceCreateProjectRollsBackTheKekWhenTheStoreRefuses) {
+  SecretService svc(*store_, *sealer_);
+  ASSERT_TRUE(svc.CreateProject("payments", {"prod"}).ok());
+  auto dup = svc.CreateProject("payments", {"dev"});
+  ASSERT_FALSE(dup.ok());
+  EXPECT_EQ(dup.error().category(), Category::kUsage);
+  auto lease = pool_->Acquire();
+  auto objects = hsm::ListObjects(**lease);
+  EXPECT_EQ(objects->size(), 1u) << "a refused project must not leave a KEK in the token";
+}
+
+TEST_F(SealerTest, ServicePutGetVersions) {
+  SecretService svc(*store_, *sealer_);
+  ASSERT_TRUE(svc.CreateProject("payments", {"prod", "dev"}).ok());
+  auto path = *SecretPath::Parse("payments/prod/stripe");
+  EXPECT_EQ(*svc.Put(path, SecretBuffer::Copy(std::string_view("one"))), 1u);
+  EXPECT_EQ(*svc.Put(path, SecretBuffer::Copy(std::string_view("two"))), 2u);
+  auto latest = svc.Get(path, std::nullopt);
+  ASSERT_TRUE(latest.ok()) << latest.error().message();
+  EXPECT_EQ(latest->version, 2u);
+  EXPECT_EQ(latest->value.RevealString(SecretAccess{}), "two");
+  EXPECT_EQ(svc.Get(path, 1)->value.RevealString(SecretAccess{}), "one");
+  EXPECT_EQ(svc.Get(*SecretPath::Parse("payments/dev/stripe"), std::nullopt).error().category(), Category::kNotFound);
+}
+
+}  // namespace
+}  // namespace custody::core

@@ -1,0 +1,182 @@
+// The SQLite store against a real file.
+#include "custody/core/store.h"
+
+#include <gtest/gtest.h>
+#include <sqlite3.h>
+
+#include <thread>
+
+#include "../support/testenv.h"
+
+namespace custody::core {
+namespace {
+
+KekRef Kek(uint8_t seed) {
+  KekRef k;
+  k.id.fill(seed);
+  k.version = 1;
+  return k;
+}
+
+class StoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto s = OpenSqliteStore(path_, /*create=*/true);
+    ASSERT_TRUE(s.ok()) << s.error().message();
+    store_ = std::move(*s);
+  }
+  test::TempDir dir_;
+  std::string path_ = dir_ / "custody.db";
+  std::unique_ptr<Store> store_;
+};
+
+TEST_F(StoreTest, ProjectsEnvironmentsAndKeks) {
+  auto p = store_->CreateProject("payments", {"dev", "prod"}, Kek(1), "custody:kek:payments:v1");
+  ASSERT_TRUE(p.ok()) << p.error().message();
+  auto envs = store_->ListEnvironments("payments");
+  ASSERT_TRUE(envs.ok());
+  ASSERT_EQ(envs->size(), 2u);
+  EXPECT_EQ((*envs)[0].name, "dev");
+  auto kek = store_->CurrentKek(p->id);
+  ASSERT_TRUE(kek.ok());
+  EXPECT_EQ(kek->ref, Kek(1));
+  EXPECT_EQ(kek->label, "custody:kek:payments:v1");
+
+  auto dup = store_->CreateProject("payments", {}, Kek(2), "x");
+  ASSERT_FALSE(dup.ok());
+  EXPECT_EQ(dup.error().category(), Category::kUsage);
+  auto dup_env = store_->CreateEnvironment("payments", "prod");
+  ASSERT_FALSE(dup_env.ok());
+  EXPECT_EQ(dup_env.error().category(), Category::kUsage);
+  EXPECT_EQ(store_->CreateEnvironment("nope", "prod").error().category(), Category::kNotFound);
+}
+
+TEST_F(StoreTest, AFailedProjectCreationLeavesNothing) {
+  // The same environment twice fails inside the transaction: no project, no KEK row.
+  auto p = store_->CreateProject("payments", {"prod", "prod"}, Kek(1), "l");
+  ASSERT_FALSE(p.ok());
+  EXPECT_EQ(store_->FindProject("payments").error().category(), Category::kNotFound);
+  auto keks = store_->ListKeks();
+  ASSERT_TRUE(keks.ok());
+  EXPECT_TRUE(keks->empty());
+}
+
+TEST_F(StoreTest, VersionsAreSequentialAndATakenVersionIsReported) {
+  auto p = store_->CreateProject("payments", {"prod"}, Kek(1), "l");
+  ASSERT_TRUE(p.ok());
+  auto env = *store_->FindEnvironment("payments", "prod");
+  auto kek = *store_->CurrentKek(p->id);
+  EXPECT_EQ(*store_->NextVersion(env.id, "stripe"), 1u);
+  ASSERT_TRUE(store_->AddVersion(env.id, "stripe", 1, kek.id, {1, 2, 3}).ok());
+  EXPECT_EQ(*store_->NextVersion(env.id, "stripe"), 2u);
+  Status taken = store_->AddVersion(env.id, "stripe", 1, kek.id, {9});
+  ASSERT_FALSE(taken.ok());
+  EXPECT_EQ(taken.error().code(), Store::kVersionTaken);
+  ASSERT_TRUE(store_->AddVersion(env.id, "stripe", 2, kek.id, {4, 5}).ok());
+
+  auto latest = store_->GetVersion(env, "stripe", std::nullopt);
+  ASSERT_TRUE(latest.ok());
+  EXPECT_EQ(latest->version, 2u);
+  EXPECT_EQ(latest->blob, (std::vector<uint8_t>{4, 5}));
+  EXPECT_EQ(store_->GetVersion(env, "stripe", 1)->blob, (std::vector<uint8_t>{1, 2, 3}));
+  auto missing = store_->GetVersion(env, "stripe", 7);
+  ASSERT_FALSE(missing.ok());
+  EXPECT_EQ(missing.error().message(), "secret 'payments/prod/stripe' has no version 7");
+
+  auto list = store_->ListSecrets(std::nullopt, std::nullopt);
+  ASSERT_TRUE(list.ok());
+  ASSERT_EQ(list->size(), 1u);
+  EXPECT_EQ((*list)[0].latest_version, 2u);
+  EXPECT_EQ((*list)[0].version_count, 2u);
+
+  ASSERT_TRUE(store_->DeleteSecret(env, "stripe").ok());
+  EXPECT_EQ(store_->GetVersion(env, "stripe", std::nullopt).error().category(), Category::kNotFound);
+  EXPECT_EQ(store_->DeleteSecret(env, "stripe").error().category(), Category::kNotFound);
+}
+
+TEST_F(StoreTest, KekReservationsStopAtTheLimit) {
+  ASSERT_TRUE(store_->CreateProject("payments", {}, Kek(1), "custody:kek:payments:v1").ok());
+  EXPECT_TRUE(store_->Reserve(Kek(1), 6, 10).ok());
+  EXPECT_TRUE(store_->Reserve(Kek(1), 4, 10).ok());
+  Status over = store_->Reserve(Kek(1), 1, 10);
+  ASSERT_FALSE(over.ok());
+  EXPECT_EQ(over.error().category(), Category::kLimit);
+  EXPECT_NE(over.error().message().find("rotate"), std::string::npos);
+  EXPECT_EQ((*store_->ListKeks())[0].encryptions_reserved, 10u);
+}
+
+TEST_F(StoreTest, ReopenKeepsDataAndSchemaVersion) {
+  ASSERT_TRUE(store_->CreateProject("payments", {"prod"}, Kek(1), "l").ok());
+  store_.reset();
+  auto again = OpenSqliteStore(path_, /*create=*/false);
+  ASSERT_TRUE(again.ok()) << again.error().message();
+  EXPECT_TRUE((*again)->FindProject("payments").ok());
+}
+
+TEST(StoreOpen, RefusesAForeignDatabase) {
+  test::TempDir dir;
+  std::string path = dir / "other.db";
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(db, "CREATE TABLE t(x)", nullptr, nullptr, nullptr), SQLITE_OK);
+  sqlite3_close(db);
+  auto s = OpenSqliteStore(path, /*create=*/true);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.error().category(), Category::kIntegrity);
+  EXPECT_NE(s.error().message().find("not a custody store"), std::string::npos);
+}
+
+TEST(StoreOpen, GarbageFileIsIntegrityError) {
+  test::TempDir dir;
+  std::string path = dir / "garbage.db";
+  test::WriteFile(path, std::string(4096, 'x'));
+  auto s = OpenSqliteStore(path, /*create=*/false);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.error().category(), Category::kIntegrity) << s.error().message();
+}
+
+TEST(StoreOpen, MissingStoreIsNotFoundAndADirectoryIsUnavailable) {
+  test::TempDir dir;
+  EXPECT_EQ(OpenSqliteStore(dir / "none.db", false).error().category(), Category::kNotFound);
+  auto s = OpenSqliteStore(dir.path(), false);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.error().category(), Category::kUnavailable) << s.error().message();
+}
+
+TEST(StoreOpen, ConcurrentWritersOnSeparateConnectionsNeverDuplicateAVersion) {
+  test::TempDir dir;
+  std::string path = dir / "c.db";
+  {
+    auto s = OpenSqliteStore(path, true);
+    ASSERT_TRUE(s.ok());
+    ASSERT_TRUE((*s)->CreateProject("p", {"e"}, Kek(1), "l").ok());
+  }
+  constexpr int kThreads = 4, kEach = 25;
+  std::vector<std::thread> threads;
+  std::atomic<int> failures{0};
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&] {
+      auto s = OpenSqliteStore(path, false);
+      if (!s.ok()) { ++failures; return; }
+      auto env = *(*s)->FindEnvironment("p", "e");
+      for (int i = 0; i < kEach; ++i) {
+        for (;;) {
+          uint32_t v = *(*s)->NextVersion(env.id, "k");
+          Status st = (*s)->AddVersion(env.id, "k", v, 1, {static_cast<uint8_t>(v)});
+          if (st.ok()) break;
+          if (st.error().code() != Store::kVersionTaken) { ++failures; return; }
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(failures.load(), 0);
+  auto s = OpenSqliteStore(path, false);
+  auto list = (*s)->ListSecrets(std::nullopt, std::nullopt);
+  ASSERT_EQ(list->size(), 1u);
+  EXPECT_EQ((*list)[0].version_count, static_cast<uint32_t>(kThreads * kEach));
+  EXPECT_EQ((*list)[0].latest_version, static_cast<uint32_t>(kThreads * kEach));
+}
+
+}  // namespace
+}  // namespace custody::core

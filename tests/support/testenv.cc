@@ -1,0 +1,123 @@
+#include "testenv.h"
+
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+namespace custody::test {
+
+TempDir::TempDir() {
+  std::string tmpl = (std::filesystem::temp_directory_path() / "custody-test-XXXXXX").string();
+  char* p = ::mkdtemp(tmpl.data());
+  if (p == nullptr) throw std::runtime_error("mkdtemp failed");
+  path_ = p;
+}
+
+TempDir::~TempDir() {
+  std::error_code ec;
+  std::filesystem::remove_all(path_, ec);
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+void WriteFile(const std::string& path, const std::string& data) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out << data;
+}
+
+SoftHsmToken::SoftHsmToken(const std::string& label) : label_(label) {
+  std::filesystem::create_directories(dir_ / "tokens");
+  conf_ = dir_ / "softhsm2.conf";
+  WriteFile(conf_, "directories.tokendir = " + (dir_ / "tokens") +
+                       "\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n");
+  ::setenv("SOFTHSM2_CONF", conf_.c_str(), 1);
+  AddToken(label);
+  WriteFile(pin_file(), std::string(kPin) + "\n");
+  ::chmod(pin_file().c_str(), 0600);
+}
+
+void SoftHsmToken::AddToken(const std::string& label) {
+  RunOptions o;
+  o.env["SOFTHSM2_CONF"] = conf_;
+  auto r = RunProgram("/usr/bin/softhsm2-util",
+                      {"--init-token", "--free", "--label", label, "--so-pin", kSoPin, "--pin", kPin}, o);
+  if (r.exit_code != 0) throw std::runtime_error("softhsm2-util --init-token failed: " + r.err + r.out);
+}
+
+std::map<std::string, std::string> SoftHsmToken::CliEnv() const {
+  return {{"CUSTODY_CONFIG", config_path()}, {"SOFTHSM2_CONF", conf_}};
+}
+
+void SoftHsmToken::InitCli() const {
+  RunOptions o;
+  o.env = CliEnv();
+  auto r = RunCustody({"init", "--module", kModule, "--token", uri(), "--pin-file", pin_file(), "--state-dir",
+                dir_ / "state"},
+               o);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+}
+
+RunResult RunProgram(const std::string& path, const std::vector<std::string>& args, const RunOptions& options) {
+  TempDir io;
+  std::string in_path = io / "stdin", out_path = io / "stdout", err_path = io / "stderr";
+  WriteFile(in_path, options.stdin_data);
+
+  std::vector<std::string> env_strings;
+  // A minimal environment: the test decides what the child sees.
+  if (const char* p = std::getenv("PATH")) env_strings.push_back(std::string("PATH=") + p);
+  // Sanitizer options pass through so ASan builds behave the same in children.
+  for (const char* k : {"ASAN_OPTIONS", "UBSAN_OPTIONS", "LSAN_OPTIONS"}) {
+    if (const char* v = std::getenv(k)) env_strings.push_back(std::string(k) + "=" + v);
+  }
+  for (const auto& [k, v] : options.env) env_strings.push_back(k + "=" + v);
+  std::vector<char*> envp;
+  for (auto& s : env_strings) envp.push_back(s.data());
+  envp.push_back(nullptr);
+  std::vector<std::string> argv_strings{path};
+  argv_strings.insert(argv_strings.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (auto& s : argv_strings) argv.push_back(s.data());
+  argv.push_back(nullptr);
+
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    int in = ::open(in_path.c_str(), O_RDONLY);
+    int out = ::open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    int err = ::open(err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    ::dup2(in, 0);
+    ::dup2(out, 1);
+    ::dup2(err, 2);
+    // Close everything else except what the test passes on (--pin-fd).
+    for (int fd = 3; fd < 1024; ++fd) {
+      bool keep = false;
+      for (int k : options.keep_fds) keep = keep || k == fd;
+      if (!keep) ::close(fd);
+    }
+    ::execve(path.c_str(), argv.data(), envp.data());
+    ::_exit(127);
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  RunResult r;
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  r.out = ReadFile(out_path);
+  r.err = ReadFile(err_path);
+  return r;
+}
+
+RunResult RunCustody(const std::vector<std::string>& args, const RunOptions& options) {
+  return RunProgram(CUSTODY_BIN, args, options);
+}
+
+}  // namespace custody::test

@@ -1,0 +1,83 @@
+// Test support: a real SoftHSM2 token per test in a temporary folder, and a
+// runner that drives the real `custody` binary.
+//
+//   custody::test::SoftHsmToken token;          // own SOFTHSM2_CONF, own token
+//   auto r = custody::test::RunCustody({"secret", "list"}, {.env = token.CliEnv()});
+//   EXPECT_EQ(r.exit_code, 0) << r.err;
+#pragma once
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "custody/common/secret.h"
+
+namespace custody::test {
+
+// A temporary folder removed (with its contents) on destruction.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::string& path() const { return path_; }
+  std::string operator/(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+// Creates a fresh SoftHSM2 token in its own folder with softhsm2-util and
+// points this process's SOFTHSM2_CONF at it. One per test: tests never share
+// a token, and ctest runs each test in its own process.
+class SoftHsmToken {
+ public:
+  static constexpr const char* kModule = "/usr/lib/softhsm/libsofthsm2.so";
+  static constexpr const char* kPin = "test-pin-1234";
+  static constexpr const char* kSoPin = "test-so-pin-5678";
+
+  explicit SoftHsmToken(const std::string& label = "custody-test");
+  // A second token in the same SoftHSM config (another slot).
+  void AddToken(const std::string& label);
+
+  const TempDir& dir() const { return dir_; }
+  const std::string& conf() const { return conf_; }
+  const std::string& label() const { return label_; }
+  std::string uri() const { return "pkcs11:token=" + label_; }
+  SecretBuffer pin() const { return SecretBuffer::Copy(std::string_view(kPin)); }
+  std::string pin_file() const { return dir_ / "pin"; }
+  std::string config_path() const { return dir_ / "state/custody.toml"; }
+  std::string store_path() const { return dir_ / "state/custody.db"; }
+
+  // Environment for running the CLI against this token (CUSTODY_CONFIG).
+  std::map<std::string, std::string> CliEnv() const;
+  // Runs `custody init` for this token; fails the test if it fails.
+  void InitCli() const;
+
+ private:
+  TempDir dir_;
+  std::string conf_;
+  std::string label_;
+};
+
+struct RunOptions {
+  std::map<std::string, std::string> env;  // added to a minimal environment
+  std::string stdin_data;
+  std::vector<int> keep_fds;  // descriptors the child inherits as they are
+};
+
+struct RunResult {
+  int exit_code = -1;
+  std::string out, err;
+};
+
+// Runs the custody binary built alongside the tests with `args`.
+RunResult RunCustody(const std::vector<std::string>& args, const RunOptions& options);
+// Runs any program (softhsm2-util, sqlite3 ...) by path.
+RunResult RunProgram(const std::string& path, const std::vector<std::string>& args, const RunOptions& options);
+
+std::string ReadFile(const std::string& path);
+void WriteFile(const std::string& path, const std::string& data);
+
+}  // namespace custody::test
