@@ -3,5 +3,5 @@
 add_library(custody_warnings INTERFACE)
 target_compile_options(custody_warnings INTERFACE
   -Wall -Wextra -Wpedantic -Wshadow -Wnon-virtual-dtor -Wcast-align -Wunused
-  -Woverloaded-virtual -Wnull-dereference -Wformat=2 -Wimplicit-fallthrough
+  -Woverloaded-virtual -Wformat=2 -Wimplicit-fallthrough
   $<$<BOOL:${CUSTODY_WERROR}>:-Werror>)

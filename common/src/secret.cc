@@ -16,8 +16,40 @@
 
 namespace custody {
 
+namespace {
+
+// Secret bytes come from OpenSSL's secure heap: one mlock()ed arena, excluded
+// from core dumps (MADV_DONTDUMP) and fenced by guard pages, so taking a
+// buffer costs a lock, not an mlock/munlock pair of syscalls on every
+// unseal (those also serialise threads on the address-space lock). 2 MiB
+// holds about 30 values of the maximum size at once.
+constexpr size_t kSecureHeapSize = 2 * 1024 * 1024;
+
+bool SecureHeapReady() {
+  static const bool ready = [] {
+    if (CRYPTO_secure_malloc_initialized()) return true;
+    // Fails under a small RLIMIT_MEMLOCK; buffers then fall back to
+    // malloc + mlock each (see the constructor).
+    return CRYPTO_secure_malloc_init(kSecureHeapSize, 32) != 0;
+  }();
+  return ready;
+}
+
+}  // namespace
+
 SecretBuffer::SecretBuffer(size_t size) {
   if (size == 0) return;
+  if (SecureHeapReady()) {
+    data_ = static_cast<uint8_t*>(OPENSSL_secure_zalloc(size));
+    // OPENSSL_secure_zalloc falls back to the ordinary heap when the arena
+    // is full; only memory it says is secure counts as locked.
+    if (data_ != nullptr && CRYPTO_secure_allocated(data_)) {
+      size_ = capacity_ = size;
+      secure_ = true;
+      return;
+    }
+    if (data_ != nullptr) OPENSSL_secure_clear_free(data_, size);
+  }
   data_ = static_cast<uint8_t*>(std::calloc(size, 1));
   if (data_ == nullptr) throw std::bad_alloc();
   size_ = capacity_ = size;
@@ -29,10 +61,11 @@ SecretBuffer::SecretBuffer(size_t size) {
 SecretBuffer::~SecretBuffer() { Release(); }
 
 SecretBuffer::SecretBuffer(SecretBuffer&& other) noexcept
-    : data_(other.data_), size_(other.size_), capacity_(other.capacity_), locked_(other.locked_) {
+    : data_(other.data_), size_(other.size_), capacity_(other.capacity_), locked_(other.locked_),
+      secure_(other.secure_) {
   other.data_ = nullptr;
   other.size_ = other.capacity_ = 0;
-  other.locked_ = false;
+  other.locked_ = other.secure_ = false;
 }
 
 SecretBuffer& SecretBuffer::operator=(SecretBuffer&& other) noexcept {
@@ -42,21 +75,26 @@ SecretBuffer& SecretBuffer::operator=(SecretBuffer&& other) noexcept {
     size_ = other.size_;
     capacity_ = other.capacity_;
     locked_ = other.locked_;
+    secure_ = other.secure_;
     other.data_ = nullptr;
     other.size_ = other.capacity_ = 0;
-    other.locked_ = false;
+    other.locked_ = other.secure_ = false;
   }
   return *this;
 }
 
 void SecretBuffer::Release() noexcept {
   if (data_ == nullptr) return;
-  OPENSSL_cleanse(data_, capacity_);
-  if (locked_) ::munlock(data_, capacity_);
-  std::free(data_);
+  if (secure_) {
+    OPENSSL_secure_clear_free(data_, capacity_);  // wipes, then returns to the arena
+  } else {
+    OPENSSL_cleanse(data_, capacity_);
+    if (locked_) ::munlock(data_, capacity_);
+    std::free(data_);
+  }
   data_ = nullptr;
   size_ = capacity_ = 0;
-  locked_ = false;
+  locked_ = secure_ = false;
 }
 
 SecretBuffer SecretBuffer::Copy(std::span<const uint8_t> bytes) {

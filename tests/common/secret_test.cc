@@ -19,6 +19,15 @@ TEST(SecretBuffer, CopyRevealAndEquals) {
   EXPECT_FALSE(a.Equals(c));
 }
 
+TEST(SecretBuffer, BytesAreInLockedMemory) {
+  // Holds for root (CI) and for users whose RLIMIT_MEMLOCK allows the 2 MiB
+  // secure heap or a per-buffer mlock.
+  for (size_t n : {1u, 64u, 4096u, 65537u}) {
+    SecretBuffer b(n);
+    EXPECT_TRUE(b.locked()) << n;
+  }
+}
+
 TEST(SecretBuffer, MoveLeavesSourceEmpty) {
   SecretBuffer a = SecretBuffer::Copy(std::string_view("value"));
   SecretBuffer b = std::move(a);

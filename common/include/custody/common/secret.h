@@ -1,8 +1,8 @@
 // SecretBuffer: the only type that holds plaintext secret values and PINs.
 //
-// Move-only; its pages are mlock()ed so they are not swapped out, and excluded
-// from core dumps (MADV_DONTDUMP) where the allocation is page-backed; the
-// bytes are wiped with OPENSSL_cleanse before release. Reading the bytes
+// Move-only; the bytes live in OpenSSL's secure heap (mlock()ed, excluded from
+// core dumps, guard pages around it), or, if that cannot be had, in malloc'd
+// memory that is mlock()ed; either way they are wiped before release. Reading the bytes
 // needs an explicit SecretAccess token, so every reader is greppable:
 //
 //   SecretBuffer value = SecretBuffer::ReadAll(stdin_fd).value();
@@ -46,6 +46,8 @@ class SecretBuffer {
 
   size_t size() const { return size_; }
   bool empty() const { return size_ == 0; }
+  // True when the bytes are in locked memory (secure heap or mlock).
+  bool locked() const { return secure_ || locked_; }
 
   std::span<const uint8_t> Reveal(SecretAccess) const { return {data_, size_}; }
   std::span<uint8_t> RevealMutable(SecretAccess) { return {data_, size_}; }
@@ -66,7 +68,8 @@ class SecretBuffer {
   uint8_t* data_ = nullptr;
   size_t size_ = 0;
   size_t capacity_ = 0;
-  bool locked_ = false;
+  bool locked_ = false;  // malloc'd and mlock()ed by us
+  bool secure_ = false;  // from OpenSSL's secure heap (locked, not dumped)
 };
 
 // Makes the process non-dumpable (no core dumps, no ptrace by other users)

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The README's first command: install what is missing, build, and run custody
+# on an embedded default: a SoftHSM2 token and a SQLite store in ./state.
+# It creates a project with dev/staging/prod, seals an API-key-shaped secret
+# into prod, reads it back, and shows what the token holds. Safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+bash ci/install-deps.sh
+cmake --preset release >/dev/null
+cmake --build --preset release --target custody
+
+custody="$root/build/release/tools/custody"
+state="${CUSTODY_STATE_DIR:-$root/state}"
+umask 077
+mkdir -p "$state/softhsm/tokens"
+
+export SOFTHSM2_CONF="$state/softhsm/softhsm2.conf"
+export CUSTODY_CONFIG="$state/custody.toml"
+
+# The token's PINs are random and live only in owner-only files, never in argv
+# of custody (softhsm2-util, a set-up tool, takes them as arguments once).
+if [[ ! -f "$state/softhsm/user.pin" ]]; then
+  printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n' \
+    "$state/softhsm/tokens" > "$SOFTHSM2_CONF"
+  head -c 24 /dev/urandom | base64 | tr -d '/+=' > "$state/softhsm/user.pin"
+  head -c 24 /dev/urandom | base64 | tr -d '/+=' > "$state/softhsm/so.pin"
+  softhsm2-util --init-token --free --label custody \
+    --so-pin "$(cat "$state/softhsm/so.pin")" --pin "$(cat "$state/softhsm/user.pin")" >/dev/null
+  echo "demo: created SoftHSM2 token 'custody' in $state/softhsm"
+fi
+
+if [[ ! -f "$CUSTODY_CONFIG" ]]; then
+  "$custody" init --module /usr/lib/softhsm/libsofthsm2.so --token "pkcs11:token=custody" \
+    --pin-file "$state/softhsm/user.pin" --state-dir "$state" --module-env "SOFTHSM2_CONF=$SOFTHSM2_CONF"
+fi
+
+if ! "$custody" project list | grep -q '^demo '; then
+  "$custody" project create demo --env dev,staging,prod
+fi
+
+# An API-key-shaped value, made here so it is never typed or shown in full.
+key="sk-demo-$(head -c 32 /dev/urandom | base64 | tr -d '/+=' | head -c 40)"
+printf '%s' "$key" | "$custody" secret put demo/prod/openai-api-key
+back="$("$custody" secret get demo/prod/openai-api-key)"
+if [[ "$back" != "$key" ]]; then
+  echo "demo: the value read back differs from the one sealed" >&2
+  exit 1
+fi
+echo "demo: read back demo/prod/openai-api-key = ${back:0:11}... (${#back} bytes, matches what was sealed)"
+unset key back
+
+echo
+"$custody" project list
+echo
+"$custody" secret list demo
+echo
+"$custody" token info
+echo
+echo "demo: state is in $state. To use it from this shell:"
+echo "  export SOFTHSM2_CONF=$SOFTHSM2_CONF CUSTODY_CONFIG=$CUSTODY_CONFIG"
