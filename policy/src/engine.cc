@@ -1,0 +1,242 @@
+#include "custody/policy/engine.h"
+
+#include <fnmatch.h>
+
+#include <string>
+
+namespace custody::policy {
+namespace {
+
+uint64_t Key(uint32_t principal, uint32_t project) { return (uint64_t{principal} << 32) | project; }
+
+bool IsOrgAction(Action a) { return a == Action::kApplyPolicy || a == Action::kCreateProject; }
+
+// Actions about one environment's secrets (as opposed to the whole project).
+bool IsSecretAction(Action a) {
+  return a == Action::kGet || a == Action::kPut || a == Action::kList || a == Action::kDelete || a == Action::kRotate;
+}
+
+std::string GrantRule(const Project& pj, size_t i, const Grant& g) {
+  std::string r = "projects." + pj.name + " grant #" + std::to_string(i + 1) + " (line " +
+                  std::to_string(g.where.line) + "): " + g.principal + " is " + RoleName(g.role);
+  if (!g.environments.empty()) {
+    r += " in ";
+    for (size_t k = 0; k < g.environments.size(); ++k) r += (k ? "," : "") + g.environments[k];
+  }
+  if (!g.secrets.empty()) {
+    r += " for ";
+    for (size_t k = 0; k < g.secrets.size(); ++k) r += (k ? "," : "") + g.secrets[k];
+  }
+  return r;
+}
+
+}  // namespace
+
+bool RoleAllows(Role role, Action action) {
+  // The rulebook, written out as the table in engine.h. Every (role, action)
+  // pair is decided here by an exhaustive switch: a new action or role does
+  // not compile silently into "allowed".
+  switch (action) {
+    case Action::kGet:
+      return role == Role::kOwner || role == Role::kReader || role == Role::kCi;
+    case Action::kList:
+      return role == Role::kOwner || role == Role::kReader || role == Role::kAuditor || role == Role::kCi;
+    case Action::kPut:
+    case Action::kDelete:
+    case Action::kRotate:
+    case Action::kCreateEnv:
+    case Action::kManageMembers:
+      return role == Role::kOwner;
+    case Action::kReadUsage:
+    case Action::kReadAudit:
+      return role == Role::kOwner || role == Role::kAuditor;
+    case Action::kApplyPolicy:
+    case Action::kCreateProject:
+      return false;  // organisation actions: admins only, never through a project role
+  }
+  return false;
+}
+
+bool NameMatches(std::string_view pattern, std::string_view name) {
+  std::string p(pattern), n(name);
+  return ::fnmatch(p.c_str(), n.c_str(), 0) == 0;
+}
+
+Engine::Engine(Policy policy) : policy_(std::move(policy)) {
+  admin_.assign(policy_.principals.size(), false);
+  for (uint32_t i = 0; i < policy_.principals.size(); ++i) {
+    const Principal& pr = policy_.principals[i];
+    principals_.emplace(pr.name, i);
+    for (const Identity& id : pr.identities) {
+      switch (id.kind) {
+        case IdentityKind::kUid: by_uid_.emplace(static_cast<uint32_t>(std::stoul(id.value)), i); break;
+        case IdentityKind::kGid: by_gid_.emplace(static_cast<uint32_t>(std::stoul(id.value)), i); break;
+        case IdentityKind::kUnixUser: by_user_.emplace(id.value, i); break;
+        case IdentityKind::kTlsSan: by_san_.emplace(id.value, i); break;
+        case IdentityKind::kTlsSubject: by_subject_.emplace(id.value, i); break;
+      }
+    }
+  }
+  for (const std::string& a : policy_.admins) {
+    if (auto it = principals_.find(a); it != principals_.end()) admin_[it->second] = true;
+  }
+  for (uint32_t p = 0; p < policy_.projects.size(); ++p) {
+    const Project& pj = policy_.projects[p];
+    projects_.emplace(pj.name, p);
+    for (uint32_t g = 0; g < pj.grants.size(); ++g) {
+      if (auto it = principals_.find(pj.grants[g].principal); it != principals_.end()) {
+        grants_[Key(it->second, p)].push_back(g);
+      }
+    }
+  }
+}
+
+std::optional<PrincipalId> Engine::FindPrincipal(std::string_view name) const {
+  if (auto it = principals_.find(name); it != principals_.end()) return PrincipalId{it->second};
+  return std::nullopt;
+}
+
+std::optional<PrincipalId> Engine::Identify(const Caller& c, std::string* why) const {
+  // Personal identities (uid, user name, certificate) first; group ids only
+  // when nothing personal matches. Two different principals at the same
+  // level is ambiguous and identifies nobody.
+  std::optional<uint32_t> found;
+  bool ambiguous = false;
+  auto consider = [&](auto& map, const auto& key) {
+    if (auto it = map.find(key); it != map.end()) {
+      if (found && *found != it->second) ambiguous = true;
+      found = it->second;
+    }
+  };
+  if (c.uid) consider(by_uid_, *c.uid);
+  if (c.user) consider(by_user_, std::string_view(*c.user));
+  for (const auto& san : c.tls_sans) consider(by_san_, std::string_view(san));
+  if (c.tls_subject) consider(by_subject_, std::string_view(*c.tls_subject));
+  if (!found && !ambiguous) {
+    for (uint32_t g : c.gids) consider(by_gid_, g);
+  }
+  std::string who;
+  if (c.user) who = "user " + *c.user;
+  if (c.uid) who += (who.empty() ? "uid " : " (uid ") + std::to_string(*c.uid) + (who.empty() ? "" : ")");
+  if (who.empty() && !c.tls_sans.empty()) who = "certificate SAN " + c.tls_sans[0];
+  if (who.empty() && c.tls_subject) who = "certificate subject " + *c.tls_subject;
+  if (ambiguous) {
+    if (why) *why = who + " matches more than one principal in the policy; refusing";
+    return std::nullopt;
+  }
+  if (!found) {
+    if (why) *why = who + " is not a principal in the policy";
+    return std::nullopt;
+  }
+  return PrincipalId{*found};
+}
+
+const Project* Engine::FindProject(std::string_view name) const {
+  if (auto it = projects_.find(name); it != projects_.end()) return &policy_.projects[it->second];
+  return nullptr;
+}
+
+const Environment* Engine::FindEnvironment(std::string_view project, std::string_view env) const {
+  const Project* pj = FindProject(project);
+  if (pj == nullptr) return nullptr;
+  for (const auto& e : pj->environments) {
+    if (e.name == env) return &e;
+  }
+  return nullptr;
+}
+
+Limits Engine::EffectiveLimits(std::string_view project, std::string_view env) const {
+  Limits out;
+  if (const Project* pj = FindProject(project)) out = pj->limits;
+  if (const Environment* e = FindEnvironment(project, env)) {
+    if (e->limits.rate) out.rate = e->limits.rate;
+    if (e->limits.principal_rate) out.principal_rate = e->limits.principal_rate;
+    if (e->limits.unseals_per_day) out.unseals_per_day = e->limits.unseals_per_day;
+    if (e->limits.unseals_per_month) out.unseals_per_month = e->limits.unseals_per_month;
+  }
+  return out;
+}
+
+Decision Engine::Decide(PrincipalId who, Action action, const Target& t) const {
+  const std::string& name = PrincipalName(who);
+  Decision d;
+  if (IsOrgAction(action)) {
+    d.allowed = admin_[who.index];
+    d.rule = "admins";
+    d.reason = d.allowed ? name + " is a policy admin"
+                         : name + " may not " + ActionName(action) + ": only policy admins may (admins = [...])";
+    return d;
+  }
+  auto pit = projects_.find(t.project);
+  if (pit == projects_.end()) {
+    d.rule = "deny by default";
+    d.reason = "project '" + std::string(t.project) + "' is not in the policy in force";
+    return d;
+  }
+  const Project& pj = policy_.projects[pit->second];
+  const Environment* env = nullptr;
+  if (!t.environment.empty()) {
+    for (const auto& e : pj.environments) {
+      if (e.name == t.environment) env = &e;
+    }
+    if (env == nullptr) {
+      d.rule = "deny by default";
+      d.reason = "environment '" + std::string(t.environment) + "' of project " + pj.name +
+                 " is not in the policy in force";
+      return d;
+    }
+  }
+  auto git = grants_.find(Key(who.index, pit->second));
+  if (git == grants_.end()) {
+    d.rule = "deny by default";
+    d.reason = name + " has no grant in project " + pj.name;
+    return d;
+  }
+  // The most specific reason a grant did not apply, for the refusal.
+  std::string closest;
+  for (uint32_t gi : git->second) {
+    const Grant& g = pj.grants[gi];
+    if (!RoleAllows(g.role, action)) {
+      if (closest.empty()) {
+        closest = name + " is " + RoleName(g.role) + " in project " + pj.name + ", which does not allow " +
+                  ActionName(action);
+      }
+      continue;
+    }
+    if (!g.environments.empty()) {
+      bool in = false;
+      for (const auto& e : g.environments) in = in || (env != nullptr && e == env->name);
+      if (!in) {
+        closest = name + "'s " + RoleName(g.role) + " grant in project " + pj.name +
+                  (env ? " does not cover environment " + env->name : " is limited to some environments");
+        continue;
+      }
+    }
+    if (g.role == Role::kCi) {
+      // ci is bound to non-production environments, whatever the grant says.
+      if (env == nullptr || env->production) {
+        closest = name + " is ci in project " + pj.name + " and ci never reaches " +
+                  (env ? "production environment " + env->name : "project-wide actions");
+        continue;
+      }
+    }
+    if (!g.secrets.empty() && !t.secret.empty() && IsSecretAction(action)) {
+      bool match = false;
+      for (const auto& pat : g.secrets) match = match || NameMatches(pat, t.secret);
+      if (!match) {
+        closest = name + "'s " + RoleName(g.role) + " grant in project " + pj.name + " does not cover secret '" +
+                  std::string(t.secret) + "'";
+        continue;
+      }
+    }
+    d.allowed = true;
+    d.rule = GrantRule(pj, gi, g);
+    d.reason = "allowed by " + d.rule;
+    return d;
+  }
+  d.rule = "deny by default";
+  d.reason = closest;
+  return d;
+}
+
+}  // namespace custody::policy

@@ -1,0 +1,103 @@
+#include "custody/policy/parse.h"
+
+#include <gtest/gtest.h>
+
+namespace custody::policy {
+namespace {
+
+std::vector<std::string> Errors(const std::string& text) {
+  auto r = ParsePolicy(text, "policy.toml");
+  EXPECT_EQ(r.policy.has_value(), r.errors.empty());
+  return r.errors;
+}
+
+void ExpectError(const std::string& text, const std::string& where, const std::string& says) {
+  auto errors = Errors(text);
+  bool found = false;
+  for (const auto& e : errors) found = found || (e.rfind(where, 0) == 0 && e.find(says) != std::string::npos);
+  std::string all;
+  for (const auto& e : errors) all += e + "\n";
+  EXPECT_TRUE(found) << "expected an error at " << where << " saying '" << says << "', got:\n" << all;
+}
+
+const std::string kBase = R"(version = 1
+[principals."user:alice"]
+uid = 1000
+[projects.payments.environments.prod]
+)";
+
+TEST(ParsePolicy, AMinimalPolicyParses) {
+  auto r = ParsePolicy(kBase, "p.toml");
+  ASSERT_TRUE(r.errors.empty()) << r.errors[0];
+  ASSERT_EQ(r.policy->projects.size(), 1u);
+  EXPECT_TRUE(r.policy->projects[0].environments[0].production);
+}
+
+TEST(ParsePolicy, SyntaxErrorHasFileLineAndColumn) {
+  ExpectError("version = 1\n[projects.x\n", "policy.toml:2:", "");
+}
+
+TEST(ParsePolicy, UnknownRole) {
+  ExpectError(kBase + "[[projects.payments.grants]]\nprincipal = \"user:alice\"\nrole = \"admin\"\n",
+              "policy.toml:7:8:", "unknown role 'admin' (roles: owner, reader, auditor, ci)");
+}
+
+TEST(ParsePolicy, DuplicateProjectOrEnvironment) {
+  ExpectError(kBase + "[projects.payments.environments.prod]\n", "policy.toml:5:", "prod");
+  ExpectError("version = 1\n[projects.payments]\nrate = \"1/s\"\n[projects.payments]\nrate = \"2/s\"\n",
+              "policy.toml:4:", "payments");
+}
+
+TEST(ParsePolicy, GrantNamingAnUnknownPrincipalOrEnvironment) {
+  ExpectError(kBase + "[[projects.payments.grants]]\nprincipal = \"user:bob\"\nrole = \"reader\"\n",
+              "policy.toml:5:1:", "unknown principal 'user:bob'");
+  ExpectError(kBase + "[[projects.payments.grants]]\nprincipal = \"user:alice\"\nrole = \"reader\"\nenvironments = [\"qa\"]\n",
+              "policy.toml:5:1:", "unknown environment 'qa'");
+}
+
+TEST(ParsePolicy, InvalidRateStrings) {
+  for (const char* bad : {"600", "/min", "0/min", "ten/min", "600/fortnight", "600/min/extra", "-5/s"}) {
+    ExpectError(std::string("version = 1\n[projects.p]\nrate = \"") + bad + "\"\n[projects.p.environments.e]\n",
+                "policy.toml:3:8:", "invalid rate");
+  }
+}
+
+TEST(ParsePolicy, OverlappingIdentities) {
+  ExpectError(kBase + "[principals.\"user:bob\"]\nuid = 1000\n", "policy.toml:6:7:",
+              "identity 1000 of user:bob is already user:alice's (line 2)");
+}
+
+TEST(ParsePolicy, UnknownKeysAreErrors) {
+  ExpectError(kBase + "[projects.payments.environments.dev]\nproduciton = false\n", "policy.toml:6:",
+              "unknown key 'produciton'");
+  ExpectError("version = 1\nadmin = [\"user:alice\"]\n", "policy.toml:2:", "unknown key 'admin'");
+}
+
+TEST(ParsePolicy, AdminMustBeAPrincipal) {
+  ExpectError("admins = [\"user:root\"]\n" + kBase, "policy.toml:1:", "admin 'user:root' is not a declared principal");
+}
+
+TEST(ParsePolicy, EveryErrorIsReportedNotJustTheFirst) {
+  auto errors = Errors(kBase + "[[projects.payments.grants]]\nprincipal = \"user:x\"\nrole = \"boss\"\n"
+                               "[projects.bad_rate]\nrate = \"fast\"\n[projects.bad_rate.environments.e]\n");
+  EXPECT_GE(errors.size(), 3u);
+}
+
+TEST(ParsePolicy, MissingVersionAndBadNames) {
+  ExpectError("[projects.p.environments.e]\n", "policy.toml:", "missing 'version = 1'");
+  ExpectError("version = 1\n[principals.alice]\nuid = 1\n", "policy.toml:2:", "must be user:NAME or svc:NAME");
+  ExpectError("version = 1\n[projects.Pay]\n[projects.Pay.environments.e]\n", "policy.toml:", "project name 'Pay'");
+  ExpectError("version = 1\n[projects.p]\n", "policy.toml:2:", "has no environments");
+}
+
+TEST(ParseRate, Units) {
+  EXPECT_EQ(ParseRate("600/min")->period_seconds, 60u);
+  EXPECT_EQ(ParseRate("10/s")->count, 10u);
+  EXPECT_EQ(ParseRate("5/hour")->period_seconds, 3600u);
+  EXPECT_EQ(ParseRate("1/day")->period_seconds, 86400u);
+  EXPECT_FALSE(ParseRate("1/ms"));
+  EXPECT_FALSE(ParseRate("1000000001/s"));
+}
+
+}  // namespace
+}  // namespace custody::policy
