@@ -9,6 +9,7 @@
 #include <string>
 
 #include "custody/core/store.h"
+#include "custody/policy/limits.h"
 
 namespace custody::core {
 namespace {
@@ -60,6 +61,34 @@ CREATE TABLE secret_versions (
   PRIMARY KEY (secret_id, version)
 );
 )sql",
+    // 2: policies, usage accounting, rate-limit buckets.
+    R"sql(
+CREATE TABLE policies (
+  version    INTEGER PRIMARY KEY,
+  sha256     TEXT NOT NULL,
+  text       TEXT NOT NULL,
+  applied_at INTEGER NOT NULL,
+  applied_by TEXT NOT NULL
+);
+CREATE TABLE usage (
+  project       TEXT NOT NULL,
+  environment   TEXT NOT NULL,
+  principal     TEXT NOT NULL,
+  day           TEXT NOT NULL,
+  unseals       INTEGER NOT NULL DEFAULT 0,
+  seals         INTEGER NOT NULL DEFAULT 0,
+  denied        INTEGER NOT NULL DEFAULT 0,
+  rate_limited  INTEGER NOT NULL DEFAULT 0,
+  spend_limited INTEGER NOT NULL DEFAULT 0,
+  last_use      INTEGER NOT NULL,
+  PRIMARY KEY (project, environment, principal, day)
+);
+CREATE TABLE buckets (
+  key        TEXT PRIMARY KEY,
+  tokens     REAL NOT NULL,
+  updated_at REAL NOT NULL
+);
+)sql",
 };
 
 int64_t Now() { return static_cast<int64_t>(std::time(nullptr)); }
@@ -83,6 +112,7 @@ class Stmt {
     return *this;
   }
   int Step() { return sqlite3_step(s_); }
+  sqlite3_stmt* raw() { return s_; }
   int64_t Int(int c) const { return sqlite3_column_int64(s_, c); }
   std::string Text(int c) const {
     auto* p = sqlite3_column_text(s_, c);
@@ -124,8 +154,16 @@ class SqliteStore final : public Store {
                                                  const std::optional<std::string>& env) override;
   Status DeleteSecret(const EnvironmentRecord& env, const std::string& name) override;
   Status Reserve(const KekRef& kek, uint64_t n, uint64_t limit) override;
+  Result<std::optional<PolicyRecord>> CurrentPolicy() override;
+  Result<PolicyRecord> SavePolicy(const std::string& text, const std::string& sha256,
+                                  const std::string& applied_by) override;
+  Result<Admission> Admit(const UsageKey& key, const std::vector<policy::LimitRule>& rules, UsageEvent event,
+                          double now) override;
+  Status Record(const UsageKey& key, UsageEvent event, int64_t now) override;
+  Result<std::vector<UsageRow>> Usage(const std::optional<std::string>& project, int64_t now) override;
 
  private:
+  Status RecordLocked(const UsageKey& key, UsageEvent event, int64_t now);
   // Maps a SQLite result code to the error a user can act on.
   Error Fail(int rc, std::string_view what) const {
     std::string msg = "store " + path_ + ": " + std::string(what) + ": " + sqlite3_errstr(rc);
@@ -506,6 +544,160 @@ Status SqliteStore::Reserve(const KekRef& kek, uint64_t n, uint64_t limit) {
   if (e.Step() != SQLITE_ROW) return Error(Category::kIntegrity, "KEK is not recorded in the store");
   return Error(Category::kLimit, "KEK " + e.Text(0) + " has reached its limit of " + std::to_string(limit) +
                                      " encryptions; rotate the project's KEK");
+}
+
+Result<std::optional<PolicyRecord>> SqliteStore::CurrentPolicy() {
+  std::lock_guard lock(mu_);
+  Stmt s(db_, "SELECT version, sha256, text, applied_at, applied_by FROM policies ORDER BY version DESC LIMIT 1");
+  int rc = s.Step();
+  if (rc == SQLITE_DONE) return std::optional<PolicyRecord>();
+  if (rc != SQLITE_ROW) return Fail(rc, "reading the policy");
+  return std::optional<PolicyRecord>(
+      PolicyRecord{static_cast<uint32_t>(s.Int(0)), s.Text(1), s.Text(2), s.Int(3), s.Text(4)});
+}
+
+Result<PolicyRecord> SqliteStore::SavePolicy(const std::string& text, const std::string& sha256,
+                                             const std::string& applied_by) {
+  std::lock_guard lock(mu_);
+  CUSTODY_RETURN_IF_ERROR(Begin());
+  Stmt v(db_, "SELECT coalesce(max(version), 0) + 1 FROM policies");
+  int rc = v.Step();
+  if (rc != SQLITE_ROW) {
+    Rollback();
+    return Fail(rc, "numbering the policy");
+  }
+  PolicyRecord p{static_cast<uint32_t>(v.Int(0)), sha256, text, Now(), applied_by};
+  Stmt s(db_, "INSERT INTO policies(version, sha256, text, applied_at, applied_by) VALUES (?, ?, ?, ?, ?)");
+  s.Bind(1, static_cast<int64_t>(p.version)).Bind(2, sha256).Bind(3, text).Bind(4, p.applied_at).Bind(5, applied_by);
+  rc = s.Step();
+  if (rc != SQLITE_DONE) {
+    Rollback();
+    return Fail(rc, "storing the policy");
+  }
+  CUSTODY_RETURN_IF_ERROR(Commit());
+  return p;
+}
+
+Status SqliteStore::RecordLocked(const UsageKey& key, UsageEvent event, int64_t now) {
+  const char* column = "unseals";
+  switch (event) {
+    case UsageEvent::kUnseal: column = "unseals"; break;
+    case UsageEvent::kSeal: column = "seals"; break;
+    case UsageEvent::kDenied: column = "denied"; break;
+    case UsageEvent::kRateLimited: column = "rate_limited"; break;
+    case UsageEvent::kSpendLimited: column = "spend_limited"; break;
+  }
+  std::string sql = std::string("INSERT INTO usage(project, environment, principal, day, ") + column +
+                    ", last_use) VALUES (?, ?, ?, ?, 1, ?) ON CONFLICT(project, environment, principal, day) "
+                    "DO UPDATE SET " + column + " = " + column + " + 1, last_use = excluded.last_use";
+  Stmt s(db_, sql.c_str());
+  s.Bind(1, key.project).Bind(2, key.environment).Bind(3, key.principal).Bind(4, policy::DayKey(now)).Bind(5, now);
+  int rc = s.Step();
+  if (rc != SQLITE_DONE) return Fail(rc, "recording usage");
+  return Status::Ok();
+}
+
+Status SqliteStore::Record(const UsageKey& key, UsageEvent event, int64_t now) {
+  std::lock_guard lock(mu_);
+  CUSTODY_RETURN_IF_ERROR(Begin());
+  Status s = RecordLocked(key, event, now);
+  if (!s.ok()) {
+    Rollback();
+    return s;
+  }
+  return Commit();
+}
+
+Result<Admission> SqliteStore::Admit(const UsageKey& key, const std::vector<policy::LimitRule>& rules,
+                                     UsageEvent event, double now) {
+  std::lock_guard lock(mu_);
+  const int64_t now_s = static_cast<int64_t>(now);
+  CUSTODY_RETURN_IF_ERROR(Begin());
+  auto fail = [&](Error e) { Rollback(); return e; };
+  auto refuse = [&](UsageEvent why, std::string limit, double retry) -> Result<Admission> {
+    // The refusal is recorded and committed: it is usage too.
+    Status s = RecordLocked(key, why, now_s);
+    if (!s.ok()) return fail(std::move(s).error());
+    CUSTODY_RETURN_IF_ERROR(Commit());
+    return Admission{false, std::move(limit), static_cast<int64_t>(retry + 0.999)};
+  };
+  std::vector<std::pair<std::string, policy::Bucket>> updates;
+  for (const auto& r : rules) {
+    if (r.kind == policy::LimitRule::kRate) {
+      Stmt b(db_, "SELECT tokens, updated_at FROM buckets WHERE key = ?");
+      b.Bind(1, r.key);
+      policy::Bucket bucket;
+      int rc = b.Step();
+      if (rc == SQLITE_ROW) {
+        bucket.tokens = sqlite3_column_double(b.raw(), 0);
+        bucket.updated_at = sqlite3_column_double(b.raw(), 1);
+      } else if (rc != SQLITE_DONE) {
+        return fail(Fail(rc, "reading a rate limit"));
+      }
+      auto t = policy::TakeToken(bucket, r.rate, now);
+      if (!t.allowed) return refuse(UsageEvent::kRateLimited, r.label, t.retry_after_seconds);
+      updates.emplace_back(r.key, t.next);
+    } else if (event == UsageEvent::kUnseal) {
+      bool daily = r.kind == policy::LimitRule::kUnsealsPerDay;
+      std::string window = daily ? policy::DayKey(now_s) : policy::MonthKey(now_s) + "-%";
+      std::string sql = std::string("SELECT coalesce(sum(unseals), 0) FROM usage WHERE project = ? ") +
+                        (r.environment.empty() ? "" : "AND environment = ? ") +
+                        (daily ? "AND day = ?" : "AND day LIKE ?");
+      Stmt c(db_, sql.c_str());
+      int i = 1;
+      c.Bind(i++, r.project);
+      if (!r.environment.empty()) c.Bind(i++, r.environment);
+      c.Bind(i++, window);
+      int rc = c.Step();
+      if (rc != SQLITE_ROW) return fail(Fail(rc, "reading usage"));
+      if (static_cast<uint64_t>(c.Int(0)) >= r.limit) {
+        int64_t end = daily ? policy::EndOfDay(now_s) : policy::EndOfMonth(now_s);
+        return refuse(UsageEvent::kSpendLimited, r.label, static_cast<double>(end - now_s));
+      }
+    }
+  }
+  for (const auto& [k, b] : updates) {
+    Stmt u(db_, "INSERT INTO buckets(key, tokens, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET tokens = excluded.tokens, updated_at = excluded.updated_at");
+    u.Bind(1, k);
+    sqlite3_bind_double(u.raw(), 2, b.tokens);
+    sqlite3_bind_double(u.raw(), 3, b.updated_at);
+    int rc = u.Step();
+    if (rc != SQLITE_DONE) return fail(Fail(rc, "updating a rate limit"));
+  }
+  Status s = RecordLocked(key, event, now_s);
+  if (!s.ok()) return fail(std::move(s).error());
+  CUSTODY_RETURN_IF_ERROR(Commit());
+  return Admission{};
+}
+
+Result<std::vector<UsageRow>> SqliteStore::Usage(const std::optional<std::string>& project, int64_t now) {
+  std::lock_guard lock(mu_);
+  Stmt s(db_,
+         "SELECT project, environment, principal, sum(unseals), sum(seals), sum(denied), sum(rate_limited), "
+         "sum(spend_limited), sum(CASE WHEN day = ?2 THEN unseals ELSE 0 END), max(last_use) FROM usage "
+         "WHERE (?1 IS NULL OR project = ?1) GROUP BY project, environment, principal "
+         "ORDER BY project, environment, principal");
+  if (project) s.Bind(1, *project);
+  s.Bind(2, policy::DayKey(now));
+  std::vector<UsageRow> out;
+  int rc;
+  while ((rc = s.Step()) == SQLITE_ROW) {
+    UsageRow r;
+    r.project = s.Text(0);
+    r.environment = s.Text(1);
+    r.principal = s.Text(2);
+    r.unseals = static_cast<uint64_t>(s.Int(3));
+    r.seals = static_cast<uint64_t>(s.Int(4));
+    r.denied = static_cast<uint64_t>(s.Int(5));
+    r.rate_limited = static_cast<uint64_t>(s.Int(6));
+    r.spend_limited = static_cast<uint64_t>(s.Int(7));
+    r.unseals_today = static_cast<uint64_t>(s.Int(8));
+    r.last_use = s.Int(9);
+    out.push_back(std::move(r));
+  }
+  if (rc != SQLITE_DONE) return Fail(rc, "reading usage");
+  return out;
 }
 
 }  // namespace

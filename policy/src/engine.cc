@@ -145,14 +145,34 @@ const Environment* Engine::FindEnvironment(std::string_view project, std::string
   return nullptr;
 }
 
-Limits Engine::EffectiveLimits(std::string_view project, std::string_view env) const {
-  Limits out;
-  if (const Project* pj = FindProject(project)) out = pj->limits;
+std::vector<LimitRule> Engine::LimitsFor(std::string_view project, std::string_view env, PrincipalId who) const {
+  std::vector<LimitRule> out;
+  const Project* pj = FindProject(project);
+  if (pj == nullptr) return out;
+  const std::string& name = PrincipalName(who);
+  auto add = [&](const Limits& l, const std::string& scope, const std::string& what, const std::string& env_name) {
+    if (l.rate) {
+      out.push_back({LimitRule::kRate, "rate:" + scope, what + " rate " + l.rate->text, *l.rate, 0, pj->name, env_name});
+    }
+    if (l.principal_rate) {
+      out.push_back({LimitRule::kRate, "prate:" + scope + ":" + name,
+                     what + " rate for " + name + " " + l.principal_rate->text, *l.principal_rate, 0, pj->name,
+                     env_name});
+    }
+    if (l.unseals_per_day) {
+      out.push_back({LimitRule::kUnsealsPerDay, scope,
+                     what + " budget of " + std::to_string(*l.unseals_per_day) + " unseals per day", Rate{},
+                     *l.unseals_per_day, pj->name, env_name});
+    }
+    if (l.unseals_per_month) {
+      out.push_back({LimitRule::kUnsealsPerMonth, scope,
+                     what + " budget of " + std::to_string(*l.unseals_per_month) + " unseals per month", Rate{},
+                     *l.unseals_per_month, pj->name, env_name});
+    }
+  };
+  add(pj->limits, pj->name, "project " + pj->name, "");
   if (const Environment* e = FindEnvironment(project, env)) {
-    if (e->limits.rate) out.rate = e->limits.rate;
-    if (e->limits.principal_rate) out.principal_rate = e->limits.principal_rate;
-    if (e->limits.unseals_per_day) out.unseals_per_day = e->limits.unseals_per_day;
-    if (e->limits.unseals_per_month) out.unseals_per_month = e->limits.unseals_per_month;
+    add(e->limits, pj->name + "/" + e->name, "environment " + pj->name + "/" + e->name, e->name);
   }
   return out;
 }

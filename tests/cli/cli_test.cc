@@ -17,11 +17,35 @@ namespace {
 
 constexpr const char* kSecret = "sk-live-51H8xQzLkT0pSecretValue9876";
 
+// Tests run as root: root is the admin and owner of both projects.
+constexpr const char* kPolicy = R"(version = 1
+admins = ["user:root"]
+
+[principals."user:root"]
+uid = 0
+
+[projects.payments.environments.dev]
+production = false
+[projects.payments.environments.staging]
+production = false
+[projects.payments.environments.prod]
+[[projects.payments.grants]]
+principal = "user:root"
+role = "owner"
+
+[projects.billing.environments.prod]
+[[projects.billing.grants]]
+principal = "user:root"
+role = "owner"
+)";
+
 class CliTest : public ::testing::Test {
  protected:
   void SetUp() override {
     token_.InitCli();
-    ASSERT_EQ(Cli({"project", "create", "payments", "--env", "dev,staging,prod"}).exit_code, 0);
+    WriteFile(token_.dir() / "policy.toml", kPolicy);
+    auto r = Cli({"policy", "apply", token_.dir() / "policy.toml"});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
   }
 
   RunResult Cli(const std::vector<std::string>& args, const std::string& in = "") {
@@ -93,10 +117,14 @@ TEST_F(CliTest, ProjectsAndEnvironments) {
   ASSERT_EQ(list.exit_code, 0);
   EXPECT_NE(list.out.find("\"payments\""), std::string::npos);
   EXPECT_NE(list.out.find("\"staging\""), std::string::npos);
-  ASSERT_EQ(Cli({"env", "create", "payments", "qa"}).exit_code, 0);
-  Put("payments/qa/key", "v");
+  auto created = Cli({"env", "create", "payments", "qa"});
+  ASSERT_EQ(created.exit_code, 0) << created.err;
+  EXPECT_NE(created.err.find("not in the policy in force"), std::string::npos) << created.err;
+  // Until the policy names it, nobody may use it: deny by default.
+  ExpectOneLine(Cli({"secret", "put", "payments/qa/key"}, "v"), 77,
+                "environment 'qa' of project payments is not in the policy in force");
   ExpectOneLine(Cli({"env", "create", "payments", "qa"}), 64, "already exists");
-  ExpectOneLine(Cli({"env", "create", "nope", "qa"}), 66, "project 'nope' does not exist");
+  ExpectOneLine(Cli({"env", "create", "nope", "qa"}), 77, "project 'nope' is not in the policy in force");
 }
 
 TEST_F(CliTest, TokenInfoShowsTheKekAsNonExtractable) {
@@ -165,9 +193,12 @@ TEST_F(CliTest, PutFromFileAndPinFromEnvironmentOrDescriptor) {
 
 // --- Bad input: one line, the documented code, nothing written. ---
 
-TEST_F(CliTest, UnknownProjectEnvironmentOrSecretIs66) {
-  ExpectOneLine(Cli({"secret", "put", "nope/prod/x"}, "v"), 66, "project 'nope' does not exist");
-  ExpectOneLine(Cli({"secret", "put", "payments/qa/x"}, "v"), 66, "environment 'qa' does not exist in project 'payments'");
+TEST_F(CliTest, UnknownSecretOrVersionIs66AndUnknownProjectOrEnvironmentIsDenied) {
+  // The policy is asked first: what it does not name is refused (77) without
+  // saying whether it exists.
+  ExpectOneLine(Cli({"secret", "put", "nope/prod/x"}, "v"), 77, "project 'nope' is not in the policy in force");
+  ExpectOneLine(Cli({"secret", "put", "payments/qa/x"}, "v"), 77,
+                "environment 'qa' of project payments is not in the policy in force");
   ExpectOneLine(Cli({"secret", "get", "payments/prod/x"}), 66, "secret 'payments/prod/x' does not exist");
   Put("payments/prod/x", "v");
   ExpectOneLine(Cli({"secret", "get", "payments/prod/x", "--version", "9"}), 66, "has no version 9");
@@ -194,7 +225,7 @@ TEST_F(CliTest, MissingModuleIs78AndMissingTokenIs69) {
   broken = cfg;
   broken.replace(broken.find("token=custody-test"), 18, "token=elsewhere");
   WriteFile(token_.config_path(), broken);
-  ExpectOneLine(Cli({"secret", "get", "payments/prod/a"}), 69, "no token matches pkcs11:token=elsewhere");
+  ExpectOneLine(Cli({"secret", "put", "payments/prod/a"}, "v"), 69, "no token matches pkcs11:token=elsewhere");
   WriteFile(token_.config_path(), cfg);
   EXPECT_EQ(SecretList().find("\"a\""), std::string::npos);
 }
@@ -215,7 +246,6 @@ TEST_F(CliTest, TruncatedOrCorruptedBlobIs65) {
 }
 
 TEST_F(CliTest, BlobMovedToAnotherNameEnvironmentProjectOrVersionIs65) {
-  ASSERT_EQ(Cli({"project", "create", "billing", "--env", "prod"}).exit_code, 0);
   Put("payments/prod/stripe", kSecret);
   Put("payments/prod/github", "gh-value");
   Put("payments/dev/stripe", "dev-value");
@@ -282,9 +312,14 @@ TEST_F(CliTest, UsageErrorsAre64) {
 TEST_F(CliTest, DuplicateProjectLeavesNoKekInTheToken) {
   ASSERT_EQ(Cli({"project", "create", "payments"}).exit_code, 64);
   auto info = Cli({"--json", "token", "info"});
-  size_t first = info.out.find("custody:kek:");
-  ASSERT_NE(first, std::string::npos);
-  EXPECT_EQ(info.out.find("custody:kek:", first + 1), std::string::npos) << info.out;
+  // One KEK per project of the policy (payments, billing), no more.
+  EXPECT_NE(info.out.find("custody:kek:payments:v1"), std::string::npos) << info.out;
+  EXPECT_NE(info.out.find("custody:kek:billing:v1"), std::string::npos) << info.out;
+  size_t count = 0;
+  for (size_t at = info.out.find("custody:kek:"); at != std::string::npos; at = info.out.find("custody:kek:", at + 1)) {
+    ++count;
+  }
+  EXPECT_EQ(count, 2u) << info.out;
 }
 
 TEST_F(CliTest, MissingConfigIs78) {

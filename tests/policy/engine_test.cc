@@ -242,23 +242,38 @@ TEST(Engine, RoleTableIsExhaustive) {
   }
 }
 
-TEST(Engine, EffectiveLimitsPreferTheEnvironments) {
+TEST(Engine, LimitsForNamesProjectAndEnvironmentRulesWithSeparateKeys) {
   Engine e = Make(R"(
 version = 1
 [principals."user:a"]
 uid = 1
 [projects.p]
 rate = "600/min"
+principal_rate = "60/min"
 unseals_per_day = 1000
+unseals_per_month = 20000
 [projects.p.environments.prod]
 rate = "10/s"
 [projects.p.environments.dev]
 production = false
+[projects.q]
+rate = "600/min"
+[projects.q.environments.prod]
 )");
-  Limits prod = e.EffectiveLimits("p", "prod");
-  EXPECT_EQ(prod.rate->text, "10/s");
-  EXPECT_EQ(*prod.unseals_per_day, 1000u);
-  EXPECT_EQ(e.EffectiveLimits("p", "dev").rate->text, "600/min");
+  auto a = *e.FindPrincipal("user:a");
+  auto prod = e.LimitsFor("p", "prod", a);
+  ASSERT_EQ(prod.size(), 5u);
+  EXPECT_EQ(prod[0].key, "rate:p");
+  EXPECT_EQ(prod[0].label, "project p rate 600/min");
+  EXPECT_EQ(prod[1].key, "prate:p:user:a");
+  EXPECT_EQ(prod[2].kind, LimitRule::kUnsealsPerDay);
+  EXPECT_EQ(prod[2].limit, 1000u);
+  EXPECT_EQ(prod[3].kind, LimitRule::kUnsealsPerMonth);
+  EXPECT_EQ(prod[4].key, "rate:p/prod");
+  EXPECT_EQ(prod[4].label, "environment p/prod rate 10/s");
+  EXPECT_EQ(e.LimitsFor("p", "dev", a).size(), 4u);
+  // Another project's rule never shares a key with this one's.
+  EXPECT_EQ(e.LimitsFor("q", "prod", a)[0].key, "rate:q");
 }
 
 }  // namespace

@@ -1,11 +1,15 @@
 #include "commands.h"
 
+#include <grp.h>
+#include <pwd.h>
 #include <unistd.h>
 
 #include <cstdio>
+#include <ctime>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
+#include "custody/core/authz.h"
 #include "custody/core/config.h"
 #include "custody/core/names.h"
 #include "custody/core/sealer.h"
@@ -21,6 +25,8 @@ namespace {
 
 using nlohmann::json;
 
+using policy::Action;
+
 // What a command needs, opened in order and closed in reverse: the sealer
 // goes before the session pool, the pool before the module.
 struct Opened {
@@ -28,7 +34,33 @@ struct Opened {
   std::unique_ptr<core::Store> store;
   core::Token token;
   std::unique_ptr<core::Sealer> sealer;
+  std::optional<core::Authorizer> authz;
+  policy::PrincipalId who;
 };
+
+// Who is running this process, as the policy's identities see it.
+policy::Caller LocalCaller() {
+  policy::Caller c;
+  c.uid = static_cast<uint32_t>(::getuid());
+  c.gids.push_back(static_cast<uint32_t>(::getgid()));
+  gid_t groups[256];
+  int n = ::getgroups(256, groups);
+  for (int i = 0; i < n; ++i) c.gids.push_back(static_cast<uint32_t>(groups[i]));
+  struct passwd pw {};
+  struct passwd* found = nullptr;
+  char buf[4096];
+  if (::getpwuid_r(::getuid(), &pw, buf, sizeof buf, &found) == 0 && found != nullptr) c.user = found->pw_name;
+  return c;
+}
+
+// Loads the policy in force and identifies the caller: every command that
+// reads or changes projects or secrets goes through here first.
+Status Guard(Opened& o) {
+  CUSTODY_ASSIGN_OR_RETURN(auto authz, core::Authorizer::Load(*o.store));
+  CUSTODY_ASSIGN_OR_RETURN(o.who, authz.Identify(LocalCaller()));
+  o.authz.emplace(std::move(authz));
+  return Status::Ok();
+}
 
 Result<Opened> OpenStore(const Globals& g) {
   Opened o;
@@ -37,12 +69,17 @@ Result<Opened> OpenStore(const Globals& g) {
   return o;
 }
 
-Result<Opened> OpenAll(const Globals& g) {
+Result<Opened> OpenGuarded(const Globals& g) {
   CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g));
+  CUSTODY_RETURN_IF_ERROR(Guard(o));
+  return o;
+}
+
+Status OpenTokenFor(const Globals& g, Opened& o) {
   CUSTODY_ASSIGN_OR_RETURN(SecretBuffer pin, core::ResolvePin(o.config, g.pin_fd));
   CUSTODY_ASSIGN_OR_RETURN(o.token, core::OpenToken(o.config, pin));
   o.sealer = std::make_unique<core::Sealer>(*o.token.pool, *o.store);
-  return o;
+  return Status::Ok();
 }
 
 void PrintJson(const json& j) { std::printf("%s\n", j.dump(2).c_str()); }
@@ -90,9 +127,15 @@ Status ProjectCreate(const Globals& g, const std::string& name, const std::vecto
   // Validate before touching the token, so a typo costs no PIN attempt.
   CUSTODY_RETURN_IF_ERROR(core::ValidateProjectName(name));
   for (const auto& e : envs) CUSTODY_RETURN_IF_ERROR(core::ValidateEnvName(e));
-  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenAll(g));
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenGuarded(g));
+  CUSTODY_RETURN_IF_ERROR(o.authz->Check(o.who, Action::kCreateProject, {name, "", ""}));
+  CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, o));
   core::SecretService svc(*o.store, *o.sealer);
   CUSTODY_ASSIGN_OR_RETURN(core::ProjectRecord p, svc.CreateProject(name, envs));
+  if (o.authz->engine().FindProject(name) == nullptr) {
+    std::fprintf(stderr, "custody: note: project %s is not in the policy in force, so nobody can use it yet\n",
+                 name.c_str());
+  }
   CUSTODY_ASSIGN_OR_RETURN(core::KekRecord kek, o.store->CurrentKek(p.id));
   if (g.json) {
     PrintJson({{"project", p.name}, {"environments", envs}, {"kek", kek.label},
@@ -106,8 +149,19 @@ Status ProjectCreate(const Globals& g, const std::string& name, const std::vecto
 }
 
 Status ProjectList(const Globals& g) {
-  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g));
-  CUSTODY_ASSIGN_OR_RETURN(auto projects, o.store->ListProjects());
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenGuarded(g));
+  CUSTODY_ASSIGN_OR_RETURN(auto all, o.store->ListProjects());
+  // Admins see every project; others the projects where they may list something.
+  bool admin = o.authz->Allows(o.who, Action::kCreateProject, {});
+  std::vector<core::ProjectRecord> projects;
+  for (auto& p : all) {
+    bool visible = admin;
+    if (!visible) {
+      CUSTODY_ASSIGN_OR_RETURN(auto envs, o.store->ListEnvironments(p.name));
+      for (const auto& e : envs) visible = visible || o.authz->Allows(o.who, Action::kList, {p.name, e.name, ""});
+    }
+    if (visible) projects.push_back(std::move(p));
+  }
   json out = json::array();
   std::vector<std::vector<std::string>> rows{{"PROJECT", "ENVIRONMENTS", "CREATED"}};
   for (const auto& p : projects) {
@@ -132,8 +186,13 @@ Status ProjectList(const Globals& g) {
 Status EnvCreate(const Globals& g, const std::string& project, const std::string& env) {
   CUSTODY_RETURN_IF_ERROR(core::ValidateProjectName(project));
   CUSTODY_RETURN_IF_ERROR(core::ValidateEnvName(env));
-  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g));
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenGuarded(g));
+  CUSTODY_RETURN_IF_ERROR(o.authz->Check(o.who, Action::kCreateEnv, {project, "", ""}));
   CUSTODY_ASSIGN_OR_RETURN(auto e, o.store->CreateEnvironment(project, env));
+  if (o.authz->engine().FindEnvironment(project, env) == nullptr) {
+    std::fprintf(stderr, "custody: note: %s/%s is not in the policy in force, so nobody can use it yet\n",
+                 project.c_str(), env.c_str());
+  }
   if (g.json) {
     PrintJson({{"project", e.project}, {"environment", e.name}});
   } else {
@@ -163,7 +222,13 @@ Status SecretPut(const Globals& g, const PutArgs& a) {
   }
   if (value->empty()) return Error(Category::kIntegrity, "refusing to store an empty value for " + path.str());
 
-  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenAll(g));
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenGuarded(g));
+  policy::Target target{path.project, path.environment, path.name};
+  CUSTODY_RETURN_IF_ERROR(o.authz->Check(o.who, Action::kPut, target));
+  // The environment must exist before a limit is spent on it.
+  CUSTODY_RETURN_IF_ERROR(o.store->FindEnvironment(path.project, path.environment));
+  CUSTODY_RETURN_IF_ERROR(o.authz->Admit(o.who, target, core::UsageEvent::kSeal));
+  CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, o));
   core::SecretService svc(*o.store, *o.sealer);
   CUSTODY_ASSIGN_OR_RETURN(uint32_t version, svc.Put(path, *value));
   if (g.json) {
@@ -176,7 +241,14 @@ Status SecretPut(const Globals& g, const PutArgs& a) {
 
 Status SecretGet(const Globals& g, const GetArgs& a) {
   CUSTODY_ASSIGN_OR_RETURN(core::SecretPath path, core::SecretPath::Parse(a.path));
-  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenAll(g));
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenGuarded(g));
+  policy::Target target{path.project, path.environment, path.name};
+  CUSTODY_RETURN_IF_ERROR(o.authz->Check(o.who, Action::kGet, target));
+  // Not-found is answered before a limit is spent: a typo costs no budget.
+  CUSTODY_ASSIGN_OR_RETURN(auto env, o.store->FindEnvironment(path.project, path.environment));
+  CUSTODY_RETURN_IF_ERROR(o.store->GetVersion(env, path.name, a.version));
+  CUSTODY_RETURN_IF_ERROR(o.authz->Admit(o.who, target, core::UsageEvent::kUnseal));
+  CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, o));
   core::SecretService svc(*o.store, *o.sealer);
   CUSTODY_ASSIGN_OR_RETURN(core::Unsealed u, svc.Get(path, a.version));
   auto bytes = u.value.Reveal(SecretAccess{});
@@ -198,11 +270,17 @@ Status SecretGet(const Globals& g, const GetArgs& a) {
 
 Status SecretList(const Globals& g, const std::string& scope_text) {
   CUSTODY_ASSIGN_OR_RETURN(core::Scope scope, core::Scope::Parse(scope_text));
-  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g));
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenGuarded(g));
   if (scope.project && scope.environment) {
     CUSTODY_RETURN_IF_ERROR(o.store->FindEnvironment(*scope.project, *scope.environment));
+    CUSTODY_RETURN_IF_ERROR(o.authz->Check(o.who, Action::kList, {*scope.project, *scope.environment, ""}));
   }
-  CUSTODY_ASSIGN_OR_RETURN(auto secrets, o.store->ListSecrets(scope.project, scope.environment));
+  CUSTODY_ASSIGN_OR_RETURN(auto all, o.store->ListSecrets(scope.project, scope.environment));
+  // Only the names the caller may list (grants can be narrowed to patterns).
+  std::vector<core::SecretSummary> secrets;
+  for (auto& s : all) {
+    if (o.authz->Allows(o.who, Action::kList, {s.project, s.environment, s.name})) secrets.push_back(std::move(s));
+  }
   if (g.json) {
     json out = json::array();
     for (const auto& s : secrets) {
@@ -224,7 +302,8 @@ Status SecretList(const Globals& g, const std::string& scope_text) {
 
 Status SecretDelete(const Globals& g, const std::string& text) {
   CUSTODY_ASSIGN_OR_RETURN(core::SecretPath path, core::SecretPath::Parse(text));
-  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g));
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenGuarded(g));
+  CUSTODY_RETURN_IF_ERROR(o.authz->Check(o.who, Action::kDelete, {path.project, path.environment, path.name}));
   CUSTODY_ASSIGN_OR_RETURN(auto env, o.store->FindEnvironment(path.project, path.environment));
   CUSTODY_RETURN_IF_ERROR(o.store->DeleteSecret(env, path.name));
   if (g.json) {
@@ -236,7 +315,10 @@ Status SecretDelete(const Globals& g, const std::string& text) {
 }
 
 Status TokenInfo(const Globals& g) {
-  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenAll(g));
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenGuarded(g));
+  // The token's inventory is for the people who run custody: policy admins.
+  CUSTODY_RETURN_IF_ERROR(o.authz->Check(o.who, Action::kApplyPolicy, {}));
+  CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, o));
   CK_TOKEN_INFO ti{};
   CK_RV rv = o.token.module->fn()->C_GetTokenInfo(o.token.slot, &ti);
   if (rv != CKR_OK) return hsm::RvError(rv, "C_GetTokenInfo");
@@ -271,6 +353,204 @@ Status TokenInfo(const Globals& g) {
                     yn(ob.extractable), yn(ob.never_extractable), yn(ob.local)});
   }
   PrintTable(rows);
+  return Status::Ok();
+}
+
+namespace {
+
+constexpr size_t kMaxPolicySize = 4 * 1024 * 1024;
+
+Result<std::string> ReadPolicyFile(const std::string& file) {
+  auto bytes = SecretBuffer::ReadFile(file, kMaxPolicySize, /*require_private=*/false);
+  if (!bytes) {
+    Error e = std::move(bytes).error();
+    return Error(e.category() == Category::kNotFound ? Category::kNotFound : Category::kUsage,
+                 "policy file " + e.message());
+  }
+  return std::string(bytes->RevealString(SecretAccess{}));
+}
+
+// Prints every error, one per line, and returns the summary error.
+Status ReportPolicyErrors(const std::vector<std::string>& errors, const std::string& file) {
+  for (size_t i = 0; i + 1 < errors.size(); ++i) std::fprintf(stderr, "custody: %s\n", errors[i].c_str());
+  std::string last = errors.back();
+  if (errors.size() > 1) last += " (" + std::to_string(errors.size()) + " errors in " + file + ")";
+  return Error(Category::kIntegrity, last);
+}
+
+}  // namespace
+
+Status PolicyCheck(const Globals& g, const std::string& file) {
+  CUSTODY_ASSIGN_OR_RETURN(std::string text, ReadPolicyFile(file));
+  auto parsed = policy::ParsePolicy(text, file);
+  if (!parsed.policy) return ReportPolicyErrors(parsed.errors, file);
+  size_t grants = 0;
+  for (const auto& p : parsed.policy->projects) grants += p.grants.size();
+  if (g.json) {
+    PrintJson({{"file", file}, {"valid", true}, {"sha256", core::Sha256Hex(text)},
+               {"projects", parsed.policy->projects.size()}, {"principals", parsed.policy->principals.size()},
+               {"grants", grants}});
+  } else {
+    std::printf("%s: valid: %zu projects, %zu principals, %zu grants (sha256 %s)\n", file.c_str(),
+                parsed.policy->projects.size(), parsed.policy->principals.size(), grants,
+                core::Sha256Hex(text).c_str());
+  }
+  return Status::Ok();
+}
+
+Status PolicyApply(const Globals& g, const std::string& file) {
+  CUSTODY_ASSIGN_OR_RETURN(std::string text, ReadPolicyFile(file));
+  auto parsed = policy::ParsePolicy(text, file);
+  if (!parsed.policy) return ReportPolicyErrors(parsed.errors, file);
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g));
+
+  // Who may apply: an admin of the policy in force; before the first policy,
+  // whoever can log in to the token (checked below: the PIN is needed).
+  policy::Caller caller = LocalCaller();
+  std::string applied_by;
+  CUSTODY_ASSIGN_OR_RETURN(auto current, o.store->CurrentPolicy());
+  if (current) {
+    CUSTODY_RETURN_IF_ERROR(Guard(o));
+    CUSTODY_RETURN_IF_ERROR(o.authz->Check(o.who, Action::kApplyPolicy, {}));
+    applied_by = o.authz->engine().PrincipalName(o.who);
+  } else {
+    applied_by = "bootstrap (uid " + std::to_string(::getuid()) + ")";
+  }
+  // The new policy must keep the caller an admin, or nobody could fix it.
+  policy::Engine next(*parsed.policy);
+  auto me = next.Identify(caller);
+  if (!me || !next.Decide(*me, Action::kApplyPolicy, {}).allowed) {
+    return Error(Category::kUsage, file + " does not make the caller (uid " + std::to_string(::getuid()) +
+                                       ") a policy admin; applying it would lock you out. Add your principal "
+                                       "to admins = [...]");
+  }
+  // Per-environment tokens are parsed and validated, but serving an
+  // environment from a second token is not built yet: refuse rather than
+  // silently seal on the default token.
+  for (const auto& p : parsed.policy->projects) {
+    for (const auto& e : p.environments) {
+      if (e.token_uri && *e.token_uri != o.config.token_uri) {
+        return Error(Category::kUsage, "environment " + p.name + "/" + e.name + " names token " + *e.token_uri +
+                                           ", but custody serves every environment from " + o.config.token_uri +
+                                           " for now; remove the token key or point it at that token");
+      }
+    }
+  }
+  // Projects and environments the policy declares and the store lacks are made now.
+  std::vector<std::string> created;
+  for (const auto& p : parsed.policy->projects) {
+    auto existing = o.store->FindProject(p.name);
+    if (!existing.ok() && existing.error().category() != Category::kNotFound) return existing.error();
+    if (!existing.ok()) {
+      if (!o.sealer) CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, o));
+      std::vector<std::string> envs;
+      for (const auto& e : p.environments) envs.push_back(e.name);
+      core::SecretService svc(*o.store, *o.sealer);
+      CUSTODY_RETURN_IF_ERROR(svc.CreateProject(p.name, envs));
+      created.push_back("project " + p.name);
+      continue;
+    }
+    for (const auto& e : p.environments) {
+      auto env = o.store->FindEnvironment(p.name, e.name);
+      if (env.ok()) continue;
+      if (env.error().category() != Category::kNotFound) return env.error();
+      CUSTODY_RETURN_IF_ERROR(o.store->CreateEnvironment(p.name, e.name));
+      created.push_back("environment " + p.name + "/" + e.name);
+    }
+  }
+  if (!current && !o.sealer) {
+    // Bootstrap with nothing to create still proves the caller holds the PIN.
+    CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, o));
+  }
+  std::string sha = core::Sha256Hex(text);
+  CUSTODY_ASSIGN_OR_RETURN(core::PolicyRecord rec, o.store->SavePolicy(text, sha, applied_by));
+  CUSTODY_ASSIGN_OR_RETURN(auto projects, o.store->ListProjects());
+  std::vector<std::string> orphans;
+  for (const auto& p : projects) {
+    if (next.FindProject(p.name) == nullptr) orphans.push_back(p.name);
+  }
+  if (g.json) {
+    PrintJson({{"version", rec.version}, {"sha256", sha}, {"applied_by", applied_by}, {"created", created},
+               {"projects_without_policy", orphans}});
+    return Status::Ok();
+  }
+  std::printf("policy v%u in force (sha256 %s), applied by %s\n", rec.version, sha.c_str(), applied_by.c_str());
+  for (const auto& c : created) std::printf("  created %s\n", c.c_str());
+  for (const auto& p : orphans) {
+    std::printf("  note: project %s is in the store but not in this policy: nobody can use it\n", p.c_str());
+  }
+  return Status::Ok();
+}
+
+Status PolicyExplain(const Globals& g, const std::string& principal, const std::string& action_text,
+                     const std::string& target_text) {
+  auto action = policy::ParseAction(action_text);
+  if (!action) {
+    std::string all;
+    for (Action a : policy::kAllActions) all += (all.empty() ? "" : ", ") + std::string(policy::ActionName(a));
+    return Error(Category::kUsage, "unknown action '" + action_text + "' (actions: " + all + ")");
+  }
+  // PROJECT, PROJECT/ENV or PROJECT/ENV/NAME.
+  std::string project, env, name;
+  {
+    size_t a = target_text.find('/');
+    project = target_text.substr(0, a);
+    if (a != std::string::npos) {
+      size_t b = target_text.find('/', a + 1);
+      env = target_text.substr(a + 1, b == std::string::npos ? std::string::npos : b - a - 1);
+      if (b != std::string::npos) name = target_text.substr(b + 1);
+    }
+  }
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g));
+  CUSTODY_ASSIGN_OR_RETURN(auto authz, core::Authorizer::Load(*o.store));
+  auto who = authz.engine().FindPrincipal(principal);
+  if (!who) return Error(Category::kNotFound, "principal '" + principal + "' is not in the policy in force");
+  policy::Decision d = authz.engine().Decide(*who, *action, {project, env, name});
+  if (g.json) {
+    PrintJson({{"principal", principal}, {"action", action_text}, {"target", target_text},
+               {"decision", d.allowed ? "allow" : "deny"}, {"rule", d.rule}, {"reason", d.reason},
+               {"policy_version", authz.version()}});
+  } else {
+    std::printf("%s: %s\n  rule: %s\n  policy v%u\n", d.allowed ? "allow" : "deny", d.reason.c_str(),
+                d.rule.c_str(), authz.version());
+  }
+  if (!d.allowed) return Error(Category::kDenied, "denied: " + principal + " may not " + action_text + " " + target_text);
+  return Status::Ok();
+}
+
+Status Usage(const Globals& g, const std::string& project) {
+  std::optional<std::string> scope;
+  if (!project.empty()) {
+    CUSTODY_RETURN_IF_ERROR(core::ValidateProjectName(project));
+    scope = project;
+  }
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenGuarded(g));
+  if (scope) {
+    CUSTODY_RETURN_IF_ERROR(o.store->FindProject(*scope));
+    CUSTODY_RETURN_IF_ERROR(o.authz->Check(o.who, Action::kReadUsage, {*scope, "", ""}));
+  }
+  bool admin = o.authz->Allows(o.who, Action::kCreateProject, {});
+  CUSTODY_ASSIGN_OR_RETURN(auto rows, o.store->Usage(scope, static_cast<int64_t>(std::time(nullptr))));
+  json out = json::array();
+  std::vector<std::vector<std::string>> table{{"PROJECT/ENV", "PRINCIPAL", "UNSEALS", "TODAY", "SEALS", "DENIED",
+                                               "RATE-LIMITED", "SPEND-LIMITED", "LAST USE"}};
+  for (const auto& r : rows) {
+    // Owners and auditors see their projects' usage; admins see all.
+    if (!admin && !o.authz->Allows(o.who, Action::kReadUsage, {r.project, "", ""})) continue;
+    out.push_back({{"project", r.project}, {"environment", r.environment}, {"principal", r.principal},
+                   {"unseals", r.unseals}, {"unseals_today", r.unseals_today}, {"seals", r.seals},
+                   {"refusals", {{"denied", r.denied}, {"rate_limited", r.rate_limited},
+                                 {"spend_limited", r.spend_limited}}},
+                   {"last_use", FormatTime(r.last_use)}});
+    table.push_back({r.project + "/" + r.environment, r.principal, std::to_string(r.unseals),
+                     std::to_string(r.unseals_today), std::to_string(r.seals), std::to_string(r.denied),
+                     std::to_string(r.rate_limited), std::to_string(r.spend_limited), FormatTime(r.last_use)});
+  }
+  if (g.json) {
+    PrintJson(out);
+  } else {
+    PrintTable(table);
+  }
   return Status::Ok();
 }
 

@@ -47,4 +47,10 @@ Status SecretDelete(const Globals& g, const std::string& path);
 
 Status TokenInfo(const Globals& g);
 
+Status PolicyCheck(const Globals& g, const std::string& file);
+Status PolicyApply(const Globals& g, const std::string& file);
+Status PolicyExplain(const Globals& g, const std::string& principal, const std::string& action,
+                     const std::string& target);
+Status Usage(const Globals& g, const std::string& project);
+
 }  // namespace custody::cli

@@ -102,6 +102,29 @@ int main(int argc, char** argv) {
   c_token->add_subcommand("info", "show the token and the objects it holds")
       ->callback(run([&] { return custody::cli::TokenInfo(g); }));
 
+  // policy
+  auto* c_policy = app.add_subcommand("policy", "policy as code: who may do what, and the limits");
+  c_policy->require_subcommand(1);
+  std::string policy_file;
+  auto* c_pcheck = c_policy->add_subcommand("check", "validate a policy file and print every error");
+  c_pcheck->add_option("FILE", policy_file)->required();
+  c_pcheck->callback(run([&] { return custody::cli::PolicyCheck(g, policy_file); }));
+  auto* c_papply = c_policy->add_subcommand("apply", "validate, store and put a policy in force");
+  c_papply->add_option("FILE", policy_file)->required();
+  c_papply->callback(run([&] { return custody::cli::PolicyApply(g, policy_file); }));
+  std::string ex_principal, ex_action, ex_target;
+  auto* c_pexplain = c_policy->add_subcommand("explain", "allow or deny, and the rule that decided");
+  c_pexplain->add_option("PRINCIPAL", ex_principal, "e.g. svc:web-prod")->required();
+  c_pexplain->add_option("ACTION", ex_action, "get, put, list, delete, rotate, ...")->required();
+  c_pexplain->add_option("TARGET", ex_target, "PROJECT[/ENV[/NAME]]")->required();
+  c_pexplain->callback(run([&] { return custody::cli::PolicyExplain(g, ex_principal, ex_action, ex_target); }));
+
+  // usage
+  std::string usage_project;
+  auto* c_usage = app.add_subcommand("usage", "unseals, refusals and last use per project, environment, principal");
+  c_usage->add_option("PROJECT", usage_project);
+  c_usage->callback(run([&] { return custody::cli::Usage(g, usage_project); }));
+
   // Before a subcommand, CLI11 reports an unknown command as "a subcommand is
   // required" and may take an unknown option's value for the command; name
   // the word that is wrong instead.

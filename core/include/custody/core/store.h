@@ -19,6 +19,7 @@
 #include "custody/common/result.h"
 #include "custody/core/blob.h"
 #include "custody/core/sealer.h"
+#include "custody/policy/engine.h"
 
 namespace custody::core {
 
@@ -58,6 +59,33 @@ struct SecretSummary {
   int64_t updated_at = 0;
 };
 
+struct PolicyRecord {
+  uint32_t version = 0;
+  std::string sha256;  // hex, of the exact text
+  std::string text;
+  int64_t applied_at = 0;
+  std::string applied_by;  // principal name, or "bootstrap (uid N)"
+};
+
+// Usage is counted per project, environment and principal, per UTC day.
+struct UsageKey {
+  std::string project, environment, principal;
+};
+enum class UsageEvent : uint8_t { kUnseal, kSeal, kDenied, kRateLimited, kSpendLimited };
+
+struct Admission {
+  bool allowed = true;
+  std::string limit;              // the limit that refused, for people
+  int64_t retry_after_seconds = 0;  // when it refills (rounded up)
+};
+
+struct UsageRow {
+  std::string project, environment, principal;
+  uint64_t unseals = 0, seals = 0, denied = 0, rate_limited = 0, spend_limited = 0;
+  uint64_t unseals_today = 0;
+  int64_t last_use = 0;
+};
+
 class Store : public KekUsageLedger {
  public:
   ~Store() override = default;
@@ -91,6 +119,24 @@ class Store : public KekUsageLedger {
                                                          const std::optional<std::string>& env) = 0;
   // Deletes a secret with every version. kNotFound if there is none.
   virtual Status DeleteSecret(const EnvironmentRecord& env, const std::string& name) = 0;
+
+  // The policy in force (the newest applied), or nullopt before the first.
+  virtual Result<std::optional<PolicyRecord>> CurrentPolicy() = 0;
+  // Stores `text` as the next policy version and puts it in force.
+  virtual Result<PolicyRecord> SavePolicy(const std::string& text, const std::string& sha256,
+                                          const std::string& applied_by) = 0;
+
+  // In one transaction: checks every rule (rate buckets; for kUnseal also the
+  // day and month unseal budgets), and either records the event and the new
+  // bucket states, or records the refusal (kRateLimited/kSpendLimited) and
+  // says which limit refused and when it refills. One project's keys never
+  // touch another's (the rules carry their keys).
+  virtual Result<Admission> Admit(const UsageKey& key, const std::vector<policy::LimitRule>& rules,
+                                  UsageEvent event, double now) = 0;
+  // Records an event that passes no limit (a policy refusal).
+  virtual Status Record(const UsageKey& key, UsageEvent event, int64_t now) = 0;
+  // Totals per project, environment and principal (all of them, or one project's).
+  virtual Result<std::vector<UsageRow>> Usage(const std::optional<std::string>& project, int64_t now) = 0;
 
   static constexpr uint64_t kVersionTaken = 1;
 };

@@ -55,6 +55,16 @@ struct Decision {
   std::string reason;  // for a person: why
 };
 
+// One limit to check, with a stable key for its stored state.
+struct LimitRule {
+  enum Kind : uint8_t { kRate, kUnsealsPerDay, kUnsealsPerMonth } kind;
+  std::string key;    // bucket key ("rate:payments/prod"), or spend scope ("payments/prod")
+  std::string label;  // for people: "project payments rate 600/min"
+  Rate rate;          // kRate
+  uint64_t limit = 0; // spend kinds
+  std::string project, environment;  // spend scope: environment empty = whole project
+};
+
 struct PrincipalId {
   uint32_t index = 0;  // into Engine::policy().principals
 };
@@ -78,8 +88,10 @@ class Engine {
   const Project* FindProject(std::string_view name) const;
   const Environment* FindEnvironment(std::string_view project, std::string_view env) const;
 
-  // The limits for a target: the environment's where it sets them, else the project's.
-  Limits EffectiveLimits(std::string_view project, std::string_view env) const;
+  // Every limit that applies to `who` acting in project/env. The project's
+  // limits cover the whole project (all environments together); an
+  // environment's own limits cover it alone and apply as well.
+  std::vector<LimitRule> LimitsFor(std::string_view project, std::string_view env, PrincipalId who) const;
 
  private:
   struct GrantRef {
