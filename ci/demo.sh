@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The README's first command: install what is missing, build, and run custody
 # on an embedded default: a SoftHSM2 token and a SQLite store in ./state.
-# It creates a project with dev/staging/prod, seals an API-key-shaped secret
-# into prod, reads it back, and shows what the token holds. Safe to re-run.
+# It applies a policy that declares a project with dev/staging/prod (which
+# creates its KEK in the token), seals an API-key-shaped secret into prod,
+# reads it back, asks the policy whether CI may read it, and shows usage and
+# what the token holds. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -36,9 +38,44 @@ if [[ ! -f "$CUSTODY_CONFIG" ]]; then
     --pin-file "$state/softhsm/user.pin" --state-dir "$state" --module-env "SOFTHSM2_CONF=$SOFTHSM2_CONF"
 fi
 
-if ! "$custody" project list | grep -q '^demo '; then
-  "$custody" project create demo --env dev,staging,prod
-fi
+# Policy as code: the operator running this demo is admin and owner; a
+# production web service may read prod only; CI reaches dev and staging only.
+# Applying it creates the project, its environments and its KEK.
+cat > "$state/policy.toml" <<POLICY
+version = 1
+admins = ["user:operator"]
+
+[principals."user:operator"]
+uid = $(id -u)
+[principals."svc:web-prod"]
+tls_san = "web.prod.demo.internal"
+[principals."svc:ci"]
+unix_user = "ci-runner"
+
+[projects.demo]
+rate = "600/min"
+unseals_per_day = 10000
+
+[projects.demo.environments.dev]
+production = false
+[projects.demo.environments.staging]
+production = false
+[projects.demo.environments.prod]
+rate = "120/min"
+
+[[projects.demo.grants]]
+principal = "user:operator"
+role = "owner"
+[[projects.demo.grants]]
+principal = "svc:web-prod"
+role = "reader"
+environments = ["prod"]
+[[projects.demo.grants]]
+principal = "svc:ci"
+role = "ci"
+POLICY
+"$custody" policy check "$state/policy.toml"
+"$custody" policy apply "$state/policy.toml"
 
 # An API-key-shaped value, made here so it is never typed or shown in full.
 key="sk-demo-$(head -c 32 /dev/urandom | base64 | tr -d '/+=' | head -c 40)"
@@ -52,9 +89,14 @@ echo "demo: read back demo/prod/openai-api-key = ${back:0:11}... (${#back} bytes
 unset key back
 
 echo
+echo "demo: may CI read the production key? (deny by design)"
+"$custody" policy explain svc:ci get demo/prod/openai-api-key || true
+echo
 "$custody" project list
 echo
 "$custody" secret list demo
+echo
+"$custody" usage demo
 echo
 "$custody" token info
 echo

@@ -212,14 +212,15 @@ Decision Engine::Decide(PrincipalId who, Action action, const Target& t) const {
     d.reason = name + " has no grant in project " + pj.name;
     return d;
   }
-  // The most specific reason a grant did not apply, for the refusal.
-  std::string closest;
+  // The most specific reason a grant did not apply, and that grant, for the refusal.
+  std::string closest, closest_rule;
   for (uint32_t gi : git->second) {
     const Grant& g = pj.grants[gi];
     if (!RoleAllows(g.role, action)) {
       if (closest.empty()) {
         closest = name + " is " + RoleName(g.role) + " in project " + pj.name + ", which does not allow " +
                   ActionName(action);
+        closest_rule = GrantRule(pj, gi, g) + "; role table";
       }
       continue;
     }
@@ -229,6 +230,7 @@ Decision Engine::Decide(PrincipalId who, Action action, const Target& t) const {
       if (!in) {
         closest = name + "'s " + RoleName(g.role) + " grant in project " + pj.name +
                   (env ? " does not cover environment " + env->name : " is limited to some environments");
+        closest_rule = GrantRule(pj, gi, g);
         continue;
       }
     }
@@ -237,6 +239,7 @@ Decision Engine::Decide(PrincipalId who, Action action, const Target& t) const {
       if (env == nullptr || env->production) {
         closest = name + " is ci in project " + pj.name + " and ci never reaches " +
                   (env ? "production environment " + env->name : "project-wide actions");
+        closest_rule = GrantRule(pj, gi, g) + "; ci is for non-production environments only";
         continue;
       }
     }
@@ -246,6 +249,7 @@ Decision Engine::Decide(PrincipalId who, Action action, const Target& t) const {
       if (!match) {
         closest = name + "'s " + RoleName(g.role) + " grant in project " + pj.name + " does not cover secret '" +
                   std::string(t.secret) + "'";
+        closest_rule = GrantRule(pj, gi, g);
         continue;
       }
     }
@@ -254,7 +258,7 @@ Decision Engine::Decide(PrincipalId who, Action action, const Target& t) const {
     d.reason = "allowed by " + d.rule;
     return d;
   }
-  d.rule = "deny by default";
+  d.rule = closest_rule.empty() ? "deny by default" : closest_rule;
   d.reason = closest;
   return d;
 }
