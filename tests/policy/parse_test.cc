@@ -2,6 +2,9 @@
 
 #include <gtest/gtest.h>
 
+#include <fstream>
+#include <sstream>
+
 namespace custody::policy {
 namespace {
 
@@ -88,6 +91,16 @@ TEST(ParsePolicy, MissingVersionAndBadNames) {
   ExpectError("version = 1\n[principals.alice]\nuid = 1\n", "policy.toml:2:", "must be user:NAME or svc:NAME");
   ExpectError("version = 1\n[projects.Pay]\n[projects.Pay.environments.e]\n", "policy.toml:", "project name 'Pay'");
   ExpectError("version = 1\n[projects.p]\n", "policy.toml:2:", "has no environments");
+}
+
+TEST(ParsePolicy, TheDocumentedExampleIsValid) {
+  std::ifstream in(CUSTODY_SOURCE_DIR "/docs/examples/policy.toml");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  ASSERT_FALSE(ss.str().empty());
+  auto r = ParsePolicy(ss.str(), "docs/examples/policy.toml");
+  ASSERT_TRUE(r.errors.empty()) << r.errors[0];
+  EXPECT_EQ(r.policy->projects.size(), 2u);
 }
 
 TEST(ParseRate, Units) {
