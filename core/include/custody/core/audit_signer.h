@@ -1,0 +1,35 @@
+// TokenAuditSigner: signs audit checkpoints with an ECDSA P-256 key that is
+// generated inside the token (non-extractable) and found again by label.
+//
+//   auto signer = core::TokenAuditSigner::Open(pool, /*create=*/true);
+//   auto seq = log.Checkpoint(**signer);
+//   std::string pem = *(*signer)->PublicKeyPem();     // `custody audit pubkey`
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "custody/core/audit.h"
+#include "custody/hsm/ec.h"
+#include "custody/hsm/session.h"
+
+namespace custody::core {
+
+class TokenAuditSigner final : public AuditSigner {
+ public:
+  static constexpr const char* kLabel = "custody:audit:v1";
+
+  // Finds the key; with `create`, makes it when the token has none.
+  static Result<std::unique_ptr<TokenAuditSigner>> Open(hsm::SessionPool& pool, bool create);
+
+  Result<std::vector<uint8_t>> Sign(std::string_view message) override;
+  std::string key_id() const override;
+  Result<std::string> PublicKeyPem() const;
+
+ private:
+  TokenAuditSigner(hsm::SessionPool& pool, hsm::EcKey key) : pool_(pool), key_(std::move(key)) {}
+  hsm::SessionPool& pool_;
+  hsm::EcKey key_;
+};
+
+}  // namespace custody::core
