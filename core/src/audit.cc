@@ -603,6 +603,7 @@ Result<AuditVerifyReport> VerifyAuditLog(const AuditVerifyOptions& o) {
   uint64_t expected = 1;
   bool have_key = !o.public_key_pem.empty();
   std::map<uint64_t, std::string> hash_of;  // seq -> hash, as verified
+  std::map<uint64_t, std::string> covers_of;  // checkpoint seq -> the hash it signed
   for (size_t i = 0; i < lines.size(); ++i) {
     if (!recs[i]) {
       rep.problem = where(i) + ": " + ParseAuditRecord(lines[i].text).error().message();
@@ -663,6 +664,7 @@ Result<AuditVerifyReport> VerifyAuditLog(const AuditVerifyOptions& o) {
       }
       ++rep.checkpoints;
       rep.last_checkpoint_seq = r.seq;
+      covers_of[r.seq] = r.covers_hash;
     }
     hash_of[r.seq] = r.hash;
     prev_hash = r.hash;
@@ -682,8 +684,8 @@ Result<AuditVerifyReport> VerifyAuditLog(const AuditVerifyOptions& o) {
       truncated(seq, "the store");
       return rep;
     }
-    if (hash_of.count(seq) && hash_of[seq] != hash) {
-      rep.problem = "record seq " + std::to_string(seq) + ": modified: the store's copy of this checkpoint differs";
+    if (!covers_of.count(seq) || covers_of[seq] != hash) {
+      rep.problem = "record seq " + std::to_string(seq) + ": modified: the store recorded a checkpoint here that the log does not have";
       return rep;
     }
   }

@@ -65,8 +65,10 @@ bool Authorizer::Allows(policy::PrincipalId who, policy::Action action, const po
   return engine_->Decide(who, action, target).allowed;
 }
 
-Status Authorizer::Check(policy::PrincipalId who, policy::Action action, const policy::Target& target) const {
+Status Authorizer::Check(policy::PrincipalId who, policy::Action action, const policy::Target& target,
+                         policy::Decision* decision) const {
   policy::Decision d = engine_->Decide(who, action, target);
+  if (decision) *decision = d;
   if (d.allowed) return Status::Ok();
   if (!target.project.empty()) {
     // Best effort: a refusal that cannot be counted is still a refusal.

@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <sstream>
+#include <type_traits>
 #include <toml++/toml.h>
 
 namespace custody::core {
@@ -82,6 +83,25 @@ Result<Config> LoadConfig(const std::string& path) {
   const toml::table* store = root["store"].as_table();
   if (store == nullptr) return Error(Category::kConfig, path + ": missing table [store]");
   CUSTODY_ASSIGN_OR_RETURN(c.store_path, RequireString(*store, "path", path, "store"));
+  c.audit_dir = c.state_dir + "/audit";
+  if (const toml::table* audit = root["audit"].as_table()) {
+    if (audit->contains("dir")) {
+      CUSTODY_ASSIGN_OR_RETURN(c.audit_dir, RequireString(*audit, "dir", path, "audit"));
+    }
+    auto positive = [&](const char* key, auto& out) -> Status {
+      const toml::node* n = audit->get(key);
+      if (n == nullptr) return Status::Ok();
+      auto v = n->value<int64_t>();
+      if (!v || *v <= 0) {
+        return Error(Category::kConfig, Where(path, n->source()) + ": audit." + key + " must be a positive number");
+      }
+      out = static_cast<std::remove_reference_t<decltype(out)>>(*v);
+      return Status::Ok();
+    };
+    CUSTODY_RETURN_IF_ERROR(positive("checkpoint_every", c.audit_checkpoint_every));
+    CUSTODY_RETURN_IF_ERROR(positive("checkpoint_seconds", c.audit_checkpoint_seconds));
+    CUSTODY_RETURN_IF_ERROR(positive("segment_bytes", c.audit_segment_bytes));
+  }
   return c;
 }
 
@@ -95,6 +115,11 @@ Status WriteConfig(const Config& c, const std::string& path) {
   }
   toml::table root{{"state_dir", c.state_dir}, {"token", std::move(token)},
                    {"store", toml::table{{"path", c.store_path}}}};
+  if (!c.audit_dir.empty()) {
+    root.insert("audit", toml::table{{"dir", c.audit_dir},
+                                     {"checkpoint_every", static_cast<int64_t>(c.audit_checkpoint_every)},
+                                     {"checkpoint_seconds", c.audit_checkpoint_seconds}});
+  }
   std::ostringstream out;
   out << "# custody configuration, written by 'custody init'. It never holds a PIN.\n" << root << "\n";
   std::string text = out.str();

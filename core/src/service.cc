@@ -108,7 +108,8 @@ Result<ProjectRecord> SecretService::CreateProject(const std::string& name, cons
   return project;
 }
 
-Result<uint32_t> SecretService::Put(const SecretPath& path, const SecretBuffer& value) {
+Result<uint32_t> SecretService::Put(const SecretPath& path, const SecretBuffer& value,
+                                    const std::function<Status(uint32_t version)>& before_commit) {
   if (value.empty()) return Error(Category::kIntegrity, "refusing to store an empty value for " + path.str());
   CUSTODY_ASSIGN_OR_RETURN(EnvironmentRecord env, store_.FindEnvironment(path.project, path.environment));
   CUSTODY_ASSIGN_OR_RETURN(KekRecord kek, store_.CurrentKek(env.project_id));
@@ -118,6 +119,7 @@ Result<uint32_t> SecretService::Put(const SecretPath& path, const SecretBuffer& 
     CUSTODY_ASSIGN_OR_RETURN(uint32_t version, store_.NextVersion(env.id, path.name));
     SealContext ctx{path.project, path.environment, path.name, version};
     CUSTODY_ASSIGN_OR_RETURN(auto blob, sealer_.Seal(kek.ref, ctx, value));
+    if (before_commit) CUSTODY_RETURN_IF_ERROR(before_commit(version));
     Status s = store_.AddVersion(env.id, path.name, version, kek.id, blob);
     if (s.ok()) return version;
     if (s.error().backend() != Backend::kStore || s.error().code() != Store::kVersionTaken) return s.error();

@@ -89,6 +89,14 @@ CREATE TABLE buckets (
   updated_at REAL NOT NULL
 );
 )sql",
+    // 3: the audit log's checkpoint witness.
+    R"sql(
+CREATE TABLE audit_checkpoints (
+  seq         INTEGER PRIMARY KEY,
+  covers_hash TEXT NOT NULL,
+  created_at  INTEGER NOT NULL
+);
+)sql",
 };
 
 int64_t Now() { return static_cast<int64_t>(std::time(nullptr)); }
@@ -161,6 +169,8 @@ class SqliteStore final : public Store {
                           double now) override;
   Status Record(const UsageKey& key, UsageEvent event, int64_t now) override;
   Result<std::vector<UsageRow>> Usage(const std::optional<std::string>& project, int64_t now) override;
+  Status RecordAuditCheckpoint(uint64_t seq, const std::string& covers_hash) override;
+  Result<std::optional<std::pair<uint64_t, std::string>>> LastAuditCheckpoint() override;
 
  private:
   Status RecordLocked(const UsageKey& key, UsageEvent event, int64_t now);
@@ -698,6 +708,25 @@ Result<std::vector<UsageRow>> SqliteStore::Usage(const std::optional<std::string
   }
   if (rc != SQLITE_DONE) return Fail(rc, "reading usage");
   return out;
+}
+
+Status SqliteStore::RecordAuditCheckpoint(uint64_t seq, const std::string& covers_hash) {
+  std::lock_guard lock(mu_);
+  Stmt s(db_, "INSERT OR REPLACE INTO audit_checkpoints(seq, covers_hash, created_at) VALUES (?, ?, ?)");
+  s.Bind(1, static_cast<int64_t>(seq)).Bind(2, covers_hash).Bind(3, Now());
+  int rc = s.Step();
+  if (rc != SQLITE_DONE) return Fail(rc, "recording an audit checkpoint");
+  return Status::Ok();
+}
+
+Result<std::optional<std::pair<uint64_t, std::string>>> SqliteStore::LastAuditCheckpoint() {
+  std::lock_guard lock(mu_);
+  Stmt s(db_, "SELECT seq, covers_hash FROM audit_checkpoints ORDER BY seq DESC LIMIT 1");
+  int rc = s.Step();
+  using R = std::optional<std::pair<uint64_t, std::string>>;
+  if (rc == SQLITE_DONE) return R();
+  if (rc != SQLITE_ROW) return Fail(rc, "reading audit checkpoints");
+  return R(std::make_pair(static_cast<uint64_t>(s.Int(0)), s.Text(1)));
 }
 
 }  // namespace

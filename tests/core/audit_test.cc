@@ -226,6 +226,23 @@ TEST_F(AuditTest, TruncationBackPastACheckpointIsFound) {
   EXPECT_NE(r->problem.find("the store records a checkpoint at seq 10"), std::string::npos) << r->problem;
 }
 
+TEST_F(AuditTest, TheStoreWitnessMustMatchTheCheckpointItRecorded) {
+  std::pair<uint64_t, std::string> covers;
+  for (int i = 1; i <= 4; ++i) ASSERT_TRUE(log_->Append(Event(i)).ok());
+  auto c = log_->Checkpoint(*signer_, &covers);
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(covers.first, 4u);
+  AuditVerifyOptions o;
+  o.dir = opts_.dir;
+  o.public_key_pem = pem_;
+  o.witness = std::make_pair(*c, covers.second);
+  EXPECT_TRUE(VerifyAuditLog(o)->intact);
+  o.witness = std::make_pair(*c, std::string(64, 'b'));
+  auto r = VerifyAuditLog(o);
+  EXPECT_FALSE(r->intact);
+  EXPECT_NE(r->problem.find("the store recorded a checkpoint here that the log does not have"), std::string::npos);
+}
+
 TEST_F(AuditTest, ATailCutAfterTheLastCheckpointIsNotDetectable) {
   // Documented limit: records after the last checkpoint can be cut unseen.
   WriteStandard();

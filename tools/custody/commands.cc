@@ -4,11 +4,16 @@
 #include <pwd.h>
 #include <unistd.h>
 
+#include <cinttypes>
 #include <cstdio>
 #include <ctime>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
+#include <openssl/rand.h>
+
+#include "custody/core/audit.h"
+#include "custody/core/audit_signer.h"
 #include "custody/core/authz.h"
 #include "custody/core/config.h"
 #include "custody/core/names.h"
@@ -36,6 +41,14 @@ struct Opened {
   std::unique_ptr<core::Sealer> sealer;
   std::optional<core::Authorizer> authz;
   policy::PrincipalId who;
+  const Globals* globals = nullptr;
+  // The audit record this command writes: filled in as the command learns
+  // who asks and what was decided, appended once (Record), before any value
+  // is released.
+  std::unique_ptr<core::AuditLog> audit;
+  core::AuditEvent ev;
+  bool recorded = false;
+  bool best_effort = false;  // audit tools: a damaged log must not stop them
 };
 
 // Who is running this process, as the policy's identities see it.
@@ -53,33 +66,133 @@ policy::Caller LocalCaller() {
   return c;
 }
 
+std::string IdentifiedBy(const policy::Caller& c) {
+  std::string s = "uid " + std::to_string(c.uid.value_or(0));
+  if (c.user) s += " (" + *c.user + ")";
+  return s;
+}
+
+std::string RequestId() {
+  uint8_t b[8];
+  if (RAND_bytes(b, sizeof b) != 1) return "unknown";
+  return hsm::ToHex(b);
+}
+
+Result<std::unique_ptr<core::AuditLog>> OpenAudit(const core::Config& c) {
+  core::AuditOptions ao;
+  ao.dir = c.audit_dir;
+  ao.checkpoint_every = c.audit_checkpoint_every;
+  ao.checkpoint_seconds = c.audit_checkpoint_seconds;
+  ao.segment_bytes = c.audit_segment_bytes;
+  auto log = core::AuditLog::Open(ao);
+  if (!log) return std::move(log).error().Wrap("refusing to work without an audit log");
+  return log;
+}
+
 // Loads the policy in force and identifies the caller: every command that
 // reads or changes projects or secrets goes through here first.
 Status Guard(Opened& o) {
-  CUSTODY_ASSIGN_OR_RETURN(auto authz, core::Authorizer::Load(*o.store));
-  CUSTODY_ASSIGN_OR_RETURN(o.who, authz.Identify(LocalCaller()));
-  o.authz.emplace(std::move(authz));
+  auto authz = core::Authorizer::Load(*o.store);
+  if (!authz) {
+    o.ev.decision = "deny";
+    o.ev.rule = "no policy in force";
+    return std::move(authz).error();
+  }
+  auto who = authz->Identify(LocalCaller());
+  if (!who) {
+    o.ev.decision = "deny";
+    o.ev.rule = "identity";
+    return std::move(who).error();
+  }
+  o.who = *who;
+  o.authz.emplace(std::move(*authz));
+  o.ev.principal = o.authz->engine().PrincipalName(o.who);
+  o.ev.detail = "policy v" + std::to_string(o.authz->version());
   return Status::Ok();
 }
 
-Result<Opened> OpenStore(const Globals& g) {
-  Opened o;
-  CUSTODY_ASSIGN_OR_RETURN(o.config, core::LoadConfig(core::LocateConfig(g.config)));
-  CUSTODY_ASSIGN_OR_RETURN(o.store, core::OpenSqliteStore(o.config.store_path, /*create=*/false));
-  return o;
+// Asks the policy and notes the decision and its rule for the audit record.
+Status Ask(Opened& o, Action action, const policy::Target& target) {
+  policy::Decision d;
+  Status s = o.authz->Check(o.who, action, target, &d);
+  o.ev.decision = d.allowed ? "allow" : "deny";
+  o.ev.rule = d.rule;
+  return s;
 }
 
-Result<Opened> OpenGuarded(const Globals& g) {
-  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g));
-  CUSTODY_RETURN_IF_ERROR(Guard(o));
+// Charges the rate and spend limits; a refusal is noted as decision "limit".
+Status Charge(Opened& o, const policy::Target& target, core::UsageEvent event) {
+  Status s = o.authz->Admit(o.who, target, event);
+  if (!s.ok()) {
+    o.ev.decision = "limit";
+    o.ev.rule = s.error().message();
+  }
+  return s;
+}
+
+// Opens the config, the store and the audit log, and starts the record.
+Result<Opened> OpenStore(const Globals& g, const std::string& action) {
+  Opened o;
+  o.globals = &g;
+  CUSTODY_ASSIGN_OR_RETURN(o.config, core::LoadConfig(core::LocateConfig(g.config)));
+  CUSTODY_ASSIGN_OR_RETURN(o.store, core::OpenSqliteStore(o.config.store_path, /*create=*/false));
+  CUSTODY_ASSIGN_OR_RETURN(o.audit, OpenAudit(o.config));
+  o.ev.action = action;
+  o.ev.request_id = RequestId();
+  o.ev.identified_by = IdentifiedBy(LocalCaller());
+  o.ev.decision = "none";
   return o;
 }
 
 Status OpenTokenFor(const Globals& g, Opened& o) {
-  CUSTODY_ASSIGN_OR_RETURN(SecretBuffer pin, core::ResolvePin(o.config, g.pin_fd));
-  CUSTODY_ASSIGN_OR_RETURN(o.token, core::OpenToken(o.config, pin));
+  auto open = [&]() -> Status {
+    CUSTODY_ASSIGN_OR_RETURN(SecretBuffer pin, core::ResolvePin(o.config, g.pin_fd));
+    CUSTODY_ASSIGN_OR_RETURN(o.token, core::OpenToken(o.config, pin));
+    return Status::Ok();
+  };
+  Status s = open();
+  if (!s.ok()) return s;
   o.sealer = std::make_unique<core::Sealer>(*o.token.pool, *o.store);
   return Status::Ok();
+}
+
+// Appends this command's record once. Fail closed: when it cannot be made
+// durable the command fails, and a value is never released unrecorded.
+Status Record(Opened& o, const Status& outcome) {
+  if (o.recorded) return Status::Ok();
+  o.recorded = true;
+  if (outcome.ok()) {
+    o.ev.result = "ok";
+  } else {
+    Category c = outcome.error().category();
+    o.ev.result = (c == Category::kDenied || c == Category::kLimit) ? "refused" : "error";
+    o.ev.error = outcome.error().message();
+  }
+  auto seq = o.audit->Append(o.ev);
+  if (!seq && !o.best_effort) return std::move(seq).error().Wrap("refusing " + o.ev.action);
+  return Status::Ok();
+}
+
+// Signs a checkpoint when one is due, with the token if it can be had.
+// Never fails the command: the records are durable already, and the next
+// command tries again.
+void MaybeCheckpoint(Opened& o) {
+  if (!o.audit->CheckpointDue()) return;
+  if (!o.token.pool && !OpenTokenFor(*o.globals, o).ok()) return;
+  auto signer = core::TokenAuditSigner::Open(*o.token.pool, /*create=*/true);
+  if (!signer) return;
+  std::pair<uint64_t, std::string> covers;
+  auto seq = o.audit->Checkpoint(**signer, &covers);
+  if (seq) (void)o.store->RecordAuditCheckpoint(*seq, covers.second);
+}
+
+// Ends a command: records its outcome (if the command did not already) and
+// returns the first error, the command's own before the audit log's.
+Status Finish(Opened& o, Status outcome) {
+  Status r = Record(o, outcome);
+  MaybeCheckpoint(o);
+  if (!outcome.ok()) return outcome;
+  return r;
 }
 
 void PrintJson(const json& j) { std::printf("%s\n", j.dump(2).c_str()); }
@@ -114,6 +227,16 @@ Status Init(const Globals& g, const InitArgs& a) {
   auto parent = std::filesystem::path(config_path).parent_path();
   if (!parent.empty()) CUSTODY_RETURN_IF_ERROR(MakePrivateDir(parent.string()));
   CUSTODY_ASSIGN_OR_RETURN(auto store, core::OpenSqliteStore(c.store_path, /*create=*/true));
+  c.audit_dir = c.state_dir + "/audit";
+  CUSTODY_ASSIGN_OR_RETURN(auto audit, OpenAudit(c));
+  core::AuditEvent ev;
+  ev.action = "custody.init";
+  ev.request_id = RequestId();
+  ev.identified_by = IdentifiedBy(LocalCaller());
+  ev.decision = "none";
+  ev.result = "ok";
+  ev.detail = "token " + c.token_uri + ", store " + c.store_path;
+  CUSTODY_RETURN_IF_ERROR(audit->Append(ev));
   CUSTODY_RETURN_IF_ERROR(core::WriteConfig(c, config_path));
   if (g.json) {
     PrintJson({{"config", config_path}, {"store", c.store_path}, {"token", c.token_uri}});
@@ -127,78 +250,96 @@ Status ProjectCreate(const Globals& g, const std::string& name, const std::vecto
   // Validate before touching the token, so a typo costs no PIN attempt.
   CUSTODY_RETURN_IF_ERROR(core::ValidateProjectName(name));
   for (const auto& e : envs) CUSTODY_RETURN_IF_ERROR(core::ValidateEnvName(e));
-  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenGuarded(g));
-  CUSTODY_RETURN_IF_ERROR(o.authz->Check(o.who, Action::kCreateProject, {name, "", ""}));
-  CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, o));
-  core::SecretService svc(*o.store, *o.sealer);
-  CUSTODY_ASSIGN_OR_RETURN(core::ProjectRecord p, svc.CreateProject(name, envs));
-  if (o.authz->engine().FindProject(name) == nullptr) {
-    std::fprintf(stderr, "custody: note: project %s is not in the policy in force, so nobody can use it yet\n",
-                 name.c_str());
-  }
-  CUSTODY_ASSIGN_OR_RETURN(core::KekRecord kek, o.store->CurrentKek(p.id));
-  if (g.json) {
-    PrintJson({{"project", p.name}, {"environments", envs}, {"kek", kek.label},
-               {"kek_id", hsm::ToHex(kek.ref.id)}});
-  } else {
-    std::printf("created project %s with KEK %s (id %s)\n", p.name.c_str(), kek.label.c_str(),
-                hsm::ToHex(kek.ref.id).c_str());
-    for (const auto& e : envs) std::printf("  environment %s\n", e.c_str());
-  }
-  return Status::Ok();
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "project.create"));
+  o.ev.project = name;
+  return Finish(o, [&]() -> Status {
+    CUSTODY_RETURN_IF_ERROR(Guard(o));
+    CUSTODY_RETURN_IF_ERROR(Ask(o, Action::kCreateProject, {name, "", ""}));
+    CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, o));
+    // Recorded before the KEK is made: nothing happens unlogged.
+    CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
+    core::SecretService svc(*o.store, *o.sealer);
+    CUSTODY_ASSIGN_OR_RETURN(core::ProjectRecord p, svc.CreateProject(name, envs));
+    if (o.authz->engine().FindProject(name) == nullptr) {
+      std::fprintf(stderr, "custody: note: project %s is not in the policy in force, so nobody can use it yet\n",
+                   name.c_str());
+    }
+    CUSTODY_ASSIGN_OR_RETURN(core::KekRecord kek, o.store->CurrentKek(p.id));
+    if (g.json) {
+      PrintJson({{"project", p.name}, {"environments", envs}, {"kek", kek.label},
+                 {"kek_id", hsm::ToHex(kek.ref.id)}});
+    } else {
+      std::printf("created project %s with KEK %s (id %s)\n", p.name.c_str(), kek.label.c_str(),
+                  hsm::ToHex(kek.ref.id).c_str());
+      for (const auto& e : envs) std::printf("  environment %s\n", e.c_str());
+    }
+    return Status::Ok();
+  }());
 }
 
 Status ProjectList(const Globals& g) {
-  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenGuarded(g));
-  CUSTODY_ASSIGN_OR_RETURN(auto all, o.store->ListProjects());
-  // Admins see every project; others the projects where they may list something.
-  bool admin = o.authz->Allows(o.who, Action::kCreateProject, {});
-  std::vector<core::ProjectRecord> projects;
-  for (auto& p : all) {
-    bool visible = admin;
-    if (!visible) {
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "project.list"));
+  return Finish(o, [&]() -> Status {
+    CUSTODY_RETURN_IF_ERROR(Guard(o));
+    CUSTODY_ASSIGN_OR_RETURN(auto all, o.store->ListProjects());
+    // Admins see every project; others the projects where they may list something.
+    bool admin = o.authz->Allows(o.who, Action::kCreateProject, {});
+    std::vector<core::ProjectRecord> projects;
+    for (auto& p : all) {
+      bool visible = admin;
+      if (!visible) {
+        CUSTODY_ASSIGN_OR_RETURN(auto envs, o.store->ListEnvironments(p.name));
+        for (const auto& e : envs) visible = visible || o.authz->Allows(o.who, Action::kList, {p.name, e.name, ""});
+      }
+      if (visible) projects.push_back(std::move(p));
+    }
+    o.ev.decision = "allow";
+    o.ev.rule = admin ? "admins" : "projects with a list grant";
+    json out = json::array();
+    std::vector<std::vector<std::string>> rows{{"PROJECT", "ENVIRONMENTS", "CREATED"}};
+    for (const auto& p : projects) {
       CUSTODY_ASSIGN_OR_RETURN(auto envs, o.store->ListEnvironments(p.name));
-      for (const auto& e : envs) visible = visible || o.authz->Allows(o.who, Action::kList, {p.name, e.name, ""});
+      std::vector<std::string> names;
+      std::string joined;
+      for (const auto& e : envs) {
+        names.push_back(e.name);
+        joined += (joined.empty() ? "" : ",") + e.name;
+      }
+      out.push_back({{"project", p.name}, {"environments", names}, {"created_at", FormatTime(p.created_at)}});
+      rows.push_back({p.name, joined.empty() ? "-" : joined, FormatTime(p.created_at)});
     }
-    if (visible) projects.push_back(std::move(p));
-  }
-  json out = json::array();
-  std::vector<std::vector<std::string>> rows{{"PROJECT", "ENVIRONMENTS", "CREATED"}};
-  for (const auto& p : projects) {
-    CUSTODY_ASSIGN_OR_RETURN(auto envs, o.store->ListEnvironments(p.name));
-    std::vector<std::string> names;
-    std::string joined;
-    for (const auto& e : envs) {
-      names.push_back(e.name);
-      joined += (joined.empty() ? "" : ",") + e.name;
+    CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
+    if (g.json) {
+      PrintJson(out);
+    } else {
+      PrintTable(rows);
     }
-    out.push_back({{"project", p.name}, {"environments", names}, {"created_at", FormatTime(p.created_at)}});
-    rows.push_back({p.name, joined.empty() ? "-" : joined, FormatTime(p.created_at)});
-  }
-  if (g.json) {
-    PrintJson(out);
-  } else {
-    PrintTable(rows);
-  }
-  return Status::Ok();
+    return Status::Ok();
+  }());
 }
 
 Status EnvCreate(const Globals& g, const std::string& project, const std::string& env) {
   CUSTODY_RETURN_IF_ERROR(core::ValidateProjectName(project));
   CUSTODY_RETURN_IF_ERROR(core::ValidateEnvName(env));
-  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenGuarded(g));
-  CUSTODY_RETURN_IF_ERROR(o.authz->Check(o.who, Action::kCreateEnv, {project, "", ""}));
-  CUSTODY_ASSIGN_OR_RETURN(auto e, o.store->CreateEnvironment(project, env));
-  if (o.authz->engine().FindEnvironment(project, env) == nullptr) {
-    std::fprintf(stderr, "custody: note: %s/%s is not in the policy in force, so nobody can use it yet\n",
-                 project.c_str(), env.c_str());
-  }
-  if (g.json) {
-    PrintJson({{"project", e.project}, {"environment", e.name}});
-  } else {
-    std::printf("created environment %s/%s\n", e.project.c_str(), e.name.c_str());
-  }
-  return Status::Ok();
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "env.create"));
+  o.ev.project = project;
+  o.ev.environment = env;
+  return Finish(o, [&]() -> Status {
+    CUSTODY_RETURN_IF_ERROR(Guard(o));
+    CUSTODY_RETURN_IF_ERROR(Ask(o, Action::kCreateEnv, {project, "", ""}));
+    CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
+    CUSTODY_ASSIGN_OR_RETURN(auto e, o.store->CreateEnvironment(project, env));
+    if (o.authz->engine().FindEnvironment(project, env) == nullptr) {
+      std::fprintf(stderr, "custody: note: %s/%s is not in the policy in force, so nobody can use it yet\n",
+                   project.c_str(), env.c_str());
+    }
+    if (g.json) {
+      PrintJson({{"project", e.project}, {"environment", e.name}});
+    } else {
+      std::printf("created environment %s/%s\n", e.project.c_str(), e.name.c_str());
+    }
+    return Status::Ok();
+  }());
 }
 
 Status SecretPut(const Globals& g, const PutArgs& a) {
@@ -222,103 +363,167 @@ Status SecretPut(const Globals& g, const PutArgs& a) {
   }
   if (value->empty()) return Error(Category::kIntegrity, "refusing to store an empty value for " + path.str());
 
-  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenGuarded(g));
-  policy::Target target{path.project, path.environment, path.name};
-  CUSTODY_RETURN_IF_ERROR(o.authz->Check(o.who, Action::kPut, target));
-  // The environment must exist before a limit is spent on it.
-  CUSTODY_RETURN_IF_ERROR(o.store->FindEnvironment(path.project, path.environment));
-  CUSTODY_RETURN_IF_ERROR(o.authz->Admit(o.who, target, core::UsageEvent::kSeal));
-  CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, o));
-  core::SecretService svc(*o.store, *o.sealer);
-  CUSTODY_ASSIGN_OR_RETURN(uint32_t version, svc.Put(path, *value));
-  if (g.json) {
-    PrintJson({{"path", path.str()}, {"version", version}});
-  } else {
-    std::printf("sealed %s version %u\n", path.str().c_str(), version);
-  }
-  return Status::Ok();
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "secret.put"));
+  o.ev.project = path.project;
+  o.ev.environment = path.environment;
+  o.ev.name = path.name;
+  return Finish(o, [&]() -> Status {
+    CUSTODY_RETURN_IF_ERROR(Guard(o));
+    policy::Target target{path.project, path.environment, path.name};
+    CUSTODY_RETURN_IF_ERROR(Ask(o, Action::kPut, target));
+    // The environment must exist before a limit is spent on it.
+    CUSTODY_ASSIGN_OR_RETURN(auto env, o.store->FindEnvironment(path.project, path.environment));
+    CUSTODY_RETURN_IF_ERROR(Charge(o, target, core::UsageEvent::kSeal));
+    CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, o));
+    CUSTODY_ASSIGN_OR_RETURN(core::KekRecord kek, o.store->CurrentKek(env.project_id));
+    o.ev.kek_id = hsm::ToHex(kek.ref.id);
+    core::SecretService svc(*o.store, *o.sealer);
+    // The record is made durable after sealing and before the store commits
+    // the new version: a version never exists unrecorded.
+    auto version = svc.Put(path, *value, [&](uint32_t v) -> Status {
+      if (o.recorded) {
+        // A concurrent writer took the version we logged: log the new one.
+        core::AuditEvent again = o.ev;
+        again.detail = "v" + std::to_string(o.ev.version.value_or(0)) +
+                       " was taken by a concurrent writer; sealed again as v" + std::to_string(v);
+        again.version = v;
+        CUSTODY_RETURN_IF_ERROR(o.audit->Append(again));
+        o.ev.version = v;
+        return Status::Ok();
+      }
+      o.ev.version = v;
+      return Record(o, Status::Ok());
+    });
+    if (!version && o.recorded) {
+      // Logged as done, then failed: say so under the same request id.
+      core::AuditEvent failed = o.ev;
+      failed.result = "error";
+      failed.error = version.error().message();
+      (void)o.audit->Append(failed);
+    }
+    if (!version) return std::move(version).error();
+    if (g.json) {
+      PrintJson({{"path", path.str()}, {"version", *version}});
+    } else {
+      std::printf("sealed %s version %u\n", path.str().c_str(), *version);
+    }
+    return Status::Ok();
+  }());
 }
 
 Status SecretGet(const Globals& g, const GetArgs& a) {
   CUSTODY_ASSIGN_OR_RETURN(core::SecretPath path, core::SecretPath::Parse(a.path));
-  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenGuarded(g));
-  policy::Target target{path.project, path.environment, path.name};
-  CUSTODY_RETURN_IF_ERROR(o.authz->Check(o.who, Action::kGet, target));
-  // Not-found is answered before a limit is spent: a typo costs no budget.
-  CUSTODY_ASSIGN_OR_RETURN(auto env, o.store->FindEnvironment(path.project, path.environment));
-  CUSTODY_RETURN_IF_ERROR(o.store->GetVersion(env, path.name, a.version));
-  CUSTODY_RETURN_IF_ERROR(o.authz->Admit(o.who, target, core::UsageEvent::kUnseal));
-  CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, o));
-  core::SecretService svc(*o.store, *o.sealer);
-  CUSTODY_ASSIGN_OR_RETURN(core::Unsealed u, svc.Get(path, a.version));
-  auto bytes = u.value.Reveal(SecretAccess{});
-  if (a.out) {
-    CUSTODY_RETURN_IF_ERROR(WritePrivateFile(*a.out, bytes));
-    std::fprintf(stderr, "custody: wrote %s version %u to %s\n", path.str().c_str(), u.version, a.out->c_str());
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "secret.get"));
+  o.ev.project = path.project;
+  o.ev.environment = path.environment;
+  o.ev.name = path.name;
+  o.ev.version = a.version;
+  return Finish(o, [&]() -> Status {
+    CUSTODY_RETURN_IF_ERROR(Guard(o));
+    policy::Target target{path.project, path.environment, path.name};
+    CUSTODY_RETURN_IF_ERROR(Ask(o, Action::kGet, target));
+    // Not-found is answered before a limit is spent: a typo costs no budget.
+    CUSTODY_ASSIGN_OR_RETURN(auto env, o.store->FindEnvironment(path.project, path.environment));
+    CUSTODY_ASSIGN_OR_RETURN(auto rec, o.store->GetVersion(env, path.name, a.version));
+    o.ev.version = rec.version;
+    CUSTODY_ASSIGN_OR_RETURN(auto kek, o.store->KekById(rec.kek_record_id));
+    o.ev.kek_id = hsm::ToHex(kek.ref.id);
+    CUSTODY_RETURN_IF_ERROR(Charge(o, target, core::UsageEvent::kUnseal));
+    CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, o));
+    core::SecretService svc(*o.store, *o.sealer);
+    CUSTODY_ASSIGN_OR_RETURN(core::Unsealed u, svc.Get(path, a.version));
+    // The record is durable before the value leaves this process.
+    CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
+    auto bytes = u.value.Reveal(SecretAccess{});
+    if (a.out) {
+      CUSTODY_RETURN_IF_ERROR(WritePrivateFile(*a.out, bytes));
+      std::fprintf(stderr, "custody: wrote %s version %u to %s\n", path.str().c_str(), u.version, a.out->c_str());
+      return Status::Ok();
+    }
+    // The value goes to stdout as raw bytes, never through a JSON string copy.
+    size_t off = 0;
+    while (off < bytes.size()) {
+      ssize_t n = ::write(STDOUT_FILENO, bytes.data() + off, bytes.size() - off);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) return Error::Os(errno, "writing to stdout");
+      off += static_cast<size_t>(n);
+    }
     return Status::Ok();
-  }
-  // The value goes to stdout as raw bytes, never through a JSON string copy.
-  size_t off = 0;
-  while (off < bytes.size()) {
-    ssize_t n = ::write(STDOUT_FILENO, bytes.data() + off, bytes.size() - off);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return Error::Os(errno, "writing to stdout");
-    off += static_cast<size_t>(n);
-  }
-  return Status::Ok();
+  }());
 }
 
 Status SecretList(const Globals& g, const std::string& scope_text) {
   CUSTODY_ASSIGN_OR_RETURN(core::Scope scope, core::Scope::Parse(scope_text));
-  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenGuarded(g));
-  if (scope.project && scope.environment) {
-    CUSTODY_RETURN_IF_ERROR(o.store->FindEnvironment(*scope.project, *scope.environment));
-    CUSTODY_RETURN_IF_ERROR(o.authz->Check(o.who, Action::kList, {*scope.project, *scope.environment, ""}));
-  }
-  CUSTODY_ASSIGN_OR_RETURN(auto all, o.store->ListSecrets(scope.project, scope.environment));
-  // Only the names the caller may list (grants can be narrowed to patterns).
-  std::vector<core::SecretSummary> secrets;
-  for (auto& s : all) {
-    if (o.authz->Allows(o.who, Action::kList, {s.project, s.environment, s.name})) secrets.push_back(std::move(s));
-  }
-  if (g.json) {
-    json out = json::array();
-    for (const auto& s : secrets) {
-      out.push_back({{"project", s.project}, {"environment", s.environment}, {"name", s.name},
-                     {"latest_version", s.latest_version}, {"versions", s.version_count},
-                     {"updated_at", FormatTime(s.updated_at)}});
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "secret.list"));
+  o.ev.project = scope.project.value_or("");
+  o.ev.environment = scope.environment.value_or("");
+  return Finish(o, [&]() -> Status {
+    CUSTODY_RETURN_IF_ERROR(Guard(o));
+    if (scope.project && scope.environment) {
+      CUSTODY_RETURN_IF_ERROR(o.store->FindEnvironment(*scope.project, *scope.environment));
+      CUSTODY_RETURN_IF_ERROR(Ask(o, Action::kList, {*scope.project, *scope.environment, ""}));
     }
-    PrintJson(out);
+    CUSTODY_ASSIGN_OR_RETURN(auto all, o.store->ListSecrets(scope.project, scope.environment));
+    // Only the names the caller may list (grants can be narrowed to patterns).
+    std::vector<core::SecretSummary> secrets;
+    for (auto& s : all) {
+      if (o.authz->Allows(o.who, Action::kList, {s.project, s.environment, s.name})) secrets.push_back(std::move(s));
+    }
+    if (o.ev.decision == "none") {
+      o.ev.decision = "allow";
+      o.ev.rule = "names filtered by list grants";
+    }
+    CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
+    if (g.json) {
+      json out = json::array();
+      for (const auto& s : secrets) {
+        out.push_back({{"project", s.project}, {"environment", s.environment}, {"name", s.name},
+                       {"latest_version", s.latest_version}, {"versions", s.version_count},
+                       {"updated_at", FormatTime(s.updated_at)}});
+      }
+      PrintJson(out);
+      return Status::Ok();
+    }
+    std::vector<std::vector<std::string>> rows{{"SECRET", "LATEST", "VERSIONS", "UPDATED"}};
+    for (const auto& s : secrets) {
+      rows.push_back({s.project + "/" + s.environment + "/" + s.name, std::to_string(s.latest_version),
+                      std::to_string(s.version_count), FormatTime(s.updated_at)});
+    }
+    PrintTable(rows);
     return Status::Ok();
-  }
-  std::vector<std::vector<std::string>> rows{{"SECRET", "LATEST", "VERSIONS", "UPDATED"}};
-  for (const auto& s : secrets) {
-    rows.push_back({s.project + "/" + s.environment + "/" + s.name, std::to_string(s.latest_version),
-                    std::to_string(s.version_count), FormatTime(s.updated_at)});
-  }
-  PrintTable(rows);
-  return Status::Ok();
+  }());
 }
 
 Status SecretDelete(const Globals& g, const std::string& text) {
   CUSTODY_ASSIGN_OR_RETURN(core::SecretPath path, core::SecretPath::Parse(text));
-  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenGuarded(g));
-  CUSTODY_RETURN_IF_ERROR(o.authz->Check(o.who, Action::kDelete, {path.project, path.environment, path.name}));
-  CUSTODY_ASSIGN_OR_RETURN(auto env, o.store->FindEnvironment(path.project, path.environment));
-  CUSTODY_RETURN_IF_ERROR(o.store->DeleteSecret(env, path.name));
-  if (g.json) {
-    PrintJson({{"deleted", path.str()}});
-  } else {
-    std::printf("deleted %s and all its versions\n", path.str().c_str());
-  }
-  return Status::Ok();
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "secret.delete"));
+  o.ev.project = path.project;
+  o.ev.environment = path.environment;
+  o.ev.name = path.name;
+  return Finish(o, [&]() -> Status {
+    CUSTODY_RETURN_IF_ERROR(Guard(o));
+    CUSTODY_RETURN_IF_ERROR(Ask(o, Action::kDelete, {path.project, path.environment, path.name}));
+    CUSTODY_ASSIGN_OR_RETURN(auto env, o.store->FindEnvironment(path.project, path.environment));
+    CUSTODY_RETURN_IF_ERROR(o.store->GetVersion(env, path.name, std::nullopt));
+    CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
+    CUSTODY_RETURN_IF_ERROR(o.store->DeleteSecret(env, path.name));
+    if (g.json) {
+      PrintJson({{"deleted", path.str()}});
+    } else {
+      std::printf("deleted %s and all its versions\n", path.str().c_str());
+    }
+    return Status::Ok();
+  }());
 }
 
 Status TokenInfo(const Globals& g) {
-  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenGuarded(g));
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "token.info"));
+  return Finish(o, [&]() -> Status {
+  CUSTODY_RETURN_IF_ERROR(Guard(o));
   // The token's inventory is for the people who run custody: policy admins.
-  CUSTODY_RETURN_IF_ERROR(o.authz->Check(o.who, Action::kApplyPolicy, {}));
+  CUSTODY_RETURN_IF_ERROR(Ask(o, Action::kApplyPolicy, {}));
   CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, o));
+  CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
   CK_TOKEN_INFO ti{};
   CK_RV rv = o.token.module->fn()->C_GetTokenInfo(o.token.slot, &ti);
   if (rv != CKR_OK) return hsm::RvError(rv, "C_GetTokenInfo");
@@ -354,6 +559,7 @@ Status TokenInfo(const Globals& g) {
   }
   PrintTable(rows);
   return Status::Ok();
+  }());
 }
 
 namespace {
@@ -402,7 +608,9 @@ Status PolicyApply(const Globals& g, const std::string& file) {
   CUSTODY_ASSIGN_OR_RETURN(std::string text, ReadPolicyFile(file));
   auto parsed = policy::ParsePolicy(text, file);
   if (!parsed.policy) return ReportPolicyErrors(parsed.errors, file);
-  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g));
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "policy.apply"));
+  o.ev.detail = "file " + file + " sha256 " + core::Sha256Hex(text);
+  return Finish(o, [&]() -> Status {
 
   // Who may apply: an admin of the policy in force; before the first policy,
   // whoever can log in to the token (checked below: the PIN is needed).
@@ -410,11 +618,15 @@ Status PolicyApply(const Globals& g, const std::string& file) {
   std::string applied_by;
   CUSTODY_ASSIGN_OR_RETURN(auto current, o.store->CurrentPolicy());
   if (current) {
+    std::string detail = o.ev.detail;
     CUSTODY_RETURN_IF_ERROR(Guard(o));
-    CUSTODY_RETURN_IF_ERROR(o.authz->Check(o.who, Action::kApplyPolicy, {}));
+    o.ev.detail = detail;
+    CUSTODY_RETURN_IF_ERROR(Ask(o, Action::kApplyPolicy, {}));
     applied_by = o.authz->engine().PrincipalName(o.who);
   } else {
     applied_by = "bootstrap (uid " + std::to_string(::getuid()) + ")";
+    o.ev.decision = "allow";
+    o.ev.rule = "bootstrap: no policy in force yet";
   }
   // The new policy must keep the caller an admin, or nobody could fix it.
   policy::Engine next(*parsed.policy);
@@ -436,6 +648,9 @@ Status PolicyApply(const Globals& g, const std::string& file) {
       }
     }
   }
+  // Bootstrap proves the caller holds the PIN; the record goes first.
+  if (!current) CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, o));
+  CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
   // Projects and environments the policy declares and the store lacks are made now.
   std::vector<std::string> created;
   for (const auto& p : parsed.policy->projects) {
@@ -458,10 +673,6 @@ Status PolicyApply(const Globals& g, const std::string& file) {
       created.push_back("environment " + p.name + "/" + e.name);
     }
   }
-  if (!current && !o.sealer) {
-    // Bootstrap with nothing to create still proves the caller holds the PIN.
-    CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, o));
-  }
   std::string sha = core::Sha256Hex(text);
   CUSTODY_ASSIGN_OR_RETURN(core::PolicyRecord rec, o.store->SavePolicy(text, sha, applied_by));
   CUSTODY_ASSIGN_OR_RETURN(auto projects, o.store->ListProjects());
@@ -480,6 +691,7 @@ Status PolicyApply(const Globals& g, const std::string& file) {
     std::printf("  note: project %s is in the store but not in this policy: nobody can use it\n", p.c_str());
   }
   return Status::Ok();
+  }());
 }
 
 Status PolicyExplain(const Globals& g, const std::string& principal, const std::string& action_text,
@@ -501,11 +713,22 @@ Status PolicyExplain(const Globals& g, const std::string& principal, const std::
       if (b != std::string::npos) name = target_text.substr(b + 1);
     }
   }
-  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g));
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "policy.explain"));
+  o.ev.project = project;
+  o.ev.environment = env;
+  o.ev.name = name;
+  o.ev.detail = "about " + principal + " " + action_text;
+  return Finish(o, [&]() -> Status {
   CUSTODY_ASSIGN_OR_RETURN(auto authz, core::Authorizer::Load(*o.store));
+  {
+    // Who asked, for the record; explaining is open to anyone the policy names.
+    auto me = authz.Identify(LocalCaller());
+    if (me) o.ev.principal = authz.engine().PrincipalName(*me);
+  }
   auto who = authz.engine().FindPrincipal(principal);
   if (!who) return Error(Category::kNotFound, "principal '" + principal + "' is not in the policy in force");
   policy::Decision d = authz.engine().Decide(*who, *action, {project, env, name});
+  CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
   if (g.json) {
     PrintJson({{"principal", principal}, {"action", action_text}, {"target", target_text},
                {"decision", d.allowed ? "allow" : "deny"}, {"rule", d.rule}, {"reason", d.reason},
@@ -516,6 +739,7 @@ Status PolicyExplain(const Globals& g, const std::string& principal, const std::
   }
   if (!d.allowed) return Error(Category::kDenied, "denied: " + principal + " may not " + action_text + " " + target_text);
   return Status::Ok();
+  }());
 }
 
 Status Usage(const Globals& g, const std::string& project) {
@@ -524,10 +748,13 @@ Status Usage(const Globals& g, const std::string& project) {
     CUSTODY_RETURN_IF_ERROR(core::ValidateProjectName(project));
     scope = project;
   }
-  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenGuarded(g));
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "usage.read"));
+  o.ev.project = project;
+  return Finish(o, [&]() -> Status {
+  CUSTODY_RETURN_IF_ERROR(Guard(o));
   if (scope) {
     CUSTODY_RETURN_IF_ERROR(o.store->FindProject(*scope));
-    CUSTODY_RETURN_IF_ERROR(o.authz->Check(o.who, Action::kReadUsage, {*scope, "", ""}));
+    CUSTODY_RETURN_IF_ERROR(Ask(o, Action::kReadUsage, {*scope, "", ""}));
   }
   bool admin = o.authz->Allows(o.who, Action::kCreateProject, {});
   CUSTODY_ASSIGN_OR_RETURN(auto rows, o.store->Usage(scope, static_cast<int64_t>(std::time(nullptr))));
@@ -546,12 +773,204 @@ Status Usage(const Globals& g, const std::string& project) {
                      std::to_string(r.unseals_today), std::to_string(r.seals), std::to_string(r.denied),
                      std::to_string(r.rate_limited), std::to_string(r.spend_limited), FormatTime(r.last_use)});
   }
+  if (o.ev.decision == "none") {
+    o.ev.decision = "allow";
+    o.ev.rule = "rows filtered by read-usage grants";
+  }
+  CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
   if (g.json) {
     PrintJson(out);
   } else {
     PrintTable(table);
   }
   return Status::Ok();
+  }());
+}
+
+namespace {
+
+Result<std::string> ReadText(const std::string& path, const std::string& what) {
+  auto bytes = SecretBuffer::ReadFile(path, 1024 * 1024, /*require_private=*/false);
+  if (!bytes) return std::move(bytes).error().Wrap(what);
+  return std::string(bytes->RevealString(SecretAccess{}));
+}
+
+// Parses --since: an ISO date or time prefix ("2026-11-29", "2026-11-29T10:00")
+// or an age ("30m", "12h", "7d").
+Result<int64_t> ParseSince(const std::string& text) {
+  if (!text.empty() && (text.back() == 'm' || text.back() == 'h' || text.back() == 'd') &&
+      text.find('-') == std::string::npos) {
+    char* end = nullptr;
+    long n = std::strtol(text.c_str(), &end, 10);
+    if (end == text.c_str() + text.size() - 1 && n > 0) {
+      int64_t unit = text.back() == 'm' ? 60 : text.back() == 'h' ? 3600 : 86400;
+      return static_cast<int64_t>(std::time(nullptr)) - n * unit;
+    }
+  }
+  std::tm tm{};
+  const char* end = strptime(text.c_str(), "%Y-%m-%dT%H:%M:%S", &tm);
+  if (end == nullptr || *end != '\0') {
+    tm = {};
+    end = strptime(text.c_str(), "%Y-%m-%dT%H:%M", &tm);
+  }
+  if (end == nullptr || *end != '\0') {
+    tm = {};
+    end = strptime(text.c_str(), "%Y-%m-%d", &tm);
+  }
+  if (end == nullptr || *end != '\0') {
+    return Error(Category::kUsage, "--since '" + text + "' is not a date (2026-11-29[T10:00[:00]], UTC) or an age (30m, 12h, 7d)");
+  }
+  return static_cast<int64_t>(timegm(&tm));
+}
+
+}  // namespace
+
+Status AuditVerify(const Globals& g, const std::vector<std::string>& files, const std::string& pubkey_file) {
+  core::AuditVerifyOptions vo;
+  vo.files = files;
+  std::optional<Opened> o;
+  if (files.empty() || pubkey_file.empty()) {
+    // The log, the witness and the key come from the configured installation.
+    auto opened = [&]() -> Result<Opened> {
+      Opened x;
+      x.globals = &g;
+      CUSTODY_ASSIGN_OR_RETURN(x.config, core::LoadConfig(core::LocateConfig(g.config)));
+      CUSTODY_ASSIGN_OR_RETURN(x.store, core::OpenSqliteStore(x.config.store_path, /*create=*/false));
+      return x;
+    }();
+    if (!opened) {
+      return std::move(opened).error().Wrap(files.empty() ? "audit verify needs FILES or a config"
+                                                          : "audit verify needs --pubkey or a config");
+    }
+    o.emplace(std::move(*opened));
+    if (files.empty()) {
+      vo.dir = o->config.audit_dir;
+      CUSTODY_ASSIGN_OR_RETURN(vo.witness, o->store->LastAuditCheckpoint());
+    }
+  }
+  if (!files.empty()) {
+    std::string first = files.front();
+    vo.dir = first.rfind('/') == std::string::npos ? "." : first.substr(0, first.rfind('/'));
+  }
+  if (!pubkey_file.empty()) {
+    CUSTODY_ASSIGN_OR_RETURN(vo.public_key_pem, ReadText(pubkey_file, "--pubkey"));
+  } else {
+    CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, *o));
+    CUSTODY_ASSIGN_OR_RETURN(auto signer, core::TokenAuditSigner::Open(*o->token.pool, /*create=*/false));
+    CUSTODY_ASSIGN_OR_RETURN(vo.public_key_pem, signer->PublicKeyPem());
+  }
+  CUSTODY_ASSIGN_OR_RETURN(core::AuditVerifyReport rep, core::VerifyAuditLog(vo));
+  if (g.json) {
+    PrintJson({{"intact", rep.intact}, {"records", rep.records}, {"checkpoints", rep.checkpoints},
+               {"last_seq", rep.last_seq}, {"last_checkpoint_seq", rep.last_checkpoint_seq},
+               {"unsigned_tail", rep.unsigned_tail}, {"torn_tail", rep.torn_tail}, {"problem", rep.problem}});
+  }
+  if (!rep.intact) return Error(Category::kIntegrity, "audit log is NOT intact: " + rep.problem);
+  if (!g.json) {
+    std::printf("audit log intact: %" PRIu64 " records, %" PRIu64 " signed checkpoints, last seq %" PRIu64 "\n",
+                rep.records, rep.checkpoints, rep.last_seq);
+    if (rep.unsigned_tail > 0) {
+      std::printf("  %" PRIu64 " records after the last checkpoint (seq %" PRIu64
+                  ") are chained but not yet signed: a cut there would not show\n",
+                  rep.unsigned_tail, rep.last_checkpoint_seq);
+    }
+    if (rep.torn_tail) std::printf("  the last line is torn (a crash mid-write); the next write repairs it\n");
+  }
+  return Status::Ok();
+}
+
+Status AuditShow(const Globals& g, const AuditShowArgs& a) {
+  std::optional<int64_t> since;
+  if (a.since) {
+    CUSTODY_ASSIGN_OR_RETURN(since, ParseSince(*a.since));
+  }
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "audit.show"));
+  o.best_effort = true;  // reading a damaged log must stay possible
+  o.ev.project = a.project.value_or("");
+  return Finish(o, [&]() -> Status {
+    CUSTODY_RETURN_IF_ERROR(Guard(o));
+    if (a.project) CUSTODY_RETURN_IF_ERROR(Ask(o, Action::kReadAudit, {*a.project, "", ""}));
+    bool admin = o.authz->Allows(o.who, Action::kApplyPolicy, {});
+    CUSTODY_ASSIGN_OR_RETURN(auto records, core::ReadAuditLog(o.config.audit_dir));
+    CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
+    json out = json::array();
+    std::vector<std::vector<std::string>> rows{
+        {"SEQ", "TIME", "PRINCIPAL", "ACTION", "TARGET", "DECISION", "RESULT", "RULE OR ERROR"}};
+    for (const auto& r : records) {
+      const core::AuditEvent& e = r.event;
+      // Auditors and owners see their projects' records; admins see all.
+      bool visible = admin || (!e.project.empty() && o.authz->Allows(o.who, Action::kReadAudit, {e.project, "", ""}));
+      if (!visible) continue;
+      if (a.project && e.project != *a.project) continue;
+      if (a.principal && e.principal != *a.principal) continue;
+      if (a.action && e.action != *a.action && r.type != *a.action) continue;
+      if (since && r.unix_time < *since) continue;
+      std::string target = e.project;
+      if (!e.environment.empty()) target += "/" + e.environment;
+      if (!e.name.empty()) target += "/" + e.name;
+      if (e.version) target += " v" + std::to_string(*e.version);
+      std::string action = r.type == "checkpoint" ? "audit.checkpoint" : e.action;
+      if (r.type == "checkpoint") target = "covers seq " + std::to_string(r.covers_seq);
+      out.push_back({{"seq", r.seq}, {"time", r.time}, {"type", r.type}, {"principal", e.principal},
+                     {"identified_by", e.identified_by}, {"action", action}, {"project", e.project},
+                     {"environment", e.environment}, {"name", e.name},
+                     {"version", e.version ? json(*e.version) : json(nullptr)}, {"kek_id", e.kek_id},
+                     {"decision", e.decision}, {"rule", e.rule}, {"result", e.result}, {"error", e.error},
+                     {"request_id", e.request_id}, {"detail", e.detail}});
+      rows.push_back({std::to_string(r.seq), r.time, e.principal.empty() ? "-" : e.principal, action,
+                      target.empty() ? "-" : target, e.decision.empty() ? "-" : e.decision,
+                      e.result.empty() ? "-" : e.result, e.error.empty() ? e.rule : e.error});
+    }
+    if (g.json) {
+      PrintJson(out);
+    } else {
+      PrintTable(rows);
+    }
+    return Status::Ok();
+  }());
+}
+
+Status AuditPubkey(const Globals& g, const std::optional<std::string>& out) {
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "audit.pubkey"));
+  o.best_effort = true;
+  return Finish(o, [&]() -> Status {
+    CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, o));
+    // Made here if it does not exist yet, so it can be exported before the
+    // first checkpoint is due.
+    CUSTODY_ASSIGN_OR_RETURN(auto signer, core::TokenAuditSigner::Open(*o.token.pool, /*create=*/true));
+    CUSTODY_ASSIGN_OR_RETURN(std::string pem, signer->PublicKeyPem());
+    o.ev.detail = "key " + signer->key_id();
+    CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
+    if (out) {
+      CUSTODY_RETURN_IF_ERROR(WritePrivateFile(*out, std::span<const uint8_t>(
+                                                         reinterpret_cast<const uint8_t*>(pem.data()), pem.size())));
+      std::fprintf(stderr, "custody: wrote the audit public key (%s) to %s\n", signer->key_id().c_str(), out->c_str());
+    } else {
+      std::printf("%s", pem.c_str());
+    }
+    return Status::Ok();
+  }());
+}
+
+Status AuditCheckpoint(const Globals& g) {
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "audit.checkpoint"));
+  return Finish(o, [&]() -> Status {
+    CUSTODY_RETURN_IF_ERROR(Guard(o));
+    CUSTODY_RETURN_IF_ERROR(Ask(o, Action::kApplyPolicy, {}));
+    CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, o));
+    CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
+    CUSTODY_ASSIGN_OR_RETURN(auto signer, core::TokenAuditSigner::Open(*o.token.pool, /*create=*/true));
+    std::pair<uint64_t, std::string> covers;
+    CUSTODY_ASSIGN_OR_RETURN(uint64_t seq, o.audit->Checkpoint(*signer, &covers));
+    CUSTODY_RETURN_IF_ERROR(o.store->RecordAuditCheckpoint(seq, covers.second));
+    if (g.json) {
+      PrintJson({{"checkpoint_seq", seq}, {"covers_seq", covers.first}, {"covers_hash", covers.second}});
+    } else {
+      std::printf("checkpoint seq %" PRIu64 " signs seq %" PRIu64 " (hash %s)\n", seq, covers.first,
+                  covers.second.c_str());
+    }
+    return Status::Ok();
+  }());
 }
 
 }  // namespace custody::cli

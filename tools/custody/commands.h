@@ -53,4 +53,12 @@ Status PolicyExplain(const Globals& g, const std::string& principal, const std::
                      const std::string& target);
 Status Usage(const Globals& g, const std::string& project);
 
+Status AuditVerify(const Globals& g, const std::vector<std::string>& files, const std::string& pubkey_file);
+struct AuditShowArgs {
+  std::optional<std::string> project, principal, since, action;
+};
+Status AuditShow(const Globals& g, const AuditShowArgs& a);
+Status AuditPubkey(const Globals& g, const std::optional<std::string>& out);
+Status AuditCheckpoint(const Globals& g);
+
 }  // namespace custody::cli

@@ -125,6 +125,29 @@ int main(int argc, char** argv) {
   c_usage->add_option("PROJECT", usage_project);
   c_usage->callback(run([&] { return custody::cli::Usage(g, usage_project); }));
 
+  // audit
+  auto* c_audit = app.add_subcommand("audit", "the tamper-evident audit log");
+  c_audit->require_subcommand(1);
+  std::vector<std::string> verify_files;
+  std::string verify_pubkey;
+  auto* c_averify = c_audit->add_subcommand("verify", "check the hash chain and every checkpoint signature");
+  c_averify->add_option("FILES", verify_files, "segment files in order (default: the configured log)");
+  c_averify->add_option("--pubkey", verify_pubkey, "PEM public key of the audit key (default: from the token)");
+  c_averify->callback(run([&] { return custody::cli::AuditVerify(g, verify_files, verify_pubkey); }));
+  custody::cli::AuditShowArgs show;
+  auto* c_ashow = c_audit->add_subcommand("show", "read the log, filtered");
+  c_ashow->add_option("--project", show.project);
+  c_ashow->add_option("--principal", show.principal);
+  c_ashow->add_option("--since", show.since, "UTC date or time (2026-11-29T10:00), or an age (30m, 12h, 7d)");
+  c_ashow->add_option("--action", show.action, "e.g. secret.get");
+  c_ashow->callback(run([&] { return custody::cli::AuditShow(g, show); }));
+  std::optional<std::string> pubkey_out;
+  auto* c_apub = c_audit->add_subcommand("pubkey", "export the checkpoint key's public key as PEM");
+  c_apub->add_option("--out", pubkey_out, "write to this file instead of stdout");
+  c_apub->callback(run([&] { return custody::cli::AuditPubkey(g, pubkey_out); }));
+  c_audit->add_subcommand("checkpoint", "sign a checkpoint now (policy admins)")
+      ->callback(run([&] { return custody::cli::AuditCheckpoint(g); }));
+
   // Before a subcommand, CLI11 reports an unknown command as "a subcommand is
   // required" and may take an unknown option's value for the command; name
   // the word that is wrong instead.

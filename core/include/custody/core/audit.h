@@ -137,8 +137,8 @@ struct AuditVerifyOptions {
   std::string dir;
   std::string public_key_pem;      // checkpoint key; empty: checkpoints are not checked (reported)
   // Independent witnesses of checkpoints written (for truncation): the
-  // highest checkpoint seq and hash recorded elsewhere (the store), and the
-  // checkpoints/ folder of .msg/.sig files.
+  // highest checkpoint recorded elsewhere (the store: its seq and the hash it
+  // covers), and the checkpoints/ folder of .msg/.sig files.
   std::optional<std::pair<uint64_t, std::string>> witness;
 };
 

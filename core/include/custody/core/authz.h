@@ -31,7 +31,8 @@ class Authorizer {
 
   // Asks the engine; a refusal is recorded as usage and returned as
   // kDenied: "<principal> may not <action> <target>: <reason>".
-  Status Check(policy::PrincipalId who, policy::Action action, const policy::Target& target) const;
+  Status Check(policy::PrincipalId who, policy::Action action, const policy::Target& target,
+               policy::Decision* decision = nullptr) const;
   // Same decision, nothing recorded (for filtering lists).
   bool Allows(policy::PrincipalId who, policy::Action action, const policy::Target& target) const;
 

@@ -9,6 +9,10 @@
 //   SOFTHSM2_CONF = "/var/lib/custody/softhsm2.conf"
 //   [store]
 //   path = "/var/lib/custody/custody.db"
+//   [audit]                                # optional
+//   dir = "/var/lib/custody/audit"         # default: state_dir/audit
+//   checkpoint_every = 1000                # records between signed checkpoints
+//   checkpoint_seconds = 300               # seconds between signed checkpoints
 //
 // The config never holds a PIN: only where to read one.
 #pragma once
@@ -30,6 +34,10 @@ struct Config {
   std::optional<std::string> pin_file;
   std::vector<std::pair<std::string, std::string>> token_environment;
   std::string store_path;
+  std::string audit_dir;  // default: state_dir/audit
+  uint64_t audit_checkpoint_every = 1000;
+  int64_t audit_checkpoint_seconds = 300;
+  uint64_t audit_segment_bytes = 16 * 1024 * 1024;
 };
 
 // --config, then $CUSTODY_CONFIG, then /etc/custody/custody.toml.

@@ -8,6 +8,7 @@
 //   auto version = svc.Put(path, value);
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -46,7 +47,11 @@ class SecretService {
   Result<ProjectRecord> CreateProject(const std::string& name, const std::vector<std::string>& envs);
 
   // Seals `value` as the next version. Returns the version number.
-  Result<uint32_t> Put(const SecretPath& path, const SecretBuffer& value);
+  // `before_commit`, if given, runs after sealing and before the store
+  // commits the version (the CLI makes its audit record durable there); an
+  // error from it stops the put with nothing stored.
+  Result<uint32_t> Put(const SecretPath& path, const SecretBuffer& value,
+                       const std::function<Status(uint32_t version)>& before_commit = {});
   Result<Unsealed> Get(const SecretPath& path, std::optional<uint32_t> version);
 
  private:

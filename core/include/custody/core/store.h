@@ -138,6 +138,12 @@ class Store : public KekUsageLedger {
   // Totals per project, environment and principal (all of them, or one project's).
   virtual Result<std::vector<UsageRow>> Usage(const std::optional<std::string>& project, int64_t now) = 0;
 
+  // The audit log's witness: each signed checkpoint (its seq and the hash it
+  // covers) is also kept here, so cutting the log back past a checkpoint is
+  // noticed by `audit verify` even if the checkpoint files go too.
+  virtual Status RecordAuditCheckpoint(uint64_t seq, const std::string& covers_hash) = 0;
+  virtual Result<std::optional<std::pair<uint64_t, std::string>>> LastAuditCheckpoint() = 0;
+
   static constexpr uint64_t kVersionTaken = 1;
 };
 
