@@ -393,9 +393,30 @@ std::vector<AuditLog::Outcome> AuditLog::WriteBatch(std::vector<Item>& items) {
   };
   auto lock = DirLock::Take(options_.dir, options_.timeout);
   if (!lock) return fail_all(lock.error());
-  auto head_r = ReadHead(options_.dir, /*repair=*/true);
-  if (!head_r) return fail_all(head_r.error());
-  Head h = *head_r;
+  Head h;
+  bool cached = false;
+  if (cache_.valid) {
+    // Still ours if the segment is unchanged and no newer one exists.
+    struct stat cs {}, ns {};
+    std::string cur = options_.dir + "/" + SegmentName(cache_.segment);
+    std::string next = options_.dir + "/" + SegmentName(cache_.segment + 1);
+    if (::stat(cur.c_str(), &cs) == 0 && static_cast<uint64_t>(cs.st_size) == cache_.size &&
+        cs.st_ino == cache_.ino && cs.st_dev == cache_.dev && ::stat(next.c_str(), &ns) != 0) {
+      h.segment = cache_.segment;
+      h.size = cache_.size;
+      h.seq = cache_.seq;
+      h.hash = cache_.hash;
+      h.ckpt_seq = cache_.ckpt_seq;
+      h.ckpt_time = cache_.ckpt_time;
+      cached = true;
+    }
+  }
+  if (!cached) {
+    auto head_r = ReadHead(options_.dir, /*repair=*/true);
+    if (!head_r) return fail_all(head_r.error());
+    h = *head_r;
+  }
+  cache_.valid = false;
 
   uint32_t segment = h.segment == 0 ? 1 : h.segment;
   bool fresh = h.segment == 0 || h.size >= options_.segment_bytes;
@@ -515,6 +536,13 @@ std::vector<AuditLog::Outcome> AuditLog::WriteBatch(std::vector<Item>& items) {
       (void)!::write(cfd, data.data(), data.size());
       ::fsync(cfd);
       ::close(cfd);
+    }
+  }
+  {
+    struct stat fs {};
+    if (::stat(path.c_str(), &fs) == 0) {
+      cache_ = CachedHead{true, segment, static_cast<uint64_t>(fs.st_size), static_cast<uint64_t>(fs.st_dev),
+                          static_cast<uint64_t>(fs.st_ino), h.seq, h.ckpt_seq, h.ckpt_time, h.hash};
     }
   }
   std::lock_guard lock2(head_mu_);

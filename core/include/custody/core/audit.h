@@ -126,6 +126,16 @@ class AuditLog {
   std::map<uint64_t, Outcome> done_;
   uint64_t next_ticket_ = 1;
   bool leader_ = false;
+  // The head as this process left it after its last batch: reused when the
+  // newest segment still has the same inode and size (no other process
+  // wrote since), which saves re-reading the tail on every batch.
+  struct CachedHead {
+    bool valid = false;
+    uint32_t segment = 0;
+    uint64_t size = 0, dev = 0, ino = 0, seq = 0, ckpt_seq = 0;
+    int64_t ckpt_time = 0;
+    std::string hash;
+  } cache_;
   // What this process last saw of the head (for CheckpointDue).
   mutable std::mutex head_mu_;
   uint64_t last_seq_ = 0, last_ckpt_seq_ = 0;
