@@ -3,8 +3,9 @@
 # on an embedded default: a SoftHSM2 token and a SQLite store in ./state.
 # It applies a policy that declares a project with dev/staging/prod (which
 # creates its KEK in the token), seals an API-key-shaped secret into prod,
-# reads it back, asks the policy whether CI may read it, and shows usage and
-# what the token holds. Safe to re-run.
+# reads it back, asks the policy whether CI may read it, shows usage and what
+# the token holds, and verifies the audit log (also with stock openssl).
+# Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -99,6 +100,14 @@ echo
 "$custody" usage demo
 echo
 "$custody" token info
+echo
+echo "demo: the audit trail, its signed checkpoint, and a check with the stock openssl command"
+"$custody" audit show --project demo --since 1h
+"$custody" audit checkpoint
+"$custody" audit pubkey --out "$state/audit.pem"
+"$custody" audit verify
+latest="$(ls "$state/audit/checkpoints/"*.msg | tail -n 1)"
+openssl dgst -sha256 -verify "$state/audit.pem" -signature "${latest%.msg}.sig" "$latest"
 echo
 echo "demo: state is in $state. To use it from this shell:"
 echo "  export SOFTHSM2_CONF=$SOFTHSM2_CONF CUSTODY_CONFIG=$CUSTODY_CONFIG"
