@@ -11,6 +11,8 @@ packages=(
   libssl-dev openssl softhsm2 libp11-kit-dev p11-kit libp11-dev opensc
   # storage, logging, formats, CLI
   libsqlite3-dev sqlite3 libspdlog-dev libfmt-dev nlohmann-json3-dev libcli11-dev libtomlplusplus-dev
+  # the server: Boost.Beast/Asio (headers), systemd notify; curl for the API examples
+  libboost-dev libsystemd-dev curl
   # tests and benchmarks
   googletest libgtest-dev libgmock-dev libbenchmark-dev
 )

@@ -20,6 +20,20 @@ int ExitCode(Category c) {
   return 70;
 }
 
+int HttpStatus(Category c) {
+  switch (c) {
+    case Category::kUsage: return 400;
+    case Category::kIntegrity: return 500;  // stored data failed its check: the server's problem, not the client's
+    case Category::kNotFound: return 404;
+    case Category::kUnavailable: return 503;
+    case Category::kInternal: return 500;
+    case Category::kLimit: return 429;
+    case Category::kDenied: return 403;     // 401 when no principal matched: see core::kUnauthenticated
+    case Category::kConfig: return 500;
+  }
+  return 500;
+}
+
 std::string_view CategoryName(Category c) {
   switch (c) {
     case Category::kUsage: return "usage";

@@ -2,6 +2,7 @@
 
 #include <openssl/evp.h>
 
+#include <algorithm>
 #include <chrono>
 
 #include "custody/hsm/objects.h"
@@ -86,8 +87,11 @@ Status Authorizer::Admit(policy::PrincipalId who, const policy::Target& target, 
   UsageKey key{std::string(target.project), std::string(target.environment), engine_->PrincipalName(who)};
   CUSTODY_ASSIGN_OR_RETURN(Admission a, store_->Admit(key, rules, event, NowSeconds()));
   if (a.allowed) return Status::Ok();
-  return Error(Category::kLimit, "limit reached: " + a.limit + " for " + TargetText(target) + "; it refills in " +
-                                     HumanDuration(a.retry_after_seconds));
+  // The code carries the seconds until it refills (HTTP Retry-After).
+  return Error(Category::kLimit,
+               "limit reached: " + a.limit + " for " + TargetText(target) + "; it refills in " +
+                   HumanDuration(a.retry_after_seconds),
+               Backend::kNone, static_cast<uint64_t>(std::max<int64_t>(1, a.retry_after_seconds)));
 }
 
 }  // namespace custody::core

@@ -102,6 +102,35 @@ Result<Config> LoadConfig(const std::string& path) {
     CUSTODY_RETURN_IF_ERROR(positive("checkpoint_seconds", c.audit_checkpoint_seconds));
     CUSTODY_RETURN_IF_ERROR(positive("segment_bytes", c.audit_segment_bytes));
   }
+  if (const toml::table* server = root["server"].as_table()) {
+    if (server->contains("socket")) {
+      CUSTODY_ASSIGN_OR_RETURN(c.server_socket, RequireString(*server, "socket", path, "server"));
+    }
+    if (const toml::node* n = server->get("socket_mode")) {
+      auto mode = n->value<std::string>();
+      if (!mode || mode->empty() || mode->size() > 4 ||
+          mode->find_first_not_of("01234567") != std::string::npos) {
+        return Error(Category::kConfig, Where(path, n->source()) + ": server.socket_mode must be an octal string like \"0660\"");
+      }
+      c.server_socket_mode = static_cast<uint32_t>(std::stoul(*mode, nullptr, 8));
+    }
+    auto positive = [&](const char* key, uint32_t& out, int64_t max) -> Status {
+      const toml::node* n = server->get(key);
+      if (n == nullptr) return Status::Ok();
+      auto v = n->value<int64_t>();
+      if (!v || *v <= 0 || *v > max) {
+        return Error(Category::kConfig, Where(path, n->source()) + ": server." + key + " must be a number from 1 to " +
+                                            std::to_string(max));
+      }
+      out = static_cast<uint32_t>(*v);
+      return Status::Ok();
+    };
+    CUSTODY_RETURN_IF_ERROR(positive("threads", c.server_threads, 256));
+    CUSTODY_RETURN_IF_ERROR(positive("max_connections", c.server_max_connections, 100000));
+    CUSTODY_RETURN_IF_ERROR(positive("idle_timeout_seconds", c.server_idle_timeout_seconds, 3600));
+    CUSTODY_RETURN_IF_ERROR(positive("max_header_bytes", c.server_max_header_bytes, 1 << 20));
+    CUSTODY_RETURN_IF_ERROR(positive("max_body_bytes", c.server_max_body_bytes, 16 << 20));
+  }
   return c;
 }
 

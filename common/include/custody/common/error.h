@@ -33,6 +33,8 @@ enum class Backend : uint8_t { kNone, kPkcs11, kTpm, kStore, kOs };
 // sysexits.h values, one per category. This is the single table that the CLI
 // (and later the server, for HTTP statuses) reads.
 int ExitCode(Category c);
+// The HTTP status custodyd answers with for each category.
+int HttpStatus(Category c);
 std::string_view CategoryName(Category c);
 
 class Error {

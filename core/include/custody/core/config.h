@@ -38,6 +38,14 @@ struct Config {
   uint64_t audit_checkpoint_every = 1000;
   int64_t audit_checkpoint_seconds = 300;
   uint64_t audit_segment_bytes = 16 * 1024 * 1024;
+  // [server]: custodyd
+  std::string server_socket;          // Unix socket path; empty: no Unix listener
+  uint32_t server_socket_mode = 0666; // who may connect; the policy decides what they get
+  uint32_t server_threads = 8;
+  uint32_t server_max_connections = 256;
+  uint32_t server_idle_timeout_seconds = 30;
+  uint32_t server_max_header_bytes = 8 * 1024;
+  uint32_t server_max_body_bytes = 128 * 1024;
 };
 
 // --config, then $CUSTODY_CONFIG, then /etc/custody/custody.toml.

@@ -1,0 +1,72 @@
+// Custodian: one request, end to end, for a caller the transport identified
+// (the server's SO_PEERCRED or TLS certificate). It is the flow every server
+// request takes:
+//   identify the peer -> ask the policy -> charge rate and spend limits ->
+//   write the audit record (fail closed) -> unseal in the token -> answer.
+//
+//   core::Custodian c(store, audit, token_state, authz);
+//   auto r = c.Get({.caller = peer, .identified_by = "uid 1000 (alice)"}, path, std::nullopt);
+//
+// Thread-safe: the server calls it from several threads at once. The policy
+// can be swapped while requests run (SIGHUP); each request keeps the one it
+// started with.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+
+#include "custody/common/result.h"
+#include "custody/core/audit.h"
+#include "custody/core/authz.h"
+#include "custody/core/names.h"
+#include "custody/core/service.h"
+#include "custody/core/store.h"
+
+namespace custody::core {
+
+struct RequestContext {
+  policy::Caller caller;
+  std::string identified_by;  // "uid 1000 (alice) pid 4242"
+  std::string request_id;
+};
+
+// Error codes carried with kDenied and kLimit for transports: kDenied with
+// kUnauthenticated means no principal matched (HTTP 401, not 403); kLimit
+// carries the seconds until the limit refills (HTTP Retry-After).
+inline constexpr uint64_t kUnauthenticated = 401;
+
+// Counters the server exports as metrics.
+struct CustodianStats {
+  std::atomic<uint64_t> token_errors{0};
+  std::atomic<uint64_t> audit_failures{0};
+  std::atomic<bool> audit_healthy{true};
+  std::atomic<bool> token_healthy{true};
+};
+
+class Custodian {
+ public:
+  Custodian(Store& store, AuditLog& audit, Sealer& sealer, std::shared_ptr<const Authorizer> authz)
+      : store_(store), audit_(audit), sealer_(sealer), authz_(std::move(authz)) {}
+
+  Result<Unsealed> Get(const RequestContext& rc, const SecretPath& path, std::optional<uint32_t> version);
+  Result<uint32_t> Put(const RequestContext& rc, const SecretPath& path, const SecretBuffer& value);
+  Result<std::vector<UsageRow>> Usage(const RequestContext& rc, const std::optional<std::string>& project);
+
+  void SwapPolicy(std::shared_ptr<const Authorizer> authz);
+  std::shared_ptr<const Authorizer> policy() const;
+  CustodianStats& stats() { return stats_; }
+
+ private:
+  struct Flow;
+  Store& store_;
+  AuditLog& audit_;
+  Sealer& sealer_;
+  mutable std::mutex mu_;
+  std::shared_ptr<const Authorizer> authz_;
+  CustodianStats stats_;
+};
+
+}  // namespace custody::core

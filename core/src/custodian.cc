@@ -1,0 +1,183 @@
+#include "custody/core/custodian.h"
+
+#include "custody/hsm/objects.h"
+#include "custody/hsm/rv.h"
+
+namespace custody::core {
+
+// The state of one request: its audit record, filled as the flow goes.
+struct Custodian::Flow {
+  Custodian& c;
+  std::shared_ptr<const Authorizer> authz;
+  AuditEvent ev;
+  bool recorded = false;
+  policy::PrincipalId who;
+
+  Flow(Custodian& owner, const RequestContext& rc, std::string action) : c(owner), authz(owner.policy()) {
+    ev.action = std::move(action);
+    ev.identified_by = rc.identified_by;
+    ev.request_id = rc.request_id;
+    ev.decision = "none";
+    ev.detail = "policy v" + std::to_string(authz->version()) + " via custodyd";
+  }
+
+  Status Identify(const RequestContext& rc) {
+    auto who_r = authz->Identify(rc.caller);
+    if (!who_r) {
+      ev.decision = "deny";
+      ev.rule = "identity";
+      Error e = std::move(who_r).error();
+      return Error(e.category(), e.message(), Backend::kNone, kUnauthenticated);
+    }
+    who = *who_r;
+    ev.principal = authz->engine().PrincipalName(who);
+    return Status::Ok();
+  }
+  Status Ask(policy::Action action, const policy::Target& t) {
+    policy::Decision d;
+    Status s = authz->Check(who, action, t, &d);
+    ev.decision = d.allowed ? "allow" : "deny";
+    ev.rule = d.rule;
+    return s;
+  }
+  Status Charge(const policy::Target& t, UsageEvent e) {
+    Status s = authz->Admit(who, t, e);
+    if (!s.ok()) {
+      ev.decision = "limit";
+      ev.rule = s.error().message();
+    }
+    return s;
+  }
+  // Appends the record once; fail closed.
+  Status Record(const Status& outcome) {
+    if (recorded) return Status::Ok();
+    recorded = true;
+    if (outcome.ok()) {
+      ev.result = "ok";
+    } else {
+      Category cat = outcome.error().category();
+      ev.result = (cat == Category::kDenied || cat == Category::kLimit) ? "refused" : "error";
+      ev.error = outcome.error().message();
+      if (outcome.error().backend() == Backend::kPkcs11) c.stats_.token_errors.fetch_add(1);
+    }
+    auto seq = c.audit_.Append(ev);
+    if (!seq) {
+      c.stats_.audit_failures.fetch_add(1);
+      c.stats_.audit_healthy.store(false);
+      return std::move(seq).error().Wrap("refusing " + ev.action);
+    }
+    c.stats_.audit_healthy.store(true);
+    return Status::Ok();
+  }
+  template <typename T>
+  Result<T> Finish(Result<T> r) {
+    Status rec = Record(r.ok() ? Status::Ok() : Status(r.error()));
+    if (!r.ok()) return r;
+    if (!rec.ok()) return rec.error();
+    return r;
+  }
+};
+
+void Custodian::SwapPolicy(std::shared_ptr<const Authorizer> authz) {
+  std::lock_guard lock(mu_);
+  authz_ = std::move(authz);
+}
+
+std::shared_ptr<const Authorizer> Custodian::policy() const {
+  std::lock_guard lock(mu_);
+  return authz_;
+}
+
+Result<Unsealed> Custodian::Get(const RequestContext& rc, const SecretPath& path, std::optional<uint32_t> version) {
+  Flow f(*this, rc, "secret.get");
+  f.ev.project = path.project;
+  f.ev.environment = path.environment;
+  f.ev.name = path.name;
+  f.ev.version = version;
+  auto run = [&]() -> Result<Unsealed> {
+    CUSTODY_RETURN_IF_ERROR(f.Identify(rc));
+    policy::Target t{path.project, path.environment, path.name};
+    CUSTODY_RETURN_IF_ERROR(f.Ask(policy::Action::kGet, t));
+    CUSTODY_ASSIGN_OR_RETURN(auto env, store_.FindEnvironment(path.project, path.environment));
+    CUSTODY_ASSIGN_OR_RETURN(auto rec, store_.GetVersion(env, path.name, version));
+    f.ev.version = rec.version;
+    CUSTODY_ASSIGN_OR_RETURN(auto kek, store_.KekById(rec.kek_record_id));
+    f.ev.kek_id = hsm::ToHex(kek.ref.id);
+    CUSTODY_RETURN_IF_ERROR(f.Charge(t, UsageEvent::kUnseal));
+    SecretService svc(store_, sealer_);
+    auto u = svc.Get(path, version);
+    if (!u && u.error().backend() == Backend::kPkcs11 && hsm::IsSessionFatal(u.error().code())) {
+      // The failed session was discarded from the pool; one retry on a fresh one.
+      stats_.token_errors.fetch_add(1);
+      u = svc.Get(path, version);
+    }
+    stats_.token_healthy.store(u.ok() || u.error().backend() != Backend::kPkcs11);
+    if (!u) return u;
+    // Durable before the value leaves: fail closed.
+    CUSTODY_RETURN_IF_ERROR(f.Record(Status::Ok()));
+    return u;
+  };
+  return f.Finish(run());
+}
+
+Result<uint32_t> Custodian::Put(const RequestContext& rc, const SecretPath& path, const SecretBuffer& value) {
+  Flow f(*this, rc, "secret.put");
+  f.ev.project = path.project;
+  f.ev.environment = path.environment;
+  f.ev.name = path.name;
+  auto run = [&]() -> Result<uint32_t> {
+    CUSTODY_RETURN_IF_ERROR(f.Identify(rc));
+    policy::Target t{path.project, path.environment, path.name};
+    CUSTODY_RETURN_IF_ERROR(f.Ask(policy::Action::kPut, t));
+    if (value.empty()) return Error(Category::kUsage, "refusing to store an empty value for " + path.str());
+    CUSTODY_ASSIGN_OR_RETURN(auto env, store_.FindEnvironment(path.project, path.environment));
+    CUSTODY_RETURN_IF_ERROR(f.Charge(t, UsageEvent::kSeal));
+    CUSTODY_ASSIGN_OR_RETURN(KekRecord kek, store_.CurrentKek(env.project_id));
+    f.ev.kek_id = hsm::ToHex(kek.ref.id);
+    SecretService svc(store_, sealer_);
+    auto v = svc.Put(path, value, [&](uint32_t n) -> Status {
+      if (f.recorded) {
+        AuditEvent again = f.ev;
+        again.detail = "v" + std::to_string(f.ev.version.value_or(0)) +
+                       " was taken by a concurrent writer; sealed again as v" + std::to_string(n);
+        again.version = n;
+        f.ev.version = n;
+        CUSTODY_RETURN_IF_ERROR(audit_.Append(again));
+        return Status::Ok();
+      }
+      f.ev.version = n;
+      return f.Record(Status::Ok());
+    });
+    if (!v && f.recorded) {
+      AuditEvent failed = f.ev;
+      failed.result = "error";
+      failed.error = v.error().message();
+      (void)audit_.Append(failed);
+    }
+    return v;
+  };
+  return f.Finish(run());
+}
+
+Result<std::vector<UsageRow>> Custodian::Usage(const RequestContext& rc, const std::optional<std::string>& project) {
+  Flow f(*this, rc, "usage.read");
+  f.ev.project = project.value_or("");
+  auto run = [&]() -> Result<std::vector<UsageRow>> {
+    CUSTODY_RETURN_IF_ERROR(f.Identify(rc));
+    if (project) CUSTODY_RETURN_IF_ERROR(f.Ask(policy::Action::kReadUsage, {*project, "", ""}));
+    bool admin = f.authz->Allows(f.who, policy::Action::kCreateProject, {});
+    CUSTODY_ASSIGN_OR_RETURN(auto rows, store_.Usage(project, static_cast<int64_t>(std::time(nullptr))));
+    std::vector<UsageRow> out;
+    for (auto& r : rows) {
+      if (admin || f.authz->Allows(f.who, policy::Action::kReadUsage, {r.project, "", ""})) out.push_back(std::move(r));
+    }
+    if (f.ev.decision == "none") {
+      f.ev.decision = "allow";
+      f.ev.rule = "rows filtered by read-usage grants";
+    }
+    return out;
+  };
+  return f.Finish(run());
+}
+
+}  // namespace custody::core

@@ -1,0 +1,146 @@
+// custodyd: holds the token session and serves sealed keys to local
+// processes over a Unix socket, enforcing the policy, the limits and the
+// audit log on every request. Clients never see the PIN.
+//
+//   custodyd --config /etc/custody/custody.toml [--pin-fd N]
+#include <sys/stat.h>
+#include <systemd/sd-daemon.h>
+
+#include <CLI/CLI.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <csignal>
+#include <spdlog/sinks/stdout_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include "custody/common/secret.h"
+#include "custody/core/audit.h"
+#include "custody/core/audit_signer.h"
+#include "custody/core/authz.h"
+#include "custody/core/config.h"
+#include "custody/core/custodian.h"
+#include "custody/core/service.h"
+#include "custody/core/store.h"
+#include "server.h"
+
+namespace {
+
+using custody::Category;
+using custody::Status;
+
+int Fail(const custody::Error& e) {
+  spdlog::error("{}", e.message());
+  std::fprintf(stderr, "custodyd: %s\n", e.message().c_str());
+  return e.exit_code();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  custody::HardenProcess();
+  ::umask(077);
+  ::signal(SIGPIPE, SIG_IGN);
+
+  CLI::App app{"custodyd: serves sealed keys over a Unix socket under the custody policy", "custodyd"};
+  std::optional<std::string> config_flag;
+  std::optional<int> pin_fd;
+  app.add_option("--config", config_flag, "config file (default: $CUSTODY_CONFIG, then /etc/custody/custody.toml)");
+  app.add_option("--pin-fd", pin_fd, "read the token PIN from this file descriptor");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::fprintf(stderr, "custodyd: %s (see 'custodyd --help')\n", e.what());
+    return 64;
+  }
+  // Operational logs go to stderr (the journal under systemd); never a value or a PIN.
+  spdlog::set_default_logger(spdlog::stderr_logger_mt("custodyd"));
+  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ %v");
+
+  std::string config_path = custody::core::LocateConfig(config_flag);
+  auto config = custody::core::LoadConfig(config_path);
+  if (!config) return Fail(config.error());
+  auto store = custody::core::OpenSqliteStore(config->store_path, /*create=*/false);
+  if (!store) return Fail(store.error());
+  custody::core::AuditOptions ao;
+  ao.dir = config->audit_dir;
+  ao.checkpoint_every = config->audit_checkpoint_every;
+  ao.checkpoint_seconds = config->audit_checkpoint_seconds;
+  ao.segment_bytes = config->audit_segment_bytes;
+  auto audit = custody::core::AuditLog::Open(ao);
+  if (!audit) return Fail(std::move(audit).error().Wrap("refusing to serve without an audit log"));
+  auto authz = custody::core::Authorizer::Load(**store);
+  if (!authz) return Fail(authz.error());
+
+  // Log in once; the PIN buffer is wiped as soon as the pool has logged in.
+  custody::core::Token token;
+  {
+    auto pin = custody::core::ResolvePin(*config, pin_fd);
+    if (!pin) return Fail(pin.error());
+    auto t = custody::core::OpenToken(*config, *pin);
+    if (!t) return Fail(t.error());
+    token = std::move(*t);
+  }
+  custody::core::Sealer sealer(*token.pool, **store);
+  custody::core::Custodian custodian(**store, **audit, sealer,
+                                     std::make_shared<const custody::core::Authorizer>(std::move(*authz)));
+  auto signer = custody::core::TokenAuditSigner::Open(*token.pool, /*create=*/true);
+  if (!signer) return Fail(signer.error());
+
+  custody::server::Server server(custody::server::OptionsFrom(*config), custodian);
+  if (Status s = server.Listen(); !s.ok()) return Fail(s.error());
+
+  // Checkpoints are signed here, on the server's own schedule.
+  auto checkpoint = [&] {
+    if (!(*audit)->CheckpointDue()) return;
+    std::pair<uint64_t, std::string> covers;
+    auto seq = (*audit)->Checkpoint(**signer, &covers);
+    if (seq) {
+      (void)(*store)->RecordAuditCheckpoint(*seq, covers.second);
+    } else {
+      spdlog::warn("audit checkpoint failed: {}", seq.error().message());
+    }
+  };
+  server.Every(std::chrono::seconds(1), checkpoint);
+
+  boost::asio::io_context signal_io;
+  boost::asio::signal_set signals(signal_io, SIGTERM, SIGINT, SIGHUP);
+  std::function<void()> wait_signal;
+  wait_signal = [&] {
+    signals.async_wait([&](const boost::system::error_code& ec, int sig) {
+      if (ec) return;
+      if (sig == SIGHUP) {
+        // Reload: the config must still parse and the policy in force is
+        // re-read from the store; anything wrong keeps what runs now.
+        sd_notify(0, "RELOADING=1");
+        auto fresh = custody::core::LoadConfig(config_path);
+        if (!fresh) {
+          spdlog::error("reload refused, keeping the running config: {}", fresh.error().message());
+        } else if (auto next = custody::core::Authorizer::Load(**store); !next) {
+          spdlog::error("reload refused, keeping policy v{}: {}", custodian.policy()->version(), next.error().message());
+        } else {
+          spdlog::info("reloaded: policy v{} in force", next->version());
+          custodian.SwapPolicy(std::make_shared<const custody::core::Authorizer>(std::move(*next)));
+        }
+        sd_notify(0, "READY=1");
+        wait_signal();
+        return;
+      }
+      spdlog::info("signal {}: draining and stopping", sig);
+      sd_notify(0, "STOPPING=1");
+      server.Stop();
+    });
+  };
+  wait_signal();
+  std::thread signal_thread([&] { signal_io.run(); });
+
+  spdlog::info("serving on {} (policy v{}, token {}, {} threads)", config->server_socket,
+               custodian.policy()->version(), config->token_uri, config->server_threads);
+  sd_notify(0, "READY=1");
+  server.Run(config->server_threads);
+  signal_io.stop();
+  signal_thread.join();
+  checkpoint();
+  spdlog::info("stopped");
+  return 0;
+}

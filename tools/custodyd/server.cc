@@ -1,0 +1,554 @@
+#include "server.h"
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
+#include <grp.h>
+#include <pwd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <boost/asio.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <chrono>
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+#include <thread>
+
+#include "custody/hsm/objects.h"
+
+namespace custody::server {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+using Local = asio::local::stream_protocol;
+using Stream = beast::basic_stream<Local, asio::any_io_executor, beast::unlimited_rate_policy>;
+using nlohmann::json;
+
+ServerOptions OptionsFrom(const core::Config& c) {
+  ServerOptions o;
+  o.socket_path = c.server_socket;
+  o.socket_mode = c.server_socket_mode;
+  o.max_connections = c.server_max_connections;
+  o.idle_timeout_seconds = c.server_idle_timeout_seconds;
+  o.max_header_bytes = c.server_max_header_bytes;
+  o.max_body_bytes = c.server_max_body_bytes;
+  return o;
+}
+
+// Prometheus text-format metrics: counters by project, environment, action
+// and decision; a latency histogram per action; health gauges.
+class Metrics {
+ public:
+  static constexpr double kBuckets[] = {0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0};
+
+  void Observe(const std::string& action, const std::string& project, const std::string& env,
+               const std::string& decision, double seconds) {
+    std::lock_guard lock(mu_);
+    ++ops_[{action, project, env, decision}];
+    Histogram& h = latency_[action];
+    for (size_t i = 0; i < std::size(kBuckets); ++i) {
+      if (seconds <= kBuckets[i]) ++h.counts[i];
+    }
+    ++h.count;
+    h.sum += seconds;
+    if (decision == "limit") ++limits_[{project, env}];
+  }
+
+  std::string Render(core::CustodianStats& s, int connections, uint32_t policy_version) {
+    std::lock_guard lock(mu_);
+    std::string out;
+    auto esc = [](const std::string& v) {
+      std::string r;
+      for (char c : v) {
+        if (c == '"' || c == '\\') r += '\\';
+        if (c == '\n') {
+          r += "\\n";
+          continue;
+        }
+        r += c;
+      }
+      return r;
+    };
+    out += "# HELP custody_operations_total Requests by action, project, environment and decision.\n";
+    out += "# TYPE custody_operations_total counter\n";
+    for (const auto& [k, v] : ops_) {
+      out += "custody_operations_total{action=\"" + esc(k[0]) + "\",project=\"" + esc(k[1]) + "\",environment=\"" +
+             esc(k[2]) + "\",decision=\"" + esc(k[3]) + "\"} " + std::to_string(v) + "\n";
+    }
+    out += "# HELP custody_request_duration_seconds Time from request to response.\n";
+    out += "# TYPE custody_request_duration_seconds histogram\n";
+    for (const auto& [action, h] : latency_) {
+      for (size_t i = 0; i < std::size(kBuckets); ++i) {
+        char le[32];
+        std::snprintf(le, sizeof le, "%g", kBuckets[i]);
+        out += "custody_request_duration_seconds_bucket{action=\"" + esc(action) + "\",le=\"" + le + "\"} " +
+               std::to_string(h.counts[i]) + "\n";
+      }
+      out += "custody_request_duration_seconds_bucket{action=\"" + esc(action) + "\",le=\"+Inf\"} " +
+             std::to_string(h.count) + "\n";
+      char sum[64];
+      std::snprintf(sum, sizeof sum, "%.6f", h.sum);
+      out += "custody_request_duration_seconds_sum{action=\"" + esc(action) + "\"} " + sum + "\n";
+      out += "custody_request_duration_seconds_count{action=\"" + esc(action) + "\"} " + std::to_string(h.count) + "\n";
+    }
+    out += "# HELP custody_limit_refusals_total Requests refused by a rate or spend limit.\n";
+    out += "# TYPE custody_limit_refusals_total counter\n";
+    for (const auto& [k, v] : limits_) {
+      out += "custody_limit_refusals_total{project=\"" + esc(k.first) + "\",environment=\"" + esc(k.second) + "\"} " +
+             std::to_string(v) + "\n";
+    }
+    out += "# TYPE custody_token_errors_total counter\ncustody_token_errors_total " +
+           std::to_string(s.token_errors.load()) + "\n";
+    out += "# TYPE custody_audit_write_failures_total counter\ncustody_audit_write_failures_total " +
+           std::to_string(s.audit_failures.load()) + "\n";
+    out += "# TYPE custody_audit_healthy gauge\ncustody_audit_healthy " + std::string(s.audit_healthy ? "1" : "0") + "\n";
+    out += "# TYPE custody_token_healthy gauge\ncustody_token_healthy " + std::string(s.token_healthy ? "1" : "0") + "\n";
+    out += "# TYPE custody_connections_open gauge\ncustody_connections_open " + std::to_string(connections) + "\n";
+    out += "# TYPE custody_policy_version gauge\ncustody_policy_version " + std::to_string(policy_version) + "\n";
+    return out;
+  }
+
+ private:
+  struct Histogram {
+    uint64_t counts[std::size(kBuckets)] = {};
+    uint64_t count = 0;
+    double sum = 0;
+  };
+  std::mutex mu_;
+  std::map<std::array<std::string, 4>, uint64_t> ops_;
+  std::map<std::string, Histogram> latency_;
+  std::map<std::pair<std::string, std::string>, uint64_t> limits_;
+};
+
+struct Server::Impl {
+  ServerOptions options;
+  core::Custodian& custodian;
+  asio::io_context io;
+  std::optional<Local::acceptor> acceptor;
+  std::atomic<int> connections{0};
+  std::atomic<bool> draining{false};
+  Metrics metrics;
+
+  // A periodic job on the loop; owned by Impl, so callbacks may hold `this`.
+  struct Ticker {
+    asio::steady_timer timer;
+    std::chrono::seconds period;
+    std::function<void()> fn;
+    Impl* impl;
+    void Arm() {
+      timer.expires_after(period);
+      timer.async_wait([this](beast::error_code ec) {
+        if (ec || impl->draining.load()) return;
+        fn();
+        Arm();
+      });
+    }
+  };
+  std::vector<std::unique_ptr<Ticker>> tickers;
+  std::optional<asio::steady_timer> drain_timer;
+  std::chrono::steady_clock::time_point drain_deadline;
+
+  Impl(ServerOptions o, core::Custodian& c) : options(std::move(o)), custodian(c) {}
+  void Accept();
+  // Ends the loop once no connection is open, or at the drain deadline.
+  void DrainCheck() {
+    if (connections.load() == 0 || std::chrono::steady_clock::now() >= drain_deadline) {
+      io.stop();
+      return;
+    }
+    drain_timer->expires_after(std::chrono::milliseconds(50));
+    drain_timer->async_wait([this](beast::error_code) { DrainCheck(); });
+  }
+};
+
+namespace {
+
+std::string RequestId() {
+  uint8_t b[8];
+  if (RAND_bytes(b, sizeof b) != 1) return "unknown";
+  return hsm::ToHex(b);
+}
+
+bool ValidUtf8(std::string_view s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    unsigned char c = static_cast<unsigned char>(s[i]);
+    size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+    if (n == 0 || i + n > s.size()) return false;
+    for (size_t k = 1; k < n; ++k) {
+      if ((static_cast<unsigned char>(s[i + k]) >> 6) != 2) return false;
+    }
+    if (c < 0x20 && c != '\t' && c != '\n' && c != '\r') return false;
+    i += n;
+  }
+  return true;
+}
+
+std::string Base64(std::string_view in) {
+  std::string out(4 * ((in.size() + 2) / 3) + 1, '\0');
+  int n = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(out.data()),
+                          reinterpret_cast<const unsigned char*>(in.data()), static_cast<int>(in.size()));
+  out.resize(static_cast<size_t>(n));
+  return out;
+}
+
+std::optional<SecretBuffer> Unbase64(std::string_view in) {
+  if (in.empty() || in.size() % 4 != 0) return std::nullopt;
+  SecretBuffer out(in.size() / 4 * 3);
+  int n = EVP_DecodeBlock(out.RevealMutable(SecretAccess{}).data(), reinterpret_cast<const unsigned char*>(in.data()),
+                          static_cast<int>(in.size()));
+  if (n < 0) return std::nullopt;
+  size_t pad = (in.back() == '=') + (in.size() > 1 && in[in.size() - 2] == '=');
+  out.Truncate(static_cast<size_t>(n) - pad);
+  return out;
+}
+
+class Session : public std::enable_shared_from_this<Session> {
+ public:
+  Session(Server::Impl& srv, Local::socket socket, core::RequestContext peer)
+      : srv_(srv), stream_(std::move(socket)), peer_(std::move(peer)) {
+    srv_.connections.fetch_add(1);
+  }
+  ~Session() { srv_.connections.fetch_sub(1); }
+
+  void Start() { Read(); }
+
+ private:
+  void Read() {
+    parser_.emplace();
+    parser_->header_limit(srv_.options.max_header_bytes);
+    parser_->body_limit(srv_.options.max_body_bytes);
+    // The idle timeout covers the whole request: a slow client cannot hold a
+    // connection (and a thread's attention) forever.
+    stream_.expires_after(std::chrono::seconds(srv_.options.idle_timeout_seconds));
+    http::async_read(stream_, buffer_, *parser_,
+                     [self = shared_from_this()](beast::error_code ec, size_t) { self->OnRead(ec); });
+  }
+
+  void OnRead(beast::error_code ec) {
+    if (ec == http::error::end_of_stream || ec == beast::error::timeout || ec == asio::error::connection_reset ||
+        ec == asio::error::eof) {
+      Close();
+      return;
+    }
+    if (ec == http::error::body_limit) {
+      Reply(Error(413, "request body is larger than " + std::to_string(srv_.options.max_body_bytes) + " bytes"), false);
+      return;
+    }
+    if (ec == http::error::header_limit) {
+      Reply(Error(431, "request headers are larger than " + std::to_string(srv_.options.max_header_bytes) + " bytes"),
+            false);
+      return;
+    }
+    if (ec) {
+      Reply(Error(400, "malformed HTTP request: " + ec.message()), false);
+      return;
+    }
+    auto req = parser_->release();
+    bool keep = req.keep_alive() && !srv_.draining.load();
+    auto started = std::chrono::steady_clock::now();
+    http::response<http::string_body> res = Handle(req);
+    // The request body may hold a value being stored: wipe it.
+    OPENSSL_cleanse(req.body().data(), req.body().size());
+    double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+    srv_.metrics.Observe(action_, project_, env_, decision_, seconds);
+    Reply(std::move(res), keep);
+  }
+
+  http::response<http::string_body> Error(int status, const std::string& message, Category category = Category::kUsage,
+                                          uint64_t retry_after = 0) {
+    if (decision_ == "allow") decision_ = "error";
+    http::response<http::string_body> res{static_cast<http::status>(status), 11};
+    res.set(http::field::content_type, "application/json");
+    json body{{"error", message}, {"category", std::string(CategoryName(category))}, {"status", status}};
+    if (retry_after > 0) {
+      res.set(http::field::retry_after, std::to_string(retry_after));
+      body["retry_after_seconds"] = retry_after;
+    }
+    res.body() = body.dump() + "\n";
+    return res;
+  }
+
+  http::response<http::string_body> FromError(const custody::Error& e) {
+    decision_ = e.category() == Category::kDenied  ? "deny"
+                : e.category() == Category::kLimit ? "limit"
+                                                   : "error";
+    int status = HttpStatus(e.category());
+    if (e.category() == Category::kDenied && e.code() == core::kUnauthenticated) status = 401;
+    uint64_t retry = e.category() == Category::kLimit ? e.code() : 0;
+    if (e.backend() == Backend::kPkcs11 || e.backend() == Backend::kOs) {
+      spdlog::warn("request {}: {} {}/{}: {}", peer_.request_id, action_, project_, env_, e.message());
+    }
+    return Error(status, e.message(), e.category(), retry);
+  }
+
+  http::response<http::string_body> Json(int status, const json& j) {
+    http::response<http::string_body> res{static_cast<http::status>(status), 11};
+    res.set(http::field::content_type, "application/json");
+    res.body() = j.dump() + "\n";
+    return res;
+  }
+
+  http::response<http::string_body> Handle(const http::request<http::string_body>& req) {
+    peer_.request_id = RequestId();
+    action_ = "other";
+    project_.clear();
+    env_.clear();
+    decision_ = "allow";
+    std::string_view target(req.target().data(), req.target().size());
+    std::string_view path = target.substr(0, target.find('?'));
+    std::string_view query = target.find('?') == std::string_view::npos ? "" : target.substr(target.find('?') + 1);
+    auto param = [&](std::string_view key) -> std::optional<std::string> {
+      size_t pos = 0;
+      while (pos <= query.size()) {
+        size_t amp = query.find('&', pos);
+        std::string_view kv = query.substr(pos, amp == std::string_view::npos ? std::string_view::npos : amp - pos);
+        if (kv.substr(0, kv.find('=')) == key && kv.find('=') != std::string_view::npos) {
+          return std::string(kv.substr(kv.find('=') + 1));
+        }
+        if (amp == std::string_view::npos) break;
+        pos = amp + 1;
+      }
+      return std::nullopt;
+    };
+
+    if (path == "/v1/health") {
+      action_ = "health";
+      auto& st = srv_.custodian.stats();
+      bool ok = st.audit_healthy.load() && st.token_healthy.load();
+      return Json(ok ? 200 : 503, {{"status", ok ? "ok" : "degraded"},
+                                   {"audit", st.audit_healthy.load() ? "ok" : "failing: records cannot be written"},
+                                   {"token", st.token_healthy.load() ? "ok" : "failing: see custody_token_errors_total"},
+                                   {"policy_version", srv_.custodian.policy()->version()}});
+    }
+    if (path == "/metrics") {
+      action_ = "metrics";
+      http::response<http::string_body> res{http::status::ok, 11};
+      res.set(http::field::content_type, "text/plain; version=0.0.4");
+      res.body() = srv_.metrics.Render(srv_.custodian.stats(), srv_.connections.load(),
+                                       srv_.custodian.policy()->version());
+      return res;
+    }
+    if (path == "/v1/usage") {
+      action_ = "usage.read";
+      if (req.method() != http::verb::get) return Error(405, "use GET for /v1/usage");
+      auto project = param("project");
+      project_ = project.value_or("");
+      auto rows = srv_.custodian.Usage(peer_, project);
+      if (!rows) return FromError(rows.error());
+      json out = json::array();
+      for (const auto& r : *rows) {
+        out.push_back({{"project", r.project}, {"environment", r.environment}, {"principal", r.principal},
+                       {"unseals", r.unseals}, {"unseals_today", r.unseals_today}, {"seals", r.seals},
+                       {"refusals", {{"denied", r.denied}, {"rate_limited", r.rate_limited},
+                                     {"spend_limited", r.spend_limited}}},
+                       {"last_use", r.last_use}});
+      }
+      return Json(200, out);
+    }
+    constexpr std::string_view kSecrets = "/v1/secrets/";
+    if (path.substr(0, kSecrets.size()) == kSecrets) {
+      auto sp = core::SecretPath::Parse(path.substr(kSecrets.size()));
+      if (!sp) return FromError(sp.error());
+      project_ = sp->project;
+      env_ = sp->environment;
+      if (req.method() == http::verb::get) {
+        action_ = "secret.get";
+        std::optional<uint32_t> version;
+        if (auto v = param("version")) {
+          char* end = nullptr;
+          unsigned long n = std::strtoul(v->c_str(), &end, 10);
+          if (v->empty() || *end != '\0' || n == 0 || n > UINT32_MAX) return Error(400, "version must be a positive number");
+          version = static_cast<uint32_t>(n);
+        }
+        auto u = srv_.custodian.Get(peer_, *sp, version);
+        if (!u) return FromError(u.error());
+        std::string_view value = u->value.RevealString(SecretAccess{});
+        // The response body is wiped after it is written (see OnWrite).
+        json out{{"path", sp->str()}, {"version", u->version}};
+        if (ValidUtf8(value)) {
+          out["value"] = std::string(value);
+        } else {
+          out["value_base64"] = Base64(value);
+        }
+        auto res = Json(200, out);
+        if (out.contains("value")) OPENSSL_cleanse(out["value"].get_ref<std::string&>().data(), value.size());
+        return res;
+      }
+      if (req.method() == http::verb::put) {
+        action_ = "secret.put";
+        json body = json::parse(req.body(), nullptr, /*allow_exceptions=*/false);
+        if (body.is_discarded() || !body.is_object()) return Error(400, "the body must be a JSON object {\"value\": \"...\"}");
+        std::optional<SecretBuffer> value;
+        if (auto it = body.find("value"); it != body.end() && it->is_string()) {
+          std::string& s = it->get_ref<std::string&>();
+          value = SecretBuffer::Copy(std::string_view(s));
+          OPENSSL_cleanse(s.data(), s.size());
+        } else if (auto b = body.find("value_base64"); b != body.end() && b->is_string()) {
+          value = Unbase64(b->get<std::string>());
+          if (!value) return Error(400, "value_base64 is not valid base64");
+        } else {
+          return Error(400, "the body must have a string \"value\" (or \"value_base64\")");
+        }
+        if (value->size() > core::kMaxSecretSize) return Error(413, "the value is larger than 65536 bytes");
+        auto v = srv_.custodian.Put(peer_, *sp, *value);
+        if (!v) return FromError(v.error());
+        return Json(201, {{"path", sp->str()}, {"version", *v}});
+      }
+      return Error(405, "use GET or PUT for /v1/secrets/PROJECT/ENV/NAME");
+    }
+    return Error(404, "no such endpoint: " + std::string(path), Category::kNotFound);
+  }
+
+  void Reply(http::response<http::string_body> res, bool keep) {
+    res.keep_alive(keep);
+    res.set(http::field::server, "custodyd");
+    res.prepare_payload();
+    res_ = std::move(res);
+    stream_.expires_after(std::chrono::seconds(srv_.options.idle_timeout_seconds));
+    http::async_write(stream_, res_, [self = shared_from_this(), keep](beast::error_code ec, size_t) {
+      self->OnWrite(ec, keep);
+    });
+  }
+
+  void OnWrite(beast::error_code ec, bool keep) {
+    OPENSSL_cleanse(res_.body().data(), res_.body().size());
+    res_ = {};
+    if (ec || !keep) {
+      Close();
+      return;
+    }
+    Read();
+  }
+
+  void Close() {
+    beast::error_code ignored;
+    stream_.socket().shutdown(Local::socket::shutdown_both, ignored);
+    stream_.close();
+  }
+
+  Server::Impl& srv_;
+  Stream stream_;
+  beast::flat_buffer buffer_;
+  std::optional<http::request_parser<http::string_body>> parser_;
+  http::response<http::string_body> res_;
+  core::RequestContext peer_;
+  std::string action_, project_, env_, decision_;
+};
+
+// The kernel's word on who is at the other end of a Unix socket.
+std::optional<core::RequestContext> PeerOf(Local::socket& s) {
+  struct ucred cred {};
+  socklen_t len = sizeof cred;
+  if (::getsockopt(s.native_handle(), SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return std::nullopt;
+  core::RequestContext rc;
+  rc.caller.uid = cred.uid;
+  rc.caller.gids.push_back(cred.gid);
+  struct passwd pw {};
+  struct passwd* found = nullptr;
+  char buf[4096];
+  if (::getpwuid_r(cred.uid, &pw, buf, sizeof buf, &found) == 0 && found != nullptr) {
+    rc.caller.user = found->pw_name;
+    gid_t groups[64];
+    int n = 64;
+    if (::getgrouplist(found->pw_name, found->pw_gid, groups, &n) >= 0) {
+      for (int i = 0; i < n; ++i) rc.caller.gids.push_back(groups[i]);
+    }
+  }
+  rc.identified_by = "uid " + std::to_string(cred.uid) + (rc.caller.user ? " (" + *rc.caller.user + ")" : "") +
+                     " pid " + std::to_string(cred.pid) + " via unix socket";
+  return rc;
+}
+
+}  // namespace
+
+void Server::Impl::Accept() {
+  acceptor->async_accept([this](beast::error_code ec, Local::socket socket) {
+    if (ec) {
+      if (ec != asio::error::operation_aborted) {
+        spdlog::warn("accept failed: {}", ec.message());
+        Accept();
+      }
+      return;
+    }
+    if (connections.load() >= static_cast<int>(options.max_connections)) {
+      // Over the limit: a short answer and a close, so clients see why.
+      static const std::string kBusy =
+          "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\nConnection: "
+          "close\r\nContent-Length: 54\r\n\r\n{\"error\":\"too many connections; retry\",\"status\":503}\n";
+      beast::error_code ignored;
+      asio::write(socket, asio::buffer(kBusy), ignored);
+      socket.close(ignored);
+    } else if (auto peer = PeerOf(socket)) {
+      std::make_shared<Session>(*this, std::move(socket), std::move(*peer))->Start();
+    }
+    Accept();
+  });
+}
+
+Server::Server(ServerOptions options, core::Custodian& custodian)
+    : impl_(std::make_unique<Impl>(std::move(options), custodian)) {}
+
+Server::~Server() = default;
+
+Status Server::Listen() {
+  const std::string& path = impl_->options.socket_path;
+  if (path.empty()) return custody::Error(Category::kConfig, "no listener configured: set [server] socket");
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) == 0) {
+    if (!S_ISSOCK(st.st_mode)) {
+      return custody::Error(Category::kConfig, path + " exists and is not a socket; refusing to replace it");
+    }
+    ::unlink(path.c_str());  // a stale socket from a previous run
+  }
+  beast::error_code ec;
+  impl_->acceptor.emplace(impl_->io);
+  impl_->acceptor->open(Local{}, ec);
+  if (!ec) impl_->acceptor->bind(Local::endpoint(path), ec);
+  if (!ec) impl_->acceptor->listen(asio::socket_base::max_listen_connections, ec);
+  if (ec) return custody::Error(Category::kUnavailable, "cannot listen on " + path + ": " + ec.message());
+  // Who may connect is the socket's mode; what they get is the policy's.
+  ::chmod(path.c_str(), impl_->options.socket_mode);
+  impl_->Accept();
+  return Status::Ok();
+}
+
+void Server::Run(unsigned threads) {
+  std::vector<std::thread> pool;
+  for (unsigned i = 1; i < threads; ++i) pool.emplace_back([this] { impl_->io.run(); });
+  impl_->io.run();
+  for (auto& t : pool) t.join();
+}
+
+void Server::Post(std::function<void()> fn) { asio::post(impl_->io, std::move(fn)); }
+
+void Server::Every(std::chrono::seconds period, std::function<void()> fn) {
+  auto t = std::make_unique<Impl::Ticker>(Impl::Ticker{asio::steady_timer(impl_->io), period, std::move(fn), impl_.get()});
+  Impl::Ticker* raw = t.get();
+  impl_->tickers.push_back(std::move(t));
+  asio::post(impl_->io, [raw] { raw->Arm(); });
+}
+
+void Server::Stop(std::chrono::seconds grace) {
+  asio::post(impl_->io, [this, grace] {
+    impl_->draining.store(true);
+    beast::error_code ignored;
+    if (impl_->acceptor) impl_->acceptor->close(ignored);
+    ::unlink(impl_->options.socket_path.c_str());
+    for (auto& t : impl_->tickers) t->timer.cancel();
+    // Requests in flight finish; idle keep-alive connections time out or close.
+    impl_->drain_deadline = std::chrono::steady_clock::now() + grace;
+    impl_->drain_timer.emplace(impl_->io);
+    impl_->DrainCheck();
+  });
+}
+
+int Server::open_connections() const { return impl_->connections.load(); }
+
+}  // namespace custody::server

@@ -1,0 +1,59 @@
+// The custodyd HTTP server: HTTP/1.1 with JSON bodies (Boost.Beast) on a Unix
+// socket, where the kernel (SO_PEERCRED) says who the peer is. Every request
+// goes through core::Custodian (policy, limits, audit, token).
+//
+//   Server server(config, custodian, log);
+//   CUSTODY_RETURN_IF_ERROR(server.Listen());
+//   server.Run(threads);   // until Stop()
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <string>
+
+#include "custody/common/result.h"
+#include "custody/core/config.h"
+#include "custody/core/custodian.h"
+
+namespace custody::server {
+
+class Metrics;
+
+struct ServerOptions {
+  std::string socket_path;
+  uint32_t socket_mode = 0666;
+  uint32_t max_connections = 256;
+  uint32_t idle_timeout_seconds = 30;
+  uint32_t max_header_bytes = 8 * 1024;
+  uint32_t max_body_bytes = 128 * 1024;
+};
+
+ServerOptions OptionsFrom(const core::Config& c);
+
+class Server {
+ public:
+  Server(ServerOptions options, core::Custodian& custodian);
+  ~Server();
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+
+  // Binds the Unix socket (replacing a stale one), sets its mode.
+  Status Listen();
+  // Runs the I/O loop on `threads` threads until Stop() has drained.
+  void Run(unsigned threads);
+  // Stops accepting, lets requests in flight finish (at most `grace`), then ends Run.
+  void Stop(std::chrono::seconds grace = std::chrono::seconds(10));
+  // Runs `fn` on the server's loop (signal handlers, timers).
+  void Post(std::function<void()> fn);
+  // Calls `fn` every `period` on the loop until Stop().
+  void Every(std::chrono::seconds period, std::function<void()> fn);
+
+  int open_connections() const;
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace custody::server
