@@ -10,8 +10,10 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
+#include <openssl/crypto.h>
 #include <openssl/rand.h>
 
+#include "custody/client/client.h"
 #include "custody/core/audit.h"
 #include "custody/core/audit_signer.h"
 #include "custody/core/authz.h"
@@ -197,6 +199,14 @@ Status Finish(Opened& o, Status outcome) {
 
 void PrintJson(const json& j) { std::printf("%s\n", j.dump(2).c_str()); }
 
+// CUSTODY_ADDR set: the server does the flow; this process never sees the PIN.
+std::optional<std::string> ServerAddress() {
+  const char* a = std::getenv("CUSTODY_ADDR");
+  if (a == nullptr || *a == '\0') return std::nullopt;
+  return std::string(a);
+}
+
+
 }  // namespace
 
 Status Init(const Globals& g, const InitArgs& a) {
@@ -362,6 +372,17 @@ Status SecretPut(const Globals& g, const PutArgs& a) {
     if (!s.empty() && s.back() == '\n') value->Truncate(s.size() - 1);
   }
   if (value->empty()) return Error(Category::kIntegrity, "refusing to store an empty value for " + path.str());
+  if (auto addr = ServerAddress()) {
+    CUSTODY_ASSIGN_OR_RETURN(auto c, client::Client::Connect(*addr));
+    auto v = c.Put(path.str(), *value);
+    if (!v) return std::move(v).error().Wrap(path.str());
+    if (g.json) {
+      PrintJson({{"path", path.str()}, {"version", *v}});
+    } else {
+      std::printf("sealed %s version %u\n", path.str().c_str(), *v);
+    }
+    return Status::Ok();
+  }
 
   CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "secret.put"));
   o.ev.project = path.project;
@@ -411,45 +432,115 @@ Status SecretPut(const Globals& g, const PutArgs& a) {
   }());
 }
 
-Status SecretGet(const Globals& g, const GetArgs& a) {
-  CUSTODY_ASSIGN_OR_RETURN(core::SecretPath path, core::SecretPath::Parse(a.path));
+namespace {
+
+// In direct mode: the whole flow here (policy, limits, audit, token); the
+// value is returned only after its audit record is durable.
+Result<core::Unsealed> DirectGet(const Globals& g, const core::SecretPath& path, std::optional<uint32_t> version) {
   CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "secret.get"));
   o.ev.project = path.project;
   o.ev.environment = path.environment;
   o.ev.name = path.name;
-  o.ev.version = a.version;
-  return Finish(o, [&]() -> Status {
+  o.ev.version = version;
+  std::optional<core::Unsealed> out;
+  Status s = Finish(o, [&]() -> Status {
     CUSTODY_RETURN_IF_ERROR(Guard(o));
     policy::Target target{path.project, path.environment, path.name};
     CUSTODY_RETURN_IF_ERROR(Ask(o, Action::kGet, target));
     // Not-found is answered before a limit is spent: a typo costs no budget.
     CUSTODY_ASSIGN_OR_RETURN(auto env, o.store->FindEnvironment(path.project, path.environment));
-    CUSTODY_ASSIGN_OR_RETURN(auto rec, o.store->GetVersion(env, path.name, a.version));
+    CUSTODY_ASSIGN_OR_RETURN(auto rec, o.store->GetVersion(env, path.name, version));
     o.ev.version = rec.version;
     CUSTODY_ASSIGN_OR_RETURN(auto kek, o.store->KekById(rec.kek_record_id));
     o.ev.kek_id = hsm::ToHex(kek.ref.id);
     CUSTODY_RETURN_IF_ERROR(Charge(o, target, core::UsageEvent::kUnseal));
     CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, o));
     core::SecretService svc(*o.store, *o.sealer);
-    CUSTODY_ASSIGN_OR_RETURN(core::Unsealed u, svc.Get(path, a.version));
-    // The record is durable before the value leaves this process.
+    CUSTODY_ASSIGN_OR_RETURN(core::Unsealed u, svc.Get(path, version));
+    // The record is durable before the value leaves this function.
     CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
-    auto bytes = u.value.Reveal(SecretAccess{});
-    if (a.out) {
-      CUSTODY_RETURN_IF_ERROR(WritePrivateFile(*a.out, bytes));
-      std::fprintf(stderr, "custody: wrote %s version %u to %s\n", path.str().c_str(), u.version, a.out->c_str());
-      return Status::Ok();
-    }
-    // The value goes to stdout as raw bytes, never through a JSON string copy.
-    size_t off = 0;
-    while (off < bytes.size()) {
-      ssize_t n = ::write(STDOUT_FILENO, bytes.data() + off, bytes.size() - off);
-      if (n < 0 && errno == EINTR) continue;
-      if (n < 0) return Error::Os(errno, "writing to stdout");
-      off += static_cast<size_t>(n);
-    }
+    out = std::move(u);
     return Status::Ok();
   }());
+  if (!s.ok()) return std::move(s).error();
+  return std::move(*out);
+}
+
+Result<core::Unsealed> Fetch(const Globals& g, const core::SecretPath& path, std::optional<uint32_t> version) {
+  if (auto addr = ServerAddress()) {
+    CUSTODY_ASSIGN_OR_RETURN(auto c, client::Client::Connect(*addr));
+    auto f = c.Get(path.str(), version);
+    if (!f) return std::move(f).error().Wrap(path.str());
+    return core::Unsealed{std::move(f->value), f->version};
+  }
+  return DirectGet(g, path, version);
+}
+
+Status WriteAll(int fd, std::span<const uint8_t> bytes) {
+  size_t off = 0;
+  while (off < bytes.size()) {
+    ssize_t n = ::write(fd, bytes.data() + off, bytes.size() - off);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return Error::Os(errno, "writing to stdout");
+    off += static_cast<size_t>(n);
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status SecretGet(const Globals& g, const GetArgs& a) {
+  CUSTODY_ASSIGN_OR_RETURN(core::SecretPath path, core::SecretPath::Parse(a.path));
+  CUSTODY_ASSIGN_OR_RETURN(core::Unsealed u, Fetch(g, path, a.version));
+  auto bytes = u.value.Reveal(SecretAccess{});
+  if (a.out) {
+    CUSTODY_RETURN_IF_ERROR(WritePrivateFile(*a.out, bytes));
+    std::fprintf(stderr, "custody: wrote %s version %u to %s\n", path.str().c_str(), u.version, a.out->c_str());
+    return Status::Ok();
+  }
+  // The value goes to stdout as raw bytes, never through a JSON string copy.
+  return WriteAll(STDOUT_FILENO, bytes);
+}
+
+Status Exec(const Globals& g, const std::vector<std::string>& envs, const std::vector<std::string>& command) {
+  if (command.empty()) return Error(Category::kUsage, "exec needs a command after --");
+  std::vector<std::pair<std::string, core::SecretPath>> wanted;
+  for (const auto& e : envs) {
+    size_t eq = e.find('=');
+    if (eq == std::string::npos || eq == 0) {
+      return Error(Category::kUsage, "--env '" + e + "' must be NAME=PROJECT/ENV/SECRET");
+    }
+    std::string name = e.substr(0, eq);
+    for (char c : name) {
+      if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_')) {
+        return Error(Category::kUsage, "--env name '" + name + "' is not a valid variable name");
+      }
+    }
+    CUSTODY_ASSIGN_OR_RETURN(auto path, core::SecretPath::Parse(e.substr(eq + 1)));
+    wanted.emplace_back(name, path);
+  }
+  // Every value is fetched (and recorded) before anything is set: all or nothing.
+  std::vector<std::pair<std::string, core::Unsealed>> got;
+  for (auto& [name, path] : wanted) {
+    CUSTODY_ASSIGN_OR_RETURN(core::Unsealed u, Fetch(g, path, std::nullopt));
+    if (u.value.RevealString(SecretAccess{}).find('\0') != std::string_view::npos) {
+      return Error(Category::kIntegrity, path.str() + " holds a NUL byte and cannot go into an environment variable");
+    }
+    got.emplace_back(name, std::move(u));
+  }
+  for (auto& [name, u] : got) {
+    std::string v(u.value.RevealString(SecretAccess{}));
+    ::setenv(name.c_str(), v.c_str(), 1);
+    OPENSSL_cleanse(v.data(), v.size());
+  }
+  got.clear();  // wiped
+  std::vector<char*> argv;
+  for (const auto& c : command) argv.push_back(const_cast<char*>(c.c_str()));
+  argv.push_back(nullptr);
+  // The values live on only in the new program's environment. The process
+  // was made non-dumpable; exec resets that for the new program, as it should.
+  ::execvp(argv[0], argv.data());
+  return Error::Os(errno, "cannot run " + command[0], errno == ENOENT ? Category::kNotFound : Category::kUnavailable);
 }
 
 Status SecretList(const Globals& g, const std::string& scope_text) {

@@ -42,6 +42,9 @@ struct GetArgs {
   std::optional<std::string> out;
 };
 Status SecretGet(const Globals& g, const GetArgs& a);
+// Fetches each NAME=PROJECT/ENV/SECRET and replaces this process with
+// `command`, the values in its environment only.
+Status Exec(const Globals& g, const std::vector<std::string>& envs, const std::vector<std::string>& command);
 Status SecretList(const Globals& g, const std::string& scope);
 Status SecretDelete(const Globals& g, const std::string& path);
 

@@ -125,6 +125,13 @@ int main(int argc, char** argv) {
   c_usage->add_option("PROJECT", usage_project);
   c_usage->callback(run([&] { return custody::cli::Usage(g, usage_project); }));
 
+  // exec
+  std::vector<std::string> exec_envs, exec_command;
+  auto* c_exec = app.add_subcommand("exec", "run a command with secrets in its environment only");
+  c_exec->add_option("--env", exec_envs, "NAME=PROJECT/ENV/SECRET (repeatable)")->required();
+  c_exec->add_option("COMMAND", exec_command, "the command and its arguments, after --")->required();
+  c_exec->callback(run([&] { return custody::cli::Exec(g, exec_envs, exec_command); }));
+
   // audit
   auto* c_audit = app.add_subcommand("audit", "the tamper-evident audit log");
   c_audit->require_subcommand(1);

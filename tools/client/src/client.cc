@@ -1,0 +1,137 @@
+#include "custody/client/client.h"
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+
+#include <boost/asio.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <nlohmann/json.hpp>
+
+namespace custody::client {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+using nlohmann::json;
+
+namespace {
+
+// The server's status back to the category the CLI maps to its exit codes.
+Category FromStatus(int status) {
+  switch (status) {
+    case 400: case 405: case 413: case 431: return Category::kUsage;
+    case 401: case 403: return Category::kDenied;
+    case 404: return Category::kNotFound;
+    case 429: return Category::kLimit;
+    case 503: return Category::kUnavailable;
+    default: return Category::kInternal;
+  }
+}
+
+}  // namespace
+
+Result<Client> Client::Connect(const std::string& address) {
+  if (address.rfind("unix:", 0) == 0 && address.size() > 5) return Client(address.substr(5));
+  if (address.rfind("https://", 0) == 0) {
+    return Error(Category::kConfig, "CUSTODY_ADDR " + address +
+                                        ": the mTLS listener is not built yet; use unix:/path/to/custody.sock");
+  }
+  return Error(Category::kConfig, "CUSTODY_ADDR '" + address + "' must be unix:/path/to/custody.sock");
+}
+
+Result<Client::Response> Client::Request(const std::string& method, const std::string& target,
+                                         std::string* body) const {
+  asio::io_context io;
+  asio::local::stream_protocol::socket sock(io);
+  beast::error_code ec;
+  sock.connect(asio::local::stream_protocol::endpoint(socket_path_), ec);
+  if (ec) {
+    return Error(Category::kUnavailable, "cannot reach custodyd at " + socket_path_ + ": " + ec.message());
+  }
+  http::request<http::string_body> req{http::string_to_verb(method), target, 11};
+  req.set(http::field::host, "custodyd");
+  req.set(http::field::user_agent, "custody-client");
+  if (body != nullptr) {
+    req.set(http::field::content_type, "application/json");
+    req.body() = std::move(*body);
+    req.prepare_payload();
+  }
+  http::write(sock, req, ec);
+  OPENSSL_cleanse(req.body().data(), req.body().size());
+  if (ec) return Error(Category::kUnavailable, "custodyd at " + socket_path_ + ": " + ec.message());
+  beast::flat_buffer buf;
+  http::response_parser<http::string_body> parser;
+  parser.body_limit(4 * 1024 * 1024);
+  http::read(sock, buf, parser, ec);
+  if (ec) return Error(Category::kUnavailable, "custodyd at " + socket_path_ + ": " + ec.message());
+  auto res = parser.release();
+  Response out{static_cast<int>(res.result_int()), std::move(res.body())};
+  if (out.status >= 400) {
+    json j = json::parse(out.body, nullptr, false);
+    std::string message = !j.is_discarded() && j.contains("error") && j["error"].is_string()
+                              ? j["error"].get<std::string>()
+                              : "custodyd answered HTTP " + std::to_string(out.status);
+    uint64_t retry = (!j.is_discarded() && j.contains("retry_after_seconds")) ? j["retry_after_seconds"].get<uint64_t>() : 0;
+    return Error(FromStatus(out.status), message, Backend::kNone, retry);
+  }
+  return out;
+}
+
+Result<Fetched> Client::Get(const std::string& path, std::optional<uint32_t> version) const {
+  std::string target = "/v1/secrets/" + path + (version ? "?version=" + std::to_string(*version) : "");
+  CUSTODY_ASSIGN_OR_RETURN(Response r, Request("GET", target, nullptr));
+  json j = json::parse(r.body, nullptr, false);
+  OPENSSL_cleanse(r.body.data(), r.body.size());
+  if (j.is_discarded() || !j.is_object()) return Error(Category::kIntegrity, "custodyd sent a malformed answer");
+  Fetched f;
+  f.version = j.value("version", 0u);
+  if (auto it = j.find("value"); it != j.end() && it->is_string()) {
+    std::string& s = it->get_ref<std::string&>();
+    f.value = SecretBuffer::Copy(std::string_view(s));
+    OPENSSL_cleanse(s.data(), s.size());
+  } else if (auto b = j.find("value_base64"); b != j.end() && b->is_string()) {
+    const std::string& s = b->get_ref<const std::string&>();
+    SecretBuffer out(s.size() / 4 * 3 + 3);
+    int n = EVP_DecodeBlock(out.RevealMutable(SecretAccess{}).data(), reinterpret_cast<const unsigned char*>(s.data()),
+                            static_cast<int>(s.size()));
+    if (n < 0) return Error(Category::kIntegrity, "custodyd sent invalid base64");
+    size_t pad = (!s.empty() && s.back() == '=') + (s.size() > 1 && s[s.size() - 2] == '=');
+    out.Truncate(static_cast<size_t>(n) - pad);
+    f.value = std::move(out);
+  } else {
+    return Error(Category::kIntegrity, "custodyd's answer has no value");
+  }
+  return f;
+}
+
+Result<uint32_t> Client::Put(const std::string& path, const SecretBuffer& value) const {
+  json j;
+  std::string_view v = value.RevealString(SecretAccess{});
+  // JSON strings must be UTF-8: anything else travels as base64.
+  bool text = true;
+  for (unsigned char c : v) text = text && c >= 0x20 && c < 0x7f;
+  if (text) {
+    j["value"] = std::string(v);
+  } else {
+    std::string b64(4 * ((v.size() + 2) / 3) + 1, '\0');
+    int n = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(b64.data()),
+                            reinterpret_cast<const unsigned char*>(v.data()), static_cast<int>(v.size()));
+    b64.resize(static_cast<size_t>(n));
+    j["value_base64"] = b64;
+  }
+  std::string body = j.dump();
+  if (j.contains("value")) OPENSSL_cleanse(j["value"].get_ref<std::string&>().data(), v.size());
+  CUSTODY_ASSIGN_OR_RETURN(Response r, Request("PUT", "/v1/secrets/" + path, &body));
+  OPENSSL_cleanse(body.data(), body.size());
+  json a = json::parse(r.body, nullptr, false);
+  if (a.is_discarded() || !a.contains("version")) return Error(Category::kIntegrity, "custodyd sent a malformed answer");
+  return a["version"].get<uint32_t>();
+}
+
+Result<std::string> Client::Fetch(const std::string& target) const {
+  CUSTODY_ASSIGN_OR_RETURN(Response r, Request("GET", target, nullptr));
+  return r.body;
+}
+
+}  // namespace custody::client
