@@ -62,9 +62,9 @@ class SoftHsmToken {
 };
 
 struct RunOptions {
-  std::map<std::string, std::string> env;  // added to a minimal environment
-  std::string stdin_data;
-  std::vector<int> keep_fds;  // descriptors the child inherits as they are
+  std::map<std::string, std::string> env = {};  // added to a minimal environment
+  std::string stdin_data = {};
+  std::vector<int> keep_fds = {};  // descriptors the child inherits as they are
 };
 
 struct RunResult {

@@ -129,8 +129,16 @@ int main(int argc, char** argv) {
   std::vector<std::string> exec_envs, exec_command;
   auto* c_exec = app.add_subcommand("exec", "run a command with secrets in its environment only");
   c_exec->add_option("--env", exec_envs, "NAME=PROJECT/ENV/SECRET (repeatable)")->required();
-  c_exec->add_option("COMMAND", exec_command, "the command and its arguments, after --")->required();
-  c_exec->callback(run([&] { return custody::cli::Exec(g, exec_envs, exec_command); }));
+  // Everything after the first word of the command is the command's own.
+  c_exec->prefix_command();
+  c_exec->footer("usage: custody exec --env NAME=PROJECT/ENV/SECRET [--env ...] -- COMMAND [ARGS...]");
+  c_exec->callback(run([&] {
+    for (const auto& a : c_exec->remaining()) {
+      if (exec_command.empty() && a == "--") continue;
+      exec_command.push_back(a);
+    }
+    return custody::cli::Exec(g, exec_envs, exec_command);
+  }));
 
   // audit
   auto* c_audit = app.add_subcommand("audit", "the tamper-evident audit log");

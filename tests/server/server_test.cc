@@ -1,0 +1,308 @@
+// custodyd for real: its own SoftHSM token, a real socket, real processes,
+// clients running as other users (setpriv), and signals.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <chrono>
+#include <filesystem>
+#include <thread>
+
+#include "../support/testenv.h"
+#include "custody/client/client.h"
+
+namespace custody::test {
+namespace {
+
+constexpr const char* kSecret = "sk-live-SERVERTEST-0123456789";
+
+constexpr const char* kPolicy = R"(version = 1
+admins = ["user:root"]
+[principals."user:root"]
+uid = 0
+[principals."user:nobody"]
+uid = 65534
+[projects.payments]
+[projects.payments.environments.dev]
+production = false
+[projects.payments.environments.prod]
+[[projects.payments.grants]]
+principal = "user:root"
+role = "owner"
+[projects.billing]
+[projects.billing.environments.prod]
+rate = "3/min"
+[[projects.billing.grants]]
+principal = "user:root"
+role = "owner"
+[[projects.billing.grants]]
+principal = "user:nobody"
+role = "reader"
+)";
+
+// A raw request on the socket; returns what the server answered.
+std::string Raw(const std::string& socket, const std::string& request) {
+  int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, socket.c_str(), sizeof addr.sun_path - 1);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    ::close(fd);
+    return "connect failed";
+  }
+  size_t off = 0;
+  while (off < request.size()) {
+    ssize_t n = ::send(fd, request.data() + off, request.size() - off, MSG_NOSIGNAL);
+    if (n <= 0) break;
+    off += static_cast<size_t>(n);
+  }
+  ::shutdown(fd, SHUT_WR);
+  std::string out;
+  char buf[4096];
+  ssize_t n;
+  while ((n = ::recv(fd, buf, sizeof buf, 0)) > 0) out.append(buf, static_cast<size_t>(n));
+  ::close(fd);
+  return out;
+}
+
+class ServerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    token_.InitCli();
+    WriteFile(token_.dir() / "policy.toml", kPolicy);
+    auto r = Cli({"policy", "apply", token_.dir() / "policy.toml"});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    ASSERT_EQ(Cli({"secret", "put", "payments/prod/stripe"}, kSecret).exit_code, 0);
+    ASSERT_EQ(Cli({"secret", "put", "billing/prod/invoice-key"}, "billing-value").exit_code, 0);
+    // The socket's folder must be reachable by other users (nobody).
+    ::chmod(run_.path().c_str(), 0755);
+    socket_ = run_ / "custody.sock";
+    std::string cfg = ReadFile(token_.config_path());
+    WriteFile(token_.config_path(), cfg + "\n[server]\nsocket = \"" + socket_ + "\"\nthreads = 4\nmax_body_bytes = 4096\n");
+    Start();
+  }
+  void TearDown() override {
+    if (pid_ > 0) {
+      ::kill(pid_, SIGKILL);
+      ::waitpid(pid_, nullptr, 0);
+    }
+  }
+
+  void Start() {
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      std::string c = "CUSTODY_CONFIG=" + token_.config_path(), s = "SOFTHSM2_CONF=" + token_.conf();
+      std::string path = std::string("PATH=") + (std::getenv("PATH") ? std::getenv("PATH") : "/usr/bin:/bin");
+      std::vector<std::string> env_strings{c, s, path};
+      for (const char* k : {"ASAN_OPTIONS", "UBSAN_OPTIONS"}) {
+        if (const char* v = std::getenv(k)) env_strings.push_back(std::string(k) + "=" + v);
+      }
+      std::vector<char*> envp;
+      for (auto& e : env_strings) envp.push_back(e.data());
+      envp.push_back(nullptr);
+      std::string log = token_.dir() / "custodyd.log";
+      FILE* f = std::freopen(log.c_str(), "w", stderr);
+      (void)f;
+      char* argv[] = {const_cast<char*>(CUSTODYD_BIN), nullptr};
+      ::execve(CUSTODYD_BIN, argv, envp.data());
+      ::_exit(127);
+    }
+    for (int i = 0; i < 200; ++i) {
+      struct stat st {};
+      if (::stat(socket_.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) return;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    FAIL() << "custodyd did not start: " << ReadFile(token_.dir() / "custodyd.log");
+  }
+
+  RunResult Cli(const std::vector<std::string>& args, const std::string& in = "") {
+    RunOptions o;
+    o.env = token_.CliEnv();
+    o.stdin_data = in;
+    return RunCustody(args, o);
+  }
+  // The CLI as a client of the server, as another user if `uid` is given.
+  RunResult AsUser(std::optional<int> uid, const std::vector<std::string>& args) {
+    RunOptions o;
+    o.env = {{"CUSTODY_ADDR", "unix:" + socket_}};
+    if (!uid) return RunCustody(args, o);
+    std::vector<std::string> full{"--reuid=" + std::to_string(*uid), "--regid=" + std::to_string(*uid),
+                                  "--clear-groups", CUSTODY_BIN};
+    full.insert(full.end(), args.begin(), args.end());
+    return RunProgram("/usr/bin/setpriv", full, o);
+  }
+  size_t AuditCount(const std::string& action) {
+    auto r = Cli({"--json", "audit", "show", "--action", action});
+    size_t n = 0;
+    for (size_t at = r.out.find("\"seq\""); at != std::string::npos; at = r.out.find("\"seq\"", at + 1)) ++n;
+    return n;
+  }
+
+  SoftHsmToken token_;
+  TempDir run_;
+  std::string socket_;
+  pid_t pid_ = -1;
+};
+
+TEST_F(ServerTest, AnAllowedPrincipalGetsItsSecretAndTheCallIsAudited) {
+  size_t before = AuditCount("secret.get");
+  auto c = client::Client::Connect("unix:" + socket_);
+  ASSERT_TRUE(c.ok());
+  auto f = c->Get("payments/prod/stripe");
+  ASSERT_TRUE(f.ok()) << f.error().message();
+  EXPECT_EQ(f->value.RevealString(SecretAccess{}), kSecret);
+  EXPECT_EQ(f->version, 1u);
+  EXPECT_EQ(AuditCount("secret.get"), before + 1);
+  auto show = Cli({"--json", "audit", "show", "--action", "secret.get"});
+  EXPECT_NE(show.out.find("via unix socket"), std::string::npos) << show.out;
+}
+
+TEST_F(ServerTest, AnotherUidGets403AndAnAuditRecord) {
+  auto r = AsUser(65534, {"secret", "get", "payments/prod/stripe"});
+  EXPECT_EQ(r.exit_code, 77) << r.err;
+  EXPECT_NE(r.err.find("user:nobody has no grant in project payments"), std::string::npos) << r.err;
+  EXPECT_EQ(r.out, "");
+  auto ok = AsUser(65534, {"secret", "get", "billing/prod/invoice-key"});
+  EXPECT_EQ(ok.exit_code, 0) << ok.err;
+  EXPECT_EQ(ok.out, "billing-value");
+  auto show = Cli({"--json", "audit", "show", "--principal", "user:nobody"});
+  EXPECT_NE(show.out.find("\"decision\": \"deny\""), std::string::npos) << show.out;
+  EXPECT_NE(show.out.find("uid 65534 (nobody)"), std::string::npos) << show.out;
+  auto raw = Raw(socket_, "GET /v1/secrets/payments/prod/stripe HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(raw.find("200 OK"), std::string::npos) << "root may";
+}
+
+TEST_F(ServerTest, AnUnknownUidGets401) {
+  auto r = AsUser(12345, {"secret", "get", "billing/prod/invoice-key"});
+  EXPECT_EQ(r.exit_code, 77) << r.err;
+  EXPECT_NE(r.err.find("uid 12345 is not a principal in the policy"), std::string::npos) << r.err;
+}
+
+TEST_F(ServerTest, MalformedOversizedAndBadJsonRequestsAreRefusedAndTheServerStaysUp) {
+  EXPECT_NE(Raw(socket_, "this is not http\r\n\r\n").find("400 Bad Request"), std::string::npos);
+  std::string big(8000, 'x');
+  auto r413 = Raw(socket_, "PUT /v1/secrets/payments/dev/x HTTP/1.1\r\nHost: x\r\nContent-Length: " +
+                               std::to_string(big.size()) + "\r\n\r\n" + big);
+  EXPECT_NE(r413.find("413 Payload Too Large"), std::string::npos) << r413;
+  auto bad = Raw(socket_, "PUT /v1/secrets/payments/dev/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n{bad}");
+  EXPECT_NE(bad.find("400 Bad Request"), std::string::npos) << bad;
+  EXPECT_NE(bad.find("must be a JSON object"), std::string::npos) << bad;
+  auto path = Raw(socket_, "GET /v1/secrets/payments/prod HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(path.find("400 Bad Request"), std::string::npos) << path;
+  EXPECT_NE(Raw(socket_, "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n").find("404 Not Found"), std::string::npos);
+  EXPECT_NE(Raw(socket_, "DELETE /v1/usage HTTP/1.1\r\nHost: x\r\n\r\n").find("405"), std::string::npos);
+  // Still serving.
+  auto ok = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(ok.find("200 OK"), std::string::npos) << ok;
+  EXPECT_NE(ok.find("\"status\":\"ok\""), std::string::npos);
+}
+
+TEST_F(ServerTest, ALimitAnswers429WithRetryAfter) {
+  auto c = client::Client::Connect("unix:" + socket_);
+  // The put in SetUp took one of the three tokens.
+  ASSERT_TRUE(c->Get("billing/prod/invoice-key").ok());
+  ASSERT_TRUE(c->Get("billing/prod/invoice-key").ok());
+  auto raw = Raw(socket_, "GET /v1/secrets/billing/prod/invoice-key HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(raw.find("429 Too Many Requests"), std::string::npos) << raw;
+  EXPECT_NE(raw.find("Retry-After: "), std::string::npos) << raw;
+  EXPECT_NE(raw.find("limit reached: environment billing/prod rate 3/min"), std::string::npos) << raw;
+  auto r = AsUser(std::nullopt, {"secret", "get", "billing/prod/invoice-key"});
+  EXPECT_EQ(r.exit_code, 75) << "the same exit code as in direct mode";
+  auto metrics = Raw(socket_, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(metrics.find("custody_limit_refusals_total{project=\"billing\",environment=\"prod\"}"), std::string::npos)
+      << metrics;
+  EXPECT_NE(metrics.find("custody_request_duration_seconds_bucket{action=\"secret.get\""), std::string::npos);
+  EXPECT_NE(metrics.find("custody_audit_healthy 1"), std::string::npos);
+}
+
+TEST_F(ServerTest, PutThroughTheServerAndExecWithTheValueInTheEnvironmentOnly) {
+  auto put = AsUser(std::nullopt, {"secret", "put", "payments/dev/db"});
+  EXPECT_EQ(put.exit_code, 65) << "no value on stdin is an empty value, as in direct mode";
+  RunOptions o;
+  o.env = {{"CUSTODY_ADDR", "unix:" + socket_}};
+  o.stdin_data = "db-password-42";
+  auto p = RunCustody({"secret", "put", "payments/dev/db"}, o);
+  ASSERT_EQ(p.exit_code, 0) << p.err;
+  EXPECT_NE(p.out.find("sealed payments/dev/db version 1"), std::string::npos);
+  auto e = RunCustody({"exec", "--env", "DB_PASSWORD=payments/dev/db", "--env", "STRIPE=payments/prod/stripe", "--",
+                       "/bin/sh", "-c", "printf '%s|%s' \"$DB_PASSWORD\" \"$STRIPE\""},
+                      {.env = {{"CUSTODY_ADDR", "unix:" + socket_}}});
+  EXPECT_EQ(e.exit_code, 0) << e.err;
+  EXPECT_EQ(e.out, std::string("db-password-42|") + kSecret);
+  auto denied = AsUser(65534, {"exec", "--env", "X=payments/prod/stripe", "--", "/bin/true"});
+  EXPECT_EQ(denied.exit_code, 77) << "exec runs nothing when a value is refused";
+}
+
+TEST_F(ServerTest, SighupWithABrokenConfigKeepsTheOldOneAndAGoodOneLoadsTheNewPolicy) {
+  std::string cfg = ReadFile(token_.config_path());
+  WriteFile(token_.config_path(), "this is [ not toml");
+  ::kill(pid_, SIGHUP);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  auto health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(health.find("\"policy_version\":1"), std::string::npos) << health;
+  EXPECT_NE(ReadFile(token_.dir() / "custodyd.log").find("reload refused"), std::string::npos);
+  WriteFile(token_.config_path(), cfg);
+  // A new policy in force (applied in direct mode), picked up on SIGHUP.
+  std::string p2 = std::string(kPolicy) + "\n# v2\n";
+  WriteFile(token_.dir() / "policy2.toml", p2);
+  ASSERT_EQ(Cli({"policy", "apply", token_.dir() / "policy2.toml"}).exit_code, 0);
+  ::kill(pid_, SIGHUP);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(health.find("\"policy_version\":2"), std::string::npos) << health;
+}
+
+TEST_F(ServerTest, ManyConcurrentClientsGetNoErrorsAndExactlyOneAuditRecordEach) {
+  size_t before = AuditCount("secret.get");
+  constexpr int kThreads = 16, kEach = 25;
+  std::atomic<int> errors{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&] {
+      auto c = client::Client::Connect("unix:" + socket_);
+      for (int i = 0; i < kEach; ++i) {
+        auto f = c->Get("payments/prod/stripe");
+        if (!f.ok() || f->value.RevealString(SecretAccess{}) != kSecret) ++errors;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(errors.load(), 0);
+  EXPECT_EQ(AuditCount("secret.get"), before + kThreads * kEach);
+  auto verify = Cli({"audit", "verify"});
+  EXPECT_EQ(verify.exit_code, 0) << verify.err;
+}
+
+TEST_F(ServerTest, SigtermDrainsAndStops) {
+  ::kill(pid_, SIGTERM);
+  int status = 0;
+  for (int i = 0; i < 100; ++i) {
+    if (::waitpid(pid_, &status, WNOHANG) == pid_) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_TRUE(WIFEXITED(status)) << ReadFile(token_.dir() / "custodyd.log");
+  EXPECT_EQ(WEXITSTATUS(status), 0) << ReadFile(token_.dir() / "custodyd.log");
+  pid_ = -1;
+  EXPECT_FALSE(std::filesystem::exists(socket_));
+  EXPECT_NE(ReadFile(token_.dir() / "custodyd.log").find("stopped"), std::string::npos);
+}
+
+TEST_F(ServerTest, NoSecretInTheServerLog) {
+  auto c = client::Client::Connect("unix:" + socket_);
+  ASSERT_TRUE(c->Get("payments/prod/stripe").ok());
+  ::kill(pid_, SIGTERM);
+  ::waitpid(pid_, nullptr, 0);
+  pid_ = -1;
+  std::string log = ReadFile(token_.dir() / "custodyd.log");
+  EXPECT_EQ(log.find(kSecret), std::string::npos);
+  EXPECT_EQ(log.find(SoftHsmToken::kPin), std::string::npos);
+}
+
+}  // namespace
+}  // namespace custody::test
