@@ -588,6 +588,22 @@ Result<PolicyRecord> SqliteStore::SavePolicy(const std::string& text, const std:
   return p;
 }
 
+// Usage counters and limit buckets are bookkeeping, not custody data: their
+// commits skip the fsync (WAL with synchronous=NORMAL stays consistent and
+// loses at most the last moments of counts on power loss), so charging a
+// limit does not put a disk flush on every request. The audit log is the
+// durable record of each operation; secrets, KEKs and policies keep FULL.
+class RelaxedSync {
+ public:
+  explicit RelaxedSync(sqlite3* db) : db_(db) { sqlite3_exec(db_, "PRAGMA synchronous=NORMAL", nullptr, nullptr, nullptr); }
+  ~RelaxedSync() { sqlite3_exec(db_, "PRAGMA synchronous=FULL", nullptr, nullptr, nullptr); }
+  RelaxedSync(const RelaxedSync&) = delete;
+  RelaxedSync& operator=(const RelaxedSync&) = delete;
+
+ private:
+  sqlite3* db_;
+};
+
 Status SqliteStore::RecordLocked(const UsageKey& key, UsageEvent event, int64_t now) {
   const char* column = "unseals";
   switch (event) {
@@ -609,6 +625,7 @@ Status SqliteStore::RecordLocked(const UsageKey& key, UsageEvent event, int64_t 
 
 Status SqliteStore::Record(const UsageKey& key, UsageEvent event, int64_t now) {
   std::lock_guard lock(mu_);
+  RelaxedSync relaxed(db_);
   CUSTODY_RETURN_IF_ERROR(Begin());
   Status s = RecordLocked(key, event, now);
   if (!s.ok()) {
@@ -621,6 +638,7 @@ Status SqliteStore::Record(const UsageKey& key, UsageEvent event, int64_t now) {
 Result<Admission> SqliteStore::Admit(const UsageKey& key, const std::vector<policy::LimitRule>& rules,
                                      UsageEvent event, double now) {
   std::lock_guard lock(mu_);
+  RelaxedSync relaxed(db_);
   const int64_t now_s = static_cast<int64_t>(now);
   CUSTODY_RETURN_IF_ERROR(Begin());
   auto fail = [&](Error e) { Rollback(); return e; };

@@ -1,0 +1,201 @@
+// custodyd end to end, against the raw token, in one run on one token:
+//   raw        C_DecryptInit + C_Decrypt (AES-256-GCM, 64-byte value) in one
+//              session, in this process: the single-session token rate
+//   server/N   GET /v1/secrets/... over the Unix socket from N concurrent
+//              clients (1, 4, 16, 64), each request identified, checked
+//              against the policy and limits, audited with fsync, unsealed
+//   process    whole `custody secret get` processes (through the server, and
+//              direct) against whole `pkcs11-tool --decrypt` processes
+// Targets: server rate >= 0.5 of raw, p99 < 2 ms at 16 clients; a `custody
+// secret get` process at most half the time of a `pkcs11-tool` one.
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "custody/client/client.h"
+#include "custody/hsm/objects.h"
+#include "custody/hsm/uri.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+const std::string kPin = "bench-pin-1234";
+
+[[noreturn]] void Die(const std::string& what) {
+  std::fprintf(stderr, "server_bench: %s\n", what.c_str());
+  std::exit(1);
+}
+
+void Sh(const std::string& cmd) {
+  if (std::system(cmd.c_str()) != 0) Die("failed: " + cmd);
+}
+
+double TimeProcesses(const std::string& cmd, int runs) {
+  auto t0 = Clock::now();
+  for (int i = 0; i < runs; ++i) {
+    if (std::system((cmd + " >/dev/null 2>&1").c_str()) != 0) Die("failed: " + cmd);
+  }
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count() / runs;
+}
+
+double RawDecryptRate(const std::string& label) {
+  using namespace custody;
+  auto m = hsm::Module::Load("/usr/lib/softhsm/libsofthsm2.so");
+  if (!m) Die(m.error().message());
+  auto slot = hsm::FindSlot(**m, *hsm::TokenUri::Parse("pkcs11:token=bench"));
+  if (!slot) Die(slot.error().message());
+  auto pool = hsm::SessionPool::Open(*m, *slot, SecretBuffer::Copy(std::string_view(kPin)));
+  if (!pool) Die(pool.error().message());
+  double rate = 0;
+  {
+    auto lease = (*pool)->Acquire();
+    CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+    CK_ATTRIBUTE t[] = {{CKA_CLASS, &cls, sizeof cls},
+                        {CKA_LABEL, const_cast<char*>(label.data()), static_cast<CK_ULONG>(label.size())}};
+    auto found = hsm::FindObjects(**lease, t, 1);
+    if (!found || found->empty()) Die("KEK " + label + " not found");
+    CK_OBJECT_HANDLE key = (*found)[0];
+    std::vector<uint8_t> iv(12, 7), aad(80, 1), pt(64, 'x'), ct(80), out(80);
+    CK_GCM_PARAMS gcm{iv.data(), 12, 96, aad.data(), 80, 128};
+    CK_MECHANISM mech{CKM_AES_GCM, &gcm, sizeof gcm};
+    CK_ULONG n = ct.size();
+    auto fn = (*lease)->fn();
+    auto h = (*lease)->handle();
+    if (fn->C_EncryptInit(h, &mech, key) != CKR_OK || fn->C_Encrypt(h, pt.data(), 64, ct.data(), &n) != CKR_OK) {
+      Die("raw encrypt failed");
+    }
+    uint64_t ops = 0;
+    auto t0 = Clock::now();
+    while (Clock::now() - t0 < std::chrono::seconds(2)) {
+      CK_ULONG o = out.size();
+      if (fn->C_DecryptInit(h, &mech, key) != CKR_OK || fn->C_Decrypt(h, ct.data(), 80, out.data(), &o) != CKR_OK) {
+        Die("raw decrypt failed");
+      }
+      ++ops;
+    }
+    rate = ops / std::chrono::duration<double>(Clock::now() - t0).count();
+  }
+  pool->reset();
+  return rate;
+}
+
+struct Run {
+  int clients = 0;
+  double rate = 0, p50_ms = 0, p99_ms = 0;
+  uint64_t errors = 0;
+};
+
+Run ServerRun(const std::string& socket, int clients, std::chrono::seconds length) {
+  std::vector<std::vector<double>> lat(static_cast<size_t>(clients));
+  std::atomic<uint64_t> errors{0};
+  std::vector<std::thread> threads;
+  auto t0 = Clock::now();
+  for (int c = 0; c < clients; ++c) {
+    threads.emplace_back([&, c] {
+      auto client = custody::client::Client::Connect("unix:" + socket);
+      while (Clock::now() - t0 < length) {
+        auto s = Clock::now();
+        auto f = client->Get("bench/prod/api-key");
+        lat[static_cast<size_t>(c)].push_back(std::chrono::duration<double, std::milli>(Clock::now() - s).count());
+        if (!f.ok()) ++errors;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+  std::vector<double> all;
+  for (auto& v : lat) all.insert(all.end(), v.begin(), v.end());
+  std::sort(all.begin(), all.end());
+  Run r;
+  r.clients = clients;
+  r.rate = all.size() / secs;
+  r.p50_ms = all.empty() ? 0 : all[all.size() / 2];
+  r.p99_ms = all.empty() ? 0 : all[std::min(all.size() - 1, all.size() * 99 / 100)];
+  r.errors = errors.load();
+  return r;
+}
+
+}  // namespace
+
+int main() {
+  char tmpl[] = "/var/tmp/custody-server-bench-XXXXXX";
+  if (::mkdtemp(tmpl) == nullptr) Die("mkdtemp");
+  std::string dir = tmpl;
+  ::chmod(dir.c_str(), 0755);
+  std::filesystem::create_directories(dir + "/tokens");
+  std::string conf = dir + "/softhsm2.conf";
+  std::ofstream(conf) << "directories.tokendir = " << dir << "/tokens\nobjectstore.backend = file\nlog.level = ERROR\n";
+  ::setenv("SOFTHSM2_CONF", conf.c_str(), 1);
+  std::string cfg = dir + "/state/custody.toml";
+  ::setenv("CUSTODY_CONFIG", cfg.c_str(), 1);
+  std::ofstream(dir + "/pin") << kPin << "\n";
+  ::chmod((dir + "/pin").c_str(), 0600);
+  const std::string custody = CUSTODY_BIN, custodyd = CUSTODYD_BIN;
+  Sh("softhsm2-util --init-token --free --label bench --so-pin bench-so-5678 --pin " + kPin + " >/dev/null");
+  Sh(custody + " init --module /usr/lib/softhsm/libsofthsm2.so --token pkcs11:token=bench --pin-file " + dir +
+     "/pin --state-dir " + dir + "/state >/dev/null");
+  std::ofstream(dir + "/policy.toml") << "version = 1\nadmins = [\"user:bench\"]\n[principals.\"user:bench\"]\nuid = "
+                                      << ::getuid()
+                                      << "\n[projects.bench.environments.prod]\n[[projects.bench.grants]]\n"
+                                         "principal = \"user:bench\"\nrole = \"owner\"\n";
+  Sh(custody + " policy apply " + dir + "/policy.toml >/dev/null");
+  Sh("head -c 48 /dev/urandom | base64 | head -c 64 | " + custody + " secret put bench/prod/api-key >/dev/null");
+  std::string socket = dir + "/custody.sock";
+  std::ofstream(cfg, std::ios::app) << "\n[server]\nsocket = \"" << socket << "\"\nthreads = 8\nmax_connections = 1024\n";
+
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::execl(custodyd.c_str(), custodyd.c_str(), nullptr);
+    ::_exit(127);
+  }
+  for (int i = 0; i < 200 && !std::filesystem::exists(socket); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  if (!std::filesystem::exists(socket)) Die("custodyd did not start");
+
+  double raw = RawDecryptRate("custody:kek:bench:v1");
+  std::printf("raw C_Decrypt, one session:        %8.0f /s\n\n", raw);
+  std::printf("%-8s %10s %8s %8s %8s %7s\n", "clients", "requests/s", "ratio", "p50 ms", "p99 ms", "errors");
+  ServerRun(socket, 4, std::chrono::seconds(1));  // warm up
+  Run at16;
+  for (int n : {1, 4, 16, 64}) {
+    Run r = ServerRun(socket, n, std::chrono::seconds(3));
+    if (n == 16) at16 = r;
+    std::printf("%-8d %10.0f %8.2f %8.3f %8.3f %7llu\n", n, r.rate, r.rate / raw, r.p50_ms, r.p99_ms,
+                static_cast<unsigned long long>(r.errors));
+  }
+
+  // Whole processes. pkcs11-tool takes its PIN in argv: fine for this
+  // throwaway bench token, never for a real one.
+  std::string p11 = "pkcs11-tool --module /usr/lib/softhsm/libsofthsm2.so --token-label bench --login --pin " + kPin;
+  Sh(p11 + " --keygen --key-type aes:32 --label bench-ecb --id 0b0e --usage-decrypt >/dev/null 2>&1");
+  Sh("head -c 64 /dev/urandom > " + dir + "/pt && " + p11 + " --encrypt -m AES-ECB --id 0b0e --input-file " + dir +
+     "/pt --output-file " + dir + "/ct >/dev/null 2>&1");
+  double tool = TimeProcesses(p11 + " --decrypt -m AES-ECB --id 0b0e --input-file " + dir + "/ct --output-file " + dir +
+                                  "/pt2",
+                              40);
+  double via = TimeProcesses("CUSTODY_ADDR=unix:" + socket + " " + custody + " secret get bench/prod/api-key", 40);
+  double direct = TimeProcesses(custody + " secret get bench/prod/api-key", 40);
+  std::printf("\nwhole process (mean of 40):\n");
+  std::printf("  pkcs11-tool --decrypt                 %6.2f ms\n", tool);
+  std::printf("  custody secret get (through custodyd)  %6.2f ms  ratio %.2f (target <= 0.50)\n", via, via / tool);
+  std::printf("  custody secret get (direct)            %6.2f ms  ratio %.2f\n", direct, direct / tool);
+  std::printf("\ntargets: server at 16 clients %.2f of raw (>= 0.50: %s), p99 %.3f ms (< 2 ms: %s); process %s\n",
+              at16.rate / raw, at16.rate / raw >= 0.5 ? "met" : "NOT met", at16.p99_ms,
+              at16.p99_ms < 2.0 ? "met" : "NOT met", via / tool <= 0.5 ? "met" : "NOT met");
+
+  ::kill(pid, SIGTERM);
+  ::waitpid(pid, nullptr, 0);
+  std::filesystem::remove_all(dir);
+  return 0;
+}
