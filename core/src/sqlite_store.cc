@@ -6,6 +6,7 @@
 #include <cerrno>
 #include <ctime>
 #include <mutex>
+#include <unordered_map>
 #include <string>
 
 #include "custody/core/store.h"
@@ -101,10 +102,58 @@ CREATE TABLE audit_checkpoints (
 
 int64_t Now() { return static_cast<int64_t>(std::time(nullptr)); }
 
+// A pooled connection and its prepared statements. Statements are prepared
+// once per connection and reused (reset, bindings cleared): re-parsing SQL
+// on every request was a large share of a busy server's CPU.
+struct Conn {
+  sqlite3* db = nullptr;
+  struct Cached {
+    sqlite3_stmt* stmt = nullptr;
+    bool in_use = false;
+  };
+  std::unordered_map<std::string, Cached> cache;
+  ~Conn() {
+    for (auto& [sql, c] : cache) sqlite3_finalize(c.stmt);
+    sqlite3_close_v2(db);
+  }
+};
+
+// The connection the current thread has leased from its store.
+thread_local Conn* tls_conn = nullptr;
+
 class Stmt {
  public:
-  Stmt(sqlite3* db, const char* sql) { rc_ = sqlite3_prepare_v2(db, sql, -1, &s_, nullptr); }
-  ~Stmt() { sqlite3_finalize(s_); }
+  Stmt(sqlite3* db, const char* sql) {
+    if (tls_conn != nullptr && tls_conn->db == db) {
+      auto& c = tls_conn->cache[sql];
+      if (c.stmt != nullptr && !c.in_use) {
+        s_ = c.stmt;
+        c.in_use = true;
+        cached_ = &c;
+        rc_ = SQLITE_OK;
+        return;
+      }
+      if (c.stmt == nullptr) {
+        rc_ = sqlite3_prepare_v3(db, sql, -1, SQLITE_PREPARE_PERSISTENT, &s_, nullptr);
+        if (rc_ == SQLITE_OK) {
+          c.stmt = s_;
+          c.in_use = true;
+          cached_ = &c;
+        }
+        return;
+      }
+    }
+    rc_ = sqlite3_prepare_v2(db, sql, -1, &s_, nullptr);
+  }
+  ~Stmt() {
+    if (cached_ != nullptr) {
+      sqlite3_reset(s_);
+      sqlite3_clear_bindings(s_);
+      cached_->in_use = false;
+    } else {
+      sqlite3_finalize(s_);
+    }
+  }
   Stmt(const Stmt&) = delete;
   Stmt& operator=(const Stmt&) = delete;
 
@@ -134,12 +183,17 @@ class Stmt {
  private:
   sqlite3_stmt* s_ = nullptr;
   int rc_;
+  Conn::Cached* cached_ = nullptr;
 };
 
 class SqliteStore final : public Store {
  public:
-  SqliteStore(sqlite3* db, std::string path) : db_(db), path_(std::move(path)) {}
-  ~SqliteStore() override { sqlite3_close_v2(db_); }
+  SqliteStore(sqlite3* db, std::string path) : path_(std::move(path)) {
+    auto c = std::make_unique<Conn>();
+    c->db = db;
+    free_.push_back(std::move(c));
+  }
+  ~SqliteStore() override = default;
 
   Status Init(bool create);
 
@@ -189,9 +243,17 @@ class SqliteStore final : public Store {
     }
     return Error(c, std::move(msg), Backend::kStore, static_cast<uint64_t>(rc));
   }
-  Status Exec(const char* sql) {
+  // Runs SQL: one statement through the statement cache, several (the
+  // migrations) through sqlite3_exec.
+  Status Exec(const char* sql, bool single = true) {
+    if (single) {
+      Stmt st(db(), sql);
+      int rc = st.prepared() ? st.Step() : st.prepare_rc();
+      if (rc != SQLITE_DONE && rc != SQLITE_ROW && rc != SQLITE_OK) return Fail(rc, "executing statement");
+      return Status::Ok();
+    }
     char* err = nullptr;
-    int rc = sqlite3_exec(db_, sql, nullptr, nullptr, &err);
+    int rc = sqlite3_exec(db(), sql, nullptr, nullptr, &err);
     sqlite3_free(err);
     if (rc != SQLITE_OK) return Fail(rc, "executing statement");
     return Status::Ok();
@@ -208,21 +270,68 @@ class SqliteStore final : public Store {
   Result<int64_t> ProjectId(const std::string& name);
   Result<int64_t> SecretId(int64_t env_id, const std::string& name);
 
-  std::mutex mu_;  // one connection, used by one thread at a time
-  sqlite3* db_;
+  // A connection per concurrent caller, from a small pool: SQLite
+  // connections are not shared between threads, and one shared connection
+  // behind a mutex would serialise every reader of a busy server. WAL lets
+  // the readers run side by side; writers take turns through BEGIN
+  // IMMEDIATE and the busy timeout.
+  class Lease {
+   public:
+    explicit Lease(SqliteStore& s) : s_(s), prev_(tls_conn) {
+      {
+        std::lock_guard lock(s_.pool_mu_);
+        if (!s_.free_.empty()) {
+          conn_ = std::move(s_.free_.back());
+          s_.free_.pop_back();
+        }
+      }
+      if (!conn_) conn_ = s_.OpenConnection();
+      tls_conn = conn_.get();
+    }
+    ~Lease() {
+      tls_conn = prev_;
+      if (!conn_) return;
+      std::lock_guard lock(s_.pool_mu_);
+      s_.free_.push_back(std::move(conn_));
+    }
+    Lease(const Lease&) = delete;
+    Lease& operator=(const Lease&) = delete;
+    bool ok() const { return conn_ != nullptr; }
+
+   private:
+    SqliteStore& s_;
+    Conn* prev_;
+    std::unique_ptr<Conn> conn_;
+  };
+  // The connection of the Lease this thread holds.
+  static sqlite3* db() { return tls_conn->db; }
+  std::unique_ptr<Conn> OpenConnection() {
+    auto c = std::make_unique<Conn>();
+    if (sqlite3_open_v2(path_.c_str(), &c->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, nullptr) != SQLITE_OK) {
+      return nullptr;
+    }
+    sqlite3_busy_timeout(c->db, 5000);
+    sqlite3_extended_result_codes(c->db, 1);
+    sqlite3_exec(c->db, "PRAGMA foreign_keys=ON; PRAGMA synchronous=FULL", nullptr, nullptr, nullptr);
+    return c;
+  }
+
+  std::mutex pool_mu_;
+  std::vector<std::unique_ptr<Conn>> free_;
   std::string path_;
 };
 
 Status SqliteStore::Init(bool create) {
-  sqlite3_busy_timeout(db_, 5000);
-  sqlite3_extended_result_codes(db_, 1);
+  Lease lease(*this);
+  sqlite3_busy_timeout(db(), 5000);
+  sqlite3_extended_result_codes(db(), 1);
   {
-    Stmt s(db_, "PRAGMA application_id");
+    Stmt s(db(), "PRAGMA application_id");
     if (!s.prepared()) return Fail(s.prepare_rc(), "reading header");
     int rc = s.Step();
     if (rc != SQLITE_ROW) return Fail(rc, "reading header");
     int64_t app = s.Int(0);
-    Stmt t(db_, "SELECT count(*) FROM sqlite_master");
+    Stmt t(db(), "SELECT count(*) FROM sqlite_master");
     if (!t.prepared()) return Fail(t.prepare_rc(), "reading schema");
     if (t.Step() != SQLITE_ROW) return Fail(SQLITE_CORRUPT, "reading schema");
     if (app != kApplicationId && t.Int(0) > 0) {
@@ -238,7 +347,7 @@ Status SqliteStore::Init(bool create) {
   CUSTODY_RETURN_IF_ERROR(Exec("PRAGMA synchronous=FULL"));
   CUSTODY_RETURN_IF_ERROR(Exec("PRAGMA foreign_keys=ON"));
 
-  Stmt v(db_, "PRAGMA user_version");
+  Stmt v(db(), "PRAGMA user_version");
   if (!v.prepared() || v.Step() != SQLITE_ROW) return Fail(SQLITE_CORRUPT, "reading schema version");
   int64_t have = v.Int(0);
   const int64_t want = static_cast<int64_t>(std::size(kMigrations));
@@ -249,7 +358,7 @@ Status SqliteStore::Init(bool create) {
   }
   for (int64_t i = have; i < want; ++i) {
     CUSTODY_RETURN_IF_ERROR(Begin());
-    Status s = Exec(kMigrations[i]);
+    Status s = Exec(kMigrations[i], /*single=*/false);
     if (s.ok()) s = Exec(("PRAGMA user_version=" + std::to_string(i + 1)).c_str());
     if (s.ok()) s = Exec(("PRAGMA application_id=" + std::to_string(kApplicationId)).c_str());
     if (!s.ok()) {
@@ -262,7 +371,7 @@ Status SqliteStore::Init(bool create) {
 }
 
 Result<int64_t> SqliteStore::ProjectId(const std::string& name) {
-  Stmt s(db_, "SELECT id FROM projects WHERE name = ?");
+  Stmt s(db(), "SELECT id FROM projects WHERE name = ?");
   s.Bind(1, name);
   int rc = s.Step();
   if (rc == SQLITE_ROW) return s.Int(0);
@@ -272,26 +381,27 @@ Result<int64_t> SqliteStore::ProjectId(const std::string& name) {
 
 Result<ProjectRecord> SqliteStore::CreateProject(const std::string& name, const std::vector<std::string>& envs,
                                                  const KekRef& kek, const std::string& kek_label) {
-  std::lock_guard lock(mu_);
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
   CUSTODY_RETURN_IF_ERROR(Begin());
   auto fail = [&](Error e) { Rollback(); return e; };
   int64_t now = Now();
   {
-    Stmt s(db_, "INSERT INTO projects(name, created_at) VALUES (?, ?)");
+    Stmt s(db(), "INSERT INTO projects(name, created_at) VALUES (?, ?)");
     s.Bind(1, name).Bind(2, now);
     int rc = s.Step();
     if ((rc & 0xff) == SQLITE_CONSTRAINT) return fail(Error(Category::kUsage, "project '" + name + "' already exists"));
     if (rc != SQLITE_DONE) return fail(Fail(rc, "creating project"));
   }
-  int64_t pid = sqlite3_last_insert_rowid(db_);
+  int64_t pid = sqlite3_last_insert_rowid(db());
   {
-    Stmt s(db_, "INSERT INTO keks(project_id, version, token_id, label, created_at) VALUES (?, ?, ?, ?, ?)");
+    Stmt s(db(), "INSERT INTO keks(project_id, version, token_id, label, created_at) VALUES (?, ?, ?, ?, ?)");
     s.Bind(1, pid).Bind(2, kek.version).Bind(3, kek.id).Bind(4, kek_label).Bind(5, now);
     int rc = s.Step();
     if (rc != SQLITE_DONE) return fail(Fail(rc, "recording KEK"));
   }
   for (const auto& e : envs) {
-    Stmt s(db_, "INSERT INTO environments(project_id, name, created_at) VALUES (?, ?, ?)");
+    Stmt s(db(), "INSERT INTO environments(project_id, name, created_at) VALUES (?, ?, ?)");
     s.Bind(1, pid).Bind(2, e).Bind(3, now);
     int rc = s.Step();
     if ((rc & 0xff) == SQLITE_CONSTRAINT) {
@@ -304,8 +414,9 @@ Result<ProjectRecord> SqliteStore::CreateProject(const std::string& name, const 
 }
 
 Result<ProjectRecord> SqliteStore::FindProject(const std::string& name) {
-  std::lock_guard lock(mu_);
-  Stmt s(db_, "SELECT id, created_at FROM projects WHERE name = ?");
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  Stmt s(db(), "SELECT id, created_at FROM projects WHERE name = ?");
   s.Bind(1, name);
   int rc = s.Step();
   if (rc == SQLITE_ROW) return ProjectRecord{s.Int(0), name, s.Int(1)};
@@ -314,8 +425,9 @@ Result<ProjectRecord> SqliteStore::FindProject(const std::string& name) {
 }
 
 Result<std::vector<ProjectRecord>> SqliteStore::ListProjects() {
-  std::lock_guard lock(mu_);
-  Stmt s(db_, "SELECT id, name, created_at FROM projects ORDER BY name");
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  Stmt s(db(), "SELECT id, name, created_at FROM projects ORDER BY name");
   std::vector<ProjectRecord> out;
   int rc;
   while ((rc = s.Step()) == SQLITE_ROW) out.push_back({s.Int(0), s.Text(1), s.Int(2)});
@@ -324,14 +436,15 @@ Result<std::vector<ProjectRecord>> SqliteStore::ListProjects() {
 }
 
 Result<EnvironmentRecord> SqliteStore::CreateEnvironment(const std::string& project, const std::string& env) {
-  std::lock_guard lock(mu_);
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
   CUSTODY_RETURN_IF_ERROR(Begin());
   auto pid = ProjectId(project);
   if (!pid) {
     Rollback();
     return std::move(pid).error();
   }
-  Stmt s(db_, "INSERT INTO environments(project_id, name, created_at) VALUES (?, ?, ?)");
+  Stmt s(db(), "INSERT INTO environments(project_id, name, created_at) VALUES (?, ?, ?)");
   s.Bind(1, *pid).Bind(2, env).Bind(3, Now());
   int rc = s.Step();
   if (rc != SQLITE_DONE) {
@@ -341,15 +454,16 @@ Result<EnvironmentRecord> SqliteStore::CreateEnvironment(const std::string& proj
     }
     return Fail(rc, "creating environment");
   }
-  int64_t id = sqlite3_last_insert_rowid(db_);
+  int64_t id = sqlite3_last_insert_rowid(db());
   CUSTODY_RETURN_IF_ERROR(Commit());
   return EnvironmentRecord{id, *pid, project, env};
 }
 
 Result<EnvironmentRecord> SqliteStore::FindEnvironment(const std::string& project, const std::string& env) {
-  std::lock_guard lock(mu_);
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
   CUSTODY_ASSIGN_OR_RETURN(int64_t pid, ProjectId(project));
-  Stmt s(db_, "SELECT id FROM environments WHERE project_id = ? AND name = ?");
+  Stmt s(db(), "SELECT id FROM environments WHERE project_id = ? AND name = ?");
   s.Bind(1, pid).Bind(2, env);
   int rc = s.Step();
   if (rc == SQLITE_ROW) return EnvironmentRecord{s.Int(0), pid, project, env};
@@ -360,9 +474,10 @@ Result<EnvironmentRecord> SqliteStore::FindEnvironment(const std::string& projec
 }
 
 Result<std::vector<EnvironmentRecord>> SqliteStore::ListEnvironments(const std::string& project) {
-  std::lock_guard lock(mu_);
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
   CUSTODY_ASSIGN_OR_RETURN(int64_t pid, ProjectId(project));
-  Stmt s(db_, "SELECT id, name FROM environments WHERE project_id = ? ORDER BY name");
+  Stmt s(db(), "SELECT id, name FROM environments WHERE project_id = ? ORDER BY name");
   s.Bind(1, pid);
   std::vector<EnvironmentRecord> out;
   int rc;
@@ -388,10 +503,11 @@ KekRecord ReadKek(const Stmt& s) {
 }  // namespace
 
 Result<KekRecord> SqliteStore::CurrentKek(int64_t project_id) {
-  std::lock_guard lock(mu_);
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
   std::string sql = std::string("SELECT ") + kKekColumns +
                     " FROM keks WHERE project_id = ? AND state = 'active' ORDER BY version DESC LIMIT 1";
-  Stmt s(db_, sql.c_str());
+  Stmt s(db(), sql.c_str());
   s.Bind(1, project_id);
   int rc = s.Step();
   if (rc == SQLITE_ROW) return ReadKek(s);
@@ -400,9 +516,10 @@ Result<KekRecord> SqliteStore::CurrentKek(int64_t project_id) {
 }
 
 Result<KekRecord> SqliteStore::KekById(int64_t id) {
-  std::lock_guard lock(mu_);
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
   std::string sql = std::string("SELECT ") + kKekColumns + " FROM keks WHERE id = ?";
-  Stmt s(db_, sql.c_str());
+  Stmt s(db(), sql.c_str());
   s.Bind(1, id);
   int rc = s.Step();
   if (rc == SQLITE_ROW) return ReadKek(s);
@@ -411,9 +528,10 @@ Result<KekRecord> SqliteStore::KekById(int64_t id) {
 }
 
 Result<std::vector<KekRecord>> SqliteStore::ListKeks() {
-  std::lock_guard lock(mu_);
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
   std::string sql = std::string("SELECT ") + kKekColumns + " FROM keks ORDER BY project_id, version";
-  Stmt s(db_, sql.c_str());
+  Stmt s(db(), sql.c_str());
   std::vector<KekRecord> out;
   int rc;
   while ((rc = s.Step()) == SQLITE_ROW) out.push_back(ReadKek(s));
@@ -422,7 +540,7 @@ Result<std::vector<KekRecord>> SqliteStore::ListKeks() {
 }
 
 Result<int64_t> SqliteStore::SecretId(int64_t env_id, const std::string& name) {
-  Stmt s(db_, "SELECT id FROM secrets WHERE environment_id = ? AND name = ?");
+  Stmt s(db(), "SELECT id FROM secrets WHERE environment_id = ? AND name = ?");
   s.Bind(1, env_id).Bind(2, name);
   int rc = s.Step();
   if (rc == SQLITE_ROW) return s.Int(0);
@@ -431,8 +549,9 @@ Result<int64_t> SqliteStore::SecretId(int64_t env_id, const std::string& name) {
 }
 
 Result<uint32_t> SqliteStore::NextVersion(int64_t env_id, const std::string& name) {
-  std::lock_guard lock(mu_);
-  Stmt s(db_,
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  Stmt s(db(),
          "SELECT coalesce(max(v.version), 0) FROM secrets s JOIN secret_versions v ON v.secret_id = s.id "
          "WHERE s.environment_id = ? AND s.name = ?");
   s.Bind(1, env_id).Bind(2, name);
@@ -443,12 +562,13 @@ Result<uint32_t> SqliteStore::NextVersion(int64_t env_id, const std::string& nam
 
 Status SqliteStore::AddVersion(int64_t env_id, const std::string& name, uint32_t version,
                                int64_t kek_record_id, const std::vector<uint8_t>& blob) {
-  std::lock_guard lock(mu_);
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
   CUSTODY_RETURN_IF_ERROR(Begin());
   auto fail = [&](Error e) { Rollback(); return e; };
   int64_t now = Now();
   {
-    Stmt s(db_, "INSERT INTO secrets(environment_id, name, created_at) VALUES (?, ?, ?) "
+    Stmt s(db(), "INSERT INTO secrets(environment_id, name, created_at) VALUES (?, ?, ?) "
                 "ON CONFLICT(environment_id, name) DO NOTHING");
     s.Bind(1, env_id).Bind(2, name).Bind(3, now);
     int rc = s.Step();
@@ -456,7 +576,7 @@ Status SqliteStore::AddVersion(int64_t env_id, const std::string& name, uint32_t
   }
   auto sid = SecretId(env_id, name);
   if (!sid) return fail(std::move(sid).error());
-  Stmt s(db_, "INSERT INTO secret_versions(secret_id, version, kek_id, blob, created_at) VALUES (?, ?, ?, ?, ?)");
+  Stmt s(db(), "INSERT INTO secret_versions(secret_id, version, kek_id, blob, created_at) VALUES (?, ?, ?, ?, ?)");
   s.Bind(1, *sid).Bind(2, version).Bind(3, kek_record_id).Bind(4, blob).Bind(5, now);
   int rc = s.Step();
   if ((rc & 0xff) == SQLITE_CONSTRAINT) {
@@ -470,7 +590,8 @@ Status SqliteStore::AddVersion(int64_t env_id, const std::string& name, uint32_t
 
 Result<SecretVersionRecord> SqliteStore::GetVersion(const EnvironmentRecord& env, const std::string& name,
                                                     std::optional<uint32_t> version) {
-  std::lock_guard lock(mu_);
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
   std::string where = env.project + "/" + env.name + "/" + name;
   auto sid = SecretId(env.id, name);
   if (!sid) {
@@ -483,7 +604,7 @@ Result<SecretVersionRecord> SqliteStore::GetVersion(const EnvironmentRecord& env
                               "WHERE secret_id = ? AND version = ?"
                             : "SELECT version, kek_id, blob, created_at FROM secret_versions "
                               "WHERE secret_id = ? ORDER BY version DESC LIMIT 1";
-  Stmt s(db_, sql);
+  Stmt s(db(), sql);
   s.Bind(1, *sid);
   if (version) s.Bind(2, static_cast<int64_t>(*version));
   int rc = s.Step();
@@ -499,9 +620,10 @@ Result<SecretVersionRecord> SqliteStore::GetVersion(const EnvironmentRecord& env
 
 Result<std::vector<SecretSummary>> SqliteStore::ListSecrets(const std::optional<std::string>& project,
                                                             const std::optional<std::string>& env) {
-  std::lock_guard lock(mu_);
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
   if (project) CUSTODY_RETURN_IF_ERROR(ProjectId(*project));
-  Stmt s(db_,
+  Stmt s(db(),
          "SELECT p.name, e.name, s.name, max(v.version), count(v.version), max(v.created_at) "
          "FROM secrets s JOIN environments e ON e.id = s.environment_id "
          "JOIN projects p ON p.id = e.project_id JOIN secret_versions v ON v.secret_id = s.id "
@@ -520,7 +642,8 @@ Result<std::vector<SecretSummary>> SqliteStore::ListSecrets(const std::optional<
 }
 
 Status SqliteStore::DeleteSecret(const EnvironmentRecord& env, const std::string& name) {
-  std::lock_guard lock(mu_);
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
   CUSTODY_RETURN_IF_ERROR(Begin());
   auto sid = SecretId(env.id, name);
   if (!sid) {
@@ -530,7 +653,7 @@ Status SqliteStore::DeleteSecret(const EnvironmentRecord& env, const std::string
     }
     return std::move(sid).error();
   }
-  Stmt s(db_, "DELETE FROM secrets WHERE id = ?");  // versions go by ON DELETE CASCADE
+  Stmt s(db(), "DELETE FROM secrets WHERE id = ?");  // versions go by ON DELETE CASCADE
   s.Bind(1, *sid);
   int rc = s.Step();
   if (rc != SQLITE_DONE) {
@@ -541,15 +664,16 @@ Status SqliteStore::DeleteSecret(const EnvironmentRecord& env, const std::string
 }
 
 Status SqliteStore::Reserve(const KekRef& kek, uint64_t n, uint64_t limit) {
-  std::lock_guard lock(mu_);
-  Stmt s(db_,
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  Stmt s(db(),
          "UPDATE keks SET encryptions_reserved = encryptions_reserved + ?1 "
          "WHERE token_id = ?2 AND encryptions_reserved + ?1 <= ?3");
   s.Bind(1, static_cast<int64_t>(n)).Bind(2, kek.id).Bind(3, static_cast<int64_t>(limit));
   int rc = s.Step();
   if (rc != SQLITE_DONE) return Fail(rc, "reserving KEK uses");
-  if (sqlite3_changes(db_) == 1) return Status::Ok();
-  Stmt e(db_, "SELECT label FROM keks WHERE token_id = ?");
+  if (sqlite3_changes(db()) == 1) return Status::Ok();
+  Stmt e(db(), "SELECT label FROM keks WHERE token_id = ?");
   e.Bind(1, kek.id);
   if (e.Step() != SQLITE_ROW) return Error(Category::kIntegrity, "KEK is not recorded in the store");
   return Error(Category::kLimit, "KEK " + e.Text(0) + " has reached its limit of " + std::to_string(limit) +
@@ -557,8 +681,9 @@ Status SqliteStore::Reserve(const KekRef& kek, uint64_t n, uint64_t limit) {
 }
 
 Result<std::optional<PolicyRecord>> SqliteStore::CurrentPolicy() {
-  std::lock_guard lock(mu_);
-  Stmt s(db_, "SELECT version, sha256, text, applied_at, applied_by FROM policies ORDER BY version DESC LIMIT 1");
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  Stmt s(db(), "SELECT version, sha256, text, applied_at, applied_by FROM policies ORDER BY version DESC LIMIT 1");
   int rc = s.Step();
   if (rc == SQLITE_DONE) return std::optional<PolicyRecord>();
   if (rc != SQLITE_ROW) return Fail(rc, "reading the policy");
@@ -568,16 +693,17 @@ Result<std::optional<PolicyRecord>> SqliteStore::CurrentPolicy() {
 
 Result<PolicyRecord> SqliteStore::SavePolicy(const std::string& text, const std::string& sha256,
                                              const std::string& applied_by) {
-  std::lock_guard lock(mu_);
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
   CUSTODY_RETURN_IF_ERROR(Begin());
-  Stmt v(db_, "SELECT coalesce(max(version), 0) + 1 FROM policies");
+  Stmt v(db(), "SELECT coalesce(max(version), 0) + 1 FROM policies");
   int rc = v.Step();
   if (rc != SQLITE_ROW) {
     Rollback();
     return Fail(rc, "numbering the policy");
   }
   PolicyRecord p{static_cast<uint32_t>(v.Int(0)), sha256, text, Now(), applied_by};
-  Stmt s(db_, "INSERT INTO policies(version, sha256, text, applied_at, applied_by) VALUES (?, ?, ?, ?, ?)");
+  Stmt s(db(), "INSERT INTO policies(version, sha256, text, applied_at, applied_by) VALUES (?, ?, ?, ?, ?)");
   s.Bind(1, static_cast<int64_t>(p.version)).Bind(2, sha256).Bind(3, text).Bind(4, p.applied_at).Bind(5, applied_by);
   rc = s.Step();
   if (rc != SQLITE_DONE) {
@@ -595,12 +721,16 @@ Result<PolicyRecord> SqliteStore::SavePolicy(const std::string& text, const std:
 // durable record of each operation; secrets, KEKs and policies keep FULL.
 class RelaxedSync {
  public:
-  explicit RelaxedSync(sqlite3* db) : db_(db) { sqlite3_exec(db_, "PRAGMA synchronous=NORMAL", nullptr, nullptr, nullptr); }
-  ~RelaxedSync() { sqlite3_exec(db_, "PRAGMA synchronous=FULL", nullptr, nullptr, nullptr); }
+  explicit RelaxedSync(sqlite3* db) : db_(db) { Run("PRAGMA synchronous=NORMAL"); }
+  ~RelaxedSync() { Run("PRAGMA synchronous=FULL"); }
   RelaxedSync(const RelaxedSync&) = delete;
   RelaxedSync& operator=(const RelaxedSync&) = delete;
 
  private:
+  void Run(const char* sql) {
+    Stmt s(db_, sql);
+    if (s.prepared()) (void)s.Step();
+  }
   sqlite3* db_;
 };
 
@@ -616,7 +746,7 @@ Status SqliteStore::RecordLocked(const UsageKey& key, UsageEvent event, int64_t 
   std::string sql = std::string("INSERT INTO usage(project, environment, principal, day, ") + column +
                     ", last_use) VALUES (?, ?, ?, ?, 1, ?) ON CONFLICT(project, environment, principal, day) "
                     "DO UPDATE SET " + column + " = " + column + " + 1, last_use = excluded.last_use";
-  Stmt s(db_, sql.c_str());
+  Stmt s(db(), sql.c_str());
   s.Bind(1, key.project).Bind(2, key.environment).Bind(3, key.principal).Bind(4, policy::DayKey(now)).Bind(5, now);
   int rc = s.Step();
   if (rc != SQLITE_DONE) return Fail(rc, "recording usage");
@@ -624,8 +754,9 @@ Status SqliteStore::RecordLocked(const UsageKey& key, UsageEvent event, int64_t 
 }
 
 Status SqliteStore::Record(const UsageKey& key, UsageEvent event, int64_t now) {
-  std::lock_guard lock(mu_);
-  RelaxedSync relaxed(db_);
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  RelaxedSync relaxed(db());
   CUSTODY_RETURN_IF_ERROR(Begin());
   Status s = RecordLocked(key, event, now);
   if (!s.ok()) {
@@ -637,8 +768,9 @@ Status SqliteStore::Record(const UsageKey& key, UsageEvent event, int64_t now) {
 
 Result<Admission> SqliteStore::Admit(const UsageKey& key, const std::vector<policy::LimitRule>& rules,
                                      UsageEvent event, double now) {
-  std::lock_guard lock(mu_);
-  RelaxedSync relaxed(db_);
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  RelaxedSync relaxed(db());
   const int64_t now_s = static_cast<int64_t>(now);
   CUSTODY_RETURN_IF_ERROR(Begin());
   auto fail = [&](Error e) { Rollback(); return e; };
@@ -652,7 +784,7 @@ Result<Admission> SqliteStore::Admit(const UsageKey& key, const std::vector<poli
   std::vector<std::pair<std::string, policy::Bucket>> updates;
   for (const auto& r : rules) {
     if (r.kind == policy::LimitRule::kRate) {
-      Stmt b(db_, "SELECT tokens, updated_at FROM buckets WHERE key = ?");
+      Stmt b(db(), "SELECT tokens, updated_at FROM buckets WHERE key = ?");
       b.Bind(1, r.key);
       policy::Bucket bucket;
       int rc = b.Step();
@@ -671,7 +803,7 @@ Result<Admission> SqliteStore::Admit(const UsageKey& key, const std::vector<poli
       std::string sql = std::string("SELECT coalesce(sum(unseals), 0) FROM usage WHERE project = ? ") +
                         (r.environment.empty() ? "" : "AND environment = ? ") +
                         (daily ? "AND day = ?" : "AND day LIKE ?");
-      Stmt c(db_, sql.c_str());
+      Stmt c(db(), sql.c_str());
       int i = 1;
       c.Bind(i++, r.project);
       if (!r.environment.empty()) c.Bind(i++, r.environment);
@@ -685,7 +817,7 @@ Result<Admission> SqliteStore::Admit(const UsageKey& key, const std::vector<poli
     }
   }
   for (const auto& [k, b] : updates) {
-    Stmt u(db_, "INSERT INTO buckets(key, tokens, updated_at) VALUES (?, ?, ?) "
+    Stmt u(db(), "INSERT INTO buckets(key, tokens, updated_at) VALUES (?, ?, ?) "
                 "ON CONFLICT(key) DO UPDATE SET tokens = excluded.tokens, updated_at = excluded.updated_at");
     u.Bind(1, k);
     sqlite3_bind_double(u.raw(), 2, b.tokens);
@@ -700,8 +832,9 @@ Result<Admission> SqliteStore::Admit(const UsageKey& key, const std::vector<poli
 }
 
 Result<std::vector<UsageRow>> SqliteStore::Usage(const std::optional<std::string>& project, int64_t now) {
-  std::lock_guard lock(mu_);
-  Stmt s(db_,
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  Stmt s(db(),
          "SELECT project, environment, principal, sum(unseals), sum(seals), sum(denied), sum(rate_limited), "
          "sum(spend_limited), sum(CASE WHEN day = ?2 THEN unseals ELSE 0 END), max(last_use) FROM usage "
          "WHERE (?1 IS NULL OR project = ?1) GROUP BY project, environment, principal "
@@ -729,8 +862,9 @@ Result<std::vector<UsageRow>> SqliteStore::Usage(const std::optional<std::string
 }
 
 Status SqliteStore::RecordAuditCheckpoint(uint64_t seq, const std::string& covers_hash) {
-  std::lock_guard lock(mu_);
-  Stmt s(db_, "INSERT OR REPLACE INTO audit_checkpoints(seq, covers_hash, created_at) VALUES (?, ?, ?)");
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  Stmt s(db(), "INSERT OR REPLACE INTO audit_checkpoints(seq, covers_hash, created_at) VALUES (?, ?, ?)");
   s.Bind(1, static_cast<int64_t>(seq)).Bind(2, covers_hash).Bind(3, Now());
   int rc = s.Step();
   if (rc != SQLITE_DONE) return Fail(rc, "recording an audit checkpoint");
@@ -738,8 +872,9 @@ Status SqliteStore::RecordAuditCheckpoint(uint64_t seq, const std::string& cover
 }
 
 Result<std::optional<std::pair<uint64_t, std::string>>> SqliteStore::LastAuditCheckpoint() {
-  std::lock_guard lock(mu_);
-  Stmt s(db_, "SELECT seq, covers_hash FROM audit_checkpoints ORDER BY seq DESC LIMIT 1");
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  Stmt s(db(), "SELECT seq, covers_hash FROM audit_checkpoints ORDER BY seq DESC LIMIT 1");
   int rc = s.Step();
   using R = std::optional<std::pair<uint64_t, std::string>>;
   if (rc == SQLITE_DONE) return R();
