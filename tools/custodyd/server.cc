@@ -442,6 +442,44 @@ class Session : public std::enable_shared_from_this<Session> {
   std::string action_, project_, env_, decision_;
 };
 
+// User name and groups per uid, from NSS, cached for a minute: looking them
+// up reads /etc/passwd and /etc/group, too slow for every connection.
+struct Account {
+  std::optional<std::string> user;
+  std::vector<uint32_t> gids;
+  std::chrono::steady_clock::time_point expires;
+};
+
+Account LookUp(uint32_t uid, uint32_t gid) {
+  static std::mutex mu;
+  static std::map<uint32_t, Account> cache;
+  auto now = std::chrono::steady_clock::now();
+  {
+    std::lock_guard lock(mu);
+    auto it = cache.find(uid);
+    if (it != cache.end() && it->second.expires > now) return it->second;
+  }
+  Account a;
+  a.expires = now + std::chrono::seconds(60);
+  struct passwd pw {};
+  struct passwd* found = nullptr;
+  char buf[4096];
+  if (::getpwuid_r(uid, &pw, buf, sizeof buf, &found) == 0 && found != nullptr) {
+    a.user = found->pw_name;
+    gid_t groups[64];
+    int n = 64;
+    if (::getgrouplist(found->pw_name, found->pw_gid, groups, &n) >= 0) {
+      for (int i = 0; i < n; ++i) {
+        if (static_cast<uint32_t>(groups[i]) != gid) a.gids.push_back(groups[i]);
+      }
+    }
+  }
+  std::lock_guard lock(mu);
+  if (cache.size() > 4096) cache.clear();
+  cache[uid] = a;
+  return a;
+}
+
 // The kernel's word on who is at the other end of a Unix socket.
 std::optional<core::RequestContext> PeerOf(Local::socket& s) {
   struct ucred cred {};
@@ -450,17 +488,9 @@ std::optional<core::RequestContext> PeerOf(Local::socket& s) {
   core::RequestContext rc;
   rc.caller.uid = cred.uid;
   rc.caller.gids.push_back(cred.gid);
-  struct passwd pw {};
-  struct passwd* found = nullptr;
-  char buf[4096];
-  if (::getpwuid_r(cred.uid, &pw, buf, sizeof buf, &found) == 0 && found != nullptr) {
-    rc.caller.user = found->pw_name;
-    gid_t groups[64];
-    int n = 64;
-    if (::getgrouplist(found->pw_name, found->pw_gid, groups, &n) >= 0) {
-      for (int i = 0; i < n; ++i) rc.caller.gids.push_back(groups[i]);
-    }
-  }
+  Account a = LookUp(cred.uid, cred.gid);
+  rc.caller.user = a.user;
+  rc.caller.gids.insert(rc.caller.gids.end(), a.gids.begin(), a.gids.end());
   rc.identified_by = "uid " + std::to_string(cred.uid) + (rc.caller.user ? " (" + *rc.caller.user + ")" : "") +
                      " pid " + std::to_string(cred.pid) + " via unix socket";
   return rc;

@@ -6,7 +6,9 @@
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
+#include <mutex>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 namespace custody::client {
 
@@ -31,6 +33,15 @@ Category FromStatus(int status) {
 
 }  // namespace
 
+struct Client::Connection {
+  std::mutex mu;
+  asio::io_context io;
+  std::optional<asio::local::stream_protocol::socket> sock;
+  beast::flat_buffer buf;
+};
+
+Client::Client(std::string socket_path) : socket_path_(std::move(socket_path)), conn_(std::make_shared<Connection>()) {}
+
 Result<Client> Client::Connect(const std::string& address) {
   if (address.rfind("unix:", 0) == 0 && address.size() > 5) return Client(address.substr(5));
   if (address.rfind("https://", 0) == 0) {
@@ -42,30 +53,49 @@ Result<Client> Client::Connect(const std::string& address) {
 
 Result<Client::Response> Client::Request(const std::string& method, const std::string& target,
                                          std::string* body) const {
-  asio::io_context io;
-  asio::local::stream_protocol::socket sock(io);
-  beast::error_code ec;
-  sock.connect(asio::local::stream_protocol::endpoint(socket_path_), ec);
-  if (ec) {
-    return Error(Category::kUnavailable, "cannot reach custodyd at " + socket_path_ + ": " + ec.message());
-  }
   http::request<http::string_body> req{http::string_to_verb(method), target, 11};
   req.set(http::field::host, "custodyd");
   req.set(http::field::user_agent, "custody-client");
+  req.keep_alive(true);
   if (body != nullptr) {
     req.set(http::field::content_type, "application/json");
     req.body() = std::move(*body);
     req.prepare_payload();
   }
-  http::write(sock, req, ec);
+  std::lock_guard lock(conn_->mu);
+  Connection& c = *conn_;
+  http::response<http::string_body> res;
+  beast::error_code ec;
+  // A kept-alive connection the server has since closed fails on first
+  // use: open a fresh one once and send again.
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    bool reused = c.sock.has_value();
+    if (!c.sock) {
+      c.sock.emplace(c.io);
+      c.buf.clear();
+      c.sock->connect(asio::local::stream_protocol::endpoint(socket_path_), ec);
+      if (ec) {
+        c.sock.reset();
+        OPENSSL_cleanse(req.body().data(), req.body().size());
+        return Error(Category::kUnavailable, "cannot reach custodyd at " + socket_path_ + ": " + ec.message());
+      }
+    }
+    http::write(*c.sock, req, ec);
+    http::response_parser<http::string_body> parser;
+    parser.body_limit(4 * 1024 * 1024);
+    if (!ec) http::read(*c.sock, c.buf, parser, ec);
+    if (ec) {
+      c.sock.reset();
+      if (reused) continue;
+      OPENSSL_cleanse(req.body().data(), req.body().size());
+      return Error(Category::kUnavailable, "custodyd at " + socket_path_ + ": " + ec.message());
+    }
+    res = parser.release();
+    if (!res.keep_alive()) c.sock.reset();
+    break;
+  }
   OPENSSL_cleanse(req.body().data(), req.body().size());
   if (ec) return Error(Category::kUnavailable, "custodyd at " + socket_path_ + ": " + ec.message());
-  beast::flat_buffer buf;
-  http::response_parser<http::string_body> parser;
-  parser.body_limit(4 * 1024 * 1024);
-  http::read(sock, buf, parser, ec);
-  if (ec) return Error(Category::kUnavailable, "custodyd at " + socket_path_ + ": " + ec.message());
-  auto res = parser.release();
   Response out{static_cast<int>(res.result_int()), std::move(res.body())};
   if (out.status >= 400) {
     json j = json::parse(out.body, nullptr, false);

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 
@@ -36,13 +37,17 @@ class Client {
   Result<std::string> Fetch(const std::string& target) const;
 
  private:
-  explicit Client(std::string socket_path) : socket_path_(std::move(socket_path)) {}
+  explicit Client(std::string socket_path);
   struct Response {
     int status = 0;
     std::string body;
   };
   Result<Response> Request(const std::string& method, const std::string& target, std::string* body) const;
   std::string socket_path_;
+  // One kept-alive connection, reused across requests (and re-opened once
+  // if the server closed it meanwhile). Requests on one Client take turns.
+  struct Connection;
+  std::shared_ptr<Connection> conn_;
 };
 
 }  // namespace custody::client
