@@ -125,6 +125,19 @@ Result<Config> LoadConfig(const std::string& path) {
       out = static_cast<uint32_t>(*v);
       return Status::Ok();
     };
+    for (auto [key, out] : {std::pair<const char*, std::string*>{"tls_listen", &c.server_tls_listen},
+                            {"tls_cert", &c.server_tls_cert},
+                            {"tls_key", &c.server_tls_key},
+                            {"tls_client_ca", &c.server_tls_client_ca}}) {
+      if (server->contains(key)) {
+        CUSTODY_ASSIGN_OR_RETURN(*out, RequireString(*server, key, path, "server"));
+      }
+    }
+    if (!c.server_tls_listen.empty() &&
+        (c.server_tls_cert.empty() || c.server_tls_key.empty() || c.server_tls_client_ca.empty())) {
+      return Error(Category::kConfig, path + ": server.tls_listen needs tls_cert, tls_key and tls_client_ca "
+                                             "(there is no TLS listener without client certificates)");
+    }
     CUSTODY_RETURN_IF_ERROR(positive("threads", c.server_threads, 256));
     CUSTODY_RETURN_IF_ERROR(positive("max_connections", c.server_max_connections, 100000));
     CUSTODY_RETURN_IF_ERROR(positive("idle_timeout_seconds", c.server_idle_timeout_seconds, 3600));

@@ -5,6 +5,8 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -28,6 +30,8 @@ admins = ["user:root"]
 uid = 0
 [principals."user:nobody"]
 uid = 65534
+[principals."svc:web-prod"]
+tls_san = "web-prod.payments.internal"
 [projects.payments]
 [projects.payments.environments.dev]
 production = false
@@ -35,6 +39,10 @@ production = false
 [[projects.payments.grants]]
 principal = "user:root"
 role = "owner"
+[[projects.payments.grants]]
+principal = "svc:web-prod"
+role = "reader"
+environments = ["prod"]
 [projects.billing]
 [projects.billing.environments.prod]
 rate = "3/min"
@@ -84,9 +92,12 @@ class ServerTest : public ::testing::Test {
     ::chmod(run_.path().c_str(), 0755);
     socket_ = run_ / "custody.sock";
     std::string cfg = ReadFile(token_.config_path());
-    WriteFile(token_.config_path(), cfg + "\n[server]\nsocket = \"" + socket_ + "\"\nthreads = 4\nmax_body_bytes = 4096\n");
+    WriteFile(token_.config_path(), cfg + "\n[server]\nsocket = \"" + socket_ + "\"\nthreads = 4\nmax_body_bytes = 4096\n" +
+                                        ExtraServerConfig());
     Start();
   }
+  virtual std::string ExtraServerConfig() { return ""; }
+
   void TearDown() override {
     if (pid_ > 0) {
       ::kill(pid_, SIGKILL);
@@ -302,6 +313,99 @@ TEST_F(ServerTest, NoSecretInTheServerLog) {
   std::string log = ReadFile(token_.dir() / "custodyd.log");
   EXPECT_EQ(log.find(kSecret), std::string::npos);
   EXPECT_EQ(log.find(SoftHsmToken::kPin), std::string::npos);
+}
+
+// --- TLS 1.3 with client certificates ------------------------------------
+
+int FreePort() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  socklen_t len = sizeof a;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+class TlsServerTest : public ServerTest {
+ protected:
+  std::string ExtraServerConfig() override {
+    pki_ = std::make_unique<TempDir>();
+    // A CA, a server certificate for 127.0.0.1, a client certificate with the
+    // SAN the policy names, and a client certificate from another CA.
+    auto ossl = [](const std::vector<std::string>& args) {
+      auto r = RunProgram("/usr/bin/openssl", args, {});
+      EXPECT_EQ(r.exit_code, 0) << r.err;
+    };
+    auto ca = [&](const std::string& name) {
+      ossl({"req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout",
+            P(name + ".key"), "-out", P(name + ".pem"), "-subj", "/CN=" + name, "-days", "2"});
+    };
+    auto leaf = [&](const std::string& name, const std::string& ca_name, const std::string& ext) {
+      WriteFile(P(name + ".ext"), ext + "\n");
+      ossl({"req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", P(name + ".key"),
+            "-out", P(name + ".csr"), "-subj", "/CN=" + name});
+      ossl({"x509", "-req", "-in", P(name + ".csr"), "-CA", P(ca_name + ".pem"), "-CAkey", P(ca_name + ".key"),
+            "-CAcreateserial", "-out", P(name + ".pem"), "-days", "2", "-extfile", P(name + ".ext")});
+    };
+    ca("test-ca");
+    ca("other-ca");
+    leaf("server", "test-ca", "subjectAltName=IP:127.0.0.1,DNS:localhost");
+    leaf("web-prod", "test-ca", "subjectAltName=DNS:web-prod.payments.internal\nextendedKeyUsage=clientAuth");
+    leaf("stranger", "other-ca", "subjectAltName=DNS:web-prod.payments.internal\nextendedKeyUsage=clientAuth");
+    port_ = FreePort();
+    return "tls_listen = \"127.0.0.1:" + std::to_string(port_) + "\"\ntls_cert = \"" + P("server.pem") +
+           "\"\ntls_key = \"" + P("server.key") + "\"\ntls_client_ca = \"" + P("test-ca.pem") + "\"\n";
+  }
+  std::string P(const std::string& f) { return *pki_ / f; }
+  RunResult Https(const std::string& who, const std::vector<std::string>& args) {
+    RunOptions o;
+    o.env = {{"CUSTODY_ADDR", "https://127.0.0.1:" + std::to_string(port_)}, {"CUSTODY_CA", P("test-ca.pem")}};
+    if (!who.empty()) {
+      o.env["CUSTODY_CLIENT_CERT"] = P(who + ".pem");
+      o.env["CUSTODY_CLIENT_KEY"] = P(who + ".key");
+    }
+    return RunCustody(args, o);
+  }
+  std::unique_ptr<TempDir> pki_;
+  int port_ = 0;
+};
+
+TEST_F(TlsServerTest, AClientCertificateFromTheCaIsIdentifiedByItsSan) {
+  auto r = Https("web-prod", {"secret", "get", "payments/prod/stripe"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, kSecret);
+  auto dev = Https("web-prod", {"secret", "get", "payments/dev/anything"});
+  EXPECT_EQ(dev.exit_code, 77) << dev.err;
+  EXPECT_NE(dev.err.find("does not cover environment dev"), std::string::npos) << dev.err;
+  auto show = Cli({"--json", "audit", "show", "--principal", "svc:web-prod"});
+  EXPECT_NE(show.out.find("tls client certificate san web-prod.payments.internal"), std::string::npos) << show.out;
+}
+
+TEST_F(TlsServerTest, NoCertificateOrAnotherCasCertificateIsRefused) {
+  auto none = Https("", {"secret", "get", "payments/prod/stripe"});
+  EXPECT_EQ(none.exit_code, 78) << "the client itself insists on a certificate: " << none.err;
+  auto stranger = Https("stranger", {"secret", "get", "payments/prod/stripe"});
+  EXPECT_EQ(stranger.exit_code, 69) << stranger.err;
+  // With TLS 1.3 the client learns of the refusal on its first read.
+  EXPECT_NE(stranger.err.find("unknown ca"), std::string::npos) << stranger.err;
+  EXPECT_EQ(stranger.out, "");
+  // A raw TLS client without a certificate: the server ends the handshake.
+  auto s = RunProgram("/usr/bin/openssl",
+                      {"s_client", "-connect", "127.0.0.1:" + std::to_string(port_), "-CAfile", P("test-ca.pem"),
+                       "-tls1_3", "-quiet"},
+                      {.stdin_data = "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n"});
+  EXPECT_EQ(s.out.find("200 OK"), std::string::npos) << s.out;
+  // TLS 1.2 is not spoken at all.
+  auto old = RunProgram("/usr/bin/openssl",
+                        {"s_client", "-connect", "127.0.0.1:" + std::to_string(port_), "-tls1_2", "-cert",
+                         P("web-prod.pem"), "-key", P("web-prod.key"), "-CAfile", P("test-ca.pem")},
+                        {.stdin_data = ""});
+  EXPECT_NE(old.exit_code, 0);
+  // And the server is still up for a good client.
+  EXPECT_EQ(Https("web-prod", {"secret", "get", "payments/prod/stripe"}).exit_code, 0);
 }
 
 }  // namespace

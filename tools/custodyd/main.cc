@@ -134,6 +134,7 @@ int main(int argc, char** argv) {
   wait_signal();
   std::thread signal_thread([&] { signal_io.run(); });
 
+  if (!config->server_tls_listen.empty()) spdlog::info("serving TLS 1.3 with client certificates on {}", config->server_tls_listen);
   spdlog::info("serving on {} (policy v{}, token {}, {} threads)", config->server_socket,
                custodian.policy()->version(), config->token_uri, config->server_threads);
   sd_notify(0, "READY=1");

@@ -1,6 +1,8 @@
 #include "server.h"
 
 #include <openssl/crypto.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 #include <grp.h>
@@ -11,7 +13,9 @@
 
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
+#include <boost/asio/ssl.hpp>
 #include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
 #include <chrono>
 #include <map>
 #include <mutex>
@@ -38,6 +42,10 @@ ServerOptions OptionsFrom(const core::Config& c) {
   o.idle_timeout_seconds = c.server_idle_timeout_seconds;
   o.max_header_bytes = c.server_max_header_bytes;
   o.max_body_bytes = c.server_max_body_bytes;
+  o.tls_listen = c.server_tls_listen;
+  o.tls_cert = c.server_tls_cert;
+  o.tls_key = c.server_tls_key;
+  o.tls_client_ca = c.server_tls_client_ca;
   return o;
 }
 
@@ -131,6 +139,8 @@ struct Server::Impl {
   core::Custodian& custodian;
   asio::io_context io;
   std::optional<Local::acceptor> acceptor;
+  std::optional<asio::ssl::context> tls;
+  std::optional<asio::ip::tcp::acceptor> tls_acceptor;
   std::atomic<int> connections{0};
   std::atomic<bool> draining{false};
   Metrics metrics;
@@ -156,6 +166,7 @@ struct Server::Impl {
 
   Impl(ServerOptions o, core::Custodian& c) : options(std::move(o)), custodian(c) {}
   void Accept();
+  void AcceptTls();
   // Ends the loop once no connection is open, or at the drain deadline.
   void DrainCheck() {
     if (connections.load() == 0 || std::chrono::steady_clock::now() >= drain_deadline) {
@@ -209,15 +220,46 @@ std::optional<SecretBuffer> Unbase64(std::string_view in) {
   return out;
 }
 
-class Session : public std::enable_shared_from_this<Session> {
+using TlsStream = beast::ssl_stream<beast::tcp_stream>;
+
+// The transport underneath: a plain Unix socket stream, or TLS over TCP.
+auto& Lowest(Stream& s) { return s; }
+auto& Lowest(TlsStream& s) { return beast::get_lowest_layer(s); }
+void Shutdown(Stream& s) {
+  beast::error_code ignored;
+  s.socket().shutdown(Local::socket::shutdown_both, ignored);
+  s.close();
+}
+void Shutdown(TlsStream& s) {
+  beast::error_code ignored;
+  s.shutdown(ignored);  // close_notify; the peer may already be gone
+  beast::get_lowest_layer(s).close();
+}
+
+template <typename StreamT>
+class Session : public std::enable_shared_from_this<Session<StreamT>> {
  public:
-  Session(Server::Impl& srv, Local::socket socket, core::RequestContext peer)
-      : srv_(srv), stream_(std::move(socket)), peer_(std::move(peer)) {
+  Session(Server::Impl& srv, StreamT stream, core::RequestContext peer)
+      : srv_(srv), stream_(std::move(stream)), peer_(std::move(peer)) {
     srv_.connections.fetch_add(1);
   }
   ~Session() { srv_.connections.fetch_sub(1); }
 
   void Start() { Read(); }
+  // For TLS: the peer's identity comes from its certificate, after the handshake.
+  void SetPeer(core::RequestContext peer) { peer_ = std::move(peer); }
+  template <typename Done>
+  void Handshake(std::chrono::seconds timeout, Done done) {
+    Lowest(stream_).expires_after(timeout);
+    stream_.async_handshake(asio::ssl::stream_base::server,
+                            [self = this->shared_from_this(), done](beast::error_code ec) {
+                              if (ec) {
+                                spdlog::info("tls handshake refused: {}", ec.message());
+                                self->Close();
+                              }
+                              done(!ec, self->stream_);
+                            });
+  }
 
  private:
   void Read() {
@@ -226,14 +268,14 @@ class Session : public std::enable_shared_from_this<Session> {
     parser_->body_limit(srv_.options.max_body_bytes);
     // The idle timeout covers the whole request: a slow client cannot hold a
     // connection (and a thread's attention) forever.
-    stream_.expires_after(std::chrono::seconds(srv_.options.idle_timeout_seconds));
+    Lowest(stream_).expires_after(std::chrono::seconds(srv_.options.idle_timeout_seconds));
     http::async_read(stream_, buffer_, *parser_,
-                     [self = shared_from_this()](beast::error_code ec, size_t) { self->OnRead(ec); });
+                     [self = this->shared_from_this()](beast::error_code ec, size_t) { self->OnRead(ec); });
   }
 
   void OnRead(beast::error_code ec) {
     if (ec == http::error::end_of_stream || ec == beast::error::timeout || ec == asio::error::connection_reset ||
-        ec == asio::error::eof) {
+        ec == asio::error::eof || ec == asio::ssl::error::stream_truncated) {
       Close();
       return;
     }
@@ -411,8 +453,8 @@ class Session : public std::enable_shared_from_this<Session> {
     res.set(http::field::server, "custodyd");
     res.prepare_payload();
     res_ = std::move(res);
-    stream_.expires_after(std::chrono::seconds(srv_.options.idle_timeout_seconds));
-    http::async_write(stream_, res_, [self = shared_from_this(), keep](beast::error_code ec, size_t) {
+    Lowest(stream_).expires_after(std::chrono::seconds(srv_.options.idle_timeout_seconds));
+    http::async_write(stream_, res_, [self = this->shared_from_this(), keep](beast::error_code ec, size_t) {
       self->OnWrite(ec, keep);
     });
   }
@@ -427,14 +469,10 @@ class Session : public std::enable_shared_from_this<Session> {
     Read();
   }
 
-  void Close() {
-    beast::error_code ignored;
-    stream_.socket().shutdown(Local::socket::shutdown_both, ignored);
-    stream_.close();
-  }
+  void Close() { Shutdown(stream_); }
 
   Server::Impl& srv_;
-  Stream stream_;
+  StreamT stream_;
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
   http::response<http::string_body> res_;
@@ -496,7 +534,62 @@ std::optional<core::RequestContext> PeerOf(Local::socket& s) {
   return rc;
 }
 
+// The client certificate's word on who it is: its DNS, URI and e-mail SANs
+// and its subject, for the policy's tls_san and tls_subject identities. The
+// handshake already checked that it chains to the configured CA.
+std::optional<core::RequestContext> PeerOf(TlsStream& s) {
+  X509* cert = SSL_get0_peer_certificate(s.native_handle());
+  if (cert == nullptr) return std::nullopt;
+  core::RequestContext rc;
+  auto* names = static_cast<GENERAL_NAMES*>(X509_get_ext_d2i(cert, NID_subject_alt_name, nullptr, nullptr));
+  for (int i = 0; names != nullptr && i < sk_GENERAL_NAME_num(names); ++i) {
+    const GENERAL_NAME* n = sk_GENERAL_NAME_value(names, i);
+    if (n->type == GEN_DNS || n->type == GEN_URI || n->type == GEN_EMAIL) {
+      const ASN1_STRING* str = n->d.ia5;
+      rc.caller.tls_sans.emplace_back(reinterpret_cast<const char*>(ASN1_STRING_get0_data(str)),
+                                      static_cast<size_t>(ASN1_STRING_length(str)));
+    }
+  }
+  GENERAL_NAMES_free(names);
+  BIO* bio = BIO_new(BIO_s_mem());
+  X509_NAME_print_ex(bio, X509_get_subject_name(cert), 0, XN_FLAG_RFC2253);
+  char* data = nullptr;
+  long len = BIO_get_mem_data(bio, &data);
+  rc.caller.tls_subject = std::string(data, static_cast<size_t>(len));
+  BIO_free(bio);
+  rc.identified_by = "tls client certificate " +
+                     (rc.caller.tls_sans.empty() ? std::string("") : "san " + rc.caller.tls_sans.front() + ", ") +
+                     "subject " + *rc.caller.tls_subject;
+  return rc;
+}
+
 }  // namespace
+
+void Server::Impl::AcceptTls() {
+  tls_acceptor->async_accept([this](beast::error_code ec, asio::ip::tcp::socket socket) {
+    if (ec) {
+      if (ec != asio::error::operation_aborted) AcceptTls();
+      return;
+    }
+    if (connections.load() >= static_cast<int>(options.max_connections)) {
+      beast::error_code ignored;
+      socket.close(ignored);
+    } else {
+      auto session = std::make_shared<Session<TlsStream>>(*this, TlsStream(beast::tcp_stream(std::move(socket)), *tls),
+                                                          core::RequestContext{});
+      // The handshake has the same deadline as a request.
+      auto* raw = session.get();
+      raw->Handshake(std::chrono::seconds(options.idle_timeout_seconds), [session](bool ok, TlsStream& stream) {
+        if (!ok) return;
+        auto peer = PeerOf(stream);
+        if (!peer) return;
+        session->SetPeer(std::move(*peer));
+        session->Start();
+      });
+    }
+    AcceptTls();
+  });
+}
 
 void Server::Impl::Accept() {
   acceptor->async_accept([this](beast::error_code ec, Local::socket socket) {
@@ -516,7 +609,7 @@ void Server::Impl::Accept() {
       asio::write(socket, asio::buffer(kBusy), ignored);
       socket.close(ignored);
     } else if (auto peer = PeerOf(socket)) {
-      std::make_shared<Session>(*this, std::move(socket), std::move(*peer))->Start();
+      std::make_shared<Session<Stream>>(*this, Stream(std::move(socket)), std::move(*peer))->Start();
     }
     Accept();
   });
@@ -546,6 +639,48 @@ Status Server::Listen() {
   // Who may connect is the socket's mode; what they get is the policy's.
   ::chmod(path.c_str(), impl_->options.socket_mode);
   impl_->Accept();
+  if (!impl_->options.tls_listen.empty()) CUSTODY_RETURN_IF_ERROR(ListenTls());
+  return Status::Ok();
+}
+
+Status Server::ListenTls() {
+  const ServerOptions& o = impl_->options;
+  auto fail = [&](const std::string& what) {
+    return custody::Error(Category::kConfig, "TLS listener " + o.tls_listen + ": " + what);
+  };
+  size_t colon = o.tls_listen.rfind(':');
+  if (colon == std::string::npos) return fail("write it as HOST:PORT");
+  std::string host = o.tls_listen.substr(0, colon);
+  if (host.size() > 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  char* end = nullptr;
+  unsigned long port = std::strtoul(o.tls_listen.c_str() + colon + 1, &end, 10);
+  if (*end != '\0' || port == 0 || port > 65535) return fail("bad port");
+  beast::error_code ec;
+  auto addr = asio::ip::make_address(host, ec);
+  if (ec) return fail("'" + host + "' is not an IP address");
+  if (o.tls_key.rfind("pkcs11:", 0) == 0) {
+    return fail("a server key in the token (pkcs11: URI, through libp11) is not built yet; give a PEM key file");
+  }
+  impl_->tls.emplace(asio::ssl::context::tls_server);
+  auto& ctx = *impl_->tls;
+  // TLS 1.3 only, and a client certificate from the configured CA always.
+  SSL_CTX_set_min_proto_version(ctx.native_handle(), TLS1_3_VERSION);
+  ctx.set_options(asio::ssl::context::no_compression);
+  ctx.use_certificate_chain_file(o.tls_cert, ec);
+  if (ec) return fail("cannot load tls_cert " + o.tls_cert + ": " + ec.message());
+  ctx.use_private_key_file(o.tls_key, asio::ssl::context::pem, ec);
+  if (ec) return fail("cannot load tls_key " + o.tls_key + ": " + ec.message());
+  ctx.load_verify_file(o.tls_client_ca, ec);
+  if (ec) return fail("cannot load tls_client_ca " + o.tls_client_ca + ": " + ec.message());
+  ctx.set_verify_mode(asio::ssl::verify_peer | asio::ssl::verify_fail_if_no_peer_cert);
+  impl_->tls_acceptor.emplace(impl_->io);
+  asio::ip::tcp::endpoint ep(addr, static_cast<unsigned short>(port));
+  impl_->tls_acceptor->open(ep.protocol(), ec);
+  if (!ec) impl_->tls_acceptor->set_option(asio::socket_base::reuse_address(true), ec);
+  if (!ec) impl_->tls_acceptor->bind(ep, ec);
+  if (!ec) impl_->tls_acceptor->listen(asio::socket_base::max_listen_connections, ec);
+  if (ec) return custody::Error(Category::kUnavailable, "cannot listen on " + o.tls_listen + ": " + ec.message());
+  impl_->AcceptTls();
   return Status::Ok();
 }
 
@@ -570,6 +705,7 @@ void Server::Stop(std::chrono::seconds grace) {
     impl_->draining.store(true);
     beast::error_code ignored;
     if (impl_->acceptor) impl_->acceptor->close(ignored);
+    if (impl_->tls_acceptor) impl_->tls_acceptor->close(ignored);
     ::unlink(impl_->options.socket_path.c_str());
     for (auto& t : impl_->tickers) t->timer.cancel();
     // Requests in flight finish; idle keep-alive connections time out or close.

@@ -26,6 +26,11 @@ struct ServerOptions {
   uint32_t idle_timeout_seconds = 30;
   uint32_t max_header_bytes = 8 * 1024;
   uint32_t max_body_bytes = 128 * 1024;
+  // TCP with TLS 1.3 and client certificates; empty tls_listen: none.
+  std::string tls_listen;     // "127.0.0.1:8443"
+  std::string tls_cert;       // server certificate chain, PEM
+  std::string tls_key;        // server private key, PEM file
+  std::string tls_client_ca;  // CA certificates that client certificates must chain to
 };
 
 ServerOptions OptionsFrom(const core::Config& c);
@@ -37,7 +42,8 @@ class Server {
   Server(const Server&) = delete;
   Server& operator=(const Server&) = delete;
 
-  // Binds the Unix socket (replacing a stale one), sets its mode.
+  // Binds the Unix socket (replacing a stale one), sets its mode, and the
+  // TLS listener when one is configured.
   Status Listen();
   // Runs the I/O loop on `threads` threads until Stop() has drained.
   void Run(unsigned threads);
@@ -53,6 +59,7 @@ class Server {
   struct Impl;
 
  private:
+  Status ListenTls();
   std::unique_ptr<Impl> impl_;
 };
 

@@ -1,11 +1,15 @@
 #include "custody/client/client.h"
 
 #include <openssl/crypto.h>
+#include <openssl/ssl.h>
 #include <openssl/evp.h>
 
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
+#include <boost/asio/ssl.hpp>
 #include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
+#include <cstdlib>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -45,8 +49,20 @@ Client::Client(std::string socket_path) : socket_path_(std::move(socket_path)), 
 Result<Client> Client::Connect(const std::string& address) {
   if (address.rfind("unix:", 0) == 0 && address.size() > 5) return Client(address.substr(5));
   if (address.rfind("https://", 0) == 0) {
-    return Error(Category::kConfig, "CUSTODY_ADDR " + address +
-                                        ": the mTLS listener is not built yet; use unix:/path/to/custody.sock");
+    std::string hostport = address.substr(8);
+    if (!hostport.empty() && hostport.back() == '/') hostport.pop_back();
+    size_t colon = hostport.rfind(':');
+    if (colon == std::string::npos) return Error(Category::kConfig, "CUSTODY_ADDR " + address + " needs a port");
+    auto env = [](const char* k) { const char* v = std::getenv(k); return std::string(v ? v : ""); };
+    auto tls = std::make_shared<Tls>(Tls{hostport.substr(0, colon), hostport.substr(colon + 1), env("CUSTODY_CLIENT_CERT"),
+                                         env("CUSTODY_CLIENT_KEY"), env("CUSTODY_CA")});
+    if (tls->cert.empty() || tls->key.empty() || tls->ca.empty()) {
+      return Error(Category::kConfig, "CUSTODY_ADDR " + address +
+                                          " needs CUSTODY_CLIENT_CERT, CUSTODY_CLIENT_KEY and CUSTODY_CA (PEM files)");
+    }
+    Client c("");
+    c.tls_ = std::move(tls);
+    return c;
   }
   return Error(Category::kConfig, "CUSTODY_ADDR '" + address + "' must be unix:/path/to/custody.sock");
 }
@@ -66,9 +82,42 @@ Result<Client::Response> Client::Request(const std::string& method, const std::s
   Connection& c = *conn_;
   http::response<http::string_body> res;
   beast::error_code ec;
+  if (tls_) {
+    // One TLS connection per request: TLS 1.3, the server checked against
+    // the CA and its name, our certificate presented.
+    const std::string where = "custodyd at " + tls_->host + ":" + tls_->port;
+    asio::ssl::context ctx(asio::ssl::context::tls_client);
+    SSL_CTX_set_min_proto_version(ctx.native_handle(), TLS1_3_VERSION);
+    ctx.load_verify_file(tls_->ca, ec);
+    if (!ec) ctx.use_certificate_chain_file(tls_->cert, ec);
+    if (!ec) ctx.use_private_key_file(tls_->key, asio::ssl::context::pem, ec);
+    if (ec) return Error(Category::kConfig, "client certificate or CA: " + ec.message());
+    ctx.set_verify_mode(asio::ssl::verify_peer);
+    asio::io_context io;
+    beast::ssl_stream<beast::tcp_stream> stream(io, ctx);
+    SSL_set_tlsext_host_name(stream.native_handle(), tls_->host.c_str());
+    stream.set_verify_callback(asio::ssl::host_name_verification(tls_->host));
+    asio::ip::tcp::resolver resolver(io);
+    auto results = resolver.resolve(tls_->host, tls_->port, ec);
+    if (!ec) beast::get_lowest_layer(stream).connect(results, ec);
+    if (ec) return Error(Category::kUnavailable, "cannot reach " + where + ": " + ec.message());
+    stream.handshake(asio::ssl::stream_base::client, ec);
+    if (ec) return Error(Category::kUnavailable, where + " refused the TLS handshake: " + ec.message());
+    req.keep_alive(false);
+    http::write(stream, req, ec);
+    OPENSSL_cleanse(req.body().data(), req.body().size());
+    beast::flat_buffer buf;
+    http::response_parser<http::string_body> parser;
+    parser.body_limit(4 * 1024 * 1024);
+    if (!ec) http::read(stream, buf, parser, ec);
+    if (ec) return Error(Category::kUnavailable, where + ": " + ec.message());
+    res = parser.release();
+    beast::error_code ignored;
+    stream.shutdown(ignored);
+  }
+  for (int attempt = 0; !tls_ && attempt < 2; ++attempt) {
   // A kept-alive connection the server has since closed fails on first
   // use: open a fresh one once and send again.
-  for (int attempt = 0; attempt < 2; ++attempt) {
     bool reused = c.sock.has_value();
     if (!c.sock) {
       c.sock.emplace(c.io);

@@ -27,8 +27,9 @@ struct Fetched {
 
 class Client {
  public:
-  // "unix:/path/to/custody.sock". (https:// with a client certificate comes
-  // with the mTLS listener.)
+  // "unix:/path/to/custody.sock", or "https://host:port" with the client
+  // certificate, its key and the CA that signed the server's certificate in
+  // CUSTODY_CLIENT_CERT, CUSTODY_CLIENT_KEY and CUSTODY_CA (PEM files).
   static Result<Client> Connect(const std::string& address);
 
   Result<Fetched> Get(const std::string& path, std::optional<uint32_t> version = std::nullopt) const;
@@ -38,6 +39,10 @@ class Client {
 
  private:
   explicit Client(std::string socket_path);
+  struct Tls {
+    std::string host, port, cert, key, ca;
+  };
+  std::shared_ptr<Tls> tls_;  // set for https://
   struct Response {
     int status = 0;
     std::string body;
