@@ -8,7 +8,7 @@ packages=(
   # build
   build-essential cmake ninja-build pkg-config
   # crypto and tokens
-  libssl-dev openssl softhsm2 libp11-kit-dev p11-kit libp11-dev opensc
+  libssl-dev openssl softhsm2 libp11-kit-dev p11-kit libp11-dev opensc util-linux
   # storage, logging, formats, CLI
   libsqlite3-dev sqlite3 libspdlog-dev libfmt-dev nlohmann-json3-dev libcli11-dev libtomlplusplus-dev
   # the server: Boost.Beast/Asio (headers), systemd notify; curl for the API examples

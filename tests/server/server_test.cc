@@ -408,5 +408,54 @@ TEST_F(TlsServerTest, NoCertificateOrAnotherCasCertificateIsRefused) {
   EXPECT_EQ(Https("web-prod", {"secret", "get", "payments/prod/stripe"}).exit_code, 0);
 }
 
+// The server's TLS key imported into the token and the PEM file deleted:
+// the handshake can only be signed by the token, through libp11.
+class TlsTokenKeyServerTest : public TlsServerTest {
+ protected:
+  std::string ExtraServerConfig() override {
+    std::string cfg = TlsServerTest::ExtraServerConfig();
+    auto r = RunProgram("/usr/bin/openssl",
+                        {"pkcs8", "-topk8", "-nocrypt", "-in", P("server.key"), "-outform", "DER", "-out", P("server.der")},
+                        {});
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    RunOptions o;
+    o.env = {{"SOFTHSM2_CONF", token_.conf()}};
+    auto w = RunProgram("/usr/bin/pkcs11-tool",
+                        {"--module", SoftHsmToken::kModule, "--token-label", token_.label(), "--login", "--pin",
+                         SoftHsmToken::kPin, "--write-object", P("server.der"), "--type", "privkey", "--label",
+                         "tls-server", "--id", "5151", "--usage-sign"},
+                        o);
+    EXPECT_EQ(w.exit_code, 0) << w.err << w.out;
+    // The public half too (from the certificate), as a token that generated
+    // the key pair would hold it: libp11 reads the EC point from there.
+    r = RunProgram("/usr/bin/openssl", {"x509", "-in", P("server.pem"), "-outform", "DER", "-out", P("server.crt.der")}, {});
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    r = RunProgram("/usr/bin/openssl", {"pkey", "-in", P("server.key"), "-pubout", "-outform", "DER", "-out", P("server.pub.der")}, {});
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    auto pw = RunProgram("/usr/bin/pkcs11-tool",
+                         {"--module", SoftHsmToken::kModule, "--token-label", token_.label(), "--login", "--pin",
+                          SoftHsmToken::kPin, "--write-object", P("server.pub.der"), "--type", "pubkey", "--label",
+                          "tls-server", "--id", "5151"},
+                         o);
+    EXPECT_EQ(pw.exit_code, 0) << pw.err << pw.out;
+    std::filesystem::remove(P("server.key"));
+    std::filesystem::remove(P("server.der"));
+    std::string from = "tls_key = \"" + P("server.key") + "\"";
+    cfg.replace(cfg.find(from), from.size(), "tls_key = \"pkcs11:token=" + token_.label() + ";object=tls-server\"");
+    return cfg;
+  }
+};
+
+TEST_F(TlsTokenKeyServerTest, TheHandshakeIsSignedByTheTokenKey) {
+  EXPECT_FALSE(std::filesystem::exists(P("server.key")));
+  auto r = Https("web-prod", {"secret", "get", "payments/prod/stripe"});
+  EXPECT_EQ(r.exit_code, 0) << r.err << ReadFile(token_.dir() / "custodyd.log");
+  EXPECT_EQ(r.out, kSecret);
+  // The token's own sessions still work alongside libp11's.
+  auto c = client::Client::Connect("unix:" + socket_);
+  auto f = c->Get("payments/prod/stripe");
+  EXPECT_TRUE(f.ok()) << f.error().message();
+}
+
 }  // namespace
 }  // namespace custody::test

@@ -21,6 +21,7 @@
 #include "custody/core/service.h"
 #include "custody/core/store.h"
 #include "server.h"
+#include "token_key.h"
 
 namespace {
 
@@ -72,14 +73,17 @@ int main(int argc, char** argv) {
   auto authz = custody::core::Authorizer::Load(**store);
   if (!authz) return Fail(authz.error());
 
-  // Log in once; the PIN buffer is wiped as soon as the pool has logged in.
+  // Log in once; the PIN buffer is wiped once the pool (and libp11, for a
+  // TLS key in the token) have logged in.
   custody::core::Token token;
+  std::optional<custody::SecretBuffer> pin_held;
   {
     auto pin = custody::core::ResolvePin(*config, pin_fd);
     if (!pin) return Fail(pin.error());
     auto t = custody::core::OpenToken(*config, *pin);
     if (!t) return Fail(t.error());
     token = std::move(*t);
+    pin_held.emplace(std::move(*pin));
   }
   custody::core::Sealer sealer(*token.pool, **store);
   custody::core::Custodian custodian(**store, **audit, sealer,
@@ -87,8 +91,12 @@ int main(int argc, char** argv) {
   auto signer = custody::core::TokenAuditSigner::Open(*token.pool, /*create=*/true);
   if (!signer) return Fail(signer.error());
 
-  custody::server::Server server(custody::server::OptionsFrom(*config), custodian);
-  if (Status s = server.Listen(); !s.ok()) return Fail(s.error());
+  auto options = custody::server::OptionsFrom(*config);
+  options.token_key = [&](const std::string& uri) { return custody::server::LoadTokenKey(*config, uri, *pin_held); };
+  custody::server::Server server(options, custodian);
+  Status listening = server.Listen();
+  pin_held.reset();  // wiped
+  if (!listening.ok()) return Fail(listening.error());
 
   // Checkpoints are signed here, on the server's own schedule.
   auto checkpoint = [&] {

@@ -658,9 +658,6 @@ Status Server::ListenTls() {
   beast::error_code ec;
   auto addr = asio::ip::make_address(host, ec);
   if (ec) return fail("'" + host + "' is not an IP address");
-  if (o.tls_key.rfind("pkcs11:", 0) == 0) {
-    return fail("a server key in the token (pkcs11: URI, through libp11) is not built yet; give a PEM key file");
-  }
   impl_->tls.emplace(asio::ssl::context::tls_server);
   auto& ctx = *impl_->tls;
   // TLS 1.3 only, and a client certificate from the configured CA always.
@@ -668,8 +665,17 @@ Status Server::ListenTls() {
   ctx.set_options(asio::ssl::context::no_compression);
   ctx.use_certificate_chain_file(o.tls_cert, ec);
   if (ec) return fail("cannot load tls_cert " + o.tls_cert + ": " + ec.message());
-  ctx.use_private_key_file(o.tls_key, asio::ssl::context::pem, ec);
-  if (ec) return fail("cannot load tls_key " + o.tls_key + ": " + ec.message());
+  if (o.tls_key.rfind("pkcs11:", 0) == 0) {
+    // The key stays in the token; OpenSSL signs the handshake through libp11.
+    if (!o.token_key) return fail("no token key loader");
+    CUSTODY_ASSIGN_OR_RETURN(EVP_PKEY* pkey, o.token_key(o.tls_key));
+    if (SSL_CTX_use_PrivateKey(ctx.native_handle(), pkey) != 1 || SSL_CTX_check_private_key(ctx.native_handle()) != 1) {
+      return fail("the token key does not match tls_cert");
+    }
+  } else {
+    ctx.use_private_key_file(o.tls_key, asio::ssl::context::pem, ec);
+    if (ec) return fail("cannot load tls_key " + o.tls_key + ": " + ec.message());
+  }
   ctx.load_verify_file(o.tls_client_ca, ec);
   if (ec) return fail("cannot load tls_client_ca " + o.tls_client_ca + ": " + ec.message());
   ctx.set_verify_mode(asio::ssl::verify_peer | asio::ssl::verify_fail_if_no_peer_cert);

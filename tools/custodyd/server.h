@@ -7,7 +7,10 @@
 //   server.Run(threads);   // until Stop()
 #pragma once
 
+#include <openssl/evp.h>
+
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -31,6 +34,8 @@ struct ServerOptions {
   std::string tls_cert;       // server certificate chain, PEM
   std::string tls_key;        // server private key, PEM file
   std::string tls_client_ca;  // CA certificates that client certificates must chain to
+  // Loads a pkcs11: tls_key from the token (set by main, which holds the PIN).
+  std::function<Result<EVP_PKEY*>(const std::string& uri)> token_key;
 };
 
 ServerOptions OptionsFrom(const core::Config& c);
