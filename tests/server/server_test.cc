@@ -248,6 +248,10 @@ TEST_F(ServerTest, PutThroughTheServerAndExecWithTheValueInTheEnvironmentOnly) {
   EXPECT_EQ(e.out, std::string("db-password-42|") + kSecret);
   auto denied = AsUser(65534, {"exec", "--env", "X=payments/prod/stripe", "--", "/bin/true"});
   EXPECT_EQ(denied.exit_code, 77) << "exec runs nothing when a value is refused";
+  auto usage = AsUser(std::nullopt, {"usage", "payments"});
+  EXPECT_EQ(usage.exit_code, 0) << usage.err;
+  EXPECT_NE(usage.out.find("payments/dev"), std::string::npos) << usage.out;
+  EXPECT_EQ(AsUser(65534, {"usage", "payments"}).exit_code, 77) << "nobody has no grant in payments";
 }
 
 TEST_F(ServerTest, SighupWithABrokenConfigKeepsTheOldOneAndAGoodOneLoadsTheNewPolicy) {

@@ -839,6 +839,29 @@ Status Usage(const Globals& g, const std::string& project) {
     CUSTODY_RETURN_IF_ERROR(core::ValidateProjectName(project));
     scope = project;
   }
+  if (auto addr = ServerAddress()) {
+    // Through the server: the same rows, as the server's policy shows them.
+    CUSTODY_ASSIGN_OR_RETURN(auto c, client::Client::Connect(*addr));
+    CUSTODY_ASSIGN_OR_RETURN(std::string body, c.Fetch("/v1/usage" + (scope ? "?project=" + *scope : std::string())));
+    json rows = json::parse(body, nullptr, false);
+    if (rows.is_discarded() || !rows.is_array()) return Error(Category::kIntegrity, "custodyd sent malformed usage");
+    if (g.json) {
+      PrintJson(rows);
+      return Status::Ok();
+    }
+    std::vector<std::vector<std::string>> table{{"PROJECT/ENV", "PRINCIPAL", "UNSEALS", "TODAY", "SEALS", "DENIED",
+                                                 "RATE-LIMITED", "SPEND-LIMITED", "LAST USE"}};
+    for (const auto& r : rows) {
+      const auto& ref = r["refusals"];
+      table.push_back({r.value("project", "") + "/" + r.value("environment", ""), r.value("principal", ""),
+                       std::to_string(r.value("unseals", 0)), std::to_string(r.value("unseals_today", 0)),
+                       std::to_string(r.value("seals", 0)), std::to_string(ref.value("denied", 0)),
+                       std::to_string(ref.value("rate_limited", 0)), std::to_string(ref.value("spend_limited", 0)),
+                       FormatTime(r.value("last_use", int64_t{0}))});
+    }
+    PrintTable(table);
+    return Status::Ok();
+  }
   CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "usage.read"));
   o.ev.project = project;
   return Finish(o, [&]() -> Status {
