@@ -107,8 +107,11 @@ Result<Unsealed> Custodian::Get(const RequestContext& rc, const SecretPath& path
     SecretService svc(store_, sealer_);
     auto u = svc.Get(path, version);
     if (!u && u.error().backend() == Backend::kPkcs11 && hsm::IsSessionFatal(u.error().code())) {
-      // The failed session was discarded from the pool; one retry on a fresh one.
+      // The failed session was discarded; re-open the pool and log in again
+      // (the token may have been reset, losing every session and the login),
+      // then retry once.
       stats_.token_errors.fetch_add(1);
+      if (pool_ != nullptr && pool_->Recover().ok()) stats_.token_recoveries.fetch_add(1);
       u = svc.Get(path, version);
     }
     stats_.token_healthy.store(u.ok() || u.error().backend() != Backend::kPkcs11);

@@ -59,13 +59,34 @@ Result<std::unique_ptr<SessionPool>> SessionPool::Open(std::shared_ptr<Module> m
                                                        Options options) {
   CUSTODY_ASSIGN_OR_RETURN(Session anchor, Session::Open(module, slot, /*read_write=*/true));
   CUSTODY_RETURN_IF_ERROR(anchor.Login(pin));
-  return std::unique_ptr<SessionPool>(new SessionPool(std::move(module), slot, std::move(anchor), options));
+  return std::unique_ptr<SessionPool>(
+      new SessionPool(std::move(module), slot, std::move(anchor), options, SecretBuffer::Copy(pin.Reveal(SecretAccess{}))));
 }
 
 SessionPool::~SessionPool() {
   assert(outstanding_ == 0 && "SessionPool destroyed with sessions still leased");
   idle_.clear();  // closes them
   anchor_.Logout();
+}
+
+Status SessionPool::Recover() {
+  std::vector<Session> stale;
+  {
+    std::lock_guard lock(mu_);
+    stale.swap(idle_);
+  }
+  stale.clear();  // closing a dead session fails quietly
+  CUSTODY_ASSIGN_OR_RETURN(Session anchor, Session::Open(module_, slot_, /*read_write=*/true));
+  CUSTODY_RETURN_IF_ERROR(anchor.Login(pin_));
+  std::lock_guard lock(mu_);
+  anchor_ = std::move(anchor);
+  ++recoveries_;
+  return Status::Ok();
+}
+
+uint64_t SessionPool::recoveries() const {
+  std::lock_guard lock(mu_);
+  return recoveries_;
 }
 
 size_t SessionPool::idle() const {

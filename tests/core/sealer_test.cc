@@ -10,6 +10,7 @@
 #include "custody/core/service.h"
 #include "custody/core/store.h"
 #include "custody/hsm/objects.h"
+#include "custody/hsm/rv.h"
 #include "custody/hsm/uri.h"
 
 namespace custody::core {
@@ -234,6 +235,25 @@ TEST_F(SealerTest, ConcurrentSealAndUnsealFromManyThreads) {
   }
   for (auto& th : threads) th.join();
   EXPECT_EQ(failures.load(), 0);
+}
+
+TEST_F(SealerTest, APoolRecoversAfterEverySessionOfTheApplicationWasClosed) {
+  KekRef kek = MakeKek("payments");
+  SealContext ctx{"payments", "prod", "stripe", 1};
+  auto blob = sealer_->Seal(kek, ctx, kValue);
+  ASSERT_TRUE(blob.ok());
+  // What a token reset (or a careless library in the process) does: every
+  // session of this application is gone, and with them the login.
+  ASSERT_EQ(module_->fn()->C_CloseAllSessions(pool_->slot()), CKR_OK);
+  auto broken = sealer_->Unseal(kek, ctx, *blob);
+  ASSERT_FALSE(broken.ok());
+  EXPECT_EQ(broken.error().category(), Category::kUnavailable) << broken.error().message();
+  EXPECT_TRUE(hsm::IsSessionFatal(broken.error().code())) << broken.error().message();
+  ASSERT_TRUE(pool_->Recover().ok());
+  EXPECT_EQ(pool_->recoveries(), 1u);
+  auto back = sealer_->Unseal(kek, ctx, *blob);
+  ASSERT_TRUE(back.ok()) << back.error().message();
+  EXPECT_TRUE(back->Equals(kValue));
 }
 
 TEST_F(SealerTest, ServiceCreateProjectRollsBackTheKekWhenTheStoreRefuses) {

@@ -87,7 +87,8 @@ int main(int argc, char** argv) {
   }
   custody::core::Sealer sealer(*token.pool, **store);
   custody::core::Custodian custodian(**store, **audit, sealer,
-                                     std::make_shared<const custody::core::Authorizer>(std::move(*authz)));
+                                     std::make_shared<const custody::core::Authorizer>(std::move(*authz)),
+                                     token.pool.get());
   auto signer = custody::core::TokenAuditSigner::Open(*token.pool, /*create=*/true);
   if (!signer) return Fail(signer.error());
 

@@ -113,6 +113,8 @@ class Metrics {
     }
     out += "# TYPE custody_token_errors_total counter\ncustody_token_errors_total " +
            std::to_string(s.token_errors.load()) + "\n";
+    out += "# TYPE custody_token_recoveries_total counter\ncustody_token_recoveries_total " +
+           std::to_string(s.token_recoveries.load()) + "\n";
     out += "# TYPE custody_audit_write_failures_total counter\ncustody_audit_write_failures_total " +
            std::to_string(s.audit_failures.load()) + "\n";
     out += "# TYPE custody_audit_healthy gauge\ncustody_audit_healthy " + std::string(s.audit_healthy ? "1" : "0") + "\n";

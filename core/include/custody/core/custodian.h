@@ -44,12 +44,14 @@ struct CustodianStats {
   std::atomic<uint64_t> audit_failures{0};
   std::atomic<bool> audit_healthy{true};
   std::atomic<bool> token_healthy{true};
+  std::atomic<uint64_t> token_recoveries{0};
 };
 
 class Custodian {
  public:
-  Custodian(Store& store, AuditLog& audit, Sealer& sealer, std::shared_ptr<const Authorizer> authz)
-      : store_(store), audit_(audit), sealer_(sealer), authz_(std::move(authz)) {}
+  Custodian(Store& store, AuditLog& audit, Sealer& sealer, std::shared_ptr<const Authorizer> authz,
+            hsm::SessionPool* pool = nullptr)
+      : store_(store), audit_(audit), sealer_(sealer), pool_(pool), authz_(std::move(authz)) {}
 
   Result<Unsealed> Get(const RequestContext& rc, const SecretPath& path, std::optional<uint32_t> version);
   Result<uint32_t> Put(const RequestContext& rc, const SecretPath& path, const SecretBuffer& value);
@@ -64,6 +66,7 @@ class Custodian {
   Store& store_;
   AuditLog& audit_;
   Sealer& sealer_;
+  hsm::SessionPool* pool_;  // re-opened and logged in again after session or device errors
   mutable std::mutex mu_;
   std::shared_ptr<const Authorizer> authz_;
   CustodianStats stats_;

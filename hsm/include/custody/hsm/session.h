@@ -86,13 +86,22 @@ class SessionPool {
 
   Result<Lease> Acquire();
 
+  // After session or device errors (the token was reset, or something in
+  // the process called C_CloseAllSessions): drops every idle session,
+  // opens a new anchor session and logs in again with the PIN kept from
+  // Open (in locked memory). Leases out at the time stay valid objects;
+  // their sessions fail and are discarded when returned.
+  Status Recover();
+  // How many times Recover() has succeeded (for health and metrics).
+  uint64_t recoveries() const;
+
   Module& module() const { return *module_; }
   CK_SLOT_ID slot() const { return slot_; }
   size_t idle() const;
 
  private:
-  SessionPool(std::shared_ptr<Module> m, CK_SLOT_ID slot, Session anchor, Options o)
-      : module_(std::move(m)), slot_(slot), anchor_(std::move(anchor)), options_(o) {}
+  SessionPool(std::shared_ptr<Module> m, CK_SLOT_ID slot, Session anchor, Options o, SecretBuffer pin)
+      : module_(std::move(m)), slot_(slot), anchor_(std::move(anchor)), options_(o), pin_(std::move(pin)) {}
   void Return(Session s, bool discard);
 
   std::shared_ptr<Module> module_;
@@ -102,6 +111,8 @@ class SessionPool {
   mutable std::mutex mu_;
   std::vector<Session> idle_;
   size_t outstanding_ = 0;
+  SecretBuffer pin_;  // for Recover(); wiped with the pool
+  uint64_t recoveries_ = 0;
 };
 
 }  // namespace custody::hsm
