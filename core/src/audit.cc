@@ -20,6 +20,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "custody/common/base64.h"
 #include "custody/hsm/objects.h"
 
 namespace custody::core {
@@ -57,23 +58,6 @@ bool IsHex64(std::string_view s) {
     if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
   }
   return true;
-}
-
-std::string Base64(std::span<const uint8_t> in) {
-  std::string out(4 * ((in.size() + 2) / 3) + 1, '\0');
-  int n = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(out.data()), in.data(), static_cast<int>(in.size()));
-  out.resize(static_cast<size_t>(n));
-  return out;
-}
-
-std::optional<std::vector<uint8_t>> Unbase64(std::string_view in) {
-  if (in.empty() || in.size() % 4 != 0) return std::nullopt;
-  std::vector<uint8_t> out(in.size() / 4 * 3);
-  int n = EVP_DecodeBlock(out.data(), reinterpret_cast<const unsigned char*>(in.data()), static_cast<int>(in.size()));
-  if (n < 0) return std::nullopt;
-  size_t pad = (in.back() == '=') + (in.size() > 1 && in[in.size() - 2] == '=');
-  out.resize(static_cast<size_t>(n) - pad);
-  return out;
 }
 
 std::string SegmentName(uint32_t index) {
@@ -488,7 +472,7 @@ std::vector<AuditLog::Outcome> AuditLog::WriteBatch(std::vector<Item>& items) {
     j["covers_hash"] = covers_hash;
     j["key_id"] = items[i].signer->key_id();
     j["message"] = message;
-    j["signature"] = Base64(*sig);
+    j["signature"] = Base64Encode(*sig);
     signatures[i].assign(sig->begin(), sig->end());
     out[i].seq = emit(j, "checkpoint");
     out[i].covers = {covers_seq, covers_hash};
@@ -677,7 +661,7 @@ Result<AuditVerifyReport> VerifyAuditLog(const AuditVerifyOptions& o) {
         return rep;
       }
       if (have_key) {
-        auto sig = Unbase64(r.signature_b64);
+        auto sig = Base64Decode(r.signature_b64);
         if (!sig) {
           rep.problem = where(i) + ": modified: the checkpoint signature is not base64";
           return rep;

@@ -23,6 +23,7 @@
 #include <spdlog/spdlog.h>
 #include <thread>
 
+#include "custody/common/base64.h"
 #include "custody/hsm/objects.h"
 
 namespace custody::server {
@@ -201,25 +202,6 @@ bool ValidUtf8(std::string_view s) {
     i += n;
   }
   return true;
-}
-
-std::string Base64(std::string_view in) {
-  std::string out(4 * ((in.size() + 2) / 3) + 1, '\0');
-  int n = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(out.data()),
-                          reinterpret_cast<const unsigned char*>(in.data()), static_cast<int>(in.size()));
-  out.resize(static_cast<size_t>(n));
-  return out;
-}
-
-std::optional<SecretBuffer> Unbase64(std::string_view in) {
-  if (in.empty() || in.size() % 4 != 0) return std::nullopt;
-  SecretBuffer out(in.size() / 4 * 3);
-  int n = EVP_DecodeBlock(out.RevealMutable(SecretAccess{}).data(), reinterpret_cast<const unsigned char*>(in.data()),
-                          static_cast<int>(in.size()));
-  if (n < 0) return std::nullopt;
-  size_t pad = (in.back() == '=') + (in.size() > 1 && in[in.size() - 2] == '=');
-  out.Truncate(static_cast<size_t>(n) - pad);
-  return out;
 }
 
 using TlsStream = beast::ssl_stream<beast::tcp_stream>;
@@ -419,7 +401,7 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
         if (ValidUtf8(value)) {
           out["value"] = std::string(value);
         } else {
-          out["value_base64"] = Base64(value);
+          out["value_base64"] = Base64Encode(value);
         }
         auto res = Json(200, out);
         if (out.contains("value")) OPENSSL_cleanse(out["value"].get_ref<std::string&>().data(), value.size());
@@ -435,7 +417,7 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
           value = SecretBuffer::Copy(std::string_view(s));
           OPENSSL_cleanse(s.data(), s.size());
         } else if (auto b = body.find("value_base64"); b != body.end() && b->is_string()) {
-          value = Unbase64(b->get<std::string>());
+          value = Base64DecodeSecret(b->get<std::string>());
           if (!value) return Error(400, "value_base64 is not valid base64");
         } else {
           return Error(400, "the body must have a string \"value\" (or \"value_base64\")");

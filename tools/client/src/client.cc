@@ -1,5 +1,7 @@
 #include "custody/client/client.h"
 
+#include "custody/common/base64.h"
+
 #include <openssl/crypto.h>
 #include <openssl/ssl.h>
 #include <openssl/evp.h>
@@ -170,14 +172,9 @@ Result<Fetched> Client::Get(const std::string& path, std::optional<uint32_t> ver
     f.value = SecretBuffer::Copy(std::string_view(s));
     OPENSSL_cleanse(s.data(), s.size());
   } else if (auto b = j.find("value_base64"); b != j.end() && b->is_string()) {
-    const std::string& s = b->get_ref<const std::string&>();
-    SecretBuffer out(s.size() / 4 * 3 + 3);
-    int n = EVP_DecodeBlock(out.RevealMutable(SecretAccess{}).data(), reinterpret_cast<const unsigned char*>(s.data()),
-                            static_cast<int>(s.size()));
-    if (n < 0) return Error(Category::kIntegrity, "custodyd sent invalid base64");
-    size_t pad = (!s.empty() && s.back() == '=') + (s.size() > 1 && s[s.size() - 2] == '=');
-    out.Truncate(static_cast<size_t>(n) - pad);
-    f.value = std::move(out);
+    auto out = Base64DecodeSecret(b->get_ref<const std::string&>());
+    if (!out) return Error(Category::kIntegrity, "custodyd sent invalid base64");
+    f.value = std::move(*out);
   } else {
     return Error(Category::kIntegrity, "custodyd's answer has no value");
   }
@@ -193,11 +190,7 @@ Result<uint32_t> Client::Put(const std::string& path, const SecretBuffer& value)
   if (text) {
     j["value"] = std::string(v);
   } else {
-    std::string b64(4 * ((v.size() + 2) / 3) + 1, '\0');
-    int n = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(b64.data()),
-                            reinterpret_cast<const unsigned char*>(v.data()), static_cast<int>(v.size()));
-    b64.resize(static_cast<size_t>(n));
-    j["value_base64"] = b64;
+    j["value_base64"] = Base64Encode(v);
   }
   std::string body = j.dump();
   if (j.contains("value")) OPENSSL_cleanse(j["value"].get_ref<std::string&>().data(), v.size());
