@@ -5,6 +5,8 @@
 // The ratios ours/raw are printed. One thread can at best match the raw
 // fsync rate; with concurrent callers group commit should exceed it.
 #include <benchmark/benchmark.h>
+
+#include "ratio_reporter.h"
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -69,18 +71,6 @@ void BM_Append(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations());
 }
 
-class RatioReporter : public benchmark::ConsoleReporter {
- public:
-  void ReportRuns(const std::vector<Run>& runs) override {
-    ConsoleReporter::ReportRuns(runs);
-    for (const auto& r : runs) {
-      if (r.run_type != Run::RT_Iteration || r.error_occurred) continue;
-      auto it = r.counters.find("items_per_second");
-      if (it != r.counters.end()) rates[r.benchmark_name()] = it->second.value;
-    }
-  }
-  std::map<std::string, double> rates;
-};
 
 }  // namespace
 
@@ -101,7 +91,7 @@ int main(int argc, char** argv) {
     return 1;
   }
   g_log = std::move(*log);
-  RatioReporter reporter;
+  custody::bench::RatioReporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
   double raw = reporter.rates["BM_RawFsync/min_time:1.000/real_time"];
   std::printf("\n");

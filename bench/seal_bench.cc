@@ -9,6 +9,8 @@
 //   unseal       Sealer::Unseal (blob parse, KEK check, decrypt into a locked buffer)
 // At the end the ratios ours/raw are printed; the target is >= 0.80.
 #include <benchmark/benchmark.h>
+
+#include "ratio_reporter.h"
 #include <unistd.h>
 
 #include <cstdio>
@@ -178,19 +180,6 @@ void BM_Unseal(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations());
 }
 
-// Collects items/s per benchmark so main() can print the ratios.
-class RatioReporter : public benchmark::ConsoleReporter {
- public:
-  void ReportRuns(const std::vector<Run>& runs) override {
-    ConsoleReporter::ReportRuns(runs);
-    for (const auto& r : runs) {
-      if (r.run_type != Run::RT_Iteration || r.error_occurred) continue;
-      auto it = r.counters.find("items_per_second");
-      if (it != r.counters.end()) rates[r.benchmark_name()] = it->second.value;
-    }
-  }
-  std::map<std::string, double> rates;
-};
 
 }  // namespace
 
@@ -204,7 +193,7 @@ BENCHMARK(BM_Unseal)->Threads(2)->MinTime(1.0)->UseRealTime();
 int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   Setup();
-  RatioReporter reporter;
+  custody::bench::RatioReporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
   auto ratio = [&](const std::string& ours, const std::string& raw) {
     auto a = reporter.rates.find(ours), b = reporter.rates.find(raw);
