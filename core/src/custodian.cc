@@ -138,7 +138,8 @@ Result<uint32_t> Custodian::Put(const RequestContext& rc, const SecretPath& path
     CUSTODY_ASSIGN_OR_RETURN(KekRecord kek, store_.CurrentKek(env.project_id));
     f.ev.kek_id = hsm::ToHex(kek.ref.id);
     SecretService svc(store_, sealer_);
-    auto v = svc.Put(path, value, [&](uint32_t n) -> Status {
+    auto put = [&]() {
+      return svc.Put(path, value, [&](uint32_t n) -> Status {
       if (f.recorded) {
         AuditEvent again = f.ev;
         again.detail = "v" + std::to_string(f.ev.version.value_or(0)) +
@@ -150,7 +151,17 @@ Result<uint32_t> Custodian::Put(const RequestContext& rc, const SecretPath& path
       }
       f.ev.version = n;
       return f.Record(Status::Ok());
-    });
+      });
+    };
+    auto v = put();
+    if (!v && !f.recorded && v.error().backend() == Backend::kPkcs11 && hsm::IsSessionFatal(v.error().code())) {
+      // Sealing failed on a dead session before anything was recorded or
+      // stored: recover the pool and try once more, as a GET does.
+      stats_.token_errors.fetch_add(1);
+      if (pool_ != nullptr && pool_->Recover().ok()) stats_.token_recoveries.fetch_add(1);
+      v = put();
+    }
+    stats_.token_healthy.store(v.ok() || v.error().backend() != Backend::kPkcs11);
     if (!v && f.recorded) {
       AuditEvent failed = f.ev;
       failed.result = "error";

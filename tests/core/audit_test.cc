@@ -333,7 +333,17 @@ TEST_F(AuditTest, KillNineMidWriteLeavesAVerifiableLogThatContinuesCleanly) {
       ::execl(AUDIT_WRITER, AUDIT_WRITER, opts_.dir.c_str(), "1000000", "crash", nullptr);
       ::_exit(127);
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(20 + rng() % 80));
+    // Wait until the writer is writing (start-up is slow under sanitizers
+    // and load), then kill it at a random moment mid-stream.
+    auto size = [&] {
+      std::error_code ec;
+      uintmax_t total = 0;
+      for (const auto& seg : AuditSegments(opts_.dir)) total += std::filesystem::file_size(opts_.dir + "/" + seg, ec);
+      return total;
+    };
+    uintmax_t start = size();
+    for (int i = 0; i < 400 && size() == start; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    std::this_thread::sleep_for(std::chrono::milliseconds(rng() % 60));
     ::kill(pid, SIGKILL);
     int status = 0;
     ::waitpid(pid, &status, 0);

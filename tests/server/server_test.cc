@@ -258,7 +258,10 @@ TEST_F(ServerTest, SighupWithABrokenConfigKeepsTheOldOneAndAGoodOneLoadsTheNewPo
   std::string cfg = ReadFile(token_.config_path());
   WriteFile(token_.config_path(), "this is [ not toml");
   ::kill(pid_, SIGHUP);
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  // Wait for the server to say it refused (reloads are asynchronous).
+  for (int i = 0; i < 200 && ReadFile(token_.dir() / "custodyd.log").find("reload refused") == std::string::npos; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(25));
+  }
   auto health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
   EXPECT_NE(health.find("\"policy_version\":1"), std::string::npos) << health;
   EXPECT_NE(ReadFile(token_.dir() / "custodyd.log").find("reload refused"), std::string::npos);
@@ -268,8 +271,11 @@ TEST_F(ServerTest, SighupWithABrokenConfigKeepsTheOldOneAndAGoodOneLoadsTheNewPo
   WriteFile(token_.dir() / "policy2.toml", p2);
   ASSERT_EQ(Cli({"policy", "apply", token_.dir() / "policy2.toml"}).exit_code, 0);
   ::kill(pid_, SIGHUP);
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+  for (int i = 0; i < 200; ++i) {
+    health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+    if (health.find("\"policy_version\":2") != std::string::npos) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(25));
+  }
   EXPECT_NE(health.find("\"policy_version\":2"), std::string::npos) << health;
 }
 

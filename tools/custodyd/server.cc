@@ -247,6 +247,12 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
 
  private:
   void Read() {
+    // Metrics labels belong to one request; a refusal before Handle() (413,
+    // 431, 400) must not inherit the previous request's.
+    action_ = "malformed";
+    project_.clear();
+    env_.clear();
+    decision_ = "error";
     parser_.emplace();
     parser_->header_limit(srv_.options.max_header_bytes);
     parser_->body_limit(srv_.options.max_body_bytes);
@@ -263,6 +269,7 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
       Close();
       return;
     }
+    if (ec) srv_.metrics.Observe(action_, project_, env_, decision_, 0);
     if (ec == http::error::body_limit) {
       Reply(Error(413, "request body is larger than " + std::to_string(srv_.options.max_body_bytes) + " bytes"), false);
       return;
