@@ -7,6 +7,7 @@
 #include <openssl/evp.h>
 #include <openssl/param_build.h>
 #include <openssl/pem.h>
+#include <openssl/rand.h>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -21,6 +22,7 @@
 #include <thread>
 
 #include "custody/common/base64.h"
+#include "custody/core/authz.h"
 #include "custody/hsm/objects.h"
 
 namespace custody::core {
@@ -33,12 +35,6 @@ constexpr size_t kHashSuffix = 9 + 64 + 2;  // ,"hash":" + 64 hex + "}
 constexpr size_t kMaxLine = 64 * 1024;
 const std::string kGenesis(64, '0');
 
-std::string Sha256Hex(std::string_view data) {
-  unsigned char md[32];
-  unsigned int len = 0;
-  EVP_Digest(data.data(), data.size(), md, &len, EVP_sha256(), nullptr);
-  return hsm::ToHex(std::span<const uint8_t>(md, 32));
-}
 
 std::string Iso(std::chrono::system_clock::time_point tp, int64_t* unix_seconds) {
   auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(tp.time_since_epoch()).count();
@@ -219,6 +215,12 @@ Result<bool> VerifySignature(const std::string& pem, std::string_view message, s
 }
 
 }  // namespace
+
+std::string NewRequestId() {
+  uint8_t b[8];
+  if (RAND_bytes(b, sizeof b) != 1) return "unknown";
+  return hsm::ToHex(b);
+}
 
 std::vector<std::string> AuditSegments(const std::string& dir) {
   std::vector<std::string> out;

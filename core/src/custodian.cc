@@ -105,14 +105,14 @@ Result<Unsealed> Custodian::Get(const RequestContext& rc, const SecretPath& path
     f.ev.kek_id = hsm::ToHex(kek.ref.id);
     CUSTODY_RETURN_IF_ERROR(f.Charge(t, UsageEvent::kUnseal));
     SecretService svc(store_, sealer_);
-    auto u = svc.Get(path, version);
+    auto u = svc.Unseal(path, env, rec, kek);
     if (!u && u.error().backend() == Backend::kPkcs11 && hsm::IsSessionFatal(u.error().code())) {
       // The failed session was discarded; re-open the pool and log in again
       // (the token may have been reset, losing every session and the login),
       // then retry once.
       stats_.token_errors.fetch_add(1);
       if (pool_ != nullptr && pool_->Recover().ok()) stats_.token_recoveries.fetch_add(1);
-      u = svc.Get(path, version);
+      u = svc.Unseal(path, env, rec, kek);
     }
     stats_.token_healthy.store(u.ok() || u.error().backend() != Backend::kPkcs11);
     if (!u) return u;

@@ -131,6 +131,11 @@ Result<Unsealed> SecretService::Get(const SecretPath& path, std::optional<uint32
   CUSTODY_ASSIGN_OR_RETURN(EnvironmentRecord env, store_.FindEnvironment(path.project, path.environment));
   CUSTODY_ASSIGN_OR_RETURN(SecretVersionRecord rec, store_.GetVersion(env, path.name, version));
   CUSTODY_ASSIGN_OR_RETURN(KekRecord kek, store_.KekById(rec.kek_record_id));
+  return Unseal(path, env, rec, kek);
+}
+
+Result<Unsealed> SecretService::Unseal(const SecretPath& path, const EnvironmentRecord& env,
+                                       const SecretVersionRecord& rec, const KekRecord& kek) {
   if (kek.project_id != env.project_id) {
     return Error(Category::kIntegrity, path.str() + " is recorded under another project's KEK; refusing");
   }

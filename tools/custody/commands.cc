@@ -11,7 +11,6 @@
 #include <nlohmann/json.hpp>
 
 #include <openssl/crypto.h>
-#include <openssl/rand.h>
 
 #include "custody/client/client.h"
 #include "custody/core/audit.h"
@@ -74,11 +73,6 @@ std::string IdentifiedBy(const policy::Caller& c) {
   return s;
 }
 
-std::string RequestId() {
-  uint8_t b[8];
-  if (RAND_bytes(b, sizeof b) != 1) return "unknown";
-  return hsm::ToHex(b);
-}
 
 Result<std::unique_ptr<core::AuditLog>> OpenAudit(const core::Config& c) {
   core::AuditOptions ao;
@@ -140,7 +134,7 @@ Result<Opened> OpenStore(const Globals& g, const std::string& action) {
   CUSTODY_ASSIGN_OR_RETURN(o.store, core::OpenSqliteStore(o.config.store_path, /*create=*/false));
   CUSTODY_ASSIGN_OR_RETURN(o.audit, OpenAudit(o.config));
   o.ev.action = action;
-  o.ev.request_id = RequestId();
+  o.ev.request_id = core::NewRequestId();
   o.ev.identified_by = IdentifiedBy(LocalCaller());
   o.ev.decision = "none";
   return o;
@@ -241,7 +235,7 @@ Status Init(const Globals& g, const InitArgs& a) {
   CUSTODY_ASSIGN_OR_RETURN(auto audit, OpenAudit(c));
   core::AuditEvent ev;
   ev.action = "custody.init";
-  ev.request_id = RequestId();
+  ev.request_id = core::NewRequestId();
   ev.identified_by = IdentifiedBy(LocalCaller());
   ev.decision = "none";
   ev.result = "ok";
@@ -456,7 +450,7 @@ Result<core::Unsealed> DirectGet(const Globals& g, const core::SecretPath& path,
     CUSTODY_RETURN_IF_ERROR(Charge(o, target, core::UsageEvent::kUnseal));
     CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, o));
     core::SecretService svc(*o.store, *o.sealer);
-    CUSTODY_ASSIGN_OR_RETURN(core::Unsealed u, svc.Get(path, version));
+    CUSTODY_ASSIGN_OR_RETURN(core::Unsealed u, svc.Unseal(path, env, rec, kek));
     // The record is durable before the value leaves this function.
     CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
     out = std::move(u);

@@ -4,7 +4,6 @@
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 #include <openssl/evp.h>
-#include <openssl/rand.h>
 #include <grp.h>
 #include <pwd.h>
 #include <sys/socket.h>
@@ -183,11 +182,6 @@ struct Server::Impl {
 
 namespace {
 
-std::string RequestId() {
-  uint8_t b[8];
-  if (RAND_bytes(b, sizeof b) != 1) return "unknown";
-  return hsm::ToHex(b);
-}
 
 bool ValidUtf8(std::string_view s) {
   size_t i = 0;
@@ -329,7 +323,7 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
   }
 
   http::response<http::string_body> Handle(const http::request<http::string_body>& req) {
-    peer_.request_id = RequestId();
+    peer_.request_id = core::NewRequestId();
     action_ = "other";
     project_.clear();
     env_.clear();

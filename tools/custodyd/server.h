@@ -20,8 +20,6 @@
 
 namespace custody::server {
 
-class Metrics;
-
 struct ServerOptions {
   std::string socket_path;
   uint32_t socket_mode = 0666;

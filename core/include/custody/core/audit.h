@@ -49,6 +49,9 @@ struct AuditEvent {
   std::string detail;    // free text that is not secret (policy sha256, counts)
 };
 
+// A random id for one command or request, shared by its audit records.
+std::string NewRequestId();
+
 // Signs checkpoint messages; the token implementation is TokenAuditSigner.
 class AuditSigner {
  public:

@@ -53,6 +53,11 @@ class SecretService {
   Result<uint32_t> Put(const SecretPath& path, const SecretBuffer& value,
                        const std::function<Status(uint32_t version)>& before_commit = {});
   Result<Unsealed> Get(const SecretPath& path, std::optional<uint32_t> version);
+  // The unseal alone, for callers that have already read the environment,
+  // the version and its KEK (to audit them before unsealing): no second
+  // round of store lookups on the hot path.
+  Result<Unsealed> Unseal(const SecretPath& path, const EnvironmentRecord& env, const SecretVersionRecord& rec,
+                          const KekRecord& kek);
 
  private:
   Store& store_;
