@@ -101,6 +101,8 @@ Result<Unsealed> Custodian::Get(const RequestContext& rc, const SecretPath& path
     CUSTODY_ASSIGN_OR_RETURN(auto env, store_.FindEnvironment(path.project, path.environment));
     CUSTODY_ASSIGN_OR_RETURN(auto rec, store_.GetVersion(env, path.name, version));
     f.ev.version = rec.version;
+    uint64_t grace = f.authz->engine().RotationFor(path.project, path.environment).grace;
+    CUSTODY_RETURN_IF_ERROR(CheckReadable(path, rec, grace, SystemNow()));
     CUSTODY_ASSIGN_OR_RETURN(auto kek, store_.KekById(rec.kek_record_id));
     f.ev.kek_id = hsm::ToHex(kek.ref.id);
     CUSTODY_RETURN_IF_ERROR(f.Charge(t, UsageEvent::kUnseal));
@@ -113,6 +115,15 @@ Result<Unsealed> Custodian::Get(const RequestContext& rc, const SecretPath& path
       stats_.token_errors.fetch_add(1);
       if (pool_ != nullptr && pool_->Recover().ok()) stats_.token_recoveries.fetch_add(1);
       u = svc.Unseal(path, env, rec, kek);
+    }
+    if (!u && u.error().category() == Category::kNotFound) {
+      // A KEK rotation may have re-sealed this version and destroyed its old
+      // KEK between our read and the unseal: read it again, once.
+      auto again = store_.GetVersion(env, path.name, rec.version);
+      if (again.ok() && again->kek_record_id != rec.kek_record_id) {
+        auto kek2 = store_.KekById(again->kek_record_id);
+        if (kek2.ok()) u = svc.Unseal(path, env, *again, *kek2);
+      }
     }
     stats_.token_healthy.store(u.ok() || u.error().backend() != Backend::kPkcs11);
     if (!u) return u;

@@ -83,6 +83,41 @@ Status Sealer::DestroyKek(const KekRef& kek) {
   return hsm::DestroyObject(*lease, h);
 }
 
+Result<size_t> Sealer::DestroyUnrecorded(const std::string& label, const std::vector<KekId>& keep) {
+  CUSTODY_ASSIGN_OR_RETURN(auto lease, pool_.Acquire());
+  CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+  CK_BBOOL yes = CK_TRUE;
+  std::string l = label;
+  CK_ATTRIBUTE tmpl[] = {
+      {CKA_CLASS, &cls, sizeof cls},
+      {CKA_TOKEN, &yes, sizeof yes},
+      {CKA_LABEL, l.data(), static_cast<CK_ULONG>(l.size())},
+  };
+  CUSTODY_ASSIGN_OR_RETURN(auto found, hsm::FindObjects(*lease, tmpl, 16));
+  size_t destroyed = 0;
+  for (CK_OBJECT_HANDLE h : found) {
+    KekId id{};
+    CK_ATTRIBUTE a{CKA_ID, id.data(), static_cast<CK_ULONG>(id.size())};
+    CK_RV rv = lease->fn()->C_GetAttributeValue(lease->handle(), h, &a, 1);
+    if (rv != CKR_OK) return Fail(lease, rv, "C_GetAttributeValue(CKA_ID)");
+    if (a.ulValueLen == id.size() && std::find(keep.begin(), keep.end(), id) != keep.end()) continue;
+    CUSTODY_RETURN_IF_ERROR(hsm::DestroyObject(*lease, h));
+    ++destroyed;
+  }
+  return destroyed;
+}
+
+bool Sealer::GcmWrapOffered() {
+  CK_MECHANISM_INFO info{};
+  CK_RV rv = pool_.module().fn()->C_GetMechanismInfo(pool_.slot(), CKM_AES_GCM, &info);
+  return rv == CKR_OK && (info.flags & CKF_WRAP) != 0 && (info.flags & CKF_UNWRAP) != 0;
+}
+
+Status Sealer::Random(std::span<uint8_t> out) {
+  CUSTODY_ASSIGN_OR_RETURN(auto lease, pool_.Acquire());
+  return hsm::GenerateRandom(*lease, out);
+}
+
 Result<CK_OBJECT_HANDLE> Sealer::KekHandle(hsm::Session& s, const KekRef& kek) {
   {
     std::shared_lock lock(handles_mu_);

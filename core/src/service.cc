@@ -8,6 +8,9 @@
 #include <chrono>
 #include <thread>
 
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+
 #include "custody/hsm/uri.h"
 
 namespace custody::core {
@@ -112,26 +115,88 @@ Result<uint32_t> SecretService::Put(const SecretPath& path, const SecretBuffer& 
                                     const std::function<Status(uint32_t version)>& before_commit) {
   if (value.empty()) return Error(Category::kIntegrity, "refusing to store an empty value for " + path.str());
   CUSTODY_ASSIGN_OR_RETURN(EnvironmentRecord env, store_.FindEnvironment(path.project, path.environment));
-  CUSTODY_ASSIGN_OR_RETURN(KekRecord kek, store_.CurrentKek(env.project_id));
   // A concurrent writer may take our version number between NextVersion and
-  // AddVersion; the version is bound into the seal, so re-seal and retry.
+  // AddVersion, or a KEK rotation may retire the KEK we sealed under; the
+  // version and the KEK are bound into the seal, so re-seal and retry.
   for (int attempt = 0; attempt < 8; ++attempt) {
+    CUSTODY_ASSIGN_OR_RETURN(KekRecord kek, store_.CurrentKek(env.project_id));
     CUSTODY_ASSIGN_OR_RETURN(uint32_t version, store_.NextVersion(env.id, path.name));
     SealContext ctx{path.project, path.environment, path.name, version};
     CUSTODY_ASSIGN_OR_RETURN(auto blob, sealer_.Seal(kek.ref, ctx, value));
     if (before_commit) CUSTODY_RETURN_IF_ERROR(before_commit(version));
-    Status s = store_.AddVersion(env.id, path.name, version, kek.id, blob);
+    Status s = store_.AddVersion(env.id, path.name, version, kek.id, blob, clock_());
     if (s.ok()) return version;
     if (s.error().backend() != Backend::kStore || s.error().code() != Store::kVersionTaken) return s.error();
   }
   return Error(Category::kUnavailable, "too many concurrent writers to " + path.str() + "; retry");
 }
 
-Result<Unsealed> SecretService::Get(const SecretPath& path, std::optional<uint32_t> version) {
+Result<Unsealed> SecretService::Get(const SecretPath& path, std::optional<uint32_t> version, uint64_t grace) {
   CUSTODY_ASSIGN_OR_RETURN(EnvironmentRecord env, store_.FindEnvironment(path.project, path.environment));
   CUSTODY_ASSIGN_OR_RETURN(SecretVersionRecord rec, store_.GetVersion(env, path.name, version));
+  CUSTODY_RETURN_IF_ERROR(CheckReadable(path, rec, grace, clock_()));
   CUSTODY_ASSIGN_OR_RETURN(KekRecord kek, store_.KekById(rec.kek_record_id));
   return Unseal(path, env, rec, kek);
+}
+
+Result<std::vector<uint32_t>> SecretService::ApplyRetention(const SecretPath& path, uint32_t keep, uint64_t grace) {
+  CUSTODY_ASSIGN_OR_RETURN(EnvironmentRecord env, store_.FindEnvironment(path.project, path.environment));
+  CUSTODY_ASSIGN_OR_RETURN(auto versions, store_.ListVersions(env, path.name));
+  auto trim = VersionsToTrim(versions, keep, grace, clock_());
+  CUSTODY_RETURN_IF_ERROR(store_.TrimVersions(env, path.name, trim));
+  return trim;
+}
+
+Result<uint32_t> SecretService::Revoke(const SecretPath& path, uint32_t version, const std::string& reason,
+                                       const std::string& by) {
+  CUSTODY_ASSIGN_OR_RETURN(EnvironmentRecord env, store_.FindEnvironment(path.project, path.environment));
+  return store_.RevokeVersion(env, path.name, version, reason, by, clock_());
+}
+
+std::optional<ValueFormat> ParseValueFormat(std::string_view s) {
+  if (s == "hex") return ValueFormat::kHex;
+  if (s == "base64") return ValueFormat::kBase64;
+  if (s == "base64url") return ValueFormat::kBase64Url;
+  return std::nullopt;
+}
+
+Result<SecretBuffer> GenerateValue(Sealer& sealer, size_t bytes, ValueFormat format, std::string_view prefix) {
+  if (bytes < 16 || bytes > 1024) {
+    return Error(Category::kUsage, "--generate takes 16 to 1024 bytes (got " + std::to_string(bytes) + ")");
+  }
+  for (char c : prefix) {
+    if (c <= ' ' || c > '~') return Error(Category::kUsage, "--prefix must be printable ASCII without spaces");
+  }
+  if (prefix.size() > 64) return Error(Category::kUsage, "--prefix is longer than 64 characters");
+  SecretBuffer raw(bytes);
+  CUSTODY_RETURN_IF_ERROR(sealer.Random(raw.RevealMutable(SecretAccess{})));
+  auto in = raw.Reveal(SecretAccess{});
+  size_t body = format == ValueFormat::kHex ? bytes * 2 : 4 * ((bytes + 2) / 3);
+  // EVP_EncodeBlock writes a terminating NUL: one byte of room, cut after.
+  SecretBuffer out(prefix.size() + body + 1);
+  auto dst = out.RevealMutable(SecretAccess{});
+  std::copy(prefix.begin(), prefix.end(), dst.begin());
+  uint8_t* p = dst.data() + prefix.size();
+  if (format == ValueFormat::kHex) {
+    static constexpr char kHex[] = "0123456789abcdef";
+    for (size_t i = 0; i < bytes; ++i) {
+      p[2 * i] = static_cast<uint8_t>(kHex[in[i] >> 4]);
+      p[2 * i + 1] = static_cast<uint8_t>(kHex[in[i] & 0xf]);
+    }
+  } else {
+    int n = EVP_EncodeBlock(p, in.data(), static_cast<int>(bytes));
+    body = static_cast<size_t>(n);
+    if (format == ValueFormat::kBase64Url) {
+      // RFC 4648 section 5, unpadded: safe in URLs, headers and shells.
+      while (body > 0 && p[body - 1] == '=') --body;
+      for (size_t i = 0; i < body; ++i) {
+        if (p[i] == '+') p[i] = '-';
+        if (p[i] == '/') p[i] = '_';
+      }
+    }
+  }
+  out.Truncate(prefix.size() + body);
+  return out;
 }
 
 Result<Unsealed> SecretService::Unseal(const SecretPath& path, const EnvironmentRecord& env,

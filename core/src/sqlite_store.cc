@@ -98,6 +98,19 @@ CREATE TABLE audit_checkpoints (
   created_at  INTEGER NOT NULL
 );
 )sql",
+    // 4: version states (rotation, revocation) and KEK rotation's lookups.
+    // Versions stored before: each older one was superseded when the next
+    // was stored.
+    R"sql(
+ALTER TABLE secret_versions ADD COLUMN superseded_at INTEGER;
+ALTER TABLE secret_versions ADD COLUMN revoked_at INTEGER;
+ALTER TABLE secret_versions ADD COLUMN revoked_reason TEXT;
+ALTER TABLE secret_versions ADD COLUMN revoked_by TEXT;
+CREATE INDEX secret_versions_by_kek ON secret_versions(kek_id, secret_id, version);
+UPDATE secret_versions SET superseded_at = (
+  SELECT min(n.created_at) FROM secret_versions n
+  WHERE n.secret_id = secret_versions.secret_id AND n.version > secret_versions.version);
+)sql",
 };
 
 int64_t Now() { return static_cast<int64_t>(std::time(nullptr)); }
@@ -207,11 +220,23 @@ class SqliteStore final : public Store {
   Result<KekRecord> CurrentKek(int64_t project_id) override;
   Result<KekRecord> KekById(int64_t id) override;
   Result<std::vector<KekRecord>> ListKeks() override;
+  Result<std::vector<KekRecord>> ProjectKeks(int64_t project_id) override;
+  Result<KekRecord> AddKek(int64_t project_id, const KekRef& kek, const std::string& label, int64_t now) override;
+  Result<std::vector<SealedItem>> SealedUnder(int64_t kek_record_id, std::pair<int64_t, uint32_t> after,
+                                              size_t limit) override;
+  Result<uint64_t> CountSealedUnder(int64_t kek_record_id) override;
+  Result<size_t> ReplaceSealed(int64_t from, int64_t to, const std::vector<Resealed>& items) override;
+  Status SetKekState(int64_t kek_record_id, KekState state) override;
   Result<uint32_t> NextVersion(int64_t env_id, const std::string& name) override;
   Status AddVersion(int64_t env_id, const std::string& name, uint32_t version, int64_t kek_record_id,
-                    const std::vector<uint8_t>& blob) override;
+                    const std::vector<uint8_t>& blob, int64_t now) override;
   Result<SecretVersionRecord> GetVersion(const EnvironmentRecord& env, const std::string& name,
                                          std::optional<uint32_t> version) override;
+  Result<std::vector<SecretVersionRecord>> ListVersions(const EnvironmentRecord& env, const std::string& name) override;
+  Result<uint32_t> RevokeVersion(const EnvironmentRecord& env, const std::string& name, uint32_t version,
+                                 const std::string& reason, const std::string& by, int64_t now) override;
+  Result<size_t> TrimVersions(const EnvironmentRecord& env, const std::string& name,
+                              const std::vector<uint32_t>& versions) override;
   Result<std::vector<SecretSummary>> ListSecrets(const std::optional<std::string>& project,
                                                  const std::optional<std::string>& env) override;
   Status DeleteSecret(const EnvironmentRecord& env, const std::string& name) override;
@@ -487,7 +512,14 @@ Result<std::vector<EnvironmentRecord>> SqliteStore::ListEnvironments(const std::
 }
 
 namespace {
-constexpr const char* kKekColumns = "id, project_id, version, token_id, label, encryptions_reserved, created_at";
+constexpr const char* kKekColumns = "id, project_id, version, token_id, label, encryptions_reserved, created_at, state";
+constexpr const char* kKekStateNames[] = {"active", "retiring", "destroying", "destroyed"};
+KekState ParseKekState(const std::string& s) {
+  for (size_t i = 0; i < std::size(kKekStateNames); ++i) {
+    if (s == kKekStateNames[i]) return static_cast<KekState>(i);
+  }
+  return KekState::kDestroyed;  // unknown: never used for sealing
+}
 KekRecord ReadKek(const Stmt& s) {
   KekRecord k;
   k.id = s.Int(0);
@@ -498,6 +530,7 @@ KekRecord ReadKek(const Stmt& s) {
   k.label = s.Text(4);
   k.encryptions_reserved = static_cast<uint64_t>(s.Int(5));
   k.created_at = s.Int(6);
+  k.state = ParseKekState(s.Text(7));
   return k;
 }
 }  // namespace
@@ -525,6 +558,129 @@ Result<KekRecord> SqliteStore::KekById(int64_t id) {
   if (rc == SQLITE_ROW) return ReadKek(s);
   if (rc == SQLITE_DONE) return Error(Category::kIntegrity, "store names a KEK record that does not exist");
   return Fail(rc, "finding KEK");
+}
+
+Result<std::vector<KekRecord>> SqliteStore::ProjectKeks(int64_t project_id) {
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  std::string sql = std::string("SELECT ") + kKekColumns + " FROM keks WHERE project_id = ? ORDER BY version";
+  Stmt s(db(), sql.c_str());
+  s.Bind(1, project_id);
+  std::vector<KekRecord> out;
+  int rc;
+  while ((rc = s.Step()) == SQLITE_ROW) out.push_back(ReadKek(s));
+  if (rc != SQLITE_DONE) return Fail(rc, "listing KEKs");
+  return out;
+}
+
+Result<KekRecord> SqliteStore::AddKek(int64_t project_id, const KekRef& kek, const std::string& label, int64_t now) {
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  CUSTODY_RETURN_IF_ERROR(Begin());
+  auto fail = [&](Error e) { Rollback(); return e; };
+  {
+    Stmt s(db(), "UPDATE keks SET state = 'retiring' WHERE project_id = ? AND state = 'active'");
+    s.Bind(1, project_id);
+    int rc = s.Step();
+    if (rc != SQLITE_DONE) return fail(Fail(rc, "retiring KEK"));
+  }
+  {
+    Stmt s(db(), "INSERT INTO keks(project_id, version, token_id, label, created_at) VALUES (?, ?, ?, ?, ?)");
+    s.Bind(1, project_id).Bind(2, kek.version).Bind(3, kek.id).Bind(4, label).Bind(5, now);
+    int rc = s.Step();
+    if ((rc & 0xff) == SQLITE_CONSTRAINT) {
+      return fail(Error(Category::kUnavailable, "KEK version " + std::to_string(kek.version) +
+                                                    " was recorded by a concurrent rotation"));
+    }
+    if (rc != SQLITE_DONE) return fail(Fail(rc, "recording KEK"));
+  }
+  int64_t id = sqlite3_last_insert_rowid(db());
+  CUSTODY_RETURN_IF_ERROR(Commit());
+  KekRecord k;
+  k.id = id;
+  k.project_id = project_id;
+  k.ref = kek;
+  k.label = label;
+  k.created_at = now;
+  return k;
+}
+
+Result<std::vector<SealedItem>> SqliteStore::SealedUnder(int64_t kek_record_id, std::pair<int64_t, uint32_t> after,
+                                                         size_t limit) {
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  Stmt s(db(),
+         "SELECT v.secret_id, e.name, s.name, v.version, v.blob FROM secret_versions v "
+         "JOIN secrets s ON s.id = v.secret_id JOIN environments e ON e.id = s.environment_id "
+         "WHERE v.kek_id = ?1 AND (v.secret_id, v.version) > (?2, ?3) ORDER BY v.secret_id, v.version LIMIT ?4");
+  s.Bind(1, kek_record_id).Bind(2, after.first).Bind(3, static_cast<int64_t>(after.second));
+  s.Bind(4, static_cast<int64_t>(limit));
+  std::vector<SealedItem> out;
+  int rc;
+  while ((rc = s.Step()) == SQLITE_ROW) {
+    out.push_back({s.Int(0), s.Text(1), s.Text(2), static_cast<uint32_t>(s.Int(3)), s.Blob(4)});
+  }
+  if (rc != SQLITE_DONE) return Fail(rc, "reading sealed versions");
+  return out;
+}
+
+Result<uint64_t> SqliteStore::CountSealedUnder(int64_t kek_record_id) {
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  Stmt s(db(), "SELECT count(*) FROM secret_versions WHERE kek_id = ?");
+  s.Bind(1, kek_record_id);
+  int rc = s.Step();
+  if (rc != SQLITE_ROW) return Fail(rc, "counting sealed versions");
+  return static_cast<uint64_t>(s.Int(0));
+}
+
+Result<size_t> SqliteStore::ReplaceSealed(int64_t from, int64_t to, const std::vector<Resealed>& items) {
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  CUSTODY_RETURN_IF_ERROR(Begin());
+  size_t replaced = 0;
+  for (const auto& it : items) {
+    Stmt s(db(), "UPDATE secret_versions SET blob = ?, kek_id = ? WHERE secret_id = ? AND version = ? AND kek_id = ?");
+    s.Bind(1, it.blob).Bind(2, to).Bind(3, it.secret_id).Bind(4, static_cast<int64_t>(it.version)).Bind(5, from);
+    int rc = s.Step();
+    if (rc != SQLITE_DONE) {
+      Rollback();
+      return Fail(rc, "storing re-sealed versions");
+    }
+    replaced += static_cast<size_t>(sqlite3_changes(db()));
+  }
+  CUSTODY_RETURN_IF_ERROR(Commit());
+  return replaced;
+}
+
+Status SqliteStore::SetKekState(int64_t kek_record_id, KekState state) {
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  CUSTODY_RETURN_IF_ERROR(Begin());
+  if (state == KekState::kDestroying) {
+    // Under the write lock: no put can add a blob under a KEK that is not
+    // active (AddVersion checks), so a zero here stays zero.
+    Stmt c(db(), "SELECT count(*) FROM secret_versions WHERE kek_id = ?");
+    c.Bind(1, kek_record_id);
+    int rc = c.Step();
+    if (rc != SQLITE_ROW) {
+      Rollback();
+      return Fail(rc, "counting sealed versions");
+    }
+    if (c.Int(0) > 0) {
+      Rollback();
+      return Error(Category::kUnavailable,
+                   std::to_string(c.Int(0)) + " sealed versions still need this KEK; refusing to destroy it");
+    }
+  }
+  Stmt s(db(), "UPDATE keks SET state = ? WHERE id = ?");
+  s.Bind(1, std::string(kKekStateNames[static_cast<size_t>(state)])).Bind(2, kek_record_id);
+  int rc = s.Step();
+  if (rc != SQLITE_DONE) {
+    Rollback();
+    return Fail(rc, "changing KEK state");
+  }
+  return Commit();
 }
 
 Result<std::vector<KekRecord>> SqliteStore::ListKeks() {
@@ -561,12 +717,24 @@ Result<uint32_t> SqliteStore::NextVersion(int64_t env_id, const std::string& nam
 }
 
 Status SqliteStore::AddVersion(int64_t env_id, const std::string& name, uint32_t version,
-                               int64_t kek_record_id, const std::vector<uint8_t>& blob) {
+                               int64_t kek_record_id, const std::vector<uint8_t>& blob, int64_t now) {
   Lease lease(*this);
   if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
   CUSTODY_RETURN_IF_ERROR(Begin());
   auto fail = [&](Error e) { Rollback(); return e; };
-  int64_t now = Now();
+  {
+    // KEK rotation destroys a retired KEK once no blob needs it; a put that
+    // sealed under it just before it retired must not land after that check.
+    Stmt k(db(), "SELECT state FROM keks WHERE id = ?");
+    k.Bind(1, kek_record_id);
+    int rc = k.Step();
+    if (rc != SQLITE_ROW) return fail(rc == SQLITE_DONE ? Error(Category::kIntegrity, "KEK record is missing")
+                                                        : Fail(rc, "reading KEK"));
+    if (k.Text(0) != "active") {
+      return fail(Error(Category::kUnavailable, "the project's KEK was rotated while sealing '" + name + "'",
+                        Backend::kStore, kVersionTaken));
+    }
+  }
   {
     Stmt s(db(), "INSERT INTO secrets(environment_id, name, created_at) VALUES (?, ?, ?) "
                 "ON CONFLICT(environment_id, name) DO NOTHING");
@@ -576,17 +744,47 @@ Status SqliteStore::AddVersion(int64_t env_id, const std::string& name, uint32_t
   }
   auto sid = SecretId(env_id, name);
   if (!sid) return fail(std::move(sid).error());
-  Stmt s(db(), "INSERT INTO secret_versions(secret_id, version, kek_id, blob, created_at) VALUES (?, ?, ?, ?, ?)");
-  s.Bind(1, *sid).Bind(2, version).Bind(3, kek_record_id).Bind(4, blob).Bind(5, now);
-  int rc = s.Step();
-  if ((rc & 0xff) == SQLITE_CONSTRAINT) {
-    return fail(Error(Category::kUnavailable, "version " + std::to_string(version) + " of '" + name +
-                                                  "' was taken by a concurrent writer",
-                      Backend::kStore, kVersionTaken));
+  {
+    Stmt s(db(), "INSERT INTO secret_versions(secret_id, version, kek_id, blob, created_at) VALUES (?, ?, ?, ?, ?)");
+    s.Bind(1, *sid).Bind(2, version).Bind(3, kek_record_id).Bind(4, blob).Bind(5, now);
+    int rc = s.Step();
+    if ((rc & 0xff) == SQLITE_CONSTRAINT) {
+      return fail(Error(Category::kUnavailable, "version " + std::to_string(version) + " of '" + name +
+                                                    "' was taken by a concurrent writer",
+                        Backend::kStore, kVersionTaken));
+    }
+    if (rc != SQLITE_DONE) return fail(Fail(rc, "storing sealed version"));
   }
-  if (rc != SQLITE_DONE) return fail(Fail(rc, "storing sealed version"));
+  {
+    // The version that was current starts its grace period now. Older ones
+    // keep the time their own grace began.
+    Stmt s(db(), "UPDATE secret_versions SET superseded_at = ? "
+                "WHERE secret_id = ? AND version < ? AND superseded_at IS NULL AND revoked_at IS NULL");
+    s.Bind(1, now).Bind(2, *sid).Bind(3, static_cast<int64_t>(version));
+    int rc = s.Step();
+    if (rc != SQLITE_DONE) return fail(Fail(rc, "superseding the previous version"));
+  }
   return Commit();
 }
+
+namespace {
+constexpr const char* kVersionColumns =
+    "v.version, v.kek_id, v.created_at, v.superseded_at, v.revoked_at, coalesce(v.revoked_reason, ''), "
+    "coalesce(v.revoked_by, ''), (SELECT coalesce(max(c.version), 0) FROM secret_versions c "
+    "WHERE c.secret_id = v.secret_id AND c.revoked_at IS NULL)";
+SecretVersionRecord ReadVersion(const Stmt& s) {
+  SecretVersionRecord r;
+  r.version = static_cast<uint32_t>(s.Int(0));
+  r.kek_record_id = s.Int(1);
+  r.created_at = s.Int(2);
+  if (sqlite3_column_type(const_cast<Stmt&>(s).raw(), 3) != SQLITE_NULL) r.superseded_at = s.Int(3);
+  if (sqlite3_column_type(const_cast<Stmt&>(s).raw(), 4) != SQLITE_NULL) r.revoked_at = s.Int(4);
+  r.revoked_reason = s.Text(5);
+  r.revoked_by = s.Text(6);
+  r.current_version = static_cast<uint32_t>(s.Int(7));
+  return r;
+}
+}  // namespace
 
 Result<SecretVersionRecord> SqliteStore::GetVersion(const EnvironmentRecord& env, const std::string& name,
                                                     std::optional<uint32_t> version) {
@@ -600,22 +798,130 @@ Result<SecretVersionRecord> SqliteStore::GetVersion(const EnvironmentRecord& env
     }
     return std::move(sid).error();
   }
-  const char* sql = version ? "SELECT version, kek_id, blob, created_at FROM secret_versions "
-                              "WHERE secret_id = ? AND version = ?"
-                            : "SELECT version, kek_id, blob, created_at FROM secret_versions "
-                              "WHERE secret_id = ? ORDER BY version DESC LIMIT 1";
-  Stmt s(db(), sql);
+  static const std::string by_version =
+      std::string("SELECT ") + kVersionColumns + ", v.blob FROM secret_versions v WHERE v.secret_id = ? AND v.version = ?";
+  static const std::string current = std::string("SELECT ") + kVersionColumns +
+                                     ", v.blob FROM secret_versions v WHERE v.secret_id = ? AND v.revoked_at IS NULL "
+                                     "ORDER BY v.version DESC LIMIT 1";
+  Stmt s(db(), version ? by_version.c_str() : current.c_str());
   s.Bind(1, *sid);
   if (version) s.Bind(2, static_cast<int64_t>(*version));
   int rc = s.Step();
   if (rc == SQLITE_ROW) {
-    return SecretVersionRecord{static_cast<uint32_t>(s.Int(0)), s.Int(1), s.Blob(2), s.Int(3)};
+    SecretVersionRecord r = ReadVersion(s);
+    r.blob = s.Blob(8);
+    return r;
   }
-  if (rc == SQLITE_DONE) {
-    return Error(Category::kNotFound, version ? "secret '" + where + "' has no version " + std::to_string(*version)
-                                              : "secret '" + where + "' has no versions");
+  if (rc != SQLITE_DONE) return Fail(rc, "reading secret");
+  if (version) return Error(Category::kNotFound, "secret '" + where + "' has no version " + std::to_string(*version));
+  return Error(Category::kNotFound, "secret '" + where +
+                                        "' has no current version: every stored version is revoked; "
+                                        "store a new one with 'custody secret rotate'");
+}
+
+Result<std::vector<SecretVersionRecord>> SqliteStore::ListVersions(const EnvironmentRecord& env,
+                                                                   const std::string& name) {
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  auto sid = SecretId(env.id, name);
+  if (!sid) {
+    if (sid.error().category() == Category::kNotFound) {
+      return Error(Category::kNotFound, "secret '" + env.project + "/" + env.name + "/" + name + "' does not exist");
+    }
+    return std::move(sid).error();
   }
-  return Fail(rc, "reading secret");
+  static const std::string sql =
+      std::string("SELECT ") + kVersionColumns + " FROM secret_versions v WHERE v.secret_id = ? ORDER BY v.version";
+  Stmt s(db(), sql.c_str());
+  s.Bind(1, *sid);
+  std::vector<SecretVersionRecord> out;
+  int rc;
+  while ((rc = s.Step()) == SQLITE_ROW) out.push_back(ReadVersion(s));
+  if (rc != SQLITE_DONE) return Fail(rc, "listing versions");
+  return out;
+}
+
+Result<uint32_t> SqliteStore::RevokeVersion(const EnvironmentRecord& env, const std::string& name, uint32_t version,
+                                            const std::string& reason, const std::string& by, int64_t now) {
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  std::string where = env.project + "/" + env.name + "/" + name;
+  CUSTODY_RETURN_IF_ERROR(Begin());
+  auto fail = [&](Error e) { Rollback(); return e; };
+  auto sid = SecretId(env.id, name);
+  if (!sid) {
+    if (sid.error().category() == Category::kNotFound) {
+      return fail(Error(Category::kNotFound, "secret '" + where + "' does not exist"));
+    }
+    return fail(std::move(sid).error());
+  }
+  auto current = [&]() -> Result<int64_t> {
+    Stmt c(db(), "SELECT coalesce(max(version), 0) FROM secret_versions WHERE secret_id = ? AND revoked_at IS NULL");
+    c.Bind(1, *sid);
+    int rc = c.Step();
+    if (rc != SQLITE_ROW) return Fail(rc, "reading versions");
+    return c.Int(0);
+  };
+  CUSTODY_ASSIGN_OR_RETURN(int64_t before, current());
+  {
+    Stmt q(db(), "SELECT revoked_at FROM secret_versions WHERE secret_id = ? AND version = ?");
+    q.Bind(1, *sid).Bind(2, static_cast<int64_t>(version));
+    int rc = q.Step();
+    if (rc == SQLITE_DONE) {
+      return fail(Error(Category::kNotFound, "secret '" + where + "' has no version " + std::to_string(version)));
+    }
+    if (rc != SQLITE_ROW) return fail(Fail(rc, "reading version"));
+    if (sqlite3_column_type(q.raw(), 0) != SQLITE_NULL) {
+      return fail(Error(Category::kUsage, "version " + std::to_string(version) + " of '" + where +
+                                              "' is already revoked"));
+    }
+  }
+  {
+    Stmt u(db(), "UPDATE secret_versions SET revoked_at = ?, revoked_reason = ?, revoked_by = ? "
+                "WHERE secret_id = ? AND version = ?");
+    u.Bind(1, now).Bind(2, reason).Bind(3, by).Bind(4, *sid).Bind(5, static_cast<int64_t>(version));
+    int rc = u.Step();
+    if (rc != SQLITE_DONE) return fail(Fail(rc, "revoking version"));
+  }
+  auto after = current();
+  if (!after) return fail(std::move(after).error());
+  if (before == version && *after != 0) {
+    // The newest remaining version is current again: it was replaced by the
+    // revoked one, and its grace clock must not keep running.
+    Stmt u(db(), "UPDATE secret_versions SET superseded_at = NULL WHERE secret_id = ? AND version = ?");
+    u.Bind(1, *sid).Bind(2, *after);
+    int rc = u.Step();
+    if (rc != SQLITE_DONE) return fail(Fail(rc, "restoring the current version"));
+  }
+  CUSTODY_RETURN_IF_ERROR(Commit());
+  return static_cast<uint32_t>(*after);
+}
+
+Result<size_t> SqliteStore::TrimVersions(const EnvironmentRecord& env, const std::string& name,
+                                         const std::vector<uint32_t>& versions) {
+  if (versions.empty()) return size_t{0};
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  CUSTODY_RETURN_IF_ERROR(Begin());
+  auto sid = SecretId(env.id, name);
+  if (!sid) {
+    Rollback();
+    return std::move(sid).error();
+  }
+  size_t n = 0;
+  for (uint32_t v : versions) {
+    Stmt d(db(), "DELETE FROM secret_versions WHERE secret_id = ?1 AND version = ?2 AND version <> ("
+                "SELECT coalesce(max(version), 0) FROM secret_versions WHERE secret_id = ?1 AND revoked_at IS NULL)");
+    d.Bind(1, *sid).Bind(2, static_cast<int64_t>(v));
+    int rc = d.Step();
+    if (rc != SQLITE_DONE) {
+      Rollback();
+      return Fail(rc, "trimming versions");
+    }
+    n += static_cast<size_t>(sqlite3_changes(db()));
+  }
+  CUSTODY_RETURN_IF_ERROR(Commit());
+  return n;
 }
 
 Result<std::vector<SecretSummary>> SqliteStore::ListSecrets(const std::optional<std::string>& project,
@@ -624,7 +930,10 @@ Result<std::vector<SecretSummary>> SqliteStore::ListSecrets(const std::optional<
   if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
   if (project) CUSTODY_RETURN_IF_ERROR(ProjectId(*project));
   Stmt s(db(),
-         "SELECT p.name, e.name, s.name, max(v.version), count(v.version), max(v.created_at) "
+         "SELECT p.name, e.name, s.name, max(v.version), count(v.version), max(v.created_at), "
+         "coalesce(max(CASE WHEN v.revoked_at IS NULL THEN v.version END), 0), count(v.revoked_at), "
+         "coalesce((SELECT c.created_at FROM secret_versions c WHERE c.secret_id = s.id AND c.revoked_at IS NULL "
+         "ORDER BY c.version DESC LIMIT 1), 0) "
          "FROM secrets s JOIN environments e ON e.id = s.environment_id "
          "JOIN projects p ON p.id = e.project_id JOIN secret_versions v ON v.secret_id = s.id "
          "WHERE (?1 IS NULL OR p.name = ?1) AND (?2 IS NULL OR e.name = ?2) "
@@ -634,8 +943,12 @@ Result<std::vector<SecretSummary>> SqliteStore::ListSecrets(const std::optional<
   std::vector<SecretSummary> out;
   int rc;
   while ((rc = s.Step()) == SQLITE_ROW) {
-    out.push_back({s.Text(0), s.Text(1), s.Text(2), static_cast<uint32_t>(s.Int(3)),
-                   static_cast<uint32_t>(s.Int(4)), s.Int(5)});
+    SecretSummary sum{s.Text(0), s.Text(1), s.Text(2), static_cast<uint32_t>(s.Int(3)),
+                      static_cast<uint32_t>(s.Int(4)), s.Int(5)};
+    sum.current_version = static_cast<uint32_t>(s.Int(6));
+    sum.revoked_count = static_cast<uint32_t>(s.Int(7));
+    sum.current_since = s.Int(8);
+    out.push_back(std::move(sum));
   }
   if (rc != SQLITE_DONE) return Fail(rc, "listing secrets");
   return out;

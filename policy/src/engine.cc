@@ -264,3 +264,23 @@ Decision Engine::Decide(PrincipalId who, Action action, const Target& t) const {
 }
 
 }  // namespace custody::policy
+
+namespace custody::policy {
+
+Engine::RotationSettings Engine::RotationFor(std::string_view project, std::string_view env) const {
+  RotationSettings out;
+  const Project* pj = FindProject(project);
+  if (pj == nullptr) return out;
+  const Environment* e = FindEnvironment(project, env);
+  auto pick = [&](auto member) {
+    if (e != nullptr && (e->rotation.*member)) return e->rotation.*member;
+    return pj->rotation.*member;
+  };
+  out.max_age = pick(&Rotation::max_age);
+  if (auto g = pick(&Rotation::grace)) out.grace = *g;
+  if (auto w = pick(&Rotation::warn_before)) out.warn_before = *w;
+  if (auto k = pick(&Rotation::keep_versions)) out.keep_versions = *k;
+  return out;
+}
+
+}  // namespace custody::policy

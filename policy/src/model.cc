@@ -62,4 +62,37 @@ std::optional<Rate> ParseRate(std::string_view text) {
   return Rate{n, period, std::string(text)};
 }
 
+namespace {
+struct Unit {
+  char suffix;
+  uint64_t seconds;
+};
+// Largest first: FormatDuration picks the largest unit that divides exactly.
+constexpr Unit kUnits[] = {{'w', 604800}, {'d', 86400}, {'h', 3600}, {'m', 60}, {'s', 1}};
+constexpr uint64_t kMaxDuration = uint64_t{100} * 365 * 86400;
+}  // namespace
+
+std::optional<uint64_t> ParseDuration(std::string_view text) {
+  if (text.size() < 2) return std::nullopt;
+  char suffix = text.back();
+  auto num = text.substr(0, text.size() - 1);
+  uint64_t n = 0;
+  auto [p, ec] = std::from_chars(num.data(), num.data() + num.size(), n);
+  if (ec != std::errc() || p != num.data() + num.size() || n == 0) return std::nullopt;
+  for (const Unit& u : kUnits) {
+    if (u.suffix != suffix) continue;
+    if (n > kMaxDuration / u.seconds) return std::nullopt;
+    return n * u.seconds;
+  }
+  return std::nullopt;
+}
+
+std::string FormatDuration(uint64_t seconds) {
+  if (seconds == 0) return "0s";
+  for (const Unit& u : kUnits) {
+    if (seconds % u.seconds == 0) return std::to_string(seconds / u.seconds) + u.suffix;
+  }
+  return std::to_string(seconds) + "s";
+}
+
 }  // namespace custody::policy

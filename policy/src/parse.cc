@@ -84,6 +84,35 @@ class Parser {
     }
   }
 
+  void ParseRotation(const toml::table& t, Rotation& r, const std::string& where) {
+    auto duration = [&](const char* key, std::optional<uint64_t>& out) {
+      if (const toml::node* n = t.get(key)) {
+        if (auto s = String(*n, where + "." + key)) {
+          out = ParseDuration(*s);
+          if (!out) {
+            Error(n->source(), "invalid duration '" + *s + "' for " + where + "." + key +
+                                   ": write it like 90d (units: s, m, h, d, w)");
+          }
+        }
+      }
+    };
+    duration("max_age", r.max_age);
+    duration("grace", r.grace);
+    duration("warn_before", r.warn_before);
+    if (const toml::node* n = t.get("keep_versions")) {
+      auto v = n->value<int64_t>();
+      if (v && *v >= 1 && *v <= 10000) {
+        r.keep_versions = static_cast<uint32_t>(*v);
+      } else {
+        Error(n->source(), where + ".keep_versions must be a whole number from 1 to 10000");
+      }
+    }
+    if (r.max_age && r.warn_before && *r.warn_before >= *r.max_age) {
+      Error(t.source(), where + ".warn_before (" + FormatDuration(*r.warn_before) + ") must be shorter than max_age (" +
+                            FormatDuration(*r.max_age) + ")");
+    }
+  }
+
   static bool ValidName(std::string_view s) {
     if (s.empty() || s.size() > 63) return false;
     auto lower = [](char c) { return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9'); };
@@ -166,8 +195,11 @@ class Parser {
       return;
     }
     std::string where = "projects." + name;
-    OnlyKeys(*t, {"rate", "principal_rate", "unseals_per_day", "unseals_per_month", "environments", "grants"}, where);
+    OnlyKeys(*t, {"rate", "principal_rate", "unseals_per_day", "unseals_per_month", "max_age", "grace", "warn_before",
+                  "keep_versions", "environments", "grants"},
+             where);
     ParseLimits(*t, pj.limits, where);
+    ParseRotation(*t, pj.rotation, where);
     if (const toml::node* envs = t->get("environments")) {
       if (const toml::table* et = envs->as_table()) {
         for (const auto& [ek, ev] : *et) ParseEnvironment(std::string(ek.str()), ev, pj);
@@ -199,7 +231,9 @@ class Parser {
       Error(node.source(), where + " must be a table");
       return;
     }
-    OnlyKeys(*t, {"production", "token", "rate", "principal_rate", "unseals_per_day", "unseals_per_month"}, where);
+    OnlyKeys(*t, {"production", "token", "rate", "principal_rate", "unseals_per_day", "unseals_per_month", "max_age",
+                  "grace", "warn_before", "keep_versions"},
+             where);
     // Production unless said otherwise: forgetting the flag must not open an
     // environment to ci.
     e.production = true;
@@ -214,6 +248,7 @@ class Parser {
       }
     }
     ParseLimits(*t, e.limits, where);
+    ParseRotation(*t, e.rotation, where);
     pj.environments.push_back(std::move(e));
   }
 

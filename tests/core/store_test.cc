@@ -67,12 +67,12 @@ TEST_F(StoreTest, VersionsAreSequentialAndATakenVersionIsReported) {
   auto env = *store_->FindEnvironment("payments", "prod");
   auto kek = *store_->CurrentKek(p->id);
   EXPECT_EQ(*store_->NextVersion(env.id, "stripe"), 1u);
-  ASSERT_TRUE(store_->AddVersion(env.id, "stripe", 1, kek.id, {1, 2, 3}).ok());
+  ASSERT_TRUE(store_->AddVersion(env.id, "stripe", 1, kek.id, {1, 2, 3}, 1000).ok());
   EXPECT_EQ(*store_->NextVersion(env.id, "stripe"), 2u);
-  Status taken = store_->AddVersion(env.id, "stripe", 1, kek.id, {9});
+  Status taken = store_->AddVersion(env.id, "stripe", 1, kek.id, {9}, 1000);
   ASSERT_FALSE(taken.ok());
   EXPECT_EQ(taken.error().code(), Store::kVersionTaken);
-  ASSERT_TRUE(store_->AddVersion(env.id, "stripe", 2, kek.id, {4, 5}).ok());
+  ASSERT_TRUE(store_->AddVersion(env.id, "stripe", 2, kek.id, {4, 5}, 1001).ok());
 
   auto latest = store_->GetVersion(env, "stripe", std::nullopt);
   ASSERT_TRUE(latest.ok());
@@ -162,7 +162,7 @@ TEST(StoreOpen, ConcurrentWritersOnSeparateConnectionsNeverDuplicateAVersion) {
       for (int i = 0; i < kEach; ++i) {
         for (;;) {
           uint32_t v = *(*s)->NextVersion(env.id, "k");
-          Status st = (*s)->AddVersion(env.id, "k", v, 1, {static_cast<uint8_t>(v)});
+          Status st = (*s)->AddVersion(env.id, "k", v, 1, {static_cast<uint8_t>(v)}, 1000);
           if (st.ok()) break;
           if (st.error().code() != Store::kVersionTaken) { ++failures; return; }
         }

@@ -18,6 +18,7 @@
 #include "custody/core/authz.h"
 #include "custody/core/config.h"
 #include "custody/core/names.h"
+#include "custody/core/rotation.h"
 #include "custody/core/sealer.h"
 #include "custody/core/service.h"
 #include "custody/core/store.h"
@@ -445,6 +446,8 @@ Result<core::Unsealed> DirectGet(const Globals& g, const core::SecretPath& path,
     CUSTODY_ASSIGN_OR_RETURN(auto env, o.store->FindEnvironment(path.project, path.environment));
     CUSTODY_ASSIGN_OR_RETURN(auto rec, o.store->GetVersion(env, path.name, version));
     o.ev.version = rec.version;
+    uint64_t grace = o.authz->engine().RotationFor(path.project, path.environment).grace;
+    CUSTODY_RETURN_IF_ERROR(core::CheckReadable(path, rec, grace, core::SystemNow()));
     CUSTODY_ASSIGN_OR_RETURN(auto kek, o.store->KekById(rec.kek_record_id));
     o.ev.kek_id = hsm::ToHex(kek.ref.id);
     CUSTODY_RETURN_IF_ERROR(Charge(o, target, core::UsageEvent::kUnseal));

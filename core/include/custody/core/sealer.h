@@ -52,7 +52,18 @@ class Sealer {
   // Generates a new AES-256 KEK inside the token for `project`.
   Result<KekRef> CreateKek(std::string_view project, uint32_t version);
   // Destroys a KEK token object (explicit: token objects outlive processes).
+  // kNotFound if the token has no such object.
   Status DestroyKek(const KekRef& kek);
+  // Destroys KEK objects labelled `label` whose id is not in `keep`: what an
+  // interrupted KEK rotation left in the token before the store recorded it
+  // (no blob was ever sealed under such a key). Returns how many went.
+  Result<size_t> DestroyUnrecorded(const std::string& label, const std::vector<KekId>& keep);
+  // Whether the token offers AES-GCM as a wrap and unwrap mechanism
+  // (C_GetMechanismInfo: CKF_WRAP and CKF_UNWRAP), the precondition for
+  // re-sealing inside the token.
+  bool GcmWrapOffered();
+  // Bytes from the token's RNG.
+  Status Random(std::span<uint8_t> out);
 
   Result<std::vector<uint8_t>> Seal(const KekRef& kek, const SealContext& ctx, const SecretBuffer& value);
 

@@ -18,6 +18,7 @@
 #include "custody/common/secret.h"
 #include "custody/core/config.h"
 #include "custody/core/names.h"
+#include "custody/core/rotation.h"
 #include "custody/core/sealer.h"
 #include "custody/core/store.h"
 #include "custody/hsm/session.h"
@@ -37,9 +38,16 @@ struct Unsealed {
   uint32_t version = 0;
 };
 
+// A new value from the token's RNG for `secret rotate --generate`: `bytes`
+// random bytes, encoded, after `prefix` ("sk-live-"). Built in locked memory.
+enum class ValueFormat : uint8_t { kHex, kBase64, kBase64Url };
+std::optional<ValueFormat> ParseValueFormat(std::string_view s);
+Result<SecretBuffer> GenerateValue(Sealer& sealer, size_t bytes, ValueFormat format, std::string_view prefix);
+
 class SecretService {
  public:
-  SecretService(Store& store, Sealer& sealer) : store_(store), sealer_(sealer) {}
+  SecretService(Store& store, Sealer& sealer, Clock clock = SystemClock())
+      : store_(store), sealer_(sealer), clock_(std::move(clock)) {}
 
   // Creates the project's KEK in the token, then the project and its
   // environments in the store; if the store refuses, the new KEK is
@@ -52,7 +60,16 @@ class SecretService {
   // error from it stops the put with nothing stored.
   Result<uint32_t> Put(const SecretPath& path, const SecretBuffer& value,
                        const std::function<Status(uint32_t version)>& before_commit = {});
-  Result<Unsealed> Get(const SecretPath& path, std::optional<uint32_t> version);
+  // The current version, or `version` if its state allows (current or
+  // previous within `grace`).
+  Result<Unsealed> Get(const SecretPath& path, std::optional<uint32_t> version,
+                       uint64_t grace = policy::Engine::kDefaultGrace);
+  // Retention after a put: deletes the oldest retired or revoked versions
+  // beyond `keep`. Returns the versions deleted.
+  Result<std::vector<uint32_t>> ApplyRetention(const SecretPath& path, uint32_t keep, uint64_t grace);
+  // Revokes a version now; returns the current version afterwards (0: none).
+  Result<uint32_t> Revoke(const SecretPath& path, uint32_t version, const std::string& reason, const std::string& by);
+  int64_t Now() const { return clock_(); }
   // The unseal alone, for callers that have already read the environment,
   // the version and its KEK (to audit them before unsealing): no second
   // round of store lookups on the hot path.
@@ -62,6 +79,7 @@ class SecretService {
  private:
   Store& store_;
   Sealer& sealer_;
+  Clock clock_;
 };
 
 }  // namespace custody::core

@@ -36,11 +36,19 @@ struct EnvironmentRecord {
   std::string name;
 };
 
+// A KEK's life: active (new seals use the newest active one); retiring
+// (a newer KEK exists, blobs still sealed under this one are being re-sealed);
+// destroying (no blob needs it, the token object is being destroyed);
+// destroyed (the token object is gone; the record stays as history).
+enum class KekState : uint8_t { kActive, kRetiring, kDestroying, kDestroyed };
+const char* KekStateName(KekState s);
+
 struct KekRecord {
   int64_t id = 0;
   int64_t project_id = 0;
   KekRef ref;
   std::string label;
+  KekState state = KekState::kActive;
   uint64_t encryptions_reserved = 0;
   int64_t created_at = 0;
 };
@@ -48,8 +56,14 @@ struct KekRecord {
 struct SecretVersionRecord {
   uint32_t version = 0;
   int64_t kek_record_id = 0;
-  std::vector<uint8_t> blob;
+  std::vector<uint8_t> blob;  // empty from ListVersions
   int64_t created_at = 0;
+  // When a newer version was stored (the start of this one's grace period).
+  std::optional<int64_t> superseded_at;
+  std::optional<int64_t> revoked_at;
+  std::string revoked_reason, revoked_by;
+  // The secret's current version (the newest not revoked); 0 if none.
+  uint32_t current_version = 0;
 };
 
 struct SecretSummary {
@@ -57,6 +71,22 @@ struct SecretSummary {
   uint32_t latest_version = 0;
   uint32_t version_count = 0;
   int64_t updated_at = 0;
+  uint32_t current_version = 0;  // 0: every version is revoked
+  int64_t current_since = 0;     // created_at of the current version
+  uint32_t revoked_count = 0;
+};
+
+// One sealed version for KEK rotation to re-seal.
+struct SealedItem {
+  int64_t secret_id = 0;
+  std::string environment, name;
+  uint32_t version = 0;
+  std::vector<uint8_t> blob;
+};
+struct Resealed {
+  int64_t secret_id = 0;
+  uint32_t version = 0;
+  std::vector<uint8_t> blob;
 };
 
 struct PolicyRecord {
@@ -105,16 +135,52 @@ class Store : public KekUsageLedger {
   virtual Result<KekRecord> CurrentKek(int64_t project_id) = 0;
   virtual Result<KekRecord> KekById(int64_t kek_record_id) = 0;
   virtual Result<std::vector<KekRecord>> ListKeks() = 0;
+  virtual Result<std::vector<KekRecord>> ProjectKeks(int64_t project_id) = 0;
+
+  // KEK rotation. AddKek records a new KEK version for the project as its
+  // only active one; the others become retiring. In one transaction.
+  virtual Result<KekRecord> AddKek(int64_t project_id, const KekRef& kek, const std::string& label, int64_t now) = 0;
+  // Up to `limit` versions still sealed under `kek_record_id`, in
+  // (secret_id, version) order after `after` (keyset paging: a version that
+  // cannot be re-sealed is passed over, not returned again and again).
+  virtual Result<std::vector<SealedItem>> SealedUnder(int64_t kek_record_id, std::pair<int64_t, uint32_t> after,
+                                                      size_t limit) = 0;
+  virtual Result<uint64_t> CountSealedUnder(int64_t kek_record_id) = 0;
+  // Swaps re-sealed blobs in, in one transaction. A row counts only if it is
+  // still sealed under `from` (a concurrent delete or trim is no error).
+  // Returns the rows replaced.
+  virtual Result<size_t> ReplaceSealed(int64_t from, int64_t to, const std::vector<Resealed>& items) = 0;
+  // retiring -> destroying, only if no blob is sealed under it (checked in
+  // the same transaction; kUnavailable otherwise). Other moves: no check.
+  virtual Status SetKekState(int64_t kek_record_id, KekState state) = 0;
 
   // Version numbers: the next one for a secret (1 for a new secret).
   virtual Result<uint32_t> NextVersion(int64_t env_id, const std::string& name) = 0;
-  // Adds a version. If another writer took `version` first, kUnavailable with
-  // backend code kVersionTaken, so the caller re-seals with the next number.
+  // Adds a version, which becomes current; the version that was current is
+  // marked superseded at `now` (its grace period starts). If another writer
+  // took `version` first, or KEK rotation retired `kek_record_id` meanwhile,
+  // kUnavailable with backend code kVersionTaken: the caller re-reads the
+  // current KEK and re-seals with the next number.
   virtual Status AddVersion(int64_t env_id, const std::string& name, uint32_t version,
-                            int64_t kek_record_id, const std::vector<uint8_t>& blob) = 0;
-  // The newest version, or `version` if given. kNotFound names what is missing.
+                            int64_t kek_record_id, const std::vector<uint8_t>& blob, int64_t now) = 0;
+  // The current version (the newest not revoked), or `version` if given,
+  // whatever its state. kNotFound names what is missing, and says so when
+  // every version is revoked.
   virtual Result<SecretVersionRecord> GetVersion(const EnvironmentRecord& env, const std::string& name,
                                                  std::optional<uint32_t> version) = 0;
+  // Every stored version, oldest first, without blobs.
+  virtual Result<std::vector<SecretVersionRecord>> ListVersions(const EnvironmentRecord& env,
+                                                                const std::string& name) = 0;
+  // Revokes one version at `now`. If it was current, the newest remaining
+  // version becomes current (with a fresh start: no grace clock running).
+  // Returns the current version afterwards (0: none). kUsage if it already
+  // was revoked.
+  virtual Result<uint32_t> RevokeVersion(const EnvironmentRecord& env, const std::string& name, uint32_t version,
+                                         const std::string& reason, const std::string& by, int64_t now) = 0;
+  // Deletes the named versions' rows and sealed blobs (retention). The
+  // current version is never deleted, whatever the list says.
+  virtual Result<size_t> TrimVersions(const EnvironmentRecord& env, const std::string& name,
+                                      const std::vector<uint32_t>& versions) = 0;
   virtual Result<std::vector<SecretSummary>> ListSecrets(const std::optional<std::string>& project,
                                                          const std::optional<std::string>& env) = 0;
   // Deletes a secret with every version. kNotFound if there is none.

@@ -93,6 +93,21 @@ class Engine {
   // environment's own limits cover it alone and apply as well.
   std::vector<LimitRule> LimitsFor(std::string_view project, std::string_view env, PrincipalId who) const;
 
+  // The rotation settings in force for project/env: the environment's own,
+  // else the project's, else the defaults (no max_age, grace 24h,
+  // warn_before 7d, keep_versions 10). A project or environment the policy
+  // does not name gets the defaults.
+  struct RotationSettings {
+    std::optional<uint64_t> max_age;
+    uint64_t grace = kDefaultGrace;
+    uint64_t warn_before = kDefaultWarnBefore;
+    uint32_t keep_versions = kDefaultKeepVersions;
+  };
+  static constexpr uint64_t kDefaultGrace = 86400;
+  static constexpr uint64_t kDefaultWarnBefore = 7 * 86400;
+  static constexpr uint32_t kDefaultKeepVersions = 10;
+  RotationSettings RotationFor(std::string_view project, std::string_view env) const;
+
  private:
   struct GrantRef {
     uint32_t project;

@@ -55,6 +55,22 @@ struct Limits {
   std::optional<uint64_t> unseals_per_month; // UTC calendar months
 };
 
+// "90d", "12h", "30m", "45s", "2w": a whole number and one unit. Seconds,
+// from 1 second to 100 years; nullopt for anything else.
+std::optional<uint64_t> ParseDuration(std::string_view text);
+// The shortest exact spelling ParseDuration reads back: 86400 -> "1d".
+std::string FormatDuration(uint64_t seconds);
+
+// Rotation settings of a project or an environment; an environment's own
+// settings win over its project's, and unset ones fall back to the defaults
+// in Engine::RotationFor.
+struct Rotation {
+  std::optional<uint64_t> max_age;        // seconds a version may stay current
+  std::optional<uint64_t> grace;          // seconds a replaced version stays readable
+  std::optional<uint64_t> warn_before;    // seconds before max_age that status warns
+  std::optional<uint32_t> keep_versions;  // versions kept; older sealed blobs are trimmed
+};
+
 struct Location {
   int line = 0, column = 0;
 };
@@ -85,6 +101,7 @@ struct Environment {
   bool production = false;
   std::optional<std::string> token_uri;
   Limits limits;
+  Rotation rotation;
   Location where;
 };
 
@@ -93,6 +110,7 @@ struct Project {
   std::vector<Environment> environments;
   std::vector<Grant> grants;
   Limits limits;
+  Rotation rotation;
   Location where;
 };
 
