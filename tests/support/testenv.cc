@@ -1,6 +1,9 @@
 #include "testenv.h"
 
 #include <fcntl.h>
+#include <signal.h>
+
+#include <thread>
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -108,7 +111,21 @@ RunResult RunProgram(const std::string& path, const std::vector<std::string>& ar
     ::_exit(127);
   }
   int status = 0;
-  ::waitpid(pid, &status, 0);
+  if (options.kill_after) {
+    auto deadline = std::chrono::steady_clock::now() + *options.kill_after;
+    for (;;) {
+      pid_t w = ::waitpid(pid, &status, WNOHANG);
+      if (w == pid) break;
+      if (std::chrono::steady_clock::now() >= deadline) {
+        ::kill(pid, SIGKILL);
+        ::waitpid(pid, &status, 0);
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+  } else {
+    ::waitpid(pid, &status, 0);
+  }
   RunResult r;
   r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
   r.out = ReadFile(out_path);

@@ -6,7 +6,9 @@
 //   EXPECT_EQ(r.exit_code, 0) << r.err;
 #pragma once
 
+#include <chrono>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -65,6 +67,9 @@ struct RunOptions {
   std::map<std::string, std::string> env = {};  // added to a minimal environment
   std::string stdin_data = {};
   std::vector<int> keep_fds = {};  // descriptors the child inherits as they are
+  // If set, the child is sent SIGKILL this long after it started (unless it
+  // finished first): a crash at an arbitrary point. exit_code is then 137.
+  std::optional<std::chrono::microseconds> kill_after = {};
 };
 
 struct RunResult {

@@ -14,6 +14,9 @@ struct Globals {
   std::optional<std::string> config;
   bool json = false;
   std::optional<int> pin_fd;
+  // A command that succeeded but must fail a check (rotation status
+  // --fail-on-overdue) sets this; main() exits with it.
+  mutable int check_failed_exit = 0;
 };
 
 struct InitArgs {
@@ -49,6 +52,31 @@ Status SecretList(const Globals& g, const std::string& scope);
 Status SecretDelete(const Globals& g, const std::string& path);
 
 Status TokenInfo(const Globals& g);
+
+// Rotation (rotation_commands.cc).
+struct RotateArgs {
+  std::string path;
+  std::optional<std::string> from_file;
+  std::optional<size_t> generate;  // bytes from the token's RNG
+  std::string format = "base64url";
+  std::string prefix;
+  std::optional<std::string> exec;  // provider command, run through /bin/sh -c
+  int timeout_seconds = 30;
+  bool keep_newline = false;
+};
+Status SecretRotate(const Globals& g, const RotateArgs& a);
+Status SecretRevoke(const Globals& g, const std::string& path, uint32_t version, const std::string& reason);
+Status SecretVersions(const Globals& g, const std::string& path);
+// Exit code when --fail-on-overdue finds an overdue secret.
+inline constexpr int kExitOverdue = 1;
+Status RotationStatus(const Globals& g, const std::string& project, bool fail_on_overdue);
+struct KekRotateArgs {
+  std::string project;
+  bool dry_run = false;
+  size_t batch = 128;
+};
+Status KekRotate(const Globals& g, const KekRotateArgs& a);
+Status KekList(const Globals& g, const std::string& project);
 
 Status PolicyCheck(const Globals& g, const std::string& file);
 Status PolicyApply(const Globals& g, const std::string& file);

@@ -96,6 +96,57 @@ int main(int argc, char** argv) {
   c_del->add_option("PATH", del_path, "PROJECT/ENV/NAME")->required();
   c_del->callback(run([&] { return custody::cli::SecretDelete(g, del_path); }));
 
+  custody::cli::RotateArgs rot;
+  auto* c_rot = c_secret->add_subcommand("rotate", "store a new current version; the old one stays readable for the grace period");
+  c_rot->add_option("PATH", rot.path, "PROJECT/ENV/NAME")->required();
+  auto* o_file = c_rot->add_option("--from-file", rot.from_file, "read the new value from this file");
+  auto* o_gen = c_rot->add_option("--generate", rot.generate, "generate BYTES random bytes in the token");
+  c_rot->add_option("--format", rot.format, "for --generate: hex, base64 or base64url")->capture_default_str();
+  c_rot->add_option("--prefix", rot.prefix, "for --generate: text before the encoded bytes, e.g. sk-live-");
+  auto* o_exec = c_rot->add_option("--exec", rot.exec, "provider command that prints the new value on stdout");
+  c_rot->add_option("--timeout", rot.timeout_seconds, "seconds the provider command may take")->capture_default_str();
+  c_rot->add_flag("--keep-newline", rot.keep_newline, "keep a trailing newline in the value");
+  o_file->excludes(o_gen)->excludes(o_exec);
+  o_gen->excludes(o_exec);
+  c_rot->callback(run([&] { return custody::cli::SecretRotate(g, rot); }));
+
+  std::string rev_path, rev_reason;
+  uint32_t rev_version = 0;
+  auto* c_rev = c_secret->add_subcommand("revoke", "withdraw a version at once: no grace, never readable again");
+  c_rev->add_option("PATH", rev_path, "PROJECT/ENV/NAME")->required();
+  c_rev->add_option("--version", rev_version, "the version to revoke")->required();
+  c_rev->add_option("--reason", rev_reason, "why (recorded in the store and the audit log)")->required();
+  c_rev->callback(run([&] { return custody::cli::SecretRevoke(g, rev_path, rev_version, rev_reason); }));
+
+  std::string versions_path;
+  auto* c_vers = c_secret->add_subcommand("versions", "list a secret's versions and their states");
+  c_vers->add_option("PATH", versions_path, "PROJECT/ENV/NAME")->required();
+  c_vers->callback(run([&] { return custody::cli::SecretVersions(g, versions_path); }));
+
+  // rotation
+  auto* c_rotation = app.add_subcommand("rotation", "rotation schedules");
+  c_rotation->require_subcommand(1);
+  std::string status_project;
+  bool fail_on_overdue = false;
+  auto* c_rstatus = c_rotation->add_subcommand("status", "each secret's age, due date and state, most urgent first");
+  c_rstatus->add_option("PROJECT", status_project);
+  c_rstatus->add_flag("--fail-on-overdue", fail_on_overdue, "exit 1 when any secret is overdue (for CI gates)");
+  c_rstatus->callback(run([&] { return custody::cli::RotationStatus(g, status_project, fail_on_overdue); }));
+
+  // kek
+  auto* c_kek = app.add_subcommand("kek", "project key-encryption keys in the token");
+  c_kek->require_subcommand(1);
+  custody::cli::KekRotateArgs krot;
+  auto* c_krot = c_kek->add_subcommand("rotate", "new KEK version; re-seal every version under it; destroy the old");
+  c_krot->add_option("PROJECT", krot.project)->required();
+  c_krot->add_flag("--dry-run", krot.dry_run, "say what would happen, change nothing");
+  c_krot->add_option("--batch", krot.batch, "versions re-sealed per store transaction")->capture_default_str();
+  c_krot->callback(run([&] { return custody::cli::KekRotate(g, krot); }));
+  std::string klist_project;
+  auto* c_klist = c_kek->add_subcommand("list", "KEK versions and their states");
+  c_klist->add_option("PROJECT", klist_project)->required();
+  c_klist->callback(run([&] { return custody::cli::KekList(g, klist_project); }));
+
   // token
   auto* c_token = app.add_subcommand("token", "the token");
   c_token->require_subcommand(1);
@@ -201,5 +252,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "custody: %s (see 'custody --help')\n", e.what());
     return custody::ExitCode(Category::kUsage);
   }
-  return Report(result);
+  int code = Report(result);
+  if (code == 0 && g.check_failed_exit != 0) return g.check_failed_exit;
+  return code;
 }

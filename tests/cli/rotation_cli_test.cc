@@ -1,0 +1,353 @@
+// Rotation end to end through the `custody` binary: rotate (stdin, file,
+// token RNG, provider command), revoke, versions, rotation status and its CI
+// gate, and KEK rotation, including SIGKILL at random points and a re-run.
+// Real SoftHSM2 token, real SQLite file, real processes.
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+
+#include <nlohmann/json.hpp>
+#include <functional>
+#include <random>
+#include <thread>
+
+#include "../support/testenv.h"
+#include "custody/core/config.h"
+#include "custody/core/service.h"
+#include "custody/core/store.h"
+
+namespace custody::test {
+namespace {
+
+using nlohmann::json;
+
+// Root (the test user) owns payments; grace and retention are set per
+// environment so each test can see them act: prod keeps 3 versions with a
+// one-hour grace, dev has a one-second grace and a one-second max_age.
+constexpr const char* kPolicy = R"(version = 1
+admins = ["user:root"]
+
+[principals."user:root"]
+uid = 0
+
+[projects.payments]
+max_age = "90d"
+warn_before = "14d"
+[projects.payments.environments.prod]
+grace = "1h"
+keep_versions = 3
+[projects.payments.environments.dev]
+production = false
+grace = "1s"
+max_age = "1s"
+[[projects.payments.grants]]
+principal = "user:root"
+role = "owner"
+)";
+
+class RotationCliTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    token_.InitCli();
+    WriteFile(token_.dir() / "policy.toml", kPolicy);
+    auto r = Cli({"policy", "apply", token_.dir() / "policy.toml"});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+  }
+
+  RunResult Cli(const std::vector<std::string>& args, const std::string& in = "", RunOptions o = {}) {
+    o.env = token_.CliEnv();
+    o.stdin_data = in;
+    return RunCustody(args, o);
+  }
+  void Put(const std::string& path, const std::string& value) {
+    auto r = Cli({"secret", "put", path}, value);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+  }
+  std::string Get(const std::string& path, std::optional<int> version = std::nullopt) {
+    std::vector<std::string> args{"secret", "get", path};
+    if (version) {
+      args.push_back("--version");
+      args.push_back(std::to_string(*version));
+    }
+    auto r = Cli(args);
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    return r.out;
+  }
+  static void ExpectOneLine(const RunResult& r, int code, const std::string& says) {
+    EXPECT_EQ(r.exit_code, code) << r.err;
+    EXPECT_EQ(r.err.rfind("custody: ", 0), 0u) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << "one line, got: " << r.err;
+    EXPECT_NE(r.err.find(says), std::string::npos) << "expected '" << says << "' in: " << r.err;
+    EXPECT_EQ(r.err.find(SoftHsmToken::kPin), std::string::npos);
+  }
+  json Json(const std::vector<std::string>& args) {
+    std::vector<std::string> a{"--json"};
+    a.insert(a.end(), args.begin(), args.end());
+    auto r = Cli(a);
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    return json::parse(r.out.empty() ? "null" : r.out);
+  }
+
+  SoftHsmToken token_;
+};
+
+TEST_F(RotationCliTest, RotateKeepsThePreviousVersionReadableForTheGracePeriod) {
+  Put("payments/prod/stripe", "old-value");
+  auto r = Cli({"secret", "rotate", "payments/prod/stripe"}, "new-value\n");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("version 2 is current"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("version 1 stays readable until"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("(grace 1h)"), std::string::npos) << r.out;
+  EXPECT_EQ(Get("payments/prod/stripe"), "new-value");
+  EXPECT_EQ(Get("payments/prod/stripe", 1), "old-value") << "within grace, servers can still switch over";
+
+  auto versions = Json({"secret", "versions", "payments/prod/stripe"});
+  ASSERT_EQ(versions.size(), 2u);
+  EXPECT_EQ(versions[0]["state"], "previous");
+  EXPECT_TRUE(versions[0].contains("readable_until"));
+  EXPECT_EQ(versions[1]["state"], "current");
+}
+
+TEST_F(RotationCliTest, AfterTheGracePeriodTheOldVersionIsRetired) {
+  Put("payments/dev/hook", "v1-value");
+  ASSERT_EQ(Cli({"secret", "rotate", "payments/dev/hook"}, "v2-value").exit_code, 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(2100));  // dev grace is 1s
+  ExpectOneLine(Cli({"secret", "get", "payments/dev/hook", "--version", "1"}), 77,
+                "version 1 of payments/dev/hook is retired: its grace period ended at");
+  EXPECT_EQ(Get("payments/dev/hook"), "v2-value");
+  auto versions = Json({"secret", "versions", "payments/dev/hook"});
+  EXPECT_EQ(versions[0]["state"], "retired");
+}
+
+TEST_F(RotationCliTest, RotateNeedsAnExistingSecretAndAValue) {
+  ExpectOneLine(Cli({"secret", "rotate", "payments/prod/nope"}, "x"), 66,
+                "does not exist; store its first version with 'custody secret put'");
+  Put("payments/prod/stripe", "old-value");
+  ExpectOneLine(Cli({"secret", "rotate", "payments/prod/stripe"}, ""), 65, "refusing to store an empty value");
+  ExpectOneLine(Cli({"secret", "rotate", "payments/prod/stripe", "--format", "hex"}, "x"), 64,
+                "--format and --prefix go with --generate");
+  ExpectOneLine(Cli({"secret", "rotate", "payments/prod/stripe", "--generate", "8"}), 64, "16 to 1024 bytes");
+  ExpectOneLine(Cli({"secret", "rotate", "payments/prod/stripe", "--generate", "32", "--format", "rot13"}), 64,
+                "--format must be hex, base64 or base64url");
+  EXPECT_EQ(Json({"secret", "versions", "payments/prod/stripe"}).size(), 1u) << "nothing was stored";
+}
+
+TEST_F(RotationCliTest, GenerateDrawsFromTheTokenInTheRequestedFormat) {
+  Put("payments/prod/api", "old-value");
+  auto r = Cli({"secret", "rotate", "payments/prod/api", "--generate", "32", "--format", "hex", "--prefix", "sk-live-"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  std::string v = Get("payments/prod/api");
+  ASSERT_EQ(v.size(), 8u + 64u) << v;
+  EXPECT_EQ(v.rfind("sk-live-", 0), 0u);
+  EXPECT_EQ(v.find_first_not_of("0123456789abcdef", 8), std::string::npos) << v;
+  EXPECT_EQ(r.out.find(v), std::string::npos) << "the generated value is never printed";
+
+  ASSERT_EQ(Cli({"secret", "rotate", "payments/prod/api", "--generate", "33"}).exit_code, 0);
+  std::string u = Get("payments/prod/api");
+  EXPECT_EQ(u.size(), 44u) << "33 bytes, base64url without padding";
+  EXPECT_EQ(u.find_first_of("+/="), std::string::npos) << u;
+  EXPECT_NE(u, v);
+}
+
+TEST_F(RotationCliTest, ProviderCommandSuppliesTheValueAndNeverSeesThePin) {
+  Put("payments/prod/vendor", "old-value");
+  std::string seen = token_.dir() / "provider-env";
+  auto r = Cli({"secret", "rotate", "payments/prod/vendor", "--exec",
+                "env > " + seen + "; echo 'vendor-key-123'"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(Get("payments/prod/vendor"), "vendor-key-123");
+  EXPECT_EQ(ReadFile(seen).find(SoftHsmToken::kPin), std::string::npos);
+
+  // A failing or hanging provider changes nothing.
+  ExpectOneLine(Cli({"secret", "rotate", "payments/prod/vendor", "--exec", "echo half; exit 3"}), 69,
+                "provider command exited with status 3; the current version stays");
+  ExpectOneLine(Cli({"secret", "rotate", "payments/prod/vendor", "--exec", "sleep 30", "--timeout", "1"}), 69,
+                "did not finish within 1 s and was killed");
+  ExpectOneLine(Cli({"secret", "rotate", "payments/prod/vendor", "--exec", "true"}), 65,
+                "provider command printed nothing");
+  EXPECT_EQ(Get("payments/prod/vendor"), "vendor-key-123");
+  EXPECT_EQ(Json({"secret", "versions", "payments/prod/vendor"}).size(), 2u);
+}
+
+TEST_F(RotationCliTest, RevokingTheCurrentVersionFallsBackThenLeavesNone) {
+  Put("payments/prod/stripe", "one");
+  Put("payments/prod/stripe", "two");
+  auto r = Cli({"secret", "revoke", "payments/prod/stripe", "--version", "2", "--reason", "leaked in a CI log"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("current version: 1"), std::string::npos) << r.out;
+  EXPECT_EQ(Get("payments/prod/stripe"), "one");
+  ExpectOneLine(Cli({"secret", "get", "payments/prod/stripe", "--version", "2"}), 77,
+                "version 2 of payments/prod/stripe was revoked at");
+  ExpectOneLine(Cli({"secret", "revoke", "payments/prod/stripe", "--version", "2", "--reason", "again"}), 64,
+                "already revoked");
+  ExpectOneLine(Cli({"secret", "revoke", "payments/prod/stripe", "--version", "9", "--reason", "x"}), 66,
+                "has no version 9");
+  ExpectOneLine(Cli({"secret", "revoke", "payments/prod/stripe", "--version", "1"}), 64, "--reason");
+
+  r = Cli({"secret", "revoke", "payments/prod/stripe", "--version", "1", "--reason", "rotate the vendor key"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("has no current version now"), std::string::npos) << r.out;
+  ExpectOneLine(Cli({"secret", "get", "payments/prod/stripe"}), 66,
+                "has no current version: every stored version is revoked");
+
+  // The revocation is in the audit trail with its reason.
+  auto shown = Cli({"--json", "audit", "show", "--action", "secret.revoke"});
+  ASSERT_EQ(shown.exit_code, 0) << shown.err;
+  EXPECT_NE(shown.out.find("leaked in a CI log"), std::string::npos) << shown.out;
+}
+
+TEST_F(RotationCliTest, RetentionKeepsTheLastVersionsButNeverOneInGrace) {
+  // prod keeps 3 with a 1h grace: every replaced version is still in grace,
+  // so nothing may be trimmed yet, whatever keep_versions says.
+  Put("payments/prod/k", "v1");
+  for (int i = 2; i <= 5; ++i) ASSERT_EQ(Cli({"secret", "rotate", "payments/prod/k"}, "v" + std::to_string(i)).exit_code, 0);
+  EXPECT_EQ(Json({"secret", "versions", "payments/prod/k"}).size(), 5u);
+  // Revoked versions are not in grace: they go first.
+  ASSERT_EQ(Cli({"secret", "revoke", "payments/prod/k", "--version", "1", "--reason", "old"}).exit_code, 0);
+  ASSERT_EQ(Cli({"secret", "revoke", "payments/prod/k", "--version", "2", "--reason", "old"}).exit_code, 0);
+  auto r = Cli({"secret", "rotate", "payments/prod/k"}, "v6");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("trimmed v1, v2 (keep_versions = 3)"), std::string::npos) << r.out;
+  auto versions = Json({"secret", "versions", "payments/prod/k"});
+  ASSERT_EQ(versions.size(), 4u) << versions.dump();
+  EXPECT_EQ(versions[0]["version"], 3);
+  EXPECT_EQ(Get("payments/prod/k"), "v6");
+}
+
+TEST_F(RotationCliTest, StatusSortsByUrgencyAndGatesCi) {
+  Put("payments/prod/fresh", "a");
+  Put("payments/dev/stale", "b");
+  std::this_thread::sleep_for(std::chrono::milliseconds(1100));  // dev max_age is 1s
+  auto status = Json({"rotation", "status", "payments"});
+  ASSERT_EQ(status.size(), 2u) << status.dump();
+  EXPECT_EQ(status[0]["name"], "stale");
+  EXPECT_EQ(status[0]["state"], "overdue");
+  EXPECT_EQ(status[1]["name"], "fresh");
+  EXPECT_EQ(status[1]["state"], "ok");
+  EXPECT_EQ(status[1]["max_age_seconds"], 90 * 86400);
+
+  auto table = Cli({"rotation", "status"});
+  ASSERT_EQ(table.exit_code, 0) << "without --fail-on-overdue the listing succeeds";
+  EXPECT_LT(table.out.find("payments/dev/stale"), table.out.find("payments/prod/fresh")) << table.out;
+
+  auto gate = Cli({"rotation", "status", "--fail-on-overdue"});
+  EXPECT_EQ(gate.exit_code, 1) << gate.err;
+  EXPECT_NE(gate.err.find("1 secret(s) overdue for rotation"), std::string::npos) << gate.err;
+
+  // Rotating it clears the gate (its max_age starts again; it is due soon, not overdue).
+  ASSERT_EQ(Cli({"secret", "rotate", "payments/dev/stale"}, "c").exit_code, 0);
+  auto after = Cli({"rotation", "status", "payments", "--fail-on-overdue"});
+  EXPECT_EQ(after.exit_code, 0) << after.out << after.err;
+}
+
+TEST_F(RotationCliTest, KekRotationReSealsEverythingAndDestroysTheOldKek) {
+  Put("payments/prod/a", "value-a");
+  Put("payments/prod/a", "value-a2");
+  Put("payments/dev/b", "value-b");
+
+  auto dry = Cli({"kek", "rotate", "payments", "--dry-run"});
+  ASSERT_EQ(dry.exit_code, 0) << dry.err;
+  EXPECT_NE(dry.out.find("would create KEK v2 for payments in the token, re-seal 3 version(s)"), std::string::npos)
+      << dry.out;
+  EXPECT_NE(dry.out.find("host re-seal: this token does not offer AES-GCM wrap/unwrap"), std::string::npos) << dry.out;
+  EXPECT_EQ(Json({"kek", "list", "payments"}).size(), 1u) << "a dry run changes nothing";
+
+  auto r = Cli({"kek", "rotate", "payments"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("KEK v2 is active; re-sealed 3 version(s); destroyed KEK v1"), std::string::npos) << r.out;
+  EXPECT_NE(r.err.find("re-sealed 3/3"), std::string::npos) << "plain progress lines off a terminal: " << r.err;
+
+  auto keks = Json({"kek", "list", "payments"});
+  ASSERT_EQ(keks.size(), 2u);
+  EXPECT_EQ(keks[0]["state"], "destroyed");
+  EXPECT_EQ(keks[0]["sealed_versions"], 0);
+  EXPECT_EQ(keks[1]["state"], "active");
+  EXPECT_EQ(keks[1]["sealed_versions"], 3);
+  auto info = Cli({"--json", "token", "info"});
+  EXPECT_EQ(info.out.find("custody:kek:payments:v1"), std::string::npos) << "old KEK destroyed in the token";
+  EXPECT_NE(info.out.find("custody:kek:payments:v2"), std::string::npos);
+
+  EXPECT_EQ(Get("payments/prod/a"), "value-a2");
+  EXPECT_EQ(Get("payments/prod/a", 1), "value-a");
+  EXPECT_EQ(Get("payments/dev/b"), "value-b");
+  auto shown = Cli({"--json", "audit", "show", "--action", "kek.rotate.done"});
+  EXPECT_NE(shown.out.find("re-sealed 3 version(s) under KEK v2"), std::string::npos) << shown.out;
+}
+
+// The crash test of the issue: KEK rotation SIGKILLed at random points, 20
+// times, each followed by a re-run that must finish; after every re-run each
+// secret reads back its value and the token holds exactly one KEK for the
+// project.
+TEST_F(RotationCliTest, KekRotationSurvivesSigkillAtRandomPoints) {
+  constexpr int kSecrets = 60;
+  constexpr int kRuns = 20;
+  auto path = [](int i) { return core::SecretPath{"payments", i % 2 ? "prod" : "dev", "s" + std::to_string(i)}; };
+  // In this process (one token login instead of 60 processes), letting go
+  // of the token before the CLI runs again.
+  auto with_service = [&](const std::function<void(core::SecretService&)>& fn) {
+    auto config = core::LoadConfig(token_.config_path());
+    ASSERT_TRUE(config.ok()) << config.error().message();
+    auto store = core::OpenSqliteStore(config->store_path, false);
+    ASSERT_TRUE(store.ok());
+    auto tok = core::OpenToken(*config, token_.pin());
+    ASSERT_TRUE(tok.ok()) << tok.error().message();
+    core::Sealer sealer(*tok->pool, **store);
+    core::SecretService svc(**store, sealer);
+    fn(svc);
+  };
+  with_service([&](core::SecretService& svc) {
+    for (int i = 0; i < kSecrets; ++i) {
+      ASSERT_TRUE(svc.Put(path(i), SecretBuffer::Copy("value-" + std::to_string(i))).ok());
+    }
+  });
+  auto check_all = [&](int run) {
+    with_service([&](core::SecretService& svc) {
+      for (int i = 0; i < kSecrets; ++i) {
+        auto got = svc.Get(path(i), std::nullopt);
+        ASSERT_TRUE(got.ok()) << "run " << run << ", " << path(i).str() << ": " << got.error().message();
+        EXPECT_EQ(got->value.RevealString(SecretAccess{}), "value-" + std::to_string(i));
+      }
+    });
+  };
+  // How long one whole rotation takes here, to spread the kills over it.
+  auto t0 = std::chrono::steady_clock::now();
+  auto full = Cli({"kek", "rotate", "payments", "--batch", "4"});
+  ASSERT_EQ(full.exit_code, 0) << full.err;
+  auto span = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0);
+
+  std::mt19937 rng(20261129);
+  int killed_mid_run = 0;
+  for (int run = 0; run < kRuns; ++run) {
+    RunOptions o;
+    o.kill_after = std::chrono::microseconds(std::uniform_int_distribution<int64_t>(0, span.count())(rng));
+    auto k = Cli({"kek", "rotate", "payments", "--batch", "4"}, "", o);
+    if (k.exit_code == 137) ++killed_mid_run;
+    // Run again: it finishes what the killed run left (or rotates once more).
+    auto again = Cli({"kek", "rotate", "payments", "--batch", "4"});
+    ASSERT_EQ(again.exit_code, 0) << "run " << run << ": " << again.err;
+
+    auto keks = Json({"kek", "list", "payments"});
+    int active = 0;
+    for (const auto& kk : keks) {
+      EXPECT_TRUE(kk["state"] == "active" || kk["state"] == "destroyed") << kk.dump();
+      if (kk["state"] == "active") {
+        ++active;
+        EXPECT_EQ(kk["sealed_versions"], kSecrets);
+      } else {
+        EXPECT_EQ(kk["sealed_versions"], 0);
+      }
+    }
+    EXPECT_EQ(active, 1);
+    auto info = Cli({"--json", "token", "info"});
+    size_t objects = 0;
+    for (size_t at = 0; (at = info.out.find("custody:kek:payments:", at)) != std::string::npos; ++at) ++objects;
+    EXPECT_EQ(objects, 1u) << "run " << run << ": one KEK object in the token, no leftovers\n" << info.out;
+    check_all(run);
+  }
+  EXPECT_GE(killed_mid_run, kRuns / 2) << "most kills should land before the run finished";
+  // And through the binary, as a user reads them.
+  EXPECT_EQ(Get("payments/prod/s1"), "value-1");
+  EXPECT_EQ(Get("payments/dev/s58"), "value-58");
+}
+
+}  // namespace
+}  // namespace custody::test

@@ -1,0 +1,170 @@
+#include "flow.h"
+
+#include <grp.h>
+#include <pwd.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <nlohmann/json.hpp>
+
+#include "custody/core/audit_signer.h"
+
+namespace custody::cli {
+
+using nlohmann::json;
+
+using policy::Action;
+
+
+
+// Who is running this process, as the policy's identities see it.
+policy::Caller LocalCaller() {
+  policy::Caller c;
+  c.uid = static_cast<uint32_t>(::getuid());
+  c.gids.push_back(static_cast<uint32_t>(::getgid()));
+  gid_t groups[256];
+  int n = ::getgroups(256, groups);
+  for (int i = 0; i < n; ++i) c.gids.push_back(static_cast<uint32_t>(groups[i]));
+  struct passwd pw {};
+  struct passwd* found = nullptr;
+  char buf[4096];
+  if (::getpwuid_r(::getuid(), &pw, buf, sizeof buf, &found) == 0 && found != nullptr) c.user = found->pw_name;
+  return c;
+}
+
+std::string IdentifiedBy(const policy::Caller& c) {
+  std::string s = "uid " + std::to_string(c.uid.value_or(0));
+  if (c.user) s += " (" + *c.user + ")";
+  return s;
+}
+
+
+Result<std::unique_ptr<core::AuditLog>> OpenAudit(const core::Config& c) {
+  core::AuditOptions ao;
+  ao.dir = c.audit_dir;
+  ao.checkpoint_every = c.audit_checkpoint_every;
+  ao.checkpoint_seconds = c.audit_checkpoint_seconds;
+  ao.segment_bytes = c.audit_segment_bytes;
+  auto log = core::AuditLog::Open(ao);
+  if (!log) return std::move(log).error().Wrap("refusing to work without an audit log");
+  return log;
+}
+
+// Loads the policy in force and identifies the caller: every command that
+// reads or changes projects or secrets goes through here first.
+Status Guard(Opened& o) {
+  auto authz = core::Authorizer::Load(*o.store);
+  if (!authz) {
+    o.ev.decision = "deny";
+    o.ev.rule = "no policy in force";
+    return std::move(authz).error();
+  }
+  auto who = authz->Identify(LocalCaller());
+  if (!who) {
+    o.ev.decision = "deny";
+    o.ev.rule = "identity";
+    return std::move(who).error();
+  }
+  o.who = *who;
+  o.authz.emplace(std::move(*authz));
+  o.ev.principal = o.authz->engine().PrincipalName(o.who);
+  o.ev.detail = "policy v" + std::to_string(o.authz->version());
+  return Status::Ok();
+}
+
+// Asks the policy and notes the decision and its rule for the audit record.
+Status Ask(Opened& o, Action action, const policy::Target& target) {
+  policy::Decision d;
+  Status s = o.authz->Check(o.who, action, target, &d);
+  o.ev.decision = d.allowed ? "allow" : "deny";
+  o.ev.rule = d.rule;
+  return s;
+}
+
+// Charges the rate and spend limits; a refusal is noted as decision "limit".
+Status Charge(Opened& o, const policy::Target& target, core::UsageEvent event) {
+  Status s = o.authz->Admit(o.who, target, event);
+  if (!s.ok()) {
+    o.ev.decision = "limit";
+    o.ev.rule = s.error().message();
+  }
+  return s;
+}
+
+// Opens the config, the store and the audit log, and starts the record.
+Result<Opened> OpenStore(const Globals& g, const std::string& action) {
+  Opened o;
+  o.globals = &g;
+  CUSTODY_ASSIGN_OR_RETURN(o.config, core::LoadConfig(core::LocateConfig(g.config)));
+  CUSTODY_ASSIGN_OR_RETURN(o.store, core::OpenSqliteStore(o.config.store_path, /*create=*/false));
+  CUSTODY_ASSIGN_OR_RETURN(o.audit, OpenAudit(o.config));
+  o.ev.action = action;
+  o.ev.request_id = core::NewRequestId();
+  o.ev.identified_by = IdentifiedBy(LocalCaller());
+  o.ev.decision = "none";
+  return o;
+}
+
+Status OpenTokenFor(const Globals& g, Opened& o) {
+  auto open = [&]() -> Status {
+    CUSTODY_ASSIGN_OR_RETURN(SecretBuffer pin, core::ResolvePin(o.config, g.pin_fd));
+    CUSTODY_ASSIGN_OR_RETURN(o.token, core::OpenToken(o.config, pin));
+    return Status::Ok();
+  };
+  Status s = open();
+  if (!s.ok()) return s;
+  o.sealer = std::make_unique<core::Sealer>(*o.token.pool, *o.store);
+  return Status::Ok();
+}
+
+// Appends this command's record once. Fail closed: when it cannot be made
+// durable the command fails, and a value is never released unrecorded.
+Status Record(Opened& o, const Status& outcome) {
+  if (o.recorded) return Status::Ok();
+  o.recorded = true;
+  if (outcome.ok()) {
+    o.ev.result = "ok";
+  } else {
+    Category c = outcome.error().category();
+    o.ev.result = (c == Category::kDenied || c == Category::kLimit) ? "refused" : "error";
+    o.ev.error = outcome.error().message();
+  }
+  auto seq = o.audit->Append(o.ev);
+  if (!seq && !o.best_effort) return std::move(seq).error().Wrap("refusing " + o.ev.action);
+  return Status::Ok();
+}
+
+// Signs a checkpoint when one is due, with the token if it can be had.
+// Never fails the command: the records are durable already, and the next
+// command tries again.
+void MaybeCheckpoint(Opened& o) {
+  if (!o.audit->CheckpointDue()) return;
+  if (!o.token.pool && !OpenTokenFor(*o.globals, o).ok()) return;
+  auto signer = core::TokenAuditSigner::Open(*o.token.pool, /*create=*/true);
+  if (!signer) return;
+  std::pair<uint64_t, std::string> covers;
+  auto seq = o.audit->Checkpoint(**signer, &covers);
+  if (seq) (void)o.store->RecordAuditCheckpoint(*seq, covers.second);
+}
+
+// Ends a command: records its outcome (if the command did not already) and
+// returns the first error, the command's own before the audit log's.
+Status Finish(Opened& o, Status outcome) {
+  Status r = Record(o, outcome);
+  MaybeCheckpoint(o);
+  if (!outcome.ok()) return outcome;
+  return r;
+}
+
+void PrintJson(const json& j) { std::printf("%s\n", j.dump(2).c_str()); }
+
+// CUSTODY_ADDR set: the server does the flow; this process never sees the PIN.
+std::optional<std::string> ServerAddress() {
+  const char* a = std::getenv("CUSTODY_ADDR");
+  if (a == nullptr || *a == '\0') return std::nullopt;
+  return std::string(a);
+}
+
+
+
+}  // namespace custody::cli

@@ -1,0 +1,66 @@
+// The flow every direct-mode CLI command shares: open the config, store and
+// audit log; identify the caller and ask the policy; charge the limits; open
+// the token only when needed; record the outcome once, fail closed.
+#pragma once
+
+#include <memory>
+#include <nlohmann/json_fwd.hpp>
+#include <optional>
+#include <string>
+
+#include "commands.h"
+#include "custody/core/audit.h"
+#include "custody/core/authz.h"
+#include "custody/core/config.h"
+#include "custody/core/sealer.h"
+#include "custody/core/service.h"
+#include "custody/core/store.h"
+
+namespace custody::cli {
+
+// What a command needs, opened in order and closed in reverse: the sealer
+// goes before the session pool, the pool before the module.
+struct Opened {
+  core::Config config;
+  std::unique_ptr<core::Store> store;
+  core::Token token;
+  std::unique_ptr<core::Sealer> sealer;
+  std::optional<core::Authorizer> authz;
+  policy::PrincipalId who;
+  const Globals* globals = nullptr;
+  // The audit record this command writes: filled in as the command learns
+  // who asks and what was decided, appended once (Record), before any value
+  // is released.
+  std::unique_ptr<core::AuditLog> audit;
+  core::AuditEvent ev;
+  bool recorded = false;
+  bool best_effort = false;  // audit tools: a damaged log must not stop them
+};
+
+// Who is running this process, as the policy's identities see it.
+policy::Caller LocalCaller();
+std::string IdentifiedBy(const policy::Caller& c);
+Result<std::unique_ptr<core::AuditLog>> OpenAudit(const core::Config& c);
+// Loads the policy in force and identifies the caller: every command that
+// reads or changes projects or secrets goes through here first.
+Status Guard(Opened& o);
+// Asks the policy and notes the decision and its rule for the audit record.
+Status Ask(Opened& o, policy::Action action, const policy::Target& target);
+// Charges the rate and spend limits; a refusal is noted as decision "limit".
+Status Charge(Opened& o, const policy::Target& target, core::UsageEvent event);
+// Opens the config, the store and the audit log, and starts the record.
+Result<Opened> OpenStore(const Globals& g, const std::string& action);
+Status OpenTokenFor(const Globals& g, Opened& o);
+// Appends this command's record once. Fail closed: when it cannot be made
+// durable the command fails, and a value is never released unrecorded.
+Status Record(Opened& o, const Status& outcome);
+// Signs a checkpoint when one is due (never fails the command).
+void MaybeCheckpoint(Opened& o);
+// Ends a command: records its outcome (if the command did not already) and
+// returns the first error, the command's own before the audit log's.
+Status Finish(Opened& o, Status outcome);
+void PrintJson(const nlohmann::json& j);
+// CUSTODY_ADDR set: the server does the flow; this process never sees the PIN.
+std::optional<std::string> ServerAddress();
+
+}  // namespace custody::cli
