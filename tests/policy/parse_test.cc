@@ -1,4 +1,5 @@
 #include "custody/policy/parse.h"
+#include "custody/policy/engine.h"
 
 #include <gtest/gtest.h>
 
@@ -110,6 +111,70 @@ TEST(ParseRate, Units) {
   EXPECT_EQ(ParseRate("1/day")->period_seconds, 86400u);
   EXPECT_FALSE(ParseRate("1/ms"));
   EXPECT_FALSE(ParseRate("1000000001/s"));
+}
+
+}  // namespace
+}  // namespace custody::policy
+
+namespace custody::policy {
+namespace {
+
+TEST(ParseDuration, UnitsAndBounds) {
+  EXPECT_EQ(ParseDuration("45s"), 45u);
+  EXPECT_EQ(ParseDuration("30m"), 1800u);
+  EXPECT_EQ(ParseDuration("12h"), 43200u);
+  EXPECT_EQ(ParseDuration("90d"), 90u * 86400);
+  EXPECT_EQ(ParseDuration("2w"), 14u * 86400);
+  for (const char* bad : {"", "d", "0d", "-1d", "1.5d", "10", "10y", "1 d", "99999999999d"}) {
+    EXPECT_FALSE(ParseDuration(bad).has_value()) << bad;
+  }
+  EXPECT_EQ(FormatDuration(86400), "1d");
+  EXPECT_EQ(FormatDuration(90 * 60), "90m");
+  EXPECT_EQ(FormatDuration(1209600), "2w");
+}
+
+const std::string kRotation = R"(version = 1
+[principals."user:alice"]
+uid = 1000
+[projects.payments]
+max_age = "90d"
+grace = "2d"
+[projects.payments.environments.prod]
+keep_versions = 4
+[projects.payments.environments.dev]
+production = false
+max_age = "7d"
+grace = "1h"
+warn_before = "1d"
+)";
+
+TEST(ParsePolicy, RotationSettingsAndTheirPrecedence) {
+  auto r = ParsePolicy(kRotation, "p.toml");
+  ASSERT_TRUE(r.errors.empty()) << r.errors[0];
+  Engine engine(std::move(*r.policy));
+  auto prod = engine.RotationFor("payments", "prod");
+  EXPECT_EQ(prod.max_age, 90u * 86400) << "from the project";
+  EXPECT_EQ(prod.grace, 2u * 86400);
+  EXPECT_EQ(prod.warn_before, Engine::kDefaultWarnBefore);
+  EXPECT_EQ(prod.keep_versions, 4u) << "the environment's own";
+  auto dev = engine.RotationFor("payments", "dev");
+  EXPECT_EQ(dev.max_age, 7u * 86400) << "the environment wins over the project";
+  EXPECT_EQ(dev.grace, 3600u);
+  EXPECT_EQ(dev.warn_before, 86400u);
+  EXPECT_EQ(dev.keep_versions, Engine::kDefaultKeepVersions);
+  auto unknown = engine.RotationFor("nope", "prod");
+  EXPECT_FALSE(unknown.max_age.has_value());
+  EXPECT_EQ(unknown.grace, Engine::kDefaultGrace);
+}
+
+TEST(ParsePolicy, BadRotationSettingsAreErrorsWithTheirPlace) {
+  ExpectError(kBase + "max_age = \"90 days\"\n", "policy.toml:5:",
+              "invalid duration '90 days' for projects.payments.environments.prod.max_age");
+  ExpectError(kBase + "keep_versions = 0\n", "policy.toml:5:", "keep_versions must be a whole number from 1 to 10000");
+  ExpectError(kBase + "grace = 3600\n", "policy.toml:5:", "grace must be a string");
+  ExpectError(kBase + "max_age = \"10d\"\nwarn_before = \"10d\"\n", "policy.toml:",
+              "warn_before (10d) must be shorter than max_age (10d)");
+  ExpectError(kBase + "max_agee = \"7d\"\n", "policy.toml:5:", "unknown key 'max_agee'");
 }
 
 }  // namespace

@@ -1,0 +1,294 @@
+// Versions, grace, revocation and KEK rotation through SecretService and
+// KekRotator, on a real SoftHSM2 token and a real SQLite store, with an
+// injected clock so the grace semantics are tested to the second.
+#include <gtest/gtest.h>
+#include <sqlite3.h>
+
+#include "../support/testenv.h"
+#include "custody/core/kek_rotation.h"
+#include "custody/core/service.h"
+#include "custody/core/store.h"
+#include "custody/hsm/objects.h"
+#include "custody/hsm/uri.h"
+
+namespace custody::core {
+namespace {
+
+using test::SoftHsmToken;
+
+constexpr int64_t kT0 = 1'800'000'000;
+constexpr uint64_t kGrace = 3600;
+
+class RotationServiceTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto m = hsm::Module::Load(SoftHsmToken::kModule);
+    ASSERT_TRUE(m.ok()) << m.error().message();
+    module_ = *m;
+    auto slot = hsm::FindSlot(*module_, *hsm::TokenUri::Parse(token_.uri()));
+    ASSERT_TRUE(slot.ok());
+    auto pool = hsm::SessionPool::Open(module_, *slot, token_.pin());
+    ASSERT_TRUE(pool.ok()) << pool.error().message();
+    pool_ = std::move(*pool);
+    auto store = OpenSqliteStore(db_path(), true);
+    ASSERT_TRUE(store.ok());
+    store_ = std::move(*store);
+    sealer_ = std::make_unique<Sealer>(*pool_, *store_);
+    svc_ = std::make_unique<SecretService>(*store_, *sealer_, [this] { return now_; });
+    ASSERT_TRUE(svc_->CreateProject("payments", {"prod", "dev"}).ok());
+  }
+  void TearDown() override {
+    svc_.reset();
+    sealer_.reset();
+    pool_.reset();
+  }
+  std::string db_path() const { return token_.dir() / "custody.db"; }
+
+  uint32_t Put(const std::string& name, const std::string& value) {
+    auto v = svc_->Put(Path(name), SecretBuffer::Copy(value));
+    EXPECT_TRUE(v.ok()) << v.error().message();
+    return v.ok() ? *v : 0;
+  }
+  static SecretPath Path(const std::string& name, const std::string& env = "prod") {
+    return {"payments", env, name};
+  }
+  Result<std::string> Read(const std::string& name, std::optional<uint32_t> version = std::nullopt,
+                           const std::string& env = "prod") {
+    CUSTODY_ASSIGN_OR_RETURN(auto u, svc_->Get(Path(name, env), version, kGrace));
+    return std::string(u.value.RevealString(SecretAccess{}));
+  }
+  size_t KekObjects(const std::string& label) {
+    auto lease = pool_->Acquire();
+    EXPECT_TRUE(lease.ok());
+    CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+    std::string l = label;
+    CK_ATTRIBUTE t[] = {{CKA_CLASS, &cls, sizeof cls}, {CKA_LABEL, l.data(), static_cast<CK_ULONG>(l.size())}};
+    auto found = hsm::FindObjects(**lease, t, 16);
+    return found.ok() ? found->size() : 999;
+  }
+  EnvironmentRecord Env(const std::string& env = "prod") { return *store_->FindEnvironment("payments", env); }
+  KekRecord ActiveKek() { return *store_->CurrentKek(Env().project_id); }
+
+  SoftHsmToken token_;
+  int64_t now_ = kT0;
+  std::shared_ptr<hsm::Module> module_;
+  std::unique_ptr<hsm::SessionPool> pool_;
+  std::unique_ptr<Store> store_;
+  std::unique_ptr<Sealer> sealer_;
+  std::unique_ptr<SecretService> svc_;
+};
+
+TEST_F(RotationServiceTest, PreviousVersionIsReadableExactlyUntilItsGraceEnds) {
+  Put("stripe", "one");
+  now_ += 100;
+  Put("stripe", "two");  // v1 superseded at kT0 + 100
+  EXPECT_EQ(*Read("stripe"), "two");
+  now_ = kT0 + 100 + kGrace - 1;
+  EXPECT_EQ(*Read("stripe", 1), "one") << "last second of the grace period";
+  now_ = kT0 + 100 + kGrace;
+  auto r = Read("stripe", 1);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().category(), Category::kDenied);
+  EXPECT_NE(r.error().message().find("is retired"), std::string::npos) << r.error().message();
+  EXPECT_EQ(*Read("stripe"), "two") << "the current version is unaffected";
+}
+
+TEST_F(RotationServiceTest, EachReplacedVersionKeepsItsOwnGraceStart) {
+  Put("k", "one");
+  now_ += 1000;
+  Put("k", "two");  // v1 grace from kT0+1000
+  now_ += 1000;
+  Put("k", "three");  // v2 grace from kT0+2000; v1 keeps kT0+1000
+  now_ = kT0 + 1000 + kGrace;
+  EXPECT_FALSE(Read("k", 1).ok());
+  EXPECT_EQ(*Read("k", 2), "two");
+}
+
+TEST_F(RotationServiceTest, RevokingCurrentRestoresThePreviousWithAFreshStart) {
+  Put("k", "one");
+  now_ += 10;
+  Put("k", "two");
+  now_ += 10;
+  auto cur = svc_->Revoke(Path("k"), 2, "exposed", "user:sec");
+  ASSERT_TRUE(cur.ok()) << cur.error().message();
+  EXPECT_EQ(*cur, 1u);
+  EXPECT_EQ(*Read("k"), "one");
+  // Much later, v1 is replaced again: its grace starts now, not at the time
+  // v2 first replaced it.
+  now_ += 5 * kGrace;
+  Put("k", "three");
+  now_ += kGrace - 1;
+  EXPECT_EQ(*Read("k", 1), "one");
+  auto revoked = Read("k", 2);
+  ASSERT_FALSE(revoked.ok());
+  EXPECT_NE(revoked.error().message().find("was revoked"), std::string::npos);
+  EXPECT_NE(revoked.error().message().find("(exposed)"), std::string::npos);
+
+  // Revoking every version leaves none, and get says so.
+  ASSERT_TRUE(svc_->Revoke(Path("k"), 3, "x", "user:sec").ok());
+  auto last = svc_->Revoke(Path("k"), 1, "x", "user:sec");
+  ASSERT_TRUE(last.ok());
+  EXPECT_EQ(*last, 0u);
+  auto none = Read("k");
+  ASSERT_FALSE(none.ok());
+  EXPECT_EQ(none.error().category(), Category::kNotFound);
+  EXPECT_NE(none.error().message().find("every stored version is revoked"), std::string::npos);
+  // A new version makes it whole again, numbered after the revoked ones.
+  EXPECT_EQ(Put("k", "four"), 4u);
+  EXPECT_EQ(*Read("k"), "four");
+}
+
+TEST_F(RotationServiceTest, RetentionDeletesTheSealedBlobs) {
+  for (int i = 1; i <= 5; ++i) {
+    Put("k", "v" + std::to_string(i));
+    now_ += 10;
+  }
+  now_ += kGrace;  // every replaced version is now retired
+  auto trimmed = svc_->ApplyRetention(Path("k"), 2, kGrace);
+  ASSERT_TRUE(trimmed.ok()) << trimmed.error().message();
+  EXPECT_EQ(*trimmed, (std::vector<uint32_t>{1, 2, 3}));
+  auto versions = store_->ListVersions(Env(), "k");
+  ASSERT_EQ(versions->size(), 2u);
+  EXPECT_EQ((*versions)[0].version, 4u);
+  auto gone = store_->GetVersion(Env(), "k", 1);
+  EXPECT_EQ(gone.error().category(), Category::kNotFound);
+}
+
+TEST_F(RotationServiceTest, AStoreNeverTrimsTheCurrentVersion) {
+  Put("k", "only");
+  auto n = store_->TrimVersions(Env(), "k", {1});
+  ASSERT_TRUE(n.ok());
+  EXPECT_EQ(*n, 0u);
+  EXPECT_EQ(*Read("k"), "only");
+}
+
+TEST_F(RotationServiceTest, KekRotationReSealsAndDestroysTheOldKey) {
+  Put("a", "value-a");
+  Put("a", "value-a2");
+  auto dev = svc_->Put(Path("b", "dev"), SecretBuffer::Copy("value-b"));
+  ASSERT_TRUE(dev.ok());
+  KekRecord old = ActiveKek();
+  KekRotator rot(*store_, *sealer_, [this] { return now_; });
+  std::vector<std::pair<uint64_t, uint64_t>> progress;
+  KekRotator::Hooks hooks;
+  hooks.batch = 2;
+  hooks.progress = [&](uint64_t d, uint64_t t) { progress.emplace_back(d, t); };
+  auto r = rot.Run("payments", hooks);
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  EXPECT_EQ(r->resealed, 3u);
+  EXPECT_EQ(r->kek.ref.version, 2u);
+  ASSERT_EQ(r->destroyed.size(), 1u);
+  EXPECT_EQ(progress, (std::vector<std::pair<uint64_t, uint64_t>>{{2, 3}, {3, 3}}));
+  EXPECT_EQ(KekObjects(KekLabel::For("payments", 1)), 0u);
+  EXPECT_EQ(KekObjects(KekLabel::For("payments", 2)), 1u);
+  EXPECT_EQ(*store_->CountSealedUnder(old.id), 0u);
+  EXPECT_EQ((*store_->KekById(old.id)).state, KekState::kDestroyed);
+  EXPECT_EQ(*Read("a"), "value-a2");
+  EXPECT_EQ(*Read("a", 1), "value-a");
+  EXPECT_EQ(*Read("b", std::nullopt, "dev"), "value-b");
+}
+
+TEST_F(RotationServiceTest, APutThatSealedUnderARetiredKekSealsAgain) {
+  Put("a", "one");
+  KekRecord old = ActiveKek();
+  // Sealed under the old KEK, then a rotation records a new one: the store
+  // refuses the stale seal so it can never land after the old KEK's check.
+  SealContext ctx{"payments", "prod", "a", 2};
+  auto blob = sealer_->Seal(old.ref, ctx, SecretBuffer::Copy("two"));
+  ASSERT_TRUE(blob.ok());
+  auto ref = sealer_->CreateKek("payments", 2);
+  ASSERT_TRUE(ref.ok());
+  ASSERT_TRUE(store_->AddKek(old.project_id, *ref, KekLabel::For("payments", 2), now_).ok());
+  Status stale = store_->AddVersion(Env().id, "a", 2, old.id, *blob, now_);
+  ASSERT_FALSE(stale.ok());
+  EXPECT_EQ(stale.error().code(), Store::kVersionTaken);
+  // SecretService retries with the active KEK.
+  EXPECT_EQ(Put("a", "two"), 2u);
+  EXPECT_EQ((*store_->GetVersion(Env(), "a", 2)).kek_record_id, ActiveKek().id);
+  EXPECT_EQ(*Read("a"), "two");
+}
+
+TEST_F(RotationServiceTest, ResumesAfterACrashAtEachStep) {
+  Put("a", "value-a");
+  Put("b", "value-b");
+  KekRecord v1 = ActiveKek();
+  KekRotator rot(*store_, *sealer_, [this] { return now_; });
+
+  // Killed after C_GenerateKey, before the store recorded the new KEK: an
+  // unrecorded token object with the next label.
+  ASSERT_TRUE(sealer_->CreateKek("payments", 2).ok());
+  auto plan = rot.Plan("payments");
+  ASSERT_TRUE(plan.ok());
+  EXPECT_FALSE(plan->resume);
+  auto r = rot.Run("payments", {});
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  EXPECT_EQ(r->unrecorded_removed, 1u);
+  EXPECT_EQ(KekObjects(KekLabel::For("payments", 2)), 1u) << "only the recorded one";
+  EXPECT_EQ(*Read("a"), "value-a");
+
+  // Killed after the new KEK was recorded, before any blob moved.
+  KekRecord v2 = ActiveKek();
+  auto v3 = sealer_->CreateKek("payments", 3);
+  ASSERT_TRUE(store_->AddKek(v2.project_id, *v3, KekLabel::For("payments", 3), now_).ok());
+  // ... and half-way: one blob re-sealed.
+  auto items = store_->SealedUnder(v2.id, {0, 0}, 1);
+  ASSERT_EQ(items->size(), 1u);
+  const auto& it = (*items)[0];
+  SealContext ctx{"payments", it.environment, it.name, it.version};
+  auto value = sealer_->Unseal(v2.ref, ctx, it.blob);
+  auto blob = sealer_->Seal(*v3, ctx, *value);
+  KekRecord v3rec = ActiveKek();
+  ASSERT_EQ(*store_->ReplaceSealed(v2.id, v3rec.id, {{it.secret_id, it.version, *blob}}), 1u);
+  EXPECT_EQ(*Read("a"), "value-a") << "mid-rotation, every secret still reads";
+  EXPECT_EQ(*Read("b"), "value-b");
+  plan = rot.Plan("payments");
+  ASSERT_TRUE(plan->resume);
+  EXPECT_EQ(plan->to_reseal, 1u);
+  r = rot.Run("payments", {});
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  EXPECT_TRUE(r->resumed);
+  EXPECT_EQ(r->kek.ref.version, 3u);
+  EXPECT_EQ(r->resealed, 1u);
+
+  // Killed after "destroying" was recorded and the object destroyed, before
+  // "destroyed": the re-run finishes without complaint.
+  auto v4 = sealer_->CreateKek("payments", 4);
+  ASSERT_TRUE(store_->AddKek(v3rec.project_id, *v4, KekLabel::For("payments", 4), now_).ok());
+  r = rot.Run("payments", {});  // moves the blobs and destroys v3
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(*Read("a"), "value-a");
+  EXPECT_EQ(*Read("b"), "value-b");
+  EXPECT_EQ(KekObjects(KekLabel::For("payments", 1)) + KekObjects(KekLabel::For("payments", 2)) +
+                KekObjects(KekLabel::For("payments", 3)),
+            0u);
+  EXPECT_EQ((*store_->KekById(v1.id)).state, KekState::kDestroyed);
+}
+
+TEST_F(RotationServiceTest, ATamperedBlobKeepsItsOldKek) {
+  Put("a", "value-a");
+  Put("b", "value-b");
+  KekRecord v1 = ActiveKek();
+  {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open(db_path().c_str(), &db), SQLITE_OK);
+    ASSERT_EQ(sqlite3_exec(db,
+                           "UPDATE secret_versions SET blob = substr(blob, 1, length(blob) - 1) || x'00' "
+                           "WHERE secret_id = (SELECT id FROM secrets WHERE name = 'a')",
+                           nullptr, nullptr, nullptr),
+              SQLITE_OK);
+    sqlite3_close(db);
+  }
+  KekRotator rot(*store_, *sealer_, [this] { return now_; });
+  auto r = rot.Run("payments", {});
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().category(), Category::kIntegrity);
+  EXPECT_NE(r.error().message().find("payments/prod/a v1"), std::string::npos) << r.error().message();
+  EXPECT_NE(r.error().message().find("the old KEK is kept"), std::string::npos);
+  EXPECT_EQ((*store_->KekById(v1.id)).state, KekState::kRetiring);
+  EXPECT_EQ(KekObjects(KekLabel::For("payments", 1)), 1u);
+  EXPECT_EQ(*Read("b"), "value-b") << "the others moved to the new KEK";
+  EXPECT_EQ(*store_->CountSealedUnder(v1.id), 1u);
+}
+
+}  // namespace
+}  // namespace custody::core
