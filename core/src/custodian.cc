@@ -205,4 +205,10 @@ Result<std::vector<UsageRow>> Custodian::Usage(const RequestContext& rc, const s
   return f.Finish(run());
 }
 
+Result<std::vector<RotationItem>> Custodian::RotationSchedule() {
+  auto authz = policy();
+  CUSTODY_ASSIGN_OR_RETURN(auto secrets, store_.ListSecrets(std::nullopt, std::nullopt));
+  return RotationStatus(secrets, authz->engine(), SystemNow());
+}
+
 }  // namespace custody::core

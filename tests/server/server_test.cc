@@ -35,6 +35,8 @@ tls_san = "web-prod.payments.internal"
 [projects.payments]
 [projects.payments.environments.dev]
 production = false
+max_age = "1s"
+grace = "1s"
 [projects.payments.environments.prod]
 [[projects.payments.grants]]
 principal = "user:root"
@@ -230,6 +232,36 @@ TEST_F(ServerTest, ALimitAnswers429WithRetryAfter) {
       << metrics;
   EXPECT_NE(metrics.find("custody_request_duration_seconds_bucket{action=\"secret.get\""), std::string::npos);
   EXPECT_NE(metrics.find("custody_audit_healthy 1"), std::string::npos);
+}
+
+TEST_F(ServerTest, VersionStatesHoldOverTheSocketAndMetricsCountOverdueSecrets) {
+  ASSERT_EQ(Cli({"secret", "put", "payments/dev/hook"}, "hook-v1").exit_code, 0);
+  ASSERT_EQ(Cli({"secret", "rotate", "payments/dev/hook"}, "hook-v2").exit_code, 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(2100));  // dev: grace 1s, max_age 1s
+  auto retired = Raw(socket_, "GET /v1/secrets/payments/dev/hook?version=1 HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(retired.find("403 Forbidden"), std::string::npos) << retired;
+  EXPECT_NE(retired.find("version 1 of payments/dev/hook is retired"), std::string::npos) << retired;
+  EXPECT_EQ(retired.find("hook-v1"), std::string::npos);
+
+  ASSERT_EQ(Cli({"secret", "revoke", "payments/dev/hook", "--version", "2", "--reason", "exposed"}).exit_code, 0);
+  auto c = client::Client::Connect("unix:" + socket_);
+  ASSERT_TRUE(c.ok());
+  auto f = c->Get("payments/dev/hook");
+  ASSERT_TRUE(f.ok()) << f.error().message();
+  EXPECT_EQ(f->value.RevealString(SecretAccess{}), "hook-v1") << "revoking the current falls back to the newest left";
+  auto revoked = AsUser(std::nullopt, {"secret", "get", "payments/dev/hook", "--version", "2"});
+  EXPECT_EQ(revoked.exit_code, 77) << revoked.err;
+  EXPECT_NE(revoked.err.find("was revoked at"), std::string::npos) << revoked.err;
+
+  auto metrics = Raw(socket_, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(metrics.find("custody_secrets{project=\"payments\",environment=\"dev\",state=\"overdue\"} 1"),
+            std::string::npos)
+      << metrics;
+  EXPECT_NE(metrics.find("custody_secrets{project=\"payments\",environment=\"prod\",state=\"no-schedule\"} 1"),
+            std::string::npos)
+      << metrics;
+  EXPECT_NE(metrics.find("custody_secrets_overdue 1"), std::string::npos) << metrics;
+  EXPECT_EQ(metrics.find("hook"), std::string::npos) << "counts only, never names";
 }
 
 TEST_F(ServerTest, PutThroughTheServerAndExecWithTheValueInTheEnvironmentOnly) {

@@ -68,6 +68,25 @@ class Metrics {
     if (decision == "limit") ++limits_[{project, env}];
   }
 
+  // Secrets per project, environment and rotation urgency, counted from the
+  // store at most every kScheduleSeconds (a scrape must not scan the store
+  // each time).
+  static constexpr int kScheduleSeconds = 15;
+  void RefreshSchedule(core::Custodian& c) {
+    auto now = std::chrono::steady_clock::now();
+    {
+      std::lock_guard lock(mu_);
+      if (schedule_at_ && now - *schedule_at_ < std::chrono::seconds(kScheduleSeconds)) return;
+      schedule_at_ = now;
+    }
+    auto items = c.RotationSchedule();
+    std::lock_guard lock(mu_);
+    schedule_ok_ = items.ok();
+    schedule_.clear();
+    if (!items.ok()) return;
+    for (const auto& it : *items) ++schedule_[{it.project, it.environment, core::UrgencyName(it.urgency)}];
+  }
+
   std::string Render(core::CustodianStats& s, int connections, uint32_t policy_version) {
     std::lock_guard lock(mu_);
     std::string out;
@@ -121,6 +140,20 @@ class Metrics {
     out += "# TYPE custody_token_healthy gauge\ncustody_token_healthy " + std::string(s.token_healthy ? "1" : "0") + "\n";
     out += "# TYPE custody_connections_open gauge\ncustody_connections_open " + std::to_string(connections) + "\n";
     out += "# TYPE custody_policy_version gauge\ncustody_policy_version " + std::to_string(policy_version) + "\n";
+    out += "# HELP custody_secrets Secrets by project, environment and rotation state (overdue, due-soon, ok, "
+           "no-current-version, no-schedule).\n";
+    out += "# TYPE custody_secrets gauge\n";
+    for (const auto& [k, v] : schedule_) {
+      out += "custody_secrets{project=\"" + esc(k[0]) + "\",environment=\"" + esc(k[1]) + "\",state=\"" + esc(k[2]) +
+             "\"} " + std::to_string(v) + "\n";
+    }
+    out += "# HELP custody_secrets_overdue Secrets whose current version is older than the policy's max_age.\n";
+    out += "# TYPE custody_secrets_overdue gauge\n";
+    uint64_t overdue = 0;
+    for (const auto& [k, v] : schedule_) overdue += k[2] == "overdue" ? v : 0;
+    out += "custody_secrets_overdue " + std::to_string(overdue) + "\n";
+    out += "# TYPE custody_rotation_schedule_healthy gauge\ncustody_rotation_schedule_healthy " +
+           std::string(schedule_ok_ ? "1" : "0") + "\n";
     return out;
   }
 
@@ -134,6 +167,9 @@ class Metrics {
   std::map<std::array<std::string, 4>, uint64_t> ops_;
   std::map<std::string, Histogram> latency_;
   std::map<std::pair<std::string, std::string>, uint64_t> limits_;
+  std::optional<std::chrono::steady_clock::time_point> schedule_at_;
+  std::map<std::array<std::string, 3>, uint64_t> schedule_;
+  bool schedule_ok_ = true;
 };
 
 struct Server::Impl {
@@ -358,6 +394,7 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
       action_ = "metrics";
       http::response<http::string_body> res{http::status::ok, 11};
       res.set(http::field::content_type, "text/plain; version=0.0.4");
+      srv_.metrics.RefreshSchedule(srv_.custodian);
       res.body() = srv_.metrics.Render(srv_.custodian.stats(), srv_.connections.load(),
                                        srv_.custodian.policy()->version());
       return res;

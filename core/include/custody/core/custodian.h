@@ -22,6 +22,7 @@
 #include "custody/core/audit.h"
 #include "custody/core/authz.h"
 #include "custody/core/names.h"
+#include "custody/core/rotation.h"
 #include "custody/core/service.h"
 #include "custody/core/store.h"
 
@@ -56,6 +57,9 @@ class Custodian {
   Result<Unsealed> Get(const RequestContext& rc, const SecretPath& path, std::optional<uint32_t> version);
   Result<uint32_t> Put(const RequestContext& rc, const SecretPath& path, const SecretBuffer& value);
   Result<std::vector<UsageRow>> Usage(const RequestContext& rc, const std::optional<std::string>& project);
+  // Every secret's place in the rotation schedule under the policy in force
+  // (for the server's metrics: counts, never names or values).
+  Result<std::vector<RotationItem>> RotationSchedule();
 
   void SwapPolicy(std::shared_ptr<const Authorizer> authz);
   std::shared_ptr<const Authorizer> policy() const;
