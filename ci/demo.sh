@@ -56,6 +56,9 @@ unix_user = "ci-runner"
 [projects.demo]
 rate = "600/min"
 unseals_per_day = 10000
+max_age = "90d"
+grace = "24h"
+keep_versions = 5
 
 [projects.demo.environments.dev]
 production = false
@@ -92,6 +95,15 @@ unset key back
 echo
 echo "demo: may CI read the production key? (deny by design)"
 "$custody" policy explain svc:ci get demo/prod/openai-api-key || true
+echo
+echo "demo: rotation: a new value from the token's RNG; the old one stays readable for the grace period"
+"$custody" secret rotate demo/prod/openai-api-key --generate 32 --prefix sk-demo-
+"$custody" secret versions demo/prod/openai-api-key
+"$custody" rotation status demo --fail-on-overdue
+echo
+echo "demo: KEK rotation: a new KEK in the token, every version re-sealed, the old KEK destroyed"
+"$custody" kek rotate demo
+"$custody" kek list demo
 echo
 "$custody" project list
 echo
