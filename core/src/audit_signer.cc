@@ -27,6 +27,15 @@ Result<std::vector<uint8_t>> TokenAuditSigner::Sign(std::string_view message) {
   unsigned int len = 0;
   EVP_Digest(message.data(), message.size(), digest.data(), &len, EVP_sha256(), nullptr);
   CUSTODY_ASSIGN_OR_RETURN(auto lease, pool_.Acquire());
+  std::lock_guard lock(mu_);
+  if (pool_.module().generation() != generation_) {
+    // The module was re-initialised: the cached handles are dead (and their
+    // numbers may name other objects now). Find the key again by its label.
+    CUSTODY_ASSIGN_OR_RETURN(auto found, hsm::FindEcKey(*lease, kLabel));
+    if (!found) return Error(Category::kNotFound, std::string("the audit signing key ") + kLabel + " is gone from the token");
+    key_ = std::move(*found);
+    generation_ = pool_.module().generation();
+  }
   CUSTODY_ASSIGN_OR_RETURN(auto rs, hsm::SignDigest(*lease, key_.private_key, digest));
   // PKCS#11 gives r||s; X.509 tools (openssl dgst -verify) want DER.
   ECDSA_SIG* sig = ECDSA_SIG_new();

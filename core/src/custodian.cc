@@ -78,6 +78,12 @@ struct Custodian::Flow {
   }
 };
 
+void Custodian::RecoverToken() {
+  if (pool_ == nullptr) return;
+  if (pool_->Recover().ok()) stats_.token_recoveries.fetch_add(1);
+  stats_.token_reinitializations.store(pool_->reinitializations());
+}
+
 void Custodian::SwapPolicy(std::shared_ptr<const Authorizer> authz) {
   std::lock_guard lock(mu_);
   authz_ = std::move(authz);
@@ -113,7 +119,7 @@ Result<Unsealed> Custodian::Get(const RequestContext& rc, const SecretPath& path
       // (the token may have been reset, losing every session and the login),
       // then retry once.
       stats_.token_errors.fetch_add(1);
-      if (pool_ != nullptr && pool_->Recover().ok()) stats_.token_recoveries.fetch_add(1);
+      RecoverToken();
       u = svc.Unseal(path, env, rec, kek);
     }
     if (!u && u.error().category() == Category::kNotFound) {
@@ -169,7 +175,7 @@ Result<uint32_t> Custodian::Put(const RequestContext& rc, const SecretPath& path
       // Sealing failed on a dead session before anything was recorded or
       // stored: recover the pool and try once more, as a GET does.
       stats_.token_errors.fetch_add(1);
-      if (pool_ != nullptr && pool_->Recover().ok()) stats_.token_recoveries.fetch_add(1);
+      RecoverToken();
       v = put();
     }
     stats_.token_healthy.store(v.ok() || v.error().backend() != Backend::kPkcs11);

@@ -119,9 +119,21 @@ Status Sealer::Random(std::span<uint8_t> out) {
 }
 
 Result<CK_OBJECT_HANDLE> Sealer::KekHandle(hsm::Session& s, const KekRef& kek) {
+  const uint64_t generation = pool_.module().generation();
   {
     std::shared_lock lock(handles_mu_);
-    if (auto it = handles_.find(kek.id); it != handles_.end()) return it->second;
+    if (generation == handles_generation_) {
+      if (auto it = handles_.find(kek.id); it != handles_.end()) return it->second;
+    }
+  }
+  {
+    // After a module re-initialisation every cached handle is dead, and its
+    // number may now name another object: forget them all.
+    std::unique_lock lock(handles_mu_);
+    if (generation != handles_generation_) {
+      handles_.clear();
+      handles_generation_ = generation;
+    }
   }
   CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
   CK_BBOOL yes = CK_TRUE;

@@ -68,6 +68,24 @@ Result<std::shared_ptr<Module>> Module::Load(const std::string& path) {
   return m;
 }
 
+Status Module::Reinitialize() {
+  if (!owns_init_) {
+    return Error(Category::kUnavailable, "PKCS#11 module " + path_ +
+                                             " was initialised by another library in this process; it cannot be "
+                                             "re-initialised here (restart the process)");
+  }
+  // The generation moves first: from here on no Session of the old one may
+  // call C_CloseSession with its number.
+  generation_.fetch_add(1);
+  (void)fn_->C_Finalize(nullptr);
+  open_sessions_.store(0);
+  CK_C_INITIALIZE_ARGS args{};
+  args.flags = CKF_OS_LOCKING_OK;
+  CK_RV rv = fn_->C_Initialize(&args);
+  if (rv != CKR_OK && rv != CKR_CRYPTOKI_ALREADY_INITIALIZED) return RvError(rv, "C_Initialize").Wrap(path_);
+  return Status::Ok();
+}
+
 Module::~Module() {
   if (owns_init_) fn_->C_Finalize(nullptr);
   // The module stays mapped: some modules (and OpenSSL engines built on them)

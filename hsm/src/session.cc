@@ -20,14 +20,18 @@ Session::~Session() { Close(); }
 
 void Session::Close() noexcept {
   if (handle_ == CK_INVALID_HANDLE) return;
-  // A failure here (token gone) leaves nothing for us to release.
-  (void)module_->fn()->C_CloseSession(handle_);
-  module_->open_sessions_.fetch_sub(1);
+  // After a module re-initialisation this number may belong to a new
+  // session of someone else: never close it. C_Finalize closed ours.
+  if (generation_ == module_->generation()) {
+    // A failure here (token gone) leaves nothing for us to release.
+    (void)module_->fn()->C_CloseSession(handle_);
+    module_->open_sessions_.fetch_sub(1);
+  }
   handle_ = CK_INVALID_HANDLE;
 }
 
 Session::Session(Session&& o) noexcept
-    : module_(std::move(o.module_)), slot_(o.slot_), handle_(o.handle_) {
+    : module_(std::move(o.module_)), slot_(o.slot_), handle_(o.handle_), generation_(o.generation_) {
   o.handle_ = CK_INVALID_HANDLE;
 }
 
@@ -37,6 +41,7 @@ Session& Session::operator=(Session&& o) noexcept {
     module_ = std::move(o.module_);
     slot_ = o.slot_;
     handle_ = o.handle_;
+    generation_ = o.generation_;
     o.handle_ = CK_INVALID_HANDLE;
   }
   return *this;
@@ -69,7 +74,7 @@ SessionPool::~SessionPool() {
   anchor_.Logout();
 }
 
-Status SessionPool::Recover() {
+Status SessionPool::Relogin() {
   std::vector<Session> stale;
   {
     std::lock_guard lock(mu_);
@@ -84,6 +89,48 @@ Status SessionPool::Recover() {
   return Status::Ok();
 }
 
+Status SessionPool::Recover(std::chrono::milliseconds wait) {
+  std::lock_guard one(recover_mu_);
+  healthy_.store(false);
+  Status soft = Relogin();
+  if (soft.ok()) {
+    healthy_.store(true);
+    return soft;
+  }
+  bool allowed;
+  {
+    std::lock_guard lock(mu_);
+    allowed = options_.allow_reinitialize;
+  }
+  if (!allowed || !module_->owns_initialization()) return soft;
+  // Exclusive: no lease is out, so no thread is inside the module while it
+  // is finalised. A lease held too long (or by the caller) makes this give
+  // up rather than deadlock.
+  std::unique_lock gate(gate_, std::defer_lock);
+  if (!gate.try_lock_for(wait)) {
+    return Error(soft.error()).Wrap("cannot re-initialise the module while sessions are in use");
+  }
+  CUSTODY_RETURN_IF_ERROR(module_->Reinitialize());
+  {
+    std::lock_guard lock(mu_);
+    ++reinitializations_;
+  }
+  gate.unlock();
+  CUSTODY_RETURN_IF_ERROR(Relogin());
+  healthy_.store(true);
+  return Status::Ok();
+}
+
+uint64_t SessionPool::reinitializations() const {
+  std::lock_guard lock(mu_);
+  return reinitializations_;
+}
+
+void SessionPool::set_allow_reinitialize(bool allow) {
+  std::lock_guard lock(mu_);
+  options_.allow_reinitialize = allow;
+}
+
 uint64_t SessionPool::recoveries() const {
   std::lock_guard lock(mu_);
   return recoveries_;
@@ -95,20 +142,32 @@ size_t SessionPool::idle() const {
 }
 
 Result<SessionPool::Lease> SessionPool::Acquire() {
+  if (!healthy_.load()) {
+    // The last recovery failed: try again before lending a session.
+    std::unique_lock one(recover_mu_, std::try_to_lock);
+    if (one.owns_lock()) {
+      one.unlock();
+      CUSTODY_RETURN_IF_ERROR(Recover());
+    } else {
+      std::lock_guard wait_for_it(recover_mu_);  // another thread is recovering
+      if (!healthy_.load()) return Error(Category::kUnavailable, "the token is not available (recovery failed)");
+    }
+  }
+  std::shared_lock gate(gate_);
   {
     std::lock_guard lock(mu_);
     if (!idle_.empty()) {
       Session s = std::move(idle_.back());
       idle_.pop_back();
       ++outstanding_;
-      return Lease(this, std::move(s));
+      return Lease(this, std::move(gate), std::move(s));
     }
   }
   // Opened outside the lock: a slow token must not serialise every caller.
   CUSTODY_ASSIGN_OR_RETURN(Session s, Session::Open(module_, slot_, /*read_write=*/true));
   std::lock_guard lock(mu_);
   ++outstanding_;
-  return Lease(this, std::move(s));
+  return Lease(this, std::move(gate), std::move(s));
 }
 
 void SessionPool::Return(Session s, bool discard) {
@@ -123,7 +182,7 @@ void SessionPool::Return(Session s, bool discard) {
 }
 
 SessionPool::Lease::Lease(Lease&& o) noexcept
-    : pool_(o.pool_), session_(std::move(o.session_)), discard_(o.discard_) {
+    : pool_(o.pool_), gate_(std::move(o.gate_)), session_(std::move(o.session_)), discard_(o.discard_) {
   o.pool_ = nullptr;
 }
 

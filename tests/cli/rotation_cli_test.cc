@@ -233,8 +233,17 @@ TEST_F(RotationCliTest, StatusSortsByUrgencyAndGatesCi) {
   EXPECT_EQ(gate.exit_code, 1) << gate.err;
   EXPECT_NE(gate.err.find("1 secret(s) overdue for rotation"), std::string::npos) << gate.err;
 
-  // Rotating it clears the gate (its max_age starts again; it is due soon, not overdue).
+  // Rotating starts its age again from the new version.
   ASSERT_EQ(Cli({"secret", "rotate", "payments/dev/stale"}, "c").exit_code, 0);
+  auto rotated = Json({"rotation", "status", "payments"});
+  for (const auto& it : rotated) {
+    if (it["name"] != "stale") continue;
+    EXPECT_EQ(it["current_version"], 2);
+    EXPECT_LT(it["age_seconds"].get<int64_t>(), 60);
+  }
+  // With nothing overdue the gate passes (dev's max_age is 1 s, so the
+  // secret goes rather than racing the clock).
+  ASSERT_EQ(Cli({"secret", "delete", "payments/dev/stale"}).exit_code, 0);
   auto after = Cli({"rotation", "status", "payments", "--fail-on-overdue"});
   EXPECT_EQ(after.exit_code, 0) << after.out << after.err;
 }

@@ -234,3 +234,75 @@ TEST_F(PoolTest, FindObjectsEndsItsSearchSoTheSessionStaysUsable) {
 
 }  // namespace
 }  // namespace custody::hsm
+
+namespace custody::hsm {
+namespace {
+
+class ReinitTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto m = Module::Load(SoftHsmToken::kModule);
+    ASSERT_TRUE(m.ok()) << m.error().message();
+    module_ = *m;
+    ASSERT_TRUE(module_->owns_initialization());
+    auto slot = FindSlot(*module_, *TokenUri::Parse(token_.uri()));
+    ASSERT_TRUE(slot.ok());
+    slot_ = *slot;
+  }
+  SoftHsmToken token_;
+  std::shared_ptr<Module> module_;
+  CK_SLOT_ID slot_ = 0;
+};
+
+TEST_F(ReinitTest, AStaleSessionNeverClosesTheNewSessionThatReusesItsNumber) {
+  auto old = Session::Open(module_, slot_, true);
+  ASSERT_TRUE(old.ok());
+  CK_SESSION_HANDLE old_handle = old->handle();
+  uint64_t gen = module_->generation();
+  ASSERT_TRUE(module_->Reinitialize().ok());
+  EXPECT_EQ(module_->generation(), gen + 1);
+  auto fresh = Session::Open(module_, slot_, true);
+  ASSERT_TRUE(fresh.ok());
+  // SoftHSM numbers sessions from 1 again after C_Initialize, so the stale
+  // object holds the new session's number; closing it must not touch it.
+  EXPECT_EQ(fresh->handle(), old_handle) << "the case this guards against";
+  { Session gone = std::move(*old); }
+  CK_SESSION_INFO info{};
+  EXPECT_EQ(module_->fn()->C_GetSessionInfo(fresh->handle(), &info), CKR_OK);
+  EXPECT_EQ(module_->open_sessions(), 1);
+}
+
+TEST_F(ReinitTest, RecoverReinitialisesWhenANewLoginIsNotEnough) {
+  auto pool = SessionPool::Open(module_, slot_, token_.pin());
+  ASSERT_TRUE(pool.ok());
+  // Finalised behind the pool's back: every call now answers
+  // CKR_CRYPTOKI_NOT_INITIALIZED, which only a C_Initialize cures.
+  module_->fn()->C_Finalize(nullptr);
+  {
+    auto lease = (*pool)->Acquire();
+    EXPECT_FALSE(lease.ok());
+  }
+  ASSERT_TRUE((*pool)->Recover().ok());
+  EXPECT_EQ((*pool)->reinitializations(), 1u);
+  auto lease = (*pool)->Acquire();
+  ASSERT_TRUE(lease.ok()) << lease.error().message();
+  CK_SESSION_INFO info{};
+  ASSERT_EQ((*lease)->fn()->C_GetSessionInfo((*lease)->handle(), &info), CKR_OK);
+  EXPECT_EQ(info.state, CKS_RW_USER_FUNCTIONS) << "logged in again";
+}
+
+TEST_F(ReinitTest, ReinitialisingIsRefusedWhenNotAllowed) {
+  auto pool = SessionPool::Open(module_, slot_, token_.pin());
+  ASSERT_TRUE(pool.ok());
+  (*pool)->set_allow_reinitialize(false);
+  module_->fn()->C_Finalize(nullptr);
+  EXPECT_FALSE((*pool)->Recover().ok());
+  EXPECT_EQ((*pool)->reinitializations(), 0u);
+  // Put it back for the pool's own clean-up.
+  CK_C_INITIALIZE_ARGS args{};
+  args.flags = CKF_OS_LOCKING_OK;
+  module_->fn()->C_Initialize(&args);
+}
+
+}  // namespace
+}  // namespace custody::hsm

@@ -96,15 +96,19 @@ class ServerTest : public ::testing::Test {
     std::string cfg = ReadFile(token_.config_path());
     WriteFile(token_.config_path(), cfg + "\n[server]\nsocket = \"" + socket_ + "\"\nthreads = 4\nmax_body_bytes = 4096\n" +
                                         ExtraServerConfig());
+    BeforeStart();
     Start();
   }
   virtual std::string ExtraServerConfig() { return ""; }
+  virtual void BeforeStart() {}
+  virtual std::vector<std::string> ExtraServerEnv() { return {}; }
 
   void TearDown() override {
     if (pid_ > 0) {
       ::kill(pid_, SIGKILL);
       ::waitpid(pid_, nullptr, 0);
     }
+    if (HasFailure()) std::fprintf(stderr, "custodyd log:\n%s\n", ReadFile(token_.dir() / "custodyd.log").c_str());
   }
 
   void Start() {
@@ -113,6 +117,7 @@ class ServerTest : public ::testing::Test {
       std::string c = "CUSTODY_CONFIG=" + token_.config_path(), s = "SOFTHSM2_CONF=" + token_.conf();
       std::string path = std::string("PATH=") + (std::getenv("PATH") ? std::getenv("PATH") : "/usr/bin:/bin");
       std::vector<std::string> env_strings{c, s, path};
+      for (auto& e : ExtraServerEnv()) env_strings.push_back(e);
       for (const char* k : {"ASAN_OPTIONS", "UBSAN_OPTIONS"}) {
         if (const char* v = std::getenv(k)) env_strings.push_back(std::string(k) + "=" + v);
       }
@@ -126,9 +131,11 @@ class ServerTest : public ::testing::Test {
       ::execve(CUSTODYD_BIN, argv, envp.data());
       ::_exit(127);
     }
+    // Ready when it accepts a connection: the socket file appears at bind(),
+    // a moment before listen().
     for (int i = 0; i < 200; ++i) {
       struct stat st {};
-      if (::stat(socket_.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) return;
+      if (::stat(socket_.c_str(), &st) == 0 && S_ISSOCK(st.st_mode) && Raw(socket_, "") != "connect failed") return;
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
     FAIL() << "custodyd did not start: " << ReadFile(token_.dir() / "custodyd.log");
@@ -497,6 +504,77 @@ TEST_F(TlsTokenKeyServerTest, TheHandshakeIsSignedByTheTokenKey) {
   auto c = client::Client::Connect("unix:" + socket_);
   auto f = c->Get("payments/prod/stripe");
   EXPECT_TRUE(f.ok()) << f.error().message();
+}
+
+}  // namespace
+}  // namespace custody::test
+
+namespace custody::test {
+namespace {
+
+// custodyd on a token that fails the way hardware does: the module is a
+// forwarding shim over SoftHSM2 (tests/support/faulty_pkcs11.cc) whose
+// "device" a test can reset or take down while the server runs.
+class FaultyTokenServerTest : public ServerTest {
+ protected:
+  void BeforeStart() override {
+    std::string cfg = ReadFile(token_.config_path());
+    std::string from = std::string("'") + SoftHsmToken::kModule + "'";  // as `custody init` wrote it
+    size_t at = cfg.find(from);
+    ASSERT_NE(at, std::string::npos) << cfg;
+    cfg.replace(at, from.size(), std::string("'") + FAULTY_PKCS11 + "'");
+    WriteFile(token_.config_path(), cfg);
+  }
+  std::vector<std::string> ExtraServerEnv() override { return {"CUSTODY_FAULT_CONTROL=" + control_}; }
+  void Fault(const std::string& what) { WriteFile(control_, what); }
+  void Heal() { ::unlink(control_.c_str()); }
+  std::string Get(const std::string& path) {
+    return Raw(socket_, "GET /v1/secrets/" + path + " HTTP/1.1\r\nHost: x\r\n\r\n");
+  }
+  std::string control_ = token_.dir() / "fault";
+};
+
+TEST_F(FaultyTokenServerTest, ADeviceResetIsSurvivedByReinitialisingTheModule) {
+  ASSERT_NE(Get("payments/prod/stripe").find("200 OK"), std::string::npos);
+  // The device resets: every session, the login and every handle are gone,
+  // and new sessions fail until the module is initialised again.
+  Fault("reset 1");
+  auto after = Get("payments/prod/stripe");
+  EXPECT_NE(after.find("200 OK"), std::string::npos) << after;
+  EXPECT_NE(after.find(kSecret), std::string::npos);
+  auto metrics = Raw(socket_, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(metrics.find("custody_token_reinitializations_total 1"), std::string::npos) << metrics;
+  EXPECT_NE(metrics.find("custody_token_recoveries_total 1"), std::string::npos) << metrics;
+  EXPECT_NE(metrics.find("custody_token_healthy 1"), std::string::npos);
+  // Puts, and the checkpoint key (found again after the re-initialisation), work too.
+  auto put = Raw(socket_, "PUT /v1/secrets/payments/dev/after HTTP/1.1\r\nHost: x\r\nContent-Length: 17\r\n\r\n"
+                          "{\"value\":\"after\"}");
+  EXPECT_NE(put.find("201 Created"), std::string::npos) << put;
+  EXPECT_EQ(Cli({"audit", "checkpoint"}).exit_code, 0);
+  EXPECT_EQ(Cli({"audit", "verify"}).exit_code, 0);
+  EXPECT_NE(ReadFile(token_.dir() / "custodyd.log").find("re-initialis"), std::string::npos)
+      << ReadFile(token_.dir() / "custodyd.log");
+}
+
+TEST_F(FaultyTokenServerTest, ADeviceThatStaysDownAnswers503UntilItIsBack) {
+  ASSERT_NE(Get("payments/prod/stripe").find("200 OK"), std::string::npos);
+  Fault("down");
+  auto down = Get("payments/prod/stripe");
+  EXPECT_NE(down.find("503 Service Unavailable"), std::string::npos) << down;
+  EXPECT_NE(down.find("CKR_DEVICE_ERROR"), std::string::npos) << down;
+  EXPECT_EQ(down.find(kSecret), std::string::npos);
+  auto health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(health.find("503"), std::string::npos) << health;
+  EXPECT_NE(health.find("\"status\":\"degraded\""), std::string::npos) << health;
+  // The refusal is audited like any other outcome.
+  auto show = Cli({"--json", "audit", "show", "--action", "secret.get"});
+  EXPECT_NE(show.out.find("CKR_DEVICE_ERROR"), std::string::npos) << show.out;
+
+  Heal();
+  auto back = Get("payments/prod/stripe");
+  EXPECT_NE(back.find("200 OK"), std::string::npos) << back;
+  health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(health.find("\"status\":\"ok\""), std::string::npos) << health;
 }
 
 }  // namespace

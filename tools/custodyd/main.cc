@@ -93,6 +93,13 @@ int main(int argc, char** argv) {
   if (!signer) return Fail(signer.error());
 
   auto options = custody::server::OptionsFrom(*config);
+  if (options.tls_key.rfind("pkcs11:", 0) == 0) {
+    // libp11 holds its own sessions and key handles on this module for the
+    // TLS key and cannot re-open them: a module re-initialisation would
+    // leave TLS broken. Session and login recovery still happen; a token
+    // that needs more says so, and custodyd must be restarted.
+    token.pool->set_allow_reinitialize(false);
+  }
   options.token_key = [&](const std::string& uri) { return custody::server::LoadTokenKey(*config, uri, *pin_held); };
   custody::server::Server server(options, custodian);
   Status listening = server.Listen();

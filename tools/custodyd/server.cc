@@ -134,6 +134,8 @@ class Metrics {
            std::to_string(s.token_errors.load()) + "\n";
     out += "# TYPE custody_token_recoveries_total counter\ncustody_token_recoveries_total " +
            std::to_string(s.token_recoveries.load()) + "\n";
+    out += "# TYPE custody_token_reinitializations_total counter\ncustody_token_reinitializations_total " +
+           std::to_string(s.token_reinitializations.load()) + "\n";
     out += "# TYPE custody_audit_write_failures_total counter\ncustody_audit_write_failures_total " +
            std::to_string(s.audit_failures.load()) + "\n";
     out += "# TYPE custody_audit_healthy gauge\ncustody_audit_healthy " + std::string(s.audit_healthy ? "1" : "0") + "\n";
@@ -182,6 +184,20 @@ struct Server::Impl {
   std::atomic<int> connections{0};
   std::atomic<bool> draining{false};
   Metrics metrics;
+
+  // Logs token recoveries once each, as they happen (the counters move in
+  // core::Custodian, which does not log).
+  std::atomic<uint64_t> logged_recoveries{0}, logged_reinits{0};
+  void NoteTokenEvents() {
+    auto& st = custodian.stats();
+    uint64_t r = st.token_recoveries.load(), i = st.token_reinitializations.load();
+    if (logged_reinits.exchange(i) < i) {
+      spdlog::warn("token: the module was re-initialised after device errors ({} time(s) since start)", i);
+    }
+    if (logged_recoveries.exchange(r) < r) {
+      spdlog::warn("token: sessions re-opened and logged in again after session or device errors ({} time(s))", r);
+    }
+  }
 
   // A periodic job on the loop; owned by Impl, so callbacks may hold `this`.
   struct Ticker {
@@ -321,6 +337,7 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
     OPENSSL_cleanse(req.body().data(), req.body().size());
     double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
     srv_.metrics.Observe(action_, project_, env_, decision_, seconds);
+    srv_.NoteTokenEvents();
     Reply(std::move(res), keep);
   }
 

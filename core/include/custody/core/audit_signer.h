@@ -6,6 +6,8 @@
 //   std::string pem = *(*signer)->PublicKeyPem();     // `custody audit pubkey`
 #pragma once
 
+#include <mutex>
+
 #include <memory>
 #include <string>
 
@@ -27,9 +29,12 @@ class TokenAuditSigner final : public AuditSigner {
   Result<std::string> PublicKeyPem() const;
 
  private:
-  TokenAuditSigner(hsm::SessionPool& pool, hsm::EcKey key) : pool_(pool), key_(std::move(key)) {}
+  TokenAuditSigner(hsm::SessionPool& pool, hsm::EcKey key)
+      : pool_(pool), key_(std::move(key)), generation_(pool.module().generation()) {}
   hsm::SessionPool& pool_;
+  std::mutex mu_;
   hsm::EcKey key_;
+  uint64_t generation_;  // key_'s handles belong to this module generation
 };
 
 }  // namespace custody::core

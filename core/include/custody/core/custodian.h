@@ -46,6 +46,7 @@ struct CustodianStats {
   std::atomic<bool> audit_healthy{true};
   std::atomic<bool> token_healthy{true};
   std::atomic<uint64_t> token_recoveries{0};
+  std::atomic<uint64_t> token_reinitializations{0};
 };
 
 class Custodian {
@@ -67,6 +68,9 @@ class Custodian {
 
  private:
   struct Flow;
+  // Re-opens sessions and logs in again (re-initialising the module if
+  // that is what it takes), counting it in the stats.
+  void RecoverToken();
   Store& store_;
   AuditLog& audit_;
   Sealer& sealer_;

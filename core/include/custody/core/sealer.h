@@ -87,6 +87,7 @@ class Sealer {
   // token, so each KEK is searched once, not on every request.
   std::shared_mutex handles_mu_;
   std::map<KekId, CK_OBJECT_HANDLE> handles_;
+  uint64_t handles_generation_ = 0;  // hsm::Module::generation() they belong to
 
   struct Budget {
     uint64_t left = 0;   // reserved and not yet used

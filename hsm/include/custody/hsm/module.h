@@ -37,6 +37,16 @@ class Module {
   // Sessions opened through Session and not yet closed: leak checks in tests.
   int open_sessions() const { return open_sessions_.load(); }
 
+  // C_Finalize then C_Initialize: what a token that stays broken after a
+  // reset needs. Only for a Module that owns the initialisation. Every
+  // session and object handle from before is dead afterwards, and the module
+  // may hand out the same numbers again; generation() tells them apart, so a
+  // stale Session never closes a new session that reuses its number, and
+  // handle caches know to search again. The caller must make sure no other
+  // thread is inside the module (SessionPool::Recover does).
+  Status Reinitialize();
+  uint64_t generation() const { return generation_.load(); }
+
  private:
   friend class Session;
   Module(std::string path, void* dl, CK_FUNCTION_LIST* fn, bool owns_init)
@@ -47,6 +57,7 @@ class Module {
   CK_FUNCTION_LIST* fn_;
   bool owns_init_;
   std::atomic<int> open_sessions_{0};
+  std::atomic<uint64_t> generation_{0};
 };
 
 }  // namespace custody::hsm

@@ -10,9 +10,12 @@
 // and closes in the pool's destructor, and lends out other sessions freely.
 #pragma once
 
+#include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <vector>
 
 #include "custody/common/result.h"
@@ -41,18 +44,23 @@ class Session {
 
  private:
   Session(std::shared_ptr<Module> m, CK_SLOT_ID slot, CK_SESSION_HANDLE h)
-      : module_(std::move(m)), slot_(slot), handle_(h) {}
+      : module_(std::move(m)), slot_(slot), handle_(h), generation_(module_->generation()) {}
   void Close() noexcept;
 
   std::shared_ptr<Module> module_;
   CK_SLOT_ID slot_ = 0;
   CK_SESSION_HANDLE handle_ = CK_INVALID_HANDLE;
+  uint64_t generation_ = 0;  // the module generation the handle belongs to
 };
 
 class SessionPool {
  public:
   struct Options {
     size_t max_idle = 8;  // sessions kept open between uses
+    // Recover() may re-initialise the module when a new session and login
+    // fail. Off when another library (libp11, for a TLS key in the token)
+    // holds sessions on the same module that it cannot re-open itself.
+    bool allow_reinitialize = true;
   };
 
   // A borrowed session; goes back to the pool when destroyed, unless
@@ -69,8 +77,12 @@ class SessionPool {
 
    private:
     friend class SessionPool;
-    Lease(SessionPool* pool, Session s) : pool_(pool), session_(std::move(s)) {}
+    Lease(SessionPool* pool, std::shared_lock<std::shared_timed_mutex> gate, Session s)
+        : pool_(pool), gate_(std::move(gate)), session_(std::move(s)) {}
     SessionPool* pool_;
+    // Held while the session is lent: a module re-initialisation waits for
+    // every lease to come back before it calls C_Finalize.
+    std::shared_lock<std::shared_timed_mutex> gate_;
     Session session_;
     bool discard_ = false;
   };
@@ -90,10 +102,17 @@ class SessionPool {
   // the process called C_CloseAllSessions): drops every idle session,
   // opens a new anchor session and logs in again with the PIN kept from
   // Open (in locked memory). Leases out at the time stay valid objects;
-  // their sessions fail and are discarded when returned.
-  Status Recover();
-  // How many times Recover() has succeeded (for health and metrics).
+  // their sessions fail and are discarded when returned. If that fails too,
+  // and re-initialising is allowed and this process owns the module's
+  // initialisation, it waits (up to `wait`) for every lease to come back,
+  // re-initialises the module (C_Finalize, C_Initialize) and logs in again.
+  // The caller must not hold a lease.
+  Status Recover(std::chrono::milliseconds wait = std::chrono::milliseconds(5000));
+  // How many times Recover() has succeeded, and how many of those needed a
+  // module re-initialisation (for health and metrics).
   uint64_t recoveries() const;
+  uint64_t reinitializations() const;
+  void set_allow_reinitialize(bool allow);
 
   Module& module() const { return *module_; }
   CK_SLOT_ID slot() const { return slot_; }
@@ -104,8 +123,17 @@ class SessionPool {
       : module_(std::move(m)), slot_(slot), anchor_(std::move(anchor)), options_(o), pin_(std::move(pin)) {}
   void Return(Session s, bool discard);
 
+  Status Relogin();
+
+  // False after a Recover() that failed: the login is gone (a module
+  // re-initialisation logs everyone out), so the next Acquire() recovers
+  // first instead of lending a session that cannot see private objects.
+  std::atomic<bool> healthy_{true};
+  std::mutex recover_mu_;  // one recovery at a time
+
   std::shared_ptr<Module> module_;
   CK_SLOT_ID slot_;
+  std::shared_timed_mutex gate_;
   Session anchor_;
   Options options_;
   mutable std::mutex mu_;
@@ -113,6 +141,7 @@ class SessionPool {
   size_t outstanding_ = 0;
   SecretBuffer pin_;  // for Recover(); wiped with the pool
   uint64_t recoveries_ = 0;
+  uint64_t reinitializations_ = 0;
 };
 
 }  // namespace custody::hsm
