@@ -153,7 +153,7 @@ int main() {
   Sh(custody + " policy apply " + dir + "/policy.toml >/dev/null");
   Sh("head -c 48 /dev/urandom | base64 | head -c 64 | " + custody + " secret put bench/prod/api-key >/dev/null");
   std::string socket = dir + "/custody.sock";
-  std::ofstream(cfg, std::ios::app) << "\n[server]\nsocket = \"" << socket << "\"\nthreads = 8\nmax_connections = 1024\n";
+  std::ofstream(cfg, std::ios::app) << "\n[server]\nsocket = \"" << socket << "\"\nthreads = 64\nmax_connections = 1024\n";
 
   pid_t pid = ::fork();
   if (pid == 0) {

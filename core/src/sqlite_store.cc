@@ -285,13 +285,36 @@ class SqliteStore final : public Store {
   }
   // BEGIN IMMEDIATE takes the write lock up front, so two writers never
   // deadlock upgrading a read lock.
-  Status Begin() { return Exec("BEGIN IMMEDIATE"); }
-  void Rollback() { (void)Exec("ROLLBACK"); }
-  Status Commit() {
-    Status s = Exec("COMMIT");
-    if (!s.ok()) Rollback();
+  //
+  // Writers of this process also take turns on write_mu_ first. Without it,
+  // threads contending for SQLite's write lock meet its busy handler, which
+  // sleeps 1, 2, 5, 10 ... ms between tries: under a busy server that sleep,
+  // not the work, set the latency. Other processes still wait through the
+  // busy timeout.
+  Status Begin() {
+    write_mu_.lock();
+    tls_writer = this;
+    Status s = Exec("BEGIN IMMEDIATE");
+    if (!s.ok()) EndWrite();
     return s;
   }
+  void Rollback() {
+    (void)Exec("ROLLBACK");
+    EndWrite();
+  }
+  Status Commit() {
+    Status s = Exec("COMMIT");
+    if (!s.ok()) (void)Exec("ROLLBACK");
+    EndWrite();
+    return s;
+  }
+  void EndWrite() {
+    if (tls_writer != this) return;  // not in a transaction of ours
+    tls_writer = nullptr;
+    write_mu_.unlock();
+  }
+  static thread_local const SqliteStore* tls_writer;
+  std::mutex write_mu_;
   Result<int64_t> ProjectId(const std::string& name);
   Result<int64_t> SecretId(int64_t env_id, const std::string& name);
 
@@ -345,6 +368,8 @@ class SqliteStore final : public Store {
   std::vector<std::unique_ptr<Conn>> free_;
   std::string path_;
 };
+
+thread_local const SqliteStore* SqliteStore::tls_writer = nullptr;
 
 Status SqliteStore::Init(bool create) {
   Lease lease(*this);
