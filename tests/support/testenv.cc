@@ -1,6 +1,9 @@
 #include "testenv.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <signal.h>
 
 #include <thread>
@@ -131,6 +134,99 @@ RunResult RunProgram(const std::string& path, const std::vector<std::string>& ar
   r.out = ReadFile(out_path);
   r.err = ReadFile(err_path);
   return r;
+}
+
+namespace {
+// A free TCP port on 127.0.0.1 (bound and released: the window is small).
+int FreePort() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = 0;
+  socklen_t len = sizeof a;
+  int port = 0;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0 &&
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0) {
+    port = ntohs(a.sin_port);
+  }
+  ::close(fd);
+  return port;
+}
+
+bool PortFree(int port) {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
+  ::close(fd);
+  return ok;
+}
+
+bool Accepts(int port) {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  bool ok = ::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
+  ::close(fd);
+  return ok;
+}
+}  // namespace
+
+Swtpm::Swtpm() {
+  const char* bin = "/usr/bin/swtpm";
+  if (::access(bin, X_OK) != 0) {
+    why_not_ = "swtpm is not installed (apt-get install swtpm swtpm-tools tpm2-tools, or run ci/install-deps.sh)";
+    return;
+  }
+  for (int attempt = 0; attempt < 20 && pid_ < 0; ++attempt) {
+    // The swtpm TCTI finds the control channel at port + 1.
+    port_ = FreePort();
+    int ctrl = port_ + 1;
+    if (port_ == 0 || port_ >= 65535 || !PortFree(ctrl)) continue;
+    std::string state = "dir=" + std::string(dir_.path());
+    std::string server = "type=tcp,port=" + std::to_string(port_) + ",bindaddr=127.0.0.1";
+    std::string control = "type=tcp,port=" + std::to_string(ctrl) + ",bindaddr=127.0.0.1";
+    pid_t pid = ::fork();
+    if (pid == 0) {
+      int null = ::open("/dev/null", O_RDWR);
+      ::dup2(null, 0);
+      ::dup2(null, 1);
+      ::dup2(null, 2);
+      ::execl(bin, "swtpm", "socket", "--tpm2", "--tpmstate", state.c_str(), "--server", server.c_str(), "--ctrl",
+              control.c_str(), "--flags", "not-need-init,startup-clear", static_cast<char*>(nullptr));
+      ::_exit(127);
+    }
+    for (int i = 0; i < 200; ++i) {
+      if (Accepts(port_)) {
+        pid_ = pid;
+        break;
+      }
+      int status = 0;
+      if (::waitpid(pid, &status, WNOHANG) == pid) break;  // exited: port taken? try again
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    if (pid_ < 0) {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+    }
+  }
+  if (pid_ < 0) why_not_ = "swtpm did not start";
+}
+
+Swtpm::~Swtpm() {
+  if (pid_ <= 0) return;
+  ::kill(pid_, SIGTERM);
+  for (int i = 0; i < 100; ++i) {
+    if (::waitpid(pid_, nullptr, WNOHANG) == pid_) return;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ::kill(pid_, SIGKILL);
+  ::waitpid(pid_, nullptr, 0);
 }
 
 RunResult RunCustody(const std::vector<std::string>& args, const RunOptions& options) {

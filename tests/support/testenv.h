@@ -63,6 +63,33 @@ class SoftHsmToken {
   std::string label_;
 };
 
+// A swtpm TPM 2.0 simulator for one test: its own state folder and free
+// ports, started with the test and stopped (SIGTERM, then SIGKILL) after.
+// When swtpm is not installed, available() is false and the test must skip
+// (CUSTODY_REQUIRE_SWTPM), never pass silently.
+class Swtpm {
+ public:
+  Swtpm();
+  ~Swtpm();
+  Swtpm(const Swtpm&) = delete;
+  Swtpm& operator=(const Swtpm&) = delete;
+  bool available() const { return pid_ > 0; }
+  const std::string& why_not() const { return why_not_; }
+  int port() const { return port_; }
+  std::string tcti() const { return "swtpm:host=127.0.0.1,port=" + std::to_string(port_); }
+
+ private:
+  TempDir dir_;
+  int pid_ = -1;
+  int port_ = 0;
+  std::string why_not_;
+};
+
+#define CUSTODY_REQUIRE_SWTPM(swtpm)                                                  \
+  do {                                                                                \
+    if (!(swtpm).available()) GTEST_SKIP() << "TPM test skipped: " << (swtpm).why_not(); \
+  } while (0)
+
 struct RunOptions {
   std::map<std::string, std::string> env = {};  // added to a minimal environment
   std::string stdin_data = {};

@@ -1,0 +1,162 @@
+// The TPM layer against a real swtpm (one per test, no resource manager):
+// sealing, unsealing, PCR policy, errors, no transient-slot leaks, the
+// signing key, and interop with tpm2-tools.
+#include "custody/tpm/tpm.h"
+
+#include <gtest/gtest.h>
+#include <openssl/bio.h>
+#include <openssl/bn.h>
+#include <openssl/ecdsa.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+
+#include "../support/testenv.h"
+#include "custody/core/audit.h"
+
+namespace custody::tpm {
+namespace {
+
+using test::Swtpm;
+
+SecretBuffer S(std::string_view s) { return SecretBuffer::Copy(s); }
+
+class TpmTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    CUSTODY_REQUIRE_SWTPM(swtpm_);
+    auto t = Tpm::Open({.tcti = swtpm_.tcti()});
+    ASSERT_TRUE(t.ok()) << t.error().message();
+    tpm_ = std::move(*t);
+  }
+  Swtpm swtpm_;
+  std::unique_ptr<Tpm> tpm_;
+};
+
+TEST_F(TpmTest, SealUnsealRoundTripLeavesNoTransientObjects) {
+  auto before = tpm_->TransientObjects();
+  ASSERT_TRUE(before.ok()) << before.error().message();
+  EXPECT_EQ(*before, 1u) << "the transient SRK only";
+  auto obj = tpm_->Seal(S("0123456789abcdef0123456789abcdef"), S("auth-value"), {});
+  ASSERT_TRUE(obj.ok()) << obj.error().message();
+  // Many operations on a TPM with no resource manager: each object is
+  // flushed after use, or the three transient slots would run out.
+  for (int i = 0; i < 40; ++i) {
+    auto back = tpm_->Unseal(*obj, S("auth-value"));
+    ASSERT_TRUE(back.ok()) << i << ": " << back.error().message();
+    EXPECT_EQ(back->RevealString(SecretAccess{}), "0123456789abcdef0123456789abcdef");
+  }
+  EXPECT_EQ(*tpm_->TransientObjects(), 1u);
+  // Round trip through the store's encoding.
+  auto decoded = SealedObject::Decode(obj->Encode());
+  ASSERT_TRUE(decoded.ok());
+  EXPECT_TRUE(tpm_->Unseal(*decoded, S("auth-value")).ok());
+}
+
+TEST_F(TpmTest, AWrongAuthValueIsDeniedAndSaysSo) {
+  auto obj = tpm_->Seal(S("secret-kek-material"), S("right"), {});
+  ASSERT_TRUE(obj.ok());
+  auto back = tpm_->Unseal(*obj, S("wrong"));
+  ASSERT_FALSE(back.ok());
+  EXPECT_EQ(back.error().category(), Category::kDenied);
+  EXPECT_EQ(back.error().backend(), Backend::kTpm);
+  EXPECT_NE(back.error().message().find("wrong auth value"), std::string::npos) << back.error().message();
+  EXPECT_NE(back.error().message().find("dictionary-attack"), std::string::npos);
+  EXPECT_EQ(*tpm_->TransientObjects(), 1u) << "flushed on the error path too";
+  EXPECT_TRUE(tpm_->Unseal(*obj, S("right")).ok());
+}
+
+TEST_F(TpmTest, APcrBoundObjectFailsAfterTheExtendWithTheBootStateError) {
+  auto obj = tpm_->Seal(S("pcr-bound-kek"), S("auth"), {.pcrs = {16}});
+  ASSERT_TRUE(obj.ok()) << obj.error().message();
+  auto back = tpm_->Unseal(*obj, S("auth"));
+  ASSERT_TRUE(back.ok()) << back.error().message();
+  EXPECT_EQ(back->RevealString(SecretAccess{}), "pcr-bound-kek");
+  ASSERT_TRUE(tpm_->ExtendPcr(16, std::vector<uint8_t>{1, 2, 3}).ok());
+  auto after = tpm_->Unseal(*obj, S("auth"));
+  ASSERT_FALSE(after.ok());
+  EXPECT_EQ(after.error().category(), Category::kDenied);
+  EXPECT_NE(after.error().message().find("sealed to another boot state"), std::string::npos)
+      << after.error().message();
+  EXPECT_EQ(*tpm_->TransientObjects(), 1u);
+}
+
+TEST_F(TpmTest, ATamperedObjectIsAnIntegrityError) {
+  auto obj = tpm_->Seal(S("material"), S("auth"), {});
+  ASSERT_TRUE(obj.ok());
+  SealedObject bad = *obj;
+  bad.private_area[bad.private_area.size() / 2] ^= 0x01;
+  auto back = tpm_->Unseal(bad, S("auth"));
+  ASSERT_FALSE(back.ok());
+  EXPECT_EQ(back.error().category(), Category::kIntegrity) << back.error().message();
+  auto garbage = SealedObject::Decode(std::vector<uint8_t>{'C', 'S', 'T', 'K', 1, 0, 0, 9});
+  EXPECT_EQ(garbage.error().category(), Category::kIntegrity);
+}
+
+TEST_F(TpmTest, TheSigningKeySignsWhatOpenSslVerifies) {
+  auto key = tpm_->CreateSigningKey(S("sign-auth"));
+  ASSERT_TRUE(key.ok()) << key.error().message();
+  std::array<uint8_t, 32> digest{};
+  unsigned int len = 0;
+  EVP_Digest("checkpoint", 10, digest.data(), &len, EVP_sha256(), nullptr);
+  auto rs = tpm_->Sign(*key, S("sign-auth"), digest);
+  ASSERT_TRUE(rs.ok()) << rs.error().message();
+  // Verified as any X.509 tool would: the PEM public key and a DER signature.
+  auto pem = core::P256PublicKeyPem(key->point);
+  ASSERT_TRUE(pem.ok());
+  BIO* bio = BIO_new_mem_buf(pem->data(), static_cast<int>(pem->size()));
+  EVP_PKEY* pub = PEM_read_bio_PUBKEY(bio, nullptr, nullptr, nullptr);
+  BIO_free(bio);
+  ASSERT_NE(pub, nullptr);
+  ECDSA_SIG* sig = ECDSA_SIG_new();
+  ECDSA_SIG_set0(sig, BN_bin2bn(rs->data(), 32, nullptr), BN_bin2bn(rs->data() + 32, 32, nullptr));
+  unsigned char* der = nullptr;
+  int der_len = i2d_ECDSA_SIG(sig, &der);
+  ECDSA_SIG_free(sig);
+  auto verify = [&](const std::array<uint8_t, 32>& d) {
+    EVP_PKEY_CTX* ctx = EVP_PKEY_CTX_new(pub, nullptr);
+    EVP_PKEY_verify_init(ctx);
+    int ok = EVP_PKEY_verify(ctx, der, static_cast<size_t>(der_len), d.data(), d.size());
+    EVP_PKEY_CTX_free(ctx);
+    return ok;
+  };
+  EXPECT_EQ(verify(digest), 1);
+  auto other = digest;
+  other[0] ^= 1;
+  EXPECT_NE(verify(other), 1);
+  OPENSSL_free(der);
+  EVP_PKEY_free(pub);
+  EXPECT_FALSE(tpm_->Sign(*key, S("wrong"), digest).ok());
+}
+
+TEST(TpmOpen, AnUnreachableTpmIsUnavailableWithTheTcti) {
+  auto t = Tpm::Open({.tcti = "swtpm:host=127.0.0.1,port=1"});
+  ASSERT_FALSE(t.ok());
+  EXPECT_EQ(t.error().category(), Category::kUnavailable);
+  EXPECT_NE(t.error().message().find("TCTI"), std::string::npos) << t.error().message();
+}
+
+TEST(TpmInterop, TpmReadpublicShowsThePersistentSrkWeUse) {
+  Swtpm swtpm;
+  CUSTODY_REQUIRE_SWTPM(swtpm);
+  std::string name;
+  {
+    auto t = Tpm::Open({.tcti = swtpm.tcti(), .persist_srk = true});
+    ASSERT_TRUE(t.ok()) << t.error().message();
+    auto info = (*t)->GetInfo();
+    ASSERT_TRUE(info.ok()) << info.error().message();
+    EXPECT_EQ(info->srk_handle, kSrkHandle);
+    EXPECT_FALSE(info->manufacturer.empty());
+    name = info->srk_name;
+  }  // swtpm serves one connection at a time: let go before tpm2-tools connects
+  auto r = test::RunProgram("/usr/bin/tpm2_readpublic", {"-c", "0x81000001", "-T", swtpm.tcti()}, {});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("name: " + name), std::string::npos) << "ours: " << name << "\n" << r.out;
+  // A second process finds the persistent SRK instead of making another.
+  auto again = Tpm::Open({.tcti = swtpm.tcti()});
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ((*again)->GetInfo()->srk_name, name);
+  EXPECT_EQ(*(*again)->TransientObjects(), 0u) << "a persistent SRK takes no transient slot";
+}
+
+}  // namespace
+}  // namespace custody::tpm

@@ -1,0 +1,110 @@
+// TPM 2.0 through tpm2-tss ESAPI: one connection (TCTI chosen by a config
+// string through the TCTI loader), the storage root key, and sealed-data
+// objects whose public and private parts live outside the TPM.
+//
+//   auto tpm = tpm::Tpm::Open({.tcti = "swtpm:host=127.0.0.1,port=2321"});
+//   auto obj = (*tpm)->Seal(secret, auth, {.pcrs = {16}});   // -> public/private blobs
+//   auto back = (*tpm)->Unseal(*obj, auth);                    // load, unseal, flush
+//
+// Every command that carries a secret (Create's sensitive data, Unseal's
+// answer, Sign's digest) runs in a salted HMAC or policy session with
+// AES-128-CFB parameter encryption, so values never cross the bus in clear.
+// Objects are loaded for one use and flushed: a TPM has only a few
+// transient slots, and nothing may leak (there may be no resource manager).
+// One Tpm serialises its callers: an ESAPI context is not thread-safe.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "custody/common/result.h"
+#include "custody/common/secret.h"
+
+namespace custody::tpm {
+
+// The TCG-recommended persistent handle of the storage root key.
+inline constexpr uint32_t kSrkHandle = 0x81000001;
+
+struct Options {
+  std::string tcti;  // "device:/dev/tpmrm0", "swtpm:host=...,port=...", "tabrmd", "mssim:..."
+  // Make a created SRK persistent at kSrkHandle (opt-in: it takes an NV slot
+  // and the owner hierarchy's consent). Otherwise a transient SRK is made
+  // once per process from the standard template.
+  bool persist_srk = false;
+};
+
+// A sealed-data object: TPM2B_PUBLIC and TPM2B_PRIVATE as marshalled by the
+// TSS, plus the PCRs (SHA-256 bank) its policy binds, if any.
+struct SealedObject {
+  std::vector<uint8_t> public_area, private_area;
+  std::vector<uint8_t> pcrs;  // PCR indexes; empty: no PCR policy
+
+  std::vector<uint8_t> Encode() const;  // "CSTK" v1 framing for the store
+  static Result<SealedObject> Decode(std::span<const uint8_t> bytes);
+};
+
+struct SealOptions {
+  std::vector<uint8_t> pcrs;  // bind to the current values of these SHA-256 PCRs
+};
+
+struct Info {
+  std::string manufacturer;  // TPM_PT_MANUFACTURER as text ("IBM ")
+  std::string vendor;        // TPM_PT_VENDOR_STRING_1..4
+  std::string firmware;      // TPM_PT_FIRMWARE_VERSION_1.2 as "a.b.c.d"
+  uint32_t srk_handle = 0;   // kSrkHandle if persistent, else 0 (transient)
+  std::string srk_name;      // hex, as tpm2_readpublic prints it
+};
+
+// An ECDSA P-256 signing key under the SRK (for audit checkpoints).
+struct SigningKey {
+  SealedObject blobs;
+  std::vector<uint8_t> point;  // uncompressed 04||X||Y
+};
+
+class Tpm {
+ public:
+  static Result<std::unique_ptr<Tpm>> Open(const Options& options);
+  ~Tpm();
+  Tpm(const Tpm&) = delete;
+  Tpm& operator=(const Tpm&) = delete;
+
+  // Seals `data` (at most 128 bytes) under the SRK with `auth` as the
+  // object's auth value, and, with PCRs, a policy of PolicyPCR and
+  // PolicyAuthValue. Returns the blobs; nothing stays loaded.
+  Result<SealedObject> Seal(const SecretBuffer& data, const SecretBuffer& auth, const SealOptions& options);
+  // Loads, unseals (in an encrypted session) and flushes. ESAPI's copy of
+  // the data is wiped before it is freed. A PCR mismatch is kDenied and says
+  // the object is sealed to another boot state; dictionary-attack lockout
+  // is kUnavailable and says how long it lasts.
+  Result<SecretBuffer> Unseal(const SealedObject& object, const SecretBuffer& auth);
+
+  Result<SigningKey> CreateSigningKey(const SecretBuffer& auth);
+  // ECDSA over a SHA-256 digest; r||s, 32 bytes each.
+  Result<std::vector<uint8_t>> Sign(const SigningKey& key, const SecretBuffer& auth,
+                                    std::span<const uint8_t, 32> digest);
+
+  Status Random(std::span<uint8_t> out);
+  Result<Info> GetInfo();
+  // Transient objects loaded now (leak checks in tests).
+  Result<size_t> TransientObjects();
+  // Extends a SHA-256 PCR with `data`'s digest (tests; and to bind to state).
+  Status ExtendPcr(uint32_t pcr, std::span<const uint8_t> data);
+
+  struct Impl;
+
+ private:
+  explicit Tpm(std::unique_ptr<Impl> impl);
+  std::mutex mu_;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Maps a TSS2_RC to custody's error: the decoded text (Tss2_RC_Decode), the
+// call, and advice for the cases people meet (PCR mismatch, lockout).
+Error TpmError(uint32_t rc, std::string_view call);
+
+}  // namespace custody::tpm

@@ -1,0 +1,619 @@
+#include "custody/tpm/tpm.h"
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <tss2/tss2_esys.h>
+#include <tss2/tss2_mu.h>
+#include <tss2/tss2_rc.h>
+#include <tss2/tss2_tctildr.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+namespace custody::tpm {
+namespace {
+
+constexpr uint8_t kMagic[4] = {'C', 'S', 'T', 'K'};
+constexpr uint8_t kFormat = 1;
+
+// The TPM's own response code, without the layer and, for format-one codes,
+// without the handle/parameter/session number.
+uint32_t BaseRc(uint32_t rc) {
+  rc &= 0xFFFF;
+  if (rc & TPM2_RC_FMT1) return rc & (TPM2_RC_FMT1 | 0x3F);
+  return rc & (TPM2_RC_WARN | TPM2_RC_VER1 | 0x7F);
+}
+
+std::string Hex(std::span<const uint8_t> b) {
+  static constexpr char k[] = "0123456789abcdef";
+  std::string s;
+  for (uint8_t c : b) {
+    s += k[c >> 4];
+    s += k[c & 0xF];
+  }
+  return s;
+}
+
+// Wipes and frees what ESAPI handed out.
+template <typename T>
+void Free(T*& p) {
+  if (p != nullptr) {
+    OPENSSL_cleanse(p, sizeof(T));
+    Esys_Free(p);
+    p = nullptr;
+  }
+}
+
+TPMT_SYM_DEF AesCfb() {
+  TPMT_SYM_DEF s{};
+  s.algorithm = TPM2_ALG_AES;
+  s.keyBits.aes = 128;
+  s.mode.aes = TPM2_ALG_CFB;
+  return s;
+}
+
+TPML_PCR_SELECTION Selection(const std::vector<uint8_t>& pcrs) {
+  TPML_PCR_SELECTION sel{};
+  sel.count = 1;
+  sel.pcrSelections[0].hash = TPM2_ALG_SHA256;
+  sel.pcrSelections[0].sizeofSelect = 3;
+  for (uint8_t p : pcrs) sel.pcrSelections[0].pcrSelect[p / 8] |= static_cast<uint8_t>(1u << (p % 8));
+  return sel;
+}
+
+Status CopyAuth(const SecretBuffer& auth, TPM2B_AUTH& out) {
+  auto a = auth.Reveal(SecretAccess{});
+  if (a.size() > sizeof out.buffer) return Error(Category::kInternal, "TPM auth value longer than a SHA-256 digest");
+  out.size = static_cast<UINT16>(a.size());
+  std::memcpy(out.buffer, a.data(), a.size());
+  return Status::Ok();
+}
+
+}  // namespace
+
+Error TpmError(uint32_t rc, std::string_view call) {
+  const char* decoded = Tss2_RC_Decode(rc);
+  char code[16];
+  std::snprintf(code, sizeof code, "0x%x", rc);
+  std::string msg = std::string(call) + " failed: " + (decoded ? decoded : "unknown error") + " (" + code + ")";
+  uint32_t layer = rc & TSS2_RC_LAYER_MASK;
+  if (layer == TSS2_TCTI_RC_LAYER || (layer == TSS2_ESAPI_RC_LAYER && (rc & 0xFFFF) == TSS2_BASE_RC_IO_ERROR)) {
+    return Error(Category::kUnavailable, msg + ": the TPM cannot be reached through the configured TCTI",
+                 Backend::kTpm, rc);
+  }
+  if (layer != TSS2_TPM_RC_LAYER && layer != TSS2_RESMGR_TPM_RC_LAYER) {
+    return Error(Category::kUnavailable, msg, Backend::kTpm, rc);
+  }
+  switch (BaseRc(rc)) {
+    case TPM2_RC_POLICY_FAIL:
+    case TPM2_RC_PCR_CHANGED:
+      return Error(Category::kDenied,
+                   msg + ": the object is sealed to another boot state (its PCR policy does not match the "
+                         "current PCR values)",
+                   Backend::kTpm, rc);
+    case TPM2_RC_AUTH_FAIL:
+    case TPM2_RC_BAD_AUTH:
+      return Error(Category::kDenied,
+                   msg + ": wrong auth value (the PIN does not match the one the object was sealed with); "
+                         "each failure counts towards the TPM's dictionary-attack lockout",
+                   Backend::kTpm, rc);
+    case TPM2_RC_LOCKOUT:
+      return Error(Category::kUnavailable, msg + ": the TPM is in dictionary-attack lockout", Backend::kTpm, rc);
+    default:
+      return Error(Category::kUnavailable, msg, Backend::kTpm, rc);
+  }
+}
+
+std::vector<uint8_t> SealedObject::Encode() const {
+  std::vector<uint8_t> out(kMagic, kMagic + 4);
+  out.push_back(kFormat);
+  out.push_back(static_cast<uint8_t>(pcrs.size()));
+  out.insert(out.end(), pcrs.begin(), pcrs.end());
+  for (const auto* part : {&public_area, &private_area}) {
+    out.push_back(static_cast<uint8_t>(part->size() >> 8));
+    out.push_back(static_cast<uint8_t>(part->size()));
+    out.insert(out.end(), part->begin(), part->end());
+  }
+  return out;
+}
+
+Result<SealedObject> SealedObject::Decode(std::span<const uint8_t> b) {
+  auto bad = [](const char* why) { return Error(Category::kIntegrity, std::string("TPM object in the store: ") + why); };
+  if (b.size() < 6 || std::memcmp(b.data(), kMagic, 4) != 0) return bad("not a custody TPM object");
+  if (b[4] != kFormat) return bad("unknown format version");
+  size_t off = 5;
+  size_t npcr = b[off++];
+  if (off + npcr > b.size()) return bad("truncated");
+  SealedObject o;
+  for (size_t i = 0; i < npcr; ++i) {
+    if (b[off] >= 24) return bad("PCR index out of range");
+    o.pcrs.push_back(b[off++]);
+  }
+  for (auto* part : {&o.public_area, &o.private_area}) {
+    if (off + 2 > b.size()) return bad("truncated");
+    size_t n = (size_t{b[off]} << 8) | b[off + 1];
+    off += 2;
+    if (off + n > b.size()) return bad("truncated");
+    part->assign(b.begin() + static_cast<ptrdiff_t>(off), b.begin() + static_cast<ptrdiff_t>(off + n));
+    off += n;
+  }
+  if (off != b.size()) return bad("trailing bytes");
+  return o;
+}
+
+struct Tpm::Impl {
+  TSS2_TCTI_CONTEXT* tcti = nullptr;
+  ESYS_CONTEXT* ctx = nullptr;
+  ESYS_TR srk = ESYS_TR_NONE;
+  bool srk_persistent = false;
+  ESYS_TR session = ESYS_TR_NONE;  // salted HMAC session, AES-128-CFB
+
+  ~Impl() {
+    if (ctx != nullptr) {
+      if (session != ESYS_TR_NONE) Esys_FlushContext(ctx, session);
+      if (srk != ESYS_TR_NONE && !srk_persistent) Esys_FlushContext(ctx, srk);
+      Esys_Finalize(&ctx);
+    }
+    if (tcti != nullptr) Tss2_TctiLdr_Finalize(&tcti);
+  }
+
+  // A TPM error, with the lockout's duration when that is the cause.
+  Error Fail(TSS2_RC rc, std::string_view call) {
+    Error e = TpmError(rc, call);
+    if (BaseRc(rc) == TPM2_RC_LOCKOUT || BaseRc(rc) == TPM2_RC_AUTH_FAIL) {
+      TPMS_CAPABILITY_DATA* cap = nullptr;
+      TPMI_YES_NO more = 0;
+      if (Esys_GetCapability(ctx, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, TPM2_CAP_TPM_PROPERTIES,
+                             TPM2_PT_LOCKOUT_COUNTER, 4, &more, &cap) == TSS2_RC_SUCCESS) {
+        uint32_t counter = 0, max = 0, interval = 0;
+        for (UINT32 i = 0; i < cap->data.tpmProperties.count; ++i) {
+          const auto& p = cap->data.tpmProperties.tpmProperty[i];
+          if (p.property == TPM2_PT_LOCKOUT_COUNTER) counter = p.value;
+          if (p.property == TPM2_PT_MAX_AUTH_FAIL) max = p.value;
+          if (p.property == TPM2_PT_LOCKOUT_INTERVAL) interval = p.value;
+        }
+        Esys_Free(cap);
+        std::string more_text = "; failed tries " + std::to_string(counter) + " of " + std::to_string(max) +
+                                ", one is forgiven every " + std::to_string(interval) + " s";
+        if (BaseRc(rc) == TPM2_RC_LOCKOUT) {
+          more_text += " (the lockout lasts until the count drops below the maximum: up to " +
+                       std::to_string(static_cast<uint64_t>(interval) * (counter + 1 > max ? counter + 1 - max : 1)) +
+                       " s)";
+        }
+        return Error(e.category(), e.message() + more_text, Backend::kTpm, rc);
+      }
+    }
+    return e;
+  }
+
+  Status Attrs(TPMA_SESSION flags) {
+    TSS2_RC rc = Esys_TRSess_SetAttributes(ctx, session, flags | TPMA_SESSION_CONTINUESESSION, 0xFF);
+    if (rc != TSS2_RC_SUCCESS) return Fail(rc, "Esys_TRSess_SetAttributes");
+    return Status::Ok();
+  }
+
+  // The salted, parameter-encrypting HMAC session all plain uses share; it
+  // is started again if a failed command left it unusable.
+  Status EnsureSession() {
+    if (session != ESYS_TR_NONE) return Status::Ok();
+    TPMT_SYM_DEF sym = AesCfb();
+    TSS2_RC rc = Esys_StartAuthSession(ctx, srk, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, nullptr,
+                                       TPM2_SE_HMAC, &sym, TPM2_ALG_SHA256, &session);
+    if (rc != TSS2_RC_SUCCESS) {
+      session = ESYS_TR_NONE;
+      return Fail(rc, "Esys_StartAuthSession");
+    }
+    return Status::Ok();
+  }
+  void DropSession() {
+    if (session != ESYS_TR_NONE) Esys_FlushContext(ctx, session);
+    session = ESYS_TR_NONE;
+  }
+
+  Status Srk(bool persist) {
+    // TCG: the SRK lives at 0x81000001 when provisioned. Use it if present.
+    TSS2_RC rc = Esys_TR_FromTPMPublic(ctx, kSrkHandle, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, &srk);
+    if (rc == TSS2_RC_SUCCESS) {
+      srk_persistent = true;
+      return Status::Ok();
+    }
+    srk = ESYS_TR_NONE;
+    // The standard ECC P-256 storage key template (TCG provisioning
+    // guidance): restricted decrypt, AES-128-CFB, no DA, empty auth.
+    TPM2B_PUBLIC tmpl{};
+    tmpl.publicArea.type = TPM2_ALG_ECC;
+    tmpl.publicArea.nameAlg = TPM2_ALG_SHA256;
+    tmpl.publicArea.objectAttributes = TPMA_OBJECT_FIXEDTPM | TPMA_OBJECT_FIXEDPARENT |
+                                       TPMA_OBJECT_SENSITIVEDATAORIGIN | TPMA_OBJECT_USERWITHAUTH |
+                                       TPMA_OBJECT_NODA | TPMA_OBJECT_RESTRICTED | TPMA_OBJECT_DECRYPT;
+    tmpl.publicArea.parameters.eccDetail.symmetric.algorithm = TPM2_ALG_AES;
+    tmpl.publicArea.parameters.eccDetail.symmetric.keyBits.aes = 128;
+    tmpl.publicArea.parameters.eccDetail.symmetric.mode.aes = TPM2_ALG_CFB;
+    tmpl.publicArea.parameters.eccDetail.scheme.scheme = TPM2_ALG_NULL;
+    tmpl.publicArea.parameters.eccDetail.curveID = TPM2_ECC_NIST_P256;
+    tmpl.publicArea.parameters.eccDetail.kdf.scheme = TPM2_ALG_NULL;
+    tmpl.publicArea.unique.ecc.x.size = 32;
+    tmpl.publicArea.unique.ecc.y.size = 32;
+    TPM2B_SENSITIVE_CREATE sens{};
+    TPM2B_DATA outside{};
+    TPML_PCR_SELECTION none{};
+    TPM2B_PUBLIC* pub = nullptr;
+    TPM2B_CREATION_DATA* cd = nullptr;
+    TPM2B_DIGEST* ch = nullptr;
+    TPMT_TK_CREATION* ct = nullptr;
+    rc = Esys_CreatePrimary(ctx, ESYS_TR_RH_OWNER, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, &sens, &tmpl,
+                            &outside, &none, &srk, &pub, &cd, &ch, &ct);
+    Esys_Free(pub);
+    Esys_Free(cd);
+    Esys_Free(ch);
+    Esys_Free(ct);
+    if (rc != TSS2_RC_SUCCESS) {
+      srk = ESYS_TR_NONE;
+      return Fail(rc, "Esys_CreatePrimary (SRK)");
+    }
+    if (persist) {
+      ESYS_TR persistent = ESYS_TR_NONE;
+      rc = Esys_EvictControl(ctx, ESYS_TR_RH_OWNER, srk, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, kSrkHandle,
+                             &persistent);
+      if (rc != TSS2_RC_SUCCESS) return Fail(rc, "Esys_EvictControl (persisting the SRK at 0x81000001)");
+      Esys_FlushContext(ctx, srk);
+      srk = persistent;
+      srk_persistent = true;
+    }
+    return Status::Ok();
+  }
+
+  // Loads blobs under the SRK; the handle is flushed when the guard goes.
+  struct Loaded {
+    Impl* impl;
+    ESYS_TR handle = ESYS_TR_NONE;
+    ~Loaded() {
+      if (handle != ESYS_TR_NONE) Esys_FlushContext(impl->ctx, handle);
+    }
+  };
+  Status Load(const SealedObject& o, Loaded& out) {
+    TPM2B_PUBLIC pub{};
+    TPM2B_PRIVATE priv{};
+    size_t off = 0;
+    if (Tss2_MU_TPM2B_PUBLIC_Unmarshal(o.public_area.data(), o.public_area.size(), &off, &pub) != TSS2_RC_SUCCESS ||
+        off != o.public_area.size()) {
+      return Error(Category::kIntegrity, "TPM object in the store: its public area does not parse");
+    }
+    off = 0;
+    if (Tss2_MU_TPM2B_PRIVATE_Unmarshal(o.private_area.data(), o.private_area.size(), &off, &priv) !=
+            TSS2_RC_SUCCESS ||
+        off != o.private_area.size()) {
+      return Error(Category::kIntegrity, "TPM object in the store: its private area does not parse");
+    }
+    CUSTODY_RETURN_IF_ERROR(EnsureSession());
+    CUSTODY_RETURN_IF_ERROR(Attrs(0));
+    TSS2_RC rc = Esys_Load(ctx, srk, session, ESYS_TR_NONE, ESYS_TR_NONE, &priv, &pub, &out.handle);
+    if (rc != TSS2_RC_SUCCESS) {
+      out.handle = ESYS_TR_NONE;
+      DropSession();
+      if (BaseRc(rc) == TPM2_RC_INTEGRITY || BaseRc(rc) == TPM2_RC_SIZE || BaseRc(rc) == TPM2_RC_VALUE) {
+        Error e = Fail(rc, "Esys_Load");
+        return Error(Category::kIntegrity,
+                     e.message() + ": the object was altered, or was sealed under another TPM's SRK", Backend::kTpm,
+                     rc);
+      }
+      return Fail(rc, "Esys_Load");
+    }
+    return Status::Ok();
+  }
+
+  // A policy session satisfying PolicyPCR(pcrs) + PolicyAuthValue, with
+  // response encryption; trial sessions compute the digest at creation.
+  Result<ESYS_TR> PolicySession(const std::vector<uint8_t>& pcrs, bool trial) {
+    TPMT_SYM_DEF sym = trial ? TPMT_SYM_DEF{} : AesCfb();
+    if (trial) sym.algorithm = TPM2_ALG_NULL;
+    ESYS_TR s = ESYS_TR_NONE;
+    TSS2_RC rc = Esys_StartAuthSession(ctx, trial ? ESYS_TR_NONE : srk, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
+                                       ESYS_TR_NONE, nullptr, trial ? TPM2_SE_TRIAL : TPM2_SE_POLICY, &sym,
+                                       TPM2_ALG_SHA256, &s);
+    if (rc != TSS2_RC_SUCCESS) return Fail(rc, "Esys_StartAuthSession (policy)");
+    TPM2B_DIGEST current{};  // empty: the TPM uses the PCRs' current values
+    TPML_PCR_SELECTION sel = Selection(pcrs);
+    rc = Esys_PolicyPCR(ctx, s, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, &current, &sel);
+    if (rc == TSS2_RC_SUCCESS) rc = Esys_PolicyAuthValue(ctx, s, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE);
+    if (rc != TSS2_RC_SUCCESS) {
+      Esys_FlushContext(ctx, s);
+      return Fail(rc, "Esys_PolicyPCR");
+    }
+    return s;
+  }
+
+  Result<std::pair<TPM2B_PRIVATE*, TPM2B_PUBLIC*>> Create(TPM2B_SENSITIVE_CREATE& sens, const TPM2B_PUBLIC& tmpl) {
+    CUSTODY_RETURN_IF_ERROR(EnsureSession());
+    // DECRYPT: the first parameter, the sensitive data and its auth value,
+    // crosses the bus encrypted.
+    CUSTODY_RETURN_IF_ERROR(Attrs(TPMA_SESSION_DECRYPT));
+    TPM2B_DATA outside{};
+    TPML_PCR_SELECTION none{};
+    TPM2B_PRIVATE* priv = nullptr;
+    TPM2B_PUBLIC* pub = nullptr;
+    TPM2B_CREATION_DATA* cd = nullptr;
+    TPM2B_DIGEST* ch = nullptr;
+    TPMT_TK_CREATION* ct = nullptr;
+    TSS2_RC rc = Esys_Create(ctx, srk, session, ESYS_TR_NONE, ESYS_TR_NONE, &sens, &tmpl, &outside, &none, &priv,
+                             &pub, &cd, &ch, &ct);
+    OPENSSL_cleanse(&sens, sizeof sens);
+    Esys_Free(cd);
+    Esys_Free(ch);
+    Esys_Free(ct);
+    if (rc != TSS2_RC_SUCCESS) {
+      DropSession();
+      return Fail(rc, "Esys_Create");
+    }
+    return std::make_pair(priv, pub);
+  }
+
+  static Result<SealedObject> Marshal(TPM2B_PRIVATE* priv, TPM2B_PUBLIC* pub) {
+    SealedObject o;
+    uint8_t buf[sizeof(TPM2B_PUBLIC) + sizeof(TPM2B_PRIVATE)];
+    size_t off = 0;
+    TSS2_RC rc = Tss2_MU_TPM2B_PUBLIC_Marshal(pub, buf, sizeof buf, &off);
+    if (rc == TSS2_RC_SUCCESS) o.public_area.assign(buf, buf + off);
+    off = 0;
+    if (rc == TSS2_RC_SUCCESS) rc = Tss2_MU_TPM2B_PRIVATE_Marshal(priv, buf, sizeof buf, &off);
+    if (rc == TSS2_RC_SUCCESS) o.private_area.assign(buf, buf + off);
+    Esys_Free(priv);
+    Esys_Free(pub);
+    if (rc != TSS2_RC_SUCCESS) return TpmError(rc, "Tss2_MU marshal");
+    return o;
+  }
+};
+
+Tpm::Tpm(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Tpm::~Tpm() = default;
+
+Result<std::unique_ptr<Tpm>> Tpm::Open(const Options& options) {
+  // tpm2-tss logs its errors to stderr; custody reports them itself, in one
+  // line. An explicit TSS2_LOG from the user still wins.
+  ::setenv("TSS2_LOG", "all+NONE", /*overwrite=*/0);
+  auto impl = std::make_unique<Impl>();
+  TSS2_RC rc = Tss2_TctiLdr_Initialize(options.tcti.empty() ? nullptr : options.tcti.c_str(), &impl->tcti);
+  if (rc != TSS2_RC_SUCCESS) {
+    impl->tcti = nullptr;
+    return Error(Category::kUnavailable,
+                 "cannot open the TPM through TCTI '" + options.tcti + "': " + Tss2_RC_Decode(rc) +
+                     " (is the TPM, swtpm or tpm2-abrmd running, and is the TCTI string right?)",
+                 Backend::kTpm, rc);
+  }
+  rc = Esys_Initialize(&impl->ctx, impl->tcti, nullptr);
+  if (rc != TSS2_RC_SUCCESS) {
+    impl->ctx = nullptr;
+    return TpmError(rc, "Esys_Initialize");
+  }
+  // A TPM that was just powered on needs TPM2_Startup; one that is running
+  // answers TPM_RC_INITIALIZE, which is fine.
+  rc = Esys_Startup(impl->ctx, TPM2_SU_CLEAR);
+  if (rc != TSS2_RC_SUCCESS && BaseRc(rc) != TPM2_RC_INITIALIZE) return TpmError(rc, "Esys_Startup");
+  CUSTODY_RETURN_IF_ERROR(impl->Srk(options.persist_srk));
+  return std::unique_ptr<Tpm>(new Tpm(std::move(impl)));
+}
+
+Result<SealedObject> Tpm::Seal(const SecretBuffer& data, const SecretBuffer& auth, const SealOptions& options) {
+  std::lock_guard lock(mu_);
+  Impl& t = *impl_;
+  auto d = data.Reveal(SecretAccess{});
+  TPM2B_SENSITIVE_CREATE sens{};
+  if (d.empty() || d.size() > sizeof sens.sensitive.data.buffer) {
+    return Error(Category::kInternal, "TPM sealed data must be 1 to 128 bytes");
+  }
+  for (uint8_t p : options.pcrs) {
+    if (p >= 24) return Error(Category::kConfig, "PCR " + std::to_string(p) + " does not exist (0 to 23)");
+  }
+  TPM2B_PUBLIC tmpl{};
+  tmpl.publicArea.type = TPM2_ALG_KEYEDHASH;
+  tmpl.publicArea.nameAlg = TPM2_ALG_SHA256;
+  tmpl.publicArea.objectAttributes = TPMA_OBJECT_FIXEDTPM | TPMA_OBJECT_FIXEDPARENT;
+  tmpl.publicArea.parameters.keyedHashDetail.scheme.scheme = TPM2_ALG_NULL;
+  if (options.pcrs.empty()) {
+    tmpl.publicArea.objectAttributes |= TPMA_OBJECT_USERWITHAUTH;
+  } else {
+    // Only the policy (these PCR values, and the auth value) can unseal it.
+    CUSTODY_ASSIGN_OR_RETURN(ESYS_TR trial, t.PolicySession(options.pcrs, /*trial=*/true));
+    TPM2B_DIGEST* digest = nullptr;
+    TSS2_RC rc = Esys_PolicyGetDigest(t.ctx, trial, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, &digest);
+    Esys_FlushContext(t.ctx, trial);
+    if (rc != TSS2_RC_SUCCESS) return t.Fail(rc, "Esys_PolicyGetDigest");
+    tmpl.publicArea.authPolicy = *digest;
+    Esys_Free(digest);
+  }
+  CUSTODY_RETURN_IF_ERROR(CopyAuth(auth, sens.sensitive.userAuth));
+  sens.sensitive.data.size = static_cast<UINT16>(d.size());
+  std::memcpy(sens.sensitive.data.buffer, d.data(), d.size());
+  CUSTODY_ASSIGN_OR_RETURN(auto created, t.Create(sens, tmpl));  // wipes `sens`
+  CUSTODY_ASSIGN_OR_RETURN(SealedObject o, Impl::Marshal(created.first, created.second));
+  o.pcrs = options.pcrs;
+  return o;
+}
+
+Result<SecretBuffer> Tpm::Unseal(const SealedObject& object, const SecretBuffer& auth) {
+  std::lock_guard lock(mu_);
+  Impl& t = *impl_;
+  Impl::Loaded obj{&t};
+  CUSTODY_RETURN_IF_ERROR(t.Load(object, obj));
+  TPM2B_AUTH a{};
+  CUSTODY_RETURN_IF_ERROR(CopyAuth(auth, a));
+  TSS2_RC rc = Esys_TR_SetAuth(t.ctx, obj.handle, &a);
+  OPENSSL_cleanse(&a, sizeof a);
+  if (rc != TSS2_RC_SUCCESS) return t.Fail(rc, "Esys_TR_SetAuth");
+  TPM2B_SENSITIVE_DATA* out = nullptr;
+  if (object.pcrs.empty()) {
+    CUSTODY_RETURN_IF_ERROR(t.Attrs(TPMA_SESSION_ENCRYPT));  // the answer crosses the bus encrypted
+    rc = Esys_Unseal(t.ctx, obj.handle, t.session, ESYS_TR_NONE, ESYS_TR_NONE, &out);
+    if (rc != TSS2_RC_SUCCESS) t.DropSession();
+  } else {
+    CUSTODY_ASSIGN_OR_RETURN(ESYS_TR ps, t.PolicySession(object.pcrs, /*trial=*/false));
+    rc = Esys_TRSess_SetAttributes(t.ctx, ps, TPMA_SESSION_ENCRYPT, 0xFF);
+    if (rc == TSS2_RC_SUCCESS) rc = Esys_Unseal(t.ctx, obj.handle, ps, ESYS_TR_NONE, ESYS_TR_NONE, &out);
+    // Without continueSession the TPM ends the policy session after a
+    // successful command; after a failed one it is still loaded.
+    if (rc != TSS2_RC_SUCCESS) Esys_FlushContext(t.ctx, ps);
+  }
+  if (rc != TSS2_RC_SUCCESS) return t.Fail(rc, "Esys_Unseal");
+  SecretBuffer value = SecretBuffer::Copy(std::span<const uint8_t>(out->buffer, out->size));
+  Free(out);  // ESAPI's copy, wiped before it is freed
+  return value;
+}
+
+Result<SigningKey> Tpm::CreateSigningKey(const SecretBuffer& auth) {
+  std::lock_guard lock(mu_);
+  Impl& t = *impl_;
+  TPM2B_PUBLIC tmpl{};
+  tmpl.publicArea.type = TPM2_ALG_ECC;
+  tmpl.publicArea.nameAlg = TPM2_ALG_SHA256;
+  tmpl.publicArea.objectAttributes = TPMA_OBJECT_FIXEDTPM | TPMA_OBJECT_FIXEDPARENT |
+                                     TPMA_OBJECT_SENSITIVEDATAORIGIN | TPMA_OBJECT_USERWITHAUTH |
+                                     TPMA_OBJECT_SIGN_ENCRYPT;
+  tmpl.publicArea.parameters.eccDetail.symmetric.algorithm = TPM2_ALG_NULL;
+  tmpl.publicArea.parameters.eccDetail.scheme.scheme = TPM2_ALG_ECDSA;
+  tmpl.publicArea.parameters.eccDetail.scheme.details.ecdsa.hashAlg = TPM2_ALG_SHA256;
+  tmpl.publicArea.parameters.eccDetail.curveID = TPM2_ECC_NIST_P256;
+  tmpl.publicArea.parameters.eccDetail.kdf.scheme = TPM2_ALG_NULL;
+  TPM2B_SENSITIVE_CREATE sens{};
+  CUSTODY_RETURN_IF_ERROR(CopyAuth(auth, sens.sensitive.userAuth));
+  CUSTODY_ASSIGN_OR_RETURN(auto created, t.Create(sens, tmpl));
+  SigningKey key;
+  const auto& ecc = created.second->publicArea.unique.ecc;
+  if (ecc.x.size > 32 || ecc.y.size > 32) return Error(Category::kInternal, "TPM returned an oversized P-256 point");
+  key.point.assign(65, 0);
+  key.point[0] = 0x04;
+  std::memcpy(key.point.data() + 1 + (32 - ecc.x.size), ecc.x.buffer, ecc.x.size);
+  std::memcpy(key.point.data() + 33 + (32 - ecc.y.size), ecc.y.buffer, ecc.y.size);
+  CUSTODY_ASSIGN_OR_RETURN(key.blobs, Impl::Marshal(created.first, created.second));
+  return key;
+}
+
+Result<std::vector<uint8_t>> Tpm::Sign(const SigningKey& key, const SecretBuffer& auth,
+                                       std::span<const uint8_t, 32> digest) {
+  std::lock_guard lock(mu_);
+  Impl& t = *impl_;
+  Impl::Loaded obj{&t};
+  CUSTODY_RETURN_IF_ERROR(t.Load(key.blobs, obj));
+  TPM2B_AUTH a{};
+  CUSTODY_RETURN_IF_ERROR(CopyAuth(auth, a));
+  TSS2_RC rc = Esys_TR_SetAuth(t.ctx, obj.handle, &a);
+  OPENSSL_cleanse(&a, sizeof a);
+  if (rc != TSS2_RC_SUCCESS) return t.Fail(rc, "Esys_TR_SetAuth");
+  TPM2B_DIGEST d{};
+  d.size = 32;
+  std::memcpy(d.buffer, digest.data(), 32);
+  TPMT_SIG_SCHEME scheme{};
+  scheme.scheme = TPM2_ALG_ECDSA;
+  scheme.details.ecdsa.hashAlg = TPM2_ALG_SHA256;
+  TPMT_TK_HASHCHECK check{};
+  check.tag = TPM2_ST_HASHCHECK;
+  check.hierarchy = TPM2_RH_NULL;
+  CUSTODY_RETURN_IF_ERROR(t.Attrs(TPMA_SESSION_DECRYPT));
+  TPMT_SIGNATURE* sig = nullptr;
+  rc = Esys_Sign(t.ctx, obj.handle, t.session, ESYS_TR_NONE, ESYS_TR_NONE, &d, &scheme, &check, &sig);
+  if (rc != TSS2_RC_SUCCESS) {
+    t.DropSession();
+    return t.Fail(rc, "Esys_Sign");
+  }
+  std::vector<uint8_t> rs(64, 0);
+  const auto& r = sig->signature.ecdsa.signatureR;
+  const auto& s = sig->signature.ecdsa.signatureS;
+  if (r.size > 32 || s.size > 32) {
+    Esys_Free(sig);
+    return Error(Category::kInternal, "TPM returned an oversized ECDSA signature");
+  }
+  std::memcpy(rs.data() + (32 - r.size), r.buffer, r.size);
+  std::memcpy(rs.data() + 32 + (32 - s.size), s.buffer, s.size);
+  Esys_Free(sig);
+  return rs;
+}
+
+Status Tpm::Random(std::span<uint8_t> out) {
+  std::lock_guard lock(mu_);
+  Impl& t = *impl_;
+  size_t off = 0;
+  while (off < out.size()) {
+    UINT16 want = static_cast<UINT16>(std::min<size_t>(32, out.size() - off));
+    CUSTODY_RETURN_IF_ERROR(t.EnsureSession());
+    CUSTODY_RETURN_IF_ERROR(t.Attrs(TPMA_SESSION_ENCRYPT));
+    TPM2B_DIGEST* r = nullptr;
+    TSS2_RC rc = Esys_GetRandom(t.ctx, t.session, ESYS_TR_NONE, ESYS_TR_NONE, want, &r);
+    if (rc != TSS2_RC_SUCCESS) {
+      t.DropSession();
+      return t.Fail(rc, "Esys_GetRandom");
+    }
+    size_t n = std::min<size_t>(r->size, out.size() - off);
+    std::memcpy(out.data() + off, r->buffer, n);
+    off += n;
+    Free(r);
+  }
+  return Status::Ok();
+}
+
+Result<Info> Tpm::GetInfo() {
+  std::lock_guard lock(mu_);
+  Impl& t = *impl_;
+  TPMS_CAPABILITY_DATA* cap = nullptr;
+  TPMI_YES_NO more = 0;
+  TSS2_RC rc = Esys_GetCapability(t.ctx, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, TPM2_CAP_TPM_PROPERTIES,
+                                  TPM2_PT_MANUFACTURER, 8, &more, &cap);
+  if (rc != TSS2_RC_SUCCESS) return t.Fail(rc, "Esys_GetCapability");
+  Info info;
+  auto chars = [](uint32_t v) {
+    std::string s;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+      char c = static_cast<char>((v >> shift) & 0xFF);
+      if (c >= 0x20 && c < 0x7F) s += c;
+    }
+    return s;
+  };
+  uint32_t fw1 = 0, fw2 = 0;
+  for (UINT32 i = 0; i < cap->data.tpmProperties.count; ++i) {
+    const auto& p = cap->data.tpmProperties.tpmProperty[i];
+    if (p.property == TPM2_PT_MANUFACTURER) info.manufacturer = chars(p.value);
+    if (p.property >= TPM2_PT_VENDOR_STRING_1 && p.property <= TPM2_PT_VENDOR_STRING_1 + 3) info.vendor += chars(p.value);
+    if (p.property == TPM2_PT_FIRMWARE_VERSION_1) fw1 = p.value;
+    if (p.property == TPM2_PT_FIRMWARE_VERSION_1 + 1) fw2 = p.value;
+  }
+  Esys_Free(cap);
+  info.firmware = std::to_string(fw1 >> 16) + "." + std::to_string(fw1 & 0xFFFF) + "." + std::to_string(fw2 >> 16) +
+                  "." + std::to_string(fw2 & 0xFFFF);
+  info.srk_handle = t.srk_persistent ? kSrkHandle : 0;
+  TPM2B_NAME* name = nullptr;
+  rc = Esys_TR_GetName(t.ctx, t.srk, &name);
+  if (rc != TSS2_RC_SUCCESS) return t.Fail(rc, "Esys_TR_GetName");
+  info.srk_name = Hex(std::span<const uint8_t>(name->name, name->size));
+  Esys_Free(name);
+  return info;
+}
+
+Result<size_t> Tpm::TransientObjects() {
+  std::lock_guard lock(mu_);
+  Impl& t = *impl_;
+  TPMS_CAPABILITY_DATA* cap = nullptr;
+  TPMI_YES_NO more = 0;
+  TSS2_RC rc = Esys_GetCapability(t.ctx, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, TPM2_CAP_HANDLES,
+                                  TPM2_TRANSIENT_FIRST, TPM2_MAX_CAP_HANDLES, &more, &cap);
+  if (rc != TSS2_RC_SUCCESS) return t.Fail(rc, "Esys_GetCapability(handles)");
+  size_t n = cap->data.handles.count;
+  Esys_Free(cap);
+  return n;
+}
+
+Status Tpm::ExtendPcr(uint32_t pcr, std::span<const uint8_t> data) {
+  if (pcr >= 24) return Error(Category::kUsage, "PCR " + std::to_string(pcr) + " does not exist");
+  std::lock_guard lock(mu_);
+  Impl& t = *impl_;
+  TPML_DIGEST_VALUES values{};
+  values.count = 1;
+  values.digests[0].hashAlg = TPM2_ALG_SHA256;
+  unsigned int len = 0;
+  EVP_Digest(data.data(), data.size(), values.digests[0].digest.sha256, &len, EVP_sha256(), nullptr);
+  TSS2_RC rc = Esys_PCR_Extend(t.ctx, static_cast<ESYS_TR>(ESYS_TR_PCR0 + pcr), ESYS_TR_PASSWORD, ESYS_TR_NONE,
+                               ESYS_TR_NONE, &values);
+  if (rc != TSS2_RC_SUCCESS) return t.Fail(rc, "Esys_PCR_Extend");
+  return Status::Ok();
+}
+
+}  // namespace custody::tpm
