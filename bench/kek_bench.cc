@@ -120,7 +120,7 @@ void Setup(Fixture& fx) {
   fx.pool = Must(hsm::SessionPool::Open(fx.module, slot, SecretBuffer::Copy(std::string_view("12345678"))),
                  "opening the session pool");
   fx.store = Must(core::OpenSqliteStore(fx.dir + "/custody.db", /*create=*/true), "opening the store");
-  fx.sealer = std::make_unique<core::Sealer>(*fx.pool, *fx.store);
+  fx.sealer = std::make_unique<core::Pkcs11Sealer>(*fx.pool, *fx.store);
   fx.svc = std::make_unique<core::SecretService>(*fx.store, *fx.sealer);
 }
 

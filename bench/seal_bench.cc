@@ -82,7 +82,7 @@ void Setup() {
   auto store = core::OpenSqliteStore(fx->dir + "/custody.db", true);
   if (!store) Die(store.error().message());
   fx->store = std::move(*store);
-  fx->sealer = std::make_unique<core::Sealer>(*fx->pool, *fx->store);
+  fx->sealer = std::make_unique<core::Pkcs11Sealer>(*fx->pool, *fx->store);
   auto kek = fx->sealer->CreateKek("payments", 1);
   if (!kek) Die(kek.error().message());
   fx->kek = *kek;

@@ -61,8 +61,40 @@ Result<Config> LoadConfig(const std::string& path) {
   CUSTODY_ASSIGN_OR_RETURN(c.state_dir, RequireString(root, "state_dir", path, ""));
   const toml::table* token = root["token"].as_table();
   if (token == nullptr) return Error(Category::kConfig, path + ": missing table [token]");
-  CUSTODY_ASSIGN_OR_RETURN(c.token_module, RequireString(*token, "module", path, "token"));
-  CUSTODY_ASSIGN_OR_RETURN(c.token_uri, RequireString(*token, "uri", path, "token"));
+  if (token->contains("backend")) {
+    CUSTODY_ASSIGN_OR_RETURN(c.backend, RequireString(*token, "backend", path, "token"));
+  }
+  if (c.backend == "pkcs11") {
+    CUSTODY_ASSIGN_OR_RETURN(c.token_module, RequireString(*token, "module", path, "token"));
+    CUSTODY_ASSIGN_OR_RETURN(c.token_uri, RequireString(*token, "uri", path, "token"));
+  } else if (c.backend == "tpm") {
+    CUSTODY_ASSIGN_OR_RETURN(c.tpm_tcti, RequireString(*token, "tcti", path, "token"));
+    if (const toml::node* pcrs = token->get("pcrs")) {
+      const toml::array* a = pcrs->as_array();
+      if (a == nullptr) return Error(Category::kConfig, Where(path, pcrs->source()) + ": token.pcrs must be a list of PCR numbers");
+      for (const auto& e : *a) {
+        auto v = e.value<int64_t>();
+        if (!v || *v < 0 || *v > 23) {
+          return Error(Category::kConfig, Where(path, e.source()) + ": token.pcrs: PCR numbers are 0 to 23");
+        }
+        c.tpm_pcrs.push_back(static_cast<uint8_t>(*v));
+      }
+    }
+    if (const toml::node* n = token->get("persist_srk")) {
+      auto b = n->value<bool>();
+      if (!b) return Error(Category::kConfig, Where(path, n->source()) + ": token.persist_srk must be true or false");
+      c.tpm_persist_srk = *b;
+    }
+    if (const toml::node* n = token->get("kek_cache_seconds")) {
+      auto v = n->value<int64_t>();
+      if (!v || *v < 0 || *v > 3600) {
+        return Error(Category::kConfig, Where(path, n->source()) + ": token.kek_cache_seconds must be 0 to 3600");
+      }
+      c.tpm_kek_cache_seconds = static_cast<int>(*v);
+    }
+  } else {
+    return Error(Category::kConfig, path + ": token.backend must be \"pkcs11\" or \"tpm\" (got \"" + c.backend + "\")");
+  }
   if (token->contains("pin_file")) {
     CUSTODY_ASSIGN_OR_RETURN(std::string pf, RequireString(*token, "pin_file", path, "token"));
     c.pin_file = std::move(pf);
@@ -148,7 +180,21 @@ Result<Config> LoadConfig(const std::string& path) {
 }
 
 Status WriteConfig(const Config& c, const std::string& path) {
-  toml::table token{{"module", c.token_module}, {"uri", c.token_uri}};
+  toml::table token;
+  if (c.backend == "tpm") {
+    token.insert("backend", "tpm");
+    token.insert("tcti", c.tpm_tcti);
+    if (!c.tpm_pcrs.empty()) {
+      toml::array pcrs;
+      for (uint8_t p : c.tpm_pcrs) pcrs.push_back(static_cast<int64_t>(p));
+      token.insert("pcrs", std::move(pcrs));
+    }
+    if (c.tpm_persist_srk) token.insert("persist_srk", true);
+    if (c.tpm_kek_cache_seconds > 0) token.insert("kek_cache_seconds", static_cast<int64_t>(c.tpm_kek_cache_seconds));
+  } else {
+    token.insert("module", c.token_module);
+    token.insert("uri", c.token_uri);
+  }
   if (c.pin_file) token.insert("pin_file", *c.pin_file);
   if (!c.token_environment.empty()) {
     toml::table env;

@@ -41,17 +41,8 @@ Result<KekRotationPlan> KekRotator::Plan(const std::string& project) {
   if (!plan.resume) {
     CUSTODY_ASSIGN_OR_RETURN(plan.to_reseal, store_.CountSealedUnder(plan.active->id));
   }
-  // Re-sealing inside the token needs AES-GCM as an unwrap and a wrap
-  // mechanism (the blob's GCM ciphertext unwrapped into a non-extractable
-  // session object, wrapped again under the new KEK). SoftHSM 2.6.1 offers
-  // GCM for encrypt/decrypt only, and the in-token path is not built yet; so
-  // every value passes through locked host memory, and we say so.
   plan.in_token = false;
-  plan.mode = sealer_.GcmWrapOffered()
-                  ? "host re-seal: the token offers AES-GCM wrap/unwrap, but in-token re-sealing is not built "
-                    "yet; each value is decrypted into locked memory, re-sealed under the new KEK and wiped"
-                  : "host re-seal: this token does not offer AES-GCM wrap/unwrap, so each value is decrypted "
-                    "into locked memory (never swapped or dumped), re-sealed under the new KEK and wiped";
+  plan.mode = sealer_.ResealMode();
   return plan;
 }
 
@@ -70,8 +61,9 @@ Result<KekRotationResult> KekRotator::Run(const std::string& project, const Hook
     std::vector<KekId> known;
     for (const auto& k : keks) known.push_back(k.ref.id);
     CUSTODY_ASSIGN_OR_RETURN(result.unrecorded_removed, sealer_.DestroyUnrecorded(label, known));
-    CUSTODY_ASSIGN_OR_RETURN(KekRef ref, sealer_.CreateKek(project, plan.next_version));
-    auto rec = store_.AddKek(plan.project_id, ref, label, clock_());
+    std::vector<uint8_t> material;
+    CUSTODY_ASSIGN_OR_RETURN(KekRef ref, sealer_.CreateKek(project, plan.next_version, &material));
+    auto rec = store_.AddKek(plan.project_id, ref, label, clock_(), material);
     if (!rec) {
       (void)sealer_.DestroyKek(ref);  // best effort; the next run removes it otherwise
       return std::move(rec).error();

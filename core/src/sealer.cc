@@ -34,7 +34,8 @@ std::string KekLabel::For(std::string_view project, uint32_t version) {
   return "custody:kek:" + std::string(project) + ":v" + std::to_string(version);
 }
 
-Result<KekRef> Sealer::CreateKek(std::string_view project, uint32_t version) {
+Result<KekRef> Pkcs11Sealer::CreateKek(std::string_view project, uint32_t version, std::vector<uint8_t>* material) {
+  if (material != nullptr) material->clear();  // the KEK is in the token
   CUSTODY_ASSIGN_OR_RETURN(auto lease, pool_.Acquire());
   KekRef ref;
   ref.version = version;
@@ -76,14 +77,14 @@ Result<KekRef> Sealer::CreateKek(std::string_view project, uint32_t version) {
   return ref;
 }
 
-Status Sealer::DestroyKek(const KekRef& kek) {
+Status Pkcs11Sealer::DestroyKek(const KekRef& kek) {
   CUSTODY_ASSIGN_OR_RETURN(auto lease, pool_.Acquire());
   CUSTODY_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE h, KekHandle(*lease, kek));
   ForgetHandle(kek);
   return hsm::DestroyObject(*lease, h);
 }
 
-Result<size_t> Sealer::DestroyUnrecorded(const std::string& label, const std::vector<KekId>& keep) {
+Result<size_t> Pkcs11Sealer::DestroyUnrecorded(const std::string& label, const std::vector<KekId>& keep) {
   CUSTODY_ASSIGN_OR_RETURN(auto lease, pool_.Acquire());
   CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
   CK_BBOOL yes = CK_TRUE;
@@ -107,18 +108,31 @@ Result<size_t> Sealer::DestroyUnrecorded(const std::string& label, const std::ve
   return destroyed;
 }
 
-bool Sealer::GcmWrapOffered() {
+std::string Pkcs11Sealer::ResealMode() {
+  // Re-sealing inside the token needs AES-GCM as an unwrap and a wrap
+  // mechanism (the blob's GCM ciphertext unwrapped into a non-extractable
+  // session object, wrapped again under the new KEK). SoftHSM 2.6.1 offers
+  // GCM for encrypt/decrypt only, and the in-token path is not built yet; so
+  // every value passes through locked host memory, and we say so.
+  return GcmWrapOffered()
+             ? "host re-seal: the token offers AES-GCM wrap/unwrap, but in-token re-sealing is not built "
+               "yet; each value is decrypted into locked memory, re-sealed under the new KEK and wiped"
+             : "host re-seal: this token does not offer AES-GCM wrap/unwrap, so each value is decrypted "
+               "into locked memory (never swapped or dumped), re-sealed under the new KEK and wiped";
+}
+
+bool Pkcs11Sealer::GcmWrapOffered() {
   CK_MECHANISM_INFO info{};
   CK_RV rv = pool_.module().fn()->C_GetMechanismInfo(pool_.slot(), CKM_AES_GCM, &info);
   return rv == CKR_OK && (info.flags & CKF_WRAP) != 0 && (info.flags & CKF_UNWRAP) != 0;
 }
 
-Status Sealer::Random(std::span<uint8_t> out) {
+Status Pkcs11Sealer::Random(std::span<uint8_t> out) {
   CUSTODY_ASSIGN_OR_RETURN(auto lease, pool_.Acquire());
   return hsm::GenerateRandom(*lease, out);
 }
 
-Result<CK_OBJECT_HANDLE> Sealer::KekHandle(hsm::Session& s, const KekRef& kek) {
+Result<CK_OBJECT_HANDLE> Pkcs11Sealer::KekHandle(hsm::Session& s, const KekRef& kek) {
   const uint64_t generation = pool_.module().generation();
   {
     std::shared_lock lock(handles_mu_);
@@ -156,21 +170,21 @@ Result<CK_OBJECT_HANDLE> Sealer::KekHandle(hsm::Session& s, const KekRef& kek) {
   return found[0];
 }
 
-void Sealer::ForgetHandle(const KekRef& kek) {
+void Pkcs11Sealer::ForgetHandle(const KekRef& kek) {
   std::unique_lock lock(handles_mu_);
   handles_.erase(kek.id);
 }
 
-Status Sealer::TakeUse(const KekRef& kek) {
-  std::lock_guard lock(budget_mu_);
+Status KekBudget::TakeUse(const KekRef& kek) {
+  std::lock_guard lock(mu_);
   Budget& b = budgets_[kek.id];
   if (b.left == 0) {
     // Reservations grow 1, 2, 4 ... 1024: a one-shot CLI burns one count, a
     // busy server one ledger write per 1024 seals.
-    Status s = ledger_.Reserve(kek, b.block, max_encryptions_);
+    Status s = ledger_.Reserve(kek, b.block, max_);
     if (!s.ok() && s.error().category() == Category::kLimit && b.block > 1) {
       b.block = 1;  // near the limit: take what is left one at a time
-      s = ledger_.Reserve(kek, 1, max_encryptions_);
+      s = ledger_.Reserve(kek, 1, max_);
     }
     CUSTODY_RETURN_IF_ERROR(s);
     b.left = b.block;
@@ -180,7 +194,7 @@ Status Sealer::TakeUse(const KekRef& kek) {
   return Status::Ok();
 }
 
-Status Sealer::NextNonce(hsm::Session& s, std::span<uint8_t, kNonceSize> out) {
+Status Pkcs11Sealer::NextNonce(hsm::Session& s, std::span<uint8_t, kNonceSize> out) {
   std::lock_guard lock(nonce_mu_);
   if (nonce_off_ + kNonceSize > nonce_pool_.size()) {
     nonce_pool_.assign(kNonceSize * kNoncesPerDraw, 0);
@@ -194,14 +208,14 @@ Status Sealer::NextNonce(hsm::Session& s, std::span<uint8_t, kNonceSize> out) {
   return Status::Ok();
 }
 
-Result<std::vector<uint8_t>> Sealer::Seal(const KekRef& kek, const SealContext& ctx,
+Result<std::vector<uint8_t>> Pkcs11Sealer::Seal(const KekRef& kek, const SealContext& ctx,
                                           const SecretBuffer& value) {
   if (value.empty()) return Error(Category::kIntegrity, "refusing to seal an empty value");
   if (value.size() > kMaxSecretSize) {
     return Error(Category::kUsage, "value is " + std::to_string(value.size()) + " bytes; the limit is " +
                                        std::to_string(kMaxSecretSize));
   }
-  CUSTODY_RETURN_IF_ERROR(TakeUse(kek));
+  CUSTODY_RETURN_IF_ERROR(budget_.TakeUse(kek));
   CUSTODY_ASSIGN_OR_RETURN(auto lease, pool_.Acquire());
 
   BlobHeader header;
@@ -238,7 +252,7 @@ Result<std::vector<uint8_t>> Sealer::Seal(const KekRef& kek, const SealContext& 
   }
 }
 
-Result<SecretBuffer> Sealer::Unseal(const KekRef& expected, const SealContext& ctx,
+Result<SecretBuffer> Pkcs11Sealer::Unseal(const KekRef& expected, const SealContext& ctx,
                                     std::span<const uint8_t> blob) {
   CUSTODY_ASSIGN_OR_RETURN(BlobView view, ParseBlob(blob));
   if (!(view.header.kek == expected)) {

@@ -11,6 +11,8 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 
+#include "custody/core/audit_signer.h"
+#include "custody/core/tpm_sealer.h"
 #include "custody/hsm/uri.h"
 
 namespace custody::core {
@@ -87,6 +89,32 @@ Result<Token> OpenToken(const Config& config, const SecretBuffer& pin) {
   }
 }
 
+Result<SealingBackend> OpenBackend(const Config& config, const SecretBuffer& pin, Store& store) {
+  SealingBackend b;
+  if (config.backend == "tpm") {
+    if (pin.empty()) return Error(Category::kConfig, "the TPM backend needs a PIN (its objects' auth values come from it)");
+    CUSTODY_ASSIGN_OR_RETURN(b.tpm, tpm::Tpm::Open({.tcti = config.tpm_tcti, .persist_srk = config.tpm_persist_srk}));
+    b.sealer = std::make_unique<TpmSealer>(*b.tpm, store, store, pin,
+                                           TpmSealer::Options{.pcrs = config.tpm_pcrs,
+                                                              .kek_cache_seconds = config.tpm_kek_cache_seconds});
+    return b;
+  }
+  CUSTODY_ASSIGN_OR_RETURN(b.token, OpenToken(config, pin));
+  b.sealer = std::make_unique<Pkcs11Sealer>(*b.token.pool, store);
+  return b;
+}
+
+Result<std::unique_ptr<AuditSigner>> OpenAuditSigner(SealingBackend& backend, const Config& config, const SecretBuffer& pin,
+                                                     bool create) {
+  if (backend.is_tpm()) {
+    CUSTODY_ASSIGN_OR_RETURN(auto s, TpmAuditSigner::Open(*backend.tpm, config.state_dir, pin, create));
+    return std::unique_ptr<AuditSigner>(std::move(s));
+  }
+  if (!backend.token.pool) return Error(Category::kInternal, "no token is open");
+  CUSTODY_ASSIGN_OR_RETURN(auto s, TokenAuditSigner::Open(*backend.token.pool, create));
+  return std::unique_ptr<AuditSigner>(std::move(s));
+}
+
 Result<ProjectRecord> SecretService::CreateProject(const std::string& name, const std::vector<std::string>& envs) {
   CUSTODY_RETURN_IF_ERROR(ValidateProjectName(name));
   for (size_t i = 0; i < envs.size(); ++i) {
@@ -101,8 +129,9 @@ Result<ProjectRecord> SecretService::CreateProject(const std::string& name, cons
   } else if (existing.error().category() != Category::kNotFound) {
     return existing.error();
   }
-  CUSTODY_ASSIGN_OR_RETURN(KekRef kek, sealer_.CreateKek(name, 1));
-  auto project = store_.CreateProject(name, envs, kek, KekLabel::For(name, 1));
+  std::vector<uint8_t> material;
+  CUSTODY_ASSIGN_OR_RETURN(KekRef kek, sealer_.CreateKek(name, 1, &material));
+  auto project = store_.CreateProject(name, envs, kek, KekLabel::For(name, 1), material);
   if (!project) {
     // Best effort: a KEK left behind here would hold nothing and is labelled.
     (void)sealer_.DestroyKek(kek);

@@ -111,6 +111,10 @@ UPDATE secret_versions SET superseded_at = (
   SELECT min(n.created_at) FROM secret_versions n
   WHERE n.secret_id = secret_versions.secret_id AND n.version > secret_versions.version);
 )sql",
+    // 5: backend material kept with a KEK (the TPM backend's sealed object).
+    R"sql(
+ALTER TABLE keks ADD COLUMN material BLOB;
+)sql",
 };
 
 int64_t Now() { return static_cast<int64_t>(std::time(nullptr)); }
@@ -211,7 +215,9 @@ class SqliteStore final : public Store {
   Status Init(bool create);
 
   Result<ProjectRecord> CreateProject(const std::string& name, const std::vector<std::string>& envs,
-                                      const KekRef& kek, const std::string& kek_label) override;
+                                      const KekRef& kek, const std::string& kek_label,
+                                      const std::vector<uint8_t>& kek_material) override;
+  Result<std::vector<uint8_t>> KekMaterial(const KekRef& kek) override;
   Result<ProjectRecord> FindProject(const std::string& name) override;
   Result<std::vector<ProjectRecord>> ListProjects() override;
   Result<EnvironmentRecord> CreateEnvironment(const std::string& project, const std::string& env) override;
@@ -221,7 +227,8 @@ class SqliteStore final : public Store {
   Result<KekRecord> KekById(int64_t id) override;
   Result<std::vector<KekRecord>> ListKeks() override;
   Result<std::vector<KekRecord>> ProjectKeks(int64_t project_id) override;
-  Result<KekRecord> AddKek(int64_t project_id, const KekRef& kek, const std::string& label, int64_t now) override;
+  Result<KekRecord> AddKek(int64_t project_id, const KekRef& kek, const std::string& label, int64_t now,
+                           const std::vector<uint8_t>& material) override;
   Result<std::vector<SealedItem>> SealedUnder(int64_t kek_record_id, std::pair<int64_t, uint32_t> after,
                                               size_t limit) override;
   Result<uint64_t> CountSealedUnder(int64_t kek_record_id) override;
@@ -430,7 +437,8 @@ Result<int64_t> SqliteStore::ProjectId(const std::string& name) {
 }
 
 Result<ProjectRecord> SqliteStore::CreateProject(const std::string& name, const std::vector<std::string>& envs,
-                                                 const KekRef& kek, const std::string& kek_label) {
+                                                 const KekRef& kek, const std::string& kek_label,
+                                                 const std::vector<uint8_t>& kek_material) {
   Lease lease(*this);
   if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
   CUSTODY_RETURN_IF_ERROR(Begin());
@@ -445,8 +453,9 @@ Result<ProjectRecord> SqliteStore::CreateProject(const std::string& name, const 
   }
   int64_t pid = sqlite3_last_insert_rowid(db());
   {
-    Stmt s(db(), "INSERT INTO keks(project_id, version, token_id, label, created_at) VALUES (?, ?, ?, ?, ?)");
+    Stmt s(db(), "INSERT INTO keks(project_id, version, token_id, label, created_at, material) VALUES (?, ?, ?, ?, ?, ?)");
     s.Bind(1, pid).Bind(2, kek.version).Bind(3, kek.id).Bind(4, kek_label).Bind(5, now);
+    if (!kek_material.empty()) s.Bind(6, kek_material);
     int rc = s.Step();
     if (rc != SQLITE_DONE) return fail(Fail(rc, "recording KEK"));
   }
@@ -598,7 +607,19 @@ Result<std::vector<KekRecord>> SqliteStore::ProjectKeks(int64_t project_id) {
   return out;
 }
 
-Result<KekRecord> SqliteStore::AddKek(int64_t project_id, const KekRef& kek, const std::string& label, int64_t now) {
+Result<std::vector<uint8_t>> SqliteStore::KekMaterial(const KekRef& kek) {
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  Stmt s(db(), "SELECT material FROM keks WHERE token_id = ? AND version = ?");
+  s.Bind(1, kek.id).Bind(2, static_cast<int64_t>(kek.version));
+  int rc = s.Step();
+  if (rc == SQLITE_ROW) return s.Blob(0);
+  if (rc == SQLITE_DONE) return Error(Category::kNotFound, "the store has no KEK record for this blob's KEK");
+  return Fail(rc, "reading KEK material");
+}
+
+Result<KekRecord> SqliteStore::AddKek(int64_t project_id, const KekRef& kek, const std::string& label, int64_t now,
+                                      const std::vector<uint8_t>& material) {
   Lease lease(*this);
   if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
   CUSTODY_RETURN_IF_ERROR(Begin());
@@ -610,8 +631,9 @@ Result<KekRecord> SqliteStore::AddKek(int64_t project_id, const KekRef& kek, con
     if (rc != SQLITE_DONE) return fail(Fail(rc, "retiring KEK"));
   }
   {
-    Stmt s(db(), "INSERT INTO keks(project_id, version, token_id, label, created_at) VALUES (?, ?, ?, ?, ?)");
+    Stmt s(db(), "INSERT INTO keks(project_id, version, token_id, label, created_at, material) VALUES (?, ?, ?, ?, ?, ?)");
     s.Bind(1, project_id).Bind(2, kek.version).Bind(3, kek.id).Bind(4, label).Bind(5, now);
+    if (!material.empty()) s.Bind(6, material);
     int rc = s.Step();
     if ((rc & 0xff) == SQLITE_CONSTRAINT) {
       return fail(Error(Category::kUnavailable, "KEK version " + std::to_string(kek.version) +

@@ -299,7 +299,7 @@ TEST_F(RotationCliTest, KekRotationSurvivesSigkillAtRandomPoints) {
     ASSERT_TRUE(store.ok());
     auto tok = core::OpenToken(*config, token_.pin());
     ASSERT_TRUE(tok.ok()) << tok.error().message();
-    core::Sealer sealer(*tok->pool, **store);
+    core::Pkcs11Sealer sealer(*tok->pool, **store);
     core::SecretService svc(**store, sealer);
     fn(svc);
   };

@@ -33,7 +33,7 @@ class RotationServiceTest : public ::testing::Test {
     auto store = OpenSqliteStore(db_path(), true);
     ASSERT_TRUE(store.ok());
     store_ = std::move(*store);
-    sealer_ = std::make_unique<Sealer>(*pool_, *store_);
+    sealer_ = std::make_unique<Pkcs11Sealer>(*pool_, *store_);
     svc_ = std::make_unique<SecretService>(*store_, *sealer_, [this] { return now_; });
     ASSERT_TRUE(svc_->CreateProject("payments", {"prod", "dev"}).ok());
   }

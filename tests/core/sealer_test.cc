@@ -32,7 +32,7 @@ class SealerTest : public ::testing::Test {
     auto store = OpenSqliteStore(token_.dir() / "custody.db", true);
     ASSERT_TRUE(store.ok());
     store_ = std::move(*store);
-    sealer_ = std::make_unique<Sealer>(*pool_, *store_);
+    sealer_ = std::make_unique<Pkcs11Sealer>(*pool_, *store_);
   }
   void TearDown() override {
     sealer_.reset();
@@ -180,14 +180,14 @@ TEST_F(SealerTest, EmptyAndOversizedValuesAreRefused) {
 
 TEST_F(SealerTest, UsageBudgetIsDurableAndEnforced) {
   KekRef kek = MakeKek("payments");
-  Sealer limited(*pool_, *store_, /*max_encryptions=*/5);
+  Pkcs11Sealer limited(*pool_, *store_, /*max_encryptions=*/5);
   SealContext ctx{"payments", "prod", "stripe", 1};
   for (int i = 0; i < 5; ++i) ASSERT_TRUE(limited.Seal(kek, ctx, kValue).ok()) << i;
   auto over = limited.Seal(kek, ctx, kValue);
   ASSERT_FALSE(over.ok());
   EXPECT_EQ(over.error().category(), Category::kLimit);
   // The count lives in the store: a new Sealer (a new process) cannot reset it.
-  Sealer fresh(*pool_, *store_, 5);
+  Pkcs11Sealer fresh(*pool_, *store_, 5);
   EXPECT_EQ(fresh.Seal(kek, ctx, kValue).error().category(), Category::kLimit);
   EXPECT_EQ((*store_->ListKeks())[0].encryptions_reserved, 5u);
 }
@@ -210,7 +210,7 @@ TEST_F(SealerTest, ANewSealerFindsTheKekByItsId) {
   auto blob = sealer_->Seal(kek, ctx, kValue);
   ASSERT_TRUE(blob.ok());
   // As a new process would: no cached handle, the key is found by CKA_ID.
-  Sealer other(*pool_, *store_);
+  Pkcs11Sealer other(*pool_, *store_);
   auto r = other.Unseal(kek, ctx, *blob);
   ASSERT_TRUE(r.ok()) << r.error().message();
   EXPECT_TRUE(r->Equals(kValue));

@@ -25,6 +25,7 @@
 #include "custody/hsm/objects.h"
 #include "custody/hsm/rv.h"
 #include "custody/hsm/uri.h"
+#include "custody/tpm/tpm.h"
 #include "flow.h"
 #include "io.h"
 
@@ -40,8 +41,25 @@ Status Init(const Globals& g, const InitArgs& a) {
   }
   core::Config c;
   c.state_dir = std::filesystem::absolute(a.state_dir).lexically_normal().string();
-  c.token_module = a.module;
-  c.token_uri = a.token;
+  c.backend = a.backend;
+  if (a.backend == "pkcs11") {
+    if (a.module.empty() || a.token.empty()) {
+      return Error(Category::kUsage, "the pkcs11 backend needs --module and --token");
+    }
+    c.token_module = a.module;
+    c.token_uri = a.token;
+  } else if (a.backend == "tpm") {
+    if (a.tcti.empty()) return Error(Category::kUsage, "the tpm backend needs --tcti (e.g. device:/dev/tpmrm0)");
+    if (!a.module.empty() || !a.token.empty()) return Error(Category::kUsage, "--module and --token are for the pkcs11 backend");
+    c.tpm_tcti = a.tcti;
+    for (int p : a.pcrs) {
+      if (p < 0 || p > 23) return Error(Category::kUsage, "--pcrs: PCR numbers are 0 to 23 (got " + std::to_string(p) + ")");
+      c.tpm_pcrs.push_back(static_cast<uint8_t>(p));
+    }
+    c.tpm_persist_srk = a.persist_srk;
+  } else {
+    return Error(Category::kUsage, "--backend must be pkcs11 or tpm (got '" + a.backend + "')");
+  }
   if (a.pin_file) c.pin_file = std::filesystem::absolute(*a.pin_file).lexically_normal().string();
   for (const auto& kv : a.module_env) {
     size_t eq = kv.find('=');
@@ -53,9 +71,19 @@ Status Init(const Globals& g, const InitArgs& a) {
   c.store_path = c.state_dir + "/custody.db";
 
   // Prove the config works before writing anything: the module loads, the
-  // URI selects one token, and the PIN logs in.
+  // URI selects one token, and the PIN logs in; or the TPM answers and a
+  // test object seals and unseals under its SRK.
   CUSTODY_ASSIGN_OR_RETURN(SecretBuffer pin, core::ResolvePin(c, g.pin_fd));
-  CUSTODY_ASSIGN_OR_RETURN(core::Token token, core::OpenToken(c, pin));
+  if (c.backend == "tpm") {
+    CUSTODY_ASSIGN_OR_RETURN(auto tpm, tpm::Tpm::Open({.tcti = c.tpm_tcti, .persist_srk = c.tpm_persist_srk}));
+    SecretBuffer probe(16);
+    CUSTODY_RETURN_IF_ERROR(tpm->Random(probe.RevealMutable(SecretAccess{})));
+    CUSTODY_ASSIGN_OR_RETURN(auto sealed, tpm->Seal(probe, pin, {.pcrs = c.tpm_pcrs}));
+    CUSTODY_ASSIGN_OR_RETURN(auto back, tpm->Unseal(sealed, pin));
+    if (!back.Equals(probe)) return Error(Category::kInternal, "the TPM unsealed something other than it sealed");
+  } else {
+    CUSTODY_ASSIGN_OR_RETURN(core::Token token, core::OpenToken(c, pin));
+  }
 
   CUSTODY_RETURN_IF_ERROR(MakePrivateDir(c.state_dir));
   auto parent = std::filesystem::path(config_path).parent_path();
@@ -69,11 +97,12 @@ Status Init(const Globals& g, const InitArgs& a) {
   ev.identified_by = IdentifiedBy(LocalCaller());
   ev.decision = "none";
   ev.result = "ok";
-  ev.detail = "token " + c.token_uri + ", store " + c.store_path;
+  ev.detail = (c.backend == "tpm" ? "tpm " + c.tpm_tcti : "token " + c.token_uri) + ", store " + c.store_path;
   CUSTODY_RETURN_IF_ERROR(audit->Append(ev));
   CUSTODY_RETURN_IF_ERROR(core::WriteConfig(c, config_path));
   if (g.json) {
-    PrintJson({{"config", config_path}, {"store", c.store_path}, {"token", c.token_uri}});
+    PrintJson({{"config", config_path}, {"store", c.store_path}, {"backend", c.backend},
+               {"token", c.backend == "tpm" ? c.tpm_tcti : c.token_uri}});
   } else {
     std::printf("wrote %s\nstore %s\n", config_path.c_str(), c.store_path.c_str());
   }
@@ -433,6 +462,40 @@ Status SecretDelete(const Globals& g, const std::string& text) {
   }());
 }
 
+namespace {
+
+// `token info` for the TPM backend: the TPM, its SRK (as tpm2_readpublic
+// names it), and each project's KEK objects as the store keeps them.
+Status TpmInfo(const Globals& g, Opened& o) {
+  CUSTODY_ASSIGN_OR_RETURN(tpm::Info info, o.backend.tpm->GetInfo());
+  CUSTODY_ASSIGN_OR_RETURN(auto keks, o.store->ListKeks());
+  char srk[16];
+  std::snprintf(srk, sizeof srk, "0x%08x", info.srk_handle);
+  std::string srk_where = info.srk_handle != 0 ? std::string(srk) : std::string("transient (made from the standard template)");
+  if (g.json) {
+    json objs = json::array();
+    for (const auto& k : keks) {
+      objs.push_back({{"label", k.label}, {"id", hsm::ToHex(k.ref.id)}, {"state", core::KekStateName(k.state)},
+                      {"kind", "TPM sealed-data object under the SRK"}});
+    }
+    PrintJson({{"backend", "tpm"}, {"tcti", o.config.tpm_tcti}, {"manufacturer", info.manufacturer},
+               {"vendor", info.vendor}, {"firmware", info.firmware}, {"srk", srk_where}, {"srk_name", info.srk_name},
+               {"pcrs", o.config.tpm_pcrs}, {"objects", objs}});
+    return Status::Ok();
+  }
+  std::printf("backend       tpm\ntcti          %s\nmanufacturer  %s\nvendor        %s\nfirmware      %s\nsrk           %s\nsrk name      %s\n\n",
+              o.config.tpm_tcti.c_str(), info.manufacturer.c_str(), info.vendor.c_str(), info.firmware.c_str(),
+              srk_where.c_str(), info.srk_name.c_str());
+  std::vector<std::vector<std::string>> rows{{"LABEL", "ID", "STATE", "KIND"}};
+  for (const auto& k : keks) {
+    rows.push_back({k.label, hsm::ToHex(k.ref.id), core::KekStateName(k.state), "sealed-data object under the SRK"});
+  }
+  PrintTable(rows);
+  return Status::Ok();
+}
+
+}  // namespace
+
 Status TokenInfo(const Globals& g) {
   CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "token.info"));
   return Finish(o, [&]() -> Status {
@@ -441,10 +504,12 @@ Status TokenInfo(const Globals& g) {
   CUSTODY_RETURN_IF_ERROR(Ask(o, Action::kApplyPolicy, {}));
   CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, o));
   CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
+  if (o.backend.is_tpm()) return TpmInfo(g, o);
+  core::Token& token = o.backend.token;
   CK_TOKEN_INFO ti{};
-  CK_RV rv = o.token.module->fn()->C_GetTokenInfo(o.token.slot, &ti);
+  CK_RV rv = token.module->fn()->C_GetTokenInfo(token.slot, &ti);
   if (rv != CKR_OK) return hsm::RvError(rv, "C_GetTokenInfo");
-  CUSTODY_ASSIGN_OR_RETURN(auto lease, o.token.pool->Acquire());
+  CUSTODY_ASSIGN_OR_RETURN(auto lease, token.pool->Acquire());
   CUSTODY_ASSIGN_OR_RETURN(auto objects, hsm::ListObjects(*lease));
   std::string label = hsm::TrimPadded(ti.label, sizeof ti.label);
   std::string manufacturer = hsm::TrimPadded(ti.manufacturerID, sizeof ti.manufacturerID);
@@ -459,12 +524,12 @@ Status TokenInfo(const Globals& g) {
                       {"always_sensitive", ob.always_sensitive}, {"never_extractable", ob.never_extractable},
                       {"local", ob.local}, {"private", ob.is_private}, {"token", ob.token}});
     }
-    PrintJson({{"module", o.token.module->path()}, {"slot", o.token.slot}, {"label", label},
+    PrintJson({{"module", token.module->path()}, {"slot", token.slot}, {"label", label},
                {"manufacturer", manufacturer}, {"model", model}, {"serial", serial}, {"objects", objs}});
     return Status::Ok();
   }
   std::printf("module        %s\nslot          %lu\ntoken         %s\nmanufacturer  %s\nmodel         %s\nserial        %s\n\n",
-              o.token.module->path().c_str(), static_cast<unsigned long>(o.token.slot), label.c_str(),
+              token.module->path().c_str(), static_cast<unsigned long>(token.slot), label.c_str(),
               manufacturer.c_str(), model.c_str(), serial.c_str());
   std::vector<std::vector<std::string>> rows{
       {"LABEL", "CLASS", "TYPE", "BITS", "ID", "SENSITIVE", "EXTRACTABLE", "NEVER-EXTRACTABLE", "LOCAL"}};
@@ -795,8 +860,7 @@ Status AuditVerify(const Globals& g, const std::vector<std::string>& files, cons
   if (!pubkey_file.empty()) {
     CUSTODY_ASSIGN_OR_RETURN(vo.public_key_pem, ReadText(pubkey_file, "--pubkey"));
   } else {
-    CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, *o));
-    CUSTODY_ASSIGN_OR_RETURN(auto signer, core::TokenAuditSigner::Open(*o->token.pool, /*create=*/false));
+    CUSTODY_ASSIGN_OR_RETURN(auto signer, OpenSigner(g, *o, /*create=*/false));
     CUSTODY_ASSIGN_OR_RETURN(vo.public_key_pem, signer->PublicKeyPem());
   }
   CUSTODY_ASSIGN_OR_RETURN(core::AuditVerifyReport rep, core::VerifyAuditLog(vo));
@@ -874,10 +938,9 @@ Status AuditPubkey(const Globals& g, const std::optional<std::string>& out) {
   CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "audit.pubkey"));
   o.best_effort = true;
   return Finish(o, [&]() -> Status {
-    CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, o));
     // Made here if it does not exist yet, so it can be exported before the
     // first checkpoint is due.
-    CUSTODY_ASSIGN_OR_RETURN(auto signer, core::TokenAuditSigner::Open(*o.token.pool, /*create=*/true));
+    CUSTODY_ASSIGN_OR_RETURN(auto signer, OpenSigner(g, o, /*create=*/true));
     CUSTODY_ASSIGN_OR_RETURN(std::string pem, signer->PublicKeyPem());
     o.ev.detail = "key " + signer->key_id();
     CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
@@ -899,7 +962,7 @@ Status AuditCheckpoint(const Globals& g) {
     CUSTODY_RETURN_IF_ERROR(Ask(o, Action::kApplyPolicy, {}));
     CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, o));
     CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
-    CUSTODY_ASSIGN_OR_RETURN(auto signer, core::TokenAuditSigner::Open(*o.token.pool, /*create=*/true));
+    CUSTODY_ASSIGN_OR_RETURN(auto signer, OpenSigner(g, o, /*create=*/true));
     std::pair<uint64_t, std::string> covers;
     CUSTODY_ASSIGN_OR_RETURN(uint64_t seq, o.audit->Checkpoint(*signer, &covers));
     CUSTODY_RETURN_IF_ERROR(o.store->RecordAuditCheckpoint(seq, covers.second));

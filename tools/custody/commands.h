@@ -20,7 +20,11 @@ struct Globals {
 };
 
 struct InitArgs {
-  std::string module, token;
+  std::string backend = "pkcs11";
+  std::string module, token;        // pkcs11
+  std::string tcti;                 // tpm
+  std::vector<int> pcrs;            // tpm: bind KEKs to these PCRs
+  bool persist_srk = false;         // tpm
   std::optional<std::string> pin_file;
   std::string state_dir = "/var/lib/custody";
   std::vector<std::string> module_env;  // NAME=VALUE

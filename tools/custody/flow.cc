@@ -106,15 +106,16 @@ Result<Opened> OpenStore(const Globals& g, const std::string& action) {
 }
 
 Status OpenTokenFor(const Globals& g, Opened& o) {
-  auto open = [&]() -> Status {
-    CUSTODY_ASSIGN_OR_RETURN(SecretBuffer pin, core::ResolvePin(o.config, g.pin_fd));
-    CUSTODY_ASSIGN_OR_RETURN(o.token, core::OpenToken(o.config, pin));
-    return Status::Ok();
-  };
-  Status s = open();
-  if (!s.ok()) return s;
-  o.sealer = std::make_unique<core::Sealer>(*o.token.pool, *o.store);
+  if (o.sealer != nullptr) return Status::Ok();
+  CUSTODY_ASSIGN_OR_RETURN(o.pin, core::ResolvePin(o.config, g.pin_fd));
+  CUSTODY_ASSIGN_OR_RETURN(o.backend, core::OpenBackend(o.config, o.pin, *o.store));
+  o.sealer = o.backend.sealer.get();
   return Status::Ok();
+}
+
+Result<std::unique_ptr<core::AuditSigner>> OpenSigner(const Globals& g, Opened& o, bool create) {
+  CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, o));
+  return core::OpenAuditSigner(o.backend, o.config, o.pin, create);
 }
 
 // Appends this command's record once. Fail closed: when it cannot be made
@@ -139,8 +140,7 @@ Status Record(Opened& o, const Status& outcome) {
 // command tries again.
 void MaybeCheckpoint(Opened& o) {
   if (!o.audit->CheckpointDue()) return;
-  if (!o.token.pool && !OpenTokenFor(*o.globals, o).ok()) return;
-  auto signer = core::TokenAuditSigner::Open(*o.token.pool, /*create=*/true);
+  auto signer = OpenSigner(*o.globals, o, /*create=*/true);
   if (!signer) return;
   std::pair<uint64_t, std::string> covers;
   auto seq = o.audit->Checkpoint(**signer, &covers);

@@ -23,8 +23,11 @@ namespace custody::cli {
 struct Opened {
   core::Config config;
   std::unique_ptr<core::Store> store;
-  core::Token token;
-  std::unique_ptr<core::Sealer> sealer;
+  // The sealing backend (PKCS#11 token or TPM), opened only when needed;
+  // `sealer` points into it. The PIN stays (locked) for the TPM's audit key.
+  core::SealingBackend backend;
+  core::Sealer* sealer = nullptr;
+  SecretBuffer pin;
   std::optional<core::Authorizer> authz;
   policy::PrincipalId who;
   const Globals* globals = nullptr;
@@ -51,6 +54,8 @@ Status Charge(Opened& o, const policy::Target& target, core::UsageEvent event);
 // Opens the config, the store and the audit log, and starts the record.
 Result<Opened> OpenStore(const Globals& g, const std::string& action);
 Status OpenTokenFor(const Globals& g, Opened& o);
+// The backend's audit checkpoint signer (opens the backend if needed).
+Result<std::unique_ptr<core::AuditSigner>> OpenSigner(const Globals& g, Opened& o, bool create);
 // Appends this command's record once. Fail closed: when it cannot be made
 // durable the command fails, and a value is never released unrecorded.
 Status Record(Opened& o, const Status& outcome);

@@ -41,8 +41,12 @@ int main(int argc, char** argv) {
   // init
   custody::cli::InitArgs init;
   auto* c_init = app.add_subcommand("init", "write the config and create the store");
-  c_init->add_option("--module", init.module, "PKCS#11 module path")->required();
-  c_init->add_option("--token", init.token, "token URI (RFC 7512), e.g. pkcs11:token=custody")->required();
+  c_init->add_option("--backend", init.backend, "pkcs11 (an HSM or SoftHSM2) or tpm (a TPM 2.0)")->capture_default_str();
+  c_init->add_option("--module", init.module, "pkcs11: PKCS#11 module path");
+  c_init->add_option("--token", init.token, "pkcs11: token URI (RFC 7512), e.g. pkcs11:token=custody");
+  c_init->add_option("--tcti", init.tcti, "tpm: device:/dev/tpmrm0, swtpm:host=H,port=P, or tabrmd");
+  c_init->add_option("--pcrs", init.pcrs, "tpm: bind KEKs to these SHA-256 PCRs, comma-separated")->delimiter(',');
+  c_init->add_flag("--persist-srk", init.persist_srk, "tpm: make the SRK persistent at 0x81000001 if absent");
   c_init->add_option("--pin-file", init.pin_file, "file holding the user PIN (mode 0600)");
   c_init->add_option("--state-dir", init.state_dir, "folder for the store")->capture_default_str();
   c_init->add_option("--module-env", init.module_env, "NAME=VALUE set before the module loads (repeatable)");

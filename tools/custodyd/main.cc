@@ -75,30 +75,33 @@ int main(int argc, char** argv) {
 
   // Log in once; the PIN buffer is wiped once the pool (and libp11, for a
   // TLS key in the token) have logged in.
-  custody::core::Token token;
+  custody::core::SealingBackend backend;
   std::optional<custody::SecretBuffer> pin_held;
   {
     auto pin = custody::core::ResolvePin(*config, pin_fd);
     if (!pin) return Fail(pin.error());
-    auto t = custody::core::OpenToken(*config, *pin);
-    if (!t) return Fail(t.error());
-    token = std::move(*t);
+    auto b = custody::core::OpenBackend(*config, *pin, **store);
+    if (!b) return Fail(b.error());
+    backend = std::move(*b);
     pin_held.emplace(std::move(*pin));
   }
-  custody::core::Sealer sealer(*token.pool, **store);
-  custody::core::Custodian custodian(**store, **audit, sealer,
+  custody::core::Custodian custodian(**store, **audit, *backend.sealer,
                                      std::make_shared<const custody::core::Authorizer>(std::move(*authz)),
-                                     token.pool.get());
-  auto signer = custody::core::TokenAuditSigner::Open(*token.pool, /*create=*/true);
+                                     backend.token.pool.get());
+  auto signer = custody::core::OpenAuditSigner(backend, *config, *pin_held, /*create=*/true);
   if (!signer) return Fail(signer.error());
 
   auto options = custody::server::OptionsFrom(*config);
   if (options.tls_key.rfind("pkcs11:", 0) == 0) {
+    if (backend.is_tpm()) {
+      return Fail(custody::Error(custody::Category::kConfig,
+                                 "server.tls_key is a pkcs11: URI but the backend is the TPM; use a PEM key file"));
+    }
     // libp11 holds its own sessions and key handles on this module for the
     // TLS key and cannot re-open them: a module re-initialisation would
     // leave TLS broken. Session and login recovery still happen; a token
     // that needs more says so, and custodyd must be restarted.
-    token.pool->set_allow_reinitialize(false);
+    backend.token.pool->set_allow_reinitialize(false);
   }
   options.token_key = [&](const std::string& uri) { return custody::server::LoadTokenKey(*config, uri, *pin_held); };
   custody::server::Server server(options, custodian);
@@ -152,7 +155,8 @@ int main(int argc, char** argv) {
 
   if (!config->server_tls_listen.empty()) spdlog::info("serving TLS 1.3 with client certificates on {}", config->server_tls_listen);
   spdlog::info("serving on {} (policy v{}, token {}, {} threads)", config->server_socket,
-               custodian.policy()->version(), config->token_uri, config->server_threads);
+               custodian.policy()->version(),
+               backend.is_tpm() ? "tpm " + config->tpm_tcti : config->token_uri, config->server_threads);
   sd_notify(0, "READY=1");
   server.Run(config->server_threads);
   signal_io.stop();

@@ -58,7 +58,9 @@ class AuditSigner {
   virtual ~AuditSigner() = default;
   // ECDSA P-256 over SHA-256(message); DER-encoded signature.
   virtual Result<std::vector<uint8_t>> Sign(std::string_view message) = 0;
-  virtual std::string key_id() const = 0;  // hex CKA_ID
+  virtual std::string key_id() const = 0;  // hex key id
+  // The public key as PEM, for `custody audit pubkey` and openssl.
+  virtual Result<std::string> PublicKeyPem() const = 0;
 };
 
 struct AuditOptions {

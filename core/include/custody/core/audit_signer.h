@@ -14,8 +14,30 @@
 #include "custody/core/audit.h"
 #include "custody/hsm/ec.h"
 #include "custody/hsm/session.h"
+#include "custody/tpm/tpm.h"
 
 namespace custody::core {
+
+// TpmAuditSigner: the same checkpoints signed by an ECDSA P-256 key made by
+// the TPM under the SRK (sensitive part never leaves it in clear). Its
+// public and private blobs are kept in the state folder
+// (`audit-key.tpm`); its auth value is HMAC-SHA256(PIN, kLabel).
+class TpmAuditSigner final : public AuditSigner {
+ public:
+  static constexpr const char* kLabel = "custody:audit:v1";
+  static Result<std::unique_ptr<TpmAuditSigner>> Open(tpm::Tpm& tpm, const std::string& state_dir,
+                                                      const SecretBuffer& pin, bool create);
+  Result<std::vector<uint8_t>> Sign(std::string_view message) override;
+  std::string key_id() const override;
+  Result<std::string> PublicKeyPem() const override;
+
+ private:
+  TpmAuditSigner(tpm::Tpm& tpm, tpm::SigningKey key, SecretBuffer auth)
+      : tpm_(tpm), key_(std::move(key)), auth_(std::move(auth)) {}
+  tpm::Tpm& tpm_;
+  tpm::SigningKey key_;
+  SecretBuffer auth_;
+};
 
 class TokenAuditSigner final : public AuditSigner {
  public:
@@ -26,7 +48,7 @@ class TokenAuditSigner final : public AuditSigner {
 
   Result<std::vector<uint8_t>> Sign(std::string_view message) override;
   std::string key_id() const override;
-  Result<std::string> PublicKeyPem() const;
+  Result<std::string> PublicKeyPem() const override;
 
  private:
   TokenAuditSigner(hsm::SessionPool& pool, hsm::EcKey key)

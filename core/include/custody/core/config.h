@@ -29,8 +29,14 @@ namespace custody::core {
 
 struct Config {
   std::string state_dir;
+  // [token] backend = "pkcs11" (module + uri) or "tpm" (tcti, pcrs, ...).
+  std::string backend = "pkcs11";
   std::string token_module;
   std::string token_uri;
+  std::string tpm_tcti;               // "device:/dev/tpmrm0", "swtpm:host=...,port=...", "tabrmd"
+  std::vector<uint8_t> tpm_pcrs;      // bind new KEKs to these SHA-256 PCRs
+  bool tpm_persist_srk = false;       // make the SRK persistent at 0x81000001 if absent
+  int tpm_kek_cache_seconds = 0;      // keep unsealed KEKs in locked memory this long
   std::optional<std::string> pin_file;
   std::vector<std::pair<std::string, std::string>> token_environment;
   std::string store_path;

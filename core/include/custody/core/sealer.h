@@ -1,17 +1,18 @@
-// Sealer: seals and unseals secret values with a project's KEK inside the
-// token (AES-256-GCM via C_Encrypt/C_Decrypt), and creates those KEKs.
+// Sealer: seals and unseals secret values under a project's KEK, and makes
+// those KEKs. One interface, two backends:
+//   Pkcs11Sealer  the KEK is a token object; AES-256-GCM runs in the token
+//   TpmSealer     the KEK is a TPM sealed-data object (tpm_sealer.h)
+// Both write the same blob format (docs/BLOB_FORMAT.md).
 //
-//   core::Sealer sealer(pool, ledger);
+//   core::Pkcs11Sealer sealer(pool, ledger);
 //   auto kek  = sealer.CreateKek("payments", 1);
 //   auto blob = sealer.Seal(*kek, {"payments", "prod", "stripe", 1}, value);
 //   auto back = sealer.Unseal(*kek, {"payments", "prod", "stripe", 1}, *blob);
 //
-// The KEK never leaves the token: it is generated there as a sensitive,
-// non-extractable, private token object. Nonces come from the token's RNG.
-// Random 96-bit nonces are safe for at most 2^32 encryptions under one key
-// (NIST SP 800-38D, 8.3), so every seal draws from a per-KEK usage budget
-// kept durable by a KekUsageLedger; a KEK past its budget refuses to seal
-// (kLimit) and must be rotated.
+// Random 96-bit GCM nonces are safe for at most 2^32 encryptions under one
+// key (NIST SP 800-38D, 8.3), so every seal draws from a per-KEK usage
+// budget kept durable by a KekUsageLedger; a KEK past its budget refuses to
+// seal (kLimit) and must be rotated.
 #pragma once
 
 #include <map>
@@ -37,64 +38,99 @@ class KekUsageLedger {
   virtual Status Reserve(const KekRef& kek, uint64_t n, uint64_t limit) = 0;
 };
 
+// Backend-specific KEK material kept in the store beside the KEK record
+// (the TPM's sealed object; nothing for PKCS#11, whose KEK is in the token).
+class KekMaterialSource {
+ public:
+  virtual ~KekMaterialSource() = default;
+  virtual Result<std::vector<uint8_t>> KekMaterial(const KekRef& kek) = 0;
+};
+
 struct KekLabel {
   // "custody:kek:<project>:v<version>": shown by `pkcs11-tool -O`.
   static std::string For(std::string_view project, uint32_t version);
 };
 
+// The per-KEK encryption budget, drawn from the ledger in growing blocks.
+class KekBudget {
+ public:
+  KekBudget(KekUsageLedger& ledger, uint64_t max_encryptions) : ledger_(ledger), max_(max_encryptions) {}
+  Status TakeUse(const KekRef& kek);
+
+ private:
+  struct Budget {
+    uint64_t left = 0;   // reserved and not yet used
+    uint64_t block = 1;  // next reservation size: doubles up to kMaxBlock
+  };
+  KekUsageLedger& ledger_;
+  uint64_t max_;
+  std::mutex mu_;
+  std::map<KekId, Budget> budgets_;
+};
+
 class Sealer {
  public:
   static constexpr uint64_t kMaxEncryptionsPerKek = uint64_t{1} << 32;
+  virtual ~Sealer() = default;
 
-  Sealer(hsm::SessionPool& pool, KekUsageLedger& ledger, uint64_t max_encryptions = kMaxEncryptionsPerKek)
-      : pool_(pool), ledger_(ledger), max_encryptions_(max_encryptions) {}
+  // Makes a new KEK for `project`. Backend material the store must keep
+  // with the KEK record goes to `material` (left empty when there is none).
+  virtual Result<KekRef> CreateKek(std::string_view project, uint32_t version, std::vector<uint8_t>* material) = 0;
+  Result<KekRef> CreateKek(std::string_view project, uint32_t version) { return CreateKek(project, version, nullptr); }
+  // Destroys a KEK (explicit: token objects outlive processes). kNotFound if
+  // the backend has no such key.
+  virtual Status DestroyKek(const KekRef& kek) = 0;
+  // Destroys KEKs labelled `label` whose id is not in `keep`: what an
+  // interrupted KEK rotation left behind before the store recorded it (no
+  // blob was ever sealed under such a key). Returns how many went.
+  virtual Result<size_t> DestroyUnrecorded(const std::string& label, const std::vector<KekId>& keep) = 0;
+  // How KEK rotation re-seals on this backend, for people (--dry-run, docs).
+  virtual std::string ResealMode() = 0;
+  // Bytes from the backend's RNG.
+  virtual Status Random(std::span<uint8_t> out) = 0;
 
-  // Generates a new AES-256 KEK inside the token for `project`.
-  Result<KekRef> CreateKek(std::string_view project, uint32_t version);
-  // Destroys a KEK token object (explicit: token objects outlive processes).
-  // kNotFound if the token has no such object.
-  Status DestroyKek(const KekRef& kek);
-  // Destroys KEK objects labelled `label` whose id is not in `keep`: what an
-  // interrupted KEK rotation left in the token before the store recorded it
-  // (no blob was ever sealed under such a key). Returns how many went.
-  Result<size_t> DestroyUnrecorded(const std::string& label, const std::vector<KekId>& keep);
+  virtual Result<std::vector<uint8_t>> Seal(const KekRef& kek, const SealContext& ctx, const SecretBuffer& value) = 0;
+  // Checks the blob names `expected` (the KEK the store recorded for it),
+  // then decrypts. Tampering, truncation or a different context is kIntegrity.
+  virtual Result<SecretBuffer> Unseal(const KekRef& expected, const SealContext& ctx,
+                                      std::span<const uint8_t> blob) = 0;
+};
+
+// PKCS#11: the KEK never leaves the token. It is generated there as a
+// sensitive, non-extractable, private token object; AES-256-GCM runs in the
+// token; nonces come from the token's RNG.
+class Pkcs11Sealer final : public Sealer {
+ public:
+  Pkcs11Sealer(hsm::SessionPool& pool, KekUsageLedger& ledger, uint64_t max_encryptions = kMaxEncryptionsPerKek)
+      : pool_(pool), budget_(ledger, max_encryptions) {}
+
+  using Sealer::CreateKek;
+  Result<KekRef> CreateKek(std::string_view project, uint32_t version, std::vector<uint8_t>* material) override;
+  Status DestroyKek(const KekRef& kek) override;
+  Result<size_t> DestroyUnrecorded(const std::string& label, const std::vector<KekId>& keep) override;
+  std::string ResealMode() override;
+  Status Random(std::span<uint8_t> out) override;
+  Result<std::vector<uint8_t>> Seal(const KekRef& kek, const SealContext& ctx, const SecretBuffer& value) override;
+  Result<SecretBuffer> Unseal(const KekRef& expected, const SealContext& ctx, std::span<const uint8_t> blob) override;
+
   // Whether the token offers AES-GCM as a wrap and unwrap mechanism
   // (C_GetMechanismInfo: CKF_WRAP and CKF_UNWRAP), the precondition for
   // re-sealing inside the token.
   bool GcmWrapOffered();
-  // Bytes from the token's RNG.
-  Status Random(std::span<uint8_t> out);
-
-  Result<std::vector<uint8_t>> Seal(const KekRef& kek, const SealContext& ctx, const SecretBuffer& value);
-
-  // Checks the blob names `expected` (the KEK the store recorded for it),
-  // then decrypts in the token. Tampering, truncation or a different context
-  // is kIntegrity.
-  Result<SecretBuffer> Unseal(const KekRef& expected, const SealContext& ctx,
-                              std::span<const uint8_t> blob);
 
  private:
   Result<CK_OBJECT_HANDLE> KekHandle(hsm::Session& s, const KekRef& kek);
   void ForgetHandle(const KekRef& kek);
-  Status TakeUse(const KekRef& kek);
   Status NextNonce(hsm::Session& s, std::span<uint8_t, kNonceSize> out);
 
   hsm::SessionPool& pool_;
-  KekUsageLedger& ledger_;
-  uint64_t max_encryptions_;
+  KekBudget budget_;
 
   // Token object handles stay valid for the application's lifetime on the
   // token, so each KEK is searched once, not on every request.
   std::shared_mutex handles_mu_;
   std::map<KekId, CK_OBJECT_HANDLE> handles_;
   uint64_t handles_generation_ = 0;  // hsm::Module::generation() they belong to
-
-  struct Budget {
-    uint64_t left = 0;   // reserved and not yet used
-    uint64_t block = 1;  // next reservation size: doubles up to kMaxBlock
-  };
-  std::mutex budget_mu_;
-  std::map<KekId, Budget> budgets_;
 
   // Nonces are drawn from the token's RNG in batches: one C_GenerateRandom
   // per 32 seals instead of one per seal.

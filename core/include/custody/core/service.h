@@ -16,12 +16,14 @@
 
 #include "custody/common/result.h"
 #include "custody/common/secret.h"
+#include "custody/core/audit.h"
 #include "custody/core/config.h"
 #include "custody/core/names.h"
 #include "custody/core/rotation.h"
 #include "custody/core/sealer.h"
 #include "custody/core/store.h"
 #include "custody/hsm/session.h"
+#include "custody/tpm/tpm.h"
 
 namespace custody::core {
 
@@ -32,6 +34,20 @@ struct Token {
   std::unique_ptr<hsm::SessionPool> pool;
 };
 Result<Token> OpenToken(const Config& config, const SecretBuffer& pin);
+
+// The sealing backend the config names ([token] backend), opened, with its
+// Sealer. Members are destroyed in reverse: the sealer before what it uses.
+struct SealingBackend {
+  Token token;                     // PKCS#11; token.pool is null for the TPM
+  std::unique_ptr<tpm::Tpm> tpm;   // TPM; null for PKCS#11
+  std::unique_ptr<Sealer> sealer;
+  bool is_tpm() const { return tpm != nullptr; }
+};
+Result<SealingBackend> OpenBackend(const Config& config, const SecretBuffer& pin, Store& store);
+// The audit checkpoint signer of that backend: a token key (PKCS#11) or a
+// TPM key under the SRK. With `create`, made when missing.
+Result<std::unique_ptr<AuditSigner>> OpenAuditSigner(SealingBackend& backend, const Config& config, const SecretBuffer& pin,
+                                                     bool create);
 
 struct Unsealed {
   SecretBuffer value;

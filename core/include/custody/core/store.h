@@ -116,14 +116,17 @@ struct UsageRow {
   int64_t last_use = 0;
 };
 
-class Store : public KekUsageLedger {
+class Store : public KekUsageLedger, public KekMaterialSource {
  public:
   ~Store() override = default;
 
   // Creates the project, its first KEK record and its environments at once.
   // kUsage "already exists" if the name is taken.
+  // `kek_material` is what the sealer asked to keep with the KEK (empty for
+  // PKCS#11; the TPM's sealed object for the TPM backend).
   virtual Result<ProjectRecord> CreateProject(const std::string& name, const std::vector<std::string>& envs,
-                                              const KekRef& kek, const std::string& kek_label) = 0;
+                                              const KekRef& kek, const std::string& kek_label,
+                                              const std::vector<uint8_t>& kek_material = {}) = 0;
   virtual Result<ProjectRecord> FindProject(const std::string& name) = 0;
   virtual Result<std::vector<ProjectRecord>> ListProjects() = 0;
 
@@ -139,7 +142,8 @@ class Store : public KekUsageLedger {
 
   // KEK rotation. AddKek records a new KEK version for the project as its
   // only active one; the others become retiring. In one transaction.
-  virtual Result<KekRecord> AddKek(int64_t project_id, const KekRef& kek, const std::string& label, int64_t now) = 0;
+  virtual Result<KekRecord> AddKek(int64_t project_id, const KekRef& kek, const std::string& label, int64_t now,
+                                   const std::vector<uint8_t>& material = {}) = 0;
   // Up to `limit` versions still sealed under `kek_record_id`, in
   // (secret_id, version) order after `after` (keyset paging: a version that
   // cannot be re-sealed is passed over, not returned again and again).
