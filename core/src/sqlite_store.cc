@@ -720,7 +720,10 @@ Status SqliteStore::SetKekState(int64_t kek_record_id, KekState state) {
                    std::to_string(c.Int(0)) + " sealed versions still need this KEK; refusing to destroy it");
     }
   }
-  Stmt s(db(), "UPDATE keks SET state = ? WHERE id = ?");
+  // A destroyed KEK's backend material (the TPM's sealed object) goes too:
+  // without it the old KEK can never be unsealed again.
+  Stmt s(db(), state == KekState::kDestroyed ? "UPDATE keks SET state = ?, material = NULL WHERE id = ?"
+                                              : "UPDATE keks SET state = ? WHERE id = ?");
   s.Bind(1, std::string(kKekStateNames[static_cast<size_t>(state)])).Bind(2, kek_record_id);
   int rc = s.Step();
   if (rc != SQLITE_DONE) {
