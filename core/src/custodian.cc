@@ -4,6 +4,18 @@
 #include "custody/hsm/rv.h"
 
 namespace custody::core {
+namespace {
+
+// A failure of the token or TPM itself (not of one blob, one PIN or one
+// PCR policy): what makes health say degraded.
+template <typename T>
+bool TokenFault(const Result<T>& r) {
+  if (r.ok()) return false;
+  Backend b = r.error().backend();
+  return (b == Backend::kPkcs11 || b == Backend::kTpm) && r.error().category() == Category::kUnavailable;
+}
+
+}  // namespace
 
 // The state of one request: its audit record, filled as the flow goes.
 struct Custodian::Flow {
@@ -131,7 +143,7 @@ Result<Unsealed> Custodian::Get(const RequestContext& rc, const SecretPath& path
         if (kek2.ok()) u = svc.Unseal(path, env, *again, *kek2);
       }
     }
-    stats_.token_healthy.store(u.ok() || u.error().backend() != Backend::kPkcs11);
+    stats_.token_healthy.store(!TokenFault(u));
     if (!u) return u;
     // Durable before the value leaves: fail closed.
     CUSTODY_RETURN_IF_ERROR(f.Record(Status::Ok()));
@@ -178,7 +190,7 @@ Result<uint32_t> Custodian::Put(const RequestContext& rc, const SecretPath& path
       RecoverToken();
       v = put();
     }
-    stats_.token_healthy.store(v.ok() || v.error().backend() != Backend::kPkcs11);
+    stats_.token_healthy.store(!TokenFault(v));
     if (!v && f.recorded) {
       AuditEvent failed = f.ev;
       failed.result = "error";
