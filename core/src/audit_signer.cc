@@ -8,16 +8,23 @@
 
 namespace custody::core {
 
-Result<std::unique_ptr<TokenAuditSigner>> TokenAuditSigner::Open(hsm::SessionPool& pool, bool create) {
+Result<std::unique_ptr<TokenAuditSigner>> TokenAuditSigner::Open(hsm::SessionPool& pool, bool create,
+                                                                 const std::string& label) {
   CUSTODY_ASSIGN_OR_RETURN(auto lease, pool.Acquire());
-  CUSTODY_ASSIGN_OR_RETURN(auto found, hsm::FindEcKey(*lease, kLabel));
-  if (found) return std::unique_ptr<TokenAuditSigner>(new TokenAuditSigner(pool, std::move(*found)));
+  CUSTODY_ASSIGN_OR_RETURN(auto found, hsm::FindEcKey(*lease, label));
+  if (found) return std::unique_ptr<TokenAuditSigner>(new TokenAuditSigner(pool, std::move(*found), label));
   if (!create) {
-    return Error(Category::kNotFound, std::string("the token has no audit signing key (") + kLabel +
-                                          "); it is made with the first checkpoint");
+    return Error(Category::kNotFound, "the token has no signing key " + label +
+                                          (label == kLabel ? "; it is made with the first checkpoint" : ""));
   }
-  CUSTODY_ASSIGN_OR_RETURN(auto key, hsm::GenerateEcKey(*lease, kLabel));
-  return std::unique_ptr<TokenAuditSigner>(new TokenAuditSigner(pool, std::move(key)));
+  CUSTODY_ASSIGN_OR_RETURN(auto key, hsm::GenerateEcKey(*lease, label));
+  return std::unique_ptr<TokenAuditSigner>(new TokenAuditSigner(pool, std::move(key), label));
+}
+
+Result<hsm::ObjectSummary> TokenAuditSigner::DescribePrivateKey() {
+  CUSTODY_ASSIGN_OR_RETURN(auto lease, pool_.Acquire());
+  std::lock_guard lock(mu_);
+  return hsm::Describe(*lease, key_.private_key);
 }
 
 std::string TokenAuditSigner::key_id() const { return hsm::ToHex(key_.id); }
@@ -31,8 +38,8 @@ Result<std::vector<uint8_t>> TokenAuditSigner::Sign(std::string_view message) {
   if (pool_.module().generation() != generation_) {
     // The module was re-initialised: the cached handles are dead (and their
     // numbers may name other objects now). Find the key again by its label.
-    CUSTODY_ASSIGN_OR_RETURN(auto found, hsm::FindEcKey(*lease, kLabel));
-    if (!found) return Error(Category::kNotFound, std::string("the audit signing key ") + kLabel + " is gone from the token");
+    CUSTODY_ASSIGN_OR_RETURN(auto found, hsm::FindEcKey(*lease, label_));
+    if (!found) return Error(Category::kNotFound, "the signing key " + label_ + " is gone from the token");
     key_ = std::move(*found);
     generation_ = pool_.module().generation();
   }
@@ -75,18 +82,19 @@ std::vector<uint8_t> EncodeKeyFile(const tpm::SigningKey& k) {
 }  // namespace
 
 Result<std::unique_ptr<TpmAuditSigner>> TpmAuditSigner::Open(tpm::Tpm& tpm, const std::string& state_dir,
-                                                             const SecretBuffer& pin, bool create) {
+                                                             const SecretBuffer& pin, bool create,
+                                                             const std::string& label, const std::string& file) {
   SecretBuffer auth(32);
   auto key = pin.Reveal(SecretAccess{});
   unsigned int len = 32;
-  HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()), reinterpret_cast<const unsigned char*>(kLabel),
-       std::strlen(kLabel), auth.RevealMutable(SecretAccess{}).data(), &len);
-  std::string path = state_dir + "/audit-key.tpm";
+  HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()), reinterpret_cast<const unsigned char*>(label.data()),
+       label.size(), auth.RevealMutable(SecretAccess{}).data(), &len);
+  std::string path = state_dir + "/" + file;
   std::ifstream in(path, std::ios::binary);
   if (in) {
     std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     if (bytes.size() < 65 || bytes[0] != 0x04) {
-      return Error(Category::kIntegrity, path + " is not a custody TPM audit key");
+      return Error(Category::kIntegrity, path + " is not a custody TPM signing key");
     }
     tpm::SigningKey k;
     k.point.assign(bytes.begin(), bytes.begin() + 65);
@@ -94,7 +102,7 @@ Result<std::unique_ptr<TpmAuditSigner>> TpmAuditSigner::Open(tpm::Tpm& tpm, cons
     return std::unique_ptr<TpmAuditSigner>(new TpmAuditSigner(tpm, std::move(k), std::move(auth)));
   }
   if (!create) {
-    return Error(Category::kNotFound, "there is no TPM audit signing key (" + path + "); it is made with the first checkpoint");
+    return Error(Category::kNotFound, "there is no TPM signing key " + path);
   }
   CUSTODY_ASSIGN_OR_RETURN(auto k, tpm.CreateSigningKey(auth));
   // Written whole or not at all: a temporary file, fsync, rename.

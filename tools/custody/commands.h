@@ -82,6 +82,17 @@ struct KekRotateArgs {
 Status KekRotate(const Globals& g, const KekRotateArgs& a);
 Status KekList(const Globals& g, const std::string& project);
 
+// Attestation (attest_commands.cc).
+struct AttestArgs {
+  std::optional<std::string> project;
+  std::optional<std::string> nonce;  // hex, from the verifier
+  std::string out;
+  std::optional<std::string> pubkey_out;  // also write the attestation public key (PEM)
+};
+Status Attest(const Globals& g, const AttestArgs& a);
+Status AttestVerify(const Globals& g, const std::string& file, const std::string& pubkey,
+                    const std::optional<std::string>& nonce);
+
 Status PolicyCheck(const Globals& g, const std::string& file);
 Status PolicyApply(const Globals& g, const std::string& file);
 Status PolicyExplain(const Globals& g, const std::string& principal, const std::string& action,

@@ -151,6 +151,26 @@ int main(int argc, char** argv) {
   c_klist->add_option("PROJECT", klist_project)->required();
   c_klist->callback(run([&] { return custody::cli::KekList(g, klist_project); }));
 
+  // attest
+  auto* c_attest = app.add_subcommand("attest", "a signed statement of the keys, their attributes, the policy and the audit head");
+  custody::cli::AttestArgs attest;
+  c_attest->add_option("--project", attest.project, "only this project's KEKs (its auditors may ask)");
+  c_attest->add_option("--nonce", attest.nonce, "the verifier's challenge, hex (8 to 64 bytes)");
+  c_attest->add_option("--out", attest.out, "statement file; FILE.bin and FILE.sig are written beside it for openssl");
+  c_attest->add_option("--pubkey-out", attest.pubkey_out, "also write the attestation public key (PEM)");
+  std::string verify_statement, verify_key;
+  std::optional<std::string> verify_nonce;
+  auto* c_atverify = c_attest->add_subcommand("verify", "check a statement offline: signature, structure, nonce");
+  c_atverify->add_option("STATEMENT", verify_statement)->required();
+  c_atverify->add_option("--pubkey", verify_key, "the attestation public key (PEM) you trust")->required();
+  c_atverify->add_option("--nonce", verify_nonce, "require this nonce (hex)");
+  c_atverify->callback(run([&] { return custody::cli::AttestVerify(g, verify_statement, verify_key, verify_nonce); }));
+  c_attest->callback(run([&] {
+    if (c_atverify->parsed()) return result;
+    if (attest.out.empty()) return Status(custody::Error(Category::kUsage, "attest needs --out FILE"));
+    return custody::cli::Attest(g, attest);
+  }));
+
   // token
   auto* c_token = app.add_subcommand("token", "the token");
   c_token->require_subcommand(1);

@@ -143,6 +143,34 @@ Result<SealedObject> SealedObject::Decode(std::span<const uint8_t> b) {
   return o;
 }
 
+Result<ObjectInfo> Describe(const SealedObject& object) {
+  TPM2B_PUBLIC pub{};
+  size_t off = 0;
+  if (Tss2_MU_TPM2B_PUBLIC_Unmarshal(object.public_area.data(), object.public_area.size(), &off, &pub) !=
+      TSS2_RC_SUCCESS) {
+    return Error(Category::kIntegrity, "TPM object: its public area does not parse");
+  }
+  uint8_t buf[sizeof(TPMT_PUBLIC)];
+  size_t len = 0;
+  if (Tss2_MU_TPMT_PUBLIC_Marshal(&pub.publicArea, buf, sizeof buf, &len) != TSS2_RC_SUCCESS) {
+    return Error(Category::kInternal, "cannot marshal a TPM public area");
+  }
+  uint8_t name[2 + 32];
+  name[0] = static_cast<uint8_t>(pub.publicArea.nameAlg >> 8);
+  name[1] = static_cast<uint8_t>(pub.publicArea.nameAlg);
+  unsigned int md = 0;
+  EVP_Digest(buf, len, name + 2, &md, EVP_sha256(), nullptr);
+  ObjectInfo info;
+  info.name = Hex(std::span<const uint8_t>(name, 2 + md));
+  TPMA_OBJECT a = pub.publicArea.objectAttributes;
+  info.fixed_tpm = (a & TPMA_OBJECT_FIXEDTPM) != 0;
+  info.fixed_parent = (a & TPMA_OBJECT_FIXEDPARENT) != 0;
+  info.sensitive_data_origin = (a & TPMA_OBJECT_SENSITIVEDATAORIGIN) != 0;
+  info.user_with_auth = (a & TPMA_OBJECT_USERWITHAUTH) != 0;
+  info.policy_bound = pub.publicArea.authPolicy.size > 0;
+  return info;
+}
+
 struct Tpm::Impl {
   TSS2_TCTI_CONTEXT* tcti = nullptr;
   ESYS_CONTEXT* ctx = nullptr;

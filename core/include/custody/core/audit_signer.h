@@ -13,6 +13,7 @@
 
 #include "custody/core/audit.h"
 #include "custody/hsm/ec.h"
+#include "custody/hsm/objects.h"
 #include "custody/hsm/session.h"
 #include "custody/tpm/tpm.h"
 
@@ -25,8 +26,12 @@ namespace custody::core {
 class TpmAuditSigner final : public AuditSigner {
  public:
   static constexpr const char* kLabel = "custody:audit:v1";
+  // `label` and `file` name another key of the same kind (the attestation
+  // key: "custody:attest:v1", "attest-key.tpm").
   static Result<std::unique_ptr<TpmAuditSigner>> Open(tpm::Tpm& tpm, const std::string& state_dir,
-                                                      const SecretBuffer& pin, bool create);
+                                                      const SecretBuffer& pin, bool create,
+                                                      const std::string& label = kLabel,
+                                                      const std::string& file = "audit-key.tpm");
   Result<std::vector<uint8_t>> Sign(std::string_view message) override;
   std::string key_id() const override;
   Result<std::string> PublicKeyPem() const override;
@@ -44,18 +49,23 @@ class TokenAuditSigner final : public AuditSigner {
   static constexpr const char* kLabel = "custody:audit:v1";
 
   // Finds the key; with `create`, makes it when the token has none.
-  static Result<std::unique_ptr<TokenAuditSigner>> Open(hsm::SessionPool& pool, bool create);
+  // `label` names another key of the same kind (the attestation key).
+  static Result<std::unique_ptr<TokenAuditSigner>> Open(hsm::SessionPool& pool, bool create,
+                                                        const std::string& label = kLabel);
+  // The token's own view of the private key (for attestation statements).
+  Result<hsm::ObjectSummary> DescribePrivateKey();
 
   Result<std::vector<uint8_t>> Sign(std::string_view message) override;
   std::string key_id() const override;
   Result<std::string> PublicKeyPem() const override;
 
  private:
-  TokenAuditSigner(hsm::SessionPool& pool, hsm::EcKey key)
-      : pool_(pool), key_(std::move(key)), generation_(pool.module().generation()) {}
+  TokenAuditSigner(hsm::SessionPool& pool, hsm::EcKey key, std::string label)
+      : pool_(pool), key_(std::move(key)), label_(std::move(label)), generation_(pool.module().generation()) {}
   hsm::SessionPool& pool_;
   std::mutex mu_;
   hsm::EcKey key_;
+  std::string label_;
   uint64_t generation_;  // key_'s handles belong to this module generation
 };
 

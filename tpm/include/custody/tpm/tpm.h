@@ -103,6 +103,16 @@ class Tpm {
   std::unique_ptr<Impl> impl_;
 };
 
+// What a verifier can learn from an object's public area, without the TPM:
+// its Name (nameAlg || SHA-256 of TPMT_PUBLIC, as tpm2-tools prints it) and
+// the attributes that say where its secret came from and how it is bound.
+struct ObjectInfo {
+  std::string name;  // hex
+  bool fixed_tpm = false, fixed_parent = false, sensitive_data_origin = false, user_with_auth = false;
+  bool policy_bound = false;  // authPolicy set (PCR policy)
+};
+Result<ObjectInfo> Describe(const SealedObject& object);
+
 // Maps a TSS2_RC to custody's error: the decoded text (Tss2_RC_Decode), the
 // call, and advice for the cases people meet (PCR mismatch, lockout).
 Error TpmError(uint32_t rc, std::string_view call);

@@ -1,0 +1,146 @@
+#include "custody/core/attestation.h"
+
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+
+#include <memory>
+#include <nlohmann/json.hpp>
+
+#include "custody/common/base64.h"
+#include "custody/hsm/objects.h"
+
+namespace custody::core {
+namespace {
+
+using nlohmann::json;
+
+Error Bad(const std::string& what) { return Error(Category::kIntegrity, "attestation statement: " + what); }
+
+Result<EVP_PKEY*> ReadPublicKey(const std::string& pem) {
+  std::unique_ptr<BIO, decltype(&BIO_free)> bio(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())), &BIO_free);
+  EVP_PKEY* key = bio ? PEM_read_bio_PUBKEY(bio.get(), nullptr, nullptr, nullptr) : nullptr;
+  if (key == nullptr) return Error(Category::kUsage, "--pubkey is not a PEM public key");
+  return key;
+}
+
+}  // namespace
+
+Result<std::string> PublicKeyFingerprint(const std::string& public_key_pem) {
+  CUSTODY_ASSIGN_OR_RETURN(EVP_PKEY * key, ReadPublicKey(public_key_pem));
+  unsigned char* der = nullptr;
+  int n = i2d_PUBKEY(key, &der);
+  EVP_PKEY_free(key);
+  if (n <= 0) return Error(Category::kInternal, "cannot encode the public key");
+  unsigned char md[32];
+  unsigned int len = 0;
+  EVP_Digest(der, static_cast<size_t>(n), md, &len, EVP_sha256(), nullptr);
+  OPENSSL_free(der);
+  return hsm::ToHex(std::span<const uint8_t>(md, len));
+}
+
+std::string EncodeStatementFile(const std::string& payload, std::span<const uint8_t> signature,
+                                const std::string& public_key_pem) {
+  json j{{"format", kStatementFormat},
+         {"payload", Base64Encode(payload)},
+         {"signature", Base64Encode(signature)},
+         {"public_key", public_key_pem},
+         {"statement", json::parse(payload)}};  // for people; verify reads only the signed payload
+  return j.dump(2) + "\n";
+}
+
+Result<StatementFile> ParseStatementFile(std::string_view text) {
+  json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) return Bad("not a JSON object");
+  auto str = [&](const char* k) -> Result<std::string> {
+    auto it = j.find(k);
+    if (it == j.end() || !it->is_string()) return Bad(std::string("field '") + k + "' is missing or not a string");
+    return it->get<std::string>();
+  };
+  CUSTODY_ASSIGN_OR_RETURN(std::string format, str("format"));
+  if (format != kStatementFormat) return Bad("format '" + format + "' is not " + kStatementFormat);
+  CUSTODY_ASSIGN_OR_RETURN(std::string payload_b64, str("payload"));
+  CUSTODY_ASSIGN_OR_RETURN(std::string sig_b64, str("signature"));
+  auto payload = Base64Decode(payload_b64);
+  if (!payload) return Bad("payload is not base64");
+  auto sig = Base64Decode(sig_b64);
+  if (!sig || sig->empty()) return Bad("signature is not base64");
+  return StatementFile{std::string(payload->begin(), payload->end()), std::move(*sig)};
+}
+
+Result<StatementSummary> VerifyStatementFile(std::string_view text, const std::string& public_key_pem,
+                                             const std::optional<std::string>& nonce_hex) {
+  CUSTODY_ASSIGN_OR_RETURN(StatementFile f, ParseStatementFile(text));
+  {
+    CUSTODY_ASSIGN_OR_RETURN(EVP_PKEY * key, ReadPublicKey(public_key_pem));
+    std::unique_ptr<EVP_PKEY, decltype(&EVP_PKEY_free)> k(key, &EVP_PKEY_free);
+    std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), &EVP_MD_CTX_free);
+    int ok = ctx && EVP_DigestVerifyInit(ctx.get(), nullptr, EVP_sha256(), nullptr, key) == 1
+                 ? EVP_DigestVerify(ctx.get(), f.signature.data(), f.signature.size(),
+                                    reinterpret_cast<const unsigned char*>(f.payload.data()), f.payload.size())
+                 : 0;
+    if (ok != 1) {
+      return Bad("the signature does not verify with this public key: the statement was changed, or it was made by "
+                 "another key (another token)");
+    }
+  }
+  json p = json::parse(f.payload, nullptr, false);
+  if (p.is_discarded() || !p.is_object()) return Bad("signed payload is not a JSON object");
+  auto need = [&](const json& obj, const char* path, const char* key, json::value_t type) -> Result<const json*> {
+    auto it = obj.find(key);
+    bool ok = it != obj.end() &&
+              (it->type() == type || (type == json::value_t::number_unsigned && it->is_number_integer() &&
+                                      it->get<int64_t>() >= 0));
+    if (!ok) return Bad(std::string("payload field ") + path + " is missing or has the wrong type");
+    return &*it;
+  };
+  using T = json::value_t;
+  CUSTODY_ASSIGN_OR_RETURN(const json* format, need(p, "format", "format", T::string));
+  if (*format != kStatementFormat) return Bad("payload format is not " + std::string(kStatementFormat));
+  CUSTODY_ASSIGN_OR_RETURN(const json* time, need(p, "time", "time", T::string));
+  CUSTODY_ASSIGN_OR_RETURN(const json* backend, need(p, "backend", "backend", T::string));
+  CUSTODY_ASSIGN_OR_RETURN(const json* token, need(p, "token", "token", T::object));
+  CUSTODY_ASSIGN_OR_RETURN(const json* keys, need(p, "keys", "keys", T::array));
+  for (size_t i = 0; i < keys->size(); ++i) {
+    const json& k = (*keys)[i];
+    std::string at = "keys[" + std::to_string(i) + "]";
+    if (!k.is_object()) return Bad("payload field " + at + " is not an object");
+    CUSTODY_RETURN_IF_ERROR(need(k, (at + ".role").c_str(), "role", T::string));
+    CUSTODY_RETURN_IF_ERROR(need(k, (at + ".label").c_str(), "label", T::string));
+    CUSTODY_RETURN_IF_ERROR(need(k, (at + ".fingerprint").c_str(), "fingerprint", T::string));
+    CUSTODY_ASSIGN_OR_RETURN(const json* attrs, need(k, (at + ".attributes").c_str(), "attributes", T::object));
+    for (const auto& [name, v] : attrs->items()) {
+      if (!v.is_boolean()) return Bad("payload field " + at + ".attributes." + name + " is not true or false");
+    }
+  }
+  CUSTODY_ASSIGN_OR_RETURN(const json* policy, need(p, "policy", "policy", T::object));
+  CUSTODY_ASSIGN_OR_RETURN(const json* policy_sha, need(*policy, "policy.sha256", "sha256", T::string));
+  CUSTODY_ASSIGN_OR_RETURN(const json* audit, need(p, "audit", "audit", T::object));
+  CUSTODY_ASSIGN_OR_RETURN(const json* head_seq, need(*audit, "audit.head_seq", "head_seq", T::number_unsigned));
+  CUSTODY_RETURN_IF_ERROR(need(*audit, "audit.head_hash", "head_hash", T::string));
+  CUSTODY_ASSIGN_OR_RETURN(const json* ak, need(p, "attestation_key", "attestation_key", T::object));
+  CUSTODY_ASSIGN_OR_RETURN(const json* ak_fp, need(*ak, "attestation_key.fingerprint", "fingerprint", T::string));
+  CUSTODY_ASSIGN_OR_RETURN(std::string fp, PublicKeyFingerprint(public_key_pem));
+  if (*ak_fp != fp) {
+    return Bad("the payload names attestation key " + ak_fp->get<std::string>() + ", not the given key " + fp);
+  }
+  StatementSummary s;
+  s.time = time->get<std::string>();
+  s.backend = backend->get<std::string>();
+  if (auto m = token->find("manufacturer"); m != token->end() && m->is_string()) s.token = m->get<std::string>();
+  if (auto m = token->find("serial"); m != token->end() && m->is_string()) s.token += " serial " + m->get<std::string>();
+  s.keys = keys->size();
+  s.policy_sha256 = policy_sha->get<std::string>();
+  s.audit_head_seq = head_seq->get<uint64_t>();
+  auto nonce = p.find("nonce");
+  if (nonce != p.end() && !nonce->is_string() && !nonce->is_null()) return Bad("payload field nonce has the wrong type");
+  if (nonce != p.end() && nonce->is_string()) s.nonce = nonce->get<std::string>();
+  if (nonce_hex) {
+    std::string want = *nonce_hex;
+    for (auto& c : want) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    if (s.nonce.empty()) return Bad("the statement carries no nonce, but nonce " + want + " was required");
+    if (s.nonce != want) return Bad("the statement's nonce is " + s.nonce + ", not " + want + ": it is not fresh");
+  }
+  return s;
+}
+
+}  // namespace custody::core

@@ -1,0 +1,202 @@
+// `custody attest` and `attest verify` end to end: a statement from a real
+// SoftHSM2 token (and a swtpm TPM) verifies offline, with the stock openssl
+// command too; any change to any field, a wrong or missing nonce, or another
+// token's key makes verify fail with 65 naming what failed.
+#include <gtest/gtest.h>
+
+#include <functional>
+#include <nlohmann/json.hpp>
+
+#include "../support/testenv.h"
+#include "custody/common/base64.h"
+
+namespace custody::test {
+namespace {
+
+using nlohmann::json;
+
+constexpr const char* kNonce = "00112233445566778899aabbccddeeff";
+
+std::string Policy() {
+  return R"(version = 1
+admins = ["user:root"]
+[principals."user:root"]
+uid = 0
+[projects.payments.environments.prod]
+[[projects.payments.grants]]
+principal = "user:root"
+role = "owner"
+)";
+}
+
+class AttestCliTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    for (SoftHsmToken* t : {&a_, &b_}) {
+      t->InitCli();
+      WriteFile(t->dir() / "policy.toml", Policy());
+      ASSERT_EQ(Cli(*t, {"policy", "apply", t->dir() / "policy.toml"}).exit_code, 0);
+      ASSERT_EQ(Cli(*t, {"secret", "put", "payments/prod/k"}, "v").exit_code, 0);
+      ASSERT_EQ(Cli(*t, {"audit", "checkpoint"}).exit_code, 0);
+    }
+  }
+  RunResult Cli(const SoftHsmToken& t, const std::vector<std::string>& args, const std::string& in = "") {
+    RunOptions o;
+    o.env = t.CliEnv();
+    o.stdin_data = in;
+    return RunCustody(args, o);
+  }
+  // A statement from token `t` with its attestation public key beside it.
+  std::string Attest(const SoftHsmToken& t, std::vector<std::string> extra = {}) {
+    std::string out = t.dir() / "statement.json";
+    std::vector<std::string> args{"attest", "--out", out, "--pubkey-out", t.dir() / "ak.pem"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    auto r = Cli(t, args);
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    return out;
+  }
+  RunResult Verify(const std::string& file, const std::string& pubkey, std::vector<std::string> extra = {}) {
+    std::vector<std::string> args{"attest", "verify", file, "--pubkey", pubkey};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return RunCustody(args, {});  // offline: no config, no token
+  }
+  static void Expect65(const RunResult& r, const std::string& says) {
+    EXPECT_EQ(r.exit_code, 65) << r.out << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_NE(r.err.find(says), std::string::npos) << "expected '" << says << "' in: " << r.err;
+  }
+
+  SoftHsmToken a_{"token-a"}, b_{"token-b"};
+};
+
+TEST_F(AttestCliTest, AStatementVerifiesOfflineAndWithOpenssl) {
+  std::string st = Attest(a_, {"--nonce", kNonce});
+  auto ok = Verify(st, a_.dir() / "ak.pem", {"--nonce", kNonce});
+  ASSERT_EQ(ok.exit_code, 0) << ok.err;
+  EXPECT_NE(ok.out.find("statement verified"), std::string::npos);
+  EXPECT_NE(ok.out.find("nonce matches"), std::string::npos);
+  auto ossl = RunProgram("/usr/bin/openssl",
+                         {"dgst", "-sha256", "-verify", a_.dir() / "ak.pem", "-signature", st + ".sig", st + ".bin"}, {});
+  EXPECT_EQ(ossl.exit_code, 0) << ossl.err;
+  EXPECT_NE(ossl.out.find("Verified OK"), std::string::npos);
+
+  // What it says, as the token reports it: the KEK, the audit key and the
+  // attestation key, all local and never extractable; the policy's hash;
+  // the audit head.
+  auto j = json::parse(ReadFile(st));
+  const json& p = j["statement"];
+  EXPECT_EQ(p["nonce"], kNonce);
+  EXPECT_EQ(p["token"]["label"], "token-a");
+  std::set<std::string> roles;
+  for (const auto& k : p["keys"]) {
+    roles.insert(k["role"].get<std::string>());
+    EXPECT_EQ(k["attributes"]["never_extractable"], true) << k.dump();
+    EXPECT_EQ(k["attributes"]["local"], true) << k.dump();
+    EXPECT_EQ(k["attributes"]["extractable"], false) << k.dump();
+  }
+  EXPECT_EQ(roles, (std::set<std::string>{"kek", "audit", "attestation"}));
+  EXPECT_EQ(p["policy"]["sha256"].get<std::string>().size(), 64u);
+  EXPECT_GT(p["audit"]["head_seq"].get<uint64_t>(), 0u);
+}
+
+TEST_F(AttestCliTest, ChangingAnyFieldOfTheStatementMakesVerifyFail) {
+  std::string st = Attest(a_, {"--nonce", kNonce});
+  json file = json::parse(ReadFile(st));
+  auto payload_bytes = Base64Decode(file["payload"].get<std::string>());
+  ASSERT_TRUE(payload_bytes.has_value());
+  json payload = json::parse(std::string(payload_bytes->begin(), payload_bytes->end()));
+  // Every leaf of the signed payload, changed one at a time.
+  std::vector<json::json_pointer> leaves;
+  std::function<void(const json&, json::json_pointer)> walk = [&](const json& v, json::json_pointer at) {
+    if (v.is_object()) {
+      for (const auto& [k, x] : v.items()) walk(x, at / k);
+    } else if (v.is_array()) {
+      for (size_t i = 0; i < v.size(); ++i) walk(v[i], at / i);
+    } else {
+      leaves.push_back(at);
+    }
+  };
+  walk(payload, json::json_pointer());
+  ASSERT_GT(leaves.size(), 30u);
+  std::string bad = a_.dir() / "bad.json";
+  for (const auto& at : leaves) {
+    json changed = payload;
+    json& leaf = changed[at];
+    if (leaf.is_boolean()) leaf = !leaf.get<bool>();
+    else if (leaf.is_number()) leaf = leaf.get<int64_t>() + 1;
+    else if (leaf.is_string()) leaf = leaf.get<std::string>() + "0";
+    else leaf = "x";
+    json f = file;
+    f["payload"] = Base64Encode(changed.dump());
+    WriteFile(bad, f.dump());
+    auto r = Verify(bad, a_.dir() / "ak.pem");
+    EXPECT_EQ(r.exit_code, 65) << "changing " << at.to_string() << " went unnoticed";
+  }
+  // The signature, and the frame around it.
+  json f = file;
+  std::string sig = f["signature"];
+  sig[10] = sig[10] == 'A' ? 'B' : 'A';
+  f["signature"] = sig;
+  WriteFile(bad, f.dump());
+  Expect65(Verify(bad, a_.dir() / "ak.pem"), "the signature does not verify");
+  f = file;
+  f["format"] = "custody-attestation-v0";
+  WriteFile(bad, f.dump());
+  Expect65(Verify(bad, a_.dir() / "ak.pem"), "format 'custody-attestation-v0'");
+  WriteFile(bad, "{not json");
+  Expect65(Verify(bad, a_.dir() / "ak.pem"), "not a JSON object");
+  f = file;
+  f.erase("payload");
+  WriteFile(bad, f.dump());
+  Expect65(Verify(bad, a_.dir() / "ak.pem"), "field 'payload' is missing");
+}
+
+TEST_F(AttestCliTest, AWrongOrMissingNonceFailsWhenOneIsRequired) {
+  std::string with = Attest(a_, {"--nonce", kNonce});
+  Expect65(Verify(with, a_.dir() / "ak.pem", {"--nonce", "ffeeddccbbaa99887766554433221100"}), "it is not fresh");
+  std::string without = Attest(a_);
+  Expect65(Verify(without, a_.dir() / "ak.pem", {"--nonce", kNonce}), "carries no nonce");
+  EXPECT_EQ(Verify(without, a_.dir() / "ak.pem").exit_code, 0) << "no nonce required, none given";
+  auto bad = Verify(with, a_.dir() / "ak.pem", {"--nonce", "xyz"});
+  EXPECT_EQ(bad.exit_code, 64) << bad.err;
+}
+
+TEST_F(AttestCliTest, AStatementFromOneTokenDoesNotVerifyWithAnothersKey) {
+  std::string from_a = Attest(a_);
+  Attest(b_);
+  Expect65(Verify(from_a, b_.dir() / "ak.pem"), "made by another key");
+  EXPECT_EQ(Verify(from_a, a_.dir() / "ak.pem").exit_code, 0);
+}
+
+TEST(AttestTpmCliTest, ATpmStatementVerifies) {
+  Swtpm swtpm;
+  CUSTODY_REQUIRE_SWTPM(swtpm);
+  SoftHsmToken t;
+  RunOptions o;
+  o.env = {{"CUSTODY_CONFIG", t.config_path()}};
+  auto init = RunCustody({"init", "--backend", "tpm", "--tcti", swtpm.tcti(), "--pin-file", t.pin_file(),
+                          "--state-dir", t.dir() / "state"},
+                         o);
+  ASSERT_EQ(init.exit_code, 0) << init.err;
+  WriteFile(t.dir() / "policy.toml", Policy());
+  ASSERT_EQ(RunCustody({"policy", "apply", t.dir() / "policy.toml"}, o).exit_code, 0);
+  ASSERT_EQ(RunCustody({"audit", "checkpoint"}, o).exit_code, 0);
+  std::string st = t.dir() / "statement.json";
+  auto r = RunCustody({"attest", "--nonce", kNonce, "--out", st, "--pubkey-out", t.dir() / "ak.pem"}, o);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto v = RunCustody({"attest", "verify", st, "--pubkey", t.dir() / "ak.pem", "--nonce", kNonce}, {});
+  EXPECT_EQ(v.exit_code, 0) << v.err;
+  auto j = json::parse(ReadFile(st));
+  EXPECT_EQ(j["statement"]["backend"], "tpm");
+  bool kek = false;
+  for (const auto& k : j["statement"]["keys"]) {
+    if (k["role"] != "kek") continue;
+    kek = true;
+    EXPECT_EQ(k["attributes"]["fixed_tpm"], true);
+    EXPECT_EQ(k["fingerprint"].get<std::string>().rfind("tpm-name:000b", 0), 0u) << k.dump();
+  }
+  EXPECT_TRUE(kek);
+}
+
+}  // namespace
+}  // namespace custody::test
