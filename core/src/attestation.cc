@@ -8,6 +8,7 @@
 
 #include "custody/common/base64.h"
 #include "custody/hsm/objects.h"
+#include "custody/tpm/tpm.h"
 
 namespace custody::core {
 namespace {
@@ -139,6 +140,37 @@ Result<StatementSummary> VerifyStatementFile(std::string_view text, const std::s
     for (auto& c : want) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
     if (s.nonce.empty()) return Bad("the statement carries no nonce, but nonce " + want + " was required");
     if (s.nonce != want) return Bad("the statement's nonce is " + s.nonce + ", not " + want + ": it is not fresh");
+  }
+  // The TPM's own evidence, inside the signed payload: the quote and each
+  // KEK's certification must be TPM-made attestations of the right kind,
+  // over the statement's nonce, and certify the objects the statement names.
+  // (Their TPM signatures are checked with tpm2_checkquote and the AK's
+  // chain to the TPM's endorsement key; see docs/ATTESTATION.md.)
+  auto tpm_evidence = [&](const json& obj, const std::string& at, bool want_quote) -> Result<tpm::AttestInfo> {
+    CUSTODY_ASSIGN_OR_RETURN(const json* msg, need(obj, (at + ".message").c_str(), "message", T::string));
+    CUSTODY_RETURN_IF_ERROR(need(obj, (at + ".signature").c_str(), "signature", T::string));
+    auto bytes = Base64Decode(msg->get<std::string>());
+    if (!bytes) return Bad(at + ".message is not base64");
+    auto info = tpm::ParseAttest(*bytes);
+    if (!info) return Bad(at + ": " + info.error().message());
+    if (want_quote ? !info->quote : !info->certify) return Bad(at + " is not a TPM " + (want_quote ? "quote" : "certification"));
+    if (hsm::ToHex(info->extra_data) != s.nonce) return Bad(at + " was made for another nonce than the statement's");
+    return info;
+  };
+  if (auto q = p.find("tpm_quote"); q != p.end()) {
+    if (!q->is_object()) return Bad("payload field tpm_quote is not an object");
+    CUSTODY_RETURN_IF_ERROR(tpm_evidence(*q, "tpm_quote", true));
+  }
+  for (size_t i = 0; i < keys->size(); ++i) {
+    const json& k = (*keys)[i];
+    auto c = k.find("certify");
+    if (c == k.end()) continue;
+    std::string at = "keys[" + std::to_string(i) + "].certify";
+    if (!c->is_object()) return Bad("payload field " + at + " is not an object");
+    CUSTODY_ASSIGN_OR_RETURN(auto info, tpm_evidence(*c, at, false));
+    if ("tpm-name:" + info.certified_name != k["fingerprint"].get<std::string>()) {
+      return Bad(at + " certifies another object than the key it is attached to");
+    }
   }
   return s;
 }

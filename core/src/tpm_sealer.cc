@@ -65,6 +65,13 @@ std::string TpmSealer::ResealMode() {
 
 Status TpmSealer::Random(std::span<uint8_t> out) { return tpm_.Random(out); }
 
+Result<tpm::Attested> TpmSealer::CertifyKek(const KekRef& kek, std::string_view project,
+                                            std::span<const uint8_t> qualifying) {
+  CUSTODY_ASSIGN_OR_RETURN(auto material, material_.KekMaterial(kek));
+  CUSTODY_ASSIGN_OR_RETURN(auto object, tpm::SealedObject::Decode(material));
+  return tpm_.Certify(object, AuthFor(project, kek.version), qualifying);
+}
+
 Result<SecretBuffer> TpmSealer::Kek(const KekRef& kek, std::string_view project) {
   auto now = std::chrono::steady_clock::now();
   if (options_.kek_cache_seconds > 0) {

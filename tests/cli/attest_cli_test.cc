@@ -186,14 +186,27 @@ TEST(AttestTpmCliTest, ATpmStatementVerifies) {
   ASSERT_EQ(r.exit_code, 0) << r.err;
   auto v = RunCustody({"attest", "verify", st, "--pubkey", t.dir() / "ak.pem", "--nonce", kNonce}, {});
   EXPECT_EQ(v.exit_code, 0) << v.err;
+  // The TPM's quote, over PCRs 0-7 with the nonce, verifies with the stock tool.
+  auto cq = RunProgram("/usr/bin/tpm2_checkquote",
+                       {"-u", st + ".ak.pem", "-m", st + ".quote.msg", "-s", st + ".quote.sig", "-f", st + ".quote.pcrs",
+                        "-g", "sha256", "-q", kNonce},
+                       {});
+  EXPECT_EQ(cq.exit_code, 0) << cq.out << cq.err;
+  auto cq_wrong = RunProgram("/usr/bin/tpm2_checkquote",
+                             {"-u", st + ".ak.pem", "-m", st + ".quote.msg", "-s", st + ".quote.sig", "-g", "sha256",
+                              "-q", "ffeeddccbbaa99887766554433221100"},
+                             {});
+  EXPECT_NE(cq_wrong.exit_code, 0) << "another nonce must not pass";
   auto j = json::parse(ReadFile(st));
   EXPECT_EQ(j["statement"]["backend"], "tpm");
+  EXPECT_TRUE(j["statement"].contains("tpm_quote"));
   bool kek = false;
   for (const auto& k : j["statement"]["keys"]) {
     if (k["role"] != "kek") continue;
     kek = true;
     EXPECT_EQ(k["attributes"]["fixed_tpm"], true);
     EXPECT_EQ(k["fingerprint"].get<std::string>().rfind("tpm-name:000b", 0), 0u) << k.dump();
+    EXPECT_TRUE(k.contains("certify")) << "TPM2_Certify of the KEK's sealed object";
   }
   EXPECT_TRUE(kek);
 }

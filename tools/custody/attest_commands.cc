@@ -11,7 +11,9 @@
 
 #include "commands.h"
 #include "custody/core/attestation.h"
+#include "custody/common/base64.h"
 #include "custody/core/audit_signer.h"
+#include "custody/core/tpm_sealer.h"
 #include "custody/hsm/objects.h"
 #include "custody/hsm/rv.h"
 #include "custody/hsm/uri.h"
@@ -154,7 +156,24 @@ Status Attest(const Globals& g, const AttestArgs& a) {
     CUSTODY_ASSIGN_OR_RETURN(auto projects, o.store->ListProjects());
     for (const auto& p : projects) project_names[p.id] = p.name;
 
+    std::vector<uint8_t> qualifying;
+    if (nonce) {
+      for (size_t i = 0; i < nonce->size(); i += 2) {
+        qualifying.push_back(static_cast<uint8_t>(std::stoi(nonce->substr(i, 2), nullptr, 16)));
+      }
+    }
+    std::optional<tpm::Quote> quote;
     if (o.backend.is_tpm()) {
+      // The TPM's own word: a quote over the PCRs (the configured ones, or
+      // 0-7), with the nonce, by the endorsement-hierarchy attestation key.
+      std::vector<uint8_t> pcrs = o.config.tpm_pcrs;
+      if (pcrs.empty()) pcrs = {0, 1, 2, 3, 4, 5, 6, 7};
+      CUSTODY_ASSIGN_OR_RETURN(quote, o.backend.tpm->QuotePcrs(qualifying, pcrs));
+      CUSTODY_ASSIGN_OR_RETURN(std::string ak_tpm_pem, core::P256PublicKeyPem(quote->ak_point));
+      json q{{"pcr_bank", "sha256"}, {"pcrs", quote->pcrs}, {"pcr_values", hsm::ToHex(quote->pcr_values)},
+             {"message", Base64Encode(quote->attested.message)}, {"signature", Base64Encode(quote->attested.signature)},
+             {"ak_public_key", ak_tpm_pem}, {"ak_name", quote->ak_name}};
+      payload["tpm_quote"] = q;
       CUSTODY_ASSIGN_OR_RETURN(tpm::Info info, o.backend.tpm->GetInfo());
       payload["token"] = {{"kind", "TPM 2.0"}, {"manufacturer", info.manufacturer}, {"vendor", info.vendor},
                           {"firmware", info.firmware}, {"srk_name", info.srk_name},
@@ -165,9 +184,12 @@ Status Attest(const Globals& g, const AttestArgs& a) {
         CUSTODY_ASSIGN_OR_RETURN(auto material, o.store->KekMaterial(k.ref));
         CUSTODY_ASSIGN_OR_RETURN(auto object, tpm::SealedObject::Decode(material));
         CUSTODY_ASSIGN_OR_RETURN(auto oi, tpm::Describe(object));
+        auto* tpm_sealer = static_cast<core::TpmSealer*>(o.sealer);
+        CUSTODY_ASSIGN_OR_RETURN(auto cert, tpm_sealer->CertifyKek(k.ref, project_names[k.project_id], qualifying));
         keys.push_back({{"role", "kek"}, {"label", k.label}, {"id", hsm::ToHex(k.ref.id)},
                         {"state", core::KekStateName(k.state)}, {"attributes", TpmAttributes(oi)},
-                        {"fingerprint", "tpm-name:" + oi.name}});
+                        {"fingerprint", "tpm-name:" + oi.name},
+                        {"certify", {{"message", Base64Encode(cert.message)}, {"signature", Base64Encode(cert.signature)}}}});
       }
       for (const auto& [role, file] : {std::pair<const char*, const char*>{"audit", "audit-key.tpm"},
                                        {"attestation", "attest-key.tpm"}}) {
@@ -240,6 +262,14 @@ Status Attest(const Globals& g, const AttestArgs& a) {
     CUSTODY_RETURN_IF_ERROR(WritePrivateFile(a.out + ".bin", as_span(bytes)));
     CUSTODY_RETURN_IF_ERROR(WritePrivateFile(a.out + ".sig", sig));
     if (a.pubkey_out) CUSTODY_RETURN_IF_ERROR(WritePrivateFile(*a.pubkey_out, as_span(ak_pem)));
+    if (quote) {
+      // What tpm2_checkquote reads, beside the statement.
+      CUSTODY_ASSIGN_OR_RETURN(std::string ak_tpm_pem, core::P256PublicKeyPem(quote->ak_point));
+      CUSTODY_RETURN_IF_ERROR(WritePrivateFile(a.out + ".quote.msg", quote->attested.message));
+      CUSTODY_RETURN_IF_ERROR(WritePrivateFile(a.out + ".quote.sig", quote->attested.signature));
+      CUSTODY_RETURN_IF_ERROR(WritePrivateFile(a.out + ".quote.pcrs", quote->pcr_file));
+      CUSTODY_RETURN_IF_ERROR(WritePrivateFile(a.out + ".ak.pem", as_span(ak_tpm_pem)));
+    }
     if (g.json) {
       PrintJson({{"statement", a.out}, {"signed_bytes", a.out + ".bin"}, {"signature", a.out + ".sig"},
                  {"keys", keys.size()}, {"attestation_key", ak_fp}});

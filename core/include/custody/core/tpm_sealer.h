@@ -46,6 +46,9 @@ class TpmSealer final : public Sealer {
   Result<std::vector<uint8_t>> Seal(const KekRef& kek, const SealContext& ctx, const SecretBuffer& value) override;
   Result<SecretBuffer> Unseal(const KekRef& expected, const SealContext& ctx, std::span<const uint8_t> blob) override;
 
+  // TPM2_Certify of a project KEK's sealed object (for attestation).
+  Result<tpm::Attested> CertifyKek(const KekRef& kek, std::string_view project, std::span<const uint8_t> qualifying);
+
  private:
   SecretBuffer AuthFor(std::string_view project, uint32_t version) const;
   // The KEK bytes, unsealed by the TPM (or from the cache).

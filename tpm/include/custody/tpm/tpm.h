@@ -66,6 +66,30 @@ struct SigningKey {
   std::vector<uint8_t> point;  // uncompressed 04||X||Y
 };
 
+// A TPM-signed attestation: the TPMS_ATTEST bytes the TPM signed and its
+// TPMT_SIGNATURE, both as the TSS marshals them (the formats tpm2_quote
+// writes and tpm2_checkquote reads).
+struct Attested {
+  std::vector<uint8_t> message, signature;
+};
+struct Quote {
+  Attested attested;
+  std::vector<uint8_t> pcrs;        // SHA-256 bank indexes quoted
+  std::vector<uint8_t> pcr_values;  // their digests, concatenated in that order
+  // The PCR selection and values as tpm2_quote -o writes them (and
+  // tpm2_checkquote -f reads them): the TSS structures as laid out in memory.
+  std::vector<uint8_t> pcr_file;
+  std::vector<uint8_t> ak_point;    // the attestation key, 04||X||Y
+  std::string ak_name;              // hex
+};
+// What a verifier reads from TPMS_ATTEST bytes without the TPM.
+struct AttestInfo {
+  bool quote = false, certify = false;
+  std::vector<uint8_t> extra_data;  // the qualifying data (the nonce)
+  std::string certified_name;       // hex, for certify
+};
+Result<AttestInfo> ParseAttest(std::span<const uint8_t> message);
+
 class Tpm {
  public:
   static Result<std::unique_ptr<Tpm>> Open(const Options& options);
@@ -90,6 +114,14 @@ class Tpm {
 
   Status Random(std::span<uint8_t> out);
   Result<Info> GetInfo();
+  // TPM2_Quote over SHA-256 PCRs with `qualifying` (the verifier's nonce) as
+  // extra data, signed by the attestation key: an ECDSA P-256 restricted
+  // signing primary in the endorsement hierarchy (the same key every time on
+  // one TPM, since it derives from the endorsement seed).
+  Result<Quote> QuotePcrs(std::span<const uint8_t> qualifying, const std::vector<uint8_t>& pcrs);
+  // TPM2_Certify of a sealed object by that attestation key: the TPM vouches
+  // that an object with this Name is loaded in it (under our SRK).
+  Result<Attested> Certify(const SealedObject& object, const SecretBuffer& auth, std::span<const uint8_t> qualifying);
   // Transient objects loaded now (leak checks in tests).
   Result<size_t> TransientObjects();
   // Extends a SHA-256 PCR with `data`'s digest (tests; and to bind to state).
