@@ -121,5 +121,11 @@ echo "demo: the audit trail, its signed checkpoint, and a check with the stock o
 latest="$(ls "$state/audit/checkpoints/"*.msg | tail -n 1)"
 openssl dgst -sha256 -verify "$state/audit.pem" -signature "${latest%.msg}.sig" "$latest"
 echo
+echo "demo: attestation: a signed statement of the keys, the policy and the audit head, bound to a nonce"
+nonce="$(openssl rand -hex 16)"
+"$custody" attest --nonce "$nonce" --out "$state/statement.json" --pubkey-out "$state/attest.pem"
+"$custody" attest verify "$state/statement.json" --pubkey "$state/attest.pem" --nonce "$nonce"
+openssl dgst -sha256 -verify "$state/attest.pem" -signature "$state/statement.json.sig" "$state/statement.json.bin"
+echo
 echo "demo: state is in $state. To use it from this shell:"
 echo "  export SOFTHSM2_CONF=$SOFTHSM2_CONF CUSTODY_CONFIG=$CUSTODY_CONFIG"
