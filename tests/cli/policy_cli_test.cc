@@ -1,6 +1,9 @@
 // Policy through the real binary: check, apply, explain, usage, and the
-// refusals a user sees (77 denied, 75 limits), with a real token and store.
+// refusals a user sees (77 denied, 75 limits), with a real store, on both
+// backends (parameterised): a SoftHSM2 token, and a TPM (swtpm).
 #include <gtest/gtest.h>
+
+#include <memory>
 
 #include "../support/testenv.h"
 
@@ -44,9 +47,19 @@ role = "owner"
 )";
 }
 
-class PolicyCliTest : public ::testing::Test {
+class PolicyCliTest : public ::testing::TestWithParam<std::string> {
  protected:
-  void SetUp() override { token_.InitCli(); }
+  void SetUp() override {
+    if (GetParam() == "pkcs11") {
+      token_.InitCli();
+      return;
+    }
+    swtpm_ = std::make_unique<Swtpm>();
+    CUSTODY_REQUIRE_SWTPM(*swtpm_);
+    auto r = Cli({"init", "--backend", "tpm", "--tcti", swtpm_->tcti(), "--pin-file", token_.pin_file(),
+                  "--state-dir", token_.dir() / "state"});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+  }
 
   RunResult Cli(const std::vector<std::string>& args, const std::string& in = "") {
     RunOptions o;
@@ -64,15 +77,16 @@ class PolicyCliTest : public ::testing::Test {
   }
 
   SoftHsmToken token_;
+  std::unique_ptr<Swtpm> swtpm_;
 };
 
-TEST_F(PolicyCliTest, NothingIsAllowedBeforeAPolicyIsInForce) {
+TEST_P(PolicyCliTest, NothingIsAllowedBeforeAPolicyIsInForce) {
   Expect(Cli({"secret", "list"}), 77, "no policy in force");
   Expect(Cli({"project", "create", "payments"}), 77, "no policy in force");
   Expect(Cli({"secret", "put", "payments/prod/x"}, "v"), 77, "no policy in force");
 }
 
-TEST_F(PolicyCliTest, ApplyCreatesTheDeclaredProjectsAndRecordsTheVersionAndHash) {
+TEST_P(PolicyCliTest, ApplyCreatesTheDeclaredProjectsAndRecordsTheVersionAndHash) {
   auto r = Apply(PolicyWith("owner"));
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("policy v1 in force (sha256 "), std::string::npos) << r.out;
@@ -88,7 +102,7 @@ TEST_F(PolicyCliTest, ApplyCreatesTheDeclaredProjectsAndRecordsTheVersionAndHash
   EXPECT_EQ(again.out.find("created"), std::string::npos) << "nothing new to create";
 }
 
-TEST_F(PolicyCliTest, CheckPrintsEveryErrorWithFileLineAndColumn) {
+TEST_P(PolicyCliTest, CheckPrintsEveryErrorWithFileLineAndColumn) {
   std::string bad = R"(version = 1
 [principals."user:root"]
 uid = 0
@@ -119,7 +133,7 @@ role = "superuser"
   EXPECT_NE(ok.out.find("valid: 2 projects, 3 principals, 4 grants"), std::string::npos) << ok.out;
 }
 
-TEST_F(PolicyCliTest, AnInvalidPolicyIsNeverAppliedAndThePreviousOneStays) {
+TEST_P(PolicyCliTest, AnInvalidPolicyIsNeverAppliedAndThePreviousOneStays) {
   ASSERT_EQ(Apply(PolicyWith("reader")).exit_code, 0);
   auto bad = Apply(PolicyWith("owner") + "[projects.payments.environments.prod]\n", "bad.toml");
   EXPECT_EQ(bad.exit_code, 65) << bad.err;
@@ -130,7 +144,7 @@ TEST_F(PolicyCliTest, AnInvalidPolicyIsNeverAppliedAndThePreviousOneStays) {
   EXPECT_NE(explain.out.find("policy v1"), std::string::npos) << explain.out;
 }
 
-TEST_F(PolicyCliTest, ApplyRefusesToLockTheCallerOut) {
+TEST_P(PolicyCliTest, ApplyRefusesToLockTheCallerOut) {
   ASSERT_EQ(Apply(PolicyWith("owner")).exit_code, 0);
   std::string no_admin = PolicyWith("owner");
   no_admin.replace(no_admin.find("admins = [\"user:root\"]"), 22, "admins = [\"svc:ci\"]");
@@ -139,7 +153,7 @@ TEST_F(PolicyCliTest, ApplyRefusesToLockTheCallerOut) {
             std::string::npos);
 }
 
-TEST_F(PolicyCliTest, ReaderMayGetButNotPutRotateOrDelete) {
+TEST_P(PolicyCliTest, ReaderMayGetButNotPutRotateOrDelete) {
   ASSERT_EQ(Apply(PolicyWith("owner")).exit_code, 0);
   ASSERT_EQ(Cli({"secret", "put", "payments/prod/stripe-key"}, "sk-value").exit_code, 0);
   ASSERT_EQ(Apply(PolicyWith("reader")).exit_code, 0);
@@ -153,7 +167,7 @@ TEST_F(PolicyCliTest, ReaderMayGetButNotPutRotateOrDelete) {
   EXPECT_EQ(Cli({"secret", "get", "payments/prod/stripe-key"}).out, "sk-value") << "nothing was changed";
 }
 
-TEST_F(PolicyCliTest, ExplainShowsTheDecidingRule) {
+TEST_P(PolicyCliTest, ExplainShowsTheDecidingRule) {
   ASSERT_EQ(Apply(PolicyWith("owner")).exit_code, 0);
   auto allow = Cli({"policy", "explain", "svc:web-prod", "get", "payments/prod/stripe-live"});
   EXPECT_EQ(allow.exit_code, 0) << allow.err;
@@ -177,7 +191,7 @@ TEST_F(PolicyCliTest, ExplainShowsTheDecidingRule) {
   Expect(Cli({"policy", "explain", "svc:ci", "steal", "payments/prod/x"}), 64, "unknown action 'steal'");
 }
 
-TEST_F(PolicyCliTest, RateLimitRefusesWith75SaysWhichAndWhenAndSparesOtherProjects) {
+TEST_P(PolicyCliTest, RateLimitRefusesWith75SaysWhichAndWhenAndSparesOtherProjects) {
   ASSERT_EQ(Apply(PolicyWith("owner", "", "rate = \"3/min\"\n")).exit_code, 0);
   ASSERT_EQ(Cli({"secret", "put", "payments/prod/k"}, "v").exit_code, 0);  // 1 of 3
   ASSERT_EQ(Cli({"secret", "put", "billing/prod/k"}, "v").exit_code, 0);
@@ -192,7 +206,7 @@ TEST_F(PolicyCliTest, RateLimitRefusesWith75SaysWhichAndWhenAndSparesOtherProjec
   for (int i = 0; i < 5; ++i) EXPECT_EQ(Cli({"secret", "get", "billing/prod/k"}).exit_code, 0) << i;
 }
 
-TEST_F(PolicyCliTest, SpendLimitCountsUnsealsPerProjectPerDay) {
+TEST_P(PolicyCliTest, SpendLimitCountsUnsealsPerProjectPerDay) {
   ASSERT_EQ(Apply(PolicyWith("owner", "unseals_per_day = 2\n")).exit_code, 0);
   ASSERT_EQ(Cli({"secret", "put", "payments/prod/k"}, "v").exit_code, 0);
   ASSERT_EQ(Cli({"secret", "put", "payments/dev/k"}, "v").exit_code, 0);
@@ -214,7 +228,7 @@ TEST_F(PolicyCliTest, SpendLimitCountsUnsealsPerProjectPerDay) {
   EXPECT_NE(table.out.find("payments/prod  user:root"), std::string::npos) << table.out;
 }
 
-TEST_F(PolicyCliTest, UsageCountsDenials) {
+TEST_P(PolicyCliTest, UsageCountsDenials) {
   ASSERT_EQ(Apply(PolicyWith("reader")).exit_code, 0);
   Expect(Cli({"secret", "put", "payments/prod/k"}, "v"), 77, "does not allow put");
   Expect(Cli({"usage", "payments"}), 77, "does not allow read-usage");  // readers do not read usage
@@ -228,11 +242,15 @@ TEST_F(PolicyCliTest, UsageCountsDenials) {
   EXPECT_NE(usage.out.find("\"environment\": \"prod\""), std::string::npos) << usage.out;
 }
 
-TEST_F(PolicyCliTest, AnEnvironmentOnAnotherTokenIsRefusedForNow) {
+TEST_P(PolicyCliTest, AnEnvironmentOnAnotherTokenIsRefusedForNow) {
   Expect(Apply(PolicyWith("owner", "", "token = \"pkcs11:token=prod-hsm\"\n")), 64,
-         "custody serves every environment from pkcs11:token=custody-test for now");
+         GetParam() == "tpm" ? "custody serves every environment from the TPM"
+                             : "custody serves every environment from pkcs11:token=custody-test for now");
   Expect(Cli({"secret", "list"}), 77, "no policy in force");
 }
+
+INSTANTIATE_TEST_SUITE_P(Backends, PolicyCliTest, ::testing::Values("pkcs11", "tpm"),
+                         [](const auto& p) { return p.param; });
 
 }  // namespace
 }  // namespace custody::test

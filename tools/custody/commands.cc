@@ -623,9 +623,10 @@ Status PolicyApply(const Globals& g, const std::string& file) {
   // silently seal on the default token.
   for (const auto& p : parsed.policy->projects) {
     for (const auto& e : p.environments) {
-      if (e.token_uri && *e.token_uri != o.config.token_uri) {
+      if (e.token_uri && (o.config.backend == "tpm" || *e.token_uri != o.config.token_uri)) {
+        std::string serves = o.config.backend == "tpm" ? "the TPM (" + o.config.tpm_tcti + ")" : o.config.token_uri;
         return Error(Category::kUsage, "environment " + p.name + "/" + e.name + " names token " + *e.token_uri +
-                                           ", but custody serves every environment from " + o.config.token_uri +
+                                           ", but custody serves every environment from " + serves +
                                            " for now; remove the token key or point it at that token");
       }
     }
