@@ -424,16 +424,18 @@ Status SecretList(const Globals& g, const std::string& scope_text) {
       json out = json::array();
       for (const auto& s : secrets) {
         out.push_back({{"project", s.project}, {"environment", s.environment}, {"name", s.name},
-                       {"latest_version", s.latest_version}, {"versions", s.version_count},
+                       {"latest_version", s.latest_version}, {"current_version", s.current_version},
+                       {"versions", s.version_count}, {"revoked", s.revoked_count},
                        {"updated_at", FormatTime(s.updated_at)}});
       }
       PrintJson(out);
       return Status::Ok();
     }
-    std::vector<std::vector<std::string>> rows{{"SECRET", "LATEST", "VERSIONS", "UPDATED"}};
+    std::vector<std::vector<std::string>> rows{{"SECRET", "LATEST", "VERSIONS", "UPDATED", "CURRENT"}};
     for (const auto& s : secrets) {
       rows.push_back({s.project + "/" + s.environment + "/" + s.name, std::to_string(s.latest_version),
-                      std::to_string(s.version_count), FormatTime(s.updated_at)});
+                      std::to_string(s.version_count), FormatTime(s.updated_at),
+                      s.current_version ? "v" + std::to_string(s.current_version) : "none (all revoked)"});
     }
     PrintTable(rows);
     return Status::Ok();
