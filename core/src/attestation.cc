@@ -1,7 +1,11 @@
 #include "custody/core/attestation.h"
 
+#include <openssl/bn.h>
+#include <openssl/ecdsa.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
+
+#include <cstdio>
 
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -143,23 +147,68 @@ Result<StatementSummary> VerifyStatementFile(std::string_view text, const std::s
   }
   // The TPM's own evidence, inside the signed payload: the quote and each
   // KEK's certification must be TPM-made attestations of the right kind,
-  // over the statement's nonce, and certify the objects the statement names.
-  // (Their TPM signatures are checked with tpm2_checkquote and the AK's
-  // chain to the TPM's endorsement key; see docs/ATTESTATION.md.)
+  // signed by the attestation key the quote carries (its signature checked
+  // here with that public key), over the statement's nonce; the quote must cover exactly
+  // the PCR values listed, and each certification the object it is attached
+  // to. Whether that AK belongs to a genuine TPM (its chain to the EK
+  // certificate) is not checked: see docs/ATTESTATION.md.
+  std::string ak_pem;
+  auto ecdsa_ok = [&](const std::vector<uint8_t>& message, const std::vector<uint8_t>& tpm_sig) -> Status {
+    CUSTODY_ASSIGN_OR_RETURN(auto rs, tpm::EcdsaSignatureRs(tpm_sig));
+    ECDSA_SIG* sig = ECDSA_SIG_new();
+    ECDSA_SIG_set0(sig, BN_bin2bn(rs.data(), 32, nullptr), BN_bin2bn(rs.data() + 32, 32, nullptr));
+    unsigned char* der = nullptr;
+    int der_len = i2d_ECDSA_SIG(sig, &der);
+    ECDSA_SIG_free(sig);
+    CUSTODY_ASSIGN_OR_RETURN(EVP_PKEY * key, ReadPublicKey(ak_pem));
+    std::unique_ptr<EVP_PKEY, decltype(&EVP_PKEY_free)> k(key, &EVP_PKEY_free);
+    std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), &EVP_MD_CTX_free);
+    int ok = der_len > 0 && ctx && EVP_DigestVerifyInit(ctx.get(), nullptr, EVP_sha256(), nullptr, key) == 1
+                 ? EVP_DigestVerify(ctx.get(), der, static_cast<size_t>(der_len), message.data(), message.size())
+                 : 0;
+    OPENSSL_free(der);
+    if (ok != 1) return Error(Category::kIntegrity, "its TPM signature does not verify with the quote's attestation key");
+    return Status::Ok();
+  };
   auto tpm_evidence = [&](const json& obj, const std::string& at, bool want_quote) -> Result<tpm::AttestInfo> {
     CUSTODY_ASSIGN_OR_RETURN(const json* msg, need(obj, (at + ".message").c_str(), "message", T::string));
-    CUSTODY_RETURN_IF_ERROR(need(obj, (at + ".signature").c_str(), "signature", T::string));
+    CUSTODY_ASSIGN_OR_RETURN(const json* sig, need(obj, (at + ".signature").c_str(), "signature", T::string));
     auto bytes = Base64Decode(msg->get<std::string>());
-    if (!bytes) return Bad(at + ".message is not base64");
+    auto sig_bytes = Base64Decode(sig->get<std::string>());
+    if (!bytes || !sig_bytes) return Bad(at + " is not base64");
     auto info = tpm::ParseAttest(*bytes);
     if (!info) return Bad(at + ": " + info.error().message());
     if (want_quote ? !info->quote : !info->certify) return Bad(at + " is not a TPM " + (want_quote ? "quote" : "certification"));
     if (hsm::ToHex(info->extra_data) != s.nonce) return Bad(at + " was made for another nonce than the statement's");
+    Status sig_ok = ecdsa_ok(*bytes, *sig_bytes);
+    if (!sig_ok.ok()) return Bad(at + ": " + sig_ok.error().message());
     return info;
   };
-  if (auto q = p.find("tpm_quote"); q != p.end()) {
+  auto q = p.find("tpm_quote");
+  bool any_certify = false;
+  for (const auto& k : *keys) any_certify = any_certify || k.contains("certify");
+  if (any_certify && q == p.end()) return Bad("the statement has TPM certifications but no tpm_quote naming their key");
+  if (q != p.end()) {
     if (!q->is_object()) return Bad("payload field tpm_quote is not an object");
-    CUSTODY_RETURN_IF_ERROR(tpm_evidence(*q, "tpm_quote", true));
+    CUSTODY_ASSIGN_OR_RETURN(const json* pem, need(*q, "tpm_quote.ak_public_key", "ak_public_key", T::string));
+    CUSTODY_RETURN_IF_ERROR(need(*q, "tpm_quote.ak_name", "ak_name", T::string));
+    CUSTODY_ASSIGN_OR_RETURN(const json* values, need(*q, "tpm_quote.pcr_values", "pcr_values", T::string));
+    ak_pem = pem->get<std::string>();
+    CUSTODY_ASSIGN_OR_RETURN(auto info, tpm_evidence(*q, "tpm_quote", true));
+    std::vector<uint8_t> pcr_bytes;
+    const std::string hex = values->get<std::string>();
+    if (hex.size() % 2 != 0) return Bad("tpm_quote.pcr_values is not hex");
+    for (size_t i = 0; i < hex.size(); i += 2) {
+      unsigned v = 0;
+      if (std::sscanf(hex.c_str() + i, "%2x", &v) != 1) return Bad("tpm_quote.pcr_values is not hex");
+      pcr_bytes.push_back(static_cast<uint8_t>(v));
+    }
+    unsigned char md[32];
+    unsigned int len = 0;
+    EVP_Digest(pcr_bytes.data(), pcr_bytes.size(), md, &len, EVP_sha256(), nullptr);
+    if (info.pcr_digest != std::vector<uint8_t>(md, md + 32)) {
+      return Bad("tpm_quote: the listed PCR values are not the ones the TPM quoted");
+    }
   }
   for (size_t i = 0; i < keys->size(); ++i) {
     const json& k = (*keys)[i];

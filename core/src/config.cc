@@ -85,6 +85,9 @@ Result<Config> LoadConfig(const std::string& path) {
       if (!b) return Error(Category::kConfig, Where(path, n->source()) + ": token.persist_srk must be true or false");
       c.tpm_persist_srk = *b;
     }
+    if (token->contains("srk_name")) {
+      CUSTODY_ASSIGN_OR_RETURN(c.tpm_srk_name, RequireString(*token, "srk_name", path, "token"));
+    }
     if (const toml::node* n = token->get("kek_cache_seconds")) {
       auto v = n->value<int64_t>();
       if (!v || *v < 0 || *v > 3600) {
@@ -190,6 +193,7 @@ Status WriteConfig(const Config& c, const std::string& path) {
       token.insert("pcrs", std::move(pcrs));
     }
     if (c.tpm_persist_srk) token.insert("persist_srk", true);
+    if (!c.tpm_srk_name.empty()) token.insert("srk_name", c.tpm_srk_name);
     if (c.tpm_kek_cache_seconds > 0) token.insert("kek_cache_seconds", static_cast<int64_t>(c.tpm_kek_cache_seconds));
   } else {
     token.insert("module", c.token_module);

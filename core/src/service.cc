@@ -93,7 +93,9 @@ Result<SealingBackend> OpenBackend(const Config& config, const SecretBuffer& pin
   SealingBackend b;
   if (config.backend == "tpm") {
     if (pin.empty()) return Error(Category::kConfig, "the TPM backend needs a PIN (its objects' auth values come from it)");
-    CUSTODY_ASSIGN_OR_RETURN(b.tpm, tpm::Tpm::Open({.tcti = config.tpm_tcti, .persist_srk = config.tpm_persist_srk}));
+    CUSTODY_ASSIGN_OR_RETURN(b.tpm, tpm::Tpm::Open({.tcti = config.tpm_tcti,
+                                                    .persist_srk = config.tpm_persist_srk,
+                                                    .expected_srk_name = config.tpm_srk_name}));
     b.sealer = std::make_unique<TpmSealer>(*b.tpm, store, store, pin,
                                            TpmSealer::Options{.pcrs = config.tpm_pcrs,
                                                               .kek_cache_seconds = config.tpm_kek_cache_seconds});

@@ -912,7 +912,9 @@ Result<uint32_t> SqliteStore::RevokeVersion(const EnvironmentRecord& env, const 
     if (rc != SQLITE_ROW) return Fail(rc, "reading versions");
     return c.Int(0);
   };
-  CUSTODY_ASSIGN_OR_RETURN(int64_t before, current());
+  auto before_r = current();
+  if (!before_r) return fail(std::move(before_r).error());
+  const int64_t before = *before_r;
   {
     Stmt q(db(), "SELECT revoked_at FROM secret_versions WHERE secret_id = ? AND version = ?");
     q.Bind(1, *sid).Bind(2, static_cast<int64_t>(version));

@@ -81,13 +81,26 @@ Result<SecretBuffer> TpmSealer::Kek(const KekRef& kek, std::string_view project)
       cache_.erase(it);
     }
   }
+  if (pin_refused_.load()) {
+    // One refusal is enough: every further try with the same PIN would add
+    // to the TPM-wide dictionary-attack counter, for every user of the TPM.
+    return Error(Category::kDenied, "the TPM refused this PIN earlier in this process; fix the PIN and restart",
+                 Backend::kTpm, 0);
+  }
   CUSTODY_ASSIGN_OR_RETURN(auto material, material_.KekMaterial(kek));
   if (material.empty()) {
-    return Error(Category::kConfig, "KEK " + hsm::ToHex(kek.id) +
-                                        " has no TPM object in the store: was it made by the PKCS#11 backend?");
+    // Destroyed by a KEK rotation (or made by the PKCS#11 backend): gone, as
+    // a destroyed token object would be, so callers may read the row again.
+    return Error(Category::kNotFound, "KEK " + KekLabel::For(project, kek.version) +
+                                          " has no TPM object in the store (destroyed by a KEK rotation, or made by "
+                                          "another backend)");
   }
   CUSTODY_ASSIGN_OR_RETURN(auto object, tpm::SealedObject::Decode(material));
   auto key = tpm_.Unseal(object, AuthFor(project, kek.version));
+  if (!key && key.error().backend() == Backend::kTpm && key.error().category() == Category::kDenied &&
+      key.error().message().find("wrong auth value") != std::string::npos) {
+    pin_refused_.store(true);
+  }
   if (!key) return std::move(key).error().Wrap("unsealing KEK " + KekLabel::For(project, kek.version));
   if (key->size() != kKekBytes) return Error(Category::kIntegrity, "the TPM returned a KEK of the wrong size");
   if (options_.kek_cache_seconds > 0) {

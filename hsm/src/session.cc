@@ -115,7 +115,8 @@ Status SessionPool::Recover(std::chrono::milliseconds wait) {
     std::lock_guard lock(mu_);
     ++reinitializations_;
   }
-  gate.unlock();
+  // Still exclusive: the idle sessions of the old generation are dropped
+  // and the new anchor logs in before any other thread may lend a session.
   CUSTODY_RETURN_IF_ERROR(Relogin());
   healthy_.store(true);
   return Status::Ok();
@@ -156,9 +157,12 @@ Result<SessionPool::Lease> SessionPool::Acquire() {
   std::shared_lock gate(gate_);
   {
     std::lock_guard lock(mu_);
-    if (!idle_.empty()) {
+    while (!idle_.empty()) {
       Session s = std::move(idle_.back());
       idle_.pop_back();
+      // A session from before a module re-initialisation is dead (and its
+      // number may be someone else's now): never lend it.
+      if (s.generation() != module_->generation()) continue;
       ++outstanding_;
       return Lease(this, std::move(gate), std::move(s));
     }

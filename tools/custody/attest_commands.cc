@@ -201,7 +201,9 @@ Status Attest(const Globals& g, const AttestArgs& a) {
         auto signer = core::TpmAuditSigner::Open(*o.backend.tpm, o.config.state_dir, o.pin, false, label, file);
         std::string fp = "tpm-name:" + oi.name;
         if (signer) {
-          if (auto pem = (*signer)->PublicKeyPem(); pem) fp = *core::PublicKeyFingerprint(*pem);
+          if (auto pem = (*signer)->PublicKeyPem(); pem) {
+            if (auto f = core::PublicKeyFingerprint(*pem); f) fp = *f;
+          }
         }
         keys.push_back({{"role", role}, {"label", label}, {"attributes", TpmAttributes(oi)}, {"fingerprint", fp},
                         {"tpm_name", oi.name}});

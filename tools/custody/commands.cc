@@ -81,6 +81,9 @@ Status Init(const Globals& g, const InitArgs& a) {
     CUSTODY_ASSIGN_OR_RETURN(auto sealed, tpm->Seal(probe, pin, {.pcrs = c.tpm_pcrs}));
     CUSTODY_ASSIGN_OR_RETURN(auto back, tpm->Unseal(sealed, pin));
     if (!back.Equals(probe)) return Error(Category::kInternal, "the TPM unsealed something other than it sealed");
+    // Pinned from here on: a later run on a TPM with another SRK is refused.
+    CUSTODY_ASSIGN_OR_RETURN(tpm::Info info, tpm->GetInfo());
+    c.tpm_srk_name = info.srk_name;
   } else {
     CUSTODY_ASSIGN_OR_RETURN(core::Token token, core::OpenToken(c, pin));
   }

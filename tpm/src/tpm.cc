@@ -351,17 +351,25 @@ struct Tpm::Impl {
     if (rc != TSS2_RC_SUCCESS) return Fail(rc, "Esys_StartAuthSession (policy)");
     TPM2B_DIGEST current{};  // empty: the TPM uses the PCRs' current values
     TPML_PCR_SELECTION sel = Selection(pcrs);
+    const char* step = "Esys_PolicyPCR";
     rc = Esys_PolicyPCR(ctx, s, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, &current, &sel);
-    if (rc == TSS2_RC_SUCCESS) rc = Esys_PolicyAuthValue(ctx, s, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE);
+    if (rc == TSS2_RC_SUCCESS) {
+      step = "Esys_PolicyAuthValue";
+      rc = Esys_PolicyAuthValue(ctx, s, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE);
+    }
     if (rc != TSS2_RC_SUCCESS) {
       Esys_FlushContext(ctx, s);
-      return Fail(rc, "Esys_PolicyPCR");
+      return Fail(rc, step);
     }
     return s;
   }
 
   Result<std::pair<TPM2B_PRIVATE*, TPM2B_PUBLIC*>> Create(TPM2B_SENSITIVE_CREATE& sens, const TPM2B_PUBLIC& tmpl) {
-    CUSTODY_RETURN_IF_ERROR(EnsureSession());
+    // The sensitive data (a KEK, an auth value) is wiped on every path out.
+    struct Wipe {
+      TPM2B_SENSITIVE_CREATE& s;
+      ~Wipe() { OPENSSL_cleanse(&s, sizeof s); }
+    } wipe{sens};
     // DECRYPT: the first parameter, the sensitive data and its auth value,
     // crosses the bus encrypted.
     CUSTODY_RETURN_IF_ERROR(Attrs(TPMA_SESSION_DECRYPT));
@@ -416,6 +424,10 @@ struct Tpm::Impl {
       return Fail(rc, "Esys_CreatePrimary (attestation key, endorsement hierarchy)");
     }
     const auto& ecc = pub->publicArea.unique.ecc;
+    if (ecc.x.size > 32 || ecc.y.size > 32) {
+      Esys_Free(pub);
+      return Error(Category::kInternal, "TPM returned an oversized P-256 point for the attestation key");
+    }
     point->assign(65, 0);
     (*point)[0] = 0x04;
     std::memcpy(point->data() + 1 + (32 - ecc.x.size), ecc.x.buffer, std::min<size_t>(ecc.x.size, 32));
@@ -484,6 +496,19 @@ Result<std::unique_ptr<Tpm>> Tpm::Open(const Options& options) {
   rc = Esys_Startup(impl->ctx, TPM2_SU_CLEAR);
   if (rc != TSS2_RC_SUCCESS && BaseRc(rc) != TPM2_RC_INITIALIZE) return TpmError(rc, "Esys_Startup");
   CUSTODY_RETURN_IF_ERROR(impl->Srk(options.persist_srk));
+  if (!options.expected_srk_name.empty()) {
+    TPM2B_NAME* name = nullptr;
+    rc = Esys_TR_GetName(impl->ctx, impl->srk, &name);
+    if (rc != TSS2_RC_SUCCESS) return TpmError(rc, "Esys_TR_GetName (SRK)");
+    std::string got = Hex(std::span<const uint8_t>(name->name, name->size));
+    Esys_Free(name);
+    if (got != options.expected_srk_name) {
+      return Error(Category::kIntegrity, "the TPM's storage root key (name " + got +
+                                             ") is not the one custody was set up with (" + options.expected_srk_name +
+                                             "): another TPM, a cleared owner hierarchy, or a substituted key; refusing",
+                   Backend::kTpm, 0);
+    }
+  }
   return std::unique_ptr<Tpm>(new Tpm(std::move(impl)));
 }
 
@@ -694,10 +719,31 @@ Result<AttestInfo> ParseAttest(std::span<const uint8_t> message) {
   info.quote = a.type == TPM2_ST_ATTEST_QUOTE;
   info.certify = a.type == TPM2_ST_ATTEST_CERTIFY;
   info.extra_data.assign(a.extraData.buffer, a.extraData.buffer + a.extraData.size);
+  info.qualified_signer = Hex(std::span<const uint8_t>(a.qualifiedSigner.name, a.qualifiedSigner.size));
+  if (info.quote) {
+    info.pcr_digest.assign(a.attested.quote.pcrDigest.buffer,
+                           a.attested.quote.pcrDigest.buffer + a.attested.quote.pcrDigest.size);
+  }
   if (info.certify) {
     info.certified_name = Hex(std::span<const uint8_t>(a.attested.certify.name.name, a.attested.certify.name.size));
   }
   return info;
+}
+
+Result<std::vector<uint8_t>> EcdsaSignatureRs(std::span<const uint8_t> signature) {
+  TPMT_SIGNATURE sig{};
+  size_t off = 0;
+  if (Tss2_MU_TPMT_SIGNATURE_Unmarshal(signature.data(), signature.size(), &off, &sig) != TSS2_RC_SUCCESS ||
+      off != signature.size() || sig.sigAlg != TPM2_ALG_ECDSA || sig.signature.ecdsa.hash != TPM2_ALG_SHA256 ||
+      sig.signature.ecdsa.signatureR.size > 32 || sig.signature.ecdsa.signatureS.size > 32) {
+    return Error(Category::kIntegrity, "TPM attestation: the signature is not an ECDSA/SHA-256 TPMT_SIGNATURE");
+  }
+  std::vector<uint8_t> rs(64, 0);
+  const auto& r = sig.signature.ecdsa.signatureR;
+  const auto& s = sig.signature.ecdsa.signatureS;
+  std::memcpy(rs.data() + (32 - r.size), r.buffer, r.size);
+  std::memcpy(rs.data() + 32 + (32 - s.size), s.buffer, s.size);
+  return rs;
 }
 
 Result<Quote> Tpm::QuotePcrs(std::span<const uint8_t> qualifying, const std::vector<uint8_t>& pcrs) {
@@ -708,9 +754,13 @@ Result<Quote> Tpm::QuotePcrs(std::span<const uint8_t> qualifying, const std::vec
   q.size = static_cast<UINT16>(qualifying.size());
   std::memcpy(q.buffer, qualifying.data(), qualifying.size());
   Quote out;
+  std::vector<uint8_t> sorted = pcrs;
+  std::sort(sorted.begin(), sorted.end());
+  sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
+  if (sorted.empty() || sorted.back() >= 24) return Error(Category::kUsage, "quote: PCRs are 0 to 23");
   Impl::Loaded ak{&t};
   CUSTODY_RETURN_IF_ERROR(t.LoadAk(ak, &out.ak_point, &out.ak_name));
-  TPML_PCR_SELECTION sel = Selection(pcrs);
+  TPML_PCR_SELECTION sel = Selection(sorted);
   TPMT_SIG_SCHEME scheme{};
   scheme.scheme = TPM2_ALG_NULL;  // the key's own: ECDSA with SHA-256
   TPM2B_ATTEST* attest = nullptr;
@@ -720,8 +770,6 @@ Result<Quote> Tpm::QuotePcrs(std::span<const uint8_t> qualifying, const std::vec
   CUSTODY_ASSIGN_OR_RETURN(out.attested, Impl::Collect(attest, sig));
   // The quoted values, one PCR at a time, in index order (as tpm2_pcrread
   // writes them and tpm2_checkquote -f with -l reads them).
-  std::vector<uint8_t> sorted = pcrs;
-  std::sort(sorted.begin(), sorted.end());
   for (uint8_t p : sorted) {
     TPML_PCR_SELECTION one = Selection({p});
     UINT32 counter = 0;
@@ -729,12 +777,29 @@ Result<Quote> Tpm::QuotePcrs(std::span<const uint8_t> qualifying, const std::vec
     TPML_DIGEST* values = nullptr;
     rc = Esys_PCR_Read(t.ctx, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, &one, &counter, &got_sel, &values);
     if (rc != TSS2_RC_SUCCESS) return t.Fail(rc, "Esys_PCR_Read");
-    if (values->count == 1) out.pcr_values.insert(out.pcr_values.end(), values->digests[0].buffer,
-                                                  values->digests[0].buffer + values->digests[0].size);
+    bool ok = values->count == 1 && values->digests[0].size == 32;
+    if (ok) {
+      out.pcr_values.insert(out.pcr_values.end(), values->digests[0].buffer, values->digests[0].buffer + 32);
+    }
     Esys_Free(got_sel);
     Esys_Free(values);
+    if (!ok) {
+      return Error(Category::kUnavailable, "quote: the TPM has no SHA-256 value for PCR " + std::to_string(p) +
+                                               " (is the SHA-256 bank allocated?)");
+    }
   }
   out.pcrs = sorted;
+  {
+    // The values read must be the ones quoted (a PCR may be extended between
+    // the quote and the read): the quote's pcrDigest is their SHA-256.
+    CUSTODY_ASSIGN_OR_RETURN(AttestInfo info, ParseAttest(out.attested.message));
+    unsigned char md[32];
+    unsigned int len = 0;
+    EVP_Digest(out.pcr_values.data(), out.pcr_values.size(), md, &len, EVP_sha256(), nullptr);
+    if (info.pcr_digest != std::vector<uint8_t>(md, md + 32)) {
+      return Error(Category::kUnavailable, "quote: the PCRs changed while they were quoted; ask again");
+    }
+  }
   // tpm2-tools' "serialized" PCR file: TPML_PCR_SELECTION, a UINT32 count,
   // then that many TPML_DIGEST (up to 8 digests each), all as raw structs.
   TPML_PCR_SELECTION all = Selection(sorted);

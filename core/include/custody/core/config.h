@@ -36,6 +36,7 @@ struct Config {
   std::string tpm_tcti;               // "device:/dev/tpmrm0", "swtpm:host=...,port=...", "tabrmd"
   std::vector<uint8_t> tpm_pcrs;      // bind new KEKs to these SHA-256 PCRs
   bool tpm_persist_srk = false;       // make the SRK persistent at 0x81000001 if absent
+  std::string tpm_srk_name;           // the SRK's Name at init: a TPM with another SRK is refused
   int tpm_kek_cache_seconds = 0;      // keep unsealed KEKs in locked memory this long
   std::optional<std::string> pin_file;
   std::vector<std::pair<std::string, std::string>> token_environment;

@@ -17,6 +17,7 @@
 // may be kept for `kek_cache_seconds` (0: unseal for every operation).
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <map>
 #include <mutex>
@@ -65,6 +66,7 @@ class TpmSealer final : public Sealer {
   };
   std::mutex cache_mu_;
   std::map<KekId, Cached> cache_;
+  std::atomic<bool> pin_refused_{false};
 };
 
 }  // namespace custody::core

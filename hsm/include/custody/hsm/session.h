@@ -36,6 +36,7 @@ class Session {
   CK_SESSION_HANDLE handle() const { return handle_; }
   CK_FUNCTION_LIST* fn() const { return module_->fn(); }
   CK_SLOT_ID slot() const { return slot_; }
+  uint64_t generation() const { return generation_; }
 
   // Logs the user in. CKR_USER_ALREADY_LOGGED_IN counts as success: another
   // session of this application (or libp11 sharing the module) did it.

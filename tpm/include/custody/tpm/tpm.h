@@ -31,11 +31,15 @@ namespace custody::tpm {
 inline constexpr uint32_t kSrkHandle = 0x81000001;
 
 struct Options {
-  std::string tcti;  // "device:/dev/tpmrm0", "swtpm:host=...,port=...", "tabrmd", "mssim:..."
+  std::string tcti = {};  // "device:/dev/tpmrm0", "swtpm:host=...,port=...", "tabrmd", "mssim:..."
   // Make a created SRK persistent at kSrkHandle (opt-in: it takes an NV slot
   // and the owner hierarchy's consent). Otherwise a transient SRK is made
   // once per process from the standard template.
   bool persist_srk = false;
+  // The SRK's Name recorded at `custody init` (hex). When set, Open refuses
+  // a TPM whose SRK has another Name: the salt of every encrypted session
+  // goes to the SRK's public key, so a substituted SRK would read them all.
+  std::string expected_srk_name = {};
 };
 
 // A sealed-data object: TPM2B_PUBLIC and TPM2B_PRIVATE as marshalled by the
@@ -86,9 +90,13 @@ struct Quote {
 struct AttestInfo {
   bool quote = false, certify = false;
   std::vector<uint8_t> extra_data;  // the qualifying data (the nonce)
+  std::string qualified_signer;     // hex Name of the key that signed
+  std::vector<uint8_t> pcr_digest;  // for a quote: SHA-256 of the quoted PCR values
   std::string certified_name;       // hex, for certify
 };
 Result<AttestInfo> ParseAttest(std::span<const uint8_t> message);
+// r||s (32 bytes each) of a marshalled ECDSA/SHA-256 TPMT_SIGNATURE.
+Result<std::vector<uint8_t>> EcdsaSignatureRs(std::span<const uint8_t> signature);
 
 class Tpm {
  public:
