@@ -3,7 +3,10 @@
 // gate, and KEK rotation, including SIGKILL at random points and a re-run.
 // Real SoftHSM2 token, real SQLite file, real processes.
 #include <gtest/gtest.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <nlohmann/json.hpp>
 #include <functional>
@@ -280,6 +283,21 @@ TEST_F(RotationCliTest, KekRotationReSealsEverythingAndDestroysTheOldKek) {
   EXPECT_EQ(Get("payments/dev/b"), "value-b");
   auto shown = Cli({"--json", "audit", "show", "--action", "kek.rotate.done"});
   EXPECT_NE(shown.out.find("re-sealed 3 version(s) under KEK v2"), std::string::npos) << shown.out;
+}
+
+TEST_F(RotationCliTest, OnlyOneKekRotationOfAProjectRunsAtATime) {
+  Put("payments/prod/a", "value-a");
+  // Another rotation holds the project's lock (as a running `kek rotate` does).
+  std::string lock = token_.dir() / "state/kek-rotate.payments.lock";
+  int fd = ::open(lock.c_str(), O_RDWR | O_CREAT, 0600);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::flock(fd, LOCK_EX), 0);
+  auto r = Cli({"kek", "rotate", "payments"});
+  EXPECT_EQ(r.exit_code, 69) << r.err;
+  EXPECT_NE(r.err.find("another KEK rotation of payments is running"), std::string::npos) << r.err;
+  EXPECT_EQ(Json({"kek", "list", "payments"}).size(), 1u) << "nothing was made";
+  ::close(fd);
+  EXPECT_EQ(Cli({"kek", "rotate", "payments"}).exit_code, 0);
 }
 
 // The crash test of the issue: KEK rotation SIGKILLed at random points, 20

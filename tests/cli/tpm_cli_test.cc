@@ -144,6 +144,26 @@ TEST_F(TpmCliTest, TpmReadpublicShowsTheSrkTokenInfoReports) {
   EXPECT_NE(r.out.find("name: " + name), std::string::npos) << name << "\n" << r.out;
 }
 
+TEST_F(TpmCliTest, AnotherTpmsSrkIsRefused) {
+  Init();
+  if (IsSkipped()) return;
+  ASSERT_EQ(Cli({"secret", "put", "payments/prod/k"}, "v").exit_code, 0);
+  // The config now points at another TPM (another SRK): the salt of every
+  // encrypted session would go to a key custody never saw.
+  Swtpm other;
+  ASSERT_TRUE(other.available());
+  std::string cfg = ReadFile(token_.config_path());
+  size_t at = cfg.find(swtpm_.tcti());
+  ASSERT_NE(at, std::string::npos) << cfg;
+  cfg.replace(at, swtpm_.tcti().size(), other.tcti());
+  WriteFile(token_.config_path(), cfg);
+  auto r = Cli({"secret", "get", "payments/prod/k"});
+  EXPECT_EQ(r.exit_code, 65) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  EXPECT_NE(r.err.find("is not the one custody was set up with"), std::string::npos) << r.err;
+  EXPECT_EQ(r.out, "");
+}
+
 TEST_F(TpmCliTest, BadTpmSetupIsOneClearLine) {
   CUSTODY_REQUIRE_SWTPM(swtpm_);
   auto unreachable = Cli({"init", "--backend", "tpm", "--tcti", "swtpm:host=127.0.0.1,port=1", "--pin-file",

@@ -1,0 +1,117 @@
+// attest verify's checks of TPM evidence, with statements signed here by a
+// software key (so the test can write any payload) around a real swtpm
+// quote: the evidence must carry the statement's nonce, a valid TPM
+// signature by the quote's key, and exactly the quoted PCR values.
+#include "custody/core/attestation.h"
+
+#include <gtest/gtest.h>
+#include <openssl/ec.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+
+#include <nlohmann/json.hpp>
+
+#include "../support/testenv.h"
+#include "custody/common/base64.h"
+#include "custody/core/audit.h"
+#include "custody/hsm/objects.h"
+#include "custody/tpm/tpm.h"
+
+namespace custody::core {
+namespace {
+
+using nlohmann::json;
+
+struct SoftwareKey {
+  EVP_PKEY* key = EVP_EC_gen("P-256");
+  ~SoftwareKey() { EVP_PKEY_free(key); }
+  std::string Pem() const {
+    BIO* b = BIO_new(BIO_s_mem());
+    PEM_write_bio_PUBKEY(b, key);
+    char* p = nullptr;
+    long n = BIO_get_mem_data(b, &p);
+    std::string out(p, static_cast<size_t>(n));
+    BIO_free(b);
+    return out;
+  }
+  std::vector<uint8_t> Sign(const std::string& msg) const {
+    EVP_MD_CTX* c = EVP_MD_CTX_new();
+    size_t len = 0;
+    EVP_DigestSignInit(c, nullptr, EVP_sha256(), nullptr, key);
+    EVP_DigestSign(c, nullptr, &len, reinterpret_cast<const unsigned char*>(msg.data()), msg.size());
+    std::vector<uint8_t> sig(len);
+    EVP_DigestSign(c, sig.data(), &len, reinterpret_cast<const unsigned char*>(msg.data()), msg.size());
+    sig.resize(len);
+    EVP_MD_CTX_free(c);
+    return sig;
+  }
+};
+
+constexpr const char* kNonce = "00112233445566778899aabbccddeeff";
+
+class TpmEvidenceTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    CUSTODY_REQUIRE_SWTPM(swtpm_);
+    auto t = tpm::Tpm::Open({.tcti = swtpm_.tcti()});
+    ASSERT_TRUE(t.ok()) << t.error().message();
+    std::vector<uint8_t> nonce;
+    for (size_t i = 0; i < 32; i += 2) nonce.push_back(static_cast<uint8_t>(std::stoi(std::string(kNonce).substr(i, 2), nullptr, 16)));
+    auto q = (*t)->QuotePcrs(nonce, {0, 1, 2, 3});
+    ASSERT_TRUE(q.ok()) << q.error().message();
+    quote_ = *q;
+  }
+  // A statement around `quote`, signed by the software key.
+  std::string Statement(const json& tpm_quote) {
+    auto fp = PublicKeyFingerprint(key_.Pem());
+    json p{{"format", kStatementFormat}, {"time", "2026-11-29T00:00:00Z"}, {"nonce", kNonce}, {"backend", "tpm"},
+           {"token", json::object()}, {"keys", json::array()}, {"policy", {{"sha256", "x"}}},
+           {"audit", {{"head_seq", 1}, {"head_hash", "h"}}}, {"attestation_key", {{"fingerprint", *fp}}},
+           {"tpm_quote", tpm_quote}};
+    std::string bytes = p.dump();
+    return EncodeStatementFile(bytes, key_.Sign(bytes), key_.Pem());
+  }
+  json QuoteJson() {
+    return {{"pcrs", quote_.pcrs}, {"pcr_values", hsm::ToHex(quote_.pcr_values)},
+            {"message", Base64Encode(quote_.attested.message)}, {"signature", Base64Encode(quote_.attested.signature)},
+            {"ak_public_key", *P256PublicKeyPem(quote_.ak_point)}, {"ak_name", quote_.ak_name}};
+  }
+  test::Swtpm swtpm_;
+  tpm::Quote quote_;
+  SoftwareKey key_;
+};
+
+TEST_F(TpmEvidenceTest, AGenuineQuoteVerifies) {
+  auto v = VerifyStatementFile(Statement(QuoteJson()), key_.Pem(), std::string(kNonce));
+  EXPECT_TRUE(v.ok()) << v.error().message();
+}
+
+TEST_F(TpmEvidenceTest, PcrValuesOtherThanTheQuotedOnesAreRefused) {
+  json q = QuoteJson();
+  std::string values = q["pcr_values"];
+  values[0] = values[0] == 'f' ? '0' : 'f';
+  q["pcr_values"] = values;
+  auto v = VerifyStatementFile(Statement(q), key_.Pem(), std::string(kNonce));
+  ASSERT_FALSE(v.ok());
+  EXPECT_NE(v.error().message().find("not the ones the TPM quoted"), std::string::npos) << v.error().message();
+}
+
+TEST_F(TpmEvidenceTest, AQuoteSignedByAnotherKeyOrForgedIsRefused) {
+  // The quote's AK replaced by another key: the TPM signature no longer verifies.
+  SoftwareKey other;
+  json q = QuoteJson();
+  q["ak_public_key"] = other.Pem();
+  auto v = VerifyStatementFile(Statement(q), key_.Pem(), std::string(kNonce));
+  ASSERT_FALSE(v.ok());
+  EXPECT_NE(v.error().message().find("TPM signature does not verify"), std::string::npos) << v.error().message();
+  // A quote message changed after the TPM signed it.
+  q = QuoteJson();
+  auto msg = quote_.attested.message;
+  msg.back() ^= 1;
+  q["message"] = Base64Encode(msg);
+  v = VerifyStatementFile(Statement(q), key_.Pem(), std::string(kNonce));
+  EXPECT_FALSE(v.ok());
+}
+
+}  // namespace
+}  // namespace custody::core
