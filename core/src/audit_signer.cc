@@ -97,8 +97,10 @@ Result<std::unique_ptr<TpmAuditSigner>> TpmAuditSigner::Open(tpm::Tpm& tpm, cons
       return Error(Category::kIntegrity, path + " is not a custody TPM signing key");
     }
     tpm::SigningKey k;
-    k.point.assign(bytes.begin(), bytes.begin() + 65);
     CUSTODY_ASSIGN_OR_RETURN(k.blobs, tpm::SealedObject::Decode(std::span<const uint8_t>(bytes).subspan(65)));
+    // The public key is taken from the key's own public area (the part the
+    // TPM checks when it loads the key), not from the copy beside it.
+    CUSTODY_ASSIGN_OR_RETURN(k.point, tpm::EccPoint(k.blobs));
     return std::unique_ptr<TpmAuditSigner>(new TpmAuditSigner(tpm, std::move(k), std::move(auth)));
   }
   if (!create) {

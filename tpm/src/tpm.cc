@@ -171,6 +171,23 @@ Result<ObjectInfo> Describe(const SealedObject& object) {
   return info;
 }
 
+Result<std::vector<uint8_t>> EccPoint(const SealedObject& object) {
+  TPM2B_PUBLIC pub{};
+  size_t off = 0;
+  if (Tss2_MU_TPM2B_PUBLIC_Unmarshal(object.public_area.data(), object.public_area.size(), &off, &pub) !=
+          TSS2_RC_SUCCESS ||
+      pub.publicArea.type != TPM2_ALG_ECC || pub.publicArea.parameters.eccDetail.curveID != TPM2_ECC_NIST_P256) {
+    return Error(Category::kIntegrity, "TPM object: not a P-256 key");
+  }
+  const auto& ecc = pub.publicArea.unique.ecc;
+  if (ecc.x.size > 32 || ecc.y.size > 32) return Error(Category::kIntegrity, "TPM object: oversized P-256 point");
+  std::vector<uint8_t> point(65, 0);
+  point[0] = 0x04;
+  std::memcpy(point.data() + 1 + (32 - ecc.x.size), ecc.x.buffer, ecc.x.size);
+  std::memcpy(point.data() + 33 + (32 - ecc.y.size), ecc.y.buffer, ecc.y.size);
+  return point;
+}
+
 struct Tpm::Impl {
   TSS2_TCTI_CONTEXT* tcti = nullptr;
   ESYS_CONTEXT* ctx = nullptr;

@@ -152,6 +152,8 @@ struct ObjectInfo {
   bool policy_bound = false;  // authPolicy set (PCR policy)
 };
 Result<ObjectInfo> Describe(const SealedObject& object);
+// The P-256 public point (04||X||Y) of an ECC key's public area.
+Result<std::vector<uint8_t>> EccPoint(const SealedObject& object);
 
 // Maps a TSS2_RC to custody's error: the decoded text (Tss2_RC_Decode), the
 // call, and advice for the cases people meet (PCR mismatch, lockout).
