@@ -254,30 +254,9 @@ Status SecretPut(const Globals& g, const PutArgs& a) {
     CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, o));
     CUSTODY_ASSIGN_OR_RETURN(core::KekRecord kek, o.store->CurrentKek(env.project_id));
     o.ev.kek_id = hsm::ToHex(kek.ref.id);
-    core::SecretService svc(*o.store, *o.sealer);
     // The record is made durable after sealing and before the store commits
     // the new version: a version never exists unrecorded.
-    auto version = svc.Put(path, *value, [&](uint32_t v) -> Status {
-      if (o.recorded) {
-        // A concurrent writer took the version we logged: log the new one.
-        core::AuditEvent again = o.ev;
-        again.detail = "v" + std::to_string(o.ev.version.value_or(0)) +
-                       " was taken by a concurrent writer; sealed again as v" + std::to_string(v);
-        again.version = v;
-        CUSTODY_RETURN_IF_ERROR(o.audit->Append(again));
-        o.ev.version = v;
-        return Status::Ok();
-      }
-      o.ev.version = v;
-      return Record(o, Status::Ok());
-    });
-    if (!version && o.recorded) {
-      // Logged as done, then failed: say so under the same request id.
-      core::AuditEvent failed = o.ev;
-      failed.result = "error";
-      failed.error = version.error().message();
-      (void)o.audit->Append(failed);
-    }
+    auto version = AuditedPut(o, path, *value);
     if (!version) return std::move(version).error();
     if (g.json) {
       PrintJson({{"path", path.str()}, {"version", *version}});

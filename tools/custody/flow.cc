@@ -167,4 +167,30 @@ std::optional<std::string> ServerAddress() {
 
 
 
+Result<uint32_t> AuditedPut(Opened& o, const core::SecretPath& path, const SecretBuffer& value) {
+  core::SecretService svc(*o.store, *o.sealer);
+  auto version = svc.Put(path, value, [&](uint32_t v) -> Status {
+    if (o.recorded) {
+      // A concurrent writer took the version we logged: log the new one.
+      core::AuditEvent again = o.ev;
+      again.detail += "; v" + std::to_string(o.ev.version.value_or(0)) +
+                      " was taken by a concurrent writer, sealed again as v" + std::to_string(v);
+      again.version = v;
+      CUSTODY_RETURN_IF_ERROR(o.audit->Append(again));
+      o.ev.version = v;
+      return Status::Ok();
+    }
+    o.ev.version = v;
+    return Record(o, Status::Ok());
+  });
+  if (!version && o.recorded) {
+    // Logged as done, then failed: say so under the same request id.
+    core::AuditEvent failed = o.ev;
+    failed.result = "error";
+    failed.error = version.error().message();
+    (void)o.audit->Append(failed);
+  }
+  return version;
+}
+
 }  // namespace custody::cli

@@ -64,6 +64,12 @@ void MaybeCheckpoint(Opened& o);
 // Ends a command: records its outcome (if the command did not already) and
 // returns the first error, the command's own before the audit log's.
 Status Finish(Opened& o, Status outcome);
+// Seals `value` as the next version of `path`, with this command's audit
+// record made durable after sealing and before the store commits (a version
+// never exists unrecorded). A concurrent writer that takes the version gets
+// a second record under the same request id; a failure after the record is
+// recorded too.
+Result<uint32_t> AuditedPut(Opened& o, const core::SecretPath& path, const SecretBuffer& value);
 void PrintJson(const nlohmann::json& j);
 // CUSTODY_ADDR set: the server does the flow; this process never sees the PIN.
 std::optional<std::string> ServerAddress();

@@ -191,27 +191,8 @@ Status SecretRotate(const Globals& g, const RotateArgs& a) {
     o.ev.kek_id = hsm::ToHex(kek.ref.id);
     o.ev.detail += "; new value " + source;
     core::SecretService svc(*o.store, *o.sealer);
-    auto version = svc.Put(path, *value, [&](uint32_t v) -> Status {
-      if (o.recorded) {
-        core::AuditEvent again = o.ev;
-        again.detail += "; v" + std::to_string(o.ev.version.value_or(0)) + " was taken by a concurrent writer, sealed again as v" + std::to_string(v);
-        again.version = v;
-        CUSTODY_RETURN_IF_ERROR(o.audit->Append(again));
-        o.ev.version = v;
-        return Status::Ok();
-      }
-      o.ev.version = v;
-      return Record(o, Status::Ok());
-    });
-    if (!version) {
-      if (o.recorded) {
-        core::AuditEvent failed = o.ev;
-        failed.result = "error";
-        failed.error = version.error().message();
-        (void)o.audit->Append(failed);
-      }
-      return std::move(version).error();
-    }
+    auto version = AuditedPut(o, path, *value);
+    if (!version) return std::move(version).error();
     // Retention: never a current version or one in its grace period.
     auto trimmed = svc.ApplyRetention(path, settings.keep_versions, settings.grace);
     auto versions = o.store->ListVersions(env, path.name);
