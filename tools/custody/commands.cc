@@ -210,27 +210,11 @@ Status EnvCreate(const Globals& g, const std::string& project, const std::string
 
 Status SecretPut(const Globals& g, const PutArgs& a) {
   CUSTODY_ASSIGN_OR_RETURN(core::SecretPath path, core::SecretPath::Parse(a.path));
-  Result<SecretBuffer> value = Error(Category::kInternal, "unset");
-  if (a.from_file) {
-    value = SecretBuffer::ReadFile(*a.from_file, core::kMaxSecretSize, /*require_private=*/false);
-    if (!value) {
-      Error e = std::move(value).error();
-      return Error(e.category() == Category::kUnavailable ? Category::kUsage : e.category(),
-                   "--from-file " + e.message());
-    }
-  } else {
-    if (::isatty(STDIN_FILENO)) std::fprintf(stderr, "custody: reading the value from stdin; end with Ctrl-D\n");
-    value = SecretBuffer::ReadFd(STDIN_FILENO, core::kMaxSecretSize);
-    if (!value) return std::move(value).error().Wrap("reading the value from stdin");
-  }
-  if (!a.keep_newline) {
-    auto s = value->RevealString(SecretAccess{});
-    if (!s.empty() && s.back() == '\n') value->Truncate(s.size() - 1);
-  }
-  if (value->empty()) return Error(Category::kIntegrity, "refusing to store an empty value for " + path.str());
+  CUSTODY_ASSIGN_OR_RETURN(SecretBuffer value, ReadValue(a.from_file, a.keep_newline));
+  if (value.empty()) return Error(Category::kIntegrity, "refusing to store an empty value for " + path.str());
   if (auto addr = ServerAddress()) {
     CUSTODY_ASSIGN_OR_RETURN(auto c, client::Client::Connect(*addr));
-    auto v = c.Put(path.str(), *value);
+    auto v = c.Put(path.str(), value);
     if (!v) return std::move(v).error().Wrap(path.str());
     if (g.json) {
       PrintJson({{"path", path.str()}, {"version", *v}});
@@ -240,10 +224,7 @@ Status SecretPut(const Globals& g, const PutArgs& a) {
     return Status::Ok();
   }
 
-  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "secret.put"));
-  o.ev.project = path.project;
-  o.ev.environment = path.environment;
-  o.ev.name = path.name;
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "secret.put", path));
   return Finish(o, [&]() -> Status {
     CUSTODY_RETURN_IF_ERROR(Guard(o));
     policy::Target target{path.project, path.environment, path.name};
@@ -256,7 +237,7 @@ Status SecretPut(const Globals& g, const PutArgs& a) {
     o.ev.kek_id = hsm::ToHex(kek.ref.id);
     // The record is made durable after sealing and before the store commits
     // the new version: a version never exists unrecorded.
-    auto version = AuditedPut(o, path, *value);
+    auto version = AuditedPut(o, path, value);
     if (!version) return std::move(version).error();
     if (g.json) {
       PrintJson({{"path", path.str()}, {"version", *version}});
@@ -272,10 +253,7 @@ namespace {
 // In direct mode: the whole flow here (policy, limits, audit, token); the
 // value is returned only after its audit record is durable.
 Result<core::Unsealed> DirectGet(const Globals& g, const core::SecretPath& path, std::optional<uint32_t> version) {
-  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "secret.get"));
-  o.ev.project = path.project;
-  o.ev.environment = path.environment;
-  o.ev.name = path.name;
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "secret.get", path));
   o.ev.version = version;
   std::optional<core::Unsealed> out;
   Status s = Finish(o, [&]() -> Status {
@@ -426,10 +404,7 @@ Status SecretList(const Globals& g, const std::string& scope_text) {
 
 Status SecretDelete(const Globals& g, const std::string& text) {
   CUSTODY_ASSIGN_OR_RETURN(core::SecretPath path, core::SecretPath::Parse(text));
-  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "secret.delete"));
-  o.ev.project = path.project;
-  o.ev.environment = path.environment;
-  o.ev.name = path.name;
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "secret.delete", path));
   return Finish(o, [&]() -> Status {
     CUSTODY_RETURN_IF_ERROR(Guard(o));
     CUSTODY_RETURN_IF_ERROR(Ask(o, Action::kDelete, {path.project, path.environment, path.name}));

@@ -105,6 +105,37 @@ Result<Opened> OpenStore(const Globals& g, const std::string& action) {
   return o;
 }
 
+Result<Opened> OpenStore(const Globals& g, const std::string& action, const core::SecretPath& path) {
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, action));
+  o.ev.project = path.project;
+  o.ev.environment = path.environment;
+  o.ev.name = path.name;
+  return o;
+}
+
+void DropTrailingNewline(SecretBuffer& value) {
+  auto s = value.RevealString(SecretAccess{});
+  if (!s.empty() && s.back() == '\n') value.Truncate(s.size() - 1);
+}
+
+Result<SecretBuffer> ReadValue(const std::optional<std::string>& from_file, bool keep_newline) {
+  Result<SecretBuffer> value = Error(Category::kInternal, "unset");
+  if (from_file) {
+    value = SecretBuffer::ReadFile(*from_file, core::kMaxSecretSize, /*require_private=*/false);
+    if (!value) {
+      Error e = std::move(value).error();
+      return Error(e.category() == Category::kUnavailable ? Category::kUsage : e.category(),
+                   "--from-file " + e.message());
+    }
+  } else {
+    if (::isatty(STDIN_FILENO)) std::fprintf(stderr, "custody: reading the value from stdin; end with Ctrl-D\n");
+    value = SecretBuffer::ReadFd(STDIN_FILENO, core::kMaxSecretSize);
+    if (!value) return std::move(value).error().Wrap("reading the value from stdin");
+  }
+  if (!keep_newline) DropTrailingNewline(*value);
+  return value;
+}
+
 Status OpenTokenFor(const Globals& g, Opened& o) {
   if (o.sealer != nullptr) return Status::Ok();
   CUSTODY_ASSIGN_OR_RETURN(o.pin, core::ResolvePin(o.config, g.pin_fd));

@@ -12,6 +12,7 @@
 #include "custody/core/audit.h"
 #include "custody/core/authz.h"
 #include "custody/core/config.h"
+#include "custody/core/names.h"
 #include "custody/core/sealer.h"
 #include "custody/core/service.h"
 #include "custody/core/store.h"
@@ -53,6 +54,13 @@ Status Ask(Opened& o, policy::Action action, const policy::Target& target);
 Status Charge(Opened& o, const policy::Target& target, core::UsageEvent event);
 // Opens the config, the store and the audit log, and starts the record.
 Result<Opened> OpenStore(const Globals& g, const std::string& action);
+// The same, with the record naming one secret.
+Result<Opened> OpenStore(const Globals& g, const std::string& action, const core::SecretPath& path);
+// A value from --from-file or stdin, into locked memory; one trailing
+// newline dropped unless `keep_newline`. A file that cannot be read is a
+// usage error naming --from-file.
+Result<SecretBuffer> ReadValue(const std::optional<std::string>& from_file, bool keep_newline);
+void DropTrailingNewline(SecretBuffer& value);
 Status OpenTokenFor(const Globals& g, Opened& o);
 // The backend's audit checkpoint signer (opens the backend if needed).
 Result<std::unique_ptr<core::AuditSigner>> OpenSigner(const Globals& g, Opened& o, bool create);

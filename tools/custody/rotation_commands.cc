@@ -115,13 +115,6 @@ Result<SecretBuffer> RunProvider(const std::string& cmd, int timeout_seconds, st
   return buf;
 }
 
-void DropTrailingNewline(SecretBuffer& v) {
-  auto s = v.RevealString(SecretAccess{});
-  if (!s.empty() && s.back() == '\n') v.Truncate(s.size() - 1);
-}
-
-std::string Utc(int64_t t) { return FormatTime(t); }
-
 }  // namespace
 
 Status SecretRotate(const Globals& g, const RotateArgs& a) {
@@ -136,10 +129,7 @@ Status SecretRotate(const Globals& g, const RotateArgs& a) {
                        : a.from_file ? "from a file"
                                      : "from stdin";
 
-  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "secret.rotate"));
-  o.ev.project = path.project;
-  o.ev.environment = path.environment;
-  o.ev.name = path.name;
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "secret.rotate", path));
   return Finish(o, [&]() -> Status {
     CUSTODY_RETURN_IF_ERROR(Guard(o));
     policy::Target target{path.project, path.environment, path.name};
@@ -163,18 +153,9 @@ Status SecretRotate(const Globals& g, const RotateArgs& a) {
       value = RunProvider(*a.exec, a.timeout_seconds, g.pin_fd);
       if (value && !a.keep_newline) DropTrailingNewline(*value);
       if (value && value->empty()) value = Error(Category::kIntegrity, "provider command printed nothing; the current version stays");
-    } else if (a.from_file) {
-      value = SecretBuffer::ReadFile(*a.from_file, core::kMaxSecretSize, /*require_private=*/false);
-      if (!value) {
-        Error e = std::move(value).error();
-        return Error(e.category() == Category::kUnavailable ? Category::kUsage : e.category(), "--from-file " + e.message());
-      }
-      if (!a.keep_newline) DropTrailingNewline(*value);
     } else if (!a.generate) {
-      if (::isatty(STDIN_FILENO)) std::fprintf(stderr, "custody: reading the new value from stdin; end with Ctrl-D\n");
-      value = SecretBuffer::ReadFd(STDIN_FILENO, core::kMaxSecretSize);
-      if (!value) return std::move(value).error().Wrap("reading the value from stdin");
-      if (!a.keep_newline) DropTrailingNewline(*value);
+      value = ReadValue(a.from_file, a.keep_newline);
+      if (!value) return std::move(value).error();
     }
     if (!a.generate) {
       if (!value) return std::move(value).error();
@@ -208,13 +189,13 @@ Status SecretRotate(const Globals& g, const RotateArgs& a) {
     }
     if (g.json) {
       json j{{"path", path.str()}, {"version", *version}, {"source", source}};
-      if (prev_until) j["previous"] = {{"version", prev_version}, {"readable_until", Utc(*prev_until)}};
+      if (prev_until) j["previous"] = {{"version", prev_version}, {"readable_until", FormatTime(*prev_until)}};
       if (trimmed) j["trimmed"] = *trimmed;
       PrintJson(j);
     } else {
       std::printf("rotated %s: version %u is current (value %s)\n", path.str().c_str(), *version, source.c_str());
       if (prev_until) {
-        std::printf("version %u stays readable until %s (grace %s)\n", prev_version, Utc(*prev_until).c_str(),
+        std::printf("version %u stays readable until %s (grace %s)\n", prev_version, FormatTime(*prev_until).c_str(),
                     policy::FormatDuration(settings.grace).c_str());
       }
       if (trimmed && !trimmed->empty()) {
@@ -234,10 +215,7 @@ Status SecretRevoke(const Globals& g, const std::string& text, uint32_t version,
   for (char c : reason) {
     if (static_cast<unsigned char>(c) < 0x20) return Error(Category::kUsage, "--reason must be one line of text");
   }
-  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "secret.revoke"));
-  o.ev.project = path.project;
-  o.ev.environment = path.environment;
-  o.ev.name = path.name;
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "secret.revoke", path));
   o.ev.version = version;
   return Finish(o, [&]() -> Status {
     CUSTODY_RETURN_IF_ERROR(Guard(o));
@@ -245,7 +223,7 @@ Status SecretRevoke(const Globals& g, const std::string& text, uint32_t version,
     CUSTODY_ASSIGN_OR_RETURN(auto env, o.store->FindEnvironment(path.project, path.environment));
     CUSTODY_ASSIGN_OR_RETURN(auto rec, o.store->GetVersion(env, path.name, version));
     if (rec.revoked_at) {
-      return Error(Category::kUsage, "version " + std::to_string(version) + " of " + path.str() + " was already revoked at " + Utc(*rec.revoked_at));
+      return Error(Category::kUsage, "version " + std::to_string(version) + " of " + path.str() + " was already revoked at " + FormatTime(*rec.revoked_at));
     }
     o.ev.detail += "; reason: " + reason;
     // Recorded before the store changes: a revocation never goes unrecorded.
@@ -275,10 +253,7 @@ Status SecretRevoke(const Globals& g, const std::string& text, uint32_t version,
 
 Status SecretVersions(const Globals& g, const std::string& text) {
   CUSTODY_ASSIGN_OR_RETURN(core::SecretPath path, core::SecretPath::Parse(text));
-  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "secret.versions"));
-  o.ev.project = path.project;
-  o.ev.environment = path.environment;
-  o.ev.name = path.name;
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "secret.versions", path));
   return Finish(o, [&]() -> Status {
     CUSTODY_RETURN_IF_ERROR(Guard(o));
     CUSTODY_RETURN_IF_ERROR(Ask(o, Action::kList, {path.project, path.environment, path.name}));
@@ -291,10 +266,10 @@ Status SecretVersions(const Globals& g, const std::string& text) {
       json out = json::array();
       for (const auto& r : versions) {
         json j{{"version", r.version}, {"state", core::VersionStateName(core::StateOf(r, settings.grace, now))},
-               {"created_at", Utc(r.created_at)}};
-        if (auto until = core::GraceEnds(r, settings.grace, now)) j["readable_until"] = Utc(*until);
+               {"created_at", FormatTime(r.created_at)}};
+        if (auto until = core::GraceEnds(r, settings.grace, now)) j["readable_until"] = FormatTime(*until);
         if (r.revoked_at) {
-          j["revoked_at"] = Utc(*r.revoked_at);
+          j["revoked_at"] = FormatTime(*r.revoked_at);
           j["revoked_reason"] = r.revoked_reason;
           j["revoked_by"] = r.revoked_by;
         }
@@ -308,9 +283,9 @@ Status SecretVersions(const Globals& g, const std::string& text) {
       const auto& r = *it;
       auto st = core::StateOf(r, settings.grace, now);
       std::string note;
-      if (auto until = core::GraceEnds(r, settings.grace, now)) note = "readable until " + Utc(*until);
-      if (r.revoked_at) note = "revoked " + Utc(*r.revoked_at) + " by " + r.revoked_by + ": " + r.revoked_reason;
-      rows.push_back({std::to_string(r.version), core::VersionStateName(st), Utc(r.created_at), note});
+      if (auto until = core::GraceEnds(r, settings.grace, now)) note = "readable until " + FormatTime(*until);
+      if (r.revoked_at) note = "revoked " + FormatTime(*r.revoked_at) + " by " + r.revoked_by + ": " + r.revoked_reason;
+      rows.push_back({std::to_string(r.version), core::VersionStateName(st), FormatTime(r.created_at), note});
     }
     PrintTable(rows);
     return Status::Ok();
@@ -348,11 +323,11 @@ Status RotationStatus(const Globals& g, const std::string& project, bool fail_on
                {"state", core::UrgencyName(it.urgency)}, {"versions", it.versions}, {"revoked", it.revoked}};
         if (it.current_version != 0) {
           j["current_version"] = it.current_version;
-          j["current_since"] = Utc(it.current_since);
+          j["current_since"] = FormatTime(it.current_since);
           j["age_seconds"] = it.age_seconds;
         }
         if (it.max_age) j["max_age_seconds"] = *it.max_age;
-        if (it.due_at) j["due_at"] = Utc(*it.due_at);
+        if (it.due_at) j["due_at"] = FormatTime(*it.due_at);
         out.push_back(j);
       }
       PrintJson(out);
@@ -361,7 +336,7 @@ Status RotationStatus(const Globals& g, const std::string& project, bool fail_on
       for (const auto& it : items) {
         std::string due = "-";
         if (it.due_at) {
-          due = Utc(*it.due_at);
+          due = FormatTime(*it.due_at);
           due += *it.due_at <= now ? " (" + core::HumanDuration(now - *it.due_at) + " ago)"
                                    : " (in " + core::HumanDuration(*it.due_at - now) + ")";
         }
@@ -407,7 +382,7 @@ Status KekList(const Globals& g, const std::string& project) {
       for (const auto& [k, n] : rows) {
         out.push_back({{"version", k.ref.version}, {"id", hsm::ToHex(k.ref.id)}, {"label", k.label},
                        {"state", core::KekStateName(k.state)}, {"sealed_versions", n},
-                       {"created_at", Utc(k.created_at)}});
+                       {"created_at", FormatTime(k.created_at)}});
       }
       PrintJson(out);
       return Status::Ok();
@@ -415,7 +390,7 @@ Status KekList(const Globals& g, const std::string& project) {
     std::vector<std::vector<std::string>> table{{"VERSION", "STATE", "SEALED", "LABEL", "ID", "CREATED"}};
     for (const auto& [k, n] : rows) {
       table.push_back({"v" + std::to_string(k.ref.version), core::KekStateName(k.state), std::to_string(n), k.label,
-                       hsm::ToHex(k.ref.id), Utc(k.created_at)});
+                       hsm::ToHex(k.ref.id), FormatTime(k.created_at)});
     }
     PrintTable(table);
     return Status::Ok();

@@ -736,7 +736,6 @@ Result<AttestInfo> ParseAttest(std::span<const uint8_t> message) {
   info.quote = a.type == TPM2_ST_ATTEST_QUOTE;
   info.certify = a.type == TPM2_ST_ATTEST_CERTIFY;
   info.extra_data.assign(a.extraData.buffer, a.extraData.buffer + a.extraData.size);
-  info.qualified_signer = Hex(std::span<const uint8_t>(a.qualifiedSigner.name, a.qualifiedSigner.size));
   if (info.quote) {
     info.pcr_digest.assign(a.attested.quote.pcrDigest.buffer,
                            a.attested.quote.pcrDigest.buffer + a.attested.quote.pcrDigest.size);

@@ -90,7 +90,6 @@ struct Quote {
 struct AttestInfo {
   bool quote = false, certify = false;
   std::vector<uint8_t> extra_data;  // the qualifying data (the nonce)
-  std::string qualified_signer;     // hex Name of the key that signed
   std::vector<uint8_t> pcr_digest;  // for a quote: SHA-256 of the quoted PCR values
   std::string certified_name;       // hex, for certify
 };
