@@ -9,7 +9,9 @@
 #include <unistd.h>
 
 #include <nlohmann/json.hpp>
+#include <filesystem>
 #include <functional>
+#include <iostream>
 #include <random>
 #include <thread>
 
@@ -341,13 +343,32 @@ TEST_F(RotationCliTest, KekRotationSurvivesSigkillAtRandomPoints) {
   ASSERT_EQ(full.exit_code, 0) << full.err;
   auto span = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0);
 
+  // SoftHSM2's file backend rewrites token.object in place (ftruncate, then
+  // write) at every C_Login. A kill inside that window leaves SoftHSM with an
+  // empty token.object and no initialised token: SoftHSM's own hazard, not a
+  // step of custody's rotation (docs/ROTATION.md says so). The file holds the
+  // token's label, PIN hashes and flags, never a key, so when a kill lands
+  // there the test puts the file back as it was, counts it, and goes on
+  // checking custody's state like after any other kill.
+  std::string token_object;
+  for (const auto& e : std::filesystem::directory_iterator(token_.dir() / "tokens")) {
+    if (std::filesystem::exists(e.path() / "token.object")) token_object = (e.path() / "token.object").string();
+  }
+  ASSERT_FALSE(token_object.empty());
+  const std::string token_object_before = ReadFile(token_object);
+
   std::mt19937 rng(20261129);
   int killed_mid_run = 0;
+  int killed_in_softhsm_login = 0;
   for (int run = 0; run < kRuns; ++run) {
     RunOptions o;
     o.kill_after = std::chrono::microseconds(std::uniform_int_distribution<int64_t>(0, span.count())(rng));
     auto k = Cli({"kek", "rotate", "payments", "--batch", "4"}, "", o);
     if (k.exit_code == 137) ++killed_mid_run;
+    if (k.exit_code == 137 && ReadFile(token_object).size() < token_object_before.size()) {
+      ++killed_in_softhsm_login;
+      WriteFile(token_object, token_object_before);
+    }
     // Run again: it finishes what the killed run left (or rotates once more).
     auto again = Cli({"kek", "rotate", "payments", "--batch", "4"});
     ASSERT_EQ(again.exit_code, 0) << "run " << run << ": " << again.err;
@@ -373,6 +394,9 @@ TEST_F(RotationCliTest, KekRotationSurvivesSigkillAtRandomPoints) {
   // Where the kills land depends on the machine's speed; that some landed
   // mid-run is all that can be asserted without timing.
   EXPECT_GE(killed_mid_run, 1) << "no kill landed before the run finished";
+  if (killed_in_softhsm_login > 0) {
+    std::cout << killed_in_softhsm_login << " kill(s) landed inside SoftHSM2's token.object rewrite at login\n";
+  }
   // And through the binary, as a user reads them.
   EXPECT_EQ(Get("payments/prod/s1"), "value-1");
   EXPECT_EQ(Get("payments/dev/s58"), "value-58");
