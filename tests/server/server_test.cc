@@ -271,6 +271,66 @@ TEST_F(ServerTest, VersionStatesHoldOverTheSocketAndMetricsCountOverdueSecrets) 
   EXPECT_EQ(metrics.find("hook"), std::string::npos) << "counts only, never names";
 }
 
+// `custody` is a lean front that serves `secret get` and `exec` through the
+// server itself and hands everything else to custody-full. A user must not
+// be able to tell which one answered: same output, same line on stderr,
+// same exit code, for successes and for each kind of refusal.
+TEST_F(ServerTest, TheLeanFrontAnswersExactlyAsTheFullTool) {
+  struct Case {
+    std::vector<std::string> args;
+    std::optional<int> uid;
+    int want;
+  };
+  const std::vector<Case> cases = {
+      {{"secret", "get", "payments/prod/stripe"}, std::nullopt, 0},
+      {{"--json", "secret", "get", "--version=1", "payments/prod/stripe"}, std::nullopt, 0},
+      {{"secret", "get", "payments/prod/missing"}, std::nullopt, 66},
+      {{"secret", "get", "payments/prod/stripe", "--version", "99"}, std::nullopt, 66},
+      {{"secret", "get", "payments/prod/stripe", "--version", "0"}, std::nullopt, 64},
+      {{"secret", "get", "Payments!/prod/stripe"}, std::nullopt, 64},
+      {{"secret", "get", "payments/prod/stripe"}, 65534, 77},
+      {{"exec", "--env", "K=payments/prod/stripe", "--", "/bin/sh", "-c", "printf %s \"$K\""}, std::nullopt, 0},
+      {{"exec", "--env=K=payments/prod/stripe", "--", "/bin/sh", "-c", "printf %s \"$K\""}, std::nullopt, 0},
+      {{"exec", "--env", "K=payments/prod/stripe", "/bin/true"}, std::nullopt, 64},
+      {{"exec", "--env", "K=payments/prod/missing", "--", "/bin/true"}, std::nullopt, 66},
+      {{"exec", "--env", "K=payments/prod/stripe", "--", "/bin/true"}, 65534, 77},
+      {{"exec", "--env", "1K=payments/prod/stripe", "--", "/bin/true"}, std::nullopt, 64},
+  };
+  auto run = [&](const char* binary, const Case& c) {
+    RunOptions o;
+    o.env = {{"CUSTODY_ADDR", "unix:" + socket_}};
+    if (!c.uid) return RunProgram(binary, c.args, o);
+    std::vector<std::string> full{"--reuid=" + std::to_string(*c.uid), "--regid=" + std::to_string(*c.uid),
+                                  "--clear-groups", binary};
+    full.insert(full.end(), c.args.begin(), c.args.end());
+    return RunProgram("/usr/bin/setpriv", full, o);
+  };
+  for (const auto& c : cases) {
+    std::string line;
+    for (const auto& a : c.args) line += a + " ";
+    auto front = run(CUSTODY_BIN, c);
+    auto full = run(CUSTODY_FULL_BIN, c);
+    EXPECT_EQ(front.exit_code, c.want) << line << front.err;
+    EXPECT_EQ(front.exit_code, full.exit_code) << line;
+    EXPECT_EQ(front.out, full.out) << line;
+    EXPECT_EQ(front.err, full.err) << line;
+    if (c.want == 0) {
+      EXPECT_EQ(front.out, kSecret) << line;
+    }
+  }
+  // --out writes the same 0600 file and says so in the same words.
+  auto front = run(CUSTODY_BIN, {{"secret", "get", "payments/prod/stripe", "--out", run_ / "a"}, std::nullopt, 0});
+  auto full = run(CUSTODY_FULL_BIN, {{"secret", "get", "payments/prod/stripe", "--out", run_ / "b"}, std::nullopt, 0});
+  ASSERT_EQ(front.exit_code, 0) << front.err;
+  ASSERT_EQ(full.exit_code, 0) << full.err;
+  EXPECT_EQ(ReadFile(run_ / "a"), kSecret);
+  EXPECT_EQ(ReadFile(run_ / "b"), kSecret);
+  struct stat st {};
+  ASSERT_EQ(::stat((run_ / "a").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  EXPECT_EQ(front.err.substr(0, front.err.rfind(' ')), full.err.substr(0, full.err.rfind(' ')));
+}
+
 TEST_F(ServerTest, PutThroughTheServerAndExecWithTheValueInTheEnvironmentOnly) {
   auto put = AsUser(std::nullopt, {"secret", "put", "payments/dev/db"});
   EXPECT_EQ(put.exit_code, 65) << "no value on stdin is an empty value, as in direct mode";

@@ -26,6 +26,7 @@
 #include "custody/hsm/rv.h"
 #include "custody/hsm/uri.h"
 #include "custody/tpm/tpm.h"
+#include "fetch.h"
 #include "flow.h"
 #include "io.h"
 
@@ -281,81 +282,21 @@ Result<core::Unsealed> DirectGet(const Globals& g, const core::SecretPath& path,
   return std::move(*out);
 }
 
-Result<core::Unsealed> Fetch(const Globals& g, const core::SecretPath& path, std::optional<uint32_t> version) {
-  if (auto addr = ServerAddress()) {
-    CUSTODY_ASSIGN_OR_RETURN(auto c, client::Client::Connect(*addr));
-    auto f = c.Get(path.str(), version);
-    if (!f) return std::move(f).error().Wrap(path.str());
-    return core::Unsealed{std::move(f->value), f->version};
-  }
-  return DirectGet(g, path, version);
-}
-
-Status WriteAll(int fd, std::span<const uint8_t> bytes) {
-  size_t off = 0;
-  while (off < bytes.size()) {
-    ssize_t n = ::write(fd, bytes.data() + off, bytes.size() - off);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return Error::Os(errno, "writing to stdout");
-    off += static_cast<size_t>(n);
-  }
-  return Status::Ok();
+// Through custodyd when CUSTODY_ADDR is set, else the whole flow here.
+Fetcher FetcherFor(const Globals& g) {
+  if (auto addr = ServerAddress()) return RemoteFetcher(*addr);
+  return [&g](const core::SecretPath& path, std::optional<uint32_t> version) -> Result<client::Fetched> {
+    CUSTODY_ASSIGN_OR_RETURN(core::Unsealed u, DirectGet(g, path, version));
+    return client::Fetched{std::move(u.value), u.version};
+  };
 }
 
 }  // namespace
 
-Status SecretGet(const Globals& g, const GetArgs& a) {
-  CUSTODY_ASSIGN_OR_RETURN(core::SecretPath path, core::SecretPath::Parse(a.path));
-  CUSTODY_ASSIGN_OR_RETURN(core::Unsealed u, Fetch(g, path, a.version));
-  auto bytes = u.value.Reveal(SecretAccess{});
-  if (a.out) {
-    CUSTODY_RETURN_IF_ERROR(WritePrivateFile(*a.out, bytes));
-    std::fprintf(stderr, "custody: wrote %s version %u to %s\n", path.str().c_str(), u.version, a.out->c_str());
-    return Status::Ok();
-  }
-  // The value goes to stdout as raw bytes, never through a JSON string copy.
-  return WriteAll(STDOUT_FILENO, bytes);
-}
+Status SecretGet(const Globals& g, const GetArgs& a) { return GetAndPrint(FetcherFor(g), a.path, a.version, a.out); }
 
 Status Exec(const Globals& g, const std::vector<std::string>& envs, const std::vector<std::string>& command) {
-  if (command.empty()) return Error(Category::kUsage, "exec needs a command after --");
-  std::vector<std::pair<std::string, core::SecretPath>> wanted;
-  for (const auto& e : envs) {
-    size_t eq = e.find('=');
-    if (eq == std::string::npos || eq == 0) {
-      return Error(Category::kUsage, "--env '" + e + "' must be NAME=PROJECT/ENV/SECRET");
-    }
-    std::string name = e.substr(0, eq);
-    for (char c : name) {
-      if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_')) {
-        return Error(Category::kUsage, "--env name '" + name + "' is not a valid variable name");
-      }
-    }
-    CUSTODY_ASSIGN_OR_RETURN(auto path, core::SecretPath::Parse(e.substr(eq + 1)));
-    wanted.emplace_back(name, path);
-  }
-  // Every value is fetched (and recorded) before anything is set: all or nothing.
-  std::vector<std::pair<std::string, core::Unsealed>> got;
-  for (auto& [name, path] : wanted) {
-    CUSTODY_ASSIGN_OR_RETURN(core::Unsealed u, Fetch(g, path, std::nullopt));
-    if (u.value.RevealString(SecretAccess{}).find('\0') != std::string_view::npos) {
-      return Error(Category::kIntegrity, path.str() + " holds a NUL byte and cannot go into an environment variable");
-    }
-    got.emplace_back(name, std::move(u));
-  }
-  for (auto& [name, u] : got) {
-    std::string v(u.value.RevealString(SecretAccess{}));
-    ::setenv(name.c_str(), v.c_str(), 1);
-    OPENSSL_cleanse(v.data(), v.size());
-  }
-  got.clear();  // wiped
-  std::vector<char*> argv;
-  for (const auto& c : command) argv.push_back(const_cast<char*>(c.c_str()));
-  argv.push_back(nullptr);
-  // The values live on only in the new program's environment. The process
-  // was made non-dumpable; exec resets that for the new program, as it should.
-  ::execvp(argv[0], argv.data());
-  return Error::Os(errno, "cannot run " + command[0], errno == ENOENT ? Category::kNotFound : Category::kUnavailable);
+  return ExecWith(FetcherFor(g), envs, command);
 }
 
 Status SecretList(const Globals& g, const std::string& scope_text) {

@@ -1,16 +1,13 @@
 #include "custody/client/client.h"
 
 #include "custody/common/base64.h"
+#include "tls_request.h"
 
 #include <openssl/crypto.h>
-#include <openssl/ssl.h>
-#include <openssl/evp.h>
 
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
-#include <boost/asio/ssl.hpp>
 #include <boost/beast/http.hpp>
-#include <boost/beast/ssl.hpp>
 #include <cstdlib>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -85,37 +82,9 @@ Result<Client::Response> Client::Request(const std::string& method, const std::s
   http::response<http::string_body> res;
   beast::error_code ec;
   if (tls_) {
-    // One TLS connection per request: TLS 1.3, the server checked against
-    // the CA and its name, our certificate presented.
-    const std::string where = "custodyd at " + tls_->host + ":" + tls_->port;
-    asio::ssl::context ctx(asio::ssl::context::tls_client);
-    SSL_CTX_set_min_proto_version(ctx.native_handle(), TLS1_3_VERSION);
-    ctx.load_verify_file(tls_->ca, ec);
-    if (!ec) ctx.use_certificate_chain_file(tls_->cert, ec);
-    if (!ec) ctx.use_private_key_file(tls_->key, asio::ssl::context::pem, ec);
-    if (ec) return Error(Category::kConfig, "client certificate or CA: " + ec.message());
-    ctx.set_verify_mode(asio::ssl::verify_peer);
-    asio::io_context io;
-    beast::ssl_stream<beast::tcp_stream> stream(io, ctx);
-    SSL_set_tlsext_host_name(stream.native_handle(), tls_->host.c_str());
-    stream.set_verify_callback(asio::ssl::host_name_verification(tls_->host));
-    asio::ip::tcp::resolver resolver(io);
-    auto results = resolver.resolve(tls_->host, tls_->port, ec);
-    if (!ec) beast::get_lowest_layer(stream).connect(results, ec);
-    if (ec) return Error(Category::kUnavailable, "cannot reach " + where + ": " + ec.message());
-    stream.handshake(asio::ssl::stream_base::client, ec);
-    if (ec) return Error(Category::kUnavailable, where + " refused the TLS handshake: " + ec.message());
-    req.keep_alive(false);
-    http::write(stream, req, ec);
-    OPENSSL_cleanse(req.body().data(), req.body().size());
-    beast::flat_buffer buf;
-    http::response_parser<http::string_body> parser;
-    parser.body_limit(4 * 1024 * 1024);
-    if (!ec) http::read(stream, buf, parser, ec);
-    if (ec) return Error(Category::kUnavailable, where + ": " + ec.message());
-    res = parser.release();
-    beast::error_code ignored;
-    stream.shutdown(ignored);
+    auto r = detail::RequestTls({tls_->host, tls_->port, tls_->cert, tls_->key, tls_->ca}, req);
+    if (!r) return std::move(r).error();
+    res = std::move(*r);
   }
   for (int attempt = 0; !tls_ && attempt < 2; ++attempt) {
   // A kept-alive connection the server has since closed fails on first

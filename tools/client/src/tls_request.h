@@ -1,0 +1,26 @@
+// The TLS transport of the client, in its own file so that the lean
+// `custody` front (which serves only unix: addresses and hands https:// to
+// custody-full) links no TLS: Asio's SSL layer initialises OpenSSL's whole
+// SSL library at program start, which is most of a short process's cost.
+#pragma once
+
+#include <boost/beast/http/message.hpp>
+#include <boost/beast/http/string_body.hpp>
+#include <string>
+
+#include "custody/common/result.h"
+
+namespace custody::client::detail {
+
+struct TlsEndpoint {
+  std::string host, port, cert, key, ca;
+};
+
+using HttpRequest = boost::beast::http::request<boost::beast::http::string_body>;
+using HttpResponse = boost::beast::http::response<boost::beast::http::string_body>;
+
+// One TLS 1.3 connection per request: the server checked against the CA and
+// its name, our certificate presented. The request body is wiped once sent.
+Result<HttpResponse> RequestTls(const TlsEndpoint& to, HttpRequest& req);
+
+}  // namespace custody::client::detail
