@@ -93,7 +93,7 @@ double RawDecryptRate(const std::string& label) {
 
 struct Run {
   int clients = 0;
-  double rate = 0, p50_ms = 0, p99_ms = 0;
+  double rate = 0, p50_ms = 0, p90_ms = 0, p99_ms = 0, p999_ms = 0;
   uint64_t errors = 0;
 };
 
@@ -109,7 +109,7 @@ Run ServerRun(const std::string& socket, int clients, std::chrono::seconds lengt
         auto s = Clock::now();
         auto f = client->Get("bench/prod/api-key");
         lat[static_cast<size_t>(c)].push_back(std::chrono::duration<double, std::milli>(Clock::now() - s).count());
-        if (!f.ok()) ++errors;
+        if (!f.ok() && errors.fetch_add(1) == 0) std::fprintf(stderr, "server_bench: first error: %s\n", f.error().message().c_str());
       }
     });
   }
@@ -122,7 +122,10 @@ Run ServerRun(const std::string& socket, int clients, std::chrono::seconds lengt
   r.clients = clients;
   r.rate = all.size() / secs;
   r.p50_ms = all.empty() ? 0 : all[all.size() / 2];
-  r.p99_ms = all.empty() ? 0 : all[std::min(all.size() - 1, all.size() * 99 / 100)];
+  auto at = [&](size_t per_mille) { return all.empty() ? 0 : all[std::min(all.size() - 1, all.size() * per_mille / 1000)]; };
+  r.p90_ms = at(900);
+  r.p99_ms = at(990);
+  r.p999_ms = at(999);
   r.errors = errors.load();
   return r;
 }
@@ -153,7 +156,11 @@ int main() {
   Sh(custody + " policy apply " + dir + "/policy.toml >/dev/null");
   Sh("head -c 48 /dev/urandom | base64 | head -c 64 | " + custody + " secret put bench/prod/api-key >/dev/null");
   std::string socket = dir + "/custody.sock";
-  std::ofstream(cfg, std::ios::app) << "\n[server]\nsocket = \"" << socket << "\"\nthreads = 64\nmax_connections = 1024\n";
+  // custodyd's default thread count unless SERVER_BENCH_THREADS says otherwise.
+  const char* threads_env = std::getenv("SERVER_BENCH_THREADS");
+  std::string threads_line = threads_env ? "threads = " + std::string(threads_env) + "\n" : "";
+  std::ofstream(cfg, std::ios::app) << "\n[server]\nsocket = \"" << socket << "\"\n" << threads_line
+                                    << "max_connections = 1024\n";
 
   pid_t pid = ::fork();
   if (pid == 0) {
@@ -165,13 +172,15 @@ int main() {
 
   double raw = RawDecryptRate("custody:kek:bench:v1");
   std::printf("raw C_Decrypt, one session:        %8.0f /s\n\n", raw);
-  std::printf("%-8s %10s %8s %8s %8s %7s\n", "clients", "requests/s", "ratio", "p50 ms", "p99 ms", "errors");
+  std::printf("%-8s %10s %8s %8s %8s %8s %8s %7s\n", "clients", "requests/s", "ratio", "p50 ms", "p90 ms", "p99 ms",
+              "p99.9 ms", "errors");
   ServerRun(socket, 4, std::chrono::seconds(1));  // warm up
   Run at16;
   for (int n : {1, 4, 16, 64}) {
     Run r = ServerRun(socket, n, std::chrono::seconds(3));
     if (n == 16) at16 = r;
-    std::printf("%-8d %10.0f %8.2f %8.3f %8.3f %7llu\n", n, r.rate, r.rate / raw, r.p50_ms, r.p99_ms,
+    std::printf("%-8d %10.0f %8.2f %8.3f %8.3f %8.3f %8.3f %7llu\n", n, r.rate, r.rate / raw, r.p50_ms, r.p90_ms,
+                r.p99_ms, r.p999_ms,
                 static_cast<unsigned long long>(r.errors));
   }
 

@@ -314,7 +314,14 @@ Result<std::unique_ptr<AuditLog>> AuditLog::Open(AuditOptions options) {
   return log;
 }
 
-AuditLog::~AuditLog() = default;
+AuditLog::~AuditLog() {
+  {
+    std::lock_guard lock(mu_);
+    stop_ = true;
+  }
+  writer_cv_.notify_all();
+  if (writer_.joinable()) writer_.join();
+}
 
 bool AuditLog::CheckpointDue() const {
   std::lock_guard lock(head_mu_);
@@ -324,10 +331,62 @@ bool AuditLog::CheckpointDue() const {
   return last_ckpt_time_ == 0 || now - last_ckpt_time_ >= options_.checkpoint_seconds;
 }
 
-Result<uint64_t> AuditLog::Append(const AuditEvent& event) { return Submit(Item{event, nullptr}, nullptr); }
+Result<uint64_t> AuditLog::Append(const AuditEvent& event) { return Submit(Item{event, nullptr, nullptr}, nullptr); }
+
+void AuditLog::AppendAsync(const AuditEvent& event, Done done) {
+  std::unique_lock lk(mu_);
+  queue_.emplace_back(next_ticket_++, Item{event, nullptr, std::move(done)});
+  if (!writer_.joinable()) writer_ = std::thread([this] { WriterLoop(); });
+  lk.unlock();
+  writer_cv_.notify_one();
+}
+
+void AuditLog::WriterLoop() {
+  std::unique_lock lk(mu_);
+  for (;;) {
+    writer_cv_.wait(lk, [&] { return (stop_ && !leader_) || (!leader_ && !queue_.empty()); });
+    if (queue_.empty()) return;  // stopping, and everything queued is written
+    Lead(lk);
+  }
+}
+
+void AuditLog::Lead(std::unique_lock<std::mutex>& lk) {
+  // Write everything queued so far in one batch with one fsync; the others
+  // wait for us (group commit).
+  leader_ = true;
+  std::vector<std::pair<uint64_t, Item>> batch;
+  batch.swap(queue_);
+  lk.unlock();
+  std::vector<Item> items;
+  items.reserve(batch.size());
+  for (auto& [t, i] : batch) items.push_back(std::move(i));
+  std::vector<Outcome> outcomes = WriteBatch(items);
+  lk.lock();
+  std::vector<std::pair<Done, Outcome>> callbacks;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    if (items[i].done) {
+      callbacks.emplace_back(std::move(items[i].done), std::move(outcomes[i]));
+    } else {
+      done_[batch[i].first] = std::move(outcomes[i]);
+    }
+  }
+  leader_ = false;
+  cv_.notify_all();
+  writer_cv_.notify_one();
+  if (callbacks.empty()) return;
+  lk.unlock();
+  for (auto& [done, o] : callbacks) {
+    if (o.status.ok()) {
+      done(o.seq);
+    } else {
+      done(std::move(o.status).error());
+    }
+  }
+  lk.lock();
+}
 
 Result<uint64_t> AuditLog::Checkpoint(AuditSigner& signer, std::pair<uint64_t, std::string>* covers) {
-  return Submit(Item{AuditEvent{}, &signer}, covers);
+  return Submit(Item{AuditEvent{}, &signer, nullptr}, covers);
 }
 
 Result<uint64_t> AuditLog::Submit(Item item, std::pair<uint64_t, std::string>* covers) {
@@ -344,20 +403,7 @@ Result<uint64_t> AuditLog::Submit(Item item, std::pair<uint64_t, std::string>* c
       return o.seq;
     }
     if (!leader_) {
-      // Become the leader: write everything queued so far in one batch with
-      // one fsync; the others wait for us (group commit).
-      leader_ = true;
-      std::vector<std::pair<uint64_t, Item>> batch;
-      batch.swap(queue_);
-      lk.unlock();
-      std::vector<Item> items;
-      items.reserve(batch.size());
-      for (auto& [t, i] : batch) items.push_back(std::move(i));
-      std::vector<Outcome> outcomes = WriteBatch(items);
-      lk.lock();
-      for (size_t i = 0; i < batch.size(); ++i) done_[batch[i].first] = std::move(outcomes[i]);
-      leader_ = false;
-      cv_.notify_all();
+      Lead(lk);
       continue;
     }
     if (cv_.wait_until(lk, deadline) == std::cv_status::timeout && done_.find(ticket) == done_.end()) {

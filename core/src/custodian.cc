@@ -60,9 +60,9 @@ struct Custodian::Flow {
     }
     return s;
   }
-  // Appends the record once; fail closed.
-  Status Record(const Status& outcome) {
-    if (recorded) return Status::Ok();
+  // Fills the record's outcome; false when it was already recorded.
+  bool Prepare(const Status& outcome) {
+    if (recorded) return false;
     recorded = true;
     if (outcome.ok()) {
       ev.result = "ok";
@@ -72,14 +72,22 @@ struct Custodian::Flow {
       ev.error = outcome.error().message();
       if (outcome.error().backend() == Backend::kPkcs11) c.stats_.token_errors.fetch_add(1);
     }
-    auto seq = c.audit_.Append(ev);
+    return true;
+  }
+  // What the append's result means for the request: fail closed.
+  static Status Appended(Custodian& owner, const std::string& action, Result<uint64_t> seq) {
     if (!seq) {
-      c.stats_.audit_failures.fetch_add(1);
-      c.stats_.audit_healthy.store(false);
-      return std::move(seq).error().Wrap("refusing " + ev.action);
+      owner.stats_.audit_failures.fetch_add(1);
+      owner.stats_.audit_healthy.store(false);
+      return std::move(seq).error().Wrap("refusing " + action);
     }
-    c.stats_.audit_healthy.store(true);
+    owner.stats_.audit_healthy.store(true);
     return Status::Ok();
+  }
+  // Appends the record once; fail closed.
+  Status Record(const Status& outcome) {
+    if (!Prepare(outcome)) return Status::Ok();
+    return Appended(c, ev.action, c.audit_.Append(ev));
   }
   template <typename T>
   Result<T> Finish(Result<T> r) {
@@ -106,50 +114,65 @@ std::shared_ptr<const Authorizer> Custodian::policy() const {
   return authz_;
 }
 
-Result<Unsealed> Custodian::Get(const RequestContext& rc, const SecretPath& path, std::optional<uint32_t> version) {
-  Flow f(*this, rc, "secret.get");
+Result<Unsealed> Custodian::GetUnrecorded(Flow& f, const RequestContext& rc, const SecretPath& path,
+                                          std::optional<uint32_t> version) {
   f.ev.project = path.project;
   f.ev.environment = path.environment;
   f.ev.name = path.name;
   f.ev.version = version;
-  auto run = [&]() -> Result<Unsealed> {
-    CUSTODY_RETURN_IF_ERROR(f.Identify(rc));
-    policy::Target t{path.project, path.environment, path.name};
-    CUSTODY_RETURN_IF_ERROR(f.Ask(policy::Action::kGet, t));
-    CUSTODY_ASSIGN_OR_RETURN(auto env, store_.FindEnvironment(path.project, path.environment));
-    CUSTODY_ASSIGN_OR_RETURN(auto rec, store_.GetVersion(env, path.name, version));
-    f.ev.version = rec.version;
-    uint64_t grace = f.authz->engine().RotationFor(path.project, path.environment).grace;
-    CUSTODY_RETURN_IF_ERROR(CheckReadable(path, rec, grace, SystemNow()));
-    CUSTODY_ASSIGN_OR_RETURN(auto kek, store_.KekById(rec.kek_record_id));
-    f.ev.kek_id = hsm::ToHex(kek.ref.id);
-    CUSTODY_RETURN_IF_ERROR(f.Charge(t, UsageEvent::kUnseal));
-    SecretService svc(store_, sealer_);
-    auto u = svc.Unseal(path, env, rec, kek);
-    if (!u && u.error().backend() == Backend::kPkcs11 && hsm::IsSessionFatal(u.error().code())) {
-      // The failed session was discarded; re-open the pool and log in again
-      // (the token may have been reset, losing every session and the login),
-      // then retry once.
-      stats_.token_errors.fetch_add(1);
-      RecoverToken();
-      u = svc.Unseal(path, env, rec, kek);
+  CUSTODY_RETURN_IF_ERROR(f.Identify(rc));
+  policy::Target t{path.project, path.environment, path.name};
+  CUSTODY_RETURN_IF_ERROR(f.Ask(policy::Action::kGet, t));
+  CUSTODY_ASSIGN_OR_RETURN(auto env, store_.FindEnvironment(path.project, path.environment));
+  CUSTODY_ASSIGN_OR_RETURN(auto rec, store_.GetVersion(env, path.name, version));
+  f.ev.version = rec.version;
+  uint64_t grace = f.authz->engine().RotationFor(path.project, path.environment).grace;
+  CUSTODY_RETURN_IF_ERROR(CheckReadable(path, rec, grace, SystemNow()));
+  CUSTODY_ASSIGN_OR_RETURN(auto kek, store_.KekById(rec.kek_record_id));
+  f.ev.kek_id = hsm::ToHex(kek.ref.id);
+  CUSTODY_RETURN_IF_ERROR(f.Charge(t, UsageEvent::kUnseal));
+  SecretService svc(store_, sealer_);
+  auto u = svc.Unseal(path, env, rec, kek);
+  if (!u && u.error().backend() == Backend::kPkcs11 && hsm::IsSessionFatal(u.error().code())) {
+    // The failed session was discarded; re-open the pool and log in again
+    // (the token may have been reset, losing every session and the login),
+    // then retry once.
+    stats_.token_errors.fetch_add(1);
+    RecoverToken();
+    u = svc.Unseal(path, env, rec, kek);
+  }
+  if (!u && u.error().category() == Category::kNotFound) {
+    // A KEK rotation may have re-sealed this version and destroyed its old
+    // KEK between our read and the unseal: read it again, once.
+    auto again = store_.GetVersion(env, path.name, rec.version);
+    if (again.ok() && again->kek_record_id != rec.kek_record_id) {
+      auto kek2 = store_.KekById(again->kek_record_id);
+      if (kek2.ok()) u = svc.Unseal(path, env, *again, *kek2);
     }
-    if (!u && u.error().category() == Category::kNotFound) {
-      // A KEK rotation may have re-sealed this version and destroyed its old
-      // KEK between our read and the unseal: read it again, once.
-      auto again = store_.GetVersion(env, path.name, rec.version);
-      if (again.ok() && again->kek_record_id != rec.kek_record_id) {
-        auto kek2 = store_.KekById(again->kek_record_id);
-        if (kek2.ok()) u = svc.Unseal(path, env, *again, *kek2);
-      }
-    }
-    stats_.token_healthy.store(!TokenFault(u));
-    if (!u) return u;
-    // Durable before the value leaves: fail closed.
-    CUSTODY_RETURN_IF_ERROR(f.Record(Status::Ok()));
-    return u;
-  };
-  return f.Finish(run());
+  }
+  stats_.token_healthy.store(!TokenFault(u));
+  return u;
+}
+
+Result<Unsealed> Custodian::Get(const RequestContext& rc, const SecretPath& path, std::optional<uint32_t> version) {
+  Flow f(*this, rc, "secret.get");
+  // Durable before the value leaves: fail closed.
+  return f.Finish(GetUnrecorded(f, rc, path, version));
+}
+
+void Custodian::GetAsync(const RequestContext& rc, const SecretPath& path, std::optional<uint32_t> version,
+                         GetDone done) {
+  auto f = std::make_shared<Flow>(*this, rc, "secret.get");
+  auto r = std::make_shared<Result<Unsealed>>(GetUnrecorded(*f, rc, path, version));
+  f->Prepare(r->ok() ? Status::Ok() : Status(r->error()));
+  // The flow (and its policy snapshot) and the value stay alive until the
+  // record is written; the value is handed over only if it was.
+  audit_.AppendAsync(f->ev, [f, r, done = std::move(done)](Result<uint64_t> seq) {
+    Status rec = Flow::Appended(f->c, f->ev.action, std::move(seq));
+    if (!r->ok()) return done(std::move(*r));
+    if (!rec.ok()) return done(rec.error());
+    done(std::move(*r));
+  });
 }
 
 Result<uint32_t> Custodian::Put(const RequestContext& rc, const SecretPath& path, const SecretBuffer& value) {

@@ -12,6 +12,9 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <mutex>
+#include <set>
 #include <random>
 #include <sstream>
 #include <thread>
@@ -301,6 +304,49 @@ TEST_F(AuditTest, ConcurrentThreadsShareOneChainAndBatchTheirFsyncs) {
   auto all = ReadAuditLog(opts_.dir);
   for (const auto& rec : *all) ids.insert(rec.event.request_id);
   EXPECT_EQ(ids.size(), static_cast<size_t>(kThreads * kEach));
+}
+
+// custodyd's path: requests append without waiting on a thread, mixed with
+// ordinary appends; every callback runs once with its own seq, after its
+// record is on disk, and closing the log drains what is still queued.
+TEST_F(AuditTest, AsyncAppendsRunEachCallbackOnceAfterTheRecordIsWritten) {
+  constexpr int kAsync = 300, kSync = 100;
+  std::mutex mu;
+  std::map<std::string, uint64_t> seen;  // request id -> seq
+  std::atomic<int> errors{0}, unwritten{0};
+  const std::string segment = Segment();
+  {
+    std::thread sync([&] {
+      for (int i = 0; i < kSync; ++i) {
+        if (!log_->Append(Event(100000 + i)).ok()) ++errors;
+      }
+    });
+    for (int i = 0; i < kAsync; ++i) {
+      AuditEvent e = Event(i);
+      std::string id = e.request_id;
+      log_->AppendAsync(e, [&, id](Result<uint64_t> r) {
+        if (!r.ok()) {
+          ++errors;
+          return;
+        }
+        // Durable before the callback: the record is already in the file.
+        if (test::ReadFile(segment).find("\"" + id + "\"") == std::string::npos) ++unwritten;
+        std::lock_guard lock(mu);
+        EXPECT_TRUE(seen.emplace(id, *r).second) << "callback ran twice for " << id;
+      });
+    }
+    sync.join();
+    log_.reset();  // drains the queue, runs the remaining callbacks
+  }
+  EXPECT_EQ(errors.load(), 0);
+  EXPECT_EQ(unwritten.load(), 0);
+  EXPECT_EQ(seen.size(), static_cast<size_t>(kAsync));
+  std::set<uint64_t> seqs;
+  for (const auto& [id, seq] : seen) seqs.insert(seq);
+  EXPECT_EQ(seqs.size(), seen.size()) << "each record its own seq";
+  auto r = Verify();
+  EXPECT_TRUE(r.intact) << r.problem;
+  EXPECT_EQ(r.records, static_cast<uint64_t>(kAsync + kSync));
 }
 
 TEST_F(AuditTest, ConcurrentProcessesShareOneChainAcrossSegments) {

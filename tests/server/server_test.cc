@@ -183,6 +183,34 @@ TEST_F(ServerTest, AnAllowedPrincipalGetsItsSecretAndTheCallIsAudited) {
   EXPECT_NE(show.out.find("via unix socket"), std::string::npos) << show.out;
 }
 
+// Fail closed, with the audit wait off the request threads: when the record
+// cannot be written, no value leaves, the client is told why (503, exit
+// 69), health says the audit log is failing; once the log is back, GETs
+// work again.
+TEST_F(ServerTest, WithoutAWritableAuditLogNoValueLeavesAndHealthSaysWhy) {
+  const std::string audit = token_.dir() / "state/audit";
+  std::filesystem::rename(audit, token_.dir() / "audit.moved");
+  WriteFile(audit, "not a folder");
+  auto r = AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"});
+  EXPECT_EQ(r.exit_code, 69) << r.err;
+  EXPECT_EQ(r.out, "") << "no value without a durable record";
+  EXPECT_NE(r.err.find("refusing secret.get"), std::string::npos) << r.err;
+  auto raw = Raw(socket_, "GET /v1/secrets/payments/prod/stripe HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(raw.find("503"), std::string::npos) << raw;
+  EXPECT_EQ(raw.find(kSecret), std::string::npos) << raw;
+  auto health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(health.find("503"), std::string::npos) << health;
+  EXPECT_NE(health.find("records cannot be written"), std::string::npos) << health;
+
+  std::filesystem::remove(audit);
+  std::filesystem::rename(token_.dir() / "audit.moved", audit);
+  auto again = AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"});
+  EXPECT_EQ(again.exit_code, 0) << again.err;
+  EXPECT_EQ(again.out, kSecret);
+  health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(health.find("200 OK"), std::string::npos) << health;
+}
+
 TEST_F(ServerTest, AnotherUidGets403AndAnAuditRecord) {
   auto r = AsUser(65534, {"secret", "get", "payments/prod/stripe"});
   EXPECT_EQ(r.exit_code, 77) << r.err;

@@ -183,6 +183,9 @@ struct Server::Impl {
   std::optional<asio::ip::tcp::acceptor> tls_acceptor;
   std::atomic<int> connections{0};
   std::atomic<bool> draining{false};
+  // GETs waiting for their audit record (Custodian::GetAsync): their
+  // callbacks post to `io`, so Run() waits for them before it returns.
+  std::atomic<int> pending_audits{0};
   Metrics metrics;
 
   // Logs token recoveries once each, as they happen (the counters move in
@@ -330,15 +333,49 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
       return;
     }
     auto req = parser_->release();
-    bool keep = req.keep_alive() && !srv_.draining.load();
-    auto started = std::chrono::steady_clock::now();
-    http::response<http::string_body> res = Handle(req);
+    keep_ = req.keep_alive() && !srv_.draining.load();
+    started_ = std::chrono::steady_clock::now();
+    std::optional<http::response<http::string_body>> res = Handle(req);
     // The request body may hold a value being stored: wipe it.
     OPENSSL_cleanse(req.body().data(), req.body().size());
-    double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+    // Nothing: StartGet's callback answers, maybe already on another thread,
+    // so no member of this session may be touched here any more.
+    if (res) Answer(std::move(*res));
+  }
+
+  void Answer(http::response<http::string_body> res) {
+    double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
     srv_.metrics.Observe(action_, project_, env_, decision_, seconds);
     srv_.NoteTokenEvents();
-    Reply(std::move(res), keep);
+    Reply(std::move(res), keep_);
+  }
+
+  // GET of a secret: everything up to the audit record runs here; the wait
+  // for the record's fsync holds no server thread, so every request in
+  // flight shares one fsync. The answer is built back on the server's
+  // threads once the record is durable (and never if it is not).
+  void StartGet(const core::SecretPath& sp, std::optional<uint32_t> version) {
+    srv_.pending_audits.fetch_add(1);
+    srv_.custodian.GetAsync(peer_, sp, version, [self = this->shared_from_this(), sp](Result<core::Unsealed> u) {
+      auto got = std::make_shared<Result<core::Unsealed>>(std::move(u));
+      asio::post(self->stream_.get_executor(), [self, got, sp] { self->Answer(self->GetAnswer(sp, *got)); });
+      self->srv_.pending_audits.fetch_sub(1);
+    });
+  }
+
+  http::response<http::string_body> GetAnswer(const core::SecretPath& sp, Result<core::Unsealed>& u) {
+    if (!u) return FromError(u.error());
+    std::string_view value = u->value.RevealString(SecretAccess{});
+    // The response body is wiped after it is written (see OnWrite).
+    json out{{"path", sp.str()}, {"version", u->version}};
+    if (ValidUtf8(value)) {
+      out["value"] = std::string(value);
+    } else {
+      out["value_base64"] = Base64Encode(value);
+    }
+    auto res = Json(200, out);
+    if (out.contains("value")) OPENSSL_cleanse(out["value"].get_ref<std::string&>().data(), value.size());
+    return res;
   }
 
   http::response<http::string_body> Error(int status, const std::string& message, Category category = Category::kUsage,
@@ -375,7 +412,8 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
     return res;
   }
 
-  http::response<http::string_body> Handle(const http::request<http::string_body>& req) {
+  // The answer, or nothing when it will come from StartGet.
+  std::optional<http::response<http::string_body>> Handle(const http::request<http::string_body>& req) {
     peer_.request_id = core::NewRequestId();
     action_ = "other";
     project_.clear();
@@ -448,19 +486,8 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
           if (v->empty() || *end != '\0' || n == 0 || n > UINT32_MAX) return Error(400, "version must be a positive number");
           version = static_cast<uint32_t>(n);
         }
-        auto u = srv_.custodian.Get(peer_, *sp, version);
-        if (!u) return FromError(u.error());
-        std::string_view value = u->value.RevealString(SecretAccess{});
-        // The response body is wiped after it is written (see OnWrite).
-        json out{{"path", sp->str()}, {"version", u->version}};
-        if (ValidUtf8(value)) {
-          out["value"] = std::string(value);
-        } else {
-          out["value_base64"] = Base64Encode(value);
-        }
-        auto res = Json(200, out);
-        if (out.contains("value")) OPENSSL_cleanse(out["value"].get_ref<std::string&>().data(), value.size());
-        return res;
+        StartGet(*sp, version);
+        return std::nullopt;
       }
       if (req.method() == http::verb::put) {
         action_ = "secret.put";
@@ -517,6 +544,8 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
   http::response<http::string_body> res_;
   core::RequestContext peer_;
   std::string action_, project_, env_, decision_;
+  bool keep_ = false;
+  std::chrono::steady_clock::time_point started_;
 };
 
 // User name and groups per uid, from NSS, cached for a minute: looking them
@@ -734,6 +763,10 @@ void Server::Run(unsigned threads) {
   for (unsigned i = 1; i < threads; ++i) pool.emplace_back([this] { impl_->io.run(); });
   impl_->io.run();
   for (auto& t : pool) t.join();
+  // A GET whose audit record is still being written will post its answer
+  // to `io`: wait for it, so nothing posts to a destroyed loop. The audit
+  // log's own deadlines bound the wait.
+  while (impl_->pending_audits.load() > 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
 }
 
 void Server::Post(std::function<void()> fn) { asio::post(impl_->io, std::move(fn)); }

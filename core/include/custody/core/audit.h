@@ -20,12 +20,14 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <span>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "custody/common/result.h"
@@ -100,6 +102,16 @@ class AuditLog {
   // the caller must then refuse the operation it was about to perform.
   Result<uint64_t> Append(const AuditEvent& event);
 
+  // Append without holding the caller's thread (custodyd: a request waits
+  // for its batch's fsync without occupying a server thread, so one fsync
+  // serves every request in flight). `done` gets the seq once the record is
+  // durable, or the error; on error the caller must refuse, as with Append.
+  // It runs on the log's writer thread (or on a thread inside Append that
+  // wrote the batch): it must be short and must not call into this log.
+  // Destroying the log writes what is queued and runs every `done` first.
+  using Done = std::function<void(Result<uint64_t>)>;
+  void AppendAsync(const AuditEvent& event, Done done);
+
   // Whether checkpoint_every records or checkpoint_seconds have passed since
   // the last checkpoint (as of the last record this process saw).
   bool CheckpointDue() const;
@@ -113,6 +125,7 @@ class AuditLog {
   struct Item {
     AuditEvent event;
     AuditSigner* signer = nullptr;  // set for a checkpoint
+    Done done;                      // set for AppendAsync
   };
   struct Outcome {
     Status status;
@@ -121,6 +134,11 @@ class AuditLog {
   };
   explicit AuditLog(AuditOptions o) : options_(std::move(o)) {}
   Result<uint64_t> Submit(Item item, std::pair<uint64_t, std::string>* covers);
+  // With mu_ held through `lk` and no leader: writes everything queued as one
+  // batch (mu_ released meanwhile), files the outcomes for waiting callers
+  // and runs the callbacks of async items (mu_ released).
+  void Lead(std::unique_lock<std::mutex>& lk);
+  void WriterLoop();
   // Writes a batch under the cross-process lock; fills one outcome per item.
   std::vector<Outcome> WriteBatch(std::vector<Item>& items);
 
@@ -131,6 +149,10 @@ class AuditLog {
   std::map<uint64_t, Outcome> done_;
   uint64_t next_ticket_ = 1;
   bool leader_ = false;
+  // The writer thread for AppendAsync, started with the first one.
+  std::condition_variable writer_cv_;
+  std::thread writer_;
+  bool stop_ = false;
   // The head as this process left it after its last batch: reused when the
   // newest segment still has the same inode and size (no other process
   // wrote since), which saves re-reading the tail on every batch.

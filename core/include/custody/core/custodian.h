@@ -13,6 +13,7 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -56,6 +57,13 @@ class Custodian {
       : store_(store), audit_(audit), sealer_(sealer), pool_(pool), authz_(std::move(authz)) {}
 
   Result<Unsealed> Get(const RequestContext& rc, const SecretPath& path, std::optional<uint32_t> version);
+  // The same flow, but the wait for the audit record's fsync holds no
+  // thread: `done` gets the value (or the refusal) once the record is
+  // durable, on the audit log's writer thread (keep it short: post the
+  // answer to the transport's own threads). Fail closed as Get: no value
+  // is handed over unless its record was written.
+  using GetDone = std::function<void(Result<Unsealed>)>;
+  void GetAsync(const RequestContext& rc, const SecretPath& path, std::optional<uint32_t> version, GetDone done);
   Result<uint32_t> Put(const RequestContext& rc, const SecretPath& path, const SecretBuffer& value);
   Result<std::vector<UsageRow>> Usage(const RequestContext& rc, const std::optional<std::string>& project);
   // Every secret's place in the rotation schedule under the policy in force
@@ -68,6 +76,9 @@ class Custodian {
 
  private:
   struct Flow;
+  // Get up to (not including) its audit record.
+  Result<Unsealed> GetUnrecorded(Flow& f, const RequestContext& rc, const SecretPath& path,
+                                 std::optional<uint32_t> version);
   // Re-opens sessions and logs in again (re-initialising the module if
   // that is what it takes), counting it in the stats.
   void RecoverToken();
