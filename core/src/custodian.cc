@@ -141,15 +141,6 @@ Result<Unsealed> Custodian::GetUnrecorded(Flow& f, const RequestContext& rc, con
     RecoverToken();
     u = svc.Unseal(path, env, rec, kek);
   }
-  if (!u && u.error().category() == Category::kNotFound) {
-    // A KEK rotation may have re-sealed this version and destroyed its old
-    // KEK between our read and the unseal: read it again, once.
-    auto again = store_.GetVersion(env, path.name, rec.version);
-    if (again.ok() && again->kek_record_id != rec.kek_record_id) {
-      auto kek2 = store_.KekById(again->kek_record_id);
-      if (kek2.ok()) u = svc.Unseal(path, env, *again, *kek2);
-    }
-  }
   stats_.token_healthy.store(!TokenFault(u));
   return u;
 }

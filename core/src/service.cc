@@ -237,6 +237,16 @@ Result<Unsealed> SecretService::Unseal(const SecretPath& path, const Environment
   }
   SealContext ctx{path.project, path.environment, path.name, rec.version};
   auto value = sealer_.Unseal(kek.ref, ctx, rec.blob);
+  if (!value && value.error().category() == Category::kNotFound) {
+    // A KEK rotation may have re-sealed this version and destroyed its old
+    // KEK between the caller's read and this unseal: read it again, once.
+    // (Any other error is the blob's or the token's own.)
+    auto again = store_.GetVersion(env, path.name, rec.version);
+    if (again.ok() && again->kek_record_id != rec.kek_record_id) {
+      auto kek2 = store_.KekById(again->kek_record_id);
+      if (kek2.ok() && kek2->project_id == env.project_id) value = sealer_.Unseal(kek2->ref, ctx, again->blob);
+    }
+  }
   if (!value) return std::move(value).error().Wrap(path.str() + " v" + std::to_string(rec.version));
   return Unsealed{std::move(*value), rec.version};
 }

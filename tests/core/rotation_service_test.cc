@@ -188,6 +188,30 @@ TEST_F(RotationServiceTest, KekRotationReSealsAndDestroysTheOldKey) {
   EXPECT_EQ(*Read("b", std::nullopt, "dev"), "value-b");
 }
 
+// A reader that looked up a version and its KEK just before a KEK rotation
+// finished (blobs moved, old KEK destroyed) still gets the value: the
+// unseal reads the version again under its new KEK, in direct mode and in
+// custodyd alike, instead of failing once.
+TEST_F(RotationServiceTest, AReadRacingTheEndOfAKekRotationStillGetsTheValue) {
+  Put("a", "value-a");
+  auto env = Env();
+  auto rec = store_->GetVersion(env, "a", std::nullopt);
+  ASSERT_TRUE(rec.ok());
+  auto kek = store_->KekById(rec->kek_record_id);
+  ASSERT_TRUE(kek.ok());
+  KekRotator rot(*store_, *sealer_, [this] { return now_; });
+  ASSERT_TRUE(rot.Run("payments", {}).ok());
+  ASSERT_EQ((*store_->KekById(kek->id)).state, KekState::kDestroyed);
+  auto u = svc_->Unseal(Path("a"), env, *rec, *kek);
+  ASSERT_TRUE(u.ok()) << u.error().message();
+  EXPECT_EQ(u->value.RevealString(SecretAccess{}), "value-a");
+  // A blob that is simply gone (no newer record) stays an error that says so.
+  SecretVersionRecord ghost = *rec;
+  ghost.version = 99;
+  auto missing = svc_->Unseal(Path("a"), env, ghost, *kek);
+  EXPECT_FALSE(missing.ok());
+}
+
 TEST_F(RotationServiceTest, APutThatSealedUnderARetiredKekSealsAgain) {
   Put("a", "one");
   KekRecord old = ActiveKek();

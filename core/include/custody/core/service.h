@@ -88,7 +88,9 @@ class SecretService {
   int64_t Now() const { return clock_(); }
   // The unseal alone, for callers that have already read the environment,
   // the version and its KEK (to audit them before unsealing): no second
-  // round of store lookups on the hot path.
+  // round of store lookups on the hot path. If a KEK rotation moved the
+  // version to a new KEK and destroyed the old one since the caller's read,
+  // the version is read again once and unsealed under its new KEK.
   Result<Unsealed> Unseal(const SecretPath& path, const EnvironmentRecord& env, const SecretVersionRecord& rec,
                           const KekRecord& kek);
 
