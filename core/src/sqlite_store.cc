@@ -330,24 +330,30 @@ class SqliteStore final : public Store {
   // behind a mutex would serialise every reader of a busy server. WAL lets
   // the readers run side by side; writers take turns through BEGIN
   // IMMEDIATE and the busy timeout.
+  //
+  // Usage counts and limit buckets are written on `relaxed` connections,
+  // opened with synchronous=NORMAL and never used for anything else, so a
+  // charge per request needs no PRAGMA round trips and custody data can
+  // never be written at the relaxed level by mistake.
   class Lease {
    public:
-    explicit Lease(SqliteStore& s) : s_(s), prev_(tls_conn) {
+    explicit Lease(SqliteStore& s, bool relaxed = false) : s_(s), prev_(tls_conn), relaxed_(relaxed) {
+      auto& pool = relaxed_ ? s_.relaxed_free_ : s_.free_;
       {
         std::lock_guard lock(s_.pool_mu_);
-        if (!s_.free_.empty()) {
-          conn_ = std::move(s_.free_.back());
-          s_.free_.pop_back();
+        if (!pool.empty()) {
+          conn_ = std::move(pool.back());
+          pool.pop_back();
         }
       }
-      if (!conn_) conn_ = s_.OpenConnection();
+      if (!conn_) conn_ = s_.OpenConnection(relaxed_);
       tls_conn = conn_.get();
     }
     ~Lease() {
       tls_conn = prev_;
       if (!conn_) return;
       std::lock_guard lock(s_.pool_mu_);
-      s_.free_.push_back(std::move(conn_));
+      (relaxed_ ? s_.relaxed_free_ : s_.free_).push_back(std::move(conn_));
     }
     Lease(const Lease&) = delete;
     Lease& operator=(const Lease&) = delete;
@@ -356,23 +362,26 @@ class SqliteStore final : public Store {
    private:
     SqliteStore& s_;
     Conn* prev_;
+    bool relaxed_;
     std::unique_ptr<Conn> conn_;
   };
   // The connection of the Lease this thread holds.
   static sqlite3* db() { return tls_conn->db; }
-  std::unique_ptr<Conn> OpenConnection() {
+  std::unique_ptr<Conn> OpenConnection(bool relaxed) {
     auto c = std::make_unique<Conn>();
     if (sqlite3_open_v2(path_.c_str(), &c->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, nullptr) != SQLITE_OK) {
       return nullptr;
     }
     sqlite3_busy_timeout(c->db, 5000);
     sqlite3_extended_result_codes(c->db, 1);
-    sqlite3_exec(c->db, "PRAGMA foreign_keys=ON; PRAGMA synchronous=FULL", nullptr, nullptr, nullptr);
+    const char* pragmas = relaxed ? "PRAGMA foreign_keys=ON; PRAGMA synchronous=NORMAL"
+                                  : "PRAGMA foreign_keys=ON; PRAGMA synchronous=FULL";
+    if (sqlite3_exec(c->db, pragmas, nullptr, nullptr, nullptr) != SQLITE_OK) return nullptr;
     return c;
   }
 
   std::mutex pool_mu_;
-  std::vector<std::unique_ptr<Conn>> free_;
+  std::vector<std::unique_ptr<Conn>> free_, relaxed_free_;
   std::string path_;
 };
 
@@ -1080,25 +1089,11 @@ Result<PolicyRecord> SqliteStore::SavePolicy(const std::string& text, const std:
 }
 
 // Usage counters and limit buckets are bookkeeping, not custody data: their
-// commits skip the fsync (WAL with synchronous=NORMAL stays consistent and
-// loses at most the last moments of counts on power loss), so charging a
-// limit does not put a disk flush on every request. The audit log is the
-// durable record of each operation; secrets, KEKs and policies keep FULL.
-class RelaxedSync {
- public:
-  explicit RelaxedSync(sqlite3* db) : db_(db) { Run("PRAGMA synchronous=NORMAL"); }
-  ~RelaxedSync() { Run("PRAGMA synchronous=FULL"); }
-  RelaxedSync(const RelaxedSync&) = delete;
-  RelaxedSync& operator=(const RelaxedSync&) = delete;
-
- private:
-  void Run(const char* sql) {
-    Stmt s(db_, sql);
-    if (s.prepared()) (void)s.Step();
-  }
-  sqlite3* db_;
-};
-
+// commits skip the fsync (relaxed connections: WAL with synchronous=NORMAL
+// stays consistent and loses at most the last moments of counts on power
+// loss), so charging a limit does not put a disk flush on every request. The
+// audit log is the durable record of each operation; secrets, KEKs and
+// policies keep FULL.
 Status SqliteStore::RecordLocked(const UsageKey& key, UsageEvent event, int64_t now) {
   const char* column = "unseals";
   switch (event) {
@@ -1119,9 +1114,8 @@ Status SqliteStore::RecordLocked(const UsageKey& key, UsageEvent event, int64_t 
 }
 
 Status SqliteStore::Record(const UsageKey& key, UsageEvent event, int64_t now) {
-  Lease lease(*this);
+  Lease lease(*this, /*relaxed=*/true);
   if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
-  RelaxedSync relaxed(db());
   CUSTODY_RETURN_IF_ERROR(Begin());
   Status s = RecordLocked(key, event, now);
   if (!s.ok()) {
@@ -1133,9 +1127,8 @@ Status SqliteStore::Record(const UsageKey& key, UsageEvent event, int64_t now) {
 
 Result<Admission> SqliteStore::Admit(const UsageKey& key, const std::vector<policy::LimitRule>& rules,
                                      UsageEvent event, double now) {
-  Lease lease(*this);
+  Lease lease(*this, /*relaxed=*/true);
   if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
-  RelaxedSync relaxed(db());
   const int64_t now_s = static_cast<int64_t>(now);
   CUSTODY_RETURN_IF_ERROR(Begin());
   auto fail = [&](Error e) { Rollback(); return e; };

@@ -84,7 +84,8 @@ std::string Raw(const std::string& socket, const std::string& request) {
 class ServerTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    token_.InitCli();
+    Init();
+    if (HasFatalFailure() || IsSkipped()) return;
     WriteFile(token_.dir() / "policy.toml", kPolicy);
     auto r = Cli({"policy", "apply", token_.dir() / "policy.toml"});
     ASSERT_EQ(r.exit_code, 0) << r.err;
@@ -99,6 +100,8 @@ class ServerTest : public ::testing::Test {
     BeforeStart();
     Start();
   }
+  // `custody init` for the backend under test (a SoftHSM2 token here).
+  virtual void Init() { token_.InitCli(); }
   virtual std::string ExtraServerConfig() { return ""; }
   virtual void BeforeStart() {}
   virtual std::vector<std::string> ExtraServerEnv() { return {}; }
@@ -663,6 +666,64 @@ TEST_F(FaultyTokenServerTest, ADeviceThatStaysDownAnswers503UntilItIsBack) {
   EXPECT_NE(back.find("200 OK"), std::string::npos) << back;
   health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
   EXPECT_NE(health.find("\"status\":\"ok\""), std::string::npos) << health;
+}
+
+}  // namespace
+}  // namespace custody::test
+
+namespace custody::test {
+namespace {
+
+// custodyd on a TPM: the same server, with the KEKs sealed in a swtpm. The
+// setup's CLI commands use the TPM first; then custodyd holds swtpm's one
+// connection (a host's /dev/tpmrm0 or tpm2-abrmd would share it).
+class TpmServerTest : public ServerTest {
+ protected:
+  void Init() override {
+    CUSTODY_REQUIRE_SWTPM(swtpm_);
+    auto r = Cli({"init", "--backend", "tpm", "--tcti", swtpm_.tcti(), "--pin-file", token_.pin_file(), "--state-dir",
+                  token_.dir() / "state"});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+  }
+  Swtpm swtpm_;
+};
+
+TEST_F(TpmServerTest, ServesGetsAndPutsFromTheTpmToConcurrentClientsAndAuditsEach) {
+  size_t before = AuditCount("secret.get");
+  auto c = client::Client::Connect("unix:" + socket_);
+  ASSERT_TRUE(c.ok());
+  auto f = c->Get("payments/prod/stripe");
+  ASSERT_TRUE(f.ok()) << f.error().message();
+  EXPECT_EQ(f->value.RevealString(SecretAccess{}), kSecret);
+  EXPECT_EQ(AsUser(65534, {"secret", "get", "payments/prod/stripe"}).exit_code, 77);
+  auto put = c->Put("payments/dev/db", SecretBuffer::Copy(std::string_view("tpm-sealed-value")));
+  ASSERT_TRUE(put.ok()) << put.error().message();
+  EXPECT_EQ(*put, 1u);
+  // One TPM behind the server, many clients at once: every answer right.
+  constexpr int kThreads = 6, kEach = 6;
+  std::atomic<int> wrong{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&] {
+      auto cc = client::Client::Connect("unix:" + socket_);
+      for (int i = 0; i < kEach; ++i) {
+        auto g = cc->Get(i % 2 ? "payments/dev/db" : "payments/prod/stripe");
+        if (!g.ok() || g->value.RevealString(SecretAccess{}) != (i % 2 ? "tpm-sealed-value" : kSecret)) ++wrong;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(wrong.load(), 0);
+  EXPECT_EQ(AuditCount("secret.get"), before + 2 + kThreads * kEach);
+  auto health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(health.find("200 OK"), std::string::npos) << health;
+  // Stopped, the TPM is free again: the log, checkpoints signed by the TPM
+  // key included, verifies.
+  ::kill(pid_, SIGTERM);
+  ::waitpid(pid_, nullptr, 0);
+  pid_ = -1;
+  auto verify = Cli({"audit", "verify"});
+  EXPECT_EQ(verify.exit_code, 0) << verify.out << verify.err;
 }
 
 }  // namespace
