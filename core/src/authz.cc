@@ -82,9 +82,14 @@ Status Authorizer::Check(policy::PrincipalId who, policy::Action action, const p
 }
 
 
-Status Authorizer::Admit(policy::PrincipalId who, const policy::Target& target, UsageEvent event) const {
+Status Authorizer::Admit(policy::PrincipalId who, const policy::Target& target, UsageEvent event,
+                         UsageBuffer* deferred) const {
   auto rules = engine_->LimitsFor(target.project, target.environment, who);
   UsageKey key{std::string(target.project), std::string(target.environment), engine_->PrincipalName(who)};
+  if (deferred != nullptr && rules.empty()) {
+    deferred->Add(key, event, static_cast<int64_t>(NowSeconds()));
+    return Status::Ok();
+  }
   CUSTODY_ASSIGN_OR_RETURN(Admission a, store_->Admit(key, rules, event, NowSeconds()));
   if (a.allowed) return Status::Ok();
   // The code carries the seconds until it refills (HTTP Retry-After).

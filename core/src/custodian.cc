@@ -53,7 +53,7 @@ struct Custodian::Flow {
     return s;
   }
   Status Charge(const policy::Target& t, UsageEvent e) {
-    Status s = authz->Admit(who, t, e);
+    Status s = authz->Admit(who, t, e, &c.usage_);
     if (!s.ok()) {
       ev.decision = "limit";
       ev.rule = s.error().message();
@@ -223,6 +223,8 @@ Result<std::vector<UsageRow>> Custodian::Usage(const RequestContext& rc, const s
     CUSTODY_RETURN_IF_ERROR(f.Identify(rc));
     if (project) CUSTODY_RETURN_IF_ERROR(f.Ask(policy::Action::kReadUsage, {*project, "", ""}));
     bool admin = f.authz->Allows(f.who, policy::Action::kCreateProject, {});
+    // Our own counts first, so this answer includes every request before it.
+    (void)usage_.Flush();
     CUSTODY_ASSIGN_OR_RETURN(auto rows, store_.Usage(project, static_cast<int64_t>(std::time(nullptr))));
     std::vector<UsageRow> out;
     for (auto& r : rows) {

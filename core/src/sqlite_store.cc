@@ -254,6 +254,7 @@ class SqliteStore final : public Store {
   Result<Admission> Admit(const UsageKey& key, const std::vector<policy::LimitRule>& rules, UsageEvent event,
                           double now) override;
   Status Record(const UsageKey& key, UsageEvent event, int64_t now) override;
+  Status AddUsage(const std::vector<UsageCount>& counts) override;
   Result<std::vector<UsageRow>> Usage(const std::optional<std::string>& project, int64_t now) override;
   Status RecordAuditCheckpoint(uint64_t seq, const std::string& covers_hash) override;
   Result<std::optional<std::pair<uint64_t, std::string>>> LastAuditCheckpoint() override;
@@ -1121,6 +1122,31 @@ Status SqliteStore::Record(const UsageKey& key, UsageEvent event, int64_t now) {
   if (!s.ok()) {
     Rollback();
     return s;
+  }
+  return Commit();
+}
+
+Status SqliteStore::AddUsage(const std::vector<UsageCount>& counts) {
+  if (counts.empty()) return Status::Ok();
+  Lease lease(*this, /*relaxed=*/true);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  CUSTODY_RETURN_IF_ERROR(Begin());
+  for (const auto& c : counts) {
+    Stmt s(db(), "INSERT INTO usage(project, environment, principal, day, unseals, seals, denied, rate_limited, "
+                 "spend_limited, last_use) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                 "ON CONFLICT(project, environment, principal, day) DO UPDATE SET "
+                 "unseals = unseals + excluded.unseals, seals = seals + excluded.seals, "
+                 "denied = denied + excluded.denied, rate_limited = rate_limited + excluded.rate_limited, "
+                 "spend_limited = spend_limited + excluded.spend_limited, "
+                 "last_use = max(last_use, excluded.last_use)");
+    s.Bind(1, c.key.project).Bind(2, c.key.environment).Bind(3, c.key.principal).Bind(4, c.day);
+    for (int i = 0; i < 5; ++i) s.Bind(5 + i, static_cast<int64_t>(c.by_event[i]));
+    s.Bind(10, c.last_use);
+    int rc = s.Step();
+    if (rc != SQLITE_DONE) {
+      Rollback();
+      return Fail(rc, "recording usage");
+    }
   }
   return Commit();
 }

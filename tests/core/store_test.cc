@@ -1,6 +1,12 @@
 // The SQLite store against a real file.
 #include "custody/core/store.h"
 
+#include <chrono>
+#include <ctime>
+
+#include "custody/core/authz.h"
+#include "custody/core/usage_buffer.h"
+
 #include <gtest/gtest.h>
 #include <sqlite3.h>
 
@@ -176,6 +182,95 @@ TEST(StoreOpen, ConcurrentWritersOnSeparateConnectionsNeverDuplicateAVersion) {
   ASSERT_EQ(list->size(), 1u);
   EXPECT_EQ((*list)[0].version_count, static_cast<uint32_t>(kThreads * kEach));
   EXPECT_EQ((*list)[0].latest_version, static_cast<uint32_t>(kThreads * kEach));
+}
+
+}  // namespace
+}  // namespace custody::core
+
+namespace custody::core {
+namespace {
+
+// custodyd's write-behind usage counts: nothing reaches the store until a
+// flush, then everything in one go, per key and per UTC day; the
+// destructor writes what is left.
+TEST_F(StoreTest, UsageBufferWritesCountsBehindPerKeyAndDay) {
+  const int64_t now = 1'790'000'000;  // a fixed instant, mid-day UTC
+  {
+    UsageBuffer buf(*store_, std::chrono::hours(1));  // no flush by time in this test
+    UsageKey a{"payments", "prod", "svc:api"}, b{"payments", "dev", "user:alice"};
+    for (int i = 0; i < 5; ++i) buf.Add(a, UsageEvent::kUnseal, now + i);
+    buf.Add(a, UsageEvent::kSeal, now);
+    buf.Add(a, UsageEvent::kUnseal, now - 86'400);  // yesterday
+    for (int i = 0; i < 3; ++i) buf.Add(b, UsageEvent::kUnseal, now);
+    EXPECT_TRUE(store_->Usage(std::nullopt, now)->empty()) << "nothing written before a flush";
+    ASSERT_TRUE(buf.Flush().ok());
+    auto rows = store_->Usage(std::string("payments"), now);
+    ASSERT_TRUE(rows.ok());
+    ASSERT_EQ(rows->size(), 2u);
+    for (const auto& r : *rows) {
+      if (r.environment == "prod") {
+        EXPECT_EQ(r.unseals, 6u);
+        EXPECT_EQ(r.unseals_today, 5u);
+        EXPECT_EQ(r.seals, 1u);
+        EXPECT_EQ(r.last_use, now + 4);
+      } else {
+        EXPECT_EQ(r.unseals, 3u);
+      }
+    }
+    buf.Add(b, UsageEvent::kUnseal, now + 10);
+  }
+  auto rows = store_->Usage(std::string("payments"), now + 10);
+  for (const auto& r : *rows) {
+    if (r.environment == "dev") {
+      EXPECT_EQ(r.unseals, 4u) << "the destructor flushed the last count";
+      EXPECT_EQ(r.last_use, now + 10);
+    }
+  }
+}
+
+// Only requests that no limit applies to are written behind: under a
+// limit, each request is charged in the store at once, so the limit holds
+// across processes (a second Authorizer stands in for a CLI process).
+TEST_F(StoreTest, UnderALimitEachRequestIsChargedAtOnceEvenWithABuffer) {
+  const std::string text = R"(version = 1
+admins = ["user:root"]
+[principals."user:root"]
+uid = 0
+[projects.payments.environments.prod]
+[projects.billing.environments.prod]
+rate = "2/min"
+[[projects.payments.grants]]
+principal = "user:root"
+role = "owner"
+[[projects.billing.grants]]
+principal = "user:root"
+role = "owner"
+)";
+  auto server = Authorizer::FromText(*store_, text, 1);
+  auto cli = Authorizer::FromText(*store_, text, 1);
+  ASSERT_TRUE(server.ok()) << server.error().message();
+  ASSERT_TRUE(cli.ok());
+  auto who = server->Identify(policy::Caller{.uid = 0});
+  ASSERT_TRUE(who.ok());
+  UsageBuffer buf(*store_, std::chrono::hours(1));
+  EXPECT_TRUE(server->Admit(*who, {"billing", "prod", "k"}, UsageEvent::kUnseal, &buf).ok());
+  EXPECT_TRUE(cli->Admit(*who, {"billing", "prod", "k"}, UsageEvent::kUnseal).ok());
+  auto third = server->Admit(*who, {"billing", "prod", "k"}, UsageEvent::kUnseal, &buf);
+  ASSERT_FALSE(third.ok()) << "the CLI's charge counted against the server's limit";
+  EXPECT_EQ(third.error().category(), Category::kLimit);
+  // Without a limit: counted in the buffer, written at the flush.
+  int64_t now = static_cast<int64_t>(std::time(nullptr));
+  EXPECT_TRUE(server->Admit(*who, {"payments", "prod", "k"}, UsageEvent::kUnseal, &buf).ok());
+  auto unseals = [&](const std::string& project) {
+    uint64_t n = 0;
+    auto rows = store_->Usage(project, now);
+    for (const auto& r : *rows) n += r.unseals;
+    return n;
+  };
+  EXPECT_EQ(unseals("billing"), 2u);
+  EXPECT_EQ(unseals("payments"), 0u);
+  ASSERT_TRUE(buf.Flush().ok());
+  EXPECT_EQ(unseals("payments"), 1u);
 }
 
 }  // namespace

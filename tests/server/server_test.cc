@@ -15,6 +15,7 @@
 #include <chrono>
 #include <filesystem>
 #include <thread>
+#include <nlohmann/json.hpp>
 
 #include "../support/testenv.h"
 #include "custody/client/client.h"
@@ -212,6 +213,36 @@ TEST_F(ServerTest, WithoutAWritableAuditLogNoValueLeavesAndHealthSaysWhy) {
   EXPECT_EQ(again.out, kSecret);
   health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
   EXPECT_NE(health.find("200 OK"), std::string::npos) << health;
+}
+
+// Unlimited requests are counted in memory and written behind; the usage
+// the server reports includes every request before it, and a direct-mode
+// reader sees them once the server has written them (at the latest when
+// it stops).
+TEST_F(ServerTest, UsageCountsEveryGetAlthoughItIsWrittenBehind) {
+  auto c = client::Client::Connect("unix:" + socket_);
+  ASSERT_TRUE(c.ok());
+  auto unseals = [](const std::string& body) {
+    auto rows = nlohmann::json::parse(body, nullptr, false);
+    uint64_t n = 0;
+    for (const auto& r : rows) {
+      if (r.value("environment", "") == "prod") n += r.value("unseals", uint64_t{0});
+    }
+    return n;
+  };
+  auto before = c->Fetch("/v1/usage?project=payments");
+  ASSERT_TRUE(before.ok()) << before.error().message();
+  for (int i = 0; i < 7; ++i) ASSERT_TRUE(c->Get("payments/prod/stripe").ok());
+  auto after = c->Fetch("/v1/usage?project=payments");
+  ASSERT_TRUE(after.ok());
+  EXPECT_EQ(unseals(*after), unseals(*before) + 7) << *after;
+  ASSERT_TRUE(c->Get("payments/prod/stripe").ok());
+  ::kill(pid_, SIGTERM);
+  ::waitpid(pid_, nullptr, 0);
+  pid_ = -1;
+  auto direct = Cli({"--json", "usage", "payments"});
+  ASSERT_EQ(direct.exit_code, 0) << direct.err;
+  EXPECT_EQ(unseals(direct.out), unseals(*before) + 8) << direct.out;
 }
 
 TEST_F(ServerTest, AnotherUidGets403AndAnAuditRecord) {

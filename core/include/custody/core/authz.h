@@ -14,6 +14,7 @@
 
 #include "custody/common/result.h"
 #include "custody/core/store.h"
+#include "custody/core/usage_buffer.h"
 #include "custody/policy/engine.h"
 #include "custody/policy/parse.h"
 
@@ -38,7 +39,11 @@ class Authorizer {
 
   // Rate and spend limits for an operation that passed Check; records the
   // use. kLimit: "<limit> reached; it refills in N s".
-  Status Admit(policy::PrincipalId who, const policy::Target& target, UsageEvent event) const;
+  // With `deferred` (custodyd), a request no limit applies to is only
+  // counted there, to be written behind; one under a limit is charged in
+  // the store at once either way.
+  Status Admit(policy::PrincipalId who, const policy::Target& target, UsageEvent event,
+               UsageBuffer* deferred = nullptr) const;
 
   const policy::Engine& engine() const { return *engine_; }
   uint32_t version() const { return version_; }

@@ -26,6 +26,7 @@
 #include "custody/core/rotation.h"
 #include "custody/core/service.h"
 #include "custody/core/store.h"
+#include "custody/core/usage_buffer.h"
 
 namespace custody::core {
 
@@ -89,6 +90,8 @@ class Custodian {
   mutable std::mutex mu_;
   std::shared_ptr<const Authorizer> authz_;
   CustodianStats stats_;
+  // Usage of requests no limit applies to, written behind (usage_buffer.h).
+  UsageBuffer usage_{store_};
 };
 
 }  // namespace custody::core

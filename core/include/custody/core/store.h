@@ -109,6 +109,14 @@ struct Admission {
   int64_t retry_after_seconds = 0;  // when it refills (rounded up)
 };
 
+// Counts gathered in memory (core::UsageBuffer) for one key and UTC day.
+struct UsageCount {
+  UsageKey key;
+  std::string day;             // policy::DayKey
+  uint64_t by_event[5] = {};   // indexed by UsageEvent
+  int64_t last_use = 0;
+};
+
 struct UsageRow {
   std::string project, environment, principal;
   uint64_t unseals = 0, seals = 0, denied = 0, rate_limited = 0, spend_limited = 0;
@@ -205,6 +213,8 @@ class Store : public KekUsageLedger, public KekMaterialSource {
                                   UsageEvent event, double now) = 0;
   // Records an event that passes no limit (a policy refusal).
   virtual Status Record(const UsageKey& key, UsageEvent event, int64_t now) = 0;
+  // Adds counts gathered in memory, all in one transaction.
+  virtual Status AddUsage(const std::vector<UsageCount>& counts) = 0;
   // Totals per project, environment and principal (all of them, or one project's).
   virtual Result<std::vector<UsageRow>> Usage(const std::optional<std::string>& project, int64_t now) = 0;
 

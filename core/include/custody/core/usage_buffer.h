@@ -1,0 +1,50 @@
+// Usage counts that a long-running process (custodyd) writes behind.
+//
+//   core::UsageBuffer usage(store);
+//   usage.Add({"payments", "prod", "svc:api"}, core::UsageEvent::kUnseal, now);   // memory only
+//   (void)usage.Flush();                                                         // one transaction
+//
+// Only requests that no rate or spend limit applies to are counted here
+// (core::Authorizer::Admit decides): a request under a limit is charged in
+// the store at once, so limits stay exact across custodyd and direct-mode
+// CLI processes. What may lag is the count `custody usage` shows, by at
+// most `period` (and what a crash loses is at most that much counting; the
+// audit log holds every request). Add writes the counts out itself once
+// `period` has passed; the destructor writes what is left.
+#pragma once
+
+#include <chrono>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+
+#include "custody/core/store.h"
+
+namespace custody::core {
+
+class UsageBuffer {
+ public:
+  explicit UsageBuffer(Store& store, std::chrono::milliseconds period = std::chrono::milliseconds(100))
+      : store_(store), period_(period) {}
+  ~UsageBuffer() { (void)Flush(); }
+  UsageBuffer(const UsageBuffer&) = delete;
+  UsageBuffer& operator=(const UsageBuffer&) = delete;
+
+  void Add(const UsageKey& key, UsageEvent event, int64_t now);
+  // Writes every pending count in one transaction. On failure the counts
+  // stay pending and the next flush tries again.
+  Status Flush();
+
+ private:
+  using Key = std::tuple<std::string, std::string, std::string, std::string>;  // project, env, principal, day
+  Store& store_;
+  const std::chrono::milliseconds period_;
+  std::mutex mu_;
+  std::map<Key, UsageCount> pending_;
+  std::chrono::steady_clock::time_point last_flush_ = std::chrono::steady_clock::now();
+  bool flushing_ = false;
+  std::mutex flush_mu_;  // one flush at a time, so counts are never written twice
+};
+
+}  // namespace custody::core
