@@ -111,9 +111,13 @@ TEST_P(BackendTest, ABlobMovedToAnotherContextOrAlteredIsRefused) {
   auto moved = Read("a");
   ASSERT_FALSE(moved.ok());
   EXPECT_EQ(moved.error().category(), Category::kIntegrity) << moved.error().message();
-  Sql("UPDATE secret_versions SET blob = substr(blob, 1, length(blob) - 1) || x'00' "
+  // Flip the last byte (the tag's), whatever it was.
+  Sql("UPDATE secret_versions SET blob = substr(blob, 1, length(blob) - 1) || "
+      "CASE WHEN substr(blob, -1) = x'00' THEN x'01' ELSE x'00' END "
       "WHERE secret_id = (SELECT id FROM secrets WHERE name = 'b')");
-  EXPECT_EQ(Read("b").error().category(), Category::kIntegrity);
+  auto altered = Read("b");
+  ASSERT_FALSE(altered.ok()) << "an altered tag must not unseal";
+  EXPECT_EQ(altered.error().category(), Category::kIntegrity);
 }
 
 TEST_P(BackendTest, KekRotationReSealsEverythingAndForgetsTheOldKek) {

@@ -296,7 +296,8 @@ TEST_F(RotationServiceTest, ATamperedBlobKeepsItsOldKek) {
     sqlite3* db = nullptr;
     ASSERT_EQ(sqlite3_open(db_path().c_str(), &db), SQLITE_OK);
     ASSERT_EQ(sqlite3_exec(db,
-                           "UPDATE secret_versions SET blob = substr(blob, 1, length(blob) - 1) || x'00' "
+                           "UPDATE secret_versions SET blob = substr(blob, 1, length(blob) - 1) || "
+                           "CASE WHEN substr(blob, -1) = x'00' THEN x'01' ELSE x'00' END "
                            "WHERE secret_id = (SELECT id FROM secrets WHERE name = 'a')",
                            nullptr, nullptr, nullptr),
               SQLITE_OK);
