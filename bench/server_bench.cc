@@ -156,7 +156,7 @@ int main() {
   Sh(custody + " policy apply " + dir + "/policy.toml >/dev/null");
   Sh("head -c 48 /dev/urandom | base64 | head -c 64 | " + custody + " secret put bench/prod/api-key >/dev/null");
   std::string socket = dir + "/custody.sock";
-  // custodyd's default thread count unless SERVER_BENCH_THREADS says otherwise.
+  // custodyd's default thread count (one per CPU) unless SERVER_BENCH_THREADS says otherwise.
   const char* threads_env = std::getenv("SERVER_BENCH_THREADS");
   std::string threads_line = threads_env ? "threads = " + std::string(threads_env) + "\n" : "";
   std::ofstream(cfg, std::ios::app) << "\n[server]\nsocket = \"" << socket << "\"\n" << threads_line

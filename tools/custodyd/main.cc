@@ -8,7 +8,9 @@
 
 #include <CLI/CLI.hpp>
 #include <boost/asio/signal_set.hpp>
+#include <algorithm>
 #include <csignal>
+#include <thread>
 #include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/spdlog.h>
 
@@ -153,12 +155,14 @@ int main(int argc, char** argv) {
   wait_signal();
   std::thread signal_thread([&] { signal_io.run(); });
 
+  const unsigned threads =
+      config->server_threads != 0 ? config->server_threads : std::max(2u, std::thread::hardware_concurrency());
   if (!config->server_tls_listen.empty()) spdlog::info("serving TLS 1.3 with client certificates on {}", config->server_tls_listen);
   spdlog::info("serving on {} (policy v{}, token {}, {} threads)", config->server_socket,
                custodian.policy()->version(),
-               backend.is_tpm() ? "tpm " + config->tpm_tcti : config->token_uri, config->server_threads);
+               backend.is_tpm() ? "tpm " + config->tpm_tcti : config->token_uri, threads);
   sd_notify(0, "READY=1");
-  server.Run(config->server_threads);
+  server.Run(threads);
   signal_io.stop();
   signal_thread.join();
   checkpoint();

@@ -48,10 +48,11 @@ struct Config {
   // [server]: custodyd
   std::string server_socket;          // Unix socket path; empty: no Unix listener
   uint32_t server_socket_mode = 0666; // who may connect; the policy decides what they get
-  // Request threads. They never wait for the disk (a GET's audit fsync is
-  // waited for without a thread), so a few per CPU is best: more only
-  // contend on the token's and the store's locks (bench/server_bench).
-  uint32_t server_threads = 4;
+  // Request threads; 0 (the default): one per CPU, at least 2. They never
+  // wait for the disk (a GET's audit fsync is waited for without a thread),
+  // so more than the CPUs only contend on the token's and the store's locks
+  // (bench/server_bench).
+  uint32_t server_threads = 0;
   uint32_t server_max_connections = 256;
   uint32_t server_idle_timeout_seconds = 30;
   uint32_t server_max_header_bytes = 8 * 1024;
