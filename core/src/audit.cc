@@ -540,11 +540,13 @@ std::vector<AuditLog::Outcome> AuditLog::WriteBatch(std::vector<Item>& items) {
     }
     off += static_cast<size_t>(n);
   }
-  if (::fsync(fd) != 0) {
+  // fdatasync: the appended bytes and the new file size (what reading them
+  // back needs) are durable on return; only timestamps may lag.
+  if (::fdatasync(fd) != 0) {
     int e = errno;
     (void)::ftruncate(fd, original);
     ::close(fd);
-    return fail_all(Error::Os(e, "audit log: cannot fsync " + path));
+    return fail_all(Error::Os(e, "audit log: cannot sync " + path));
   }
   ::close(fd);
   if (fresh) {

@@ -531,12 +531,15 @@ Result<EnvironmentRecord> SqliteStore::CreateEnvironment(const std::string& proj
 Result<EnvironmentRecord> SqliteStore::FindEnvironment(const std::string& project, const std::string& env) {
   Lease lease(*this);
   if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
-  CUSTODY_ASSIGN_OR_RETURN(int64_t pid, ProjectId(project));
-  Stmt s(db(), "SELECT id FROM environments WHERE project_id = ? AND name = ?");
-  s.Bind(1, pid).Bind(2, env);
+  // One statement on the hot path (every GET); the project is looked up on
+  // its own only to say which of the two names does not exist.
+  Stmt s(db(), "SELECT e.id, p.id FROM environments e JOIN projects p ON p.id = e.project_id "
+               "WHERE p.name = ? AND e.name = ?");
+  s.Bind(1, project).Bind(2, env);
   int rc = s.Step();
-  if (rc == SQLITE_ROW) return EnvironmentRecord{s.Int(0), pid, project, env};
+  if (rc == SQLITE_ROW) return EnvironmentRecord{s.Int(0), s.Int(1), project, env};
   if (rc == SQLITE_DONE) {
+    CUSTODY_RETURN_IF_ERROR(ProjectId(project));
     return Error(Category::kNotFound, "environment '" + env + "' does not exist in project '" + project + "'");
   }
   return Fail(rc, "finding environment");
@@ -851,6 +854,29 @@ Result<SecretVersionRecord> SqliteStore::GetVersion(const EnvironmentRecord& env
   Lease lease(*this);
   if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
   std::string where = env.project + "/" + env.name + "/" + name;
+  // One statement on the hot path (every GET); the secret is looked up on
+  // its own only to say what is missing.
+  static const std::string by_version =
+      std::string("SELECT ") + kVersionColumns +
+      ", v.blob FROM secret_versions v JOIN secrets s ON s.id = v.secret_id "
+      "WHERE s.environment_id = ? AND s.name = ? AND v.version = ?";
+  static const std::string current = std::string("SELECT ") + kVersionColumns +
+                                     ", v.blob FROM secret_versions v JOIN secrets s ON s.id = v.secret_id "
+                                     "WHERE s.environment_id = ? AND s.name = ? AND v.revoked_at IS NULL "
+                                     "ORDER BY v.version DESC LIMIT 1";
+  int rc = SQLITE_DONE;
+  {
+    Stmt s(db(), version ? by_version.c_str() : current.c_str());
+    s.Bind(1, env.id).Bind(2, name);
+    if (version) s.Bind(3, static_cast<int64_t>(*version));
+    rc = s.Step();
+    if (rc == SQLITE_ROW) {
+      SecretVersionRecord r = ReadVersion(s);
+      r.blob = s.Blob(8);
+      return r;
+    }
+  }
+  if (rc != SQLITE_DONE) return Fail(rc, "reading secret");
   auto sid = SecretId(env.id, name);
   if (!sid) {
     if (sid.error().category() == Category::kNotFound) {
@@ -858,21 +884,6 @@ Result<SecretVersionRecord> SqliteStore::GetVersion(const EnvironmentRecord& env
     }
     return std::move(sid).error();
   }
-  static const std::string by_version =
-      std::string("SELECT ") + kVersionColumns + ", v.blob FROM secret_versions v WHERE v.secret_id = ? AND v.version = ?";
-  static const std::string current = std::string("SELECT ") + kVersionColumns +
-                                     ", v.blob FROM secret_versions v WHERE v.secret_id = ? AND v.revoked_at IS NULL "
-                                     "ORDER BY v.version DESC LIMIT 1";
-  Stmt s(db(), version ? by_version.c_str() : current.c_str());
-  s.Bind(1, *sid);
-  if (version) s.Bind(2, static_cast<int64_t>(*version));
-  int rc = s.Step();
-  if (rc == SQLITE_ROW) {
-    SecretVersionRecord r = ReadVersion(s);
-    r.blob = s.Blob(8);
-    return r;
-  }
-  if (rc != SQLITE_DONE) return Fail(rc, "reading secret");
   if (version) return Error(Category::kNotFound, "secret '" + where + "' has no version " + std::to_string(*version));
   return Error(Category::kNotFound, "secret '" + where +
                                         "' has no current version: every stored version is revoked; "
