@@ -47,6 +47,7 @@ Status UsageBuffer::Flush() {
   for (auto& [k, c] : batch) counts.push_back(c);
   Status s = store_.AddUsage(counts);
   if (!s.ok()) {
+    flush_failures_.fetch_add(1);
     // Nothing was written (one transaction): put the counts back.
     std::lock_guard lock(mu_);
     for (auto& [k, c] : batch) {

@@ -228,6 +228,30 @@ TEST_F(StoreTest, UsageBufferWritesCountsBehindPerKeyAndDay) {
   }
 }
 
+// When the store cannot take the counts (here another connection holds the
+// write lock past the busy timeout), nothing is lost: the flush fails, is
+// counted for the metrics, and the next one writes everything.
+TEST_F(StoreTest, UsageCountsThatCannotBeWrittenAreKeptForTheNextFlush) {
+  const int64_t now = 1'790'000'000;
+  UsageBuffer buf(*store_, std::chrono::hours(1));
+  UsageKey a{"payments", "prod", "svc:api"};
+  for (int i = 0; i < 3; ++i) buf.Add(a, UsageEvent::kUnseal, now);
+  sqlite3* other = nullptr;
+  ASSERT_EQ(sqlite3_open(path_.c_str(), &other), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(other, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr), SQLITE_OK);
+  Status blocked = buf.Flush();  // waits out the store's busy timeout
+  EXPECT_FALSE(blocked.ok());
+  EXPECT_EQ(buf.flush_failures(), 1u);
+  buf.Add(a, UsageEvent::kUnseal, now);
+  ASSERT_EQ(sqlite3_exec(other, "ROLLBACK", nullptr, nullptr, nullptr), SQLITE_OK);
+  sqlite3_close(other);
+  ASSERT_TRUE(buf.Flush().ok());
+  auto rows = store_->Usage(std::string("payments"), now);
+  ASSERT_TRUE(rows.ok());
+  ASSERT_EQ(rows->size(), 1u);
+  EXPECT_EQ((*rows)[0].unseals, 4u);
+}
+
 // Only requests that no limit applies to are written behind: under a
 // limit, each request is charged in the store at once, so the limit holds
 // across processes (a second Authorizer stands in for a CLI process).

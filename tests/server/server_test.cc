@@ -301,6 +301,7 @@ TEST_F(ServerTest, ALimitAnswers429WithRetryAfter) {
       << metrics;
   EXPECT_NE(metrics.find("custody_request_duration_seconds_bucket{action=\"secret.get\""), std::string::npos);
   EXPECT_NE(metrics.find("custody_audit_healthy 1"), std::string::npos);
+  EXPECT_NE(metrics.find("custody_usage_write_failures_total 0"), std::string::npos) << metrics;
 }
 
 TEST_F(ServerTest, VersionStatesHoldOverTheSocketAndMetricsCountOverdueSecrets) {

@@ -87,7 +87,7 @@ class Metrics {
     for (const auto& it : *items) ++schedule_[{it.project, it.environment, core::UrgencyName(it.urgency)}];
   }
 
-  std::string Render(core::CustodianStats& s, int connections, uint32_t policy_version) {
+  std::string Render(core::CustodianStats& s, uint64_t usage_flush_failures, int connections, uint32_t policy_version) {
     std::lock_guard lock(mu_);
     std::string out;
     auto esc = [](const std::string& v) {
@@ -139,6 +139,9 @@ class Metrics {
     out += "# TYPE custody_audit_write_failures_total counter\ncustody_audit_write_failures_total " +
            std::to_string(s.audit_failures.load()) + "\n";
     out += "# TYPE custody_audit_healthy gauge\ncustody_audit_healthy " + std::string(s.audit_healthy ? "1" : "0") + "\n";
+    out += "# HELP custody_usage_write_failures_total Times the write-behind usage counts could not be stored (kept, retried).\n";
+    out += "# TYPE custody_usage_write_failures_total counter\ncustody_usage_write_failures_total " +
+           std::to_string(usage_flush_failures) + "\n";
     out += "# TYPE custody_token_healthy gauge\ncustody_token_healthy " + std::string(s.token_healthy ? "1" : "0") + "\n";
     out += "# TYPE custody_connections_open gauge\ncustody_connections_open " + std::to_string(connections) + "\n";
     out += "# TYPE custody_policy_version gauge\ncustody_policy_version " + std::to_string(policy_version) + "\n";
@@ -450,7 +453,7 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
       http::response<http::string_body> res{http::status::ok, 11};
       res.set(http::field::content_type, "text/plain; version=0.0.4");
       srv_.metrics.RefreshSchedule(srv_.custodian);
-      res.body() = srv_.metrics.Render(srv_.custodian.stats(), srv_.connections.load(),
+      res.body() = srv_.metrics.Render(srv_.custodian.stats(), srv_.custodian.usage_flush_failures(), srv_.connections.load(),
                                        srv_.custodian.policy()->version());
       return res;
     }

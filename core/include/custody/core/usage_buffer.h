@@ -13,6 +13,7 @@
 // `period` has passed; the destructor writes what is left.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <map>
 #include <mutex>
@@ -35,6 +36,8 @@ class UsageBuffer {
   // Writes every pending count in one transaction. On failure the counts
   // stay pending and the next flush tries again.
   Status Flush();
+  // Flushes that failed (their counts stayed pending), for the metrics.
+  uint64_t flush_failures() const { return flush_failures_.load(); }
 
  private:
   using Key = std::tuple<std::string, std::string, std::string, std::string>;  // project, env, principal, day
@@ -44,6 +47,7 @@ class UsageBuffer {
   std::map<Key, UsageCount> pending_;
   std::chrono::steady_clock::time_point last_flush_ = std::chrono::steady_clock::now();
   bool flushing_ = false;
+  std::atomic<uint64_t> flush_failures_{0};
   std::mutex flush_mu_;  // one flush at a time, so counts are never written twice
 };
 
