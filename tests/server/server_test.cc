@@ -122,7 +122,7 @@ class ServerTest : public ::testing::Test {
       std::string path = std::string("PATH=") + (std::getenv("PATH") ? std::getenv("PATH") : "/usr/bin:/bin");
       std::vector<std::string> env_strings{c, s, path};
       for (auto& e : ExtraServerEnv()) env_strings.push_back(e);
-      for (const char* k : {"ASAN_OPTIONS", "UBSAN_OPTIONS"}) {
+      for (const char* k : {"ASAN_OPTIONS", "UBSAN_OPTIONS", "TSAN_OPTIONS"}) {
         if (const char* v = std::getenv(k)) env_strings.push_back(std::string(k) + "=" + v);
       }
       std::vector<char*> envp;
@@ -463,6 +463,17 @@ TEST_F(ServerTest, ManyConcurrentClientsGetNoErrorsAndExactlyOneAuditRecordEach)
 }
 
 TEST_F(ServerTest, SigtermDrainsAndStops) {
+  // Idle connections do not hold the stop: one kept alive after a request,
+  // one that never sent anything. Both are closed at once (the drain would
+  // otherwise wait out its 10 s grace, past this test's 5 s).
+  auto kept = client::Client::Connect("unix:" + socket_);
+  ASSERT_TRUE(kept.ok());
+  ASSERT_TRUE(kept->Get("payments/prod/stripe").ok());
+  int silent = ::socket(AF_UNIX, SOCK_STREAM, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::snprintf(addr.sun_path, sizeof addr.sun_path, "%s", socket_.c_str());
+  ASSERT_EQ(::connect(silent, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
   ::kill(pid_, SIGTERM);
   int status = 0;
   for (int i = 0; i < 100; ++i) {
@@ -474,6 +485,9 @@ TEST_F(ServerTest, SigtermDrainsAndStops) {
   pid_ = -1;
   EXPECT_FALSE(std::filesystem::exists(socket_));
   EXPECT_NE(ReadFile(token_.dir() / "custodyd.log").find("stopped"), std::string::npos);
+  char byte = 0;
+  EXPECT_EQ(::read(silent, &byte, 1), 0) << "the server closed the silent connection";
+  ::close(silent);
 }
 
 TEST_F(ServerTest, NoSecretInTheServerLog) {

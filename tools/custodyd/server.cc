@@ -189,6 +189,19 @@ struct Server::Impl {
   // GETs waiting for their audit record (Custodian::GetAsync): their
   // callbacks post to `io`, so Run() waits for them before it returns.
   std::atomic<int> pending_audits{0};
+  // Sessions waiting for their next request, and how to close each: on
+  // Stop() they are closed at once instead of holding the drain until
+  // their idle timeout. Requests in flight still finish.
+  std::mutex idle_mu;
+  std::map<const void*, std::function<void()>> idle;
+  void CloseIdle() {
+    std::map<const void*, std::function<void()>> all;
+    {
+      std::lock_guard lock(idle_mu);
+      all.swap(idle);
+    }
+    for (auto& [session, close] : all) close();
+  }
   Metrics metrics;
 
   // Logs token recoveries once each, as they happen (the counters move in
@@ -279,7 +292,10 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
       : srv_(srv), stream_(std::move(stream)), peer_(std::move(peer)) {
     srv_.connections.fetch_add(1);
   }
-  ~Session() { srv_.connections.fetch_sub(1); }
+  ~Session() {
+    NotIdle();
+    srv_.connections.fetch_sub(1);
+  }
 
   void Start() { Read(); }
   // For TLS: the peer's identity comes from its certificate, after the handshake.
@@ -311,11 +327,40 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
     // The idle timeout covers the whole request: a slow client cannot hold a
     // connection (and a thread's attention) forever.
     Lowest(stream_).expires_after(std::chrono::seconds(srv_.options.idle_timeout_seconds));
+    waiting_ = true;
+    {
+      // Every handler of a session runs on its strand, so CloseIfIdle never
+      // races OnRead.
+      std::lock_guard lock(srv_.idle_mu);
+      srv_.idle[this] = [weak = this->weak_from_this()] {
+        if (auto self = weak.lock()) asio::post(self->stream_.get_executor(), [self] { self->CloseIfIdle(); });
+      };
+    }
+    if (srv_.draining.load()) {
+      // Stop() came between the last answer and this read: close now.
+      NotIdle();
+      CloseIfIdle();
+    }
     http::async_read(stream_, buffer_, *parser_,
                      [self = this->shared_from_this()](beast::error_code ec, size_t) { self->OnRead(ec); });
   }
 
+  void NotIdle() {
+    std::lock_guard lock(srv_.idle_mu);
+    srv_.idle.erase(this);
+  }
+  // Stop(): a connection waiting for its next request is closed now.
+  void CloseIfIdle() {
+    if (!waiting_) return;
+    closed_idle_ = true;
+    beast::error_code ignored;
+    Lowest(stream_).socket().close(ignored);  // the pending read ends with an error
+  }
+
   void OnRead(beast::error_code ec) {
+    waiting_ = false;
+    NotIdle();
+    if (closed_idle_) return;
     if (ec == http::error::end_of_stream || ec == beast::error::timeout || ec == asio::error::connection_reset ||
         ec == asio::error::eof || ec == asio::ssl::error::stream_truncated) {
       Close();
@@ -548,6 +593,8 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
   core::RequestContext peer_;
   std::string action_, project_, env_, decision_;
   bool keep_ = false;
+  bool waiting_ = false;      // a read for the next request is pending
+  bool closed_idle_ = false;  // closed by Stop() while waiting
   std::chrono::steady_clock::time_point started_;
 };
 
@@ -637,7 +684,9 @@ std::optional<core::RequestContext> PeerOf(TlsStream& s) {
 }  // namespace
 
 void Server::Impl::AcceptTls() {
-  tls_acceptor->async_accept([this](beast::error_code ec, asio::ip::tcp::socket socket) {
+  // Each connection on its own strand: its handlers never run concurrently,
+  // so the audit writer and Stop() can post to it safely.
+  tls_acceptor->async_accept(asio::make_strand(io), [this](beast::error_code ec, asio::ip::tcp::socket socket) {
     if (ec) {
       if (ec != asio::error::operation_aborted) AcceptTls();
       return;
@@ -663,7 +712,8 @@ void Server::Impl::AcceptTls() {
 }
 
 void Server::Impl::Accept() {
-  acceptor->async_accept([this](beast::error_code ec, Local::socket socket) {
+  // Each connection on its own strand (see AcceptTls).
+  acceptor->async_accept(asio::make_strand(io), [this](beast::error_code ec, Local::socket socket) {
     if (ec) {
       if (ec != asio::error::operation_aborted) {
         spdlog::warn("accept failed: {}", ec.message());
@@ -789,7 +839,8 @@ void Server::Stop(std::chrono::seconds grace) {
     if (impl_->tls_acceptor) impl_->tls_acceptor->close(ignored);
     ::unlink(impl_->options.socket_path.c_str());
     for (auto& t : impl_->tickers) t->timer.cancel();
-    // Requests in flight finish; idle keep-alive connections time out or close.
+    // Requests in flight finish; connections waiting for a request close now.
+    impl_->CloseIdle();
     impl_->drain_deadline = std::chrono::steady_clock::now() + grace;
     impl_->drain_timer.emplace(impl_->io);
     impl_->DrainCheck();
