@@ -731,6 +731,16 @@ class TpmServerTest : public ServerTest {
                   token_.dir() / "state"});
     ASSERT_EQ(r.exit_code, 0) << r.err;
   }
+  // Checkpoints every few records: the server's timer has the TPM sign
+  // them, when the timing falls so, while request threads unseal on the
+  // same TPM; at the latest custodyd signs one as it stops.
+  void BeforeStart() override {
+    std::string cfg = ReadFile(token_.config_path());
+    size_t at = cfg.find("checkpoint_every = 1000");
+    ASSERT_NE(at, std::string::npos) << cfg;
+    cfg.replace(at, std::string("checkpoint_every = 1000").size(), "checkpoint_every = 5");
+    WriteFile(token_.config_path(), cfg);
+  }
   Swtpm swtpm_;
 };
 
@@ -768,8 +778,12 @@ TEST_F(TpmServerTest, ServesGetsAndPutsFromTheTpmToConcurrentClientsAndAuditsEac
   ::kill(pid_, SIGTERM);
   ::waitpid(pid_, nullptr, 0);
   pid_ = -1;
-  auto verify = Cli({"audit", "verify"});
+  auto verify = Cli({"--json", "audit", "verify"});
   EXPECT_EQ(verify.exit_code, 0) << verify.out << verify.err;
+  auto report = nlohmann::json::parse(verify.out, nullptr, false);
+  ASSERT_FALSE(report.is_discarded()) << verify.out;
+  EXPECT_TRUE(report.value("intact", false)) << verify.out;
+  EXPECT_GE(report.value("checkpoints", 0), 1) << "checkpoints signed by the TPM key: " << verify.out;
 }
 
 }  // namespace
