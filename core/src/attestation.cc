@@ -1,7 +1,5 @@
 #include "custody/core/attestation.h"
 
-#include <openssl/bn.h>
-#include <openssl/ecdsa.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
 
@@ -11,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "custody/common/base64.h"
+#include "custody/core/audit.h"
 #include "custody/hsm/objects.h"
 #include "custody/tpm/tpm.h"
 
@@ -155,18 +154,13 @@ Result<StatementSummary> VerifyStatementFile(std::string_view text, const std::s
   std::string ak_pem;
   auto ecdsa_ok = [&](const std::vector<uint8_t>& message, const std::vector<uint8_t>& tpm_sig) -> Status {
     CUSTODY_ASSIGN_OR_RETURN(auto rs, tpm::EcdsaSignatureRs(tpm_sig));
-    ECDSA_SIG* sig = ECDSA_SIG_new();
-    ECDSA_SIG_set0(sig, BN_bin2bn(rs.data(), 32, nullptr), BN_bin2bn(rs.data() + 32, 32, nullptr));
-    unsigned char* der = nullptr;
-    int der_len = i2d_ECDSA_SIG(sig, &der);
-    ECDSA_SIG_free(sig);
+    CUSTODY_ASSIGN_OR_RETURN(std::vector<uint8_t> der, P256SignatureDer(rs));
     CUSTODY_ASSIGN_OR_RETURN(EVP_PKEY * key, ReadPublicKey(ak_pem));
     std::unique_ptr<EVP_PKEY, decltype(&EVP_PKEY_free)> k(key, &EVP_PKEY_free);
     std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), &EVP_MD_CTX_free);
-    int ok = der_len > 0 && ctx && EVP_DigestVerifyInit(ctx.get(), nullptr, EVP_sha256(), nullptr, key) == 1
-                 ? EVP_DigestVerify(ctx.get(), der, static_cast<size_t>(der_len), message.data(), message.size())
+    int ok = ctx && EVP_DigestVerifyInit(ctx.get(), nullptr, EVP_sha256(), nullptr, key) == 1
+                 ? EVP_DigestVerify(ctx.get(), der.data(), der.size(), message.data(), message.size())
                  : 0;
-    OPENSSL_free(der);
     if (ok != 1) return Error(Category::kIntegrity, "its TPM signature does not verify with the quote's attestation key");
     return Status::Ok();
   };

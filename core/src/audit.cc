@@ -3,7 +3,9 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <openssl/bio.h>
+#include <openssl/bn.h>
 #include <openssl/core_names.h>
+#include <openssl/ecdsa.h>
 #include <openssl/evp.h>
 #include <openssl/param_build.h>
 #include <openssl/pem.h>
@@ -768,6 +770,25 @@ Result<AuditVerifyReport> VerifyAuditLog(const AuditVerifyOptions& o) {
   }
   rep.intact = true;
   return rep;
+}
+
+Result<std::vector<uint8_t>> P256SignatureDer(std::span<const uint8_t> rs) {
+  if (rs.size() != 64) return Error(Category::kIntegrity, "an ECDSA P-256 signature must be 64 bytes (r||s)");
+  ECDSA_SIG* sig = ECDSA_SIG_new();
+  if (sig == nullptr ||
+      ECDSA_SIG_set0(sig, BN_bin2bn(rs.data(), 32, nullptr), BN_bin2bn(rs.data() + 32, 32, nullptr)) != 1) {
+    ECDSA_SIG_free(sig);
+    return Error(Category::kInternal, "cannot build an ECDSA signature");
+  }
+  int n = i2d_ECDSA_SIG(sig, nullptr);
+  std::vector<uint8_t> der(static_cast<size_t>(std::max(n, 0)));
+  unsigned char* p = der.data();
+  if (n <= 0 || i2d_ECDSA_SIG(sig, &p) != n) {
+    ECDSA_SIG_free(sig);
+    return Error(Category::kInternal, "cannot encode an ECDSA signature");
+  }
+  ECDSA_SIG_free(sig);
+  return der;
 }
 
 Result<std::string> P256PublicKeyPem(std::span<const uint8_t> point) {

@@ -1,7 +1,5 @@
 #include "custody/core/audit_signer.h"
 
-#include <openssl/bn.h>
-#include <openssl/ecdsa.h>
 #include <openssl/evp.h>
 
 #include "custody/hsm/objects.h"
@@ -45,14 +43,7 @@ Result<std::vector<uint8_t>> TokenAuditSigner::Sign(std::string_view message) {
   }
   CUSTODY_ASSIGN_OR_RETURN(auto rs, hsm::SignDigest(*lease, key_.private_key, digest));
   // PKCS#11 gives r||s; X.509 tools (openssl dgst -verify) want DER.
-  ECDSA_SIG* sig = ECDSA_SIG_new();
-  ECDSA_SIG_set0(sig, BN_bin2bn(rs.data(), 32, nullptr), BN_bin2bn(rs.data() + 32, 32, nullptr));
-  int n = i2d_ECDSA_SIG(sig, nullptr);
-  std::vector<uint8_t> der(static_cast<size_t>(n));
-  unsigned char* p = der.data();
-  i2d_ECDSA_SIG(sig, &p);
-  ECDSA_SIG_free(sig);
-  return der;
+  return P256SignatureDer(rs);
 }
 
 Result<std::string> TokenAuditSigner::PublicKeyPem() const { return P256PublicKeyPem(key_.point); }
@@ -135,14 +126,7 @@ Result<std::vector<uint8_t>> TpmAuditSigner::Sign(std::string_view message) {
   unsigned int len = 0;
   EVP_Digest(message.data(), message.size(), digest.data(), &len, EVP_sha256(), nullptr);
   CUSTODY_ASSIGN_OR_RETURN(auto rs, tpm_.Sign(key_, auth_, digest));
-  ECDSA_SIG* sig = ECDSA_SIG_new();
-  ECDSA_SIG_set0(sig, BN_bin2bn(rs.data(), 32, nullptr), BN_bin2bn(rs.data() + 32, 32, nullptr));
-  int n = i2d_ECDSA_SIG(sig, nullptr);
-  std::vector<uint8_t> der(static_cast<size_t>(n));
-  unsigned char* p = der.data();
-  i2d_ECDSA_SIG(sig, &p);
-  ECDSA_SIG_free(sig);
-  return der;
+  return P256SignatureDer(rs);
 }
 
 Result<std::string> TpmAuditSigner::PublicKeyPem() const { return P256PublicKeyPem(key_.point); }

@@ -1,5 +1,7 @@
 #include "custody/core/blob.h"
 
+#include "custody/hsm/objects.h"
+
 #include <algorithm>
 #include <cstring>
 #include <string>
@@ -66,6 +68,16 @@ Result<BlobView> ParseBlob(std::span<const uint8_t> blob) {
   v.header_bytes = blob.first(kHeaderSize);
   v.ciphertext_and_tag = blob.subspan(kHeaderSize);
   return v;
+}
+
+Result<BlobView> ParseBlobFor(const KekRef& expected, std::span<const uint8_t> blob) {
+  CUSTODY_ASSIGN_OR_RETURN(BlobView view, ParseBlob(blob));
+  if (!(view.header.kek == expected)) {
+    return Error(Category::kIntegrity, "sealed blob names KEK " + hsm::ToHex(view.header.kek.id) + " v" +
+                                           std::to_string(view.header.kek.version) +
+                                           " but the store records another; refusing");
+  }
+  return view;
 }
 
 std::vector<uint8_t> ContextAad(std::span<const uint8_t> header_bytes, const SealContext& ctx) {

@@ -254,12 +254,7 @@ Result<std::vector<uint8_t>> Pkcs11Sealer::Seal(const KekRef& kek, const SealCon
 
 Result<SecretBuffer> Pkcs11Sealer::Unseal(const KekRef& expected, const SealContext& ctx,
                                     std::span<const uint8_t> blob) {
-  CUSTODY_ASSIGN_OR_RETURN(BlobView view, ParseBlob(blob));
-  if (!(view.header.kek == expected)) {
-    return Error(Category::kIntegrity, "sealed blob names KEK " + hsm::ToHex(view.header.kek.id) + " v" +
-                                           std::to_string(view.header.kek.version) +
-                                           " but the store records another; refusing");
-  }
+  CUSTODY_ASSIGN_OR_RETURN(BlobView view, ParseBlobFor(expected, blob));
   std::vector<uint8_t> aad = ContextAad(view.header_bytes, ctx);
   CUSTODY_ASSIGN_OR_RETURN(auto lease, pool_.Acquire());
   // SoftHSM2 asks for room for the ciphertext including the tag; the plaintext

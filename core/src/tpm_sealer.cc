@@ -146,12 +146,7 @@ Result<std::vector<uint8_t>> TpmSealer::Seal(const KekRef& kek, const SealContex
 
 Result<SecretBuffer> TpmSealer::Unseal(const KekRef& expected, const SealContext& ctx,
                                        std::span<const uint8_t> blob) {
-  CUSTODY_ASSIGN_OR_RETURN(BlobView view, ParseBlob(blob));
-  if (!(view.header.kek == expected)) {
-    return Error(Category::kIntegrity, "sealed blob names KEK " + hsm::ToHex(view.header.kek.id) + " v" +
-                                           std::to_string(view.header.kek.version) +
-                                           " but the store records another; refusing");
-  }
+  CUSTODY_ASSIGN_OR_RETURN(BlobView view, ParseBlobFor(expected, blob));
   CUSTODY_ASSIGN_OR_RETURN(SecretBuffer key, Kek(expected, ctx.project));
   std::vector<uint8_t> aad = ContextAad(view.header_bytes, ctx);
   size_t n = view.ciphertext_and_tag.size() - kTagSize;

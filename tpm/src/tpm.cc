@@ -18,6 +18,23 @@ namespace {
 constexpr uint8_t kMagic[4] = {'C', 'S', 'T', 'K'};
 constexpr uint8_t kFormat = 1;
 
+// What Esys_Create and Esys_CreatePrimary return besides the object: its
+// creation data, hash and ticket, which custody does not use. Freed on
+// every path out.
+struct CreationOutputs {
+  TPM2B_CREATION_DATA* data = nullptr;
+  TPM2B_DIGEST* hash = nullptr;
+  TPMT_TK_CREATION* ticket = nullptr;
+  CreationOutputs() = default;
+  CreationOutputs(const CreationOutputs&) = delete;
+  CreationOutputs& operator=(const CreationOutputs&) = delete;
+  ~CreationOutputs() {
+    Esys_Free(data);
+    Esys_Free(hash);
+    Esys_Free(ticket);
+  }
+};
+
 // The TPM's own response code, without the layer and, for format-one codes,
 // without the handle/parameter/session number.
 uint32_t BaseRc(uint32_t rc) {
@@ -288,15 +305,10 @@ struct Tpm::Impl {
     TPM2B_DATA outside{};
     TPML_PCR_SELECTION none{};
     TPM2B_PUBLIC* pub = nullptr;
-    TPM2B_CREATION_DATA* cd = nullptr;
-    TPM2B_DIGEST* ch = nullptr;
-    TPMT_TK_CREATION* ct = nullptr;
+    CreationOutputs unused;
     rc = Esys_CreatePrimary(ctx, ESYS_TR_RH_OWNER, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, &sens, &tmpl,
-                            &outside, &none, &srk, &pub, &cd, &ch, &ct);
+                            &outside, &none, &srk, &pub, &unused.data, &unused.hash, &unused.ticket);
     Esys_Free(pub);
-    Esys_Free(cd);
-    Esys_Free(ch);
-    Esys_Free(ct);
     if (rc != TSS2_RC_SUCCESS) {
       srk = ESYS_TR_NONE;
       return Fail(rc, "Esys_CreatePrimary (SRK)");
@@ -394,15 +406,10 @@ struct Tpm::Impl {
     TPML_PCR_SELECTION none{};
     TPM2B_PRIVATE* priv = nullptr;
     TPM2B_PUBLIC* pub = nullptr;
-    TPM2B_CREATION_DATA* cd = nullptr;
-    TPM2B_DIGEST* ch = nullptr;
-    TPMT_TK_CREATION* ct = nullptr;
+    CreationOutputs unused;
     TSS2_RC rc = Esys_Create(ctx, srk, session, ESYS_TR_NONE, ESYS_TR_NONE, &sens, &tmpl, &outside, &none, &priv,
-                             &pub, &cd, &ch, &ct);
+                             &pub, &unused.data, &unused.hash, &unused.ticket);
     OPENSSL_cleanse(&sens, sizeof sens);
-    Esys_Free(cd);
-    Esys_Free(ch);
-    Esys_Free(ct);
     if (rc != TSS2_RC_SUCCESS) {
       DropSession();
       return Fail(rc, "Esys_Create");
@@ -428,14 +435,10 @@ struct Tpm::Impl {
     TPM2B_DATA outside{};
     TPML_PCR_SELECTION none{};
     TPM2B_PUBLIC* pub = nullptr;
-    TPM2B_CREATION_DATA* cd = nullptr;
-    TPM2B_DIGEST* ch = nullptr;
-    TPMT_TK_CREATION* ct = nullptr;
+    CreationOutputs unused;
     TSS2_RC rc = Esys_CreatePrimary(ctx, ESYS_TR_RH_ENDORSEMENT, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, &sens,
-                                    &tmpl, &outside, &none, &out.handle, &pub, &cd, &ch, &ct);
-    Esys_Free(cd);
-    Esys_Free(ch);
-    Esys_Free(ct);
+                                    &tmpl, &outside, &none, &out.handle, &pub, &unused.data, &unused.hash,
+                                    &unused.ticket);
     if (rc != TSS2_RC_SUCCESS) {
       out.handle = ESYS_TR_NONE;
       return Fail(rc, "Esys_CreatePrimary (attestation key, endorsement hierarchy)");

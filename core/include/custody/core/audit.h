@@ -198,4 +198,8 @@ std::vector<std::string> AuditSegments(const std::string& dir);
 // PEM (SubjectPublicKeyInfo) of an uncompressed P-256 point.
 Result<std::string> P256PublicKeyPem(std::span<const uint8_t> point);
 
+// An ECDSA P-256 signature as r||s (32 bytes each, as PKCS#11 and the TPM
+// give it) in the DER form X.509 tools (openssl dgst -verify) read.
+Result<std::vector<uint8_t>> P256SignatureDer(std::span<const uint8_t> rs);
+
 }  // namespace custody::core

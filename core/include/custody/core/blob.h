@@ -72,6 +72,9 @@ std::array<uint8_t, kHeaderSize> EncodeHeader(const BlobHeader& h);
 // are kIntegrity and say what is wrong: too short, bad magic, unknown
 // version or mechanism, wrong header length, impossible ciphertext length.
 Result<BlobView> ParseBlob(std::span<const uint8_t> blob);
+// ParseBlob, and the KEK the header names must be `expected` (the one the
+// store records for this version): kIntegrity otherwise.
+Result<BlobView> ParseBlobFor(const KekRef& expected, std::span<const uint8_t> blob);
 
 // header || "custody-seal-v1" || len16(project) project || len16(env) env ||
 // len16(name) name || u32le(version). Lengths make the encoding injective.
