@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <openssl/bio.h>
 #include <openssl/bn.h>
 #include <openssl/core_names.h>
@@ -338,7 +339,12 @@ Result<uint64_t> AuditLog::Append(const AuditEvent& event) { return Submit(Item{
 void AuditLog::AppendAsync(const AuditEvent& event, Done done) {
   std::unique_lock lk(mu_);
   queue_.emplace_back(next_ticket_++, Item{event, nullptr, std::move(done)});
-  if (!writer_.joinable()) writer_ = std::thread([this] { WriterLoop(); });
+  if (!writer_.joinable()) {
+    writer_ = std::thread([this] {
+      ::pthread_setname_np(::pthread_self(), "audit-writer");  // for top -H and perf
+      WriterLoop();
+    });
+  }
   lk.unlock();
   writer_cv_.notify_one();
 }

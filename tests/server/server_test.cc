@@ -462,6 +462,71 @@ TEST_F(ServerTest, ManyConcurrentClientsGetNoErrorsAndExactlyOneAuditRecordEach)
   EXPECT_EQ(verify.exit_code, 0) << verify.err;
 }
 
+// A connection that sends the start of a request and then nothing more.
+int Stall(const std::string& socket) {
+  int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::snprintf(addr.sun_path, sizeof addr.sun_path, "%s", socket.c_str());
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  const std::string part = "GET /v1/secrets/payments/prod/str";
+  (void)::send(fd, part.data(), part.size(), MSG_NOSIGNAL);
+  return fd;
+}
+
+class LimitsServerTest : public ServerTest {
+ protected:
+  std::string ExtraServerConfig() override { return "max_connections = 4\nidle_timeout_seconds = 1\n"; }
+};
+
+// Slow or hoarding clients cannot stop the others: while some connections
+// stall mid-request, the others are served; past max_connections a new one
+// is told 503 and why (the CLI exits 69); a stalled connection is closed
+// when its idle time runs out, and its place is free again.
+TEST_F(LimitsServerTest, StalledClientsCannotStopTheOthers) {
+  std::vector<int> stalled;
+  for (int i = 0; i < 3; ++i) stalled.push_back(Stall(socket_));
+  for (int fd : stalled) ASSERT_GE(fd, 0);
+  auto served = AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"});
+  EXPECT_EQ(served.exit_code, 0) << served.err;
+  EXPECT_EQ(served.out, kSecret);
+
+  stalled.push_back(Stall(socket_));
+  ASSERT_GE(stalled.back(), 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // let the server accept it
+  auto busy = AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"});
+  EXPECT_EQ(busy.exit_code, 69) << busy.err;
+  EXPECT_EQ(busy.out, "");
+  EXPECT_NE(busy.err.find("too many connections"), std::string::npos) << busy.err;
+
+  // The idle timeout (1 s here) ends each stalled request: the server closes
+  // the connection. The 10 s read timeout only keeps a broken server from
+  // hanging the test.
+  for (int fd : stalled) {
+    timeval tv{10, 0};
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    char buf[512];
+    ssize_t n;
+    std::string got;
+    while ((n = ::recv(fd, buf, sizeof buf, 0)) > 0) got.append(buf, static_cast<size_t>(n));
+    EXPECT_TRUE(n == 0 || (n < 0 && errno == ECONNRESET)) << "not closed by the server: " << std::strerror(errno);
+    EXPECT_EQ(got.find(kSecret), std::string::npos);
+    ::close(fd);
+  }
+  // Their places are free again (the count drops as each session ends).
+  RunResult again;
+  for (int i = 0; i < 50; ++i) {
+    again = AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"});
+    if (again.exit_code != 69) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_EQ(again.exit_code, 0) << again.err;
+  EXPECT_EQ(again.out, kSecret);
+}
+
 TEST_F(ServerTest, SigtermDrainsAndStops) {
   // Idle connections do not hold the stop: one kept alive after a request,
   // one that never sent anything. Both are closed at once (the drain would

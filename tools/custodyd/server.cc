@@ -6,6 +6,7 @@
 #include <openssl/evp.h>
 #include <grp.h>
 #include <pwd.h>
+#include <pthread.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -185,6 +186,7 @@ struct Server::Impl {
   std::optional<asio::ssl::context> tls;
   std::optional<asio::ip::tcp::acceptor> tls_acceptor;
   std::atomic<int> connections{0};
+  std::atomic<int> refusals{0};  // 503s over max_connections still being sent
   std::atomic<bool> draining{false};
   // GETs waiting for their audit record (Custodian::GetAsync): their
   // callbacks post to `io`, so Run() waits for them before it returns.
@@ -239,6 +241,7 @@ struct Server::Impl {
 
   Impl(ServerOptions o, core::Custodian& c) : options(std::move(o)), custodian(c) {}
   void Accept();
+  void Refuse(Local::socket socket);
   void AcceptTls();
   // Ends the loop once no connection is open, or at the drain deadline.
   void DrainCheck() {
@@ -711,6 +714,72 @@ void Server::Impl::AcceptTls() {
   });
 }
 
+namespace {
+
+// Over max_connections: a short 503 that says why, then a close. Closing a
+// Unix socket whose request is still unread resets it, and the client would
+// see "connection reset" instead of the answer; so the refusal is written,
+// our side shut, and what the client sent is read and dropped until it
+// closes or one second passes. At most `cap` refusals wait at once; past
+// that a connection is closed with no answer.
+class Refusal : public std::enable_shared_from_this<Refusal> {
+ public:
+  static void Start(Local::socket socket, std::atomic<int>& waiting, int cap) {
+    if (waiting.fetch_add(1) >= cap) {
+      waiting.fetch_sub(1);
+      beast::error_code ignored;
+      socket.close(ignored);
+      return;
+    }
+    auto r = std::shared_ptr<Refusal>(new Refusal(std::move(socket), waiting));
+    r->timer_.expires_after(std::chrono::seconds(1));
+    r->timer_.async_wait([r](beast::error_code) {
+      beast::error_code ignored;
+      r->socket_.close(ignored);
+    });
+    asio::async_write(r->socket_, asio::buffer(Answer()), [r](beast::error_code ec, size_t) {
+      if (ec) {
+        r->timer_.cancel();
+        return;
+      }
+      beast::error_code ignored;
+      r->socket_.shutdown(Local::socket::shutdown_send, ignored);
+      r->Drain();
+    });
+  }
+  ~Refusal() { waiting_.fetch_sub(1); }
+
+ private:
+  Refusal(Local::socket socket, std::atomic<int>& waiting)
+      : socket_(std::move(socket)), timer_(socket_.get_executor()), waiting_(waiting) {}
+  static const std::string& Answer() {
+    static const std::string body = R"({"error":"too many connections; retry","category":"unavailable","status":503})" "\n";
+    static const std::string answer =
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\nServer: custodyd\r\n"
+        "Connection: close\r\nContent-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
+    return answer;
+  }
+  void Drain() {
+    socket_.async_read_some(asio::buffer(sink_), [self = shared_from_this()](beast::error_code ec, size_t) {
+      if (ec) {
+        self->timer_.cancel();  // the client closed (or the timer did)
+        return;
+      }
+      self->Drain();
+    });
+  }
+  Local::socket socket_;
+  asio::steady_timer timer_;
+  std::atomic<int>& waiting_;
+  char sink_[512];
+};
+
+}  // namespace
+
+void Server::Impl::Refuse(Local::socket socket) {
+  Refusal::Start(std::move(socket), refusals, static_cast<int>(options.max_connections));
+}
+
 void Server::Impl::Accept() {
   // Each connection on its own strand (see AcceptTls).
   acceptor->async_accept(asio::make_strand(io), [this](beast::error_code ec, Local::socket socket) {
@@ -722,13 +791,7 @@ void Server::Impl::Accept() {
       return;
     }
     if (connections.load() >= static_cast<int>(options.max_connections)) {
-      // Over the limit: a short answer and a close, so clients see why.
-      static const std::string kBusy =
-          "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\nConnection: "
-          "close\r\nContent-Length: 54\r\n\r\n{\"error\":\"too many connections; retry\",\"status\":503}\n";
-      beast::error_code ignored;
-      asio::write(socket, asio::buffer(kBusy), ignored);
-      socket.close(ignored);
+      Refuse(std::move(socket));
     } else if (auto peer = PeerOf(socket)) {
       std::make_shared<Session<Stream>>(*this, Stream(std::move(socket)), std::move(*peer))->Start();
     }
@@ -813,7 +876,12 @@ Status Server::ListenTls() {
 
 void Server::Run(unsigned threads) {
   std::vector<std::thread> pool;
-  for (unsigned i = 1; i < threads; ++i) pool.emplace_back([this] { impl_->io.run(); });
+  for (unsigned i = 1; i < threads; ++i) {
+    pool.emplace_back([this] {
+      ::pthread_setname_np(::pthread_self(), "custodyd-io");
+      impl_->io.run();
+    });
+  }
   impl_->io.run();
   for (auto& t : pool) t.join();
   // A GET whose audit record is still being written will post its answer
