@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "custody/core/store_lock.h"
 #include "custody/hsm/objects.h"
 
 namespace custody::core {
@@ -47,6 +48,13 @@ Result<KekRotationPlan> KekRotator::Plan(const std::string& project) {
 }
 
 Result<KekRotationResult> KekRotator::Run(const std::string& project, const Hooks& hooks) {
+  // One rotation of a project at a time, across every host sharing the
+  // store: two runs would both make KEK v(n+1), and one would destroy the
+  // other's as an unrecorded leftover (step 1). Taken before planning, so
+  // the plan cannot go stale under another run.
+  CUSTODY_ASSIGN_OR_RETURN(StoreLock lock,
+                           StoreLock::Take(store_, "kek-rotate/" + project, hooks.lock_seconds, clock_,
+                                           "KEK rotation of " + project));
   CUSTODY_ASSIGN_OR_RETURN(KekRotationPlan plan, Plan(project));
   KekRotationResult result;
   result.resumed = plan.resume;
@@ -108,6 +116,9 @@ Result<KekRotationResult> KekRotator::Run(const std::string& project, const Hook
       result.resealed += n;
       done += items.size();
       if (hooks.progress) hooks.progress(done, plan.to_reseal);
+      // A run that lost its lock (stalled past it, and another took over)
+      // stops here; the other run finishes the work.
+      CUSTODY_RETURN_IF_ERROR(lock.Renew());
     }
   }
   if (failed > 0) {
@@ -117,6 +128,7 @@ Result<KekRotationResult> KekRotator::Run(const std::string& project, const Hook
   }
 
   // Step 3.
+  CUSTODY_RETURN_IF_ERROR(lock.Renew());
   for (const auto& pend : plan.pending) {
     if (pend.kek.state != KekState::kDestroying) {
       CUSTODY_RETURN_IF_ERROR(store_.SetKekState(pend.kek.id, KekState::kDestroying));

@@ -115,6 +115,17 @@ UPDATE secret_versions SET superseded_at = (
     R"sql(
 ALTER TABLE keks ADD COLUMN material BLOB;
 )sql",
+    // 6: named locks with an expiry (one KEK rotation per project, across
+    // every host that shares the store).
+    R"sql(
+CREATE TABLE locks (
+  name           TEXT PRIMARY KEY,
+  holder_host    TEXT NOT NULL,
+  holder_pid     INTEGER NOT NULL,
+  holder_started INTEGER NOT NULL,
+  expires_at     INTEGER NOT NULL
+);
+)sql",
 };
 
 int64_t Now() { return static_cast<int64_t>(std::time(nullptr)); }
@@ -257,6 +268,10 @@ class SqliteStore final : public Store {
   Status AddUsage(const std::vector<UsageCount>& counts) override;
   Result<std::vector<UsageRow>> Usage(const std::optional<std::string>& project, int64_t now) override;
   Status RecordAuditCheckpoint(uint64_t seq, const std::string& covers_hash) override;
+  Result<std::optional<HeldLock>> TakeLock(const std::string& name, const LockHolder& me, int64_t now, int64_t ttl,
+                                           const std::function<bool(const LockHolder&)>& gone) override;
+  Status RenewLock(const std::string& name, const LockHolder& me, int64_t now, int64_t ttl) override;
+  Status ReleaseLock(const std::string& name, const LockHolder& me) override;
   Result<std::optional<std::pair<uint64_t, std::string>>> LastAuditCheckpoint() override;
 
  private:
@@ -1275,6 +1290,65 @@ Result<std::optional<std::pair<uint64_t, std::string>>> SqliteStore::LastAuditCh
   if (rc == SQLITE_DONE) return R();
   if (rc != SQLITE_ROW) return Fail(rc, "reading audit checkpoints");
   return R(std::make_pair(static_cast<uint64_t>(s.Int(0)), s.Text(1)));
+}
+
+
+Result<std::optional<HeldLock>> SqliteStore::TakeLock(const std::string& name, const LockHolder& me, int64_t now,
+                                                      int64_t ttl,
+                                                      const std::function<bool(const LockHolder&)>& gone) {
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  // Read and claim under one write lock, so two takers cannot both win.
+  CUSTODY_RETURN_IF_ERROR(Begin());
+  {
+    Stmt q(db(), "SELECT holder_host, holder_pid, holder_started, expires_at FROM locks WHERE name = ?");
+    q.Bind(1, name);
+    int rc = q.Step();
+    if (rc == SQLITE_ROW) {
+      HeldLock other{name, LockHolder{q.Text(0), q.Int(1), q.Int(2)}, q.Int(3)};
+      if (!(other.holder == me) && other.expires_at > now && !(gone && gone(other.holder))) {
+        Rollback();
+        return std::optional<HeldLock>(std::move(other));
+      }
+    } else if (rc != SQLITE_DONE) {
+      Rollback();
+      return Fail(rc, "reading lock " + name);
+    }
+  }
+  Stmt w(db(),
+         "INSERT OR REPLACE INTO locks(name, holder_host, holder_pid, holder_started, expires_at) VALUES (?, ?, ?, ?, ?)");
+  w.Bind(1, name).Bind(2, me.host).Bind(3, me.pid).Bind(4, me.started).Bind(5, now + ttl);
+  int rc = w.Step();
+  if (rc != SQLITE_DONE) {
+    Rollback();
+    return Fail(rc, "taking lock " + name);
+  }
+  CUSTODY_RETURN_IF_ERROR(Commit());
+  return std::optional<HeldLock>();
+}
+
+Status SqliteStore::RenewLock(const std::string& name, const LockHolder& me, int64_t now, int64_t ttl) {
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  Stmt s(db(),
+         "UPDATE locks SET expires_at = ? WHERE name = ? AND holder_host = ? AND holder_pid = ? AND holder_started = ?");
+  s.Bind(1, now + ttl).Bind(2, name).Bind(3, me.host).Bind(4, me.pid).Bind(5, me.started);
+  int rc = s.Step();
+  if (rc != SQLITE_DONE) return Fail(rc, "renewing lock " + name);
+  if (sqlite3_changes(db()) == 0) {
+    return Error(Category::kUnavailable, "lock " + name + " is no longer ours: it expired and another process took it");
+  }
+  return Status::Ok();
+}
+
+Status SqliteStore::ReleaseLock(const std::string& name, const LockHolder& me) {
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  Stmt s(db(), "DELETE FROM locks WHERE name = ? AND holder_host = ? AND holder_pid = ? AND holder_started = ?");
+  s.Bind(1, name).Bind(2, me.host).Bind(3, me.pid).Bind(4, me.started);
+  int rc = s.Step();
+  if (rc != SQLITE_DONE) return Fail(rc, "releasing lock " + name);
+  return Status::Ok();
 }
 
 }  // namespace

@@ -6,7 +6,10 @@
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
+
+#include <ctime>
 
 #include <nlohmann/json.hpp>
 #include <filesystem>
@@ -16,6 +19,7 @@
 #include <thread>
 
 #include "../support/testenv.h"
+#include "custody/core/store_lock.h"
 #include "custody/core/config.h"
 #include "custody/core/service.h"
 #include "custody/core/store.h"
@@ -289,16 +293,52 @@ TEST_F(RotationCliTest, KekRotationReSealsEverythingAndDestroysTheOldKek) {
 
 TEST_F(RotationCliTest, OnlyOneKekRotationOfAProjectRunsAtATime) {
   Put("payments/prod/a", "value-a");
-  // Another rotation holds the project's lock (as a running `kek rotate` does).
-  std::string lock = token_.dir() / "state/kek-rotate.payments.lock";
-  int fd = ::open(lock.c_str(), O_RDWR | O_CREAT, 0600);
-  ASSERT_GE(fd, 0);
-  ASSERT_EQ(::flock(fd, LOCK_EX), 0);
+  auto config = core::LoadConfig(token_.config_path());
+  ASSERT_TRUE(config.ok()) << config.error().message();
+  auto store = core::OpenSqliteStore(config->store_path, false);
+  ASSERT_TRUE(store.ok()) << store.error().message();
+  const std::string name = "kek-rotate/payments";
+  const int64_t now = static_cast<int64_t>(std::time(nullptr));
+  // Takes the lock for `holder`; true when it was free to take.
+  auto take = [&](const core::LockHolder& holder, int64_t at) {
+    auto other = (*store)->TakeLock(name, holder, at, 600, core::HolderEnded);
+    EXPECT_TRUE(other.ok()) << other.error().message();
+    return other.ok() && !other->has_value();
+  };
+  auto refused = [&](const std::string& why) {
+    auto r = Cli({"kek", "rotate", "payments"});
+    EXPECT_EQ(r.exit_code, 69) << why << ": " << r.err;
+    EXPECT_NE(r.err.find("another KEK rotation of payments is running"), std::string::npos) << r.err;
+    EXPECT_EQ(Json({"kek", "list", "payments"}).size(), 1u) << why << ": nothing was made";
+  };
+  // A live process on this host holds the lock (this test, as a running
+  // `kek rotate` would): refused, naming it.
+  const core::LockHolder me = core::ThisProcess();
+  ASSERT_TRUE(take(me, now));
+  refused("held by a live process");
   auto r = Cli({"kek", "rotate", "payments"});
-  EXPECT_EQ(r.exit_code, 69) << r.err;
-  EXPECT_NE(r.err.find("another KEK rotation of payments is running"), std::string::npos) << r.err;
-  EXPECT_EQ(Json({"kek", "list", "payments"}).size(), 1u) << "nothing was made";
-  ::close(fd);
+  EXPECT_NE(r.err.find("pid " + std::to_string(::getpid())), std::string::npos) << r.err;
+  ASSERT_TRUE((*store)->ReleaseLock(name, me).ok());
+
+  // A process on another host holds it: refused until its lock expires.
+  core::LockHolder remote{"another-host.example", 4242, 99};
+  ASSERT_TRUE(take(remote, now));
+  refused("held on another host");
+  ASSERT_FALSE(take(me, now)) << "another host's live lock is not ours to take";
+  ASSERT_TRUE(take(remote, now - 700));  // renewed to expire 100 s ago
+  EXPECT_EQ(Cli({"kek", "rotate", "payments"}).exit_code, 0) << "an expired lock is taken over";
+
+  // A holder on this host that has ended (killed, say) holds nothing: its
+  // lock is taken over at once, although it has not expired.
+  pid_t child = ::fork();
+  if (child == 0) ::_exit(0);
+  ::waitpid(child, nullptr, 0);
+  core::LockHolder ended{me.host, child, 1};
+  ASSERT_TRUE(take(ended, now));
+  auto taken = Cli({"kek", "rotate", "payments"});
+  EXPECT_EQ(taken.exit_code, 0) << taken.err;
+  EXPECT_EQ(Get("payments/prod/a"), "value-a");
+  // A finished run lets go of its lock: the next one is not refused.
   EXPECT_EQ(Cli({"kek", "rotate", "payments"}).exit_code, 0);
 }
 

@@ -119,6 +119,33 @@ TEST_F(StoreTest, ReopenKeepsDataAndSchemaVersion) {
   EXPECT_TRUE((*again)->FindProject("payments").ok());
 }
 
+// Store locks: one holder at a time until the lock expires or its holder is
+// known to have ended; a holder whose lock was taken over cannot renew it.
+TEST_F(StoreTest, ALockHasOneHolderUntilItExpiresOrItsHolderEnds) {
+  const LockHolder a{"host-a", 100, 7}, b{"host-b", 200, 9};
+  auto never = [](const LockHolder&) { return false; };
+  ASSERT_FALSE(store_->TakeLock("kek-rotate/p", a, 1000, 60, never)->has_value());
+  auto other = store_->TakeLock("kek-rotate/p", b, 1030, 60, never);
+  ASSERT_TRUE(other.ok());
+  ASSERT_TRUE(other->has_value());
+  EXPECT_EQ((*other)->holder, a);
+  EXPECT_EQ((*other)->expires_at, 1060);
+  EXPECT_FALSE(store_->TakeLock("kek-rotate/q", b, 1030, 60, never)->has_value()) << "names are separate";
+  ASSERT_TRUE(store_->RenewLock("kek-rotate/p", a, 1050, 60).ok());
+  EXPECT_TRUE(store_->TakeLock("kek-rotate/p", b, 1100, 60, never)->has_value()) << "renewed to 1110";
+  // Expired: b takes it, and a has lost it.
+  EXPECT_FALSE(store_->TakeLock("kek-rotate/p", b, 1111, 60, never)->has_value());
+  auto lost = store_->RenewLock("kek-rotate/p", a, 1112, 60);
+  ASSERT_FALSE(lost.ok());
+  EXPECT_EQ(lost.error().category(), Category::kUnavailable);
+  // Releasing what is not ours does nothing; `gone` lets a taker past a live lock.
+  ASSERT_TRUE(store_->ReleaseLock("kek-rotate/p", a).ok());
+  EXPECT_TRUE(store_->TakeLock("kek-rotate/p", a, 1113, 60, never)->has_value());
+  EXPECT_FALSE(store_->TakeLock("kek-rotate/p", a, 1113, 60, [&](const LockHolder& h) { return h == b; })->has_value());
+  ASSERT_TRUE(store_->ReleaseLock("kek-rotate/p", a).ok());
+  EXPECT_FALSE(store_->TakeLock("kek-rotate/p", b, 1114, 60, never)->has_value());
+}
+
 TEST(StoreOpen, RefusesAForeignDatabase) {
   test::TempDir dir;
   std::string path = dir / "other.db";

@@ -462,21 +462,6 @@ Status KekRotate(const Globals& g, const KekRotateArgs& a) {
       std::printf("dry run: nothing was changed\n");
       return Status::Ok();
     }
-    // One rotation of a project at a time (per state folder): two runs would
-    // both make KEK v(n+1), and one would destroy the other's as an
-    // unrecorded leftover. The lock goes with the process, so a killed run
-    // leaves nothing to clean up.
-    std::string lock_path = o.config.state_dir + "/kek-rotate." + a.project + ".lock";
-    int lock_fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-    if (lock_fd < 0) return Error::Os(errno, "cannot open " + lock_path);
-    struct CloseFd {
-      int fd;
-      ~CloseFd() { ::close(fd); }
-    } close_lock{lock_fd};
-    if (::flock(lock_fd, LOCK_EX | LOCK_NB) != 0) {
-      return Error(Category::kUnavailable, "another KEK rotation of " + a.project + " is running (" + lock_path +
-                                               "); wait for it to finish");
-    }
     Progress progress;
     core::KekRotator::Hooks hooks;
     hooks.batch = a.batch;

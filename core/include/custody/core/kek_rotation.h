@@ -70,6 +70,10 @@ class KekRotator {
     // blob changes: the CLI writes its audit record here, fail closed.
     std::function<Status(const KekRotationPlan& plan, const KekRecord& target)> started;
     size_t batch = 128;  // versions per store transaction
+    // The run holds the store lock "kek-rotate/PROJECT" (see StoreLock)
+    // and renews it after every batch; it lapses this long after a run
+    // killed on another host (one killed on this host is seen at once).
+    int64_t lock_seconds = 60;
   };
 
   KekRotator(Store& store, Sealer& sealer, Clock clock = SystemClock())

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -124,6 +125,21 @@ struct UsageRow {
   int64_t last_use = 0;
 };
 
+// Who holds a store lock: a process on a host. `started` (when the process
+// started, in clock ticks since boot) tells a reused pid from the holder.
+struct LockHolder {
+  std::string host;
+  int64_t pid = 0;
+  int64_t started = 0;
+  bool operator==(const LockHolder&) const = default;
+};
+
+struct HeldLock {
+  std::string name;
+  LockHolder holder;
+  int64_t expires_at = 0;  // unix seconds
+};
+
 class Store : public KekUsageLedger, public KekMaterialSource {
  public:
   ~Store() override = default;
@@ -223,6 +239,20 @@ class Store : public KekUsageLedger, public KekMaterialSource {
   // noticed by `audit verify` even if the checkpoint files go too.
   virtual Status RecordAuditCheckpoint(uint64_t seq, const std::string& covers_hash) = 0;
   virtual Result<std::optional<std::pair<uint64_t, std::string>>> LastAuditCheckpoint() = 0;
+
+  // Exclusive locks on a name, with an expiry, kept in the store so that
+  // every process on every host that shares it sees them (one KEK rotation
+  // per project). Takes `name` for `me` until now + ttl, unless another
+  // holder's lock has not expired and `gone` does not say that holder has
+  // ended. Returns that other lock, or nothing once the lock is ours.
+  virtual Result<std::optional<HeldLock>> TakeLock(const std::string& name, const LockHolder& me, int64_t now,
+                                                   int64_t ttl,
+                                                   const std::function<bool(const LockHolder&)>& gone) = 0;
+  // Extends our lock to now + ttl; kUnavailable if it is no longer ours
+  // (it expired and another holder took it).
+  virtual Status RenewLock(const std::string& name, const LockHolder& me, int64_t now, int64_t ttl) = 0;
+  // Lets go of our lock (nothing if it is not ours).
+  virtual Status ReleaseLock(const std::string& name, const LockHolder& me) = 0;
 
   static constexpr uint64_t kVersionTaken = 1;
 };
