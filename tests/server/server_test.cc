@@ -19,6 +19,8 @@
 
 #include "../support/testenv.h"
 #include "custody/client/client.h"
+#include "custody/core/config.h"
+#include "custody/core/store.h"
 
 namespace custody::test {
 namespace {
@@ -394,6 +396,43 @@ TEST_F(ServerTest, TheLeanFrontAnswersExactlyAsTheFullTool) {
   EXPECT_EQ(front.err.substr(0, front.err.rfind(' ')), full.err.substr(0, full.err.rfind(' ')));
 }
 
+// A tampered blob is refused the same way through the server as in direct
+// mode: exit 65, no value. The server answers 500 with category
+// "integrity", which the client maps back.
+TEST_F(ServerTest, ATamperedBlobExits65AsInDirectMode) {
+  {
+    auto config = core::LoadConfig(token_.config_path());
+    ASSERT_TRUE(config.ok()) << config.error().message();
+    auto store = core::OpenSqliteStore(config->store_path, false);
+    ASSERT_TRUE(store.ok()) << store.error().message();
+    auto env = (*store)->FindEnvironment("payments", "prod");
+    ASSERT_TRUE(env.ok());
+    auto rec = (*store)->GetVersion(*env, "stripe", std::nullopt);
+    ASSERT_TRUE(rec.ok());
+    auto items = (*store)->SealedUnder(rec->kek_record_id, {0, 0}, 100);
+    ASSERT_TRUE(items.ok());
+    std::vector<core::Resealed> flipped;
+    for (auto& it : *items) {
+      if (it.name != "stripe") continue;
+      it.blob.back() ^= 0x01;  // the tag's last byte
+      flipped.push_back({it.secret_id, it.version, it.blob});
+    }
+    ASSERT_EQ(flipped.size(), 1u);
+    auto replaced = (*store)->ReplaceSealed(rec->kek_record_id, rec->kek_record_id, flipped);
+    ASSERT_TRUE(replaced.ok());
+    ASSERT_EQ(*replaced, 1u);
+  }
+  auto direct = Cli({"secret", "get", "payments/prod/stripe"});
+  EXPECT_EQ(direct.exit_code, 65) << direct.err;
+  auto served = AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"});
+  EXPECT_EQ(served.exit_code, 65) << served.err;
+  EXPECT_EQ(served.out, "");
+  auto raw = Raw(socket_, "GET /v1/secrets/payments/prod/stripe HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(raw.find("HTTP/1.1 500"), std::string::npos) << raw;
+  EXPECT_NE(raw.find("\"category\":\"integrity\""), std::string::npos) << raw;
+  EXPECT_EQ(raw.find(kSecret), std::string::npos);
+}
+
 TEST_F(ServerTest, PutThroughTheServerAndExecWithTheValueInTheEnvironmentOnly) {
   auto put = AsUser(std::nullopt, {"secret", "put", "payments/dev/db"});
   EXPECT_EQ(put.exit_code, 65) << "no value on stdin is an empty value, as in direct mode";
@@ -709,6 +748,28 @@ TEST_F(TlsTokenKeyServerTest, TheHandshakeIsSignedByTheTokenKey) {
   auto c = client::Client::Connect("unix:" + socket_);
   auto f = c->Get("payments/prod/stripe");
   EXPECT_TRUE(f.ok()) << f.error().message();
+}
+
+// A PIN in the key's URI is refused (78), and never echoed: not even when
+// the rest of the URI does not parse.
+TEST_F(TlsTokenKeyServerTest, AKeyUriWithAPinIsRefusedWithoutEchoingIt) {
+  const std::string cfg = ReadFile(token_.config_path());
+  const std::string from = "tls_key = \"pkcs11:token=" + token_.label() + ";object=tls-server\"";
+  ASSERT_NE(cfg.find(from), std::string::npos);
+  for (const std::string& uri : {"pkcs11:token=" + token_.label() + ";object=tls-server?pin-value=7731-never-shown",
+                                 std::string("pkcs11:token=%zz;object=tls-server?pin-value=7731-never-shown")}) {
+    std::string bad = cfg;
+    bad.replace(bad.find(from), from.size(), "tls_key = \"" + uri + "\"");
+    bad.replace(bad.find(socket_), socket_.size(), socket_ + ".2");
+    WriteFile(token_.dir() / "bad.toml", bad);
+    RunOptions o;
+    o.env = {{"CUSTODY_CONFIG", token_.dir() / "bad.toml"}, {"SOFTHSM2_CONF", token_.conf()}};
+    auto r = RunProgram(CUSTODYD_BIN, {}, o);
+    EXPECT_EQ(r.exit_code, 78) << uri << ": " << r.err;
+    EXPECT_NE(r.err.find("tls_key"), std::string::npos) << r.err;
+    EXPECT_EQ(r.err.find("7731-never-shown"), std::string::npos) << r.err;
+    EXPECT_EQ(r.out.find("7731-never-shown"), std::string::npos) << r.out;
+  }
 }
 
 }  // namespace

@@ -384,6 +384,12 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
       return;
     }
     auto req = parser_->release();
+    // A PUT's value passed through the read buffer: wipe its storage once
+    // everything read has been consumed (not when a pipelined request waits).
+    if (buffer_.size() == 0) {
+      auto spare = buffer_.prepare(buffer_.capacity());
+      OPENSSL_cleanse(spare.data(), spare.size());
+    }
     keep_ = req.keep_alive() && !srv_.draining.load();
     started_ = std::chrono::steady_clock::now();
     std::optional<http::response<http::string_body>> res = Handle(req);
@@ -425,7 +431,12 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
       out["value_base64"] = Base64Encode(value);
     }
     auto res = Json(200, out);
-    if (out.contains("value")) OPENSSL_cleanse(out["value"].get_ref<std::string&>().data(), value.size());
+    for (const char* k : {"value", "value_base64"}) {
+      if (out.contains(k)) {
+        std::string& kept = out[k].get_ref<std::string&>();
+        OPENSSL_cleanse(kept.data(), kept.size());
+      }
+    }
     return res;
   }
 
@@ -550,7 +561,9 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
           value = SecretBuffer::Copy(std::string_view(s));
           OPENSSL_cleanse(s.data(), s.size());
         } else if (auto b = body.find("value_base64"); b != body.end() && b->is_string()) {
-          value = Base64DecodeSecret(b->get<std::string>());
+          std::string& encoded = b->get_ref<std::string&>();
+          value = Base64DecodeSecret(encoded);
+          OPENSSL_cleanse(encoded.data(), encoded.size());
           if (!value) return Error(400, "value_base64 is not valid base64");
         } else {
           return Error(400, "the body must have a string \"value\" (or \"value_base64\")");

@@ -3,6 +3,7 @@
 #include <libp11.h>
 #include <p11-kit/uri.h>
 
+#include <cctype>
 #include <cstring>
 #include <vector>
 
@@ -11,9 +12,16 @@
 namespace custody::server {
 
 Result<EVP_PKEY*> LoadTokenKey(const core::Config& config, const std::string& uri_text, const SecretBuffer& pin) {
-  auto fail = [&](const std::string& why) {
-    return Error(Category::kConfig, "tls_key " + uri_text + ": " + why);
-  };
+  // The query part (after '?') is never echoed: it is where a PIN would
+  // be (pin-value=), and this message goes to the journal. A PIN is refused
+  // before parsing, so that even a URI that does not parse is not shown.
+  const std::string shown = uri_text.substr(0, uri_text.find('?'));
+  auto fail = [&](const std::string& why) { return Error(Category::kConfig, "tls_key " + shown + ": " + why); };
+  std::string lower = uri_text;
+  for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (lower.find("pin-value") != std::string::npos || lower.find("pin-source") != std::string::npos) {
+    return Error(Category::kConfig, "tls_key URI carries a PIN; the PIN comes from pin_file, CUSTODY_PIN or --pin-fd");
+  }
   P11KitUri* uri = p11_kit_uri_new();
   if (p11_kit_uri_parse(uri_text.c_str(), P11_KIT_URI_FOR_OBJECT_ON_TOKEN, uri) != P11_KIT_URI_OK) {
     p11_kit_uri_free(uri);

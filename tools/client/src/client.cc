@@ -34,6 +34,28 @@ Category FromStatus(int status) {
   }
 }
 
+// The category the server named in its error body ("category"), so that a
+// 500 for a tampered blob exits 65 as in direct mode; the status otherwise.
+Category CategoryOf(const json& body, int status) {
+  if (!body.is_discarded() && body.is_object()) {
+    if (auto it = body.find("category"); it != body.end() && it->is_string()) {
+      for (Category c : {Category::kUsage, Category::kNotFound, Category::kDenied, Category::kLimit,
+                         Category::kIntegrity, Category::kUnavailable, Category::kConfig, Category::kInternal}) {
+        if (CategoryName(c) == it->get_ref<const std::string&>()) return c;
+      }
+    }
+  }
+  return FromStatus(status);
+}
+
+// Answers pass through the connection's read buffer, and a secret with
+// them: once everything read has been consumed, its whole storage is wiped.
+void WipeSpent(beast::flat_buffer& b) {
+  if (b.size() != 0) return;
+  auto spare = b.prepare(b.capacity());
+  OPENSSL_cleanse(spare.data(), spare.size());
+}
+
 }  // namespace
 
 struct Client::Connection {
@@ -111,6 +133,7 @@ Result<Client::Response> Client::Request(const std::string& method, const std::s
       return Error(Category::kUnavailable, "custodyd at " + socket_path_ + ": " + ec.message());
     }
     res = parser.release();
+    WipeSpent(c.buf);
     if (!res.keep_alive()) c.sock.reset();
     break;
   }
@@ -123,7 +146,7 @@ Result<Client::Response> Client::Request(const std::string& method, const std::s
                               ? j["error"].get<std::string>()
                               : "custodyd answered HTTP " + std::to_string(out.status);
     uint64_t retry = (!j.is_discarded() && j.contains("retry_after_seconds")) ? j["retry_after_seconds"].get<uint64_t>() : 0;
-    return Error(FromStatus(out.status), message, Backend::kNone, retry);
+    return Error(CategoryOf(j, out.status), message, Backend::kNone, retry);
   }
   return out;
 }
@@ -141,7 +164,9 @@ Result<Fetched> Client::Get(const std::string& path, std::optional<uint32_t> ver
     f.value = SecretBuffer::Copy(std::string_view(s));
     OPENSSL_cleanse(s.data(), s.size());
   } else if (auto b = j.find("value_base64"); b != j.end() && b->is_string()) {
-    auto out = Base64DecodeSecret(b->get_ref<const std::string&>());
+    std::string& encoded = b->get_ref<std::string&>();
+    auto out = Base64DecodeSecret(encoded);
+    OPENSSL_cleanse(encoded.data(), encoded.size());
     if (!out) return Error(Category::kIntegrity, "custodyd sent invalid base64");
     f.value = std::move(*out);
   } else {
@@ -162,7 +187,12 @@ Result<uint32_t> Client::Put(const std::string& path, const SecretBuffer& value)
     j["value_base64"] = Base64Encode(v);
   }
   std::string body = j.dump();
-  if (j.contains("value")) OPENSSL_cleanse(j["value"].get_ref<std::string&>().data(), v.size());
+  for (const char* k : {"value", "value_base64"}) {
+    if (j.contains(k)) {
+      std::string& kept = j[k].get_ref<std::string&>();
+      OPENSSL_cleanse(kept.data(), kept.size());
+    }
+  }
   CUSTODY_ASSIGN_OR_RETURN(Response r, Request("PUT", "/v1/secrets/" + path, &body));
   OPENSSL_cleanse(body.data(), body.size());
   json a = json::parse(r.body, nullptr, false);
