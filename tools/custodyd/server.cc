@@ -181,10 +181,10 @@ class Metrics {
 struct Server::Impl {
   ServerOptions options;
   core::Custodian& custodian;
-  asio::io_context io;
-  std::optional<Local::acceptor> acceptor;
-  std::optional<asio::ssl::context> tls;
-  std::optional<asio::ip::tcp::acceptor> tls_acceptor;
+  // Everything a session or a refusal touches when it is destroyed comes
+  // before `io`: handlers still pending when the loop stops (a drain cut
+  // off at its deadline) are destroyed with `io`, and with them the last
+  // references to their sessions, so these members must outlive it.
   std::atomic<int> connections{0};
   std::atomic<int> refusals{0};  // 503s over max_connections still being sent
   std::atomic<bool> draining{false};
@@ -205,6 +205,10 @@ struct Server::Impl {
     for (auto& [session, close] : all) close();
   }
   Metrics metrics;
+  asio::io_context io;
+  std::optional<Local::acceptor> acceptor;
+  std::optional<asio::ssl::context> tls;
+  std::optional<asio::ip::tcp::acceptor> tls_acceptor;
 
   // Logs token recoveries once each, as they happen (the counters move in
   // core::Custodian, which does not log).
