@@ -163,6 +163,14 @@ class ServerTest : public ::testing::Test {
     full.insert(full.end(), args.begin(), args.end());
     return RunProgram("/usr/bin/setpriv", full, o);
   }
+  // The raw answer (status line, headers, body) to a GET sent by curl as `uid`.
+  std::string CurlAs(int uid, const std::string& target) {
+    auto r = RunProgram("/usr/bin/setpriv",
+                        {"--reuid=" + std::to_string(uid), "--regid=" + std::to_string(uid), "--clear-groups",
+                         "/usr/bin/curl", "-s", "-i", "--unix-socket", socket_, "http://custody" + target},
+                        {});
+    return r.out + r.err;
+  }
   size_t AuditCount(const std::string& action) {
     auto r = Cli({"--json", "audit", "show", "--action", action});
     size_t n = 0;
@@ -260,12 +268,19 @@ TEST_F(ServerTest, AnotherUidGets403AndAnAuditRecord) {
   EXPECT_NE(show.out.find("uid 65534 (nobody)"), std::string::npos) << show.out;
   auto raw = Raw(socket_, "GET /v1/secrets/payments/prod/stripe HTTP/1.1\r\nHost: x\r\n\r\n");
   EXPECT_NE(raw.find("200 OK"), std::string::npos) << "root may";
+  auto status = CurlAs(65534, "/v1/secrets/payments/prod/stripe");
+  EXPECT_NE(status.find("HTTP/1.1 403 Forbidden"), std::string::npos) << status;
+  EXPECT_EQ(status.find(kSecret), std::string::npos);
 }
 
 TEST_F(ServerTest, AnUnknownUidGets401) {
   auto r = AsUser(12345, {"secret", "get", "billing/prod/invoice-key"});
   EXPECT_EQ(r.exit_code, 77) << r.err;
   EXPECT_NE(r.err.find("uid 12345 is not a principal in the policy"), std::string::npos) << r.err;
+  // The CLI says 77 for both 401 and 403; the status itself tells them apart.
+  auto status = CurlAs(12345, "/v1/secrets/billing/prod/invoice-key");
+  EXPECT_NE(status.find("HTTP/1.1 401 Unauthorized"), std::string::npos) << status;
+  EXPECT_EQ(status.find("billing-value"), std::string::npos);
 }
 
 TEST_F(ServerTest, MalformedOversizedAndBadJsonRequestsAreRefusedAndTheServerStaysUp) {
