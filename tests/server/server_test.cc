@@ -495,6 +495,48 @@ TEST_F(ServerTest, SighupWithABrokenConfigKeepsTheOldOneAndAGoodOneLoadsTheNewPo
   EXPECT_NE(health.find("\"policy_version\":2"), std::string::npos) << health;
 }
 
+// A reload applies the new limits at once and names what needs a restart;
+// a policy in the store that no longer loads is refused and the one in
+// force stays.
+TEST_F(ServerTest, SighupAppliesNewLimitsAndKeepsThePolicyWhenTheStoredOneIsBroken) {
+  auto log_has = [&](const std::string& text) {
+    for (int i = 0; i < 200; ++i) {
+      if (ReadFile(token_.dir() / "custodyd.log").find(text) != std::string::npos) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(25));
+    }
+    return false;
+  };
+  const std::string body = "{\"value\":\"" + std::string(2000, 'v') + "\"}";
+  const std::string put = "PUT /v1/secrets/payments/dev/big HTTP/1.1\r\nHost: x\r\nContent-Length: " +
+                          std::to_string(body.size()) + "\r\n\r\n" + body;
+  EXPECT_NE(Raw(socket_, put).find("201 Created"), std::string::npos) << "2000 bytes fit under 4096";
+  std::string cfg = ReadFile(token_.config_path());
+  cfg.replace(cfg.find("max_body_bytes = 4096"), 21, "max_body_bytes = 1024\nsocket_mode = \"0600\"");
+  WriteFile(token_.config_path(), cfg);
+  ::kill(pid_, SIGHUP);
+  ASSERT_TRUE(log_has("reloaded: policy v1")) << ReadFile(token_.dir() / "custodyd.log");
+  auto refused = Raw(socket_, put);
+  EXPECT_NE(refused.find("413"), std::string::npos) << refused;
+  EXPECT_NE(refused.find("larger than 1024 bytes"), std::string::npos) << refused;
+  EXPECT_TRUE(log_has("reload: [server] socket_mode changed; restart custodyd to apply it"));
+
+  {
+    auto config = core::LoadConfig(token_.config_path());
+    ASSERT_TRUE(config.ok()) << config.error().message();
+    auto store = core::OpenSqliteStore(config->store_path, false);
+    ASSERT_TRUE(store.ok());
+    // As a damaged store would hold it: `custody policy apply` never stores this.
+    ASSERT_TRUE((*store)->SavePolicy("this is [ not a policy", std::string(64, '0'), "test").ok());
+  }
+  ::kill(pid_, SIGHUP);
+  EXPECT_TRUE(log_has("reload refused, keeping policy v1")) << ReadFile(token_.dir() / "custodyd.log");
+  auto health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(health.find("\"policy_version\":1"), std::string::npos) << health;
+  auto got = AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"});
+  EXPECT_EQ(got.exit_code, 0) << got.err;
+  EXPECT_EQ(got.out, kSecret);
+}
+
 TEST_F(ServerTest, ManyConcurrentClientsGetNoErrorsAndExactlyOneAuditRecordEach) {
   size_t before = AuditCount("secret.get");
   constexpr int kThreads = 16, kEach = 25;

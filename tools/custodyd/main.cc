@@ -140,8 +140,32 @@ int main(int argc, char** argv) {
         } else if (auto next = custody::core::Authorizer::Load(**store); !next) {
           spdlog::error("reload refused, keeping policy v{}: {}", custodian.policy()->version(), next.error().message());
         } else {
-          spdlog::info("reloaded: policy v{} in force", next->version());
           custodian.SwapPolicy(std::make_shared<const custody::core::Authorizer>(std::move(*next)));
+          server.SetLimits(custody::server::OptionsFrom(*fresh));
+          spdlog::info("reloaded: policy v{} in force; limits: {} connections, idle {} s, headers {} B, body {} B",
+                       custodian.policy()->version(), fresh->server_max_connections,
+                       fresh->server_idle_timeout_seconds, fresh->server_max_header_bytes,
+                       fresh->server_max_body_bytes);
+          // What the running server cannot change: said, not silently dropped.
+          std::vector<std::string> fixed;
+          auto note = [&](const char* key, bool changed) {
+            if (changed) fixed.emplace_back(key);
+          };
+          const auto& c = *config;
+          const auto& f = *fresh;
+          note("[server] socket", c.server_socket != f.server_socket);
+          note("[server] socket_mode", c.server_socket_mode != f.server_socket_mode);
+          note("[server] threads", c.server_threads != f.server_threads);
+          note("[server] tls_*", c.server_tls_listen != f.server_tls_listen || c.server_tls_cert != f.server_tls_cert ||
+                                     c.server_tls_key != f.server_tls_key ||
+                                     c.server_tls_client_ca != f.server_tls_client_ca);
+          note("[token]", c.backend != f.backend || c.token_module != f.token_module || c.token_uri != f.token_uri ||
+                              c.tpm_tcti != f.tpm_tcti || c.pin_file != f.pin_file);
+          note("[store]", c.store_path != f.store_path);
+          note("[audit]", c.audit_dir != f.audit_dir || c.audit_checkpoint_every != f.audit_checkpoint_every ||
+                              c.audit_checkpoint_seconds != f.audit_checkpoint_seconds ||
+                              c.audit_segment_bytes != f.audit_segment_bytes);
+          for (const auto& key : fixed) spdlog::warn("reload: {} changed; restart custodyd to apply it", key);
         }
         sd_notify(0, "READY=1");
         wait_signal();

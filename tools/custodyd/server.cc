@@ -181,6 +181,17 @@ class Metrics {
 struct Server::Impl {
   ServerOptions options;
   core::Custodian& custodian;
+  // The limits a reload (SIGHUP) may change, read by every session; they
+  // apply to requests read after the change.
+  struct Limits {
+    std::atomic<uint32_t> max_connections, idle_timeout_seconds, max_header_bytes, max_body_bytes;
+    void Set(const ServerOptions& o) {
+      max_connections.store(o.max_connections);
+      idle_timeout_seconds.store(o.idle_timeout_seconds);
+      max_header_bytes.store(o.max_header_bytes);
+      max_body_bytes.store(o.max_body_bytes);
+    }
+  } limits;
   // Everything a session or a refusal touches when it is destroyed comes
   // before `io`: handlers still pending when the loop stops (a drain cut
   // off at its deadline) are destroyed with `io`, and with them the last
@@ -243,7 +254,7 @@ struct Server::Impl {
   std::optional<asio::steady_timer> drain_timer;
   std::chrono::steady_clock::time_point drain_deadline;
 
-  Impl(ServerOptions o, core::Custodian& c) : options(std::move(o)), custodian(c) {}
+  Impl(ServerOptions o, core::Custodian& c) : options(std::move(o)), custodian(c) { limits.Set(options); }
   void Accept();
   void Refuse(Local::socket socket);
   void AcceptTls();
@@ -329,11 +340,11 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
     env_.clear();
     decision_ = "error";
     parser_.emplace();
-    parser_->header_limit(srv_.options.max_header_bytes);
-    parser_->body_limit(srv_.options.max_body_bytes);
+    parser_->header_limit(srv_.limits.max_header_bytes.load());
+    parser_->body_limit(srv_.limits.max_body_bytes.load());
     // The idle timeout covers the whole request: a slow client cannot hold a
     // connection (and a thread's attention) forever.
-    Lowest(stream_).expires_after(std::chrono::seconds(srv_.options.idle_timeout_seconds));
+    Lowest(stream_).expires_after(std::chrono::seconds(srv_.limits.idle_timeout_seconds.load()));
     waiting_ = true;
     {
       // Every handler of a session runs on its strand, so CloseIfIdle never
@@ -375,11 +386,11 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
     }
     if (ec) srv_.metrics.Observe(action_, project_, env_, decision_, 0);
     if (ec == http::error::body_limit) {
-      Reply(Error(413, "request body is larger than " + std::to_string(srv_.options.max_body_bytes) + " bytes"), false);
+      Reply(Error(413, "request body is larger than " + std::to_string(srv_.limits.max_body_bytes.load()) + " bytes"), false);
       return;
     }
     if (ec == http::error::header_limit) {
-      Reply(Error(431, "request headers are larger than " + std::to_string(srv_.options.max_header_bytes) + " bytes"),
+      Reply(Error(431, "request headers are larger than " + std::to_string(srv_.limits.max_header_bytes.load()) + " bytes"),
             false);
       return;
     }
@@ -587,7 +598,7 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
     res.set(http::field::server, "custodyd");
     res.prepare_payload();
     res_ = std::move(res);
-    Lowest(stream_).expires_after(std::chrono::seconds(srv_.options.idle_timeout_seconds));
+    Lowest(stream_).expires_after(std::chrono::seconds(srv_.limits.idle_timeout_seconds.load()));
     http::async_write(stream_, res_, [self = this->shared_from_this(), keep](beast::error_code ec, size_t) {
       self->OnWrite(ec, keep);
     });
@@ -711,7 +722,7 @@ void Server::Impl::AcceptTls() {
       if (ec != asio::error::operation_aborted) AcceptTls();
       return;
     }
-    if (connections.load() >= static_cast<int>(options.max_connections)) {
+    if (connections.load() >= static_cast<int>(limits.max_connections.load())) {
       beast::error_code ignored;
       socket.close(ignored);
     } else {
@@ -719,7 +730,7 @@ void Server::Impl::AcceptTls() {
                                                           core::RequestContext{});
       // The handshake has the same deadline as a request.
       auto* raw = session.get();
-      raw->Handshake(std::chrono::seconds(options.idle_timeout_seconds), [session](bool ok, TlsStream& stream) {
+      raw->Handshake(std::chrono::seconds(limits.idle_timeout_seconds.load()), [session](bool ok, TlsStream& stream) {
         if (!ok) return;
         auto peer = PeerOf(stream);
         if (!peer) return;
@@ -794,7 +805,7 @@ class Refusal : public std::enable_shared_from_this<Refusal> {
 }  // namespace
 
 void Server::Impl::Refuse(Local::socket socket) {
-  Refusal::Start(std::move(socket), refusals, static_cast<int>(options.max_connections));
+  Refusal::Start(std::move(socket), refusals, static_cast<int>(limits.max_connections.load()));
 }
 
 void Server::Impl::Accept() {
@@ -807,7 +818,7 @@ void Server::Impl::Accept() {
       }
       return;
     }
-    if (connections.load() >= static_cast<int>(options.max_connections)) {
+    if (connections.load() >= static_cast<int>(limits.max_connections.load())) {
       Refuse(std::move(socket));
     } else if (auto peer = PeerOf(socket)) {
       std::make_shared<Session<Stream>>(*this, Stream(std::move(socket)), std::move(*peer))->Start();
@@ -915,6 +926,8 @@ void Server::Every(std::chrono::seconds period, std::function<void()> fn) {
   impl_->tickers.push_back(std::move(t));
   asio::post(impl_->io, [raw] { raw->Arm(); });
 }
+
+void Server::SetLimits(const ServerOptions& fresh) { impl_->limits.Set(fresh); }
 
 void Server::Stop(std::chrono::seconds grace) {
   asio::post(impl_->io, [this, grace] {

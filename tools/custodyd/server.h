@@ -50,6 +50,10 @@ class Server {
   Status Listen();
   // Runs the I/O loop on `threads` threads until Stop() has drained.
   void Run(unsigned threads);
+  // A reload: max_connections, idle_timeout_seconds, max_header_bytes and
+  // max_body_bytes from `fresh` apply from the next connection or request.
+  // The other options are fixed for the life of the server.
+  void SetLimits(const ServerOptions& fresh);
   // Stops accepting, lets requests in flight finish (at most `grace`), then ends Run.
   void Stop(std::chrono::seconds grace = std::chrono::seconds(10));
   // Runs `fn` on the server's loop (signal handlers, timers).
