@@ -175,6 +175,7 @@ Result<Config> LoadConfig(const std::string& path) {
     }
     CUSTODY_RETURN_IF_ERROR(positive("threads", c.server_threads, 256));
     CUSTODY_RETURN_IF_ERROR(positive("max_connections", c.server_max_connections, 100000));
+    CUSTODY_RETURN_IF_ERROR(positive("max_connections_per_peer", c.server_max_connections_per_peer, 100000));
     CUSTODY_RETURN_IF_ERROR(positive("idle_timeout_seconds", c.server_idle_timeout_seconds, 3600));
     CUSTODY_RETURN_IF_ERROR(positive("max_header_bytes", c.server_max_header_bytes, 1 << 20));
     CUSTODY_RETURN_IF_ERROR(positive("max_body_bytes", c.server_max_body_bytes, 16 << 20));

@@ -623,6 +623,38 @@ TEST_F(LimitsServerTest, StalledClientsCannotStopTheOthers) {
   EXPECT_EQ(again.out, kSecret);
 }
 
+class PerPeerLimitServerTest : public ServerTest {
+ protected:
+  std::string ExtraServerConfig() override { return "max_connections = 8\nmax_connections_per_peer = 3\n"; }
+};
+
+// One user cannot take every place: past its share, that user is told 503
+// (exit 69) naming its uid, while another user is still served; a closed
+// connection gives its place back.
+TEST_F(PerPeerLimitServerTest, OneUserCannotTakeEveryPlace) {
+  std::vector<int> stalled;
+  for (int i = 0; i < 3; ++i) stalled.push_back(Stall(socket_));
+  for (int fd : stalled) ASSERT_GE(fd, 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // let the server accept them
+  auto busy = AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"});
+  EXPECT_EQ(busy.exit_code, 69) << busy.err;
+  EXPECT_NE(busy.err.find("too many connections from uid 0; retry"), std::string::npos) << busy.err;
+  auto other = AsUser(65534, {"secret", "get", "billing/prod/invoice-key"});
+  EXPECT_EQ(other.exit_code, 0) << other.err;
+  EXPECT_EQ(other.out, "billing-value");
+  ::close(stalled.back());
+  stalled.pop_back();
+  RunResult again;
+  for (int i = 0; i < 50; ++i) {
+    again = AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"});
+    if (again.exit_code != 69) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_EQ(again.exit_code, 0) << again.err;
+  EXPECT_EQ(again.out, kSecret);
+  for (int fd : stalled) ::close(fd);
+}
+
 TEST_F(ServerTest, SigtermDrainsAndStops) {
   // Idle connections do not hold the stop: one kept alive after a request,
   // one that never sent anything. Both are closed at once (the drain would

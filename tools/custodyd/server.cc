@@ -40,6 +40,7 @@ ServerOptions OptionsFrom(const core::Config& c) {
   o.socket_path = c.server_socket;
   o.socket_mode = c.server_socket_mode;
   o.max_connections = c.server_max_connections;
+  o.max_connections_per_peer = c.server_max_connections_per_peer;
   o.idle_timeout_seconds = c.server_idle_timeout_seconds;
   o.max_header_bytes = c.server_max_header_bytes;
   o.max_body_bytes = c.server_max_body_bytes;
@@ -184,9 +185,11 @@ struct Server::Impl {
   // The limits a reload (SIGHUP) may change, read by every session; they
   // apply to requests read after the change.
   struct Limits {
-    std::atomic<uint32_t> max_connections, idle_timeout_seconds, max_header_bytes, max_body_bytes;
+    std::atomic<uint32_t> max_connections, max_connections_per_peer, idle_timeout_seconds, max_header_bytes,
+        max_body_bytes;
     void Set(const ServerOptions& o) {
       max_connections.store(o.max_connections);
+      max_connections_per_peer.store(o.max_connections_per_peer);
       idle_timeout_seconds.store(o.idle_timeout_seconds);
       max_header_bytes.store(o.max_header_bytes);
       max_body_bytes.store(o.max_body_bytes);
@@ -198,6 +201,25 @@ struct Server::Impl {
   // references to their sessions, so these members must outlive it.
   std::atomic<int> connections{0};
   std::atomic<int> refusals{0};  // 503s over max_connections still being sent
+  // Open connections per peer ("uid 1000", "address 10.0.0.7").
+  std::mutex peers_mu;
+  std::map<std::string, uint32_t> peers;
+  // Counts a new connection from `peer`, unless it already has its share.
+  bool AdmitPeer(const std::string& peer) {
+    std::lock_guard lock(peers_mu);
+    uint32_t& n = peers[peer];
+    if (n >= limits.max_connections_per_peer.load()) {
+      if (n == 0) peers.erase(peer);
+      return false;
+    }
+    ++n;
+    return true;
+  }
+  void LeavePeer(const std::string& peer) {
+    std::lock_guard lock(peers_mu);
+    auto it = peers.find(peer);
+    if (it != peers.end() && --it->second == 0) peers.erase(it);
+  }
   std::atomic<bool> draining{false};
   // GETs waiting for their audit record (Custodian::GetAsync): their
   // callbacks post to `io`, so Run() waits for them before it returns.
@@ -256,7 +278,7 @@ struct Server::Impl {
 
   Impl(ServerOptions o, core::Custodian& c) : options(std::move(o)), custodian(c) { limits.Set(options); }
   void Accept();
-  void Refuse(Local::socket socket);
+  void Refuse(Local::socket socket, const std::string& why);
   void AcceptTls();
   // Ends the loop once no connection is open, or at the drain deadline.
   void DrainCheck() {
@@ -306,12 +328,14 @@ void Shutdown(TlsStream& s) {
 template <typename StreamT>
 class Session : public std::enable_shared_from_this<Session<StreamT>> {
  public:
-  Session(Server::Impl& srv, StreamT stream, core::RequestContext peer)
-      : srv_(srv), stream_(std::move(stream)), peer_(std::move(peer)) {
+  // `peer_key` was counted by AdmitPeer; the session gives it back.
+  Session(Server::Impl& srv, StreamT stream, core::RequestContext peer, std::string peer_key)
+      : srv_(srv), stream_(std::move(stream)), peer_(std::move(peer)), peer_key_(std::move(peer_key)) {
     srv_.connections.fetch_add(1);
   }
   ~Session() {
     NotIdle();
+    srv_.LeavePeer(peer_key_);
     srv_.connections.fetch_sub(1);
   }
 
@@ -623,6 +647,7 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
   http::response<http::string_body> res_;
   core::RequestContext peer_;
   std::string action_, project_, env_, decision_;
+  std::string peer_key_;
   bool keep_ = false;
   bool waiting_ = false;      // a read for the next request is pending
   bool closed_idle_ = false;  // closed by Stop() while waiting
@@ -722,12 +747,16 @@ void Server::Impl::AcceptTls() {
       if (ec != asio::error::operation_aborted) AcceptTls();
       return;
     }
-    if (connections.load() >= static_cast<int>(limits.max_connections.load())) {
+    beast::error_code addr_ec;
+    const auto remote = socket.remote_endpoint(addr_ec);
+    std::string key = "address " + (addr_ec ? std::string("unknown") : remote.address().to_string());
+    // Over a limit: closed before the handshake (no HTTP can be spoken yet).
+    if (connections.load() >= static_cast<int>(limits.max_connections.load()) || !AdmitPeer(key)) {
       beast::error_code ignored;
       socket.close(ignored);
     } else {
       auto session = std::make_shared<Session<TlsStream>>(*this, TlsStream(beast::tcp_stream(std::move(socket)), *tls),
-                                                          core::RequestContext{});
+                                                          core::RequestContext{}, std::move(key));
       // The handshake has the same deadline as a request.
       auto* raw = session.get();
       raw->Handshake(std::chrono::seconds(limits.idle_timeout_seconds.load()), [session](bool ok, TlsStream& stream) {
@@ -752,7 +781,7 @@ namespace {
 // that a connection is closed with no answer.
 class Refusal : public std::enable_shared_from_this<Refusal> {
  public:
-  static void Start(Local::socket socket, std::atomic<int>& waiting, int cap) {
+  static void Start(Local::socket socket, const std::string& why, std::atomic<int>& waiting, int cap) {
     if (waiting.fetch_add(1) >= cap) {
       waiting.fetch_sub(1);
       beast::error_code ignored;
@@ -760,12 +789,13 @@ class Refusal : public std::enable_shared_from_this<Refusal> {
       return;
     }
     auto r = std::shared_ptr<Refusal>(new Refusal(std::move(socket), waiting));
+    r->answer_ = Answer(why);
     r->timer_.expires_after(std::chrono::seconds(1));
     r->timer_.async_wait([r](beast::error_code) {
       beast::error_code ignored;
       r->socket_.close(ignored);
     });
-    asio::async_write(r->socket_, asio::buffer(Answer()), [r](beast::error_code ec, size_t) {
+    asio::async_write(r->socket_, asio::buffer(r->answer_), [r](beast::error_code ec, size_t) {
       if (ec) {
         r->timer_.cancel();
         return;
@@ -780,12 +810,11 @@ class Refusal : public std::enable_shared_from_this<Refusal> {
  private:
   Refusal(Local::socket socket, std::atomic<int>& waiting)
       : socket_(std::move(socket)), timer_(socket_.get_executor()), waiting_(waiting) {}
-  static const std::string& Answer() {
-    static const std::string body = R"({"error":"too many connections; retry","category":"unavailable","status":503})" "\n";
-    static const std::string answer =
-        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\nServer: custodyd\r\n"
-        "Connection: close\r\nContent-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
-    return answer;
+  static std::string Answer(const std::string& why) {
+    const std::string body = nlohmann::json{{"error", why}, {"category", "unavailable"}, {"status", 503}}.dump() + "\n";
+    return "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\nServer: custodyd\r\n"
+           "Connection: close\r\nContent-Length: " +
+           std::to_string(body.size()) + "\r\n\r\n" + body;
   }
   void Drain() {
     socket_.async_read_some(asio::buffer(sink_), [self = shared_from_this()](beast::error_code ec, size_t) {
@@ -799,13 +828,14 @@ class Refusal : public std::enable_shared_from_this<Refusal> {
   Local::socket socket_;
   asio::steady_timer timer_;
   std::atomic<int>& waiting_;
+  std::string answer_;
   char sink_[512];
 };
 
 }  // namespace
 
-void Server::Impl::Refuse(Local::socket socket) {
-  Refusal::Start(std::move(socket), refusals, static_cast<int>(limits.max_connections.load()));
+void Server::Impl::Refuse(Local::socket socket, const std::string& why) {
+  Refusal::Start(std::move(socket), why, refusals, static_cast<int>(limits.max_connections.load()));
 }
 
 void Server::Impl::Accept() {
@@ -819,9 +849,14 @@ void Server::Impl::Accept() {
       return;
     }
     if (connections.load() >= static_cast<int>(limits.max_connections.load())) {
-      Refuse(std::move(socket));
+      Refuse(std::move(socket), "too many connections; retry");
     } else if (auto peer = PeerOf(socket)) {
-      std::make_shared<Session<Stream>>(*this, Stream(std::move(socket)), std::move(*peer))->Start();
+      std::string key = "uid " + std::to_string(peer->caller.uid.value_or(0));
+      if (!AdmitPeer(key)) {
+        Refuse(std::move(socket), "too many connections from " + key + "; retry");
+      } else {
+        std::make_shared<Session<Stream>>(*this, Stream(std::move(socket)), std::move(*peer), std::move(key))->Start();
+      }
     }
     Accept();
   });

@@ -24,6 +24,7 @@ struct ServerOptions {
   std::string socket_path;
   uint32_t socket_mode = 0666;
   uint32_t max_connections = 256;
+  uint32_t max_connections_per_peer = 64;  // per uid (Unix socket) or address (TLS)
   uint32_t idle_timeout_seconds = 30;
   uint32_t max_header_bytes = 8 * 1024;
   uint32_t max_body_bytes = 128 * 1024;
@@ -50,8 +51,9 @@ class Server {
   Status Listen();
   // Runs the I/O loop on `threads` threads until Stop() has drained.
   void Run(unsigned threads);
-  // A reload: max_connections, idle_timeout_seconds, max_header_bytes and
-  // max_body_bytes from `fresh` apply from the next connection or request.
+  // A reload: max_connections, max_connections_per_peer,
+  // idle_timeout_seconds, max_header_bytes and max_body_bytes from `fresh`
+  // apply from the next connection or request.
   // The other options are fixed for the life of the server.
   void SetLimits(const ServerOptions& fresh);
   // Stops accepting, lets requests in flight finish (at most `grace`), then ends Run.

@@ -54,6 +54,9 @@ struct Config {
   // (bench/server_bench).
   uint32_t server_threads = 0;
   uint32_t server_max_connections = 256;
+  // From one peer (a uid on the Unix socket, an address over TLS): one
+  // local user cannot take every place.
+  uint32_t server_max_connections_per_peer = 64;
   uint32_t server_idle_timeout_seconds = 30;
   uint32_t server_max_header_bytes = 8 * 1024;
   uint32_t server_max_body_bytes = 128 * 1024;
