@@ -931,6 +931,34 @@ class FaultyTokenServerTest : public ServerTest {
   std::string control_ = token_.dir() / "fault";
 };
 
+// SIGTERM drains: a GET already in flight (the token answering slowly) is
+// answered with its value, a connection made after the signal is refused,
+// and then the server exits 0.
+TEST_F(FaultyTokenServerTest, SigtermLetsARequestInFlightFinish) {
+  ASSERT_NE(Get("payments/prod/stripe").find("200 OK"), std::string::npos);
+  Fault("slow 600");  // each token call 0.6 s late: C_DecryptInit and C_Decrypt
+  std::string answer;
+  std::thread inflight([&] { answer = Get("payments/prod/stripe"); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the GET is in the token now
+  ::kill(pid_, SIGTERM);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  const std::string late = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+  inflight.join();
+  EXPECT_NE(answer.find("200 OK"), std::string::npos) << answer;
+  EXPECT_NE(answer.find(kSecret), std::string::npos) << "the request in flight got its value";
+  EXPECT_EQ(late.find("200 OK"), std::string::npos) << "no new request after SIGTERM: " << late;
+  int status = 0;
+  for (int i = 0; i < 100; ++i) {
+    if (::waitpid(pid_, &status, WNOHANG) == pid_) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_TRUE(WIFEXITED(status)) << ReadFile(token_.dir() / "custodyd.log");
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+  pid_ = -1;
+  Heal();
+  EXPECT_EQ(AuditCount("secret.get"), 2u) << "both GETs recorded, the drained one included";
+}
+
 TEST_F(FaultyTokenServerTest, ADeviceResetIsSurvivedByReinitialisingTheModule) {
   ASSERT_NE(Get("payments/prod/stripe").find("200 OK"), std::string::npos);
   // The device resets: every session, the login and every handle are gone,

@@ -10,12 +10,16 @@
 //                       such call answers CKR_DEVICE_ERROR until the module is
 //                       re-initialised (C_Finalize + C_Initialize), as a
 //                       token that lost its state would
+//   "slow MS"           every such call works, MS milliseconds late (a busy
+//                       or remote HSM): keeps a request in flight
 // Slot and token information keep working, so a slot can still be found.
 //
 // Test-only: this is never installed or used outside tests/.
 #include <dlfcn.h>
 
 #include <atomic>
+#include <chrono>
+#include <thread>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -43,6 +47,7 @@ bool Failing() {
   std::string word, arg;
   if (f) f >> word >> arg;
   if (word == "down") return true;
+  if (word == "slow") std::this_thread::sleep_for(std::chrono::milliseconds(std::atoi(arg.c_str())));
   if (word == "reset") {
     std::lock_guard lock(g_mu);
     if (arg != g_last_reset) {
