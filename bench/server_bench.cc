@@ -197,7 +197,7 @@ int main() {
   const char* threads_env = std::getenv("SERVER_BENCH_THREADS");
   std::string threads_line = threads_env ? "threads = " + std::string(threads_env) + "\n" : "";
   std::ofstream(cfg, std::ios::app) << "\n[server]\nsocket = \"" << socket << "\"\n" << threads_line
-                                    << "max_connections = 1024\n";
+                                    << "max_connections = 1024\nmax_connections_per_peer = 1024\n";
 
   pid_t pid = ::fork();
   if (pid == 0) {
@@ -253,7 +253,7 @@ int main() {
   std::printf("  pkcs11-tool --decrypt                 %6.2f ms\n", tool);
   std::printf("  custody secret get (through custodyd)  %6.2f ms  ratio %.2f (target <= 0.50)\n", via, via / tool);
   std::printf("  custody secret get (direct)            %6.2f ms  ratio %.2f\n", direct, direct / tool);
-  std::printf("\ntargets: server at 16 clients %.2f of raw (>= 0.50: %s), p99 %.3f ms (< 2 ms: %s); process %s\n",
+  if (at16.clients == 16) std::printf("\ntargets: server at 16 clients %.2f of raw (>= 0.50: %s), p99 %.3f ms (< 2 ms: %s); process %s\n",
               at16.rate / raw, at16.rate / raw >= 0.5 ? "met" : "NOT met", at16.p99_ms,
               at16.p99_ms < 2.0 ? "met" : "NOT met", via / tool <= 0.5 ? "met" : "NOT met");
 

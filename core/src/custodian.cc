@@ -123,12 +123,13 @@ Result<Unsealed> Custodian::GetUnrecorded(Flow& f, const RequestContext& rc, con
   CUSTODY_RETURN_IF_ERROR(f.Identify(rc));
   policy::Target t{path.project, path.environment, path.name};
   CUSTODY_RETURN_IF_ERROR(f.Ask(policy::Action::kGet, t));
-  CUSTODY_ASSIGN_OR_RETURN(auto env, store_.FindEnvironment(path.project, path.environment));
-  CUSTODY_ASSIGN_OR_RETURN(auto rec, store_.GetVersion(env, path.name, version));
+  CUSTODY_ASSIGN_OR_RETURN(UnsealInputs in, store_.ReadForUnseal(path.project, path.environment, path.name, version));
+  const EnvironmentRecord& env = in.env;
+  const SecretVersionRecord& rec = in.version;
+  const KekRecord& kek = in.kek;
   f.ev.version = rec.version;
   uint64_t grace = f.authz->engine().RotationFor(path.project, path.environment).grace;
   CUSTODY_RETURN_IF_ERROR(CheckReadable(path, rec, grace, SystemNow()));
-  CUSTODY_ASSIGN_OR_RETURN(auto kek, store_.KekById(rec.kek_record_id));
   f.ev.kek_id = hsm::ToHex(kek.ref.id);
   CUSTODY_RETURN_IF_ERROR(f.Charge(t, UsageEvent::kUnseal));
   SecretService svc(store_, sealer_);

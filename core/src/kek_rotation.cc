@@ -55,6 +55,7 @@ Result<KekRotationResult> KekRotator::Run(const std::string& project, const Hook
   CUSTODY_ASSIGN_OR_RETURN(StoreLock lock,
                            StoreLock::Take(store_, "kek-rotate/" + project, hooks.lock_seconds, clock_,
                                            "KEK rotation of " + project));
+  int64_t renewed = clock_();
   CUSTODY_ASSIGN_OR_RETURN(KekRotationPlan plan, Plan(project));
   KekRotationResult result;
   result.resumed = plan.resume;
@@ -97,6 +98,11 @@ Result<KekRotationResult> KekRotator::Run(const std::string& project, const Hook
       std::vector<Resealed> out;
       out.reserve(items.size());
       for (const auto& it : items) {
+        // A slow token or a large batch must not let the lock lapse mid-batch.
+        if (clock_() - renewed >= hooks.lock_seconds / 2) {
+          CUSTODY_RETURN_IF_ERROR(lock.Renew());
+          renewed = clock_();
+        }
         SealContext ctx{project, it.environment, it.name, it.version};
         auto value = sealer_.Unseal(pend.kek.ref, ctx, it.blob);
         if (!value) {
@@ -119,6 +125,7 @@ Result<KekRotationResult> KekRotator::Run(const std::string& project, const Hook
       // A run that lost its lock (stalled past it, and another took over)
       // stops here; the other run finishes the work.
       CUSTODY_RETURN_IF_ERROR(lock.Renew());
+      renewed = clock_();
     }
   }
   if (failed > 0) {

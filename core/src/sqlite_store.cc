@@ -123,6 +123,7 @@ CREATE TABLE locks (
   holder_host    TEXT NOT NULL,
   holder_pid     INTEGER NOT NULL,
   holder_started INTEGER NOT NULL,
+  holder_instance TEXT NOT NULL,
   expires_at     INTEGER NOT NULL
 );
 )sql",
@@ -236,6 +237,13 @@ class SqliteStore final : public Store {
   Result<std::vector<EnvironmentRecord>> ListEnvironments(const std::string& project) override;
   Result<KekRecord> CurrentKek(int64_t project_id) override;
   Result<KekRecord> KekById(int64_t id) override;
+  Result<UnsealInputs> ReadForUnseal(const std::string& project, const std::string& env, const std::string& name,
+                                     std::optional<uint32_t> version) override;
+  // The same reads on the connection this thread already holds.
+  Result<EnvironmentRecord> FindEnvironmentHeld(const std::string& project, const std::string& env);
+  Result<KekRecord> KekByIdHeld(int64_t id);
+  Result<SecretVersionRecord> GetVersionHeld(const EnvironmentRecord& env, const std::string& name,
+                                             std::optional<uint32_t> version);
   Result<std::vector<KekRecord>> ListKeks() override;
   Result<std::vector<KekRecord>> ProjectKeks(int64_t project_id) override;
   Result<KekRecord> AddKek(int64_t project_id, const KekRef& kek, const std::string& label, int64_t now,
@@ -546,6 +554,10 @@ Result<EnvironmentRecord> SqliteStore::CreateEnvironment(const std::string& proj
 Result<EnvironmentRecord> SqliteStore::FindEnvironment(const std::string& project, const std::string& env) {
   Lease lease(*this);
   if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  return FindEnvironmentHeld(project, env);
+}
+
+Result<EnvironmentRecord> SqliteStore::FindEnvironmentHeld(const std::string& project, const std::string& env) {
   // One statement on the hot path (every GET); the project is looked up on
   // its own only to say which of the two names does not exist.
   Stmt s(db(), "SELECT e.id, p.id FROM environments e JOIN projects p ON p.id = e.project_id "
@@ -613,6 +625,10 @@ Result<KekRecord> SqliteStore::CurrentKek(int64_t project_id) {
 Result<KekRecord> SqliteStore::KekById(int64_t id) {
   Lease lease(*this);
   if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  return KekByIdHeld(id);
+}
+
+Result<KekRecord> SqliteStore::KekByIdHeld(int64_t id) {
   std::string sql = std::string("SELECT ") + kKekColumns + " FROM keks WHERE id = ?";
   Stmt s(db(), sql.c_str());
   s.Bind(1, id);
@@ -868,6 +884,30 @@ Result<SecretVersionRecord> SqliteStore::GetVersion(const EnvironmentRecord& env
                                                     std::optional<uint32_t> version) {
   Lease lease(*this);
   if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  return GetVersionHeld(env, name, version);
+}
+
+Result<UnsealInputs> SqliteStore::ReadForUnseal(const std::string& project, const std::string& env,
+                                                const std::string& name, std::optional<uint32_t> version) {
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  // One read transaction: one snapshot (a KEK rotation cannot move the blob
+  // between the version and its KEK) and one WAL read lock, not three.
+  CUSTODY_RETURN_IF_ERROR(Exec("BEGIN"));
+  auto read = [&]() -> Result<UnsealInputs> {
+    UnsealInputs in;
+    CUSTODY_ASSIGN_OR_RETURN(in.env, FindEnvironmentHeld(project, env));
+    CUSTODY_ASSIGN_OR_RETURN(in.version, GetVersionHeld(in.env, name, version));
+    CUSTODY_ASSIGN_OR_RETURN(in.kek, KekByIdHeld(in.version.kek_record_id));
+    return in;
+  };
+  auto in = read();
+  (void)Exec(in ? "COMMIT" : "ROLLBACK");
+  return in;
+}
+
+Result<SecretVersionRecord> SqliteStore::GetVersionHeld(const EnvironmentRecord& env, const std::string& name,
+                                                        std::optional<uint32_t> version) {
   std::string where = env.project + "/" + env.name + "/" + name;
   // One statement on the hot path (every GET); the secret is looked up on
   // its own only to say what is missing.
@@ -1301,11 +1341,11 @@ Result<std::optional<HeldLock>> SqliteStore::TakeLock(const std::string& name, c
   // Read and claim under one write lock, so two takers cannot both win.
   CUSTODY_RETURN_IF_ERROR(Begin());
   {
-    Stmt q(db(), "SELECT holder_host, holder_pid, holder_started, expires_at FROM locks WHERE name = ?");
+    Stmt q(db(), "SELECT holder_host, holder_pid, holder_started, holder_instance, expires_at FROM locks WHERE name = ?");
     q.Bind(1, name);
     int rc = q.Step();
     if (rc == SQLITE_ROW) {
-      HeldLock other{name, LockHolder{q.Text(0), q.Int(1), q.Int(2)}, q.Int(3)};
+      HeldLock other{name, LockHolder{q.Text(0), q.Int(1), q.Int(2), q.Text(3)}, q.Int(4)};
       if (!(other.holder == me) && other.expires_at > now && !(gone && gone(other.holder))) {
         Rollback();
         return std::optional<HeldLock>(std::move(other));
@@ -1316,8 +1356,9 @@ Result<std::optional<HeldLock>> SqliteStore::TakeLock(const std::string& name, c
     }
   }
   Stmt w(db(),
-         "INSERT OR REPLACE INTO locks(name, holder_host, holder_pid, holder_started, expires_at) VALUES (?, ?, ?, ?, ?)");
-  w.Bind(1, name).Bind(2, me.host).Bind(3, me.pid).Bind(4, me.started).Bind(5, now + ttl);
+         "INSERT OR REPLACE INTO locks(name, holder_host, holder_pid, holder_started, holder_instance, expires_at) "
+         "VALUES (?, ?, ?, ?, ?, ?)");
+  w.Bind(1, name).Bind(2, me.host).Bind(3, me.pid).Bind(4, me.started).Bind(5, me.instance).Bind(6, now + ttl);
   int rc = w.Step();
   if (rc != SQLITE_DONE) {
     Rollback();
@@ -1331,8 +1372,9 @@ Status SqliteStore::RenewLock(const std::string& name, const LockHolder& me, int
   Lease lease(*this);
   if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
   Stmt s(db(),
-         "UPDATE locks SET expires_at = ? WHERE name = ? AND holder_host = ? AND holder_pid = ? AND holder_started = ?");
-  s.Bind(1, now + ttl).Bind(2, name).Bind(3, me.host).Bind(4, me.pid).Bind(5, me.started);
+         "UPDATE locks SET expires_at = ? WHERE name = ? AND holder_host = ? AND holder_pid = ? AND holder_started = ? "
+         "AND holder_instance = ?");
+  s.Bind(1, now + ttl).Bind(2, name).Bind(3, me.host).Bind(4, me.pid).Bind(5, me.started).Bind(6, me.instance);
   int rc = s.Step();
   if (rc != SQLITE_DONE) return Fail(rc, "renewing lock " + name);
   if (sqlite3_changes(db()) == 0) {
@@ -1344,8 +1386,10 @@ Status SqliteStore::RenewLock(const std::string& name, const LockHolder& me, int
 Status SqliteStore::ReleaseLock(const std::string& name, const LockHolder& me) {
   Lease lease(*this);
   if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
-  Stmt s(db(), "DELETE FROM locks WHERE name = ? AND holder_host = ? AND holder_pid = ? AND holder_started = ?");
-  s.Bind(1, name).Bind(2, me.host).Bind(3, me.pid).Bind(4, me.started);
+  Stmt s(db(),
+         "DELETE FROM locks WHERE name = ? AND holder_host = ? AND holder_pid = ? AND holder_started = ? AND "
+         "holder_instance = ?");
+  s.Bind(1, name).Bind(2, me.host).Bind(3, me.pid).Bind(4, me.started).Bind(5, me.instance);
   int rc = s.Step();
   if (rc != SQLITE_DONE) return Fail(rc, "releasing lock " + name);
   return Status::Ok();

@@ -1,6 +1,7 @@
 #include "custody/core/store_lock.h"
 
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -27,6 +28,17 @@ int64_t StartTime(int64_t pid) {
   return std::strtoll(field.c_str(), nullptr, 10);
 }
 
+// The kernel's boot id and this process's pid namespace: two holders with
+// the same host name are only comparable by pid when both match (a
+// container sharing the host's name has its own pids).
+std::string Instance() {
+  std::string boot;
+  std::ifstream("/proc/sys/kernel/random/boot_id") >> boot;
+  struct stat st {};
+  std::string ns = ::stat("/proc/self/ns/pid", &st) == 0 ? std::to_string(st.st_ino) : "unknown";
+  return (boot.empty() ? "unknown" : boot) + "/pidns:" + ns;
+}
+
 std::string HostName() {
   char buf[256] = {};
   if (::gethostname(buf, sizeof buf - 1) != 0) return "unknown";
@@ -37,11 +49,13 @@ std::string HostName() {
 
 LockHolder ThisProcess() {
   const int64_t pid = ::getpid();
-  return LockHolder{HostName(), pid, StartTime(pid)};
+  return LockHolder{HostName(), pid, StartTime(pid), Instance()};
 }
 
 bool HolderEnded(const LockHolder& holder) {
-  if (holder.host != HostName() || holder.pid <= 0) return false;
+  // Another machine, boot or pid namespace: its pid says nothing here; the
+  // lock must expire instead.
+  if (holder.host != HostName() || holder.instance != Instance() || holder.pid <= 0) return false;
   if (::kill(static_cast<pid_t>(holder.pid), 0) != 0 && errno == ESRCH) return true;
   // The pid is in use; by the holder only if it started when the holder did.
   const int64_t started = StartTime(holder.pid);

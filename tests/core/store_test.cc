@@ -100,6 +100,39 @@ TEST_F(StoreTest, VersionsAreSequentialAndATakenVersionIsReported) {
   EXPECT_EQ(store_->DeleteSecret(env, "stripe").error().category(), Category::kNotFound);
 }
 
+// A GET's lookup in one read: the environment, the version and its KEK, or
+// the error that names what is missing; the connection is left usable.
+TEST_F(StoreTest, ReadForUnsealReturnsTheVersionAndItsKekOrNamesWhatIsMissing) {
+  auto p = store_->CreateProject("payments", {"prod"}, Kek(1), "l");
+  ASSERT_TRUE(p.ok());
+  auto env = *store_->FindEnvironment("payments", "prod");
+  auto kek = *store_->CurrentKek(p->id);
+  ASSERT_TRUE(store_->AddVersion(env.id, "stripe", 1, kek.id, {1}, 1000).ok());
+  ASSERT_TRUE(store_->AddVersion(env.id, "stripe", 2, kek.id, {2}, 1001).ok());
+  auto in = store_->ReadForUnseal("payments", "prod", "stripe", std::nullopt);
+  ASSERT_TRUE(in.ok()) << in.error().message();
+  EXPECT_EQ(in->env.id, env.id);
+  EXPECT_EQ(in->version.version, 2u);
+  EXPECT_EQ(in->version.blob, (std::vector<uint8_t>{2}));
+  EXPECT_EQ(in->kek.id, kek.id);
+  EXPECT_EQ(in->kek.ref.id, Kek(1).id);
+  EXPECT_EQ(store_->ReadForUnseal("payments", "prod", "stripe", 1)->version.blob, (std::vector<uint8_t>{1}));
+  auto message = [&](const std::string& project, const std::string& e, const std::string& name,
+                     std::optional<uint32_t> v) {
+    auto r = store_->ReadForUnseal(project, e, name, v);
+    EXPECT_FALSE(r.ok());
+    EXPECT_EQ(r.ok() ? Category::kInternal : r.error().category(), Category::kNotFound);
+    return r.ok() ? std::string() : r.error().message();
+  };
+  EXPECT_EQ(message("payments", "prod", "stripe", 7), "secret 'payments/prod/stripe' has no version 7");
+  EXPECT_EQ(message("payments", "prod", "none", std::nullopt), "secret 'payments/prod/none' does not exist");
+  EXPECT_EQ(message("payments", "dev", "stripe", std::nullopt), "environment 'dev' does not exist in project 'payments'");
+  EXPECT_NE(message("nope", "prod", "stripe", std::nullopt).find("nope"), std::string::npos);
+  // After refusals, writes on the pooled connections still work.
+  ASSERT_TRUE(store_->AddVersion(env.id, "stripe", 3, kek.id, {3}, 1002).ok());
+  EXPECT_EQ(store_->ReadForUnseal("payments", "prod", "stripe", std::nullopt)->version.version, 3u);
+}
+
 TEST_F(StoreTest, KekReservationsStopAtTheLimit) {
   ASSERT_TRUE(store_->CreateProject("payments", {}, Kek(1), "custody:kek:payments:v1").ok());
   EXPECT_TRUE(store_->Reserve(Kek(1), 6, 10).ok());
@@ -122,7 +155,7 @@ TEST_F(StoreTest, ReopenKeepsDataAndSchemaVersion) {
 // Store locks: one holder at a time until the lock expires or its holder is
 // known to have ended; a holder whose lock was taken over cannot renew it.
 TEST_F(StoreTest, ALockHasOneHolderUntilItExpiresOrItsHolderEnds) {
-  const LockHolder a{"host-a", 100, 7}, b{"host-b", 200, 9};
+  const LockHolder a{"host-a", 100, 7, "boot-a/pidns:1"}, b{"host-b", 200, 9, "boot-b/pidns:1"};
   auto never = [](const LockHolder&) { return false; };
   ASSERT_FALSE(store_->TakeLock("kek-rotate/p", a, 1000, 60, never)->has_value());
   auto other = store_->TakeLock("kek-rotate/p", b, 1030, 60, never);

@@ -792,8 +792,15 @@ TEST_F(TlsServerTest, NoCertificateOrAnotherCasCertificateIsRefused) {
                        "-tls1_3", "-quiet"},
                       {.stdin_data = "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n"});
   EXPECT_EQ(s.out.find("200 OK"), std::string::npos) << s.out;
-  const std::string log = ReadFile(token_.dir() / "custodyd.log");
-  EXPECT_NE(log.find("tls handshake refused: peer did not return a certificate"), std::string::npos) << log;
+  // The server may still be writing its line when s_client has exited.
+  const std::string refused = "tls handshake refused: peer did not return a certificate";
+  std::string log;
+  for (int i = 0; i < 100; ++i) {
+    log = ReadFile(token_.dir() / "custodyd.log");
+    if (log.find(refused) != std::string::npos) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_NE(log.find(refused), std::string::npos) << log;
   // TLS 1.2 is not spoken at all.
   auto old = RunProgram("/usr/bin/openssl",
                         {"s_client", "-connect", "127.0.0.1:" + std::to_string(port_), "-tls1_2", "-cert",
@@ -937,10 +944,14 @@ class FaultyTokenServerTest : public ServerTest {
 TEST_F(FaultyTokenServerTest, SigtermLetsARequestInFlightFinish) {
   ASSERT_NE(Get("payments/prod/stripe").find("200 OK"), std::string::npos);
   Fault("slow 600");  // each token call 0.6 s late: C_DecryptInit and C_Decrypt
+  std::filesystem::remove(control_ + ".slow");
   std::string answer;
   std::thread inflight([&] { answer = Get("payments/prod/stripe"); });
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the GET is in the token now
-  ::kill(pid_, SIGTERM);
+  for (int i = 0; i < 200 && !std::filesystem::exists(control_ + ".slow"); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_TRUE(std::filesystem::exists(control_ + ".slow")) << "the GET never reached the token";
+  ::kill(pid_, SIGTERM);  // the GET is in the token now
   std::this_thread::sleep_for(std::chrono::milliseconds(200));
   const std::string late = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
   inflight.join();

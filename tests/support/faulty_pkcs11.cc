@@ -11,7 +11,8 @@
 //                       re-initialised (C_Finalize + C_Initialize), as a
 //                       token that lost its state would
 //   "slow MS"           every such call works, MS milliseconds late (a busy
-//                       or remote HSM): keeps a request in flight
+//                       or remote HSM): keeps a request in flight; the
+//                       file PATH.slow appears when the first one starts
 // Slot and token information keep working, so a slot can still be found.
 //
 // Test-only: this is never installed or used outside tests/.
@@ -47,7 +48,12 @@ bool Failing() {
   std::string word, arg;
   if (f) f >> word >> arg;
   if (word == "down") return true;
-  if (word == "slow") std::this_thread::sleep_for(std::chrono::milliseconds(std::atoi(arg.c_str())));
+  if (word == "slow") {
+    // PATH.slow appears once a call is being slowed: a test knows its
+    // request has reached the token.
+    std::ofstream(std::string(path) + ".slow") << "1";
+    std::this_thread::sleep_for(std::chrono::milliseconds(std::atoi(arg.c_str())));
+  }
   if (word == "reset") {
     std::lock_guard lock(g_mu);
     if (arg != g_last_reset) {

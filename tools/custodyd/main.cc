@@ -160,7 +160,11 @@ int main(int argc, char** argv) {
                                      c.server_tls_key != f.server_tls_key ||
                                      c.server_tls_client_ca != f.server_tls_client_ca);
           note("[token]", c.backend != f.backend || c.token_module != f.token_module || c.token_uri != f.token_uri ||
-                              c.tpm_tcti != f.tpm_tcti || c.pin_file != f.pin_file);
+                              c.tpm_tcti != f.tpm_tcti || c.pin_file != f.pin_file || c.tpm_pcrs != f.tpm_pcrs ||
+                              c.tpm_persist_srk != f.tpm_persist_srk || c.tpm_srk_name != f.tpm_srk_name ||
+                              c.tpm_kek_cache_seconds != f.tpm_kek_cache_seconds ||
+                              c.token_environment != f.token_environment);
+          note("state_dir", c.state_dir != f.state_dir);
           note("[store]", c.store_path != f.store_path);
           note("[audit]", c.audit_dir != f.audit_dir || c.audit_checkpoint_every != f.audit_checkpoint_every ||
                               c.audit_checkpoint_seconds != f.audit_checkpoint_seconds ||

@@ -334,6 +334,12 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
     srv_.connections.fetch_add(1);
   }
   ~Session() {
+    // A request refused or cut off mid-read (413, 400, a timeout, a close)
+    // may have left part of a value in the read buffer or the parser's body.
+    buffer_.consume(buffer_.size());
+    auto spent = buffer_.prepare(buffer_.capacity());
+    OPENSSL_cleanse(spent.data(), spent.size());
+    if (parser_) OPENSSL_cleanse(parser_->get().body().data(), parser_->get().body().size());
     NotIdle();
     srv_.LeavePeer(peer_key_);
     srv_.connections.fetch_sub(1);
@@ -805,7 +811,10 @@ class Refusal : public std::enable_shared_from_this<Refusal> {
       r->Drain();
     });
   }
-  ~Refusal() { waiting_.fetch_sub(1); }
+  ~Refusal() {
+    OPENSSL_cleanse(sink_, sizeof sink_);  // the dropped request may have carried a value
+    waiting_.fetch_sub(1);
+  }
 
  private:
   Refusal(Local::socket socket, std::atomic<int>& waiting)

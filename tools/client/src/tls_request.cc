@@ -42,6 +42,10 @@ Result<HttpResponse> RequestTls(const TlsEndpoint& to, HttpRequest& req) {
   http::response_parser<http::string_body> parser;
   parser.body_limit(4 * 1024 * 1024);
   if (!ec) http::read(stream, buf, parser, ec);
+  // The answer (a value with it) passed through `buf`: wipe all of it.
+  buf.consume(buf.size());
+  auto spent = buf.prepare(buf.capacity());
+  OPENSSL_cleanse(spent.data(), spent.size());
   if (ec) return Error(Category::kUnavailable, where + ": " + ec.message());
   HttpResponse res = parser.release();
   beast::error_code ignored;

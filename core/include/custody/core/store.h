@@ -126,11 +126,14 @@ struct UsageRow {
 };
 
 // Who holds a store lock: a process on a host. `started` (when the process
-// started, in clock ticks since boot) tells a reused pid from the holder.
+// started, in clock ticks since boot) tells a reused pid from the holder;
+// `instance` (the kernel's boot id and the pid namespace) tells containers
+// that share a host name apart, whose pids mean nothing to each other.
 struct LockHolder {
   std::string host;
   int64_t pid = 0;
   int64_t started = 0;
+  std::string instance;
   bool operator==(const LockHolder&) const = default;
 };
 
@@ -138,6 +141,13 @@ struct HeldLock {
   std::string name;
   LockHolder holder;
   int64_t expires_at = 0;  // unix seconds
+};
+
+// What a GET needs from the store, read in one snapshot.
+struct UnsealInputs {
+  EnvironmentRecord env;
+  SecretVersionRecord version;  // the current one, or the one asked for
+  KekRecord kek;                // the KEK its blob is sealed under
 };
 
 class Store : public KekUsageLedger, public KekMaterialSource {
@@ -161,6 +171,10 @@ class Store : public KekUsageLedger, public KekMaterialSource {
   // The KEK new seals in this project use.
   virtual Result<KekRecord> CurrentKek(int64_t project_id) = 0;
   virtual Result<KekRecord> KekById(int64_t kek_record_id) = 0;
+  // FindEnvironment, GetVersion and KekById of that version in one read
+  // transaction (a GET's whole lookup); the same errors as those three.
+  virtual Result<UnsealInputs> ReadForUnseal(const std::string& project, const std::string& env,
+                                             const std::string& name, std::optional<uint32_t> version) = 0;
   virtual Result<std::vector<KekRecord>> ListKeks() = 0;
   virtual Result<std::vector<KekRecord>> ProjectKeks(int64_t project_id) = 0;
 

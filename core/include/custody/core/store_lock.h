@@ -14,11 +14,12 @@
 
 namespace custody::core {
 
-// This process: host name, pid and start time.
+// This process: host name, pid, start time, boot id and pid namespace.
 LockHolder ThisProcess();
-// Whether a holder is known to have ended: a process on this host whose pid
-// is gone, or now belongs to a process that started at another time. A
-// holder on another host is never known to have ended; its lock expires.
+// Whether a holder is known to have ended: a process on this host, in this
+// boot and pid namespace, whose pid is gone or now belongs to a process that
+// started at another time. Any other holder (another host, or a container
+// with its own pids) is never known to have ended; its lock expires.
 bool HolderEnded(const LockHolder& holder);
 
 class StoreLock {
