@@ -587,17 +587,24 @@ class LimitsServerTest : public ServerTest {
     }
     return r;
   }
-  // A GET as root, tried again while it is still served: the server counts
-  // a stalled connection only once it has accepted it, which a loaded
-  // machine may delay. Up to 5 s.
-  RunResult GetOnceTheServerIsFull() {
-    RunResult r;
-    for (int i = 0; i < 50; ++i) {
-      r = AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"});
-      if (r.exit_code != 0) break;
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  // Waits until the server has accepted the stalled connections: a
+  // connection is made (and can write) while it still waits in the listen
+  // backlog, and a GET that got in first would take its place. Asks
+  // /metrics as another user (nobody), whose own connection counts too;
+  // when the server is full, that ask is refused instead.
+  void WaitUntilAccepted(int open, bool full = false) {
+    std::string m;
+    for (int i = 0; i < 250; ++i) {
+      m = CurlAs(65534, "/metrics");
+      if (full ? m.find("503 Service Unavailable") != std::string::npos
+               : m.find("custody_connections_open " + std::to_string(open + 1) + "\n") != std::string::npos) {
+        return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
-    return r;
+    size_t at = m.find("\ncustody_connections_open ");
+    ADD_FAILURE() << "the server did not accept " << open << " connection(s): "
+                  << (at == std::string::npos ? m : m.substr(at, 30));
   }
   std::string ExtraServerConfig() override { return "max_connections = 4\nidle_timeout_seconds = 1\n"; }
 };
@@ -607,16 +614,20 @@ class LimitsServerTest : public ServerTest {
 // is told 503 and why (the CLI exits 69); a stalled connection is closed
 // when its idle time runs out, and its place is free again.
 TEST_F(LimitsServerTest, StalledClientsCannotStopTheOthers) {
+  // The start-up probe's connection may still be open; it would count too.
+  WaitUntilAccepted(0);
   std::vector<int> stalled;
   for (int i = 0; i < 3; ++i) stalled.push_back(Stall(socket_));
   for (int fd : stalled) ASSERT_GE(fd, 0);
+  WaitUntilAccepted(3);
   auto served = AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"});
   EXPECT_EQ(served.exit_code, 0) << served.err;
   EXPECT_EQ(served.out, kSecret);
 
   stalled.push_back(Stall(socket_));
   ASSERT_GE(stalled.back(), 0);
-  auto busy = GetOnceTheServerIsFull();
+  WaitUntilAccepted(4, /*full=*/true);
+  auto busy = AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"});
   EXPECT_EQ(busy.exit_code, 69) << busy.err;
   EXPECT_EQ(busy.out, "");
   EXPECT_NE(busy.err.find("too many connections"), std::string::npos) << busy.err;
@@ -650,10 +661,13 @@ class PerPeerLimitServerTest : public LimitsServerTest {
 // (exit 69) naming its uid, while another user is still served; a closed
 // connection gives its place back.
 TEST_F(PerPeerLimitServerTest, OneUserCannotTakeEveryPlace) {
+  // The start-up probe's connection may still be open; it would count too.
+  WaitUntilAccepted(0);
   std::vector<int> stalled;
   for (int i = 0; i < 3; ++i) stalled.push_back(Stall(socket_));
   for (int fd : stalled) ASSERT_GE(fd, 0);
-  auto busy = GetOnceTheServerIsFull();
+  WaitUntilAccepted(3);
+  auto busy = AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"});
   EXPECT_EQ(busy.exit_code, 69) << busy.err;
   EXPECT_NE(busy.err.find("too many connections from uid 0; retry"), std::string::npos) << busy.err;
   auto other = AsUser(65534, {"secret", "get", "billing/prod/invoice-key"});
