@@ -606,6 +606,15 @@ class LimitsServerTest : public ServerTest {
     ADD_FAILURE() << "the server did not accept " << open << " connection(s): "
                   << (at == std::string::npos ? m : m.substr(at, 30));
   }
+  // `n` connections from root that stall mid-request, once the server holds
+  // them all. The start-up probe's connection is gone first (it would count).
+  std::vector<int> StallAccepted(int n) {
+    WaitUntilAccepted(0);
+    std::vector<int> fds;
+    for (int i = 0; i < n; ++i) fds.push_back(Stall(socket_));
+    WaitUntilAccepted(n);
+    return fds;
+  }
   std::string ExtraServerConfig() override { return "max_connections = 4\nidle_timeout_seconds = 1\n"; }
 };
 
@@ -614,12 +623,8 @@ class LimitsServerTest : public ServerTest {
 // is told 503 and why (the CLI exits 69); a stalled connection is closed
 // when its idle time runs out, and its place is free again.
 TEST_F(LimitsServerTest, StalledClientsCannotStopTheOthers) {
-  // The start-up probe's connection may still be open; it would count too.
-  WaitUntilAccepted(0);
-  std::vector<int> stalled;
-  for (int i = 0; i < 3; ++i) stalled.push_back(Stall(socket_));
+  std::vector<int> stalled = StallAccepted(3);
   for (int fd : stalled) ASSERT_GE(fd, 0);
-  WaitUntilAccepted(3);
   auto served = AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"});
   EXPECT_EQ(served.exit_code, 0) << served.err;
   EXPECT_EQ(served.out, kSecret);
@@ -661,12 +666,8 @@ class PerPeerLimitServerTest : public LimitsServerTest {
 // (exit 69) naming its uid, while another user is still served; a closed
 // connection gives its place back.
 TEST_F(PerPeerLimitServerTest, OneUserCannotTakeEveryPlace) {
-  // The start-up probe's connection may still be open; it would count too.
-  WaitUntilAccepted(0);
-  std::vector<int> stalled;
-  for (int i = 0; i < 3; ++i) stalled.push_back(Stall(socket_));
+  std::vector<int> stalled = StallAccepted(3);
   for (int fd : stalled) ASSERT_GE(fd, 0);
-  WaitUntilAccepted(3);
   auto busy = AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"});
   EXPECT_EQ(busy.exit_code, 69) << busy.err;
   EXPECT_NE(busy.err.find("too many connections from uid 0; retry"), std::string::npos) << busy.err;

@@ -147,9 +147,8 @@ int main(int argc, char** argv) {
                        fresh->server_idle_timeout_seconds, fresh->server_max_header_bytes,
                        fresh->server_max_body_bytes);
           // What the running server cannot change: said, not silently dropped.
-          std::vector<std::string> fixed;
-          auto note = [&](const char* key, bool changed) {
-            if (changed) fixed.emplace_back(key);
+          auto note = [](const char* key, bool changed) {
+            if (changed) spdlog::warn("reload: {} changed; restart custodyd to apply it", key);
           };
           const auto& c = *config;
           const auto& f = *fresh;
@@ -169,7 +168,6 @@ int main(int argc, char** argv) {
           note("[audit]", c.audit_dir != f.audit_dir || c.audit_checkpoint_every != f.audit_checkpoint_every ||
                               c.audit_checkpoint_seconds != f.audit_checkpoint_seconds ||
                               c.audit_segment_bytes != f.audit_segment_bytes);
-          for (const auto& key : fixed) spdlog::warn("reload: {} changed; restart custodyd to apply it", key);
         }
         sd_notify(0, "READY=1");
         wait_signal();

@@ -24,6 +24,7 @@
 #include <thread>
 
 #include "custody/common/base64.h"
+#include "custody/common/wipe.h"
 #include "custody/hsm/objects.h"
 
 namespace custody::server {
@@ -336,9 +337,7 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
   ~Session() {
     // A request refused or cut off mid-read (413, 400, a timeout, a close)
     // may have left part of a value in the read buffer or the parser's body.
-    buffer_.consume(buffer_.size());
-    auto spent = buffer_.prepare(buffer_.capacity());
-    OPENSSL_cleanse(spent.data(), spent.size());
+    WipeAll(buffer_);
     if (parser_) OPENSSL_cleanse(parser_->get().body().data(), parser_->get().body().size());
     NotIdle();
     srv_.LeavePeer(peer_key_);
@@ -431,10 +430,7 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
     auto req = parser_->release();
     // A PUT's value passed through the read buffer: wipe its storage once
     // everything read has been consumed (not when a pipelined request waits).
-    if (buffer_.size() == 0) {
-      auto spare = buffer_.prepare(buffer_.capacity());
-      OPENSSL_cleanse(spare.data(), spare.size());
-    }
+    WipeSpent(buffer_);
     keep_ = req.keep_alive() && !srv_.draining.load();
     started_ = std::chrono::steady_clock::now();
     std::optional<http::response<http::string_body>> res = Handle(req);

@@ -1,6 +1,7 @@
 #include "custody/client/client.h"
 
 #include "custody/common/base64.h"
+#include "custody/common/wipe.h"
 #include "tls_request.h"
 
 #include <openssl/crypto.h>
@@ -46,14 +47,6 @@ Category CategoryOf(const json& body, int status) {
     }
   }
   return FromStatus(status);
-}
-
-// Answers pass through the connection's read buffer, and a secret with
-// them: once everything read has been consumed, its whole storage is wiped.
-void WipeSpent(beast::flat_buffer& b) {
-  if (b.size() != 0) return;
-  auto spare = b.prepare(b.capacity());
-  OPENSSL_cleanse(spare.data(), spare.size());
 }
 
 }  // namespace
@@ -133,7 +126,7 @@ Result<Client::Response> Client::Request(const std::string& method, const std::s
       return Error(Category::kUnavailable, "custodyd at " + socket_path_ + ": " + ec.message());
     }
     res = parser.release();
-    WipeSpent(c.buf);
+    WipeSpent(c.buf);  // the answer, a value with it, passed through here
     if (!res.keep_alive()) c.sock.reset();
     break;
   }

@@ -1,5 +1,7 @@
 #include "tls_request.h"
 
+#include "custody/common/wipe.h"
+
 #include <openssl/crypto.h>
 #include <openssl/ssl.h>
 
@@ -42,10 +44,7 @@ Result<HttpResponse> RequestTls(const TlsEndpoint& to, HttpRequest& req) {
   http::response_parser<http::string_body> parser;
   parser.body_limit(4 * 1024 * 1024);
   if (!ec) http::read(stream, buf, parser, ec);
-  // The answer (a value with it) passed through `buf`: wipe all of it.
-  buf.consume(buf.size());
-  auto spent = buf.prepare(buf.capacity());
-  OPENSSL_cleanse(spent.data(), spent.size());
+  WipeAll(buf);  // the answer, a value with it, passed through here
   if (ec) return Error(Category::kUnavailable, where + ": " + ec.message());
   HttpResponse res = parser.release();
   beast::error_code ignored;
