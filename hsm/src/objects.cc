@@ -50,6 +50,7 @@ Status DestroyObject(Session& s, CK_OBJECT_HANDLE h) {
 
 Result<ObjectSummary> Describe(Session& s, CK_OBJECT_HANDLE h) {
   ObjectSummary o;
+  o.handle = h;
   CK_BBOOL token = 0, priv = 0, sens = 0, extr = 0, asens = 0, nextr = 0, local = 0;
   CK_ATTRIBUTE base[] = {
       {CKA_CLASS, &o.object_class, sizeof o.object_class},
@@ -62,12 +63,23 @@ Result<ObjectSummary> Describe(Session& s, CK_OBJECT_HANDLE h) {
   if (rv != CKR_OK && rv != CKR_ATTRIBUTE_TYPE_INVALID && rv != CKR_ATTRIBUTE_SENSITIVE) {
     return RvError(rv, "C_GetAttributeValue");
   }
-  std::string label(base[1].ulValueLen == CK_UNAVAILABLE_INFORMATION ? 0 : base[1].ulValueLen, '\0');
-  o.id.resize(base[2].ulValueLen == CK_UNAVAILABLE_INFORMATION ? 0 : base[2].ulValueLen);
-  CK_ATTRIBUTE strs[] = {{CKA_LABEL, label.data(), static_cast<CK_ULONG>(label.size())},
-                         {CKA_ID, o.id.data(), static_cast<CK_ULONG>(o.id.size())}};
-  rv = s.fn()->C_GetAttributeValue(s.handle(), h, strs, 2);
-  if (rv != CKR_OK) return RvError(rv, "C_GetAttributeValue");
+  // Every object has a class (PKCS#11 3.0, 4.2); without one this is not an
+  // object the token can describe, and guessing CKO_DATA would mislead.
+  if (base[0].ulValueLen == CK_UNAVAILABLE_INFORMATION) {
+    return RvError(CKR_ATTRIBUTE_TYPE_INVALID, "C_GetAttributeValue(CKA_CLASS)");
+  }
+  const bool has_label = base[1].ulValueLen != CK_UNAVAILABLE_INFORMATION;
+  const bool has_id = base[2].ulValueLen != CK_UNAVAILABLE_INFORMATION;
+  std::string label(has_label ? base[1].ulValueLen : 0, '\0');
+  o.id.resize(has_id ? base[2].ulValueLen : 0);
+  CK_ATTRIBUTE strs[2];
+  CK_ULONG n = 0;
+  if (has_label) strs[n++] = {CKA_LABEL, label.data(), static_cast<CK_ULONG>(label.size())};
+  if (has_id) strs[n++] = {CKA_ID, o.id.data(), static_cast<CK_ULONG>(o.id.size())};
+  if (n > 0) {
+    rv = s.fn()->C_GetAttributeValue(s.handle(), h, strs, n);
+    if (rv != CKR_OK) return RvError(rv, "C_GetAttributeValue");
+  }
   o.label = std::move(label);
   o.token = token;
   o.is_private = priv;
@@ -107,8 +119,18 @@ Result<std::vector<ObjectSummary>> ListObjects(Session& s) {
   std::vector<ObjectSummary> out;
   out.reserve(handles.size());
   for (CK_OBJECT_HANDLE h : handles) {
-    CUSTODY_ASSIGN_OR_RETURN(auto o, Describe(s, h));
-    out.push_back(std::move(o));
+    auto o = Describe(s, h);
+    if (o) {
+      out.push_back(std::move(*o));
+      continue;
+    }
+    const CK_RV rv = o.error().backend() == Backend::kPkcs11 ? static_cast<CK_RV>(o.error().code()) : CKR_OK;
+    if (rv == CKR_OBJECT_HANDLE_INVALID) continue;  // destroyed since the search
+    if (rv != CKR_ATTRIBUTE_TYPE_INVALID && rv != CKR_ATTRIBUTE_VALUE_INVALID) return std::move(o).error();
+    ObjectSummary unreadable;
+    unreadable.handle = h;
+    unreadable.problem = rv;
+    out.push_back(std::move(unreadable));
   }
   return out;
 }

@@ -7,10 +7,14 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <map>
 #include <set>
 #include <thread>
 
+#include <nlohmann/json.hpp>
+
 #include "../support/testenv.h"
+#include "custody/hsm/pkcs11.h"
 
 namespace custody::test {
 namespace {
@@ -134,6 +138,90 @@ TEST_F(CliTest, TokenInfoShowsTheKekAsNonExtractable) {
   EXPECT_NE(r.out.find("\"extractable\": false"), std::string::npos);
   EXPECT_NE(r.out.find("\"never_extractable\": true"), std::string::npos);
   EXPECT_EQ(r.out.find("\"extractable\": true"), std::string::npos);
+}
+
+// The attributes of a SoftHSM2 2.6.1 object file, each with where it ends
+// and, for a ulong, its value. The file is a u64 generation, then per
+// attribute a u64 type, a u64 kind (1 bool, 2 ulong, 3 bytes) and the value
+// (bytes: a u64 length first), big-endian; kinds past 3 (templates,
+// mechanism sets) come after the ones read here. A private object's byte
+// values are encrypted; their lengths and its ulongs are not.
+struct SoftHsmAttribute {
+  size_t end = 0;
+  uint64_t ulong = 0;
+};
+std::map<uint64_t, SoftHsmAttribute> SoftHsmAttributes(const std::string& f) {
+  auto u64 = [&](size_t at) {
+    uint64_t v = 0;
+    for (size_t i = 0; i < 8 && at + i < f.size(); ++i) v = (v << 8) | static_cast<uint8_t>(f[at + i]);
+    return v;
+  };
+  std::map<uint64_t, SoftHsmAttribute> out;
+  for (size_t at = 8; at + 16 <= f.size();) {
+    uint64_t type = u64(at), kind = u64(at + 8);
+    if (kind < 1 || kind > 3) break;  // attribute templates and mechanism sets: not needed here
+    size_t end = at + 16 + (kind == 1 ? 1 : kind == 2 ? 8 : 8 + u64(at + 16));
+    out[type] = {end, kind == 2 ? u64(at + 16) : 0};
+    at = end;
+  }
+  return out;
+}
+
+// What a process killed inside C_GenerateKey leaves in a SoftHSM2 token: an
+// object file cut short (SoftHSM writes it in place, attribute by
+// attribute). Made here by copying a KEK's file under a new name and
+// cutting it just after its label, where SoftHSM 2.6.1 lists the object but
+// cannot describe it. The inventory must show it, not fail on it, and
+// nothing else may change.
+TEST_F(CliTest, TokenInfoShowsAHalfWrittenObjectAsUnreadableAndGoesOn) {
+  Put("payments/prod/stripe", kSecret);
+  auto listed = [&] {
+    auto js = Cli({"--json", "token", "info"});
+    EXPECT_EQ(js.exit_code, 0) << js.err;
+    return nlohmann::json::parse(js.out.empty() ? "{}" : js.out).value("objects", nlohmann::json::array());
+  };
+  const auto before = listed();
+  ASSERT_FALSE(before.empty());
+  // A secret key's file, as the rotation's C_GenerateKey writes: SoftHSM
+  // shows other classes cut at the same place differently.
+  std::string some_object;
+  size_t cut = std::string::npos;
+  for (const auto& slot : std::filesystem::directory_iterator(token_.dir() / "tokens")) {
+    for (const auto& e : std::filesystem::directory_iterator(slot.path())) {
+      if (e.path().extension() != ".object" || e.path().filename() == "token.object") continue;
+      auto attrs = SoftHsmAttributes(ReadFile(e.path().string()));
+      if (attrs.count(CKA_CLASS) && attrs[CKA_CLASS].ulong == CKO_SECRET_KEY && attrs.count(CKA_LABEL)) {
+        some_object = e.path().string();
+        cut = attrs[CKA_LABEL].end;
+      }
+    }
+  }
+  ASSERT_FALSE(some_object.empty()) << "no secret key file in the SoftHSM2 2.6.1 object file format";
+  const std::string whole = ReadFile(some_object);
+  const std::string dir = std::filesystem::path(some_object).parent_path().string();
+  WriteFile(dir + "/0badc0de-0000-4000-8000-000000000001.object", whole.substr(0, cut));
+  WriteFile(dir + "/0badc0de-0000-4000-8000-000000000001.lock", "");
+
+  auto text = Cli({"token", "info"});
+  ASSERT_EQ(text.exit_code, 0) << text.err;
+  EXPECT_NE(text.out.find("(unreadable: CKR_ATTRIBUTE_VALUE_INVALID)"), std::string::npos) << text.out;
+  EXPECT_NE(text.out.find("1 object(s) the token lists but cannot describe"), std::string::npos) << text.out;
+  EXPECT_NE(text.out.find("custody:kek:payments:v1"), std::string::npos) << text.out;
+  auto after = listed();
+  ASSERT_EQ(after.size(), before.size() + 1) << after.dump();
+  size_t unreadable = 0;
+  for (const auto& o : after) {
+    if (o.contains("unreadable")) {
+      ++unreadable;
+      EXPECT_EQ(o["unreadable"], "CKR_ATTRIBUTE_VALUE_INVALID");
+      EXPECT_FALSE(o.contains("label"));
+    }
+  }
+  EXPECT_EQ(unreadable, 1u) << after.dump();
+  EXPECT_EQ(Cli({"secret", "get", "payments/prod/stripe"}).out, kSecret);
+  auto rotated = Cli({"kek", "rotate", "payments"});
+  EXPECT_EQ(rotated.exit_code, 0) << rotated.err;
+  EXPECT_EQ(Cli({"secret", "get", "payments/prod/stripe"}).out, kSecret);
 }
 
 TEST_F(CliTest, TheStoreFileNeverHoldsThePlaintext) {

@@ -82,7 +82,8 @@ class Sealer {
   virtual Status DestroyKek(const KekRef& kek) = 0;
   // Destroys KEKs labelled `label` whose id is not in `keep`: what an
   // interrupted KEK rotation left behind before the store recorded it (no
-  // blob was ever sealed under such a key). Returns how many went.
+  // blob was ever sealed under such a key), a half-written object whose id
+  // cannot be read included. Returns how many went.
   virtual Result<size_t> DestroyUnrecorded(const std::string& label, const std::vector<KekId>& keep) = 0;
   // How KEK rotation re-seals on this backend, for people (--dry-run, docs).
   virtual std::string ResealMode() = 0;

@@ -26,6 +26,12 @@ Status DestroyObject(Session& s, CK_OBJECT_HANDLE h);
 // What a token object is, as the token reports it. Sensitive values are never
 // read: only public attributes.
 struct ObjectSummary {
+  CK_OBJECT_HANDLE handle = CK_INVALID_HANDLE;
+  // Not CKR_OK when the token lists the object but cannot say what it is: a
+  // SoftHSM2 object file cut short by a process killed while creating it,
+  // say. Such an object has no class, label or id here.
+  CK_RV problem = CKR_OK;
+  bool readable() const { return problem == CKR_OK; }
   CK_OBJECT_CLASS object_class = 0;
   CK_KEY_TYPE key_type = 0;
   std::string label;
@@ -37,7 +43,10 @@ struct ObjectSummary {
 };
 Result<ObjectSummary> Describe(Session& s, CK_OBJECT_HANDLE h);
 
-// Every object visible to the logged-in session.
+// Every object visible to the logged-in session. An object whose class,
+// label or id cannot be read is listed as unreadable instead of failing the
+// listing; one that is gone by the time it is read is left out. Session and
+// device errors still fail it.
 Result<std::vector<ObjectSummary>> ListObjects(Session& s);
 
 std::string ClassName(CK_OBJECT_CLASS c);
