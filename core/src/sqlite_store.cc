@@ -398,8 +398,9 @@ class SqliteStore final : public Store {
     }
     sqlite3_busy_timeout(c->db, 5000);
     sqlite3_extended_result_codes(c->db, 1);
-    const char* pragmas = relaxed ? "PRAGMA foreign_keys=ON; PRAGMA synchronous=NORMAL"
-                                  : "PRAGMA foreign_keys=ON; PRAGMA synchronous=FULL";
+    // secure_delete: see Init.
+    const char* pragmas = relaxed ? "PRAGMA foreign_keys=ON; PRAGMA secure_delete=ON; PRAGMA synchronous=NORMAL"
+                                  : "PRAGMA foreign_keys=ON; PRAGMA secure_delete=ON; PRAGMA synchronous=FULL";
     if (sqlite3_exec(c->db, pragmas, nullptr, nullptr, nullptr) != SQLITE_OK) return nullptr;
     return c;
   }
@@ -436,6 +437,10 @@ Status SqliteStore::Init(bool create) {
   CUSTODY_RETURN_IF_ERROR(Exec("PRAGMA journal_mode=WAL"));
   CUSTODY_RETURN_IF_ERROR(Exec("PRAGMA synchronous=FULL"));
   CUSTODY_RETURN_IF_ERROR(Exec("PRAGMA foreign_keys=ON"));
+  // Deleted and overwritten values are zeroed in their pages, not left in
+  // free space: a destroyed KEK's TPM material could otherwise be loaded
+  // again from a copy of the file. Per connection, like the two above.
+  CUSTODY_RETURN_IF_ERROR(Exec("PRAGMA secure_delete=ON"));
 
   Stmt v(db(), "PRAGMA user_version");
   if (!v.prepared() || v.Step() != SQLITE_ROW) return Fail(SQLITE_CORRUPT, "reading schema version");
@@ -774,7 +779,16 @@ Status SqliteStore::SetKekState(int64_t kek_record_id, KekState state) {
     Rollback();
     return Fail(rc, "changing KEK state");
   }
-  return Commit();
+  CUSTODY_RETURN_IF_ERROR(Commit());
+  if (state == KekState::kDestroyed) {
+    // The page's older image, material included, is still a frame in the
+    // write-ahead log: copy the log into the database and cut it to zero.
+    // Best effort: a reader in another process (custodyd) can hold the log
+    // back, and then the next checkpoint that restarts the log overwrites
+    // the frame. The state change itself is already durable.
+    (void)sqlite3_wal_checkpoint_v2(db(), nullptr, SQLITE_CHECKPOINT_TRUNCATE, nullptr, nullptr);
+  }
+  return Status::Ok();
 }
 
 Result<std::vector<KekRecord>> SqliteStore::ListKeks() {

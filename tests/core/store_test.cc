@@ -3,6 +3,7 @@
 
 #include <chrono>
 #include <ctime>
+#include <filesystem>
 
 #include "custody/core/authz.h"
 #include "custody/core/usage_buffer.h"
@@ -131,6 +132,41 @@ TEST_F(StoreTest, ReadForUnsealReturnsTheVersionAndItsKekOrNamesWhatIsMissing) {
   // After refusals, writes on the pooled connections still work.
   ASSERT_TRUE(store_->AddVersion(env.id, "stripe", 3, kek.id, {3}, 1002).ok());
   EXPECT_EQ(store_->ReadForUnseal("payments", "prod", "stripe", std::nullopt)->version.version, 3u);
+}
+
+// A destroyed KEK's backend material (for the TPM, its sealed object: the
+// SRK can load it again for as long as the bytes exist) must leave the
+// files, not only the table: SQLite keeps a deleted value in a free page of
+// the database, and the page's older image in the write-ahead log.
+TEST_F(StoreTest, ADestroyedKeksMaterialLeavesTheDatabaseAndItsLog) {
+  std::vector<uint8_t> old_material(300), new_material(300);
+  for (size_t i = 0; i < old_material.size(); ++i) {
+    old_material[i] = static_cast<uint8_t>(0xA5 ^ (i * 7));
+    new_material[i] = static_cast<uint8_t>(0x3C ^ (i * 11));
+  }
+  auto p = store_->CreateProject("payments", {"prod"}, Kek(1), "custody:kek:payments:v1", old_material);
+  ASSERT_TRUE(p.ok()) << p.error().message();
+  auto first = store_->CurrentKek(p->id);
+  ASSERT_TRUE(first.ok());
+  KekRef second = Kek(2);
+  second.version = 2;
+  ASSERT_TRUE(store_->AddKek(p->id, second, "custody:kek:payments:v2", 1, new_material).ok());
+  const std::string needle(old_material.begin(), old_material.end());
+  auto on_disk = [&] {
+    std::string all;
+    for (const char* suffix : {"", "-wal"}) {
+      if (std::filesystem::exists(path_ + suffix)) all += test::ReadFile(path_ + suffix);
+    }
+    return all;
+  };
+  ASSERT_NE(on_disk().find(needle), std::string::npos) << "the check must be able to see the material";
+  ASSERT_TRUE(store_->SetKekState(first->id, KekState::kDestroying).ok());
+  ASSERT_TRUE(store_->SetKekState(first->id, KekState::kDestroyed).ok());
+  EXPECT_EQ(on_disk().find(needle), std::string::npos) << "the destroyed KEK's material is still in the files";
+  EXPECT_NE(on_disk().find(std::string(new_material.begin(), new_material.end())), std::string::npos);
+  // And it stays gone once the store is closed (which checkpoints the log).
+  store_.reset();
+  EXPECT_EQ(on_disk().find(needle), std::string::npos);
 }
 
 TEST_F(StoreTest, KekReservationsStopAtTheLimit) {
