@@ -12,7 +12,7 @@ packages=(
   # the TPM 2.0 backend (tpm2-tss ESAPI), and swtpm + tpm2-tools for its tests
   libtss2-dev swtpm swtpm-tools tpm2-tools
   # storage, logging, formats, CLI
-  libsqlite3-dev sqlite3 libspdlog-dev libfmt-dev nlohmann-json3-dev libcli11-dev libtomlplusplus-dev
+  libsqlite3-dev sqlite3 libspdlog-dev libfmt-dev nlohmann-json3-dev rapidjson-dev libcli11-dev libtomlplusplus-dev
   # the server: Boost.Beast/Asio (headers), systemd notify; curl for the API examples
   libboost-dev libsystemd-dev curl
   # tests and benchmarks

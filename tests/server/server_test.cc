@@ -5,6 +5,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <arpa/inet.h>
 #include <sys/wait.h>
@@ -14,18 +15,20 @@
 #include <cstring>
 #include <chrono>
 #include <filesystem>
+#include <fstream>
 #include <thread>
 #include <nlohmann/json.hpp>
 
 #include "../support/testenv.h"
 #include "custody/client/client.h"
+#include "custody/common/base64.h"
 #include "custody/core/config.h"
 #include "custody/core/store.h"
 
 namespace custody::test {
 namespace {
 
-constexpr const char* kSecret = "sk-live-SERVERTEST-0123456789";
+constexpr const char* kSecret = "sk-live-SERVERTEST-0123456789-ABCDEFGHIJKLMNOP";
 
 constexpr const char* kPolicy = R"(version = 1
 admins = ["user:root"]
@@ -292,6 +295,12 @@ TEST_F(ServerTest, MalformedOversizedAndBadJsonRequestsAreRefusedAndTheServerSta
   auto bad = Raw(socket_, "PUT /v1/secrets/payments/dev/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n{bad}");
   EXPECT_NE(bad.find("400 Bad Request"), std::string::npos) << bad;
   EXPECT_NE(bad.find("must be a JSON object"), std::string::npos) << bad;
+  // One name twice is refused, not resolved one way or the other.
+  const std::string twice = R"({"value": "first", "value": "second"})";
+  auto dup = Raw(socket_, "PUT /v1/secrets/payments/dev/x HTTP/1.1\r\nHost: x\r\nContent-Length: " +
+                              std::to_string(twice.size()) + "\r\n\r\n" + twice);
+  EXPECT_NE(dup.find("400 Bad Request"), std::string::npos) << dup;
+  EXPECT_NE(dup.find("a member name appears twice"), std::string::npos) << dup;
   auto path = Raw(socket_, "GET /v1/secrets/payments/prod HTTP/1.1\r\nHost: x\r\n\r\n");
   EXPECT_NE(path.find("400 Bad Request"), std::string::npos) << path;
   EXPECT_NE(Raw(socket_, "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n").find("404 Not Found"), std::string::npos);
@@ -722,6 +731,148 @@ TEST_F(ServerTest, NoSecretInTheServerLog) {
   std::string log = ReadFile(token_.dir() / "custodyd.log");
   EXPECT_EQ(log.find(kSecret), std::string::npos);
   EXPECT_EQ(log.find(SoftHsmToken::kPin), std::string::npos);
+}
+
+// Where `needle` occurs in the readable memory of process `pid`, as
+// "region+offset" strings (root reads another process's memory through
+// /proc/PID/mem).
+std::vector<std::string> FindInMemory(pid_t pid, const std::string& needle) {
+  std::vector<std::string> found;
+  std::ifstream maps("/proc/" + std::to_string(pid) + "/maps");
+  int mem = ::open(("/proc/" + std::to_string(pid) + "/mem").c_str(), O_RDONLY);
+  if (mem < 0) return {"cannot open /proc/" + std::to_string(pid) + "/mem"};
+  std::string line;
+  while (std::getline(maps, line)) {
+    unsigned long lo = 0, hi = 0;
+    char perms[5] = {};
+    if (std::sscanf(line.c_str(), "%lx-%lx %4s", &lo, &hi, perms) != 3 || perms[0] != 'r') continue;
+    if (line.find("[vvar]") != std::string::npos || line.find("[vsyscall]") != std::string::npos) continue;
+    // Skip the terabytes ASan reserves for its shadow (the server's own heap
+    // is far smaller); read the rest in chunks, keeping an overlap so a
+    // match across two chunks is seen.
+    if (hi - lo > (1ul << 30)) continue;
+    const size_t chunk = 1 << 20;
+    std::string buf;
+    for (unsigned long at = lo; at < hi;) {
+      size_t want = std::min<unsigned long>(chunk, hi - at);
+      std::string part(want, '\0');
+      ssize_t got = ::pread(mem, part.data(), want, static_cast<off_t>(at));
+      if (got <= 0) break;
+      part.resize(static_cast<size_t>(got));
+      std::string window = buf + part;
+      for (size_t f = window.find(needle); f != std::string::npos; f = window.find(needle, f + 1)) {
+        std::string name = line.substr(line.find_last_of(' ') + 1);
+        found.push_back((name.empty() ? line.substr(0, line.find(' ')) : name) + "+" +
+                        std::to_string(at - buf.size() + f - lo));
+      }
+      buf = part.size() >= needle.size() ? part.substr(part.size() - needle.size() + 1) : part;
+      at += static_cast<unsigned long>(got);
+    }
+  }
+  ::close(mem);
+  return found;
+}
+
+// Every buffer a value passes through in custodyd is wiped once the answer
+// is written: after gets and puts, the value is nowhere in its memory, in
+// clear or in base64, freed heap included. An allocator writes its own
+// bookkeeping over the first 16 bytes of a freed block, so what is looked
+// for is each form past its first 16 bytes.
+TEST_F(ServerTest, AfterServingNoPlaintextStaysInTheServersMemory) {
+  const std::string put_value = "sk-live-PUT-THROUGH-THE-SERVER-9876543210-abcdefghijkl";
+  const std::string put_b64_value = "sk-live-PUT-AS-BASE64-0011223344-mnopqrstuvwxyz";
+  for (int i = 0; i < 5; ++i) {
+    auto c = client::Client::Connect("unix:" + socket_);
+    ASSERT_TRUE(c.ok());
+    auto f = c->Get("payments/prod/stripe");
+    ASSERT_TRUE(f.ok()) << f.error().message();
+  }
+  {
+    auto c = client::Client::Connect("unix:" + socket_);
+    ASSERT_TRUE(c.ok());
+    auto v = c->Put("payments/prod/put-key", SecretBuffer::Copy(std::string_view(put_value)));
+    ASSERT_TRUE(v.ok()) << v.error().message();
+  }
+  // The other body form, as curl or another client would send it.
+  auto r = RunProgram("/usr/bin/curl",
+                      {"-s", "-X", "PUT", "--unix-socket", socket_, "--data-binary", "@-",
+                       "http://custody/v1/secrets/payments/prod/b64-key"},
+                      [&] {
+                        RunOptions o;
+                        o.stdin_data = "{\"value_base64\": \"" + Base64Encode(std::string_view(put_b64_value)) + "\"}";
+                        return o;
+                      }());
+  ASSERT_NE(r.out.find("\"version\""), std::string::npos) << r.out << r.err;
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  for (const std::string& value : {std::string(kSecret), put_value, put_b64_value}) {
+    for (const std::string& whole : {value, Base64Encode(std::string_view(value))}) {
+      ASSERT_GT(whole.size(), 28u);
+      const std::string form = whole.substr(16);
+      auto hits = FindInMemory(pid_, form);
+      std::string where;
+      for (const auto& h : hits) where += " " + h;
+      EXPECT_TRUE(hits.empty()) << "'" << form << "' found in custodyd's memory at" << where;
+    }
+  }
+}
+
+// The client library, as an application links it: after a get and a put
+// through it, with the application's own SecretBuffers gone, the values are
+// nowhere in the application's memory. The application is a child process
+// that learns the values only through the library (the get) or through a
+// pipe read straight into locked memory (the put), so the only copies the
+// scan can find are ones the library left.
+TEST_F(ServerTest, TheClientLibraryLeavesNoCopyOfTheValuesItCarried) {
+  int go[2], to_put[2], done[2];
+  ASSERT_EQ(::pipe(go), 0);
+  ASSERT_EQ(::pipe(to_put), 0);
+  ASSERT_EQ(::pipe(done), 0);
+  pid_t app = ::fork();
+  if (app == 0) {
+    char byte = 0;
+    if (::read(go[0], &byte, 1) != 1) ::_exit(1);
+    bool ok = true;
+    {
+      auto c = client::Client::Connect("unix:" + socket_);
+      ok = c.ok();
+      if (ok) ok = c->Get("payments/prod/fetched").ok();
+      ::close(to_put[1]);
+      auto v = SecretBuffer::ReadFd(to_put[0], 4096);
+      ok = ok && v.ok() && c.ok() && c->Put("payments/prod/carried", *v).ok();
+    }
+    char r = ok ? 'y' : 'n';
+    (void)!::write(done[1], &r, 1);
+    ::pause();
+    ::_exit(0);
+  }
+  // Made after the fork: the child's memory cannot hold them from before.
+  auto fresh = [](const char* tag) {
+    std::vector<uint8_t> raw(24);
+    for (auto& b : raw) b = static_cast<uint8_t>(std::rand());
+    return std::string(tag) + Base64Encode(std::span<const uint8_t>(raw));
+  };
+  std::srand(static_cast<unsigned>(::getpid()) ^ static_cast<unsigned>(std::time(nullptr)));
+  const std::string fetched = fresh("sk-fetched-by-the-library-"), carried = fresh("sk-carried-by-the-library-");
+  ASSERT_EQ(Cli({"secret", "put", "payments/prod/fetched"}, fetched).exit_code, 0);
+  ASSERT_EQ(::write(to_put[1], carried.data(), carried.size()), static_cast<ssize_t>(carried.size()));
+  ::close(to_put[1]);
+  ASSERT_EQ(::write(go[1], "g", 1), 1);
+  char r = 0;
+  ASSERT_EQ(::read(done[0], &r, 1), 1);
+  EXPECT_EQ(r, 'y') << "the get or the put through the library failed";
+  EXPECT_EQ(Cli({"secret", "get", "payments/prod/carried"}).out, carried);
+  for (const std::string& value : {fetched, carried}) {
+    for (const std::string& whole : {value, Base64Encode(std::string_view(value))}) {
+      const std::string form = whole.substr(16);
+      auto hits = FindInMemory(app, form);
+      std::string where;
+      for (const auto& h : hits) where += " " + h;
+      EXPECT_TRUE(hits.empty()) << "'" << form << "' found in the application's memory at" << where;
+    }
+  }
+  ::kill(app, SIGKILL);
+  ::waitpid(app, nullptr, 0);
+  for (int fd : {go[0], go[1], to_put[0], done[0], done[1]}) ::close(fd);
 }
 
 // --- TLS 1.3 with client certificates ------------------------------------

@@ -24,6 +24,7 @@
 #include <thread>
 
 #include "custody/common/base64.h"
+#include "custody/common/inplace_json.h"
 #include "custody/common/wipe.h"
 #include "custody/hsm/objects.h"
 
@@ -516,7 +517,7 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
   }
 
   // The answer, or nothing when it will come from StartGet.
-  std::optional<http::response<http::string_body>> Handle(const http::request<http::string_body>& req) {
+  std::optional<http::response<http::string_body>> Handle(http::request<http::string_body>& req) {
     peer_.request_id = core::NewRequestId();
     action_ = "other";
     project_.clear();
@@ -594,17 +595,16 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
       }
       if (req.method() == http::verb::put) {
         action_ = "secret.put";
-        json body = json::parse(req.body(), nullptr, /*allow_exceptions=*/false);
-        if (body.is_discarded() || !body.is_object()) return Error(400, "the body must be a JSON object {\"value\": \"...\"}");
+        // Parsed in place: the value is copied once, into locked memory, and
+        // the body (wiped after the answer) holds the only other copy.
+        auto body = InPlaceJson::Parse(req.body());
+        // The parser's reason names a position, never the text.
+        if (!body) return Error(400, "the body must be a JSON object {\"value\": \"...\"}: " + body.error().message());
         std::optional<SecretBuffer> value;
-        if (auto it = body.find("value"); it != body.end() && it->is_string()) {
-          std::string& s = it->get_ref<std::string&>();
-          value = SecretBuffer::Copy(std::string_view(s));
-          OPENSSL_cleanse(s.data(), s.size());
-        } else if (auto b = body.find("value_base64"); b != body.end() && b->is_string()) {
-          std::string& encoded = b->get_ref<std::string&>();
-          value = Base64DecodeSecret(encoded);
-          OPENSSL_cleanse(encoded.data(), encoded.size());
+        if (auto text = body->String("value")) {
+          value = SecretBuffer::Copy(*text);
+        } else if (auto encoded = body->String("value_base64")) {
+          value = Base64DecodeSecret(*encoded);
           if (!value) return Error(400, "value_base64 is not valid base64");
         } else {
           return Error(400, "the body must have a string \"value\" (or \"value_base64\")");

@@ -1,6 +1,7 @@
 #include "custody/client/client.h"
 
 #include "custody/common/base64.h"
+#include "custody/common/inplace_json.h"
 #include "custody/common/wipe.h"
 #include "tls_request.h"
 
@@ -147,45 +148,53 @@ Result<Client::Response> Client::Request(const std::string& method, const std::s
 Result<Fetched> Client::Get(const std::string& path, std::optional<uint32_t> version) const {
   std::string target = "/v1/secrets/" + path + (version ? "?version=" + std::to_string(*version) : "");
   CUSTODY_ASSIGN_OR_RETURN(Response r, Request("GET", target, nullptr));
-  json j = json::parse(r.body, nullptr, false);
-  OPENSSL_cleanse(r.body.data(), r.body.size());
-  if (j.is_discarded() || !j.is_object()) return Error(Category::kIntegrity, "custodyd sent a malformed answer");
+  // Parsed in place, so the value's only copies are the answer (wiped
+  // below) and the locked buffer it is returned in.
   Fetched f;
-  f.version = j.value("version", 0u);
-  if (auto it = j.find("value"); it != j.end() && it->is_string()) {
-    std::string& s = it->get_ref<std::string&>();
-    f.value = SecretBuffer::Copy(std::string_view(s));
-    OPENSSL_cleanse(s.data(), s.size());
-  } else if (auto b = j.find("value_base64"); b != j.end() && b->is_string()) {
-    std::string& encoded = b->get_ref<std::string&>();
-    auto out = Base64DecodeSecret(encoded);
-    OPENSSL_cleanse(encoded.data(), encoded.size());
-    if (!out) return Error(Category::kIntegrity, "custodyd sent invalid base64");
-    f.value = std::move(*out);
-  } else {
-    return Error(Category::kIntegrity, "custodyd's answer has no value");
-  }
+  Status got = [&]() -> Status {
+    auto j = InPlaceJson::Parse(r.body);
+    if (!j) return Error(Category::kIntegrity, "custodyd sent a malformed answer");
+    f.version = static_cast<uint32_t>(j->Uint("version").value_or(0));
+    if (auto text = j->String("value")) {
+      f.value = SecretBuffer::Copy(*text);
+    } else if (auto encoded = j->String("value_base64")) {
+      auto out = Base64DecodeSecret(*encoded);
+      if (!out) return Error(Category::kIntegrity, "custodyd sent invalid base64");
+      f.value = std::move(*out);
+    } else {
+      return Error(Category::kIntegrity, "custodyd's answer has no value");
+    }
+    return Status::Ok();
+  }();
+  OPENSSL_cleanse(r.body.data(), r.body.size());
+  if (!got.ok()) return got.error();
   return f;
 }
 
 Result<uint32_t> Client::Put(const std::string& path, const SecretBuffer& value) const {
-  json j;
   std::string_view v = value.RevealString(SecretAccess{});
   // JSON strings must be UTF-8: anything else travels as base64.
   bool text = true;
   for (unsigned char c : v) text = text && c >= 0x20 && c < 0x7f;
+  // Written straight into a body reserved at its largest size, so no
+  // reallocation (and no serializer's buffer) leaves a copy of the value
+  // behind; the body is wiped once sent.
+  std::string body;
   if (text) {
-    j["value"] = std::string(v);
-  } else {
-    j["value_base64"] = Base64Encode(v);
-  }
-  std::string body = j.dump();
-  for (const char* k : {"value", "value_base64"}) {
-    if (j.contains(k)) {
-      std::string& kept = j[k].get_ref<std::string&>();
-      OPENSSL_cleanse(kept.data(), kept.size());
+    body.reserve(v.size() * 2 + 16);
+    body += "{\"value\":\"";
+    for (char c : v) {
+      if (c == '"' || c == '\\') body += '\\';
+      body += c;
     }
+  } else {
+    std::string encoded = Base64Encode(v);
+    body.reserve(encoded.size() + 24);
+    body += "{\"value_base64\":\"";
+    body += encoded;
+    OPENSSL_cleanse(encoded.data(), encoded.size());
   }
+  body += "\"}";
   CUSTODY_ASSIGN_OR_RETURN(Response r, Request("PUT", "/v1/secrets/" + path, &body));
   OPENSSL_cleanse(body.data(), body.size());
   json a = json::parse(r.body, nullptr, false);

@@ -1,0 +1,135 @@
+#include "custody/common/inplace_json.h"
+
+#include <rapidjson/document.h>
+#include <rapidjson/error/en.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace custody {
+
+struct InPlaceJson::Doc {
+  rapidjson::Document d;
+};
+
+InPlaceJson::InPlaceJson(std::unique_ptr<Doc> doc) : doc_(std::move(doc)) {}
+InPlaceJson::InPlaceJson(InPlaceJson&&) noexcept = default;
+InPlaceJson& InPlaceJson::operator=(InPlaceJson&&) noexcept = default;
+InPlaceJson::~InPlaceJson() = default;
+
+namespace {
+
+// Well-formed UTF-8 as in Unicode 15, table 3-7: no overlongs, no
+// surrogates, nothing past U+10FFFF. RapidJSON 1.1.0's own check
+// (kParseValidateEncodingFlag) reads up to three bytes past the end of the
+// text after a truncated sequence, so the text is checked here instead.
+bool WellFormedUtf8(std::string_view s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    const auto b = [&](size_t k) { return static_cast<unsigned char>(s[k]); };
+    const unsigned char c = b(i);
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    size_t n = 0;
+    unsigned char lo = 0x80, hi = 0xBF;  // bounds of the second byte
+    if (c >= 0xC2 && c <= 0xDF) {
+      n = 1;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+      n = 2;
+      if (c == 0xE0) lo = 0xA0;
+      if (c == 0xED) hi = 0x9F;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+      n = 3;
+      if (c == 0xF0) lo = 0x90;
+      if (c == 0xF4) hi = 0x8F;
+    } else {
+      return false;
+    }
+    if (s.size() - i - 1 < n) return false;
+    if (b(i + 1) < lo || b(i + 1) > hi) return false;
+    for (size_t k = 2; k <= n; ++k) {
+      if (b(i + k) < 0x80 || b(i + k) > 0xBF) return false;
+    }
+    i += n + 1;
+  }
+  return true;
+}
+
+// RapidJSON 1.1.0 turns a lone surrogate escape ("\\udc00") into bytes that
+// are not UTF-8, where JSON (RFC 8259, 8.2) leaves the result undefined and
+// other parsers refuse. Every decoded name and string is checked again.
+bool StringsWellFormed(const rapidjson::Value& v, int depth = 0) {
+  if (depth > 64) return false;  // no body custody reads nests this deep
+  if (v.IsString()) return WellFormedUtf8(std::string_view(v.GetString(), v.GetStringLength()));
+  if (v.IsArray()) {
+    for (const auto& e : v.GetArray()) {
+      if (!StringsWellFormed(e, depth + 1)) return false;
+    }
+  }
+  if (v.IsObject()) {
+    for (const auto& m : v.GetObject()) {
+      if (!StringsWellFormed(m.name, depth + 1) || !StringsWellFormed(m.value, depth + 1)) return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+Result<InPlaceJson> InPlaceJson::Parse(std::string& text) {
+  // In-situ parsing stops at the first NUL (std::string keeps one past the
+  // end): one inside would silently cut the text short.
+  if (text.find('\0') != std::string::npos) return Error(Category::kUsage, "not JSON: a NUL byte inside");
+  if (!WellFormedUtf8(text)) return Error(Category::kUsage, "not JSON: the text is not UTF-8");
+  auto doc = std::make_unique<Doc>();
+  // Iterative: a body of nested brackets must not run the thread's stack out.
+  doc->d.ParseInsitu<rapidjson::kParseIterativeFlag>(text.data());
+  if (doc->d.HasParseError()) {
+    return Error(Category::kUsage, std::string("not JSON: ") + rapidjson::GetParseError_En(doc->d.GetParseError()) +
+                                       " at byte " + std::to_string(doc->d.GetErrorOffset()));
+  }
+  if (!doc->d.IsObject()) return Error(Category::kUsage, "not a JSON object");
+  if (!StringsWellFormed(doc->d)) return Error(Category::kUsage, "not JSON: an escape that is not a character, or nesting past 64");
+  // A name given twice is refused, not resolved: parsers disagree on which
+  // one wins, and a proxy that read the other one would have checked a
+  // different value than the one stored.
+  // (Sorted, not compared pairwise: a body may have many members.)
+  std::vector<std::string_view> names;
+  names.reserve(doc->d.MemberCount());
+  for (auto m = doc->d.MemberBegin(); m != doc->d.MemberEnd(); ++m) {
+    names.emplace_back(m->name.GetString(), m->name.GetStringLength());
+  }
+  std::sort(names.begin(), names.end());
+  if (std::adjacent_find(names.begin(), names.end()) != names.end()) {
+    return Error(Category::kUsage, "a member name appears twice");
+  }
+  return InPlaceJson(std::move(doc));
+}
+
+namespace {
+
+const rapidjson::Value* Member(const rapidjson::Document& d, std::string_view key) {
+  rapidjson::Value k(rapidjson::StringRef(key.data(), static_cast<rapidjson::SizeType>(key.size())));
+  auto it = d.FindMember(k);
+  return it == d.MemberEnd() ? nullptr : &it->value;
+}
+
+}  // namespace
+
+std::optional<std::string_view> InPlaceJson::String(std::string_view key) const {
+  const rapidjson::Value* v = Member(doc_->d, key);
+  if (v == nullptr || !v->IsString()) return std::nullopt;
+  return std::string_view(v->GetString(), v->GetStringLength());
+}
+
+std::optional<uint64_t> InPlaceJson::Uint(std::string_view key) const {
+  const rapidjson::Value* v = Member(doc_->d, key);
+  if (v == nullptr || !v->IsUint64()) return std::nullopt;
+  return v->GetUint64();
+}
+
+bool InPlaceJson::Has(std::string_view key) const { return Member(doc_->d, key) != nullptr; }
+
+}  // namespace custody

@@ -1,0 +1,30 @@
+// Fuzzes InPlaceJson, the parser for request and answer bodies that carry a
+// secret (they come from the network). Whatever the bytes: no crash or read
+// out of bounds, every view stays inside the text, and what it accepts a
+// general JSON parser accepts too, with the same strings (a differential
+// check against nlohmann, which custodyd used before).
+#include <cstdint>
+#include <cstdlib>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "custody/common/inplace_json.h"
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  const std::string original(reinterpret_cast<const char*>(data), size);
+  std::string text = original;
+  auto j = custody::InPlaceJson::Parse(text);
+  if (!j.ok()) return 0;
+  auto general = nlohmann::json::parse(original, nullptr, /*allow_exceptions=*/false);
+  if (general.is_discarded() || !general.is_object()) std::abort();
+  for (const char* key : {"value", "value_base64", "version"}) {
+    auto v = j->String(key);
+    if (v) {
+      if (v->data() < text.data() || v->data() + v->size() > text.data() + text.size()) std::abort();
+      if (!general[key].is_string() || general[key].get<std::string>() != *v) std::abort();
+    }
+    auto n = j->Uint(key);
+    if (n && (!general[key].is_number_unsigned() || general[key].get<uint64_t>() != *n)) std::abort();
+  }
+  return 0;
+}
