@@ -1,5 +1,7 @@
 #include "custody/core/usage_buffer.h"
 
+#include <pthread.h>
+
 #include <algorithm>
 #include <vector>
 
@@ -7,31 +9,38 @@
 
 namespace custody::core {
 
-void UsageBuffer::Add(const UsageKey& key, UsageEvent event, int64_t now) {
-  bool due = false;
+UsageBuffer::UsageBuffer(Store& store, std::chrono::milliseconds period) : store_(store), period_(period) {
+  writer_ = std::thread([this] {
+    pthread_setname_np(pthread_self(), "usage-writer");
+    std::unique_lock lock(wake_mu_);
+    while (!wake_.wait_for(lock, period_, [this] { return stop_; })) {
+      lock.unlock();
+      (void)Flush();  // a failure keeps the counts and is counted
+      lock.lock();
+    }
+  });
+}
+
+UsageBuffer::~UsageBuffer() {
   {
-    std::lock_guard lock(mu_);
-    std::string day = policy::DayKey(now);
-    auto [it, fresh] = pending_.try_emplace(Key{key.project, key.environment, key.principal, day});
-    if (fresh) {
-      it->second.key = key;
-      it->second.day = std::move(day);
-    }
-    ++it->second.by_event[static_cast<size_t>(event)];
-    it->second.last_use = std::max(it->second.last_use, now);
-    auto t = std::chrono::steady_clock::now();
-    if (!flushing_ && t - last_flush_ >= period_) {
-      // This caller writes the batch; the others go on counting meanwhile.
-      flushing_ = true;
-      last_flush_ = t;
-      due = true;
-    }
+    std::lock_guard lock(wake_mu_);
+    stop_ = true;
   }
-  if (due) {
-    (void)Flush();
-    std::lock_guard lock(mu_);
-    flushing_ = false;
+  wake_.notify_all();
+  writer_.join();
+  (void)Flush();
+}
+
+void UsageBuffer::Add(const UsageKey& key, UsageEvent event, int64_t now) {
+  std::lock_guard lock(mu_);
+  std::string day = policy::DayKey(now);
+  auto [it, fresh] = pending_.try_emplace(Key{key.project, key.environment, key.principal, day});
+  if (fresh) {
+    it->second.key = key;
+    it->second.day = std::move(day);
   }
+  ++it->second.by_event[static_cast<size_t>(event)];
+  it->second.last_use = std::max(it->second.last_use, now);
 }
 
 Status UsageBuffer::Flush() {

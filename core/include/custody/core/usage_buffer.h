@@ -9,15 +9,20 @@
 // the store at once, so limits stay exact across custodyd and direct-mode
 // CLI processes. What may lag is the count `custody usage` shows, by at
 // most `period` (and what a crash loses is at most that much counting; the
-// audit log holds every request). Add writes the counts out itself once
-// `period` has passed; the destructor writes what is left.
+// audit log holds every request). A thread of its own ("usage-writer")
+// writes the counts every `period`, never a request's thread: a store whose
+// write lock another process holds (a long KEK rotation batch, say) makes
+// that thread wait out the busy timeout, not a GET. The destructor stops it
+// and writes what is left.
 #pragma once
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <map>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <tuple>
 
 #include "custody/core/store.h"
@@ -26,9 +31,8 @@ namespace custody::core {
 
 class UsageBuffer {
  public:
-  explicit UsageBuffer(Store& store, std::chrono::milliseconds period = std::chrono::milliseconds(100))
-      : store_(store), period_(period) {}
-  ~UsageBuffer() { (void)Flush(); }
+  explicit UsageBuffer(Store& store, std::chrono::milliseconds period = std::chrono::milliseconds(100));
+  ~UsageBuffer();
   UsageBuffer(const UsageBuffer&) = delete;
   UsageBuffer& operator=(const UsageBuffer&) = delete;
 
@@ -45,10 +49,12 @@ class UsageBuffer {
   const std::chrono::milliseconds period_;
   std::mutex mu_;
   std::map<Key, UsageCount> pending_;
-  std::chrono::steady_clock::time_point last_flush_ = std::chrono::steady_clock::now();
-  bool flushing_ = false;
   std::atomic<uint64_t> flush_failures_{0};
   std::mutex flush_mu_;  // one flush at a time, so counts are never written twice
+  std::mutex wake_mu_;
+  std::condition_variable wake_;
+  bool stop_ = false;
+  std::thread writer_;  // last: started once everything above exists
 };
 
 }  // namespace custody::core
