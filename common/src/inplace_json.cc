@@ -17,12 +17,9 @@ InPlaceJson::InPlaceJson(InPlaceJson&&) noexcept = default;
 InPlaceJson& InPlaceJson::operator=(InPlaceJson&&) noexcept = default;
 InPlaceJson::~InPlaceJson() = default;
 
-namespace {
-
-// Well-formed UTF-8 as in Unicode 15, table 3-7: no overlongs, no
-// surrogates, nothing past U+10FFFF. RapidJSON 1.1.0's own check
-// (kParseValidateEncodingFlag) reads up to three bytes past the end of the
-// text after a truncated sequence, so the text is checked here instead.
+// RapidJSON 1.1.0's own check (kParseValidateEncodingFlag) reads up to three
+// bytes past the end of the text after a truncated sequence, so the text is
+// checked with this instead.
 bool WellFormedUtf8(std::string_view s) {
   size_t i = 0;
   while (i < s.size()) {
@@ -57,6 +54,8 @@ bool WellFormedUtf8(std::string_view s) {
   return true;
 }
 
+namespace {
+
 // RapidJSON 1.1.0 turns a lone surrogate escape ("\\udc00") into bytes that
 // are not UTF-8, where JSON (RFC 8259, 8.2) leaves the result undefined and
 // other parsers refuse. Every decoded name and string is checked again.
@@ -85,7 +84,9 @@ Result<InPlaceJson> InPlaceJson::Parse(std::string& text) {
   if (!WellFormedUtf8(text)) return Error(Category::kUsage, "not JSON: the text is not UTF-8");
   auto doc = std::make_unique<Doc>();
   // Iterative: a body of nested brackets must not run the thread's stack out.
-  doc->d.ParseInsitu<rapidjson::kParseIterativeFlag>(text.data());
+  // A leading byte order mark is passed over, as general parsers do.
+  const size_t bom = text.compare(0, 3, "\xEF\xBB\xBF") == 0 ? 3 : 0;
+  doc->d.ParseInsitu<rapidjson::kParseIterativeFlag>(text.data() + bom);
   if (doc->d.HasParseError()) {
     return Error(Category::kUsage, std::string("not JSON: ") + rapidjson::GetParseError_En(doc->d.GetParseError()) +
                                        " at byte " + std::to_string(doc->d.GetErrorOffset()));

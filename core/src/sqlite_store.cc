@@ -785,8 +785,12 @@ Status SqliteStore::SetKekState(int64_t kek_record_id, KekState state) {
     // write-ahead log: copy the log into the database and cut it to zero.
     // Best effort: a reader in another process (custodyd) can hold the log
     // back, and then the next checkpoint that restarts the log overwrites
-    // the frame. The state change itself is already durable.
+    // the frame. The state change itself is already durable. A truncating
+    // checkpoint holds off new writers while it waits, so it waits briefly,
+    // not the full busy timeout.
+    sqlite3_busy_timeout(db(), 200);
     (void)sqlite3_wal_checkpoint_v2(db(), nullptr, SQLITE_CHECKPOINT_TRUNCATE, nullptr, nullptr);
+    sqlite3_busy_timeout(db(), 5000);
   }
   return Status::Ok();
 }

@@ -125,8 +125,12 @@ Result<std::vector<ObjectSummary>> ListObjects(Session& s) {
       continue;
     }
     const CK_RV rv = o.error().backend() == Backend::kPkcs11 ? static_cast<CK_RV>(o.error().code()) : CKR_OK;
-    if (rv == CKR_OBJECT_HANDLE_INVALID) continue;  // destroyed since the search
-    if (rv != CKR_ATTRIBUTE_TYPE_INVALID && rv != CKR_ATTRIBUTE_VALUE_INVALID) return std::move(o).error();
+    // HANDLE_INVALID: destroyed since the search, or an object file SoftHSM
+    // could not read. Listed, not skipped, so a listing never looks shorter
+    // than the token without saying so.
+    if (rv != CKR_ATTRIBUTE_TYPE_INVALID && rv != CKR_ATTRIBUTE_VALUE_INVALID && rv != CKR_OBJECT_HANDLE_INVALID) {
+      return std::move(o).error();
+    }
     ObjectSummary unreadable;
     unreadable.handle = h;
     unreadable.problem = rv;

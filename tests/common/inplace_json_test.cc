@@ -30,7 +30,7 @@ TEST(InPlaceJson, ReadsStringsAndNumbersAsViewsIntoTheText) {
 TEST(InPlaceJson, RefusesWhatIsNotOneObject) {
   for (std::string bad : {std::string(""), std::string("[]"), std::string("\"value\""), std::string("{"),
                           std::string("{\"value\": \"x\"} trailing"), std::string("{\"value\": \"x\"}{}"),
-                          std::string("{\"value\": \"x\0y\"}", 15), std::string("{\"value\": \"x\"}\0{}", 17),
+                          std::string("{\"value\": \"x\0y\"}", 16), std::string("{\"value\": \"x\"}\0{}", 17),
                           std::string("{\"value\": \"\xff\"}"), std::string("{'value': 'x'}"),
                           std::string("{\"value\": \"a\", \"value\": \"b\"}"), std::string("{\"version\": -1, \"version\": 2}")}) {
     std::string copy = bad;
@@ -64,7 +64,8 @@ TEST(InPlaceJson, AgreesWithAGeneralParserOnWhatItAccepts) {
   // Valid bodies as clients send them, including every escape form.
   for (std::string good : {std::string(R"({"value":"plain"})"), std::string(R"({"value_base64":"c2stbGl2ZQ=="})"),
                            std::string(R"({ "value" : "tab\there \/ \b\f\r \ud83d\ude00" , "n": 1.5e3 })"),
-                           std::string(R"({"value":""})"), std::string("{\"value\":\"caf\xc3\xa9\"}")}) {
+                           std::string(R"({"value":""})"), std::string("{\"value\":\"caf\xc3\xa9\"}"),
+                           std::string("\xEF\xBB\xBF{\"value\":\"after a byte order mark\"}")}) {
     auto expected = nlohmann::json::parse(good);
     std::string copy = good;
     auto j = InPlaceJson::Parse(copy);

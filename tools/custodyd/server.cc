@@ -296,19 +296,34 @@ struct Server::Impl {
 namespace {
 
 
-bool ValidUtf8(std::string_view s) {
-  size_t i = 0;
-  while (i < s.size()) {
-    unsigned char c = static_cast<unsigned char>(s[i]);
-    size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
-    if (n == 0 || i + n > s.size()) return false;
-    for (size_t k = 1; k < n; ++k) {
-      if ((static_cast<unsigned char>(s[i + k]) >> 6) != 2) return false;
-    }
+// A value goes out as a JSON string only when it is well-formed UTF-8 with
+// no control character other than tab, newline and return; anything else
+// goes as base64. (A looser check once let an overlong form through, and
+// the JSON writer threw on it: a stored value could stop the server.)
+bool SendableAsText(std::string_view s) {
+  for (unsigned char c : s) {
     if (c < 0x20 && c != '\t' && c != '\n' && c != '\r') return false;
-    i += n;
   }
-  return true;
+  return WellFormedUtf8(s);
+}
+
+// Appends `s` as the inside of a JSON string. `out` has room reserved for
+// the worst case, so it never reallocates (a reallocation would free a copy
+// of the value unwiped).
+void AppendJsonEscaped(std::string& out, std::string_view s) {
+  static const char* kHex = "0123456789abcdef";
+  for (unsigned char c : s) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += static_cast<char>(c);
+    } else if (c < 0x20) {
+      out += "\\u00";
+      out += kHex[c >> 4];
+      out += kHex[c & 0xf];
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
 }
 
 using TlsStream = beast::ssl_stream<beast::tcp_stream>;
@@ -465,20 +480,26 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
   http::response<http::string_body> GetAnswer(const core::SecretPath& sp, Result<core::Unsealed>& u) {
     if (!u) return FromError(u.error());
     std::string_view value = u->value.RevealString(SecretAccess{});
-    // The response body is wiped after it is written (see OnWrite).
-    json out{{"path", sp.str()}, {"version", u->version}};
-    if (ValidUtf8(value)) {
-      out["value"] = std::string(value);
+    // Written straight into a body reserved at its largest size: no JSON
+    // writer's buffer and no reallocation leaves a copy of the value behind.
+    // The body is wiped after it is written (see OnWrite).
+    const std::string path = json(sp.str()).dump();
+    const std::string version = std::to_string(u->version);
+    http::response<http::string_body> res{http::status::ok, 11};
+    res.set(http::field::content_type, "application/json");
+    std::string& body = res.body();
+    if (SendableAsText(value)) {
+      body.reserve(value.size() * 6 + path.size() + version.size() + 48);
+      body += "{\"path\":" + path + ",\"value\":\"";
+      AppendJsonEscaped(body, value);
     } else {
-      out["value_base64"] = Base64Encode(value);
+      std::string encoded = Base64Encode(value);
+      body.reserve(encoded.size() + path.size() + version.size() + 48);
+      body += "{\"path\":" + path + ",\"value_base64\":\"";
+      body += encoded;
+      OPENSSL_cleanse(encoded.data(), encoded.size());
     }
-    auto res = Json(200, out);
-    for (const char* k : {"value", "value_base64"}) {
-      if (out.contains(k)) {
-        std::string& kept = out[k].get_ref<std::string&>();
-        OPENSSL_cleanse(kept.data(), kept.size());
-      }
-    }
+    body += "\",\"version\":" + version + "}\n";
     return res;
   }
 
@@ -915,6 +936,10 @@ Status Server::ListenTls() {
   // TLS 1.3 only, and a client certificate from the configured CA always.
   SSL_CTX_set_min_proto_version(ctx.native_handle(), TLS1_3_VERSION);
   ctx.set_options(asio::ssl::context::no_compression);
+  // OpenSSL wipes its record buffers of decrypted data once read: a PUT
+  // carries a value. (Beast's flat_stream, which gathers a TLS write into
+  // one buffer, still frees that buffer unwiped: see docs/ARCHITECTURE.md.)
+  SSL_CTX_set_options(ctx.native_handle(), SSL_OP_CLEANSE_PLAINTEXT);
   ctx.use_certificate_chain_file(o.tls_cert, ec);
   if (ec) return fail("cannot load tls_cert " + o.tls_cert + ": " + ec.message());
   if (o.tls_key.rfind("pkcs11:", 0) == 0) {
@@ -942,15 +967,34 @@ Status Server::ListenTls() {
   return Status::Ok();
 }
 
+namespace {
+
+// A handler that throws ends io_context::run; running it again goes on with
+// the other handlers (Asio's documented pattern). One bad request then costs
+// its own connection, not the server. The exception's text is not logged:
+// it may quote the bytes that caused it.
+void RunCatching(asio::io_context& io) {
+  for (;;) {
+    try {
+      io.run();
+      return;
+    } catch (const std::exception&) {
+      spdlog::error("a request handler failed with an exception; its connection was dropped");
+    }
+  }
+}
+
+}  // namespace
+
 void Server::Run(unsigned threads) {
   std::vector<std::thread> pool;
   for (unsigned i = 1; i < threads; ++i) {
     pool.emplace_back([this] {
       ::pthread_setname_np(::pthread_self(), "custodyd-io");
-      impl_->io.run();
+      RunCatching(impl_->io);
     });
   }
-  impl_->io.run();
+  RunCatching(impl_->io);
   for (auto& t : pool) t.join();
   // A GET whose audit record is still being written will post its answer
   // to `io`: wait for it, so nothing posts to a destroyed loop. The audit

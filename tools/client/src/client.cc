@@ -93,6 +93,12 @@ Result<Client::Response> Client::Request(const std::string& method, const std::s
     req.body() = std::move(*body);
     req.prepare_payload();
   }
+  // A put's body holds the value: wiped on every way out, early failures
+  // (no server, a refused handshake) included.
+  struct WipeBody {
+    http::request<http::string_body>& r;
+    ~WipeBody() { OPENSSL_cleanse(r.body().data(), r.body().size()); }
+  } wipe_body{req};
   std::lock_guard lock(conn_->mu);
   Connection& c = *conn_;
   http::response<http::string_body> res;

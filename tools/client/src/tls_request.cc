@@ -22,6 +22,9 @@ Result<HttpResponse> RequestTls(const TlsEndpoint& to, HttpRequest& req) {
   const std::string where = "custodyd at " + to.host + ":" + to.port;
   asio::ssl::context ctx(asio::ssl::context::tls_client);
   SSL_CTX_set_min_proto_version(ctx.native_handle(), TLS1_3_VERSION);
+  // OpenSSL wipes its record buffers of decrypted data once read: an answer
+  // carries a value.
+  SSL_CTX_set_options(ctx.native_handle(), SSL_OP_CLEANSE_PLAINTEXT);
   ctx.load_verify_file(to.ca, ec);
   if (!ec) ctx.use_certificate_chain_file(to.cert, ec);
   if (!ec) ctx.use_private_key_file(to.key, asio::ssl::context::pem, ec);

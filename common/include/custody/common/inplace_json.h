@@ -22,6 +22,11 @@
 
 namespace custody {
 
+// Well-formed UTF-8 (Unicode table 3-7): no overlong forms, surrogates or
+// code points past U+10FFFF. JSON text must be this; so must a value sent in
+// a JSON string rather than as base64.
+bool WellFormedUtf8(std::string_view s);
+
 class InPlaceJson {
  public:
   // Parses `text`, which must hold one JSON object and nothing else, and

@@ -10,10 +10,11 @@
 // CLI processes. What may lag is the count `custody usage` shows, by at
 // most `period` (and what a crash loses is at most that much counting; the
 // audit log holds every request). A thread of its own ("usage-writer")
-// writes the counts every `period`, never a request's thread: a store whose
-// write lock another process holds (a long KEK rotation batch, say) makes
-// that thread wait out the busy timeout, not a GET. The destructor stops it
-// and writes what is left.
+// writes the counts every `period`, never the thread of a counted request: a
+// store whose write lock another process holds (a long KEK rotation batch,
+// say) makes that thread wait out the busy timeout, not a GET. (A caller of
+// Flush, such as a usage read, does wait.) The destructor stops the thread
+// and tries once more to write what is left.
 #pragma once
 
 #include <atomic>

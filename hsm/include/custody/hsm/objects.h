@@ -44,9 +44,9 @@ struct ObjectSummary {
 Result<ObjectSummary> Describe(Session& s, CK_OBJECT_HANDLE h);
 
 // Every object visible to the logged-in session. An object whose class,
-// label or id cannot be read is listed as unreadable instead of failing the
-// listing; one that is gone by the time it is read is left out. Session and
-// device errors still fail it.
+// label or id cannot be read, or whose handle the token no longer accepts,
+// is listed as unreadable (with its CK_RV) instead of failing the listing.
+// Session and device errors still fail it.
 Result<std::vector<ObjectSummary>> ListObjects(Session& s);
 
 std::string ClassName(CK_OBJECT_CLASS c);
