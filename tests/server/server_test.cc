@@ -382,6 +382,12 @@ TEST_F(ServerTest, MalformedOversizedAndBadJsonRequestsAreRefusedAndTheServerSta
   auto bad = Raw(socket_, "PUT /v1/secrets/payments/dev/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n{bad}");
   EXPECT_NE(bad.find("400 Bad Request"), std::string::npos) << bad;
   EXPECT_NE(bad.find("must be a JSON object"), std::string::npos) << bad;
+  // A chunked body is refused before any of it is kept (it would be grown
+  // piece by piece, leaving copies of the value behind).
+  auto chunked = Raw(socket_, "PUT /v1/secrets/payments/dev/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                              "10\r\n{\"value\":\"abcd\"}\r\n0\r\n\r\n");
+  EXPECT_NE(chunked.find("411 Length Required"), std::string::npos) << chunked;
+  EXPECT_NE(chunked.find("not in chunks"), std::string::npos) << chunked;
   // One name twice is refused, not resolved one way or the other.
   const std::string twice = R"({"value": "first", "value": "second"})";
   auto dup = Raw(socket_, "PUT /v1/secrets/payments/dev/x HTTP/1.1\r\nHost: x\r\nContent-Length: " +

@@ -17,6 +17,7 @@
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
 #include <chrono>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -387,6 +388,18 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
     parser_.emplace();
     parser_->header_limit(srv_.limits.max_header_bytes.load());
     parser_->body_limit(srv_.limits.max_body_bytes.load());
+    // A chunked body is grown chunk by chunk, each growth freeing a copy of
+    // what came before unwiped; with Content-Length the body is reserved
+    // once. So a chunked body is refused at its first chunk, before any of
+    // it is stored.
+    chunked_refused_ = false;
+    if (!refuse_chunk_) {
+      refuse_chunk_ = [this](uint64_t, beast::string_view, beast::error_code& ec) {
+        chunked_refused_ = true;
+        ec = http::error::bad_chunk;
+      };
+    }
+    parser_->on_chunk_header(refuse_chunk_);  // kept by reference: a member
     // The idle timeout covers the whole request: a slow client cannot hold a
     // connection (and a thread's attention) forever.
     Lowest(stream_).expires_after(std::chrono::seconds(srv_.limits.idle_timeout_seconds.load()));
@@ -430,6 +443,10 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
       return;
     }
     if (ec) srv_.metrics.Observe(action_, project_, env_, decision_, 0);
+    if (ec && chunked_refused_) {
+      Reply(Error(411, "send the body with Content-Length, not in chunks"), false);
+      return;
+    }
     if (ec == http::error::body_limit) {
       Reply(Error(413, "request body is larger than " + std::to_string(srv_.limits.max_body_bytes.load()) + " bytes"), false);
       return;
@@ -666,6 +683,9 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
   Server::Impl& srv_;
   StreamT stream_;
   beast::flat_buffer buffer_;
+  // Before parser_, which refers to it.
+  std::function<void(uint64_t, beast::string_view, beast::error_code&)> refuse_chunk_;
+  bool chunked_refused_ = false;
   std::optional<http::request_parser<http::string_body>> parser_;
   http::response<http::string_body> res_;
   core::RequestContext peer_;
