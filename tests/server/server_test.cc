@@ -1391,3 +1391,36 @@ TEST_F(TpmServerTest, ServesGetsAndPutsFromTheTpmToConcurrentClientsAndAuditsEac
 
 }  // namespace
 }  // namespace custody::test
+
+namespace custody::test {
+namespace {
+
+// The same memory check as for SoftHSM2, with the value unsealed by a TPM
+// (tpm2-tss ESAPI): after gets and a put, no piece of it is in custodyd.
+TEST_F(TpmServerTest, AfterServingFromTheTpmNoPlaintextStaysInTheServersMemory) {
+  std::string large = "sk-live-TPM-";
+  for (int i = 0; large.size() < 2000; ++i) large += "tpmchunk" + std::to_string(i * 104729) + "-";
+  {
+    auto c = client::Client::Connect("unix:" + socket_);
+    ASSERT_TRUE(c.ok());
+    auto put = c->Put("payments/prod/tpm-large", SecretBuffer::Copy(std::string_view(large)));
+    ASSERT_TRUE(put.ok()) << put.error().message();
+    for (const char* path : {"payments/prod/stripe", "payments/prod/tpm-large"}) {
+      for (int i = 0; i < 3; ++i) {
+        auto f = c->Get(path);
+        ASSERT_TRUE(f.ok()) << f.error().message();
+      }
+    }
+  }
+  for (int i = 0; i < 100; ++i) {
+    if (Raw(socket_, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").find("\ncustody_connections_open 1\n") !=
+        std::string::npos) {
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ExpectNoCopyIn(pid_, {std::string(kSecret), large}, "payments/prod/stripe");
+}
+
+}  // namespace
+}  // namespace custody::test
