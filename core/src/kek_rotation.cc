@@ -72,15 +72,14 @@ Result<KekRotationResult> KekRotator::Run(const std::string& project, const Hook
     CUSTODY_ASSIGN_OR_RETURN(result.unrecorded_removed, sealer_.DestroyUnrecorded(label, known));
     std::vector<uint8_t> material;
     CUSTODY_ASSIGN_OR_RETURN(KekRef ref, sealer_.CreateKek(project, plan.next_version, &material));
-    // Still ours? A run that stalled past its lock may have been taken over,
-    // and the new holder's step 1 destroys this key as unrecorded: recording
-    // it now would leave the project's active KEK missing from the token.
-    if (Status held = lock.Renew(); !held.ok()) {
-      (void)sealer_.DestroyKek(ref);
-      return held.error();
-    }
+    // Recorded only if the lock is still ours, checked in the same
+    // transaction: a run that stalled past its lock may have been taken
+    // over, and the new holder's step 1 destroys this key as unrecorded, so
+    // recording it would leave the project's active KEK missing from the
+    // token. Refused, it destroys its own key instead.
+    const LockFence fence = lock.Fence();
+    auto rec = store_.AddKek(plan.project_id, ref, label, clock_(), material, &fence);
     renewed = clock_();
-    auto rec = store_.AddKek(plan.project_id, ref, label, clock_(), material);
     if (!rec) {
       (void)sealer_.DestroyKek(ref);  // best effort; the next run removes it otherwise
       return std::move(rec).error();

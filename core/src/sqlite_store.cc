@@ -247,7 +247,7 @@ class SqliteStore final : public Store {
   Result<std::vector<KekRecord>> ListKeks() override;
   Result<std::vector<KekRecord>> ProjectKeks(int64_t project_id) override;
   Result<KekRecord> AddKek(int64_t project_id, const KekRef& kek, const std::string& label, int64_t now,
-                           const std::vector<uint8_t>& material) override;
+                           const std::vector<uint8_t>& material, const LockFence* fence) override;
   Result<std::vector<SealedItem>> SealedUnder(int64_t kek_record_id, std::pair<int64_t, uint32_t> after,
                                               size_t limit) override;
   Result<uint64_t> CountSealedUnder(int64_t kek_record_id) override;
@@ -668,11 +668,27 @@ Result<std::vector<uint8_t>> SqliteStore::KekMaterial(const KekRef& kek) {
 }
 
 Result<KekRecord> SqliteStore::AddKek(int64_t project_id, const KekRef& kek, const std::string& label, int64_t now,
-                                      const std::vector<uint8_t>& material) {
+                                      const std::vector<uint8_t>& material, const LockFence* fence) {
   Lease lease(*this);
   if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
   CUSTODY_RETURN_IF_ERROR(Begin());
   auto fail = [&](Error e) { Rollback(); return e; };
+  if (fence != nullptr) {
+    // Renewed in this transaction: under the write lock, so no other
+    // process can take the lock between this check and the commit.
+    const LockHolder& me = fence->holder;
+    Stmt s(db(),
+           "UPDATE locks SET expires_at = ? WHERE name = ? AND holder_host = ? AND holder_pid = ? AND holder_started = ? "
+           "AND holder_instance = ?");
+    s.Bind(1, now + fence->ttl).Bind(2, fence->name).Bind(3, me.host).Bind(4, me.pid).Bind(5, me.started);
+    s.Bind(6, me.instance);
+    int rc = s.Step();
+    if (rc != SQLITE_DONE) return fail(Fail(rc, "checking lock " + fence->name));
+    if (sqlite3_changes(db()) == 0) {
+      return fail(Error(Category::kUnavailable,
+                        "lock " + fence->name + " is no longer ours: it expired and another process took it"));
+    }
+  }
   {
     Stmt s(db(), "UPDATE keks SET state = 'retiring' WHERE project_id = ? AND state = 'active'");
     s.Bind(1, project_id);

@@ -190,6 +190,32 @@ TEST_F(StoreTest, ReopenKeepsDataAndSchemaVersion) {
 
 // Store locks: one holder at a time until the lock expires or its holder is
 // known to have ended; a holder whose lock was taken over cannot renew it.
+// A KEK rotation records its new KEK only while it still holds its lock,
+// checked in the recording's own transaction: a run taken over after a
+// stall cannot record a KEK the new holder is about to destroy.
+TEST_F(StoreTest, AFencedKekIsRecordedOnlyWhileItsLockIsHeld) {
+  auto p = store_->CreateProject("payments", {"prod"}, Kek(1), "custody:kek:payments:v1");
+  ASSERT_TRUE(p.ok());
+  const LockHolder a{"host-a", 100, 7, "boot-a/pidns:1"}, b{"host-b", 200, 9, "boot-b/pidns:1"};
+  auto never = [](const LockHolder&) { return false; };
+  ASSERT_FALSE(store_->TakeLock("kek-rotate/payments", a, 1000, 60, never)->has_value());
+  // a stalls past its lock; b takes it over.
+  ASSERT_FALSE(store_->TakeLock("kek-rotate/payments", b, 1100, 60, never)->has_value());
+  KekRef v2 = Kek(2);
+  v2.version = 2;
+  const LockFence stale{"kek-rotate/payments", a, 60}, held{"kek-rotate/payments", b, 60};
+  auto refused = store_->AddKek(p->id, v2, "custody:kek:payments:v2", 1101, {}, &stale);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.error().category(), Category::kUnavailable);
+  EXPECT_NE(refused.error().message().find("no longer ours"), std::string::npos) << refused.error().message();
+  EXPECT_EQ(store_->CurrentKek(p->id)->ref, Kek(1)) << "nothing was recorded";
+  auto recorded = store_->AddKek(p->id, v2, "custody:kek:payments:v2", 1102, {}, &held);
+  ASSERT_TRUE(recorded.ok()) << recorded.error().message();
+  EXPECT_EQ(store_->CurrentKek(p->id)->ref, v2);
+  // And the fence renewed b's lock: still b's at 1102 + 60 - 1.
+  EXPECT_TRUE(store_->TakeLock("kek-rotate/payments", a, 1161, 60, never)->has_value());
+}
+
 TEST_F(StoreTest, ALockHasOneHolderUntilItExpiresOrItsHolderEnds) {
   const LockHolder a{"host-a", 100, 7, "boot-a/pidns:1"}, b{"host-b", 200, 9, "boot-b/pidns:1"};
   auto never = [](const LockHolder&) { return false; };

@@ -137,6 +137,14 @@ struct LockHolder {
   bool operator==(const LockHolder&) const = default;
 };
 
+// A store lock that a write must still hold: checked, and renewed, inside
+// the write's own transaction, so a run that lost its lock cannot write.
+struct LockFence {
+  std::string name;
+  LockHolder holder;
+  int64_t ttl = 0;
+};
+
 struct HeldLock {
   std::string name;
   LockHolder holder;
@@ -180,8 +188,10 @@ class Store : public KekUsageLedger, public KekMaterialSource {
 
   // KEK rotation. AddKek records a new KEK version for the project as its
   // only active one; the others become retiring. In one transaction.
+  // With a fence, nothing is written (kUnavailable) unless the lock it names
+  // is still held by its holder.
   virtual Result<KekRecord> AddKek(int64_t project_id, const KekRef& kek, const std::string& label, int64_t now,
-                                   const std::vector<uint8_t>& material = {}) = 0;
+                                   const std::vector<uint8_t>& material = {}, const LockFence* fence = nullptr) = 0;
   // Up to `limit` versions still sealed under `kek_record_id`, in
   // (secret_id, version) order after `after` (keyset paging: a version that
   // cannot be re-sealed is passed over, not returned again and again).

@@ -35,6 +35,8 @@ class StoreLock {
   // Extends the lock; kUnavailable once it is lost (expired and taken by
   // another process): the work must then stop.
   Status Renew();
+  // For a write that must happen only while this lock is held.
+  LockFence Fence() const { return {name_, me_, ttl_}; }
 
  private:
   StoreLock(Store& store, std::string name, int64_t ttl, Clock clock)
