@@ -54,6 +54,29 @@ bool WellFormedUtf8(std::string_view s) {
   return true;
 }
 
+bool SendableAsJsonText(std::string_view s) {
+  for (unsigned char c : s) {
+    if (c < 0x20 && c != '\t' && c != '\n' && c != '\r') return false;
+  }
+  return WellFormedUtf8(s);
+}
+
+void AppendJsonEscaped(std::string& out, std::string_view s) {
+  static const char* kHex = "0123456789abcdef";
+  for (unsigned char c : s) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += static_cast<char>(c);
+    } else if (c < 0x20) {
+      out += "\\u00";
+      out += kHex[c >> 4];
+      out += kHex[c & 0xf];
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+}
+
 namespace {
 
 // RapidJSON 1.1.0 turns a lone surrogate escape ("\\udc00") into bytes that

@@ -299,6 +299,9 @@ class SqliteStore final : public Store {
     }
     return Error(c, std::move(msg), Backend::kStore, static_cast<uint64_t>(rc));
   }
+  // The lock renewal on this thread's connection (inside its transaction,
+  // if one is open): RenewLock, and AddKek's fence.
+  Status RenewHere(const std::string& name, const LockHolder& me, int64_t until);
   // Runs SQL: one statement through the statement cache, several (the
   // migrations) through sqlite3_exec.
   Status Exec(const char* sql, bool single = true) {
@@ -676,18 +679,8 @@ Result<KekRecord> SqliteStore::AddKek(int64_t project_id, const KekRef& kek, con
   if (fence != nullptr) {
     // Renewed in this transaction: under the write lock, so no other
     // process can take the lock between this check and the commit.
-    const LockHolder& me = fence->holder;
-    Stmt s(db(),
-           "UPDATE locks SET expires_at = ? WHERE name = ? AND holder_host = ? AND holder_pid = ? AND holder_started = ? "
-           "AND holder_instance = ?");
-    s.Bind(1, now + fence->ttl).Bind(2, fence->name).Bind(3, me.host).Bind(4, me.pid).Bind(5, me.started);
-    s.Bind(6, me.instance);
-    int rc = s.Step();
-    if (rc != SQLITE_DONE) return fail(Fail(rc, "checking lock " + fence->name));
-    if (sqlite3_changes(db()) == 0) {
-      return fail(Error(Category::kUnavailable,
-                        "lock " + fence->name + " is no longer ours: it expired and another process took it"));
-    }
+    Status held = RenewHere(fence->name, fence->holder, now + fence->ttl);
+    if (!held.ok()) return fail(held.error());
   }
   {
     Stmt s(db(), "UPDATE keks SET state = 'retiring' WHERE project_id = ? AND state = 'active'");
@@ -1402,19 +1395,23 @@ Result<std::optional<HeldLock>> SqliteStore::TakeLock(const std::string& name, c
   return std::optional<HeldLock>();
 }
 
-Status SqliteStore::RenewLock(const std::string& name, const LockHolder& me, int64_t now, int64_t ttl) {
-  Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+Status SqliteStore::RenewHere(const std::string& name, const LockHolder& me, int64_t until) {
   Stmt s(db(),
          "UPDATE locks SET expires_at = ? WHERE name = ? AND holder_host = ? AND holder_pid = ? AND holder_started = ? "
          "AND holder_instance = ?");
-  s.Bind(1, now + ttl).Bind(2, name).Bind(3, me.host).Bind(4, me.pid).Bind(5, me.started).Bind(6, me.instance);
+  s.Bind(1, until).Bind(2, name).Bind(3, me.host).Bind(4, me.pid).Bind(5, me.started).Bind(6, me.instance);
   int rc = s.Step();
   if (rc != SQLITE_DONE) return Fail(rc, "renewing lock " + name);
   if (sqlite3_changes(db()) == 0) {
     return Error(Category::kUnavailable, "lock " + name + " is no longer ours: it expired and another process took it");
   }
   return Status::Ok();
+}
+
+Status SqliteStore::RenewLock(const std::string& name, const LockHolder& me, int64_t now, int64_t ttl) {
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  return RenewHere(name, me, now + ttl);
 }
 
 Status SqliteStore::ReleaseLock(const std::string& name, const LockHolder& me) {

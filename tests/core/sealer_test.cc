@@ -291,16 +291,6 @@ TEST_F(SealerTest, ServicePutGetVersions) {
 namespace custody::core {
 namespace {
 
-std::set<std::string> ObjectFiles(const std::string& tokens_dir) {
-  std::set<std::string> out;
-  for (const auto& slot : std::filesystem::directory_iterator(tokens_dir)) {
-    for (const auto& e : std::filesystem::directory_iterator(slot.path())) {
-      if (e.path().extension() == ".object" && e.path().filename() != "token.object") out.insert(e.path().string());
-    }
-  }
-  return out;
-}
-
 // SoftHSM2 creates a key's file empty, then writes its attributes into it in
 // place (ObjectFile::store), so a process killed inside C_GenerateKey leaves
 // the file cut at any byte. This is what a KEK rotation killed there leaves
@@ -314,10 +304,9 @@ TEST_F(SealerTest, EveryCutOfAHalfWrittenKekLeavesTheTokenUsableAndTheRotationFr
   SealContext ctx{"payments", "prod", "stripe", 1};
   auto blob = sealer_->Seal(live, ctx, kValue);
   ASSERT_TRUE(blob.ok());
-  const std::string tokens = token_.dir() / "tokens";
-  auto before = ObjectFiles(tokens);
+  auto before = token_.ObjectFiles();
   ASSERT_TRUE(sealer_->CreateKek("payments", 2).ok());  // never recorded: the killed run's
-  auto after = ObjectFiles(tokens);
+  auto after = token_.ObjectFiles();
   std::vector<std::string> fresh;
   std::set_difference(after.begin(), after.end(), before.begin(), before.end(), std::back_inserter(fresh));
   ASSERT_EQ(fresh.size(), 1u);

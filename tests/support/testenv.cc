@@ -37,6 +37,17 @@ std::string ReadFile(const std::string& path) {
   return ss.str();
 }
 
+std::vector<std::string> SoftHsmToken::ObjectFiles() const {
+  std::vector<std::string> out;
+  for (const auto& slot : std::filesystem::directory_iterator(dir_ / "tokens")) {
+    for (const auto& e : std::filesystem::directory_iterator(slot.path())) {
+      if (e.path().extension() == ".object" && e.path().filename() != "token.object") out.push_back(e.path().string());
+    }
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
 void WriteFile(const std::string& path, const std::string& data) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   out << data;

@@ -52,6 +52,10 @@ class SoftHsmToken {
   std::string config_path() const { return dir_ / "state/custody.toml"; }
   std::string store_path() const { return dir_ / "state/custody.db"; }
 
+  // The token's key files in SoftHSM2's file store (every `*.object` but
+  // token.object), for tests that damage one as a crash would.
+  std::vector<std::string> ObjectFiles() const;
+
   // Environment for running the CLI against this token (CUSTODY_CONFIG).
   std::map<std::string, std::string> CliEnv() const;
   // Runs `custody init` for this token; fails the test if it fails.

@@ -297,36 +297,6 @@ struct Server::Impl {
 namespace {
 
 
-// A value goes out as a JSON string only when it is well-formed UTF-8 with
-// no control character other than tab, newline and return; anything else
-// goes as base64. (A looser check once let an overlong form through, and
-// the JSON writer threw on it: a stored value could stop the server.)
-bool SendableAsText(std::string_view s) {
-  for (unsigned char c : s) {
-    if (c < 0x20 && c != '\t' && c != '\n' && c != '\r') return false;
-  }
-  return WellFormedUtf8(s);
-}
-
-// Appends `s` as the inside of a JSON string. `out` has room reserved for
-// the worst case, so it never reallocates (a reallocation would free a copy
-// of the value unwiped).
-void AppendJsonEscaped(std::string& out, std::string_view s) {
-  static const char* kHex = "0123456789abcdef";
-  for (unsigned char c : s) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += static_cast<char>(c);
-    } else if (c < 0x20) {
-      out += "\\u00";
-      out += kHex[c >> 4];
-      out += kHex[c & 0xf];
-    } else {
-      out += static_cast<char>(c);
-    }
-  }
-}
-
 using TlsStream = beast::ssl_stream<beast::tcp_stream>;
 
 // The transport underneath: a plain Unix socket stream, or TLS over TCP.
@@ -393,12 +363,6 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
     // once. So a chunked body is refused at its first chunk, before any of
     // it is stored.
     chunked_refused_ = false;
-    if (!refuse_chunk_) {
-      refuse_chunk_ = [this](uint64_t, beast::string_view, beast::error_code& ec) {
-        chunked_refused_ = true;
-        ec = http::error::bad_chunk;
-      };
-    }
     parser_->on_chunk_header(refuse_chunk_);  // kept by reference: a member
     // The idle timeout covers the whole request: a slow client cannot hold a
     // connection (and a thread's attention) forever.
@@ -505,7 +469,9 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
     http::response<http::string_body> res{http::status::ok, 11};
     res.set(http::field::content_type, "application/json");
     std::string& body = res.body();
-    if (SendableAsText(value)) {
+    // (A looser text check once let an overlong UTF-8 form through, and the
+    // JSON writer threw on it: one stored value could stop the server.)
+    if (SendableAsJsonText(value)) {
       body.reserve(value.size() * 6 + path.size() + version.size() + 48);
       body += "{\"path\":" + path + ",\"value\":\"";
       AppendJsonEscaped(body, value);
@@ -684,8 +650,12 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
   StreamT stream_;
   beast::flat_buffer buffer_;
   // Before parser_, which refers to it.
-  std::function<void(uint64_t, beast::string_view, beast::error_code&)> refuse_chunk_;
   bool chunked_refused_ = false;
+  std::function<void(uint64_t, beast::string_view, beast::error_code&)> refuse_chunk_ =
+      [this](uint64_t, beast::string_view, beast::error_code& ec) {
+        chunked_refused_ = true;
+        ec = http::error::bad_chunk;
+      };
   std::optional<http::request_parser<http::string_body>> parser_;
   http::response<http::string_body> res_;
   core::RequestContext peer_;

@@ -118,7 +118,6 @@ Result<Client::Response> Client::Request(const std::string& method, const std::s
       c.sock->connect(asio::local::stream_protocol::endpoint(socket_path_), ec);
       if (ec) {
         c.sock.reset();
-        OPENSSL_cleanse(req.body().data(), req.body().size());
         return Error(Category::kUnavailable, "cannot reach custodyd at " + socket_path_ + ": " + ec.message());
       }
     }
@@ -129,7 +128,6 @@ Result<Client::Response> Client::Request(const std::string& method, const std::s
     if (ec) {
       c.sock.reset();
       if (reused) continue;
-      OPENSSL_cleanse(req.body().data(), req.body().size());
       return Error(Category::kUnavailable, "custodyd at " + socket_path_ + ": " + ec.message());
     }
     res = parser.release();
@@ -137,7 +135,6 @@ Result<Client::Response> Client::Request(const std::string& method, const std::s
     if (!res.keep_alive()) c.sock.reset();
     break;
   }
-  OPENSSL_cleanse(req.body().data(), req.body().size());
   if (ec) return Error(Category::kUnavailable, "custodyd at " + socket_path_ + ": " + ec.message());
   Response out{static_cast<int>(res.result_int()), std::move(res.body())};
   if (out.status >= 400) {
@@ -179,20 +176,14 @@ Result<Fetched> Client::Get(const std::string& path, std::optional<uint32_t> ver
 
 Result<uint32_t> Client::Put(const std::string& path, const SecretBuffer& value) const {
   std::string_view v = value.RevealString(SecretAccess{});
-  // JSON strings must be UTF-8: anything else travels as base64.
-  bool text = true;
-  for (unsigned char c : v) text = text && c >= 0x20 && c < 0x7f;
   // Written straight into a body reserved at its largest size, so no
   // reallocation (and no serializer's buffer) leaves a copy of the value
   // behind; the body is wiped once sent.
   std::string body;
-  if (text) {
-    body.reserve(v.size() * 2 + 16);
+  if (SendableAsJsonText(v)) {
+    body.reserve(v.size() * 6 + 16);
     body += "{\"value\":\"";
-    for (char c : v) {
-      if (c == '"' || c == '\\') body += '\\';
-      body += c;
-    }
+    AppendJsonEscaped(body, v);
   } else {
     std::string encoded = Base64Encode(v);
     body.reserve(encoded.size() + 24);

@@ -27,6 +27,16 @@ namespace custody {
 // a JSON string rather than as base64.
 bool WellFormedUtf8(std::string_view s);
 
+// Whether a value may travel as a JSON string: well-formed UTF-8 with no
+// control character other than tab, newline and return. Anything else
+// travels as base64 ("value_base64"). Client and server use the same rule.
+bool SendableAsJsonText(std::string_view s);
+
+// Appends `s` as the inside of a JSON string, escaping what JSON requires.
+// Reserve 6 bytes per byte of `s` first: a body that never reallocates
+// frees no copy of the value unwiped.
+void AppendJsonEscaped(std::string& out, std::string_view s);
+
 class InPlaceJson {
  public:
   // Parses `text`, which must hold one JSON object and nothing else, and
