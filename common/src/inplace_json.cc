@@ -1,4 +1,5 @@
 #include "custody/common/inplace_json.h"
+#include "custody/common/untrusted.h"
 
 #include <rapidjson/document.h>
 #include <rapidjson/error/en.h>
@@ -21,35 +22,10 @@ InPlaceJson::~InPlaceJson() = default;
 // bytes past the end of the text after a truncated sequence, so the text is
 // checked with this instead.
 bool WellFormedUtf8(std::string_view s) {
-  size_t i = 0;
-  while (i < s.size()) {
-    const auto b = [&](size_t k) { return static_cast<unsigned char>(s[k]); };
-    const unsigned char c = b(i);
-    if (c < 0x80) {
-      ++i;
-      continue;
-    }
-    size_t n = 0;
-    unsigned char lo = 0x80, hi = 0xBF;  // bounds of the second byte
-    if (c >= 0xC2 && c <= 0xDF) {
-      n = 1;
-    } else if (c >= 0xE0 && c <= 0xEF) {
-      n = 2;
-      if (c == 0xE0) lo = 0xA0;
-      if (c == 0xED) hi = 0x9F;
-    } else if (c >= 0xF0 && c <= 0xF4) {
-      n = 3;
-      if (c == 0xF0) lo = 0x90;
-      if (c == 0xF4) hi = 0x8F;
-    } else {
-      return false;
-    }
-    if (s.size() - i - 1 < n) return false;
-    if (b(i + 1) < lo || b(i + 1) > hi) return false;
-    for (size_t k = 2; k <= n; ++k) {
-      if (b(i + k) < 0x80 || b(i + k) > 0xBF) return false;
-    }
-    i += n + 1;
+  for (size_t i = 0; i < s.size();) {
+    const size_t len = Utf8SequenceAt(s, i);
+    if (len == 0) return false;
+    i += len;
   }
   return true;
 }

@@ -25,6 +25,7 @@
 #include <thread>
 
 #include "custody/common/base64.h"
+#include "custody/common/untrusted.h"
 #include "custody/core/authz.h"
 #include "custody/hsm/objects.h"
 
@@ -67,7 +68,9 @@ std::string SegmentName(uint32_t index) {
 
 // The line for a record: the JSON object without `hash`, then `hash` last.
 std::string Seal(ordered_json& j, std::string* hash_out) {
-  std::string body = j.dump(-1, ' ', /*ensure_ascii=*/true);
+  // Every string was made valid UTF-8 on its way in (EventJson); `replace`
+  // is the backstop, so that dump can never throw on a record.
+  std::string body = j.dump(-1, ' ', /*ensure_ascii=*/true, ordered_json::error_handler_t::replace);
   std::string hash = Sha256Hex(body);
   body.pop_back();  // the closing brace
   body += kHashKey;
@@ -77,22 +80,26 @@ std::string Seal(ordered_json& j, std::string* hash_out) {
   return body;
 }
 
+// Fields may carry bytes a caller sent (a name in a refused path, a
+// certificate's SAN): the edges check or escape them, and ValidUtf8 keeps
+// whatever still is not UTF-8 visible as \xHH instead of failing the record.
+// Text that is already UTF-8 is written unchanged.
 ordered_json EventJson(const AuditEvent& e) {
   ordered_json j;
-  j["request_id"] = e.request_id;
-  j["principal"] = e.principal;
-  j["identified_by"] = e.identified_by;
-  j["action"] = e.action;
-  j["project"] = e.project;
-  j["environment"] = e.environment;
-  j["name"] = e.name;
+  j["request_id"] = ValidUtf8(e.request_id);
+  j["principal"] = ValidUtf8(e.principal);
+  j["identified_by"] = ValidUtf8(e.identified_by);
+  j["action"] = ValidUtf8(e.action);
+  j["project"] = ValidUtf8(e.project);
+  j["environment"] = ValidUtf8(e.environment);
+  j["name"] = ValidUtf8(e.name);
   j["version"] = e.version ? ordered_json(*e.version) : ordered_json(nullptr);
-  j["kek_id"] = e.kek_id;
-  j["decision"] = e.decision;
-  j["rule"] = e.rule;
-  j["result"] = e.result;
-  j["error"] = e.error;
-  j["detail"] = e.detail;
+  j["kek_id"] = ValidUtf8(e.kek_id);
+  j["decision"] = ValidUtf8(e.decision);
+  j["rule"] = ValidUtf8(e.rule);
+  j["result"] = ValidUtf8(e.result);
+  j["error"] = ValidUtf8(e.error);
+  j["detail"] = ValidUtf8(e.detail);
   return j;
 }
 
@@ -354,21 +361,37 @@ void AuditLog::WriterLoop() {
   for (;;) {
     writer_cv_.wait(lk, [&] { return (stop_ && !leader_) || (!leader_ && !queue_.empty()); });
     if (queue_.empty()) return;  // stopping, and everything queued is written
-    Lead(lk);
+    Lead(lk);  // never throws: a failed batch fails its own requests
   }
 }
 
 void AuditLog::Lead(std::unique_lock<std::mutex>& lk) {
   // Write everything queued so far in one batch with one fsync; the others
-  // wait for us (group commit).
+  // wait for us (group commit). Nothing here may leave `leader_` set or a
+  // waiter without its outcome: every other writer, every GET and Stop()
+  // waits on them (a throw here once wedged the whole log).
   leader_ = true;
   std::vector<std::pair<uint64_t, Item>> batch;
   batch.swap(queue_);
   lk.unlock();
   std::vector<Item> items;
-  items.reserve(batch.size());
-  for (auto& [t, i] : batch) items.push_back(std::move(i));
-  std::vector<Outcome> outcomes = WriteBatch(items);
+  std::vector<Outcome> outcomes;
+  try {
+    items.reserve(batch.size());
+    for (auto& [t, i] : batch) items.push_back(std::move(i));
+    outcomes = WriteBatch(items);
+  } catch (const std::exception&) {
+    outcomes.clear();
+  }
+  if (outcomes.size() != batch.size()) {
+    // WriteBatch threw (out of memory): nothing of the batch is known to be
+    // durable, so every request in it is refused.
+    outcomes.assign(batch.size(), Outcome{});
+    for (auto& o : outcomes) o.status = Error(Category::kUnavailable, "audit log: the batch could not be written; refusing");
+  }
+  if (items.size() < batch.size()) {
+    for (size_t i = items.size(); i < batch.size(); ++i) items.push_back(std::move(batch[i].second));
+  }
   lk.lock();
   std::vector<std::pair<Done, Outcome>> callbacks;
   for (size_t i = 0; i < batch.size(); ++i) {
@@ -384,10 +407,15 @@ void AuditLog::Lead(std::unique_lock<std::mutex>& lk) {
   if (callbacks.empty()) return;
   lk.unlock();
   for (auto& [done, o] : callbacks) {
-    if (o.status.ok()) {
-      done(o.seq);
-    } else {
-      done(std::move(o.status).error());
+    // A callback that throws must not cost the others their answers.
+    try {
+      if (o.status.ok()) {
+        done(o.seq);
+      } else {
+        done(std::move(o.status).error());
+      }
+    } catch (const std::exception&) {
+      failed_callbacks_.fetch_add(1);
     }
   }
   lk.lock();
@@ -475,25 +503,32 @@ std::vector<AuditLog::Outcome> AuditLog::WriteBatch(std::vector<Item>& items) {
   int64_t unix_now = 0;
   std::string time = Iso(now, &unix_now);
 
-  auto emit = [&](ordered_json j, const std::string& type) {
+  // Builds the record's line first and moves the head only once it exists:
+  // a record that cannot be built fails alone, and the chain goes on from
+  // the record before it.
+  auto emit = [&](const ordered_json& j, const std::string& type) {
+    const uint64_t seq = h.seq + 1;
+    const bool checkpoint = type == "checkpoint";
     ordered_json rec;
-    rec["seq"] = ++h.seq;
+    rec["seq"] = seq;
     rec["time"] = time;
     rec["unix_time"] = static_cast<uint64_t>(unix_now);
     rec["type"] = type;
     for (auto& [k, v] : j.items()) rec[k] = v;
-    if (type == "checkpoint") {
-      h.ckpt_seq = h.seq;
-      h.ckpt_time = unix_now;
-    }
-    rec["ckpt_seq"] = h.ckpt_seq;
-    rec["ckpt_time"] = static_cast<uint64_t>(h.ckpt_time);
+    rec["ckpt_seq"] = checkpoint ? seq : h.ckpt_seq;
+    rec["ckpt_time"] = static_cast<uint64_t>(checkpoint ? unix_now : h.ckpt_time);
     rec["prev"] = h.hash;
     std::string hash;
-    buffer += Seal(rec, &hash);
+    std::string line = Seal(rec, &hash);
+    buffer += line;
     buffer += '\n';
+    h.seq = seq;
     h.hash = hash;
-    return h.seq;
+    if (checkpoint) {
+      h.ckpt_seq = seq;
+      h.ckpt_time = unix_now;
+    }
+    return seq;
   };
 
   if (h.torn_bytes > 0) {
@@ -506,7 +541,14 @@ std::vector<AuditLog::Outcome> AuditLog::WriteBatch(std::vector<Item>& items) {
   }
   for (size_t i = 0; i < items.size(); ++i) {
     if (items[i].signer == nullptr) {
-      out[i].seq = emit(EventJson(items[i].event), "event");
+      try {
+        out[i].seq = emit(EventJson(items[i].event), "event");
+      } catch (const std::exception&) {
+        // Not expected (every string is made UTF-8 first), but one record
+        // must never cost the others theirs: this request alone is refused.
+        // what() is not kept: it may quote the bytes.
+        out[i].status = Error(Category::kUnavailable, "audit log: the record could not be serialized; refusing");
+      }
       continue;
     }
     // A checkpoint signs the hash of the record just before it.

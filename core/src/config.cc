@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cerrno>
 #include <cstdlib>
 #include <sstream>
@@ -173,6 +174,43 @@ Result<Config> LoadConfig(const std::string& path) {
       return Error(Category::kConfig, path + ": server.tls_listen needs tls_cert, tls_key and tls_client_ca "
                                              "(there is no TLS listener without client certificates)");
     }
+    if (const toml::node* n = server->get("metrics_uids")) {
+      const toml::array* a = n->as_array();
+      bool ok = a != nullptr;
+      for (size_t i = 0; ok && i < a->size(); ++i) {
+        auto v = (*a)[i].value<int64_t>();
+        ok = v && *v >= 0 && *v <= 0xFFFFFFFFLL;
+        if (ok) c.server_metrics_uids.push_back(static_cast<uint32_t>(*v));
+      }
+      if (!ok) return Error(Category::kConfig, Where(path, n->source()) + ": server.metrics_uids must be a list of uids");
+    }
+    if (const toml::node* n = server->get("metrics_tls_sans")) {
+      const toml::array* a = n->as_array();
+      bool ok = a != nullptr;
+      for (size_t i = 0; ok && i < a->size(); ++i) {
+        auto v = (*a)[i].value<std::string>();
+        ok = v && !v->empty();
+        if (!ok) break;
+        // Typed as the policy's tls_san: a bare name is a DNS name.
+        std::string san = *v;
+        if (san.rfind("dns:", 0) != 0 && san.rfind("uri:", 0) != 0 && san.rfind("email:", 0) != 0) {
+          if (san.find(':') != std::string::npos) {
+            return Error(Category::kConfig, Where(path, n->source()) +
+                                                ": server.metrics_tls_sans: use dns:NAME, uri:URI or email:ADDRESS");
+          }
+          san = "dns:" + san;
+        }
+        if (san.rfind("dns:", 0) == 0) {
+          for (char& ch : san) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+        }
+        c.server_metrics_tls_sans.push_back(std::move(san));
+      }
+      if (!ok) {
+        return Error(Category::kConfig, Where(path, n->source()) + ": server.metrics_tls_sans must be a list of names");
+      }
+    }
+    CUSTODY_RETURN_IF_ERROR(positive("max_unidentified_connections", c.server_max_unidentified_connections, 100000));
+    CUSTODY_RETURN_IF_ERROR(positive("refusal_summary_seconds", c.server_refusal_summary_seconds, 3600));
     CUSTODY_RETURN_IF_ERROR(positive("threads", c.server_threads, 256));
     CUSTODY_RETURN_IF_ERROR(positive("max_connections", c.server_max_connections, 100000));
     CUSTODY_RETURN_IF_ERROR(positive("max_connections_per_peer", c.server_max_connections_per_peer, 100000));

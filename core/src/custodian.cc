@@ -219,8 +219,12 @@ Result<uint32_t> Custodian::Put(const RequestContext& rc, const SecretPath& path
 
 Result<std::vector<UsageRow>> Custodian::Usage(const RequestContext& rc, const std::optional<std::string>& project) {
   Flow f(*this, rc, "usage.read");
-  f.ev.project = project.value_or("");
+  // A project name from a request goes into the record only once it is a
+  // valid name (a transport should have refused it already).
+  const Status valid_project = project ? ValidateProjectName(*project) : Status::Ok();
+  if (valid_project.ok()) f.ev.project = project.value_or("");
   auto run = [&]() -> Result<std::vector<UsageRow>> {
+    CUSTODY_RETURN_IF_ERROR(valid_project);
     CUSTODY_RETURN_IF_ERROR(f.Identify(rc));
     if (project) CUSTODY_RETURN_IF_ERROR(f.Ask(policy::Action::kReadUsage, {*project, "", ""}));
     bool admin = f.authz->Allows(f.who, policy::Action::kCreateProject, {});

@@ -12,6 +12,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <map>
 #include <mutex>
 #include <set>
@@ -347,6 +348,62 @@ TEST_F(AuditTest, AsyncAppendsRunEachCallbackOnceAfterTheRecordIsWritten) {
   auto r = Verify();
   EXPECT_TRUE(r.intact) << r.problem;
   EXPECT_EQ(r.records, static_cast<uint64_t>(kAsync + kSync));
+}
+
+// Issue 13: one record with bytes that are not UTF-8 once made nlohmann's
+// dump throw inside the group-commit leader, which left the leader flag
+// set: every later append (and custodyd's stop) waited forever. Now every
+// field is written with such bytes as \xHH, the record and the ones after it
+// are written, and the log verifies.
+TEST_F(AuditTest, ARecordWithBytesThatAreNotUtf8IsWrittenEscapedAndTheLogGoesOn) {
+  AuditEvent odd = Event(1);
+  const std::string bad = "web\xff\xfe.internal\xc0\xaf";
+  odd.identified_by = "tls client certificate san " + bad;
+  odd.project = bad;
+  odd.error = bad;
+  odd.detail = std::string("nul\0byte", 8) + "\x01";
+  // Synchronously, asynchronously, and again after it: none hangs or fails.
+  auto first = log_->Append(odd);
+  ASSERT_TRUE(first.ok()) << first.error().message();
+  std::promise<Result<uint64_t>> async;
+  log_->AppendAsync(odd, [&](Result<uint64_t> r) { async.set_value(std::move(r)); });
+  auto fut = async.get_future();
+  ASSERT_EQ(fut.wait_for(std::chrono::seconds(10)), std::future_status::ready) << "the async append never finished";
+  EXPECT_TRUE(fut.get().ok());
+  auto after = log_->Append(Event(3));
+  ASSERT_TRUE(after.ok()) << after.error().message();
+  EXPECT_EQ(*after, 3u);
+  auto r = Verify();
+  EXPECT_TRUE(r.intact) << r.problem;
+  EXPECT_EQ(r.records, 3u);
+  auto lines = Lines(Segment());
+  ASSERT_EQ(lines.size(), 3u);
+  EXPECT_NE(lines[0].find(R"("project":"web\\xff\\xfe.internal\\xc0\\xaf")"), std::string::npos) << lines[0];
+  auto parsed = ParseAuditRecord(lines[0]);
+  ASSERT_TRUE(parsed.ok()) << parsed.error().message();
+  EXPECT_EQ(parsed->event.project, "web\\xff\\xfe.internal\\xc0\\xaf");
+  EXPECT_EQ(parsed->event.detail, std::string("nul\0byte", 8) + "\x01") << "valid UTF-8 is kept as it is";
+}
+
+// A callback that throws costs nobody else their answer: the other
+// callbacks of its batch run, and the log keeps writing.
+TEST_F(AuditTest, ACallbackThatThrowsDoesNotStopTheWriter) {
+  std::atomic<int> ran{0};
+  for (int i = 0; i < 20; ++i) {
+    log_->AppendAsync(Event(i), [&, i](Result<uint64_t>) {
+      ++ran;
+      if (i % 5 == 0) throw std::runtime_error("a caller's bug");
+    });
+  }
+  auto sync = log_->Append(Event(100));
+  ASSERT_TRUE(sync.ok()) << sync.error().message();
+  for (int i = 0; i < 200 && ran.load() < 20; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  EXPECT_EQ(ran.load(), 20);
+  EXPECT_EQ(log_->failed_callbacks(), 4u);
+  auto more = log_->Append(Event(101));
+  EXPECT_TRUE(more.ok());
+  log_.reset();
+  EXPECT_TRUE(Verify().intact);
 }
 
 TEST_F(AuditTest, ConcurrentProcessesShareOneChainAcrossSegments) {

@@ -10,6 +10,8 @@
 #include <boost/asio/signal_set.hpp>
 #include <algorithm>
 #include <csignal>
+#include <cstdio>
+#include <cstdlib>
 #include <thread>
 #include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/spdlog.h>
@@ -155,6 +157,9 @@ int main(int argc, char** argv) {
           note("[server] socket", c.server_socket != f.server_socket);
           note("[server] socket_mode", c.server_socket_mode != f.server_socket_mode);
           note("[server] threads", c.server_threads != f.server_threads);
+          note("[server] metrics_uids, metrics_tls_sans", c.server_metrics_uids != f.server_metrics_uids ||
+                                                              c.server_metrics_tls_sans != f.server_metrics_tls_sans);
+          note("[server] refusal_summary_seconds", c.server_refusal_summary_seconds != f.server_refusal_summary_seconds);
           note("[server] tls_*", c.server_tls_listen != f.server_tls_listen || c.server_tls_cert != f.server_tls_cert ||
                                      c.server_tls_key != f.server_tls_key ||
                                      c.server_tls_client_ca != f.server_tls_client_ca);
@@ -188,7 +193,15 @@ int main(int argc, char** argv) {
                custodian.policy()->version(),
                backend.is_tpm() ? "tpm " + config->tpm_tcti : config->token_uri, threads);
   sd_notify(0, "READY=1");
-  server.Run(threads);
+  if (!server.Run(threads)) {
+    // Requests still wait for records the disk has not taken by the drain
+    // deadline. Their values are never released (no record, no value), but
+    // their callbacks may still run: end here without destroying anything.
+    spdlog::error("stopped with requests still waiting for their audit records (the audit disk does not "
+                  "answer); they were not answered");
+    std::fflush(nullptr);
+    std::_Exit(69);
+  }
   signal_io.stop();
   signal_thread.join();
   checkpoint();

@@ -28,6 +28,8 @@
 #include "custody/common/inplace_json.h"
 #include "custody/common/wipe.h"
 #include "custody/hsm/objects.h"
+#include "custody/common/untrusted.h"
+#include "peer.h"
 
 namespace custody::server {
 
@@ -45,6 +47,10 @@ ServerOptions OptionsFrom(const core::Config& c) {
   o.max_connections = c.server_max_connections;
   o.max_connections_per_peer = c.server_max_connections_per_peer;
   o.idle_timeout_seconds = c.server_idle_timeout_seconds;
+  o.max_unidentified_connections = c.server_max_unidentified_connections;
+  o.metrics_uids = c.server_metrics_uids;
+  o.metrics_tls_sans = c.server_metrics_tls_sans;
+  o.refusal_summary_seconds = c.server_refusal_summary_seconds;
   o.max_header_bytes = c.server_max_header_bytes;
   o.max_body_bytes = c.server_max_body_bytes;
   o.tls_listen = c.server_tls_listen;
@@ -182,6 +188,76 @@ class Metrics {
   bool schedule_ok_ = true;
 };
 
+// Refusals that no request record covers: a malformed or oversized
+// request, a method or endpoint that does not exist, a connection over a
+// limit, a request not finished within the idle timeout. Writing one
+// record each would let a stranger fill the disk, so they are summed per
+// peer and written as one "http.refused" record per peer and period.
+// Bounded: past kMaxPeers distinct peers in one period, the rest are summed
+// under one entry.
+class RefusalLog {
+ public:
+  static constexpr size_t kMaxPeers = 256;
+  static constexpr const char* kOtherPeers = "other peers (more than 256 in this period)";
+
+  // `peer` is shown in the record: it must already be escaped.
+  void Count(const std::string& peer, const std::string& what) {
+    std::lock_guard lock(mu_);
+    auto it = counts_.find(peer);
+    if (it == counts_.end()) {
+      it = counts_.size() < kMaxPeers ? counts_.emplace(peer, Counts{}).first : counts_.try_emplace(kOtherPeers).first;
+    }
+    ++it->second[what];
+  }
+
+  // The records for what was counted since the last call.
+  std::vector<core::AuditEvent> Take(uint32_t period_seconds) {
+    std::map<std::string, Counts> counts;
+    {
+      std::lock_guard lock(mu_);
+      counts.swap(counts_);
+    }
+    std::vector<core::AuditEvent> out;
+    for (const auto& [peer, what] : counts) {
+      core::AuditEvent e;
+      e.action = "http.refused";
+      e.identified_by = peer;
+      e.decision = "none";
+      e.result = "refused";
+      e.request_id = core::NewRequestId();
+      std::string detail;
+      uint64_t total = 0;
+      for (const auto& [reason, n] : what) {
+        detail += (detail.empty() ? "" : ", ") + reason + " x" + std::to_string(n);
+        total += n;
+      }
+      e.detail = std::to_string(total) + " refused in at most " + std::to_string(period_seconds) + " s: " + detail;
+      out.push_back(std::move(e));
+    }
+    return out;
+  }
+
+ private:
+  using Counts = std::map<std::string, uint64_t>;
+  std::mutex mu_;
+  std::map<std::string, Counts> counts_;
+};
+
+// The label values a metric may carry for a request's project and
+// environment: names the policy in force declares, else kOtherLabel. A
+// name from a request that the policy does not know would otherwise make a
+// new series per request (and reach the scraper unchecked).
+constexpr const char* kOtherLabel = "_other";
+
+std::pair<std::string, std::string> MetricLabels(const core::Authorizer& policy, const std::string& project,
+                                                 const std::string& env) {
+  const auto& engine = policy.engine();
+  if (project.empty()) return {"", ""};
+  if (engine.FindProject(project) == nullptr) return {kOtherLabel, env.empty() ? "" : kOtherLabel};
+  if (env.empty()) return {project, ""};
+  return {project, engine.FindEnvironment(project, env) != nullptr ? env : kOtherLabel};
+}
+
 struct Server::Impl {
   ServerOptions options;
   core::Custodian& custodian;
@@ -189,9 +265,10 @@ struct Server::Impl {
   // apply to requests read after the change.
   struct Limits {
     std::atomic<uint32_t> max_connections, max_connections_per_peer, idle_timeout_seconds, max_header_bytes,
-        max_body_bytes;
+        max_body_bytes, max_unidentified_connections;
     void Set(const ServerOptions& o) {
       max_connections.store(o.max_connections);
+      max_unidentified_connections.store(o.max_unidentified_connections);
       max_connections_per_peer.store(o.max_connections_per_peer);
       idle_timeout_seconds.store(o.idle_timeout_seconds);
       max_header_bytes.store(o.max_header_bytes);
@@ -203,7 +280,62 @@ struct Server::Impl {
   // off at its deadline) are destroyed with `io`, and with them the last
   // references to their sessions, so these members must outlive it.
   std::atomic<int> connections{0};
+  // Of those, connections from peers the policy did not identify.
+  std::atomic<int> unidentified{0};
   std::atomic<int> refusals{0};  // 503s over max_connections still being sent
+  RefusalLog refused;
+  std::atomic<uint64_t> refusal_record_failures{0};
+  // Writes the refusal summaries counted so far: on the loop without
+  // waiting for them (`wait` false), or at the end of Run, waiting (the
+  // server may be gone before an asynchronous callback would run).
+  void WriteRefusals(bool wait) {
+    for (auto& e : refused.Take(options.refusal_summary_seconds)) {
+      auto failed = [this] {
+        refusal_record_failures.fetch_add(1);
+        custodian.stats().audit_healthy.store(false);
+      };
+      if (wait) {
+        if (!custodian.audit().Append(e).ok()) failed();
+        continue;
+      }
+      custodian.audit().AppendAsync(e, [failed](Result<uint64_t> r) {
+        if (!r.ok()) failed();
+      });
+    }
+  }
+  // Who may read /metrics and the details of /v1/health: policy admins,
+  // principals with the auditor role in any project, and the configured
+  // scraper uids and certificate SANs.
+  bool MayReadMetrics(const core::RequestContext& rc) {
+    const auto& c = rc.caller;
+    if (c.uid && std::find(options.metrics_uids.begin(), options.metrics_uids.end(), *c.uid) != options.metrics_uids.end()) {
+      return true;
+    }
+    for (const auto& san : c.tls_sans) {
+      std::string typed = san;
+      if (typed.rfind("dns:", 0) == 0) {
+        for (char& ch : typed) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+      }
+      if (std::find(options.metrics_tls_sans.begin(), options.metrics_tls_sans.end(), typed) !=
+          options.metrics_tls_sans.end()) {
+        return true;
+      }
+    }
+    auto authz = custodian.policy();
+    auto who = authz->Identify(c);
+    if (!who) return false;
+    if (authz->Allows(*who, policy::Action::kCreateProject, {})) return true;  // a policy admin
+    const std::string& name = authz->engine().PrincipalName(*who);
+    for (const auto& project : authz->engine().policy().projects) {
+      for (const auto& g : project.grants) {
+        if (g.principal == name && g.role == policy::Role::kAuditor) return true;
+      }
+    }
+    return false;
+  }
+  // Whether the policy in force knows this peer (decides which share of
+  // the connection places it may take).
+  bool Known(const core::RequestContext& rc) { return custodian.policy()->Identify(rc.caller).ok(); }
   // Open connections per peer ("uid 1000", "address 10.0.0.7").
   std::mutex peers_mu;
   std::map<std::string, uint32_t> peers;
@@ -224,6 +356,7 @@ struct Server::Impl {
     if (it != peers.end() && --it->second == 0) peers.erase(it);
   }
   std::atomic<bool> draining{false};
+  bool stop_requested = false;  // on the loop only
   // GETs waiting for their audit record (Custodian::GetAsync): their
   // callbacks post to `io`, so Run() waits for them before it returns.
   std::atomic<int> pending_audits{0};
@@ -317,9 +450,16 @@ template <typename StreamT>
 class Session : public std::enable_shared_from_this<Session<StreamT>> {
  public:
   // `peer_key` was counted by AdmitPeer; the session gives it back.
-  Session(Server::Impl& srv, StreamT stream, core::RequestContext peer, std::string peer_key)
-      : srv_(srv), stream_(std::move(stream)), peer_(std::move(peer)), peer_key_(std::move(peer_key)) {
+  // `unidentified`: the policy does not know the peer (yet); counted in
+  // srv.unidentified until Identified() says otherwise.
+  Session(Server::Impl& srv, StreamT stream, core::RequestContext peer, std::string peer_key, bool unidentified)
+      : srv_(srv),
+        stream_(std::move(stream)),
+        peer_(std::move(peer)),
+        peer_key_(std::move(peer_key)),
+        unidentified_(unidentified) {
     srv_.connections.fetch_add(1);
+    if (unidentified_) srv_.unidentified.fetch_add(1);
   }
   ~Session() {
     // A request refused or cut off mid-read (413, 400, a timeout, a close)
@@ -328,12 +468,20 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
     if (parser_) OPENSSL_cleanse(parser_->get().body().data(), parser_->get().body().size());
     NotIdle();
     srv_.LeavePeer(peer_key_);
+    if (unidentified_) srv_.unidentified.fetch_sub(1);
     srv_.connections.fetch_sub(1);
   }
 
   void Start() { Read(); }
   // For TLS: the peer's identity comes from its certificate, after the handshake.
-  void SetPeer(core::RequestContext peer) { peer_ = std::move(peer); }
+  // The peer then takes a principal's place if the policy knows it.
+  void SetPeer(core::RequestContext peer) {
+    peer_ = std::move(peer);
+    if (unidentified_ && srv_.Known(peer_)) {
+      unidentified_ = false;
+      srv_.unidentified.fetch_sub(1);
+    }
+  }
   template <typename Done>
   void Handshake(std::chrono::seconds timeout, Done done) {
     Lowest(stream_).expires_after(timeout);
@@ -341,6 +489,7 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
                             [self = this->shared_from_this(), done](beast::error_code ec) {
                               if (ec) {
                                 spdlog::info("tls handshake refused: {}", ec.message());
+                                self->CountRefusal("tls handshake failed");
                                 self->Close();
                               }
                               done(!ec, self->stream_);
@@ -401,26 +550,33 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
     waiting_ = false;
     NotIdle();
     if (closed_idle_) return;
+    // An idle keep-alive connection that times out between requests is
+    // not a refusal; a request not complete within the timeout is.
+    if (ec == beast::error::timeout && parser_->got_some()) CountRefusal("request not complete within the idle timeout");
     if (ec == http::error::end_of_stream || ec == beast::error::timeout || ec == asio::error::connection_reset ||
         ec == asio::error::eof || ec == asio::ssl::error::stream_truncated) {
       Close();
       return;
     }
-    if (ec) srv_.metrics.Observe(action_, project_, env_, decision_, 0);
+    if (ec) Observe(0);
     if (ec && chunked_refused_) {
+      CountRefusal("411 chunked body");
       Reply(Error(411, "send the body with Content-Length, not in chunks"), false);
       return;
     }
     if (ec == http::error::body_limit) {
+      CountRefusal("413 body too large");
       Reply(Error(413, "request body is larger than " + std::to_string(srv_.limits.max_body_bytes.load()) + " bytes"), false);
       return;
     }
     if (ec == http::error::header_limit) {
+      CountRefusal("431 headers too large");
       Reply(Error(431, "request headers are larger than " + std::to_string(srv_.limits.max_header_bytes.load()) + " bytes"),
             false);
       return;
     }
     if (ec) {
+      CountRefusal("400 malformed HTTP");
       Reply(Error(400, "malformed HTTP request: " + ec.message()), false);
       return;
     }
@@ -440,7 +596,10 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
 
   void Answer(http::response<http::string_body> res) {
     double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
-    srv_.metrics.Observe(action_, project_, env_, decision_, seconds);
+    Observe(seconds);
+    // A refusal the custodian did not record (a bad path, an unknown
+    // endpoint, /metrics to a stranger) goes into the per-peer summary.
+    if (!audited_ && res.result_int() >= 400) CountRefusal(std::to_string(res.result_int()) + " " + action_);
     srv_.NoteTokenEvents();
     Reply(std::move(res), keep_);
   }
@@ -450,6 +609,7 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
   // flight shares one fsync. The answer is built back on the server's
   // threads once the record is durable (and never if it is not).
   void StartGet(const core::SecretPath& sp, std::optional<uint32_t> version) {
+    audited_ = true;
     srv_.pending_audits.fetch_add(1);
     srv_.custodian.GetAsync(peer_, sp, version, [self = this->shared_from_this(), sp](Result<core::Unsealed> u) {
       auto got = std::make_shared<Result<core::Unsealed>>(std::move(u));
@@ -491,12 +651,14 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
     if (decision_ == "allow") decision_ = "error";
     http::response<http::string_body> res{static_cast<http::status>(status), 11};
     res.set(http::field::content_type, "application/json");
-    json body{{"error", message}, {"category", std::string(CategoryName(category))}, {"status", status}};
+    // A message may quote what a caller sent (a certificate's SAN in "... is
+    // not a principal"): bytes that are not UTF-8 are shown as \xHH.
+    json body{{"error", ValidUtf8(message)}, {"category", std::string(CategoryName(category))}, {"status", status}};
     if (retry_after > 0) {
       res.set(http::field::retry_after, std::to_string(retry_after));
       body["retry_after_seconds"] = retry_after;
     }
-    res.body() = body.dump() + "\n";
+    res.body() = body.dump(-1, ' ', false, json::error_handler_t::replace) + "\n";
     return res;
   }
 
@@ -516,7 +678,8 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
   http::response<http::string_body> Json(int status, const json& j) {
     http::response<http::string_body> res{static_cast<http::status>(status), 11};
     res.set(http::field::content_type, "application/json");
-    res.body() = j.dump() + "\n";
+    // `replace`: no answer can throw on a string that slipped past the edge.
+    res.body() = j.dump(-1, ' ', false, json::error_handler_t::replace) + "\n";
     return res;
   }
 
@@ -527,7 +690,15 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
     project_.clear();
     env_.clear();
     decision_ = "allow";
+    audited_ = false;
     std::string_view target(req.target().data(), req.target().size());
+    // The target (path and query) is the first untrusted text: anything
+    // that is not printable UTF-8 is refused here, before it can reach a
+    // record, a label, a log line or a message (and is never echoed).
+    if (!PrintableText(target)) {
+      action_ = "malformed";
+      return Error(400, "the request target is not printable UTF-8 text");
+    }
     std::string_view path = target.substr(0, target.find('?'));
     std::string_view query = target.find('?') == std::string_view::npos ? "" : target.substr(target.find('?') + 1);
     auto param = [&](std::string_view key) -> std::optional<std::string> {
@@ -548,6 +719,10 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
       action_ = "health";
       auto& st = srv_.custodian.stats();
       bool ok = st.audit_healthy.load() && st.token_healthy.load();
+      // Anyone who can connect learns whether this node can serve (a load
+      // balancer needs no more); what fails and the policy version are for
+      // the readers of /metrics.
+      if (!srv_.MayReadMetrics(peer_)) return Json(ok ? 200 : 503, {{"status", ok ? "ok" : "degraded"}});
       return Json(ok ? 200 : 503, {{"status", ok ? "ok" : "degraded"},
                                    {"audit", st.audit_healthy.load() ? "ok" : "failing: records cannot be written"},
                                    {"token", st.token_healthy.load() ? "ok" : "failing: see custody_token_errors_total"},
@@ -555,6 +730,13 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
     }
     if (path == "/metrics") {
       action_ = "metrics";
+      if (!srv_.MayReadMetrics(peer_)) {
+        const bool known = srv_.Known(peer_);
+        decision_ = "deny";
+        return Error(known ? 403 : 401,
+                     "/metrics is for policy admins and auditors and the configured metrics_uids and metrics_tls_sans",
+                     Category::kDenied);
+      }
       http::response<http::string_body> res{http::status::ok, 11};
       res.set(http::field::content_type, "text/plain; version=0.0.4");
       srv_.metrics.RefreshSchedule(srv_.custodian);
@@ -566,7 +748,11 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
       action_ = "usage.read";
       if (req.method() != http::verb::get) return Error(405, "use GET for /v1/usage");
       auto project = param("project");
+      if (project && !core::ValidateProjectName(*project).ok()) {
+        return Error(400, "the project parameter is not a project name ([a-z0-9][a-z0-9_-]*, at most 63)");
+      }
       project_ = project.value_or("");
+      audited_ = true;
       auto rows = srv_.custodian.Usage(peer_, project);
       if (!rows) return FromError(rows.error());
       json out = json::array();
@@ -614,13 +800,14 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
           return Error(400, "the body must have a string \"value\" (or \"value_base64\")");
         }
         if (value->size() > core::kMaxSecretSize) return Error(413, "the value is larger than 65536 bytes");
+        audited_ = true;
         auto v = srv_.custodian.Put(peer_, *sp, *value);
         if (!v) return FromError(v.error());
         return Json(201, {{"path", sp->str()}, {"version", *v}});
       }
       return Error(405, "use GET or PUT for /v1/secrets/PROJECT/ENV/NAME");
     }
-    return Error(404, "no such endpoint: " + std::string(path), Category::kNotFound);
+    return Error(404, "no such endpoint: " + EscapeUntrusted(path, 64), Category::kNotFound);
   }
 
   void Reply(http::response<http::string_body> res, bool keep) {
@@ -646,6 +833,12 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
 
   void Close() { Shutdown(stream_); }
 
+  void Observe(double seconds) {
+    auto [project, env] = MetricLabels(*srv_.custodian.policy(), project_, env_);
+    srv_.metrics.Observe(action_, project, env, decision_, seconds);
+  }
+  void CountRefusal(const std::string& what) { srv_.refused.Count(peer_key_, what); }
+
   Server::Impl& srv_;
   StreamT stream_;
   beast::flat_buffer buffer_;
@@ -661,93 +854,28 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
   core::RequestContext peer_;
   std::string action_, project_, env_, decision_;
   std::string peer_key_;
+  bool unidentified_ = false;  // counted in srv_.unidentified
+  bool audited_ = false;       // this request's refusal is in a custodian record
   bool keep_ = false;
   bool waiting_ = false;      // a read for the next request is pending
   bool closed_idle_ = false;  // closed by Stop() while waiting
   std::chrono::steady_clock::time_point started_;
 };
 
-// User name and groups per uid, from NSS, cached for a minute: looking them
-// up reads /etc/passwd and /etc/group, too slow for every connection.
-struct Account {
-  std::optional<std::string> user;
-  std::vector<uint32_t> gids;
-  std::chrono::steady_clock::time_point expires;
-};
-
-Account LookUp(uint32_t uid, uint32_t gid) {
-  static std::mutex mu;
-  static std::map<uint32_t, Account> cache;
-  auto now = std::chrono::steady_clock::now();
-  {
-    std::lock_guard lock(mu);
-    auto it = cache.find(uid);
-    if (it != cache.end() && it->second.expires > now) return it->second;
-  }
-  Account a;
-  a.expires = now + std::chrono::seconds(60);
-  struct passwd pw {};
-  struct passwd* found = nullptr;
-  char buf[4096];
-  if (::getpwuid_r(uid, &pw, buf, sizeof buf, &found) == 0 && found != nullptr) {
-    a.user = found->pw_name;
-    gid_t groups[64];
-    int n = 64;
-    if (::getgrouplist(found->pw_name, found->pw_gid, groups, &n) >= 0) {
-      for (int i = 0; i < n; ++i) {
-        if (static_cast<uint32_t>(groups[i]) != gid) a.gids.push_back(groups[i]);
-      }
-    }
-  }
-  std::lock_guard lock(mu);
-  if (cache.size() > 4096) cache.clear();
-  cache[uid] = a;
-  return a;
-}
-
 // The kernel's word on who is at the other end of a Unix socket.
 std::optional<core::RequestContext> PeerOf(Local::socket& s) {
   struct ucred cred {};
   socklen_t len = sizeof cred;
   if (::getsockopt(s.native_handle(), SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return std::nullopt;
-  core::RequestContext rc;
-  rc.caller.uid = cred.uid;
-  rc.caller.gids.push_back(cred.gid);
-  Account a = LookUp(cred.uid, cred.gid);
-  rc.caller.user = a.user;
-  rc.caller.gids.insert(rc.caller.gids.end(), a.gids.begin(), a.gids.end());
-  rc.identified_by = "uid " + std::to_string(cred.uid) + (rc.caller.user ? " (" + *rc.caller.user + ")" : "") +
-                     " pid " + std::to_string(cred.pid) + " via unix socket";
-  return rc;
+  return PeerFromCredentials(cred.uid, cred.gid, static_cast<uint32_t>(cred.pid));
 }
 
-// The client certificate's word on who it is: its DNS, URI and e-mail SANs
-// and its subject, for the policy's tls_san and tls_subject identities. The
-// handshake already checked that it chains to the configured CA.
+// The client certificate's word on who it is. The handshake already checked
+// that it chains to the configured CA.
 std::optional<core::RequestContext> PeerOf(TlsStream& s) {
   X509* cert = SSL_get0_peer_certificate(s.native_handle());
   if (cert == nullptr) return std::nullopt;
-  core::RequestContext rc;
-  auto* names = static_cast<GENERAL_NAMES*>(X509_get_ext_d2i(cert, NID_subject_alt_name, nullptr, nullptr));
-  for (int i = 0; names != nullptr && i < sk_GENERAL_NAME_num(names); ++i) {
-    const GENERAL_NAME* n = sk_GENERAL_NAME_value(names, i);
-    if (n->type == GEN_DNS || n->type == GEN_URI || n->type == GEN_EMAIL) {
-      const ASN1_STRING* str = n->d.ia5;
-      rc.caller.tls_sans.emplace_back(reinterpret_cast<const char*>(ASN1_STRING_get0_data(str)),
-                                      static_cast<size_t>(ASN1_STRING_length(str)));
-    }
-  }
-  GENERAL_NAMES_free(names);
-  BIO* bio = BIO_new(BIO_s_mem());
-  X509_NAME_print_ex(bio, X509_get_subject_name(cert), 0, XN_FLAG_RFC2253);
-  char* data = nullptr;
-  long len = BIO_get_mem_data(bio, &data);
-  rc.caller.tls_subject = std::string(data, static_cast<size_t>(len));
-  BIO_free(bio);
-  rc.identified_by = "tls client certificate " +
-                     (rc.caller.tls_sans.empty() ? std::string("") : "san " + rc.caller.tls_sans.front() + ", ") +
-                     "subject " + *rc.caller.tls_subject;
-  return rc;
+  return PeerFromCertificate(cert);
 }
 
 }  // namespace
@@ -763,13 +891,17 @@ void Server::Impl::AcceptTls() {
     beast::error_code addr_ec;
     const auto remote = socket.remote_endpoint(addr_ec);
     std::string key = "address " + (addr_ec ? std::string("unknown") : remote.address().to_string());
-    // Over a limit: closed before the handshake (no HTTP can be spoken yet).
-    if (connections.load() >= static_cast<int>(limits.max_connections.load()) || !AdmitPeer(key)) {
+    // Over a limit: closed before the handshake (no HTTP can be spoken
+    // yet). Until its certificate names a principal, a TLS connection takes
+    // one of the places strangers share.
+    if (connections.load() >= static_cast<int>(limits.max_connections.load()) ||
+        unidentified.load() >= static_cast<int>(limits.max_unidentified_connections.load()) || !AdmitPeer(key)) {
+      refused.Count(key, "503 connection limit");
       beast::error_code ignored;
       socket.close(ignored);
     } else {
       auto session = std::make_shared<Session<TlsStream>>(*this, TlsStream(beast::tcp_stream(std::move(socket)), *tls),
-                                                          core::RequestContext{}, std::move(key));
+                                                          core::RequestContext{}, std::move(key), /*unidentified=*/true);
       // The handshake has the same deadline as a request.
       auto* raw = session.get();
       raw->Handshake(std::chrono::seconds(limits.idle_timeout_seconds.load()), [session](bool ok, TlsStream& stream) {
@@ -864,14 +996,23 @@ void Server::Impl::Accept() {
       }
       return;
     }
-    if (connections.load() >= static_cast<int>(limits.max_connections.load())) {
-      Refuse(std::move(socket), "too many connections; retry");
-    } else if (auto peer = PeerOf(socket)) {
+    // The peer is identified before it takes a place: strangers share at
+    // most max_unidentified_connections, so they cannot starve principals.
+    if (auto peer = PeerOf(socket)) {
       std::string key = "uid " + std::to_string(peer->caller.uid.value_or(0));
-      if (!AdmitPeer(key)) {
+      const bool known = Known(*peer);
+      if (connections.load() >= static_cast<int>(limits.max_connections.load())) {
+        refused.Count(key, "503 connection limit");
+        Refuse(std::move(socket), "too many connections; retry");
+      } else if (!known && unidentified.load() >= static_cast<int>(limits.max_unidentified_connections.load())) {
+        refused.Count(key, "503 connection limit for unidentified peers");
+        Refuse(std::move(socket), "too many connections from peers the policy does not know; retry");
+      } else if (!AdmitPeer(key)) {
+        refused.Count(key, "503 connection limit per peer");
         Refuse(std::move(socket), "too many connections from " + key + "; retry");
       } else {
-        std::make_shared<Session<Stream>>(*this, Stream(std::move(socket)), std::move(*peer), std::move(key))->Start();
+        std::make_shared<Session<Stream>>(*this, Stream(std::move(socket)), std::move(*peer), std::move(key), !known)
+            ->Start();
       }
     }
     Accept();
@@ -903,6 +1044,7 @@ Status Server::Listen() {
   ::chmod(path.c_str(), impl_->options.socket_mode);
   impl_->Accept();
   if (!impl_->options.tls_listen.empty()) CUSTODY_RETURN_IF_ERROR(ListenTls());
+  Every(std::chrono::seconds(impl_->options.refusal_summary_seconds), [impl = impl_.get()] { impl->WriteRefusals(/*wait=*/false); });
   return Status::Ok();
 }
 
@@ -976,7 +1118,7 @@ void RunCatching(asio::io_context& io) {
 
 }  // namespace
 
-void Server::Run(unsigned threads) {
+bool Server::Run(unsigned threads) {
   std::vector<std::thread> pool;
   for (unsigned i = 1; i < threads; ++i) {
     pool.emplace_back([this] {
@@ -987,9 +1129,18 @@ void Server::Run(unsigned threads) {
   RunCatching(impl_->io);
   for (auto& t : pool) t.join();
   // A GET whose audit record is still being written will post its answer
-  // to `io`: wait for it, so nothing posts to a destroyed loop. The audit
-  // log's own deadlines bound the wait.
-  while (impl_->pending_audits.load() > 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  // to `io`: wait for it, so nothing posts to a destroyed loop; but not past
+  // the drain deadline (and a little for the records in flight): a disk
+  // that never answers must not keep the process from stopping.
+  const auto deadline = (impl_->stop_requested ? impl_->drain_deadline : std::chrono::steady_clock::now()) +
+                        std::chrono::seconds(2);
+  while (impl_->pending_audits.load() > 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  if (impl_->pending_audits.load() > 0) return false;
+  // The refusals of the last period, written before the log closes.
+  impl_->WriteRefusals(/*wait=*/true);
+  return true;
 }
 
 void Server::Post(std::function<void()> fn) { asio::post(impl_->io, std::move(fn)); }
@@ -1014,6 +1165,7 @@ void Server::Stop(std::chrono::seconds grace) {
     // Requests in flight finish; connections waiting for a request close now.
     impl_->CloseIdle();
     impl_->drain_deadline = std::chrono::steady_clock::now() + grace;
+    impl_->stop_requested = true;
     impl_->drain_timer.emplace(impl_->io);
     impl_->DrainCheck();
   });

@@ -13,6 +13,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "custody/common/result.h"
 #include "custody/core/config.h"
@@ -25,6 +26,16 @@ struct ServerOptions {
   uint32_t socket_mode = 0666;
   uint32_t max_connections = 256;
   uint32_t max_connections_per_peer = 64;  // per uid (Unix socket) or address (TLS)
+  // Connections from peers the policy does not know share at most this
+  // many places (the rest are kept for principals): see core::Config.
+  uint32_t max_unidentified_connections = 32;
+  // Who may read /metrics and /v1/health's details besides policy admins
+  // and auditors (typed SANs: "dns:...", "uri:...", "email:...").
+  std::vector<uint32_t> metrics_uids;
+  std::vector<std::string> metrics_tls_sans;
+  // How often refusals without a request record are written as one
+  // summary record per peer.
+  uint32_t refusal_summary_seconds = 60;
   uint32_t idle_timeout_seconds = 30;
   uint32_t max_header_bytes = 8 * 1024;
   uint32_t max_body_bytes = 128 * 1024;
@@ -50,7 +61,11 @@ class Server {
   // TLS listener when one is configured.
   Status Listen();
   // Runs the I/O loop on `threads` threads until Stop() has drained.
-  void Run(unsigned threads);
+  // False when requests were still waiting for their audit records at the
+  // drain deadline (a disk that does not answer): the caller must then end
+  // the process without destroying the server, as their answers (never
+  // values: no record, no value) may still be posted to it.
+  [[nodiscard]] bool Run(unsigned threads);
   // A reload: max_connections, max_connections_per_peer,
   // idle_timeout_seconds, max_header_bytes and max_body_bytes from `fresh`
   // apply from the next connection or request.

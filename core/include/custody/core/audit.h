@@ -17,6 +17,7 @@
 // folder. Every wait has a deadline: a stuck disk gives an error, never a hang.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -121,6 +122,10 @@ class AuditLog {
 
   const std::string& dir() const { return options_.dir; }
 
+  // AppendAsync callbacks that threw (they are caught so that the others
+  // still run; custodyd reports the count).
+  uint64_t failed_callbacks() const { return failed_callbacks_.load(); }
+
  private:
   struct Item {
     AuditEvent event;
@@ -153,6 +158,7 @@ class AuditLog {
   std::condition_variable writer_cv_;
   std::thread writer_;
   bool stop_ = false;
+  std::atomic<uint64_t> failed_callbacks_{0};
   // The head as this process left it after its last batch: reused when the
   // newest segment still has the same inode and size (no other process
   // wrote since), which saves re-reading the tail on every batch.

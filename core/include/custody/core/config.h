@@ -57,6 +57,20 @@ struct Config {
   // From one peer (a uid on the Unix socket, an address over TLS): one
   // local user cannot take every place.
   uint32_t server_max_connections_per_peer = 64;
+  // Connections from peers the policy does not identify (a uid no
+  // principal has; a TLS client before its handshake, or whose certificate
+  // maps to no principal) share at most this many of max_connections: the
+  // rest are kept for principals, so strangers cannot starve them.
+  uint32_t server_max_unidentified_connections = 32;
+  // Who may read /metrics and the details of /v1/health besides policy
+  // admins and auditors: a scraper's uid or certificate SAN ("dns:...",
+  // "uri:...", "email:..."; a bare name is a DNS name).
+  std::vector<uint32_t> server_metrics_uids;
+  std::vector<std::string> server_metrics_tls_sans;
+  // Refusals that no request record covers (malformed requests, connection
+  // limits, timeouts) are summed per peer and written as one audit record
+  // per peer this often (docs/AUDIT.md).
+  uint32_t server_refusal_summary_seconds = 60;
   uint32_t server_idle_timeout_seconds = 30;
   uint32_t server_max_header_bytes = 8 * 1024;
   uint32_t server_max_body_bytes = 128 * 1024;

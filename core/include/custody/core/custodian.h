@@ -74,6 +74,9 @@ class Custodian {
   void SwapPolicy(std::shared_ptr<const Authorizer> authz);
   std::shared_ptr<const Authorizer> policy() const;
   CustodianStats& stats() { return stats_; }
+  // The log every request's record goes to (custodyd also writes its
+  // summaries of refused connections there).
+  AuditLog& audit() { return audit_; }
   // Write-behind usage counts that could not be written yet (they are kept
   // and written with the next flush).
   uint64_t usage_flush_failures() const { return usage_.flush_failures(); }
