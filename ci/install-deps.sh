@@ -17,6 +17,9 @@ packages=(
   libboost-dev libsystemd-dev curl
   # tests and benchmarks
   googletest libgtest-dev libgmock-dev libbenchmark-dev
+  # fuzzing (ci/fuzz.sh): clang, its libFuzzer and sanitizer runtimes (only
+  # recommended by clang, so named here), llvm-symbolizer for readable stacks
+  clang libclang-rt-14-dev llvm
 )
 
 missing=()

@@ -3,6 +3,7 @@
 #include <openssl/evp.h>
 #include <openssl/pem.h>
 
+#include <algorithm>
 #include <cstdio>
 
 #include <memory>
@@ -19,6 +20,37 @@ namespace {
 using nlohmann::json;
 
 Error Bad(const std::string& what) { return Error(Category::kIntegrity, "attestation statement: " + what); }
+
+// The first place (in key order) where `copy` says something `signed_part`
+// does not, as a field path ("keys[0].id", "policy.sha256"); nullopt when
+// they are the same JSON. `at` is the path so far ("" at the top).
+std::optional<std::string> FirstDifference(const json& signed_part, const json& copy, const std::string& at) {
+  auto field = [&](const std::string& key) { return at.empty() ? key : at + "." + key; };
+  if (signed_part.is_object() && copy.is_object()) {
+    auto a = signed_part.begin(), b = copy.begin();
+    // Both iterate their keys in sorted order: walk them side by side.
+    while (a != signed_part.end() || b != copy.end()) {
+      if (b == copy.end() || (a != signed_part.end() && a.key() < b.key())) return field(a.key());
+      if (a == signed_part.end() || b.key() < a.key()) return field(b.key());
+      if (auto d = FirstDifference(*a, *b, field(a.key()))) return d;
+      ++a;
+      ++b;
+    }
+    return std::nullopt;
+  }
+  if (signed_part.is_array() && copy.is_array()) {
+    size_t n = std::min(signed_part.size(), copy.size());
+    for (size_t i = 0; i < n; ++i) {
+      if (auto d = FirstDifference(signed_part[i], copy[i], at + "[" + std::to_string(i) + "]")) return d;
+    }
+    if (signed_part.size() != copy.size()) return at + "[" + std::to_string(n) + "]";
+    return std::nullopt;
+  }
+  // Scalars (numbers compare by value whatever their JSON type), or a
+  // change of kind.
+  if (signed_part == copy) return std::nullopt;
+  return at;
+}
 
 Result<EVP_PKEY*> ReadPublicKey(const std::string& pem) {
   std::unique_ptr<BIO, decltype(&BIO_free)> bio(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())), &BIO_free);
@@ -68,7 +100,9 @@ Result<StatementFile> ParseStatementFile(std::string_view text) {
   if (!payload) return Bad("payload is not base64");
   auto sig = Base64Decode(sig_b64);
   if (!sig || sig->empty()) return Bad("signature is not base64");
-  return StatementFile{std::string(payload->begin(), payload->end()), std::move(*sig)};
+  StatementFile f{std::string(payload->begin(), payload->end()), std::move(*sig), std::nullopt};
+  if (auto it = j.find("statement"); it != j.end()) f.readable = it->dump();
+  return f;
 }
 
 Result<StatementSummary> VerifyStatementFile(std::string_view text, const std::string& public_key_pem,
@@ -89,6 +123,16 @@ Result<StatementSummary> VerifyStatementFile(std::string_view text, const std::s
   }
   json p = json::parse(f.payload, nullptr, false);
   if (p.is_discarded() || !p.is_object()) return Bad("signed payload is not a JSON object");
+  if (f.readable) {
+    // What a person reads in the file must be what was signed: an edited
+    // copy beside a valid signature would show keys, a policy or a nonce
+    // that nobody vouched for.
+    json copy = json::parse(*f.readable, nullptr, false);
+    if (auto d = FirstDifference(p, copy, "")) {
+      return Bad((d->empty() ? std::string("the readable copy") : "field " + *d + " of the readable copy") +
+                 " differs from the signed payload: the file was changed after it was signed");
+    }
+  }
   auto need = [&](const json& obj, const char* path, const char* key, json::value_t type) -> Result<const json*> {
     auto it = obj.find(key);
     bool ok = it != obj.end() &&
@@ -133,8 +177,18 @@ Result<StatementSummary> VerifyStatementFile(std::string_view text, const std::s
   if (auto m = token->find("manufacturer"); m != token->end() && m->is_string()) s.token = m->get<std::string>();
   if (auto m = token->find("serial"); m != token->end() && m->is_string()) s.token += " serial " + m->get<std::string>();
   s.keys = keys->size();
+  for (const json& k : *keys) {
+    StatementKey sk{k["role"].get<std::string>(), k["label"].get<std::string>(), "", k["fingerprint"].get<std::string>()};
+    if (auto id = k.find("id"); id != k.end() && id->is_string()) sk.id = id->get<std::string>();
+    s.key_list.push_back(std::move(sk));
+  }
   s.policy_sha256 = policy_sha->get<std::string>();
+  if (auto v = policy->find("version"); v != policy->end() && v->is_number_unsigned()) {
+    s.policy_version = v->get<uint64_t>();
+  }
   s.audit_head_seq = head_seq->get<uint64_t>();
+  s.audit_head_hash = (*audit)["head_hash"].get<std::string>();
+  s.attestation_key = fp;
   auto nonce = p.find("nonce");
   if (nonce != p.end() && !nonce->is_string() && !nonce->is_null()) return Bad("payload field nonce has the wrong type");
   if (nonce != p.end() && nonce->is_string()) s.nonce = nonce->get<std::string>();

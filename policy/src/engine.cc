@@ -65,9 +65,13 @@ bool NameMatches(std::string_view pattern, std::string_view name) {
 Engine::Engine(Policy policy) : policy_(std::move(policy)) {
   admin_.assign(policy_.principals.size(), false);
   for (uint32_t i = 0; i < policy_.principals.size(); ++i) {
-    const Principal& pr = policy_.principals[i];
+    Principal& pr = policy_.principals[i];
     principals_.emplace(pr.name, i);
-    for (const Identity& id : pr.identities) {
+    for (Identity& id : pr.identities) {
+      // The parser types every SAN already; a policy built in code may not
+      // have. One it cannot type identifies nobody.
+      if (id.kind == IdentityKind::kTlsSan) id.value = PolicyTlsSan(id.value).value_or("");
+      if (id.kind == IdentityKind::kTlsSan && id.value.empty()) continue;
       switch (id.kind) {
         case IdentityKind::kUid: by_uid_.emplace(static_cast<uint32_t>(std::stoul(id.value)), i); break;
         case IdentityKind::kGid: by_gid_.emplace(static_cast<uint32_t>(std::stoul(id.value)), i); break;
@@ -110,7 +114,11 @@ std::optional<PrincipalId> Engine::Identify(const Caller& c, std::string* why) c
   };
   if (c.uid) consider(by_uid_, *c.uid);
   if (c.user) consider(by_user_, std::string_view(*c.user));
-  for (const auto& san : c.tls_sans) consider(by_san_, std::string_view(san));
+  // Only a SAN of the identity's own type: an e-mail SAN spelt like a host
+  // name is not that host.
+  for (const auto& san : c.tls_sans) {
+    if (auto typed = CallerTlsSan(san)) consider(by_san_, std::string_view(*typed));
+  }
   if (c.tls_subject) consider(by_subject_, std::string_view(*c.tls_subject));
   if (!found && !ambiguous) {
     for (uint32_t g : c.gids) consider(by_gid_, g);
@@ -118,7 +126,12 @@ std::optional<PrincipalId> Engine::Identify(const Caller& c, std::string* why) c
   std::string who;
   if (c.user) who = "user " + *c.user;
   if (c.uid) who += (who.empty() ? "uid " : " (uid ") + std::to_string(*c.uid) + (who.empty() ? "" : ")");
-  if (who.empty() && !c.tls_sans.empty()) who = "certificate SAN " + c.tls_sans[0];
+  if (who.empty() && !c.tls_sans.empty()) {
+    // Typed as the server reports it ("certificate SAN email:..."), so a
+    // refusal says which kind of name did not match.
+    who = "certificate SAN " + c.tls_sans[0];
+    if (c.tls_sans.size() > 1) who += " (and " + std::to_string(c.tls_sans.size() - 1) + " more)";
+  }
   if (who.empty() && c.tls_subject) who = "certificate subject " + *c.tls_subject;
   if (ambiguous) {
     if (why) *why = who + " matches more than one principal in the policy; refusing";

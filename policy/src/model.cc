@@ -95,4 +95,53 @@ std::string FormatDuration(uint64_t seconds) {
   return std::to_string(seconds) + "s";
 }
 
+namespace {
+
+std::string Lower(std::string_view s) {
+  std::string out(s);
+  for (char& c : out) {
+    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+  }
+  return out;
+}
+
+// The typed form of `value` under `type` (already lower-case), or nullopt
+// for an unknown type or an empty value.
+std::optional<std::string> Typed(std::string_view type, std::string_view value) {
+  if (value.empty()) return std::nullopt;
+  if (type == "dns") return "dns:" + Lower(value);
+  if (type == "uri" || type == "email") return std::string(type) + ":" + std::string(value);
+  return std::nullopt;
+}
+
+}  // namespace
+
+std::optional<std::string> PolicyTlsSan(std::string_view text) {
+  size_t colon = text.find(':');
+  // A DNS name never holds ':'; a URI always does, so it needs its prefix.
+  if (colon == std::string_view::npos) return Typed("dns", text);
+  return Typed(Lower(text.substr(0, colon)), text.substr(colon + 1));
+}
+
+std::optional<std::string> CallerTlsSan(std::string_view typed) {
+  size_t colon = typed.find(':');
+  if (colon == std::string_view::npos) return std::nullopt;
+  return Typed(typed.substr(0, colon), typed.substr(colon + 1));
+}
+
+bool ValidPrincipalName(std::string_view s) {
+  size_t colon = s.find(':');
+  if (colon == std::string_view::npos) return false;
+  auto kind = s.substr(0, colon);
+  if (kind != "user" && kind != "svc") return false;
+  auto rest = s.substr(colon + 1);
+  if (rest.empty() || rest.size() > 128) return false;
+  for (char c : rest) {
+    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '_' ||
+              c == '.' || c == '@';
+    if (!ok) return false;
+  }
+  return true;
+}
+
 }  // namespace custody::policy

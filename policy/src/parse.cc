@@ -123,21 +123,6 @@ class Parser {
     return true;
   }
 
-  static bool ValidPrincipalName(std::string_view s) {
-    size_t colon = s.find(':');
-    if (colon == std::string_view::npos) return false;
-    auto kind = s.substr(0, colon);
-    if (kind != "user" && kind != "svc") return false;
-    auto rest = s.substr(colon + 1);
-    if (rest.empty() || rest.size() > 128) return false;
-    for (char c : rest) {
-      bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
-                c == '_' || c == '.' || c == '@';
-      if (!ok) return false;
-    }
-    return true;
-  }
-
   void ParsePrincipal(const std::string& name, const toml::node& node, Policy& p) {
     Principal pr;
     pr.name = name;
@@ -151,6 +136,7 @@ class Parser {
       return;
     }
     OnlyKeys(*t, {"unix_user", "uid", "gid", "tls_san", "tls_subject"}, "principal " + name);
+    bool refused_san = false;
     for (const auto& [key, v] : *t) {
       std::string k(key.str());
       if (k == "uid" || k == "gid") {
@@ -171,12 +157,23 @@ class Parser {
                             : k == "tls_san" ? IdentityKind::kTlsSan
                                              : IdentityKind::kTlsSubject;
         for (auto& [s, loc] : Strings(v, name + "." + k)) {
-          if (s.empty()) Error(loc, name + "." + k + " is empty");
-          else pr.identities.push_back({kind, s, loc});
+          if (s.empty()) {
+            Error(loc, name + "." + k + " is empty");
+          } else if (kind != IdentityKind::kTlsSan) {
+            pr.identities.push_back({kind, s, loc});
+          } else if (auto typed = PolicyTlsSan(s)) {
+            // Typed and normalised here, so the overlap check below and the
+            // engine compare like with like.
+            pr.identities.push_back({kind, *typed, loc});
+          } else {
+            refused_san = true;
+            Error(loc, "tls_san '" + s + "' of principal " + name +
+                           " is not a SAN custody can match: write dns:NAME (or a bare NAME), uri:URI or email:ADDRESS");
+          }
         }
       }
     }
-    if (pr.identities.empty()) {
+    if (pr.identities.empty() && !refused_san) {
       Error(node.source(), "principal " + name + " has no identity (unix_user, uid, gid, tls_san or tls_subject)");
     }
     p.principals.push_back(std::move(pr));

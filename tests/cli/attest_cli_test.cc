@@ -151,6 +151,90 @@ TEST_F(AttestCliTest, ChangingAnyFieldOfTheStatementMakesVerifyFail) {
   Expect65(Verify(bad, a_.dir() / "ak.pem"), "field 'payload' is missing");
 }
 
+// The file's readable copy is for people; verify vouches only for the
+// signed bytes. A copy edited to show another key, policy or nonce beside a
+// valid signature is refused (65, naming the first field that differs), and
+// what verify prints comes from the signed bytes.
+TEST_F(AttestCliTest, AReadableCopyThatDiffersFromTheSignedBytesIsRefused) {
+  std::string st = Attest(a_, {"--nonce", kNonce});
+  std::string ak = a_.dir() / "ak.pem";
+  json file = json::parse(ReadFile(st));
+  auto bytes = Base64Decode(file["payload"].get<std::string>());
+  ASSERT_TRUE(bytes.has_value());
+  json signed_payload = json::parse(std::string(bytes->begin(), bytes->end()));
+
+  // Untouched: verified, and every value shown is the signed one.
+  auto ok = Verify(st, ak, {"--nonce", kNonce});
+  ASSERT_EQ(ok.exit_code, 0) << ok.err;
+  EXPECT_NE(ok.out.find("nonce matches"), std::string::npos) << ok.out;
+  EXPECT_NE(ok.out.find(signed_payload["policy"]["sha256"].get<std::string>()), std::string::npos) << ok.out;
+  EXPECT_NE(ok.out.find(signed_payload["audit"]["head_hash"].get<std::string>()), std::string::npos) << ok.out;
+  EXPECT_NE(ok.out.find(std::string(kNonce) + " (matches)"), std::string::npos) << ok.out;
+  size_t kek = signed_payload["keys"].size();
+  for (size_t i = 0; i < signed_payload["keys"].size(); ++i) {
+    const json& k = signed_payload["keys"][i];
+    EXPECT_NE(ok.out.find(k["label"].get<std::string>()), std::string::npos) << ok.out;
+    EXPECT_NE(ok.out.find(k["fingerprint"].get<std::string>()), std::string::npos) << ok.out;
+    if (k.contains("id")) {
+      EXPECT_NE(ok.out.find("id " + k["id"].get<std::string>()), std::string::npos) << ok.out;
+    }
+    if (k["role"] == "kek") kek = i;
+  }
+  ASSERT_LT(kek, signed_payload["keys"].size());
+  auto j = RunCustody({"--json", "attest", "verify", st, "--pubkey", ak, "--nonce", kNonce}, {});
+  ASSERT_EQ(j.exit_code, 0) << j.err;
+  json shown = json::parse(j.out);
+  EXPECT_EQ(shown["policy_sha256"], signed_payload["policy"]["sha256"]);
+  EXPECT_EQ(shown["nonce"], kNonce);
+  EXPECT_EQ(shown["key_list"][kek]["id"], signed_payload["keys"][kek]["id"]);
+
+  // The readable copy alone edited: the signature still verifies, the file
+  // is refused all the same.
+  std::string bad = a_.dir() / "edited.json";
+  std::string at_kek = "keys[" + std::to_string(kek) + "]";
+  struct Edit {
+    json::json_pointer at;
+    json value;
+    std::string says;
+  };
+  std::vector<Edit> edits{
+      {json::json_pointer("/keys/" + std::to_string(kek) + "/id"), "00112233445566778899aabbccddeeff",
+       "field " + at_kek + ".id of the readable copy differs"},
+      {json::json_pointer("/policy/sha256"), std::string(64, 'a'), "field policy.sha256 of the readable copy differs"},
+      {json::json_pointer("/nonce"), "ffeeddccbbaa99887766554433221100", "field nonce of the readable copy differs"},
+      {json::json_pointer("/keys/" + std::to_string(kek) + "/attributes/extractable"), false,
+       "field " + at_kek + ".attributes.extractable"},
+  };
+  for (const auto& e : edits) {
+    json f = file;
+    if (e.value.is_boolean()) {
+      f["statement"][e.at] = !f["statement"][e.at].get<bool>();
+    } else {
+      f["statement"][e.at] = e.value;
+    }
+    WriteFile(bad, f.dump(2));
+    Expect65(Verify(bad, ak, {"--nonce", kNonce}), e.says);
+  }
+  // A field added to the copy, or one taken away, is a difference too.
+  json f = file;
+  f["statement"]["hardware_attested"] = true;
+  WriteFile(bad, f.dump(2));
+  Expect65(Verify(bad, ak), "field hardware_attested of the readable copy differs");
+  f = file;
+  f["statement"]["keys"].erase(kek);
+  WriteFile(bad, f.dump(2));
+  Expect65(Verify(bad, ak), "of the readable copy differs");
+  f = file;
+  f["statement"] = "trust me";
+  WriteFile(bad, f.dump(2));
+  Expect65(Verify(bad, ak), "the readable copy differs");
+  // Without a readable copy there is nothing to mislead: it verifies.
+  f = file;
+  f.erase("statement");
+  WriteFile(bad, f.dump(2));
+  EXPECT_EQ(Verify(bad, ak, {"--nonce", kNonce}).exit_code, 0);
+}
+
 TEST_F(AttestCliTest, AWrongOrMissingNonceFailsWhenOneIsRequired) {
   std::string with = Attest(a_, {"--nonce", kNonce});
   Expect65(Verify(with, a_.dir() / "ak.pem", {"--nonce", "ffeeddccbbaa99887766554433221100"}), "it is not fresh");

@@ -249,6 +249,54 @@ TEST_F(CliTest, GetToFileCreatesItPrivate) {
   EXPECT_EQ(st.st_mode & 0777, 0600u);
 }
 
+// --out never writes through a name another user can take first: a file or
+// a symlink at the old predictable FILE.custody-tmp (in a shared folder)
+// neither stops the command nor is touched, and an existing FILE is
+// replaced whole and made private.
+TEST_F(CliTest, GetToFileIgnoresWhatOthersPutBesideIt) {
+  Put("payments/prod/stripe", kSecret);
+  std::string shared = token_.dir() / "shared";
+  ASSERT_EQ(::mkdir(shared.c_str(), 01777), 0);
+  ASSERT_EQ(::chmod(shared.c_str(), 01777), 0);
+  auto expect_written = [&](const std::string& out) {
+    auto r = Cli({"secret", "get", "payments/prod/stripe", "--out", out});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_EQ(ReadFile(out), kSecret);
+    struct stat st {};
+    ASSERT_EQ(::lstat(out.c_str(), &st), 0);
+    EXPECT_TRUE(S_ISREG(st.st_mode));
+    EXPECT_EQ(st.st_mode & 0777, 0600u);
+  };
+
+  // Someone else's file at the old temporary name.
+  std::string a = shared + "/a.key";
+  WriteFile(a + ".custody-tmp", "not yours");
+  ASSERT_EQ(::chmod((a + ".custody-tmp").c_str(), 0644), 0);
+  expect_written(a);
+  EXPECT_EQ(ReadFile(a + ".custody-tmp"), "not yours");
+
+  // A symlink there, pointing at a file the attacker wants overwritten.
+  std::string b = shared + "/b.key", victim = token_.dir() / "victim";
+  WriteFile(victim, "victim's data");
+  ASSERT_EQ(::symlink(victim.c_str(), (b + ".custody-tmp").c_str()), 0);
+  expect_written(b);
+  EXPECT_EQ(ReadFile(victim), "victim's data");
+  struct stat st {};
+  ASSERT_EQ(::lstat((b + ".custody-tmp").c_str(), &st), 0);
+  EXPECT_TRUE(S_ISLNK(st.st_mode));
+
+  // An existing, readable FILE is replaced, and is private after.
+  std::string c = shared + "/c.key";
+  WriteFile(c, "old value");
+  ASSERT_EQ(::chmod(c.c_str(), 0644), 0);
+  expect_written(c);
+
+  // Nothing else is left in the folder: no temporary file, whole or half.
+  std::set<std::string> names;
+  for (const auto& e : std::filesystem::directory_iterator(shared)) names.insert(e.path().filename().string());
+  EXPECT_EQ(names, (std::set<std::string>{"a.key", "a.key.custody-tmp", "b.key", "b.key.custody-tmp", "c.key"}));
+}
+
 TEST_F(CliTest, PutFromFileAndPinFromEnvironmentOrDescriptor) {
   std::string f = token_.dir() / "value";
   WriteFile(f, "from-a-file");
@@ -392,6 +440,69 @@ TEST_F(CliTest, UsageErrorsAre64) {
   ExpectOneLine(Cli({"project", "create", "payments"}), 64, "project 'payments' already exists");
   ExpectOneLine(Cli({"project", "create", "new", "--env", "prod,prod"}), 64, "listed twice");
   EXPECT_EQ(Cli({"project", "list"}).out.find("new"), std::string::npos);
+}
+
+// Bytes that are not UTF-8 (or control characters) in an argument that goes
+// into the audit record are refused before anything happens: exit 64, one
+// line naming the argument, the bytes never echoed. (They used to reach the
+// audit writer, whose JSON serializer threw: exit 134, no record, and for
+// revoke the version not revoked either.)
+TEST_F(CliTest, ArgumentsThatAreNotTextAreRefusedNamingTheArgument) {
+  Put("payments/prod/stripe", "one");
+  Put("payments/prod/stripe", "two");
+  const std::string bad = "\xff\xfe\xc3";  // not UTF-8: a lone lead byte at the end
+  auto refused = [&](const std::vector<std::string>& args, const std::string& arg,
+                     const std::string& says = " is not valid UTF-8 text") {
+    auto r = Cli(args);
+    ExpectOneLine(r, 64, arg + says);
+    EXPECT_EQ(r.err.find('\xff'), std::string::npos) << "the refused bytes are not echoed";
+    EXPECT_EQ(r.out, "");
+  };
+  refused({"policy", "explain", "user:r" + bad, "get", "payments/prod/stripe"}, "PRINCIPAL");
+  refused({"policy", "explain", "user:root", "get", "payments/prod/" + bad}, "TARGET");
+  refused({"policy", "explain", "user:root", "get", "pay" + bad + "/prod/x"}, "TARGET");
+  refused({"audit", "show", "--project", "pay" + bad}, "--project");
+  refused({"--json", "audit", "show", "--project", bad}, "--project");
+  refused({"secret", "revoke", "payments/prod/stripe", "--version", "2", "--reason", "leaked " + bad}, "--reason");
+  // Free text is one line of UTF-8: no newline, no other control
+  // character (DEL, or U+009B, a terminal's escape), and not too long.
+  std::string controls = " holds a control character";
+  refused({"secret", "revoke", "payments/prod/stripe", "--version", "2", "--reason", "two\nlines"}, "--reason",
+          controls);
+  refused({"secret", "revoke", "payments/prod/stripe", "--version", "2", "--reason", "del\x7f"}, "--reason", controls);
+  refused({"secret", "revoke", "payments/prod/stripe", "--version", "2", "--reason", "csi\xc2\x9b" "31m"}, "--reason",
+          controls);
+  refused({"secret", "revoke", "payments/prod/stripe", "--version", "2", "--reason", std::string(501, 'x')}, "--reason",
+          " is longer than 500 bytes");
+  // A malformed principal name is refused as such, before any record.
+  ExpectOneLine(Cli({"policy", "explain", "root", "get", "payments/prod/stripe"}), 64, "PRINCIPAL 'root'");
+  ExpectOneLine(Cli({"policy", "explain", "user:root", "get", "payments/PROD/x"}), 64,
+                "TARGET: environment name 'PROD' is not allowed");
+
+  // Nothing was revoked: version 2 is still the current one.
+  auto versions = Cli({"--json", "secret", "versions", "payments/prod/stripe"});
+  ASSERT_EQ(versions.exit_code, 0) << versions.err;
+  auto list = nlohmann::json::parse(versions.out);
+  ASSERT_EQ(list.size(), 2u);
+  for (const auto& v : list) EXPECT_FALSE(v.contains("revoked_at")) << v.dump();
+  EXPECT_EQ(Cli({"secret", "get", "payments/prod/stripe"}).out, "two");
+
+  // Text that is UTF-8 is taken as it is, and recorded.
+  auto r = Cli({"secret", "revoke", "payments/prod/stripe", "--version", "2", "--reason", "fuite: cl\xc3\xa9 r\xc3\xa9\xc3\xa9mise"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto shown = Cli({"--json", "audit", "show", "--action", "secret.revoke"});
+  ASSERT_EQ(shown.exit_code, 0) << shown.err;
+  EXPECT_NE(shown.out.find("fuite: cl\xc3\xa9 r\xc3\xa9\xc3\xa9mise"), std::string::npos) << shown.out;
+  // The log is intact: every refusal above stopped before it.
+  EXPECT_EQ(Cli({"audit", "verify"}).exit_code, 0);
+}
+
+// The same for the environment: a config path that is not text is refused
+// (78) before it can be named in a record or an answer.
+TEST_F(CliTest, EnvironmentValuesThatAreNotTextAreRefused) {
+  auto r = CliWithEnv({"--json", "secret", "list"}, {{"CUSTODY_CONFIG", token_.dir() / "st\xffte/custody.toml"}});
+  ExpectOneLine(r, 78, "environment variable CUSTODY_CONFIG is not valid UTF-8 text");
+  ExpectOneLine(Cli({"--config", token_.dir() / "\xff.toml", "secret", "list"}), 64, "--config is not valid UTF-8 text");
 }
 
 TEST_F(CliTest, DuplicateProjectLeavesNoKekInTheToken) {

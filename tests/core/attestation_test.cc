@@ -113,5 +113,49 @@ TEST_F(TpmEvidenceTest, AQuoteSignedByAnotherKeyOrForgedIsRefused) {
   EXPECT_FALSE(v.ok());
 }
 
+// The file's readable copy must be the signed payload, to the last field:
+// verify names the first one that differs, though the signature is good.
+TEST(StatementReadableCopy, MustBeExactlyTheSignedPayload) {
+  SoftwareKey key;
+  auto fp = PublicKeyFingerprint(key.Pem());
+  ASSERT_TRUE(fp.ok());
+  json p{{"format", kStatementFormat}, {"time", "2026-11-29T00:00:00Z"}, {"nonce", kNonce}, {"backend", "pkcs11"},
+         {"token", json::object()},
+         {"keys", {{{"role", "kek"}, {"label", "custody:kek:payments:v1"}, {"id", "0099ec18"}, {"fingerprint", "kcv:1a2b3c"},
+                    {"attributes", {{"extractable", false}}}}}},
+         {"policy", {{"version", 3}, {"sha256", "5f1c"}}}, {"audit", {{"head_seq", 42}, {"head_hash", "9ab0"}}},
+         {"attestation_key", {{"fingerprint", *fp}}}};
+  std::string bytes = p.dump();
+  json file = json::parse(EncodeStatementFile(bytes, key.Sign(bytes), key.Pem()));
+  auto v = VerifyStatementFile(file.dump(), key.Pem(), std::string(kNonce));
+  ASSERT_TRUE(v.ok()) << v.error().message();
+  // What it reports is the signed payload's.
+  EXPECT_EQ(v->policy_sha256, "5f1c");
+  EXPECT_EQ(v->policy_version, 3u);
+  EXPECT_EQ(v->audit_head_hash, "9ab0");
+  ASSERT_EQ(v->key_list.size(), 1u);
+  EXPECT_EQ(v->key_list[0].id, "0099ec18");
+  EXPECT_EQ(v->key_list[0].fingerprint, "kcv:1a2b3c");
+  EXPECT_EQ(v->attestation_key, *fp);
+
+  const std::pair<std::string, std::string> edits[] = {
+      {"/keys/0/id", "keys[0].id"},
+      {"/policy/sha256", "policy.sha256"},
+      {"/nonce", "nonce"},
+      {"/audit/head_seq", "audit.head_seq"},
+  };
+  for (const auto& [at, field] : edits) {
+    json f = file;
+    json& leaf = f["statement"][json::json_pointer(at)];
+    leaf = leaf.is_number() ? json(7) : json("ffee");
+    auto bad = VerifyStatementFile(f.dump(), key.Pem(), std::nullopt);
+    ASSERT_FALSE(bad.ok()) << at;
+    EXPECT_EQ(bad.error().category(), Category::kIntegrity);
+    EXPECT_EQ(bad.error().message(), "attestation statement: field " + field +
+                                         " of the readable copy differs from the signed payload: the file was "
+                                         "changed after it was signed");
+  }
+}
+
 }  // namespace
 }  // namespace custody::core

@@ -233,6 +233,62 @@ TEST(Engine, IdentifyByUidUserGroupAndCertificate) {
   EXPECT_NE(why.find("more than one principal"), std::string::npos);
 }
 
+// A SAN identifies a principal only through an identity of its own type.
+// The server reports each SAN typed ("dns:", "uri:", "email:"); the policy
+// writes them typed too, a bare value meaning a DNS name.
+constexpr const char* kSanPolicy = R"(
+version = 1
+[principals."svc:web"]
+tls_san = "web.prod.demo.internal"
+[principals."svc:web-dns"]
+tls_san = "dns:Api.Prod.Demo.Internal"
+[principals."svc:spiffe"]
+tls_san = "uri:spiffe://demo.internal/web"
+[principals."svc:mailer"]
+tls_san = "email:ops@demo.internal"
+[projects.demo.environments.prod]
+)";
+
+std::optional<std::string> IdentifiedAs(const Engine& e, std::vector<std::string> sans, std::string* why = nullptr) {
+  auto id = e.Identify({.tls_sans = std::move(sans)}, why);
+  if (!id) return std::nullopt;
+  return e.PrincipalName(*id);
+}
+
+TEST(Engine, AnEmailSanDoesNotMatchADnsIdentity) {
+  Engine e = Make(kSanPolicy);
+  std::string why;
+  EXPECT_EQ(IdentifiedAs(e, {"email:web.prod.demo.internal"}, &why), std::nullopt);
+  EXPECT_EQ(why, "certificate SAN email:web.prod.demo.internal is not a principal in the policy");
+  EXPECT_EQ(IdentifiedAs(e, {"uri:web.prod.demo.internal"}), std::nullopt);
+  // A SAN without its type is matched against nothing: the server always
+  // says which kind of name it is.
+  EXPECT_EQ(IdentifiedAs(e, {"web.prod.demo.internal"}), std::nullopt);
+  EXPECT_EQ(IdentifiedAs(e, {"DNS:web.prod.demo.internal"}), std::nullopt);
+  // And the other way round: an address is not a host either.
+  EXPECT_EQ(IdentifiedAs(e, {"dns:ops@demo.internal"}), std::nullopt);
+  EXPECT_EQ(IdentifiedAs(e, {"email:ops@demo.internal"}), "svc:mailer");
+  // Another type beside the right one does not get in the way.
+  EXPECT_EQ(IdentifiedAs(e, {"email:someone@else", "dns:web.prod.demo.internal"}), "svc:web");
+}
+
+TEST(Engine, ABareTlsSanIsADnsNameComparedWithoutCase) {
+  Engine e = Make(kSanPolicy);
+  EXPECT_EQ(IdentifiedAs(e, {"dns:web.prod.demo.internal"}), "svc:web");
+  EXPECT_EQ(IdentifiedAs(e, {"dns:WEB.Prod.demo.internal"}), "svc:web");
+  EXPECT_EQ(IdentifiedAs(e, {"dns:api.prod.demo.internal"}), "svc:web-dns");
+  EXPECT_EQ(IdentifiedAs(e, {"dns:API.PROD.DEMO.INTERNAL"}), "svc:web-dns");
+}
+
+TEST(Engine, AUriSanMatchesAUriIdentityExactly) {
+  Engine e = Make(kSanPolicy);
+  EXPECT_EQ(IdentifiedAs(e, {"uri:spiffe://demo.internal/web"}), "svc:spiffe");
+  EXPECT_EQ(IdentifiedAs(e, {"uri:spiffe://demo.internal/Web"}), std::nullopt);
+  EXPECT_EQ(IdentifiedAs(e, {"dns:spiffe://demo.internal/web"}), std::nullopt);
+  EXPECT_EQ(IdentifiedAs(e, {"email:spiffe://demo.internal/web"}), std::nullopt);
+  EXPECT_EQ(IdentifiedAs(e, {"email:OPS@demo.internal"}), std::nullopt) << "addresses compare exactly";
+}
+
 TEST(Engine, RoleTableIsExhaustive) {
   // Every role/action pair has an answer, and no role reaches organisation actions.
   for (Role r : kAllRoles) {

@@ -71,6 +71,42 @@ TEST(ParsePolicy, OverlappingIdentities) {
               "identity 1000 of user:bob is already user:alice's (line 2)");
 }
 
+TEST(ParsePolicy, TlsSansAreTypedAndABareOneIsADnsName) {
+  auto r = ParsePolicy(kBase + R"([principals."svc:a"]
+tls_san = ["Web.Prod.Internal", "DNS:api.internal", "uri:spiffe://x/Y", "Email:Ops@X.internal"]
+)",
+                       "policy.toml");
+  ASSERT_TRUE(r.errors.empty()) << r.errors[0];
+  std::vector<std::string> sans;
+  for (const auto& pr : r.policy->principals) {
+    if (pr.name != "svc:a") continue;
+    for (const auto& id : pr.identities) sans.push_back(id.value);
+  }
+  EXPECT_EQ(sans, (std::vector<std::string>{"dns:web.prod.internal", "dns:api.internal", "uri:spiffe://x/Y",
+                                            "email:Ops@X.internal"}));
+}
+
+TEST(ParsePolicy, AnUnknownTlsSanTypeIsRefusedNamingThePrincipal) {
+  ExpectError(kBase + "[principals.\"svc:web\"]\ntls_san = \"ip:10.0.0.7\"\n", "policy.toml:6:11:",
+              "tls_san 'ip:10.0.0.7' of principal svc:web is not a SAN custody can match");
+  // A URI needs its prefix: without it, its scheme reads as an unknown type.
+  ExpectError(kBase + "[principals.\"svc:web\"]\ntls_san = \"spiffe://x/web\"\n", "policy.toml:6:11:",
+              "tls_san 'spiffe://x/web' of principal svc:web");
+  ExpectError(kBase + "[principals.\"svc:web\"]\ntls_san = \"dns:\"\n", "policy.toml:6:11:", "tls_san 'dns:'");
+}
+
+TEST(ParsePolicy, OverlappingTlsSansAreFoundInTheirTypedForm) {
+  // The same DNS name, bare and typed, in two cases: one identity.
+  ExpectError(kBase + "[principals.\"svc:a\"]\ntls_san = \"web.internal\"\n[principals.\"svc:b\"]\n"
+                      "tls_san = \"DNS:WEB.internal\"\n",
+              "policy.toml:8:", "identity dns:web.internal of svc:b is already svc:a's");
+  // The same text as a DNS name and as an e-mail address: two identities.
+  auto r = ParsePolicy(kBase + "[principals.\"svc:a\"]\ntls_san = \"web.internal\"\n[principals.\"svc:b\"]\n"
+                               "tls_san = \"email:web.internal\"\n",
+                       "policy.toml");
+  EXPECT_TRUE(r.errors.empty()) << r.errors[0];
+}
+
 TEST(ParsePolicy, UnknownKeysAreErrors) {
   ExpectError(kBase + "[projects.payments.environments.dev]\nproduciton = false\n", "policy.toml:6:",
               "unknown key 'produciton'");

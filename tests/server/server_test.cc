@@ -1770,5 +1770,42 @@ TEST_F(StrangerSlotsServerTest, StrangersCannotTakeThePlacesOfPrincipals) {
   ::close(report[0]);
 }
 
+class StuckAuditDiskServerTest : public ServerTest {
+ protected:
+  // (Called in the forked child: it may only read the fixture.)
+  std::vector<std::string> ExtraServerEnv() override {
+    std::string asan = std::getenv("ASAN_OPTIONS") ? std::getenv("ASAN_OPTIONS") : "";
+    // The shim comes before the sanitizer runtime in the load order: allowed.
+    return {std::string("LD_PRELOAD=") + STALL_FSYNC, "CUSTODY_TEST_STALL_FSYNC=" + Flag(),
+            "ASAN_OPTIONS=" + asan + (asan.empty() ? "" : ":") + "verify_asan_link_order=0"};
+  }
+  std::string Flag() const { return run_ / "stall-fsync"; }
+};
+
+// SIGTERM stops custodyd within the drain deadline whatever state the audit
+// writer is in: here its fdatasync never returns (a disk that stopped
+// answering) while a GET waits for its record. The GET gets no value, and
+// custodyd exits 69 after the 10 s drain instead of waiting for ever.
+TEST_F(StuckAuditDiskServerTest, AStuckAuditDiskDoesNotHoldTheShutdown) {
+  ASSERT_TRUE(AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"}).exit_code == 0);
+  WriteFile(Flag(), "");
+  RunResult stuck;
+  std::thread get([&] { stuck = AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"}); });
+  // The GET is in the writer's hands once a request is waiting on it.
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  const auto started = std::chrono::steady_clock::now();
+  auto code = StopWithin(pid_, 25);
+  const auto took = std::chrono::steady_clock::now() - started;
+  std::filesystem::remove(Flag());
+  get.join();
+  ASSERT_TRUE(code.has_value()) << "custodyd did not stop within 25 s of SIGTERM";
+  EXPECT_EQ(*code, 69) << ReadFile(token_.dir() / "custodyd.log");
+  EXPECT_NE(ReadFile(token_.dir() / "custodyd.log").find("still waiting for their audit records"), std::string::npos)
+      << ReadFile(token_.dir() / "custodyd.log");
+  EXPECT_NE(stuck.exit_code, 0);
+  EXPECT_EQ(stuck.out.find(kSecret), std::string::npos) << "a value without its record";
+  (void)took;
+}
+
 }  // namespace
 }  // namespace custody::test

@@ -121,6 +121,9 @@ std::string NowUtc() {
 }  // namespace
 
 Status Attest(const Globals& g, const AttestArgs& a) {
+  // Both are named in the --json answer.
+  CUSTODY_RETURN_IF_ERROR(CheckArgText("--out", a.out));
+  if (a.pubkey_out) CUSTODY_RETURN_IF_ERROR(CheckArgText("--pubkey-out", *a.pubkey_out));
   std::optional<std::string> nonce;
   if (a.nonce) {
     CUSTODY_ASSIGN_OR_RETURN(nonce, Hex(*a.nonce, "--nonce"));
@@ -298,14 +301,37 @@ Status AttestVerify(const Globals& g, const std::string& file, const std::string
   auto s = core::VerifyStatementFile(std::string_view(reinterpret_cast<const char*>(text.data()), text.size()),
                                      std::string(pem.begin(), pem.end()), nonce);
   if (!s) return std::move(s).error().Wrap(file);
+  // Everything shown comes from the signed bytes (the summary), never from
+  // the file's readable copy, which verify has checked to be the same.
+  std::string nonce_note = nonce ? "matches" : (s->nonce.empty() ? "none" : "not checked (no --nonce)");
   if (g.json) {
+    json keys = json::array();
+    for (const auto& k : s->key_list) {
+      keys.push_back({{"role", k.role}, {"label", k.label}, {"id", k.id}, {"fingerprint", k.fingerprint}});
+    }
     PrintJson({{"verified", true}, {"time", s->time}, {"backend", s->backend}, {"token", s->token},
-               {"keys", s->keys}, {"policy_sha256", s->policy_sha256}, {"audit_head_seq", s->audit_head_seq},
-               {"nonce", s->nonce}});
+               {"keys", s->keys}, {"key_list", keys},
+               {"policy_version", s->policy_version ? json(*s->policy_version) : json(nullptr)},
+               {"policy_sha256", s->policy_sha256}, {"audit_head_seq", s->audit_head_seq},
+               {"audit_head_hash", s->audit_head_hash}, {"attestation_key", s->attestation_key},
+               {"nonce", s->nonce}, {"nonce_checked", nonce.has_value()}});
   } else {
-    std::printf("statement verified: made %s on %s (%s), %zu key(s), policy %s, audit head seq %" PRIu64 "%s\n",
-                s->time.c_str(), s->backend.c_str(), s->token.c_str(), s->keys, s->policy_sha256.substr(0, 16).c_str(),
-                s->audit_head_seq, nonce ? ", nonce matches" : (s->nonce.empty() ? ", no nonce" : ", nonce not checked"));
+    std::string policy_version = s->policy_version ? " v" + std::to_string(*s->policy_version) : "";
+    std::printf("statement verified: made %s on %s (%s), %zu key(s), policy%s %s, audit head seq %" PRIu64 "%s\n",
+                s->time.c_str(), s->backend.c_str(), s->token.c_str(), s->keys, policy_version.c_str(),
+                s->policy_sha256.substr(0, 16).c_str(), s->audit_head_seq,
+                nonce ? ", nonce matches" : (s->nonce.empty() ? ", no nonce" : ", nonce not checked"));
+    std::printf("what was signed:\n");
+    std::vector<std::vector<std::string>> rows;
+    rows.push_back({"  policy", "v" + (s->policy_version ? std::to_string(*s->policy_version) : std::string("?")) +
+                                    " sha256 " + s->policy_sha256});
+    rows.push_back({"  audit head", "seq " + std::to_string(s->audit_head_seq) + " hash " + s->audit_head_hash});
+    rows.push_back({"  nonce", (s->nonce.empty() ? std::string("none") : s->nonce) + " (" + nonce_note + ")"});
+    rows.push_back({"  attestation key", s->attestation_key});
+    for (const auto& k : s->key_list) {
+      rows.push_back({"  key", k.role + " " + k.label + (k.id.empty() ? "" : " id " + k.id) + " " + k.fingerprint});
+    }
+    PrintTable(rows);
   }
   return Status::Ok();
 }

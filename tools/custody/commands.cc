@@ -6,6 +6,7 @@
 
 #include <cinttypes>
 #include <cstdio>
+#include <cstdlib>
 #include <ctime>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -34,8 +35,25 @@ namespace custody::cli {
 using nlohmann::json;
 using policy::Action;
 
+Status CheckGlobals(const Globals& g) {
+  if (g.config) CUSTODY_RETURN_IF_ERROR(CheckArgText("--config", *g.config));
+  for (const char* name : {"CUSTODY_CONFIG", "CUSTODY_ADDR"}) {
+    if (const char* v = std::getenv(name)) CUSTODY_RETURN_IF_ERROR(CheckEnvText(name, v));
+  }
+  return Status::Ok();
+}
 
 Status Init(const Globals& g, const InitArgs& a) {
+  // Every one of these goes into the init record and the config file.
+  for (const auto& [what, value] : {std::pair<const char*, const std::string*>{"--backend", &a.backend},
+                                    {"--module", &a.module},
+                                    {"--token", &a.token},
+                                    {"--tcti", &a.tcti},
+                                    {"--state-dir", &a.state_dir}}) {
+    CUSTODY_RETURN_IF_ERROR(CheckArgText(what, *value));
+  }
+  if (a.pin_file) CUSTODY_RETURN_IF_ERROR(CheckArgText("--pin-file", *a.pin_file));
+  for (const auto& kv : a.module_env) CUSTODY_RETURN_IF_ERROR(CheckArgText("--module-env", kv));
   std::string config_path = core::LocateConfig(g.config);
   if (!a.force && std::filesystem::exists(config_path)) {
     return Error(Category::kUsage, "config " + config_path + " already exists; pass --force to replace it");
@@ -62,6 +80,9 @@ Status Init(const Globals& g, const InitArgs& a) {
     return Error(Category::kUsage, "--backend must be pkcs11 or tpm (got '" + a.backend + "')");
   }
   if (a.pin_file) c.pin_file = std::filesystem::absolute(*a.pin_file).lexically_normal().string();
+  // Made absolute, they carry the working folder's name too.
+  CUSTODY_RETURN_IF_ERROR(CheckArgText("--state-dir", c.state_dir));
+  if (c.pin_file) CUSTODY_RETURN_IF_ERROR(CheckArgText("--pin-file", *c.pin_file));
   for (const auto& kv : a.module_env) {
     size_t eq = kv.find('=');
     if (eq == std::string::npos || eq == 0) {
@@ -487,6 +508,7 @@ Status ReportPolicyErrors(const std::vector<std::string>& errors, const std::str
 }  // namespace
 
 Status PolicyCheck(const Globals& g, const std::string& file) {
+  CUSTODY_RETURN_IF_ERROR(CheckArgText("FILE", file));
   CUSTODY_ASSIGN_OR_RETURN(std::string text, ReadPolicyFile(file));
   auto parsed = policy::ParsePolicy(text, file);
   if (!parsed.policy) return ReportPolicyErrors(parsed.errors, file);
@@ -505,6 +527,7 @@ Status PolicyCheck(const Globals& g, const std::string& file) {
 }
 
 Status PolicyApply(const Globals& g, const std::string& file) {
+  CUSTODY_RETURN_IF_ERROR(CheckArgText("FILE", file));  // named in the record
   CUSTODY_ASSIGN_OR_RETURN(std::string text, ReadPolicyFile(file));
   auto parsed = policy::ParsePolicy(text, file);
   if (!parsed.policy) return ReportPolicyErrors(parsed.errors, file);
@@ -597,6 +620,13 @@ Status PolicyApply(const Globals& g, const std::string& file) {
 
 Status PolicyExplain(const Globals& g, const std::string& principal, const std::string& action_text,
                      const std::string& target_text) {
+  // All three go into the record: refused here, before it is started.
+  CUSTODY_RETURN_IF_ERROR(CheckArgText("PRINCIPAL", principal));
+  if (!policy::ValidPrincipalName(principal)) {
+    return Error(Category::kUsage, "PRINCIPAL '" + principal + "' is not a principal name: write user:NAME or svc:NAME");
+  }
+  CUSTODY_RETURN_IF_ERROR(CheckArgText("ACTION", action_text));
+  CUSTODY_RETURN_IF_ERROR(CheckArgText("TARGET", target_text));
   auto action = policy::ParseAction(action_text);
   if (!action) {
     std::string all;
@@ -605,15 +635,29 @@ Status PolicyExplain(const Globals& g, const std::string& principal, const std::
   }
   // PROJECT, PROJECT/ENV or PROJECT/ENV/NAME.
   std::string project, env, name;
+  bool has_env = false, has_name = false;
   {
     size_t a = target_text.find('/');
     project = target_text.substr(0, a);
     if (a != std::string::npos) {
+      has_env = true;
       size_t b = target_text.find('/', a + 1);
       env = target_text.substr(a + 1, b == std::string::npos ? std::string::npos : b - a - 1);
-      if (b != std::string::npos) name = target_text.substr(b + 1);
+      if (b != std::string::npos) {
+        has_name = true;
+        name = target_text.substr(b + 1);
+      }
     }
   }
+  // The names as every other command takes them (an organisation action
+  // may leave TARGET empty).
+  auto valid = [&]() -> Status {
+    if (!target_text.empty()) CUSTODY_RETURN_IF_ERROR(core::ValidateProjectName(project));
+    if (has_env) CUSTODY_RETURN_IF_ERROR(core::ValidateEnvName(env));
+    if (has_name) CUSTODY_RETURN_IF_ERROR(core::ValidateSecretName(name));
+    return Status::Ok();
+  }();
+  if (!valid.ok()) return std::move(valid).error().Wrap("TARGET");
   CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "policy.explain"));
   o.ev.project = project;
   o.ev.environment = env;
@@ -750,6 +794,9 @@ Result<int64_t> ParseSince(const std::string& text) {
 }  // namespace
 
 Status AuditVerify(const Globals& g, const std::vector<std::string>& files, const std::string& pubkey_file) {
+  // A problem found in a segment names its file, in the --json answer too.
+  for (const auto& f : files) CUSTODY_RETURN_IF_ERROR(CheckArgText("FILES", f));
+  CUSTODY_RETURN_IF_ERROR(CheckArgText("--pubkey", pubkey_file));
   core::AuditVerifyOptions vo;
   vo.files = files;
   std::optional<Opened> o;
@@ -803,6 +850,15 @@ Status AuditVerify(const Globals& g, const std::vector<std::string>& files, cons
 }
 
 Status AuditShow(const Globals& g, const AuditShowArgs& a) {
+  // --project goes into the record; the others are only compared, but are
+  // refused alike rather than echoed in a message.
+  if (a.project) {
+    CUSTODY_RETURN_IF_ERROR(CheckArgText("--project", *a.project));
+    CUSTODY_RETURN_IF_ERROR(core::ValidateProjectName(*a.project));
+  }
+  if (a.principal) CUSTODY_RETURN_IF_ERROR(CheckArgText("--principal", *a.principal));
+  if (a.since) CUSTODY_RETURN_IF_ERROR(CheckArgText("--since", *a.since));
+  if (a.action) CUSTODY_RETURN_IF_ERROR(CheckArgText("--action", *a.action));
   std::optional<int64_t> since;
   if (a.since) {
     CUSTODY_ASSIGN_OR_RETURN(since, ParseSince(*a.since));

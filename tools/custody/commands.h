@@ -19,6 +19,11 @@ struct Globals {
   mutable int check_failed_exit = 0;
 };
 
+// Before any command: --config, CUSTODY_CONFIG and CUSTODY_ADDR must be
+// text custody can record (an error naming a path goes into the audit
+// record). Each command checks its own arguments the same way (io.h).
+Status CheckGlobals(const Globals& g);
+
 struct InitArgs {
   std::string backend = "pkcs11";
   std::string module, token;        // pkcs11

@@ -53,6 +53,7 @@ Status ExecWith(const Fetcher& fetch, const std::vector<std::string>& envs, cons
   if (command.empty()) return Error(Category::kUsage, "exec needs a command after --");
   std::vector<std::pair<std::string, core::SecretPath>> wanted;
   for (const auto& e : envs) {
+    CUSTODY_RETURN_IF_ERROR(CheckArgText("--env", e));  // before it is quoted back below
     size_t eq = e.find('=');
     if (eq == std::string::npos || eq == 0) {
       return Error(Category::kUsage, "--env '" + e + "' must be NAME=PROJECT/ENV/SECRET (and '--' goes before the command)");

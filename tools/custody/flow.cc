@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <nlohmann/json.hpp>
 
+#include "custody/common/untrusted.h"
 #include "custody/core/audit_signer.h"
 
 namespace custody::cli {
@@ -28,7 +29,12 @@ policy::Caller LocalCaller() {
   struct passwd pw {};
   struct passwd* found = nullptr;
   char buf[4096];
-  if (::getpwuid_r(::getuid(), &pw, buf, sizeof buf, &found) == 0 && found != nullptr) c.user = found->pw_name;
+  // A user name that is not plain text could name no principal (a policy is
+  // UTF-8 text) and must not reach the audit record: left out.
+  if (::getpwuid_r(::getuid(), &pw, buf, sizeof buf, &found) == 0 && found != nullptr &&
+      PrintableText(found->pw_name)) {
+    c.user = found->pw_name;
+  }
   return c;
 }
 

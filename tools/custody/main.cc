@@ -8,6 +8,7 @@
 
 #include "commands.h"
 #include "custody/common/secret.h"
+#include "custody/common/untrusted.h"
 
 using custody::Category;
 using custody::Status;
@@ -36,7 +37,14 @@ int main(int argc, char** argv) {
   app.add_option("--pin-fd", g.pin_fd, "read the token PIN from this file descriptor");
 
   Status result;
-  auto run = [&](auto fn) { return [&, fn] { result = fn(); }; };
+  // fn() may return `result` itself (attest after attest verify): it is
+  // read before it is assigned.
+  auto run = [&](auto fn) {
+    return [&, fn] {
+      Status edge = custody::cli::CheckGlobals(g);
+      result = edge.ok() ? fn() : std::move(edge);
+    };
+  };
 
   // init
   custody::cli::InitArgs init;
@@ -252,7 +260,8 @@ int main(int argc, char** argv) {
           a.rfind("--pin-fd=", 0) == 0) {
         continue;
       }
-      std::fprintf(stderr, "custody: unknown option '%s' (see 'custody --help')\n", a.c_str());
+      std::fprintf(stderr, "custody: unknown option '%s' (see 'custody --help')\n",
+                   custody::EscapeUntrusted(a).c_str());
       return custody::ExitCode(Category::kUsage);
     }
     bool known = false;
@@ -260,7 +269,8 @@ int main(int argc, char** argv) {
       known = known || sub->check_name(a);
     }
     if (!known) {
-      std::fprintf(stderr, "custody: unknown command '%s' (see 'custody --help')\n", a.c_str());
+      std::fprintf(stderr, "custody: unknown command '%s' (see 'custody --help')\n",
+                   custody::EscapeUntrusted(a).c_str());
       return custody::ExitCode(Category::kUsage);
     }
     break;
@@ -273,7 +283,8 @@ int main(int argc, char** argv) {
   } catch (const CLI::CallForAllHelp& e) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
-    std::fprintf(stderr, "custody: %s (see 'custody --help')\n", e.what());
+    // CLI11 quotes the arguments it did not expect: shown escaped.
+    std::fprintf(stderr, "custody: %s (see 'custody --help')\n", custody::EscapeUntrusted(e.what(), 1024).c_str());
     return custody::ExitCode(Category::kUsage);
   }
   int code = Report(result);

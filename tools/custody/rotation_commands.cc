@@ -29,6 +29,9 @@ namespace {
 using nlohmann::json;
 using policy::Action;
 
+// The longest --reason a revocation keeps.
+constexpr size_t kMaxReasonBytes = 500;
+
 // Runs a provider command (`/bin/sh -c CMD`) and reads its stdout into
 // locked memory. Its stderr is ours, so its own errors reach the user. It
 // never sees the token PIN: CUSTODY_PIN is dropped from its environment and
@@ -119,6 +122,9 @@ Result<SecretBuffer> RunProvider(const std::string& cmd, int timeout_seconds, st
 
 Status SecretRotate(const Globals& g, const RotateArgs& a) {
   CUSTODY_ASSIGN_OR_RETURN(core::SecretPath path, core::SecretPath::Parse(a.path));
+  // A file that cannot be read is named in the error, which the record keeps.
+  if (a.from_file) CUSTODY_RETURN_IF_ERROR(CheckArgText("--from-file", *a.from_file));
+  CUSTODY_RETURN_IF_ERROR(CheckArgText("--format", a.format));  // quoted back when it is wrong
   std::optional<core::ValueFormat> format = core::ParseValueFormat(a.format);
   if (!format) return Error(Category::kUsage, "--format must be hex, base64 or base64url (got '" + a.format + "')");
   if (!a.generate && (!a.prefix.empty() || a.format != "base64url")) {
@@ -211,10 +217,9 @@ Status SecretRotate(const Globals& g, const RotateArgs& a) {
 
 Status SecretRevoke(const Globals& g, const std::string& text, uint32_t version, const std::string& reason) {
   CUSTODY_ASSIGN_OR_RETURN(core::SecretPath path, core::SecretPath::Parse(text));
-  if (reason.empty() || reason.size() > 500) return Error(Category::kUsage, "--reason must be 1 to 500 characters");
-  for (char c : reason) {
-    if (static_cast<unsigned char>(c) < 0x20) return Error(Category::kUsage, "--reason must be one line of text");
-  }
+  // Free text for the store and the audit record: one line of UTF-8.
+  if (reason.empty()) return Error(Category::kUsage, "--reason is empty: say why the version is revoked");
+  CUSTODY_RETURN_IF_ERROR(CheckArgText("--reason", reason, kMaxReasonBytes));
   CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "secret.revoke", path));
   o.ev.version = version;
   return Finish(o, [&]() -> Status {

@@ -998,7 +998,8 @@ void Server::Impl::Accept() {
     }
     // The peer is identified before it takes a place: strangers share at
     // most max_unidentified_connections, so they cannot starve principals.
-    if (auto peer = PeerOf(socket)) {
+    auto peer = options.unix_peer_for_fuzzing ? options.unix_peer_for_fuzzing(socket.native_handle()) : PeerOf(socket);
+    if (peer) {
       std::string key = "uid " + std::to_string(peer->caller.uid.value_or(0));
       const bool known = Known(*peer);
       if (connections.load() >= static_cast<int>(limits.max_connections.load())) {

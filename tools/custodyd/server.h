@@ -12,6 +12,7 @@
 #include <atomic>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -44,6 +45,10 @@ struct ServerOptions {
   std::string tls_cert;       // server certificate chain, PEM
   std::string tls_key;        // server private key, PEM file
   std::string tls_client_ca;  // CA certificates that client certificates must chain to
+  // Who is on a Unix socket connection, instead of SO_PEERCRED: only the
+  // HTTP fuzz harness sets it, to play peers the fuzzer chooses. custodyd's
+  // main never does, and no config can.
+  std::function<std::optional<core::RequestContext>(int fd)> unix_peer_for_fuzzing;
   // Loads a pkcs11: tls_key from the token (set by main, which holds the PIN).
   std::function<Result<EVP_PKEY*>(const std::string& uri)> token_key;
 };

@@ -8,9 +8,12 @@
 //
 // The file is JSON: {"format", "payload" (base64 of the exact signed
 // bytes: a canonical JSON object), "signature" (base64 DER ECDSA P-256 over
-// SHA-256 of those bytes), "public_key" (PEM, informational)}. The signed
-// bytes are what `openssl dgst -sha256 -verify` checks; `custody attest`
-// writes them beside the file (.bin, .sig) for exactly that.
+// SHA-256 of those bytes), "public_key" (PEM, informational), "statement"
+// (the payload again as readable JSON, for people)}. The signed bytes are
+// what `openssl dgst -sha256 -verify` checks; `custody attest` writes them
+// beside the file (.bin, .sig) for exactly that. Verify reads the signed
+// bytes only, and refuses a file whose readable copy says anything else: a
+// person reading the file must see what was signed.
 #pragma once
 
 #include <cstdint>
@@ -31,21 +34,33 @@ std::string EncodeStatementFile(const std::string& payload, std::span<const uint
 struct StatementFile {
   std::string payload;             // the signed bytes
   std::vector<uint8_t> signature;  // DER
+  // The readable copy ("statement"), as compact JSON; absent in a file
+  // without one.
+  std::optional<std::string> readable;
 };
 // Structure only (the fuzz target's entry): JSON object with the format,
 // base64 payload and signature. Errors are kIntegrity and name the field.
 Result<StatementFile> ParseStatementFile(std::string_view text);
 
+// One key as the signed payload lists it (id empty where it has none).
+struct StatementKey {
+  std::string role, label, id, fingerprint;
+};
+// What a verified statement says, every field taken from the signed bytes.
 struct StatementSummary {
-  std::string time, backend, token, nonce, policy_sha256;
+  std::string time, backend, token, nonce, policy_sha256, audit_head_hash, attestation_key;
+  std::optional<uint64_t> policy_version;
   size_t keys = 0;
+  std::vector<StatementKey> key_list;
   uint64_t audit_head_seq = 0;
 };
 // Verifies, in order: the file's structure; the signature over the payload
-// with `public_key_pem`; the payload's structure (every field a verifier
-// relies on, with its type); that the payload names this key as its
-// attestation key; and, if `nonce_hex` is given, that the payload carries
-// exactly that nonce. Any failure is kIntegrity naming what failed.
+// with `public_key_pem`; that the readable copy, if the file has one, is
+// exactly the signed payload (else the first field where they differ is
+// named, e.g. "keys[0].id"); the payload's structure (every field a
+// verifier relies on, with its type); that the payload names this key as
+// its attestation key; and, if `nonce_hex` is given, that the payload
+// carries exactly that nonce. Any failure is kIntegrity naming what failed.
 Result<StatementSummary> VerifyStatementFile(std::string_view text, const std::string& public_key_pem,
                                              const std::optional<std::string>& nonce_hex);
 

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace custody::policy {
@@ -78,9 +79,27 @@ struct Location {
 enum class IdentityKind : uint8_t { kUnixUser, kUid, kGid, kTlsSan, kTlsSubject };
 struct Identity {
   IdentityKind kind;
-  std::string value;  // user name, decimal id, SAN or subject DN
+  std::string value;  // user name, decimal id, typed SAN ("dns:NAME", see below) or subject DN
   Location where;
 };
+
+// A certificate SAN, typed: "dns:NAME", "uri:URI" or "email:ADDR". A SAN
+// identifies a principal only through an identity of the same type: an
+// e-mail SAN that reads like a host name is not that host. DNS names
+// compare without regard to case (lower-cased here), URIs and addresses
+// exactly.
+//
+// As a policy writes it: a bare value is a DNS name; the type prefix may be
+// written in any case ("DNS:", as openssl prints it). nullopt for another
+// type ("ip:") or an empty value.
+std::optional<std::string> PolicyTlsSan(std::string_view text);
+// As the server reports a client certificate's SAN: the type prefix must be
+// exactly "dns:", "uri:" or "email:" (anything else, bare values included,
+// matches no identity: nullopt).
+std::optional<std::string> CallerTlsSan(std::string_view typed);
+
+// user:NAME or svc:NAME, NAME of 1 to 128 letters, digits, '-', '_', '.', '@'.
+bool ValidPrincipalName(std::string_view name);
 
 struct Principal {
   std::string name;  // "user:alice", "svc:web-prod"
