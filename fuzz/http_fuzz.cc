@@ -161,8 +161,7 @@ void SetUp() {
   if (!backend) Die(backend.error().message());
   w->backend = std::move(*backend);
   w->custodian = std::make_unique<core::Custodian>(*w->store, *w->audit, *w->backend.sealer,
-                                                   std::make_shared<const core::Authorizer>(std::move(*authz)),
-                                                   w->backend.token.pool.get());
+                                                   std::make_shared<const core::Authorizer>(std::move(*authz)));
   server::ServerOptions o;
   w->socket = w->dir + "/custody.sock";
   o.socket_path = w->socket;

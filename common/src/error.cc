@@ -28,7 +28,7 @@ int HttpStatus(Category c) {
     case Category::kUnavailable: return 503;
     case Category::kInternal: return 500;
     case Category::kLimit: return 429;
-    case Category::kDenied: return 403;     // 401 when no principal matched: see core::kUnauthenticated
+    case Category::kDenied: return 403;     // 401 when no principal matched: see Error::http_status
     case Category::kConfig: return 500;
   }
   return 500;
@@ -53,6 +53,29 @@ Error Error::Os(int err, std::string_view what, Category category) {
   msg += ": ";
   msg += std::strerror(err);
   return Error(category, std::move(msg), Backend::kOs, static_cast<uint64_t>(err));
+}
+
+int Error::http_status() const {
+  if (category_ == Category::kDenied && needs_authentication()) return 401;
+  return HttpStatus(category_);
+}
+
+Error Error::WithVersionTaken() && {
+  detail_ = ErrorDetail::kVersionTaken;
+  retry_after_ = 0;
+  return std::move(*this);
+}
+
+Error Error::WithNeedsAuthentication() && {
+  detail_ = ErrorDetail::kNeedsAuthentication;
+  retry_after_ = 0;
+  return std::move(*this);
+}
+
+Error Error::WithRetryAfter(uint64_t seconds) && {
+  detail_ = ErrorDetail::kRetryAfter;
+  retry_after_ = seconds == 0 ? 1 : seconds;
+  return std::move(*this);
 }
 
 Error&& Error::Wrap(std::string_view context) && {

@@ -92,11 +92,9 @@ Status Authorizer::Admit(policy::PrincipalId who, const policy::Target& target, 
   }
   CUSTODY_ASSIGN_OR_RETURN(Admission a, store_->Admit(key, rules, event, NowSeconds()));
   if (a.allowed) return Status::Ok();
-  // The code carries the seconds until it refills (HTTP Retry-After).
-  return Error(Category::kLimit,
-               "limit reached: " + a.limit + " for " + TargetText(target) + "; it refills in " +
-                   HumanDuration(a.retry_after_seconds),
-               Backend::kNone, static_cast<uint64_t>(std::max<int64_t>(1, a.retry_after_seconds)));
+  return Error(Category::kLimit, "limit reached: " + a.limit + " for " + TargetText(target) + "; it refills in " +
+                                     HumanDuration(a.retry_after_seconds))
+      .WithRetryAfter(static_cast<uint64_t>(std::max<int64_t>(1, a.retry_after_seconds)));
 }
 
 }  // namespace custody::core

@@ -1,7 +1,6 @@
 #include "custody/core/custodian.h"
 
 #include "custody/hsm/objects.h"
-#include "custody/hsm/rv.h"
 
 namespace custody::core {
 namespace {
@@ -30,7 +29,7 @@ struct Custodian::Flow {
     ev.identified_by = rc.identified_by;
     ev.request_id = rc.request_id;
     ev.decision = "none";
-    ev.detail = "policy v" + std::to_string(authz->version()) + " via custodyd";
+    ev.detail = "policy v" + std::to_string(authz->version()) + " via " + rc.via;
   }
 
   Status Identify(const RequestContext& rc) {
@@ -39,7 +38,7 @@ struct Custodian::Flow {
       ev.decision = "deny";
       ev.rule = "identity";
       Error e = std::move(who_r).error();
-      return Error(e.category(), e.message(), Backend::kNone, kUnauthenticated);
+      return Error(e.category(), e.message()).WithNeedsAuthentication();
     }
     who = *who_r;
     ev.principal = authz->engine().PrincipalName(who);
@@ -98,10 +97,14 @@ struct Custodian::Flow {
   }
 };
 
-void Custodian::RecoverToken() {
-  if (pool_ == nullptr) return;
-  if (pool_->Recover().ok()) stats_.token_recoveries.fetch_add(1);
-  stats_.token_reinitializations.store(pool_->reinitializations());
+template <typename T>
+bool Custodian::RecoverFrom(const Result<T>& r) {
+  if (r.ok() || !sealer_.Recover(r.error())) return false;
+  stats_.token_errors.fetch_add(1);
+  const Sealer::Recoveries n = sealer_.recoveries();
+  stats_.token_recoveries.store(n.recovered);
+  stats_.token_reinitializations.store(n.reinitialized);
+  return true;
 }
 
 void Custodian::SwapPolicy(std::shared_ptr<const Authorizer> authz) {
@@ -134,14 +137,9 @@ Result<Unsealed> Custodian::GetUnrecorded(Flow& f, const RequestContext& rc, con
   CUSTODY_RETURN_IF_ERROR(f.Charge(t, UsageEvent::kUnseal));
   SecretService svc(store_, sealer_);
   auto u = svc.Unseal(path, env, rec, kek);
-  if (!u && u.error().backend() == Backend::kPkcs11 && hsm::IsSessionFatal(u.error().code())) {
-    // The failed session was discarded; re-open the pool and log in again
-    // (the token may have been reset, losing every session and the login),
-    // then retry once.
-    stats_.token_errors.fetch_add(1);
-    RecoverToken();
-    u = svc.Unseal(path, env, rec, kek);
-  }
+  // A lost session or device: the sealer recovers it, and the unseal is
+  // tried once more.
+  if (RecoverFrom(u)) u = svc.Unseal(path, env, rec, kek);
   stats_.token_healthy.store(!TokenFault(u));
   return u;
 }
@@ -198,13 +196,9 @@ Result<uint32_t> Custodian::Put(const RequestContext& rc, const SecretPath& path
       });
     };
     auto v = put();
-    if (!v && !f.recorded && v.error().backend() == Backend::kPkcs11 && hsm::IsSessionFatal(v.error().code())) {
-      // Sealing failed on a dead session before anything was recorded or
-      // stored: recover the pool and try once more, as a GET does.
-      stats_.token_errors.fetch_add(1);
-      RecoverToken();
-      v = put();
-    }
+    // Sealing failed on a lost session before anything was recorded or
+    // stored: recovered and tried once more, as a GET does.
+    if (!f.recorded && RecoverFrom(v)) v = put();
     stats_.token_healthy.store(!TokenFault(v));
     if (!v && f.recorded) {
       AuditEvent failed = f.ev;

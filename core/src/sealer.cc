@@ -114,6 +114,18 @@ Result<size_t> Pkcs11Sealer::DestroyUnrecorded(const std::string& label, const s
   return destroyed;
 }
 
+bool Pkcs11Sealer::Recover(const Error& failure) {
+  if (failure.backend() != Backend::kPkcs11 || !hsm::IsSessionFatal(static_cast<CK_RV>(failure.code()))) return false;
+  // The failed session was discarded by the pool; re-open it and log in
+  // again (the token may have been reset, losing every session and the
+  // login), re-initialising the module if that is what it takes. Retried
+  // once either way: if recovery failed, the retry says so.
+  (void)pool_.Recover();
+  return true;
+}
+
+Sealer::Recoveries Pkcs11Sealer::recoveries() const { return {pool_.recoveries(), pool_.reinitializations()}; }
+
 std::string Pkcs11Sealer::ResealMode() {
   // Re-sealing inside the token needs AES-GCM as an unwrap and a wrap
   // mechanism (the blob's GCM ciphertext unwrapped into a non-extractable

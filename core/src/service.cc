@@ -77,9 +77,10 @@ Result<Token> OpenToken(const Config& config, const SecretBuffer& pin) {
       s = std::move(slot).error();
     }
     const Error& e = s.error();
-    bool transient = (e.category() == Category::kUnavailable && e.code() == CKR_TOKEN_NOT_PRESENT) ||
-                     (e.backend() == Backend::kPkcs11 &&
-                      (e.code() == CKR_USER_PIN_NOT_INITIALIZED || e.code() == CKR_GENERAL_ERROR));
+    // A code is a CK_RV only when the error comes from PKCS#11.
+    bool transient = e.backend() == Backend::kPkcs11 &&
+                     ((e.category() == Category::kUnavailable && e.code() == CKR_TOKEN_NOT_PRESENT) ||
+                      e.code() == CKR_USER_PIN_NOT_INITIALIZED || e.code() == CKR_GENERAL_ERROR);
     // Re-initialising is only possible when nobody else in this process holds the module.
     if (!transient || attempt == kAttempts || t.module.use_count() != 1 || !t.module->owns_initialization()) {
       return s.error();
@@ -157,7 +158,10 @@ Result<uint32_t> SecretService::Put(const SecretPath& path, const SecretBuffer& 
     if (before_commit) CUSTODY_RETURN_IF_ERROR(before_commit(version));
     Status s = store_.AddVersion(env.id, path.name, version, kek.id, blob, clock_());
     if (s.ok()) return version;
-    if (s.error().backend() != Backend::kStore || s.error().code() != Store::kVersionTaken) return s.error();
+    // Only a taken version is worth sealing again: every attempt spends KEK
+    // budget and runs before_commit (an audit record), so anything else
+    // (a plain SQL error too) ends here.
+    if (!s.error().version_taken()) return s.error();
   }
   return Error(Category::kUnavailable, "too many concurrent writers to " + path.str() + "; retry");
 }

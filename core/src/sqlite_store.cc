@@ -851,9 +851,9 @@ Status SqliteStore::AddVersion(int64_t env_id, const std::string& name, uint32_t
     int rc = k.Step();
     if (rc != SQLITE_ROW) return fail(rc == SQLITE_DONE ? Error(Category::kIntegrity, "KEK record is missing")
                                                         : Fail(rc, "reading KEK"));
-    if (k.Text(0) != "active") {
-      return fail(Error(Category::kUnavailable, "the project's KEK was rotated while sealing '" + name + "'",
-                        Backend::kStore, kVersionTaken));
+    if (ParseKekState(k.Text(0)) != KekState::kActive) {
+      return fail(Error(Category::kUnavailable, "the project's KEK was rotated while sealing '" + name + "'")
+                      .WithVersionTaken());
     }
   }
   {
@@ -869,10 +869,13 @@ Status SqliteStore::AddVersion(int64_t env_id, const std::string& name, uint32_t
     Stmt s(db(), "INSERT INTO secret_versions(secret_id, version, kek_id, blob, created_at) VALUES (?, ?, ?, ?, ?)");
     s.Bind(1, *sid).Bind(2, version).Bind(3, kek_record_id).Bind(4, blob).Bind(5, now);
     int rc = s.Step();
-    if ((rc & 0xff) == SQLITE_CONSTRAINT) {
-      return fail(Error(Category::kUnavailable, "version " + std::to_string(version) + " of '" + name +
-                                                    "' was taken by a concurrent writer",
-                        Backend::kStore, kVersionTaken));
+    // Only the (secret_id, version) key says another writer was first; any
+    // other constraint (a trigger's RAISE, a foreign key) is no race.
+    if (rc == SQLITE_CONSTRAINT_PRIMARYKEY) {
+      return fail(Error(Category::kUnavailable,
+                        "version " + std::to_string(version) + " of '" + name + "' was taken by a concurrent writer",
+                        Backend::kStore, static_cast<uint64_t>(rc))
+                      .WithVersionTaken());
     }
     if (rc != SQLITE_DONE) return fail(Fail(rc, "storing sealed version"));
   }

@@ -424,9 +424,11 @@ TEST_F(CliTest, UnwritableOrCorruptStore) {
   EXPECT_EQ(ReadFile(garbage), std::string(8192, 'z')) << "a corrupt store must not be modified";
 }
 
-TEST_F(CliTest, EmptyValueIs65AndStoresNothing) {
-  ExpectOneLine(Cli({"secret", "put", "payments/prod/stripe"}, ""), 65, "empty value");
-  ExpectOneLine(Cli({"secret", "put", "payments/prod/stripe"}, "\n"), 65, "empty value");
+// An empty value is a usage error (64), recorded, as through custodyd: one
+// flow for both (issue 14; it was 65 here and 64 there).
+TEST_F(CliTest, EmptyValueIs64AndStoresNothing) {
+  ExpectOneLine(Cli({"secret", "put", "payments/prod/stripe"}, ""), 64, "empty value");
+  ExpectOneLine(Cli({"secret", "put", "payments/prod/stripe"}, "\n"), 64, "empty value");
   EXPECT_EQ(SecretList().find("stripe"), std::string::npos);
 }
 
@@ -559,6 +561,112 @@ TEST_F(CliTest, ConcurrentPutsFromSeparateProcessesGetDistinctVersions) {
     ASSERT_EQ(g.exit_code, 0) << g.err;
     EXPECT_EQ(g.out.rfind("value-", 0), 0u);
   }
+}
+
+// --- The command line as people type it. ---
+
+// custody-full and custodyd are built beside `custody`, in the build tree's
+// tools/ folder; this test runs from its tests/ folder.
+std::string BuiltTool(const std::string& name) {
+  return (std::filesystem::read_symlink("/proc/self/exe").parent_path().parent_path() / "tools" / name).string();
+}
+
+// --config, --json and --pin-fd after the command mean what they mean
+// before it (they used to be refused there as unexpected arguments).
+TEST_F(CliTest, GlobalOptionsWorkAfterTheCommandToo) {
+  Put("payments/prod/stripe", kSecret);
+  for (const auto& args : std::vector<std::vector<std::string>>{{"usage", "payments", "--json"},
+                                                                {"rotation", "status", "--json"},
+                                                                {"secret", "list", "payments/prod", "--json"},
+                                                                {"project", "--json", "list"},
+                                                                {"--json", "project", "list", "--json"}}) {
+    std::string line;
+    for (const auto& a : args) line += a + " ";
+    auto r = Cli(args);
+    ASSERT_EQ(r.exit_code, 0) << line << r.err;
+    EXPECT_TRUE(nlohmann::json::accept(r.out)) << line << r.out;
+  }
+  EXPECT_EQ(Cli({"secret", "list", "payments/prod", "--json"}).out, SecretList());
+  // A --config after the command is the one used: this one does not exist.
+  ExpectOneLine(Cli({"secret", "list", "--config", token_.dir() / "absent.toml"}), 78, "absent.toml");
+  ExpectOneLine(Cli({"secret", "list", "--config=" + token_.dir() / "absent.toml"}), 78, "absent.toml");
+  // Before and after: two configs are a mistake, not a tie for the order to break.
+  ExpectOneLine(Cli({"--config", token_.config_path(), "secret", "list", "--config", token_.config_path()}), 64,
+                "--config is given twice");
+  // exec: before the command's "--" they are custody's, after it the command's.
+  auto e =
+      Cli({"exec", "--env", "K=payments/prod/stripe", "--json", "--", "/bin/sh", "-c", "printf %s \"$K\"", "--json"});
+  ASSERT_EQ(e.exit_code, 0) << e.err;
+  EXPECT_EQ(e.out, kSecret);
+  ExpectOneLine(Cli({"exec", "--env", "K=payments/prod/stripe", "--bogus", "--", "/bin/true"}), 64, "'--bogus'");
+  // --version after a command that has none is still an unknown option.
+  ExpectOneLine(Cli({"secret", "list", "--version"}), 64, "--version");
+
+  // The PIN's descriptor, wherever it is given.
+  std::string cfg = ReadFile(token_.config_path());
+  size_t at = cfg.find("pin_file");
+  cfg.erase(at, cfg.find('\n', at) - at + 1);
+  WriteFile(token_.config_path(), cfg);
+  const std::string show = "printf %s \"$K\"";
+  for (int form = 0; form < 3; ++form) {
+    int fds[2];
+    ASSERT_EQ(::pipe(fds), 0);
+    std::string pin = std::string(SoftHsmToken::kPin) + "\n";
+    ASSERT_EQ(::write(fds[1], pin.data(), pin.size()), static_cast<ssize_t>(pin.size()));
+    ::close(fds[1]);
+    RunOptions o;
+    o.env = token_.CliEnv();
+    o.keep_fds = {fds[0]};
+    const std::string fd = std::to_string(fds[0]);
+    const std::vector<std::vector<std::string>> lines = {
+        {"secret", "get", "payments/prod/stripe", "--pin-fd", fd},
+        {"secret", "get", "payments/prod/stripe", "--pin-fd=" + fd},
+        {"exec", "--env", "K=payments/prod/stripe", "--pin-fd", fd, "--", "/bin/sh", "-c", show}};
+    auto g = RunCustody(lines[form], o);
+    ::close(fds[0]);
+    ASSERT_EQ(g.exit_code, 0) << form << ": " << g.err;
+    EXPECT_EQ(g.out, kSecret);
+  }
+}
+
+// One line, the same from the lean front and from custody-full, and from
+// custodyd with its own name; no config needed, exit 0.
+TEST_F(CliTest, VersionNamesTheReleaseAndTheBackends) {
+  const std::string want_suffix = " (backends: pkcs11, tpm)\n";
+  auto front = RunCustody({"--version"}, {});
+  ASSERT_EQ(front.exit_code, 0) << front.err;
+  EXPECT_EQ(front.err, "");
+  ASSERT_EQ(front.out.rfind("custody ", 0), 0u) << front.out;
+  ASSERT_GE(front.out.size(), want_suffix.size());
+  EXPECT_EQ(front.out.substr(front.out.size() - want_suffix.size()), want_suffix) << front.out;
+  std::string version = front.out.substr(8, front.out.size() - 8 - want_suffix.size());
+  EXPECT_EQ(std::count(version.begin(), version.end(), '.'), 2) << version;
+  EXPECT_EQ(version.find_first_not_of("0123456789."), std::string::npos) << version;
+
+  auto full = RunProgram(BuiltTool("custody-full"), {"--version"}, {});
+  EXPECT_EQ(full.exit_code, 0) << full.err;
+  EXPECT_EQ(full.out, front.out);
+  EXPECT_EQ(full.err, "");
+  // custody-full answers --version among the global options too.
+  EXPECT_EQ(RunCustody({"--json", "--version"}, {}).out, front.out);
+
+  // The front answers by itself: a copy with no custody-full to hand off to.
+  std::filesystem::path alone = token_.dir() / "alone";
+  std::filesystem::create_directory(alone);
+  std::filesystem::copy_file(BuiltTool("custody"), alone / "custody");
+  auto lone = RunProgram(alone / "custody", {"--version"}, {});
+  EXPECT_EQ(lone.exit_code, 0) << lone.err;
+  EXPECT_EQ(lone.out, front.out);
+
+  auto daemon = RunProgram(BuiltTool("custodyd"), {"--version"}, {});
+  EXPECT_EQ(daemon.exit_code, 0) << daemon.err;
+  EXPECT_EQ(daemon.out, "custodyd " + version + want_suffix);
+  EXPECT_EQ(daemon.err, "");
+
+  // Under `secret get`, --version is still the secret's.
+  Put("payments/prod/stripe", "one");
+  Put("payments/prod/stripe", "two");
+  EXPECT_EQ(Cli({"secret", "get", "payments/prod/stripe", "--version", "1"}).out, "one");
 }
 
 }  // namespace

@@ -131,7 +131,7 @@ TEST_F(RotationCliTest, RotateNeedsAnExistingSecretAndAValue) {
   ExpectOneLine(Cli({"secret", "rotate", "payments/prod/nope"}, "x"), 66,
                 "does not exist; store its first version with 'custody secret put'");
   Put("payments/prod/stripe", "old-value");
-  ExpectOneLine(Cli({"secret", "rotate", "payments/prod/stripe"}, ""), 65, "refusing to store an empty value");
+  ExpectOneLine(Cli({"secret", "rotate", "payments/prod/stripe"}, ""), 64, "refusing to store an empty value");
   ExpectOneLine(Cli({"secret", "rotate", "payments/prod/stripe", "--format", "hex"}, "x"), 64,
                 "--format and --prefix go with --generate");
   ExpectOneLine(Cli({"secret", "rotate", "payments/prod/stripe", "--generate", "8"}), 64, "16 to 1024 bytes");

@@ -1,6 +1,8 @@
 // Versions, grace, revocation and KEK rotation through SecretService and
 // KekRotator, on a real SoftHSM2 token and a real SQLite store, with an
 // injected clock so the grace semantics are tested to the second.
+#include <memory>
+
 #include <gtest/gtest.h>
 #include <sqlite3.h>
 
@@ -225,10 +227,47 @@ TEST_F(RotationServiceTest, APutThatSealedUnderARetiredKekSealsAgain) {
   ASSERT_TRUE(store_->AddKek(old.project_id, *ref, KekLabel::For("payments", 2), now_).ok());
   Status stale = store_->AddVersion(Env().id, "a", 2, old.id, *blob, now_);
   ASSERT_FALSE(stale.ok());
-  EXPECT_EQ(stale.error().code(), Store::kVersionTaken);
+  EXPECT_TRUE(stale.error().version_taken()) << stale.error().message();
   // SecretService retries with the active KEK.
   EXPECT_EQ(Put("a", "two"), 2u);
   EXPECT_EQ((*store_->GetVersion(Env(), "a", 2)).kek_record_id, ActiveKek().id);
+  EXPECT_EQ(*Read("a"), "two");
+}
+
+TEST_F(RotationServiceTest, APlainStoreErrorInAddVersionEndsThePutAfterOneAttempt) {
+  Put("a", "one");
+  // Through a second connection to the same file: a trigger whose body names
+  // a table that does not exist, so the version insert fails with a plain
+  // SQLITE_ERROR (1), not with the key collision of a concurrent writer.
+  // (A trigger's RAISE would be SQLITE_CONSTRAINT_TRIGGER, another case.)
+  sqlite3* raw = nullptr;
+  int opened = sqlite3_open(db_path().c_str(), &raw);
+  std::unique_ptr<sqlite3, int (*)(sqlite3*)> other(raw, &sqlite3_close);
+  ASSERT_EQ(opened, SQLITE_OK);
+  sqlite3* db = other.get();
+  ASSERT_EQ(sqlite3_exec(db,
+                         "CREATE TRIGGER broken BEFORE INSERT ON secret_versions "
+                         "BEGIN SELECT * FROM no_such_table; END",
+                         nullptr, nullptr, nullptr),
+            SQLITE_OK)
+      << sqlite3_errmsg(db);
+  // Each attempt seals once and then calls before_commit (in Custodian, the
+  // audit record): counting the calls counts seals and audit records.
+  int attempts = 0;
+  auto v = svc_->Put(Path("a"), SecretBuffer::Copy("two"), [&](uint32_t version) {
+    ++attempts;
+    EXPECT_EQ(version, 2u);
+    return Status::Ok();
+  });
+  ASSERT_FALSE(v.ok());
+  EXPECT_EQ(attempts, 1) << "an SQL error is no concurrent writer: " << v.error().message();
+  EXPECT_EQ(v.error().category(), Category::kInternal) << v.error().message();
+  EXPECT_EQ(v.error().exit_code(), 70) << "EX_SOFTWARE, not 69 (or 75) from a retry storm";
+  EXPECT_EQ(v.error().backend(), Backend::kStore);
+  EXPECT_EQ(v.error().code(), static_cast<uint64_t>(SQLITE_ERROR)) << "the backend's own code, unchanged";
+  // Nothing of the failed put was kept: once repaired, the next put is v2.
+  ASSERT_EQ(sqlite3_exec(db, "DROP TRIGGER broken", nullptr, nullptr, nullptr), SQLITE_OK) << sqlite3_errmsg(db);
+  EXPECT_EQ(Put("a", "two"), 2u);
   EXPECT_EQ(*Read("a"), "two");
 }
 

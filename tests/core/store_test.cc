@@ -78,7 +78,8 @@ TEST_F(StoreTest, VersionsAreSequentialAndATakenVersionIsReported) {
   EXPECT_EQ(*store_->NextVersion(env.id, "stripe"), 2u);
   Status taken = store_->AddVersion(env.id, "stripe", 1, kek.id, {9}, 1000);
   ASSERT_FALSE(taken.ok());
-  EXPECT_EQ(taken.error().code(), Store::kVersionTaken);
+  EXPECT_TRUE(taken.error().version_taken()) << taken.error().message();
+  EXPECT_EQ(taken.error().code(), static_cast<uint64_t>(SQLITE_CONSTRAINT_PRIMARYKEY)) << "SQLite's own code";
   ASSERT_TRUE(store_->AddVersion(env.id, "stripe", 2, kek.id, {4, 5}, 1001).ok());
 
   auto latest = store_->GetVersion(env, "stripe", std::nullopt);
@@ -292,7 +293,7 @@ TEST(StoreOpen, ConcurrentWritersOnSeparateConnectionsNeverDuplicateAVersion) {
           uint32_t v = *(*s)->NextVersion(env.id, "k");
           Status st = (*s)->AddVersion(env.id, "k", v, 1, {static_cast<uint8_t>(v)}, 1000);
           if (st.ok()) break;
-          if (st.error().code() != Store::kVersionTaken) { ++failures; return; }
+          if (!st.error().version_taken()) { ++failures; return; }
         }
       }
     });

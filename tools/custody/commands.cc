@@ -233,7 +233,8 @@ Status EnvCreate(const Globals& g, const std::string& project, const std::string
 Status SecretPut(const Globals& g, const PutArgs& a) {
   CUSTODY_ASSIGN_OR_RETURN(core::SecretPath path, core::SecretPath::Parse(a.path));
   CUSTODY_ASSIGN_OR_RETURN(SecretBuffer value, ReadValue(a.from_file, a.keep_newline));
-  if (value.empty()) return Error(Category::kIntegrity, "refusing to store an empty value for " + path.str());
+  // An empty value is refused by the flow (a usage error, recorded) in both
+  // modes, after the policy: the same answer through custodyd and here.
   if (auto addr = ServerAddress()) {
     CUSTODY_ASSIGN_OR_RETURN(auto c, client::Client::Connect(*addr));
     auto v = c.Put(path.str(), value);
@@ -247,59 +248,32 @@ Status SecretPut(const Globals& g, const PutArgs& a) {
   }
 
   CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "secret.put", path));
-  return Finish(o, [&]() -> Status {
-    CUSTODY_RETURN_IF_ERROR(Guard(o));
-    policy::Target target{path.project, path.environment, path.name};
-    CUSTODY_RETURN_IF_ERROR(Ask(o, Action::kPut, target));
-    // The environment must exist before a limit is spent on it.
-    CUSTODY_ASSIGN_OR_RETURN(auto env, o.store->FindEnvironment(path.project, path.environment));
-    CUSTODY_RETURN_IF_ERROR(Charge(o, target, core::UsageEvent::kSeal));
-    CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, o));
-    CUSTODY_ASSIGN_OR_RETURN(core::KekRecord kek, o.store->CurrentKek(env.project_id));
-    o.ev.kek_id = hsm::ToHex(kek.ref.id);
-    // The record is made durable after sealing and before the store commits
-    // the new version: a version never exists unrecorded.
-    auto version = AuditedPut(o, path, value);
-    if (!version) return std::move(version).error();
+  // The flow custodyd runs: policy, limits, the record made durable after
+  // sealing and before the store commits the new version.
+  return WithCustodian(g, o, [&](core::Custodian& c, const core::RequestContext& rc) -> Status {
+    CUSTODY_ASSIGN_OR_RETURN(uint32_t version, c.Put(rc, path, value));
     if (g.json) {
-      PrintJson({{"path", path.str()}, {"version", *version}});
+      PrintJson({{"path", path.str()}, {"version", version}});
     } else {
-      std::printf("sealed %s version %u\n", path.str().c_str(), *version);
+      std::printf("sealed %s version %u\n", path.str().c_str(), version);
     }
     return Status::Ok();
-  }());
+  });
 }
 
 namespace {
 
-// In direct mode: the whole flow here (policy, limits, audit, token); the
-// value is returned only after its audit record is durable.
+// In direct mode: the flow custodyd runs for a GET (policy, limits, one
+// store snapshot, the record made durable, unseal, with session recovery),
+// here; the value is returned only after its record is durable.
 Result<core::Unsealed> DirectGet(const Globals& g, const core::SecretPath& path, std::optional<uint32_t> version) {
   CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "secret.get", path));
-  o.ev.version = version;
   std::optional<core::Unsealed> out;
-  Status s = Finish(o, [&]() -> Status {
-    CUSTODY_RETURN_IF_ERROR(Guard(o));
-    policy::Target target{path.project, path.environment, path.name};
-    CUSTODY_RETURN_IF_ERROR(Ask(o, Action::kGet, target));
-    // Not-found is answered before a limit is spent: a typo costs no budget.
-    CUSTODY_ASSIGN_OR_RETURN(auto env, o.store->FindEnvironment(path.project, path.environment));
-    CUSTODY_ASSIGN_OR_RETURN(auto rec, o.store->GetVersion(env, path.name, version));
-    o.ev.version = rec.version;
-    uint64_t grace = o.authz->engine().RotationFor(path.project, path.environment).grace;
-    CUSTODY_RETURN_IF_ERROR(core::CheckReadable(path, rec, grace, core::SystemNow()));
-    CUSTODY_ASSIGN_OR_RETURN(auto kek, o.store->KekById(rec.kek_record_id));
-    o.ev.kek_id = hsm::ToHex(kek.ref.id);
-    CUSTODY_RETURN_IF_ERROR(Charge(o, target, core::UsageEvent::kUnseal));
-    CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, o));
-    core::SecretService svc(*o.store, *o.sealer);
-    CUSTODY_ASSIGN_OR_RETURN(core::Unsealed u, svc.Unseal(path, env, rec, kek));
-    // The record is durable before the value leaves this function.
-    CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
+  CUSTODY_RETURN_IF_ERROR(WithCustodian(g, o, [&](core::Custodian& c, const core::RequestContext& rc) -> Status {
+    CUSTODY_ASSIGN_OR_RETURN(core::Unsealed u, c.Get(rc, path, version));
     out = std::move(u);
     return Status::Ok();
-  }());
-  if (!s.ok()) return std::move(s).error();
+  }));
   return std::move(*out);
 }
 

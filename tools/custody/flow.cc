@@ -204,6 +204,77 @@ std::optional<std::string> ServerAddress() {
 
 
 
+namespace {
+
+// The backend, opened on first use: forwards every call to the sealer that
+// OpenTokenFor opens (and keeps in `o`), so that the flow can be built
+// before anyone knows whether the token will be needed.
+class LazySealer final : public core::Sealer {
+ public:
+  LazySealer(const Globals& g, Opened& o) : g_(g), o_(o) {}
+
+  using Sealer::CreateKek;
+  Result<core::KekRef> CreateKek(std::string_view project, uint32_t version, std::vector<uint8_t>* material) override {
+    CUSTODY_RETURN_IF_ERROR(Open());
+    return o_.sealer->CreateKek(project, version, material);
+  }
+  Status DestroyKek(const core::KekRef& kek) override {
+    CUSTODY_RETURN_IF_ERROR(Open());
+    return o_.sealer->DestroyKek(kek);
+  }
+  Result<size_t> DestroyUnrecorded(const std::string& label, const std::vector<core::KekId>& keep) override {
+    CUSTODY_RETURN_IF_ERROR(Open());
+    return o_.sealer->DestroyUnrecorded(label, keep);
+  }
+  std::string ResealMode() override {
+    Status s = Open();
+    return s.ok() ? o_.sealer->ResealMode() : "unknown (" + s.error().message() + ")";
+  }
+  Status Random(std::span<uint8_t> out) override {
+    CUSTODY_RETURN_IF_ERROR(Open());
+    return o_.sealer->Random(out);
+  }
+  Result<std::vector<uint8_t>> Seal(const core::KekRef& kek, const core::SealContext& ctx,
+                                    const SecretBuffer& value) override {
+    CUSTODY_RETURN_IF_ERROR(Open());
+    return o_.sealer->Seal(kek, ctx, value);
+  }
+  Result<SecretBuffer> Unseal(const core::KekRef& expected, const core::SealContext& ctx,
+                              std::span<const uint8_t> blob) override {
+    CUSTODY_RETURN_IF_ERROR(Open());
+    return o_.sealer->Unseal(expected, ctx, blob);
+  }
+  bool Recover(const Error& failure) override { return o_.sealer != nullptr && o_.sealer->Recover(failure); }
+  Recoveries recoveries() const override { return o_.sealer != nullptr ? o_.sealer->recoveries() : Recoveries{}; }
+
+ private:
+  Status Open() { return OpenTokenFor(g_, o_); }
+  const Globals& g_;
+  Opened& o_;
+};
+
+}  // namespace
+
+Status WithCustodian(const Globals& g, Opened& o,
+                     const std::function<Status(core::Custodian&, const core::RequestContext&)>& fn) {
+  auto authz = core::Authorizer::Load(*o.store);
+  if (!authz) {
+    o.ev.decision = "deny";
+    o.ev.rule = "no policy in force";
+    return Finish(o, std::move(authz).error());
+  }
+  LazySealer sealer(g, o);
+  Status outcome;
+  {
+    core::Custodian custodian(*o.store, *o.audit, sealer, std::make_shared<const core::Authorizer>(std::move(*authz)));
+    const policy::Caller caller = LocalCaller();
+    outcome = fn(custodian, core::RequestContext{caller, IdentifiedBy(caller), o.ev.request_id, "cli"});
+  }  // usage counts the flow kept to write behind are written here
+  o.recorded = true;  // the flow wrote this request's record (or failed closed)
+  MaybeCheckpoint(o);
+  return outcome;
+}
+
 Result<uint32_t> AuditedPut(Opened& o, const core::SecretPath& path, const SecretBuffer& value) {
   core::SecretService svc(*o.store, *o.sealer);
   auto version = svc.Put(path, value, [&](uint32_t v) -> Status {

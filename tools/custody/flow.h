@@ -3,6 +3,7 @@
 // the token only when needed; record the outcome once, fail closed.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <nlohmann/json_fwd.hpp>
 #include <optional>
@@ -12,6 +13,7 @@
 #include "custody/core/audit.h"
 #include "custody/core/authz.h"
 #include "custody/core/config.h"
+#include "custody/core/custodian.h"
 #include "custody/core/names.h"
 #include "custody/core/sealer.h"
 #include "custody/core/service.h"
@@ -72,6 +74,13 @@ void MaybeCheckpoint(Opened& o);
 // Ends a command: records its outcome (if the command did not already) and
 // returns the first error, the command's own before the audit log's.
 Status Finish(Opened& o, Status outcome);
+// The one request flow (core::Custodian, the same that custodyd runs for
+// every request) for this process: the caller is the local user, the record
+// says "via cli", and the token is opened only when the flow first needs it
+// (a request the policy refuses never asks for the PIN). `fn` runs the
+// request; the flow writes its record. Then a checkpoint is signed if due.
+Status WithCustodian(const Globals& g, Opened& o,
+                     const std::function<Status(core::Custodian&, const core::RequestContext&)>& fn);
 // Seals `value` as the next version of `path`, with this command's audit
 // record made durable after sealing and before the store commits (a version
 // never exists unrecorded). A concurrent writer that takes the version gets

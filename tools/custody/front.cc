@@ -1,10 +1,10 @@
 // custody: the command a user runs. A lean front for the path production
 // servers take at every start: `secret get` and `exec` through custodyd
-// (CUSTODY_ADDR=unix:...). Those it serves itself; it links only the client
-// without its TLS part, and libcrypto statically (for the locked secret
-// heap), so a process costs a fraction of one that loads the token, TPM and
-// store libraries. Every other command, and any form of
-// these two it does not recognise exactly, goes to the full tool
+// (CUSTODY_ADDR=unix:...). Those, and `custody --version`, it serves
+// itself; it links only the client without its TLS part, and libcrypto
+// statically (for the locked secret heap), so a process costs a fraction of
+// one that loads the token, TPM and store libraries. Every other command,
+// and any form of these it does not recognise exactly, goes to the full tool
 // (custody-full) by exec with the same arguments, so there is one parser of
 // record and the two can never answer differently.
 //
@@ -26,6 +26,7 @@
 
 #include "custody/common/secret.h"
 #include "custody/common/untrusted.h"
+#include "custody/version.h"
 #include "fetch.h"
 
 namespace {
@@ -135,6 +136,13 @@ std::string FullTool() {
 int main(int argc, char** argv) {
   custody::HardenProcess();
   ::umask(077);
+  // `custody --version` alone, with or without custodyd: the same line
+  // custody-full prints (both take it from custody/version.h), without the
+  // cost of starting it. Any other line with --version goes to custody-full.
+  if (argc == 2 && std::strcmp(argv[1], "--version") == 0) {
+    std::printf("%s\n", custody::VersionLine("custody").c_str());
+    return 0;
+  }
   const char* addr = std::getenv("CUSTODY_ADDR");
   // An address that is not plain text goes to custody-full, which refuses it
   // (the two must answer alike).

@@ -4,11 +4,15 @@
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <optional>
 #include <string>
+#include <string_view>
+#include <vector>
 
 #include "commands.h"
 #include "custody/common/secret.h"
 #include "custody/common/untrusted.h"
+#include "custody/version.h"
 
 using custody::Category;
 using custody::Status;
@@ -19,6 +23,41 @@ int Report(const Status& s) {
   if (s.ok()) return 0;
   std::fprintf(stderr, "custody: %s\n", s.error().message().c_str());
   return s.error().exit_code();
+}
+
+// The global options. People type them after the command as often as before
+// it (`custody usage demo --json`, as docs/POLICY.md shows), so they go on
+// the top and on every subcommand, bound to the same Globals.
+// (CLI11's fallthrough would hand a subcommand's unknown options to its
+// parent instead, but it hands up its extra words too: exec's command, and
+// under `attest verify` attest's own options would pass silently.)
+void AddGlobalOptions(CLI::App& app, custody::cli::Globals& g) {
+  app.add_option("--config", g.config, "config file (default: $CUSTODY_CONFIG, then /etc/custody/custody.toml)");
+  app.add_flag("--json", g.json, "machine-readable output");
+  app.add_option("--pin-fd", g.pin_fd, "read the token PIN from this file descriptor");
+}
+
+void AddGlobalOptionsBelow(CLI::App& app, custody::cli::Globals& g) {
+  for (CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; })) {
+    AddGlobalOptions(*sub, g);
+    AddGlobalOptionsBelow(*sub, g);
+  }
+}
+
+// How often `name` was given on the line, before and after the command.
+size_t GivenTimes(const CLI::App& app, const std::string& name) {
+  size_t n = app.count(name);
+  for (const CLI::App* sub : app.get_subcommands()) n += GivenTimes(*sub, name);
+  return n;
+}
+
+// Two configs or two PIN descriptors on one line (one before the command,
+// one after) is a mistake to name, not a tie for the order to break.
+Status GivenOnce(const CLI::App& app) {
+  for (const char* name : {"--config", "--pin-fd"}) {
+    if (GivenTimes(app, name) > 1) return custody::Error(Category::kUsage, std::string(name) + " is given twice");
+  }
+  return Status::Ok();
 }
 
 }  // namespace
@@ -32,16 +71,18 @@ int main(int argc, char** argv) {
   CLI::App app{"custody: hardware-backed key custody for projects and environments", "custody"};
   app.require_subcommand(1);
   custody::cli::Globals g;
-  app.add_option("--config", g.config, "config file (default: $CUSTODY_CONFIG, then /etc/custody/custody.toml)");
-  app.add_flag("--json", g.json, "machine-readable output");
-  app.add_option("--pin-fd", g.pin_fd, "read the token PIN from this file descriptor");
+  AddGlobalOptions(app, g);
+  // Before the command only: under `secret get` and `secret revoke`,
+  // --version is the secret's.
+  app.set_version_flag("--version", custody::VersionLine("custody"), "print the version and the backends built in");
 
   Status result;
   // fn() may return `result` itself (attest after attest verify): it is
   // read before it is assigned.
   auto run = [&](auto fn) {
     return [&, fn] {
-      Status edge = custody::cli::CheckGlobals(g);
+      Status edge = GivenOnce(app);
+      if (edge.ok()) edge = custody::cli::CheckGlobals(g);
       result = edge.ok() ? fn() : std::move(edge);
     };
   };
@@ -210,12 +251,23 @@ int main(int argc, char** argv) {
 
   // exec
   std::vector<std::string> exec_envs, exec_command;
+  std::optional<std::vector<std::string>> exec_after_dashes;  // set below, before the parse
   auto* c_exec = app.add_subcommand("exec", "run a command with secrets in its environment only");
   c_exec->add_option("--env", exec_envs, "NAME=PROJECT/ENV/SECRET (repeatable)")->required();
   // Everything after the first word of the command is the command's own.
   c_exec->prefix_command();
   c_exec->footer("usage: custody exec --env NAME=PROJECT/ENV/SECRET [--env ...] -- COMMAND [ARGS...]");
   c_exec->callback(run([&] {
+    if (exec_after_dashes) {
+      // Only exec's own options came before the "--": what CLI11 did not
+      // know there is a mistake, not the start of the command.
+      if (!c_exec->remaining().empty()) {
+        return Status(custody::Error(Category::kUsage, "exec: unknown option '" +
+                                                           custody::EscapeUntrusted(c_exec->remaining().front()) +
+                                                           "' (see 'custody exec --help')"));
+      }
+      exec_command = *exec_after_dashes;
+    }
     for (const auto& a : c_exec->remaining()) {
       if (exec_command.empty() && a == "--") continue;
       exec_command.push_back(a);
@@ -246,9 +298,13 @@ int main(int argc, char** argv) {
   c_audit->add_subcommand("checkpoint", "sign a checkpoint now (policy admins)")
       ->callback(run([&] { return custody::cli::AuditCheckpoint(g); }));
 
+  // Now that every subcommand exists (each one's help lists them too).
+  AddGlobalOptionsBelow(app, g);
+
   // Before a subcommand, CLI11 reports an unknown command as "a subcommand is
   // required" and may take an unknown option's value for the command; name
   // the word that is wrong instead.
+  int command_at = 0;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--config" || a == "--pin-fd") {
@@ -256,7 +312,7 @@ int main(int argc, char** argv) {
       continue;
     }
     if (a.rfind("-", 0) == 0) {
-      if (a == "--json" || a == "--help" || a == "-h" || a.rfind("--config=", 0) == 0 ||
+      if (a == "--json" || a == "--help" || a == "-h" || a == "--version" || a.rfind("--config=", 0) == 0 ||
           a.rfind("--pin-fd=", 0) == 0) {
         continue;
       }
@@ -273,14 +329,40 @@ int main(int argc, char** argv) {
                    custody::EscapeUntrusted(a).c_str());
       return custody::ExitCode(Category::kUsage);
     }
+    command_at = i;
     break;
   }
 
+  // exec's command is what follows its "--". CLI11 ends a subcommand at a
+  // "--" that no list option (--env) swallows and hands the rest to the top,
+  // which refuses it: `custody exec --env K=P/E/S --pin-fd 3 -- cmd` would
+  // fail where `custody --pin-fd 3 exec ...` works. So the command is cut
+  // off here when "--" follows only exec's options and their values; at any
+  // other word the command starts as before (prefix_command above).
+  int parse_argc = argc;
+  if (command_at > 0 && std::string_view(argv[command_at]) == "exec") {
+    for (int i = command_at + 1; i < argc; ++i) {
+      std::string_view a = argv[i];
+      if (a == "--") {
+        exec_after_dashes.emplace(argv + i + 1, argv + argc);
+        parse_argc = i;
+        break;
+      }
+      if (a == "--env" || a == "--config" || a == "--pin-fd") {
+        ++i;
+      } else if (a.empty() || a[0] != '-') {
+        break;
+      }
+    }
+  }
+
   try {
-    app.parse(argc, argv);
+    app.parse(parse_argc, argv);
   } catch (const CLI::CallForHelp& e) {
     return app.exit(e);
   } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
     // CLI11 quotes the arguments it did not expect: shown escaped.

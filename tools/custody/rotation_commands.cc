@@ -165,7 +165,7 @@ Status SecretRotate(const Globals& g, const RotateArgs& a) {
     }
     if (!a.generate) {
       if (!value) return std::move(value).error();
-      if (value->empty()) return Error(Category::kIntegrity, "refusing to store an empty value for " + path.str());
+      if (value->empty()) return Error(Category::kUsage, "refusing to store an empty value for " + path.str());
     }
     CUSTODY_RETURN_IF_ERROR(Charge(o, target, core::UsageEvent::kSeal));
     CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, o));

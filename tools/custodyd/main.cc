@@ -3,6 +3,7 @@
 // audit log on every request. Clients never see the PIN.
 //
 //   custodyd --config /etc/custody/custody.toml [--pin-fd N]
+//   custodyd --version
 #include <sys/stat.h>
 #include <systemd/sd-daemon.h>
 
@@ -24,6 +25,7 @@
 #include "custody/core/custodian.h"
 #include "custody/core/service.h"
 #include "custody/core/store.h"
+#include "custody/version.h"
 #include "server.h"
 #include "token_key.h"
 
@@ -50,9 +52,13 @@ int main(int argc, char** argv) {
   std::optional<int> pin_fd;
   app.add_option("--config", config_flag, "config file (default: $CUSTODY_CONFIG, then /etc/custody/custody.toml)");
   app.add_option("--pin-fd", pin_fd, "read the token PIN from this file descriptor");
+  // Answered during the parse, before the config is looked for.
+  app.set_version_flag("--version", custody::VersionLine("custodyd"), "print the version and the backends built in");
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
     std::fprintf(stderr, "custodyd: %s (see 'custodyd --help')\n", e.what());
@@ -90,8 +96,7 @@ int main(int argc, char** argv) {
     pin_held.emplace(std::move(*pin));
   }
   custody::core::Custodian custodian(**store, **audit, *backend.sealer,
-                                     std::make_shared<const custody::core::Authorizer>(std::move(*authz)),
-                                     backend.token.pool.get());
+                                     std::make_shared<const custody::core::Authorizer>(std::move(*authz)));
   auto signer = custody::core::OpenAuditSigner(backend, *config, *pin_held, /*create=*/true);
   if (!signer) return Fail(signer.error());
 

@@ -284,14 +284,20 @@ struct Server::Impl {
   std::atomic<int> unidentified{0};
   std::atomic<int> refusals{0};  // 503s over max_connections still being sent
   RefusalLog refused;
-  std::atomic<uint64_t> refusal_record_failures{0};
+  // The places strangers share: max_unidentified_connections, and never
+  // more than half of max_connections (a small max_connections keeps its
+  // reserve for principals too).
+  int UnidentifiedPlaces() const {
+    const uint32_t all = limits.max_connections.load();
+    return static_cast<int>(std::max<uint32_t>(1, std::min(limits.max_unidentified_connections.load(), all / 2)));
+  }
   // Writes the refusal summaries counted so far: on the loop without
   // waiting for them (`wait` false), or at the end of Run, waiting (the
   // server may be gone before an asynchronous callback would run).
   void WriteRefusals(bool wait) {
     for (auto& e : refused.Take(options.refusal_summary_seconds)) {
       auto failed = [this] {
-        refusal_record_failures.fetch_add(1);
+        custodian.stats().audit_failures.fetch_add(1);
         custodian.stats().audit_healthy.store(false);
       };
       if (wait) {
@@ -666,10 +672,11 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
     decision_ = e.category() == Category::kDenied  ? "deny"
                 : e.category() == Category::kLimit ? "limit"
                                                    : "error";
-    int status = HttpStatus(e.category());
-    if (e.category() == Category::kDenied && e.code() == core::kUnauthenticated) status = 401;
-    uint64_t retry = e.category() == Category::kLimit ? e.code() : 0;
-    if (e.backend() == Backend::kPkcs11 || e.backend() == Backend::kOs) {
+    int status = e.http_status();
+    uint64_t retry = e.retry_after().value_or(0);
+    // Token, system and audit-log failures are the operator's business: in
+    // the server log (their messages are custody's own, never a caller's).
+    if (e.backend() == Backend::kPkcs11 || e.backend() == Backend::kOs || e.category() == Category::kUnavailable) {
       spdlog::warn("request {}: {} {}/{}: {}", peer_.request_id, action_, project_, env_, e.message());
     }
     return Error(status, e.message(), e.category(), retry);
@@ -895,7 +902,7 @@ void Server::Impl::AcceptTls() {
     // yet). Until its certificate names a principal, a TLS connection takes
     // one of the places strangers share.
     if (connections.load() >= static_cast<int>(limits.max_connections.load()) ||
-        unidentified.load() >= static_cast<int>(limits.max_unidentified_connections.load()) || !AdmitPeer(key)) {
+        unidentified.load() >= UnidentifiedPlaces() || !AdmitPeer(key)) {
       refused.Count(key, "503 connection limit");
       beast::error_code ignored;
       socket.close(ignored);
@@ -1005,7 +1012,7 @@ void Server::Impl::Accept() {
       if (connections.load() >= static_cast<int>(limits.max_connections.load())) {
         refused.Count(key, "503 connection limit");
         Refuse(std::move(socket), "too many connections; retry");
-      } else if (!known && unidentified.load() >= static_cast<int>(limits.max_unidentified_connections.load())) {
+      } else if (!known && unidentified.load() >= UnidentifiedPlaces()) {
         refused.Count(key, "503 connection limit for unidentified peers");
         Refuse(std::move(socket), "too many connections from peers the policy does not know; retry");
       } else if (!AdmitPeer(key)) {

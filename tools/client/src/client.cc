@@ -142,8 +142,14 @@ Result<Client::Response> Client::Request(const std::string& method, const std::s
     std::string message = !j.is_discarded() && j.contains("error") && j["error"].is_string()
                               ? j["error"].get<std::string>()
                               : "custodyd answered HTTP " + std::to_string(out.status);
-    uint64_t retry = (!j.is_discarded() && j.contains("retry_after_seconds")) ? j["retry_after_seconds"].get<uint64_t>() : 0;
-    return Error(CategoryOf(j, out.status), message, Backend::kNone, retry);
+    const bool has_retry = !j.is_discarded() && j.contains("retry_after_seconds") &&
+                           j["retry_after_seconds"].is_number_unsigned();
+    uint64_t retry = has_retry ? j["retry_after_seconds"].get<uint64_t>() : 0;
+    // The server's typed details, as the direct mode would have them.
+    Error e(CategoryOf(j, out.status), message);
+    if (out.status == 401) return std::move(e).WithNeedsAuthentication();
+    if (retry > 0) return std::move(e).WithRetryAfter(retry);
+    return e;
   }
   return out;
 }

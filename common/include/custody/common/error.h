@@ -1,17 +1,23 @@
 // One error type for every layer of custody.
 //
 // An Error carries a Category (what kind of failure, which decides the exit
-// code and, later, the HTTP status), a message a person can act on, and the
-// backend's raw code (a CK_RV or a TSS2_RC) kept for logs and tests.
+// code and the HTTP status), a message a person can act on, the backend's
+// raw code (a CK_RV, a TSS2_RC, a SQLite result code or an errno) kept for
+// logs and tests, and at most one typed detail a caller acts on (a version
+// taken by another writer, the seconds until a limit refills, no principal
+// matched). The raw code means only what its backend says: no layer
+// above the backend reads a meaning of its own into it.
 //
 //   return Error(Category::kNotFound, "project 'payments' does not exist");
 //   return hsm::RvError(rv, "C_Login");   // PKCS#11 failures, see hsm/rv.h
+//   return Error(Category::kLimit, "limit reached: ...").WithRetryAfter(30);
 //
 // Messages never contain secret values or PINs: callers pass names, never
 // values, and the constructors do not format caller data beyond what is given.
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -30,10 +36,19 @@ enum class Category : uint8_t {
 
 enum class Backend : uint8_t { kNone, kPkcs11, kTpm, kStore, kOs };
 
-// sysexits.h values, one per category. This is the single table that the CLI
-// (and later the server, for HTTP statuses) reads.
+// What a caller may act on beyond the category. Set by the layer that knows
+// it (the store, the authorizer, the transport), never derived from code().
+enum class ErrorDetail : uint8_t {
+  kNone,
+  kVersionTaken,         // another writer took the version, or the KEK was retired: seal again
+  kRetryAfter,           // a limit refills after retry_after() seconds (HTTP Retry-After)
+  kNeedsAuthentication,  // no principal matched the caller (HTTP 401, not 403)
+};
+
+// sysexits.h values, one per category: the table the CLI reads.
 int ExitCode(Category c);
-// The HTTP status custodyd answers with for each category.
+// The HTTP status custodyd answers with for each category (Error::http_status
+// refines kDenied to 401 when no principal matched).
 int HttpStatus(Category c);
 std::string_view CategoryName(Category c);
 
@@ -50,8 +65,25 @@ class Error {
   Category category() const { return category_; }
   const std::string& message() const { return message_; }
   Backend backend() const { return backend_; }
+  // The backend's own code (0 without a backend); see the file comment.
   uint64_t code() const { return code_; }
   int exit_code() const { return ExitCode(category_); }
+  int http_status() const;
+
+  ErrorDetail detail() const { return detail_; }
+  bool version_taken() const { return detail_ == ErrorDetail::kVersionTaken; }
+  bool needs_authentication() const { return detail_ == ErrorDetail::kNeedsAuthentication; }
+  std::optional<uint64_t> retry_after() const {
+    if (detail_ != ErrorDetail::kRetryAfter) return std::nullopt;
+    return retry_after_;
+  }
+
+  // The same error with one detail (replacing any other). By value, so a
+  // detail is only ever set on an error being built or passed on.
+  Error WithVersionTaken() &&;
+  Error WithNeedsAuthentication() &&;
+  // At least one second: a Retry-After of 0 would invite a busy loop.
+  Error WithRetryAfter(uint64_t seconds) &&;
 
   // Prefixes context ("sealing payments/prod/stripe: ...") keeping the rest.
   Error&& Wrap(std::string_view context) &&;
@@ -61,6 +93,8 @@ class Error {
   std::string message_;
   Backend backend_ = Backend::kNone;
   uint64_t code_ = 0;
+  ErrorDetail detail_ = ErrorDetail::kNone;
+  uint64_t retry_after_ = 0;  // only with kRetryAfter
 };
 
 }  // namespace custody

@@ -1,6 +1,6 @@
 // Authorizer: the policy in force, applied to one caller. Every command asks
-// it before it touches a secret; the server (a later issue) will ask it on
-// every request, which makes it a boundary there. In the CLI, run by the
+// it before it touches a secret; custodyd asks it (through core::Custodian)
+// on every request, which makes it a boundary there. In the CLI, run by the
 // user who holds the token PIN, it is a guard against mistakes.
 //
 //   CUSTODY_ASSIGN_OR_RETURN(auto authz, core::Authorizer::Load(store));

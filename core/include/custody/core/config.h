@@ -60,7 +60,8 @@ struct Config {
   // Connections from peers the policy does not identify (a uid no
   // principal has; a TLS client before its handshake, or whose certificate
   // maps to no principal) share at most this many of max_connections: the
-  // rest are kept for principals, so strangers cannot starve them.
+  // rest are kept for principals, so strangers cannot starve them. Never
+  // more than half of max_connections, whatever this says.
   uint32_t server_max_unidentified_connections = 32;
   // Who may read /metrics and the details of /v1/health besides policy
   // admins and auditors: a scraper's uid or certificate SAN ("dns:...",

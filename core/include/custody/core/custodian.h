@@ -1,11 +1,14 @@
-// Custodian: one request, end to end, for a caller the transport identified
-// (the server's SO_PEERCRED or TLS certificate). It is the flow every server
-// request takes:
-//   identify the peer -> ask the policy -> charge rate and spend limits ->
-//   write the audit record (fail closed) -> unseal in the token -> answer.
+// Custodian: one request, end to end, for a caller its front identified
+// (custodyd: SO_PEERCRED or the TLS certificate; the CLI in direct mode:
+// the local user). It is the one flow every front drives:
+//   identify the caller -> ask the policy -> read the environment, version
+//   and KEK in one snapshot -> charge rate and spend limits -> unseal in the
+//   token -> make the audit record durable (fail closed) -> hand the value
+//   over. A put seals, then makes its record durable, then commits.
 //
-//   core::Custodian c(store, audit, token_state, authz);
-//   auto r = c.Get({.caller = peer, .identified_by = "uid 1000 (alice)"}, path, std::nullopt);
+//   core::Custodian c(store, audit, sealer, std::make_shared<const core::Authorizer>(std::move(authz)));
+//   core::RequestContext rc{.caller = peer, .identified_by = "uid 1000 (alice)", .request_id = core::NewRequestId()};
+//   auto r = c.Get(rc, *core::SecretPath::Parse("payments/prod/stripe"), std::nullopt);
 //
 // Thread-safe: the server calls it from several threads at once. The policy
 // can be swapped while requests run (SIGHUP); each request keeps the one it
@@ -34,12 +37,8 @@ struct RequestContext {
   policy::Caller caller;
   std::string identified_by;  // "uid 1000 (alice) pid 4242"
   std::string request_id;
+  std::string via = "custodyd";  // the front, for the record's detail: "custodyd", "cli"
 };
-
-// Error codes carried with kDenied and kLimit for transports: kDenied with
-// kUnauthenticated means no principal matched (HTTP 401, not 403); kLimit
-// carries the seconds until the limit refills (HTTP Retry-After).
-inline constexpr uint64_t kUnauthenticated = 401;
 
 // Counters the server exports as metrics.
 struct CustodianStats {
@@ -53,9 +52,10 @@ struct CustodianStats {
 
 class Custodian {
  public:
-  Custodian(Store& store, AuditLog& audit, Sealer& sealer, std::shared_ptr<const Authorizer> authz,
-            hsm::SessionPool* pool = nullptr)
-      : store_(store), audit_(audit), sealer_(sealer), pool_(pool), authz_(std::move(authz)) {}
+  // The sealer recovers its own backend (Sealer::Recover): nothing here
+  // knows whether it is a PKCS#11 token or a TPM.
+  Custodian(Store& store, AuditLog& audit, Sealer& sealer, std::shared_ptr<const Authorizer> authz)
+      : store_(store), audit_(audit), sealer_(sealer), authz_(std::move(authz)) {}
 
   Result<Unsealed> Get(const RequestContext& rc, const SecretPath& path, std::optional<uint32_t> version);
   // The same flow, but the wait for the audit record's fsync holds no
@@ -86,13 +86,13 @@ class Custodian {
   // Get up to (not including) its audit record.
   Result<Unsealed> GetUnrecorded(Flow& f, const RequestContext& rc, const SecretPath& path,
                                  std::optional<uint32_t> version);
-  // Re-opens sessions and logs in again (re-initialising the module if
-  // that is what it takes), counting it in the stats.
-  void RecoverToken();
+  // When `r` failed because the backend lost its session or device: has
+  // the sealer recover it, counts it, and says to try once more.
+  template <typename T>
+  bool RecoverFrom(const Result<T>& r);
   Store& store_;
   AuditLog& audit_;
   Sealer& sealer_;
-  hsm::SessionPool* pool_;  // re-opened and logged in again after session or device errors
   mutable std::mutex mu_;
   std::shared_ptr<const Authorizer> authz_;
   CustodianStats stats_;

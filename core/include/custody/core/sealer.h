@@ -95,6 +95,23 @@ class Sealer {
   // then decrypts. Tampering, truncation or a different context is kIntegrity.
   virtual Result<SecretBuffer> Unseal(const KekRef& expected, const SealContext& ctx,
                                       std::span<const uint8_t> blob) = 0;
+
+  // After a Seal or Unseal failed with `failure`: when it says the
+  // backend's session or device was lost (a token reset, a dead session),
+  // re-open and log in again, and return true: the operation may be tried
+  // once more. False for any other failure. So the request flow recovers
+  // without knowing PKCS#11 or TPM codes; a backend without recovery keeps
+  // the default.
+  virtual bool Recover(const Error& failure) {
+    (void)failure;
+    return false;
+  }
+  // Recoveries that succeeded, and how many of them re-initialised the
+  // backend (for health and metrics).
+  struct Recoveries {
+    uint64_t recovered = 0, reinitialized = 0;
+  };
+  virtual Recoveries recoveries() const { return {}; }
 };
 
 // PKCS#11: the KEK never leaves the token. It is generated there as a
@@ -113,6 +130,8 @@ class Pkcs11Sealer final : public Sealer {
   Status Random(std::span<uint8_t> out) override;
   Result<std::vector<uint8_t>> Seal(const KekRef& kek, const SealContext& ctx, const SecretBuffer& value) override;
   Result<SecretBuffer> Unseal(const KekRef& expected, const SealContext& ctx, std::span<const uint8_t> blob) override;
+  bool Recover(const Error& failure) override;
+  Recoveries recoveries() const override;
 
   // Whether the token offers AES-GCM as a wrap and unwrap mechanism
   // (C_GetMechanismInfo: CKF_WRAP and CKF_UNWRAP), the precondition for

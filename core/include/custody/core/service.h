@@ -1,5 +1,5 @@
 // SecretService: the operations on projects, environments and secrets that
-// the CLI (and later the server) call. It joins the store and the sealer;
+// the CLI and custodyd (through core::Custodian) call. It joins the store and the sealer;
 // it has no idea how either is implemented.
 //
 //   auto token = core::OpenToken(config, pin);

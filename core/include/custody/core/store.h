@@ -211,8 +211,8 @@ class Store : public KekUsageLedger, public KekMaterialSource {
   // Adds a version, which becomes current; the version that was current is
   // marked superseded at `now` (its grace period starts). If another writer
   // took `version` first, or KEK rotation retired `kek_record_id` meanwhile,
-  // kUnavailable with backend code kVersionTaken: the caller re-reads the
-  // current KEK and re-seals with the next number.
+  // kUnavailable with Error::version_taken(): the caller re-reads the current
+  // KEK and re-seals with the next number. Any other failure is not that.
   virtual Status AddVersion(int64_t env_id, const std::string& name, uint32_t version,
                             int64_t kek_record_id, const std::vector<uint8_t>& blob, int64_t now) = 0;
   // The current version (the newest not revoked), or `version` if given,
@@ -277,8 +277,6 @@ class Store : public KekUsageLedger, public KekMaterialSource {
   virtual Status RenewLock(const std::string& name, const LockHolder& me, int64_t now, int64_t ttl) = 0;
   // Lets go of our lock (nothing if it is not ours).
   virtual Status ReleaseLock(const std::string& name, const LockHolder& me) = 0;
-
-  static constexpr uint64_t kVersionTaken = 1;
 };
 
 // Opens (creating if `create`) a SQLite store, in WAL mode, migrated to the

@@ -7,10 +7,11 @@
 // after the last session closes.
 //
 // C_Initialize ownership is explicit. PKCS#11 allows one C_Initialize per
-// process, and libp11 (used later so OpenSSL can sign with a token key) may
-// share the module. Load() returns the same Module for the same path while it
-// is alive; if C_Initialize answers CKR_CRYPTOKI_ALREADY_INITIALIZED, another
-// library owns the initialisation and this Module never calls C_Finalize.
+// process, and libp11 (custodyd's TLS key in the token, through OpenSSL:
+// tools/custodyd/token_key.h) may share the module. Load() returns the same
+// Module for the same path while it is alive; if C_Initialize answers
+// CKR_CRYPTOKI_ALREADY_INITIALIZED, another library owns the initialisation
+// and this Module never calls C_Finalize.
 #pragma once
 
 #include <atomic>

@@ -7,7 +7,7 @@
 //   if (!d.allowed) puts(d.reason.c_str());
 //
 // Deny by default: what no grant allows is refused, and the refusal names
-// what is missing. The role table (kRoleAllows) is the whole rulebook:
+// what is missing. The role table (RoleAllows, below) is the whole rulebook:
 //
 //   action          owner reader auditor ci
 //   get               x     x             x (non-production only)
