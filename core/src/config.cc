@@ -1,13 +1,16 @@
 #include "custody/core/config.h"
 
 #include <fcntl.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cctype>
 #include <cerrno>
+#include <cstdio>
 #include <cstdlib>
 #include <sstream>
+#include <tuple>
 #include <type_traits>
 #include <toml++/toml.h>
 
@@ -249,14 +252,65 @@ Status WriteConfig(const Config& c, const std::string& path) {
   if (!c.audit_dir.empty()) {
     root.insert("audit", toml::table{{"dir", c.audit_dir},
                                      {"checkpoint_every", static_cast<int64_t>(c.audit_checkpoint_every)},
-                                     {"checkpoint_seconds", c.audit_checkpoint_seconds}});
+                                     {"checkpoint_seconds", c.audit_checkpoint_seconds},
+                                     {"segment_bytes", static_cast<int64_t>(c.audit_segment_bytes)}});
   }
+  // [server]: every setting that is not its default, so what LoadConfig
+  // reads comes back (a test loads every example config, writes it and
+  // loads it again), and a fresh `custody init` writes no [server] table
+  // for an operator to add one to.
+  const Config defaults;
+  toml::table server;
+  if (!c.server_socket.empty()) server.insert("socket", c.server_socket);
+  if (c.server_socket_mode != defaults.server_socket_mode) {
+    char mode[8];
+    std::snprintf(mode, sizeof mode, "%04o", c.server_socket_mode & 07777);
+    server.insert("socket_mode", std::string(mode));
+  }
+  for (auto [key, value, fallback] :
+       {std::tuple<const char*, uint32_t, uint32_t>{"threads", c.server_threads, defaults.server_threads},
+        {"max_connections", c.server_max_connections, defaults.server_max_connections},
+        {"max_connections_per_peer", c.server_max_connections_per_peer, defaults.server_max_connections_per_peer},
+        {"max_unidentified_connections", c.server_max_unidentified_connections,
+         defaults.server_max_unidentified_connections},
+        {"refusal_summary_seconds", c.server_refusal_summary_seconds, defaults.server_refusal_summary_seconds},
+        {"idle_timeout_seconds", c.server_idle_timeout_seconds, defaults.server_idle_timeout_seconds},
+        {"max_header_bytes", c.server_max_header_bytes, defaults.server_max_header_bytes},
+        {"max_body_bytes", c.server_max_body_bytes, defaults.server_max_body_bytes}}) {
+    if (value != fallback) server.insert(key, static_cast<int64_t>(value));
+  }
+  if (!c.server_metrics_uids.empty()) {
+    toml::array uids;
+    for (uint32_t u : c.server_metrics_uids) uids.push_back(static_cast<int64_t>(u));
+    server.insert("metrics_uids", std::move(uids));
+  }
+  if (!c.server_metrics_tls_sans.empty()) {
+    toml::array sans;
+    for (const auto& san : c.server_metrics_tls_sans) sans.push_back(san);
+    server.insert("metrics_tls_sans", std::move(sans));
+  }
+  for (auto [key, value] : {std::pair<const char*, const std::string*>{"tls_listen", &c.server_tls_listen},
+                            {"tls_cert", &c.server_tls_cert},
+                            {"tls_key", &c.server_tls_key},
+                            {"tls_client_ca", &c.server_tls_client_ca}}) {
+    if (!value->empty()) server.insert(key, *value);
+  }
+  if (!server.empty()) root.insert("server", std::move(server));
   std::ostringstream out;
   out << "# custody configuration, written by 'custody init'. It never holds a PIN.\n" << root << "\n";
   std::string text = out.str();
 
-  std::string tmp = path + ".tmp";
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  // A temporary name nobody can guess or pre-create (a fixed name with
+  // O_TRUNC would follow a link another user put there).
+  uint8_t r[8];
+  if (::getrandom(r, sizeof r, 0) != static_cast<ssize_t>(sizeof r)) {
+    return Error::Os(errno, "cannot write config " + path, Category::kConfig);
+  }
+  char suffix[24];
+  std::snprintf(suffix, sizeof suffix, ".tmp-%02x%02x%02x%02x%02x%02x%02x%02x", r[0], r[1], r[2], r[3], r[4], r[5],
+                r[6], r[7]);
+  std::string tmp = path + suffix;
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
   if (fd < 0) return Error::Os(errno, "cannot write config " + tmp, Category::kConfig);
   size_t off = 0;
   while (off < text.size()) {

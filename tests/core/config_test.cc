@@ -1,6 +1,7 @@
 #include "custody/core/config.h"
 
 #include <gtest/gtest.h>
+#include <filesystem>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -35,6 +36,51 @@ TEST(Config, WriteThenLoadRoundTripsAndIsPrivate) {
   EXPECT_EQ(back->pin_file, c.pin_file);
   EXPECT_EQ(back->store_path, c.store_path);
   EXPECT_EQ(back->token_environment, c.token_environment);
+}
+
+// Every example config that loads is written by WriteConfig and loads back
+// equal: nothing a config says is dropped when custody writes one.
+TEST(Config, EveryExampleConfigWritesAndLoadsBackEqual) {
+  int loaded = 0;
+  for (const auto& e : std::filesystem::directory_iterator(std::string(CUSTODY_SOURCE_DIR) + "/fuzz/corpus/config")) {
+    auto c = LoadConfig(e.path().string());
+    if (!c.ok()) continue;  // the corpus also holds configs that must be refused
+    ++loaded;
+    test::TempDir dir;
+    ASSERT_TRUE(WriteConfig(*c, dir / "custody.toml").ok()) << e.path();
+    auto back = LoadConfig(dir / "custody.toml");
+    ASSERT_TRUE(back.ok()) << e.path() << ": " << back.error().message();
+    EXPECT_TRUE(*back == *c) << e.path() << " changed when written:\n" << test::ReadFile(dir / "custody.toml");
+    EXPECT_EQ(back->server_socket, c->server_socket) << e.path();
+    EXPECT_EQ(back->audit_segment_bytes, c->audit_segment_bytes) << e.path();
+  }
+  EXPECT_GE(loaded, 3) << "the examples were not found";
+  // And one with every [server] setting away from its default.
+  test::TempDir dir;
+  Config c = Sample(dir);
+  c.audit_dir = dir / "audit";
+  c.audit_segment_bytes = 4096;
+  c.server_socket = dir / "custody.sock";
+  c.server_socket_mode = 0660;
+  c.server_threads = 3;
+  c.server_max_connections = 9;
+  c.server_max_connections_per_peer = 4;
+  c.server_max_unidentified_connections = 2;
+  c.server_refusal_summary_seconds = 5;
+  c.server_metrics_uids = {9100, 0};
+  c.server_metrics_tls_sans = {"dns:prometheus.internal", "uri:spiffe://x/y"};
+  c.server_tls_listen = "127.0.0.1:8443";
+  c.server_tls_cert = dir / "c.pem";
+  c.server_tls_key = dir / "k.pem";
+  c.server_tls_client_ca = dir / "ca.pem";
+  ASSERT_TRUE(WriteConfig(c, dir / "all.toml").ok());
+  auto back = LoadConfig(dir / "all.toml");
+  ASSERT_TRUE(back.ok()) << back.error().message();
+  EXPECT_TRUE(*back == c) << test::ReadFile(dir / "all.toml");
+  // A config with the server's defaults has no [server] table to collide
+  // with one an operator appends.
+  ASSERT_TRUE(WriteConfig(Sample(dir), dir / "plain.toml").ok());
+  EXPECT_EQ(test::ReadFile(dir / "plain.toml").find("[server]"), std::string::npos);
 }
 
 TEST(Config, SyntaxErrorNamesFileLineAndColumn) {

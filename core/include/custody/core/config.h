@@ -76,6 +76,8 @@ struct Config {
   uint32_t server_max_header_bytes = 8 * 1024;
   uint32_t server_max_body_bytes = 128 * 1024;
   std::string server_tls_listen, server_tls_cert, server_tls_key, server_tls_client_ca;
+
+  bool operator==(const Config&) const = default;
 };
 
 // --config, then $CUSTODY_CONFIG, then /etc/custody/custody.toml.
