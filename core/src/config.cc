@@ -5,7 +5,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <cctype>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -13,6 +12,8 @@
 #include <tuple>
 #include <type_traits>
 #include <toml++/toml.h>
+
+#include "custody/policy/model.h"
 
 namespace custody::core {
 namespace {
@@ -194,19 +195,13 @@ Result<Config> LoadConfig(const std::string& path) {
         auto v = (*a)[i].value<std::string>();
         ok = v && !v->empty();
         if (!ok) break;
-        // Typed as the policy's tls_san: a bare name is a DNS name.
-        std::string san = *v;
-        if (san.rfind("dns:", 0) != 0 && san.rfind("uri:", 0) != 0 && san.rfind("email:", 0) != 0) {
-          if (san.find(':') != std::string::npos) {
-            return Error(Category::kConfig, Where(path, n->source()) +
-                                                ": server.metrics_tls_sans: use dns:NAME, uri:URI or email:ADDRESS");
-          }
-          san = "dns:" + san;
+        // Typed exactly as the policy's tls_san (a bare name is a DNS name).
+        auto san = policy::PolicyTlsSan(*v);
+        if (!san) {
+          return Error(Category::kConfig, Where(path, n->source()) +
+                                              ": server.metrics_tls_sans: use dns:NAME, uri:URI or email:ADDRESS");
         }
-        if (san.rfind("dns:", 0) == 0) {
-          for (char& ch : san) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-        }
-        c.server_metrics_tls_sans.push_back(std::move(san));
+        c.server_metrics_tls_sans.push_back(std::move(*san));
       }
       if (!ok) {
         return Error(Category::kConfig, Where(path, n->source()) + ": server.metrics_tls_sans must be a list of names");

@@ -517,29 +517,33 @@ TEST_F(ServerTest, TheLeanFrontAnswersExactlyAsTheFullTool) {
 // A tampered blob is refused the same way through the server as in direct
 // mode: exit 65, no value. The server answers 500 with category
 // "integrity", which the client maps back.
-TEST_F(ServerTest, ATamperedBlobExits65AsInDirectMode) {
-  {
-    auto config = core::LoadConfig(token_.config_path());
-    ASSERT_TRUE(config.ok()) << config.error().message();
-    auto store = core::OpenSqliteStore(config->store_path, false);
-    ASSERT_TRUE(store.ok()) << store.error().message();
-    auto env = (*store)->FindEnvironment("payments", "prod");
-    ASSERT_TRUE(env.ok());
-    auto rec = (*store)->GetVersion(*env, "stripe", std::nullopt);
-    ASSERT_TRUE(rec.ok());
-    auto items = (*store)->SealedUnder(rec->kek_record_id, {0, 0}, 100);
-    ASSERT_TRUE(items.ok());
-    std::vector<core::Resealed> flipped;
-    for (auto& it : *items) {
-      if (it.name != "stripe") continue;
-      it.blob.back() ^= 0x01;  // the tag's last byte
-      flipped.push_back({it.secret_id, it.version, it.blob});
-    }
-    ASSERT_EQ(flipped.size(), 1u);
-    auto replaced = (*store)->ReplaceSealed(rec->kek_record_id, rec->kek_record_id, flipped);
-    ASSERT_TRUE(replaced.ok());
-    ASSERT_EQ(*replaced, 1u);
+// Flips the last byte (the GCM tag's) of payments/prod/stripe's stored blob.
+void TamperWithStripe(const std::string& config_path) {
+  auto config = core::LoadConfig(config_path);
+  ASSERT_TRUE(config.ok()) << config.error().message();
+  auto store = core::OpenSqliteStore(config->store_path, false);
+  ASSERT_TRUE(store.ok()) << store.error().message();
+  auto env = (*store)->FindEnvironment("payments", "prod");
+  ASSERT_TRUE(env.ok());
+  auto rec = (*store)->GetVersion(*env, "stripe", std::nullopt);
+  ASSERT_TRUE(rec.ok());
+  auto items = (*store)->SealedUnder(rec->kek_record_id, {0, 0}, 100);
+  ASSERT_TRUE(items.ok());
+  std::vector<core::Resealed> flipped;
+  for (auto& it : *items) {
+    if (it.name != "stripe") continue;
+    it.blob.back() ^= 0x01;
+    flipped.push_back({it.secret_id, it.version, it.blob});
   }
+  ASSERT_EQ(flipped.size(), 1u);
+  auto replaced = (*store)->ReplaceSealed(rec->kek_record_id, rec->kek_record_id, flipped);
+  ASSERT_TRUE(replaced.ok());
+  ASSERT_EQ(*replaced, 1u);
+}
+
+TEST_F(ServerTest, ATamperedBlobExits65AsInDirectMode) {
+  TamperWithStripe(token_.config_path());
+  ASSERT_FALSE(HasFatalFailure());
   auto direct = Cli({"secret", "get", "payments/prod/stripe"});
   EXPECT_EQ(direct.exit_code, 65) << direct.err;
   auto served = AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"});
@@ -1918,26 +1922,8 @@ TEST_F(OneFlowServerTest, EveryFrontGivesTheSameAnswerAndTheSameRecord) {
   ExpectSame("empty value", empty, 64);
 
   // A tampered blob: an integrity error, 65, and the record says so.
-  {
-    auto config = core::LoadConfig(token_.config_path());
-    ASSERT_TRUE(config.ok());
-    auto store = core::OpenSqliteStore(config->store_path, false);
-    ASSERT_TRUE(store.ok());
-    auto env = (*store)->FindEnvironment("payments", "prod");
-    ASSERT_TRUE(env.ok());
-    auto rec = (*store)->GetVersion(*env, "stripe", std::nullopt);
-    ASSERT_TRUE(rec.ok());
-    auto items = (*store)->SealedUnder(rec->kek_record_id, {0, 0}, 100);
-    ASSERT_TRUE(items.ok());
-    std::vector<core::Resealed> flipped;
-    for (auto& it : *items) {
-      if (it.name != "stripe") continue;
-      it.blob.back() ^= 0x01;
-      flipped.push_back({it.secret_id, it.version, it.blob});
-    }
-    ASSERT_EQ(flipped.size(), 1u);
-    ASSERT_TRUE((*store)->ReplaceSealed(rec->kek_record_id, rec->kek_record_id, flipped).ok());
-  }
+  TamperWithStripe(token_.config_path());
+  ASSERT_FALSE(HasFatalFailure());
   ExpectSame("tampered blob", GetThroughEach("payments/prod/stripe"), 65);
 }
 

@@ -318,12 +318,10 @@ struct Server::Impl {
       return true;
     }
     for (const auto& san : c.tls_sans) {
-      std::string typed = san;
-      if (typed.rfind("dns:", 0) == 0) {
-        for (char& ch : typed) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-      }
-      if (std::find(options.metrics_tls_sans.begin(), options.metrics_tls_sans.end(), typed) !=
-          options.metrics_tls_sans.end()) {
+      // Normalised as the policy matches it (type kept, DNS without case).
+      auto typed = policy::CallerTlsSan(san);
+      if (typed && std::find(options.metrics_tls_sans.begin(), options.metrics_tls_sans.end(), *typed) !=
+                       options.metrics_tls_sans.end()) {
         return true;
       }
     }
