@@ -5,8 +5,6 @@
 // The ratios ours/raw are printed. One thread can at best match the raw
 // fsync rate; with concurrent callers group commit should exceed it.
 #include <benchmark/benchmark.h>
-
-#include "ratio_reporter.h"
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -17,7 +15,8 @@
 #include <memory>
 #include <string>
 
-#include "custody/core/audit.h"
+#include "custody/audit/audit.h"
+#include "ratio_reporter.h"
 
 namespace {
 
@@ -70,7 +69,6 @@ void BM_Append(benchmark::State& state) {
   }
   state.SetItemsProcessed(state.iterations());
 }
-
 
 }  // namespace
 

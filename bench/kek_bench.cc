@@ -32,20 +32,22 @@
 #include <string>
 #include <vector>
 
-#include "custody/core/blob.h"
-#include "custody/core/kek_rotation.h"
-#include "custody/core/names.h"
-#include "custody/core/sealer.h"
-#include "custody/core/service.h"
-#include "custody/core/store.h"
+#include "custody/common/names.h"
 #include "custody/hsm/objects.h"
+#include "custody/hsm/pkcs11_sealer.h"
 #include "custody/hsm/rv.h"
 #include "custody/hsm/uri.h"
+#include "custody/seal/blob.h"
+#include "custody/seal/sealer.h"
+#include "custody/service/kek_rotation.h"
+#include "custody/service/service.h"
+#include "custody/store/sqlite_store.h"
+#include "custody/store/store.h"
 
 namespace {
 
 using namespace custody;
-using Clock = std::chrono::steady_clock;
+using Stopwatch = std::chrono::steady_clock;
 
 constexpr int kSecrets = 10000;
 constexpr size_t kValueSize = 40;  // a multiple of 8: also fits plain CKM_AES_KEY_WRAP
@@ -70,7 +72,7 @@ void MustRv(CK_RV rv, const char* call) {
   if (rv != CKR_OK) Die(std::string(call) + " failed: " + hsm::RvName(rv));
 }
 
-double Seconds(Clock::time_point since) { return std::chrono::duration<double>(Clock::now() - since).count(); }
+double Seconds(Stopwatch::time_point since) { return std::chrono::duration<double>(Stopwatch::now() - since).count(); }
 
 // 40 bytes, different for every secret, so a read-back proves the right value
 // came back under the right name.
@@ -210,7 +212,7 @@ RawWrapResult RawUnwrapWrap(hsm::SessionPool& pool) {
     MustRv(fn->C_DestroyObject(s.handle(), h), "C_DestroyObject");
   };
   for (int i = 0; i < kWarmup; ++i) once();
-  auto t0 = Clock::now();
+  auto t0 = Stopwatch::now();
   for (int i = 0; i < kSecrets; ++i) once();
   res.us_per_secret = Seconds(t0) * 1e6 / kSecrets;
   // Prove the loop did what it claims: the new key's blob unwraps to the value.
@@ -275,7 +277,7 @@ double RawGcmDecryptEncrypt(Fixture& fx, const core::KekRef& kek, const std::vec
     MustRv(fn->C_Encrypt(s.handle(), plain.data(), n, out.data(), &m), "C_Encrypt");
   };
   for (int i = 0; i < kWarmup; ++i) once();
-  auto t0 = Clock::now();
+  auto t0 = Stopwatch::now();
   for (int i = 0; i < kSecrets; ++i) once();
   double us = Seconds(t0) * 1e6 / kSecrets;
   std::fill(plain.begin(), plain.end(), uint8_t{0});
@@ -292,7 +294,7 @@ double SealerOnly(Fixture& fx, const core::KekRef& kek, const std::vector<uint8_
     if (again.size() != blob.size()) Die("Sealer::Seal returned a blob of another size");
   };
   for (int i = 0; i < kWarmup; ++i) once();
-  auto t0 = Clock::now();
+  auto t0 = Stopwatch::now();
   for (int i = 0; i < kSecrets; ++i) once();
   return Seconds(t0) * 1e6 / kSecrets;
 }
@@ -301,7 +303,7 @@ double SealerOnly(Fixture& fx, const core::KekRef& kek, const std::vector<uint8_
 
 int main() {
   Fixture fx;
-  auto t_setup = Clock::now();
+  auto t_setup = Stopwatch::now();
   Setup(fx);
   Must(fx.svc->CreateProject("bench", {"prod"}), "creating the project");
   // Not timed as part of the rotation: each put is its own store commit.
@@ -321,7 +323,7 @@ int main() {
 
   // Ours: one whole rotation.
   core::KekRotator::Hooks hooks;  // batch 128, as the CLI
-  auto t_rot = Clock::now();
+  auto t_rot = Stopwatch::now();
   auto result = Must(rotator.Run("bench", hooks), "KEK rotation");
   double rot_s = Seconds(t_rot);
   if (result.resealed != static_cast<uint64_t>(kSecrets)) {

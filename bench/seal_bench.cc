@@ -9,22 +9,23 @@
 //   unseal       Sealer::Unseal (blob parse, KEK check, decrypt into a locked buffer)
 // At the end the ratios ours/raw are printed; the target is >= 0.80.
 #include <benchmark/benchmark.h>
-
-#include "ratio_reporter.h"
 #include <unistd.h>
 
 #include <cstdio>
-#include <cstring>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <string>
 
-#include "custody/core/sealer.h"
-#include "custody/core/store.h"
 #include "custody/hsm/objects.h"
+#include "custody/hsm/pkcs11_sealer.h"
 #include "custody/hsm/uri.h"
+#include "custody/seal/sealer.h"
+#include "custody/store/sqlite_store.h"
+#include "custody/store/store.h"
+#include "ratio_reporter.h"
 
 namespace {
 
@@ -179,7 +180,6 @@ void BM_Unseal(benchmark::State& state) {
   }
   state.SetItemsProcessed(state.iterations());
 }
-
 
 }  // namespace
 

@@ -61,16 +61,17 @@
 #include <thread>
 #include <vector>
 
-#include "custody/core/names.h"
-#include "custody/core/service.h"
-#include "custody/core/store.h"
-#include "custody/core/tpm_sealer.h"
+#include "custody/common/names.h"
+#include "custody/service/service.h"
+#include "custody/store/sqlite_store.h"
+#include "custody/store/store.h"
 #include "custody/tpm/tpm.h"
+#include "custody/tpm/tpm_sealer.h"
 
 namespace {
 
 using namespace custody;
-using Clock = std::chrono::steady_clock;
+using Stopwatch = std::chrono::steady_clock;
 
 // Iteration counts. swtpm answers a command in roughly 0.2-5 ms depending on
 // the machine, so these keep the whole run well under two minutes on two
@@ -258,7 +259,7 @@ Stats Summarise(std::vector<double> ms) {
   return s;
 }
 
-double MsSince(Clock::time_point t0) { return std::chrono::duration<double, std::milli>(Clock::now() - t0).count(); }
+double MsSince(Stopwatch::time_point t0) { return std::chrono::duration<double, std::milli>(Stopwatch::now() - t0).count(); }
 
 // Times `n` calls of `once` one by one (after `warmup` untimed ones), so
 // the percentiles are per operation.
@@ -268,7 +269,7 @@ Stats Time(int warmup, int n, F&& once) {
   std::vector<double> ms;
   ms.reserve(static_cast<size_t>(n));
   for (int i = 0; i < n; ++i) {
-    auto t0 = Clock::now();
+    auto t0 = Stopwatch::now();
     once();
     ms.push_back(MsSince(t0));
   }
@@ -562,13 +563,13 @@ std::optional<ToolsResult> Tools(const std::string& tcti, const std::string& dir
   // came out; the flush is reported on its own line.
   std::vector<double> ms, flush_ms;
   for (int i = 0; i < kToolWarmup + kToolRuns; ++i) {
-    auto t0 = Clock::now();
+    auto t0 = Stopwatch::now();
     must({load, "-C", f("primary.ctx"), "-u", f("obj.pub"), "-r", f("obj.priv"), "-c", f("obj.ctx"), "-T", tcti},
          null);
     must({unseal, "-c", f("obj.ctx"), "-T", tcti}, f("out.bin"));
     double took = MsSince(t0);
     if (ReadFile(f("out.bin")) != secret) Die("tpm2_unseal returned other bytes");
-    auto t1 = Clock::now();
+    auto t1 = Stopwatch::now();
     must(flush_all, null);
     if (i >= kToolWarmup) {
       ms.push_back(took);
@@ -598,11 +599,11 @@ int main() {
   const std::string tcti = "swtpm:host=127.0.0.1,port=" + std::to_string(port);
   std::printf("swtpm on %s (one connection at a time; phases run in turn)\n", tcti.c_str());
 
-  auto t_all = Clock::now();
+  auto t_all = Stopwatch::now();
   OursResult ours = Ours(tcti, g_dir + "/custody.db");
   RawResult raw = Raw(tcti);
   auto tools = Tools(tcti, g_dir);
-  double total_s = std::chrono::duration<double>(Clock::now() - t_all).count();
+  double total_s = std::chrono::duration<double>(Stopwatch::now() - t_all).count();
   Cleanup();
 
   std::printf("\nper operation (mean, median, 99th percentile, rate = 1/mean):\n");

@@ -6,7 +6,7 @@
 #include <string>
 #include <string_view>
 
-#include "custody/core/attestation.h"
+#include "custody/attest/attestation.h"
 
 namespace {
 // A fixed P-256 public key: fuzzed statements never carry its signature, so

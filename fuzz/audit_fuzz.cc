@@ -7,7 +7,7 @@
 #include <cstdlib>
 #include <string>
 
-#include "custody/core/audit.h"
+#include "custody/audit/audit.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::string_view line(reinterpret_cast<const char*>(data), size);

@@ -12,8 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "custody/audit/audit.h"
 #include "custody/common/inplace_json.h"
-#include "custody/core/audit.h"
 
 namespace {
 

@@ -5,7 +5,7 @@
 #include <cstdlib>
 #include <span>
 
-#include "custody/core/blob.h"
+#include "custody/seal/blob.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using namespace custody::core;

@@ -18,7 +18,7 @@
 #include <cstdlib>
 #include <string>
 
-#include "custody/core/config.h"
+#include "custody/app/config.h"
 
 namespace {
 

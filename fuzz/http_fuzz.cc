@@ -33,14 +33,15 @@
 #include <thread>
 #include <vector>
 
-#include "../tools/custodyd/peer.h"
-#include "../tools/custodyd/server.h"
-#include "custody/core/audit.h"
-#include "custody/core/authz.h"
-#include "custody/core/config.h"
-#include "custody/core/custodian.h"
-#include "custody/core/service.h"
-#include "custody/core/store.h"
+#include "custody/app/backend.h"
+#include "custody/app/config.h"
+#include "custody/audit/audit.h"
+#include "custody/server/peer.h"
+#include "custody/server/server.h"
+#include "custody/service/authz.h"
+#include "custody/service/custodian.h"
+#include "custody/service/service.h"
+#include "custody/store/store.h"
 
 namespace {
 
@@ -145,7 +146,7 @@ void SetUp() {
 
   auto cfg = core::LoadConfig(config);
   if (!cfg) Die(cfg.error().message());
-  auto store = core::OpenSqliteStore(cfg->store_path, false);
+  auto store = core::OpenStore(*cfg, false);
   if (!store) Die(store.error().message());
   w->store = std::move(*store);
   core::AuditOptions ao;

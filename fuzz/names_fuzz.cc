@@ -11,7 +11,7 @@
 #include <string>
 #include <string_view>
 
-#include "custody/core/names.h"
+#include "custody/common/names.h"
 
 namespace {
 

@@ -16,10 +16,10 @@
 #include <string>
 #include <vector>
 
-#include "../tools/custodyd/peer.h"
 #include "custody/common/untrusted.h"
 #include "custody/policy/engine.h"
 #include "custody/policy/parse.h"
+#include "custody/server/peer.h"
 
 namespace {
 

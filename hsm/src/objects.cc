@@ -160,15 +160,4 @@ std::string KeyTypeName(CK_KEY_TYPE k) {
   }
 }
 
-std::string ToHex(std::span<const uint8_t> bytes) {
-  static const char* kDigits = "0123456789abcdef";
-  std::string out;
-  out.reserve(bytes.size() * 2);
-  for (uint8_t b : bytes) {
-    out.push_back(kDigits[b >> 4]);
-    out.push_back(kDigits[b & 0xf]);
-  }
-  return out;
-}
-
 }  // namespace custody::hsm

@@ -2,27 +2,29 @@
 // token RNG, provider command), revoke, versions, rotation status and its CI
 // gate, and KEK rotation, including SIGKILL at random points and a re-run.
 // Real SoftHSM2 token, real SQLite file, real processes.
-#include <gtest/gtest.h>
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <ctime>
-
-#include <nlohmann/json.hpp>
 #include <filesystem>
 #include <functional>
 #include <iostream>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <thread>
 
 #include "../support/testenv.h"
-#include "custody/core/store_lock.h"
-#include "custody/core/config.h"
-#include "custody/core/service.h"
-#include "custody/core/store.h"
+#include "custody/app/backend.h"
+#include "custody/app/config.h"
+#include "custody/hsm/pkcs11_sealer.h"
+#include "custody/service/service.h"
+#include "custody/store/sqlite_store.h"
+#include "custody/store/store.h"
+#include "custody/store/store_lock.h"
 
 namespace custody::test {
 namespace {

@@ -2,8 +2,6 @@
 // software key (so the test can write any payload) around a real swtpm
 // quote: the evidence must carry the statement's nonce, a valid TPM
 // signature by the quote's key, and exactly the quoted PCR values.
-#include "custody/core/attestation.h"
-
 #include <gtest/gtest.h>
 #include <openssl/ec.h>
 #include <openssl/evp.h>
@@ -12,8 +10,10 @@
 #include <nlohmann/json.hpp>
 
 #include "../support/testenv.h"
+#include "custody/attest/attestation.h"
+#include "custody/audit/audit.h"
 #include "custody/common/base64.h"
-#include "custody/core/audit.h"
+#include "custody/common/hex.h"
 #include "custody/hsm/objects.h"
 #include "custody/tpm/tpm.h"
 
@@ -72,7 +72,7 @@ class TpmEvidenceTest : public ::testing::Test {
     return EncodeStatementFile(bytes, key_.Sign(bytes), key_.Pem());
   }
   json QuoteJson() {
-    return {{"pcrs", quote_.pcrs}, {"pcr_values", hsm::ToHex(quote_.pcr_values)},
+    return {{"pcrs", quote_.pcrs}, {"pcr_values", ToHex(quote_.pcr_values)},
             {"message", Base64Encode(quote_.attested.message)}, {"signature", Base64Encode(quote_.attested.signature)},
             {"ak_public_key", *P256PublicKeyPem(quote_.ak_point)}, {"ak_name", quote_.ak_name}};
   }

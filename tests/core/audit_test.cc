@@ -1,8 +1,6 @@
 // The audit log with a real token for checkpoint signatures, real files and
 // real processes: tampering of every kind is found at the right record,
 // concurrent writers keep one valid chain, and a crash mid-write is survived.
-#include "custody/core/audit.h"
-
 #include <gtest/gtest.h>
 #include <openssl/evp.h>
 #include <signal.h>
@@ -15,15 +13,18 @@
 #include <future>
 #include <map>
 #include <mutex>
-#include <set>
 #include <random>
+#include <set>
 #include <sstream>
 #include <thread>
 
 #include "../support/testenv.h"
-#include "custody/core/audit_signer.h"
+#include "custody/audit/audit.h"
+#include "custody/common/hex.h"
 #include "custody/hsm/objects.h"
+#include "custody/hsm/token_signer.h"
 #include "custody/hsm/uri.h"
+#include "custody/tpm/tpm_signer.h"
 
 namespace custody::core {
 namespace {
@@ -62,7 +63,7 @@ std::string Sha256Hex(const std::string& s) {
   unsigned char md[32];
   unsigned int n = 0;
   EVP_Digest(s.data(), s.size(), md, &n, EVP_sha256(), nullptr);
-  return hsm::ToHex(std::span<const uint8_t>(md, 32));
+  return ToHex(std::span<const uint8_t>(md, 32));
 }
 
 // Rewrites a record's body and re-hashes it, as an attacker who knows the

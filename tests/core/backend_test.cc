@@ -6,11 +6,13 @@
 #include <sqlite3.h>
 
 #include "../support/testenv.h"
-#include "custody/core/kek_rotation.h"
-#include "custody/core/service.h"
-#include "custody/core/store.h"
-#include "custody/core/tpm_sealer.h"
+#include "custody/hsm/pkcs11_sealer.h"
 #include "custody/hsm/uri.h"
+#include "custody/service/kek_rotation.h"
+#include "custody/service/service.h"
+#include "custody/store/sqlite_store.h"
+#include "custody/store/store.h"
+#include "custody/tpm/tpm_sealer.h"
 
 namespace custody::core {
 namespace {

@@ -1,6 +1,6 @@
-#include "custody/core/blob.h"
-
 #include <gtest/gtest.h>
+
+#include "custody/seal/blob.h"
 
 namespace custody::core {
 namespace {

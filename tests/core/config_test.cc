@@ -1,11 +1,11 @@
-#include "custody/core/config.h"
-
 #include <gtest/gtest.h>
-#include <filesystem>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <filesystem>
+
 #include "../support/testenv.h"
+#include "custody/app/config.h"
 
 namespace custody::core {
 namespace {

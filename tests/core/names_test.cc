@@ -1,6 +1,6 @@
-#include "custody/core/names.h"
-
 #include <gtest/gtest.h>
+
+#include "custody/common/names.h"
 
 namespace custody::core {
 namespace {

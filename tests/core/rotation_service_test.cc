@@ -1,17 +1,19 @@
 // Versions, grace, revocation and KEK rotation through SecretService and
 // KekRotator, on a real SoftHSM2 token and a real SQLite store, with an
 // injected clock so the grace semantics are tested to the second.
-#include <memory>
-
 #include <gtest/gtest.h>
 #include <sqlite3.h>
 
+#include <memory>
+
 #include "../support/testenv.h"
-#include "custody/core/kek_rotation.h"
-#include "custody/core/service.h"
-#include "custody/core/store.h"
 #include "custody/hsm/objects.h"
+#include "custody/hsm/pkcs11_sealer.h"
 #include "custody/hsm/uri.h"
+#include "custody/service/kek_rotation.h"
+#include "custody/service/service.h"
+#include "custody/store/sqlite_store.h"
+#include "custody/store/store.h"
 
 namespace custody::core {
 namespace {

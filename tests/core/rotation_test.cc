@@ -1,10 +1,9 @@
 // Version states, retention and rotation schedules: pure functions, tested
 // at chosen instants.
-#include "custody/core/rotation.h"
-
 #include <gtest/gtest.h>
 
 #include "custody/policy/parse.h"
+#include "custody/service/rotation.h"
 
 namespace custody::core {
 namespace {

@@ -1,6 +1,4 @@
 // Sealing and unsealing in a real SoftHSM2 token, with a real SQLite ledger.
-#include "custody/core/sealer.h"
-
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -11,11 +9,14 @@
 #include <thread>
 
 #include "../support/testenv.h"
-#include "custody/core/service.h"
-#include "custody/core/store.h"
 #include "custody/hsm/objects.h"
+#include "custody/hsm/pkcs11_sealer.h"
 #include "custody/hsm/rv.h"
 #include "custody/hsm/uri.h"
+#include "custody/seal/sealer.h"
+#include "custody/service/service.h"
+#include "custody/store/sqlite_store.h"
+#include "custody/store/store.h"
 
 namespace custody::core {
 namespace {

@@ -1,19 +1,17 @@
 // The SQLite store against a real file.
-#include "custody/core/store.h"
+#include <gtest/gtest.h>
+#include <sqlite3.h>
 
 #include <chrono>
 #include <ctime>
 #include <filesystem>
-
-#include "custody/core/authz.h"
-#include "custody/core/usage_buffer.h"
-
-#include <gtest/gtest.h>
-#include <sqlite3.h>
-
 #include <thread>
 
 #include "../support/testenv.h"
+#include "custody/service/authz.h"
+#include "custody/service/usage_buffer.h"
+#include "custody/store/sqlite_store.h"
+#include "custody/store/store.h"
 
 namespace custody::core {
 namespace {

@@ -1,31 +1,32 @@
 // custodyd for real: its own SoftHSM token, a real socket, real processes,
 // clients running as other users (setpriv), and signals.
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <grp.h>
 #include <gtest/gtest.h>
-#include <sqlite3.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sqlite3.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
-#include <fcntl.h>
-#include <netinet/in.h>
-#include <arpa/inet.h>
 #include <sys/wait.h>
-#include <grp.h>
 #include <unistd.h>
 
 #include <atomic>
-#include <cstring>
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <thread>
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "../support/testenv.h"
+#include "custody/app/config.h"
 #include "custody/client/client.h"
 #include "custody/common/base64.h"
-#include "custody/core/config.h"
-#include "custody/core/store.h"
+#include "custody/store/sqlite_store.h"
+#include "custody/store/store.h"
 
 namespace custody::test {
 namespace {
@@ -1463,7 +1464,6 @@ TEST_F(TpmServerTest, AfterServingFromTheTpmNoPlaintextStaysInTheServersMemory) 
   }
   ExpectNoCopyIn(pid_, {std::string(kSecret), large}, "payments/prod/stripe");
 }
-
 
 // ---- Hostile input (issue 13): what a local user who is not in the policy,
 // or a client certificate with odd bytes, can send must never stop custodyd.

@@ -5,7 +5,7 @@
 #include <cstdlib>
 #include <string>
 
-#include "custody/core/audit.h"
+#include "custody/audit/audit.h"
 
 int main(int argc, char** argv) {
   if (argc < 3) {

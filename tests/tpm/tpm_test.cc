@@ -1,8 +1,6 @@
 // The TPM layer against a real swtpm (one per test, no resource manager):
 // sealing, unsealing, PCR policy, errors, no transient-slot leaks, the
 // signing key, and interop with tpm2-tools.
-#include "custody/tpm/tpm.h"
-
 #include <gtest/gtest.h>
 #include <openssl/bio.h>
 #include <openssl/bn.h>
@@ -11,7 +9,8 @@
 #include <openssl/pem.h>
 
 #include "../support/testenv.h"
-#include "custody/core/audit.h"
+#include "custody/audit/audit.h"
+#include "custody/tpm/tpm.h"
 
 namespace custody::tpm {
 namespace {

@@ -10,14 +10,18 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
-#include "custody/core/attestation.h"
+#include "custody/app/backend.h"
+#include "custody/attest/attestation.h"
 #include "custody/common/base64.h"
-#include "custody/core/audit_signer.h"
-#include "custody/core/tpm_sealer.h"
+#include "custody/common/hex.h"
+#include "custody/common/time.h"
 #include "custody/hsm/objects.h"
 #include "custody/hsm/rv.h"
+#include "custody/hsm/token_signer.h"
 #include "custody/hsm/uri.h"
 #include "custody/tpm/tpm.h"
+#include "custody/tpm/tpm_sealer.h"
+#include "custody/tpm/tpm_signer.h"
 #include "flow.h"
 #include "io.h"
 
@@ -61,18 +65,18 @@ Result<json> Pkcs11Kek(Opened& o, const core::KekRecord& k) {
                          {CKA_ID, id.data(), static_cast<CK_ULONG>(id.size())}};
   CUSTODY_ASSIGN_OR_RETURN(auto found, hsm::FindObjects(*lease, tmpl, 2));
   if (found.size() != 1) {
-    return Error(Category::kIntegrity, "KEK " + k.label + " (" + hsm::ToHex(k.ref.id) + ") is not in the token");
+    return Error(Category::kIntegrity, "KEK " + k.label + " (" + ToHex(k.ref.id) + ") is not in the token");
   }
   CUSTODY_ASSIGN_OR_RETURN(auto ob, hsm::Describe(*lease, found[0]));
   std::array<uint8_t, 3> kcv{};
   CK_ATTRIBUTE a{CKA_CHECK_VALUE, kcv.data(), static_cast<CK_ULONG>(kcv.size())};
-  std::string fingerprint = "id:" + hsm::ToHex(k.ref.id);
+  std::string fingerprint = "id:" + ToHex(k.ref.id);
   if (lease->fn()->C_GetAttributeValue(lease->handle(), found[0], &a, 1) == CKR_OK && a.ulValueLen == 3) {
-    fingerprint = "kcv:" + hsm::ToHex(kcv);
+    fingerprint = "kcv:" + ToHex(kcv);
   }
   return json{{"role", "kek"},
               {"label", k.label},
-              {"id", hsm::ToHex(k.ref.id)},
+              {"id", ToHex(k.ref.id)},
               {"state", core::KekStateName(k.state)},
               {"key_type", hsm::KeyTypeName(ob.key_type)},
               {"bits", ob.value_len * 8},
@@ -109,14 +113,7 @@ Result<std::string> Hex(const std::string& text, const char* what) {
   return out;
 }
 
-std::string NowUtc() {
-  std::time_t t = std::time(nullptr);
-  std::tm tm{};
-  gmtime_r(&t, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return buf;
-}
+std::string NowUtc() { return FormatUtc(SystemNow()); }
 
 }  // namespace
 
@@ -173,7 +170,7 @@ Status Attest(const Globals& g, const AttestArgs& a) {
       if (pcrs.empty()) pcrs = {0, 1, 2, 3, 4, 5, 6, 7};
       CUSTODY_ASSIGN_OR_RETURN(quote, o.backend.tpm->QuotePcrs(qualifying, pcrs));
       CUSTODY_ASSIGN_OR_RETURN(std::string ak_tpm_pem, core::P256PublicKeyPem(quote->ak_point));
-      json q{{"pcr_bank", "sha256"}, {"pcrs", quote->pcrs}, {"pcr_values", hsm::ToHex(quote->pcr_values)},
+      json q{{"pcr_bank", "sha256"}, {"pcrs", quote->pcrs}, {"pcr_values", ToHex(quote->pcr_values)},
              {"message", Base64Encode(quote->attested.message)}, {"signature", Base64Encode(quote->attested.signature)},
              {"ak_public_key", ak_tpm_pem}, {"ak_name", quote->ak_name}};
       payload["tpm_quote"] = q;
@@ -189,7 +186,7 @@ Status Attest(const Globals& g, const AttestArgs& a) {
         CUSTODY_ASSIGN_OR_RETURN(auto oi, tpm::Describe(object));
         auto* tpm_sealer = static_cast<core::TpmSealer*>(o.sealer);
         CUSTODY_ASSIGN_OR_RETURN(auto cert, tpm_sealer->CertifyKek(k.ref, project_names[k.project_id], qualifying));
-        keys.push_back({{"role", "kek"}, {"label", k.label}, {"id", hsm::ToHex(k.ref.id)},
+        keys.push_back({{"role", "kek"}, {"label", k.label}, {"id", ToHex(k.ref.id)},
                         {"state", core::KekStateName(k.state)}, {"attributes", TpmAttributes(oi)},
                         {"fingerprint", "tpm-name:" + oi.name},
                         {"certify", {{"message", Base64Encode(cert.message)}, {"signature", Base64Encode(cert.signature)}}}});

@@ -1,6 +1,7 @@
 #include "commands.h"
 
 #include <grp.h>
+#include <openssl/crypto.h>
 #include <pwd.h>
 #include <unistd.h>
 
@@ -11,22 +12,23 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
-#include <openssl/crypto.h>
-
+#include "custody/app/backend.h"
+#include "custody/app/config.h"
+#include "custody/audit/audit.h"
 #include "custody/client/client.h"
-#include "custody/core/audit.h"
-#include "custody/core/audit_signer.h"
-#include "custody/core/authz.h"
-#include "custody/core/config.h"
-#include "custody/core/names.h"
-#include "custody/core/rotation.h"
-#include "custody/core/sealer.h"
-#include "custody/core/service.h"
-#include "custody/core/store.h"
+#include "custody/common/hex.h"
+#include "custody/common/names.h"
 #include "custody/hsm/objects.h"
 #include "custody/hsm/rv.h"
+#include "custody/hsm/token_signer.h"
 #include "custody/hsm/uri.h"
+#include "custody/seal/sealer.h"
+#include "custody/service/authz.h"
+#include "custody/service/rotation.h"
+#include "custody/service/service.h"
+#include "custody/store/store.h"
 #include "custody/tpm/tpm.h"
+#include "custody/tpm/tpm_signer.h"
 #include "fetch.h"
 #include "flow.h"
 #include "io.h"
@@ -113,7 +115,7 @@ Status Init(const Globals& g, const InitArgs& a) {
   CUSTODY_RETURN_IF_ERROR(MakePrivateDir(c.state_dir));
   auto parent = std::filesystem::path(config_path).parent_path();
   if (!parent.empty()) CUSTODY_RETURN_IF_ERROR(MakePrivateDir(parent.string()));
-  CUSTODY_ASSIGN_OR_RETURN(auto store, core::OpenSqliteStore(c.store_path, /*create=*/true));
+  CUSTODY_ASSIGN_OR_RETURN(auto store, core::OpenStore(c, /*create=*/true));
   c.audit_dir = c.state_dir + "/audit";
   CUSTODY_ASSIGN_OR_RETURN(auto audit, OpenAudit(c));
   core::AuditEvent ev;
@@ -155,10 +157,10 @@ Status ProjectCreate(const Globals& g, const std::string& name, const std::vecto
     CUSTODY_ASSIGN_OR_RETURN(core::KekRecord kek, o.store->CurrentKek(p.id));
     if (g.json) {
       PrintJson({{"project", p.name}, {"environments", envs}, {"kek", kek.label},
-                 {"kek_id", hsm::ToHex(kek.ref.id)}});
+                 {"kek_id", ToHex(kek.ref.id)}});
     } else {
       std::printf("created project %s with KEK %s (id %s)\n", p.name.c_str(), kek.label.c_str(),
-                  hsm::ToHex(kek.ref.id).c_str());
+                  ToHex(kek.ref.id).c_str());
       for (const auto& e : envs) std::printf("  environment %s\n", e.c_str());
     }
     return Status::Ok();
@@ -370,7 +372,7 @@ Status TpmInfo(const Globals& g, Opened& o) {
   if (g.json) {
     json objs = json::array();
     for (const auto& k : keks) {
-      objs.push_back({{"label", k.label}, {"id", hsm::ToHex(k.ref.id)}, {"state", core::KekStateName(k.state)},
+      objs.push_back({{"label", k.label}, {"id", ToHex(k.ref.id)}, {"state", core::KekStateName(k.state)},
                       {"kind", "TPM sealed-data object under the SRK"}});
     }
     PrintJson({{"backend", "tpm"}, {"tcti", o.config.tpm_tcti}, {"manufacturer", info.manufacturer},
@@ -383,7 +385,7 @@ Status TpmInfo(const Globals& g, Opened& o) {
               srk_where.c_str(), info.srk_name.c_str());
   std::vector<std::vector<std::string>> rows{{"LABEL", "ID", "STATE", "KIND"}};
   for (const auto& k : keks) {
-    rows.push_back({k.label, hsm::ToHex(k.ref.id), core::KekStateName(k.state), "sealed-data object under the SRK"});
+    rows.push_back({k.label, ToHex(k.ref.id), core::KekStateName(k.state), "sealed-data object under the SRK"});
   }
   PrintTable(rows);
   return Status::Ok();
@@ -418,7 +420,7 @@ Status TokenInfo(const Globals& g) {
         continue;
       }
       objs.push_back({{"label", ob.label}, {"class", hsm::ClassName(ob.object_class)},
-                      {"key_type", hsm::KeyTypeName(ob.key_type)}, {"id", hsm::ToHex(ob.id)},
+                      {"key_type", hsm::KeyTypeName(ob.key_type)}, {"id", ToHex(ob.id)},
                       {"value_len", ob.value_len}, {"sensitive", ob.sensitive}, {"extractable", ob.extractable},
                       {"always_sensitive", ob.always_sensitive}, {"never_extractable", ob.never_extractable},
                       {"local", ob.local}, {"private", ob.is_private}, {"token", ob.token}});
@@ -441,7 +443,7 @@ Status TokenInfo(const Globals& g) {
       continue;
     }
     rows.push_back({ob.label, hsm::ClassName(ob.object_class), hsm::KeyTypeName(ob.key_type),
-                    ob.value_len ? std::to_string(ob.value_len * 8) : "-", hsm::ToHex(ob.id), yn(ob.sensitive),
+                    ob.value_len ? std::to_string(ob.value_len * 8) : "-", ToHex(ob.id), yn(ob.sensitive),
                     yn(ob.extractable), yn(ob.never_extractable), yn(ob.local)});
   }
   PrintTable(rows);
@@ -489,13 +491,13 @@ Status PolicyCheck(const Globals& g, const std::string& file) {
   size_t grants = 0;
   for (const auto& p : parsed.policy->projects) grants += p.grants.size();
   if (g.json) {
-    PrintJson({{"file", file}, {"valid", true}, {"sha256", core::Sha256Hex(text)},
+    PrintJson({{"file", file}, {"valid", true}, {"sha256", custody::Sha256Hex(text)},
                {"projects", parsed.policy->projects.size()}, {"principals", parsed.policy->principals.size()},
                {"grants", grants}});
   } else {
     std::printf("%s: valid: %zu projects, %zu principals, %zu grants (sha256 %s)\n", file.c_str(),
                 parsed.policy->projects.size(), parsed.policy->principals.size(), grants,
-                core::Sha256Hex(text).c_str());
+                custody::Sha256Hex(text).c_str());
   }
   return Status::Ok();
 }
@@ -506,7 +508,7 @@ Status PolicyApply(const Globals& g, const std::string& file) {
   auto parsed = policy::ParsePolicy(text, file);
   if (!parsed.policy) return ReportPolicyErrors(parsed.errors, file);
   CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "policy.apply"));
-  o.ev.detail = "file " + file + " sha256 " + core::Sha256Hex(text);
+  o.ev.detail = "file " + file + " sha256 " + custody::Sha256Hex(text);
   return Finish(o, [&]() -> Status {
 
   // Who may apply: an admin of the policy in force; before the first policy,
@@ -571,7 +573,7 @@ Status PolicyApply(const Globals& g, const std::string& file) {
       created.push_back("environment " + p.name + "/" + e.name);
     }
   }
-  std::string sha = core::Sha256Hex(text);
+  std::string sha = custody::Sha256Hex(text);
   CUSTODY_ASSIGN_OR_RETURN(core::PolicyRecord rec, o.store->SavePolicy(text, sha, applied_by));
   CUSTODY_ASSIGN_OR_RETURN(auto projects, o.store->ListProjects());
   std::vector<std::string> orphans;
@@ -780,7 +782,7 @@ Status AuditVerify(const Globals& g, const std::vector<std::string>& files, cons
       Opened x;
       x.globals = &g;
       CUSTODY_ASSIGN_OR_RETURN(x.config, core::LoadConfig(core::LocateConfig(g.config)));
-      CUSTODY_ASSIGN_OR_RETURN(x.store, core::OpenSqliteStore(x.config.store_path, /*create=*/false));
+      CUSTODY_ASSIGN_OR_RETURN(x.store, core::OpenStore(x.config, /*create=*/false));
       return x;
     }();
     if (!opened) {

@@ -10,8 +10,8 @@
 #include <vector>
 
 #include "custody/client/client.h"
+#include "custody/common/names.h"
 #include "custody/common/result.h"
-#include "custody/core/names.h"
 
 namespace custody::cli {
 

@@ -7,16 +7,16 @@
 #include <cstdio>
 #include <nlohmann/json.hpp>
 
+#include "custody/app/backend.h"
 #include "custody/common/untrusted.h"
-#include "custody/core/audit_signer.h"
+#include "custody/hsm/token_signer.h"
+#include "custody/tpm/tpm_signer.h"
 
 namespace custody::cli {
 
 using nlohmann::json;
 
 using policy::Action;
-
-
 
 // Who is running this process, as the policy's identities see it.
 policy::Caller LocalCaller() {
@@ -43,7 +43,6 @@ std::string IdentifiedBy(const policy::Caller& c) {
   if (c.user) s += " (" + *c.user + ")";
   return s;
 }
-
 
 Result<std::unique_ptr<core::AuditLog>> OpenAudit(const core::Config& c) {
   core::AuditOptions ao;
@@ -102,7 +101,7 @@ Result<Opened> OpenStore(const Globals& g, const std::string& action) {
   Opened o;
   o.globals = &g;
   CUSTODY_ASSIGN_OR_RETURN(o.config, core::LoadConfig(core::LocateConfig(g.config)));
-  CUSTODY_ASSIGN_OR_RETURN(o.store, core::OpenSqliteStore(o.config.store_path, /*create=*/false));
+  CUSTODY_ASSIGN_OR_RETURN(o.store, core::OpenStore(o.config, /*create=*/false));
   CUSTODY_ASSIGN_OR_RETURN(o.audit, OpenAudit(o.config));
   o.ev.action = action;
   o.ev.request_id = core::NewRequestId();
@@ -201,8 +200,6 @@ std::optional<std::string> ServerAddress() {
   if (a == nullptr || *a == '\0') return std::nullopt;
   return std::string(a);
 }
-
-
 
 namespace {
 

@@ -10,14 +10,15 @@
 #include <string>
 
 #include "commands.h"
-#include "custody/core/audit.h"
-#include "custody/core/authz.h"
-#include "custody/core/config.h"
-#include "custody/core/custodian.h"
-#include "custody/core/names.h"
-#include "custody/core/sealer.h"
-#include "custody/core/service.h"
-#include "custody/core/store.h"
+#include "custody/app/backend.h"
+#include "custody/app/config.h"
+#include "custody/audit/audit.h"
+#include "custody/common/names.h"
+#include "custody/seal/sealer.h"
+#include "custody/service/authz.h"
+#include "custody/service/custodian.h"
+#include "custody/service/service.h"
+#include "custody/store/store.h"
 
 namespace custody::cli {
 

@@ -11,7 +11,9 @@
 #include <filesystem>
 #include <optional>
 
+#include "custody/common/hex.h"
 #include "custody/common/inplace_json.h"
+#include "custody/common/time.h"
 #include "custody/common/untrusted.h"
 
 namespace custody::cli {
@@ -46,9 +48,7 @@ Result<std::string> RandomName(const std::string& dir) {
     if (n < 0) return Error::Os(errno, "getrandom");
     got += static_cast<size_t>(n);
   }
-  char hex[sizeof r * 2 + 1];
-  for (size_t i = 0; i < sizeof r; ++i) std::snprintf(hex + 2 * i, 3, "%02x", r[i]);
-  return dir + "/.custody-" + hex + ".tmp";
+  return dir + "/.custody-" + ToHex(r) + ".tmp";
 }
 
 // How many random names are tried before giving up: a collision of 64
@@ -157,14 +157,7 @@ void PrintTable(const std::vector<std::vector<std::string>>& rows) {
   }
 }
 
-std::string FormatTime(int64_t t) {
-  std::time_t tt = static_cast<std::time_t>(t);
-  std::tm tm{};
-  gmtime_r(&tt, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return buf;
-}
+std::string FormatTime(int64_t t) { return FormatUtc(t); }
 
 namespace {
 

@@ -15,9 +15,11 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
-#include "custody/core/kek_rotation.h"
-#include "custody/core/rotation.h"
+#include "custody/app/backend.h"
+#include "custody/common/hex.h"
 #include "custody/hsm/objects.h"
+#include "custody/service/kek_rotation.h"
+#include "custody/service/rotation.h"
 #include "flow.h"
 #include "io.h"
 
@@ -175,7 +177,7 @@ Status SecretRotate(const Globals& g, const RotateArgs& a) {
     }
     auto settings = o.authz->engine().RotationFor(path.project, path.environment);
     CUSTODY_ASSIGN_OR_RETURN(core::KekRecord kek, o.store->CurrentKek(env.project_id));
-    o.ev.kek_id = hsm::ToHex(kek.ref.id);
+    o.ev.kek_id = ToHex(kek.ref.id);
     o.ev.detail += "; new value " + source;
     core::SecretService svc(*o.store, *o.sealer);
     auto version = AuditedPut(o, path, *value);
@@ -233,7 +235,7 @@ Status SecretRevoke(const Globals& g, const std::string& text, uint32_t version,
     o.ev.detail += "; reason: " + reason;
     // Recorded before the store changes: a revocation never goes unrecorded.
     CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
-    auto current = o.store->RevokeVersion(env, path.name, version, reason, o.ev.principal, core::SystemNow());
+    auto current = o.store->RevokeVersion(env, path.name, version, reason, o.ev.principal, custody::SystemNow());
     if (!current) {
       core::AuditEvent failed = o.ev;
       failed.result = "error";
@@ -266,7 +268,7 @@ Status SecretVersions(const Globals& g, const std::string& text) {
     CUSTODY_ASSIGN_OR_RETURN(auto versions, o.store->ListVersions(env, path.name));
     CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
     auto settings = o.authz->engine().RotationFor(path.project, path.environment);
-    int64_t now = core::SystemNow();
+    int64_t now = custody::SystemNow();
     if (g.json) {
       json out = json::array();
       for (const auto& r : versions) {
@@ -318,7 +320,7 @@ Status RotationStatus(const Globals& g, const std::string& project, bool fail_on
       o.ev.rule = "names filtered by list grants";
     }
     CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
-    int64_t now = core::SystemNow();
+    int64_t now = custody::SystemNow();
     auto items = core::RotationStatus(visible, o.authz->engine(), now);
     for (const auto& it : items) overdue += it.urgency == core::Urgency::kOverdue ? 1 : 0;
     if (g.json) {
@@ -385,7 +387,7 @@ Status KekList(const Globals& g, const std::string& project) {
     if (g.json) {
       json out = json::array();
       for (const auto& [k, n] : rows) {
-        out.push_back({{"version", k.ref.version}, {"id", hsm::ToHex(k.ref.id)}, {"label", k.label},
+        out.push_back({{"version", k.ref.version}, {"id", ToHex(k.ref.id)}, {"label", k.label},
                        {"state", core::KekStateName(k.state)}, {"sealed_versions", n},
                        {"created_at", FormatTime(k.created_at)}});
       }
@@ -395,7 +397,7 @@ Status KekList(const Globals& g, const std::string& project) {
     std::vector<std::vector<std::string>> table{{"VERSION", "STATE", "SEALED", "LABEL", "ID", "CREATED"}};
     for (const auto& [k, n] : rows) {
       table.push_back({"v" + std::to_string(k.ref.version), core::KekStateName(k.state), std::to_string(n), k.label,
-                       hsm::ToHex(k.ref.id), FormatTime(k.created_at)});
+                       ToHex(k.ref.id), FormatTime(k.created_at)});
     }
     PrintTable(table);
     return Status::Ok();
@@ -472,7 +474,7 @@ Status KekRotate(const Globals& g, const KekRotateArgs& a) {
     hooks.batch = a.batch;
     hooks.progress = [&](uint64_t done, uint64_t total) { progress.Update(done, total); };
     hooks.started = [&](const core::KekRotationPlan& plan, const core::KekRecord& target) -> Status {
-      o.ev.kek_id = hsm::ToHex(target.ref.id);
+      o.ev.kek_id = ToHex(target.ref.id);
       o.ev.detail += (plan.resume ? "; resuming rotation to KEK v" : "; rotating to KEK v") +
                      std::to_string(target.ref.version) + ", " + std::to_string(plan.to_reseal) + " version(s) to re-seal";
       std::fprintf(stderr, "custody: %s KEK v%u of %s; %llu version(s) to re-seal\ncustody: %s\n",

@@ -4,29 +4,31 @@
 //
 //   custodyd --config /etc/custody/custody.toml [--pin-fd N]
 //   custodyd --version
+#include <spdlog/sinks/stdout_sinks.h>
+#include <spdlog/spdlog.h>
 #include <sys/stat.h>
 #include <systemd/sd-daemon.h>
 
 #include <CLI/CLI.hpp>
-#include <boost/asio/signal_set.hpp>
 #include <algorithm>
+#include <boost/asio/signal_set.hpp>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <thread>
-#include <spdlog/sinks/stdout_sinks.h>
-#include <spdlog/spdlog.h>
 
+#include "custody/app/backend.h"
+#include "custody/app/config.h"
+#include "custody/audit/audit.h"
 #include "custody/common/secret.h"
-#include "custody/core/audit.h"
-#include "custody/core/audit_signer.h"
-#include "custody/core/authz.h"
-#include "custody/core/config.h"
-#include "custody/core/custodian.h"
-#include "custody/core/service.h"
-#include "custody/core/store.h"
+#include "custody/hsm/token_signer.h"
+#include "custody/server/server.h"
+#include "custody/service/authz.h"
+#include "custody/service/custodian.h"
+#include "custody/service/service.h"
+#include "custody/store/store.h"
+#include "custody/tpm/tpm_signer.h"
 #include "custody/version.h"
-#include "server.h"
 #include "token_key.h"
 
 namespace {
@@ -71,7 +73,7 @@ int main(int argc, char** argv) {
   std::string config_path = custody::core::LocateConfig(config_flag);
   auto config = custody::core::LoadConfig(config_path);
   if (!config) return Fail(config.error());
-  auto store = custody::core::OpenSqliteStore(config->store_path, /*create=*/false);
+  auto store = custody::core::OpenStore(*config, /*create=*/false);
   if (!store) return Fail(store.error());
   custody::core::AuditOptions ao;
   ao.dir = config->audit_dir;

@@ -9,9 +9,9 @@
 
 #include <string>
 
+#include "custody/app/config.h"
 #include "custody/common/result.h"
 #include "custody/common/secret.h"
-#include "custody/core/config.h"
 
 namespace custody::server {
 

@@ -12,6 +12,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "custody/common/hex.h"
+
 namespace custody::tpm {
 namespace {
 
@@ -41,16 +43,6 @@ uint32_t BaseRc(uint32_t rc) {
   rc &= 0xFFFF;
   if (rc & TPM2_RC_FMT1) return rc & (TPM2_RC_FMT1 | 0x3F);
   return rc & (TPM2_RC_WARN | TPM2_RC_VER1 | 0x7F);
-}
-
-std::string Hex(std::span<const uint8_t> b) {
-  static constexpr char k[] = "0123456789abcdef";
-  std::string s;
-  for (uint8_t c : b) {
-    s += k[c >> 4];
-    s += k[c & 0xF];
-  }
-  return s;
 }
 
 // Wipes and frees what ESAPI handed out.
@@ -178,7 +170,7 @@ Result<ObjectInfo> Describe(const SealedObject& object) {
   unsigned int md = 0;
   EVP_Digest(buf, len, name + 2, &md, EVP_sha256(), nullptr);
   ObjectInfo info;
-  info.name = Hex(std::span<const uint8_t>(name, 2 + md));
+  info.name = ToHex(std::span<const uint8_t>(name, 2 + md));
   TPMA_OBJECT a = pub.publicArea.objectAttributes;
   info.fixed_tpm = (a & TPMA_OBJECT_FIXEDTPM) != 0;
   info.fixed_parent = (a & TPMA_OBJECT_FIXEDPARENT) != 0;
@@ -455,7 +447,7 @@ struct Tpm::Impl {
     Esys_Free(pub);
     TPM2B_NAME* n = nullptr;
     if (Esys_TR_GetName(ctx, out.handle, &n) == TSS2_RC_SUCCESS) {
-      *name = Hex(std::span<const uint8_t>(n->name, n->size));
+      *name = ToHex(std::span<const uint8_t>(n->name, n->size));
       Esys_Free(n);
     }
     return Status::Ok();
@@ -520,7 +512,7 @@ Result<std::unique_ptr<Tpm>> Tpm::Open(const Options& options) {
     TPM2B_NAME* name = nullptr;
     rc = Esys_TR_GetName(impl->ctx, impl->srk, &name);
     if (rc != TSS2_RC_SUCCESS) return TpmError(rc, "Esys_TR_GetName (SRK)");
-    std::string got = Hex(std::span<const uint8_t>(name->name, name->size));
+    std::string got = ToHex(std::span<const uint8_t>(name->name, name->size));
     Esys_Free(name);
     if (got != options.expected_srk_name) {
       return Error(Category::kIntegrity, "the TPM's storage root key (name " + got +
@@ -720,7 +712,7 @@ Result<Info> Tpm::GetInfo() {
   TPM2B_NAME* name = nullptr;
   rc = Esys_TR_GetName(t.ctx, t.srk, &name);
   if (rc != TSS2_RC_SUCCESS) return t.Fail(rc, "Esys_TR_GetName");
-  info.srk_name = Hex(std::span<const uint8_t>(name->name, name->size));
+  info.srk_name = ToHex(std::span<const uint8_t>(name->name, name->size));
   Esys_Free(name);
   return info;
 }
@@ -744,7 +736,7 @@ Result<AttestInfo> ParseAttest(std::span<const uint8_t> message) {
                            a.attested.quote.pcrDigest.buffer + a.attested.quote.pcrDigest.size);
   }
   if (info.certify) {
-    info.certified_name = Hex(std::span<const uint8_t>(a.attested.certify.name.name, a.attested.certify.name.size));
+    info.certified_name = ToHex(std::span<const uint8_t>(a.attested.certify.name.name, a.attested.certify.name.size));
   }
   return info;
 }

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "custody/common/hex.h"
 #include "custody/common/result.h"
 #include "custody/hsm/session.h"
 
@@ -51,6 +52,5 @@ Result<std::vector<ObjectSummary>> ListObjects(Session& s);
 
 std::string ClassName(CK_OBJECT_CLASS c);
 std::string KeyTypeName(CK_KEY_TYPE k);
-std::string ToHex(std::span<const uint8_t> bytes);
 
 }  // namespace custody::hsm

@@ -1,0 +1,48 @@
+// The composition root: opens what custody.toml names (the token or the
+// TPM, its sealer, the audit checkpoint signer) for the CLI and custodyd.
+// The service layer never opens a backend itself; it is handed a Sealer.
+//
+//   CUSTODY_ASSIGN_OR_RETURN(auto backend, core::OpenBackend(config, pin, *store));
+//   core::SecretService svc(*store, *backend.sealer);
+#pragma once
+
+#include <memory>
+
+#include "custody/app/config.h"
+#include "custody/audit/audit.h"
+#include "custody/common/result.h"
+#include "custody/common/secret.h"
+#include "custody/hsm/session.h"
+#include "custody/seal/sealer.h"
+#include "custody/store/store.h"
+#include "custody/tpm/tpm.h"
+
+namespace custody::core {
+
+// The store custody.toml names ([store] path: SQLite), opened; with
+// `create`, made when missing. Callers see only the Store interface.
+Result<std::unique_ptr<Store>> OpenStore(const Config& config, bool create);
+
+// The token named by the config, logged in, with a session pool.
+struct Token {
+  std::shared_ptr<hsm::Module> module;
+  CK_SLOT_ID slot = 0;
+  std::unique_ptr<hsm::SessionPool> pool;
+};
+Result<Token> OpenToken(const Config& config, const SecretBuffer& pin);
+
+// The sealing backend the config names ([token] backend), opened, with its
+// Sealer. Members are destroyed in reverse: the sealer before what it uses.
+struct SealingBackend {
+  Token token;                     // PKCS#11; token.pool is null for the TPM
+  std::unique_ptr<tpm::Tpm> tpm;   // TPM; null for PKCS#11
+  std::unique_ptr<Sealer> sealer;
+  bool is_tpm() const { return tpm != nullptr; }
+};
+Result<SealingBackend> OpenBackend(const Config& config, const SecretBuffer& pin, Store& store);
+// The audit checkpoint signer of that backend: a token key (PKCS#11) or a
+// TPM key under the SRK. With `create`, made when missing.
+Result<std::unique_ptr<AuditSigner>> OpenAuditSigner(SealingBackend& backend, const Config& config, const SecretBuffer& pin,
+                                                     bool create);
+
+}  // namespace custody::core

@@ -1,0 +1,125 @@
+#include "custody/app/backend.h"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <thread>
+
+#include "custody/hsm/pkcs11_sealer.h"
+#include "custody/hsm/token_signer.h"
+#include "custody/hsm/uri.h"
+#include "custody/store/sqlite_store.h"
+#include "custody/tpm/tpm_sealer.h"
+#include "custody/tpm/tpm_signer.h"
+
+namespace custody::core {
+namespace {
+
+// An advisory flock on a file in the state folder, taken with a deadline so
+// a stuck peer can delay us but never hang us; without it we proceed.
+class StateLock {
+ public:
+  explicit StateLock(const std::string& path) {
+    fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd_ < 0) return;
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+      if (errno != EWOULDBLOCK || std::chrono::steady_clock::now() > deadline) {
+        ::close(fd_);
+        fd_ = -1;
+        return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+  }
+  ~StateLock() {
+    if (fd_ >= 0) ::close(fd_);  // closing releases the flock
+  }
+  StateLock(const StateLock&) = delete;
+  StateLock& operator=(const StateLock&) = delete;
+
+ private:
+  int fd_ = -1;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Store>> OpenStore(const Config& config, bool create) {
+  return OpenSqliteStore(config.store_path, create);
+}
+
+Result<Token> OpenToken(const Config& config, const SecretBuffer& pin) {
+  ApplyTokenEnvironment(config);
+  CUSTODY_ASSIGN_OR_RETURN(auto uri, hsm::TokenUri::Parse(config.token_uri));
+  // custody processes sharing a state folder open the token one at a time
+  // (the lock is held for the C_Initialize and C_Login only, not for the
+  // work after), which keeps them from tripping over each other below.
+  StateLock lock(config.state_dir + "/token.lock");
+  // SoftHSM2's file store can read a token while another process is
+  // rewriting it (SoftHSMv2 issue 757, "Token integrity check failed"): the
+  // token then looks absent, or looks as if it had no user PIN, until the
+  // module is initialised again. Those answers are retried a few times with
+  // a fresh C_Initialize. A wrong PIN is never retried: each try counts
+  // towards the token's lockout.
+  constexpr int kAttempts = 6;
+  for (int attempt = 1;; ++attempt) {
+    Token t;
+    CUSTODY_ASSIGN_OR_RETURN(t.module, hsm::Module::Load(config.token_module));
+    Status s = Status::Ok();
+    if (auto slot = hsm::FindSlot(*t.module, uri); slot.ok()) {
+      t.slot = *slot;
+      auto pool = hsm::SessionPool::Open(t.module, t.slot, pin);
+      if (pool.ok()) {
+        t.pool = std::move(*pool);
+        return t;
+      }
+      s = std::move(pool).error();
+    } else {
+      s = std::move(slot).error();
+    }
+    const Error& e = s.error();
+    // A code is a CK_RV only when the error comes from PKCS#11.
+    bool transient = e.backend() == Backend::kPkcs11 &&
+                     ((e.category() == Category::kUnavailable && e.code() == CKR_TOKEN_NOT_PRESENT) ||
+                      e.code() == CKR_USER_PIN_NOT_INITIALIZED || e.code() == CKR_GENERAL_ERROR);
+    // Re-initialising is only possible when nobody else in this process holds the module.
+    if (!transient || attempt == kAttempts || t.module.use_count() != 1 || !t.module->owns_initialization()) {
+      return s.error();
+    }
+    t.module.reset();  // the last reference: C_Finalize, so the next Load re-reads the store
+    std::this_thread::sleep_for(std::chrono::milliseconds(20 * attempt));
+  }
+}
+
+Result<SealingBackend> OpenBackend(const Config& config, const SecretBuffer& pin, Store& store) {
+  SealingBackend b;
+  if (config.backend == "tpm") {
+    if (pin.empty()) return Error(Category::kConfig, "the TPM backend needs a PIN (its objects' auth values come from it)");
+    CUSTODY_ASSIGN_OR_RETURN(b.tpm, tpm::Tpm::Open({.tcti = config.tpm_tcti,
+                                                    .persist_srk = config.tpm_persist_srk,
+                                                    .expected_srk_name = config.tpm_srk_name}));
+    b.sealer = std::make_unique<TpmSealer>(*b.tpm, store, store, pin,
+                                           TpmSealer::Options{.pcrs = config.tpm_pcrs,
+                                                              .kek_cache_seconds = config.tpm_kek_cache_seconds});
+    return b;
+  }
+  CUSTODY_ASSIGN_OR_RETURN(b.token, OpenToken(config, pin));
+  b.sealer = std::make_unique<Pkcs11Sealer>(*b.token.pool, store);
+  return b;
+}
+
+Result<std::unique_ptr<AuditSigner>> OpenAuditSigner(SealingBackend& backend, const Config& config, const SecretBuffer& pin,
+                                                     bool create) {
+  if (backend.is_tpm()) {
+    CUSTODY_ASSIGN_OR_RETURN(auto s, TpmAuditSigner::Open(*backend.tpm, config.state_dir, pin, create));
+    return std::unique_ptr<AuditSigner>(std::move(s));
+  }
+  if (!backend.token.pool) return Error(Category::kInternal, "no token is open");
+  CUSTODY_ASSIGN_OR_RETURN(auto s, TokenAuditSigner::Open(*backend.token.pool, create));
+  return std::unique_ptr<AuditSigner>(std::move(s));
+}
+
+}  // namespace custody::core

@@ -1,0 +1,211 @@
+// The audit log: one JSON line per operation, hash-chained, with checkpoints
+// signed by an ECDSA P-256 key that never leaves the token.
+//
+//   auto log = core::AuditLog::Open({.dir = "/var/lib/custody/audit"});
+//   CUSTODY_ASSIGN_OR_RETURN(uint64_t seq, (*log)->Append(event));   // durable on return
+//   if ((*log)->CheckpointDue()) (void)(*log)->Checkpoint(signer);
+//
+// Line format (docs/AUDIT.md has every field):
+//   {"seq":7,"time":"...","type":"event",...,"prev":"<64 hex>","hash":"<64 hex>"}
+// `hash` is SHA-256 of the line's bytes up to (not including) `,"hash":...`
+// with a closing `}` appended; `prev` is the previous record's hash. The
+// chain runs across segment files (audit-000001.jsonl, ...).
+//
+// Durability and concurrency: Append returns only after the record is on
+// disk (fsync). Threads of one process share one write and one fsync per
+// batch (group commit); processes take turns through an flock on the log
+// folder. Every wait has a deadline: a stuck disk gives an error, never a hang.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "custody/common/result.h"
+
+namespace custody::core {
+
+// What happened. Never a secret value, a PIN, or a fingerprint of a value:
+// a value is named by its version and the KEK it is sealed under.
+struct AuditEvent {
+  std::string action;         // "secret.get", "secret.put", "policy.apply", "token.login", ...
+  std::string principal;      // "user:alice"; empty when the caller matched no principal
+  std::string identified_by;  // "uid 1000 (alice)", "tls san ..."
+  std::string project, environment, name;
+  std::optional<uint32_t> version;
+  std::string kek_id;    // hex CKA_ID of the KEK, when a value was sealed or unsealed
+  std::string decision;  // "allow", "deny", "limit", or "none" (no policy question)
+  std::string rule;      // the grant or limit that decided
+  std::string result;    // "ok", "refused", "error"
+  std::string error;     // what failed, when result is not ok
+  std::string request_id;
+  std::string detail;    // free text that is not secret (policy sha256, counts)
+};
+
+// A random id for one command or request, shared by its audit records.
+std::string NewRequestId();
+
+// Signs checkpoint messages; the token implementation is TokenAuditSigner.
+class AuditSigner {
+ public:
+  virtual ~AuditSigner() = default;
+  // ECDSA P-256 over SHA-256(message); DER-encoded signature.
+  virtual Result<std::vector<uint8_t>> Sign(std::string_view message) = 0;
+  virtual std::string key_id() const = 0;  // hex key id
+  // The public key as PEM, for `custody audit pubkey` and openssl.
+  virtual Result<std::string> PublicKeyPem() const = 0;
+};
+
+struct AuditOptions {
+  std::string dir;
+  uint64_t segment_bytes = 16 * 1024 * 1024;  // start a new segment past this size
+  uint64_t checkpoint_every = 1000;           // records between checkpoints, at most
+  int64_t checkpoint_seconds = 300;           // seconds between checkpoints, at most
+  std::chrono::milliseconds timeout{10000};   // longest wait for the lock or a batch
+};
+
+// A line as read back.
+struct AuditRecord {
+  uint64_t seq = 0;
+  std::string type;  // "event", "checkpoint", "repair"
+  std::string time;
+  int64_t unix_time = 0;
+  std::string prev, hash;
+  AuditEvent event;  // for type event
+  // For checkpoints:
+  uint64_t covers_seq = 0;
+  std::string covers_hash, key_id, message, signature_b64;
+  uint64_t ckpt_seq = 0;  // seq of the last checkpoint before this record (0: none)
+  int64_t ckpt_time = 0;
+};
+
+// Parses one line (without its newline) and checks its own hash. Errors are
+// kIntegrity and say what is wrong.
+Result<AuditRecord> ParseAuditRecord(std::string_view line);
+
+class AuditLog {
+ public:
+  static Result<std::unique_ptr<AuditLog>> Open(AuditOptions options);
+  ~AuditLog();
+
+  // Appends one record; returns its seq once it is durable. kUnavailable
+  // when the log cannot be written (disk full, permissions, lock timeout):
+  // the caller must then refuse the operation it was about to perform.
+  Result<uint64_t> Append(const AuditEvent& event);
+
+  // Append without holding the caller's thread (custodyd: a request waits
+  // for its batch's fsync without occupying a server thread, so one fsync
+  // serves every request in flight). `done` gets the seq once the record is
+  // durable, or the error; on error the caller must refuse, as with Append.
+  // It runs on the log's writer thread (or on a thread inside Append that
+  // wrote the batch): it must be short and must not call into this log.
+  // Destroying the log writes what is queued and runs every `done` first.
+  using Done = std::function<void(Result<uint64_t>)>;
+  void AppendAsync(const AuditEvent& event, Done done);
+
+  // Whether checkpoint_every records or checkpoint_seconds have passed since
+  // the last checkpoint (as of the last record this process saw).
+  bool CheckpointDue() const;
+  // Appends a checkpoint signing the hash of the record before it. Returns
+  // its seq; `covers` receives (seq, hash) of the covered record.
+  Result<uint64_t> Checkpoint(AuditSigner& signer, std::pair<uint64_t, std::string>* covers = nullptr);
+
+  const std::string& dir() const { return options_.dir; }
+
+  // AppendAsync callbacks that threw (they are caught so that the others
+  // still run; custodyd reports the count).
+  uint64_t failed_callbacks() const { return failed_callbacks_.load(); }
+
+ private:
+  struct Item {
+    AuditEvent event;
+    AuditSigner* signer = nullptr;  // set for a checkpoint
+    Done done;                      // set for AppendAsync
+  };
+  struct Outcome {
+    Status status;
+    uint64_t seq = 0;
+    std::pair<uint64_t, std::string> covers;
+  };
+  explicit AuditLog(AuditOptions o) : options_(std::move(o)) {}
+  Result<uint64_t> Submit(Item item, std::pair<uint64_t, std::string>* covers);
+  // With mu_ held through `lk` and no leader: writes everything queued as one
+  // batch (mu_ released meanwhile), files the outcomes for waiting callers
+  // and runs the callbacks of async items (mu_ released).
+  void Lead(std::unique_lock<std::mutex>& lk);
+  void WriterLoop();
+  // Writes a batch under the cross-process lock; fills one outcome per item.
+  std::vector<Outcome> WriteBatch(std::vector<Item>& items);
+
+  AuditOptions options_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<std::pair<uint64_t, Item>> queue_;
+  std::map<uint64_t, Outcome> done_;
+  uint64_t next_ticket_ = 1;
+  bool leader_ = false;
+  // The writer thread for AppendAsync, started with the first one.
+  std::condition_variable writer_cv_;
+  std::thread writer_;
+  bool stop_ = false;
+  std::atomic<uint64_t> failed_callbacks_{0};
+  // The head as this process left it after its last batch: reused when the
+  // newest segment still has the same inode and size (no other process
+  // wrote since), which saves re-reading the tail on every batch.
+  struct CachedHead {
+    bool valid = false;
+    uint32_t segment = 0;
+    uint64_t size = 0, dev = 0, ino = 0, seq = 0, ckpt_seq = 0;
+    int64_t ckpt_time = 0;
+    std::string hash;
+  } cache_;
+  // What this process last saw of the head (for CheckpointDue).
+  mutable std::mutex head_mu_;
+  uint64_t last_seq_ = 0, last_ckpt_seq_ = 0;
+  int64_t last_ckpt_time_ = 0;
+};
+
+struct AuditVerifyOptions {
+  std::vector<std::string> files;  // in order; empty: every segment in dir
+  std::string dir;
+  std::string public_key_pem;      // checkpoint key; empty: checkpoints are not checked (reported)
+  // Independent witnesses of checkpoints written (for truncation): the
+  // highest checkpoint recorded elsewhere (the store: its seq and the hash it
+  // covers), and the checkpoints/ folder of .msg/.sig files.
+  std::optional<std::pair<uint64_t, std::string>> witness;
+};
+
+struct AuditVerifyReport {
+  bool intact = false;
+  uint64_t records = 0, checkpoints = 0, last_seq = 0, last_checkpoint_seq = 0;
+  uint64_t unsigned_tail = 0;  // records after the last checkpoint (not yet covered by a signature)
+  bool torn_tail = false;      // a partial last line, as a crash leaves it
+  std::string problem;         // first problem: "record seq 17 (audit-000001.jsonl:17): modified: ..."
+};
+
+Result<AuditVerifyReport> VerifyAuditLog(const AuditVerifyOptions& options);
+
+// Reads every record of the segments in `dir`, in order (for `audit show`).
+Result<std::vector<AuditRecord>> ReadAuditLog(const std::string& dir);
+
+// The segment files of a log folder, in chain order.
+std::vector<std::string> AuditSegments(const std::string& dir);
+
+// PEM (SubjectPublicKeyInfo) of an uncompressed P-256 point.
+Result<std::string> P256PublicKeyPem(std::span<const uint8_t> point);
+
+// An ECDSA P-256 signature as r||s (32 bytes each, as PKCS#11 and the TPM
+// give it) in the DER form X.509 tools (openssl dgst -verify) read.
+Result<std::vector<uint8_t>> P256SignatureDer(std::span<const uint8_t> rs);
+
+}  // namespace custody::core

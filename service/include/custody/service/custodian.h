@@ -1,0 +1,103 @@
+// Custodian: one request, end to end, for a caller its front identified
+// (custodyd: SO_PEERCRED or the TLS certificate; the CLI in direct mode:
+// the local user). It is the one flow every front drives:
+//   identify the caller -> ask the policy -> read the environment, version
+//   and KEK in one snapshot -> charge rate and spend limits -> unseal in the
+//   token -> make the audit record durable (fail closed) -> hand the value
+//   over. A put seals, then makes its record durable, then commits.
+//
+//   core::Custodian c(store, audit, sealer, std::make_shared<const core::Authorizer>(std::move(authz)));
+//   core::RequestContext rc{.caller = peer, .identified_by = "uid 1000 (alice)", .request_id = core::NewRequestId()};
+//   auto r = c.Get(rc, *core::SecretPath::Parse("payments/prod/stripe"), std::nullopt);
+//
+// Thread-safe: the server calls it from several threads at once. The policy
+// can be swapped while requests run (SIGHUP); each request keeps the one it
+// started with.
+#pragma once
+
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+
+#include "custody/audit/audit.h"
+#include "custody/common/names.h"
+#include "custody/common/result.h"
+#include "custody/service/authz.h"
+#include "custody/service/rotation.h"
+#include "custody/service/service.h"
+#include "custody/service/usage_buffer.h"
+#include "custody/store/store.h"
+
+namespace custody::core {
+
+struct RequestContext {
+  policy::Caller caller;
+  std::string identified_by;  // "uid 1000 (alice) pid 4242"
+  std::string request_id;
+  std::string via = "custodyd";  // the front, for the record's detail: "custodyd", "cli"
+};
+
+// Counters the server exports as metrics.
+struct CustodianStats {
+  std::atomic<uint64_t> token_errors{0};
+  std::atomic<uint64_t> audit_failures{0};
+  std::atomic<bool> audit_healthy{true};
+  std::atomic<bool> token_healthy{true};
+  std::atomic<uint64_t> token_recoveries{0};
+  std::atomic<uint64_t> token_reinitializations{0};
+};
+
+class Custodian {
+ public:
+  // The sealer recovers its own backend (Sealer::Recover): nothing here
+  // knows whether it is a PKCS#11 token or a TPM.
+  Custodian(Store& store, AuditLog& audit, Sealer& sealer, std::shared_ptr<const Authorizer> authz)
+      : store_(store), audit_(audit), sealer_(sealer), authz_(std::move(authz)) {}
+
+  Result<Unsealed> Get(const RequestContext& rc, const SecretPath& path, std::optional<uint32_t> version);
+  // The same flow, but the wait for the audit record's fsync holds no
+  // thread: `done` gets the value (or the refusal) once the record is
+  // durable, on the audit log's writer thread (keep it short: post the
+  // answer to the transport's own threads). Fail closed as Get: no value
+  // is handed over unless its record was written.
+  using GetDone = std::function<void(Result<Unsealed>)>;
+  void GetAsync(const RequestContext& rc, const SecretPath& path, std::optional<uint32_t> version, GetDone done);
+  Result<uint32_t> Put(const RequestContext& rc, const SecretPath& path, const SecretBuffer& value);
+  Result<std::vector<UsageRow>> Usage(const RequestContext& rc, const std::optional<std::string>& project);
+  // Every secret's place in the rotation schedule under the policy in force
+  // (for the server's metrics: counts, never names or values).
+  Result<std::vector<RotationItem>> RotationSchedule();
+
+  void SwapPolicy(std::shared_ptr<const Authorizer> authz);
+  std::shared_ptr<const Authorizer> policy() const;
+  CustodianStats& stats() { return stats_; }
+  // The log every request's record goes to (custodyd also writes its
+  // summaries of refused connections there).
+  AuditLog& audit() { return audit_; }
+  // Write-behind usage counts that could not be written yet (they are kept
+  // and written with the next flush).
+  uint64_t usage_flush_failures() const { return usage_.flush_failures(); }
+
+ private:
+  struct Flow;
+  // Get up to (not including) its audit record.
+  Result<Unsealed> GetUnrecorded(Flow& f, const RequestContext& rc, const SecretPath& path,
+                                 std::optional<uint32_t> version);
+  // When `r` failed because the backend lost its session or device: has
+  // the sealer recover it, counts it, and says to try once more.
+  template <typename T>
+  bool RecoverFrom(const Result<T>& r);
+  Store& store_;
+  AuditLog& audit_;
+  Sealer& sealer_;
+  mutable std::mutex mu_;
+  std::shared_ptr<const Authorizer> authz_;
+  CustodianStats stats_;
+  // Usage of requests no limit applies to, written behind (usage_buffer.h).
+  UsageBuffer usage_{store_};
+};
+
+}  // namespace custody::core

@@ -1,0 +1,247 @@
+#include "custody/service/custodian.h"
+
+#include "custody/common/hex.h"
+
+namespace custody::core {
+namespace {
+
+// A failure of the token or TPM itself (not of one blob, one PIN or one
+// PCR policy): what makes health say degraded.
+template <typename T>
+bool TokenFault(const Result<T>& r) {
+  if (r.ok()) return false;
+  Backend b = r.error().backend();
+  return (b == Backend::kPkcs11 || b == Backend::kTpm) && r.error().category() == Category::kUnavailable;
+}
+
+}  // namespace
+
+// The state of one request: its audit record, filled as the flow goes.
+struct Custodian::Flow {
+  Custodian& c;
+  std::shared_ptr<const Authorizer> authz;
+  AuditEvent ev;
+  bool recorded = false;
+  policy::PrincipalId who;
+
+  Flow(Custodian& owner, const RequestContext& rc, std::string action) : c(owner), authz(owner.policy()) {
+    ev.action = std::move(action);
+    ev.identified_by = rc.identified_by;
+    ev.request_id = rc.request_id;
+    ev.decision = "none";
+    ev.detail = "policy v" + std::to_string(authz->version()) + " via " + rc.via;
+  }
+
+  Status Identify(const RequestContext& rc) {
+    auto who_r = authz->Identify(rc.caller);
+    if (!who_r) {
+      ev.decision = "deny";
+      ev.rule = "identity";
+      Error e = std::move(who_r).error();
+      return Error(e.category(), e.message()).WithNeedsAuthentication();
+    }
+    who = *who_r;
+    ev.principal = authz->engine().PrincipalName(who);
+    return Status::Ok();
+  }
+  Status Ask(policy::Action action, const policy::Target& t) {
+    policy::Decision d;
+    Status s = authz->Check(who, action, t, &d);
+    ev.decision = d.allowed ? "allow" : "deny";
+    ev.rule = d.rule;
+    return s;
+  }
+  Status Charge(const policy::Target& t, UsageEvent e) {
+    Status s = authz->Admit(who, t, e, &c.usage_);
+    if (!s.ok()) {
+      ev.decision = "limit";
+      ev.rule = s.error().message();
+    }
+    return s;
+  }
+  // Fills the record's outcome; false when it was already recorded.
+  bool Prepare(const Status& outcome) {
+    if (recorded) return false;
+    recorded = true;
+    if (outcome.ok()) {
+      ev.result = "ok";
+    } else {
+      Category cat = outcome.error().category();
+      ev.result = (cat == Category::kDenied || cat == Category::kLimit) ? "refused" : "error";
+      ev.error = outcome.error().message();
+      if (outcome.error().backend() == Backend::kPkcs11) c.stats_.token_errors.fetch_add(1);
+    }
+    return true;
+  }
+  // What the append's result means for the request: fail closed.
+  static Status Appended(Custodian& owner, const std::string& action, Result<uint64_t> seq) {
+    if (!seq) {
+      owner.stats_.audit_failures.fetch_add(1);
+      owner.stats_.audit_healthy.store(false);
+      return std::move(seq).error().Wrap("refusing " + action);
+    }
+    owner.stats_.audit_healthy.store(true);
+    return Status::Ok();
+  }
+  // Appends the record once; fail closed.
+  Status Record(const Status& outcome) {
+    if (!Prepare(outcome)) return Status::Ok();
+    return Appended(c, ev.action, c.audit_.Append(ev));
+  }
+  template <typename T>
+  Result<T> Finish(Result<T> r) {
+    Status rec = Record(r.ok() ? Status::Ok() : Status(r.error()));
+    if (!r.ok()) return r;
+    if (!rec.ok()) return rec.error();
+    return r;
+  }
+};
+
+template <typename T>
+bool Custodian::RecoverFrom(const Result<T>& r) {
+  if (r.ok() || !sealer_.Recover(r.error())) return false;
+  stats_.token_errors.fetch_add(1);
+  const Sealer::Recoveries n = sealer_.recoveries();
+  stats_.token_recoveries.store(n.recovered);
+  stats_.token_reinitializations.store(n.reinitialized);
+  return true;
+}
+
+void Custodian::SwapPolicy(std::shared_ptr<const Authorizer> authz) {
+  std::lock_guard lock(mu_);
+  authz_ = std::move(authz);
+}
+
+std::shared_ptr<const Authorizer> Custodian::policy() const {
+  std::lock_guard lock(mu_);
+  return authz_;
+}
+
+Result<Unsealed> Custodian::GetUnrecorded(Flow& f, const RequestContext& rc, const SecretPath& path,
+                                          std::optional<uint32_t> version) {
+  f.ev.project = path.project;
+  f.ev.environment = path.environment;
+  f.ev.name = path.name;
+  f.ev.version = version;
+  CUSTODY_RETURN_IF_ERROR(f.Identify(rc));
+  policy::Target t{path.project, path.environment, path.name};
+  CUSTODY_RETURN_IF_ERROR(f.Ask(policy::Action::kGet, t));
+  CUSTODY_ASSIGN_OR_RETURN(UnsealInputs in, store_.ReadForUnseal(path.project, path.environment, path.name, version));
+  const EnvironmentRecord& env = in.env;
+  const SecretVersionRecord& rec = in.version;
+  const KekRecord& kek = in.kek;
+  f.ev.version = rec.version;
+  uint64_t grace = f.authz->engine().RotationFor(path.project, path.environment).grace;
+  CUSTODY_RETURN_IF_ERROR(CheckReadable(path, rec, grace, SystemNow()));
+  f.ev.kek_id = ToHex(kek.ref.id);
+  CUSTODY_RETURN_IF_ERROR(f.Charge(t, UsageEvent::kUnseal));
+  SecretService svc(store_, sealer_);
+  auto u = svc.Unseal(path, env, rec, kek);
+  // A lost session or device: the sealer recovers it, and the unseal is
+  // tried once more.
+  if (RecoverFrom(u)) u = svc.Unseal(path, env, rec, kek);
+  stats_.token_healthy.store(!TokenFault(u));
+  return u;
+}
+
+Result<Unsealed> Custodian::Get(const RequestContext& rc, const SecretPath& path, std::optional<uint32_t> version) {
+  Flow f(*this, rc, "secret.get");
+  // Durable before the value leaves: fail closed.
+  return f.Finish(GetUnrecorded(f, rc, path, version));
+}
+
+void Custodian::GetAsync(const RequestContext& rc, const SecretPath& path, std::optional<uint32_t> version,
+                         GetDone done) {
+  auto f = std::make_shared<Flow>(*this, rc, "secret.get");
+  auto r = std::make_shared<Result<Unsealed>>(GetUnrecorded(*f, rc, path, version));
+  f->Prepare(r->ok() ? Status::Ok() : Status(r->error()));
+  // The flow (and its policy snapshot) and the value stay alive until the
+  // record is written; the value is handed over only if it was.
+  audit_.AppendAsync(f->ev, [f, r, done = std::move(done)](Result<uint64_t> seq) {
+    Status rec = Flow::Appended(f->c, f->ev.action, std::move(seq));
+    if (!r->ok()) return done(std::move(*r));
+    if (!rec.ok()) return done(rec.error());
+    done(std::move(*r));
+  });
+}
+
+Result<uint32_t> Custodian::Put(const RequestContext& rc, const SecretPath& path, const SecretBuffer& value) {
+  Flow f(*this, rc, "secret.put");
+  f.ev.project = path.project;
+  f.ev.environment = path.environment;
+  f.ev.name = path.name;
+  auto run = [&]() -> Result<uint32_t> {
+    CUSTODY_RETURN_IF_ERROR(f.Identify(rc));
+    policy::Target t{path.project, path.environment, path.name};
+    CUSTODY_RETURN_IF_ERROR(f.Ask(policy::Action::kPut, t));
+    if (value.empty()) return Error(Category::kUsage, "refusing to store an empty value for " + path.str());
+    CUSTODY_ASSIGN_OR_RETURN(auto env, store_.FindEnvironment(path.project, path.environment));
+    CUSTODY_RETURN_IF_ERROR(f.Charge(t, UsageEvent::kSeal));
+    CUSTODY_ASSIGN_OR_RETURN(KekRecord kek, store_.CurrentKek(env.project_id));
+    f.ev.kek_id = ToHex(kek.ref.id);
+    SecretService svc(store_, sealer_);
+    auto put = [&]() {
+      return svc.Put(path, value, [&](uint32_t n) -> Status {
+      if (f.recorded) {
+        AuditEvent again = f.ev;
+        again.detail = "v" + std::to_string(f.ev.version.value_or(0)) +
+                       " was taken by a concurrent writer; sealed again as v" + std::to_string(n);
+        again.version = n;
+        f.ev.version = n;
+        CUSTODY_RETURN_IF_ERROR(audit_.Append(again));
+        return Status::Ok();
+      }
+      f.ev.version = n;
+      return f.Record(Status::Ok());
+      });
+    };
+    auto v = put();
+    // Sealing failed on a lost session before anything was recorded or
+    // stored: recovered and tried once more, as a GET does.
+    if (!f.recorded && RecoverFrom(v)) v = put();
+    stats_.token_healthy.store(!TokenFault(v));
+    if (!v && f.recorded) {
+      AuditEvent failed = f.ev;
+      failed.result = "error";
+      failed.error = v.error().message();
+      (void)audit_.Append(failed);
+    }
+    return v;
+  };
+  return f.Finish(run());
+}
+
+Result<std::vector<UsageRow>> Custodian::Usage(const RequestContext& rc, const std::optional<std::string>& project) {
+  Flow f(*this, rc, "usage.read");
+  // A project name from a request goes into the record only once it is a
+  // valid name (a transport should have refused it already).
+  const Status valid_project = project ? ValidateProjectName(*project) : Status::Ok();
+  if (valid_project.ok()) f.ev.project = project.value_or("");
+  auto run = [&]() -> Result<std::vector<UsageRow>> {
+    CUSTODY_RETURN_IF_ERROR(valid_project);
+    CUSTODY_RETURN_IF_ERROR(f.Identify(rc));
+    if (project) CUSTODY_RETURN_IF_ERROR(f.Ask(policy::Action::kReadUsage, {*project, "", ""}));
+    bool admin = f.authz->Allows(f.who, policy::Action::kCreateProject, {});
+    // Our own counts first, so this answer includes every request before it.
+    (void)usage_.Flush();
+    CUSTODY_ASSIGN_OR_RETURN(auto rows, store_.Usage(project, static_cast<int64_t>(std::time(nullptr))));
+    std::vector<UsageRow> out;
+    for (auto& r : rows) {
+      if (admin || f.authz->Allows(f.who, policy::Action::kReadUsage, {r.project, "", ""})) out.push_back(std::move(r));
+    }
+    if (f.ev.decision == "none") {
+      f.ev.decision = "allow";
+      f.ev.rule = "rows filtered by read-usage grants";
+    }
+    return out;
+  };
+  return f.Finish(run());
+}
+
+Result<std::vector<RotationItem>> Custodian::RotationSchedule() {
+  auto authz = policy();
+  CUSTODY_ASSIGN_OR_RETURN(auto secrets, store_.ListSecrets(std::nullopt, std::nullopt));
+  return RotationStatus(secrets, authz->engine(), SystemNow());
+}
+
+}  // namespace custody::core
