@@ -81,19 +81,19 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     CheckRefusal(c.error(), files.input);
     return 0;
   }
-  Require(!c->state_dir.empty() && !c->store_path.empty(), "an accepted config has no state_dir or store");
-  Require(c->backend == "pkcs11" || c->backend == "tpm", "an accepted config has an unknown backend");
+  Require(!c->state_dir.empty() && !c->store.path.empty(), "an accepted config has no state_dir or store");
+  Require(c->token.backend == "pkcs11" || c->token.backend == "tpm", "an accepted config has an unknown backend");
 
   Require(WriteConfig(*c, files.written).ok(), "WriteConfig failed on an accepted config");
   auto back = LoadConfig(files.written);
   Require(back.ok(), "what WriteConfig wrote does not load");
-  Require(back->state_dir == c->state_dir && back->backend == c->backend && back->token_module == c->token_module &&
-              back->token_uri == c->token_uri && back->tpm_tcti == c->tpm_tcti && back->tpm_pcrs == c->tpm_pcrs &&
-              back->tpm_persist_srk == c->tpm_persist_srk && back->tpm_srk_name == c->tpm_srk_name &&
-              back->tpm_kek_cache_seconds == c->tpm_kek_cache_seconds && back->pin_file == c->pin_file &&
-              back->token_environment == c->token_environment && back->store_path == c->store_path &&
-              back->audit_dir == c->audit_dir && back->audit_checkpoint_every == c->audit_checkpoint_every &&
-              back->audit_checkpoint_seconds == c->audit_checkpoint_seconds,
+  Require(back->state_dir == c->state_dir && back->token.backend == c->token.backend && back->token.pkcs11.module == c->token.pkcs11.module &&
+              back->token.pkcs11.uri == c->token.pkcs11.uri && back->token.tpm.tcti == c->token.tpm.tcti && back->token.tpm.pcrs == c->token.tpm.pcrs &&
+              back->token.tpm.persist_srk == c->token.tpm.persist_srk && back->token.tpm.srk_name == c->token.tpm.srk_name &&
+              back->token.tpm.kek_cache_seconds == c->token.tpm.kek_cache_seconds && back->token.pin_file == c->token.pin_file &&
+              back->token.environment == c->token.environment && back->store.path == c->store.path &&
+              back->audit.dir == c->audit.dir && back->audit.checkpoint_every == c->audit.checkpoint_every &&
+              back->audit.checkpoint_seconds == c->audit.checkpoint_seconds,
           "a config written by WriteConfig loads back different");
   return 0;
 }

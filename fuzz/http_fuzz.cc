@@ -149,9 +149,7 @@ void SetUp() {
   auto store = core::OpenStore(*cfg, false);
   if (!store) Die(store.error().message());
   w->store = std::move(*store);
-  core::AuditOptions ao;
-  ao.dir = cfg->audit_dir;
-  auto audit = core::AuditLog::Open(ao);
+  auto audit = core::AuditLog::Open(cfg->audit);
   if (!audit) Die(audit.error().message());
   w->audit = std::move(*audit);
   auto authz = core::Authorizer::Load(*w->store);

@@ -48,12 +48,12 @@ class StateLock {
 }  // namespace
 
 Result<std::unique_ptr<Store>> OpenStore(const Config& config, bool create) {
-  return OpenSqliteStore(config.store_path, create);
+  return OpenSqliteStore(config.store.path, create);
 }
 
 Result<Token> OpenToken(const Config& config, const SecretBuffer& pin) {
   ApplyTokenEnvironment(config);
-  CUSTODY_ASSIGN_OR_RETURN(auto uri, hsm::TokenUri::Parse(config.token_uri));
+  CUSTODY_ASSIGN_OR_RETURN(auto uri, hsm::TokenUri::Parse(config.token.pkcs11.uri));
   // custody processes sharing a state folder open the token one at a time
   // (the lock is held for the C_Initialize and C_Login only, not for the
   // work after), which keeps them from tripping over each other below.
@@ -67,7 +67,7 @@ Result<Token> OpenToken(const Config& config, const SecretBuffer& pin) {
   constexpr int kAttempts = 6;
   for (int attempt = 1;; ++attempt) {
     Token t;
-    CUSTODY_ASSIGN_OR_RETURN(t.module, hsm::Module::Load(config.token_module));
+    CUSTODY_ASSIGN_OR_RETURN(t.module, hsm::Module::Load(config.token.pkcs11.module));
     Status s = Status::Ok();
     if (auto slot = hsm::FindSlot(*t.module, uri); slot.ok()) {
       t.slot = *slot;
@@ -96,14 +96,14 @@ Result<Token> OpenToken(const Config& config, const SecretBuffer& pin) {
 
 Result<SealingBackend> OpenBackend(const Config& config, const SecretBuffer& pin, Store& store) {
   SealingBackend b;
-  if (config.backend == "tpm") {
+  if (config.token.backend == "tpm") {
     if (pin.empty()) return Error(Category::kConfig, "the TPM backend needs a PIN (its objects' auth values come from it)");
-    CUSTODY_ASSIGN_OR_RETURN(b.tpm, tpm::Tpm::Open({.tcti = config.tpm_tcti,
-                                                    .persist_srk = config.tpm_persist_srk,
-                                                    .expected_srk_name = config.tpm_srk_name}));
+    CUSTODY_ASSIGN_OR_RETURN(b.tpm, tpm::Tpm::Open({.tcti = config.token.tpm.tcti,
+                                                    .persist_srk = config.token.tpm.persist_srk,
+                                                    .expected_srk_name = config.token.tpm.srk_name}));
     b.sealer = std::make_unique<TpmSealer>(*b.tpm, store, store, pin,
-                                           TpmSealer::Options{.pcrs = config.tpm_pcrs,
-                                                              .kek_cache_seconds = config.tpm_kek_cache_seconds});
+                                           TpmSealer::Options{.pcrs = config.token.tpm.pcrs,
+                                                              .kek_cache_seconds = config.token.tpm.kek_cache_seconds});
     return b;
   }
   CUSTODY_ASSIGN_OR_RETURN(b.token, OpenToken(config, pin));

@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "custody/common/hex.h"
+#include "custody/common/untrusted.h"
 #include "custody/policy/model.h"
 
 namespace custody::core {
@@ -68,13 +69,13 @@ Result<Config> LoadConfig(const std::string& path) {
   const toml::table* token = root["token"].as_table();
   if (token == nullptr) return Error(Category::kConfig, path + ": missing table [token]");
   if (token->contains("backend")) {
-    CUSTODY_ASSIGN_OR_RETURN(c.backend, RequireString(*token, "backend", path, "token"));
+    CUSTODY_ASSIGN_OR_RETURN(c.token.backend, RequireString(*token, "backend", path, "token"));
   }
-  if (c.backend == "pkcs11") {
-    CUSTODY_ASSIGN_OR_RETURN(c.token_module, RequireString(*token, "module", path, "token"));
-    CUSTODY_ASSIGN_OR_RETURN(c.token_uri, RequireString(*token, "uri", path, "token"));
-  } else if (c.backend == "tpm") {
-    CUSTODY_ASSIGN_OR_RETURN(c.tpm_tcti, RequireString(*token, "tcti", path, "token"));
+  if (c.token.backend == "pkcs11") {
+    CUSTODY_ASSIGN_OR_RETURN(c.token.pkcs11.module, RequireString(*token, "module", path, "token"));
+    CUSTODY_ASSIGN_OR_RETURN(c.token.pkcs11.uri, RequireString(*token, "uri", path, "token"));
+  } else if (c.token.backend == "tpm") {
+    CUSTODY_ASSIGN_OR_RETURN(c.token.tpm.tcti, RequireString(*token, "tcti", path, "token"));
     if (const toml::node* pcrs = token->get("pcrs")) {
       const toml::array* a = pcrs->as_array();
       if (a == nullptr) return Error(Category::kConfig, Where(path, pcrs->source()) + ": token.pcrs must be a list of PCR numbers");
@@ -83,30 +84,32 @@ Result<Config> LoadConfig(const std::string& path) {
         if (!v || *v < 0 || *v > 23) {
           return Error(Category::kConfig, Where(path, e.source()) + ": token.pcrs: PCR numbers are 0 to 23");
         }
-        c.tpm_pcrs.push_back(static_cast<uint8_t>(*v));
+        c.token.tpm.pcrs.push_back(static_cast<uint8_t>(*v));
       }
     }
     if (const toml::node* n = token->get("persist_srk")) {
       auto b = n->value<bool>();
       if (!b) return Error(Category::kConfig, Where(path, n->source()) + ": token.persist_srk must be true or false");
-      c.tpm_persist_srk = *b;
+      c.token.tpm.persist_srk = *b;
     }
     if (token->contains("srk_name")) {
-      CUSTODY_ASSIGN_OR_RETURN(c.tpm_srk_name, RequireString(*token, "srk_name", path, "token"));
+      CUSTODY_ASSIGN_OR_RETURN(c.token.tpm.srk_name, RequireString(*token, "srk_name", path, "token"));
     }
     if (const toml::node* n = token->get("kek_cache_seconds")) {
       auto v = n->value<int64_t>();
       if (!v || *v < 0 || *v > 3600) {
         return Error(Category::kConfig, Where(path, n->source()) + ": token.kek_cache_seconds must be 0 to 3600");
       }
-      c.tpm_kek_cache_seconds = static_cast<int>(*v);
+      c.token.tpm.kek_cache_seconds = static_cast<int>(*v);
     }
   } else {
-    return Error(Category::kConfig, path + ": token.backend must be \"pkcs11\" or \"tpm\" (got \"" + c.backend + "\")");
+    // The value is the file's text: shown escaped and cut, never raw.
+    return Error(Category::kConfig, path + ": token.backend must be \"pkcs11\" or \"tpm\" (got \"" +
+                                        EscapeUntrusted(c.token.backend, 64) + "\")");
   }
   if (token->contains("pin_file")) {
     CUSTODY_ASSIGN_OR_RETURN(std::string pf, RequireString(*token, "pin_file", path, "token"));
-    c.pin_file = std::move(pf);
+    c.token.pin_file = std::move(pf);
   }
   if (const toml::node* pin = token->get("pin"); pin != nullptr) {
     return Error(Category::kConfig, Where(path, pin->source()) +
@@ -118,16 +121,16 @@ Result<Config> LoadConfig(const std::string& path) {
         return Error(Category::kConfig, Where(path, v.source()) + ": token.environment." + std::string(k.str()) +
                                             " must be a string");
       }
-      c.token_environment.emplace_back(std::string(k.str()), v.as_string()->get());
+      c.token.environment.emplace_back(std::string(k.str()), v.as_string()->get());
     }
   }
   const toml::table* store = root["store"].as_table();
   if (store == nullptr) return Error(Category::kConfig, path + ": missing table [store]");
-  CUSTODY_ASSIGN_OR_RETURN(c.store_path, RequireString(*store, "path", path, "store"));
-  c.audit_dir = c.state_dir + "/audit";
+  CUSTODY_ASSIGN_OR_RETURN(c.store.path, RequireString(*store, "path", path, "store"));
+  c.audit.dir = c.state_dir + "/audit";
   if (const toml::table* audit = root["audit"].as_table()) {
     if (audit->contains("dir")) {
-      CUSTODY_ASSIGN_OR_RETURN(c.audit_dir, RequireString(*audit, "dir", path, "audit"));
+      CUSTODY_ASSIGN_OR_RETURN(c.audit.dir, RequireString(*audit, "dir", path, "audit"));
     }
     auto positive = [&](const char* key, auto& out) -> Status {
       const toml::node* n = audit->get(key);
@@ -139,13 +142,13 @@ Result<Config> LoadConfig(const std::string& path) {
       out = static_cast<std::remove_reference_t<decltype(out)>>(*v);
       return Status::Ok();
     };
-    CUSTODY_RETURN_IF_ERROR(positive("checkpoint_every", c.audit_checkpoint_every));
-    CUSTODY_RETURN_IF_ERROR(positive("checkpoint_seconds", c.audit_checkpoint_seconds));
-    CUSTODY_RETURN_IF_ERROR(positive("segment_bytes", c.audit_segment_bytes));
+    CUSTODY_RETURN_IF_ERROR(positive("checkpoint_every", c.audit.checkpoint_every));
+    CUSTODY_RETURN_IF_ERROR(positive("checkpoint_seconds", c.audit.checkpoint_seconds));
+    CUSTODY_RETURN_IF_ERROR(positive("segment_bytes", c.audit.segment_bytes));
   }
   if (const toml::table* server = root["server"].as_table()) {
     if (server->contains("socket")) {
-      CUSTODY_ASSIGN_OR_RETURN(c.server_socket, RequireString(*server, "socket", path, "server"));
+      CUSTODY_ASSIGN_OR_RETURN(c.server.socket_path, RequireString(*server, "socket", path, "server"));
     }
     if (const toml::node* n = server->get("socket_mode")) {
       auto mode = n->value<std::string>();
@@ -153,7 +156,7 @@ Result<Config> LoadConfig(const std::string& path) {
           mode->find_first_not_of("01234567") != std::string::npos) {
         return Error(Category::kConfig, Where(path, n->source()) + ": server.socket_mode must be an octal string like \"0660\"");
       }
-      c.server_socket_mode = static_cast<uint32_t>(std::stoul(*mode, nullptr, 8));
+      c.server.socket_mode = static_cast<uint32_t>(std::stoul(*mode, nullptr, 8));
     }
     auto positive = [&](const char* key, uint32_t& out, int64_t max) -> Status {
       const toml::node* n = server->get(key);
@@ -166,16 +169,16 @@ Result<Config> LoadConfig(const std::string& path) {
       out = static_cast<uint32_t>(*v);
       return Status::Ok();
     };
-    for (auto [key, out] : {std::pair<const char*, std::string*>{"tls_listen", &c.server_tls_listen},
-                            {"tls_cert", &c.server_tls_cert},
-                            {"tls_key", &c.server_tls_key},
-                            {"tls_client_ca", &c.server_tls_client_ca}}) {
+    for (auto [key, out] : {std::pair<const char*, std::string*>{"tls_listen", &c.server.tls_listen},
+                            {"tls_cert", &c.server.tls_cert},
+                            {"tls_key", &c.server.tls_key},
+                            {"tls_client_ca", &c.server.tls_client_ca}}) {
       if (server->contains(key)) {
         CUSTODY_ASSIGN_OR_RETURN(*out, RequireString(*server, key, path, "server"));
       }
     }
-    if (!c.server_tls_listen.empty() &&
-        (c.server_tls_cert.empty() || c.server_tls_key.empty() || c.server_tls_client_ca.empty())) {
+    if (!c.server.tls_listen.empty() &&
+        (c.server.tls_cert.empty() || c.server.tls_key.empty() || c.server.tls_client_ca.empty())) {
       return Error(Category::kConfig, path + ": server.tls_listen needs tls_cert, tls_key and tls_client_ca "
                                              "(there is no TLS listener without client certificates)");
     }
@@ -185,7 +188,7 @@ Result<Config> LoadConfig(const std::string& path) {
       for (size_t i = 0; ok && i < a->size(); ++i) {
         auto v = (*a)[i].value<int64_t>();
         ok = v && *v >= 0 && *v <= 0xFFFFFFFFLL;
-        if (ok) c.server_metrics_uids.push_back(static_cast<uint32_t>(*v));
+        if (ok) c.server.metrics_uids.push_back(static_cast<uint32_t>(*v));
       }
       if (!ok) return Error(Category::kConfig, Where(path, n->source()) + ": server.metrics_uids must be a list of uids");
     }
@@ -202,54 +205,54 @@ Result<Config> LoadConfig(const std::string& path) {
           return Error(Category::kConfig, Where(path, n->source()) +
                                               ": server.metrics_tls_sans: use dns:NAME, uri:URI or email:ADDRESS");
         }
-        c.server_metrics_tls_sans.push_back(std::move(*san));
+        c.server.metrics_tls_sans.push_back(std::move(*san));
       }
       if (!ok) {
         return Error(Category::kConfig, Where(path, n->source()) + ": server.metrics_tls_sans must be a list of names");
       }
     }
-    CUSTODY_RETURN_IF_ERROR(positive("max_unidentified_connections", c.server_max_unidentified_connections, 100000));
-    CUSTODY_RETURN_IF_ERROR(positive("refusal_summary_seconds", c.server_refusal_summary_seconds, 3600));
-    CUSTODY_RETURN_IF_ERROR(positive("threads", c.server_threads, 256));
-    CUSTODY_RETURN_IF_ERROR(positive("max_connections", c.server_max_connections, 100000));
-    CUSTODY_RETURN_IF_ERROR(positive("max_connections_per_peer", c.server_max_connections_per_peer, 100000));
-    CUSTODY_RETURN_IF_ERROR(positive("idle_timeout_seconds", c.server_idle_timeout_seconds, 3600));
-    CUSTODY_RETURN_IF_ERROR(positive("max_header_bytes", c.server_max_header_bytes, 1 << 20));
-    CUSTODY_RETURN_IF_ERROR(positive("max_body_bytes", c.server_max_body_bytes, 16 << 20));
+    CUSTODY_RETURN_IF_ERROR(positive("max_unidentified_connections", c.server.max_unidentified_connections, 100000));
+    CUSTODY_RETURN_IF_ERROR(positive("refusal_summary_seconds", c.server.refusal_summary_seconds, 3600));
+    CUSTODY_RETURN_IF_ERROR(positive("threads", c.server.threads, 256));
+    CUSTODY_RETURN_IF_ERROR(positive("max_connections", c.server.max_connections, 100000));
+    CUSTODY_RETURN_IF_ERROR(positive("max_connections_per_peer", c.server.max_connections_per_peer, 100000));
+    CUSTODY_RETURN_IF_ERROR(positive("idle_timeout_seconds", c.server.idle_timeout_seconds, 3600));
+    CUSTODY_RETURN_IF_ERROR(positive("max_header_bytes", c.server.max_header_bytes, 1 << 20));
+    CUSTODY_RETURN_IF_ERROR(positive("max_body_bytes", c.server.max_body_bytes, 16 << 20));
   }
   return c;
 }
 
 Status WriteConfig(const Config& c, const std::string& path) {
   toml::table token;
-  if (c.backend == "tpm") {
+  if (c.token.backend == "tpm") {
     token.insert("backend", "tpm");
-    token.insert("tcti", c.tpm_tcti);
-    if (!c.tpm_pcrs.empty()) {
+    token.insert("tcti", c.token.tpm.tcti);
+    if (!c.token.tpm.pcrs.empty()) {
       toml::array pcrs;
-      for (uint8_t p : c.tpm_pcrs) pcrs.push_back(static_cast<int64_t>(p));
+      for (uint8_t p : c.token.tpm.pcrs) pcrs.push_back(static_cast<int64_t>(p));
       token.insert("pcrs", std::move(pcrs));
     }
-    if (c.tpm_persist_srk) token.insert("persist_srk", true);
-    if (!c.tpm_srk_name.empty()) token.insert("srk_name", c.tpm_srk_name);
-    if (c.tpm_kek_cache_seconds > 0) token.insert("kek_cache_seconds", static_cast<int64_t>(c.tpm_kek_cache_seconds));
+    if (c.token.tpm.persist_srk) token.insert("persist_srk", true);
+    if (!c.token.tpm.srk_name.empty()) token.insert("srk_name", c.token.tpm.srk_name);
+    if (c.token.tpm.kek_cache_seconds > 0) token.insert("kek_cache_seconds", static_cast<int64_t>(c.token.tpm.kek_cache_seconds));
   } else {
-    token.insert("module", c.token_module);
-    token.insert("uri", c.token_uri);
+    token.insert("module", c.token.pkcs11.module);
+    token.insert("uri", c.token.pkcs11.uri);
   }
-  if (c.pin_file) token.insert("pin_file", *c.pin_file);
-  if (!c.token_environment.empty()) {
+  if (c.token.pin_file) token.insert("pin_file", *c.token.pin_file);
+  if (!c.token.environment.empty()) {
     toml::table env;
-    for (const auto& [k, v] : c.token_environment) env.insert(k, v);
+    for (const auto& [k, v] : c.token.environment) env.insert(k, v);
     token.insert("environment", std::move(env));
   }
   toml::table root{{"state_dir", c.state_dir}, {"token", std::move(token)},
-                   {"store", toml::table{{"path", c.store_path}}}};
-  if (!c.audit_dir.empty()) {
-    root.insert("audit", toml::table{{"dir", c.audit_dir},
-                                     {"checkpoint_every", static_cast<int64_t>(c.audit_checkpoint_every)},
-                                     {"checkpoint_seconds", c.audit_checkpoint_seconds},
-                                     {"segment_bytes", static_cast<int64_t>(c.audit_segment_bytes)}});
+                   {"store", toml::table{{"path", c.store.path}}}};
+  if (!c.audit.dir.empty()) {
+    root.insert("audit", toml::table{{"dir", c.audit.dir},
+                                     {"checkpoint_every", static_cast<int64_t>(c.audit.checkpoint_every)},
+                                     {"checkpoint_seconds", c.audit.checkpoint_seconds},
+                                     {"segment_bytes", static_cast<int64_t>(c.audit.segment_bytes)}});
   }
   // [server]: every setting that is not its default, so what LoadConfig
   // reads comes back (a test loads every example config, writes it and
@@ -257,38 +260,38 @@ Status WriteConfig(const Config& c, const std::string& path) {
   // for an operator to add one to.
   const Config defaults;
   toml::table server;
-  if (!c.server_socket.empty()) server.insert("socket", c.server_socket);
-  if (c.server_socket_mode != defaults.server_socket_mode) {
+  if (!c.server.socket_path.empty()) server.insert("socket", c.server.socket_path);
+  if (c.server.socket_mode != defaults.server.socket_mode) {
     char mode[8];
-    std::snprintf(mode, sizeof mode, "%04o", c.server_socket_mode & 07777);
+    std::snprintf(mode, sizeof mode, "%04o", c.server.socket_mode & 07777);
     server.insert("socket_mode", std::string(mode));
   }
   for (auto [key, value, fallback] :
-       {std::tuple<const char*, uint32_t, uint32_t>{"threads", c.server_threads, defaults.server_threads},
-        {"max_connections", c.server_max_connections, defaults.server_max_connections},
-        {"max_connections_per_peer", c.server_max_connections_per_peer, defaults.server_max_connections_per_peer},
-        {"max_unidentified_connections", c.server_max_unidentified_connections,
-         defaults.server_max_unidentified_connections},
-        {"refusal_summary_seconds", c.server_refusal_summary_seconds, defaults.server_refusal_summary_seconds},
-        {"idle_timeout_seconds", c.server_idle_timeout_seconds, defaults.server_idle_timeout_seconds},
-        {"max_header_bytes", c.server_max_header_bytes, defaults.server_max_header_bytes},
-        {"max_body_bytes", c.server_max_body_bytes, defaults.server_max_body_bytes}}) {
+       {std::tuple<const char*, uint32_t, uint32_t>{"threads", c.server.threads, defaults.server.threads},
+        {"max_connections", c.server.max_connections, defaults.server.max_connections},
+        {"max_connections_per_peer", c.server.max_connections_per_peer, defaults.server.max_connections_per_peer},
+        {"max_unidentified_connections", c.server.max_unidentified_connections,
+         defaults.server.max_unidentified_connections},
+        {"refusal_summary_seconds", c.server.refusal_summary_seconds, defaults.server.refusal_summary_seconds},
+        {"idle_timeout_seconds", c.server.idle_timeout_seconds, defaults.server.idle_timeout_seconds},
+        {"max_header_bytes", c.server.max_header_bytes, defaults.server.max_header_bytes},
+        {"max_body_bytes", c.server.max_body_bytes, defaults.server.max_body_bytes}}) {
     if (value != fallback) server.insert(key, static_cast<int64_t>(value));
   }
-  if (!c.server_metrics_uids.empty()) {
+  if (!c.server.metrics_uids.empty()) {
     toml::array uids;
-    for (uint32_t u : c.server_metrics_uids) uids.push_back(static_cast<int64_t>(u));
+    for (uint32_t u : c.server.metrics_uids) uids.push_back(static_cast<int64_t>(u));
     server.insert("metrics_uids", std::move(uids));
   }
-  if (!c.server_metrics_tls_sans.empty()) {
+  if (!c.server.metrics_tls_sans.empty()) {
     toml::array sans;
-    for (const auto& san : c.server_metrics_tls_sans) sans.push_back(san);
+    for (const auto& san : c.server.metrics_tls_sans) sans.push_back(san);
     server.insert("metrics_tls_sans", std::move(sans));
   }
-  for (auto [key, value] : {std::pair<const char*, const std::string*>{"tls_listen", &c.server_tls_listen},
-                            {"tls_cert", &c.server_tls_cert},
-                            {"tls_key", &c.server_tls_key},
-                            {"tls_client_ca", &c.server_tls_client_ca}}) {
+  for (auto [key, value] : {std::pair<const char*, const std::string*>{"tls_listen", &c.server.tls_listen},
+                            {"tls_cert", &c.server.tls_cert},
+                            {"tls_key", &c.server.tls_key},
+                            {"tls_client_ca", &c.server.tls_client_ca}}) {
     if (!value->empty()) server.insert(key, *value);
   }
   if (!server.empty()) root.insert("server", std::move(server));
@@ -331,7 +334,7 @@ Status WriteConfig(const Config& c, const std::string& path) {
 }
 
 void ApplyTokenEnvironment(const Config& c) {
-  for (const auto& [k, v] : c.token_environment) ::setenv(k.c_str(), v.c_str(), /*overwrite=*/0);
+  for (const auto& [k, v] : c.token.environment) ::setenv(k.c_str(), v.c_str(), /*overwrite=*/0);
 }
 
 Result<SecretBuffer> ResolvePin(const Config& c, std::optional<int> pin_fd) {
@@ -345,8 +348,8 @@ Result<SecretBuffer> ResolvePin(const Config& c, std::optional<int> pin_fd) {
     // The environment copy cannot be wiped safely (other code may hold the
     // pointer); unsetting it at least keeps it out of child processes.
     ::unsetenv("CUSTODY_PIN");
-  } else if (c.pin_file) {
-    pin = SecretBuffer::ReadFile(*c.pin_file, kMaxPinSize, /*require_private=*/true);
+  } else if (c.token.pin_file) {
+    pin = SecretBuffer::ReadFile(*c.token.pin_file, kMaxPinSize, /*require_private=*/true);
     if (!pin) {
       Error e = std::move(pin).error();
       return Error(e.category() == Category::kNotFound ? Category::kConfig : e.category(),

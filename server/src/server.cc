@@ -28,7 +28,6 @@
 #include "custody/common/inplace_json.h"
 #include "custody/common/untrusted.h"
 #include "custody/common/wipe.h"
-#include "custody/hsm/objects.h"
 #include "custody/server/peer.h"
 
 namespace custody::server {
@@ -39,26 +38,6 @@ namespace http = beast::http;
 using Local = asio::local::stream_protocol;
 using Stream = beast::basic_stream<Local, asio::any_io_executor, beast::unlimited_rate_policy>;
 using nlohmann::json;
-
-ServerOptions OptionsFrom(const core::Config& c) {
-  ServerOptions o;
-  o.socket_path = c.server_socket;
-  o.socket_mode = c.server_socket_mode;
-  o.max_connections = c.server_max_connections;
-  o.max_connections_per_peer = c.server_max_connections_per_peer;
-  o.idle_timeout_seconds = c.server_idle_timeout_seconds;
-  o.max_unidentified_connections = c.server_max_unidentified_connections;
-  o.metrics_uids = c.server_metrics_uids;
-  o.metrics_tls_sans = c.server_metrics_tls_sans;
-  o.refusal_summary_seconds = c.server_refusal_summary_seconds;
-  o.max_header_bytes = c.server_max_header_bytes;
-  o.max_body_bytes = c.server_max_body_bytes;
-  o.tls_listen = c.server_tls_listen;
-  o.tls_cert = c.server_tls_cert;
-  o.tls_key = c.server_tls_key;
-  o.tls_client_ca = c.server_tls_client_ca;
-  return o;
-}
 
 // Prometheus text-format metrics: counters by project, environment, action
 // and decision; a latency histogram per action; health gauges.

@@ -297,7 +297,7 @@ TEST_F(RotationCliTest, OnlyOneKekRotationOfAProjectRunsAtATime) {
   Put("payments/prod/a", "value-a");
   auto config = core::LoadConfig(token_.config_path());
   ASSERT_TRUE(config.ok()) << config.error().message();
-  auto store = core::OpenSqliteStore(config->store_path, false);
+  auto store = core::OpenSqliteStore(config->store.path, false);
   ASSERT_TRUE(store.ok()) << store.error().message();
   const std::string name = "kek-rotate/payments";
   const int64_t now = static_cast<int64_t>(std::time(nullptr));
@@ -364,7 +364,7 @@ TEST_F(RotationCliTest, KekRotationSurvivesSigkillAtRandomPoints) {
   auto with_service = [&](const std::function<void(core::SecretService&)>& fn) {
     auto config = core::LoadConfig(token_.config_path());
     ASSERT_TRUE(config.ok()) << config.error().message();
-    auto store = core::OpenSqliteStore(config->store_path, false);
+    auto store = core::OpenSqliteStore(config->store.path, false);
     ASSERT_TRUE(store.ok());
     auto tok = core::OpenToken(*config, token_.pin());
     ASSERT_TRUE(tok.ok()) << tok.error().message();

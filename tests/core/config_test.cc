@@ -13,11 +13,11 @@ namespace {
 Config Sample(const test::TempDir& dir) {
   Config c;
   c.state_dir = dir / "state";
-  c.token_module = "/usr/lib/softhsm/libsofthsm2.so";
-  c.token_uri = "pkcs11:token=custody";
-  c.pin_file = dir / "pin";
-  c.token_environment = {{"SOFTHSM2_CONF", dir / "softhsm2.conf"}};
-  c.store_path = dir / "state/custody.db";
+  c.token.pkcs11.module = "/usr/lib/softhsm/libsofthsm2.so";
+  c.token.pkcs11.uri = "pkcs11:token=custody";
+  c.token.pin_file = dir / "pin";
+  c.token.environment = {{"SOFTHSM2_CONF", dir / "softhsm2.conf"}};
+  c.store.path = dir / "state/custody.db";
   return c;
 }
 
@@ -31,11 +31,11 @@ TEST(Config, WriteThenLoadRoundTripsAndIsPrivate) {
   EXPECT_EQ(st.st_mode & 0777, 0600u);
   auto back = LoadConfig(path);
   ASSERT_TRUE(back.ok()) << back.error().message();
-  EXPECT_EQ(back->token_module, c.token_module);
-  EXPECT_EQ(back->token_uri, c.token_uri);
-  EXPECT_EQ(back->pin_file, c.pin_file);
-  EXPECT_EQ(back->store_path, c.store_path);
-  EXPECT_EQ(back->token_environment, c.token_environment);
+  EXPECT_EQ(back->token.pkcs11.module, c.token.pkcs11.module);
+  EXPECT_EQ(back->token.pkcs11.uri, c.token.pkcs11.uri);
+  EXPECT_EQ(back->token.pin_file, c.token.pin_file);
+  EXPECT_EQ(back->store.path, c.store.path);
+  EXPECT_EQ(back->token.environment, c.token.environment);
 }
 
 // Every example config that loads is written by WriteConfig and loads back
@@ -51,28 +51,28 @@ TEST(Config, EveryExampleConfigWritesAndLoadsBackEqual) {
     auto back = LoadConfig(dir / "custody.toml");
     ASSERT_TRUE(back.ok()) << e.path() << ": " << back.error().message();
     EXPECT_TRUE(*back == *c) << e.path() << " changed when written:\n" << test::ReadFile(dir / "custody.toml");
-    EXPECT_EQ(back->server_socket, c->server_socket) << e.path();
-    EXPECT_EQ(back->audit_segment_bytes, c->audit_segment_bytes) << e.path();
+    EXPECT_EQ(back->server.socket_path, c->server.socket_path) << e.path();
+    EXPECT_EQ(back->audit.segment_bytes, c->audit.segment_bytes) << e.path();
   }
   EXPECT_GE(loaded, 3) << "the examples were not found";
   // And one with every [server] setting away from its default.
   test::TempDir dir;
   Config c = Sample(dir);
-  c.audit_dir = dir / "audit";
-  c.audit_segment_bytes = 4096;
-  c.server_socket = dir / "custody.sock";
-  c.server_socket_mode = 0660;
-  c.server_threads = 3;
-  c.server_max_connections = 9;
-  c.server_max_connections_per_peer = 4;
-  c.server_max_unidentified_connections = 2;
-  c.server_refusal_summary_seconds = 5;
-  c.server_metrics_uids = {9100, 0};
-  c.server_metrics_tls_sans = {"dns:prometheus.internal", "uri:spiffe://x/y"};
-  c.server_tls_listen = "127.0.0.1:8443";
-  c.server_tls_cert = dir / "c.pem";
-  c.server_tls_key = dir / "k.pem";
-  c.server_tls_client_ca = dir / "ca.pem";
+  c.audit.dir = dir / "audit";
+  c.audit.segment_bytes = 4096;
+  c.server.socket_path = dir / "custody.sock";
+  c.server.socket_mode = 0660;
+  c.server.threads = 3;
+  c.server.max_connections = 9;
+  c.server.max_connections_per_peer = 4;
+  c.server.max_unidentified_connections = 2;
+  c.server.refusal_summary_seconds = 5;
+  c.server.metrics_uids = {9100, 0};
+  c.server.metrics_tls_sans = {"dns:prometheus.internal", "uri:spiffe://x/y"};
+  c.server.tls_listen = "127.0.0.1:8443";
+  c.server.tls_cert = dir / "c.pem";
+  c.server.tls_key = dir / "k.pem";
+  c.server.tls_client_ca = dir / "ca.pem";
   ASSERT_TRUE(WriteConfig(c, dir / "all.toml").ok());
   auto back = LoadConfig(dir / "all.toml");
   ASSERT_TRUE(back.ok()) << back.error().message();
@@ -124,8 +124,8 @@ TEST(Config, APinInTheConfigIsRefused) {
 TEST(ResolvePin, DescriptorThenEnvironmentThenFile) {
   test::TempDir dir;
   Config c = Sample(dir);
-  test::WriteFile(*c.pin_file, "from-file\n");
-  ::chmod(c.pin_file->c_str(), 0600);
+  test::WriteFile(*c.token.pin_file, "from-file\n");
+  ::chmod(c.token.pin_file->c_str(), 0600);
 
   ::unsetenv("CUSTODY_PIN");
   auto f = ResolvePin(c, std::nullopt);
@@ -153,15 +153,15 @@ TEST(ResolvePin, DescriptorThenEnvironmentThenFile) {
 TEST(ResolvePin, NoSourceOrEmptyPinIsAConfigError) {
   test::TempDir dir;
   Config c = Sample(dir);
-  c.pin_file.reset();
+  c.token.pin_file.reset();
   ::unsetenv("CUSTODY_PIN");
   auto r = ResolvePin(c, std::nullopt);
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.error().category(), Category::kConfig);
 
   c = Sample(dir);
-  test::WriteFile(*c.pin_file, "\n");
-  ::chmod(c.pin_file->c_str(), 0600);
+  test::WriteFile(*c.token.pin_file, "\n");
+  ::chmod(c.token.pin_file->c_str(), 0600);
   r = ResolvePin(c, std::nullopt);
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.error().message().find("empty"), std::string::npos);

@@ -522,7 +522,7 @@ TEST_F(ServerTest, TheLeanFrontAnswersExactlyAsTheFullTool) {
 void TamperWithStripe(const std::string& config_path) {
   auto config = core::LoadConfig(config_path);
   ASSERT_TRUE(config.ok()) << config.error().message();
-  auto store = core::OpenSqliteStore(config->store_path, false);
+  auto store = core::OpenSqliteStore(config->store.path, false);
   ASSERT_TRUE(store.ok()) << store.error().message();
   auto env = (*store)->FindEnvironment("payments", "prod");
   ASSERT_TRUE(env.ok());
@@ -631,7 +631,7 @@ TEST_F(ServerTest, SighupAppliesNewLimitsAndKeepsThePolicyWhenTheStoredOneIsBrok
   {
     auto config = core::LoadConfig(token_.config_path());
     ASSERT_TRUE(config.ok()) << config.error().message();
-    auto store = core::OpenSqliteStore(config->store_path, false);
+    auto store = core::OpenSqliteStore(config->store.path, false);
     ASSERT_TRUE(store.ok());
     // As a damaged store would hold it: `custody policy apply` never stores this.
     ASSERT_TRUE((*store)->SavePolicy("this is [ not a policy", std::string(64, '0'), "test").ok());

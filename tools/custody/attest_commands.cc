@@ -148,7 +148,7 @@ Status Attest(const Globals& g, const AttestArgs& a) {
     payload["format"] = core::kStatementFormat;
     payload["time"] = NowUtc();
     payload["nonce"] = nonce ? json(*nonce) : json(nullptr);
-    payload["backend"] = o.config.backend;
+    payload["backend"] = o.config.token.backend;
     if (a.project) payload["project"] = *a.project;
     json keys = json::array();
     CUSTODY_ASSIGN_OR_RETURN(auto keks, o.store->ListKeks());
@@ -166,7 +166,7 @@ Status Attest(const Globals& g, const AttestArgs& a) {
     if (o.backend.is_tpm()) {
       // The TPM's own word: a quote over the PCRs (the configured ones, or
       // 0-7), with the nonce, by the endorsement-hierarchy attestation key.
-      std::vector<uint8_t> pcrs = o.config.tpm_pcrs;
+      std::vector<uint8_t> pcrs = o.config.token.tpm.pcrs;
       if (pcrs.empty()) pcrs = {0, 1, 2, 3, 4, 5, 6, 7};
       CUSTODY_ASSIGN_OR_RETURN(quote, o.backend.tpm->QuotePcrs(qualifying, pcrs));
       CUSTODY_ASSIGN_OR_RETURN(std::string ak_tpm_pem, core::P256PublicKeyPem(quote->ak_point));
@@ -242,7 +242,7 @@ Status Attest(const Globals& g, const AttestArgs& a) {
 
     CUSTODY_ASSIGN_OR_RETURN(auto policy, o.store->CurrentPolicy());
     payload["policy"] = {{"version", policy ? policy->version : 0}, {"sha256", policy ? policy->sha256 : ""}};
-    CUSTODY_ASSIGN_OR_RETURN(auto records, core::ReadAuditLog(o.config.audit_dir));
+    CUSTODY_ASSIGN_OR_RETURN(auto records, core::ReadAuditLog(o.config.audit.dir));
     json audit{{"head_seq", records.empty() ? 0 : records.back().seq},
                {"head_hash", records.empty() ? "" : records.back().hash}};
     CUSTODY_ASSIGN_OR_RETURN(auto last_ckpt, o.store->LastAuditCheckpoint());

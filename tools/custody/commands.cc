@@ -62,52 +62,52 @@ Status Init(const Globals& g, const InitArgs& a) {
   }
   core::Config c;
   c.state_dir = std::filesystem::absolute(a.state_dir).lexically_normal().string();
-  c.backend = a.backend;
+  c.token.backend = a.backend;
   if (a.backend == "pkcs11") {
     if (a.module.empty() || a.token.empty()) {
       return Error(Category::kUsage, "the pkcs11 backend needs --module and --token");
     }
-    c.token_module = a.module;
-    c.token_uri = a.token;
+    c.token.pkcs11.module = a.module;
+    c.token.pkcs11.uri = a.token;
   } else if (a.backend == "tpm") {
     if (a.tcti.empty()) return Error(Category::kUsage, "the tpm backend needs --tcti (e.g. device:/dev/tpmrm0)");
     if (!a.module.empty() || !a.token.empty()) return Error(Category::kUsage, "--module and --token are for the pkcs11 backend");
-    c.tpm_tcti = a.tcti;
+    c.token.tpm.tcti = a.tcti;
     for (int p : a.pcrs) {
       if (p < 0 || p > 23) return Error(Category::kUsage, "--pcrs: PCR numbers are 0 to 23 (got " + std::to_string(p) + ")");
-      c.tpm_pcrs.push_back(static_cast<uint8_t>(p));
+      c.token.tpm.pcrs.push_back(static_cast<uint8_t>(p));
     }
-    c.tpm_persist_srk = a.persist_srk;
+    c.token.tpm.persist_srk = a.persist_srk;
   } else {
     return Error(Category::kUsage, "--backend must be pkcs11 or tpm (got '" + a.backend + "')");
   }
-  if (a.pin_file) c.pin_file = std::filesystem::absolute(*a.pin_file).lexically_normal().string();
+  if (a.pin_file) c.token.pin_file = std::filesystem::absolute(*a.pin_file).lexically_normal().string();
   // Made absolute, they carry the working folder's name too.
   CUSTODY_RETURN_IF_ERROR(CheckArgText("--state-dir", c.state_dir));
-  if (c.pin_file) CUSTODY_RETURN_IF_ERROR(CheckArgText("--pin-file", *c.pin_file));
+  if (c.token.pin_file) CUSTODY_RETURN_IF_ERROR(CheckArgText("--pin-file", *c.token.pin_file));
   for (const auto& kv : a.module_env) {
     size_t eq = kv.find('=');
     if (eq == std::string::npos || eq == 0) {
       return Error(Category::kUsage, "--module-env '" + kv + "' must be NAME=VALUE");
     }
-    c.token_environment.emplace_back(kv.substr(0, eq), kv.substr(eq + 1));
+    c.token.environment.emplace_back(kv.substr(0, eq), kv.substr(eq + 1));
   }
-  c.store_path = c.state_dir + "/custody.db";
+  c.store.path = c.state_dir + "/custody.db";
 
   // Prove the config works before writing anything: the module loads, the
   // URI selects one token, and the PIN logs in; or the TPM answers and a
   // test object seals and unseals under its SRK.
   CUSTODY_ASSIGN_OR_RETURN(SecretBuffer pin, core::ResolvePin(c, g.pin_fd));
-  if (c.backend == "tpm") {
-    CUSTODY_ASSIGN_OR_RETURN(auto tpm, tpm::Tpm::Open({.tcti = c.tpm_tcti, .persist_srk = c.tpm_persist_srk}));
+  if (c.token.backend == "tpm") {
+    CUSTODY_ASSIGN_OR_RETURN(auto tpm, tpm::Tpm::Open({.tcti = c.token.tpm.tcti, .persist_srk = c.token.tpm.persist_srk}));
     SecretBuffer probe(16);
     CUSTODY_RETURN_IF_ERROR(tpm->Random(probe.RevealMutable(SecretAccess{})));
-    CUSTODY_ASSIGN_OR_RETURN(auto sealed, tpm->Seal(probe, pin, {.pcrs = c.tpm_pcrs}));
+    CUSTODY_ASSIGN_OR_RETURN(auto sealed, tpm->Seal(probe, pin, {.pcrs = c.token.tpm.pcrs}));
     CUSTODY_ASSIGN_OR_RETURN(auto back, tpm->Unseal(sealed, pin));
     if (!back.Equals(probe)) return Error(Category::kInternal, "the TPM unsealed something other than it sealed");
     // Pinned from here on: a later run on a TPM with another SRK is refused.
     CUSTODY_ASSIGN_OR_RETURN(tpm::Info info, tpm->GetInfo());
-    c.tpm_srk_name = info.srk_name;
+    c.token.tpm.srk_name = info.srk_name;
   } else {
     CUSTODY_ASSIGN_OR_RETURN(core::Token token, core::OpenToken(c, pin));
   }
@@ -116,7 +116,7 @@ Status Init(const Globals& g, const InitArgs& a) {
   auto parent = std::filesystem::path(config_path).parent_path();
   if (!parent.empty()) CUSTODY_RETURN_IF_ERROR(MakePrivateDir(parent.string()));
   CUSTODY_ASSIGN_OR_RETURN(auto store, core::OpenStore(c, /*create=*/true));
-  c.audit_dir = c.state_dir + "/audit";
+  c.audit.dir = c.state_dir + "/audit";
   CUSTODY_ASSIGN_OR_RETURN(auto audit, OpenAudit(c));
   core::AuditEvent ev;
   ev.action = "custody.init";
@@ -124,14 +124,14 @@ Status Init(const Globals& g, const InitArgs& a) {
   ev.identified_by = IdentifiedBy(LocalCaller());
   ev.decision = "none";
   ev.result = "ok";
-  ev.detail = (c.backend == "tpm" ? "tpm " + c.tpm_tcti : "token " + c.token_uri) + ", store " + c.store_path;
+  ev.detail = (c.token.backend == "tpm" ? "tpm " + c.token.tpm.tcti : "token " + c.token.pkcs11.uri) + ", store " + c.store.path;
   CUSTODY_RETURN_IF_ERROR(audit->Append(ev));
   CUSTODY_RETURN_IF_ERROR(core::WriteConfig(c, config_path));
   if (g.json) {
-    PrintJson({{"config", config_path}, {"store", c.store_path}, {"backend", c.backend},
-               {"token", c.backend == "tpm" ? c.tpm_tcti : c.token_uri}});
+    PrintJson({{"config", config_path}, {"store", c.store.path}, {"backend", c.token.backend},
+               {"token", c.token.backend == "tpm" ? c.token.tpm.tcti : c.token.pkcs11.uri}});
   } else {
-    std::printf("wrote %s\nstore %s\n", config_path.c_str(), c.store_path.c_str());
+    std::printf("wrote %s\nstore %s\n", config_path.c_str(), c.store.path.c_str());
   }
   return Status::Ok();
 }
@@ -375,13 +375,13 @@ Status TpmInfo(const Globals& g, Opened& o) {
       objs.push_back({{"label", k.label}, {"id", ToHex(k.ref.id)}, {"state", core::KekStateName(k.state)},
                       {"kind", "TPM sealed-data object under the SRK"}});
     }
-    PrintJson({{"backend", "tpm"}, {"tcti", o.config.tpm_tcti}, {"manufacturer", info.manufacturer},
+    PrintJson({{"backend", "tpm"}, {"tcti", o.config.token.tpm.tcti}, {"manufacturer", info.manufacturer},
                {"vendor", info.vendor}, {"firmware", info.firmware}, {"srk", srk_where}, {"srk_name", info.srk_name},
-               {"pcrs", o.config.tpm_pcrs}, {"objects", objs}});
+               {"pcrs", o.config.token.tpm.pcrs}, {"objects", objs}});
     return Status::Ok();
   }
   std::printf("backend       tpm\ntcti          %s\nmanufacturer  %s\nvendor        %s\nfirmware      %s\nsrk           %s\nsrk name      %s\n\n",
-              o.config.tpm_tcti.c_str(), info.manufacturer.c_str(), info.vendor.c_str(), info.firmware.c_str(),
+              o.config.token.tpm.tcti.c_str(), info.manufacturer.c_str(), info.vendor.c_str(), info.firmware.c_str(),
               srk_where.c_str(), info.srk_name.c_str());
   std::vector<std::vector<std::string>> rows{{"LABEL", "ID", "STATE", "KIND"}};
   for (const auto& k : keks) {
@@ -540,8 +540,8 @@ Status PolicyApply(const Globals& g, const std::string& file) {
   // silently seal on the default token.
   for (const auto& p : parsed.policy->projects) {
     for (const auto& e : p.environments) {
-      if (e.token_uri && (o.config.backend == "tpm" || *e.token_uri != o.config.token_uri)) {
-        std::string serves = o.config.backend == "tpm" ? "the TPM (" + o.config.tpm_tcti + ")" : o.config.token_uri;
+      if (e.token_uri && (o.config.token.backend == "tpm" || *e.token_uri != o.config.token.pkcs11.uri)) {
+        std::string serves = o.config.token.backend == "tpm" ? "the TPM (" + o.config.token.tpm.tcti + ")" : o.config.token.pkcs11.uri;
         return Error(Category::kUsage, "environment " + p.name + "/" + e.name + " names token " + *e.token_uri +
                                            ", but custody serves every environment from " + serves +
                                            " for now; remove the token key or point it at that token");
@@ -791,7 +791,7 @@ Status AuditVerify(const Globals& g, const std::vector<std::string>& files, cons
     }
     o.emplace(std::move(*opened));
     if (files.empty()) {
-      vo.dir = o->config.audit_dir;
+      vo.dir = o->config.audit.dir;
       CUSTODY_ASSIGN_OR_RETURN(vo.witness, o->store->LastAuditCheckpoint());
     }
   }
@@ -846,7 +846,7 @@ Status AuditShow(const Globals& g, const AuditShowArgs& a) {
     CUSTODY_RETURN_IF_ERROR(Guard(o));
     if (a.project) CUSTODY_RETURN_IF_ERROR(Ask(o, Action::kReadAudit, {*a.project, "", ""}));
     bool admin = o.authz->Allows(o.who, Action::kApplyPolicy, {});
-    CUSTODY_ASSIGN_OR_RETURN(auto records, core::ReadAuditLog(o.config.audit_dir));
+    CUSTODY_ASSIGN_OR_RETURN(auto records, core::ReadAuditLog(o.config.audit.dir));
     CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
     json out = json::array();
     std::vector<std::vector<std::string>> rows{

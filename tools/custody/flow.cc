@@ -45,12 +45,7 @@ std::string IdentifiedBy(const policy::Caller& c) {
 }
 
 Result<std::unique_ptr<core::AuditLog>> OpenAudit(const core::Config& c) {
-  core::AuditOptions ao;
-  ao.dir = c.audit_dir;
-  ao.checkpoint_every = c.audit_checkpoint_every;
-  ao.checkpoint_seconds = c.audit_checkpoint_seconds;
-  ao.segment_bytes = c.audit_segment_bytes;
-  auto log = core::AuditLog::Open(ao);
+  auto log = core::AuditLog::Open(c.audit);
   if (!log) return std::move(log).error().Wrap("refusing to work without an audit log");
   return log;
 }

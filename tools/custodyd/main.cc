@@ -75,12 +75,7 @@ int main(int argc, char** argv) {
   if (!config) return Fail(config.error());
   auto store = custody::core::OpenStore(*config, /*create=*/false);
   if (!store) return Fail(store.error());
-  custody::core::AuditOptions ao;
-  ao.dir = config->audit_dir;
-  ao.checkpoint_every = config->audit_checkpoint_every;
-  ao.checkpoint_seconds = config->audit_checkpoint_seconds;
-  ao.segment_bytes = config->audit_segment_bytes;
-  auto audit = custody::core::AuditLog::Open(ao);
+  auto audit = custody::core::AuditLog::Open(config->audit);
   if (!audit) return Fail(std::move(audit).error().Wrap("refusing to serve without an audit log"));
   auto authz = custody::core::Authorizer::Load(**store);
   if (!authz) return Fail(authz.error());
@@ -102,7 +97,8 @@ int main(int argc, char** argv) {
   auto signer = custody::core::OpenAuditSigner(backend, *config, *pin_held, /*create=*/true);
   if (!signer) return Fail(signer.error());
 
-  auto options = custody::server::OptionsFrom(*config);
+  custody::server::ServerOptions options;
+  static_cast<custody::server::ServerSettings&>(options) = config->server;
   if (options.tls_key.rfind("pkcs11:", 0) == 0) {
     if (backend.is_tpm()) {
       return Fail(custody::Error(custody::Category::kConfig,
@@ -150,36 +146,26 @@ int main(int argc, char** argv) {
           spdlog::error("reload refused, keeping policy v{}: {}", custodian.policy()->version(), next.error().message());
         } else {
           custodian.SwapPolicy(std::make_shared<const custody::core::Authorizer>(std::move(*next)));
-          server.SetLimits(custody::server::OptionsFrom(*fresh));
+          custody::server::ServerOptions limits;
+          static_cast<custody::server::ServerSettings&>(limits) = fresh->server;
+          server.SetLimits(limits);
           spdlog::info("reloaded: policy v{} in force; limits: {} connections, idle {} s, headers {} B, body {} B",
-                       custodian.policy()->version(), fresh->server_max_connections,
-                       fresh->server_idle_timeout_seconds, fresh->server_max_header_bytes,
-                       fresh->server_max_body_bytes);
+                       custodian.policy()->version(), fresh->server.max_connections,
+                       fresh->server.idle_timeout_seconds, fresh->server.max_header_bytes,
+                       fresh->server.max_body_bytes);
           // What the running server cannot change: said, not silently dropped.
           auto note = [](const char* key, bool changed) {
             if (changed) spdlog::warn("reload: {} changed; restart custodyd to apply it", key);
           };
           const auto& c = *config;
           const auto& f = *fresh;
-          note("[server] socket", c.server_socket != f.server_socket);
-          note("[server] socket_mode", c.server_socket_mode != f.server_socket_mode);
-          note("[server] threads", c.server_threads != f.server_threads);
-          note("[server] metrics_uids, metrics_tls_sans", c.server_metrics_uids != f.server_metrics_uids ||
-                                                              c.server_metrics_tls_sans != f.server_metrics_tls_sans);
-          note("[server] refusal_summary_seconds", c.server_refusal_summary_seconds != f.server_refusal_summary_seconds);
-          note("[server] tls_*", c.server_tls_listen != f.server_tls_listen || c.server_tls_cert != f.server_tls_cert ||
-                                     c.server_tls_key != f.server_tls_key ||
-                                     c.server_tls_client_ca != f.server_tls_client_ca);
-          note("[token]", c.backend != f.backend || c.token_module != f.token_module || c.token_uri != f.token_uri ||
-                              c.tpm_tcti != f.tpm_tcti || c.pin_file != f.pin_file || c.tpm_pcrs != f.tpm_pcrs ||
-                              c.tpm_persist_srk != f.tpm_persist_srk || c.tpm_srk_name != f.tpm_srk_name ||
-                              c.tpm_kek_cache_seconds != f.tpm_kek_cache_seconds ||
-                              c.token_environment != f.token_environment);
+          for (const auto& key : custody::server::ChangesNeedingRestart(c.server, f.server)) {
+            note(("[server] " + key).c_str(), true);
+          }
+          note("[token]", c.token != f.token);
           note("state_dir", c.state_dir != f.state_dir);
-          note("[store]", c.store_path != f.store_path);
-          note("[audit]", c.audit_dir != f.audit_dir || c.audit_checkpoint_every != f.audit_checkpoint_every ||
-                              c.audit_checkpoint_seconds != f.audit_checkpoint_seconds ||
-                              c.audit_segment_bytes != f.audit_segment_bytes);
+          note("[store]", c.store != f.store);
+          note("[audit]", c.audit != f.audit);
         }
         sd_notify(0, "READY=1");
         wait_signal();
@@ -194,11 +180,11 @@ int main(int argc, char** argv) {
   std::thread signal_thread([&] { signal_io.run(); });
 
   const unsigned threads =
-      config->server_threads != 0 ? config->server_threads : std::max(2u, std::thread::hardware_concurrency());
-  if (!config->server_tls_listen.empty()) spdlog::info("serving TLS 1.3 with client certificates on {}", config->server_tls_listen);
-  spdlog::info("serving on {} (policy v{}, token {}, {} threads)", config->server_socket,
+      config->server.threads != 0 ? config->server.threads : std::max(2u, std::thread::hardware_concurrency());
+  if (!config->server.tls_listen.empty()) spdlog::info("serving TLS 1.3 with client certificates on {}", config->server.tls_listen);
+  spdlog::info("serving on {} (policy v{}, token {}, {} threads)", config->server.socket_path,
                custodian.policy()->version(),
-               backend.is_tpm() ? "tpm " + config->tpm_tcti : config->token_uri, threads);
+               backend.is_tpm() ? "tpm " + config->token.tpm.tcti : config->token.pkcs11.uri, threads);
   sd_notify(0, "READY=1");
   if (!server.Run(threads)) {
     // Requests still wait for records the disk has not taken by the drain

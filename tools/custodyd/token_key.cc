@@ -48,7 +48,7 @@ Result<EVP_PKEY*> LoadTokenKey(const core::Config& config, const std::string& ur
 
   // Never freed: see the header.
   PKCS11_CTX* ctx = PKCS11_CTX_new();
-  if (PKCS11_CTX_load(ctx, config.token_module.c_str()) != 0) return fail("libp11 cannot load " + config.token_module);
+  if (PKCS11_CTX_load(ctx, config.token.pkcs11.module.c_str()) != 0) return fail("libp11 cannot load " + config.token.pkcs11.module);
   PKCS11_SLOT* slots = nullptr;
   unsigned int nslots = 0;
   if (PKCS11_enumerate_slots(ctx, &slots, &nslots) != 0) return fail("libp11 cannot list the slots");

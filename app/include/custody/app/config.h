@@ -22,60 +22,37 @@
 #include <utility>
 #include <vector>
 
+#include "custody/audit/options.h"
 #include "custody/common/result.h"
 #include "custody/common/secret.h"
+#include "custody/hsm/settings.h"
+#include "custody/server/settings.h"
+#include "custody/store/settings.h"
+#include "custody/tpm/settings.h"
 
 namespace custody::core {
 
+// [token]: which backend, where its PIN is, and the backend's own settings
+// (each owned by its layer: hsm/settings.h, tpm/settings.h).
+struct TokenSection {
+  std::string backend = "pkcs11";  // "pkcs11" (pkcs11 below) or "tpm" (tpm below)
+  hsm::TokenSettings pkcs11;
+  tpm::TpmSettings tpm;
+  std::optional<std::string> pin_file;
+  // [token.environment]: set before the module loads (SOFTHSM2_CONF, ...).
+  std::vector<std::pair<std::string, std::string>> environment;
+
+  bool operator==(const TokenSection&) const = default;
+};
+
+// The whole file: one struct per table, each with its defaults in one place
+// and a defaulted operator== (custodyd's reload compares them).
 struct Config {
   std::string state_dir;
-  // [token] backend = "pkcs11" (module + uri) or "tpm" (tcti, pcrs, ...).
-  std::string backend = "pkcs11";
-  std::string token_module;
-  std::string token_uri;
-  std::string tpm_tcti;               // "device:/dev/tpmrm0", "swtpm:host=...,port=...", "tabrmd"
-  std::vector<uint8_t> tpm_pcrs;      // bind new KEKs to these SHA-256 PCRs
-  bool tpm_persist_srk = false;       // make the SRK persistent at 0x81000001 if absent
-  std::string tpm_srk_name;           // the SRK's Name at init: a TPM with another SRK is refused
-  int tpm_kek_cache_seconds = 0;      // keep unsealed KEKs in locked memory this long
-  std::optional<std::string> pin_file;
-  std::vector<std::pair<std::string, std::string>> token_environment;
-  std::string store_path;
-  std::string audit_dir;  // default: state_dir/audit
-  uint64_t audit_checkpoint_every = 1000;
-  int64_t audit_checkpoint_seconds = 300;
-  uint64_t audit_segment_bytes = 16 * 1024 * 1024;
-  // [server]: custodyd
-  std::string server_socket;          // Unix socket path; empty: no Unix listener
-  uint32_t server_socket_mode = 0666; // who may connect; the policy decides what they get
-  // Request threads; 0 (the default): one per CPU, at least 2. They never
-  // wait for the disk (a GET's audit fsync is waited for without a thread),
-  // so more than the CPUs only contend on the token's and the store's locks
-  // (bench/server_bench).
-  uint32_t server_threads = 0;
-  uint32_t server_max_connections = 256;
-  // From one peer (a uid on the Unix socket, an address over TLS): one
-  // local user cannot take every place.
-  uint32_t server_max_connections_per_peer = 64;
-  // Connections from peers the policy does not identify (a uid no
-  // principal has; a TLS client before its handshake, or whose certificate
-  // maps to no principal) share at most this many of max_connections: the
-  // rest are kept for principals, so strangers cannot starve them. Never
-  // more than half of max_connections, whatever this says.
-  uint32_t server_max_unidentified_connections = 32;
-  // Who may read /metrics and the details of /v1/health besides policy
-  // admins and auditors: a scraper's uid or certificate SAN ("dns:...",
-  // "uri:...", "email:..."; a bare name is a DNS name).
-  std::vector<uint32_t> server_metrics_uids;
-  std::vector<std::string> server_metrics_tls_sans;
-  // Refusals that no request record covers (malformed requests, connection
-  // limits, timeouts) are summed per peer and written as one audit record
-  // per peer this often (docs/AUDIT.md).
-  uint32_t server_refusal_summary_seconds = 60;
-  uint32_t server_idle_timeout_seconds = 30;
-  uint32_t server_max_header_bytes = 8 * 1024;
-  uint32_t server_max_body_bytes = 128 * 1024;
-  std::string server_tls_listen, server_tls_cert, server_tls_key, server_tls_client_ca;
+  TokenSection token;
+  StoreSettings store;             // [store]: store/settings.h
+  AuditOptions audit;              // [audit]: audit/options.h; dir defaults to state_dir/audit
+  server::ServerSettings server;   // [server]: server/settings.h
 
   bool operator==(const Config&) const = default;
 };

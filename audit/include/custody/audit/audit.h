@@ -31,6 +31,7 @@
 #include <thread>
 #include <vector>
 
+#include "custody/audit/options.h"
 #include "custody/common/result.h"
 
 namespace custody::core {
@@ -64,14 +65,6 @@ class AuditSigner {
   virtual std::string key_id() const = 0;  // hex key id
   // The public key as PEM, for `custody audit pubkey` and openssl.
   virtual Result<std::string> PublicKeyPem() const = 0;
-};
-
-struct AuditOptions {
-  std::string dir;
-  uint64_t segment_bytes = 16 * 1024 * 1024;  // start a new segment past this size
-  uint64_t checkpoint_every = 1000;           // records between checkpoints, at most
-  int64_t checkpoint_seconds = 300;           // seconds between checkpoints, at most
-  std::chrono::milliseconds timeout{10000};   // longest wait for the lock or a batch
 };
 
 // A line as read back.

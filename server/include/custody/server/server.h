@@ -16,35 +16,14 @@
 #include <string>
 #include <vector>
 
-#include "custody/app/config.h"
 #include "custody/common/result.h"
+#include "custody/server/settings.h"
 #include "custody/service/custodian.h"
 
 namespace custody::server {
 
-struct ServerOptions {
-  std::string socket_path;
-  uint32_t socket_mode = 0666;
-  uint32_t max_connections = 256;
-  uint32_t max_connections_per_peer = 64;  // per uid (Unix socket) or address (TLS)
-  // Connections from peers the policy does not know share at most this
-  // many places (the rest are kept for principals): see core::Config.
-  uint32_t max_unidentified_connections = 32;
-  // Who may read /metrics and /v1/health's details besides policy admins
-  // and auditors (typed SANs: "dns:...", "uri:...", "email:...").
-  std::vector<uint32_t> metrics_uids;
-  std::vector<std::string> metrics_tls_sans;
-  // How often refusals without a request record are written as one
-  // summary record per peer.
-  uint32_t refusal_summary_seconds = 60;
-  uint32_t idle_timeout_seconds = 30;
-  uint32_t max_header_bytes = 8 * 1024;
-  uint32_t max_body_bytes = 128 * 1024;
-  // TCP with TLS 1.3 and client certificates; empty tls_listen: none.
-  std::string tls_listen;     // "127.0.0.1:8443"
-  std::string tls_cert;       // server certificate chain, PEM
-  std::string tls_key;        // server private key, PEM file
-  std::string tls_client_ca;  // CA certificates that client certificates must chain to
+// The [server] settings, and what custodyd's main adds that no config can.
+struct ServerOptions : ServerSettings {
   // Who is on a Unix socket connection, instead of SO_PEERCRED: only the
   // HTTP fuzz harness sets it, to play peers the fuzzer chooses. custodyd's
   // main never does, and no config can.
@@ -52,8 +31,6 @@ struct ServerOptions {
   // Loads a pkcs11: tls_key from the token (set by main, which holds the PIN).
   std::function<Result<EVP_PKEY*>(const std::string& uri)> token_key;
 };
-
-ServerOptions OptionsFrom(const core::Config& c);
 
 class Server {
  public:

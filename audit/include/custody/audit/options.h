@@ -1,0 +1,21 @@
+// [audit] of custody.toml.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+
+namespace custody::core {
+
+// [audit] of custody.toml (all but `timeout`), and how the log is opened.
+struct AuditOptions {
+  std::string dir;                            // the config's default: state_dir/audit
+  uint64_t segment_bytes = 16 * 1024 * 1024;  // start a new segment past this size
+  uint64_t checkpoint_every = 1000;           // records between checkpoints, at most
+  int64_t checkpoint_seconds = 300;           // seconds between checkpoints, at most
+  std::chrono::milliseconds timeout{10000};   // longest wait for the lock or a batch
+
+  bool operator==(const AuditOptions&) const = default;
+};
+
+}  // namespace custody::core
