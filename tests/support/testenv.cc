@@ -5,6 +5,7 @@
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <signal.h>
+#include <sqlite3.h>
 
 #include <thread>
 #include <gtest/gtest.h>
@@ -14,6 +15,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <sstream>
 
 namespace custody::test {
@@ -51,6 +53,18 @@ std::vector<std::string> SoftHsmToken::ObjectFiles() const {
 void WriteFile(const std::string& path, const std::string& data) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   out << data;
+}
+
+void ExecSql(const std::string& db, const std::string& sql) {
+  sqlite3* handle = nullptr;
+  int opened = sqlite3_open(db.c_str(), &handle);
+  std::unique_ptr<sqlite3, int (*)(sqlite3*)> closer(handle, &sqlite3_close);
+  ASSERT_EQ(opened, SQLITE_OK) << db;
+  char* err = nullptr;
+  int rc = sqlite3_exec(handle, sql.c_str(), nullptr, nullptr, &err);
+  std::string msg = err ? err : "";
+  sqlite3_free(err);
+  ASSERT_EQ(rc, SQLITE_OK) << msg;
 }
 
 SoftHsmToken::SoftHsmToken(const std::string& label) : label_(label) {
