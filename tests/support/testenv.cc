@@ -161,8 +161,7 @@ RunResult RunProgram(const std::string& path, const std::vector<std::string>& ar
   return r;
 }
 
-namespace {
-// A free TCP port on 127.0.0.1 (bound and released: the window is small).
+// Bound and released: the window in which another process can take it is small.
 int FreePort() {
   int fd = ::socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in a{};
@@ -179,6 +178,7 @@ int FreePort() {
   return port;
 }
 
+namespace {
 bool PortFree(int port) {
   int fd = ::socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in a{};
