@@ -7,7 +7,7 @@
 #include <functional>
 #include <nlohmann/json.hpp>
 
-#include "../support/testenv.h"
+#include "../support/cli_fixture.h"
 #include "custody/common/base64.h"
 
 namespace custody::test {
@@ -33,18 +33,13 @@ class AttestCliTest : public ::testing::Test {
  protected:
   void SetUp() override {
     for (SoftHsmToken* t : {&a_, &b_}) {
-      t->InitCli();
-      WriteFile(t->dir() / "policy.toml", Policy());
-      ASSERT_EQ(Cli(*t, {"policy", "apply", t->dir() / "policy.toml"}).exit_code, 0);
+      ASSERT_NO_FATAL_FAILURE(InitWithPolicy(*t, Policy()));
       ASSERT_EQ(Cli(*t, {"secret", "put", "payments/prod/k"}, "v").exit_code, 0);
       ASSERT_EQ(Cli(*t, {"audit", "checkpoint"}).exit_code, 0);
     }
   }
   RunResult Cli(const SoftHsmToken& t, const std::vector<std::string>& args, const std::string& in = "") {
-    RunOptions o;
-    o.env = t.CliEnv();
-    o.stdin_data = in;
-    return RunCustody(args, o);
+    return RunCli(t.CliEnv(), args, in);
   }
   // A statement from token `t` with its attestation public key beside it.
   std::string Attest(const SoftHsmToken& t, std::vector<std::string> extra = {}) {
@@ -258,9 +253,7 @@ TEST(AttestTpmCliTest, ATpmStatementVerifies) {
   SoftHsmToken t;
   RunOptions o;
   o.env = {{"CUSTODY_CONFIG", t.config_path()}};
-  auto init = RunCustody({"init", "--backend", "tpm", "--tcti", swtpm.tcti(), "--pin-file", t.pin_file(),
-                          "--state-dir", t.dir() / "state"},
-                         o);
+  auto init = InitTpm(t, swtpm, o.env);
   ASSERT_EQ(init.exit_code, 0) << init.err;
   WriteFile(t.dir() / "policy.toml", Policy());
   ASSERT_EQ(RunCustody({"policy", "apply", t.dir() / "policy.toml"}, o).exit_code, 0);

@@ -6,7 +6,7 @@
 #include <filesystem>
 #include <fstream>
 
-#include "../support/testenv.h"
+#include "../support/cli_fixture.h"
 
 namespace custody::test {
 namespace {
@@ -31,19 +31,9 @@ principal = "user:root"
 role = "reader"
 )";
 
-class AuditCliTest : public ::testing::Test {
+class AuditCliTest : public CliFixture {
  protected:
-  void SetUp() override {
-    token_.InitCli();
-    WriteFile(token_.dir() / "policy.toml", kPolicy);
-    ASSERT_EQ(Cli({"policy", "apply", token_.dir() / "policy.toml"}).exit_code, 0);
-  }
-  RunResult Cli(const std::vector<std::string>& args, const std::string& in = "") {
-    RunOptions o;
-    o.env = token_.CliEnv();
-    o.stdin_data = in;
-    return RunCustody(args, o);
-  }
+  void SetUp() override { InitWithPolicy(token_, kPolicy); }
   std::string AuditDir() const { return token_.dir() / "state/audit"; }
   std::string AllAuditBytes() const {
     std::string all;
@@ -52,7 +42,6 @@ class AuditCliTest : public ::testing::Test {
     }
     return all;
   }
-  SoftHsmToken token_;
 };
 
 TEST_F(AuditCliTest, EveryOperationAllowedOrRefusedLeavesOneRecord) {

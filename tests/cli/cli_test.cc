@@ -2,18 +2,16 @@
 // real processes. Each test asserts what a user would see: the exit code, the
 // one line on stderr, and that nothing was written when something failed.
 #include <gtest/gtest.h>
-#include <sqlite3.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <filesystem>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <thread>
 
-#include <nlohmann/json.hpp>
-
-#include "../support/testenv.h"
+#include "../support/cli_fixture.h"
 #include "custody/hsm/pkcs11.h"
 
 namespace custody::test {
@@ -43,57 +41,39 @@ principal = "user:root"
 role = "owner"
 )";
 
-class CliTest : public ::testing::Test {
+class CliTest : public CliFixture {
  protected:
-  void SetUp() override {
-    token_.InitCli();
-    WriteFile(token_.dir() / "policy.toml", kPolicy);
-    auto r = Cli({"policy", "apply", token_.dir() / "policy.toml"});
-    ASSERT_EQ(r.exit_code, 0) << r.err;
-  }
+  void SetUp() override { InitWithPolicy(token_, kPolicy); }
 
-  RunResult Cli(const std::vector<std::string>& args, const std::string& in = "") {
-    RunOptions o;
-    o.env = token_.CliEnv();
-    o.stdin_data = in;
-    return RunCustody(args, o);
-  }
-  RunResult CliWithEnv(const std::vector<std::string>& args, std::map<std::string, std::string> extra,
-                       const std::string& in = "") {
-    RunOptions o;
-    o.env = token_.CliEnv();
-    for (auto& [k, v] : extra) o.env[k] = v;
-    o.stdin_data = in;
-    return RunCustody(args, o);
-  }
-  void Put(const std::string& path, const std::string& value) {
-    auto r = Cli({"secret", "put", path}, value);
-    ASSERT_EQ(r.exit_code, 0) << r.err;
-  }
   std::string SecretList() { return Cli({"--json", "secret", "list"}).out; }
 
   // Runs SQL against the store file directly, as an attacker with file access could.
-  void Sql(const std::string& sql) {
-    sqlite3* db = nullptr;
-    ASSERT_EQ(sqlite3_open(token_.store_path().c_str(), &db), SQLITE_OK);
-    char* err = nullptr;
-    int rc = sqlite3_exec(db, sql.c_str(), nullptr, nullptr, &err);
-    std::string msg = err ? err : "";
-    sqlite3_free(err);
-    sqlite3_close(db);
-    ASSERT_EQ(rc, SQLITE_OK) << msg;
+  void Sql(const std::string& sql) { ExecSql(token_.store_path(), sql); }
+
+  // Takes the pin_file line out of the config: the PIN must then come from
+  // CUSTODY_PIN or --pin-fd.
+  void DropPinFile() {
+    std::string cfg = ReadFile(token_.config_path());
+    size_t at = cfg.find("pin_file");
+    cfg.erase(at, cfg.find('\n', at) - at + 1);
+    WriteFile(token_.config_path(), cfg);
+  }
+  // A pipe holding the PIN (and a newline), its writing end closed: the
+  // reading end is for --pin-fd, and the caller closes it.
+  static void PinPipe(int& read_end) {
+    int fds[2];
+    ASSERT_EQ(::pipe(fds), 0);
+    std::string pin = std::string(SoftHsmToken::kPin) + "\n";
+    ASSERT_EQ(::write(fds[1], pin.data(), pin.size()), static_cast<ssize_t>(pin.size()));
+    ::close(fds[1]);
+    read_end = fds[0];
   }
 
+  // The refusal, and never the secret these tests store.
   static void ExpectOneLine(const RunResult& r, int code, const std::string& says) {
-    EXPECT_EQ(r.exit_code, code) << r.err;
-    EXPECT_EQ(r.err.rfind("custody: ", 0), 0u) << r.err;
-    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << "one line, got: " << r.err;
-    EXPECT_NE(r.err.find(says), std::string::npos) << "expected '" << says << "' in: " << r.err;
+    test::ExpectOneLine(r, code, says);
     EXPECT_EQ(r.err.find(kSecret), std::string::npos);
-    EXPECT_EQ(r.err.find(SoftHsmToken::kPin), std::string::npos);
   }
-
-  SoftHsmToken token_;
 };
 
 TEST_F(CliTest, PutGetListDelete) {
@@ -300,26 +280,17 @@ TEST_F(CliTest, GetToFileIgnoresWhatOthersPutBesideIt) {
 TEST_F(CliTest, PutFromFileAndPinFromEnvironmentOrDescriptor) {
   std::string f = token_.dir() / "value";
   WriteFile(f, "from-a-file");
-  // Config without pin_file: PIN must come from CUSTODY_PIN or --pin-fd.
-  std::string cfg = ReadFile(token_.config_path());
-  size_t at = cfg.find("pin_file");
-  cfg.erase(at, cfg.find('\n', at) - at + 1);
-  WriteFile(token_.config_path(), cfg);
+  DropPinFile();
 
   ExpectOneLine(Cli({"secret", "put", "payments/prod/a", "--from-file", f}), 78, "no PIN given");
-  auto r = CliWithEnv({"secret", "put", "payments/prod/a", "--from-file", f}, {{"CUSTODY_PIN", SoftHsmToken::kPin}});
+  auto r = Cli({"secret", "put", "payments/prod/a", "--from-file", f}, "",
+               {.env = {{"CUSTODY_PIN", SoftHsmToken::kPin}}});
   ASSERT_EQ(r.exit_code, 0) << r.err;
 
-  int fds[2];
-  ASSERT_EQ(::pipe(fds), 0);
-  std::string pin = std::string(SoftHsmToken::kPin) + "\n";
-  ASSERT_EQ(::write(fds[1], pin.data(), pin.size()), static_cast<ssize_t>(pin.size()));
-  ::close(fds[1]);
-  RunOptions o;
-  o.env = token_.CliEnv();
-  o.keep_fds = {fds[0]};
-  auto g = RunCustody({"--pin-fd", std::to_string(fds[0]), "secret", "get", "payments/prod/a"}, o);
-  ::close(fds[0]);
+  int pin_fd = -1;
+  ASSERT_NO_FATAL_FAILURE(PinPipe(pin_fd));
+  auto g = Cli({"--pin-fd", std::to_string(pin_fd), "secret", "get", "payments/prod/a"}, "", {.keep_fds = {pin_fd}});
+  ::close(pin_fd);
   ASSERT_EQ(g.exit_code, 0) << g.err;
   EXPECT_EQ(g.out, "from-a-file");
 }
@@ -502,7 +473,8 @@ TEST_F(CliTest, ArgumentsThatAreNotTextAreRefusedNamingTheArgument) {
 // The same for the environment: a config path that is not text is refused
 // (78) before it can be named in a record or an answer.
 TEST_F(CliTest, EnvironmentValuesThatAreNotTextAreRefused) {
-  auto r = CliWithEnv({"--json", "secret", "list"}, {{"CUSTODY_CONFIG", token_.dir() / "st\xffte/custody.toml"}});
+  auto r = Cli({"--json", "secret", "list"}, "",
+               {.env = {{"CUSTODY_CONFIG", token_.dir() / "st\xffte/custody.toml"}}});
   ExpectOneLine(r, 78, "environment variable CUSTODY_CONFIG is not valid UTF-8 text");
   ExpectOneLine(Cli({"--config", token_.dir() / "\xff.toml", "secret", "list"}), 64, "--config is not valid UTF-8 text");
 }
@@ -603,27 +575,18 @@ TEST_F(CliTest, GlobalOptionsWorkAfterTheCommandToo) {
   ExpectOneLine(Cli({"secret", "list", "--version"}), 64, "--version");
 
   // The PIN's descriptor, wherever it is given.
-  std::string cfg = ReadFile(token_.config_path());
-  size_t at = cfg.find("pin_file");
-  cfg.erase(at, cfg.find('\n', at) - at + 1);
-  WriteFile(token_.config_path(), cfg);
+  DropPinFile();
   const std::string show = "printf %s \"$K\"";
   for (int form = 0; form < 3; ++form) {
-    int fds[2];
-    ASSERT_EQ(::pipe(fds), 0);
-    std::string pin = std::string(SoftHsmToken::kPin) + "\n";
-    ASSERT_EQ(::write(fds[1], pin.data(), pin.size()), static_cast<ssize_t>(pin.size()));
-    ::close(fds[1]);
-    RunOptions o;
-    o.env = token_.CliEnv();
-    o.keep_fds = {fds[0]};
-    const std::string fd = std::to_string(fds[0]);
+    int pin_fd = -1;
+    ASSERT_NO_FATAL_FAILURE(PinPipe(pin_fd));
+    const std::string fd = std::to_string(pin_fd);
     const std::vector<std::vector<std::string>> lines = {
         {"secret", "get", "payments/prod/stripe", "--pin-fd", fd},
         {"secret", "get", "payments/prod/stripe", "--pin-fd=" + fd},
         {"exec", "--env", "K=payments/prod/stripe", "--pin-fd", fd, "--", "/bin/sh", "-c", show}};
-    auto g = RunCustody(lines[form], o);
-    ::close(fds[0]);
+    auto g = Cli(lines[form], "", {.keep_fds = {pin_fd}});
+    ::close(pin_fd);
     ASSERT_EQ(g.exit_code, 0) << form << ": " << g.err;
     EXPECT_EQ(g.out, kSecret);
   }

@@ -5,7 +5,7 @@
 
 #include <memory>
 
-#include "../support/testenv.h"
+#include "../support/cli_fixture.h"
 
 namespace custody::test {
 namespace {
@@ -47,7 +47,7 @@ role = "owner"
 )";
 }
 
-class PolicyCliTest : public ::testing::TestWithParam<std::string> {
+class PolicyCliTest : public CliFixture, public ::testing::WithParamInterface<std::string> {
  protected:
   void SetUp() override {
     if (GetParam() == "pkcs11") {
@@ -56,27 +56,15 @@ class PolicyCliTest : public ::testing::TestWithParam<std::string> {
     }
     swtpm_ = std::make_unique<Swtpm>();
     CUSTODY_REQUIRE_SWTPM(*swtpm_);
-    auto r = Cli({"init", "--backend", "tpm", "--tcti", swtpm_->tcti(), "--pin-file", token_.pin_file(),
-                  "--state-dir", token_.dir() / "state"});
+    auto r = InitTpm(*swtpm_);
     ASSERT_EQ(r.exit_code, 0) << r.err;
   }
 
-  RunResult Cli(const std::vector<std::string>& args, const std::string& in = "") {
-    RunOptions o;
-    o.env = token_.CliEnv();
-    o.stdin_data = in;
-    return RunCustody(args, o);
-  }
-  RunResult Apply(const std::string& text, const std::string& name = "policy.toml") {
-    WriteFile(token_.dir() / name, text);
-    return Cli({"policy", "apply", token_.dir() / name});
-  }
   static void Expect(const RunResult& r, int code, const std::string& says) {
     EXPECT_EQ(r.exit_code, code) << r.err << r.out;
     EXPECT_NE((r.err + r.out).find(says), std::string::npos) << "expected '" << says << "' in: " << r.err << r.out;
   }
 
-  SoftHsmToken token_;
   std::unique_ptr<Swtpm> swtpm_;
 };
 

@@ -17,7 +17,7 @@
 #include <random>
 #include <thread>
 
-#include "../support/testenv.h"
+#include "../support/cli_fixture.h"
 #include "custody/app/backend.h"
 #include "custody/app/config.h"
 #include "custody/hsm/pkcs11_sealer.h"
@@ -55,24 +55,10 @@ principal = "user:root"
 role = "owner"
 )";
 
-class RotationCliTest : public ::testing::Test {
+class RotationCliTest : public CliFixture {
  protected:
-  void SetUp() override {
-    token_.InitCli();
-    WriteFile(token_.dir() / "policy.toml", kPolicy);
-    auto r = Cli({"policy", "apply", token_.dir() / "policy.toml"});
-    ASSERT_EQ(r.exit_code, 0) << r.err;
-  }
+  void SetUp() override { InitWithPolicy(token_, kPolicy); }
 
-  RunResult Cli(const std::vector<std::string>& args, const std::string& in = "", RunOptions o = {}) {
-    o.env = token_.CliEnv();
-    o.stdin_data = in;
-    return RunCustody(args, o);
-  }
-  void Put(const std::string& path, const std::string& value) {
-    auto r = Cli({"secret", "put", path}, value);
-    ASSERT_EQ(r.exit_code, 0) << r.err;
-  }
   std::string Get(const std::string& path, std::optional<int> version = std::nullopt) {
     std::vector<std::string> args{"secret", "get", path};
     if (version) {
@@ -83,13 +69,6 @@ class RotationCliTest : public ::testing::Test {
     EXPECT_EQ(r.exit_code, 0) << r.err;
     return r.out;
   }
-  static void ExpectOneLine(const RunResult& r, int code, const std::string& says) {
-    EXPECT_EQ(r.exit_code, code) << r.err;
-    EXPECT_EQ(r.err.rfind("custody: ", 0), 0u) << r.err;
-    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << "one line, got: " << r.err;
-    EXPECT_NE(r.err.find(says), std::string::npos) << "expected '" << says << "' in: " << r.err;
-    EXPECT_EQ(r.err.find(SoftHsmToken::kPin), std::string::npos);
-  }
   json Json(const std::vector<std::string>& args) {
     std::vector<std::string> a{"--json"};
     a.insert(a.end(), args.begin(), args.end());
@@ -97,8 +76,6 @@ class RotationCliTest : public ::testing::Test {
     EXPECT_EQ(r.exit_code, 0) << r.err;
     return json::parse(r.out.empty() ? "null" : r.out);
   }
-
-  SoftHsmToken token_;
 };
 
 TEST_F(RotationCliTest, RotateKeepsThePreviousVersionReadableForTheGracePeriod) {

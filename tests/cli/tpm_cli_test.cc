@@ -7,7 +7,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
-#include "../support/testenv.h"
+#include "../support/cli_fixture.h"
 
 namespace custody::test {
 namespace {
@@ -38,27 +38,20 @@ principal = "user:root"
 role = "owner"
 )";
 
-class TpmCliTest : public ::testing::Test {
+class TpmCliTest : public CliFixture {
  protected:
+  // Only the config: the keys live in the TPM, so the CLI needs nothing of
+  // SoftHSM2's.
+  TpmCliTest() { cli_env_ = {{"CUSTODY_CONFIG", token_.config_path()}}; }
+
   void Init(std::vector<std::string> extra = {}) {
     CUSTODY_REQUIRE_SWTPM(swtpm_);
-    std::vector<std::string> args{"init", "--backend", "tpm", "--tcti", swtpm_.tcti(), "--pin-file",
-                                  token_.pin_file(), "--state-dir", token_.dir() / "state"};
-    args.insert(args.end(), extra.begin(), extra.end());
-    auto r = Cli(args);
+    auto r = InitTpm(swtpm_, extra);
     ASSERT_EQ(r.exit_code, 0) << r.err;
-    WriteFile(token_.dir() / "policy.toml", kPolicy);
-    auto p = Cli({"policy", "apply", token_.dir() / "policy.toml"});
+    auto p = Apply(kPolicy);
     ASSERT_EQ(p.exit_code, 0) << p.err;
   }
-  RunResult Cli(const std::vector<std::string>& args, const std::string& in = "") {
-    RunOptions o;
-    o.env = {{"CUSTODY_CONFIG", token_.config_path()}};
-    o.stdin_data = in;
-    return RunCustody(args, o);
-  }
-  SoftHsmToken token_;  // its folder and PIN file; the keys live in the TPM
-  Swtpm swtpm_;
+  Swtpm swtpm_;  // the token_ is only for its folder and PIN file
 };
 
 TEST_F(TpmCliTest, TheWholeFlowRunsOnTheTpm) {

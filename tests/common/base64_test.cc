@@ -1,6 +1,6 @@
-#include "custody/common/base64.h"
-
 #include <gtest/gtest.h>
+
+#include "custody/common/base64.h"
 
 namespace custody {
 namespace {

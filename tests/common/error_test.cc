@@ -1,7 +1,6 @@
-#include "custody/common/error.h"
-
 #include <gtest/gtest.h>
 
+#include "custody/common/error.h"
 #include "custody/common/result.h"
 
 namespace custody {

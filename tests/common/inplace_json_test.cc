@@ -1,9 +1,9 @@
 // InPlaceJson: the parser for bodies that carry a secret.
-#include "custody/common/inplace_json.h"
-
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
+
+#include "custody/common/inplace_json.h"
 
 namespace custody {
 namespace {

@@ -1,11 +1,10 @@
-#include "custody/common/secret.h"
-
 #include <gtest/gtest.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include "../support/testenv.h"
+#include "custody/common/secret.h"
 
 namespace custody {
 namespace {

@@ -1,9 +1,8 @@
 // Untrusted text on its way into records, labels and messages.
-#include "custody/common/untrusted.h"
-
 #include <gtest/gtest.h>
 
 #include "custody/common/inplace_json.h"
+#include "custody/common/untrusted.h"
 
 namespace custody {
 namespace {

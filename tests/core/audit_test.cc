@@ -18,12 +18,11 @@
 #include <sstream>
 #include <thread>
 
-#include "../support/testenv.h"
+#include "../support/sealer_fixture.h"
 #include "custody/audit/audit.h"
 #include "custody/common/hex.h"
 #include "custody/hsm/objects.h"
 #include "custody/hsm/token_signer.h"
-#include "custody/hsm/uri.h"
 #include "custody/tpm/tpm_signer.h"
 
 namespace custody::core {
@@ -83,13 +82,7 @@ std::string Reseal(std::string& line, const std::string& from, const std::string
 class AuditTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    auto m = hsm::Module::Load(SoftHsmToken::kModule);
-    ASSERT_TRUE(m.ok());
-    module_ = *m;
-    auto slot = hsm::FindSlot(*module_, *hsm::TokenUri::Parse(token_.uri()));
-    auto pool = hsm::SessionPool::Open(module_, *slot, token_.pin());
-    ASSERT_TRUE(pool.ok()) << pool.error().message();
-    pool_ = std::move(*pool);
+    ASSERT_NO_FATAL_FAILURE(test::OpenSessionPool(token_, module_, pool_));
     auto signer = TokenAuditSigner::Open(*pool_, true);
     ASSERT_TRUE(signer.ok()) << signer.error().message();
     signer_ = std::move(*signer);

@@ -3,11 +3,10 @@
 // revoke, retention, KEK rotation and tamper detection must behave the same
 // whichever backend holds the keys.
 #include <gtest/gtest.h>
-#include <sqlite3.h>
 
-#include "../support/testenv.h"
+#include "../support/sealer_fixture.h"
+#include "custody/app/backend.h"
 #include "custody/hsm/pkcs11_sealer.h"
-#include "custody/hsm/uri.h"
 #include "custody/service/kek_rotation.h"
 #include "custody/service/service.h"
 #include "custody/store/sqlite_store.h"
@@ -20,15 +19,10 @@ namespace {
 using test::SoftHsmToken;
 using test::Swtpm;
 
-constexpr int64_t kT0 = 1'800'000'000;
-constexpr uint64_t kGrace = 3600;
-
-class BackendTest : public ::testing::TestWithParam<std::string> {
+class BackendTest : public test::ServiceFixture, public ::testing::WithParamInterface<std::string> {
  protected:
   void SetUp() override {
-    auto store = OpenSqliteStore(db_path(), true);
-    ASSERT_TRUE(store.ok());
-    store_ = std::move(*store);
+    ASSERT_NO_FATAL_FAILURE(OpenStore());
     if (GetParam() == "tpm") {
       swtpm_ = std::make_unique<Swtpm>();
       CUSTODY_REQUIRE_SWTPM(*swtpm_);
@@ -37,51 +31,18 @@ class BackendTest : public ::testing::TestWithParam<std::string> {
       tpm_ = std::move(*t);
       sealer_ = std::make_unique<TpmSealer>(*tpm_, *store_, *store_, token_.pin(), TpmSealer::Options{});
     } else {
-      auto m = hsm::Module::Load(SoftHsmToken::kModule);
-      ASSERT_TRUE(m.ok());
-      auto slot = hsm::FindSlot(**m, *hsm::TokenUri::Parse(token_.uri()));
-      ASSERT_TRUE(slot.ok());
-      auto pool = hsm::SessionPool::Open(*m, *slot, token_.pin());
-      ASSERT_TRUE(pool.ok());
-      pool_ = std::move(*pool);
+      ASSERT_NO_FATAL_FAILURE(OpenPool());
       sealer_ = std::make_unique<Pkcs11Sealer>(*pool_, *store_);
     }
-    svc_ = std::make_unique<SecretService>(*store_, *sealer_, [this] { return now_; });
-    ASSERT_TRUE(svc_->CreateProject("payments", {"prod", "dev"}).ok());
+    StartService();
   }
   void TearDown() override {
-    svc_.reset();
-    sealer_.reset();
-    pool_.reset();
+    ServiceFixture::TearDown();
     tpm_.reset();
   }
-  std::string db_path() const { return token_.dir() / "custody.db"; }
-  static SecretPath Path(const std::string& name, const std::string& env = "prod") { return {"payments", env, name}; }
-  uint32_t Put(const std::string& name, const std::string& value, const std::string& env = "prod") {
-    auto v = svc_->Put(Path(name, env), SecretBuffer::Copy(value));
-    EXPECT_TRUE(v.ok()) << v.error().message();
-    return v.ok() ? *v : 0;
-  }
-  Result<std::string> Read(const std::string& name, std::optional<uint32_t> version = std::nullopt,
-                           const std::string& env = "prod") {
-    CUSTODY_ASSIGN_OR_RETURN(auto u, svc_->Get(Path(name, env), version, kGrace));
-    return std::string(u.value.RevealString(SecretAccess{}));
-  }
-  void Sql(const std::string& sql) {
-    sqlite3* db = nullptr;
-    ASSERT_EQ(sqlite3_open(db_path().c_str(), &db), SQLITE_OK);
-    ASSERT_EQ(sqlite3_exec(db, sql.c_str(), nullptr, nullptr, nullptr), SQLITE_OK);
-    sqlite3_close(db);
-  }
 
-  SoftHsmToken token_;
   std::unique_ptr<Swtpm> swtpm_;
   std::unique_ptr<tpm::Tpm> tpm_;
-  std::unique_ptr<hsm::SessionPool> pool_;
-  int64_t now_ = kT0;
-  std::unique_ptr<Store> store_;
-  std::unique_ptr<Sealer> sealer_;
-  std::unique_ptr<SecretService> svc_;
 };
 
 TEST_P(BackendTest, PutGetRotateWithGraceRevokeAndRetention) {
@@ -114,9 +75,7 @@ TEST_P(BackendTest, ABlobMovedToAnotherContextOrAlteredIsRefused) {
   ASSERT_FALSE(moved.ok());
   EXPECT_EQ(moved.error().category(), Category::kIntegrity) << moved.error().message();
   // Flip the last byte (the tag's), whatever it was.
-  Sql("UPDATE secret_versions SET blob = substr(blob, 1, length(blob) - 1) || "
-      "CASE WHEN substr(blob, -1) = x'00' THEN x'01' ELSE x'00' END "
-      "WHERE secret_id = (SELECT id FROM secrets WHERE name = 'b')");
+  FlipLastBlobByte("b");
   auto altered = Read("b");
   ASSERT_FALSE(altered.ok()) << "an altered tag must not unseal";
   EXPECT_EQ(altered.error().category(), Category::kIntegrity);

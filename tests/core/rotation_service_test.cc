@@ -6,61 +6,17 @@
 
 #include <memory>
 
-#include "../support/testenv.h"
+#include "../support/sealer_fixture.h"
 #include "custody/hsm/objects.h"
-#include "custody/hsm/pkcs11_sealer.h"
-#include "custody/hsm/uri.h"
 #include "custody/service/kek_rotation.h"
 #include "custody/service/service.h"
-#include "custody/store/sqlite_store.h"
 #include "custody/store/store.h"
 
 namespace custody::core {
 namespace {
 
-using test::SoftHsmToken;
-
-constexpr int64_t kT0 = 1'800'000'000;
-constexpr uint64_t kGrace = 3600;
-
-class RotationServiceTest : public ::testing::Test {
+class RotationServiceTest : public test::ServiceFixture {
  protected:
-  void SetUp() override {
-    auto m = hsm::Module::Load(SoftHsmToken::kModule);
-    ASSERT_TRUE(m.ok()) << m.error().message();
-    module_ = *m;
-    auto slot = hsm::FindSlot(*module_, *hsm::TokenUri::Parse(token_.uri()));
-    ASSERT_TRUE(slot.ok());
-    auto pool = hsm::SessionPool::Open(module_, *slot, token_.pin());
-    ASSERT_TRUE(pool.ok()) << pool.error().message();
-    pool_ = std::move(*pool);
-    auto store = OpenSqliteStore(db_path(), true);
-    ASSERT_TRUE(store.ok());
-    store_ = std::move(*store);
-    sealer_ = std::make_unique<Pkcs11Sealer>(*pool_, *store_);
-    svc_ = std::make_unique<SecretService>(*store_, *sealer_, [this] { return now_; });
-    ASSERT_TRUE(svc_->CreateProject("payments", {"prod", "dev"}).ok());
-  }
-  void TearDown() override {
-    svc_.reset();
-    sealer_.reset();
-    pool_.reset();
-  }
-  std::string db_path() const { return token_.dir() / "custody.db"; }
-
-  uint32_t Put(const std::string& name, const std::string& value) {
-    auto v = svc_->Put(Path(name), SecretBuffer::Copy(value));
-    EXPECT_TRUE(v.ok()) << v.error().message();
-    return v.ok() ? *v : 0;
-  }
-  static SecretPath Path(const std::string& name, const std::string& env = "prod") {
-    return {"payments", env, name};
-  }
-  Result<std::string> Read(const std::string& name, std::optional<uint32_t> version = std::nullopt,
-                           const std::string& env = "prod") {
-    CUSTODY_ASSIGN_OR_RETURN(auto u, svc_->Get(Path(name, env), version, kGrace));
-    return std::string(u.value.RevealString(SecretAccess{}));
-  }
   size_t KekObjects(const std::string& label) {
     auto lease = pool_->Acquire();
     EXPECT_TRUE(lease.ok());
@@ -72,14 +28,6 @@ class RotationServiceTest : public ::testing::Test {
   }
   EnvironmentRecord Env(const std::string& env = "prod") { return *store_->FindEnvironment("payments", env); }
   KekRecord ActiveKek() { return *store_->CurrentKek(Env().project_id); }
-
-  SoftHsmToken token_;
-  int64_t now_ = kT0;
-  std::shared_ptr<hsm::Module> module_;
-  std::unique_ptr<hsm::SessionPool> pool_;
-  std::unique_ptr<Store> store_;
-  std::unique_ptr<Sealer> sealer_;
-  std::unique_ptr<SecretService> svc_;
 };
 
 TEST_F(RotationServiceTest, PreviousVersionIsReadableExactlyUntilItsGraceEnds) {
@@ -333,17 +281,7 @@ TEST_F(RotationServiceTest, ATamperedBlobKeepsItsOldKek) {
   Put("a", "value-a");
   Put("b", "value-b");
   KekRecord v1 = ActiveKek();
-  {
-    sqlite3* db = nullptr;
-    ASSERT_EQ(sqlite3_open(db_path().c_str(), &db), SQLITE_OK);
-    ASSERT_EQ(sqlite3_exec(db,
-                           "UPDATE secret_versions SET blob = substr(blob, 1, length(blob) - 1) || "
-                           "CASE WHEN substr(blob, -1) = x'00' THEN x'01' ELSE x'00' END "
-                           "WHERE secret_id = (SELECT id FROM secrets WHERE name = 'a')",
-                           nullptr, nullptr, nullptr),
-              SQLITE_OK);
-    sqlite3_close(db);
-  }
+  ASSERT_NO_FATAL_FAILURE(FlipLastBlobByte("a"));
   KekRotator rot(*store_, *sealer_, [this] { return now_; });
   auto r = rot.Run("payments", {});
   ASSERT_FALSE(r.ok());

@@ -8,40 +8,21 @@
 #include <set>
 #include <thread>
 
-#include "../support/testenv.h"
+#include "../support/sealer_fixture.h"
 #include "custody/hsm/objects.h"
 #include "custody/hsm/pkcs11_sealer.h"
 #include "custody/hsm/rv.h"
-#include "custody/hsm/uri.h"
 #include "custody/seal/sealer.h"
 #include "custody/service/service.h"
-#include "custody/store/sqlite_store.h"
 #include "custody/store/store.h"
 
 namespace custody::core {
 namespace {
 
-using test::SoftHsmToken;
-
-class SealerTest : public ::testing::Test {
+class SealerTest : public test::SealerFixture {
  protected:
-  void SetUp() override {
-    auto m = hsm::Module::Load(SoftHsmToken::kModule);
-    ASSERT_TRUE(m.ok()) << m.error().message();
-    module_ = *m;
-    auto slot = hsm::FindSlot(*module_, *hsm::TokenUri::Parse(token_.uri()));
-    ASSERT_TRUE(slot.ok());
-    auto pool = hsm::SessionPool::Open(module_, *slot, token_.pin());
-    ASSERT_TRUE(pool.ok()) << pool.error().message();
-    pool_ = std::move(*pool);
-    auto store = OpenSqliteStore(token_.dir() / "custody.db", true);
-    ASSERT_TRUE(store.ok());
-    store_ = std::move(*store);
-    sealer_ = std::make_unique<Pkcs11Sealer>(*pool_, *store_);
-  }
   void TearDown() override {
-    sealer_.reset();
-    pool_.reset();
+    SealerFixture::TearDown();
     if (module_) {
       EXPECT_EQ(module_->open_sessions(), 0);
     }
@@ -54,12 +35,6 @@ class SealerTest : public ::testing::Test {
     EXPECT_TRUE(store_->CreateProject(project, {"prod"}, *kek, KekLabel::For(project, 1)).ok());
     return *kek;
   }
-
-  SoftHsmToken token_;
-  std::shared_ptr<hsm::Module> module_;
-  std::unique_ptr<hsm::SessionPool> pool_;
-  std::unique_ptr<Store> store_;
-  std::unique_ptr<Sealer> sealer_;
 };
 
 const SecretBuffer kValue = SecretBuffer::Copy(std::string_view("sk-live-51H8abcDEFghiJKLmnoPQRstuVWXyz0123456789"));
@@ -325,11 +300,7 @@ TEST_F(SealerTest, EveryCutOfAHalfWrittenKekLeavesTheTokenUsableAndTheRotationFr
     test::WriteFile(lock_file, "");  // SoftHSM makes it beside the object; a step 1 that removed both takes it too
     // SoftHSM reads its files again only at C_Initialize.
     ASSERT_TRUE(module_->Reinitialize().ok());
-    auto slot = hsm::FindSlot(*module_, *hsm::TokenUri::Parse(token_.uri()));
-    ASSERT_TRUE(slot.ok());
-    auto pool = hsm::SessionPool::Open(module_, *slot, token_.pin());
-    ASSERT_TRUE(pool.ok()) << pool.error().message();
-    pool_ = std::move(*pool);
+    ASSERT_NO_FATAL_FAILURE(OpenPool());
     sealer_ = std::make_unique<Pkcs11Sealer>(*pool_, *store_);
     {
       auto lease = pool_->Acquire();

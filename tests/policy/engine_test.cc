@@ -1,10 +1,9 @@
 // The decision engine, exhaustively: every principal kind by every role by
 // every action by every environment, against the rulebook written out again
 // here independently of the engine's switch.
-#include "custody/policy/engine.h"
-
 #include <gtest/gtest.h>
 
+#include "custody/policy/engine.h"
 #include "custody/policy/parse.h"
 
 namespace custody::policy {

@@ -1,6 +1,6 @@
-#include "custody/policy/limits.h"
-
 #include <gtest/gtest.h>
+
+#include "custody/policy/limits.h"
 
 namespace custody::policy {
 namespace {

@@ -1,10 +1,10 @@
-#include "custody/policy/parse.h"
-#include "custody/policy/engine.h"
-
 #include <gtest/gtest.h>
 
 #include <fstream>
 #include <sstream>
+
+#include "custody/policy/engine.h"
+#include "custody/policy/parse.h"
 
 namespace custody::policy {
 namespace {

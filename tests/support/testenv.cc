@@ -2,19 +2,20 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <signal.h>
-
-#include <thread>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sqlite3.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <sstream>
+#include <thread>
 
 namespace custody::test {
 
@@ -51,6 +52,18 @@ std::vector<std::string> SoftHsmToken::ObjectFiles() const {
 void WriteFile(const std::string& path, const std::string& data) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   out << data;
+}
+
+void ExecSql(const std::string& db, const std::string& sql) {
+  sqlite3* handle = nullptr;
+  int opened = sqlite3_open(db.c_str(), &handle);
+  std::unique_ptr<sqlite3, int (*)(sqlite3*)> closer(handle, &sqlite3_close);
+  ASSERT_EQ(opened, SQLITE_OK) << db;
+  char* err = nullptr;
+  int rc = sqlite3_exec(handle, sql.c_str(), nullptr, nullptr, &err);
+  std::string msg = err ? err : "";
+  sqlite3_free(err);
+  ASSERT_EQ(rc, SQLITE_OK) << msg;
 }
 
 SoftHsmToken::SoftHsmToken(const std::string& label) : label_(label) {
@@ -147,8 +160,7 @@ RunResult RunProgram(const std::string& path, const std::vector<std::string>& ar
   return r;
 }
 
-namespace {
-// A free TCP port on 127.0.0.1 (bound and released: the window is small).
+// Bound and released: the window in which another process can take it is small.
 int FreePort() {
   int fd = ::socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in a{};
@@ -165,6 +177,7 @@ int FreePort() {
   return port;
 }
 
+namespace {
 bool PortFree(int port) {
   int fd = ::socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in a{};

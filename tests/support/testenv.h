@@ -116,4 +116,11 @@ RunResult RunProgram(const std::string& path, const std::vector<std::string>& ar
 std::string ReadFile(const std::string& path);
 void WriteFile(const std::string& path, const std::string& data);
 
+// A TCP port on 127.0.0.1 that was free a moment ago, or 0 if none was found.
+int FreePort();
+
+// Runs `sql` on the SQLite file `db` through a connection of its own, as
+// someone with write access to the file could; fails the test if it fails.
+void ExecSql(const std::string& db, const std::string& sql);
+
 }  // namespace custody::test

@@ -1,0 +1,183 @@
+// custodyd when what it stands on fails: an audit log it cannot write, a
+// token that resets, slows down or stays down (a forwarding PKCS#11 shim,
+// tests/support/faulty_pkcs11.cc), an audit disk that stops answering
+// (an fdatasync that never returns, tests/support/stall_fsync.cc).
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <thread>
+
+#include "../support/server_fixture.h"
+
+namespace custody::test {
+namespace {
+
+// Fail closed, with the audit wait off the request threads: when the record
+// cannot be written, no value leaves, the client is told why (503, exit
+// 69), health says the audit log is failing; once the log is back, GETs
+// work again.
+TEST_F(ServerTest, WithoutAWritableAuditLogNoValueLeavesAndHealthSaysWhy) {
+  const std::string audit = token_.dir() / "state/audit";
+  std::filesystem::rename(audit, token_.dir() / "audit.moved");
+  WriteFile(audit, "not a folder");
+  auto r = AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"});
+  EXPECT_EQ(r.exit_code, 69) << r.err;
+  EXPECT_EQ(r.out, "") << "no value without a durable record";
+  EXPECT_NE(r.err.find("refusing secret.get"), std::string::npos) << r.err;
+  auto raw = Raw(socket_, "GET /v1/secrets/payments/prod/stripe HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(raw.find("503"), std::string::npos) << raw;
+  EXPECT_EQ(raw.find(kSecret), std::string::npos) << raw;
+  auto health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(health.find("503"), std::string::npos) << health;
+  EXPECT_NE(health.find("records cannot be written"), std::string::npos) << health;
+
+  std::filesystem::remove(audit);
+  std::filesystem::rename(token_.dir() / "audit.moved", audit);
+  auto again = AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"});
+  EXPECT_EQ(again.exit_code, 0) << again.err;
+  EXPECT_EQ(again.out, kSecret);
+  health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(health.find("200 OK"), std::string::npos) << health;
+}
+
+// custodyd on a token that fails the way hardware does: the module is a
+// forwarding shim over SoftHSM2 (tests/support/faulty_pkcs11.cc) whose
+// "device" a test can reset or take down while the server runs.
+class FaultyTokenServerTest : public ServerTest {
+ protected:
+  void BeforeStart() override {
+    std::string cfg = ReadFile(token_.config_path());
+    std::string from = std::string("'") + SoftHsmToken::kModule + "'";  // as `custody init` wrote it
+    size_t at = cfg.find(from);
+    ASSERT_NE(at, std::string::npos) << cfg;
+    cfg.replace(at, from.size(), std::string("'") + FAULTY_PKCS11 + "'");
+    WriteFile(token_.config_path(), cfg);
+  }
+  std::vector<std::string> ExtraServerEnv() override { return {"CUSTODY_FAULT_CONTROL=" + control_}; }
+  void Fault(const std::string& what) { WriteFile(control_, what); }
+  void Heal() { ::unlink(control_.c_str()); }
+  std::string Get(const std::string& path) {
+    return Raw(socket_, "GET /v1/secrets/" + path + " HTTP/1.1\r\nHost: x\r\n\r\n");
+  }
+  std::string control_ = token_.dir() / "fault";
+};
+
+// SIGTERM drains: a GET already in flight (the token answering slowly) is
+// answered with its value, a connection made after the signal is refused,
+// and then the server exits 0.
+TEST_F(FaultyTokenServerTest, SigtermLetsARequestInFlightFinish) {
+  ASSERT_NE(Get("payments/prod/stripe").find("200 OK"), std::string::npos);
+  Fault("slow 600");  // each token call 0.6 s late: C_DecryptInit and C_Decrypt
+  std::filesystem::remove(control_ + ".slow");
+  std::string answer;
+  std::thread inflight([&] { answer = Get("payments/prod/stripe"); });
+  for (int i = 0; i < 200 && !std::filesystem::exists(control_ + ".slow"); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_TRUE(std::filesystem::exists(control_ + ".slow")) << "the GET never reached the token";
+  ::kill(pid_, SIGTERM);  // the GET is in the token now
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  const std::string late = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+  inflight.join();
+  EXPECT_NE(answer.find("200 OK"), std::string::npos) << answer;
+  EXPECT_NE(answer.find(kSecret), std::string::npos) << "the request in flight got its value";
+  EXPECT_EQ(late.find("200 OK"), std::string::npos) << "no new request after SIGTERM: " << late;
+  int status = 0;
+  for (int i = 0; i < 100; ++i) {
+    if (::waitpid(pid_, &status, WNOHANG) == pid_) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_TRUE(WIFEXITED(status)) << ReadFile(token_.dir() / "custodyd.log");
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+  pid_ = -1;
+  Heal();
+  EXPECT_EQ(AuditCount("secret.get"), 2u) << "both GETs recorded, the drained one included";
+}
+
+TEST_F(FaultyTokenServerTest, ADeviceResetIsSurvivedByReinitialisingTheModule) {
+  ASSERT_NE(Get("payments/prod/stripe").find("200 OK"), std::string::npos);
+  // The device resets: every session, the login and every handle are gone,
+  // and new sessions fail until the module is initialised again.
+  Fault("reset 1");
+  auto after = Get("payments/prod/stripe");
+  EXPECT_NE(after.find("200 OK"), std::string::npos) << after;
+  EXPECT_NE(after.find(kSecret), std::string::npos);
+  auto metrics = Raw(socket_, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(metrics.find("custody_token_reinitializations_total 1"), std::string::npos) << metrics;
+  EXPECT_NE(metrics.find("custody_token_recoveries_total 1"), std::string::npos) << metrics;
+  EXPECT_NE(metrics.find("custody_token_healthy 1"), std::string::npos);
+  // Puts, and the checkpoint key (found again after the re-initialisation), work too.
+  auto put = Raw(socket_, "PUT /v1/secrets/payments/dev/after HTTP/1.1\r\nHost: x\r\nContent-Length: 17\r\n\r\n"
+                          "{\"value\":\"after\"}");
+  EXPECT_NE(put.find("201 Created"), std::string::npos) << put;
+  EXPECT_EQ(Cli({"audit", "checkpoint"}).exit_code, 0);
+  EXPECT_EQ(Cli({"audit", "verify"}).exit_code, 0);
+  EXPECT_NE(ReadFile(token_.dir() / "custodyd.log").find("re-initialis"), std::string::npos)
+      << ReadFile(token_.dir() / "custodyd.log");
+}
+
+TEST_F(FaultyTokenServerTest, ADeviceThatStaysDownAnswers503UntilItIsBack) {
+  ASSERT_NE(Get("payments/prod/stripe").find("200 OK"), std::string::npos);
+  Fault("down");
+  auto down = Get("payments/prod/stripe");
+  EXPECT_NE(down.find("503 Service Unavailable"), std::string::npos) << down;
+  EXPECT_NE(down.find("CKR_DEVICE_ERROR"), std::string::npos) << down;
+  EXPECT_EQ(down.find(kSecret), std::string::npos);
+  auto health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(health.find("503"), std::string::npos) << health;
+  EXPECT_NE(health.find("\"status\":\"degraded\""), std::string::npos) << health;
+  // The refusal is audited like any other outcome.
+  auto show = Cli({"--json", "audit", "show", "--action", "secret.get"});
+  EXPECT_NE(show.out.find("CKR_DEVICE_ERROR"), std::string::npos) << show.out;
+
+  Heal();
+  auto back = Get("payments/prod/stripe");
+  EXPECT_NE(back.find("200 OK"), std::string::npos) << back;
+  health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(health.find("\"status\":\"ok\""), std::string::npos) << health;
+}
+
+class StuckAuditDiskServerTest : public ServerTest {
+ protected:
+  // (Called in the forked child: it may only read the fixture.)
+  std::vector<std::string> ExtraServerEnv() override {
+    std::string asan = std::getenv("ASAN_OPTIONS") ? std::getenv("ASAN_OPTIONS") : "";
+    // The shim comes before the sanitizer runtime in the load order: allowed.
+    return {std::string("LD_PRELOAD=") + STALL_FSYNC, "CUSTODY_TEST_STALL_FSYNC=" + Flag(),
+            "ASAN_OPTIONS=" + asan + (asan.empty() ? "" : ":") + "verify_asan_link_order=0"};
+  }
+  std::string Flag() const { return run_ / "stall-fsync"; }
+};
+
+// SIGTERM stops custodyd within the drain deadline whatever state the audit
+// writer is in: here its fdatasync never returns (a disk that stopped
+// answering) while a GET waits for its record. The GET gets no value, and
+// custodyd exits 69 after the 10 s drain instead of waiting for ever.
+TEST_F(StuckAuditDiskServerTest, AStuckAuditDiskDoesNotHoldTheShutdown) {
+  ASSERT_TRUE(AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"}).exit_code == 0);
+  WriteFile(Flag(), "");
+  RunResult stuck;
+  std::thread get([&] { stuck = AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"}); });
+  // The GET is in the writer's hands once a request is waiting on it.
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  const auto started = std::chrono::steady_clock::now();
+  auto code = StopWithin(pid_, 25);
+  const auto took = std::chrono::steady_clock::now() - started;
+  std::filesystem::remove(Flag());
+  get.join();
+  ASSERT_TRUE(code.has_value()) << "custodyd did not stop within 25 s of SIGTERM";
+  EXPECT_EQ(*code, 69) << ReadFile(token_.dir() / "custodyd.log");
+  EXPECT_NE(ReadFile(token_.dir() / "custodyd.log").find("still waiting for their audit records"), std::string::npos)
+      << ReadFile(token_.dir() / "custodyd.log");
+  EXPECT_NE(stuck.exit_code, 0);
+  EXPECT_EQ(stuck.out.find(kSecret), std::string::npos) << "a value without its record";
+  (void)took;
+}
+
+}  // namespace
+}  // namespace custody::test

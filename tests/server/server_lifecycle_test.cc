@@ -1,0 +1,120 @@
+// custodyd's signals: SIGHUP reloads the config and the policy in force
+// (and keeps the old ones when the new ones do not load), SIGTERM drains
+// and stops.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <thread>
+
+#include "../support/server_fixture.h"
+#include "custody/app/config.h"
+#include "custody/client/client.h"
+#include "custody/store/sqlite_store.h"
+#include "custody/store/store.h"
+
+namespace custody::test {
+namespace {
+
+TEST_F(ServerTest, SighupWithABrokenConfigKeepsTheOldOneAndAGoodOneLoadsTheNewPolicy) {
+  std::string cfg = ReadFile(token_.config_path());
+  WriteFile(token_.config_path(), "this is [ not toml");
+  ::kill(pid_, SIGHUP);
+  // Wait for the server to say it refused (reloads are asynchronous).
+  for (int i = 0; i < 200 && ReadFile(token_.dir() / "custodyd.log").find("reload refused") == std::string::npos; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(25));
+  }
+  auto health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(health.find("\"policy_version\":1"), std::string::npos) << health;
+  EXPECT_NE(ReadFile(token_.dir() / "custodyd.log").find("reload refused"), std::string::npos);
+  WriteFile(token_.config_path(), cfg);
+  // A new policy in force (applied in direct mode), picked up on SIGHUP.
+  std::string p2 = std::string(kPolicy) + "\n# v2\n";
+  WriteFile(token_.dir() / "policy2.toml", p2);
+  ASSERT_EQ(Cli({"policy", "apply", token_.dir() / "policy2.toml"}).exit_code, 0);
+  ::kill(pid_, SIGHUP);
+  for (int i = 0; i < 200; ++i) {
+    health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+    if (health.find("\"policy_version\":2") != std::string::npos) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(25));
+  }
+  EXPECT_NE(health.find("\"policy_version\":2"), std::string::npos) << health;
+}
+
+// A reload applies the new limits at once and names what needs a restart;
+// a policy in the store that no longer loads is refused and the one in
+// force stays.
+TEST_F(ServerTest, SighupAppliesNewLimitsAndKeepsThePolicyWhenTheStoredOneIsBroken) {
+  auto log_has = [&](const std::string& text) {
+    for (int i = 0; i < 200; ++i) {
+      if (ReadFile(token_.dir() / "custodyd.log").find(text) != std::string::npos) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(25));
+    }
+    return false;
+  };
+  const std::string body = "{\"value\":\"" + std::string(2000, 'v') + "\"}";
+  const std::string put = "PUT /v1/secrets/payments/dev/big HTTP/1.1\r\nHost: x\r\nContent-Length: " +
+                          std::to_string(body.size()) + "\r\n\r\n" + body;
+  EXPECT_NE(Raw(socket_, put).find("201 Created"), std::string::npos) << "2000 bytes fit under 4096";
+  std::string cfg = ReadFile(token_.config_path());
+  cfg.replace(cfg.find("max_body_bytes = 4096"), 21, "max_body_bytes = 1024\nsocket_mode = \"0600\"");
+  WriteFile(token_.config_path(), cfg);
+  ::kill(pid_, SIGHUP);
+  ASSERT_TRUE(log_has("reloaded: policy v1")) << ReadFile(token_.dir() / "custodyd.log");
+  auto refused = Raw(socket_, put);
+  EXPECT_NE(refused.find("413"), std::string::npos) << refused;
+  EXPECT_NE(refused.find("larger than 1024 bytes"), std::string::npos) << refused;
+  EXPECT_TRUE(log_has("reload: [server] socket_mode changed; restart custodyd to apply it"));
+
+  {
+    auto config = core::LoadConfig(token_.config_path());
+    ASSERT_TRUE(config.ok()) << config.error().message();
+    auto store = core::OpenSqliteStore(config->store.path, false);
+    ASSERT_TRUE(store.ok());
+    // As a damaged store would hold it: `custody policy apply` never stores this.
+    ASSERT_TRUE((*store)->SavePolicy("this is [ not a policy", std::string(64, '0'), "test").ok());
+  }
+  ::kill(pid_, SIGHUP);
+  EXPECT_TRUE(log_has("reload refused, keeping policy v1")) << ReadFile(token_.dir() / "custodyd.log");
+  auto health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(health.find("\"policy_version\":1"), std::string::npos) << health;
+  auto got = AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"});
+  EXPECT_EQ(got.exit_code, 0) << got.err;
+  EXPECT_EQ(got.out, kSecret);
+}
+
+TEST_F(ServerTest, SigtermDrainsAndStops) {
+  // Idle connections do not hold the stop: one kept alive after a request,
+  // one that never sent anything. Both are closed at once (the drain would
+  // otherwise wait out its 10 s grace, past this test's 5 s).
+  auto kept = client::Client::Connect("unix:" + socket_);
+  ASSERT_TRUE(kept.ok());
+  ASSERT_TRUE(kept->Get("payments/prod/stripe").ok());
+  int silent = ConnectUnix(socket_);
+  ASSERT_GE(silent, 0);
+  ::kill(pid_, SIGTERM);
+  int status = 0;
+  for (int i = 0; i < 100; ++i) {
+    if (::waitpid(pid_, &status, WNOHANG) == pid_) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_TRUE(WIFEXITED(status)) << ReadFile(token_.dir() / "custodyd.log");
+  EXPECT_EQ(WEXITSTATUS(status), 0) << ReadFile(token_.dir() / "custodyd.log");
+  pid_ = -1;
+  EXPECT_FALSE(std::filesystem::exists(socket_));
+  EXPECT_NE(ReadFile(token_.dir() / "custodyd.log").find("stopped"), std::string::npos);
+  // Closed: end of file if the server had accepted it, a reset if it was
+  // still in the listen backlog when the server stopped.
+  char byte = 0;
+  ssize_t n = ::read(silent, &byte, 1);
+  EXPECT_TRUE(n == 0 || (n < 0 && errno == ECONNRESET)) << "read gave " << n << ": " << std::strerror(errno);
+  ::close(silent);
+}
+
+}  // namespace
+}  // namespace custody::test

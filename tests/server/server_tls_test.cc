@@ -1,0 +1,241 @@
+// custodyd over TLS 1.3 with client certificates: a certificate from the
+// CA is identified by its SAN (typed, and checked for odd bytes), others
+// are refused, a stuck handshake does not hold the stop, and the server's
+// key may live in the token.
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <memory>
+#include <thread>
+
+#include "../support/server_fixture.h"
+#include "custody/client/client.h"
+
+namespace custody::test {
+namespace {
+
+class TlsServerTest : public ServerTest {
+ protected:
+  std::string ExtraServerConfig() override {
+    pki_ = std::make_unique<TempDir>();
+    // A CA, a server certificate for 127.0.0.1, a client certificate with the
+    // SAN the policy names, and a client certificate from another CA.
+    auto ossl = [](const std::vector<std::string>& args) {
+      auto r = RunProgram("/usr/bin/openssl", args, {});
+      EXPECT_EQ(r.exit_code, 0) << r.err;
+    };
+    auto ca = [&](const std::string& name) {
+      ossl({"req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout",
+            P(name + ".key"), "-out", P(name + ".pem"), "-subj", "/CN=" + name, "-days", "2"});
+    };
+    auto leaf = [&](const std::string& name, const std::string& ca_name, const std::string& ext) {
+      WriteFile(P(name + ".ext"), ext + "\n");
+      ossl({"req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", P(name + ".key"),
+            "-out", P(name + ".csr"), "-subj", "/CN=" + name});
+      ossl({"x509", "-req", "-in", P(name + ".csr"), "-CA", P(ca_name + ".pem"), "-CAkey", P(ca_name + ".key"),
+            "-CAcreateserial", "-out", P(name + ".pem"), "-days", "2", "-extfile", P(name + ".ext")});
+    };
+    ca("test-ca");
+    ca("other-ca");
+    leaf("server", "test-ca", "subjectAltName=IP:127.0.0.1,DNS:localhost");
+    leaf("web-prod", "test-ca", "subjectAltName=DNS:web-prod.payments.internal\nextendedKeyUsage=clientAuth");
+    leaf("stranger", "other-ca", "subjectAltName=DNS:web-prod.payments.internal\nextendedKeyUsage=clientAuth");
+    // From the right CA, but odd: a DNS SAN that is not UTF-8, and an
+    // e-mail SAN spelled like the DNS name the policy names.
+    leaf("odd", "test-ca", "subjectAltName=DNS:web\xff\xfe.internal\nextendedKeyUsage=clientAuth");
+    leaf("mail", "test-ca", "subjectAltName=email:web-prod.payments.internal\nextendedKeyUsage=clientAuth");
+    port_ = FreePort();
+    return "tls_listen = \"127.0.0.1:" + std::to_string(port_) + "\"\ntls_cert = \"" + P("server.pem") +
+           "\"\ntls_key = \"" + P("server.key") + "\"\ntls_client_ca = \"" + P("test-ca.pem") + "\"\n";
+  }
+  std::string P(const std::string& f) { return *pki_ / f; }
+  RunResult Https(const std::string& who, const std::vector<std::string>& args) {
+    RunOptions o;
+    o.env = {{"CUSTODY_ADDR", "https://127.0.0.1:" + std::to_string(port_)}, {"CUSTODY_CA", P("test-ca.pem")}};
+    if (!who.empty()) {
+      o.env["CUSTODY_CLIENT_CERT"] = P(who + ".pem");
+      o.env["CUSTODY_CLIENT_KEY"] = P(who + ".key");
+    }
+    return RunCustody(args, o);
+  }
+  std::unique_ptr<TempDir> pki_;
+  int port_ = 0;
+};
+
+TEST_F(TlsServerTest, AClientCertificateFromTheCaIsIdentifiedByItsSan) {
+  auto r = Https("web-prod", {"secret", "get", "payments/prod/stripe"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, kSecret);
+  auto dev = Https("web-prod", {"secret", "get", "payments/dev/anything"});
+  EXPECT_EQ(dev.exit_code, 77) << dev.err;
+  EXPECT_NE(dev.err.find("does not cover environment dev"), std::string::npos) << dev.err;
+  auto show = Cli({"--json", "audit", "show", "--principal", "svc:web-prod"});
+  EXPECT_NE(show.out.find("tls client certificate san dns:web-prod.payments.internal"), std::string::npos) << show.out;
+}
+
+// A certificate from the CA whose SAN is not UTF-8 once killed custodyd
+// (the audit writer threw on the record). Now its holder is simply not a
+// principal (401, exit 77), the record shows the bytes escaped, and the
+// server goes on serving.
+TEST_F(TlsServerTest, ACertificateWithASanThatIsNotUtf8IsRefusedAndTheServerStaysUp) {
+  auto odd = Https("odd", {"secret", "get", "payments/prod/stripe"});
+  EXPECT_EQ(odd.exit_code, 77) << odd.err;
+  EXPECT_EQ(odd.out, "");
+  auto ok = Https("web-prod", {"secret", "get", "payments/prod/stripe"});
+  EXPECT_EQ(ok.exit_code, 0) << ok.err;
+  EXPECT_EQ(ok.out, kSecret);
+  auto show = Cli({"--json", "audit", "show", "--action", "secret.get"});
+  EXPECT_NE(show.out.find("san dns:web\\\\xff\\\\xfe.internal"), std::string::npos) << show.out;
+  EXPECT_EQ(Cli({"audit", "verify"}).exit_code, 0);
+  EXPECT_EQ(ReadFile(token_.dir() / "custodyd.log").find("failed with an exception"), std::string::npos);
+}
+
+// The SAN's type counts: an e-mail SAN spelled like the policy's DNS name
+// identifies nobody.
+TEST_F(TlsServerTest, AnEmailSanDoesNotPassForTheDnsNameOfTheSameSpelling) {
+  auto mail = Https("mail", {"secret", "get", "payments/prod/stripe"});
+  EXPECT_EQ(mail.exit_code, 77) << mail.err;
+  EXPECT_EQ(mail.out, "");
+  EXPECT_NE(mail.err.find("not a principal"), std::string::npos) << mail.err;
+}
+
+TEST_F(TlsServerTest, NoCertificateOrAnotherCasCertificateIsRefused) {
+  auto none = Https("", {"secret", "get", "payments/prod/stripe"});
+  EXPECT_EQ(none.exit_code, 78) << "the client itself insists on a certificate: " << none.err;
+  auto stranger = Https("stranger", {"secret", "get", "payments/prod/stripe"});
+  EXPECT_EQ(stranger.exit_code, 69) << stranger.err;
+  // With TLS 1.3 the client learns of the refusal on its first read.
+  EXPECT_NE(stranger.err.find("unknown ca"), std::string::npos) << stranger.err;
+  EXPECT_EQ(stranger.out, "");
+  // A raw TLS client without a certificate: the server ends the handshake.
+  auto s = RunProgram("/usr/bin/openssl",
+                      {"s_client", "-connect", "127.0.0.1:" + std::to_string(port_), "-CAfile", P("test-ca.pem"),
+                       "-tls1_3", "-quiet"},
+                      {.stdin_data = "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n"});
+  EXPECT_EQ(s.out.find("200 OK"), std::string::npos) << s.out;
+  // The server may still be writing its line when s_client has exited.
+  const std::string refused = "tls handshake refused: peer did not return a certificate";
+  std::string log;
+  for (int i = 0; i < 100; ++i) {
+    log = ReadFile(token_.dir() / "custodyd.log");
+    if (log.find(refused) != std::string::npos) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_NE(log.find(refused), std::string::npos) << log;
+  // TLS 1.2 is not spoken at all.
+  auto old = RunProgram("/usr/bin/openssl",
+                        {"s_client", "-connect", "127.0.0.1:" + std::to_string(port_), "-tls1_2", "-cert",
+                         P("web-prod.pem"), "-key", P("web-prod.key"), "-CAfile", P("test-ca.pem")},
+                        {.stdin_data = ""});
+  EXPECT_NE(old.exit_code, 0);
+  // And the server is still up for a good client.
+  EXPECT_EQ(Https("web-prod", {"secret", "get", "payments/prod/stripe"}).exit_code, 0);
+}
+
+// A TCP client that never starts its handshake holds a session that is not
+// idle (Stop() cannot close it at once) and outlives the 10 s drain: the
+// loop is then cut off with the handshake pending, and custodyd must still
+// stop, exit 0, and say so. (Why the session's destructor runs safely then
+// is the member order in server.cc's Impl; this test passed before that
+// fix too, since touching a destroyed member of a live object is not
+// something ASan sees.)
+TEST_F(TlsServerTest, AClientStuckBeforeItsHandshakeDoesNotSpoilTheStop) {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(port_));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // accepted, handshake pending
+  ::kill(pid_, SIGTERM);
+  int status = 0;
+  for (int i = 0; i < 300; ++i) {
+    if (::waitpid(pid_, &status, WNOHANG) == pid_) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ::close(fd);
+  ASSERT_TRUE(WIFEXITED(status)) << ReadFile(token_.dir() / "custodyd.log");
+  EXPECT_EQ(WEXITSTATUS(status), 0) << ReadFile(token_.dir() / "custodyd.log");
+  pid_ = -1;
+  EXPECT_NE(ReadFile(token_.dir() / "custodyd.log").find("stopped"), std::string::npos);
+}
+
+// The server's TLS key imported into the token and the PEM file deleted:
+// the handshake can only be signed by the token, through libp11.
+class TlsTokenKeyServerTest : public TlsServerTest {
+ protected:
+  std::string ExtraServerConfig() override {
+    std::string cfg = TlsServerTest::ExtraServerConfig();
+    auto r = RunProgram("/usr/bin/openssl",
+                        {"pkcs8", "-topk8", "-nocrypt", "-in", P("server.key"), "-outform", "DER", "-out", P("server.der")},
+                        {});
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    RunOptions o;
+    o.env = {{"SOFTHSM2_CONF", token_.conf()}};
+    auto w = RunProgram("/usr/bin/pkcs11-tool",
+                        {"--module", SoftHsmToken::kModule, "--token-label", token_.label(), "--login", "--pin",
+                         SoftHsmToken::kPin, "--write-object", P("server.der"), "--type", "privkey", "--label",
+                         "tls-server", "--id", "5151", "--usage-sign"},
+                        o);
+    EXPECT_EQ(w.exit_code, 0) << w.err << w.out;
+    // The public half too (from the certificate), as a token that generated
+    // the key pair would hold it: libp11 reads the EC point from there.
+    r = RunProgram("/usr/bin/openssl", {"x509", "-in", P("server.pem"), "-outform", "DER", "-out", P("server.crt.der")}, {});
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    r = RunProgram("/usr/bin/openssl", {"pkey", "-in", P("server.key"), "-pubout", "-outform", "DER", "-out", P("server.pub.der")}, {});
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    auto pw = RunProgram("/usr/bin/pkcs11-tool",
+                         {"--module", SoftHsmToken::kModule, "--token-label", token_.label(), "--login", "--pin",
+                          SoftHsmToken::kPin, "--write-object", P("server.pub.der"), "--type", "pubkey", "--label",
+                          "tls-server", "--id", "5151"},
+                         o);
+    EXPECT_EQ(pw.exit_code, 0) << pw.err << pw.out;
+    std::filesystem::remove(P("server.key"));
+    std::filesystem::remove(P("server.der"));
+    std::string from = "tls_key = \"" + P("server.key") + "\"";
+    cfg.replace(cfg.find(from), from.size(), "tls_key = \"pkcs11:token=" + token_.label() + ";object=tls-server\"");
+    return cfg;
+  }
+};
+
+TEST_F(TlsTokenKeyServerTest, TheHandshakeIsSignedByTheTokenKey) {
+  EXPECT_FALSE(std::filesystem::exists(P("server.key")));
+  auto r = Https("web-prod", {"secret", "get", "payments/prod/stripe"});
+  EXPECT_EQ(r.exit_code, 0) << r.err << ReadFile(token_.dir() / "custodyd.log");
+  EXPECT_EQ(r.out, kSecret);
+  // The token's own sessions still work alongside libp11's.
+  auto c = client::Client::Connect("unix:" + socket_);
+  auto f = c->Get("payments/prod/stripe");
+  EXPECT_TRUE(f.ok()) << f.error().message();
+}
+
+// A PIN in the key's URI is refused (78), and never echoed: not even when
+// the rest of the URI does not parse.
+TEST_F(TlsTokenKeyServerTest, AKeyUriWithAPinIsRefusedWithoutEchoingIt) {
+  const std::string cfg = ReadFile(token_.config_path());
+  const std::string from = "tls_key = \"pkcs11:token=" + token_.label() + ";object=tls-server\"";
+  ASSERT_NE(cfg.find(from), std::string::npos);
+  for (const std::string& uri : {"pkcs11:token=" + token_.label() + ";object=tls-server?pin-value=7731-never-shown",
+                                 std::string("pkcs11:token=%zz;object=tls-server?pin-value=7731-never-shown")}) {
+    std::string bad = cfg;
+    bad.replace(bad.find(from), from.size(), "tls_key = \"" + uri + "\"");
+    bad.replace(bad.find(socket_), socket_.size(), socket_ + ".2");
+    WriteFile(token_.dir() / "bad.toml", bad);
+    RunOptions o;
+    o.env = {{"CUSTODY_CONFIG", token_.dir() / "bad.toml"}, {"SOFTHSM2_CONF", token_.conf()}};
+    auto r = RunProgram(CUSTODYD_BIN, {}, o);
+    EXPECT_EQ(r.exit_code, 78) << uri << ": " << r.err;
+    EXPECT_NE(r.err.find("tls_key"), std::string::npos) << r.err;
+    EXPECT_EQ(r.err.find("7731-never-shown"), std::string::npos) << r.err;
+    EXPECT_EQ(r.out.find("7731-never-shown"), std::string::npos) << r.out;
+  }
+}
+
+}  // namespace
+}  // namespace custody::test
