@@ -36,9 +36,9 @@ AuditEvent SampleEvent() {
   e.name = "stripe-api-key";
   e.version = 12;
   e.kek_id = "0099ec18c9de605f023d1a8e15c39ffe";
-  e.decision = "allow";
+  e.decision = custody::core::AuditDecision::kAllow;
   e.rule = "projects.payments grant #4 (line 71): svc:payments-web-prod is reader in prod";
-  e.result = "ok";
+  e.result = custody::core::AuditResult::kOk;
   e.request_id = "649d4b948e09bd33";
   return e;
 }

@@ -17,6 +17,8 @@
 
 namespace {
 
+using custody::core::AuditDecision;
+using custody::core::AuditResult;
 using custody::core::AuditEvent;
 using custody::core::AuditLog;
 
@@ -59,9 +61,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   f.resize(12);
   AuditEvent e;
-  std::string* fields[] = {&e.action, &e.principal, &e.identified_by, &e.project, &e.environment, &e.name,
-                           &e.kek_id, &e.decision,  &e.rule,          &e.result,  &e.error,       &e.detail};
-  for (size_t i = 0; i < 12; ++i) *fields[i] = f[i];
+  std::string* fields[] = {&e.action, &e.principal, &e.identified_by, &e.project, &e.environment,
+                           &e.name,   &e.kek_id,    &e.rule,          &e.error,   &e.detail};
+  for (size_t i = 0; i < 10; ++i) *fields[i] = f[i];
+  // Decision and result are enums: the last two fields' first bytes pick
+  // them, so every value the writer can be given is reached.
+  e.decision = static_cast<AuditDecision>((f[10].empty() ? 0 : static_cast<uint8_t>(f[10][0])) % 5);
+  e.result = static_cast<AuditResult>((f[11].empty() ? 0 : static_cast<uint8_t>(f[11][0])) % 4);
   if (written >= 200) Reopen();  // the check below reads the segment: keep it short
   auto seq = log_->Append(e);
   if (!seq.ok()) std::abort();  // no record may be refused for its content
@@ -73,10 +79,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   while (std::getline(file, line)) last = line;
   auto r = custody::core::ParseAuditRecord(last);
   if (!r.ok() || r->seq != *seq) std::abort();
-  const std::string* back[] = {&r->event.action, &r->event.principal, &r->event.identified_by, &r->event.project,
-                               &r->event.environment, &r->event.name, &r->event.kek_id, &r->event.decision,
-                               &r->event.rule, &r->event.result, &r->event.error, &r->event.detail};
-  for (size_t i = 0; i < 12; ++i) {
+  const std::string* back[] = {&r->event.action, &r->event.principal, &r->event.identified_by,
+                               &r->event.project, &r->event.environment, &r->event.name,
+                               &r->event.kek_id, &r->event.rule, &r->event.error, &r->event.detail};
+  if (r->event.decision != e.decision || r->event.result != e.result) std::abort();
+  for (size_t i = 0; i < 10; ++i) {
     if (!custody::WellFormedUtf8(*back[i])) std::abort();
     if (custody::WellFormedUtf8(f[i]) && *back[i] != f[i]) std::abort();
   }

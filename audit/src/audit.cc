@@ -74,9 +74,9 @@ ordered_json EventJson(const AuditEvent& e) {
   j["name"] = ValidUtf8(e.name);
   j["version"] = e.version ? ordered_json(*e.version) : ordered_json(nullptr);
   j["kek_id"] = ValidUtf8(e.kek_id);
-  j["decision"] = ValidUtf8(e.decision);
+  j["decision"] = AuditDecisionName(e.decision);
   j["rule"] = ValidUtf8(e.rule);
-  j["result"] = ValidUtf8(e.result);
+  j["result"] = AuditResultName(e.result);
   j["error"] = ValidUtf8(e.error);
   j["detail"] = ValidUtf8(e.detail);
   return j;
@@ -205,6 +205,36 @@ Result<bool> VerifySignature(const std::string& pem, std::string_view message, s
 
 }  // namespace
 
+namespace {
+// Indexed by the enums; these words are what records hold.
+constexpr const char* kDecisionWords[] = {"", "allow", "deny", "limit", "none"};
+constexpr const char* kResultWords[] = {"", "ok", "refused", "error"};
+}  // namespace
+
+const char* AuditDecisionName(AuditDecision d) {
+  const auto i = static_cast<size_t>(d);
+  return i < std::size(kDecisionWords) ? kDecisionWords[i] : "";
+}
+
+const char* AuditResultName(AuditResult r) {
+  const auto i = static_cast<size_t>(r);
+  return i < std::size(kResultWords) ? kResultWords[i] : "";
+}
+
+std::optional<AuditDecision> ParseAuditDecision(std::string_view word) {
+  for (size_t i = 0; i < std::size(kDecisionWords); ++i) {
+    if (word == kDecisionWords[i]) return static_cast<AuditDecision>(i);
+  }
+  return std::nullopt;
+}
+
+std::optional<AuditResult> ParseAuditResult(std::string_view word) {
+  for (size_t i = 0; i < std::size(kResultWords); ++i) {
+    if (word == kResultWords[i]) return static_cast<AuditResult>(i);
+  }
+  return std::nullopt;
+}
+
 std::string NewRequestId() {
   uint8_t b[8];
   if (RAND_bytes(b, sizeof b) != 1) return "unknown";
@@ -268,9 +298,15 @@ Result<AuditRecord> ParseAuditRecord(std::string_view line) {
     bool ok = str("request_id", e.request_id) && str("principal", e.principal) &&
               str("identified_by", e.identified_by) && str("action", e.action) && str("project", e.project) &&
               str("environment", e.environment) && str("name", e.name) && str("kek_id", e.kek_id) &&
-              str("decision", e.decision) && str("rule", e.rule) && str("result", e.result) &&
-              str("error", e.error) && str("detail", e.detail);
+              str("rule", e.rule) && str("error", e.error) && str("detail", e.detail);
+    std::string decision, result;
+    ok = ok && str("decision", decision) && str("result", result);
     if (!ok) return bad("missing or mistyped event field");
+    auto d = ParseAuditDecision(decision);
+    auto o = ParseAuditResult(result);
+    if (!d || !o) return bad("its decision or result is not one custody writes");
+    e.decision = *d;
+    e.result = *o;
     auto v = j.find("version");
     if (v == j.end()) return bad("missing field version");
     if (v->is_number_unsigned() && v->get<uint64_t>() <= UINT32_MAX) {
@@ -513,8 +549,8 @@ std::vector<AuditLog::Outcome> AuditLog::WriteBatch(std::vector<Item>& items) {
   if (h.torn_bytes > 0) {
     AuditEvent repair;
     repair.action = "audit.repair";
-    repair.decision = "none";
-    repair.result = "ok";
+    repair.decision = core::AuditDecision::kNone;
+    repair.result = core::AuditResult::kOk;
     repair.detail = "removed " + std::to_string(h.torn_bytes) + " bytes of a record torn by a crash";
     emit(EventJson(repair), "repair");
   }

@@ -201,8 +201,8 @@ class RefusalLog {
       core::AuditEvent e;
       e.action = "http.refused";
       e.identified_by = peer;
-      e.decision = "none";
-      e.result = "refused";
+      e.decision = core::AuditDecision::kNone;
+      e.result = core::AuditResult::kRefused;
       e.request_id = core::NewRequestId();
       std::string detail;
       uint64_t total = 0;

@@ -28,14 +28,14 @@ struct Custodian::Flow {
     ev.action = std::move(action);
     ev.identified_by = rc.identified_by;
     ev.request_id = rc.request_id;
-    ev.decision = "none";
+    ev.decision = core::AuditDecision::kNone;
     ev.detail = "policy v" + std::to_string(authz->version()) + " via " + rc.via;
   }
 
   Status Identify(const RequestContext& rc) {
     auto who_r = authz->Identify(rc.caller);
     if (!who_r) {
-      ev.decision = "deny";
+      ev.decision = core::AuditDecision::kDeny;
       ev.rule = "identity";
       Error e = std::move(who_r).error();
       return Error(e.category(), e.message()).WithNeedsAuthentication();
@@ -47,14 +47,14 @@ struct Custodian::Flow {
   Status Ask(policy::Action action, const policy::Target& t) {
     policy::Decision d;
     Status s = authz->Check(who, action, t, &d);
-    ev.decision = d.allowed ? "allow" : "deny";
+    ev.decision = d.allowed ? core::AuditDecision::kAllow : core::AuditDecision::kDeny;
     ev.rule = d.rule;
     return s;
   }
   Status Charge(const policy::Target& t, UsageEvent e) {
     Status s = authz->Admit(who, t, e, &c.usage_);
     if (!s.ok()) {
-      ev.decision = "limit";
+      ev.decision = core::AuditDecision::kLimit;
       ev.rule = s.error().message();
     }
     return s;
@@ -64,10 +64,10 @@ struct Custodian::Flow {
     if (recorded) return false;
     recorded = true;
     if (outcome.ok()) {
-      ev.result = "ok";
+      ev.result = core::AuditResult::kOk;
     } else {
       Category cat = outcome.error().category();
-      ev.result = (cat == Category::kDenied || cat == Category::kLimit) ? "refused" : "error";
+      ev.result = (cat == Category::kDenied || cat == Category::kLimit) ? core::AuditResult::kRefused : core::AuditResult::kError;
       ev.error = outcome.error().message();
       if (outcome.error().backend() == Backend::kPkcs11) c.stats_.token_errors.fetch_add(1);
     }
@@ -202,7 +202,7 @@ Result<uint32_t> Custodian::Put(const RequestContext& rc, const SecretPath& path
     stats_.token_healthy.store(!TokenFault(v));
     if (!v && f.recorded) {
       AuditEvent failed = f.ev;
-      failed.result = "error";
+      failed.result = core::AuditResult::kError;
       failed.error = v.error().message();
       (void)audit_.Append(failed);
     }
@@ -229,8 +229,8 @@ Result<std::vector<UsageRow>> Custodian::Usage(const RequestContext& rc, const s
     for (auto& r : rows) {
       if (admin || f.authz->Allows(f.who, policy::Action::kReadUsage, {r.project, "", ""})) out.push_back(std::move(r));
     }
-    if (f.ev.decision == "none") {
-      f.ev.decision = "allow";
+    if (f.ev.decision == core::AuditDecision::kNone) {
+      f.ev.decision = core::AuditDecision::kAllow;
       f.ev.rule = "rows filtered by read-usage grants";
     }
     return out;

@@ -7,16 +7,6 @@
 
 namespace custody::core {
 
-const char* KekStateName(KekState s) {
-  switch (s) {
-    case KekState::kActive: return "active";
-    case KekState::kRetiring: return "retiring";
-    case KekState::kDestroying: return "destroying";
-    case KekState::kDestroyed: return "destroyed";
-  }
-  return "unknown";
-}
-
 Result<KekRotationPlan> KekRotator::Plan(const std::string& project) {
   KekRotationPlan plan;
   plan.project = project;

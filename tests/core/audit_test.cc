@@ -39,9 +39,9 @@ AuditEvent Event(int i) {
   e.environment = "prod";
   e.name = "stripe-key";
   e.version = static_cast<uint32_t>(i);
-  e.decision = "allow";
+  e.decision = core::AuditDecision::kAllow;
   e.rule = "grant #1";
-  e.result = "ok";
+  e.result = core::AuditResult::kOk;
   e.request_id = "req-" + std::to_string(i);
   return e;
 }

@@ -26,8 +26,8 @@ int main(int argc, char** argv) {
     custody::core::AuditEvent e;
     e.action = "test.write";
     e.principal = "svc:" + tag;
-    e.decision = "none";
-    e.result = "ok";
+    e.decision = custody::core::AuditDecision::kNone;
+    e.result = custody::core::AuditResult::kOk;
     e.detail = tag + " " + std::to_string(i);
     auto r = (*log)->Append(e);
     if (!r.ok()) {

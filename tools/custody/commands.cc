@@ -122,8 +122,8 @@ Status Init(const Globals& g, const InitArgs& a) {
   ev.action = "custody.init";
   ev.request_id = core::NewRequestId();
   ev.identified_by = IdentifiedBy(LocalCaller());
-  ev.decision = "none";
-  ev.result = "ok";
+  ev.decision = core::AuditDecision::kNone;
+  ev.result = core::AuditResult::kOk;
   ev.detail = (c.token.backend == "tpm" ? "tpm " + c.token.tpm.tcti : "token " + c.token.pkcs11.uri) + ", store " + c.store.path;
   CUSTODY_RETURN_IF_ERROR(audit->Append(ev));
   CUSTODY_RETURN_IF_ERROR(core::WriteConfig(c, config_path));
@@ -183,7 +183,7 @@ Status ProjectList(const Globals& g) {
       }
       if (visible) projects.push_back(std::move(p));
     }
-    o.ev.decision = "allow";
+    o.ev.decision = core::AuditDecision::kAllow;
     o.ev.rule = admin ? "admins" : "projects with a list grant";
     json out = json::array();
     std::vector<std::vector<std::string>> rows{{"PROJECT", "ENVIRONMENTS", "CREATED"}};
@@ -313,8 +313,8 @@ Status SecretList(const Globals& g, const std::string& scope_text) {
     for (auto& s : all) {
       if (o.authz->Allows(o.who, Action::kList, {s.project, s.environment, s.name})) secrets.push_back(std::move(s));
     }
-    if (o.ev.decision == "none") {
-      o.ev.decision = "allow";
+    if (o.ev.decision == core::AuditDecision::kNone) {
+      o.ev.decision = core::AuditDecision::kAllow;
       o.ev.rule = "names filtered by list grants";
     }
     CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
@@ -524,7 +524,7 @@ Status PolicyApply(const Globals& g, const std::string& file) {
     applied_by = o.authz->engine().PrincipalName(o.who);
   } else {
     applied_by = "bootstrap (uid " + std::to_string(::getuid()) + ")";
-    o.ev.decision = "allow";
+    o.ev.decision = core::AuditDecision::kAllow;
     o.ev.rule = "bootstrap: no policy in force yet";
   }
   // The new policy must keep the caller an admin, or nobody could fix it.
@@ -717,8 +717,8 @@ Status Usage(const Globals& g, const std::string& project) {
                      std::to_string(r.unseals_today), std::to_string(r.seals), std::to_string(r.denied),
                      std::to_string(r.rate_limited), std::to_string(r.spend_limited), FormatTime(r.last_use)});
   }
-  if (o.ev.decision == "none") {
-    o.ev.decision = "allow";
+  if (o.ev.decision == core::AuditDecision::kNone) {
+    o.ev.decision = core::AuditDecision::kAllow;
     o.ev.rule = "rows filtered by read-usage grants";
   }
   CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
@@ -870,11 +870,12 @@ Status AuditShow(const Globals& g, const AuditShowArgs& a) {
                      {"identified_by", e.identified_by}, {"action", action}, {"project", e.project},
                      {"environment", e.environment}, {"name", e.name},
                      {"version", e.version ? json(*e.version) : json(nullptr)}, {"kek_id", e.kek_id},
-                     {"decision", e.decision}, {"rule", e.rule}, {"result", e.result}, {"error", e.error},
+                     {"decision", core::AuditDecisionName(e.decision)}, {"rule", e.rule}, {"result", core::AuditResultName(e.result)}, {"error", e.error},
                      {"request_id", e.request_id}, {"detail", e.detail}});
+      const std::string decision = core::AuditDecisionName(e.decision), result = core::AuditResultName(e.result);
       rows.push_back({std::to_string(r.seq), r.time, e.principal.empty() ? "-" : e.principal, action,
-                      target.empty() ? "-" : target, e.decision.empty() ? "-" : e.decision,
-                      e.result.empty() ? "-" : e.result, e.error.empty() ? e.rule : e.error});
+                      target.empty() ? "-" : target, decision.empty() ? "-" : decision,
+                      result.empty() ? "-" : result, e.error.empty() ? e.rule : e.error});
     }
     if (g.json) {
       PrintJson(out);

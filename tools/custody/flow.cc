@@ -55,13 +55,13 @@ Result<std::unique_ptr<core::AuditLog>> OpenAudit(const core::Config& c) {
 Status Guard(Opened& o) {
   auto authz = core::Authorizer::Load(*o.store);
   if (!authz) {
-    o.ev.decision = "deny";
+    o.ev.decision = core::AuditDecision::kDeny;
     o.ev.rule = "no policy in force";
     return std::move(authz).error();
   }
   auto who = authz->Identify(LocalCaller());
   if (!who) {
-    o.ev.decision = "deny";
+    o.ev.decision = core::AuditDecision::kDeny;
     o.ev.rule = "identity";
     return std::move(who).error();
   }
@@ -76,7 +76,7 @@ Status Guard(Opened& o) {
 Status Ask(Opened& o, Action action, const policy::Target& target) {
   policy::Decision d;
   Status s = o.authz->Check(o.who, action, target, &d);
-  o.ev.decision = d.allowed ? "allow" : "deny";
+  o.ev.decision = d.allowed ? core::AuditDecision::kAllow : core::AuditDecision::kDeny;
   o.ev.rule = d.rule;
   return s;
 }
@@ -85,7 +85,7 @@ Status Ask(Opened& o, Action action, const policy::Target& target) {
 Status Charge(Opened& o, const policy::Target& target, core::UsageEvent event) {
   Status s = o.authz->Admit(o.who, target, event);
   if (!s.ok()) {
-    o.ev.decision = "limit";
+    o.ev.decision = core::AuditDecision::kLimit;
     o.ev.rule = s.error().message();
   }
   return s;
@@ -101,7 +101,7 @@ Result<Opened> OpenStore(const Globals& g, const std::string& action) {
   o.ev.action = action;
   o.ev.request_id = core::NewRequestId();
   o.ev.identified_by = IdentifiedBy(LocalCaller());
-  o.ev.decision = "none";
+  o.ev.decision = core::AuditDecision::kNone;
   return o;
 }
 
@@ -155,10 +155,10 @@ Status Record(Opened& o, const Status& outcome) {
   if (o.recorded) return Status::Ok();
   o.recorded = true;
   if (outcome.ok()) {
-    o.ev.result = "ok";
+    o.ev.result = core::AuditResult::kOk;
   } else {
     Category c = outcome.error().category();
-    o.ev.result = (c == Category::kDenied || c == Category::kLimit) ? "refused" : "error";
+    o.ev.result = (c == Category::kDenied || c == Category::kLimit) ? core::AuditResult::kRefused : core::AuditResult::kError;
     o.ev.error = outcome.error().message();
   }
   auto seq = o.audit->Append(o.ev);
@@ -251,7 +251,7 @@ Status WithCustodian(const Globals& g, Opened& o,
                      const std::function<Status(core::Custodian&, const core::RequestContext&)>& fn) {
   auto authz = core::Authorizer::Load(*o.store);
   if (!authz) {
-    o.ev.decision = "deny";
+    o.ev.decision = core::AuditDecision::kDeny;
     o.ev.rule = "no policy in force";
     return Finish(o, std::move(authz).error());
   }
@@ -286,7 +286,7 @@ Result<uint32_t> AuditedPut(Opened& o, const core::SecretPath& path, const Secre
   if (!version && o.recorded) {
     // Logged as done, then failed: say so under the same request id.
     core::AuditEvent failed = o.ev;
-    failed.result = "error";
+    failed.result = core::AuditResult::kError;
     failed.error = version.error().message();
     (void)o.audit->Append(failed);
   }

@@ -238,7 +238,7 @@ Status SecretRevoke(const Globals& g, const std::string& text, uint32_t version,
     auto current = o.store->RevokeVersion(env, path.name, version, reason, o.ev.principal, custody::SystemNow());
     if (!current) {
       core::AuditEvent failed = o.ev;
-      failed.result = "error";
+      failed.result = core::AuditResult::kError;
       failed.error = current.error().message();
       (void)o.audit->Append(failed);
       return std::move(current).error();
@@ -315,8 +315,8 @@ Status RotationStatus(const Globals& g, const std::string& project, bool fail_on
     for (auto& s2 : all) {
       if (o.authz->Allows(o.who, Action::kList, {s2.project, s2.environment, s2.name})) visible.push_back(std::move(s2));
     }
-    if (o.ev.decision == "none") {
-      o.ev.decision = "allow";
+    if (o.ev.decision == core::AuditDecision::kNone) {
+      o.ev.decision = core::AuditDecision::kAllow;
       o.ev.rule = "names filtered by list grants";
     }
     CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
@@ -488,7 +488,7 @@ Status KekRotate(const Globals& g, const KekRotateArgs& a) {
     end.action = "kek.rotate.done";
     if (!result) {
       if (o.recorded) {
-        end.result = "error";
+        end.result = core::AuditResult::kError;
         end.error = result.error().message();
         (void)o.audit->Append(end);
       }

@@ -9,17 +9,6 @@ namespace custody::core::sqlite {
 
 namespace {
 constexpr const char* kKekColumns = "id, project_id, version, token_id, label, encryptions_reserved, created_at, state";
-constexpr const char* kKekStateNames[] = {"active", "retiring", "destroying", "destroyed"};
-}  // namespace
-
-KekState ParseKekState(const std::string& s) {
-  for (size_t i = 0; i < std::size(kKekStateNames); ++i) {
-    if (s == kKekStateNames[i]) return static_cast<KekState>(i);
-  }
-  return KekState::kDestroyed;  // unknown: never used for sealing
-}
-
-namespace {
 KekRecord ReadKek(const Stmt& s) {
   KekRecord k;
   k.id = s.Int(0);
@@ -195,7 +184,7 @@ Status SqliteStore::SetKekState(int64_t kek_record_id, KekState state) {
   // without it the old KEK can never be unsealed again.
   Stmt s(db(), state == KekState::kDestroyed ? "UPDATE keks SET state = ?, material = NULL WHERE id = ?"
                                               : "UPDATE keks SET state = ? WHERE id = ?");
-  s.Bind(1, std::string(kKekStateNames[static_cast<size_t>(state)])).Bind(2, kek_record_id);
+  s.Bind(1, std::string(KekStateName(state))).Bind(2, kek_record_id);
   int rc = s.Step();
   if (rc != SQLITE_DONE) return Fail(rc, "changing KEK state");
   CUSTODY_RETURN_IF_ERROR(tx.Commit());

@@ -112,10 +112,6 @@ class Stmt {
   Conn::Cached* cached_ = nullptr;
 };
 
-// The `state` column's words (keks.cc). An unknown word reads as destroyed:
-// never used for sealing.
-KekState ParseKekState(const std::string& s);
-
 class SqliteStore;
 
 // One transaction on the connection this thread leases (declare it after

@@ -38,6 +38,17 @@ namespace custody::core {
 
 // What happened. Never a secret value, a PIN, or a fingerprint of a value:
 // a value is named by its version and the KEK it is sealed under.
+// What the policy said; written as "allow", "deny", "limit", "none" (no
+// policy question was asked), or "" before anything was decided.
+enum class AuditDecision : uint8_t { kUnset, kAllow, kDeny, kLimit, kNone };
+// How the operation ended: "ok", "refused", "error", or "".
+enum class AuditResult : uint8_t { kUnset, kOk, kRefused, kError };
+const char* AuditDecisionName(AuditDecision d);
+const char* AuditResultName(AuditResult r);
+// The word back; nullopt for a word that is none of them.
+std::optional<AuditDecision> ParseAuditDecision(std::string_view word);
+std::optional<AuditResult> ParseAuditResult(std::string_view word);
+
 struct AuditEvent {
   std::string action;         // "secret.get", "secret.put", "policy.apply", "token.login", ...
   std::string principal;      // "user:alice"; empty when the caller matched no principal
@@ -45,9 +56,9 @@ struct AuditEvent {
   std::string project, environment, name;
   std::optional<uint32_t> version;
   std::string kek_id;    // hex CKA_ID of the KEK, when a value was sealed or unsealed
-  std::string decision;  // "allow", "deny", "limit", or "none" (no policy question)
-  std::string rule;      // the grant or limit that decided
-  std::string result;    // "ok", "refused", "error"
+  AuditDecision decision = AuditDecision::kUnset;
+  std::string rule;  // the grant or limit that decided
+  AuditResult result = AuditResult::kUnset;
   std::string error;     // what failed, when result is not ok
   std::string request_id;
   std::string detail;    // free text that is not secret (policy sha256, counts)

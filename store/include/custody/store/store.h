@@ -15,6 +15,7 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "custody/common/result.h"
@@ -42,7 +43,10 @@ struct EnvironmentRecord {
 // destroying (no blob needs it, the token object is being destroyed);
 // destroyed (the token object is gone; the record stays as history).
 enum class KekState : uint8_t { kActive, kRetiring, kDestroying, kDestroyed };
+// The state's word as the store keeps it and people read it ("active"), and
+// back. A word no state has parses as kDestroyed: never sealed under.
 const char* KekStateName(KekState s);
+KekState ParseKekState(std::string_view word);
 
 struct KekRecord {
   int64_t id = 0;
