@@ -1,0 +1,227 @@
+// The HTTP routing of a Session: what each method and path means, and the
+// answers (a secret's value, an error, JSON).
+// Private to the server library: included by its own sources only.
+#pragma once
+
+#include "session.h"
+
+namespace custody::server {
+
+namespace detail {
+
+// GET of a secret: everything up to the audit record runs here; the wait
+// for the record's fsync holds no server thread, so every request in
+// flight shares one fsync. The answer is built back on the server's
+// threads once the record is durable (and never if it is not).
+template <typename StreamT>
+void Session<StreamT>::StartGet(const core::SecretPath& sp, std::optional<uint32_t> version) {
+  audited_ = true;
+  srv_.pending_audits.fetch_add(1);
+  srv_.custodian.GetAsync(peer_, sp, version, [self = this->shared_from_this(), sp](Result<core::Unsealed> u) {
+    auto got = std::make_shared<Result<core::Unsealed>>(std::move(u));
+    asio::post(self->stream_.get_executor(), [self, got, sp] { self->Answer(self->GetAnswer(sp, *got)); });
+    self->srv_.pending_audits.fetch_sub(1);
+  });
+}
+
+template <typename StreamT>
+http::response<http::string_body> Session<StreamT>::GetAnswer(const core::SecretPath& sp, Result<core::Unsealed>& u) {
+  if (!u) return FromError(u.error());
+  std::string_view value = u->value.RevealString(SecretAccess{});
+  // Written straight into a body reserved at its largest size: no JSON
+  // writer's buffer and no reallocation leaves a copy of the value behind.
+  // The body is wiped after it is written (see OnWrite).
+  const std::string path = json(sp.str()).dump();
+  const std::string version = std::to_string(u->version);
+  http::response<http::string_body> res{http::status::ok, 11};
+  res.set(http::field::content_type, "application/json");
+  std::string& body = res.body();
+  // (A looser text check once let an overlong UTF-8 form through, and the
+  // JSON writer threw on it: one stored value could stop the server.)
+  if (SendableAsJsonText(value)) {
+    body.reserve(value.size() * 6 + path.size() + version.size() + 48);
+    body += "{\"path\":" + path + ",\"value\":\"";
+    AppendJsonEscaped(body, value);
+  } else {
+    std::string encoded = Base64Encode(value);
+    body.reserve(encoded.size() + path.size() + version.size() + 48);
+    body += "{\"path\":" + path + ",\"value_base64\":\"";
+    body += encoded;
+    OPENSSL_cleanse(encoded.data(), encoded.size());
+  }
+  body += "\",\"version\":" + version + "}\n";
+  return res;
+}
+
+template <typename StreamT>
+http::response<http::string_body> Session<StreamT>::Error(int status, const std::string& message, Category category,
+                                        uint64_t retry_after) {
+  if (decision_ == "allow") decision_ = "error";
+  http::response<http::string_body> res{static_cast<http::status>(status), 11};
+  res.set(http::field::content_type, "application/json");
+  // A message may quote what a caller sent (a certificate's SAN in "... is
+  // not a principal"): bytes that are not UTF-8 are shown as \xHH.
+  json body{{"error", ValidUtf8(message)}, {"category", std::string(CategoryName(category))}, {"status", status}};
+  if (retry_after > 0) {
+    res.set(http::field::retry_after, std::to_string(retry_after));
+    body["retry_after_seconds"] = retry_after;
+  }
+  res.body() = body.dump(-1, ' ', false, json::error_handler_t::replace) + "\n";
+  return res;
+}
+
+template <typename StreamT>
+http::response<http::string_body> Session<StreamT>::FromError(const custody::Error& e) {
+  decision_ = e.category() == Category::kDenied  ? "deny"
+              : e.category() == Category::kLimit ? "limit"
+                                                 : "error";
+  int status = e.http_status();
+  uint64_t retry = e.retry_after().value_or(0);
+  // Token, system and audit-log failures are the operator's business: in
+  // the server log (their messages are custody's own, never a caller's).
+  if (e.backend() == Backend::kPkcs11 || e.backend() == Backend::kOs || e.category() == Category::kUnavailable) {
+    spdlog::warn("request {}: {} {}/{}: {}", peer_.request_id, action_, project_, env_, e.message());
+  }
+  return Error(status, e.message(), e.category(), retry);
+}
+
+template <typename StreamT>
+http::response<http::string_body> Session<StreamT>::Json(int status, const json& j) {
+  http::response<http::string_body> res{static_cast<http::status>(status), 11};
+  res.set(http::field::content_type, "application/json");
+  // `replace`: no answer can throw on a string that slipped past the edge.
+  res.body() = j.dump(-1, ' ', false, json::error_handler_t::replace) + "\n";
+  return res;
+}
+
+// The answer, or nothing when it will come from StartGet.
+template <typename StreamT>
+std::optional<http::response<http::string_body>> Session<StreamT>::Handle(http::request<http::string_body>& req) {
+  peer_.request_id = core::NewRequestId();
+  action_ = "other";
+  project_.clear();
+  env_.clear();
+  decision_ = "allow";
+  audited_ = false;
+  std::string_view target(req.target().data(), req.target().size());
+  // The target (path and query) is the first untrusted text: anything
+  // that is not printable UTF-8 is refused here, before it can reach a
+  // record, a label, a log line or a message (and is never echoed).
+  if (!PrintableText(target)) {
+    action_ = "malformed";
+    return Error(400, "the request target is not printable UTF-8 text");
+  }
+  std::string_view path = target.substr(0, target.find('?'));
+  std::string_view query = target.find('?') == std::string_view::npos ? "" : target.substr(target.find('?') + 1);
+  auto param = [&](std::string_view key) -> std::optional<std::string> {
+    size_t pos = 0;
+    while (pos <= query.size()) {
+      size_t amp = query.find('&', pos);
+      std::string_view kv = query.substr(pos, amp == std::string_view::npos ? std::string_view::npos : amp - pos);
+      if (kv.substr(0, kv.find('=')) == key && kv.find('=') != std::string_view::npos) {
+        return std::string(kv.substr(kv.find('=') + 1));
+      }
+      if (amp == std::string_view::npos) break;
+      pos = amp + 1;
+    }
+    return std::nullopt;
+  };
+
+  if (path == "/v1/health") {
+    action_ = "health";
+    auto& st = srv_.custodian.stats();
+    bool ok = st.audit_healthy.load() && st.token_healthy.load();
+    // Anyone who can connect learns whether this node can serve (a load
+    // balancer needs no more); what fails and the policy version are for
+    // the readers of /metrics.
+    if (!srv_.MayReadMetrics(peer_)) return Json(ok ? 200 : 503, {{"status", ok ? "ok" : "degraded"}});
+    return Json(ok ? 200 : 503, {{"status", ok ? "ok" : "degraded"},
+                                 {"audit", st.audit_healthy.load() ? "ok" : "failing: records cannot be written"},
+                                 {"token", st.token_healthy.load() ? "ok" : "failing: see custody_token_errors_total"},
+                                 {"policy_version", srv_.custodian.policy()->version()}});
+  }
+  if (path == "/metrics") {
+    action_ = "metrics";
+    if (!srv_.MayReadMetrics(peer_)) {
+      const bool known = srv_.Known(peer_);
+      decision_ = "deny";
+      return Error(known ? 403 : 401,
+                   "/metrics is for policy admins and auditors and the configured metrics_uids and metrics_tls_sans",
+                   Category::kDenied);
+    }
+    http::response<http::string_body> res{http::status::ok, 11};
+    res.set(http::field::content_type, "text/plain; version=0.0.4");
+    srv_.metrics.RefreshSchedule(srv_.custodian);
+    res.body() = srv_.metrics.Render(srv_.custodian.stats(), srv_.custodian.usage_flush_failures(), srv_.connections.load(),
+                                     srv_.custodian.policy()->version());
+    return res;
+  }
+  if (path == "/v1/usage") {
+    action_ = "usage.read";
+    if (req.method() != http::verb::get) return Error(405, "use GET for /v1/usage");
+    auto project = param("project");
+    if (project && !core::ValidateProjectName(*project).ok()) {
+      return Error(400, "the project parameter is not a project name ([a-z0-9][a-z0-9_-]*, at most 63)");
+    }
+    project_ = project.value_or("");
+    audited_ = true;
+    auto rows = srv_.custodian.Usage(peer_, project);
+    if (!rows) return FromError(rows.error());
+    json out = json::array();
+    for (const auto& r : *rows) {
+      out.push_back({{"project", r.project}, {"environment", r.environment}, {"principal", r.principal},
+                     {"unseals", r.unseals}, {"unseals_today", r.unseals_today}, {"seals", r.seals},
+                     {"refusals", {{"denied", r.denied}, {"rate_limited", r.rate_limited},
+                                   {"spend_limited", r.spend_limited}}},
+                     {"last_use", r.last_use}});
+    }
+    return Json(200, out);
+  }
+  constexpr std::string_view kSecrets = "/v1/secrets/";
+  if (path.substr(0, kSecrets.size()) == kSecrets) {
+    auto sp = core::SecretPath::Parse(path.substr(kSecrets.size()));
+    if (!sp) return FromError(sp.error());
+    project_ = sp->project;
+    env_ = sp->environment;
+    if (req.method() == http::verb::get) {
+      action_ = "secret.get";
+      std::optional<uint32_t> version;
+      if (auto v = param("version")) {
+        char* end = nullptr;
+        unsigned long n = std::strtoul(v->c_str(), &end, 10);
+        if (v->empty() || *end != '\0' || n == 0 || n > UINT32_MAX) return Error(400, "version must be a positive number");
+        version = static_cast<uint32_t>(n);
+      }
+      StartGet(*sp, version);
+      return std::nullopt;
+    }
+    if (req.method() == http::verb::put) {
+      action_ = "secret.put";
+      // Parsed in place: the value is copied once, into locked memory, and
+      // the body (wiped after the answer) holds the only other copy.
+      auto body = InPlaceJson::Parse(req.body());
+      // The parser's reason names a position, never the text.
+      if (!body) return Error(400, "the body must be a JSON object {\"value\": \"...\"}: " + body.error().message());
+      std::optional<SecretBuffer> value;
+      if (auto text = body->String("value")) {
+        value = SecretBuffer::Copy(*text);
+      } else if (auto encoded = body->String("value_base64")) {
+        value = Base64DecodeSecret(*encoded);
+        if (!value) return Error(400, "value_base64 is not valid base64");
+      } else {
+        return Error(400, "the body must have a string \"value\" (or \"value_base64\")");
+      }
+      if (value->size() > core::kMaxSecretSize) return Error(413, "the value is larger than 65536 bytes");
+      audited_ = true;
+      auto v = srv_.custodian.Put(peer_, *sp, *value);
+      if (!v) return FromError(v.error());
+      return Json(201, {{"path", sp->str()}, {"version", *v}});
+    }
+    return Error(405, "use GET or PUT for /v1/secrets/PROJECT/ENV/NAME");
+  }
+  return Error(404, "no such endpoint: " + EscapeUntrusted(path, 64), Category::kNotFound);
+}
+
+}  // namespace detail
+
+}  // namespace custody::server
