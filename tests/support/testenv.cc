@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <signal.h>
@@ -15,6 +16,7 @@
 #include <fstream>
 #include <memory>
 #include <sstream>
+#include <string_view>
 #include <thread>
 
 namespace custody::test {
@@ -178,28 +180,56 @@ int FreePort() {
 }
 
 namespace {
-bool PortFree(int port) {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+// Whether swtpm answers on its control channel: CMD_GET_CAPABILITY (1)
+// gets a reply. A connect alone would succeed through the listen backlog
+// before swtpm runs, since the sockets are bound before it starts.
+bool ControlAnswers(int port) {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return false;
   sockaddr_in a{};
   a.sin_family = AF_INET;
   a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   a.sin_port = htons(static_cast<uint16_t>(port));
-  bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
-  ::close(fd);
-  return ok;
-}
-
-bool Accepts(int port) {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = htons(static_cast<uint16_t>(port));
-  bool ok = ::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
+  bool ok = false;
+  const uint8_t cmd[4] = {0, 0, 0, 1};
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0 && ::write(fd, cmd, sizeof cmd) == 4) {
+    pollfd p{fd, POLLIN, 0};
+    uint8_t reply[16];
+    ok = ::poll(&p, 1, 100) == 1 && ::read(fd, reply, sizeof reply) >= 4;
+  }
   ::close(fd);
   return ok;
 }
 }  // namespace
+
+namespace {
+// A socket listening on 127.0.0.1:port (0: the kernel picks), or -1.
+int Listening(int port) {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -1;
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 || ::listen(fd, 16) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+int PortOf(int fd) {
+  sockaddr_in a{};
+  socklen_t len = sizeof a;
+  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) return 0;
+  return ntohs(a.sin_port);
+}
+}  // namespace
+
+bool InCi() {
+  const char* ci = std::getenv("CI");
+  return ci != nullptr && *ci != '\0' && std::string_view(ci) != "false" && std::string_view(ci) != "0";
+}
 
 Swtpm::Swtpm() {
   const char* bin = "/usr/bin/swtpm";
@@ -207,39 +237,61 @@ Swtpm::Swtpm() {
     why_not_ = "swtpm is not installed (apt-get install swtpm swtpm-tools tpm2-tools, or run ci/install-deps.sh)";
     return;
   }
+  // The swtpm TCTI finds the control channel at port + 1. The control
+  // socket is bound and listening here and handed to swtpm as a descriptor
+  // (--ctrl fd=), so it is ours for certain and the readiness probe below
+  // can only reach our own swtpm. The command port swtpm binds itself
+  // (--server fd= would take a connected socket, not a listening one): if
+  // another test took it in the meantime, swtpm exits and we try again with
+  // other ports, instead of skipping.
   for (int attempt = 0; attempt < 20 && pid_ < 0; ++attempt) {
-    // The swtpm TCTI finds the control channel at port + 1.
-    port_ = FreePort();
-    int ctrl = port_ + 1;
-    if (port_ == 0 || port_ >= 65535 || !PortFree(ctrl)) continue;
+    int probe = Listening(0);
+    const int port = probe < 0 ? 0 : PortOf(probe);
+    int ctrl_fd = (port > 0 && port < 65535) ? Listening(port + 1) : -1;
+    if (probe >= 0) ::close(probe);
+    if (ctrl_fd < 0) continue;
+    port_ = port;
     std::string state = "dir=" + std::string(dir_.path());
+    constexpr int kCtrlFd = 3;
     std::string server = "type=tcp,port=" + std::to_string(port_) + ",bindaddr=127.0.0.1";
-    std::string control = "type=tcp,port=" + std::to_string(ctrl) + ",bindaddr=127.0.0.1";
+    std::string control = "type=tcp,fd=" + std::to_string(kCtrlFd);
     pid_t pid = ::fork();
     if (pid == 0) {
       int null = ::open("/dev/null", O_RDWR);
       ::dup2(null, 0);
       ::dup2(null, 1);
       ::dup2(null, 2);
+      // dup2 clears FD_CLOEXEC: swtpm keeps the listening control socket.
+      int c = ::fcntl(ctrl_fd, F_DUPFD, 10);
+      ::dup2(c, kCtrlFd);
       ::execl(bin, "swtpm", "socket", "--tpm2", "--tpmstate", state.c_str(), "--server", server.c_str(), "--ctrl",
               control.c_str(), "--flags", "not-need-init,startup-clear", static_cast<char*>(nullptr));
       ::_exit(127);
     }
-    for (int i = 0; i < 200; ++i) {
-      if (Accepts(port_)) {
-        pid_ = pid;
+    ::close(ctrl_fd);
+    if (pid < 0) break;
+    bool exited = false;
+    for (int i = 0; i < 100 && !exited; ++i) {
+      if (::waitpid(pid, nullptr, WNOHANG) == pid) {
+        exited = true;  // its command port was taken: try other ports
+      } else if (ControlAnswers(port_ + 1)) {
+        // swtpm binds its command port before it serves the control
+        // channel, and exits when it cannot: still running means bound.
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        if (::waitpid(pid, nullptr, WNOHANG) == pid) {
+          exited = true;
+        } else {
+          pid_ = pid;
+        }
         break;
       }
-      int status = 0;
-      if (::waitpid(pid, &status, WNOHANG) == pid) break;  // exited: port taken? try again
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
-    if (pid_ < 0) {
+    if (pid_ < 0 && !exited) {
       ::kill(pid, SIGKILL);
       ::waitpid(pid, nullptr, 0);
     }
   }
-  if (pid_ < 0) why_not_ = "swtpm did not start";
+  if (pid_ < 0) why_not_ = "swtpm did not start (20 tries)";
 }
 
 Swtpm::~Swtpm() {

@@ -70,7 +70,8 @@ class SoftHsmToken {
 // A swtpm TPM 2.0 simulator for one test: its own state folder and free
 // ports, started with the test and stopped (SIGTERM, then SIGKILL) after.
 // When swtpm is not installed, available() is false and the test must skip
-// (CUSTODY_REQUIRE_SWTPM), never pass silently.
+// (CUSTODY_REQUIRE_SWTPM), never pass silently; in CI it fails. Its ports
+// are bound here and handed to swtpm, so parallel tests cannot race for them.
 class Swtpm {
  public:
   Swtpm();
@@ -89,9 +90,17 @@ class Swtpm {
   std::string why_not_;
 };
 
-#define CUSTODY_REQUIRE_SWTPM(swtpm)                                                  \
-  do {                                                                                \
-    if (!(swtpm).available()) GTEST_SKIP() << "TPM test skipped: " << (swtpm).why_not(); \
+// Whether this runs in CI (CI set, and not "false" or "0"). There a test
+// that would skip for a component ci/install-deps.sh provides fails instead:
+// a green run must not hide a missing part.
+bool InCi();
+
+#define CUSTODY_REQUIRE_SWTPM(swtpm)                                                        \
+  do {                                                                                      \
+    if (!(swtpm).available()) {                                                             \
+      if (::custody::test::InCi()) FAIL() << "swtpm is required in CI: " << (swtpm).why_not(); \
+      GTEST_SKIP() << "TPM test skipped: " << (swtpm).why_not();                             \
+    }                                                                                       \
   } while (0)
 
 struct RunOptions {
