@@ -140,6 +140,45 @@ class AuditTest : public ::testing::Test {
   std::unique_ptr<AuditLog> log_;
 };
 
+// Checkpoints are due every checkpoint_every records, and not before: with
+// the time rule out of the way (an hour), the record count alone decides.
+TEST_F(AuditTest, ACheckpointIsDueAtNRecordsAndNotBefore) {
+  log_.reset();
+  opts_.checkpoint_every = 5;
+  opts_.checkpoint_seconds = 3600;
+  auto log = AuditLog::Open(opts_);
+  ASSERT_TRUE(log.ok()) << log.error().message();
+  log_ = std::move(*log);
+  EXPECT_FALSE(log_->CheckpointDue()) << "an empty log has nothing to sign";
+  ASSERT_TRUE(log_->Append(Event(1)).ok());
+  // Never signed yet: the time rule makes the first record due at once.
+  EXPECT_TRUE(log_->CheckpointDue());
+  ASSERT_TRUE(log_->Checkpoint(*signer_).ok());
+  EXPECT_FALSE(log_->CheckpointDue()) << "nothing since the checkpoint";
+  for (int i = 0; i < 4; ++i) {
+    ASSERT_TRUE(log_->Append(Event(10 + i)).ok());
+    EXPECT_FALSE(log_->CheckpointDue()) << (i + 1) << " records after the checkpoint, fewer than 5";
+  }
+  ASSERT_TRUE(log_->Append(Event(20)).ok());
+  EXPECT_TRUE(log_->CheckpointDue()) << "5 records after the checkpoint";
+}
+
+// And every checkpoint_seconds, however few records came.
+TEST_F(AuditTest, ACheckpointIsDueAfterTSecondsWithFewRecords) {
+  log_.reset();
+  opts_.checkpoint_every = 1000;
+  opts_.checkpoint_seconds = 1;
+  auto log = AuditLog::Open(opts_);
+  ASSERT_TRUE(log.ok()) << log.error().message();
+  log_ = std::move(*log);
+  ASSERT_TRUE(log_->Append(Event(1)).ok());
+  ASSERT_TRUE(log_->Checkpoint(*signer_).ok());
+  ASSERT_TRUE(log_->Append(Event(2)).ok());
+  // Whole seconds: two clock ticks are sure to pass T = 1 s.
+  std::this_thread::sleep_for(std::chrono::milliseconds(2100));
+  EXPECT_TRUE(log_->CheckpointDue()) << "one record, past checkpoint_seconds";
+}
+
 TEST_F(AuditTest, AnIntactLogVerifiesWithItsCheckpoints) {
   WriteStandard();
   auto r = Verify();
