@@ -153,5 +153,45 @@ TEST(TpmBackend, APcrBoundKekFailsAfterAnExtendAndSaysWhy) {
   EXPECT_NE(denied.error().message().find("wrong auth value"), std::string::npos) << denied.error().message();
 }
 
+// TPM only: after the TPM refuses the PIN once, the sealer stops asking it:
+// each further try would count towards the TPM-wide dictionary-attack
+// lockout, for every user of the TPM. The TPM's own failure counter, read
+// afterwards with tpm2_getcap, shows one try however often the caller asked.
+TEST(TpmBackend, AWrongPinIsTriedOnceThenTheTpmIsNotAskedAgain) {
+  SoftHsmToken token;  // only for its temporary folder and PIN
+  Swtpm swtpm;
+  CUSTODY_REQUIRE_SWTPM(swtpm);
+  auto store = OpenSqliteStore(token.dir() / "custody.db", true);
+  ASSERT_TRUE(store.ok());
+  {
+    auto tpm = tpm::Tpm::Open({.tcti = swtpm.tcti()});
+    ASSERT_TRUE(tpm.ok()) << tpm.error().message();
+    TpmSealer right(**tpm, **store, **store, token.pin(), {});
+    SecretService svc(**store, right);
+    ASSERT_TRUE(svc.CreateProject("payments", {"prod"}).ok());
+    ASSERT_TRUE(svc.Put({"payments", "prod", "k"}, SecretBuffer::Copy("v")).ok());
+
+    TpmSealer wrong(**tpm, **store, **store, SecretBuffer::Copy(std::string_view("not-the-pin")), {});
+    SecretService svc2(**store, wrong);
+    auto first = svc2.Get({"payments", "prod", "k"}, std::nullopt);
+    ASSERT_FALSE(first.ok());
+    EXPECT_NE(first.error().message().find("wrong auth value"), std::string::npos) << first.error().message();
+    for (int i = 0; i < 3; ++i) {
+      auto again = svc2.Get({"payments", "prod", "k"}, std::nullopt);
+      ASSERT_FALSE(again.ok());
+      EXPECT_EQ(again.error().category(), Category::kDenied);
+      EXPECT_NE(again.error().message().find("refused this PIN earlier"), std::string::npos)
+          << again.error().message();
+    }
+  }  // the TPM connection is closed: swtpm serves one client at a time
+  test::RunResult cap = test::RunProgram("/usr/bin/tpm2_getcap", {"-T", swtpm.tcti(), "properties-variable"}, {});
+  ASSERT_EQ(cap.exit_code, 0) << cap.err;
+  const std::string key = "TPM2_PT_LOCKOUT_COUNTER: ";
+  const size_t at = cap.out.find(key);
+  ASSERT_NE(at, std::string::npos) << cap.out;
+  EXPECT_EQ(std::stoul(cap.out.substr(at + key.size()), nullptr, 0), 1u)
+      << "the TPM saw more than one try with the wrong PIN:\n" << cap.out;
+}
+
 }  // namespace
 }  // namespace custody::core
