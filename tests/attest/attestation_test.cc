@@ -7,6 +7,7 @@
 #include <openssl/evp.h>
 #include <openssl/pem.h>
 
+#include <functional>
 #include <nlohmann/json.hpp>
 
 #include "../support/testenv.h"
@@ -154,6 +155,54 @@ TEST(StatementReadableCopy, MustBeExactlyTheSignedPayload) {
     EXPECT_EQ(bad.error().message(), "attestation statement: field " + field +
                                          " of the readable copy differs from the signed payload: the file was "
                                          "changed after it was signed");
+  }
+}
+
+// Statements changed and then signed again with the right key: the
+// signature is good, so each refusal below comes from verify's structure and
+// key-binding checks, which a plain tampering test (failing at the
+// signature) never reaches.
+TEST(StatementChecksBehindAGoodSignature, EachMalformedOrUnboundStatementIsRefusedForItsOwnReason) {
+  SoftwareKey key;
+  auto fp = PublicKeyFingerprint(key.Pem());
+  ASSERT_TRUE(fp.ok());
+  const json genuine{{"format", kStatementFormat}, {"time", "2026-11-29T00:00:00Z"}, {"nonce", kNonce},
+                     {"backend", "pkcs11"}, {"token", json::object()},
+                     {"keys", {{{"role", "kek"}, {"label", "custody:kek:payments:v1"}, {"id", "0099ec18"},
+                                {"fingerprint", "kcv:1a2b3c"}, {"attributes", {{"extractable", false}}}}}},
+                     {"policy", {{"version", 3}, {"sha256", "5f1c"}}},
+                     {"audit", {{"head_seq", 42}, {"head_hash", "9ab0"}}},
+                     {"attestation_key", {{"fingerprint", *fp}}}};
+  auto verify = [&](const json& payload) {
+    std::string bytes = payload.dump();
+    return VerifyStatementFile(EncodeStatementFile(bytes, key.Sign(bytes), key.Pem()), key.Pem(),
+                               std::string(kNonce));
+  };
+  ASSERT_TRUE(verify(genuine).ok());
+  struct Case {
+    const char* what;
+    std::function<void(json&)> change;
+    const char* refusal;
+  };
+  const Case cases[] = {
+      {"another format", [](json& p) { p["format"] = "custody-attest/0"; }, "payload format is not"},
+      {"a key that is not an object", [](json& p) { p["keys"][0] = "kek"; }, "payload field keys[0] is not an object"},
+      {"an attribute that is not a boolean", [](json& p) { p["keys"][0]["attributes"]["extractable"] = "no"; },
+       "is not true or false"},
+      {"no policy", [](json& p) { p.erase("policy"); }, "is missing or has the wrong type"},
+      {"another attestation key named", [](json& p) { p["attestation_key"]["fingerprint"] = "sha256:00"; },
+       "the payload names attestation key sha256:00"},
+      {"a stale nonce", [](json& p) { p["nonce"] = "ffeeddccbbaa99887766554433221100"; }, "it is not fresh"},
+  };
+  for (const auto& c : cases) {
+    json p = genuine;
+    c.change(p);
+    auto v = verify(p);
+    ASSERT_FALSE(v.ok()) << c.what << " was accepted";
+    EXPECT_EQ(v.error().category(), Category::kIntegrity) << c.what;
+    EXPECT_EQ(v.error().message().find("signature does not verify"), std::string::npos)
+        << c.what << ": refused at the signature, not by its own check";
+    EXPECT_NE(v.error().message().find(c.refusal), std::string::npos) << c.what << ": " << v.error().message();
   }
 }
 
