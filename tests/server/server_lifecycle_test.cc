@@ -98,14 +98,10 @@ TEST_F(ServerTest, SigtermDrainsAndStops) {
   int silent = ConnectUnix(socket_);
   ASSERT_GE(silent, 0);
   ::kill(pid_, SIGTERM);
-  int status = 0;
-  for (int i = 0; i < 100; ++i) {
-    if (::waitpid(pid_, &status, WNOHANG) == pid_) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  ASSERT_TRUE(WIFEXITED(status)) << ReadFile(token_.dir() / "custodyd.log");
-  EXPECT_EQ(WEXITSTATUS(status), 0) << ReadFile(token_.dir() / "custodyd.log");
-  pid_ = -1;
+  auto status = WaitForExit(pid_, std::chrono::seconds(5));
+  ASSERT_TRUE(status.has_value()) << "custodyd did not exit within 5 s of SIGTERM";
+  ASSERT_TRUE(WIFEXITED(*status)) << "status " << *status;
+  EXPECT_EQ(WEXITSTATUS(*status), 0);
   EXPECT_FALSE(std::filesystem::exists(socket_));
   EXPECT_NE(ReadFile(token_.dir() / "custodyd.log").find("stopped"), std::string::npos);
   // Closed: end of file if the server had accepted it, a reset if it was

@@ -42,8 +42,9 @@ TEST_F(ServerTest, UsageCountsEveryGetAlthoughItIsWrittenBehind) {
   EXPECT_EQ(unseals(*after), unseals(*before) + 7) << *after;
   ASSERT_TRUE(c->Get("payments/prod/stripe").ok());
   ::kill(pid_, SIGTERM);
-  ::waitpid(pid_, nullptr, 0);
-  pid_ = -1;
+  auto status = WaitForExit(pid_, std::chrono::seconds(30));
+  ASSERT_TRUE(status.has_value()) << "custodyd did not exit within 30 s of SIGTERM";
+  ASSERT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << "status " << *status;
   auto direct = Cli({"--json", "usage", "payments"});
   ASSERT_EQ(direct.exit_code, 0) << direct.err;
   EXPECT_EQ(unseals(direct.out), unseals(*before) + 8) << direct.out;

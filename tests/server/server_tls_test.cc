@@ -154,15 +154,11 @@ TEST_F(TlsServerTest, AClientStuckBeforeItsHandshakeDoesNotSpoilTheStop) {
   ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
   std::this_thread::sleep_for(std::chrono::milliseconds(200));  // accepted, handshake pending
   ::kill(pid_, SIGTERM);
-  int status = 0;
-  for (int i = 0; i < 300; ++i) {
-    if (::waitpid(pid_, &status, WNOHANG) == pid_) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
+  auto status = WaitForExit(pid_, std::chrono::seconds(15));
   ::close(fd);
-  ASSERT_TRUE(WIFEXITED(status)) << ReadFile(token_.dir() / "custodyd.log");
-  EXPECT_EQ(WEXITSTATUS(status), 0) << ReadFile(token_.dir() / "custodyd.log");
-  pid_ = -1;
+  ASSERT_TRUE(status.has_value()) << "custodyd did not exit within 15 s of SIGTERM";
+  ASSERT_TRUE(WIFEXITED(*status)) << "status " << *status;
+  EXPECT_EQ(WEXITSTATUS(*status), 0);
   EXPECT_NE(ReadFile(token_.dir() / "custodyd.log").find("stopped"), std::string::npos);
 }
 

@@ -64,17 +64,27 @@ std::string Raw(const std::string& socket, const std::string& request) {
   return out;
 }
 
-std::optional<int> StopWithin(pid_t& pid, int seconds) {
-  ::kill(pid, SIGTERM);
-  for (int i = 0; i < seconds * 20; ++i) {
+std::optional<int> WaitForExit(pid_t& pid, std::chrono::seconds within) {
+  if (pid <= 0) return std::nullopt;
+  const auto deadline = std::chrono::steady_clock::now() + within;
+  for (;;) {
     int status = 0;
+    // Only a reaped child counts: 0 (still running) and -1 (an error) leave
+    // `status` meaningless.
     if (::waitpid(pid, &status, WNOHANG) == pid) {
       pid = -1;
-      return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+      return status;
     }
+    if (std::chrono::steady_clock::now() >= deadline) return std::nullopt;
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
-  return std::nullopt;
+}
+
+std::optional<int> StopWithin(pid_t& pid, int seconds) {
+  ::kill(pid, SIGTERM);
+  auto status = WaitForExit(pid, std::chrono::seconds(seconds));
+  if (!status) return std::nullopt;
+  return WIFEXITED(*status) ? WEXITSTATUS(*status) : 128 + WTERMSIG(*status);
 }
 
 void TamperWithStripe(const std::string& config_path) {

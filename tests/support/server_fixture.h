@@ -14,6 +14,7 @@
 
 #include <sys/types.h>
 
+#include <chrono>
 #include <optional>
 #include <string>
 #include <vector>
@@ -31,6 +32,12 @@ void SendAll(int fd, const std::string& data);
 // A raw request on the Unix socket (the write side shut after it); what the
 // server answered, or "connect failed".
 std::string Raw(const std::string& socket, const std::string& request);
+
+// Waits at most `within` for the child `pid` to end. Its wait status (for
+// WIFEXITED and WEXITSTATUS) once waitpid has reaped it, and pid is then -1;
+// nullopt if it still runs at the deadline (pid is kept: ServerTest's
+// TearDown kills it).
+std::optional<int> WaitForExit(pid_t& pid, std::chrono::seconds within);
 
 // SIGTERM to `pid`, then its exit status within `seconds` (128 + the signal
 // if a signal ended it; pid is then -1). nullopt: still running.
