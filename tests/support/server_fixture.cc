@@ -87,6 +87,17 @@ std::optional<int> StopWithin(pid_t& pid, int seconds) {
   return WIFEXITED(*status) ? WEXITSTATUS(*status) : 128 + WTERMSIG(*status);
 }
 
+std::optional<long> MetricValue(const std::string& metrics, const std::string& name) {
+  const std::string line = "\n" + name + " ";
+  size_t at = metrics.find(line);
+  if (at == std::string::npos) return std::nullopt;
+  const char* start = metrics.c_str() + at + line.size();
+  char* end = nullptr;
+  long v = std::strtol(start, &end, 10);
+  if (end == start || *end != '\n') return std::nullopt;
+  return v;
+}
+
 void TamperWithStripe(const std::string& config_path) {
   auto config = core::LoadConfig(config_path);
   ASSERT_TRUE(config.ok()) << config.error().message();
