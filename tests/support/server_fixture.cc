@@ -7,9 +7,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <sstream>
 #include <thread>
 
 #include "custody/app/config.h"
@@ -202,6 +206,24 @@ size_t ServerTest::AuditCount(const std::string& action) {
   size_t n = 0;
   for (size_t at = r.out.find("\"seq\""); at != std::string::npos; at = r.out.find("\"seq\"", at + 1)) ++n;
   return n;
+}
+
+std::vector<uint64_t> ServerTest::CheckpointSeqs() {
+  std::vector<std::filesystem::path> segments;
+  for (const auto& e : std::filesystem::directory_iterator(token_.dir() / "state/audit")) {
+    const std::string name = e.path().filename();
+    if (name.rfind("audit-", 0) == 0 && name.size() > 6 && e.path().extension() == ".jsonl") segments.push_back(e.path());
+  }
+  std::sort(segments.begin(), segments.end());
+  std::vector<uint64_t> seqs;
+  for (const auto& path : segments) {
+    std::istringstream lines(ReadFile(path));
+    for (std::string line; std::getline(lines, line);) {
+      auto rec = nlohmann::json::parse(line, nullptr, false);
+      if (rec.is_object() && rec.value("type", "") == "checkpoint") seqs.push_back(rec.value("seq", uint64_t{0}));
+    }
+  }
+  return seqs;
 }
 
 void TpmServerTest::Init() {

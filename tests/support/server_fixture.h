@@ -15,6 +15,7 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <vector>
@@ -117,6 +118,9 @@ role = "reader"
   std::string CurlAs(int uid, const std::string& target);
   // How many records of `action` the audit log holds (read in direct mode).
   size_t AuditCount(const std::string& action);
+  // The seqs of the signed checkpoint records in the audit log, read from
+  // its segment files (no command runs, so none is added).
+  std::vector<uint64_t> CheckpointSeqs();
 
   TempDir run_;
   std::string socket_;
