@@ -3,13 +3,17 @@
 // and stops.
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 #include <thread>
 
 #include "../support/server_fixture.h"
@@ -88,7 +92,16 @@ TEST_F(ServerTest, SighupAppliesNewLimitsAndKeepsThePolicyWhenTheStoredOneIsBrok
   EXPECT_EQ(got.out, kSecret);
 }
 
+// SIGTERM drains: a request in flight is answered in full, connections
+// waiting for a request are closed at once, no new connection is taken,
+// and custodyd exits 0. The request in flight is a GET whose answer is
+// larger than the socket can buffer (60,000 tabs,
+// each sent as \u0009), asked by a client that reads only the start of
+// it before the signal: the server is still writing the answer when it
+// stops accepting, and must go on writing it.
 TEST_F(ServerTest, SigtermDrainsAndStops) {
+  const std::string big(60000, '\t');
+  ASSERT_EQ(Cli({"secret", "put", "payments/prod/big"}, big).exit_code, 0);
   // Idle connections do not hold the stop: one kept alive after a request,
   // one that never sent anything. Both are closed at once (the drain would
   // otherwise wait out its 10 s grace, past this test's 5 s).
@@ -97,21 +110,57 @@ TEST_F(ServerTest, SigtermDrainsAndStops) {
   ASSERT_TRUE(kept->Get("payments/prod/stripe").ok());
   int silent = ConnectUnix(socket_);
   ASSERT_GE(silent, 0);
+
+  int slow = ConnectUnix(socket_);
+  ASSERT_GE(slow, 0);
+  SendAll(slow, "GET /v1/secrets/payments/prod/big HTTP/1.1\r\nHost: x\r\n\r\n");
+  std::string answer;
+  char buf[4096];
+  while (answer.find("\r\n\r\n") == std::string::npos) {
+    ssize_t n = ::recv(slow, buf, sizeof buf, 0);
+    ASSERT_GT(n, 0) << "the answer's head never came: " << answer;
+    answer.append(buf, static_cast<size_t>(n));
+  }
+  const size_t head = answer.find("\r\n\r\n") + 4;
+  ASSERT_NE(answer.find("200 OK"), std::string::npos) << answer.substr(0, head);
+  const size_t at = answer.find("Content-Length: ");
+  ASSERT_NE(at, std::string::npos) << answer.substr(0, head);
+  const size_t length = std::strtoul(answer.c_str() + at + 16, nullptr, 10);
+  // In flight for certain: what came and what waits in the socket is less
+  // than the whole answer, so the server still has the rest to write (and
+  // cannot write it before this client reads).
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  int queued = 0;
+  ASSERT_EQ(::ioctl(slow, FIONREAD, &queued), 0);
+  ASSERT_LT(answer.size() + static_cast<size_t>(queued), head + length)
+      << "the whole answer fits in the socket's buffers: no request would be in flight";
+
   ::kill(pid_, SIGTERM);
-  int status = 0;
-  for (int i = 0; i < 100; ++i) {
-    if (::waitpid(pid_, &status, WNOHANG) == pid_) break;
+  // Stop() has run once the socket file is gone.
+  for (int i = 0; i < 200 && std::filesystem::exists(socket_); ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
-  ASSERT_TRUE(WIFEXITED(status)) << ReadFile(token_.dir() / "custodyd.log");
-  EXPECT_EQ(WEXITSTATUS(status), 0) << ReadFile(token_.dir() / "custodyd.log");
-  pid_ = -1;
-  EXPECT_FALSE(std::filesystem::exists(socket_));
+  EXPECT_FALSE(std::filesystem::exists(socket_)) << "custodyd did not stop listening";
+  EXPECT_EQ(ConnectUnix(socket_), -1) << "a connection after SIGTERM";
+  // The rest of the answer, then the end of the connection.
+  ssize_t n;
+  while ((n = ::recv(slow, buf, sizeof buf, 0)) > 0) answer.append(buf, static_cast<size_t>(n));
+  ::close(slow);
+  ASSERT_EQ(answer.size(), head + length) << "the answer in flight was cut off after " << answer.size() << " of "
+                                          << head + length << " bytes";
+  auto body = nlohmann::json::parse(answer.substr(head), nullptr, false);
+  ASSERT_TRUE(body.is_object()) << answer.substr(head, 200);
+  EXPECT_EQ(body.value("value", ""), big) << "the request in flight got its value";
+
+  auto status = WaitForExit(pid_, std::chrono::seconds(5));
+  ASSERT_TRUE(status.has_value()) << "custodyd did not exit within 5 s of its last answer";
+  ASSERT_TRUE(WIFEXITED(*status)) << "status " << *status;
+  EXPECT_EQ(WEXITSTATUS(*status), 0);
   EXPECT_NE(ReadFile(token_.dir() / "custodyd.log").find("stopped"), std::string::npos);
   // Closed: end of file if the server had accepted it, a reset if it was
   // still in the listen backlog when the server stopped.
   char byte = 0;
-  ssize_t n = ::read(silent, &byte, 1);
+  n = ::read(silent, &byte, 1);
   EXPECT_TRUE(n == 0 || (n < 0 && errno == ECONNRESET)) << "read gave " << n << ": " << std::strerror(errno);
   ::close(silent);
 }

@@ -42,8 +42,9 @@ TEST_F(ServerTest, UsageCountsEveryGetAlthoughItIsWrittenBehind) {
   EXPECT_EQ(unseals(*after), unseals(*before) + 7) << *after;
   ASSERT_TRUE(c->Get("payments/prod/stripe").ok());
   ::kill(pid_, SIGTERM);
-  ::waitpid(pid_, nullptr, 0);
-  pid_ = -1;
+  auto status = WaitForExit(pid_, std::chrono::seconds(30));
+  ASSERT_TRUE(status.has_value()) << "custodyd did not exit within 30 s of SIGTERM";
+  ASSERT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << "status " << *status;
   auto direct = Cli({"--json", "usage", "payments"});
   ASSERT_EQ(direct.exit_code, 0) << direct.err;
   EXPECT_EQ(unseals(direct.out), unseals(*before) + 8) << direct.out;
@@ -64,13 +65,15 @@ TEST_F(ServerTest, UsageThatCannotBeWrittenIsCountedAndNotLost) {
     return n;
   };
   auto failures = [&] {
-    auto m = Raw(socket_, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
-    const std::string name = "\ncustody_usage_write_failures_total ";
-    auto at = m.find(name);
-    return at == std::string::npos ? -1 : std::atol(m.c_str() + at + name.size());
+    return MetricValue(Raw(socket_, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"), "custody_usage_write_failures_total")
+        .value_or(-1);
   };
+  // Healthy first: a GET's count written (the usage read flushes it) is no
+  // failure.
+  ASSERT_TRUE(c->Get("payments/prod/stripe").ok());
   auto before = c->Fetch("/v1/usage?project=payments");
   ASSERT_TRUE(before.ok()) << before.error().message();
+  ASSERT_GE(unseals(*before), 1u) << *before;
   EXPECT_EQ(failures(), 0);
 
   sqlite3* holder = nullptr;

@@ -7,9 +7,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <sstream>
 #include <thread>
 
 #include "custody/app/config.h"
@@ -64,17 +68,38 @@ std::string Raw(const std::string& socket, const std::string& request) {
   return out;
 }
 
-std::optional<int> StopWithin(pid_t& pid, int seconds) {
-  ::kill(pid, SIGTERM);
-  for (int i = 0; i < seconds * 20; ++i) {
+std::optional<int> WaitForExit(pid_t& pid, std::chrono::seconds within) {
+  if (pid <= 0) return std::nullopt;
+  const auto deadline = std::chrono::steady_clock::now() + within;
+  for (;;) {
     int status = 0;
+    // Only a reaped child counts: 0 (still running) and -1 (an error) leave
+    // `status` meaningless.
     if (::waitpid(pid, &status, WNOHANG) == pid) {
       pid = -1;
-      return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+      return status;
     }
+    if (std::chrono::steady_clock::now() >= deadline) return std::nullopt;
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
-  return std::nullopt;
+}
+
+std::optional<int> StopWithin(pid_t& pid, int seconds) {
+  ::kill(pid, SIGTERM);
+  auto status = WaitForExit(pid, std::chrono::seconds(seconds));
+  if (!status) return std::nullopt;
+  return WIFEXITED(*status) ? WEXITSTATUS(*status) : 128 + WTERMSIG(*status);
+}
+
+std::optional<long> MetricValue(const std::string& metrics, const std::string& name) {
+  const std::string line = "\n" + name + " ";
+  size_t at = metrics.find(line);
+  if (at == std::string::npos) return std::nullopt;
+  const char* start = metrics.c_str() + at + line.size();
+  char* end = nullptr;
+  long v = std::strtol(start, &end, 10);
+  if (end == start || *end != '\n') return std::nullopt;
+  return v;
 }
 
 void TamperWithStripe(const std::string& config_path) {
@@ -181,6 +206,24 @@ size_t ServerTest::AuditCount(const std::string& action) {
   size_t n = 0;
   for (size_t at = r.out.find("\"seq\""); at != std::string::npos; at = r.out.find("\"seq\"", at + 1)) ++n;
   return n;
+}
+
+std::vector<uint64_t> ServerTest::CheckpointSeqs() {
+  std::vector<std::filesystem::path> segments;
+  for (const auto& e : std::filesystem::directory_iterator(token_.dir() / "state/audit")) {
+    const std::string name = e.path().filename();
+    if (name.rfind("audit-", 0) == 0 && name.size() > 6 && e.path().extension() == ".jsonl") segments.push_back(e.path());
+  }
+  std::sort(segments.begin(), segments.end());
+  std::vector<uint64_t> seqs;
+  for (const auto& path : segments) {
+    std::istringstream lines(ReadFile(path));
+    for (std::string line; std::getline(lines, line);) {
+      auto rec = nlohmann::json::parse(line, nullptr, false);
+      if (rec.is_object() && rec.value("type", "") == "checkpoint") seqs.push_back(rec.value("seq", uint64_t{0}));
+    }
+  }
+  return seqs;
 }
 
 void TpmServerTest::Init() {

@@ -14,6 +14,8 @@
 
 #include <sys/types.h>
 
+#include <chrono>
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <vector>
@@ -32,9 +34,19 @@ void SendAll(int fd, const std::string& data);
 // server answered, or "connect failed".
 std::string Raw(const std::string& socket, const std::string& request);
 
+// Waits at most `within` for the child `pid` to end. Its wait status (for
+// WIFEXITED and WEXITSTATUS) once waitpid has reaped it, and pid is then -1;
+// nullopt if it still runs at the deadline (pid is kept: ServerTest's
+// TearDown kills it).
+std::optional<int> WaitForExit(pid_t& pid, std::chrono::seconds within);
+
 // SIGTERM to `pid`, then its exit status within `seconds` (128 + the signal
 // if a signal ended it; pid is then -1). nullopt: still running.
 std::optional<int> StopWithin(pid_t& pid, int seconds);
+
+// The value of the sample `name` (a metric without labels) in a /metrics
+// answer, or nullopt if it has no such line.
+std::optional<long> MetricValue(const std::string& metrics, const std::string& name);
 
 // Flips the last byte (the GCM tag's) of payments/prod/stripe's stored blob,
 // through the store the config at `config_path` names.
@@ -106,6 +118,9 @@ role = "reader"
   std::string CurlAs(int uid, const std::string& target);
   // How many records of `action` the audit log holds (read in direct mode).
   size_t AuditCount(const std::string& action);
+  // The seqs of the signed checkpoint records in the audit log, read from
+  // its segment files (no command runs, so none is added).
+  std::vector<uint64_t> CheckpointSeqs();
 
   TempDir run_;
   std::string socket_;
