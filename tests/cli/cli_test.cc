@@ -45,7 +45,15 @@ class CliTest : public CliFixture {
  protected:
   void SetUp() override { InitWithPolicy(token_, kPolicy); }
 
-  std::string SecretList() { return Cli({"--json", "secret", "list"}).out; }
+  // `custody --json secret list`, for the "nothing was written" checks: a
+  // list that failed (or printed something that is not JSON) would find
+  // nothing too, so it fails the test instead of passing it.
+  std::string SecretList() {
+    auto r = Cli({"--json", "secret", "list"});
+    EXPECT_EQ(r.exit_code, 0) << "secret list failed, so it cannot show that nothing was written: " << r.err;
+    EXPECT_TRUE(nlohmann::json::accept(r.out)) << "secret list printed no JSON: " << r.out;
+    return r.exit_code == 0 && nlohmann::json::accept(r.out) ? r.out : "<secret list failed>";
+  }
 
   // Runs SQL against the store file directly, as an attacker with file access could.
   void Sql(const std::string& sql) { ExecSql(token_.store_path(), sql); }
