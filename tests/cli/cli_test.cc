@@ -500,6 +500,31 @@ TEST_F(CliTest, DuplicateProjectLeavesNoKekInTheToken) {
   EXPECT_EQ(count, 2u) << info.out;
 }
 
+// The duplicate above is refused before a KEK is made. Here `project
+// create` loses a race: another writer creates the project between the
+// existence check and the insert (a trigger in the store stands in for it,
+// inserting the name just before custody's row), so the refusal comes after
+// the KEK exists, and the KEK must go again. Counted on the token: no object
+// with the project's KEK label, and only the policy's two KEKs.
+TEST_F(CliTest, AProjectCreateThatLosesARaceLeavesNoKekInTheToken) {
+  Sql("CREATE TRIGGER created_concurrently BEFORE INSERT ON projects WHEN NEW.name = 'ledger' "
+      "BEGIN INSERT INTO projects(name, created_at) VALUES (NEW.name, 0); END");
+  ExpectOneLine(Cli({"project", "create", "ledger"}), 64, "project 'ledger' already exists");
+  auto info = Cli({"--json", "token", "info"});
+  ASSERT_EQ(info.exit_code, 0) << info.err;
+  auto objects = nlohmann::json::parse(info.out).at("objects");
+  std::map<std::string, int> keks;  // KEK label: objects with it
+  for (const auto& o : objects) {
+    ASSERT_TRUE(o.contains("label")) << "an unreadable object on the token: " << o.dump();
+    const auto label = o.at("label").get<std::string>();
+    if (label.rfind("custody:kek:", 0) == 0) ++keks[label];
+  }
+  EXPECT_EQ(keks.count("custody:kek:ledger:v1"), 0u) << info.out;
+  EXPECT_EQ(keks, (std::map<std::string, int>{{"custody:kek:billing:v1", 1}, {"custody:kek:payments:v1", 1}}))
+      << info.out;
+  EXPECT_EQ(Cli({"--json", "project", "list"}).out.find("ledger"), std::string::npos);
+}
+
 TEST_F(CliTest, MissingConfigIs78) {
   RunOptions o;
   o.env = {{"CUSTODY_CONFIG", token_.dir() / "none.toml"}};

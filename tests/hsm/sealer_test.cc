@@ -247,6 +247,75 @@ TEST_F(SealerTest, ServiceCreateProjectRollsBackTheKekWhenTheStoreRefuses) {
   EXPECT_EQ(objects->size(), 1u) << "a refused project must not leave a KEK in the token";
 }
 
+// The sealer, counting the KEKs it was asked to make and to destroy: so a
+// test can tell a refusal that came before the KEK from one that came after.
+class CountingSealer : public Sealer {
+ public:
+  explicit CountingSealer(Sealer& real) : real_(real) {}
+  Result<KekRef> CreateKek(std::string_view project, uint32_t version, std::vector<uint8_t>* material) override {
+    auto r = real_.CreateKek(project, version, material);
+    if (r.ok()) ++created;
+    return r;
+  }
+  Status DestroyKek(const KekRef& kek) override {
+    ++destroy_calls;
+    return real_.DestroyKek(kek);
+  }
+  Result<size_t> DestroyUnrecorded(const std::string& label, const std::vector<KekId>& keep) override {
+    return real_.DestroyUnrecorded(label, keep);
+  }
+  std::string ResealMode() override { return real_.ResealMode(); }
+  Status Random(std::span<uint8_t> out) override { return real_.Random(out); }
+  Result<std::vector<uint8_t>> Seal(const KekRef& kek, const SealContext& ctx, const SecretBuffer& value) override {
+    return real_.Seal(kek, ctx, value);
+  }
+  Result<SecretBuffer> Unseal(const KekRef& expected, const SealContext& ctx, std::span<const uint8_t> blob) override {
+    return real_.Unseal(expected, ctx, blob);
+  }
+  int created = 0, destroy_calls = 0;
+
+ private:
+  Sealer& real_;
+};
+
+// The duplicate above is refused before any KEK is made. Here the refusal
+// comes after: another writer creates the project between the service's
+// existence check and its insert (a trigger stands in for it, inserting the
+// name just before the service's own row, which then breaks UNIQUE as it
+// would after a concurrent create). The KEK made for the losing create must
+// be destroyed again: no object with its label stays on the token.
+TEST_F(SealerTest, ServiceCreateProjectDestroysTheKekWhenTheInsertLosesARace) {
+  CountingSealer counting(*sealer_);
+  SecretService svc(*store_, counting);
+  ASSERT_TRUE(svc.CreateProject("payments", {"prod"}).ok());
+  test::ExecSql(db_path(),
+                "CREATE TRIGGER created_concurrently BEFORE INSERT ON projects WHEN NEW.name = 'billing' "
+                "BEGIN INSERT INTO projects(name, created_at) VALUES (NEW.name, 0); END");
+  auto lost = svc.CreateProject("billing", {"prod"});
+  ASSERT_FALSE(lost.ok());
+  EXPECT_EQ(lost.error().category(), Category::kUsage) << lost.error().message();
+  EXPECT_NE(lost.error().message().find("project 'billing' already exists"), std::string::npos)
+      << lost.error().message();
+  EXPECT_EQ(counting.created, 2) << "the refusal must come after billing's KEK was made, or this tests nothing";
+  EXPECT_EQ(counting.destroy_calls, 1);
+
+  auto lease = pool_->Acquire();
+  ASSERT_TRUE(lease.ok());
+  auto objects = hsm::ListObjects(**lease);
+  ASSERT_TRUE(objects.ok()) << objects.error().message();
+  int billing = 0, payments = 0;
+  for (const auto& o : *objects) {
+    if (o.label == KekLabel::For("billing", 1)) ++billing;
+    if (o.label == KekLabel::For("payments", 1)) ++payments;
+  }
+  EXPECT_EQ(billing, 0) << "the KEK of a create that lost the race stayed on the token";
+  EXPECT_EQ(payments, 1);
+  EXPECT_EQ(objects->size(), 1u);
+  auto found = store_->FindProject("billing");
+  ASSERT_FALSE(found.ok()) << "the trigger's row went with the failed statement";
+  EXPECT_EQ(found.error().category(), Category::kNotFound);
+}
+
 TEST_F(SealerTest, ServicePutGetVersions) {
   SecretService svc(*store_, *sealer_);
   ASSERT_TRUE(svc.CreateProject("payments", {"prod", "dev"}).ok());
