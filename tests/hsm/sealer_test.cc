@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <iostream>
 #include <iterator>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -97,6 +98,35 @@ TEST_F(SealerTest, KekIsSensitiveNonExtractableAndRecognisable) {
   std::vector<uint8_t> value(32);
   CK_ATTRIBUTE a{CKA_VALUE, value.data(), 32};
   EXPECT_EQ((*lease)->fn()->C_GetAttributeValue((*lease)->handle(), (*handles)[0], &a, 1), CKR_ATTRIBUTE_SENSITIVE);
+
+  // What docs/ARCHITECTURE.md promises ("private, non-modifiable,
+  // encrypt/decrypt only"; docs/ROTATION.md: CKA_WRAP/CKA_UNWRAP false), as
+  // the token reports it for the fresh KEK: each attribute read on its own,
+  // so one the token does not know fails by name.
+  const std::pair<CK_ATTRIBUTE_TYPE, const char*> kFalse[] = {
+      {CKA_MODIFIABLE, "CKA_MODIFIABLE"}, {CKA_WRAP, "CKA_WRAP"}, {CKA_UNWRAP, "CKA_UNWRAP"},
+      {CKA_DERIVE, "CKA_DERIVE"},         {CKA_SIGN, "CKA_SIGN"}, {CKA_VERIFY, "CKA_VERIFY"}};
+  const std::pair<CK_ATTRIBUTE_TYPE, const char*> kTrue[] = {{CKA_ENCRYPT, "CKA_ENCRYPT"},
+                                                             {CKA_DECRYPT, "CKA_DECRYPT"}};
+  auto read_bool = [&](CK_ATTRIBUTE_TYPE type, const char* name) -> std::optional<bool> {
+    CK_BBOOL v = 0x55;  // neither CK_TRUE nor CK_FALSE: a read that wrote nothing shows
+    CK_ATTRIBUTE attr{type, &v, sizeof v};
+    CK_RV rv = (*lease)->fn()->C_GetAttributeValue((*lease)->handle(), (*handles)[0], &attr, 1);
+    EXPECT_EQ(rv, CKR_OK) << name << ": " << hsm::RvName(rv);
+    EXPECT_EQ(attr.ulValueLen, sizeof v) << name;
+    if (rv != CKR_OK || (v != CK_TRUE && v != CK_FALSE)) return std::nullopt;
+    return v == CK_TRUE;
+  };
+  for (const auto& [type, name] : kFalse) EXPECT_EQ(read_bool(type, name), std::optional<bool>(false)) << name;
+  for (const auto& [type, name] : kTrue) EXPECT_EQ(read_bool(type, name), std::optional<bool>(true)) << name;
+  // And non-modifiable holds: the token refuses to relabel it.
+  std::string relabel = "custody:kek:billing:v1";
+  CK_ATTRIBUTE l{CKA_LABEL, relabel.data(), static_cast<CK_ULONG>(relabel.size())};
+  EXPECT_NE((*lease)->fn()->C_SetAttributeValue((*lease)->handle(), (*handles)[0], &l, 1), CKR_OK);
+  auto after = hsm::ListObjects(**lease);
+  ASSERT_TRUE(after.ok());
+  ASSERT_EQ(after->size(), 1u);
+  EXPECT_EQ((*after)[0].label, "custody:kek:payments:v1");
 }
 
 TEST_F(SealerTest, ABlobMovedToAnyOtherContextFailsToUnseal) {
