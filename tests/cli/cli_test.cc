@@ -525,6 +525,40 @@ TEST_F(CliTest, AProjectCreateThatLosesARaceLeavesNoKekInTheToken) {
   EXPECT_EQ(Cli({"--json", "project", "list"}).out.find("ledger"), std::string::npos);
 }
 
+// A PIN in the token URI (pin-value, pin-source) is refused as a config
+// error, 78, with the one line naming where the PIN goes instead: given to
+// `init`, and found in the config file. Nothing is made by the refused init.
+TEST_F(CliTest, APinInTheTokenUriIs78NamingTheFix) {
+  const std::string fix =
+      "token URI carries a PIN (pin-value or pin-source); give the PIN through pin_file, CUSTODY_PIN or --pin-fd "
+      "instead";
+  RunOptions o;
+  o.env = {{"CUSTODY_CONFIG", token_.dir() / "other.toml"}, {"SOFTHSM2_CONF", token_.conf()}};
+  const std::string queries[] = {"?pin-source=file:/tmp/p", "?pin-value=" + std::string(SoftHsmToken::kPin)};
+  for (const std::string& query : queries) {
+    SCOPED_TRACE(query);
+    auto init = RunCustody({"init", "--module", SoftHsmToken::kModule, "--token", token_.uri() + query, "--pin-file",
+                            token_.pin_file(), "--state-dir", token_.dir() / "state2"},
+                           o);
+    ExpectOneLine(init, 78, fix);
+    EXPECT_EQ(init.err.find("/tmp/p"), std::string::npos) << init.err;
+    EXPECT_FALSE(std::filesystem::exists(token_.dir() / "other.toml"));
+    EXPECT_FALSE(std::filesystem::exists(token_.dir() / "state2"));
+
+    const std::string cfg = ReadFile(token_.config_path());
+    std::string with_pin = cfg;
+    const std::string uri = "'" + token_.uri() + "'";
+    ASSERT_NE(with_pin.find(uri), std::string::npos) << cfg;
+    with_pin.replace(with_pin.find(uri), uri.size(), "'" + token_.uri() + query + "'");
+    WriteFile(token_.config_path(), with_pin);
+    auto get = Cli({"secret", "put", "payments/prod/a"}, "v");
+    WriteFile(token_.config_path(), cfg);
+    ExpectOneLine(get, 78, fix);
+    EXPECT_EQ(get.err.find("/tmp/p"), std::string::npos) << get.err;
+  }
+  EXPECT_EQ(SecretList().find("\"a\""), std::string::npos);
+}
+
 TEST_F(CliTest, MissingConfigIs78) {
   RunOptions o;
   o.env = {{"CUSTODY_CONFIG", token_.dir() / "none.toml"}};
