@@ -15,6 +15,10 @@ packages=(
   libsqlite3-dev sqlite3 libspdlog-dev libfmt-dev nlohmann-json3-dev rapidjson-dev libcli11-dev libtomlplusplus-dev
   # the server: Boost.Beast/Asio (headers), systemd notify; curl for the API examples
   libboost-dev libsystemd-dev curl
+  # systemd-analyze, for the test that verifies dist/custodyd.service
+  # (systemd_unit_verifies); in a container this only adds the binaries,
+  # nothing is started
+  systemd
   # tests and benchmarks
   googletest libgtest-dev libgmock-dev libbenchmark-dev
   # fuzzing (ci/fuzz.sh): clang, its libFuzzer and sanitizer runtimes (only

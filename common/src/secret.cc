@@ -6,6 +6,7 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -28,9 +29,12 @@ constexpr size_t kSecureHeapSize = 2 * 1024 * 1024;
 bool SecureHeapReady() {
   static const bool ready = [] {
     if (CRYPTO_secure_malloc_initialized()) return true;
-    // Fails under a small RLIMIT_MEMLOCK; buffers then fall back to
-    // malloc + mlock each (see the constructor).
-    return CRYPTO_secure_malloc_init(kSecureHeapSize, 32) != 0;
+    // 1: the arena is mlock()ed. 2: it was made but not locked (a small
+    // RLIMIT_MEMLOCK without CAP_IPC_LOCK; a failed guard page or
+    // MADV_DONTDUMP), so its bytes are not what locked() promises; 0: none.
+    // Unless locked, buffers fall back to malloc + mlock each (see the
+    // constructor).
+    return CRYPTO_secure_malloc_init(kSecureHeapSize, 32) == 1;
   }();
   return ready;
 }
@@ -55,7 +59,9 @@ SecretBuffer::SecretBuffer(size_t size) {
   size_ = capacity_ = size;
   // mlock may fail under RLIMIT_MEMLOCK; the buffer is still wiped on release,
   // so failure to lock lowers protection against swap but is not fatal.
-  locked_ = ::mlock(data_, capacity_) == 0;
+  // The system call itself: sanitizer runtimes replace mlock() with one that
+  // locks nothing and returns 0, which would make locked() a lie there.
+  locked_ = ::syscall(SYS_mlock, data_, capacity_) == 0;
 }
 
 SecretBuffer::~SecretBuffer() { Release(); }
@@ -89,7 +95,7 @@ void SecretBuffer::Release() noexcept {
     OPENSSL_secure_clear_free(data_, capacity_);  // wipes, then returns to the arena
   } else {
     OPENSSL_cleanse(data_, capacity_);
-    if (locked_) ::munlock(data_, capacity_);
+    if (locked_) ::syscall(SYS_munlock, data_, capacity_);
     std::free(data_);
   }
   data_ = nullptr;

@@ -3,8 +3,11 @@
 // verify` / `audit show` tell the user what they need to know.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
 
 #include "../support/cli_fixture.h"
 
@@ -42,17 +45,78 @@ class AuditCliTest : public CliFixture {
     }
     return all;
   }
+  // Every record in the log's segments, in order, each line parsed: fails
+  // the test on a line that is not a JSON object or a sequence that skips.
+  std::vector<nlohmann::json> AuditRecords() const {
+    std::vector<std::string> segments;
+    for (const auto& e : std::filesystem::directory_iterator(AuditDir())) {
+      const std::string name = e.path().filename().string();
+      if (name.rfind("audit-", 0) == 0 && e.path().extension() == ".jsonl") segments.push_back(e.path().string());
+    }
+    std::sort(segments.begin(), segments.end());
+    std::vector<nlohmann::json> records;
+    for (const auto& seg : segments) {
+      std::istringstream lines(ReadFile(seg));
+      std::string line;
+      while (std::getline(lines, line)) {
+        auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+        EXPECT_TRUE(j.is_object()) << seg << ": " << line;
+        if (!j.is_object()) continue;
+        EXPECT_EQ(j.value("seq", 0u), records.size() + 1) << seg << ": " << line;
+        records.push_back(std::move(j));
+      }
+    }
+    return records;
+  }
 };
 
 TEST_F(AuditCliTest, EveryOperationAllowedOrRefusedLeavesOneRecord) {
-  ASSERT_EQ(Cli({"secret", "put", "payments/prod/stripe"}, kSecret).exit_code, 0);
-  ASSERT_EQ(Cli({"secret", "get", "payments/prod/stripe"}).exit_code, 0);
-  ASSERT_EQ(Cli({"secret", "put", "billing/prod/x"}, "v").exit_code, 77);  // reader: denied
-  ASSERT_EQ(Cli({"secret", "get", "payments/prod/stripe"}).exit_code, 0);
-  ASSERT_EQ(Cli({"secret", "get", "payments/prod/stripe"}).exit_code, 0);
-  ASSERT_EQ(Cli({"secret", "get", "payments/prod/stripe"}).exit_code, 75);  // 4/min: limit
+  // Each operation, its exit code, and the one record it must add: counted
+  // in the log's segments (checkpoints aside), not looked for as text.
+  struct Op {
+    std::vector<std::string> args;
+    std::string in;
+    int exit_code;
+    std::string action, name, decision, result;
+    std::string error = "";  // what the record's error says, if the operation failed
+  };
+  auto run = [&](const Op& op) {
+    std::string line;
+    for (const auto& a : op.args) line += a + " ";
+    SCOPED_TRACE(line);
+    const size_t before = AuditRecords().size();
+    auto r = Cli(op.args, op.in);
+    ASSERT_EQ(r.exit_code, op.exit_code) << r.err;
+    auto all = AuditRecords();
+    std::vector<nlohmann::json> added;
+    for (size_t i = before; i < all.size(); ++i) {
+      if (all[i].value("type", "") != "checkpoint") added.push_back(all[i]);
+    }
+    ASSERT_EQ(added.size(), 1u) << "records added: " << nlohmann::json(added).dump(1);
+    const auto& rec = added[0];
+    EXPECT_EQ(rec.value("type", ""), "event") << rec.dump();
+    EXPECT_EQ(rec.value("action", ""), op.action) << rec.dump();
+    EXPECT_EQ(rec.value("name", ""), op.name) << rec.dump();
+    EXPECT_EQ(rec.value("decision", ""), op.decision) << rec.dump();
+    EXPECT_EQ(rec.value("result", ""), op.result) << rec.dump();
+    EXPECT_NE(rec.value("error", "").find(op.error), std::string::npos) << rec.dump();
+    if (op.error.empty()) {
+      EXPECT_EQ(rec.value("error", ""), "") << rec.dump();
+    }
+  };
+  run({{"secret", "put", "payments/prod/stripe"}, kSecret, 0, "secret.put", "stripe", "allow", "ok"});
+  run({{"secret", "get", "payments/prod/stripe"}, "", 0, "secret.get", "stripe", "allow", "ok"});
+  run({{"secret", "put", "billing/prod/x"}, "v", 77, "secret.put", "x", "deny", "refused",
+       "user:root is reader in project billing"});
+  run({{"secret", "get", "payments/prod/stripe"}, "", 0, "secret.get", "stripe", "allow", "ok"});
+  run({{"secret", "get", "payments/prod/stripe"}, "", 0, "secret.get", "stripe", "allow", "ok"});
+  run({{"secret", "get", "payments/prod/stripe"}, "", 75, "secret.get", "stripe", "limit", "refused",
+       "limit reached: environment payments/prod rate 4/min"});
   WriteFile(token_.pin_file(), "wrong-pin-1111\n");
-  ASSERT_EQ(Cli({"secret", "put", "payments/dev/x"}, "v").exit_code, 77);  // failed login
+  // The policy allows it; the token refuses the login.
+  run({{"secret", "put", "payments/dev/x"}, "v", 77, "secret.put", "x", "allow", "refused",
+       "C_Login failed: CKR_PIN_INCORRECT"});
+  WriteFile(token_.pin_file(), std::string(SoftHsmToken::kPin) + "\n");
 
   auto show = Cli({"--json", "audit", "show", "--project", "payments"});
   ASSERT_EQ(show.exit_code, 0) << show.err;

@@ -45,7 +45,15 @@ class CliTest : public CliFixture {
  protected:
   void SetUp() override { InitWithPolicy(token_, kPolicy); }
 
-  std::string SecretList() { return Cli({"--json", "secret", "list"}).out; }
+  // `custody --json secret list`, for the "nothing was written" checks: a
+  // list that failed (or printed something that is not JSON) would find
+  // nothing too, so it fails the test instead of passing it.
+  std::string SecretList() {
+    auto r = Cli({"--json", "secret", "list"});
+    EXPECT_EQ(r.exit_code, 0) << "secret list failed, so it cannot show that nothing was written: " << r.err;
+    EXPECT_TRUE(nlohmann::json::accept(r.out)) << "secret list printed no JSON: " << r.out;
+    return r.exit_code == 0 && nlohmann::json::accept(r.out) ? r.out : "<secret list failed>";
+  }
 
   // Runs SQL against the store file directly, as an attacker with file access could.
   void Sql(const std::string& sql) { ExecSql(token_.store_path(), sql); }
@@ -490,6 +498,65 @@ TEST_F(CliTest, DuplicateProjectLeavesNoKekInTheToken) {
     ++count;
   }
   EXPECT_EQ(count, 2u) << info.out;
+}
+
+// The duplicate above is refused before a KEK is made. Here `project
+// create` loses a race: another writer creates the project between the
+// existence check and the insert (a trigger in the store stands in for it,
+// inserting the name just before custody's row), so the refusal comes after
+// the KEK exists, and the KEK must go again. Counted on the token: no object
+// with the project's KEK label, and only the policy's two KEKs.
+TEST_F(CliTest, AProjectCreateThatLosesARaceLeavesNoKekInTheToken) {
+  Sql("CREATE TRIGGER created_concurrently BEFORE INSERT ON projects WHEN NEW.name = 'ledger' "
+      "BEGIN INSERT INTO projects(name, created_at) VALUES (NEW.name, 0); END");
+  ExpectOneLine(Cli({"project", "create", "ledger"}), 64, "project 'ledger' already exists");
+  auto info = Cli({"--json", "token", "info"});
+  ASSERT_EQ(info.exit_code, 0) << info.err;
+  auto objects = nlohmann::json::parse(info.out).at("objects");
+  std::map<std::string, int> keks;  // KEK label: objects with it
+  for (const auto& o : objects) {
+    ASSERT_TRUE(o.contains("label")) << "an unreadable object on the token: " << o.dump();
+    const auto label = o.at("label").get<std::string>();
+    if (label.rfind("custody:kek:", 0) == 0) ++keks[label];
+  }
+  EXPECT_EQ(keks.count("custody:kek:ledger:v1"), 0u) << info.out;
+  EXPECT_EQ(keks, (std::map<std::string, int>{{"custody:kek:billing:v1", 1}, {"custody:kek:payments:v1", 1}}))
+      << info.out;
+  EXPECT_EQ(Cli({"--json", "project", "list"}).out.find("ledger"), std::string::npos);
+}
+
+// A PIN in the token URI (pin-value, pin-source) is refused as a config
+// error, 78, with the one line naming where the PIN goes instead: given to
+// `init`, and found in the config file. Nothing is made by the refused init.
+TEST_F(CliTest, APinInTheTokenUriIs78NamingTheFix) {
+  const std::string fix =
+      "token URI carries a PIN (pin-value or pin-source); give the PIN through pin_file, CUSTODY_PIN or --pin-fd "
+      "instead";
+  RunOptions o;
+  o.env = {{"CUSTODY_CONFIG", token_.dir() / "other.toml"}, {"SOFTHSM2_CONF", token_.conf()}};
+  const std::string queries[] = {"?pin-source=file:/tmp/p", "?pin-value=" + std::string(SoftHsmToken::kPin)};
+  for (const std::string& query : queries) {
+    SCOPED_TRACE(query);
+    auto init = RunCustody({"init", "--module", SoftHsmToken::kModule, "--token", token_.uri() + query, "--pin-file",
+                            token_.pin_file(), "--state-dir", token_.dir() / "state2"},
+                           o);
+    ExpectOneLine(init, 78, fix);
+    EXPECT_EQ(init.err.find("/tmp/p"), std::string::npos) << init.err;
+    EXPECT_FALSE(std::filesystem::exists(token_.dir() / "other.toml"));
+    EXPECT_FALSE(std::filesystem::exists(token_.dir() / "state2"));
+
+    const std::string cfg = ReadFile(token_.config_path());
+    std::string with_pin = cfg;
+    const std::string uri = "'" + token_.uri() + "'";
+    ASSERT_NE(with_pin.find(uri), std::string::npos) << cfg;
+    with_pin.replace(with_pin.find(uri), uri.size(), "'" + token_.uri() + query + "'");
+    WriteFile(token_.config_path(), with_pin);
+    auto get = Cli({"secret", "put", "payments/prod/a"}, "v");
+    WriteFile(token_.config_path(), cfg);
+    ExpectOneLine(get, 78, fix);
+    EXPECT_EQ(get.err.find("/tmp/p"), std::string::npos) << get.err;
+  }
+  EXPECT_EQ(SecretList().find("\"a\""), std::string::npos);
 }
 
 TEST_F(CliTest, MissingConfigIs78) {

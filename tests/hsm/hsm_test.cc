@@ -47,6 +47,26 @@ TEST(TokenUri, RefusesPinsObjectsAndGarbage) {
   EXPECT_EQ(bad.error().category(), Category::kConfig);
 }
 
+// README: the PIN is never accepted in the token URI (pin-value and
+// pin-source are refused). Both forms, with the message that names the fix,
+// as a config error (exit 78), and the PIN or its source never echoed.
+TEST(TokenUri, RefusesPinValueAndPinSourceNamingTheFix) {
+  for (const char* uri : {"pkcs11:token=x?pin-source=file:/tmp/p", "pkcs11:token=x?pin-value=1234",
+                                "pkcs11:token=x;serial=abc?pin-value=1234&module-name=softhsm2"}) {
+    SCOPED_TRACE(uri);
+    auto r = TokenUri::Parse(uri);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.error().category(), Category::kConfig);
+    EXPECT_EQ(r.error().message(),
+              "token URI carries a PIN (pin-value or pin-source); give the PIN through pin_file, CUSTODY_PIN or "
+              "--pin-fd instead");
+    EXPECT_EQ(r.error().message().find("/tmp/p"), std::string::npos);
+    EXPECT_EQ(r.error().message().find("1234"), std::string::npos);
+  }
+  // The same token without them parses.
+  EXPECT_TRUE(TokenUri::Parse("pkcs11:token=x").ok());
+}
+
 TEST(Module, MissingModuleIsAConfigError) {
   auto m = Module::Load("/nonexistent/libpkcs11.so");
   ASSERT_FALSE(m.ok());

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <iostream>
 #include <iterator>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -97,6 +98,35 @@ TEST_F(SealerTest, KekIsSensitiveNonExtractableAndRecognisable) {
   std::vector<uint8_t> value(32);
   CK_ATTRIBUTE a{CKA_VALUE, value.data(), 32};
   EXPECT_EQ((*lease)->fn()->C_GetAttributeValue((*lease)->handle(), (*handles)[0], &a, 1), CKR_ATTRIBUTE_SENSITIVE);
+
+  // What docs/ARCHITECTURE.md promises ("private, non-modifiable,
+  // encrypt/decrypt only"; docs/ROTATION.md: CKA_WRAP/CKA_UNWRAP false), as
+  // the token reports it for the fresh KEK: each attribute read on its own,
+  // so one the token does not know fails by name.
+  const std::pair<CK_ATTRIBUTE_TYPE, const char*> kFalse[] = {
+      {CKA_MODIFIABLE, "CKA_MODIFIABLE"}, {CKA_WRAP, "CKA_WRAP"}, {CKA_UNWRAP, "CKA_UNWRAP"},
+      {CKA_DERIVE, "CKA_DERIVE"},         {CKA_SIGN, "CKA_SIGN"}, {CKA_VERIFY, "CKA_VERIFY"}};
+  const std::pair<CK_ATTRIBUTE_TYPE, const char*> kTrue[] = {{CKA_ENCRYPT, "CKA_ENCRYPT"},
+                                                             {CKA_DECRYPT, "CKA_DECRYPT"}};
+  auto read_bool = [&](CK_ATTRIBUTE_TYPE type, const char* name) -> std::optional<bool> {
+    CK_BBOOL v = 0x55;  // neither CK_TRUE nor CK_FALSE: a read that wrote nothing shows
+    CK_ATTRIBUTE attr{type, &v, sizeof v};
+    CK_RV rv = (*lease)->fn()->C_GetAttributeValue((*lease)->handle(), (*handles)[0], &attr, 1);
+    EXPECT_EQ(rv, CKR_OK) << name << ": " << hsm::RvName(rv);
+    EXPECT_EQ(attr.ulValueLen, sizeof v) << name;
+    if (rv != CKR_OK || (v != CK_TRUE && v != CK_FALSE)) return std::nullopt;
+    return v == CK_TRUE;
+  };
+  for (const auto& [type, name] : kFalse) EXPECT_EQ(read_bool(type, name), std::optional<bool>(false)) << name;
+  for (const auto& [type, name] : kTrue) EXPECT_EQ(read_bool(type, name), std::optional<bool>(true)) << name;
+  // And non-modifiable holds: the token refuses to relabel it.
+  std::string relabel = "custody:kek:billing:v1";
+  CK_ATTRIBUTE l{CKA_LABEL, relabel.data(), static_cast<CK_ULONG>(relabel.size())};
+  EXPECT_NE((*lease)->fn()->C_SetAttributeValue((*lease)->handle(), (*handles)[0], &l, 1), CKR_OK);
+  auto after = hsm::ListObjects(**lease);
+  ASSERT_TRUE(after.ok());
+  ASSERT_EQ(after->size(), 1u);
+  EXPECT_EQ((*after)[0].label, "custody:kek:payments:v1");
 }
 
 TEST_F(SealerTest, ABlobMovedToAnyOtherContextFailsToUnseal) {
@@ -245,6 +275,75 @@ TEST_F(SealerTest, ServiceCreateProjectRollsBackTheKekWhenTheStoreRefuses) {
   auto lease = pool_->Acquire();
   auto objects = hsm::ListObjects(**lease);
   EXPECT_EQ(objects->size(), 1u) << "a refused project must not leave a KEK in the token";
+}
+
+// The sealer, counting the KEKs it was asked to make and to destroy: so a
+// test can tell a refusal that came before the KEK from one that came after.
+class CountingSealer : public Sealer {
+ public:
+  explicit CountingSealer(Sealer& real) : real_(real) {}
+  Result<KekRef> CreateKek(std::string_view project, uint32_t version, std::vector<uint8_t>* material) override {
+    auto r = real_.CreateKek(project, version, material);
+    if (r.ok()) ++created;
+    return r;
+  }
+  Status DestroyKek(const KekRef& kek) override {
+    ++destroy_calls;
+    return real_.DestroyKek(kek);
+  }
+  Result<size_t> DestroyUnrecorded(const std::string& label, const std::vector<KekId>& keep) override {
+    return real_.DestroyUnrecorded(label, keep);
+  }
+  std::string ResealMode() override { return real_.ResealMode(); }
+  Status Random(std::span<uint8_t> out) override { return real_.Random(out); }
+  Result<std::vector<uint8_t>> Seal(const KekRef& kek, const SealContext& ctx, const SecretBuffer& value) override {
+    return real_.Seal(kek, ctx, value);
+  }
+  Result<SecretBuffer> Unseal(const KekRef& expected, const SealContext& ctx, std::span<const uint8_t> blob) override {
+    return real_.Unseal(expected, ctx, blob);
+  }
+  int created = 0, destroy_calls = 0;
+
+ private:
+  Sealer& real_;
+};
+
+// The duplicate above is refused before any KEK is made. Here the refusal
+// comes after: another writer creates the project between the service's
+// existence check and its insert (a trigger stands in for it, inserting the
+// name just before the service's own row, which then breaks UNIQUE as it
+// would after a concurrent create). The KEK made for the losing create must
+// be destroyed again: no object with its label stays on the token.
+TEST_F(SealerTest, ServiceCreateProjectDestroysTheKekWhenTheInsertLosesARace) {
+  CountingSealer counting(*sealer_);
+  SecretService svc(*store_, counting);
+  ASSERT_TRUE(svc.CreateProject("payments", {"prod"}).ok());
+  test::ExecSql(db_path(),
+                "CREATE TRIGGER created_concurrently BEFORE INSERT ON projects WHEN NEW.name = 'billing' "
+                "BEGIN INSERT INTO projects(name, created_at) VALUES (NEW.name, 0); END");
+  auto lost = svc.CreateProject("billing", {"prod"});
+  ASSERT_FALSE(lost.ok());
+  EXPECT_EQ(lost.error().category(), Category::kUsage) << lost.error().message();
+  EXPECT_NE(lost.error().message().find("project 'billing' already exists"), std::string::npos)
+      << lost.error().message();
+  EXPECT_EQ(counting.created, 2) << "the refusal must come after billing's KEK was made, or this tests nothing";
+  EXPECT_EQ(counting.destroy_calls, 1);
+
+  auto lease = pool_->Acquire();
+  ASSERT_TRUE(lease.ok());
+  auto objects = hsm::ListObjects(**lease);
+  ASSERT_TRUE(objects.ok()) << objects.error().message();
+  int billing = 0, payments = 0;
+  for (const auto& o : *objects) {
+    if (o.label == KekLabel::For("billing", 1)) ++billing;
+    if (o.label == KekLabel::For("payments", 1)) ++payments;
+  }
+  EXPECT_EQ(billing, 0) << "the KEK of a create that lost the race stayed on the token";
+  EXPECT_EQ(payments, 1);
+  EXPECT_EQ(objects->size(), 1u);
+  auto found = store_->FindProject("billing");
+  ASSERT_FALSE(found.ok()) << "the trigger's row went with the failed statement";
+  EXPECT_EQ(found.error().category(), Category::kNotFound);
 }
 
 TEST_F(SealerTest, ServicePutGetVersions) {
