@@ -498,6 +498,44 @@ TEST_F(AuditTest, KillNineMidWriteLeavesAVerifiableLogThatContinuesCleanly) {
   }
 }
 
+// A kill -9 at a random moment rarely lands inside a record (each record
+// is one small write), so the test above cannot show a repair. Here the
+// crash is placed: a shim lets the writer's 5th write to the segment put
+// down only half its bytes, then kills the process with SIGKILL. The torn
+// line must be reported, then cut and recorded by the next writer.
+TEST_F(AuditTest, AWriterKilledHalfwayThroughARecordLeavesATornLineTheNextOneRepairs) {
+  log_.reset();
+  std::string asan = std::getenv("ASAN_OPTIONS") ? std::getenv("ASAN_OPTIONS") : "";
+  std::vector<std::string> env = {std::string("LD_PRELOAD=") + TEAR_WRITE, "CUSTODY_TEST_TEAR_AT=5",
+                                  "ASAN_OPTIONS=" + asan + (asan.empty() ? "" : ":") + "verify_asan_link_order=0"};
+  std::vector<char*> envp;
+  for (auto& e : env) envp.push_back(e.data());
+  envp.push_back(nullptr);
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::execle(AUDIT_WRITER, AUDIT_WRITER, opts_.dir.c_str(), "100", "torn", nullptr, envp.data());
+    ::_exit(127);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) << "the writer was not killed mid-record";
+  auto r = Verify();
+  EXPECT_TRUE(r.intact) << r.problem;
+  EXPECT_TRUE(r.torn_tail) << "the crash left no torn line";
+  EXPECT_EQ(r.records, 4u) << "four whole records before the torn one";
+
+  auto next = AuditLog::Open(opts_);
+  ASSERT_TRUE(next.ok()) << next.error().message();
+  ASSERT_TRUE((*next)->Append(Event(7)).ok());
+  auto after = Verify();
+  EXPECT_TRUE(after.intact) << after.problem;
+  EXPECT_FALSE(after.torn_tail);
+  auto recs = *ReadAuditLog(opts_.dir);
+  ASSERT_EQ(recs.size(), 6u);
+  EXPECT_EQ(recs[4].type, "repair");
+  EXPECT_NE(recs[4].event.detail.find("of a record torn by a crash"), std::string::npos) << recs[4].event.detail;
+}
+
 TEST_F(AuditTest, ATornLastLineIsReportedThenRepairedAndRecorded) {
   WriteStandard();
   std::string seg = Segment();
