@@ -156,6 +156,48 @@ TEST_F(RotationCliTest, ProviderCommandSuppliesTheValueAndNeverSeesThePin) {
   EXPECT_EQ(Json({"secret", "versions", "payments/prod/vendor"}).size(), 2u);
 }
 
+// The PIN's real leak paths into a provider: CUSTODY_PIN in the environment
+// it would inherit, and the --pin-fd descriptor (a file it could read again
+// through /proc/self/fd, or a pipe). The provider dumps its environment and
+// whatever it can read through that descriptor number.
+TEST_F(RotationCliTest, ProviderSeesNeitherCustodyPinNorThePinDescriptor) {
+  Put("payments/prod/vendor", "old-value");
+  // Without pin_file in the config, the PIN must come from where the test says.
+  std::string cfg = ReadFile(token_.config_path());
+  size_t at = cfg.find("pin_file");
+  ASSERT_NE(at, std::string::npos);
+  cfg.erase(at, cfg.find('\n', at) - at + 1);
+  WriteFile(token_.config_path(), cfg);
+
+  auto GetWithEnvPin = [&](const std::string& path) {
+    auto g = Cli({"secret", "get", path}, "", {.env = {{"CUSTODY_PIN", SoftHsmToken::kPin}}});
+    EXPECT_EQ(g.exit_code, 0) << g.err;
+    return g.out;
+  };
+  std::string seen = token_.dir() / "provider-saw";
+  auto r = Cli({"secret", "rotate", "payments/prod/vendor", "--exec", "env > " + seen + "; echo 'from-env-run'"}, "",
+               {.env = {{"CUSTODY_PIN", SoftHsmToken::kPin}}});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(GetWithEnvPin("payments/prod/vendor"), "from-env-run");
+  EXPECT_EQ(ReadFile(seen).find(SoftHsmToken::kPin), std::string::npos) << "CUSTODY_PIN reached the provider";
+
+  // --pin-fd from a file: what a provider could re-read through the number.
+  std::string pin_path = token_.dir() / "pin-for-fd";
+  WriteFile(pin_path, std::string(SoftHsmToken::kPin) + "\n");
+  int fd = ::open(pin_path.c_str(), O_RDONLY);  // no O_CLOEXEC: custody gets it
+  ASSERT_GE(fd, 0);
+  const std::string n = std::to_string(fd);
+  r = Cli({"--pin-fd", n, "secret", "rotate", "payments/prod/vendor", "--exec",
+           "{ env; cat /proc/self/fd/" + n + "; cat <&" + n + "; } > " + seen + " 2>/dev/null; echo 'from-fd-run'"},
+          "", {.keep_fds = {fd}});
+  ::close(fd);
+  // The provider runs before custody reads the PIN: it would find it unread.
+  EXPECT_EQ(ReadFile(seen).find(SoftHsmToken::kPin), std::string::npos)
+      << "the provider could read the PIN through descriptor " << n << ":\n" << ReadFile(seen);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(GetWithEnvPin("payments/prod/vendor"), "from-fd-run");
+}
+
 TEST_F(RotationCliTest, RevokingTheCurrentVersionFallsBackThenLeavesNone) {
   Put("payments/prod/stripe", "one");
   Put("payments/prod/stripe", "two");
