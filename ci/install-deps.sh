@@ -13,6 +13,10 @@ packages=(
   libtss2-dev swtpm swtpm-tools tpm2-tools
   # storage, logging, formats, CLI
   libsqlite3-dev sqlite3 libspdlog-dev libfmt-dev nlohmann-json3-dev rapidjson-dev libcli11-dev libtomlplusplus-dev
+  # the PostgreSQL store: libpq, and a PostgreSQL 15 server that the tests
+  # start themselves (initdb + postgres in a temporary folder; the package's
+  # own cluster is not used)
+  libpq-dev postgresql postgresql-contrib
   # the server: Boost.Beast/Asio (headers), systemd notify; curl for the API examples
   libboost-dev libsystemd-dev curl
   # systemd-analyze, for the test that verifies dist/custodyd.service

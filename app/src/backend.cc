@@ -11,6 +11,7 @@
 #include "custody/hsm/pkcs11_sealer.h"
 #include "custody/hsm/token_signer.h"
 #include "custody/hsm/uri.h"
+#include "custody/store/postgres_store.h"
 #include "custody/store/sqlite_store.h"
 #include "custody/tpm/tpm_sealer.h"
 #include "custody/tpm/tpm_signer.h"
@@ -48,6 +49,7 @@ class StateLock {
 }  // namespace
 
 Result<std::unique_ptr<Store>> OpenStore(const Config& config, bool create) {
+  if (!config.store.url.empty()) return OpenPostgresStore(config.store.url, create);
   return OpenSqliteStore(config.store.path, create);
 }
 

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <filesystem>
 #include <cstdio>
 #include <cstdlib>
 #include <sstream>
@@ -16,6 +17,7 @@
 #include "custody/common/hex.h"
 #include "custody/common/untrusted.h"
 #include "custody/policy/model.h"
+#include "custody/store/postgres_store.h"
 
 namespace custody::core {
 namespace {
@@ -36,6 +38,30 @@ Result<std::string> RequireString(const toml::table& t, std::string_view key, co
   if (v.empty()) return Error(Category::kConfig, Where(path, n->source()) + ": '" + full + "' is empty");
   return v;
 }
+
+}  // namespace
+
+Result<StoreSettings> StoreFromArg(const std::string& arg) {
+  StoreSettings s;
+  const bool uri = arg.starts_with("postgresql://") || arg.starts_with("postgres://");
+  const bool keywords = arg.find('=') != std::string::npos &&
+                        (arg.find("dbname=") != std::string::npos || arg.find("host=") != std::string::npos ||
+                         arg.find("service=") != std::string::npos);
+  if (uri || keywords) {
+    CUSTODY_RETURN_IF_ERROR(CheckPostgresUrl(arg));
+    s.url = arg;
+  } else {
+    if (arg.empty()) return Error(Category::kUsage, "the store is empty: give a SQLite path or a PostgreSQL URL");
+    s.path = std::filesystem::absolute(arg).lexically_normal().string();
+  }
+  return s;
+}
+
+std::string DescribeStore(const StoreSettings& store) {
+  return store.url.empty() ? store.path : DescribePostgresUrl(store.url);
+}
+
+namespace {
 
 void DropTrailingNewline(SecretBuffer& pin) {
   auto s = pin.RevealString(SecretAccess{});
@@ -126,7 +152,17 @@ Result<Config> LoadConfig(const std::string& path) {
   }
   const toml::table* store = root["store"].as_table();
   if (store == nullptr) return Error(Category::kConfig, path + ": missing table [store]");
-  CUSTODY_ASSIGN_OR_RETURN(c.store.path, RequireString(*store, "path", path, "store"));
+  // `path` (SQLite) or `url` (PostgreSQL), never both: one deployment has
+  // one store.
+  if (store->contains("url")) {
+    if (store->contains("path")) {
+      return Error(Category::kConfig, path + ": [store] has both path (SQLite) and url (PostgreSQL); keep one");
+    }
+    CUSTODY_ASSIGN_OR_RETURN(c.store.url, RequireString(*store, "url", path, "store"));
+    if (Status s = CheckPostgresUrl(c.store.url); !s.ok()) return std::move(s).error().Wrap(path);
+  } else {
+    CUSTODY_ASSIGN_OR_RETURN(c.store.path, RequireString(*store, "path", path, "store"));
+  }
   c.audit.dir = c.state_dir + "/audit";
   if (const toml::table* audit = root["audit"].as_table()) {
     if (audit->contains("dir")) {
@@ -247,7 +283,8 @@ Status WriteConfig(const Config& c, const std::string& path) {
     token.insert("environment", std::move(env));
   }
   toml::table root{{"state_dir", c.state_dir}, {"token", std::move(token)},
-                   {"store", toml::table{{"path", c.store.path}}}};
+                   {"store", c.store.url.empty() ? toml::table{{"path", c.store.path}}
+                                                 : toml::table{{"url", c.store.url}}}};
   if (!c.audit.dir.empty()) {
     root.insert("audit", toml::table{{"dir", c.audit.dir},
                                      {"checkpoint_every", static_cast<int64_t>(c.audit.checkpoint_every)},

@@ -43,7 +43,7 @@ Result<KekRotationResult> KekRotator::Run(const std::string& project, const Hook
   // other's as an unrecorded leftover (step 1). Taken before planning, so
   // the plan cannot go stale under another run.
   CUSTODY_ASSIGN_OR_RETURN(StoreLock lock,
-                           StoreLock::Take(store_, "kek-rotate/" + project, hooks.lock_seconds, clock_,
+                           StoreLock::Take(store_, "kek-rotate/" + project, hooks.lock_seconds,
                                            "KEK rotation of " + project));
   int64_t renewed = clock_();
   CUSTODY_ASSIGN_OR_RETURN(KekRotationPlan plan, Plan(project));

@@ -9,6 +9,8 @@
 #include <fstream>
 #include <sstream>
 
+#include "custody/common/time.h"
+
 namespace custody::core {
 namespace {
 
@@ -62,9 +64,9 @@ bool HolderEnded(const LockHolder& holder) {
   return started >= 0 && started != holder.started;
 }
 
-Result<StoreLock> StoreLock::Take(Store& store, std::string name, int64_t ttl, Clock clock, const std::string& what) {
-  StoreLock lock(store, std::move(name), ttl, std::move(clock));
-  CUSTODY_ASSIGN_OR_RETURN(auto other, store.TakeLock(lock.name_, lock.me_, lock.clock_(), ttl, HolderEnded));
+Result<StoreLock> StoreLock::Take(Store& store, std::string name, int64_t ttl, const std::string& what) {
+  StoreLock lock(store, std::move(name), ttl);
+  CUSTODY_ASSIGN_OR_RETURN(auto other, store.TakeLock(lock.name_, lock.me_, ttl, HolderEnded));
   if (other) {
     const std::string when = FormatUtc(other->expires_at);
     lock.store_ = nullptr;  // nothing of ours to release
@@ -76,7 +78,7 @@ Result<StoreLock> StoreLock::Take(Store& store, std::string name, int64_t ttl, C
 }
 
 StoreLock::StoreLock(StoreLock&& o) noexcept
-    : store_(o.store_), name_(std::move(o.name_)), ttl_(o.ttl_), clock_(std::move(o.clock_)), me_(std::move(o.me_)) {
+    : store_(o.store_), name_(std::move(o.name_)), ttl_(o.ttl_), me_(std::move(o.me_)) {
   o.store_ = nullptr;
 }
 
@@ -84,6 +86,6 @@ StoreLock::~StoreLock() {
   if (store_ != nullptr) (void)store_->ReleaseLock(name_, me_);
 }
 
-Status StoreLock::Renew() { return store_->RenewLock(name_, me_, clock_(), ttl_); }
+Status StoreLock::Renew() { return store_->RenewLock(name_, me_, ttl_); }
 
 }  // namespace custody::core

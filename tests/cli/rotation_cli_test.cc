@@ -316,13 +316,14 @@ TEST_F(RotationCliTest, OnlyOneKekRotationOfAProjectRunsAtATime) {
   Put("payments/prod/a", "value-a");
   auto config = core::LoadConfig(token_.config_path());
   ASSERT_TRUE(config.ok()) << config.error().message();
-  auto store = core::OpenSqliteStore(config->store.path, false);
+  auto store = core::OpenStore(*config, false);
   ASSERT_TRUE(store.ok()) << store.error().message();
   const std::string name = "kek-rotate/payments";
-  const int64_t now = static_cast<int64_t>(std::time(nullptr));
-  // Takes the lock for `holder`; true when it was free to take.
-  auto take = [&](const core::LockHolder& holder, int64_t at) {
-    auto other = (*store)->TakeLock(name, holder, at, 600, core::HolderEnded);
+  // Takes the lock for `holder` for `ttl` seconds of the store's clock
+  // (negative: already expired); true when it was free to take.
+  constexpr int64_t kHeld = 600, kExpired = -100;
+  auto take = [&](const core::LockHolder& holder, int64_t ttl) {
+    auto other = (*store)->TakeLock(name, holder, ttl, core::HolderEnded);
     EXPECT_TRUE(other.ok()) << other.error().message();
     return other.ok() && !other->has_value();
   };
@@ -336,7 +337,7 @@ TEST_F(RotationCliTest, OnlyOneKekRotationOfAProjectRunsAtATime) {
   // A live process on this host holds the lock (this test, as a running
   // `kek rotate` would): refused, naming it.
   const core::LockHolder me = core::ThisProcess();
-  ASSERT_TRUE(take(me, now));
+  ASSERT_TRUE(take(me, kHeld));
   refused("held by a live process");
   auto r = Cli({"kek", "rotate", "payments"});
   EXPECT_NE(r.err.find("pid " + std::to_string(::getpid())), std::string::npos) << r.err;
@@ -344,10 +345,10 @@ TEST_F(RotationCliTest, OnlyOneKekRotationOfAProjectRunsAtATime) {
 
   // A process on another host holds it: refused until its lock expires.
   core::LockHolder remote{"another-host.example", 4242, 99, "boot/pidns:1"};
-  ASSERT_TRUE(take(remote, now));
+  ASSERT_TRUE(take(remote, kHeld));
   refused("held on another host");
-  ASSERT_FALSE(take(me, now)) << "another host's live lock is not ours to take";
-  ASSERT_TRUE(take(remote, now - 700));  // renewed to expire 100 s ago
+  ASSERT_FALSE(take(me, kHeld)) << "another host's live lock is not ours to take";
+  ASSERT_TRUE(take(remote, kExpired));  // renewed to have expired 100 s ago
   EXPECT_EQ(Cli({"kek", "rotate", "payments"}).exit_code, 0) << "an expired lock is taken over";
 
   // A holder on this host that has ended (killed, say) holds nothing: its
@@ -358,11 +359,11 @@ TEST_F(RotationCliTest, OnlyOneKekRotationOfAProjectRunsAtATime) {
   // The same host name in another pid namespace (a container) is not
   // judged by pid: its lock holds until it expires.
   core::LockHolder container{me.host, child, 1, "another-boot/pidns:4026531836"};
-  ASSERT_TRUE(take(container, now));
+  ASSERT_TRUE(take(container, kHeld));
   refused("held in another pid namespace under the same host name");
-  ASSERT_TRUE(take(container, now - 700));  // expired
+  ASSERT_TRUE(take(container, kExpired));
   core::LockHolder ended{me.host, child, 1, me.instance};
-  ASSERT_TRUE(take(ended, now));
+  ASSERT_TRUE(take(ended, kHeld));
   auto taken = Cli({"kek", "rotate", "payments"});
   EXPECT_EQ(taken.exit_code, 0) << taken.err;
   EXPECT_EQ(Get("payments/prod/a"), "value-a");
@@ -383,7 +384,7 @@ TEST_F(RotationCliTest, KekRotationSurvivesSigkillAtRandomPoints) {
   auto with_service = [&](const std::function<void(core::SecretService&)>& fn) {
     auto config = core::LoadConfig(token_.config_path());
     ASSERT_TRUE(config.ok()) << config.error().message();
-    auto store = core::OpenSqliteStore(config->store.path, false);
+    auto store = core::OpenStore(*config, false);
     ASSERT_TRUE(store.ok());
     auto tok = core::OpenToken(*config, token_.pin());
     ASSERT_TRUE(tok.ok()) << tok.error().message();

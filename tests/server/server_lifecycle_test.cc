@@ -19,7 +19,7 @@
 #include "../support/server_fixture.h"
 #include "custody/app/config.h"
 #include "custody/client/client.h"
-#include "custody/store/sqlite_store.h"
+#include "custody/app/backend.h"
 #include "custody/store/store.h"
 
 namespace custody::test {
@@ -78,7 +78,7 @@ TEST_F(ServerTest, SighupAppliesNewLimitsAndKeepsThePolicyWhenTheStoredOneIsBrok
   {
     auto config = core::LoadConfig(token_.config_path());
     ASSERT_TRUE(config.ok()) << config.error().message();
-    auto store = core::OpenSqliteStore(config->store.path, false);
+    auto store = core::OpenStore(*config, false);
     ASSERT_TRUE(store.ok());
     // As a damaged store would hold it: `custody policy apply` never stores this.
     ASSERT_TRUE((*store)->SavePolicy("this is [ not a policy", std::string(64, '0'), "test").ok());

@@ -1,15 +1,20 @@
-// The SQLite store against a real file.
+// The store's conformance suite: every rule of the Store interface, run on
+// each backend (a real SQLite file, a real PostgreSQL 15 server started by
+// the test: tests/support/pg_server.h), then what only one backend has.
 #include <gtest/gtest.h>
 #include <sqlite3.h>
 
+#include <atomic>
 #include <chrono>
 #include <ctime>
 #include <filesystem>
 #include <thread>
 
+#include "../support/pg_server.h"
 #include "../support/testenv.h"
 #include "custody/service/authz.h"
 #include "custody/service/usage_buffer.h"
+#include "custody/store/postgres_store.h"
 #include "custody/store/sqlite_store.h"
 #include "custody/store/store.h"
 
@@ -23,7 +28,46 @@ KekRef Kek(uint8_t seed) {
   return k;
 }
 
-class StoreTest : public ::testing::Test {
+enum class Backend_ { kSqlite, kPostgres };
+
+// A SQLSTATE as the PostgreSQL store packs it into Error::code().
+uint64_t SqlState(std::string_view s) {
+  uint64_t v = 0;
+  for (char c : s) v = (v << 8) | static_cast<uint8_t>(c);
+  return v;
+}
+
+class StoreTest : public ::testing::TestWithParam<Backend_> {
+ protected:
+  void SetUp() override {
+    if (GetParam() == Backend_::kPostgres) {
+      test::PgServer* pg = test::PgServer::Shared();
+      CUSTODY_REQUIRE_PG(pg);
+      url_ = pg->NewDatabase();
+    }
+    auto s = Open(/*create=*/true);
+    ASSERT_TRUE(s.ok()) << s.error().message();
+    store_ = std::move(*s);
+  }
+  // Another handle on the same store: another process, as far as the
+  // store can tell (its own connections).
+  Result<std::unique_ptr<Store>> Open(bool create) {
+    return GetParam() == Backend_::kSqlite ? OpenSqliteStore(path_, create) : OpenPostgresStore(url_, create);
+  }
+  bool sqlite() const { return GetParam() == Backend_::kSqlite; }
+  test::TempDir dir_;
+  std::string path_ = dir_ / "custody.db";
+  std::string url_;
+  std::unique_ptr<Store> store_;
+};
+
+INSTANTIATE_TEST_SUITE_P(Backends, StoreTest, ::testing::Values(Backend_::kSqlite, Backend_::kPostgres),
+                         [](const ::testing::TestParamInfo<Backend_>& i) {
+                           return i.param == Backend_::kSqlite ? "SQLite" : "PostgreSQL";
+                         });
+
+// What only the SQLite store has (its file, its write lock).
+class SqliteStoreTest : public ::testing::Test {
  protected:
   void SetUp() override {
     auto s = OpenSqliteStore(path_, /*create=*/true);
@@ -35,7 +79,7 @@ class StoreTest : public ::testing::Test {
   std::unique_ptr<Store> store_;
 };
 
-TEST_F(StoreTest, ProjectsEnvironmentsAndKeks) {
+TEST_P(StoreTest, ProjectsEnvironmentsAndKeks) {
   auto p = store_->CreateProject("payments", {"dev", "prod"}, Kek(1), "custody:kek:payments:v1");
   ASSERT_TRUE(p.ok()) << p.error().message();
   auto envs = store_->ListEnvironments("payments");
@@ -56,7 +100,7 @@ TEST_F(StoreTest, ProjectsEnvironmentsAndKeks) {
   EXPECT_EQ(store_->CreateEnvironment("nope", "prod").error().category(), Category::kNotFound);
 }
 
-TEST_F(StoreTest, AFailedProjectCreationLeavesNothing) {
+TEST_P(StoreTest, AFailedProjectCreationLeavesNothing) {
   // The same environment twice fails inside the transaction: no project, no KEK row.
   auto p = store_->CreateProject("payments", {"prod", "prod"}, Kek(1), "l");
   ASSERT_FALSE(p.ok());
@@ -66,7 +110,7 @@ TEST_F(StoreTest, AFailedProjectCreationLeavesNothing) {
   EXPECT_TRUE(keks->empty());
 }
 
-TEST_F(StoreTest, VersionsAreSequentialAndATakenVersionIsReported) {
+TEST_P(StoreTest, VersionsAreSequentialAndATakenVersionIsReported) {
   auto p = store_->CreateProject("payments", {"prod"}, Kek(1), "l");
   ASSERT_TRUE(p.ok());
   auto env = *store_->FindEnvironment("payments", "prod");
@@ -77,7 +121,8 @@ TEST_F(StoreTest, VersionsAreSequentialAndATakenVersionIsReported) {
   Status taken = store_->AddVersion(env.id, "stripe", 1, kek.id, {9}, 1000);
   ASSERT_FALSE(taken.ok());
   EXPECT_TRUE(taken.error().version_taken()) << taken.error().message();
-  EXPECT_EQ(taken.error().code(), static_cast<uint64_t>(SQLITE_CONSTRAINT_PRIMARYKEY)) << "SQLite's own code";
+  EXPECT_EQ(taken.error().code(), sqlite() ? static_cast<uint64_t>(SQLITE_CONSTRAINT_PRIMARYKEY) : SqlState("23505"))
+      << "the backend's own code";
   ASSERT_TRUE(store_->AddVersion(env.id, "stripe", 2, kek.id, {4, 5}, 1001).ok());
 
   auto latest = store_->GetVersion(env, "stripe", std::nullopt);
@@ -102,7 +147,7 @@ TEST_F(StoreTest, VersionsAreSequentialAndATakenVersionIsReported) {
 
 // A GET's lookup in one read: the environment, the version and its KEK, or
 // the error that names what is missing; the connection is left usable.
-TEST_F(StoreTest, ReadForUnsealReturnsTheVersionAndItsKekOrNamesWhatIsMissing) {
+TEST_P(StoreTest, ReadForUnsealReturnsTheVersionAndItsKekOrNamesWhatIsMissing) {
   auto p = store_->CreateProject("payments", {"prod"}, Kek(1), "l");
   ASSERT_TRUE(p.ok());
   auto env = *store_->FindEnvironment("payments", "prod");
@@ -137,7 +182,7 @@ TEST_F(StoreTest, ReadForUnsealReturnsTheVersionAndItsKekOrNamesWhatIsMissing) {
 // SRK can load it again for as long as the bytes exist) must leave the
 // files, not only the table: SQLite keeps a deleted value in a free page of
 // the database, and the page's older image in the write-ahead log.
-TEST_F(StoreTest, ADestroyedKeksMaterialLeavesTheDatabaseAndItsLog) {
+TEST_F(SqliteStoreTest, ADestroyedKeksMaterialLeavesTheDatabaseAndItsLog) {
   std::vector<uint8_t> old_material(300), new_material(300);
   for (size_t i = 0; i < old_material.size(); ++i) {
     old_material[i] = static_cast<uint8_t>(0xA5 ^ (i * 7));
@@ -168,7 +213,7 @@ TEST_F(StoreTest, ADestroyedKeksMaterialLeavesTheDatabaseAndItsLog) {
   EXPECT_EQ(on_disk().find(needle), std::string::npos);
 }
 
-TEST_F(StoreTest, KekReservationsStopAtTheLimit) {
+TEST_P(StoreTest, KekReservationsStopAtTheLimit) {
   ASSERT_TRUE(store_->CreateProject("payments", {}, Kek(1), "custody:kek:payments:v1").ok());
   EXPECT_TRUE(store_->Reserve(Kek(1), 6, 10).ok());
   EXPECT_TRUE(store_->Reserve(Kek(1), 4, 10).ok());
@@ -179,10 +224,10 @@ TEST_F(StoreTest, KekReservationsStopAtTheLimit) {
   EXPECT_EQ((*store_->ListKeks())[0].encryptions_reserved, 10u);
 }
 
-TEST_F(StoreTest, ReopenKeepsDataAndSchemaVersion) {
+TEST_P(StoreTest, ReopenKeepsDataAndSchemaVersion) {
   ASSERT_TRUE(store_->CreateProject("payments", {"prod"}, Kek(1), "l").ok());
   store_.reset();
-  auto again = OpenSqliteStore(path_, /*create=*/false);
+  auto again = Open(/*create=*/false);
   ASSERT_TRUE(again.ok()) << again.error().message();
   EXPECT_TRUE((*again)->FindProject("payments").ok());
 }
@@ -192,14 +237,15 @@ TEST_F(StoreTest, ReopenKeepsDataAndSchemaVersion) {
 // A KEK rotation records its new KEK only while it still holds its lock,
 // checked in the recording's own transaction: a run taken over after a
 // stall cannot record a KEK the new holder is about to destroy.
-TEST_F(StoreTest, AFencedKekIsRecordedOnlyWhileItsLockIsHeld) {
+TEST_P(StoreTest, AFencedKekIsRecordedOnlyWhileItsLockIsHeld) {
   auto p = store_->CreateProject("payments", {"prod"}, Kek(1), "custody:kek:payments:v1");
   ASSERT_TRUE(p.ok());
   const LockHolder a{"host-a", 100, 7, "boot-a/pidns:1"}, b{"host-b", 200, 9, "boot-b/pidns:1"};
   auto never = [](const LockHolder&) { return false; };
-  ASSERT_FALSE(store_->TakeLock("kek-rotate/payments", a, 1000, 60, never)->has_value());
-  // a stalls past its lock; b takes it over.
-  ASSERT_FALSE(store_->TakeLock("kek-rotate/payments", b, 1100, 60, never)->has_value());
+  ASSERT_FALSE(store_->TakeLock("kek-rotate/payments", a, 60, never)->has_value());
+  // a stalls past its lock (renewed to a lease already over); b takes it over.
+  ASSERT_TRUE(store_->RenewLock("kek-rotate/payments", a, -1).ok());
+  ASSERT_FALSE(store_->TakeLock("kek-rotate/payments", b, 60, never)->has_value());
   KekRef v2 = Kek(2);
   v2.version = 2;
   const LockFence stale{"kek-rotate/payments", a, 60}, held{"kek-rotate/payments", b, 60};
@@ -208,36 +254,47 @@ TEST_F(StoreTest, AFencedKekIsRecordedOnlyWhileItsLockIsHeld) {
   EXPECT_EQ(refused.error().category(), Category::kUnavailable);
   EXPECT_NE(refused.error().message().find("no longer ours"), std::string::npos) << refused.error().message();
   EXPECT_EQ(store_->CurrentKek(p->id)->ref, Kek(1)) << "nothing was recorded";
+  // b's lease shortened to nothing: the fence must renew it, or a would
+  // take the lock below.
+  ASSERT_TRUE(store_->RenewLock("kek-rotate/payments", b, 0).ok());
   auto recorded = store_->AddKek(p->id, v2, "custody:kek:payments:v2", 1102, {}, &held);
   ASSERT_TRUE(recorded.ok()) << recorded.error().message();
   EXPECT_EQ(store_->CurrentKek(p->id)->ref, v2);
-  // And the fence renewed b's lock: still b's at 1102 + 60 - 1.
-  EXPECT_TRUE(store_->TakeLock("kek-rotate/payments", a, 1161, 60, never)->has_value());
+  EXPECT_TRUE(store_->TakeLock("kek-rotate/payments", a, 60, never)->has_value()) << "the fence renewed b's lock";
 }
 
-TEST_F(StoreTest, ALockHasOneHolderUntilItExpiresOrItsHolderEnds) {
+// Expiry is the store's clock (the database server's for PostgreSQL): a
+// lock taken for 60 s is held until then; one renewed to a ttl <= 0 is over.
+TEST_P(StoreTest, ALockHasOneHolderUntilItExpiresOrItsHolderEnds) {
   const LockHolder a{"host-a", 100, 7, "boot-a/pidns:1"}, b{"host-b", 200, 9, "boot-b/pidns:1"};
   auto never = [](const LockHolder&) { return false; };
-  ASSERT_FALSE(store_->TakeLock("kek-rotate/p", a, 1000, 60, never)->has_value());
-  auto other = store_->TakeLock("kek-rotate/p", b, 1030, 60, never);
-  ASSERT_TRUE(other.ok());
+  const int64_t before = static_cast<int64_t>(std::time(nullptr));
+  ASSERT_FALSE(store_->TakeLock("kek-rotate/p", a, 60, never)->has_value());
+  const int64_t after = static_cast<int64_t>(std::time(nullptr));
+  auto other = store_->TakeLock("kek-rotate/p", b, 60, never);
+  ASSERT_TRUE(other.ok()) << other.error().message();
   ASSERT_TRUE(other->has_value());
   EXPECT_EQ((*other)->holder, a);
-  EXPECT_EQ((*other)->expires_at, 1060);
-  EXPECT_FALSE(store_->TakeLock("kek-rotate/q", b, 1030, 60, never)->has_value()) << "names are separate";
-  ASSERT_TRUE(store_->RenewLock("kek-rotate/p", a, 1050, 60).ok());
-  EXPECT_TRUE(store_->TakeLock("kek-rotate/p", b, 1100, 60, never)->has_value()) << "renewed to 1110";
+  // The server runs on this host in the test: its clock is ours, give or take.
+  EXPECT_GE((*other)->expires_at, before + 60 - 2);
+  EXPECT_LE((*other)->expires_at, after + 60 + 2);
+  EXPECT_FALSE(store_->TakeLock("kek-rotate/q", b, 60, never)->has_value()) << "names are separate";
+  ASSERT_TRUE(store_->RenewLock("kek-rotate/p", a, 600).ok());
+  auto renewed = store_->TakeLock("kek-rotate/p", b, 60, never);
+  ASSERT_TRUE(renewed.ok() && renewed->has_value());
+  EXPECT_GE((*renewed)->expires_at, before + 600 - 2) << "renewed to 600 s";
   // Expired: b takes it, and a has lost it.
-  EXPECT_FALSE(store_->TakeLock("kek-rotate/p", b, 1111, 60, never)->has_value());
-  auto lost = store_->RenewLock("kek-rotate/p", a, 1112, 60);
+  ASSERT_TRUE(store_->RenewLock("kek-rotate/p", a, -1).ok());
+  EXPECT_FALSE(store_->TakeLock("kek-rotate/p", b, 60, never)->has_value());
+  auto lost = store_->RenewLock("kek-rotate/p", a, 60);
   ASSERT_FALSE(lost.ok());
   EXPECT_EQ(lost.error().category(), Category::kUnavailable);
   // Releasing what is not ours does nothing; `gone` lets a taker past a live lock.
   ASSERT_TRUE(store_->ReleaseLock("kek-rotate/p", a).ok());
-  EXPECT_TRUE(store_->TakeLock("kek-rotate/p", a, 1113, 60, never)->has_value());
-  EXPECT_FALSE(store_->TakeLock("kek-rotate/p", a, 1113, 60, [&](const LockHolder& h) { return h == b; })->has_value());
+  EXPECT_TRUE(store_->TakeLock("kek-rotate/p", a, 60, never)->has_value());
+  EXPECT_FALSE(store_->TakeLock("kek-rotate/p", a, 60, [&](const LockHolder& h) { return h == b; })->has_value());
   ASSERT_TRUE(store_->ReleaseLock("kek-rotate/p", a).ok());
-  EXPECT_FALSE(store_->TakeLock("kek-rotate/p", b, 1114, 60, never)->has_value());
+  EXPECT_FALSE(store_->TakeLock("kek-rotate/p", b, 60, never)->has_value());
 }
 
 TEST(StoreOpen, RefusesAForeignDatabase) {
@@ -270,26 +327,23 @@ TEST(StoreOpen, MissingStoreIsNotFoundAndADirectoryIsUnavailable) {
   EXPECT_EQ(s.error().category(), Category::kUnavailable) << s.error().message();
 }
 
-TEST(StoreOpen, ConcurrentWritersOnSeparateConnectionsNeverDuplicateAVersion) {
-  test::TempDir dir;
-  std::string path = dir / "c.db";
-  {
-    auto s = OpenSqliteStore(path, true);
-    ASSERT_TRUE(s.ok());
-    ASSERT_TRUE((*s)->CreateProject("p", {"e"}, Kek(1), "l").ok());
-  }
+// Each thread has its own store handle (its own connections), as separate
+// processes or nodes would.
+TEST_P(StoreTest, ConcurrentWritersOnSeparateConnectionsNeverDuplicateAVersion) {
+  ASSERT_TRUE(store_->CreateProject("p", {"e"}, Kek(1), "l").ok());
+  const int64_t kek = store_->CurrentKek(store_->FindProject("p")->id)->id;
   constexpr int kThreads = 4, kEach = 25;
   std::vector<std::thread> threads;
   std::atomic<int> failures{0};
   for (int t = 0; t < kThreads; ++t) {
     threads.emplace_back([&] {
-      auto s = OpenSqliteStore(path, false);
+      auto s = Open(false);
       if (!s.ok()) { ++failures; return; }
       auto env = *(*s)->FindEnvironment("p", "e");
       for (int i = 0; i < kEach; ++i) {
         for (;;) {
           uint32_t v = *(*s)->NextVersion(env.id, "k");
-          Status st = (*s)->AddVersion(env.id, "k", v, 1, {static_cast<uint8_t>(v)}, 1000);
+          Status st = (*s)->AddVersion(env.id, "k", v, kek, {static_cast<uint8_t>(v)}, 1000);
           if (st.ok()) break;
           if (!st.error().version_taken()) { ++failures; return; }
         }
@@ -298,8 +352,8 @@ TEST(StoreOpen, ConcurrentWritersOnSeparateConnectionsNeverDuplicateAVersion) {
   }
   for (auto& t : threads) t.join();
   EXPECT_EQ(failures.load(), 0);
-  auto s = OpenSqliteStore(path, false);
-  auto list = (*s)->ListSecrets(std::nullopt, std::nullopt);
+  auto list = store_->ListSecrets(std::nullopt, std::nullopt);
+  ASSERT_TRUE(list.ok());
   ASSERT_EQ(list->size(), 1u);
   EXPECT_EQ((*list)[0].version_count, static_cast<uint32_t>(kThreads * kEach));
   EXPECT_EQ((*list)[0].latest_version, static_cast<uint32_t>(kThreads * kEach));
@@ -314,7 +368,7 @@ namespace {
 // custodyd's write-behind usage counts: nothing reaches the store until a
 // flush, then everything in one go, per key and per UTC day; the
 // destructor writes what is left.
-TEST_F(StoreTest, UsageBufferWritesCountsBehindPerKeyAndDay) {
+TEST_P(StoreTest, UsageBufferWritesCountsBehindPerKeyAndDay) {
   const int64_t now = 1'790'000'000;  // a fixed instant, mid-day UTC
   {
     UsageBuffer buf(*store_, std::chrono::hours(1));  // no flush by time in this test
@@ -352,7 +406,7 @@ TEST_F(StoreTest, UsageBufferWritesCountsBehindPerKeyAndDay) {
 // When the store cannot take the counts (here another connection holds the
 // write lock past the busy timeout), nothing is lost: the flush fails, is
 // counted for the metrics, and the next one writes everything.
-TEST_F(StoreTest, UsageCountsThatCannotBeWrittenAreKeptForTheNextFlush) {
+TEST_F(SqliteStoreTest, UsageCountsThatCannotBeWrittenAreKeptForTheNextFlush) {
   const int64_t now = 1'790'000'000;
   UsageBuffer buf(*store_, std::chrono::hours(1));
   UsageKey a{"payments", "prod", "svc:api"};
@@ -376,7 +430,7 @@ TEST_F(StoreTest, UsageCountsThatCannotBeWrittenAreKeptForTheNextFlush) {
 // Only requests that no limit applies to are written behind: under a
 // limit, each request is charged in the store at once, so the limit holds
 // across processes (a second Authorizer stands in for a CLI process).
-TEST_F(StoreTest, UnderALimitEachRequestIsChargedAtOnceEvenWithABuffer) {
+TEST_P(StoreTest, UnderALimitEachRequestIsChargedAtOnceEvenWithABuffer) {
   const std::string text = R"(version = 1
 admins = ["user:root"]
 [principals."user:root"]
@@ -416,6 +470,98 @@ role = "owner"
   EXPECT_EQ(unseals("payments"), 0u);
   ASSERT_TRUE(buf.Flush().ok());
   EXPECT_EQ(unseals("payments"), 1u);
+}
+
+}  // namespace
+}  // namespace custody::core
+
+namespace custody::core {
+namespace {
+
+// What only the PostgreSQL store has: its URL, its schema among other
+// tables, and a server that may not answer.
+TEST(PostgresUrl, APasswordInTheUrlIsRefusedNamingTheFix) {
+  for (const std::string url : {"postgresql://custody:hunter2@db.internal/custody",
+                                "host=db.internal dbname=custody password=hunter2",
+                                "postgresql://db.internal/custody?sslpassword=hunter2"}) {
+    Status s = CheckPostgresUrl(url);
+    ASSERT_FALSE(s.ok()) << url;
+    EXPECT_EQ(s.error().category(), Category::kConfig);
+    EXPECT_EQ(s.error().message().find("hunter2"), std::string::npos) << "never repeated: " << s.error().message();
+    EXPECT_NE(s.error().message().find("passfile"), std::string::npos) << s.error().message();
+    EXPECT_NE(s.error().message().find("sslcert"), std::string::npos) << s.error().message();
+  }
+  EXPECT_TRUE(CheckPostgresUrl("postgresql://custody@db.internal/custody?sslmode=verify-full").ok());
+  EXPECT_TRUE(CheckPostgresUrl("host=/run/postgresql dbname=custody passfile=/etc/custody/pgpass").ok());
+  EXPECT_EQ(CheckPostgresUrl("postgresql://[::1").error().category(), Category::kConfig);
+  EXPECT_EQ(DescribePostgresUrl("postgresql://custody@db.internal:5433/custody?sslmode=verify-full"),
+            "postgresql host db.internal port 5433 database custody");
+}
+
+TEST(PostgresOpen, AnUnreachableServerIsUnavailableNamingTheHost) {
+  test::TempDir dir;  // a socket folder where nothing listens
+  auto s = OpenPostgresStore("host=" + dir.path() + " port=5432 dbname=custody user=custody", true);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.error().category(), Category::kUnavailable);
+  EXPECT_NE(s.error().message().find("cannot connect to the store (postgresql host " + dir.path()), std::string::npos)
+      << s.error().message();
+  EXPECT_NE(s.error().message().find("No such file or directory"), std::string::npos) << "libpq's reason: "
+                                                                                        << s.error().message();
+}
+
+TEST(PostgresOpen, ADatabaseWithOtherTablesIsRefusedAndLeftAlone) {
+  test::PgServer* pg = test::PgServer::Shared();
+  CUSTODY_REQUIRE_PG(pg);
+  const std::string url = pg->NewDatabase();
+  const std::string db = url.substr(url.find("dbname=") + 7, url.find(' ', url.find("dbname=")) - url.find("dbname=") - 7);
+  pg->Sql(db, "CREATE TABLE invoices (id int)");
+  auto s = OpenPostgresStore(url, /*create=*/true);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.error().category(), Category::kIntegrity);
+  EXPECT_NE(s.error().message().find("not a custody store"), std::string::npos) << s.error().message();
+  EXPECT_EQ(pg->Sql(db, "SELECT string_agg(tablename, ',') FROM pg_tables WHERE schemaname = 'public'"), "invoices\n")
+      << "nothing was created";
+}
+
+TEST(PostgresOpen, AnEmptyDatabaseIsNotFoundUnlessCreatingAndANewerSchemaIsRefused) {
+  test::PgServer* pg = test::PgServer::Shared();
+  CUSTODY_REQUIRE_PG(pg);
+  const std::string url = pg->NewDatabase();
+  const std::string db = url.substr(url.find("dbname=") + 7, url.find(' ', url.find("dbname=")) - url.find("dbname=") - 7);
+  auto missing = OpenPostgresStore(url, /*create=*/false);
+  ASSERT_FALSE(missing.ok());
+  EXPECT_EQ(missing.error().category(), Category::kNotFound);
+  EXPECT_NE(missing.error().message().find("custody init --store"), std::string::npos) << missing.error().message();
+  ASSERT_TRUE(OpenPostgresStore(url, true).ok());
+  EXPECT_TRUE(OpenPostgresStore(url, false).ok()) << "found again";
+  pg->Sql(db, "UPDATE custody_schema SET version = 99");
+  auto newer = OpenPostgresStore(url, false);
+  ASSERT_FALSE(newer.ok());
+  EXPECT_EQ(newer.error().category(), Category::kConfig);
+  EXPECT_NE(newer.error().message().find("schema version 99, newer than this custody understands"), std::string::npos)
+      << newer.error().message();
+  EXPECT_EQ(pg->Sql(db, "SELECT version FROM custody_schema"), "99\n") << "left as it was";
+}
+
+// Two nodes starting on a new database at once: one migrates, the other
+// finds the work done; neither fails.
+TEST(PostgresOpen, NodesStartingAtOnceMigrateOnce) {
+  test::PgServer* pg = test::PgServer::Shared();
+  CUSTODY_REQUIRE_PG(pg);
+  const std::string url = pg->NewDatabase();
+  std::vector<std::thread> threads;
+  std::atomic<int> failures{0};
+  for (int i = 0; i < 4; ++i) {
+    threads.emplace_back([&] {
+      auto s = OpenPostgresStore(url, true);
+      if (!s.ok()) {
+        ++failures;
+        ADD_FAILURE() << s.error().message();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(failures.load(), 0);
 }
 
 }  // namespace

@@ -24,6 +24,7 @@ RunResult InitTpm(const SoftHsmToken& token, const Swtpm& swtpm, const std::map<
                   const std::vector<std::string>& extra) {
   std::vector<std::string> args{"init", "--backend", "tpm", "--tcti", swtpm.tcti(), "--pin-file", token.pin_file(),
                                 "--state-dir", token.dir() / "state"};
+  for (auto& a : TestStoreArgs()) args.push_back(std::move(a));
   args.insert(args.end(), extra.begin(), extra.end());
   return RunCli(env, args);
 }

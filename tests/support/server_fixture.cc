@@ -17,7 +17,7 @@
 #include <thread>
 
 #include "custody/app/config.h"
-#include "custody/store/sqlite_store.h"
+#include "custody/app/backend.h"
 #include "custody/store/store.h"
 
 namespace custody::test {
@@ -105,7 +105,7 @@ std::optional<long> MetricValue(const std::string& metrics, const std::string& n
 void TamperWithStripe(const std::string& config_path) {
   auto config = core::LoadConfig(config_path);
   ASSERT_TRUE(config.ok()) << config.error().message();
-  auto store = core::OpenSqliteStore(config->store.path, false);
+  auto store = core::OpenStore(*config, false);
   ASSERT_TRUE(store.ok()) << store.error().message();
   auto env = (*store)->FindEnvironment("payments", "prod");
   ASSERT_TRUE(env.ok());

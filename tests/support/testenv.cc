@@ -1,5 +1,7 @@
 #include "testenv.h"
 
+#include "pg_server.h"
+
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -91,12 +93,28 @@ std::map<std::string, std::string> SoftHsmToken::CliEnv() const {
   return {{"CUSTODY_CONFIG", config_path()}, {"SOFTHSM2_CONF", conf_}};
 }
 
+bool TestOnPostgres() {
+  const char* s = std::getenv("CUSTODY_TEST_STORE");
+  return s != nullptr && std::string_view(s).starts_with("postgres");
+}
+
+std::vector<std::string> TestStoreArgs() {
+  if (!TestOnPostgres()) return {};
+  PgServer* pg = PgServer::Shared();
+  if (pg == nullptr) {
+    ADD_FAILURE() << "CUSTODY_TEST_STORE=postgres, but PostgreSQL cannot start: " << PgServer::WhyNot();
+    return {};
+  }
+  return {"--store", pg->NewDatabase()};
+}
+
 void SoftHsmToken::InitCli() const {
   RunOptions o;
   o.env = CliEnv();
-  auto r = RunCustody({"init", "--module", kModule, "--token", uri(), "--pin-file", pin_file(), "--state-dir",
-                dir_ / "state"},
-               o);
+  std::vector<std::string> args{"init", "--module", kModule, "--token", uri(), "--pin-file", pin_file(), "--state-dir",
+                                dir_ / "state"};
+  for (auto& a : TestStoreArgs()) args.push_back(std::move(a));
+  auto r = RunCustody(args, o);
   ASSERT_EQ(r.exit_code, 0) << r.err;
 }
 

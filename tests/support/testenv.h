@@ -90,6 +90,15 @@ class Swtpm {
   std::string why_not_;
 };
 
+// The store the integration tests' `custody init` uses: none (SQLite in the
+// state folder, the default) unless CUSTODY_TEST_STORE=postgres (or
+// postgres:DIR, the server in DIR), which the `postgres` CTest variants set:
+// then a fresh database on this process's
+// PostgreSQL server (pg_server.h), as `--store` arguments. Fails the test if
+// that server cannot start.
+std::vector<std::string> TestStoreArgs();
+bool TestOnPostgres();
+
 // Whether this runs in CI (CI set, and not "false" or "0"). There a test
 // that would skip for a component ci/install-deps.sh provides fails instead:
 // a green run must not hide a missing part.

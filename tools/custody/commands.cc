@@ -92,7 +92,13 @@ Status Init(const Globals& g, const InitArgs& a) {
     }
     c.token.environment.emplace_back(kv.substr(0, eq), kv.substr(eq + 1));
   }
-  c.store.path = c.state_dir + "/custody.db";
+  if (a.store) {
+    CUSTODY_RETURN_IF_ERROR(CheckArgText("--store", *a.store));
+    CUSTODY_ASSIGN_OR_RETURN(c.store, core::StoreFromArg(*a.store));
+  } else {
+    c.store.path = c.state_dir + "/custody.db";
+  }
+  const std::string store_name = core::DescribeStore(c.store);
 
   // Prove the config works before writing anything: the module loads, the
   // URI selects one token, and the PIN logs in; or the TPM answers and a
@@ -124,14 +130,14 @@ Status Init(const Globals& g, const InitArgs& a) {
   ev.identified_by = IdentifiedBy(LocalCaller());
   ev.decision = core::AuditDecision::kNone;
   ev.result = core::AuditResult::kOk;
-  ev.detail = (c.token.backend == "tpm" ? "tpm " + c.token.tpm.tcti : "token " + c.token.pkcs11.uri) + ", store " + c.store.path;
+  ev.detail = (c.token.backend == "tpm" ? "tpm " + c.token.tpm.tcti : "token " + c.token.pkcs11.uri) + ", store " + store_name;
   CUSTODY_RETURN_IF_ERROR(audit->Append(ev));
   CUSTODY_RETURN_IF_ERROR(core::WriteConfig(c, config_path));
   if (g.json) {
-    PrintJson({{"config", config_path}, {"store", c.store.path}, {"backend", c.token.backend},
+    PrintJson({{"config", config_path}, {"store", store_name}, {"backend", c.token.backend},
                {"token", c.token.backend == "tpm" ? c.token.tpm.tcti : c.token.pkcs11.uri}});
   } else {
-    std::printf("wrote %s\nstore %s\n", config_path.c_str(), c.store.path.c_str());
+    std::printf("wrote %s\nstore %s\n", config_path.c_str(), store_name.c_str());
   }
   return Status::Ok();
 }

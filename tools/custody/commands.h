@@ -32,6 +32,7 @@ struct InitArgs {
   bool persist_srk = false;         // tpm
   std::optional<std::string> pin_file;
   std::string state_dir = "/var/lib/custody";
+  std::optional<std::string> store;     // SQLite path or PostgreSQL URL; default state_dir/custody.db
   std::vector<std::string> module_env;  // NAME=VALUE
   bool force = false;
 };

@@ -98,6 +98,9 @@ int main(int argc, char** argv) {
   c_init->add_flag("--persist-srk", init.persist_srk, "tpm: make the SRK persistent at 0x81000001 if absent");
   c_init->add_option("--pin-file", init.pin_file, "file holding the user PIN (mode 0600)");
   c_init->add_option("--state-dir", init.state_dir, "folder for the store")->capture_default_str();
+  c_init->add_option("--store", init.store,
+                     "SQLite file (default STATE_DIR/custody.db), or a PostgreSQL URL: postgresql://USER@HOST/DB "
+                     "(no password in it: use a passfile, PGPASSFILE or client certificates)");
   c_init->add_option("--module-env", init.module_env, "NAME=VALUE set before the module loads (repeatable)");
   c_init->add_flag("--force", init.force, "overwrite an existing config");
   c_init->callback(run([&] { return custody::cli::Init(g, init); }));

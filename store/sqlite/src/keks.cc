@@ -87,7 +87,7 @@ Result<KekRecord> SqliteStore::AddKek(int64_t project_id, const KekRef& kek, con
   if (fence != nullptr) {
     // Renewed in this transaction: under the write lock, so no other
     // process can take the lock between this check and the commit.
-    CUSTODY_RETURN_IF_ERROR(RenewHere(fence->name, fence->holder, now + fence->ttl));
+    CUSTODY_RETURN_IF_ERROR(RenewHere(fence->name, fence->holder, Now() + fence->ttl));
   }
   {
     Stmt s(db(), "UPDATE keks SET state = 'retiring' WHERE project_id = ? AND state = 'active'");

@@ -3,8 +3,8 @@
 
 namespace custody::core::sqlite {
 
-Result<std::optional<HeldLock>> SqliteStore::TakeLock(const std::string& name, const LockHolder& me, int64_t now,
-                                                      int64_t ttl,
+// The clock is this host's: a SQLite store is one file on one host.
+Result<std::optional<HeldLock>> SqliteStore::TakeLock(const std::string& name, const LockHolder& me, int64_t ttl,
                                                       const std::function<bool(const LockHolder&)>& gone) {
   Lease lease(*this);
   if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
@@ -12,6 +12,7 @@ Result<std::optional<HeldLock>> SqliteStore::TakeLock(const std::string& name, c
   // (`gone` is asked with it held, so it must be quick). Finding another
   // holder ends the transaction with nothing written.
   CUSTODY_ASSIGN_OR_RETURN(Transaction tx, Transaction::Begin(*this, Transaction::kWrite));
+  const int64_t now = Now();
   {
     Stmt q(db(), "SELECT holder_host, holder_pid, holder_started, holder_instance, expires_at FROM locks WHERE name = ?");
     q.Bind(1, name);
@@ -48,10 +49,10 @@ Status SqliteStore::RenewHere(const std::string& name, const LockHolder& me, int
   return Status::Ok();
 }
 
-Status SqliteStore::RenewLock(const std::string& name, const LockHolder& me, int64_t now, int64_t ttl) {
+Status SqliteStore::RenewLock(const std::string& name, const LockHolder& me, int64_t ttl) {
   Lease lease(*this);
   if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
-  return RenewHere(name, me, now + ttl);
+  return RenewHere(name, me, Now() + ttl);
 }
 
 Status SqliteStore::ReleaseLock(const std::string& name, const LockHolder& me) {

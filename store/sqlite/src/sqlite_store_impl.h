@@ -225,9 +225,9 @@ class SqliteStore final : public Store {
   Result<std::vector<UsageRow>> Usage(const std::optional<std::string>& project, int64_t now) override;
 
   // locks.cc
-  Result<std::optional<HeldLock>> TakeLock(const std::string& name, const LockHolder& me, int64_t now, int64_t ttl,
+  Result<std::optional<HeldLock>> TakeLock(const std::string& name, const LockHolder& me, int64_t ttl,
                                            const std::function<bool(const LockHolder&)>& gone) override;
-  Status RenewLock(const std::string& name, const LockHolder& me, int64_t now, int64_t ttl) override;
+  Status RenewLock(const std::string& name, const LockHolder& me, int64_t ttl) override;
   Status ReleaseLock(const std::string& name, const LockHolder& me) override;
 
  private:

@@ -8,7 +8,9 @@
 //   [token.environment]                    # optional; set before the module loads
 //   SOFTHSM2_CONF = "/var/lib/custody/softhsm2.conf"
 //   [store]
-//   path = "/var/lib/custody/custody.db"
+//   path = "/var/lib/custody/custody.db"   # SQLite, the embedded default; or
+//   # url = "postgresql://custody@db.internal/custody?sslmode=verify-full"
+//   #       (any libpq connection string or URI, never with a password)
 //   [audit]                                # optional
 //   dir = "/var/lib/custody/audit"         # default: state_dir/audit
 //   checkpoint_every = 1000                # records between signed checkpoints
@@ -63,6 +65,14 @@ std::string LocateConfig(const std::optional<std::string>& flag);
 // kNotFound if the file is missing; kConfig naming file:line:column for a
 // syntax error or a missing or mistyped key.
 Result<Config> LoadConfig(const std::string& path);
+
+// A store named on the command line (`init --store`, `store copy`): a
+// PostgreSQL URI (postgresql:// or postgres://) or libpq key=value string,
+// else a SQLite file path (made absolute). kConfig for a URL with a password.
+Result<StoreSettings> StoreFromArg(const std::string& arg);
+// The store for people: the SQLite path, or the PostgreSQL host and
+// database (never the whole URL).
+std::string DescribeStore(const StoreSettings& store);
 
 // Writes atomically (temporary file, fsync, rename), mode 0600.
 Status WriteConfig(const Config& config, const std::string& path);

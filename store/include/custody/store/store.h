@@ -193,7 +193,7 @@ class Store : public KekUsageLedger, public KekMaterialSource {
   // KEK rotation. AddKek records a new KEK version for the project as its
   // only active one; the others become retiring. In one transaction.
   // With a fence, nothing is written (kUnavailable) unless the lock it names
-  // is still held by its holder.
+  // is still held by its holder; the lock is renewed for the fence's ttl.
   virtual Result<KekRecord> AddKek(int64_t project_id, const KekRef& kek, const std::string& label, int64_t now,
                                    const std::vector<uint8_t>& material = {}, const LockFence* fence = nullptr) = 0;
   // Up to `limit` versions still sealed under `kek_record_id`, in
@@ -270,15 +270,18 @@ class Store : public KekUsageLedger, public KekMaterialSource {
 
   // Exclusive locks on a name, with an expiry, kept in the store so that
   // every process on every host that shares it sees them (one KEK rotation
-  // per project). Takes `name` for `me` until now + ttl, unless another
-  // holder's lock has not expired and `gone` does not say that holder has
-  // ended. Returns that other lock, or nothing once the lock is ours.
-  virtual Result<std::optional<HeldLock>> TakeLock(const std::string& name, const LockHolder& me, int64_t now,
-                                                   int64_t ttl,
+  // per project). Expiry is measured by the store's own clock (this host's
+  // for SQLite, the database server's for PostgreSQL), never the caller's:
+  // two hosts whose clocks disagree cannot both hold a lock. Takes `name`
+  // for `me` until the store's now + ttl (a ttl <= 0 takes it already
+  // expired), unless another holder's lock has not expired and `gone` does
+  // not say that holder has ended. Returns that other lock, or nothing once
+  // the lock is ours.
+  virtual Result<std::optional<HeldLock>> TakeLock(const std::string& name, const LockHolder& me, int64_t ttl,
                                                    const std::function<bool(const LockHolder&)>& gone) = 0;
-  // Extends our lock to now + ttl; kUnavailable if it is no longer ours
-  // (it expired and another holder took it).
-  virtual Status RenewLock(const std::string& name, const LockHolder& me, int64_t now, int64_t ttl) = 0;
+  // Extends our lock to the store's now + ttl; kUnavailable if it is no
+  // longer ours (it expired and another holder took it).
+  virtual Status RenewLock(const std::string& name, const LockHolder& me, int64_t ttl) = 0;
   // Lets go of our lock (nothing if it is not ours).
   virtual Status ReleaseLock(const std::string& name, const LockHolder& me) = 0;
 };

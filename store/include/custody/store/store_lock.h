@@ -3,13 +3,12 @@
 // killed). It replaces a per-host flock for work that must run once across
 // every host sharing the store, such as a project's KEK rotation.
 //
-//   CUSTODY_ASSIGN_OR_RETURN(auto lock, StoreLock::Take(store, "kek-rotate/payments", 60, clock, "KEK rotation"));
+//   CUSTODY_ASSIGN_OR_RETURN(auto lock, StoreLock::Take(store, "kek-rotate/payments", 60, "KEK rotation"));
 //   ... CUSTODY_RETURN_IF_ERROR(lock.Renew()); ...   // at least once per ttl
 #pragma once
 
 #include <string>
 
-#include "custody/common/time.h"
 #include "custody/store/store.h"
 
 namespace custody::core {
@@ -26,7 +25,8 @@ class StoreLock {
  public:
   // kUnavailable naming the holder and when its lock expires if another
   // live process holds it; `what` names the work for that message.
-  static Result<StoreLock> Take(Store& store, std::string name, int64_t ttl, Clock clock, const std::string& what);
+  // The expiry is the store's clock (see Store::TakeLock), not this host's.
+  static Result<StoreLock> Take(Store& store, std::string name, int64_t ttl, const std::string& what);
   StoreLock(StoreLock&& o) noexcept;
   StoreLock& operator=(StoreLock&&) = delete;
   StoreLock(const StoreLock&) = delete;
@@ -39,12 +39,11 @@ class StoreLock {
   LockFence Fence() const { return {name_, me_, ttl_}; }
 
  private:
-  StoreLock(Store& store, std::string name, int64_t ttl, Clock clock)
-      : store_(&store), name_(std::move(name)), ttl_(ttl), clock_(std::move(clock)), me_(ThisProcess()) {}
+  StoreLock(Store& store, std::string name, int64_t ttl)
+      : store_(&store), name_(std::move(name)), ttl_(ttl), me_(ThisProcess()) {}
   Store* store_;
   std::string name_;
   int64_t ttl_;
-  Clock clock_;
   LockHolder me_;
 };
 
