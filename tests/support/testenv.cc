@@ -109,7 +109,9 @@ RunResult RunProgram(const std::string& path, const std::vector<std::string>& ar
   // A minimal environment: the test decides what the child sees.
   if (const char* p = std::getenv("PATH")) env_strings.push_back(std::string("PATH=") + p);
   // Sanitizer options pass through so ASan builds behave the same in children.
+  // (Unless the test sets them itself: getenv would find the first.)
   for (const char* k : {"ASAN_OPTIONS", "UBSAN_OPTIONS", "LSAN_OPTIONS", "TSAN_OPTIONS"}) {
+    if (options.env.count(k) != 0) continue;
     if (const char* v = std::getenv(k)) env_strings.push_back(std::string(k) + "=" + v);
   }
   for (const auto& [k, v] : options.env) env_strings.push_back(k + "=" + v);
