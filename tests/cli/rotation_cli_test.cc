@@ -15,6 +15,7 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <sstream>
 #include <thread>
 
 #include "../support/cli_fixture.h"
@@ -134,6 +135,43 @@ TEST_F(RotationCliTest, GenerateDrawsFromTheTokenInTheRequestedFormat) {
   EXPECT_EQ(u.size(), 44u) << "33 bytes, base64url without padding";
   EXPECT_EQ(u.find_first_of("+/="), std::string::npos) << u;
   EXPECT_NE(u, v);
+}
+
+// The generated value is the token's: the module is a forwarding shim over
+// SoftHSM2 (tests/support/faulty_pkcs11.cc) that logs every C_GenerateRandom
+// with the bytes it returned. The stored value must be exactly the hex of
+// one such call of the requested length; a value drawn from any other
+// source (the OS, a PRNG in the process) has the right format but matches
+// no call.
+TEST_F(RotationCliTest, GenerateDrawsFromTheTokenRngCall) {
+  Put("payments/prod/api", "old-value");
+  std::string cfg = ReadFile(token_.config_path());
+  const std::string from = std::string("'") + SoftHsmToken::kModule + "'";  // as `custody init` wrote it
+  const size_t at = cfg.find(from);
+  ASSERT_NE(at, std::string::npos) << cfg;
+  WriteFile(token_.config_path(), cfg.replace(at, from.size(), std::string("'") + FAULTY_PKCS11 + "'"));
+  const std::string calls = token_.dir() / "pkcs11-calls";
+  RunOptions o;
+  o.env["CUSTODY_FAULT_CALLS"] = calls;
+  auto r = Cli({"secret", "rotate", "payments/prod/api", "--generate", "32", "--format", "hex", "--prefix", "sk-"}, "", o);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const std::string v = Get("payments/prod/api");
+  ASSERT_EQ(v.size(), 3u + 64u) << v;
+  ASSERT_EQ(v.rfind("sk-", 0), 0u) << v;
+  int of_32 = 0;
+  bool drawn = false;
+  std::istringstream log(ReadFile(calls));
+  for (std::string line; std::getline(log, line);) {
+    std::istringstream f(line);
+    std::string fn, rv, hex;
+    size_t n = 0;
+    f >> fn >> rv >> n >> hex;
+    if (fn != "C_GenerateRandom" || rv != "CKR_OK" || n != 32) continue;
+    ++of_32;
+    drawn = drawn || hex == v.substr(3);
+  }
+  EXPECT_GE(of_32, 1) << "no C_GenerateRandom of 32 bytes reached the token:\n" << ReadFile(calls);
+  EXPECT_TRUE(drawn) << "the value is not the output of any 32-byte C_GenerateRandom";
 }
 
 TEST_F(RotationCliTest, ProviderCommandSuppliesTheValueAndNeverSeesThePin) {
