@@ -15,6 +15,7 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <sstream>
 #include <thread>
 
 #include "../support/cli_fixture.h"
@@ -134,6 +135,43 @@ TEST_F(RotationCliTest, GenerateDrawsFromTheTokenInTheRequestedFormat) {
   EXPECT_EQ(u.size(), 44u) << "33 bytes, base64url without padding";
   EXPECT_EQ(u.find_first_of("+/="), std::string::npos) << u;
   EXPECT_NE(u, v);
+}
+
+// The generated value is the token's: the module is a forwarding shim over
+// SoftHSM2 (tests/support/faulty_pkcs11.cc) that logs every C_GenerateRandom
+// with the bytes it returned. The stored value must be exactly the hex of
+// one such call of the requested length; a value drawn from any other
+// source (the OS, a PRNG in the process) has the right format but matches
+// no call.
+TEST_F(RotationCliTest, GenerateDrawsFromTheTokenRngCall) {
+  Put("payments/prod/api", "old-value");
+  std::string cfg = ReadFile(token_.config_path());
+  const std::string from = std::string("'") + SoftHsmToken::kModule + "'";  // as `custody init` wrote it
+  const size_t at = cfg.find(from);
+  ASSERT_NE(at, std::string::npos) << cfg;
+  WriteFile(token_.config_path(), cfg.replace(at, from.size(), std::string("'") + FAULTY_PKCS11 + "'"));
+  const std::string calls = token_.dir() / "pkcs11-calls";
+  RunOptions o;
+  o.env["CUSTODY_FAULT_CALLS"] = calls;
+  auto r = Cli({"secret", "rotate", "payments/prod/api", "--generate", "32", "--format", "hex", "--prefix", "sk-"}, "", o);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const std::string v = Get("payments/prod/api");
+  ASSERT_EQ(v.size(), 3u + 64u) << v;
+  ASSERT_EQ(v.rfind("sk-", 0), 0u) << v;
+  int of_32 = 0;
+  bool drawn = false;
+  std::istringstream log(ReadFile(calls));
+  for (std::string line; std::getline(log, line);) {
+    std::istringstream f(line);
+    std::string fn, rv, hex;
+    size_t n = 0;
+    f >> fn >> rv >> n >> hex;
+    if (fn != "C_GenerateRandom" || rv != "CKR_OK" || n != 32) continue;
+    ++of_32;
+    drawn = drawn || hex == v.substr(3);
+  }
+  EXPECT_GE(of_32, 1) << "no C_GenerateRandom of 32 bytes reached the token:\n" << ReadFile(calls);
+  EXPECT_TRUE(drawn) << "the value is not the output of any 32-byte C_GenerateRandom";
 }
 
 TEST_F(RotationCliTest, ProviderCommandSuppliesTheValueAndNeverSeesThePin) {
@@ -374,7 +412,11 @@ TEST_F(RotationCliTest, OnlyOneKekRotationOfAProjectRunsAtATime) {
 // The crash test of the issue: KEK rotation SIGKILLed at random points, 20
 // times, each followed by a re-run that must finish; after every re-run each
 // secret reads back its value and the token holds exactly one KEK for the
-// project.
+// project. Every other kill is placed inside the rotation: at a random
+// moment after its first "re-sealed" progress line, when blobs have moved
+// and others have not. Such kills are counted from what the killed run had
+// written to stderr, and a minimum of them is required: a kill that only
+// ever lands during process start or login shows nothing about the rotation.
 TEST_F(RotationCliTest, KekRotationSurvivesSigkillAtRandomPoints) {
   constexpr int kSecrets = 60;
   constexpr int kRuns = 20;
@@ -406,11 +448,17 @@ TEST_F(RotationCliTest, KekRotationSurvivesSigkillAtRandomPoints) {
       }
     });
   };
-  // How long one whole rotation takes here, to spread the kills over it.
-  auto t0 = std::chrono::steady_clock::now();
-  auto full = Cli({"kek", "rotate", "payments", "--batch", "4"});
+  // How long one whole rotation takes here, and how long from its first
+  // "re-sealed" line to its end, to spread the kills over them.
+  constexpr const char* kResealed = "custody: re-sealed ";
+  RunOptions measure;
+  measure.kill_after = std::chrono::hours(1);  // never: only to note when the line came
+  measure.kill_after_stderr = kResealed;
+  auto full = Cli({"kek", "rotate", "payments", "--batch", "4"}, "", measure);
   ASSERT_EQ(full.exit_code, 0) << full.err;
-  auto span = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0);
+  ASSERT_TRUE(full.stderr_seen_after.has_value()) << "no progress line: " << full.err;
+  const auto span = full.elapsed;
+  const auto rotating = span - *full.stderr_seen_after;
 
   // SoftHSM2's file backend rewrites token.object in place (ftruncate, then
   // write) at every C_Login. A kill inside that window leaves SoftHSM with an
@@ -428,13 +476,20 @@ TEST_F(RotationCliTest, KekRotationSurvivesSigkillAtRandomPoints) {
 
   std::mt19937 rng(20261129);
   int killed_mid_run = 0;
+  int killed_inside_rotation = 0;  // after the killed run's first "re-sealed" line
   int killed_in_softhsm_login = 0;
   size_t half_written = 0;
   for (int run = 0; run < kRuns; ++run) {
     RunOptions o;
-    o.kill_after = std::chrono::microseconds(std::uniform_int_distribution<int64_t>(0, span.count())(rng));
+    if (run % 2 == 0) {
+      o.kill_after = std::chrono::microseconds(std::uniform_int_distribution<int64_t>(0, span.count())(rng));
+    } else {
+      o.kill_after_stderr = kResealed;
+      o.kill_after = std::chrono::microseconds(std::uniform_int_distribution<int64_t>(0, rotating.count())(rng));
+    }
     auto k = Cli({"kek", "rotate", "payments", "--batch", "4"}, "", o);
     if (k.exit_code == 137) ++killed_mid_run;
+    if (k.exit_code == 137 && k.err.find(kResealed) != std::string::npos) ++killed_inside_rotation;
     if (k.exit_code == 137 && ReadFile(token_object).size() < token_object_before.size()) {
       ++killed_in_softhsm_login;
       WriteFile(token_object, token_object_before);
@@ -473,9 +528,17 @@ TEST_F(RotationCliTest, KekRotationSurvivesSigkillAtRandomPoints) {
     }
     check_all(run);
   }
-  // Where the kills land depends on the machine's speed; that some landed
-  // mid-run is all that can be asserted without timing.
+  // Where the unplaced kills land depends on the machine's speed; the placed
+  // ones start their clock at the progress line, so most land inside the
+  // rotation (a run that happens to be much faster than the measured one
+  // can still finish first).
   EXPECT_GE(killed_mid_run, 1) << "no kill landed before the run finished";
+  EXPECT_GE(killed_inside_rotation, kRuns / 4)
+      << "only " << killed_inside_rotation << " of " << kRuns
+      << " kills landed after a killed run's first \"re-sealed\" line; re-sealing took about " << rotating.count()
+      << " us of " << span.count() << " us";
+  std::cout << killed_inside_rotation << " of " << kRuns << " kill(s) landed inside the rotation, "
+            << killed_mid_run << " before the run finished\n";
   if (killed_in_softhsm_login > 0) {
     std::cout << killed_in_softhsm_login << " kill(s) landed inside SoftHSM2's token.object rewrite at login\n";
   }

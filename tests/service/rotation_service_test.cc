@@ -277,6 +277,65 @@ TEST_F(RotationServiceTest, ResumesAfterACrashAtEachStep) {
   EXPECT_EQ((*store_->KekById(v1.id)).state, KekState::kDestroyed);
 }
 
+// A run killed in step 3, after the store recorded "destroying" for the old
+// KEK and before its token object was destroyed: every blob is already under
+// the new KEK, the old key is still in the token. The next run resumes from
+// "destroying" (no new KEK, nothing to re-seal), destroys the object and
+// records "destroyed"; every value still reads.
+TEST_F(RotationServiceTest, ResumesFromTheDestroyingState) {
+  Put("a", "value-a");
+  Put("a", "value-a2");
+  Put("b", "value-b");
+  KekRecord v1 = ActiveKek();
+  // The killed run's steps 1 and 2: v2 made and recorded, every blob moved.
+  auto v2ref = sealer_->CreateKek("payments", 2);
+  ASSERT_TRUE(v2ref.ok()) << v2ref.error().message();
+  auto v2 = store_->AddKek(v1.project_id, *v2ref, KekLabel::For("payments", 2), now_);
+  ASSERT_TRUE(v2.ok()) << v2.error().message();
+  auto items = store_->SealedUnder(v1.id, {0, 0}, 100);
+  ASSERT_TRUE(items.ok());
+  ASSERT_EQ(items->size(), 3u);
+  std::vector<Resealed> moved;
+  for (const auto& it : *items) {
+    SealContext ctx{"payments", it.environment, it.name, it.version};
+    auto value = sealer_->Unseal(v1.ref, ctx, it.blob);
+    ASSERT_TRUE(value.ok()) << value.error().message();
+    auto blob = sealer_->Seal(v2->ref, ctx, *value);
+    ASSERT_TRUE(blob.ok()) << blob.error().message();
+    moved.push_back({it.secret_id, it.version, *blob});
+  }
+  ASSERT_EQ(*store_->ReplaceSealed(v1.id, v2->id, moved), 3u);
+  // Step 3 begun: "destroying" recorded, then the kill, the object still there.
+  ASSERT_TRUE(store_->SetKekState(v1.id, KekState::kDestroying).ok());
+  ASSERT_EQ((*store_->KekById(v1.id)).state, KekState::kDestroying);
+  ASSERT_EQ(KekObjects(KekLabel::For("payments", 1)), 1u);
+
+  KekRotator rot(*store_, *sealer_, [this] { return now_; });
+  auto plan = rot.Plan("payments");
+  ASSERT_TRUE(plan.ok()) << plan.error().message();
+  EXPECT_TRUE(plan->resume) << "a destroying KEK is an interrupted run";
+  EXPECT_EQ(plan->to_reseal, 0u);
+  auto r = rot.Run("payments", {});
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  EXPECT_TRUE(r->resumed);
+  EXPECT_EQ(r->kek.ref.version, 2u) << "no new KEK for a resumed run";
+  EXPECT_EQ(r->resealed, 0u);
+  ASSERT_EQ(r->destroyed.size(), 1u);
+  EXPECT_EQ(r->destroyed[0].id, v1.id);
+  EXPECT_EQ(KekObjects(KekLabel::For("payments", 1)), 0u) << "the old key is gone from the token";
+  EXPECT_EQ(KekObjects(KekLabel::For("payments", 2)), 1u);
+  EXPECT_EQ(KekObjects(KekLabel::For("payments", 3)), 0u);
+  EXPECT_EQ((*store_->KekById(v1.id)).state, KekState::kDestroyed);
+  EXPECT_EQ(ActiveKek().id, v2->id);
+  EXPECT_EQ(*Read("a"), "value-a2");
+  EXPECT_EQ(*Read("a", 1), "value-a");
+  EXPECT_EQ(*Read("b"), "value-b");
+  // Nothing is left to resume: the next run is a fresh rotation to v3.
+  auto after = rot.Plan("payments");
+  ASSERT_TRUE(after.ok());
+  EXPECT_FALSE(after->resume);
+}
+
 TEST_F(RotationServiceTest, ATamperedBlobKeepsItsOldKek) {
   Put("a", "value-a");
   Put("b", "value-b");

@@ -4,6 +4,7 @@
 //
 // Control: the file named by $CUSTODY_FAULT_CONTROL, read on each call that
 // needs a working device (session, login, crypto, object and RNG calls).
+// One command a file:
 //   (missing or empty)  pass everything through
 //   "down"              every such call answers CKR_DEVICE_ERROR
 //   "reset N"           a device reset, once per new N: from then on every
@@ -13,7 +14,24 @@
 //   "slow MS"           every such call works, MS milliseconds late (a busy
 //                       or remote HSM): keeps a request in flight; the
 //                       file PATH.slow appears when the first one starts
+//   "fail RV [FUNC...] [+N]"
+//                       the named functions (all of those below when none
+//                       is named) answer RV, one of CKR_DEVICE_ERROR,
+//                       CKR_SESSION_HANDLE_INVALID, CKR_USER_NOT_LOGGED_IN,
+//                       CKR_OBJECT_HANDLE_INVALID; with +N the first N such
+//                       calls of this process still work
 // Slot and token information keep working, so a slot can still be found.
+// "down", "reset" and "slow" act on the first eleven functions below (the
+// session, login, crypto, search and RNG calls); "fail" also reaches key
+// generation, destroy, attribute reads, the rest of an object search, and
+// wrap and unwrap (which custody does not call today).
+//
+// Observation, for tests that check what reached the token:
+//   $CUSTODY_FAULT_CALLS  a file that gets one line per call of a function
+//                         below: "NAME RV" (RV by name, or in hex), and for
+//                         a C_GenerateRandom that worked also the length and
+//                         the bytes it returned: "C_GenerateRandom CKR_OK N
+//                         HEX" (test tokens only: the bytes are secrets)
 //
 // Test-only: this is never installed or used outside tests/.
 #include <dlfcn.h>
@@ -40,18 +58,13 @@ std::mutex g_mu;
 std::string g_last_reset;     // the N of the last "reset N" seen
 std::atomic<bool> g_broken{false};  // reset seen, not yet re-initialised
 
-// True when the device should fail this call.
-bool Failing() {
-  const char* path = std::getenv("CUSTODY_FAULT_CONTROL");
-  if (path == nullptr) return g_broken.load();
-  std::ifstream f(path);
-  std::string word, arg;
-  if (f) f >> word >> arg;
+// True when the device should fail this call ("down", "reset", "slow").
+bool Failing(const std::string& word, const std::string& arg) {
   if (word == "down") return true;
   if (word == "slow") {
     // PATH.slow appears once a call is being slowed: a test knows its
     // request has reached the token.
-    std::ofstream(std::string(path) + ".slow") << "1";
+    std::ofstream(std::string(std::getenv("CUSTODY_FAULT_CONTROL")) + ".slow") << "1";
     std::this_thread::sleep_for(std::chrono::milliseconds(std::atoi(arg.c_str())));
   }
   if (word == "reset") {
@@ -64,35 +77,135 @@ bool Failing() {
   return g_broken.load();
 }
 
+struct NamedRv {
+  const char* name;
+  CK_RV rv;
+};
+constexpr NamedRv kRvs[] = {{"CKR_OK", CKR_OK},
+                            {"CKR_DEVICE_ERROR", CKR_DEVICE_ERROR},
+                            {"CKR_SESSION_HANDLE_INVALID", CKR_SESSION_HANDLE_INVALID},
+                            {"CKR_USER_NOT_LOGGED_IN", CKR_USER_NOT_LOGGED_IN},
+                            {"CKR_OBJECT_HANDLE_INVALID", CKR_OBJECT_HANDLE_INVALID}};
+
+std::string RvText(CK_RV rv) {
+  for (const auto& n : kRvs) {
+    if (n.rv == rv) return n.name;
+  }
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "0x%08lx", static_cast<unsigned long>(rv));
+  return buf;
+}
+
+std::atomic<long> g_fail_passed{0};  // "+N": matching calls let through so far
+
+// What this call of `fn` answers instead of reaching the token (CKR_OK:
+// nothing, forward it). `legacy`: one of the eleven "down"/"reset" reach.
+CK_RV Fault(const char* fn, bool legacy) {
+  const char* path = std::getenv("CUSTODY_FAULT_CONTROL");
+  if (path == nullptr) return legacy && g_broken.load() ? CKR_DEVICE_ERROR : CKR_OK;
+  std::ifstream f(path);
+  std::string word, arg;
+  if (f) f >> word >> arg;
+  if (word == "fail") {
+    CK_RV rv = CKR_GENERAL_ERROR;  // an unknown name: a broken test, loudly
+    for (const auto& n : kRvs) {
+      if (arg == n.name) rv = n.rv;
+    }
+    bool named = false, match = false;
+    long pass = 0;
+    for (std::string t; f >> t;) {
+      if (t[0] == '+') {
+        pass = std::atol(t.c_str() + 1);
+      } else {
+        named = true;
+        match = match || t == fn;
+      }
+    }
+    if (named && !match) return legacy && g_broken.load() ? CKR_DEVICE_ERROR : CKR_OK;
+    if (g_fail_passed.fetch_add(1) < pass) return CKR_OK;
+    return rv;
+  }
+  if (!legacy) return CKR_OK;
+  return Failing(word, arg) ? CKR_DEVICE_ERROR : CKR_OK;
+}
+
+void Append(const std::string& line) {
+  const char* path = std::getenv("CUSTODY_FAULT_CALLS");
+  if (path == nullptr) return;
+  std::ofstream out(path, std::ios::app);
+  out << line << "\n";
+}
+
+CK_RV Logged(const char* fn, CK_RV rv) {
+  Append(std::string(fn) + " " + RvText(rv));
+  return rv;
+}
+
 CK_RV Initialize(CK_VOID_PTR args) {
   CK_RV rv = g_real->C_Initialize(args);
   if (rv == CKR_OK) g_broken.store(false);  // a re-initialised device works again
   return rv;
 }
 
-// Wraps a forwarding function: fails with CKR_DEVICE_ERROR while Failing().
-#define CUSTODY_FAULTY(name, params, args)        \
-  CK_RV Faulty_##name params {                    \
-    if (Failing()) return CKR_DEVICE_ERROR;       \
-    return g_real->name args;                     \
+// Wraps a forwarding function: answers what Fault() says, and logs it.
+#define CUSTODY_FAULTY(legacy, name, params, args)       \
+  CK_RV Faulty_##name params {                           \
+    if (CK_RV f = Fault(#name, legacy); f != CKR_OK) {   \
+      return Logged(#name, f);                           \
+    }                                                    \
+    return Logged(#name, g_real->name args);             \
   }
 
-CUSTODY_FAULTY(C_OpenSession,
+CUSTODY_FAULTY(true, C_OpenSession,
                (CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app, CK_NOTIFY notify, CK_SESSION_HANDLE_PTR h),
                (slot, flags, app, notify, h))
-CUSTODY_FAULTY(C_GetSessionInfo, (CK_SESSION_HANDLE h, CK_SESSION_INFO_PTR info), (h, info))
-CUSTODY_FAULTY(C_Login, (CK_SESSION_HANDLE h, CK_USER_TYPE u, CK_UTF8CHAR_PTR pin, CK_ULONG n), (h, u, pin, n))
-CUSTODY_FAULTY(C_EncryptInit, (CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k), (h, m, k))
-CUSTODY_FAULTY(C_Encrypt, (CK_SESSION_HANDLE h, CK_BYTE_PTR in, CK_ULONG n, CK_BYTE_PTR out, CK_ULONG_PTR len),
+CUSTODY_FAULTY(true, C_GetSessionInfo, (CK_SESSION_HANDLE h, CK_SESSION_INFO_PTR info), (h, info))
+CUSTODY_FAULTY(true, C_Login, (CK_SESSION_HANDLE h, CK_USER_TYPE u, CK_UTF8CHAR_PTR pin, CK_ULONG n), (h, u, pin, n))
+CUSTODY_FAULTY(true, C_EncryptInit, (CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k), (h, m, k))
+CUSTODY_FAULTY(true, C_Encrypt, (CK_SESSION_HANDLE h, CK_BYTE_PTR in, CK_ULONG n, CK_BYTE_PTR out, CK_ULONG_PTR len),
                (h, in, n, out, len))
-CUSTODY_FAULTY(C_DecryptInit, (CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k), (h, m, k))
-CUSTODY_FAULTY(C_Decrypt, (CK_SESSION_HANDLE h, CK_BYTE_PTR in, CK_ULONG n, CK_BYTE_PTR out, CK_ULONG_PTR len),
+CUSTODY_FAULTY(true, C_DecryptInit, (CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k), (h, m, k))
+CUSTODY_FAULTY(true, C_Decrypt, (CK_SESSION_HANDLE h, CK_BYTE_PTR in, CK_ULONG n, CK_BYTE_PTR out, CK_ULONG_PTR len),
                (h, in, n, out, len))
-CUSTODY_FAULTY(C_FindObjectsInit, (CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR t, CK_ULONG n), (h, t, n))
-CUSTODY_FAULTY(C_GenerateRandom, (CK_SESSION_HANDLE h, CK_BYTE_PTR out, CK_ULONG n), (h, out, n))
-CUSTODY_FAULTY(C_SignInit, (CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k), (h, m, k))
-CUSTODY_FAULTY(C_Sign, (CK_SESSION_HANDLE h, CK_BYTE_PTR in, CK_ULONG n, CK_BYTE_PTR out, CK_ULONG_PTR len),
+CUSTODY_FAULTY(true, C_FindObjectsInit, (CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR t, CK_ULONG n), (h, t, n))
+CUSTODY_FAULTY(true, C_SignInit, (CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k), (h, m, k))
+CUSTODY_FAULTY(true, C_Sign, (CK_SESSION_HANDLE h, CK_BYTE_PTR in, CK_ULONG n, CK_BYTE_PTR out, CK_ULONG_PTR len),
                (h, in, n, out, len))
+CUSTODY_FAULTY(false, C_GenerateKey,
+               (CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_ATTRIBUTE_PTR t, CK_ULONG n, CK_OBJECT_HANDLE_PTR k),
+               (h, m, t, n, k))
+CUSTODY_FAULTY(false, C_GenerateKeyPair,
+               (CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_ATTRIBUTE_PTR pt, CK_ULONG pn, CK_ATTRIBUTE_PTR vt,
+                CK_ULONG vn, CK_OBJECT_HANDLE_PTR pub, CK_OBJECT_HANDLE_PTR priv),
+               (h, m, pt, pn, vt, vn, pub, priv))
+CUSTODY_FAULTY(false, C_DestroyObject, (CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o), (h, o))
+CUSTODY_FAULTY(false, C_GetAttributeValue, (CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_PTR t, CK_ULONG n),
+               (h, o, t, n))
+CUSTODY_FAULTY(false, C_FindObjects, (CK_SESSION_HANDLE h, CK_OBJECT_HANDLE_PTR o, CK_ULONG max, CK_ULONG_PTR n),
+               (h, o, max, n))
+CUSTODY_FAULTY(false, C_WrapKey,
+               (CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE wk, CK_OBJECT_HANDLE k, CK_BYTE_PTR out,
+                CK_ULONG_PTR len),
+               (h, m, wk, k, out, len))
+CUSTODY_FAULTY(false, C_UnwrapKey,
+               (CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE uk, CK_BYTE_PTR in, CK_ULONG n,
+                CK_ATTRIBUTE_PTR t, CK_ULONG tn, CK_OBJECT_HANDLE_PTR k),
+               (h, m, uk, in, n, t, tn, k))
+
+// The RNG, logged with what it returned (see CUSTODY_FAULT_CALLS).
+CK_RV Faulty_C_GenerateRandom(CK_SESSION_HANDLE h, CK_BYTE_PTR out, CK_ULONG n) {
+  if (CK_RV f = Fault("C_GenerateRandom", true); f != CKR_OK) return Logged("C_GenerateRandom", f);
+  CK_RV rv = g_real->C_GenerateRandom(h, out, n);
+  if (rv != CKR_OK) return Logged("C_GenerateRandom", rv);
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string line = "C_GenerateRandom CKR_OK " + std::to_string(n) + " ";
+  for (CK_ULONG i = 0; i < n; ++i) {
+    line += kHex[out[i] >> 4];
+    line += kHex[out[i] & 0xf];
+  }
+  Append(line);
+  return rv;
+}
 
 #undef CUSTODY_FAULTY
 
@@ -122,6 +235,13 @@ extern "C" __attribute__((visibility("default"))) CK_RV C_GetFunctionList(CK_FUN
     g_list.C_GenerateRandom = Faulty_C_GenerateRandom;
     g_list.C_SignInit = Faulty_C_SignInit;
     g_list.C_Sign = Faulty_C_Sign;
+    g_list.C_GenerateKey = Faulty_C_GenerateKey;
+    g_list.C_GenerateKeyPair = Faulty_C_GenerateKeyPair;
+    g_list.C_DestroyObject = Faulty_C_DestroyObject;
+    g_list.C_GetAttributeValue = Faulty_C_GetAttributeValue;
+    g_list.C_FindObjects = Faulty_C_FindObjects;
+    g_list.C_WrapKey = Faulty_C_WrapKey;
+    g_list.C_UnwrapKey = Faulty_C_UnwrapKey;
   }
   *out = &g_list;
   return CKR_OK;

@@ -127,7 +127,9 @@ RunResult RunProgram(const std::string& path, const std::vector<std::string>& ar
   // A minimal environment: the test decides what the child sees.
   if (const char* p = std::getenv("PATH")) env_strings.push_back(std::string("PATH=") + p);
   // Sanitizer options pass through so ASan builds behave the same in children.
+  // (Unless the test sets them itself: getenv would find the first.)
   for (const char* k : {"ASAN_OPTIONS", "UBSAN_OPTIONS", "LSAN_OPTIONS", "TSAN_OPTIONS"}) {
+    if (options.env.count(k) != 0) continue;
     if (const char* v = std::getenv(k)) env_strings.push_back(std::string(k) + "=" + v);
   }
   for (const auto& [k, v] : options.env) env_strings.push_back(k + "=" + v);
@@ -158,12 +160,22 @@ RunResult RunProgram(const std::string& path, const std::vector<std::string>& ar
     ::_exit(127);
   }
   int status = 0;
+  RunResult r;
+  const auto started = std::chrono::steady_clock::now();
   if (options.kill_after) {
-    auto deadline = std::chrono::steady_clock::now() + *options.kill_after;
+    // Without kill_after_stderr the clock starts now; with it, once the
+    // child has written that text to stderr.
+    std::optional<std::chrono::steady_clock::time_point> deadline;
+    if (options.kill_after_stderr.empty()) deadline = started + *options.kill_after;
     for (;;) {
       pid_t w = ::waitpid(pid, &status, WNOHANG);
       if (w == pid) break;
-      if (std::chrono::steady_clock::now() >= deadline) {
+      if (!deadline && ReadFile(err_path).find(options.kill_after_stderr) != std::string::npos) {
+        const auto seen = std::chrono::steady_clock::now();
+        r.stderr_seen_after = std::chrono::duration_cast<std::chrono::microseconds>(seen - started);
+        deadline = seen + *options.kill_after;
+      }
+      if (deadline && std::chrono::steady_clock::now() >= *deadline) {
         ::kill(pid, SIGKILL);
         ::waitpid(pid, &status, 0);
         break;
@@ -173,7 +185,7 @@ RunResult RunProgram(const std::string& path, const std::vector<std::string>& ar
   } else {
     ::waitpid(pid, &status, 0);
   }
-  RunResult r;
+  r.elapsed = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - started);
   r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
   r.out = ReadFile(out_path);
   r.err = ReadFile(err_path);

@@ -119,11 +119,19 @@ struct RunOptions {
   // If set, the child is sent SIGKILL this long after it started (unless it
   // finished first): a crash at an arbitrary point. exit_code is then 137.
   std::optional<std::chrono::microseconds> kill_after = {};
+  // If set (with kill_after), kill_after counts from the moment the child's
+  // stderr first holds this text, not from the start: a crash placed in a
+  // phase of the run (say, after its first progress line).
+  std::string kill_after_stderr = {};
 };
 
 struct RunResult {
   int exit_code = -1;
   std::string out, err;
+  // With kill_after_stderr: how long after the start the text was seen.
+  std::optional<std::chrono::microseconds> stderr_seen_after = {};
+  // From the start until the child ended (or was killed).
+  std::chrono::microseconds elapsed{0};
 };
 
 // Runs the custody binary built alongside the tests with `args`.

@@ -8,6 +8,8 @@
 // An S line before a W line means the sync had finished before the first
 // byte of that answer was written. Lines are written with O_APPEND in one
 // write each, so lines from several threads do not mix.
+// With CUSTODY_TEST_SYNC_DELAY_US set, every audit segment sync takes that
+// much longer (a slow disk), so writers that can share a sync do meet.
 #include <dlfcn.h>
 #include <fcntl.h>
 #include <sys/socket.h>
@@ -78,10 +80,23 @@ F Real(const char* name) {
   return reinterpret_cast<F>(::dlsym(RTLD_NEXT, name));
 }
 
+// Sleeps for CUSTODY_TEST_SYNC_DELAY_US before an audit segment's sync.
+void SlowDisk(int fd) {
+  static const long delay_us = [] {
+    const char* v = std::getenv("CUSTODY_TEST_SYNC_DELAY_US");
+    return v == nullptr ? 0L : std::strtol(v, nullptr, 10);
+  }();
+  if (delay_us <= 0) return;
+  const std::string path = PathOf(fd);
+  if (path.find("/audit-") == std::string::npos) return;
+  ::usleep(static_cast<useconds_t>(delay_us));
+}
+
 }  // namespace
 
 extern "C" int fdatasync(int fd) {
   static auto real = Real<int (*)(int)>("fdatasync");
+  SlowDisk(fd);
   int rc = real(fd);
   if (rc == 0) AfterSync(fd);
   return rc;
@@ -89,6 +104,7 @@ extern "C" int fdatasync(int fd) {
 
 extern "C" int fsync(int fd) {
   static auto real = Real<int (*)(int)>("fsync");
+  SlowDisk(fd);
   int rc = real(fd);
   if (rc == 0) AfterSync(fd);
   return rc;
