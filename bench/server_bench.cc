@@ -6,8 +6,15 @@
 //              against the policy and limits, audited with fsync, unsealed
 //   process    whole `custody secret get` processes (through the server, and
 //              direct) against whole `pkcs11-tool --decrypt` processes
+//   pg/16      the same GET at 16 clients with the store in PostgreSQL: a
+//              second deployment on the same token, its database on a
+//              PostgreSQL server started here (Unix socket only), its own
+//              custodyd; with the statements each GET sent to PostgreSQL
+//              (pg_stat_statements)
 // Targets: server rate >= 0.5 of raw, p99 < 2 ms at 16 clients; a `custody
-// secret get` process at most half the time of a `pkcs11-tool` one.
+// secret get` process at most half the time of a `pkcs11-tool` one; the
+// PostgreSQL store at least 0.7 of the SQLite store's GET rate, with at most
+// one round trip to PostgreSQL per GET.
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -124,7 +131,7 @@ double CpuMicros(pid_t pid) {
 }
 
 Run ServerRun(pid_t server, const std::string& socket, int clients, std::chrono::seconds length,
-              const std::string& target = "") {
+              const std::string& target = "", const std::string& secret = "bench/prod/api-key") {
   const double cpu0 = CpuMicros(server);
   std::vector<std::vector<double>> lat(static_cast<size_t>(clients));
   std::atomic<uint64_t> errors{0};
@@ -138,7 +145,7 @@ Run ServerRun(pid_t server, const std::string& socket, int clients, std::chrono:
         // A secret, or (for the floor) another endpoint's body.
         std::optional<custody::Error> failed;
         if (target.empty()) {
-          auto f = client->Get("bench/prod/api-key");
+          auto f = client->Get(secret);
           if (!f) failed = f.error();
         } else {
           auto f = client->Fetch(target);
@@ -168,6 +175,41 @@ Run ServerRun(pid_t server, const std::string& socket, int clients, std::chrono:
 }
 
 }  // namespace
+
+// A PostgreSQL server for the PostgreSQL row, in `dir` (as nobody when
+// root: PostgreSQL refuses root). Returns its libpq URL for database
+// "custody", or "" if PostgreSQL is not installed.
+std::string StartPostgres(const std::string& dir, std::string* bindir_out) {
+  std::string bindir;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator("/usr/lib/postgresql", ec)) {
+    if (std::filesystem::exists(e.path() / "bin/initdb")) bindir = (e.path() / "bin").string();
+  }
+  if (bindir.empty()) return "";
+  *bindir_out = bindir;
+  std::filesystem::create_directories(dir);
+  const std::string as = ::geteuid() == 0 ? "setpriv --reuid=65534 --regid=65534 --clear-groups " : "";
+  if (::geteuid() == 0) Sh("chown 65534:65534 " + dir);
+  Sh(as + bindir + "/initdb -D " + dir + "/data --no-locale -E UTF8 -U custody --auth=trust --no-sync >/dev/null");
+  Sh(as + bindir + "/pg_ctl -D " + dir + "/data -l " + dir + "/server.log -w -o \"-k " + dir +
+     " -c listen_addresses= -c shared_preload_libraries=pg_stat_statements -c max_connections=200\" start >/dev/null");
+  const std::string base = "host=" + dir + " port=5432 user=custody dbname=";
+  Sh(bindir + "/psql -X -q -d '" + base + "postgres' -c 'CREATE DATABASE custody'");
+  Sh(bindir + "/psql -X -q -d '" + base + "custody' -c 'CREATE EXTENSION pg_stat_statements'");
+  return base + "custody";
+}
+
+// Statements PostgreSQL has run in database custody so far (pg_stat_statements).
+double PgStatements(const std::string& bindir, const std::string& url) {
+  std::string out = "/tmp/custody-bench-pgstat";
+  Sh(bindir + "/psql -X -q -t -A -d '" + url +
+     "' -c \"SELECT coalesce(sum(calls), 0) FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid "
+     "WHERE d.datname = 'custody' AND s.query NOT LIKE '%pg_stat_statements%'\" > " + out);
+  double n = 0;
+  std::ifstream(out) >> n;
+  std::filesystem::remove(out);
+  return n;
+}
 
 int main() {
   char tmpl[] = "/var/tmp/custody-server-bench-XXXXXX";
@@ -238,6 +280,55 @@ int main() {
   // store reads, the unseal and the audit record on top of it.
   print("16", ServerRun(pid, socket, 16, secs, "/v1/health"), "   GET /v1/health: HTTP alone");
 
+  // The PostgreSQL store: the same GET, another deployment (project
+  // benchpg: its own KEK in the same token) whose store is a database.
+  // SERVER_BENCH_PG=0 leaves it out.
+  Run pg16;
+  double pg_statements_per_get = 0;
+  std::string pg_bindir, pg_dir = dir + "/pg";
+  pid_t pg_server = -1;
+  const char* pg_env = std::getenv("SERVER_BENCH_PG");
+  if (!(pg_env && std::string(pg_env) == "0")) {
+    const std::string url = StartPostgres(pg_dir, &pg_bindir);
+    if (url.empty()) {
+      std::printf("16 pg    (PostgreSQL is not installed: row left out)\n");
+    } else {
+      const std::string cfg2 = dir + "/state-pg/custody.toml";
+      const std::string env2 = "CUSTODY_CONFIG=" + cfg2 + " ";
+      Sh(env2 + custody + " init --module /usr/lib/softhsm/libsofthsm2.so --token pkcs11:token=bench --pin-file " +
+         dir + "/pin --state-dir " + dir + "/state-pg --store '" + url + "' >/dev/null");
+      std::ofstream(dir + "/policy-pg.toml") << "version = 1\nadmins = [\"user:bench\"]\n[principals.\"user:bench\"]\nuid = "
+                                             << ::getuid()
+                                             << "\n[projects.benchpg.environments.prod]\n[[projects.benchpg.grants]]\n"
+                                                "principal = \"user:bench\"\nrole = \"owner\"\n";
+      Sh(env2 + custody + " policy apply " + dir + "/policy-pg.toml >/dev/null");
+      Sh("head -c 48 /dev/urandom | base64 | head -c 64 | " + env2 + custody + " secret put benchpg/prod/api-key >/dev/null");
+      const std::string socket2 = dir + "/custody-pg.sock";
+      std::ofstream(cfg2, std::ios::app) << "\n[server]\nsocket = \"" << socket2 << "\"\n" << threads_line
+                                         << "max_connections = 1024\nmax_connections_per_peer = 1024\n";
+      pg_server = ::fork();
+      if (pg_server == 0) {
+        ::setenv("CUSTODY_CONFIG", cfg2.c_str(), 1);
+        ::execl(custodyd.c_str(), custodyd.c_str(), nullptr);
+        ::_exit(127);
+      }
+      for (int i = 0; i < 200 && !std::filesystem::exists(socket2); ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      }
+      if (!std::filesystem::exists(socket2)) Die("custodyd on the PostgreSQL store did not start");
+      ServerRun(pg_server, socket2, 4, std::chrono::seconds(1), "", "benchpg/prod/api-key");  // warm up
+      const double before = PgStatements(pg_bindir, url);
+      pg16 = ServerRun(pg_server, socket2, 16, secs, "", "benchpg/prod/api-key");
+      const double sent = PgStatements(pg_bindir, url) - before;
+      const double gets = pg16.rate * static_cast<double>(secs.count());
+      pg_statements_per_get = gets > 0 ? sent / gets : 0;
+      print("16 pg", pg16, "   the same GET, store in PostgreSQL");
+      std::printf("         PostgreSQL store: %.2f of the SQLite store's rate; %.2f statements to PostgreSQL per GET "
+                  "(usage counts are batched: a flush of several statements every few seconds is included)\n",
+                  at16.rate > 0 ? pg16.rate / at16.rate : 0, pg_statements_per_get);
+    }
+  }
+
   // Whole processes. pkcs11-tool takes its PIN in argv: fine for this
   // throwaway bench token, never for a real one.
   std::string p11 = "pkcs11-tool --module /usr/lib/softhsm/libsofthsm2.so --token-label bench --login --pin " + kPin;
@@ -257,8 +348,23 @@ int main() {
               at16.rate / raw, at16.rate / raw >= 0.5 ? "met" : "NOT met", at16.p99_ms,
               at16.p99_ms < 2.0 ? "met" : "NOT met", via / tool <= 0.5 ? "met" : "NOT met");
 
+  if (pg16.clients == 16) {
+    std::printf("targets: PostgreSQL store at 16 clients %.2f of SQLite's (>= 0.70: %s), %.2f statements per GET "
+                "(<= 1 round trip: %s)\n",
+                pg16.rate / at16.rate, pg16.rate / at16.rate >= 0.7 ? "met" : "NOT met", pg_statements_per_get,
+                pg_statements_per_get <= 1.05 ? "met" : "NOT met");
+  }
+
   ::kill(pid, SIGTERM);
   ::waitpid(pid, nullptr, 0);
+  if (pg_server > 0) {
+    ::kill(pg_server, SIGTERM);
+    ::waitpid(pg_server, nullptr, 0);
+  }
+  if (!pg_bindir.empty()) {
+    const std::string as = ::geteuid() == 0 ? "setpriv --reuid=65534 --regid=65534 --clear-groups " : "";
+    Sh(as + pg_bindir + "/pg_ctl -D " + pg_dir + "/data -m fast -w stop >/dev/null");
+  }
   std::filesystem::remove_all(dir);
   return 0;
 }

@@ -77,6 +77,10 @@ http::response<http::string_body> Session<StreamT>::FromError(const custody::Err
                                                  : "error";
   int status = e.http_status();
   uint64_t retry = e.retry_after().value_or(0);
+  // Unavailable (the token, the store's database restarting): worth asking
+  // again shortly, and clients that honour Retry-After do so without a
+  // busy loop.
+  if (retry == 0 && e.category() == Category::kUnavailable) retry = 1;
   // Token, system and audit-log failures are the operator's business: in
   // the server log (their messages are custody's own, never a caller's).
   if (e.backend() == Backend::kPkcs11 || e.backend() == Backend::kOs || e.category() == Category::kUnavailable) {

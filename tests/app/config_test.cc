@@ -121,6 +121,38 @@ TEST(Config, APinInTheConfigIsRefused) {
   EXPECT_EQ(r.error().message().find("1234"), std::string::npos);
 }
 
+// [store] url: a PostgreSQL store; loaded and written back as it is, but
+// never with a password in it, and never beside a SQLite path.
+TEST(Config, AStoreUrlLoadsButNotWithAPasswordOrBesideAPath) {
+  test::TempDir dir;
+  std::string path = dir / "c.toml";
+  const std::string head = "state_dir = \"/x\"\n[token]\nmodule = \"/m.so\"\nuri = \"pkcs11:\"\n[store]\n";
+  test::WriteFile(path, head + "url = \"postgresql://custody@db.internal/custody?sslmode=verify-full\"\n");
+  auto ok = LoadConfig(path);
+  ASSERT_TRUE(ok.ok()) << ok.error().message();
+  EXPECT_EQ(ok->store.url, "postgresql://custody@db.internal/custody?sslmode=verify-full");
+  EXPECT_TRUE(ok->store.path.empty());
+  ASSERT_TRUE(WriteConfig(*ok, dir / "back.toml").ok());
+  auto back = LoadConfig(dir / "back.toml");
+  ASSERT_TRUE(back.ok()) << back.error().message();
+  EXPECT_EQ(back->store, ok->store);
+
+  test::WriteFile(path, head + "url = \"postgresql://custody:s3cr3t-pw@db.internal/custody\"\n");
+  auto pw = LoadConfig(path);
+  ASSERT_FALSE(pw.ok());
+  EXPECT_EQ(pw.error().category(), Category::kConfig);
+  EXPECT_EQ(pw.error().exit_code(), 78);
+  EXPECT_EQ(pw.error().message().find("s3cr3t-pw"), std::string::npos) << pw.error().message();
+  EXPECT_NE(pw.error().message().find("PGPASSFILE"), std::string::npos) << pw.error().message();
+  EXPECT_NE(pw.error().message().find(path), std::string::npos) << "names the file: " << pw.error().message();
+
+  test::WriteFile(path, head + "path = \"/x/db\"\nurl = \"host=/run/postgresql dbname=custody\"\n");
+  auto both = LoadConfig(path);
+  ASSERT_FALSE(both.ok());
+  EXPECT_NE(both.error().message().find("both path (SQLite) and url (PostgreSQL)"), std::string::npos)
+      << both.error().message();
+}
+
 TEST(ResolvePin, DescriptorThenEnvironmentThenFile) {
   test::TempDir dir;
   Config c = Sample(dir);

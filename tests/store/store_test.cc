@@ -564,5 +564,47 @@ TEST(PostgresOpen, NodesStartingAtOnceMigrateOnce) {
   EXPECT_EQ(failures.load(), 0);
 }
 
+// The answer to a put's COMMIT is lost: the server process ends while the
+// commit runs (a deferred trigger holds the commit until the test
+// terminates that process). The store does not guess: it waits until that
+// process is gone, then looks for the exact blob it sent. Not there, so the
+// put is reported as not stored, and storing it again makes one version.
+TEST(PostgresFaults, APutWhoseCommitAnswerIsLostIsCheckedNotGuessed) {
+  test::PgServer* pg = test::PgServer::Shared();
+  CUSTODY_REQUIRE_PG(pg);
+  const std::string url = pg->NewDatabase();
+  const std::string db = url.substr(url.find("dbname=") + 7, url.find(' ', url.find("dbname=")) - url.find("dbname=") - 7);
+  auto store = OpenPostgresStore(url, true);
+  ASSERT_TRUE(store.ok()) << store.error().message();
+  auto p = (*store)->CreateProject("payments", {"prod"}, Kek(1), "l");
+  ASSERT_TRUE(p.ok());
+  auto env = *(*store)->FindEnvironment("payments", "prod");
+  const int64_t kek = (*store)->CurrentKek(p->id)->id;
+  pg->Sql(db, "CREATE FUNCTION stall() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(30); "
+              "RETURN NULL; END $$; CREATE CONSTRAINT TRIGGER stall AFTER INSERT ON secret_versions "
+              "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION stall()");
+  std::atomic<bool> killed{false};
+  std::thread killer([&] {
+    for (int i = 0; i < 200 && !killed; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      killed = pg->Sql(db, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+                           "AND query = 'COMMIT' AND state = 'active'")
+                   .find('t') != std::string::npos;
+    }
+  });
+  Status lost = (*store)->AddVersion(env.id, "stripe", 1, kek, {1, 2, 3}, 1000);
+  killer.join();
+  ASSERT_TRUE(killed.load()) << "the COMMIT was never seen running";
+  ASSERT_FALSE(lost.ok());
+  EXPECT_EQ(lost.error().category(), Category::kUnavailable);
+  EXPECT_NE(lost.error().message().find("it was not stored (checked after reconnecting)"), std::string::npos)
+      << lost.error().message();
+  pg->Sql(db, "DROP TRIGGER stall ON secret_versions");
+  ASSERT_TRUE((*store)->AddVersion(env.id, "stripe", 1, kek, {1, 2, 3}, 1000).ok()) << "the same put again";
+  auto versions = (*store)->ListVersions(env, "stripe");
+  ASSERT_TRUE(versions.ok());
+  EXPECT_EQ(versions->size(), 1u);
+}
+
 }  // namespace
 }  // namespace custody::core
