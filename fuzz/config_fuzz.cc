@@ -19,6 +19,7 @@
 #include <string>
 
 #include "custody/app/config.h"
+#include "custody/store/postgres_store.h"
 
 namespace {
 
@@ -81,7 +82,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     CheckRefusal(c.error(), files.input);
     return 0;
   }
-  Require(!c->state_dir.empty() && !c->store.path.empty(), "an accepted config has no state_dir or store");
+  Require(!c->state_dir.empty() && c->store.path.empty() != c->store.url.empty(),
+          "an accepted config has no state_dir, or not exactly one of store.path and store.url");
+  // A PostgreSQL URL is only ever accepted without a password in it.
+  Require(c->store.url.empty() || CheckPostgresUrl(c->store.url).ok(), "an accepted store.url fails its own check");
   Require(c->token.backend == "pkcs11" || c->token.backend == "tpm", "an accepted config has an unknown backend");
 
   Require(WriteConfig(*c, files.written).ok(), "WriteConfig failed on an accepted config");
@@ -91,7 +95,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
               back->token.pkcs11.uri == c->token.pkcs11.uri && back->token.tpm.tcti == c->token.tpm.tcti && back->token.tpm.pcrs == c->token.tpm.pcrs &&
               back->token.tpm.persist_srk == c->token.tpm.persist_srk && back->token.tpm.srk_name == c->token.tpm.srk_name &&
               back->token.tpm.kek_cache_seconds == c->token.tpm.kek_cache_seconds && back->token.pin_file == c->token.pin_file &&
-              back->token.environment == c->token.environment && back->store.path == c->store.path &&
+              back->token.environment == c->token.environment && back->store == c->store &&
               back->audit.dir == c->audit.dir && back->audit.checkpoint_every == c->audit.checkpoint_every &&
               back->audit.checkpoint_seconds == c->audit.checkpoint_seconds,
           "a config written by WriteConfig loads back different");

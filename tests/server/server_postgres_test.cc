@@ -118,9 +118,10 @@ TEST_F(PlaintextPostgresServerTest, ValuesNeverReachTheDatabaseOrItsLogInPlainTe
   }
 }
 
-// PostgreSQL restarts while four clients keep asking: each request either
-// gets its value, with one audit record, or a 503 with Retry-After; none
-// hangs; once the database is back, custodyd serves again by itself.
+// PostgreSQL crashes and restarts while four clients keep asking: each
+// request either gets its value, with one audit record, or a 503 with
+// Retry-After; none hangs; once the database is back, custodyd serves again
+// by itself, and a put acknowledged before the crash is there.
 TEST_F(PostgresServerTest, ADatabaseRestartUnderLoadGives503AndServingResumes) {
   const auto ok_before = AuditResults("secret.get")["ok"];
   std::atomic<bool> stop{false};
@@ -153,7 +154,14 @@ TEST_F(PostgresServerTest, ADatabaseRestartUnderLoadGives503AndServingResumes) {
     for (int i = 0; i < 300 && !done(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
   };
   wait_for([&] { return served.load() >= 20; });
-  pg_->Stop(/*immediate=*/false);  // a fast shutdown: every session is ended
+  // A put acknowledged just before the database goes down must be there
+  // after it comes back.
+  const std::string acked = "acknowledged-before-the-crash";
+  auto writer = client::Client::Connect("unix:" + socket_);
+  ASSERT_TRUE(writer.ok());
+  auto put = writer->Put("payments/dev/db", SecretBuffer::Copy(std::string_view(acked)));
+  ASSERT_TRUE(put.ok()) << put.error().message();
+  pg_->Stop(/*immediate=*/true);  // as a crash: SIGQUIT, crash recovery at the next start
   wait_for([&] { return unavailable.load() >= 8; });
   std::string why;
   ASSERT_TRUE(pg_->Start(&why)) << why;
@@ -166,8 +174,13 @@ TEST_F(PostgresServerTest, ADatabaseRestartUnderLoadGives503AndServingResumes) {
   EXPECT_EQ(without_retry_after.load(), 0) << "every 503 said when to ask again";
   EXPECT_GE(served_after_restart.load(), 20) << "serving resumed without a restart of custodyd";
   EXPECT_EQ(other.load(), 0);
+  auto back = writer->Get("payments/dev/db");
+  ASSERT_TRUE(back.ok()) << back.error().message();
+  EXPECT_EQ(back->value.RevealString(SecretAccess{}), acked) << "the acknowledged put survived the crash";
+  EXPECT_EQ(back->version, *put);
   // Exactly one audit record for each value given out.
-  EXPECT_EQ(AuditResults("secret.get")["ok"], ok_before + static_cast<size_t>(served.load()));
+  // (+1: the read-back of the acknowledged put just above.)
+  EXPECT_EQ(AuditResults("secret.get")["ok"], ok_before + static_cast<size_t>(served.load()) + 1);
   auto verify = Cli({"audit", "verify"});
   EXPECT_EQ(verify.exit_code, 0) << verify.out << verify.err;
 }
