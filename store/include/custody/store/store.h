@@ -170,11 +170,15 @@ struct SnapshotProject {
   int64_t id = 0;
   std::string name;
   int64_t created_at = 0;
+
+  bool operator==(const SnapshotProject&) const = default;
 };
 struct SnapshotEnvironment {
   int64_t id = 0, project_id = 0;
   std::string name;
   int64_t created_at = 0;
+
+  bool operator==(const SnapshotEnvironment&) const = default;
 };
 struct SnapshotKek {
   int64_t id = 0, project_id = 0;
@@ -184,11 +188,15 @@ struct SnapshotKek {
   int64_t encryptions_reserved = 0;
   int64_t created_at = 0;
   std::optional<std::vector<uint8_t>> material;
+
+  bool operator==(const SnapshotKek&) const = default;
 };
 struct SnapshotSecret {
   int64_t id = 0, environment_id = 0;
   std::string name;
   int64_t created_at = 0;
+
+  bool operator==(const SnapshotSecret&) const = default;
 };
 struct SnapshotVersion {
   int64_t secret_id = 0;
@@ -198,26 +206,36 @@ struct SnapshotVersion {
   int64_t created_at = 0;
   std::optional<int64_t> superseded_at, revoked_at;
   std::optional<std::string> revoked_reason, revoked_by;
+
+  bool operator==(const SnapshotVersion&) const = default;
 };
 struct SnapshotPolicy {
   int64_t version = 0;
   std::string sha256, text;
   int64_t applied_at = 0;
   std::string applied_by;
+
+  bool operator==(const SnapshotPolicy&) const = default;
 };
 struct SnapshotUsage {
   std::string project, environment, principal, day;
   int64_t unseals = 0, seals = 0, denied = 0, rate_limited = 0, spend_limited = 0;
   int64_t last_use = 0;
+
+  bool operator==(const SnapshotUsage&) const = default;
 };
 struct SnapshotBucket {
   std::string key;
   double tokens = 0, updated_at = 0;
+
+  bool operator==(const SnapshotBucket&) const = default;
 };
 struct SnapshotCheckpoint {
   int64_t seq = 0;
   std::string covers_hash;
   int64_t created_at = 0;
+
+  bool operator==(const SnapshotCheckpoint&) const = default;
 };
 struct StoreSnapshot {
   std::vector<SnapshotProject> projects;          // by id
@@ -229,6 +247,8 @@ struct StoreSnapshot {
   std::vector<SnapshotUsage> usage;
   std::vector<SnapshotBucket> buckets;
   std::vector<SnapshotCheckpoint> checkpoints;    // by seq
+
+  bool operator==(const StoreSnapshot&) const = default;
 };
 
 class Store : public KekUsageLedger, public KekMaterialSource {
