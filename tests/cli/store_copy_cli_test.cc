@@ -200,7 +200,7 @@ TEST_F(StoreCopyCliTest, CopiesToTheOtherBackendAndBackAndTheCopyServesEveryValu
   const json stripe_there = Json({"secret", "versions", "payments/prod/stripe"});
 
   // And back, into a new store of the first kind, as JSON.
-  const core::StoreSettings back = SameKind(there, "back");
+  const core::StoreSettings back = OtherKind(there, "back");
   r = Copy(there, back, /*as_json=*/true);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   json summary = json::parse(r.out);
@@ -215,6 +215,15 @@ TEST_F(StoreCopyCliTest, CopiesToTheOtherBackendAndBackAndTheCopyServesEveryValu
   EXPECT_EQ(Look().versions["payments/dev/hook"], before.versions["payments/dev/hook"]);
   EXPECT_EQ(Json({"kek", "list", "payments"}), keks_there);
   EXPECT_EQ(Json({"secret", "versions", "payments/prod/stripe"}), stripe_there);
+
+  // And between two stores of one kind.
+  const core::StoreSettings same = SameKind(back, "same");
+  r = Copy(back, same);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("9 version(s)"), std::string::npos) << r.out;
+  PointAt(same);
+  got = Cli({"secret", "get", "payments/dev/other"});
+  EXPECT_EQ(got.out, "sk-copy-other-1") << got.err;
 }
 
 TEST_F(StoreCopyCliTest, ATargetThatHoldsADeploymentIsRefusedAndLeftAsItWas) {
