@@ -606,5 +606,88 @@ TEST(PostgresFaults, APutWhoseCommitAnswerIsLostIsCheckedNotGuessed) {
   EXPECT_EQ(versions->size(), 1u);
 }
 
+// Export and Import (`custody store copy`): every row of one backend lands
+// in the other with its ids and bytes, the copy keeps working, and a store
+// that holds a deployment is refused and left as it was.
+TEST_P(StoreTest, ExportImportCarriesEveryRowToTheOtherBackend) {
+  auto p = store_->CreateProject("payments", {"dev", "prod"}, Kek(1), "custody:kek:payments:v1",
+                                 std::vector<uint8_t>{1, 2, 3});
+  ASSERT_TRUE(p.ok()) << p.error().message();
+  ASSERT_TRUE(store_->CreateProject("billing", {"prod"}, Kek(2), "custody:kek:billing:v1").ok());
+  auto prod = store_->FindEnvironment("payments", "prod");
+  ASSERT_TRUE(prod.ok());
+  auto k1 = store_->CurrentKek(p->id);
+  ASSERT_TRUE(k1.ok());
+  ASSERT_TRUE(store_->AddVersion(prod->id, "stripe", 1, k1->id, {0xde, 0xad, 0x00, 0xbe}, 1000).ok());
+  KekRef v2 = Kek(3);
+  v2.version = 2;
+  auto k2 = store_->AddKek(p->id, v2, "custody:kek:payments:v2", 1001);
+  ASSERT_TRUE(k2.ok());
+  ASSERT_TRUE(store_->AddVersion(prod->id, "stripe", 2, k2->id, {0x00, 0x01}, 1002).ok());
+  ASSERT_TRUE(store_->RevokeVersion(*prod, "stripe", 1, "leaked", "user:root", 1003).ok());
+  ASSERT_TRUE(store_->SavePolicy("version = 1\n", "ab", "bootstrap (uid 0)").ok());
+  ASSERT_TRUE(store_->SavePolicy("version = 1 # 2\n", "cd", "user:root").ok());
+  policy::LimitRule rate{policy::LimitRule::kRate, "rate:payments/prod", "payments rate", {5, 60, "5/min"}, 0, "", ""};
+  ASSERT_TRUE(store_->Admit({"payments", "prod", "user:root"}, {rate}, UsageEvent::kUnseal, 1004.25).ok());
+  ASSERT_TRUE(store_->Record({"payments", "prod", "user:ci"}, UsageEvent::kDenied, 1005).ok());
+  ASSERT_TRUE(store_->RecordAuditCheckpoint(7, "hash7").ok());
+
+  auto snap = store_->Export();
+  ASSERT_TRUE(snap.ok()) << snap.error().message();
+  EXPECT_EQ(snap->projects.size(), 2u);
+  EXPECT_EQ(snap->environments.size(), 3u);
+  EXPECT_EQ(snap->keks.size(), 3u);
+  EXPECT_EQ(snap->versions.size(), 2u);
+  EXPECT_EQ(snap->policies.size(), 2u);
+  EXPECT_EQ(snap->usage.size(), 2u);
+  EXPECT_EQ(snap->buckets.size(), 1u);
+  EXPECT_EQ(snap->checkpoints.size(), 1u);
+
+  // The other backend.
+  test::PgServer* pg = test::PgServer::Shared();
+  CUSTODY_REQUIRE_PG(pg);
+  auto target = sqlite() ? OpenPostgresStore(pg->NewDatabase(), /*create=*/true)
+                         : OpenSqliteStore(dir_ / "target.db", /*create=*/true);
+  ASSERT_TRUE(target.ok()) << target.error().message();
+  size_t progressed = 0;
+  Status imported = (*target)->Import(*snap, [&](size_t done, size_t all) {
+    EXPECT_EQ(all, 2u);
+    progressed = done;
+  });
+  ASSERT_TRUE(imported.ok()) << imported.error().message();
+  EXPECT_EQ(progressed, 2u);
+  auto back = (*target)->Export();
+  ASSERT_TRUE(back.ok()) << back.error().message();
+  EXPECT_TRUE(*back == *snap) << "every row, column for column";
+
+  // A second import is refused, and changes nothing.
+  Status again = (*target)->Import(*snap);
+  ASSERT_FALSE(again.ok());
+  EXPECT_EQ(again.error().category(), Category::kUsage);
+  EXPECT_NE(again.error().message().find("already holds a custody deployment"), std::string::npos);
+  auto unchanged = (*target)->Export();
+  ASSERT_TRUE(unchanged.ok());
+  EXPECT_TRUE(*unchanged == *snap);
+
+  // The copy works: what the interface reads, and new rows after the copied ids.
+  auto env = (*target)->FindEnvironment("payments", "prod");
+  ASSERT_TRUE(env.ok());
+  auto cur = (*target)->GetVersion(*env, "stripe", std::nullopt);
+  ASSERT_TRUE(cur.ok());
+  EXPECT_EQ(cur->version, 2u);
+  EXPECT_EQ(cur->blob, (std::vector<uint8_t>{0x00, 0x01}));
+  auto material = (*target)->KekMaterial(Kek(1));
+  ASSERT_TRUE(material.ok()) << material.error().message();
+  EXPECT_EQ(*material, (std::vector<uint8_t>{1, 2, 3}));
+  auto fresh = (*target)->CreateProject("fresh", {"prod"}, Kek(4), "custody:kek:fresh:v1");
+  ASSERT_TRUE(fresh.ok()) << fresh.error().message();
+  EXPECT_GT(fresh->id, p->id);
+  auto fenv = (*target)->FindEnvironment("fresh", "prod");
+  ASSERT_TRUE(fenv.ok());
+  auto fk = (*target)->CurrentKek(fresh->id);
+  ASSERT_TRUE(fk.ok());
+  EXPECT_TRUE((*target)->AddVersion(fenv->id, "one", 1, fk->id, {9}, 1006).ok());
+}
+
 }  // namespace
 }  // namespace custody::core

@@ -88,6 +88,14 @@ struct KekRotateArgs {
 Status KekRotate(const Globals& g, const KekRotateArgs& a);
 Status KekList(const Globals& g, const std::string& project);
 
+// Moving a deployment between stores (store_commands.cc): every row of
+// --from into --to (which must hold no deployment) in one transaction, then
+// every copied version unsealed from --to through the token.
+struct StoreCopyArgs {
+  std::string from, to;  // SQLite paths or PostgreSQL URLs
+};
+Status StoreCopy(const Globals& g, const StoreCopyArgs& a);
+
 // Attestation (attest_commands.cc).
 struct AttestArgs {
   std::optional<std::string> project;

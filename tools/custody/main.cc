@@ -203,6 +203,17 @@ int main(int argc, char** argv) {
   c_klist->add_option("PROJECT", klist_project)->required();
   c_klist->callback(run([&] { return custody::cli::KekList(g, klist_project); }));
 
+  // store
+  auto* c_store = app.add_subcommand("store", "the store itself: moving a deployment between backends");
+  c_store->require_subcommand(1);
+  custody::cli::StoreCopyArgs scopy;
+  auto* c_scopy = c_store->add_subcommand(
+      "copy", "copy a deployment into an empty store (SQLite or PostgreSQL) in one transaction, then unseal every "
+              "copied version from it; the config is not changed");
+  c_scopy->add_option("--from", scopy.from, "the store to copy: a SQLite file or a PostgreSQL URL")->required();
+  c_scopy->add_option("--to", scopy.to, "the empty store to copy into (its schema is made if missing)")->required();
+  c_scopy->callback(run([&] { return custody::cli::StoreCopy(g, scopy); }));
+
   // attest
   auto* c_attest = app.add_subcommand("attest", "a signed statement of the keys, their attributes, the policy and the audit head");
   custody::cli::AttestArgs attest;

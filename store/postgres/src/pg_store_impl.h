@@ -212,6 +212,10 @@ class PgStore final : public Store {
   Status AddUsage(const std::vector<UsageCount>& counts) override;
   Result<std::vector<UsageRow>> Usage(const std::optional<std::string>& project, int64_t now) override;
 
+  // copy.cc
+  Result<StoreSnapshot> Export() override;
+  Status Import(const StoreSnapshot& snapshot, const std::function<void(size_t, size_t)>& progress) override;
+
   // locks.cc
   Result<std::optional<HeldLock>> TakeLock(const std::string& name, const LockHolder& me, int64_t ttl,
                                            const std::function<bool(const LockHolder&)>& gone) override;

@@ -162,6 +162,95 @@ struct UnsealInputs {
   KekRecord kek;                // the KEK its blob is sealed under
 };
 
+// A whole deployment's rows, as `custody store copy` moves them from one
+// store to another (Store::Export, Store::Import). Ids are kept so that
+// references between rows hold; blobs are sealed bytes, copied as they are.
+// The named locks are not part of it (they belong to running processes).
+struct SnapshotProject {
+  int64_t id = 0;
+  std::string name;
+  int64_t created_at = 0;
+
+  bool operator==(const SnapshotProject&) const = default;
+};
+struct SnapshotEnvironment {
+  int64_t id = 0, project_id = 0;
+  std::string name;
+  int64_t created_at = 0;
+
+  bool operator==(const SnapshotEnvironment&) const = default;
+};
+struct SnapshotKek {
+  int64_t id = 0, project_id = 0;
+  int64_t version = 0;
+  std::vector<uint8_t> token_id;
+  std::string label, state;
+  int64_t encryptions_reserved = 0;
+  int64_t created_at = 0;
+  std::optional<std::vector<uint8_t>> material;
+
+  bool operator==(const SnapshotKek&) const = default;
+};
+struct SnapshotSecret {
+  int64_t id = 0, environment_id = 0;
+  std::string name;
+  int64_t created_at = 0;
+
+  bool operator==(const SnapshotSecret&) const = default;
+};
+struct SnapshotVersion {
+  int64_t secret_id = 0;
+  int64_t version = 0;
+  int64_t kek_id = 0;
+  std::vector<uint8_t> blob;
+  int64_t created_at = 0;
+  std::optional<int64_t> superseded_at, revoked_at;
+  std::optional<std::string> revoked_reason, revoked_by;
+
+  bool operator==(const SnapshotVersion&) const = default;
+};
+struct SnapshotPolicy {
+  int64_t version = 0;
+  std::string sha256, text;
+  int64_t applied_at = 0;
+  std::string applied_by;
+
+  bool operator==(const SnapshotPolicy&) const = default;
+};
+struct SnapshotUsage {
+  std::string project, environment, principal, day;
+  int64_t unseals = 0, seals = 0, denied = 0, rate_limited = 0, spend_limited = 0;
+  int64_t last_use = 0;
+
+  bool operator==(const SnapshotUsage&) const = default;
+};
+struct SnapshotBucket {
+  std::string key;
+  double tokens = 0, updated_at = 0;
+
+  bool operator==(const SnapshotBucket&) const = default;
+};
+struct SnapshotCheckpoint {
+  int64_t seq = 0;
+  std::string covers_hash;
+  int64_t created_at = 0;
+
+  bool operator==(const SnapshotCheckpoint&) const = default;
+};
+struct StoreSnapshot {
+  std::vector<SnapshotProject> projects;          // by id
+  std::vector<SnapshotEnvironment> environments;  // by id
+  std::vector<SnapshotKek> keks;                  // by id
+  std::vector<SnapshotSecret> secrets;            // by id
+  std::vector<SnapshotVersion> versions;          // by (secret_id, version)
+  std::vector<SnapshotPolicy> policies;           // by version
+  std::vector<SnapshotUsage> usage;
+  std::vector<SnapshotBucket> buckets;
+  std::vector<SnapshotCheckpoint> checkpoints;    // by seq
+
+  bool operator==(const StoreSnapshot&) const = default;
+};
+
 class Store : public KekUsageLedger, public KekMaterialSource {
  public:
   ~Store() override = default;
@@ -267,6 +356,17 @@ class Store : public KekUsageLedger, public KekMaterialSource {
   // noticed by `audit verify` even if the checkpoint files go too.
   virtual Status RecordAuditCheckpoint(uint64_t seq, const std::string& covers_hash) = 0;
   virtual Result<std::optional<std::pair<uint64_t, std::string>>> LastAuditCheckpoint() = 0;
+
+  // Every row of the deployment (StoreSnapshot), read in one consistent
+  // snapshot (one read transaction).
+  virtual Result<StoreSnapshot> Export() = 0;
+  // Writes a snapshot into this store in one transaction, with its ids
+  // (later inserts number after them). Refused (kUsage, nothing written) if
+  // the store already holds a custody deployment (a project, a KEK or a
+  // secret), checked inside that transaction.
+  // `progress`, if given, is told (rows of versions written, of all).
+  virtual Status Import(const StoreSnapshot& snapshot,
+                        const std::function<void(size_t, size_t)>& progress = {}) = 0;
 
   // Exclusive locks on a name, with an expiry, kept in the store so that
   // every process on every host that shares it sees them (one KEK rotation
