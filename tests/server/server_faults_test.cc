@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 #include <thread>
 
 #include "../support/server_fixture.h"
@@ -58,13 +59,38 @@ class FaultyTokenServerTest : public ServerTest {
     cfg.replace(at, from.size(), std::string("'") + FAULTY_PKCS11 + "'");
     WriteFile(token_.config_path(), cfg);
   }
-  std::vector<std::string> ExtraServerEnv() override { return {"CUSTODY_FAULT_CONTROL=" + control_}; }
+  std::vector<std::string> ExtraServerEnv() override {
+    return {"CUSTODY_FAULT_CONTROL=" + control_, "CUSTODY_FAULT_CALLS=" + calls_};
+  }
   void Fault(const std::string& what) { WriteFile(control_, what); }
   void Heal() { ::unlink(control_.c_str()); }
   std::string Get(const std::string& path) {
     return Raw(socket_, "GET /v1/secrets/" + path + " HTTP/1.1\r\nHost: x\r\n\r\n");
   }
+  std::string Put(const std::string& path, const std::string& value) {
+    const std::string body = "{\"value\":\"" + value + "\"}";
+    return Raw(socket_, "PUT /v1/secrets/" + path + " HTTP/1.1\r\nHost: x\r\nContent-Length: " +
+                            std::to_string(body.size()) + "\r\n\r\n" + body);
+  }
+  static std::string StatusLine(const std::string& answer) { return answer.substr(0, answer.find("\r\n")); }
+  // The audit records of `action`, oldest first.
+  nlohmann::json Records(const std::string& action) {
+    auto r = Cli({"--json", "audit", "show", "--action", action});
+    auto j = nlohmann::json::parse(r.out, nullptr, false);
+    EXPECT_TRUE(j.is_array()) << r.out << r.err;
+    return j.is_array() ? j : nlohmann::json::array();
+  }
+  // How often `fn` answered `rv` since the call log was last cleared.
+  size_t Calls(const std::string& fn, const std::string& rv) {
+    const std::string log = ReadFile(calls_), line = fn + " " + rv + "\n";
+    size_t n = 0;
+    for (size_t at = log.find(line); at != std::string::npos; at = log.find(line, at + 1)) {
+      if (at == 0 || log[at - 1] == '\n') ++n;
+    }
+    return n;
+  }
   std::string control_ = token_.dir() / "fault";
+  std::string calls_ = token_.dir() / "pkcs11-calls";
 };
 
 // SIGTERM drains: a GET already in flight (the token answering slowly) is
@@ -137,6 +163,129 @@ TEST_F(FaultyTokenServerTest, ADeviceThatStaysDownAnswers503UntilItIsBack) {
   EXPECT_NE(back.find("200 OK"), std::string::npos) << back;
   health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
   EXPECT_NE(health.find("\"status\":\"ok\""), std::string::npos) << health;
+}
+
+// A stale session, a lost login, a stale object handle: each on the unseal
+// of a GET, answered by the token on every try. The request is recovered
+// and tried once more (docs/API.md, "When the token fails"), which fails
+// too: the client gets the documented error and no value, the request has
+// one audit record saying it failed, and once the token answers again the
+// same custodyd serves the value, with health back to ok.
+//
+// A lost login (CKR_USER_NOT_LOGGED_IN) is recovered and retried like the
+// others, but what still fails is answered 403 "denied" (exit 77, audited
+// "refused"), not the 503 / "error" that docs/API.md promises for it: that
+// mismatch is reported, not pinned here (status, exit code and result are
+// left open for it: nullptr / 0); the rest holds for it too.
+struct TokenFault {
+  const char* rv;
+  const char* fn;
+  const char* status;  // the answer's status line (nullptr: not pinned)
+  int exit_code;       // `custody secret get` through custodyd (0: not pinned)
+  const char* result;  // the audit record's result (nullptr: not pinned)
+};
+
+void ExpectFailed(const std::string& answer, const TokenFault& f) {
+  if (f.status != nullptr) {
+    EXPECT_EQ(answer.substr(0, answer.find("\r\n")), f.status) << answer;
+  } else {
+    EXPECT_EQ(answer.find("HTTP/1.1 2"), std::string::npos) << answer;
+  }
+  EXPECT_NE(answer.find(f.rv), std::string::npos) << "the token's reason: " << answer;
+}
+
+void ExpectFailedRecord(const nlohmann::json& record, const TokenFault& f) {
+  if (f.result != nullptr) {
+    EXPECT_EQ(record.value("result", ""), f.result) << record.dump();
+  } else {
+    EXPECT_NE(record.value("result", ""), "ok") << record.dump();
+  }
+  EXPECT_NE(record.value("error", "").find(f.rv), std::string::npos) << record.dump();
+}
+
+TEST_F(FaultyTokenServerTest, AGetWhoseUnsealTheTokenRefusesGetsNoValueAndOneRecord) {
+  ASSERT_NE(Get("payments/prod/stripe").find("200 OK"), std::string::npos);
+  const TokenFault faults[] = {
+      {"CKR_SESSION_HANDLE_INVALID", "C_Decrypt", "HTTP/1.1 503 Service Unavailable", 69, "error"},
+      {"CKR_USER_NOT_LOGGED_IN", "C_DecryptInit", nullptr, 0, nullptr},
+      {"CKR_OBJECT_HANDLE_INVALID", "C_DecryptInit", "HTTP/1.1 503 Service Unavailable", 69, "error"},
+  };
+  for (const auto& f : faults) {
+    SCOPED_TRACE(std::string(f.rv) + " on " + f.fn);
+    const size_t before = Records("secret.get").size();
+    Fault(std::string("fail ") + f.rv + " " + f.fn);
+    std::filesystem::remove(calls_);
+    const std::string answer = Get("payments/prod/stripe");
+    ExpectFailed(answer, f);
+    EXPECT_EQ(answer.find(kSecret), std::string::npos) << answer;
+    EXPECT_EQ(Calls(f.fn, f.rv), 2u) << "tried once more after the recovery:\n" << ReadFile(calls_);
+    auto cli = AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"});
+    if (f.exit_code != 0) {
+      EXPECT_EQ(cli.exit_code, f.exit_code) << cli.err;
+    } else {
+      EXPECT_NE(cli.exit_code, 0) << cli.err;
+    }
+    EXPECT_EQ(cli.out, "");
+    EXPECT_NE(cli.err.find(f.rv), std::string::npos) << cli.err;
+    Heal();
+    auto records = Records("secret.get");
+    ASSERT_EQ(records.size(), before + 2) << "one record a request: " << records.dump();
+    for (size_t i = before; i < records.size(); ++i) ExpectFailedRecord(records[i], f);
+    const std::string back = Get("payments/prod/stripe");
+    EXPECT_EQ(StatusLine(back), "HTTP/1.1 200 OK") << back;
+    EXPECT_NE(back.find(kSecret), std::string::npos) << back;
+    auto health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+    EXPECT_NE(health.find("\"status\":\"ok\""), std::string::npos) << health;
+    records = Records("secret.get");
+    ASSERT_EQ(records.size(), before + 3);
+    EXPECT_EQ(records.back().value("result", ""), "ok") << records.back().dump();
+  }
+  auto verify = Cli({"audit", "verify"});
+  EXPECT_EQ(verify.exit_code, 0) << verify.out << verify.err;
+}
+
+// The same faults on the seal of a PUT: no new version is written (the old
+// value still reads), one audit record says the PUT failed, and once the
+// token answers again the same PUT succeeds and its value reads back.
+TEST_F(FaultyTokenServerTest, APutWhoseSealTheTokenRefusesWritesNothingAndLeavesOneRecord) {
+  ASSERT_NE(StatusLine(Put("payments/dev/k", "first")).find("201"), std::string::npos);
+  const TokenFault faults[] = {
+      {"CKR_SESSION_HANDLE_INVALID", "C_Encrypt", "HTTP/1.1 503 Service Unavailable", 69, "error"},
+      {"CKR_USER_NOT_LOGGED_IN", "C_EncryptInit", nullptr, 0, nullptr},
+      {"CKR_OBJECT_HANDLE_INVALID", "C_EncryptInit", "HTTP/1.1 503 Service Unavailable", 69, "error"},
+  };
+  std::string current = "first";
+  int round = 0;
+  for (const auto& f : faults) {
+    SCOPED_TRACE(std::string(f.rv) + " on " + f.fn);
+    const std::string next = "value-" + std::to_string(++round);
+    const size_t before = Records("secret.put").size();
+    Fault(std::string("fail ") + f.rv + " " + f.fn);
+    std::filesystem::remove(calls_);
+    const std::string answer = Put("payments/dev/k", next);
+    ExpectFailed(answer, f);
+    EXPECT_EQ(Calls(f.fn, f.rv), 2u) << "tried once more after the recovery:\n" << ReadFile(calls_);
+    Heal();
+    auto records = Records("secret.put");
+    ASSERT_EQ(records.size(), before + 1) << "one record: " << records.dump();
+    ExpectFailedRecord(records.back(), f);
+    std::string still = Get("payments/dev/k");
+    EXPECT_EQ(StatusLine(still), "HTTP/1.1 200 OK") << still;
+    EXPECT_NE(still.find("\"" + current + "\""), std::string::npos) << "the old value is current: " << still;
+    const std::string ok = Put("payments/dev/k", next);
+    EXPECT_EQ(StatusLine(ok).rfind("HTTP/1.1 20", 0), 0u) << ok;
+    records = Records("secret.put");
+    ASSERT_EQ(records.size(), before + 2);
+    EXPECT_EQ(records.back().value("result", ""), "ok") << records.back().dump();
+    std::string read = Get("payments/dev/k");
+    EXPECT_NE(read.find("\"" + next + "\""), std::string::npos) << read;
+    current = next;
+  }
+  auto versions = Cli({"--json", "secret", "versions", "payments/dev/k"});
+  ASSERT_EQ(versions.exit_code, 0) << versions.err;
+  EXPECT_EQ(nlohmann::json::parse(versions.out).size(), 4u) << "no version from a refused PUT: " << versions.out;
+  auto verify = Cli({"audit", "verify"});
+  EXPECT_EQ(verify.exit_code, 0) << verify.out << verify.err;
 }
 
 class StuckAuditDiskServerTest : public ServerTest {
