@@ -85,7 +85,13 @@ constexpr RvInfo kRvTable[] = {
     {CKR_TOKEN_NOT_RECOGNIZED, "CKR_TOKEN_NOT_RECOGNIZED", Category::kUnavailable, "the module does not recognise the token"},
     {CKR_TOKEN_WRITE_PROTECTED, "CKR_TOKEN_WRITE_PROTECTED", Category::kUnavailable, "the token is write-protected"},
     {CKR_USER_ALREADY_LOGGED_IN, "CKR_USER_ALREADY_LOGGED_IN", Category::kInternal, ""},
-    {CKR_USER_NOT_LOGGED_IN, "CKR_USER_NOT_LOGGED_IN", Category::kDenied, "log in to the token first"},
+    // custody always logs in before it uses a session: a session that is no
+    // longer logged in lost its login under us (a token reset, another
+    // application's C_Logout), which is the token's state, not the caller's
+    // permission. Unavailable (503 / 69), recovered and retried like a
+    // stale session.
+    {CKR_USER_NOT_LOGGED_IN, "CKR_USER_NOT_LOGGED_IN", Category::kUnavailable,
+     "the token session lost its login (a token reset, or another application logged out)"},
     {CKR_USER_PIN_NOT_INITIALIZED, "CKR_USER_PIN_NOT_INITIALIZED", Category::kConfig,
      "the token has no user PIN yet; initialise it with the token's tools"},
     {CKR_USER_TYPE_INVALID, "CKR_USER_TYPE_INVALID", Category::kInternal, ""},

@@ -6,8 +6,9 @@
 // leave nothing half-written: the store and the audit log still verify,
 // every value still reads, and the same command without the fault succeeds.
 // Exit codes (README, "Exit codes"; hsm/src/rv.cc maps each return value):
-// a stale session or object handle is 69 (unavailable); a lost login,
-// CKR_USER_NOT_LOGGED_IN, is 77 (denied, "log in to the token first").
+// a stale session, a lost login (CKR_USER_NOT_LOGGED_IN: custody always
+// logs in, so the token lost it) or a stale object handle is 69
+// (unavailable).
 #include <gtest/gtest.h>
 #include <sqlite3.h>
 #include <unistd.h>
@@ -133,7 +134,7 @@ TEST_F(FaultCliTest, PutStopsCleanly) {
 TEST_F(FaultCliTest, GetStopsCleanly) {
   auto lost = Faulted("CKR_USER_NOT_LOGGED_IN", "C_DecryptInit", {"secret", "get", "payments/prod/a"});
   EXPECT_EQ(lost.out, "") << "no value";
-  ExpectOneLine(lost, 77, "C_DecryptInit failed: CKR_USER_NOT_LOGGED_IN");
+  ExpectOneLine(lost, 69, "C_DecryptInit failed: CKR_USER_NOT_LOGGED_IN");
   auto stale = Faulted("CKR_SESSION_HANDLE_INVALID", "C_Decrypt", {"secret", "get", "payments/prod/a"});
   EXPECT_EQ(stale.out, "");
   ExpectOneLine(stale, 69, "CKR_SESSION_HANDLE_INVALID");
@@ -204,7 +205,7 @@ TEST_F(FaultCliTest, KekRotateStopsCleanlyAndTheNextRunFinishes) {
 TEST_F(FaultCliTest, TokenInfoStopsCleanly) {
   ExpectOneLine(Faulted("CKR_SESSION_HANDLE_INVALID", "C_FindObjects", {"token", "info"}), 69,
                 "CKR_SESSION_HANDLE_INVALID");
-  ExpectOneLine(Faulted("CKR_USER_NOT_LOGGED_IN", "C_FindObjectsInit", {"token", "info"}), 77,
+  ExpectOneLine(Faulted("CKR_USER_NOT_LOGGED_IN", "C_FindObjectsInit", {"token", "info"}), 69,
                 "C_FindObjectsInit failed: CKR_USER_NOT_LOGGED_IN");
   ExpectIntact(1, {{"payments/prod/a", "value-a"}});
   EXPECT_EQ(Cli({"token", "info"}).exit_code, 0);
@@ -221,7 +222,7 @@ TEST_F(FaultCliTest, AttestStopsCleanly) {
     }
   };
   nothing_written();
-  ExpectOneLine(Faulted("CKR_USER_NOT_LOGGED_IN", "C_Sign", {"attest", "--out", out}), 77,
+  ExpectOneLine(Faulted("CKR_USER_NOT_LOGGED_IN", "C_Sign", {"attest", "--out", out}), 69,
                 "C_Sign(CKM_ECDSA) failed: CKR_USER_NOT_LOGGED_IN");
   nothing_written();
   ExpectIntact(1, {{"payments/prod/a", "value-a"}});

@@ -171,12 +171,8 @@ TEST_F(FaultyTokenServerTest, ADeviceThatStaysDownAnswers503UntilItIsBack) {
 // too: the client gets the documented error and no value, the request has
 // one audit record saying it failed, and once the token answers again the
 // same custodyd serves the value, with health back to ok.
-//
-// A lost login (CKR_USER_NOT_LOGGED_IN) is recovered and retried like the
-// others, but what still fails is answered 403 "denied" (exit 77, audited
-// "refused"), not the 503 / "error" that docs/API.md promises for it: that
-// mismatch is reported, not pinned here (status, exit code and result are
-// left open for it: nullptr / 0); the rest holds for it too.
+// A lost login (CKR_USER_NOT_LOGGED_IN) is the token's state, not the
+// caller's permission: 503 / 69 / "error" like the others.
 struct TokenFault {
   const char* rv;
   const char* fn;
@@ -207,7 +203,7 @@ TEST_F(FaultyTokenServerTest, AGetWhoseUnsealTheTokenRefusesGetsNoValueAndOneRec
   ASSERT_NE(Get("payments/prod/stripe").find("200 OK"), std::string::npos);
   const TokenFault faults[] = {
       {"CKR_SESSION_HANDLE_INVALID", "C_Decrypt", "HTTP/1.1 503 Service Unavailable", 69, "error"},
-      {"CKR_USER_NOT_LOGGED_IN", "C_DecryptInit", nullptr, 0, nullptr},
+      {"CKR_USER_NOT_LOGGED_IN", "C_DecryptInit", "HTTP/1.1 503 Service Unavailable", 69, "error"},
       {"CKR_OBJECT_HANDLE_INVALID", "C_DecryptInit", "HTTP/1.1 503 Service Unavailable", 69, "error"},
   };
   for (const auto& f : faults) {
@@ -251,7 +247,7 @@ TEST_F(FaultyTokenServerTest, APutWhoseSealTheTokenRefusesWritesNothingAndLeaves
   ASSERT_NE(StatusLine(Put("payments/dev/k", "first")).find("201"), std::string::npos);
   const TokenFault faults[] = {
       {"CKR_SESSION_HANDLE_INVALID", "C_Encrypt", "HTTP/1.1 503 Service Unavailable", 69, "error"},
-      {"CKR_USER_NOT_LOGGED_IN", "C_EncryptInit", nullptr, 0, nullptr},
+      {"CKR_USER_NOT_LOGGED_IN", "C_EncryptInit", "HTTP/1.1 503 Service Unavailable", 69, "error"},
       {"CKR_OBJECT_HANDLE_INVALID", "C_EncryptInit", "HTTP/1.1 503 Service Unavailable", 69, "error"},
   };
   std::string current = "first";
