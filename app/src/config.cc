@@ -106,7 +106,7 @@ Result<Config> LoadConfig(const std::string& path) {
       const toml::array* a = pcrs->as_array();
       if (a == nullptr) return Error(Category::kConfig, Where(path, pcrs->source()) + ": token.pcrs must be a list of PCR numbers");
       for (const auto& e : *a) {
-        auto v = e.value<int64_t>();
+        auto v = e.value_exact<int64_t>();
         if (!v || *v < 0 || *v > 23) {
           return Error(Category::kConfig, Where(path, e.source()) + ": token.pcrs: PCR numbers are 0 to 23");
         }
@@ -122,7 +122,7 @@ Result<Config> LoadConfig(const std::string& path) {
       CUSTODY_ASSIGN_OR_RETURN(c.token.tpm.srk_name, RequireString(*token, "srk_name", path, "token"));
     }
     if (const toml::node* n = token->get("kek_cache_seconds")) {
-      auto v = n->value<int64_t>();
+      auto v = n->value_exact<int64_t>();
       if (!v || *v < 0 || *v > 3600) {
         return Error(Category::kConfig, Where(path, n->source()) + ": token.kek_cache_seconds must be 0 to 3600");
       }
@@ -171,7 +171,7 @@ Result<Config> LoadConfig(const std::string& path) {
     auto positive = [&](const char* key, auto& out) -> Status {
       const toml::node* n = audit->get(key);
       if (n == nullptr) return Status::Ok();
-      auto v = n->value<int64_t>();
+      auto v = n->value_exact<int64_t>();
       if (!v || *v <= 0) {
         return Error(Category::kConfig, Where(path, n->source()) + ": audit." + key + " must be a positive number");
       }
@@ -197,7 +197,7 @@ Result<Config> LoadConfig(const std::string& path) {
     auto positive = [&](const char* key, uint32_t& out, int64_t max) -> Status {
       const toml::node* n = server->get(key);
       if (n == nullptr) return Status::Ok();
-      auto v = n->value<int64_t>();
+      auto v = n->value_exact<int64_t>();
       if (!v || *v <= 0 || *v > max) {
         return Error(Category::kConfig, Where(path, n->source()) + ": server." + key + " must be a number from 1 to " +
                                             std::to_string(max));
@@ -222,7 +222,7 @@ Result<Config> LoadConfig(const std::string& path) {
       const toml::array* a = n->as_array();
       bool ok = a != nullptr;
       for (size_t i = 0; ok && i < a->size(); ++i) {
-        auto v = (*a)[i].value<int64_t>();
+        auto v = (*a)[i].value_exact<int64_t>();
         ok = v && *v >= 0 && *v <= 0xFFFFFFFFLL;
         if (ok) c.server.metrics_uids.push_back(static_cast<uint32_t>(*v));
       }

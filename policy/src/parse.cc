@@ -59,7 +59,7 @@ class Parser {
   }
 
   std::optional<uint64_t> Count(const toml::node& n, const std::string& what) {
-    if (auto v = n.value<int64_t>(); v && *v > 0) return static_cast<uint64_t>(*v);
+    if (auto v = n.value_exact<int64_t>(); v && *v > 0) return static_cast<uint64_t>(*v);
     Error(n.source(), what + " must be a positive whole number");
     return std::nullopt;
   }
@@ -100,7 +100,7 @@ class Parser {
     duration("grace", r.grace);
     duration("warn_before", r.warn_before);
     if (const toml::node* n = t.get("keep_versions")) {
-      auto v = n->value<int64_t>();
+      auto v = n->value_exact<int64_t>();
       if (v && *v >= 1 && *v <= 10000) {
         r.keep_versions = static_cast<uint32_t>(*v);
       } else {
@@ -141,7 +141,7 @@ class Parser {
       std::string k(key.str());
       if (k == "uid" || k == "gid") {
         auto add = [&](const toml::node& e) {
-          if (auto id = e.value<int64_t>(); id && *id >= 0 && *id <= 4294967294LL) {
+          if (auto id = e.value_exact<int64_t>(); id && *id >= 0 && *id <= 4294967294LL) {
             pr.identities.push_back({k == "uid" ? IdentityKind::kUid : IdentityKind::kGid, std::to_string(*id), Loc(e)});
           } else {
             Error(e.source(), name + "." + k + " must be a number from 0 to 4294967294");
@@ -340,7 +340,7 @@ class Parser {
     Policy p;
     OnlyKeys(root, {"version", "admins", "principals", "projects"}, "the policy");
     if (const toml::node* v = root.get("version")) {
-      if (v->value<int64_t>() != 1) Error(v->source(), "version must be 1");
+      if (v->value_exact<int64_t>() != 1) Error(v->source(), "version must be 1");
     } else {
       Error(root.source(), "missing 'version = 1' at the top of the policy");
     }

@@ -144,6 +144,44 @@ TEST_F(FaultyTokenServerTest, ADeviceResetIsSurvivedByReinitialisingTheModule) {
       << ReadFile(token_.dir() / "custodyd.log");
 }
 
+// After a re-initialisation custodyd signs its own checkpoints again: the
+// audit key's handle from before is dead (the module may even reuse its
+// number for another object), so the signer must find the key again. A
+// checkpoint every 5 records; between the reset and the check no command
+// runs in direct mode, so every checkpoint the log gains is custodyd's.
+class ReinitCheckpointServerTest : public FaultyTokenServerTest {
+ protected:
+  void BeforeStart() override {
+    FaultyTokenServerTest::BeforeStart();
+    std::string cfg = ReadFile(token_.config_path());
+    size_t at = cfg.find("checkpoint_every = 1000");
+    ASSERT_NE(at, std::string::npos) << cfg;
+    cfg.replace(at, std::string("checkpoint_every = 1000").size(), "checkpoint_every = 5");
+    WriteFile(token_.config_path(), cfg);
+  }
+};
+
+TEST_F(ReinitCheckpointServerTest, CustodydFindsItsCheckpointKeyAgainAfterAReinitialisation) {
+  ASSERT_NE(Get("payments/prod/stripe").find("200 OK"), std::string::npos);
+  Fault("reset 1");
+  ASSERT_NE(Get("payments/prod/stripe").find("200 OK"), std::string::npos);
+  auto metrics = Raw(socket_, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+  ASSERT_NE(metrics.find("custody_token_reinitializations_total 1"), std::string::npos) << metrics;
+  const size_t before = CheckpointSeqs().size();
+  for (int i = 0; i < 12; ++i) ASSERT_NE(Get("payments/prod/stripe").find("200 OK"), std::string::npos);
+  size_t after = before;
+  for (int i = 0; i < 100 && after == before; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    after = CheckpointSeqs().size();
+  }
+  EXPECT_GT(after, before) << "custodyd signed no checkpoint after the re-initialisation:\n"
+                           << ReadFile(token_.dir() / "custodyd.log");
+  EXPECT_EQ(ReadFile(token_.dir() / "custodyd.log").find("checkpoint failed"), std::string::npos)
+      << ReadFile(token_.dir() / "custodyd.log");
+  auto verify = Cli({"audit", "verify"});
+  EXPECT_EQ(verify.exit_code, 0) << "each checkpoint's signature verifies: " << verify.out << verify.err;
+}
+
 TEST_F(FaultyTokenServerTest, ADeviceThatStaysDownAnswers503UntilItIsBack) {
   ASSERT_NE(Get("payments/prod/stripe").find("200 OK"), std::string::npos);
   Fault("down");
