@@ -10,7 +10,9 @@ namespace custody::core::pg {
 namespace {
 constexpr const char* kKekColumns =
     "id, project_id, version, token_id, label, encryptions_reserved, created_at, state";
-KekRecord ReadKek(const Res& r, int row, int first = 0) {
+}  // namespace
+
+KekRecord ReadKek(const Res& r, int row, int first) {
   KekRecord k;
   k.id = r.Int(row, first + 0);
   k.project_id = r.Int(row, first + 1);
@@ -23,6 +25,8 @@ KekRecord ReadKek(const Res& r, int row, int first = 0) {
   k.state = ParseKekState(r.Text(row, first + 7));
   return k;
 }
+
+namespace {
 std::string KekSql(const char* rest) { return std::string("SELECT ") + kKekColumns + " FROM keks " + rest; }
 }  // namespace
 

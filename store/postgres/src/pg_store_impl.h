@@ -109,6 +109,10 @@ struct Conn {
 
 class PgStore;
 
+// A KEK record from the columns "id, project_id, version, token_id, label,
+// encryptions_reserved, created_at, state" starting at column `first`.
+KekRecord ReadKek(const Res& r, int row, int first = 0);
+
 // A connection leased from the store's pool for one call, and the calls on
 // it. Goes back to the pool when it ends, unless it broke.
 class Session {

@@ -181,16 +181,7 @@ Result<UnsealInputs> PgStore::ReadForUnseal(const std::string& project, const st
     in.version = ReadVersion(r, 0);
     in.version.blob = r.Bytes(0, 8);
     in.env = EnvironmentRecord{r.Int(0, 9), r.Int(0, 10), project, env};
-    KekRecord& k = in.kek;
-    k.id = r.Int(0, 11);
-    k.project_id = r.Int(0, 12);
-    k.ref.version = static_cast<uint32_t>(r.Int(0, 13));
-    auto id = r.Bytes(0, 14);
-    std::copy_n(id.begin(), std::min(id.size(), k.ref.id.size()), k.ref.id.begin());
-    k.label = r.Text(0, 15);
-    k.encryptions_reserved = static_cast<uint64_t>(r.Int(0, 16));
-    k.created_at = r.Int(0, 17);
-    k.state = ParseKekState(r.Text(0, 18));
+    in.kek = ReadKek(r, 0, /*first=*/11);
     return in;
   }
   CUSTODY_ASSIGN_OR_RETURN(EnvironmentRecord e, FindEnvironmentOn(s, project, env));
