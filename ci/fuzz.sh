@@ -152,7 +152,11 @@ report() {
   local artifact
   artifact=$(find "$dir/artifacts" -maxdepth 1 -type f ! -name 'slow-unit-*' 2>/dev/null | head -n 1 || true)
   if [[ -z $artifact ]]; then
-    echo "---- no reproducer was written (the failure came before any input ran, e.g. at start-up)"
+    if grep -q '^Done [0-9]* runs' "$dir/log" 2>/dev/null; then
+      echo "---- no reproducer was written: the failure came after the last input, while the process exited"
+    else
+      echo "---- no reproducer was written (the failure came before any input ran, e.g. at start-up)"
+    fi
     return
   fi
   mkdir -p "$findings/$name"

@@ -20,6 +20,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -174,7 +175,18 @@ void SetUp() {
   w->server = std::make_unique<server::Server>(o, *w->custodian);
   if (auto s = w->server->Listen(); !s.ok()) Die(s.error().message());
   w->loop = std::thread([w] { (void)w->server->Run(2); });
-  world = w;  // kept for the life of the process: libFuzzer exits without tearing down
+  world = w;
+}
+
+// libFuzzer ends a campaign with exit(): static destructors (SoftHSM2's,
+// OpenSSL's, the logger's) then run while the server's threads may still be
+// inside them, which crashed a CI campaign after its last input. Stopping
+// the server first, from an atexit handler registered after all of those,
+// keeps the teardown ordered. The rest of the world is left to the kernel.
+void TearDown() {
+  if (world == nullptr) return;
+  world->server->Stop(std::chrono::seconds(1));
+  if (world->loop.joinable()) world->loop.join();
 }
 
 // One connection: sends `request`, half-closes, reads until the server
@@ -223,6 +235,7 @@ void Become(core::RequestContext peer) {
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
   ::signal(SIGPIPE, SIG_IGN);
   SetUp();
+  std::atexit(TearDown);
   return 0;
 }
 
