@@ -73,6 +73,27 @@ void DropTrailingNewline(SecretBuffer& pin) {
 
 }  // namespace
 
+Status ValidateNodeName(const std::string& name, const std::string& what) {
+  auto alnum = [](char ch) { return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9'); };
+  bool ok = !name.empty() && name.size() <= 63 && alnum(name[0]);
+  for (char ch : name) ok = ok && (alnum(ch) || ch == '.' || ch == '_' || ch == '-');
+  if (ok) return Status::Ok();
+  // The name may come from the host: shown escaped and cut, never raw.
+  return Error(Category::kConfig, what + " \"" + EscapeUntrusted(name, 64) +
+                                      "\" is not a node name ([A-Za-z0-9][A-Za-z0-9._-]*, at most 63); set [node] name");
+}
+
+Status CheckConfigCoherence(const Config& c) {
+  if (c.token.backend == "tpm" && !c.store.url.empty()) {
+    return Error(Category::kConfig,
+                 "the TPM backend cannot share a PostgreSQL store: a KEK sealed by this host's TPM cannot be "
+                 "unsealed by any other node, so the store's secrets would be readable on this host only; use a "
+                 "PKCS#11 token every node reaches (a network HSM), or keep the TPM with a SQLite store "
+                 "(docs/SCALE_OUT.md)");
+  }
+  return Status::Ok();
+}
+
 std::string LocateConfig(const std::optional<std::string>& flag) {
   if (flag) return *flag;
   if (const char* env = std::getenv("CUSTODY_CONFIG"); env != nullptr && *env != '\0') return env;
@@ -163,7 +184,19 @@ Result<Config> LoadConfig(const std::string& path) {
   } else {
     CUSTODY_ASSIGN_OR_RETURN(c.store.path, RequireString(*store, "path", path, "store"));
   }
+  if (const toml::table* node = root["node"].as_table(); node != nullptr && node->contains("name")) {
+    CUSTODY_ASSIGN_OR_RETURN(c.node.name, RequireString(*node, "name", path, "node"));
+    CUSTODY_RETURN_IF_ERROR(ValidateNodeName(c.node.name, path + ": node.name"));
+    c.node.named = true;
+  } else {
+    char host[256] = {};
+    if (::gethostname(host, sizeof host - 1) != 0) host[0] = '\0';
+    c.node.name = host;
+    CUSTODY_RETURN_IF_ERROR(ValidateNodeName(c.node.name, path + ": the host name"));
+  }
+  if (Status s = CheckConfigCoherence(c); !s.ok()) return std::move(s).error().Wrap(path);
   c.audit.dir = c.state_dir + "/audit";
+  c.audit.node = c.node.name;
   if (const toml::table* audit = root["audit"].as_table()) {
     if (audit->contains("dir")) {
       CUSTODY_ASSIGN_OR_RETURN(c.audit.dir, RequireString(*audit, "dir", path, "audit"));
@@ -285,6 +318,7 @@ Status WriteConfig(const Config& c, const std::string& path) {
   toml::table root{{"state_dir", c.state_dir}, {"token", std::move(token)},
                    {"store", c.store.url.empty() ? toml::table{{"path", c.store.path}}
                                                  : toml::table{{"url", c.store.url}}}};
+  if (c.node.named) root.insert("node", toml::table{{"name", c.node.name}});
   if (!c.audit.dir.empty()) {
     root.insert("audit", toml::table{{"dir", c.audit.dir},
                                      {"checkpoint_every", static_cast<int64_t>(c.audit.checkpoint_every)},

@@ -293,6 +293,7 @@ Result<AuditRecord> ParseAuditRecord(std::string_view line) {
   r.ckpt_time = static_cast<int64_t>(ckpt_time);
   r.unix_time = static_cast<int64_t>(unix_time);
   if (!IsLowerHex(r.prev, 64)) return bad("its prev field is not 64 hex digits");
+  if (j.contains("node") && !str("node", r.node)) return bad("mistyped field node");
   if (r.type == "event" || r.type == "repair") {
     AuditEvent& e = r.event;
     bool ok = str("request_id", e.request_id) && str("principal", e.principal) &&
@@ -529,6 +530,7 @@ std::vector<AuditLog::Outcome> AuditLog::WriteBatch(std::vector<Item>& items) {
     rec["time"] = time;
     rec["unix_time"] = static_cast<uint64_t>(unix_now);
     rec["type"] = type;
+    if (!options_.node.empty()) rec["node"] = options_.node;
     for (auto& [k, v] : j.items()) rec[k] = v;
     rec["ckpt_seq"] = checkpoint ? seq : h.ckpt_seq;
     rec["ckpt_time"] = static_cast<uint64_t>(checkpoint ? unix_now : h.ckpt_time);

@@ -134,15 +134,21 @@ std::optional<http::response<http::string_body>> Session<StreamT>::Handle(http::
   if (path == "/v1/health") {
     action_ = "health";
     auto& st = srv_.custodian.stats();
-    bool ok = st.audit_healthy.load() && st.token_healthy.load();
+    bool ok = st.audit_healthy.load() && st.token_healthy.load() && st.store_healthy.load();
     // Anyone who can connect learns whether this node can serve (a load
-    // balancer needs no more); what fails and the policy version are for
-    // the readers of /metrics.
-    if (!srv_.MayReadMetrics(peer_)) return Json(ok ? 200 : 503, {{"status", ok ? "ok" : "degraded"}});
+    // balancer needs no more) and which node answered; what fails and the
+    // policy version are for the readers of /metrics.
+    if (!srv_.MayReadMetrics(peer_)) {
+      return Json(ok ? 200 : 503, {{"status", ok ? "ok" : "degraded"}, {"node", srv_.options.node_name}});
+    }
+    const auto policy = srv_.custodian.policy_state();
     return Json(ok ? 200 : 503, {{"status", ok ? "ok" : "degraded"},
+                                 {"node", srv_.options.node_name},
                                  {"audit", st.audit_healthy.load() ? "ok" : "failing: records cannot be written"},
                                  {"token", st.token_healthy.load() ? "ok" : "failing: see custody_token_errors_total"},
-                                 {"policy_version", srv_.custodian.policy()->version()}});
+                                 {"store", st.store_healthy.load() ? "ok" : "failing: the store cannot be read"},
+                                 {"policy_version", policy.in_force},
+                                 {"policy", policy.problem.empty() ? "ok" : policy.problem}});
   }
   if (path == "/metrics") {
     action_ = "metrics";
@@ -157,7 +163,7 @@ std::optional<http::response<http::string_body>> Session<StreamT>::Handle(http::
     res.set(http::field::content_type, "text/plain; version=0.0.4");
     srv_.metrics.RefreshSchedule(srv_.custodian);
     res.body() = srv_.metrics.Render(srv_.custodian.stats(), srv_.custodian.usage_flush_failures(), srv_.connections.load(),
-                                     srv_.custodian.policy()->version());
+                                     srv_.custodian.policy_state(), srv_.options.node_name);
     return res;
   }
   if (path == "/v1/usage") {

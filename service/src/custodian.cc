@@ -117,6 +117,37 @@ std::shared_ptr<const Authorizer> Custodian::policy() const {
   return authz_;
 }
 
+Result<uint32_t> Custodian::RefreshPolicy(bool retry) {
+  auto newest = store_.CurrentPolicyVersion();
+  stats_.store_healthy.store(newest.ok() || newest.error().category() != Category::kUnavailable);
+  if (!newest) return std::move(newest).error();
+  const uint32_t in_force = policy()->version();
+  {
+    std::lock_guard lock(mu_);
+    // Already tried and refused: not parsed again every half second.
+    if (*newest == in_force || (!retry && *newest == newest_in_store_ && !policy_problem_.empty())) {
+      newest_in_store_ = *newest;
+      return in_force;
+    }
+  }
+  auto next = Authorizer::Load(store_);
+  std::lock_guard lock(mu_);
+  newest_in_store_ = *newest;
+  if (!next) {
+    policy_problem_ = "policy v" + std::to_string(*newest) + " in the store cannot be loaded (" +
+                      next.error().message() + "); v" + std::to_string(in_force) + " stays in force";
+    return Error(next.error().category(), policy_problem_);
+  }
+  policy_problem_.clear();
+  authz_ = std::make_shared<const Authorizer>(std::move(*next));
+  return authz_->version();
+}
+
+Custodian::PolicyState Custodian::policy_state() const {
+  std::lock_guard lock(mu_);
+  return {authz_->version(), newest_in_store_, policy_problem_};
+}
+
 Result<Unsealed> Custodian::GetUnrecorded(Flow& f, const RequestContext& rc, const SecretPath& path,
                                           std::optional<uint32_t> version) {
   f.ev.project = path.project;

@@ -73,6 +73,8 @@ TEST(Config, EveryExampleConfigWritesAndLoadsBackEqual) {
   c.server.tls_cert = dir / "c.pem";
   c.server.tls_key = dir / "k.pem";
   c.server.tls_client_ca = dir / "ca.pem";
+  c.node = {"node-7.eu", true};
+  c.audit.node = "node-7.eu";  // what LoadConfig derives from it
   ASSERT_TRUE(WriteConfig(c, dir / "all.toml").ok());
   auto back = LoadConfig(dir / "all.toml");
   ASSERT_TRUE(back.ok()) << back.error().message();
@@ -81,6 +83,49 @@ TEST(Config, EveryExampleConfigWritesAndLoadsBackEqual) {
   // with one an operator appends.
   ASSERT_TRUE(WriteConfig(Sample(dir), dir / "plain.toml").ok());
   EXPECT_EQ(test::ReadFile(dir / "plain.toml").find("[server]"), std::string::npos);
+}
+
+// Without [node] the node is the host; a bad name (given, or the host's) is
+// refused naming the fix; a TPM backend with a PostgreSQL store is refused
+// at load, saying why.
+TEST(Config, TheNodeNameDefaultsToTheHostAndIsChecked) {
+  test::TempDir dir;
+  ASSERT_TRUE(WriteConfig(Sample(dir), dir / "plain.toml").ok());
+  EXPECT_EQ(test::ReadFile(dir / "plain.toml").find("[node]"), std::string::npos) << "a copied config must not pin a host";
+  auto plain = LoadConfig(dir / "plain.toml");
+  ASSERT_TRUE(plain.ok()) << plain.error().message();
+  char host[256] = {};
+  ASSERT_EQ(::gethostname(host, sizeof host - 1), 0);
+  EXPECT_EQ(plain->node.name, host);
+  EXPECT_FALSE(plain->node.named);
+  EXPECT_EQ(plain->audit.node, host);
+
+  const std::string base = test::ReadFile(dir / "plain.toml");
+  for (const char* bad : {"\"\"", "\"-lead\"", "\"a b\"", "\"n\\u00e9\"", "7"}) {
+    test::WriteFile(dir / "bad.toml", base + "\n[node]\nname = " + bad + "\n");
+    auto r = LoadConfig(dir / "bad.toml");
+    ASSERT_FALSE(r.ok()) << bad;
+    EXPECT_EQ(r.error().category(), Category::kConfig) << bad;
+    EXPECT_EQ(r.error().exit_code(), 78);
+  }
+  test::WriteFile(dir / "long.toml", base + "\n[node]\nname = \"" + std::string(64, 'n') + "\"\n");
+  auto long_name = LoadConfig(dir / "long.toml");
+  ASSERT_FALSE(long_name.ok());
+  EXPECT_NE(long_name.error().message().find("at most 63"), std::string::npos) << long_name.error().message();
+
+  Config tpm = Sample(dir);
+  tpm.token.backend = "tpm";
+  tpm.token.tpm.tcti = "swtpm:port=2321";
+  tpm.store = {.path = "", .url = "host=/tmp dbname=custody"};
+  ASSERT_TRUE(WriteConfig(tpm, dir / "tpm-pg.toml").ok());
+  auto refused = LoadConfig(dir / "tpm-pg.toml");
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.error().exit_code(), 78);
+  EXPECT_NE(refused.error().message().find("cannot be unsealed by any other node"), std::string::npos)
+      << refused.error().message();
+  EXPECT_EQ(CheckConfigCoherence(tpm).ok(), false);
+  tpm.store = {.path = dir / "state/custody.db", .url = ""};
+  EXPECT_TRUE(CheckConfigCoherence(tpm).ok()) << "the TPM with a SQLite store is the one-host deployment";
 }
 
 TEST(Config, SyntaxErrorNamesFileLineAndColumn) {

@@ -131,9 +131,9 @@ TEST_F(FaultyTokenServerTest, ADeviceResetIsSurvivedByReinitialisingTheModule) {
   EXPECT_NE(after.find("200 OK"), std::string::npos) << after;
   EXPECT_NE(after.find(kSecret), std::string::npos);
   auto metrics = Raw(socket_, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
-  EXPECT_NE(metrics.find("custody_token_reinitializations_total 1"), std::string::npos) << metrics;
-  EXPECT_NE(metrics.find("custody_token_recoveries_total 1"), std::string::npos) << metrics;
-  EXPECT_NE(metrics.find("custody_token_healthy 1"), std::string::npos);
+  EXPECT_NE(metrics.find("custody_token_reinitializations_total{node=\"node-a\"} 1"), std::string::npos) << metrics;
+  EXPECT_NE(metrics.find("custody_token_recoveries_total{node=\"node-a\"} 1"), std::string::npos) << metrics;
+  EXPECT_NE(metrics.find("custody_token_healthy{node=\"node-a\"} 1"), std::string::npos);
   // Puts, and the checkpoint key (found again after the re-initialisation), work too.
   auto put = Raw(socket_, "PUT /v1/secrets/payments/dev/after HTTP/1.1\r\nHost: x\r\nContent-Length: 17\r\n\r\n"
                           "{\"value\":\"after\"}");
@@ -166,7 +166,7 @@ TEST_F(ReinitCheckpointServerTest, CustodydFindsItsCheckpointKeyAgainAfterAReini
   Fault("reset 1");
   ASSERT_NE(Get("payments/prod/stripe").find("200 OK"), std::string::npos);
   auto metrics = Raw(socket_, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
-  ASSERT_NE(metrics.find("custody_token_reinitializations_total 1"), std::string::npos) << metrics;
+  ASSERT_NE(metrics.find("custody_token_reinitializations_total{node=\"node-a\"} 1"), std::string::npos) << metrics;
   const size_t before = CheckpointSeqs().size();
   for (int i = 0; i < 12; ++i) ASSERT_NE(Get("payments/prod/stripe").find("200 OK"), std::string::npos);
   size_t after = before;

@@ -50,6 +50,58 @@ TEST_F(ServerTest, SighupWithABrokenConfigKeepsTheOldOneAndAGoodOneLoadsTheNewPo
   EXPECT_NE(health.find("\"policy_version\":2"), std::string::npos) << health;
 }
 
+// A policy applied while custodyd runs (here in direct mode, as from another
+// host sharing the store) is in force within 2 s with no signal; a newer
+// one in the store that does not load leaves the one in force, and
+// /v1/health and /metrics say so; once a good one follows, it is in force.
+TEST_F(ServerTest, APolicyAppliedElsewhereIsInForceWithinTwoSecondsWithoutASignal) {
+  auto health_within = [&](const std::string& text, std::chrono::milliseconds limit) {
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    std::string h;
+    while (std::chrono::steady_clock::now() < deadline) {
+      h = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+      if (h.find(text) != std::string::npos) return h;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    ADD_FAILURE() << "not within " << limit.count() << " ms: " << text << "\n" << h;
+    return h;
+  };
+  // Nobody reads payments only after v2 grants it.
+  EXPECT_EQ(AsUser(65534, {"secret", "get", "payments/prod/stripe"}).exit_code, 77);
+  std::string p2 = std::string(kPolicy) +
+                   "[[projects.payments.grants]]\nprincipal = \"user:nobody\"\nrole = \"reader\"\n";
+  WriteFile(token_.dir() / "policy2.toml", p2);
+  ASSERT_EQ(Cli({"policy", "apply", token_.dir() / "policy2.toml"}).exit_code, 0);
+  health_within("\"policy_version\":2", std::chrono::milliseconds(2000));
+  auto got = AsUser(65534, {"secret", "get", "payments/prod/stripe"});
+  EXPECT_EQ(got.exit_code, 0) << got.err;
+
+  auto config = core::LoadConfig(token_.config_path());
+  ASSERT_TRUE(config.ok()) << config.error().message();
+  auto store = core::OpenStore(*config, false);
+  ASSERT_TRUE(store.ok());
+  // As a damaged store would hold it: `custody policy apply` never stores this.
+  ASSERT_TRUE((*store)->SavePolicy("this is [ not a policy", std::string(64, '0'), "test").ok());
+  auto h = health_within("policy v3 in the store cannot be loaded", std::chrono::milliseconds(2000));
+  EXPECT_NE(h.find("\"policy_version\":2"), std::string::npos) << h;
+  EXPECT_NE(h.find("v2 stays in force"), std::string::npos) << h;
+  EXPECT_NE(h.find("HTTP/1.1 200"), std::string::npos) << "it still serves under v2: " << h;
+  auto metrics = Raw(socket_, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_EQ(MetricValue(metrics, "custody_policy_load_failing"), 1) << metrics;
+  EXPECT_EQ(MetricValue(metrics, "custody_policy_version"), 2) << metrics;
+  EXPECT_EQ(AsUser(65534, {"secret", "get", "payments/prod/stripe"}).exit_code, 0) << "v2 still grants it";
+
+  // `policy apply` itself refuses to run over a stored policy that does not
+  // load (it could not tell who may apply one): the good v4 goes in as a
+  // repaired store would hold it.
+  ASSERT_TRUE((*store)->SavePolicy(kPolicy, std::string(64, '1'), "test").ok());
+  h = health_within("\"policy_version\":4", std::chrono::milliseconds(2000));
+  EXPECT_NE(h.find("\"policy\":\"ok\""), std::string::npos) << h;
+  EXPECT_EQ(AsUser(65534, {"secret", "get", "payments/prod/stripe"}).exit_code, 77) << "v4 no longer grants it";
+  metrics = Raw(socket_, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_EQ(MetricValue(metrics, "custody_policy_load_failing"), 0) << metrics;
+}
+
 // A reload applies the new limits at once and names what needs a restart;
 // a policy in the store that no longer loads is refused and the one in
 // force stays.

@@ -32,10 +32,10 @@ TEST_F(ServerTest, ALimitAnswers429WithRetryAfter) {
   auto r = AsUser(std::nullopt, {"secret", "get", "billing/prod/invoice-key"});
   EXPECT_EQ(r.exit_code, 75) << "the same exit code as in direct mode";
   auto metrics = Raw(socket_, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
-  EXPECT_NE(metrics.find("custody_limit_refusals_total{project=\"billing\",environment=\"prod\"}"), std::string::npos)
+  EXPECT_NE(metrics.find("custody_limit_refusals_total{node=\"node-a\",project=\"billing\",environment=\"prod\"}"), std::string::npos)
       << metrics;
-  EXPECT_NE(metrics.find("custody_request_duration_seconds_bucket{action=\"secret.get\""), std::string::npos);
-  EXPECT_NE(metrics.find("custody_audit_healthy 1"), std::string::npos);
+  EXPECT_NE(metrics.find("custody_request_duration_seconds_bucket{node=\"node-a\",action=\"secret.get\""), std::string::npos);
+  EXPECT_NE(metrics.find("custody_audit_healthy{node=\"node-a\"} 1"), std::string::npos);
   // Usage written behind (payments has no limit) is stored without a
   // failure: a GET's count, flushed by a usage read (which then shows it),
   // leaves the failure counter at 0. (UsageThatCannotBeWrittenIsCountedAndNotLost
@@ -81,12 +81,12 @@ class LimitsServerTest : public ServerTest {
     for (int i = 0; i < 250; ++i) {
       m = CurlAs(65534, "/metrics");
       if (full ? m.find("503 Service Unavailable") != std::string::npos
-               : m.find("custody_connections_open " + std::to_string(open + 1) + "\n") != std::string::npos) {
+               : m.find("custody_connections_open{node=\"node-a\"} " + std::to_string(open + 1) + "\n") != std::string::npos) {
         return;
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
-    size_t at = m.find("\ncustody_connections_open ");
+    size_t at = m.find("\ncustody_connections_open{");
     ADD_FAILURE() << "the server did not accept " << open << " connection(s): "
                   << (at == std::string::npos ? m : m.substr(at, 30));
   }

@@ -129,13 +129,13 @@ TEST_F(ServerTest, VersionStatesHoldOverTheSocketAndMetricsCountOverdueSecrets) 
   EXPECT_NE(revoked.err.find("was revoked at"), std::string::npos) << revoked.err;
 
   auto metrics = Raw(socket_, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
-  EXPECT_NE(metrics.find("custody_secrets{project=\"payments\",environment=\"dev\",state=\"overdue\"} 1"),
+  EXPECT_NE(metrics.find("custody_secrets{node=\"node-a\",project=\"payments\",environment=\"dev\",state=\"overdue\"} 1"),
             std::string::npos)
       << metrics;
-  EXPECT_NE(metrics.find("custody_secrets{project=\"payments\",environment=\"prod\",state=\"no-schedule\"} 1"),
+  EXPECT_NE(metrics.find("custody_secrets{node=\"node-a\",project=\"payments\",environment=\"prod\",state=\"no-schedule\"} 1"),
             std::string::npos)
       << metrics;
-  EXPECT_NE(metrics.find("custody_secrets_overdue 1"), std::string::npos) << metrics;
+  EXPECT_NE(metrics.find("custody_secrets_overdue{node=\"node-a\"} 1"), std::string::npos) << metrics;
   EXPECT_EQ(metrics.find("hook"), std::string::npos) << "counts only, never names";
 }
 
@@ -155,13 +155,13 @@ TEST_F(MetricsAccessServerTest, MetricsAndHealthDetailsAreForAdminsAuditorsAndTh
   EXPECT_NE(stranger.find("HTTP/1.1 401"), std::string::npos) << stranger;
   auto scraper = CurlAs(12345, "/metrics");
   EXPECT_NE(scraper.find("HTTP/1.1 200"), std::string::npos) << scraper;
-  EXPECT_NE(scraper.find("custody_policy_version 1"), std::string::npos) << scraper;
+  EXPECT_NE(scraper.find("custody_policy_version{node=\"node-a\"} 1"), std::string::npos) << scraper;
   auto admin = Raw(socket_, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
-  EXPECT_NE(admin.find("custody_policy_version 1"), std::string::npos) << admin;
+  EXPECT_NE(admin.find("custody_policy_version{node=\"node-a\"} 1"), std::string::npos) << admin;
 
   auto health = CurlAs(23456, "/v1/health");
   EXPECT_NE(health.find("HTTP/1.1 200"), std::string::npos) << health;
-  EXPECT_NE(health.find("{\"status\":\"ok\"}"), std::string::npos) << health;
+  EXPECT_NE(health.find("{\"node\":\"node-a\",\"status\":\"ok\"}"), std::string::npos) << health;
   EXPECT_EQ(health.find("policy_version"), std::string::npos) << health;
   auto detailed = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
   EXPECT_NE(detailed.find("\"policy_version\":1"), std::string::npos) << detailed;

@@ -302,8 +302,8 @@ TEST_F(TlsTokenKeyFaultyServerTest, ATokenResetNeedsARestartOfCustodyd) {
     EXPECT_TRUE(Has(health, "HTTP/1.1 503")) << health;
     EXPECT_TRUE(Has(health, "\"status\":\"degraded\"")) << health;
     auto metrics = UnixGet("/metrics");
-    EXPECT_TRUE(Has(metrics, "custody_token_reinitializations_total 0\n")) << "re-initialisation is off";
-    EXPECT_TRUE(Has(metrics, "custody_token_healthy 0\n"));
+    EXPECT_TRUE(Has(metrics, "custody_token_reinitializations_total{node=\"node-a\"} 0\n")) << "re-initialisation is off";
+    EXPECT_TRUE(Has(metrics, "custody_token_healthy{node=\"node-a\"} 0\n"));
     Heal();
   }
   EXPECT_EQ(AuditCount("secret.get"), before + 2) << "one record a refused GET, none a refused handshake";
@@ -345,7 +345,7 @@ TEST_F(TlsTokenKeyFaultyServerTest, ADeviceThatComesBackIsServedAgainWithoutARes
   auto health = UnixGet("/v1/health");
   EXPECT_TRUE(Has(health, "HTTP/1.1 200 OK")) << health;
   EXPECT_TRUE(Has(health, "\"status\":\"ok\"")) << health;
-  EXPECT_TRUE(Has(UnixGet("/metrics"), "custody_token_reinitializations_total 0\n"));
+  EXPECT_TRUE(Has(UnixGet("/metrics"), "custody_token_reinitializations_total{node=\"node-a\"} 0\n"));
 }
 
 }  // namespace

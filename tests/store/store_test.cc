@@ -609,6 +609,31 @@ TEST(PostgresFaults, APutWhoseCommitAnswerIsLostIsCheckedNotGuessed) {
 // Export and Import (`custody store copy`): every row of one backend lands
 // in the other with its ids and bytes, the copy keeps working, and a store
 // that holds a deployment is refused and left as it was.
+// Nodes that share a store each keep their own checkpoint witness: one
+// node's checkpoint at a seq never replaces another's, and each reads back
+// its own. Rows written before witnesses had a node (node '') stand for a
+// node only while it has none of its own.
+TEST_P(StoreTest, AuditWitnessesAreKeptPerNode) {
+  ASSERT_TRUE(store_->RecordAuditCheckpoint("", 40, "old-host").ok());
+  auto before = store_->LastAuditCheckpoint("node-a");
+  ASSERT_TRUE(before.ok()) << before.error().message();
+  ASSERT_TRUE(before->has_value());
+  EXPECT_EQ((*before)->first, 40u);
+  ASSERT_TRUE(store_->RecordAuditCheckpoint("node-a", 7, "a7").ok());
+  ASSERT_TRUE(store_->RecordAuditCheckpoint("node-b", 7, "b7").ok());
+  ASSERT_TRUE(store_->RecordAuditCheckpoint("node-b", 12, "b12").ok());
+  auto a = store_->LastAuditCheckpoint("node-a");
+  auto b = store_->LastAuditCheckpoint("node-b");
+  ASSERT_TRUE(a.ok() && b.ok());
+  ASSERT_TRUE(a->has_value() && b->has_value());
+  EXPECT_EQ(**a, std::make_pair(uint64_t{7}, std::string("a7")));
+  EXPECT_EQ(**b, std::make_pair(uint64_t{12}, std::string("b12")));
+  // A node with no row of its own falls back to the old rows.
+  auto c = store_->LastAuditCheckpoint("node-c");
+  ASSERT_TRUE(c.ok() && c->has_value());
+  EXPECT_EQ(**c, std::make_pair(uint64_t{40}, std::string("old-host")));
+}
+
 TEST_P(StoreTest, ExportImportCarriesEveryRowToTheOtherBackend) {
   auto p = store_->CreateProject("payments", {"dev", "prod"}, Kek(1), "custody:kek:payments:v1",
                                  std::vector<uint8_t>{1, 2, 3});
@@ -630,7 +655,8 @@ TEST_P(StoreTest, ExportImportCarriesEveryRowToTheOtherBackend) {
   policy::LimitRule rate{policy::LimitRule::kRate, "rate:payments/prod", "payments rate", {5, 60, "5/min"}, 0, "", ""};
   ASSERT_TRUE(store_->Admit({"payments", "prod", "user:root"}, {rate}, UsageEvent::kUnseal, 1004.25).ok());
   ASSERT_TRUE(store_->Record({"payments", "prod", "user:ci"}, UsageEvent::kDenied, 1005).ok());
-  ASSERT_TRUE(store_->RecordAuditCheckpoint(7, "hash7").ok());
+  ASSERT_TRUE(store_->RecordAuditCheckpoint("node-a", 7, "hash7").ok());
+  ASSERT_TRUE(store_->RecordAuditCheckpoint("node-b", 7, "hash7b").ok());
 
   auto snap = store_->Export();
   ASSERT_TRUE(snap.ok()) << snap.error().message();
@@ -641,7 +667,7 @@ TEST_P(StoreTest, ExportImportCarriesEveryRowToTheOtherBackend) {
   EXPECT_EQ(snap->policies.size(), 2u);
   EXPECT_EQ(snap->usage.size(), 2u);
   EXPECT_EQ(snap->buckets.size(), 1u);
-  EXPECT_EQ(snap->checkpoints.size(), 1u);
+  EXPECT_EQ(snap->checkpoints.size(), 2u);
 
   // The other backend.
   test::PgServer* pg = test::PgServer::Shared();

@@ -92,8 +92,10 @@ std::optional<int> StopWithin(pid_t& pid, int seconds) {
 }
 
 std::optional<long> MetricValue(const std::string& metrics, const std::string& name) {
-  const std::string line = "\n" + name + " ";
+  // With the node's label alone, or (a server with no node name) none.
+  std::string line = "\n" + name + "{node=\"" + kNode + "\"} ";
   size_t at = metrics.find(line);
+  if (at == std::string::npos) at = metrics.find(line = "\n" + name + " ");
   if (at == std::string::npos) return std::nullopt;
   const char* start = metrics.c_str() + at + line.size();
   char* end = nullptr;
@@ -136,8 +138,8 @@ void ServerTest::SetUp() {
   ::chmod(run_.path().c_str(), 0755);
   socket_ = run_ / "custody.sock";
   std::string cfg = ReadFile(token_.config_path());
-  WriteFile(token_.config_path(), cfg + "\n[server]\nsocket = \"" + socket_ + "\"\nthreads = 4\nmax_body_bytes = 4096\n" +
-                                      ExtraServerConfig());
+  WriteFile(token_.config_path(), cfg + "\n[node]\nname = \"" + kNode + "\"\n[server]\nsocket = \"" + socket_ +
+                                      "\"\nthreads = 4\nmax_body_bytes = 4096\n" + ExtraServerConfig());
   BeforeStart();
   Start();
 }

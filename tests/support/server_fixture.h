@@ -44,8 +44,11 @@ std::optional<int> WaitForExit(pid_t& pid, std::chrono::seconds within);
 // if a signal ended it; pid is then -1). nullopt: still running.
 std::optional<int> StopWithin(pid_t& pid, int seconds);
 
-// The value of the sample `name` (a metric without labels) in a /metrics
-// answer, or nullopt if it has no such line.
+// The [node] name ServerTest's custody.toml gives (its metrics' label).
+inline constexpr const char* kNode = "node-a";
+
+// The value of the sample `name` (a metric with no label but the node's) in
+// a /metrics answer, or nullopt if it has no such line.
 std::optional<long> MetricValue(const std::string& metrics, const std::string& name);
 
 // Flips the last byte (the GCM tag's) of payments/prod/stripe's stored blob,

@@ -245,7 +245,7 @@ Status Attest(const Globals& g, const AttestArgs& a) {
     CUSTODY_ASSIGN_OR_RETURN(auto records, core::ReadAuditLog(o.config.audit.dir));
     json audit{{"head_seq", records.empty() ? 0 : records.back().seq},
                {"head_hash", records.empty() ? "" : records.back().hash}};
-    CUSTODY_ASSIGN_OR_RETURN(auto last_ckpt, o.store->LastAuditCheckpoint());
+    CUSTODY_ASSIGN_OR_RETURN(auto last_ckpt, o.store->LastAuditCheckpoint(o.config.node.name));
     if (last_ckpt) {
       audit["last_checkpoint"] = {{"seq", last_ckpt->first}, {"covers_hash", last_ckpt->second}};
     }

@@ -98,6 +98,7 @@ Status Init(const Globals& g, const InitArgs& a) {
   } else {
     c.store.path = c.state_dir + "/custody.db";
   }
+  CUSTODY_RETURN_IF_ERROR(core::CheckConfigCoherence(c));
   const std::string store_name = core::DescribeStore(c.store);
 
   // Prove the config works before writing anything: the module loads, the
@@ -798,7 +799,7 @@ Status AuditVerify(const Globals& g, const std::vector<std::string>& files, cons
     o.emplace(std::move(*opened));
     if (files.empty()) {
       vo.dir = o->config.audit.dir;
-      CUSTODY_ASSIGN_OR_RETURN(vo.witness, o->store->LastAuditCheckpoint());
+      CUSTODY_ASSIGN_OR_RETURN(vo.witness, o->store->LastAuditCheckpoint(o->config.node.name));
     }
   }
   if (!files.empty()) {
@@ -923,7 +924,7 @@ Status AuditCheckpoint(const Globals& g) {
     CUSTODY_ASSIGN_OR_RETURN(auto signer, OpenSigner(g, o, /*create=*/true));
     std::pair<uint64_t, std::string> covers;
     CUSTODY_ASSIGN_OR_RETURN(uint64_t seq, o.audit->Checkpoint(*signer, &covers));
-    CUSTODY_RETURN_IF_ERROR(o.store->RecordAuditCheckpoint(seq, covers.second));
+    CUSTODY_RETURN_IF_ERROR(o.store->RecordAuditCheckpoint(o.config.node.name, seq, covers.second));
     if (g.json) {
       PrintJson({{"checkpoint_seq", seq}, {"covers_seq", covers.first}, {"covers_hash", covers.second}});
     } else {

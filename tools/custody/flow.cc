@@ -175,7 +175,7 @@ void MaybeCheckpoint(Opened& o) {
   if (!signer) return;
   std::pair<uint64_t, std::string> covers;
   auto seq = o.audit->Checkpoint(**signer, &covers);
-  if (seq) (void)o.store->RecordAuditCheckpoint(*seq, covers.second);
+  if (seq) (void)o.store->RecordAuditCheckpoint(o.config.node.name, *seq, covers.second);
 }
 
 // Ends a command: records its outcome (if the command did not already) and

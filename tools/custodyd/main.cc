@@ -11,6 +11,8 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <condition_variable>
+#include <mutex>
 #include <boost/asio/signal_set.hpp>
 #include <csignal>
 #include <cstdio>
@@ -110,6 +112,7 @@ int main(int argc, char** argv) {
     // that needs more says so, and custodyd must be restarted.
     backend.token.pool->set_allow_reinitialize(false);
   }
+  options.node_name = config->node.name;
   options.token_key = [&](const std::string& uri) { return custody::server::LoadTokenKey(*config, uri, *pin_held); };
   custody::server::Server server(options, custodian);
   Status listening = server.Listen();
@@ -122,12 +125,42 @@ int main(int argc, char** argv) {
     std::pair<uint64_t, std::string> covers;
     auto seq = (*audit)->Checkpoint(**signer, &covers);
     if (seq) {
-      (void)(*store)->RecordAuditCheckpoint(*seq, covers.second);
+      (void)(*store)->RecordAuditCheckpoint(config->node.name, *seq, covers.second);
     } else {
       spdlog::warn("audit checkpoint failed: {}", seq.error().message());
     }
   };
   server.Every(std::chrono::seconds(1), checkpoint);
+
+  // The policy watcher: a policy applied through any node (or the CLI on any
+  // host sharing the store) is in force here within about a second, with
+  // no restart. One cheap query (the newest version) every half second, on
+  // a thread of its own so a slow store never holds the server's loop.
+  std::mutex watch_mu;
+  std::condition_variable watch_cv;
+  bool watch_stop = false;
+  std::thread policy_watcher([&] {
+    uint32_t said_in_force = custodian.policy()->version();
+    std::string said_problem;
+    bool said_store_down = false;
+    std::unique_lock lock(watch_mu);
+    while (!watch_cv.wait_for(lock, std::chrono::milliseconds(500), [&] { return watch_stop; })) {
+      lock.unlock();
+      auto r = custodian.RefreshPolicy();
+      const auto state = custodian.policy_state();
+      if (r && *r != said_in_force) {
+        spdlog::info("policy v{} in force (was v{}): applied through the store", *r, said_in_force);
+        said_in_force = *r;
+      }
+      if (!state.problem.empty() && state.problem != said_problem) spdlog::error("{}", state.problem);
+      said_problem = state.problem;
+      const bool store_down = !custodian.stats().store_healthy.load();
+      if (store_down && !said_store_down) spdlog::error("the store cannot be read: {}", r.error().message());
+      if (!store_down && said_store_down) spdlog::info("the store can be read again");
+      said_store_down = store_down;
+      lock.lock();
+    }
+  });
 
   boost::asio::io_context signal_io;
   boost::asio::signal_set signals(signal_io, SIGTERM, SIGINT, SIGHUP);
@@ -142,10 +175,9 @@ int main(int argc, char** argv) {
         auto fresh = custody::core::LoadConfig(config_path);
         if (!fresh) {
           spdlog::error("reload refused, keeping the running config: {}", fresh.error().message());
-        } else if (auto next = custody::core::Authorizer::Load(**store); !next) {
+        } else if (auto next = custodian.RefreshPolicy(/*retry=*/true); !next) {
           spdlog::error("reload refused, keeping policy v{}: {}", custodian.policy()->version(), next.error().message());
         } else {
-          custodian.SwapPolicy(std::make_shared<const custody::core::Authorizer>(std::move(*next)));
           custody::server::ServerOptions limits;
           static_cast<custody::server::ServerSettings&>(limits) = fresh->server;
           server.SetLimits(limits);
@@ -197,6 +229,12 @@ int main(int argc, char** argv) {
   }
   signal_io.stop();
   signal_thread.join();
+  {
+    std::lock_guard lock(watch_mu);
+    watch_stop = true;
+  }
+  watch_cv.notify_all();
+  policy_watcher.join();
   checkpoint();
   spdlog::info("stopped");
   return 0;

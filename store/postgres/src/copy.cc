@@ -94,8 +94,11 @@ Result<StoreSnapshot> PgStore::Export() {
           for (int i = 0; i < r.rows(); ++i) snap.buckets.push_back({r.Text(i, 0), r.Double(i, 1), r.Double(i, 2)});
         }
         {
-          CUSTODY_ASSIGN_OR_RETURN(Res r, s.Run("SELECT seq, covers_hash, created_at FROM audit_checkpoints ORDER BY seq"));
-          for (int i = 0; i < r.rows(); ++i) snap.checkpoints.push_back({r.Int(i, 0), r.Text(i, 1), r.Int(i, 2)});
+          CUSTODY_ASSIGN_OR_RETURN(
+              Res r, s.Run("SELECT node, seq, covers_hash, created_at FROM audit_checkpoints ORDER BY node, seq"));
+          for (int i = 0; i < r.rows(); ++i) {
+            snap.checkpoints.push_back({r.Text(i, 0), r.Int(i, 1), r.Text(i, 2), r.Int(i, 3)});
+          }
         }
         return snap;
       },
@@ -177,8 +180,9 @@ Status PgStore::Import(const StoreSnapshot& snap, const std::function<void(size_
                                     Params().Add(b.key).Add(b.tokens).Add(b.updated_at)));
     }
     for (const auto& c : snap.checkpoints) {
-      CUSTODY_RETURN_IF_ERROR(s.Run("INSERT INTO audit_checkpoints(seq, covers_hash, created_at) VALUES ($1, $2, $3)",
-                                    Params().Add(c.seq).Add(c.covers_hash).Add(c.created_at)));
+      CUSTODY_RETURN_IF_ERROR(
+          s.Run("INSERT INTO audit_checkpoints(node, seq, covers_hash, created_at) VALUES ($1, $2, $3, $4)",
+                Params().Add(c.node).Add(c.seq).Add(c.covers_hash).Add(c.created_at)));
     }
     for (const char* table : {"projects", "environments", "keks", "secrets"}) {
       // The next id after the largest copied (1 on an empty table).

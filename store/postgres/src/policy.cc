@@ -16,6 +16,13 @@ Result<std::optional<PolicyRecord>> PgStore::CurrentPolicy() {
       PolicyRecord{static_cast<uint32_t>(r.Int(0, 0)), r.Text(0, 1), r.Text(0, 2), r.Int(0, 3), r.Text(0, 4)});
 }
 
+Result<uint32_t> PgStore::CurrentPolicyVersion() {
+  Session s(*this);
+  if (!s.ok()) return s.error();
+  CUSTODY_ASSIGN_OR_RETURN(Res r, s.Run("SELECT coalesce(max(version), 0) FROM policies"));
+  return static_cast<uint32_t>(r.Int(0, 0));
+}
+
 Result<PolicyRecord> PgStore::SavePolicy(const std::string& text, const std::string& sha256,
                                          const std::string& applied_by) {
   return InTx<PolicyRecord>([&](Session& s) -> Result<PolicyRecord> {
@@ -33,22 +40,28 @@ Result<PolicyRecord> PgStore::SavePolicy(const std::string& text, const std::str
   });
 }
 
-Status PgStore::RecordAuditCheckpoint(uint64_t seq, const std::string& covers_hash) {
+Status PgStore::RecordAuditCheckpoint(const std::string& node, uint64_t seq, const std::string& covers_hash) {
   Session s(*this);
   if (!s.ok()) return s.error();
-  CUSTODY_RETURN_IF_ERROR(s.Run("INSERT INTO audit_checkpoints(seq, covers_hash, created_at) VALUES ($1, $2, $3) "
-                                "ON CONFLICT (seq) DO UPDATE SET covers_hash = excluded.covers_hash, "
+  CUSTODY_RETURN_IF_ERROR(s.Run("INSERT INTO audit_checkpoints(node, seq, covers_hash, created_at) "
+                                "VALUES ($4, $1, $2, $3) "
+                                "ON CONFLICT (node, seq) DO UPDATE SET covers_hash = excluded.covers_hash, "
                                 "created_at = excluded.created_at",
                                 Params().Add(static_cast<int64_t>(seq)).Add(covers_hash)
-                                    .Add(static_cast<int64_t>(std::time(nullptr)))));
+                                    .Add(static_cast<int64_t>(std::time(nullptr))).Add(node)));
   return Status::Ok();
 }
 
-Result<std::optional<std::pair<uint64_t, std::string>>> PgStore::LastAuditCheckpoint() {
+Result<std::optional<std::pair<uint64_t, std::string>>> PgStore::LastAuditCheckpoint(const std::string& node) {
   Session s(*this);
   if (!s.ok()) return s.error();
   using R = std::optional<std::pair<uint64_t, std::string>>;
-  CUSTODY_ASSIGN_OR_RETURN(Res r, s.Run("SELECT seq, covers_hash FROM audit_checkpoints ORDER BY seq DESC LIMIT 1"));
+  // This node's rows; only when it has none, those of node '' (older rows).
+  CUSTODY_ASSIGN_OR_RETURN(
+      Res r, s.Run("SELECT seq, covers_hash FROM audit_checkpoints WHERE node = $1 OR "
+                   "(node = '' AND NOT EXISTS (SELECT 1 FROM audit_checkpoints WHERE node = $1)) "
+                   "ORDER BY seq DESC LIMIT 1",
+                   Params().Add(node)));
   if (r.rows() == 0) return R();
   return R(std::make_pair(static_cast<uint64_t>(r.Int(0, 0)), r.Text(0, 1)));
 }

@@ -98,6 +98,14 @@ CREATE TABLE locks (
   expires_at      BIGINT NOT NULL
 );
 )sql",
+    // 2: the checkpoint witness per node (several custodyd nodes share the
+    // store, each with its own audit chain and seqs); rows from before keep
+    // node '' (the one host that wrote them).
+    R"sql(
+ALTER TABLE audit_checkpoints ADD COLUMN node TEXT NOT NULL DEFAULT '';
+ALTER TABLE audit_checkpoints DROP CONSTRAINT audit_checkpoints_pkey;
+ALTER TABLE audit_checkpoints ADD PRIMARY KEY (node, seq);
+)sql",
 };
 
 // Taken by every migration's transaction: two nodes starting at once on a

@@ -114,8 +114,8 @@ Result<StoreSnapshot> SqliteStore::Export() {
     if (rc != SQLITE_DONE) return Fail(rc, "reading rate buckets");
   }
   {
-    Stmt s(db(), "SELECT seq, covers_hash, created_at FROM audit_checkpoints ORDER BY seq");
-    while ((rc = s.Step()) == SQLITE_ROW) snap.checkpoints.push_back({s.Int(0), s.Text(1), s.Int(2)});
+    Stmt s(db(), "SELECT node, seq, covers_hash, created_at FROM audit_checkpoints ORDER BY node, seq");
+    while ((rc = s.Step()) == SQLITE_ROW) snap.checkpoints.push_back({s.Text(0), s.Int(1), s.Text(2), s.Int(3)});
     if (rc != SQLITE_DONE) return Fail(rc, "reading audit checkpoints");
   }
   CUSTODY_RETURN_IF_ERROR(tx.Commit());
@@ -203,8 +203,8 @@ Status SqliteStore::Import(const StoreSnapshot& snap, const std::function<void(s
     if ((rc = s.Step()) != SQLITE_DONE) return Fail(rc, "copying rate buckets");
   }
   for (const auto& c : snap.checkpoints) {
-    Stmt s(db(), "INSERT INTO audit_checkpoints(seq, covers_hash, created_at) VALUES (?, ?, ?)");
-    s.Bind(1, c.seq).Bind(2, c.covers_hash).Bind(3, c.created_at);
+    Stmt s(db(), "INSERT INTO audit_checkpoints(node, seq, covers_hash, created_at) VALUES (?, ?, ?, ?)");
+    s.Bind(1, c.node).Bind(2, c.seq).Bind(3, c.covers_hash).Bind(4, c.created_at);
     if ((rc = s.Step()) != SQLITE_DONE) return Fail(rc, "copying audit checkpoints");
   }
   return tx.Commit();

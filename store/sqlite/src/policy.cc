@@ -15,6 +15,15 @@ Result<std::optional<PolicyRecord>> SqliteStore::CurrentPolicy() {
       PolicyRecord{static_cast<uint32_t>(s.Int(0)), s.Text(1), s.Text(2), s.Int(3), s.Text(4)});
 }
 
+Result<uint32_t> SqliteStore::CurrentPolicyVersion() {
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  Stmt s(db(), "SELECT coalesce(max(version), 0) FROM policies");
+  int rc = s.Step();
+  if (rc != SQLITE_ROW) return Fail(rc, "reading the policy version");
+  return static_cast<uint32_t>(s.Int(0));
+}
+
 Result<PolicyRecord> SqliteStore::SavePolicy(const std::string& text, const std::string& sha256,
                                              const std::string& applied_by) {
   Lease lease(*this);
@@ -34,20 +43,24 @@ Result<PolicyRecord> SqliteStore::SavePolicy(const std::string& text, const std:
   return p;
 }
 
-Status SqliteStore::RecordAuditCheckpoint(uint64_t seq, const std::string& covers_hash) {
+Status SqliteStore::RecordAuditCheckpoint(const std::string& node, uint64_t seq, const std::string& covers_hash) {
   Lease lease(*this);
   if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
-  Stmt s(db(), "INSERT OR REPLACE INTO audit_checkpoints(seq, covers_hash, created_at) VALUES (?, ?, ?)");
-  s.Bind(1, static_cast<int64_t>(seq)).Bind(2, covers_hash).Bind(3, Now());
+  Stmt s(db(), "INSERT OR REPLACE INTO audit_checkpoints(node, seq, covers_hash, created_at) VALUES (?, ?, ?, ?)");
+  s.Bind(1, node).Bind(2, static_cast<int64_t>(seq)).Bind(3, covers_hash).Bind(4, Now());
   int rc = s.Step();
   if (rc != SQLITE_DONE) return Fail(rc, "recording an audit checkpoint");
   return Status::Ok();
 }
 
-Result<std::optional<std::pair<uint64_t, std::string>>> SqliteStore::LastAuditCheckpoint() {
+Result<std::optional<std::pair<uint64_t, std::string>>> SqliteStore::LastAuditCheckpoint(const std::string& node) {
   Lease lease(*this);
   if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
-  Stmt s(db(), "SELECT seq, covers_hash FROM audit_checkpoints ORDER BY seq DESC LIMIT 1");
+  // This node's rows; only when it has none, those of node '' (older rows).
+  Stmt s(db(), "SELECT seq, covers_hash FROM audit_checkpoints WHERE node = ?1 OR "
+               "(node = '' AND NOT EXISTS (SELECT 1 FROM audit_checkpoints WHERE node = ?1)) "
+               "ORDER BY seq DESC LIMIT 1");
+  s.Bind(1, node);
   int rc = s.Step();
   using R = std::optional<std::pair<uint64_t, std::string>>;
   if (rc == SQLITE_DONE) return R();

@@ -121,6 +121,22 @@ CREATE TABLE locks (
   expires_at     INTEGER NOT NULL
 );
 )sql",
+    // 7: the checkpoint witness per node: several custodyd nodes share one
+    // store, each with its own audit chain and its own seqs. Rows from
+    // before keep node '' (the one host that wrote them).
+    R"sql(
+CREATE TABLE audit_checkpoints_by_node (
+  node        TEXT NOT NULL,
+  seq         INTEGER NOT NULL,
+  covers_hash TEXT NOT NULL,
+  created_at  INTEGER NOT NULL,
+  PRIMARY KEY (node, seq)
+);
+INSERT INTO audit_checkpoints_by_node(node, seq, covers_hash, created_at)
+  SELECT '', seq, covers_hash, created_at FROM audit_checkpoints;
+DROP TABLE audit_checkpoints;
+ALTER TABLE audit_checkpoints_by_node RENAME TO audit_checkpoints;
+)sql",
 };
 
 }  // namespace
@@ -155,9 +171,14 @@ Status SqliteStore::Init(bool create) {
   // again from a copy of the file. Per connection, like the two above.
   CUSTODY_RETURN_IF_ERROR(Exec("PRAGMA secure_delete=ON"));
 
-  Stmt v(db(), "PRAGMA user_version");
-  if (!v.prepared() || v.Step() != SQLITE_ROW) return Fail(SQLITE_CORRUPT, "reading schema version");
-  int64_t have = v.Int(0);
+  int64_t have = 0;
+  {
+    // Finalized before any step runs: a statement still open would make a
+    // step's DROP TABLE fail with "database table is locked".
+    Stmt v(db(), "PRAGMA user_version");
+    if (!v.prepared() || v.Step() != SQLITE_ROW) return Fail(SQLITE_CORRUPT, "reading schema version");
+    have = v.Int(0);
+  }
   const int64_t want = static_cast<int64_t>(std::size(kMigrations));
   if (have > want) {
     return Error(Category::kConfig, "store " + path_ + " has schema version " + std::to_string(have) +

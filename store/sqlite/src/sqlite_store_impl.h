@@ -212,10 +212,11 @@ class SqliteStore final : public Store {
 
   // policy.cc
   Result<std::optional<PolicyRecord>> CurrentPolicy() override;
+  Result<uint32_t> CurrentPolicyVersion() override;
   Result<PolicyRecord> SavePolicy(const std::string& text, const std::string& sha256,
                                   const std::string& applied_by) override;
-  Status RecordAuditCheckpoint(uint64_t seq, const std::string& covers_hash) override;
-  Result<std::optional<std::pair<uint64_t, std::string>>> LastAuditCheckpoint() override;
+  Status RecordAuditCheckpoint(const std::string& node, uint64_t seq, const std::string& covers_hash) override;
+  Result<std::optional<std::pair<uint64_t, std::string>>> LastAuditCheckpoint(const std::string& node) override;
 
   // limits.cc
   Result<Admission> Admit(const UsageKey& key, const std::vector<policy::LimitRule>& rules, UsageEvent event,

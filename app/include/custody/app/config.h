@@ -11,6 +11,8 @@
 //   path = "/var/lib/custody/custody.db"   # SQLite, the embedded default; or
 //   # url = "postgresql://custody@db.internal/custody?sslmode=verify-full"
 //   #       (any libpq connection string or URI, never with a password)
+//   [node]                                 # optional
+//   name = "custody-1"                     # default: the host name
 //   [audit]                                # optional
 //   dir = "/var/lib/custody/audit"         # default: state_dir/audit
 //   checkpoint_every = 1000                # records between signed checkpoints
@@ -47,17 +49,38 @@ struct TokenSection {
   bool operator==(const TokenSection&) const = default;
 };
 
+// [node]: this custodyd among the nodes that share one store. The name is
+// written into every audit record (AuditOptions::node), /v1/health and the
+// /metrics labels, so a record or a sample says which node made it.
+struct NodeSettings {
+  std::string name;  // [A-Za-z0-9][A-Za-z0-9._-]*, at most 63; default the host name
+  // Written in the file (WriteConfig writes it back); false: the host name,
+  // which a copied config must not pin.
+  bool named = false;
+  bool operator==(const NodeSettings&) const = default;
+};
+
 // The whole file: one struct per table, each with its defaults in one place
 // and a defaulted operator== (custodyd's reload compares them).
 struct Config {
   std::string state_dir;
   TokenSection token;
   StoreSettings store;             // [store]: store/settings.h
+  NodeSettings node;               // [node]
   AuditOptions audit;              // [audit]: audit/options.h; dir defaults to state_dir/audit
   server::ServerSettings server;   // [server]: server/settings.h
 
   bool operator==(const Config&) const = default;
 };
+
+// What no single table can check: a TPM backend with a PostgreSQL store is
+// refused (kConfig), since a KEK sealed by one host's TPM cannot be unsealed
+// by any other node that shares the store. LoadConfig and `custody init`
+// both call it.
+Status CheckConfigCoherence(const Config& config);
+
+// A node name as [node] name takes it; kConfig naming `what` otherwise.
+Status ValidateNodeName(const std::string& name, const std::string& what);
 
 // --config, then $CUSTODY_CONFIG, then /etc/custody/custody.toml.
 std::string LocateConfig(const std::optional<std::string>& flag);

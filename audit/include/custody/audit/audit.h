@@ -82,6 +82,7 @@ class AuditSigner {
 struct AuditRecord {
   uint64_t seq = 0;
   std::string type;  // "event", "checkpoint", "repair"
+  std::string node;  // the node that wrote it ([node] name); empty in older logs
   std::string time;
   int64_t unix_time = 0;
   std::string prev, hash;

@@ -14,6 +14,10 @@ struct AuditOptions {
   uint64_t checkpoint_every = 1000;           // records between checkpoints, at most
   int64_t checkpoint_seconds = 300;           // seconds between checkpoints, at most
   std::chrono::milliseconds timeout{10000};   // longest wait for the lock or a batch
+  // [node] name of custody.toml: written into every record as "node", so
+  // that the records of several nodes say which node made each. Empty: no
+  // field (a log written before nodes had names reads the same).
+  std::string node;
 
   bool operator==(const AuditOptions&) const = default;
 };

@@ -30,6 +30,9 @@ struct ServerOptions : ServerSettings {
   std::function<std::optional<core::RequestContext>(int fd)> unix_peer_for_fuzzing;
   // Loads a pkcs11: tls_key from the token (set by main, which holds the PIN).
   std::function<Result<EVP_PKEY*>(const std::string& uri)> token_key;
+  // [node] name: in /v1/health and as the `node` label of every metric.
+  // Checked by the config ([A-Za-z0-9._-]); empty: no label.
+  std::string node_name;
 };
 
 class Server {

@@ -46,6 +46,9 @@ struct CustodianStats {
   std::atomic<uint64_t> audit_failures{0};
   std::atomic<bool> audit_healthy{true};
   std::atomic<bool> token_healthy{true};
+  // False once the store could not be read (RefreshPolicy asks it twice a
+  // second); true again at the next read that works.
+  std::atomic<bool> store_healthy{true};
   std::atomic<uint64_t> token_recoveries{0};
   std::atomic<uint64_t> token_reinitializations{0};
 };
@@ -73,6 +76,21 @@ class Custodian {
 
   void SwapPolicy(std::shared_ptr<const Authorizer> authz);
   std::shared_ptr<const Authorizer> policy() const;
+
+  // Puts the store's newest policy in force when its version is not the one
+  // in force: how a `policy apply` through any node (or the CLI on any
+  // host) reaches every node that shares the store. custodyd calls it every
+  // half second and on SIGHUP. A newer policy that cannot be loaded leaves
+  // the one in force, and PolicyState says why (once per version in the
+  // log). Returns the version in force afterwards. `retry`: load it again
+  // even if that version was refused before (SIGHUP).
+  Result<uint32_t> RefreshPolicy(bool retry = false);
+  struct PolicyState {
+    uint32_t in_force = 0;
+    uint32_t newest_in_store = 0;  // as last read
+    std::string problem;           // why newest_in_store is not in force; empty when it is
+  };
+  PolicyState policy_state() const;
   CustodianStats& stats() { return stats_; }
   // The log every request's record goes to (custodyd also writes its
   // summaries of refused connections there).
@@ -95,6 +113,8 @@ class Custodian {
   Sealer& sealer_;
   mutable std::mutex mu_;
   std::shared_ptr<const Authorizer> authz_;
+  uint32_t newest_in_store_ = 0;  // under mu_
+  std::string policy_problem_;    // under mu_
   CustodianStats stats_;
   // Usage of requests no limit applies to, written behind (usage_buffer.h).
   UsageBuffer usage_{store_};

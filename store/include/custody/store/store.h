@@ -231,6 +231,7 @@ struct SnapshotBucket {
   bool operator==(const SnapshotBucket&) const = default;
 };
 struct SnapshotCheckpoint {
+  std::string node;
   int64_t seq = 0;
   std::string covers_hash;
   int64_t created_at = 0;
@@ -333,6 +334,9 @@ class Store : public KekUsageLedger, public KekMaterialSource {
 
   // The policy in force (the newest applied), or nullopt before the first.
   virtual Result<std::optional<PolicyRecord>> CurrentPolicy() = 0;
+  // Only its version (0 before the first): what every custodyd node asks
+  // twice a second to notice a policy applied through another node.
+  virtual Result<uint32_t> CurrentPolicyVersion() = 0;
   // Stores `text` as the next policy version and puts it in force.
   virtual Result<PolicyRecord> SavePolicy(const std::string& text, const std::string& sha256,
                                           const std::string& applied_by) = 0;
@@ -353,9 +357,12 @@ class Store : public KekUsageLedger, public KekMaterialSource {
 
   // The audit log's witness: each signed checkpoint (its seq and the hash it
   // covers) is also kept here, so cutting the log back past a checkpoint is
-  // noticed by `audit verify` even if the checkpoint files go too.
-  virtual Status RecordAuditCheckpoint(uint64_t seq, const std::string& covers_hash) = 0;
-  virtual Result<std::optional<std::pair<uint64_t, std::string>>> LastAuditCheckpoint() = 0;
+  // noticed by `audit verify` even if the checkpoint files go too. Kept per
+  // node ([node] name): nodes sharing a store each have their own chain and
+  // seqs. LastAuditCheckpoint falls back to rows of node '' (written before
+  // witnesses had a node: the one host of that time) while `node` has none.
+  virtual Status RecordAuditCheckpoint(const std::string& node, uint64_t seq, const std::string& covers_hash) = 0;
+  virtual Result<std::optional<std::pair<uint64_t, std::string>>> LastAuditCheckpoint(const std::string& node) = 0;
 
   // Every row of the deployment (StoreSnapshot), read in one consistent
   // snapshot (one read transaction).
