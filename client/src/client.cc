@@ -1,6 +1,8 @@
 #include "custody/client/client.h"
 
 #include <openssl/crypto.h>
+#include <sys/socket.h>
+#include <sys/time.h>
 
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
@@ -53,38 +55,165 @@ Category CategoryOf(const json& body, int status) {
 }  // namespace
 
 struct Client::Connection {
-  std::mutex mu;
   asio::io_context io;
   std::optional<asio::local::stream_protocol::socket> sock;
   beast::flat_buffer buf;
 };
 
-Client::Client(std::string socket_path) : socket_path_(std::move(socket_path)), conn_(std::make_shared<Connection>()) {}
+struct Client::State {
+  std::mutex turn;
+  size_t preferred = 0;  // under turn
+};
 
-Result<Client> Client::Connect(const std::string& address) {
-  if (address.rfind("unix:", 0) == 0 && address.size() > 5) return Client(address.substr(5));
-  if (address.rfind("https://", 0) == 0) {
-    std::string hostport = address.substr(8);
-    if (!hostport.empty() && hostport.back() == '/') hostport.pop_back();
-    size_t colon = hostport.rfind(':');
-    if (colon == std::string::npos) return Error(Category::kConfig, "CUSTODY_ADDR " + address + " needs a port");
-    auto env = [](const char* k) { const char* v = std::getenv(k); return std::string(v ? v : ""); };
-    auto tls = std::make_shared<Tls>(Tls{hostport.substr(0, colon), hostport.substr(colon + 1), env("CUSTODY_CLIENT_CERT"),
-                                         env("CUSTODY_CLIENT_KEY"), env("CUSTODY_CA")});
-    if (tls->cert.empty() || tls->key.empty() || tls->ca.empty()) {
-      return Error(Category::kConfig, "CUSTODY_ADDR " + address +
-                                          " needs CUSTODY_CLIENT_CERT, CUSTODY_CLIENT_KEY and CUSTODY_CA (PEM files)");
-    }
-    Client c("");
-    c.tls_ = std::move(tls);
-    return c;
+struct Client::Outgoing {
+  http::request<http::string_body> req;
+};
+
+namespace {
+
+// CUSTODY_TIMEOUT: whole seconds, 1 to 300; anything else is refused.
+Result<int> TimeoutFromEnv() {
+  const char* v = std::getenv("CUSTODY_TIMEOUT");
+  if (v == nullptr || *v == '\0') return 10;
+  int n = 0;
+  for (const char* p = v; *p != '\0'; ++p) {
+    if (*p < '0' || *p > '9' || n > 300) return Error(Category::kConfig, "CUSTODY_TIMEOUT must be 1 to 300 seconds");
+    n = n * 10 + (*p - '0');
   }
-  return Error(Category::kConfig, "CUSTODY_ADDR '" + address + "' must be unix:/path/to/custody.sock");
+  if (n < 1 || n > 300) return Error(Category::kConfig, "CUSTODY_TIMEOUT must be 1 to 300 seconds");
+  return n;
+}
+
+}  // namespace
+
+Result<Client> Client::Connect(const std::string& addresses) {
+  Client c;
+  CUSTODY_ASSIGN_OR_RETURN(c.timeout_seconds_, TimeoutFromEnv());
+  c.state_ = std::make_shared<State>();
+  size_t pos = 0;
+  while (pos <= addresses.size()) {
+    size_t comma = addresses.find(',', pos);
+    std::string address = addresses.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+    pos = comma == std::string::npos ? addresses.size() + 1 : comma + 1;
+    Node n;
+    n.conn = std::make_shared<Connection>();
+    if (address.rfind("unix:", 0) == 0 && address.size() > 5) {
+      n.socket_path = address.substr(5);
+    } else if (address.rfind("https://", 0) == 0) {
+      std::string hostport = address.substr(8);
+      if (!hostport.empty() && hostport.back() == '/') hostport.pop_back();
+      size_t colon = hostport.rfind(':');
+      if (colon == std::string::npos) return Error(Category::kConfig, "CUSTODY_ADDR " + address + " needs a port");
+      auto env = [](const char* k) { const char* v = std::getenv(k); return std::string(v ? v : ""); };
+      n.tls = std::make_shared<Tls>(Tls{hostport.substr(0, colon), hostport.substr(colon + 1), env("CUSTODY_CLIENT_CERT"),
+                                        env("CUSTODY_CLIENT_KEY"), env("CUSTODY_CA")});
+      if (n.tls->cert.empty() || n.tls->key.empty() || n.tls->ca.empty()) {
+        return Error(Category::kConfig, "CUSTODY_ADDR " + address +
+                                            " needs CUSTODY_CLIENT_CERT, CUSTODY_CLIENT_KEY and CUSTODY_CA (PEM files)");
+      }
+    } else {
+      return Error(Category::kConfig, "CUSTODY_ADDR '" + address +
+                                          "' must be unix:/path/to/custody.sock or https://host:port (several: "
+                                          "comma-separated)");
+    }
+    c.nodes_.push_back(std::move(n));
+    if (c.nodes_.size() > 64) return Error(Category::kConfig, "CUSTODY_ADDR names more than 64 nodes");
+  }
+  return c;
+}
+
+Result<Client::Response> Client::RequestOn(const Node& node, Outgoing& out, bool* sent) const {
+  auto& req = out.req;
+  http::response<http::string_body> res;
+  beast::error_code ec;
+  if (node.tls) {
+    auto r = detail::RequestTls({node.tls->host, node.tls->port, node.tls->cert, node.tls->key, node.tls->ca}, req, sent);
+    if (!r) return std::move(r).error();
+    res = std::move(*r);
+    return Response{static_cast<int>(res.result_int()), std::move(res.body())};
+  }
+  Connection& c = *node.conn;
+  const std::string& path = node.socket_path;
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    // A kept-alive connection the server has since closed fails on first
+    // use: open a fresh one once and send again.
+    bool reused = c.sock.has_value();
+    // A node that stops answering must not hold the caller: the connect,
+    // the write and the read together get timeout_seconds_, then the
+    // connection is closed. (Asio's blocking calls would wait forever: they
+    // poll again after a socket timeout; and a node whose backlog is full
+    // holds a Unix-socket connect.)
+    http::response_parser<http::string_body> parser;
+    parser.body_limit(4 * 1024 * 1024);
+    bool finished = false, unreachable = false;
+    auto exchange = [&] {
+      http::async_write(*c.sock, req, [&](beast::error_code wec, size_t) {
+        ec = wec;
+        if (wec) {
+          finished = true;
+          return;
+        }
+        // Sent: the whole request reached the node, which may act on it
+        // even if no answer comes. A write that failed left at most part of
+        // a request, which no node acts on.
+        *sent = true;
+        http::async_read(*c.sock, c.buf, parser, [&](beast::error_code rec, size_t) {
+          ec = rec;
+          finished = true;
+        });
+      });
+    };
+    if (!c.sock) {
+      c.sock.emplace(c.io);
+      c.buf.clear();
+      c.sock->async_connect(asio::local::stream_protocol::endpoint(path), [&](beast::error_code cec) {
+        if (cec) {
+          ec = cec;
+          unreachable = finished = true;
+          return;
+        }
+        exchange();
+      });
+    } else {
+      exchange();
+    }
+    c.io.restart();
+    c.io.run_for(std::chrono::seconds(timeout_seconds_));
+    bool timed_out = false;
+    if (!finished) {
+      timed_out = true;
+      beast::error_code ignored;
+      c.sock->close(ignored);  // the pending operation ends with operation_aborted
+      c.io.restart();
+      c.io.run();
+      ec = asio::error::timed_out;
+    }
+    if (unreachable) {
+      c.sock.reset();
+      return Error(Category::kUnavailable, "cannot reach custodyd at " + path + ": " + ec.message());
+    }
+    if (ec) {
+      c.sock.reset();
+      // A connection kept from before that the node closed meanwhile: the
+      // write fails, or the read ends at once. Once more on a fresh one.
+      if (reused && !timed_out) continue;
+      return Error(Category::kUnavailable, "custodyd at " + path + ": " +
+                                               (timed_out ? "no answer within " + std::to_string(timeout_seconds_) + " s"
+                                                          : ec.message()));
+    }
+    res = parser.release();
+    WipeSpent(c.buf);  // the answer, a value with it, passed through here
+    if (!res.keep_alive()) c.sock.reset();
+    return Response{static_cast<int>(res.result_int()), std::move(res.body())};
+  }
+  return Error(Category::kUnavailable, "custodyd at " + path + ": the connection was closed");
 }
 
 Result<Client::Response> Client::Request(const std::string& method, const std::string& target,
                                          std::string* body) const {
-  http::request<http::string_body> req{http::string_to_verb(method), target, 11};
+  Outgoing out;
+  auto& req = out.req;
+  req = http::request<http::string_body>{http::string_to_verb(method), target, 11};
   req.set(http::field::host, "custodyd");
   req.set(http::field::user_agent, "custody-client");
   req.keep_alive(true);
@@ -99,59 +228,42 @@ Result<Client::Response> Client::Request(const std::string& method, const std::s
     http::request<http::string_body>& r;
     ~WipeBody() { OPENSSL_cleanse(r.body().data(), r.body().size()); }
   } wipe_body{req};
-  std::lock_guard lock(conn_->mu);
-  Connection& c = *conn_;
-  http::response<http::string_body> res;
-  beast::error_code ec;
-  if (tls_) {
-    auto r = detail::RequestTls({tls_->host, tls_->port, tls_->cert, tls_->key, tls_->ca}, req);
-    if (!r) return std::move(r).error();
-    res = std::move(*r);
-  }
-  for (int attempt = 0; !tls_ && attempt < 2; ++attempt) {
-  // A kept-alive connection the server has since closed fails on first
-  // use: open a fresh one once and send again.
-    bool reused = c.sock.has_value();
-    if (!c.sock) {
-      c.sock.emplace(c.io);
-      c.buf.clear();
-      c.sock->connect(asio::local::stream_protocol::endpoint(socket_path_), ec);
-      if (ec) {
-        c.sock.reset();
-        return Error(Category::kUnavailable, "cannot reach custodyd at " + socket_path_ + ": " + ec.message());
-      }
+  // Only a read may be asked again of another node once it was sent.
+  const bool may_repeat = method == "GET";
+  std::lock_guard lock(state_->turn);
+  std::optional<Result<Response>> last;
+  const size_t n = nodes_.size();
+  for (size_t i = 0; i < n; ++i) {
+    const size_t at = (state_->preferred + i) % n;
+    bool sent = false;
+    auto r = RequestOn(nodes_[at], out, &sent);
+    const bool unavailable = r ? r->status == 503 : r.error().category() == Category::kUnavailable;
+    if (!unavailable) {
+      state_->preferred = at;
+      last = std::move(r);
+      break;
     }
-    http::write(*c.sock, req, ec);
-    http::response_parser<http::string_body> parser;
-    parser.body_limit(4 * 1024 * 1024);
-    if (!ec) http::read(*c.sock, c.buf, parser, ec);
-    if (ec) {
-      c.sock.reset();
-      if (reused) continue;
-      return Error(Category::kUnavailable, "custodyd at " + socket_path_ + ": " + ec.message());
-    }
-    res = parser.release();
-    WipeSpent(c.buf);  // the answer, a value with it, passed through here
-    if (!res.keep_alive()) c.sock.reset();
-    break;
+    last = std::move(r);
+    if (sent && !may_repeat) break;
   }
-  if (ec) return Error(Category::kUnavailable, "custodyd at " + socket_path_ + ": " + ec.message());
-  Response out{static_cast<int>(res.result_int()), std::move(res.body())};
-  if (out.status >= 400) {
-    json j = json::parse(out.body, nullptr, false);
+  Result<Response> got = std::move(*last);
+  if (!got) return std::move(got).error();
+  Response res = std::move(*got);
+  if (res.status >= 400) {
+    json j = json::parse(res.body, nullptr, false);
     std::string message = !j.is_discarded() && j.contains("error") && j["error"].is_string()
                               ? j["error"].get<std::string>()
-                              : "custodyd answered HTTP " + std::to_string(out.status);
+                              : "custodyd answered HTTP " + std::to_string(res.status);
     const bool has_retry = !j.is_discarded() && j.contains("retry_after_seconds") &&
                            j["retry_after_seconds"].is_number_unsigned();
     uint64_t retry = has_retry ? j["retry_after_seconds"].get<uint64_t>() : 0;
     // The server's typed details, as the direct mode would have them.
-    Error e(CategoryOf(j, out.status), message);
-    if (out.status == 401) return std::move(e).WithNeedsAuthentication();
+    Error e(CategoryOf(j, res.status), message);
+    if (res.status == 401) return std::move(e).WithNeedsAuthentication();
     if (retry > 0) return std::move(e).WithRetryAfter(retry);
     return e;
   }
-  return out;
+  return res;
 }
 
 Result<Fetched> Client::Get(const std::string& path, std::optional<uint32_t> version) const {

@@ -8,7 +8,7 @@
 
 namespace custody::client::detail {
 
-Result<HttpResponse> RequestTls(const TlsEndpoint& to, HttpRequest&) {
+Result<HttpResponse> RequestTls(const TlsEndpoint& to, HttpRequest&, bool*) {
   return Error(Category::kInternal, "custody front: https://" + to.host + " must be served by custody-full");
 }
 

@@ -17,7 +17,7 @@ namespace asio = boost::asio;
 namespace beast = boost::beast;
 namespace http = beast::http;
 
-Result<HttpResponse> RequestTls(const TlsEndpoint& to, HttpRequest& req) {
+Result<HttpResponse> RequestTls(const TlsEndpoint& to, HttpRequest& req, bool* sent) {
   beast::error_code ec;
   const std::string where = "custodyd at " + to.host + ":" + to.port;
   asio::ssl::context ctx(asio::ssl::context::tls_client);
@@ -42,7 +42,10 @@ Result<HttpResponse> RequestTls(const TlsEndpoint& to, HttpRequest& req) {
   if (ec) return Error(Category::kUnavailable, where + " refused the TLS handshake: " + ec.message());
   req.keep_alive(false);
   http::write(stream, req, ec);
-  OPENSSL_cleanse(req.body().data(), req.body().size());
+  if (!ec) *sent = true;
+  // Wiped at once when sent; a body that did not leave is kept for the next
+  // node (the caller wipes it in the end).
+  if (*sent) OPENSSL_cleanse(req.body().data(), req.body().size());
   beast::flat_buffer buf;
   http::response_parser<http::string_body> parser;
   parser.body_limit(4 * 1024 * 1024);

@@ -21,6 +21,8 @@ using HttpResponse = boost::beast::http::response<boost::beast::http::string_bod
 
 // One TLS 1.3 connection per request: the server checked against the CA and
 // its name, our certificate presented. The request body is wiped once sent.
-Result<HttpResponse> RequestTls(const TlsEndpoint& to, HttpRequest& req);
+// `sent` becomes true once any byte of the request may have left (after the
+// handshake): before that, another node may be asked instead.
+Result<HttpResponse> RequestTls(const TlsEndpoint& to, HttpRequest& req, bool* sent);
 
 }  // namespace custody::client::detail

@@ -146,7 +146,10 @@ int main(int argc, char** argv) {
   const char* addr = std::getenv("CUSTODY_ADDR");
   // An address that is not plain text goes to custody-full, which refuses it
   // (the two must answer alike).
-  if (addr != nullptr && std::strncmp(addr, "unix:", 5) == 0 && custody::PrintableText(addr)) {
+  // Only Unix sockets here (a list of nodes too); any https:// node needs
+  // custody-full's TLS.
+  if (addr != nullptr && std::strncmp(addr, "unix:", 5) == 0 && std::strstr(addr, "https://") == nullptr &&
+      custody::PrintableText(addr)) {
     if (auto lean = Recognise(argc, argv)) {
       auto fetch = custody::cli::RemoteFetcher(addr);
       Status s = lean->kind == Lean::kGet ? custody::cli::GetAndPrint(fetch, lean->path, lean->version, lean->out)

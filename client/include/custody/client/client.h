@@ -8,12 +8,20 @@
 // Errors come back as custody::Error with the same categories (and so the
 // same CLI exit codes) as in direct mode: 401/403 denied, 404 not found,
 // 429 limit (with the server's reason and refill time), 503 unavailable.
+//
+// Several nodes: Connect("unix:/run/a.sock,unix:/run/b.sock,https://c:8443")
+// (CUSTODY_ADDR takes the same list). A GET goes to the node that answered
+// last and moves on to the next when a node cannot be reached, does not
+// answer within CUSTODY_TIMEOUT seconds (default 10) or answers 503. A PUT
+// moves on only when nothing was sent (the connection could not be made):
+// once its bytes left, another node could make a second version.
 #pragma once
 
 #include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "custody/common/result.h"
 #include "custody/common/secret.h"
@@ -30,7 +38,7 @@ class Client {
   // "unix:/path/to/custody.sock", or "https://host:port" with the client
   // certificate, its key and the CA that signed the server's certificate in
   // CUSTODY_CLIENT_CERT, CUSTODY_CLIENT_KEY and CUSTODY_CA (PEM files).
-  static Result<Client> Connect(const std::string& address);
+  static Result<Client> Connect(const std::string& addresses);
 
   Result<Fetched> Get(const std::string& path, std::optional<uint32_t> version = std::nullopt) const;
   Result<uint32_t> Put(const std::string& path, const SecretBuffer& value) const;
@@ -38,21 +46,32 @@ class Client {
   Result<std::string> Fetch(const std::string& target) const;
 
  private:
-  explicit Client(std::string socket_path);
+  Client() = default;
   struct Tls {
     std::string host, port, cert, key, ca;
   };
-  std::shared_ptr<Tls> tls_;  // set for https://
   struct Response {
     int status = 0;
     std::string body;
   };
-  Result<Response> Request(const std::string& method, const std::string& target, std::string* body) const;
-  std::string socket_path_;
-  // One kept-alive connection, reused across requests (and re-opened once
-  // if the server closed it meanwhile). Requests on one Client take turns.
+  // One kept-alive connection per node, reused across requests (and
+  // re-opened once if the server closed it meanwhile).
   struct Connection;
-  std::shared_ptr<Connection> conn_;
+  struct Node {
+    std::string socket_path;    // unix:
+    std::shared_ptr<Tls> tls;   // https://
+    std::shared_ptr<Connection> conn;
+  };
+  Result<Response> Request(const std::string& method, const std::string& target, std::string* body) const;
+  // One attempt on one node. `sent`: whether any byte of the request left.
+  struct Outgoing;  // the HTTP request, built once for every attempt
+  Result<Response> RequestOn(const Node& node, Outgoing& out, bool* sent) const;
+  std::vector<Node> nodes_;
+  int timeout_seconds_ = 10;
+  // The node that answered last; where the next request starts. Requests
+  // on one Client take turns (`turn`).
+  struct State;
+  std::shared_ptr<State> state_;
 };
 
 }  // namespace custody::client

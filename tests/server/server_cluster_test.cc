@@ -1,0 +1,424 @@
+// Several custodyd nodes as one service, for real: three custodyd
+// processes, each with its own node name, socket and audit folder, on one
+// PostgreSQL server (started by the test) and one SoftHSM2 token that all
+// three load (as the nodes of a network HSM share a partition). What a
+// change made through one node does on the others, limits shared exactly,
+// clients failing over when a node is killed, and every node's audit chain
+// verifying afterwards.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "../support/pg_server.h"
+#include "../support/server_fixture.h"
+#include "custody/app/config.h"
+#include "custody/audit/audit.h"
+#include "custody/client/client.h"
+
+namespace custody::test {
+namespace {
+
+using namespace std::chrono_literals;
+
+// Root owns payments and limited; limited/prod allows 100 reads an hour in
+// all (an hour, so that no token refills while the test runs: the count is
+// exact).
+constexpr const char* kClusterPolicy = R"(version = 1
+admins = ["user:root"]
+[principals."user:root"]
+uid = 0
+[principals."user:nobody"]
+uid = 65534
+[projects.payments]
+[projects.payments.environments.prod]
+[[projects.payments.grants]]
+principal = "user:root"
+role = "owner"
+[projects.limited]
+[projects.limited.environments.prod]
+rate = "100/hour"
+[[projects.limited.grants]]
+principal = "user:root"
+role = "owner"
+)";
+
+class ClusterTest : public CliFixture {
+ protected:
+  static constexpr int kNodes = 3;
+
+  void SetUp() override {
+    std::string why;
+    pg_.reset(PgServer::StartNew(&why));
+    if (!pg_) {
+      if (InCi()) FAIL() << "PostgreSQL is required in CI: " << why;
+      GTEST_SKIP() << "PostgreSQL test skipped: " << why;
+    }
+    url_ = pg_->NewDatabase();
+    auto r = RunCustody({"init", "--module", SoftHsmToken::kModule, "--token", token_.uri(), "--pin-file",
+                         token_.pin_file(), "--state-dir", token_.dir() / "state", "--store", url_},
+                        {.env = token_.CliEnv()});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    ASSERT_EQ(Apply(kClusterPolicy).exit_code, 0);
+    Put("payments/prod/stripe", "stripe-v1");
+    Put("limited/prod/key", "limited-value");
+    ::chmod(run_.path().c_str(), 0755);
+    auto base = core::LoadConfig(token_.config_path());
+    ASSERT_TRUE(base.ok()) << base.error().message();
+    for (int i = 0; i < kNodes; ++i) {
+      core::Config c = *base;
+      c.node = {Name(i), true};
+      c.audit.dir = token_.dir() / ("state/audit-" + Name(i));
+      c.audit.checkpoint_every = 50;
+      c.server.socket_path = Socket(i);
+      c.server.threads = 4;
+      ASSERT_TRUE(core::WriteConfig(c, Config(i)).ok());
+    }
+    // One after the other: the first creates the token's audit key, the
+    // others find it.
+    for (int i = 0; i < kNodes; ++i) ASSERT_NO_FATAL_FAILURE(StartNode(i));
+  }
+
+  void TearDown() override {
+    for (int i = 0; i < kNodes; ++i) {
+      if (pid_[i] > 0) {
+        ::kill(pid_[i], SIGKILL);
+        ::waitpid(pid_[i], nullptr, 0);
+      }
+    }
+    if (HasFailure()) {
+      for (int i = 0; i < kNodes; ++i) std::fprintf(stderr, "%s log:\n%s\n", Name(i).c_str(), ReadFile(Log(i)).c_str());
+    }
+  }
+
+  static std::string Name(int i) { return "node-" + std::string(1, static_cast<char>('a' + i)); }
+  std::string Socket(int i) const { return run_ / (Name(i) + ".sock"); }
+  std::string Config(int i) const { return token_.dir() / ("state/" + Name(i) + ".toml"); }
+  std::string Log(int i) const { return run_ / (Name(i) + ".log"); }
+  std::string AuditDir(int i) const { return token_.dir() / ("state/audit-" + Name(i)); }
+  // Every node's address, node `first` first (a client asks the first
+  // one until it fails).
+  std::string AllAddresses(int first = 0) const {
+    std::string all;
+    for (int i = 0; i < kNodes; ++i) all += (i ? ",unix:" : "unix:") + Socket((first + i) % kNodes);
+    return all;
+  }
+
+  void StartNode(int i) {
+    ::unlink(Socket(i).c_str());
+    pid_[i] = ::fork();
+    if (pid_[i] == 0) {
+      std::vector<std::string> env{"CUSTODY_CONFIG=" + Config(i), "SOFTHSM2_CONF=" + token_.conf(),
+                                   std::string("PATH=") + (std::getenv("PATH") ? std::getenv("PATH") : "/usr/bin:/bin")};
+      for (const char* k : {"ASAN_OPTIONS", "UBSAN_OPTIONS", "TSAN_OPTIONS"}) {
+        if (const char* v = std::getenv(k)) env.push_back(std::string(k) + "=" + v);
+      }
+      std::vector<char*> envp;
+      for (auto& e : env) envp.push_back(e.data());
+      envp.push_back(nullptr);
+      FILE* f = std::freopen(Log(i).c_str(), "a", stderr);
+      (void)f;
+      char* argv[] = {const_cast<char*>(CUSTODYD_BIN), nullptr};
+      ::execve(CUSTODYD_BIN, argv, envp.data());
+      ::_exit(127);
+    }
+    for (int n = 0; n < 300; ++n) {
+      struct stat st {};
+      if (::stat(Socket(i).c_str(), &st) == 0 && S_ISSOCK(st.st_mode) && Raw(Socket(i), "") != "connect failed") return;
+      std::this_thread::sleep_for(50ms);
+    }
+    FAIL() << Name(i) << " did not start: " << ReadFile(Log(i));
+  }
+
+  std::string Health(int i) { return Raw(Socket(i), "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n"); }
+
+  // A GET of `path` through node i as root: the value, or the error line.
+  std::string GetVia(int i, const std::string& path) {
+    auto c = client::Client::Connect("unix:" + Socket(i));
+    if (!c) return "error: " + c.error().message();
+    auto got = c->Get(path);
+    if (!got) return "error " + std::to_string(got.error().exit_code()) + ": " + got.error().message();
+    return std::string(got->value.RevealString(SecretAccess{}));
+  }
+
+  // Waits at most `limit` for `ok` to hold; how long it took, or nullopt.
+  static std::optional<std::chrono::milliseconds> Within(std::chrono::milliseconds limit,
+                                                        const std::function<bool()>& ok) {
+    const auto start = std::chrono::steady_clock::now();
+    while (std::chrono::steady_clock::now() - start < limit) {
+      if (ok()) return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - start);
+      std::this_thread::sleep_for(20ms);
+    }
+    return std::nullopt;
+  }
+
+  // The records of every node's audit folder with `action` and `result`.
+  size_t Records(int i, const std::string& action, const std::string& result) {
+    auto all = core::ReadAuditLog(AuditDir(i));
+    EXPECT_TRUE(all.ok()) << (all.ok() ? "" : all.error().message());
+    if (!all.ok()) return 0;
+    size_t n = 0;
+    for (const auto& r : *all) {
+      n += r.type == "event" && r.event.action == action && core::AuditResultName(r.event.result) == result;
+      EXPECT_TRUE(r.node == Name(i)) << "a record of " << Name(i) << "'s log names node '" << r.node << "'";
+    }
+    return n;
+  }
+
+  RunResult VerifyAudit(int i) {
+    return RunCustody({"audit", "verify"},
+                      {.env = {{"CUSTODY_CONFIG", Config(i)}, {"SOFTHSM2_CONF", token_.conf()}}});
+  }
+
+  std::unique_ptr<PgServer> pg_;
+  std::string url_;
+  TempDir run_;
+  std::array<pid_t, kNodes> pid_{-1, -1, -1};
+};
+
+// A revoke, a delete and a policy apply done through one node (or from the
+// CLI on any host) are in force on every other node within 2 s; each node
+// names itself and the policy it enforces in /v1/health.
+TEST_F(ClusterTest, ChangesThroughOneNodeHoldOnEveryNodeWithinTwoSeconds) {
+  for (int i = 0; i < kNodes; ++i) {
+    auto h = Health(i);
+    EXPECT_NE(h.find("\"node\":\"" + Name(i) + "\""), std::string::npos) << h;
+    EXPECT_NE(h.find("\"policy_version\":1"), std::string::npos) << h;
+    EXPECT_NE(h.find("\"store\":\"ok\""), std::string::npos) << h;
+    EXPECT_EQ(GetVia(i, "payments/prod/stripe"), "stripe-v1");
+  }
+  // v2 through node a; b and c read it at once (no node caches a value).
+  auto a = client::Client::Connect("unix:" + Socket(0));
+  ASSERT_TRUE(a.ok());
+  auto v2 = a->Put("payments/prod/stripe", SecretBuffer::Copy("stripe-v2"));
+  ASSERT_TRUE(v2.ok()) << v2.error().message();
+  EXPECT_EQ(GetVia(1, "payments/prod/stripe"), "stripe-v2");
+  EXPECT_EQ(GetVia(2, "payments/prod/stripe"), "stripe-v2");
+
+  // Revoke v2 (through node a's host, in direct mode, as an owner would).
+  ASSERT_EQ(Cli({"secret", "revoke", "payments/prod/stripe", "--version", "2", "--reason", "leaked"}).exit_code, 0);
+  for (int i : {1, 2}) {
+    auto took = Within(2000ms, [&] { return GetVia(i, "payments/prod/stripe") == "stripe-v1"; });
+    EXPECT_TRUE(took) << Name(i) << " still serves the revoked version: " << GetVia(i, "payments/prod/stripe");
+  }
+  auto revoked = client::Client::Connect("unix:" + Socket(2));
+  ASSERT_TRUE(revoked.ok());
+  auto old = revoked->Get("payments/prod/stripe", 2);
+  ASSERT_FALSE(old.ok()) << "a revoked version is never readable again, through any node";
+  EXPECT_NE(old.error().message().find("revoked"), std::string::npos) << old.error().message();
+
+  // A policy that takes root's grant on payments away.
+  std::string p2 = kClusterPolicy;
+  p2.replace(p2.find("[[projects.payments.grants]]\nprincipal = \"user:root\"\nrole = \"owner\"\n"),
+             std::string("[[projects.payments.grants]]\nprincipal = \"user:root\"\nrole = \"owner\"\n").size(),
+             "[[projects.payments.grants]]\nprincipal = \"user:nobody\"\nrole = \"reader\"\n");
+  ASSERT_EQ(Apply(p2, "policy2.toml").exit_code, 0);
+  for (int i = 0; i < kNodes; ++i) {
+    auto took = Within(2000ms, [&] { return Health(i).find("\"policy_version\":2") != std::string::npos; });
+    EXPECT_TRUE(took) << Name(i) << ": " << Health(i);
+    EXPECT_EQ(GetVia(i, "payments/prod/stripe").rfind("error 77", 0), 0u) << Name(i);
+  }
+
+  // Delete through the CLI; the other nodes answer 404 at once.
+  ASSERT_EQ(Apply(kClusterPolicy, "policy3.toml").exit_code, 0);
+  for (int i = 0; i < kNodes; ++i) {
+    ASSERT_TRUE(Within(2000ms, [&] { return Health(i).find("\"policy_version\":3") != std::string::npos; }));
+  }
+  ASSERT_EQ(Cli({"secret", "delete", "payments/prod/stripe"}).exit_code, 0);
+  for (int i = 0; i < kNodes; ++i) {
+    auto took = Within(2000ms, [&] { return GetVia(i, "payments/prod/stripe").rfind("error 66", 0) == 0; });
+    EXPECT_TRUE(took) << Name(i) << ": " << GetVia(i, "payments/prod/stripe");
+  }
+}
+
+// A rate limit holds across nodes exactly: with 100 an hour on
+// limited/prod, of which the put in SetUp took one, and 150 GETs spread
+// over three nodes by 12 clients at once, exactly 99 are answered with the
+// value and 51 with 429.
+TEST_F(ClusterTest, ARateLimitIsExactAcrossNodes) {
+  std::atomic<int> ok{0}, limited{0}, other{0};
+  std::vector<std::thread> clients;
+  for (int t = 0; t < 12; ++t) {
+    clients.emplace_back([&, t] {
+      auto c = client::Client::Connect("unix:" + Socket(t % kNodes));
+      if (!c) {
+        other += 1;
+        return;
+      }
+      for (int n = 0; n < (t < 6 ? 13 : 12); ++n) {
+        auto got = c->Get("limited/prod/key");
+        if (got) {
+          ++ok;
+        } else if (got.error().exit_code() == 75) {
+          ++limited;
+        } else {
+          ++other;
+        }
+      }
+    });
+  }
+  for (auto& c : clients) c.join();
+  EXPECT_EQ(ok.load(), 99);
+  EXPECT_EQ(limited.load(), 51);
+  EXPECT_EQ(other.load(), 0);
+  size_t recorded = 0;
+  for (int i = 0; i < kNodes; ++i) recorded += Records(i, "secret.get", "ok");
+  EXPECT_EQ(recorded, 99u) << "one record per value handed out, over the three logs";
+}
+
+// 16 clients, each with the list of all three nodes; node b is killed
+// (SIGKILL) in the middle. The clients fail over and none fails; every
+// answered GET has its record in some node's log (a request node b made
+// durable but could not answer may add one, never more than one per
+// client); node b comes back, and every node's chain verifies.
+TEST_F(ClusterTest, ClientsFailOverWhenANodeIsKilledAndEveryChainVerifies) {
+  std::atomic<bool> stop{false};
+  std::atomic<int> answered{0};
+  std::atomic<int> failed{0};
+  std::string first_failure;
+  std::mutex mu;
+  std::vector<std::thread> clients;
+  for (int t = 0; t < 16; ++t) {
+    clients.emplace_back([&, t] {
+      auto c = client::Client::Connect(AllAddresses(t % kNodes));
+      if (!c) {
+        ++failed;
+        return;
+      }
+      while (!stop.load()) {
+        auto got = c->Get("payments/prod/stripe");
+        if (got && got->value.RevealString(SecretAccess{}) == "stripe-v1") {
+          ++answered;
+        } else {
+          ++failed;
+          std::lock_guard lock(mu);
+          if (first_failure.empty()) first_failure = got ? "a wrong value" : got.error().message();
+        }
+      }
+    });
+  }
+  ASSERT_TRUE(Within(10000ms, [&] { return answered.load() >= 200; }));
+  ::kill(pid_[1], SIGKILL);
+  ::waitpid(pid_[1], nullptr, 0);
+  pid_[1] = -1;
+  const int at_kill = answered.load();
+  ASSERT_TRUE(Within(10000ms, [&] { return answered.load() >= at_kill + 300; }))
+      << "the clients did not go on after node-b was killed";
+  stop = true;
+  for (auto& c : clients) c.join();
+  EXPECT_EQ(failed.load(), 0) << first_failure;
+
+  // Node b back on its own log (its start repairs a record torn by the kill).
+  ASSERT_NO_FATAL_FAILURE(StartNode(1));
+  EXPECT_EQ(GetVia(1, "payments/prod/stripe"), "stripe-v1");
+  for (int i = 0; i < kNodes; ++i) {
+    EXPECT_EQ(StopWithin(pid_[i], 20), 0) << Name(i);
+  }
+  size_t recorded = 0;
+  for (int i = 0; i < kNodes; ++i) recorded += Records(i, "secret.get", "ok");
+  const size_t answered_all = static_cast<size_t>(answered.load()) + 1;  // with the GET through b after its restart
+  EXPECT_GE(recorded, answered_all);
+  EXPECT_LE(recorded, answered_all + 16) << "at most one unanswered record per client in flight at the kill";
+  for (int i = 0; i < kNodes; ++i) {
+    auto v = VerifyAudit(i);
+    EXPECT_EQ(v.exit_code, 0) << Name(i) << ": " << v.out << v.err;
+  }
+}
+
+// With a list of nodes: a GET passes a node that does not answer (stopped
+// with SIGSTOP) after CUSTODY_TIMEOUT and one that is gone at once; a PUT
+// passes a node that is gone (nothing was sent), but not one that took its
+// request and went silent: that node may still store it, and does once it
+// runs again, so the client reports the failure instead of making a second
+// version through another node.
+TEST_F(ClusterTest, ClientsPassDeadAndHungNodesButNeverSendAPutTwice) {
+  ::setenv("CUSTODY_TIMEOUT", "1", 1);
+  ASSERT_EQ(StopWithin(pid_[0], 20), 0);  // node a is gone
+  auto c = client::Client::Connect(AllAddresses(0));
+  ASSERT_TRUE(c.ok()) << c.error().message();
+  auto got = c->Get("payments/prod/stripe");
+  ASSERT_TRUE(got.ok()) << got.error().message();
+  EXPECT_EQ(got->value.RevealString(SecretAccess{}), "stripe-v1");
+  auto v2 = c->Put("payments/prod/stripe", SecretBuffer::Copy("stripe-v2"));
+  ASSERT_TRUE(v2.ok()) << "node a refused the connection, so node b takes the put: " << v2.error().message();
+  EXPECT_EQ(*v2, 2u);
+
+  ASSERT_NO_FATAL_FAILURE(StartNode(0));
+  ::kill(pid_[0], SIGSTOP);  // node a hangs: it takes connections and never answers
+  auto hung = client::Client::Connect(AllAddresses(0));
+  ASSERT_TRUE(hung.ok());
+  const auto t0 = std::chrono::steady_clock::now();
+  got = hung->Get("payments/prod/stripe");
+  ASSERT_TRUE(got.ok()) << got.error().message();
+  EXPECT_EQ(got->value.RevealString(SecretAccess{}), "stripe-v2");
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 10s) << "the GET waited far past CUSTODY_TIMEOUT";
+  auto hung_put = client::Client::Connect(AllAddresses(0));
+  ASSERT_TRUE(hung_put.ok());
+  auto v3 = hung_put->Put("payments/prod/stripe", SecretBuffer::Copy("stripe-v3"));
+  ASSERT_FALSE(v3.ok()) << "sent to a node that went silent: not sent again elsewhere";
+  EXPECT_EQ(v3.error().exit_code(), 69) << v3.error().message();
+  EXPECT_NE(v3.error().message().find("no answer within 1 s"), std::string::npos) << v3.error().message();
+  ::kill(pid_[0], SIGCONT);
+  // Node a wakes and finishes the put it took: one version 3, no version 4.
+  ASSERT_TRUE(Within(5000ms, [&] { return GetVia(1, "payments/prod/stripe") == "stripe-v3"; }))
+      << GetVia(1, "payments/prod/stripe");
+  auto b = client::Client::Connect("unix:" + Socket(1));
+  ASSERT_TRUE(b.ok());
+  auto v4 = b->Get("payments/prod/stripe", 4);
+  ASSERT_FALSE(v4.ok()) << "a second copy of the put was stored";
+  EXPECT_EQ(v4.error().exit_code(), 66) << v4.error().message();
+  ::unsetenv("CUSTODY_TIMEOUT");
+}
+
+// `custody kek rotate` while the three nodes serve: no GET fails, and every
+// secret reads back afterwards through every node.
+TEST_F(ClusterTest, AKekRotationWhileEveryNodeServesFailsNoGet) {
+  for (int n = 0; n < 20; ++n) Put("payments/prod/s" + std::to_string(n), "value-" + std::to_string(n));
+  std::atomic<bool> stop{false};
+  std::atomic<int> answered{0}, failed{0};
+  std::string first_failure;
+  std::mutex mu;
+  std::vector<std::thread> clients;
+  for (int t = 0; t < 6; ++t) {
+    clients.emplace_back([&, t] {
+      auto c = client::Client::Connect("unix:" + Socket(t % kNodes));
+      if (!c) return;
+      for (int n = 0; !stop.load(); n = (n + 1) % 20) {
+        auto got = c->Get("payments/prod/s" + std::to_string(n));
+        if (got && got->value.RevealString(SecretAccess{}) == "value-" + std::to_string(n)) {
+          ++answered;
+        } else {
+          ++failed;
+          std::lock_guard lock(mu);
+          if (first_failure.empty()) first_failure = got ? "a wrong value" : got.error().message();
+        }
+      }
+    });
+  }
+  ASSERT_TRUE(Within(10000ms, [&] { return answered.load() >= 50; }));
+  auto rotated = Cli({"kek", "rotate", "payments", "--batch", "5"});
+  const int after_rotation = answered.load();
+  ASSERT_TRUE(Within(10000ms, [&] { return answered.load() >= after_rotation + 50; }));
+  stop = true;
+  for (auto& c : clients) c.join();
+  ASSERT_EQ(rotated.exit_code, 0) << rotated.out << rotated.err;
+  EXPECT_EQ(failed.load(), 0) << first_failure;
+  for (int i = 0; i < kNodes; ++i) {
+    for (int n = 0; n < 20; ++n) {
+      EXPECT_EQ(GetVia(i, "payments/prod/s" + std::to_string(n)), "value-" + std::to_string(n)) << Name(i);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace custody::test
