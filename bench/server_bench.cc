@@ -33,22 +33,14 @@
 #include <vector>
 
 #include "custody/client/client.h"
+#include "server_support.h"
 #include "custody/hsm/objects.h"
 #include "custody/hsm/uri.h"
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
+using namespace bench;
 const std::string kPin = "bench-pin-1234";
-
-[[noreturn]] void Die(const std::string& what) {
-  std::fprintf(stderr, "server_bench: %s\n", what.c_str());
-  std::exit(1);
-}
-
-void Sh(const std::string& cmd) {
-  if (std::system(cmd.c_str()) != 0) Die("failed: " + cmd);
-}
 
 double TimeProcesses(const std::string& cmd, int runs) {
   auto t0 = Clock::now();
@@ -108,110 +100,7 @@ double RawDecryptRate(const std::string& label, double* cpu_us) {
   return rate;
 }
 
-struct Run {
-  int clients = 0;
-  double rate = 0, p50_ms = 0, p90_ms = 0, p99_ms = 0, p999_ms = 0;
-  double server_us = 0;  // custodyd CPU time per request, all its threads
-  uint64_t errors = 0;
-};
-
-// CPU time a process has used so far, all threads, in microseconds (the
-// scheduler's own account, in ns, from /proc/PID/task/*/schedstat). Less
-// noisy than a rate on a shared machine: it does not count time spent
-// waiting for a core.
-double CpuMicros(pid_t pid) {
-  double ns = 0;
-  std::error_code ec;
-  for (const auto& t : std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/task", ec)) {
-    std::ifstream in(t.path() / "schedstat");
-    double run = 0;
-    if (in >> run) ns += run;
-  }
-  return ns / 1000.0;
-}
-
-Run ServerRun(pid_t server, const std::string& socket, int clients, std::chrono::seconds length,
-              const std::string& target = "", const std::string& secret = "bench/prod/api-key") {
-  const double cpu0 = CpuMicros(server);
-  std::vector<std::vector<double>> lat(static_cast<size_t>(clients));
-  std::atomic<uint64_t> errors{0};
-  std::vector<std::thread> threads;
-  auto t0 = Clock::now();
-  for (int c = 0; c < clients; ++c) {
-    threads.emplace_back([&, c] {
-      auto client = custody::client::Client::Connect("unix:" + socket);
-      while (Clock::now() - t0 < length) {
-        auto s = Clock::now();
-        // A secret, or (for the floor) another endpoint's body.
-        std::optional<custody::Error> failed;
-        if (target.empty()) {
-          auto f = client->Get(secret);
-          if (!f) failed = f.error();
-        } else {
-          auto f = client->Fetch(target);
-          if (!f) failed = f.error();
-        }
-        lat[static_cast<size_t>(c)].push_back(std::chrono::duration<double, std::milli>(Clock::now() - s).count());
-        if (failed && errors.fetch_add(1) == 0) std::fprintf(stderr, "server_bench: first error: %s\n", failed->message().c_str());
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
-  double secs = std::chrono::duration<double>(Clock::now() - t0).count();
-  std::vector<double> all;
-  for (auto& v : lat) all.insert(all.end(), v.begin(), v.end());
-  std::sort(all.begin(), all.end());
-  Run r;
-  r.clients = clients;
-  r.rate = all.size() / secs;
-  r.p50_ms = all.empty() ? 0 : all[all.size() / 2];
-  auto at = [&](size_t per_mille) { return all.empty() ? 0 : all[std::min(all.size() - 1, all.size() * per_mille / 1000)]; };
-  r.p90_ms = at(900);
-  r.p99_ms = at(990);
-  r.p999_ms = at(999);
-  r.errors = errors.load();
-  r.server_us = all.empty() ? 0 : (CpuMicros(server) - cpu0) / static_cast<double>(all.size());
-  return r;
-}
-
 }  // namespace
-
-// A PostgreSQL server for the PostgreSQL row, in `dir` (as nobody when
-// root: PostgreSQL refuses root). Returns its libpq URL for database
-// "custody", or "" if PostgreSQL is not installed.
-std::string StartPostgres(const std::string& dir, std::string* bindir_out) {
-  std::string bindir;
-  std::error_code ec;
-  for (const auto& e : std::filesystem::directory_iterator("/usr/lib/postgresql", ec)) {
-    if (std::filesystem::exists(e.path() / "bin/initdb")) bindir = (e.path() / "bin").string();
-  }
-  if (bindir.empty()) return "";
-  *bindir_out = bindir;
-  std::filesystem::create_directories(dir);
-  const std::string as = ::geteuid() == 0 ? "setpriv --reuid=65534 --regid=65534 --clear-groups " : "";
-  if (::geteuid() == 0) Sh("chown 65534:65534 " + dir);
-  Sh(as + bindir + "/initdb -D " + dir + "/data --no-locale -E UTF8 -U custody --auth=trust --no-sync >/dev/null");
-  Sh(as + bindir + "/pg_ctl -D " + dir + "/data -l " + dir + "/server.log -w -o \"-k " + dir +
-     " -c listen_addresses= -c shared_preload_libraries=pg_stat_statements -c max_connections=200\" start >/dev/null");
-  const std::string base = "host=" + dir + " port=5432 user=custody dbname=";
-  Sh(bindir + "/psql -X -q -d '" + base + "postgres' -c 'CREATE DATABASE custody'");
-  // In a schema of its own: custody refuses a schema that holds anything
-  // but its own tables.
-  Sh(bindir + "/psql -X -q -d '" + base + "custody' -c 'CREATE SCHEMA stats' -c 'CREATE EXTENSION pg_stat_statements SCHEMA stats'");
-  return base + "custody";
-}
-
-// Statements PostgreSQL has run in database custody so far (pg_stat_statements).
-double PgStatements(const std::string& bindir, const std::string& url) {
-  std::string out = "/tmp/custody-bench-pgstat";
-  Sh(bindir + "/psql -X -q -t -A -d '" + url +
-     "' -c \"SELECT coalesce(sum(calls), 0) FROM stats.pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid "
-     "WHERE d.datname = 'custody' AND s.query NOT LIKE '%pg_stat_statements%'\" > " + out);
-  double n = 0;
-  std::ifstream(out) >> n;
-  std::filesystem::remove(out);
-  return n;
-}
 
 int main() {
   char tmpl[] = "/var/tmp/custody-server-bench-XXXXXX";
