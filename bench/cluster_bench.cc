@@ -25,6 +25,7 @@
 #include <thread>
 #include <vector>
 
+#include "custody/app/config.h"
 #include "server_support.h"
 
 namespace {
@@ -80,25 +81,28 @@ int main() {
   Sh("head -c 48 /dev/urandom | base64 | head -c 64 | " + custody + " secret put bench/prod/api-key >/dev/null");
 
   // Three node configs: the same file with its own name, socket and audit folder.
-  const std::string base((std::istreambuf_iterator<char>(std::ifstream(cfg).rdbuf())), std::istreambuf_iterator<char>());
+  auto loaded = custody::core::LoadConfig(cfg);
+  if (!loaded) Die(loaded.error().message());
   std::vector<std::string> sockets, configs;
   for (int i = 0; i < 3; ++i) {
     const std::string name = "node-" + std::string(1, static_cast<char>('a' + i));
-    sockets.push_back(dir + "/" + name + ".sock");
+    custody::core::Config c = *loaded;
+    c.node = {name, true};
+    c.audit.dir = dir + "/state/audit-" + name;
+    c.server.socket_path = dir + "/" + name + ".sock";
+    c.server.max_connections = 1024;
+    c.server.max_connections_per_peer = 1024;
+    sockets.push_back(c.server.socket_path);
     configs.push_back(dir + "/state/" + name + ".toml");
-    std::string text = base;
-    // The audit folder is the state folder's by default: each node its own.
-    text += "\n[node]\nname = \"" + name + "\"\n[audit]\ndir = \"" + dir + "/state/audit-" + name +
-            "\"\n[server]\nsocket = \"" + sockets.back() +
-            "\"\nmax_connections = 1024\nmax_connections_per_peer = 1024\n";
-    std::ofstream(configs.back()) << text;
-    ::chmod(configs.back().c_str(), 0600);
+    if (auto s = custody::core::WriteConfig(c, configs.back()); !s.ok()) Die(s.error().message());
   }
   std::vector<pid_t> nodes;
   auto start = [&](size_t i) {
     pid_t pid = ::fork();
     if (pid == 0) {
       ::setenv("CUSTODY_CONFIG", configs[i].c_str(), 1);
+      FILE* log = std::freopen((configs[i] + ".log").c_str(), "a", stderr);  // kept out of the table
+      (void)log;
       ::execl(custodyd.c_str(), custodyd.c_str(), nullptr);
       ::_exit(127);
     }
