@@ -116,28 +116,9 @@ class ClusterTest : public CliFixture {
 
   void StartNode(int i) {
     ::unlink(Socket(i).c_str());
-    pid_[i] = ::fork();
-    if (pid_[i] == 0) {
-      std::vector<std::string> env{"CUSTODY_CONFIG=" + Config(i), "SOFTHSM2_CONF=" + token_.conf(),
-                                   std::string("PATH=") + (std::getenv("PATH") ? std::getenv("PATH") : "/usr/bin:/bin")};
-      for (const char* k : {"ASAN_OPTIONS", "UBSAN_OPTIONS", "TSAN_OPTIONS"}) {
-        if (const char* v = std::getenv(k)) env.push_back(std::string(k) + "=" + v);
-      }
-      std::vector<char*> envp;
-      for (auto& e : env) envp.push_back(e.data());
-      envp.push_back(nullptr);
-      FILE* f = std::freopen(Log(i).c_str(), "a", stderr);
-      (void)f;
-      char* argv[] = {const_cast<char*>(CUSTODYD_BIN), nullptr};
-      ::execve(CUSTODYD_BIN, argv, envp.data());
-      ::_exit(127);
-    }
-    for (int n = 0; n < 300; ++n) {
-      struct stat st {};
-      if (::stat(Socket(i).c_str(), &st) == 0 && S_ISSOCK(st.st_mode) && Raw(Socket(i), "") != "connect failed") return;
-      std::this_thread::sleep_for(50ms);
-    }
-    FAIL() << Name(i) << " did not start: " << ReadFile(Log(i));
+    pid_[i] = StartCustodyd(
+        {.config = Config(i), .softhsm_conf = token_.conf(), .socket = Socket(i), .log = Log(i), .env = {}, .append_log = true});
+    if (HasFailure()) FAIL() << Name(i) << " did not start";
   }
 
   std::string Health(int i) { return Raw(Socket(i), "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n"); }

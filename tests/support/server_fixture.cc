@@ -152,21 +152,19 @@ void ServerTest::TearDown() {
   if (HasFailure()) std::fprintf(stderr, "custodyd log:\n%s\n", ReadFile(token_.dir() / "custodyd.log").c_str());
 }
 
-void ServerTest::Start() {
-  pid_ = ::fork();
-  if (pid_ == 0) {
-    std::string c = "CUSTODY_CONFIG=" + token_.config_path(), s = "SOFTHSM2_CONF=" + token_.conf();
-    std::string path = std::string("PATH=") + (std::getenv("PATH") ? std::getenv("PATH") : "/usr/bin:/bin");
-    std::vector<std::string> env_strings{c, s, path};
-    for (auto& e : ExtraServerEnv()) env_strings.push_back(e);
-    for (const char* k : {"ASAN_OPTIONS", "UBSAN_OPTIONS", "TSAN_OPTIONS"}) {
-      if (const char* v = std::getenv(k)) env_strings.push_back(std::string(k) + "=" + v);
-    }
+pid_t StartCustodyd(const CustodydStart& how) {
+  std::vector<std::string> env_strings{"CUSTODY_CONFIG=" + how.config, "SOFTHSM2_CONF=" + how.softhsm_conf,
+                                       std::string("PATH=") + (std::getenv("PATH") ? std::getenv("PATH") : "/usr/bin:/bin")};
+  for (const auto& e : how.env) env_strings.push_back(e);
+  for (const char* k : {"ASAN_OPTIONS", "UBSAN_OPTIONS", "TSAN_OPTIONS"}) {
+    if (const char* v = std::getenv(k)) env_strings.push_back(std::string(k) + "=" + v);
+  }
+  pid_t pid = ::fork();
+  if (pid == 0) {
     std::vector<char*> envp;
     for (auto& e : env_strings) envp.push_back(e.data());
     envp.push_back(nullptr);
-    std::string log = token_.dir() / "custodyd.log";
-    FILE* f = std::freopen(log.c_str(), "w", stderr);
+    FILE* f = std::freopen(how.log.c_str(), how.append_log ? "a" : "w", stderr);
     (void)f;
     char* argv[] = {const_cast<char*>(CUSTODYD_BIN), nullptr};
     ::execve(CUSTODYD_BIN, argv, envp.data());
@@ -174,12 +172,21 @@ void ServerTest::Start() {
   }
   // Ready when it accepts a connection: the socket file appears at bind(),
   // a moment before listen().
-  for (int i = 0; i < 200; ++i) {
+  for (int i = 0; i < 300; ++i) {
     struct stat st {};
-    if (::stat(socket_.c_str(), &st) == 0 && S_ISSOCK(st.st_mode) && Raw(socket_, "") != "connect failed") return;
+    if (::stat(how.socket.c_str(), &st) == 0 && S_ISSOCK(st.st_mode) && Raw(how.socket, "") != "connect failed") {
+      return pid;
+    }
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
-  FAIL() << "custodyd did not start: " << ReadFile(token_.dir() / "custodyd.log");
+  ADD_FAILURE() << "custodyd (" << how.config << ") did not start: " << ReadFile(how.log);
+  return pid;
+}
+
+void ServerTest::Start() {
+  pid_ = StartCustodyd({.config = token_.config_path(), .softhsm_conf = token_.conf(), .socket = socket_,
+                        .log = token_.dir() / "custodyd.log", .env = ExtraServerEnv()});
+  if (HasFailure()) FAIL();
 }
 
 RunResult ServerTest::AsUser(std::optional<int> uid, const std::vector<std::string>& args) {

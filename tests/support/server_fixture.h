@@ -44,6 +44,19 @@ std::optional<int> WaitForExit(pid_t& pid, std::chrono::seconds within);
 // if a signal ended it; pid is then -1). nullopt: still running.
 std::optional<int> StopWithin(pid_t& pid, int seconds);
 
+// custodyd started as its own process: its config and SoftHSM2 config, the
+// socket to wait for (it is ready once it accepts a connection), its stderr
+// (truncated, or appended to when a test restarts a node), and NAME=value
+// strings added to its environment.
+struct CustodydStart {
+  std::string config, softhsm_conf, socket, log;
+  std::vector<std::string> env;
+  bool append_log = false;
+};
+// Its pid; a test failure naming the log if it did not start within 15 s
+// (the pid is still returned, for the caller to kill).
+pid_t StartCustodyd(const CustodydStart& how);
+
 // The [node] name ServerTest's custody.toml gives (its metrics' label).
 inline constexpr const char* kNode = "node-a";
 
@@ -105,8 +118,7 @@ role = "reader"
   // Lines added to the config's [server] section.
   virtual std::string ExtraServerConfig() { return ""; }
   virtual void BeforeStart() {}
-  // NAME=value strings added to custodyd's environment. Called in the forked
-  // child: it may only read the fixture.
+  // NAME=value strings added to custodyd's environment.
   virtual std::vector<std::string> ExtraServerEnv() { return {}; }
 
   // Starts custodyd (its stderr to custodyd.log beside the token) and waits
