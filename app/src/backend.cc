@@ -6,6 +6,7 @@
 
 #include <cerrno>
 #include <chrono>
+#include <optional>
 #include <thread>
 
 #include "custody/hsm/pkcs11_sealer.h"
@@ -13,6 +14,7 @@
 #include "custody/hsm/uri.h"
 #include "custody/store/postgres_store.h"
 #include "custody/store/sqlite_store.h"
+#include "custody/store/store_lock.h"
 #include "custody/tpm/tpm_sealer.h"
 #include "custody/tpm/tpm_signer.h"
 
@@ -114,13 +116,35 @@ Result<SealingBackend> OpenBackend(const Config& config, const SecretBuffer& pin
 }
 
 Result<std::unique_ptr<AuditSigner>> OpenAuditSigner(SealingBackend& backend, const Config& config, const SecretBuffer& pin,
-                                                     bool create) {
+                                                     bool create, Store* store) {
   if (backend.is_tpm()) {
     CUSTODY_ASSIGN_OR_RETURN(auto s, TpmAuditSigner::Open(*backend.tpm, config.state_dir, pin, create));
     return std::unique_ptr<AuditSigner>(std::move(s));
   }
   if (!backend.token.pool) return Error(Category::kInternal, "no token is open");
-  CUSTODY_ASSIGN_OR_RETURN(auto s, TokenAuditSigner::Open(*backend.token.pool, create));
+  auto found = TokenAuditSigner::Open(*backend.token.pool, /*create=*/false);
+  if (found || !create || found.error().category() != Category::kNotFound) {
+    if (!found) return std::move(found).error();
+    return std::unique_ptr<AuditSigner>(std::move(*found));
+  }
+  std::optional<StoreLock> held;
+  if (store != nullptr) {
+    // Another node may be making it now: wait for its lock (a few seconds
+    // at most), then look again before making one.
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(15);
+    for (;;) {
+      auto lock = StoreLock::Take(*store, "audit-signing-key", 30, "making the audit signing key");
+      if (lock) {
+        held.emplace(std::move(*lock));
+        break;
+      }
+      if (lock.error().category() != Category::kUnavailable || std::chrono::steady_clock::now() > give_up) {
+        return std::move(lock).error();
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  }
+  CUSTODY_ASSIGN_OR_RETURN(auto s, TokenAuditSigner::Open(*backend.token.pool, /*create=*/true));
   return std::unique_ptr<AuditSigner>(std::move(s));
 }
 

@@ -127,7 +127,8 @@ Result<Client::Response> Client::RequestOn(const Node& node, Outgoing& out, bool
   http::response<http::string_body> res;
   beast::error_code ec;
   if (node.tls) {
-    auto r = detail::RequestTls({node.tls->host, node.tls->port, node.tls->cert, node.tls->key, node.tls->ca}, req, sent);
+    auto r = detail::RequestTls(
+        {node.tls->host, node.tls->port, node.tls->cert, node.tls->key, node.tls->ca, timeout_seconds_}, req, sent);
     if (!r) return std::move(r).error();
     res = std::move(*r);
     return Response{static_cast<int>(res.result_int()), std::move(res.body())};

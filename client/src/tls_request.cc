@@ -36,12 +36,30 @@ Result<HttpResponse> RequestTls(const TlsEndpoint& to, HttpRequest& req, bool* s
   stream.set_verify_callback(asio::ssl::host_name_verification(to.host));
   asio::ip::tcp::resolver resolver(io);
   auto results = resolver.resolve(to.host, to.port, ec);
-  if (!ec) beast::get_lowest_layer(stream).connect(results, ec);
   if (ec) return Error(Category::kUnavailable, "cannot reach " + where + ": " + ec.message());
-  stream.handshake(asio::ssl::stream_base::client, ec);
-  if (ec) return Error(Category::kUnavailable, where + " refused the TLS handshake: " + ec.message());
+  // Each step asynchronously under the stream's own timer, so that a node
+  // that stops answering gives an error after the timeout, never a hang.
+  auto& tcp = beast::get_lowest_layer(stream);
+  const auto limit = std::chrono::seconds(to.timeout_seconds);
+  auto run = [&] {
+    io.restart();
+    io.run();
+  };
+  auto said = [&](const beast::error_code& e) {
+    return e == beast::error::timeout ? "no answer within " + std::to_string(to.timeout_seconds) + " s" : e.message();
+  };
+  tcp.expires_after(limit);
+  tcp.async_connect(results, [&](beast::error_code e, const asio::ip::tcp::endpoint&) { ec = e; });
+  run();
+  if (ec) return Error(Category::kUnavailable, "cannot reach " + where + ": " + said(ec));
+  tcp.expires_after(limit);
+  stream.async_handshake(asio::ssl::stream_base::client, [&](beast::error_code e) { ec = e; });
+  run();
+  if (ec) return Error(Category::kUnavailable, where + " refused the TLS handshake: " + said(ec));
   req.keep_alive(false);
-  http::write(stream, req, ec);
+  tcp.expires_after(limit);
+  http::async_write(stream, req, [&](beast::error_code e, size_t) { ec = e; });
+  run();
   if (!ec) *sent = true;
   // Wiped at once when sent; a body that did not leave is kept for the next
   // node (the caller wipes it in the end).
@@ -49,12 +67,19 @@ Result<HttpResponse> RequestTls(const TlsEndpoint& to, HttpRequest& req, bool* s
   beast::flat_buffer buf;
   http::response_parser<http::string_body> parser;
   parser.body_limit(4 * 1024 * 1024);
-  if (!ec) http::read(stream, buf, parser, ec);
+  if (!ec) {
+    tcp.expires_after(limit);
+    http::async_read(stream, buf, parser, [&](beast::error_code e, size_t) { ec = e; });
+    run();
+  }
   WipeAll(buf);  // the answer, a value with it, passed through here
-  if (ec) return Error(Category::kUnavailable, where + ": " + ec.message());
+  if (ec) return Error(Category::kUnavailable, where + ": " + said(ec));
   HttpResponse res = parser.release();
-  beast::error_code ignored;
-  stream.shutdown(ignored);
+  // The close, bounded too: a peer that never sends its close_notify does
+  // not hold the answer already read.
+  tcp.expires_after(std::chrono::seconds(1));
+  stream.async_shutdown([](beast::error_code) {});
+  run();
   return res;
 }
 

@@ -14,6 +14,7 @@ namespace custody::client::detail {
 
 struct TlsEndpoint {
   std::string host, port, cert, key, ca;
+  int timeout_seconds = 10;  // for each of connect, handshake, write and read
 };
 
 using HttpRequest = boost::beast::http::request<boost::beast::http::string_body>;

@@ -84,9 +84,28 @@ class ClusterTest : public CliFixture {
       c.server.threads = 4;
       ASSERT_TRUE(core::WriteConfig(c, Config(i)).ok());
     }
-    // One after the other: the first creates the token's audit key, the
-    // others find it.
-    for (int i = 0; i < kNodes; ++i) ASSERT_NO_FATAL_FAILURE(StartNode(i));
+    // All three at once on a token that has no audit signing key yet: one
+    // makes it (under the store's lock), the others find it. Two keys
+    // would stop every later start (the label must name one key).
+    for (int i = 0; i < kNodes; ++i) pid_[i] = StartCustodyd(Start(i, /*wait=*/false));
+    for (int i = 0; i < kNodes; ++i) ASSERT_NO_FATAL_FAILURE(WaitUntilServing(Start(i)));
+    // The test token's PIN in argv: pkcs11-tool takes it no other way, and
+    // this token holds test data only.
+    auto keys = RunProgram("/usr/bin/pkcs11-tool", {"--module", SoftHsmToken::kModule, "--token-label",
+                                                    token_.label(), "--list-objects", "--type", "privkey", "--login",
+                                                    "--pin", SoftHsmToken::kPin},
+                           {.env = {{"SOFTHSM2_CONF", token_.conf()}}});
+    size_t signing_keys = 0;
+    for (size_t at = keys.out.find("custody:audit"); at != std::string::npos;
+         at = keys.out.find("custody:audit", at + 1)) {
+      ++signing_keys;
+    }
+    EXPECT_EQ(signing_keys, 1u) << keys.out << keys.err;
+  }
+
+  CustodydStart Start(int i, bool wait = true) const {
+    return {.config = Config(i), .softhsm_conf = token_.conf(), .socket = Socket(i), .log = Log(i), .env = {},
+            .append_log = true, .wait = wait};
   }
 
   void TearDown() override {
@@ -116,8 +135,7 @@ class ClusterTest : public CliFixture {
 
   void StartNode(int i) {
     ::unlink(Socket(i).c_str());
-    pid_[i] = StartCustodyd(
-        {.config = Config(i), .softhsm_conf = token_.conf(), .socket = Socket(i), .log = Log(i), .env = {}, .append_log = true});
+    pid_[i] = StartCustodyd(Start(i));
     if (HasFailure()) FAIL() << Name(i) << " did not start";
   }
 

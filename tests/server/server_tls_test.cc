@@ -3,6 +3,7 @@
 // are refused, a stuck handshake does not hold the stop, and the server's
 // key may live in the token.
 #include <gtest/gtest.h>
+#include <arpa/inet.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -81,6 +82,40 @@ TEST_F(TlsServerTest, AClientCertificateFromTheCaIsIdentifiedByItsSan) {
   EXPECT_NE(dev.err.find("does not cover environment dev"), std::string::npos) << dev.err;
   auto show = Cli({"--json", "audit", "show", "--principal", "svc:web-prod"});
   EXPECT_NE(show.out.find("tls client certificate san dns:web-prod.payments.internal"), std::string::npos) << show.out;
+}
+
+// A list of nodes over TLS: a node that refuses the connection is passed at
+// once, and one that takes the connection but never answers the handshake
+// (a listening socket nobody accepts on) is passed after CUSTODY_TIMEOUT.
+TEST_F(TlsServerTest, AClientPassesADeadAndASilentTlsNode) {
+  const int dead = FreePort();
+  int silent = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::bind(silent, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  ASSERT_EQ(::listen(silent, 8), 0);
+  socklen_t len = sizeof addr;
+  ::getsockname(silent, reinterpret_cast<sockaddr*>(&addr), &len);
+  const std::string silent_addr = "https://127.0.0.1:" + std::to_string(ntohs(addr.sin_port));
+  RunOptions o;
+  o.env = {{"CUSTODY_ADDR", "https://127.0.0.1:" + std::to_string(dead) + "," + silent_addr + ",https://127.0.0.1:" +
+                                std::to_string(port_)},
+           {"CUSTODY_CA", P("test-ca.pem")},
+           {"CUSTODY_CLIENT_CERT", P("web-prod.pem")},
+           {"CUSTODY_CLIENT_KEY", P("web-prod.key")},
+           {"CUSTODY_TIMEOUT", "1"}};
+  const auto t0 = std::chrono::steady_clock::now();
+  auto r = RunCustody({"secret", "get", "payments/prod/stripe"}, o);
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, kSecret);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(10)) << "the silent node held the client";
+  // Only the silent node: the error says what happened, within the timeout.
+  o.env["CUSTODY_ADDR"] = silent_addr;
+  auto alone = RunCustody({"secret", "get", "payments/prod/stripe"}, o);
+  EXPECT_EQ(alone.exit_code, 69) << alone.err;
+  EXPECT_NE(alone.err.find("no answer within 1 s"), std::string::npos) << alone.err;
+  ::close(silent);
 }
 
 // A certificate from the CA whose SAN is not UTF-8 once killed custodyd

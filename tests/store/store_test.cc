@@ -609,6 +609,14 @@ TEST(PostgresFaults, APutWhoseCommitAnswerIsLostIsCheckedNotGuessed) {
 // Export and Import (`custody store copy`): every row of one backend lands
 // in the other with its ids and bytes, the copy keeps working, and a store
 // that holds a deployment is refused and left as it was.
+// Both backends answer alike for a KEK record that does not exist: 66.
+TEST_P(StoreTest, ChangingTheStateOfAnUnknownKekIsNotFound) {
+  auto r = store_->SetKekState(987654, KekState::kRetiring);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().category(), Category::kNotFound) << r.error().message();
+  EXPECT_NE(r.error().message().find("no KEK record 987654"), std::string::npos) << r.error().message();
+}
+
 // Nodes that share a store each keep their own checkpoint witness: one
 // node's checkpoint at a seq never replaces another's, and each reads back
 // its own. Rows written before witnesses had a node (node '') stand for a

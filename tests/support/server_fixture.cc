@@ -170,17 +170,19 @@ pid_t StartCustodyd(const CustodydStart& how) {
     ::execve(CUSTODYD_BIN, argv, envp.data());
     ::_exit(127);
   }
+  if (how.wait) WaitUntilServing(how);
+  return pid;
+}
+
+void WaitUntilServing(const CustodydStart& how) {
   // Ready when it accepts a connection: the socket file appears at bind(),
   // a moment before listen().
   for (int i = 0; i < 300; ++i) {
     struct stat st {};
-    if (::stat(how.socket.c_str(), &st) == 0 && S_ISSOCK(st.st_mode) && Raw(how.socket, "") != "connect failed") {
-      return pid;
-    }
+    if (::stat(how.socket.c_str(), &st) == 0 && S_ISSOCK(st.st_mode) && Raw(how.socket, "") != "connect failed") return;
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   ADD_FAILURE() << "custodyd (" << how.config << ") did not start: " << ReadFile(how.log);
-  return pid;
 }
 
 void ServerTest::Start() {

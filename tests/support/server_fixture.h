@@ -52,10 +52,14 @@ struct CustodydStart {
   std::string config, softhsm_conf, socket, log;
   std::vector<std::string> env;
   bool append_log = false;
+  bool wait = true;  // false: return at once; WaitUntilServing later
 };
 // Its pid; a test failure naming the log if it did not start within 15 s
 // (the pid is still returned, for the caller to kill).
 pid_t StartCustodyd(const CustodydStart& how);
+// Waits at most 15 s for the custodyd of `how` to accept a connection; a
+// test failure naming its log otherwise.
+void WaitUntilServing(const CustodydStart& how);
 
 // The [node] name ServerTest's custody.toml gives (its metrics' label).
 inline constexpr const char* kNode = "node-a";

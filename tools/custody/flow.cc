@@ -146,7 +146,7 @@ Status OpenTokenFor(const Globals& g, Opened& o) {
 
 Result<std::unique_ptr<core::AuditSigner>> OpenSigner(const Globals& g, Opened& o, bool create) {
   CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, o));
-  return core::OpenAuditSigner(o.backend, o.config, o.pin, create);
+  return core::OpenAuditSigner(o.backend, o.config, o.pin, create, o.store.get());
 }
 
 // Appends this command's record once. Fail closed: when it cannot be made

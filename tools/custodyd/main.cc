@@ -96,7 +96,7 @@ int main(int argc, char** argv) {
   }
   custody::core::Custodian custodian(**store, **audit, *backend.sealer,
                                      std::make_shared<const custody::core::Authorizer>(std::move(*authz)));
-  auto signer = custody::core::OpenAuditSigner(backend, *config, *pin_held, /*create=*/true);
+  auto signer = custody::core::OpenAuditSigner(backend, *config, *pin_held, /*create=*/true, store->get());
   if (!signer) return Fail(signer.error());
 
   custody::server::ServerOptions options;

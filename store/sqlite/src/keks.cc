@@ -187,6 +187,8 @@ Status SqliteStore::SetKekState(int64_t kek_record_id, KekState state) {
   s.Bind(1, std::string(KekStateName(state))).Bind(2, kek_record_id);
   int rc = s.Step();
   if (rc != SQLITE_DONE) return Fail(rc, "changing KEK state");
+  // As on PostgreSQL: an id that names no KEK record is said, not ignored.
+  if (sqlite3_changes(db()) == 0) return Error(Category::kNotFound, "no KEK record " + std::to_string(kek_record_id));
   CUSTODY_RETURN_IF_ERROR(tx.Commit());
   if (state == KekState::kDestroyed) {
     // The page's older image, material included, is still a frame in the

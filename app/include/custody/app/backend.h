@@ -41,8 +41,10 @@ struct SealingBackend {
 };
 Result<SealingBackend> OpenBackend(const Config& config, const SecretBuffer& pin, Store& store);
 // The audit checkpoint signer of that backend: a token key (PKCS#11) or a
-// TPM key under the SRK. With `create`, made when missing.
+// TPM key under the SRK. With `create`, made when missing; with `store`
+// too, made under the store's lock "audit-signing-key", so that nodes
+// starting at once on a shared token make one key, not one each.
 Result<std::unique_ptr<AuditSigner>> OpenAuditSigner(SealingBackend& backend, const Config& config, const SecretBuffer& pin,
-                                                     bool create);
+                                                     bool create, Store* store = nullptr);
 
 }  // namespace custody::core
