@@ -259,9 +259,17 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
 
   // The owner can still read its secret: nothing the input did wedged the
   // audit writer, the store or the token.
+  // A wedge fails every later GET; one answer lost on a loaded machine
+  // (a CI run once saw the connection closed with no answer, cause not yet
+  // found: see the issue notes) is said on stderr and asked once more.
   if (++runs % 64 == 0) {
     Become(server::PeerFromAccount(0, 1, std::string("root"), {0}));
-    auto check = Exchange("GET /v1/secrets/payments/prod/stripe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    const std::string get = "GET /v1/secrets/payments/prod/stripe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    auto check = Exchange(get);
+    if (check && check->empty()) {
+      std::fprintf(stderr, "http_fuzz: the owner's GET was closed with no answer; asking again\n");
+      check = Exchange(get);
+    }
     if (!check || check->rfind("HTTP/1.1 200", 0) != 0) {
       Die("the owner's GET failed after an input: " + (check ? check->substr(0, 200) : std::string("no answer")));
     }
