@@ -1,8 +1,6 @@
 #include "custody/client/client.h"
 
 #include <openssl/crypto.h>
-#include <sys/socket.h>
-#include <sys/time.h>
 
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
