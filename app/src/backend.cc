@@ -55,6 +55,55 @@ Result<std::unique_ptr<Store>> OpenStore(const Config& config, bool create) {
   return OpenSqliteStore(config.store.path, create);
 }
 
+namespace {
+
+// The store's audit storage together with the store it uses, which it
+// keeps open for as long as it lives.
+class StoreAuditStorage final : public AuditStorage {
+ public:
+  StoreAuditStorage(std::unique_ptr<Store> store, std::unique_ptr<AuditStorage> inner)
+      : store_(std::move(store)), inner_(std::move(inner)) {}
+  ~StoreAuditStorage() override { inner_.reset(); }  // before the store it points into
+
+  Status Append(std::chrono::steady_clock::time_point deadline, const Build& build) override {
+    return inner_->Append(deadline, build);
+  }
+  Result<AuditHead> Head() override { return inner_->Head(); }
+  Result<std::vector<std::string>> Chains() override { return inner_->Chains(); }
+  Status Read(const std::string& chain, const std::function<void(AuditChainLine&&)>& each, bool* torn) override {
+    return inner_->Read(chain, each, torn);
+  }
+  Result<std::optional<std::pair<uint64_t, std::string>>> Witness(const std::string& chain) override {
+    return inner_->Witness(chain);
+  }
+  std::string Describe() const override { return inner_->Describe(); }
+
+ private:
+  std::unique_ptr<Store> store_;
+  std::unique_ptr<AuditStorage> inner_;
+};
+
+}  // namespace
+
+bool AuditInStore(const Config& config) { return !config.store.url.empty(); }
+
+Result<std::unique_ptr<AuditStorage>> OpenAuditStorage(const Config& config) {
+  if (!AuditInStore(config)) return FileAuditStorage(config.audit);
+  // Each node's chain is named by the node: without a name, records of
+  // nodes would share one chain and their seqs would collide.
+  if (config.node.name.empty()) return Error(Category::kConfig, "the audit trail in the store needs a node name ([node] name)");
+  CUSTODY_ASSIGN_OR_RETURN(auto store, OpenStore(config, /*create=*/false));
+  CUSTODY_ASSIGN_OR_RETURN(auto inner, store->OpenAuditStorage(config.node.name, config.audit.timeout));
+  if (!inner) return Error(Category::kInternal, "the store does not keep an audit trail");
+  return std::unique_ptr<AuditStorage>(std::make_unique<StoreAuditStorage>(std::move(store), std::move(inner)));
+}
+
+Result<std::unique_ptr<AuditLog>> OpenAuditLog(const Config& config) {
+  if (!AuditInStore(config)) return AuditLog::Open(config.audit);
+  CUSTODY_ASSIGN_OR_RETURN(auto storage, OpenAuditStorage(config));
+  return AuditLog::Open(config.audit, std::move(storage));
+}
+
 Result<Token> OpenToken(const Config& config, const SecretBuffer& pin) {
   ApplyTokenEnvironment(config);
   CUSTODY_ASSIGN_OR_RETURN(auto uri, hsm::TokenUri::Parse(config.token.pkcs11.uri));

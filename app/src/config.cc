@@ -83,6 +83,13 @@ Status ValidateNodeName(const std::string& name, const std::string& what) {
                                       "\" is not a node name ([A-Za-z0-9][A-Za-z0-9._-]*, at most 63); set [node] name");
 }
 
+Result<std::string> HostNodeName(const std::string& what) {
+  char host[256] = {};
+  if (::gethostname(host, sizeof host - 1) != 0) host[0] = '\0';
+  CUSTODY_RETURN_IF_ERROR(ValidateNodeName(host, what));
+  return std::string(host);
+}
+
 Status CheckConfigCoherence(const Config& c) {
   if (c.token.backend == "tpm" && !c.store.url.empty()) {
     return Error(Category::kConfig,
@@ -189,16 +196,20 @@ Result<Config> LoadConfig(const std::string& path) {
     CUSTODY_RETURN_IF_ERROR(ValidateNodeName(c.node.name, path + ": node.name"));
     c.node.named = true;
   } else {
-    char host[256] = {};
-    if (::gethostname(host, sizeof host - 1) != 0) host[0] = '\0';
-    c.node.name = host;
-    CUSTODY_RETURN_IF_ERROR(ValidateNodeName(c.node.name, path + ": the host name"));
+    CUSTODY_ASSIGN_OR_RETURN(c.node.name, HostNodeName(path + ": the host name"));
   }
   if (Status s = CheckConfigCoherence(c); !s.ok()) return std::move(s).error().Wrap(path);
   c.audit.dir = c.state_dir + "/audit";
   c.audit.node = c.node.name;
   if (const toml::table* audit = root["audit"].as_table()) {
     if (audit->contains("dir")) {
+      if (!c.store.url.empty()) {
+        return Error(Category::kConfig,
+                     Where(path, audit->get("dir")->source()) +
+                         ": audit.dir: with a PostgreSQL store ([store] url) the audit trail is kept in the store, "
+                         "one chain per node; remove audit.dir (files an earlier setup wrote can still be checked "
+                         "with 'custody audit verify FILES --pubkey PEM')");
+      }
       CUSTODY_ASSIGN_OR_RETURN(c.audit.dir, RequireString(*audit, "dir", path, "audit"));
     }
     auto positive = [&](const char* key, auto& out) -> Status {
@@ -320,10 +331,12 @@ Status WriteConfig(const Config& c, const std::string& path) {
                                                  : toml::table{{"url", c.store.url}}}};
   if (c.node.named) root.insert("node", toml::table{{"name", c.node.name}});
   if (!c.audit.dir.empty()) {
-    root.insert("audit", toml::table{{"dir", c.audit.dir},
-                                     {"checkpoint_every", static_cast<int64_t>(c.audit.checkpoint_every)},
-                                     {"checkpoint_seconds", c.audit.checkpoint_seconds},
-                                     {"segment_bytes", static_cast<int64_t>(c.audit.segment_bytes)}});
+    toml::table audit{{"checkpoint_every", static_cast<int64_t>(c.audit.checkpoint_every)},
+                      {"checkpoint_seconds", c.audit.checkpoint_seconds},
+                      {"segment_bytes", static_cast<int64_t>(c.audit.segment_bytes)}};
+    // With a PostgreSQL store the trail is in the store: no folder.
+    if (c.store.url.empty()) audit.insert("dir", c.audit.dir);
+    root.insert("audit", std::move(audit));
   }
   // [server]: every setting that is not its default, so what LoadConfig
   // reads comes back (a test loads every example config, writes it and

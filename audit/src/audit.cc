@@ -1,7 +1,5 @@
 #include "custody/audit/audit.h"
 
-#include <dirent.h>
-#include <fcntl.h>
 #include <openssl/bio.h>
 #include <openssl/bn.h>
 #include <openssl/core_names.h>
@@ -11,13 +9,10 @@
 #include <openssl/pem.h>
 #include <openssl/rand.h>
 #include <pthread.h>
-#include <sys/file.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
-#include <cinttypes>
 #include <cstdio>
 #include <cstring>
 #include <ctime>
@@ -28,6 +23,7 @@
 #include "custody/common/hex.h"
 #include "custody/common/time.h"
 #include "custody/common/untrusted.h"
+#include "audit_impl.h"
 
 namespace custody::core {
 namespace {
@@ -36,14 +32,6 @@ using nlohmann::ordered_json;
 
 constexpr std::string_view kHashKey = ",\"hash\":\"";
 constexpr size_t kHashSuffix = 9 + 64 + 2;  // ,"hash":" + 64 hex + "}
-constexpr size_t kMaxLine = 64 * 1024;
-const std::string kGenesis(64, '0');
-
-std::string SegmentName(uint32_t index) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "audit-%06u.jsonl", index);
-  return buf;
-}
 
 // The line for a record: the JSON object without `hash`, then `hash` last.
 std::string Seal(ordered_json& j, std::string* hash_out) {
@@ -81,113 +69,6 @@ ordered_json EventJson(const AuditEvent& e) {
   j["detail"] = ValidUtf8(e.detail);
   return j;
 }
-
-struct Head {
-  uint32_t segment = 0;  // 0: no segment yet
-  uint64_t size = 0;     // of the segment, after any repair
-  uint64_t seq = 0;
-  std::string hash = kGenesis;
-  uint64_t ckpt_seq = 0;
-  int64_t ckpt_time = 0;
-  uint64_t torn_bytes = 0;
-};
-
-Status Fsync(int fd, const std::string& what) {
-  if (::fsync(fd) != 0) return Error::Os(errno, "audit log: fsync " + what);
-  return Status::Ok();
-}
-
-// Reads the last complete record of the newest non-empty segment. With
-// `repair`, a torn last line (a crash mid-write) is cut off the newest segment.
-Result<Head> ReadHead(const std::string& dir, bool repair) {
-  Head h;
-  auto segs = AuditSegments(dir);
-  for (size_t k = segs.size(); k-- > 0;) {
-    std::string path = dir + "/" + segs[k];
-    int fd = ::open(path.c_str(), (repair ? O_RDWR : O_RDONLY) | O_CLOEXEC);
-    if (fd < 0) return Error::Os(errno, "audit log: open " + path);
-    struct stat st {};
-    ::fstat(fd, &st);
-    uint64_t size = static_cast<uint64_t>(st.st_size);
-    if (h.segment == 0) {
-      h.segment = static_cast<uint32_t>(std::stoul(segs[k].substr(6, 6)));
-      h.size = size;
-    }
-    if (size == 0) {
-      ::close(fd);
-      continue;
-    }
-    uint64_t want = std::min<uint64_t>(size, 2 * kMaxLine + 2);
-    std::string tail(want, '\0');
-    ssize_t n = ::pread(fd, tail.data(), want, static_cast<off_t>(size - want));
-    if (n != static_cast<ssize_t>(want)) {
-      ::close(fd);
-      return Error(Category::kUnavailable, "audit log: cannot read the end of " + path);
-    }
-    size_t last_nl = tail.rfind('\n');
-    uint64_t torn = last_nl == std::string::npos ? want : want - last_nl - 1;
-    if (torn > 0 && k + 1 == segs.size() && repair) {
-      if (::ftruncate(fd, static_cast<off_t>(size - torn)) != 0) {
-        int e = errno;
-        ::close(fd);
-        return Error::Os(e, "audit log: repairing " + path);
-      }
-      Status s = Fsync(fd, path);
-      if (!s.ok()) {
-        ::close(fd);
-        return s.error();
-      }
-      h.torn_bytes = torn;
-      if (h.segment == static_cast<uint32_t>(std::stoul(segs[k].substr(6, 6)))) h.size = size - torn;
-    }
-    ::close(fd);
-    if (last_nl == std::string::npos) {
-      if (size > want) return Error(Category::kIntegrity, "audit log: " + path + " ends with a line longer than any record");
-      continue;  // only a torn first line: look at the previous segment
-    }
-    size_t start = tail.rfind('\n', last_nl == 0 ? std::string::npos : last_nl - 1);
-    start = start == std::string::npos ? 0 : start + 1;
-    if (start == 0 && size > want) return Error(Category::kIntegrity, "audit log: " + path + " has an over-long line");
-    auto rec = ParseAuditRecord(std::string_view(tail).substr(start, last_nl - start));
-    if (!rec) {
-      return Error(Category::kIntegrity, "audit log: the last record of " + path + " is damaged (" +
-                                             rec.error().message() + "); run 'custody audit verify' before writing more");
-    }
-    h.seq = rec->seq;
-    h.hash = rec->hash;
-    h.ckpt_seq = rec->ckpt_seq;
-    h.ckpt_time = rec->ckpt_time;
-    return h;
-  }
-  return h;
-}
-
-class DirLock {
- public:
-  static Result<DirLock> Take(const std::string& dir, std::chrono::milliseconds timeout) {
-    std::string path = dir + "/.lock";
-    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-    if (fd < 0) return Error::Os(errno, "audit log: " + path);
-    auto deadline = std::chrono::steady_clock::now() + timeout;
-    while (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
-      if (errno != EWOULDBLOCK || std::chrono::steady_clock::now() > deadline) {
-        ::close(fd);
-        return Error(Category::kUnavailable, "audit log: another process has held " + path + " for more than " +
-                                                 std::to_string(timeout.count()) + " ms; refusing to wait longer");
-      }
-      std::this_thread::sleep_for(std::chrono::microseconds(200));
-    }
-    return DirLock(fd);
-  }
-  DirLock(DirLock&& o) noexcept : fd_(o.fd_) { o.fd_ = -1; }
-  ~DirLock() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-
- private:
-  explicit DirLock(int fd) : fd_(fd) {}
-  int fd_;
-};
 
 Result<bool> VerifySignature(const std::string& pem, std::string_view message, std::span<const uint8_t> der) {
   BIO* bio = BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size()));
@@ -241,25 +122,9 @@ std::string NewRequestId() {
   return ToHex(b);
 }
 
-std::vector<std::string> AuditSegments(const std::string& dir) {
-  std::vector<std::string> out;
-  DIR* d = ::opendir(dir.c_str());
-  if (d == nullptr) return out;
-  while (dirent* e = ::readdir(d)) {
-    std::string n = e->d_name;
-    if (n.size() == 18 && n.rfind("audit-", 0) == 0 && n.substr(12) == ".jsonl" &&
-        std::all_of(n.begin() + 6, n.begin() + 12, [](char c) { return c >= '0' && c <= '9'; })) {
-      out.push_back(n);
-    }
-  }
-  ::closedir(d);
-  std::sort(out.begin(), out.end());
-  return out;
-}
-
 Result<AuditRecord> ParseAuditRecord(std::string_view line) {
   auto bad = [](const std::string& why) { return Error(Category::kIntegrity, why); };
-  if (line.size() > kMaxLine) return bad("line longer than " + std::to_string(kMaxLine) + " bytes");
+  if (line.size() > kAuditMaxLine) return bad("line longer than " + std::to_string(kAuditMaxLine) + " bytes");
   if (line.size() < kHashSuffix + 2 || line.front() != '{' || line.substr(line.size() - 2) != "\"}" ||
       line.substr(line.size() - kHashSuffix, kHashKey.size()) != kHashKey) {
     return bad("not an audit record (no trailing hash field)");
@@ -326,14 +191,17 @@ Result<AuditRecord> ParseAuditRecord(std::string_view line) {
   return r;
 }
 
-Result<std::unique_ptr<AuditLog>> AuditLog::Open(AuditOptions options) {
-  if (::mkdir(options.dir.c_str(), 0700) != 0 && errno != EEXIST) {
-    return Error::Os(errno, "audit log: cannot create " + options.dir);
+Result<std::unique_ptr<AuditLog>> AuditLog::Open(AuditOptions options, std::unique_ptr<AuditStorage> storage) {
+  if (!storage) {
+    if (::mkdir(options.dir.c_str(), 0700) != 0 && errno != EEXIST) {
+      return Error::Os(errno, "audit log: cannot create " + options.dir);
+    }
+    std::string ck = options.dir + "/checkpoints";
+    if (::mkdir(ck.c_str(), 0700) != 0 && errno != EEXIST) return Error::Os(errno, "audit log: cannot create " + ck);
+    storage = FileAuditStorage(options);
   }
-  std::string ck = options.dir + "/checkpoints";
-  if (::mkdir(ck.c_str(), 0700) != 0 && errno != EEXIST) return Error::Os(errno, "audit log: cannot create " + ck);
-  std::unique_ptr<AuditLog> log(new AuditLog(std::move(options)));
-  CUSTODY_ASSIGN_OR_RETURN(Head h, ReadHead(log->options_.dir, /*repair=*/false));
+  std::unique_ptr<AuditLog> log(new AuditLog(std::move(options), std::move(storage)));
+  CUSTODY_ASSIGN_OR_RETURN(AuditHead h, log->storage_->Head());
   log->last_seq_ = h.seq;
   log->last_ckpt_seq_ = h.ckpt_seq;
   log->last_ckpt_time_ = h.ckpt_time;
@@ -471,249 +339,155 @@ Result<uint64_t> AuditLog::Submit(Item item, std::pair<uint64_t, std::string>* c
 
 std::vector<AuditLog::Outcome> AuditLog::WriteBatch(std::vector<Item>& items) {
   std::vector<Outcome> out(items.size());
-  auto fail_all = [&](const Error& e) {
-    for (auto& o : out) o.status = e;
-    return out;
-  };
-  auto lock = DirLock::Take(options_.dir, options_.timeout);
-  if (!lock) return fail_all(lock.error());
-  Head h;
-  bool cached = false;
-  if (cache_.valid) {
-    // Still ours if the segment is unchanged and no newer one exists.
-    struct stat cs {}, ns {};
-    std::string cur = options_.dir + "/" + SegmentName(cache_.segment);
-    std::string next = options_.dir + "/" + SegmentName(cache_.segment + 1);
-    if (::stat(cur.c_str(), &cs) == 0 && static_cast<uint64_t>(cs.st_size) == cache_.size &&
-        cs.st_ino == cache_.ino && cs.st_dev == cache_.dev && ::stat(next.c_str(), &ns) != 0) {
-      h.segment = cache_.segment;
-      h.size = cache_.size;
-      h.seq = cache_.seq;
-      h.hash = cache_.hash;
-      h.ckpt_seq = cache_.ckpt_seq;
-      h.ckpt_time = cache_.ckpt_time;
-      cached = true;
-    }
-  }
-  if (!cached) {
-    auto head_r = ReadHead(options_.dir, /*repair=*/true);
-    if (!head_r) return fail_all(head_r.error());
-    h = *head_r;
-  }
-  cache_.valid = false;
-
-  uint32_t segment = h.segment == 0 ? 1 : h.segment;
-  bool fresh = h.segment == 0 || h.size >= options_.segment_bytes;
-  if (h.segment != 0 && h.size >= options_.segment_bytes) segment = h.segment + 1;
-  std::string path = options_.dir + "/" + SegmentName(segment);
-  int fd = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
-  if (fd < 0) return fail_all(Error::Os(errno, "audit log: cannot open " + path));
-  struct stat st {};
-  ::fstat(fd, &st);
-  const off_t original = st.st_size;
-
-  std::string buffer;
-  std::vector<std::pair<size_t, std::string>> checkpoint_files;  // item index, message
-  std::vector<std::string> signatures(items.size());
-  auto now = std::chrono::system_clock::now();
-  int64_t unix_now = 0;
-  std::string time = FormatUtcMillis(now, &unix_now);
-
-  // Builds the record's line first and moves the head only once it exists:
-  // a record that cannot be built fails alone, and the chain goes on from
-  // the record before it.
-  auto emit = [&](const ordered_json& j, const std::string& type) {
-    const uint64_t seq = h.seq + 1;
-    const bool checkpoint = type == "checkpoint";
-    ordered_json rec;
-    rec["seq"] = seq;
-    rec["time"] = time;
-    rec["unix_time"] = static_cast<uint64_t>(unix_now);
-    rec["type"] = type;
-    if (!options_.node.empty()) rec["node"] = options_.node;
-    for (auto& [k, v] : j.items()) rec[k] = v;
-    rec["ckpt_seq"] = checkpoint ? seq : h.ckpt_seq;
-    rec["ckpt_time"] = static_cast<uint64_t>(checkpoint ? unix_now : h.ckpt_time);
-    rec["prev"] = h.hash;
-    std::string hash;
-    std::string line = Seal(rec, &hash);
-    buffer += line;
-    buffer += '\n';
-    h.seq = seq;
-    h.hash = hash;
-    if (checkpoint) {
-      h.ckpt_seq = seq;
-      h.ckpt_time = unix_now;
-    }
-    return seq;
-  };
-
-  if (h.torn_bytes > 0) {
-    AuditEvent repair;
-    repair.action = "audit.repair";
-    repair.decision = core::AuditDecision::kNone;
-    repair.result = core::AuditResult::kOk;
-    repair.detail = "removed " + std::to_string(h.torn_bytes) + " bytes of a record torn by a crash";
-    emit(EventJson(repair), "repair");
-  }
-  for (size_t i = 0; i < items.size(); ++i) {
-    if (items[i].signer == nullptr) {
-      try {
-        out[i].seq = emit(EventJson(items[i].event), "event");
-      } catch (const std::exception&) {
-        // Not expected (every string is made UTF-8 first), but one record
-        // must never cost the others theirs: this request alone is refused.
-        // what() is not kept: it may quote the bytes.
-        out[i].status = Error(Category::kUnavailable, "audit log: the record could not be serialized; refusing");
+  AuditHead end;  // the head after the batch, once written
+  // Runs with the storage's turn held: builds every line from the head it
+  // gives. It may run again (never twice for one success), so it starts
+  // from a clean slate each time.
+  auto build = [&](const AuditHead& start) {
+    std::vector<AuditLine> lines;
+    for (auto& o : out) o = Outcome{};
+    AuditHead h = start;
+    if (h.hash.empty()) h.hash = kAuditGenesis;
+    auto now = std::chrono::system_clock::now();
+    int64_t unix_now = 0;
+    std::string time = FormatUtcMillis(now, &unix_now);
+    // Builds the record's line first and moves the head only once it
+    // exists: a record that cannot be built fails alone, and the chain goes
+    // on from the record before it.
+    auto emit = [&](const ordered_json& j, const std::string& type) -> AuditLine& {
+      const uint64_t seq = h.seq + 1;
+      const bool checkpoint = type == "checkpoint";
+      ordered_json rec;
+      rec["seq"] = seq;
+      rec["time"] = time;
+      rec["unix_time"] = static_cast<uint64_t>(unix_now);
+      rec["type"] = type;
+      if (!options_.node.empty()) rec["node"] = options_.node;
+      for (auto& [k, v] : j.items()) rec[k] = v;
+      rec["ckpt_seq"] = checkpoint ? seq : h.ckpt_seq;
+      rec["ckpt_time"] = static_cast<uint64_t>(checkpoint ? unix_now : h.ckpt_time);
+      rec["prev"] = h.hash;
+      std::string hash;
+      std::string line = Seal(rec, &hash);
+      h.seq = seq;
+      h.hash = hash;
+      if (checkpoint) {
+        h.ckpt_seq = seq;
+        h.ckpt_time = unix_now;
       }
-      continue;
+      AuditLine& l = lines.emplace_back();
+      l.seq = seq;
+      l.text = std::move(line);
+      l.checkpoint = checkpoint;
+      l.hash = h.hash;
+      l.ckpt_seq = h.ckpt_seq;
+      l.ckpt_time = h.ckpt_time;
+      return l;
+    };
+    if (h.torn_bytes > 0) {
+      AuditEvent repair;
+      repair.action = "audit.repair";
+      repair.decision = core::AuditDecision::kNone;
+      repair.result = core::AuditResult::kOk;
+      repair.detail = "removed " + std::to_string(h.torn_bytes) + " bytes of a record torn by a crash";
+      emit(EventJson(repair), "repair");
     }
-    // A checkpoint signs the hash of the record just before it.
-    uint64_t covers_seq = h.seq;
-    std::string covers_hash = h.hash;
-    if (covers_seq == 0) {
-      out[i].status = Error(Category::kUsage, "audit log: nothing to checkpoint yet");
-      continue;
+    for (size_t i = 0; i < items.size(); ++i) {
+      if (items[i].signer == nullptr) {
+        try {
+          out[i].seq = emit(EventJson(items[i].event), "event").seq;
+        } catch (const std::exception&) {
+          // Not expected (every string is made UTF-8 first), but one record
+          // must never cost the others theirs: this request alone is
+          // refused. what() is not kept: it may quote the bytes.
+          out[i].status = Error(Category::kUnavailable, "audit log: the record could not be serialized; refusing");
+        }
+        continue;
+      }
+      // A checkpoint signs the hash of the record just before it.
+      uint64_t covers_seq = h.seq;
+      std::string covers_hash = h.hash;
+      if (covers_seq == 0) {
+        out[i].status = Error(Category::kUsage, "audit log: nothing to checkpoint yet");
+        continue;
+      }
+      std::string message = "custody-audit-checkpoint-v1 seq=" + std::to_string(covers_seq) + " hash=" + covers_hash +
+                             " time=" + time + " key=" + items[i].signer->key_id() + "\n";
+      auto sig = items[i].signer->Sign(message);
+      if (!sig) {
+        out[i].status = std::move(sig).error().Wrap("audit checkpoint");
+        continue;
+      }
+      ordered_json j;
+      j["covers_seq"] = covers_seq;
+      j["covers_hash"] = covers_hash;
+      j["key_id"] = items[i].signer->key_id();
+      j["message"] = message;
+      j["signature"] = Base64Encode(*sig);
+      AuditLine& l = emit(j, "checkpoint");
+      l.message = message;
+      l.signature.assign(sig->begin(), sig->end());
+      out[i].seq = l.seq;
+      out[i].covers = {covers_seq, covers_hash};
     }
-    std::string message = "custody-audit-checkpoint-v1 seq=" + std::to_string(covers_seq) + " hash=" + covers_hash +
-                           " time=" + time + " key=" + items[i].signer->key_id() + "\n";
-    auto sig = items[i].signer->Sign(message);
-    if (!sig) {
-      out[i].status = std::move(sig).error().Wrap("audit checkpoint");
-      continue;
-    }
-    ordered_json j;
-    j["covers_seq"] = covers_seq;
-    j["covers_hash"] = covers_hash;
-    j["key_id"] = items[i].signer->key_id();
-    j["message"] = message;
-    j["signature"] = Base64Encode(*sig);
-    signatures[i].assign(sig->begin(), sig->end());
-    out[i].seq = emit(j, "checkpoint");
-    out[i].covers = {covers_seq, covers_hash};
-    checkpoint_files.emplace_back(i, message);
-  }
-
-  size_t off = 0;
-  while (off < buffer.size()) {
-    ssize_t n = ::write(fd, buffer.data() + off, buffer.size() - off);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      int e = errno;
-      // Leave no partial record behind: cut back to where we started.
-      (void)::ftruncate(fd, original);
-      ::close(fd);
-      return fail_all(Error::Os(e, "audit log: cannot write " + path));
-    }
-    off += static_cast<size_t>(n);
-  }
-  // fdatasync: the appended bytes and the new file size (what reading them
-  // back needs) are durable on return; only timestamps may lag.
-  if (::fdatasync(fd) != 0) {
-    int e = errno;
-    (void)::ftruncate(fd, original);
-    ::close(fd);
-    return fail_all(Error::Os(e, "audit log: cannot sync " + path));
-  }
-  ::close(fd);
-  if (fresh) {
-    // A new segment's directory entry must be durable too.
-    int dfd = ::open(options_.dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd >= 0) {
-      ::fsync(dfd);
-      ::close(dfd);
-    }
-  }
-  // Each checkpoint also as two plain files, so the stock openssl command can
-  // check it:  openssl dgst -sha256 -verify audit.pem -signature N.sig N.msg
-  for (auto& [i, message] : checkpoint_files) {
-    char base[64];
-    std::snprintf(base, sizeof base, "/checkpoints/%012" PRIu64, out[i].seq);
-    for (const auto& [suffix, data] : {std::pair<std::string, std::string_view>{".msg", message},
-                                       {".sig", std::string_view(signatures[i])}}) {
-      std::string p = options_.dir + base + suffix;
-      int cfd = ::open(p.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-      if (cfd < 0) continue;
-      (void)!::write(cfd, data.data(), data.size());
-      ::fsync(cfd);
-      ::close(cfd);
-    }
-  }
-  {
-    struct stat fs {};
-    if (::stat(path.c_str(), &fs) == 0) {
-      cache_ = CachedHead{true, segment, static_cast<uint64_t>(fs.st_size), static_cast<uint64_t>(fs.st_dev),
-                          static_cast<uint64_t>(fs.st_ino), h.seq, h.ckpt_seq, h.ckpt_time, h.hash};
-    }
+    end = h;
+    return lines;
+  };
+  Status s = storage_->Append(std::chrono::steady_clock::now() + options_.timeout, build);
+  if (!s.ok()) {
+    for (auto& o : out) o.status = s.error();
+    return out;
   }
   std::lock_guard lock2(head_mu_);
-  last_seq_ = h.seq;
-  last_ckpt_seq_ = h.ckpt_seq;
-  last_ckpt_time_ = h.ckpt_time;
+  last_seq_ = end.seq;
+  last_ckpt_seq_ = end.ckpt_seq;
+  last_ckpt_time_ = end.ckpt_time;
   return out;
 }
 
 Result<std::vector<AuditRecord>> ReadAuditLog(const std::string& dir) {
   std::vector<AuditRecord> out;
-  for (const auto& seg : AuditSegments(dir)) {
-    std::string path = dir + "/" + seg;
-    FILE* f = std::fopen(path.c_str(), "rb");
-    if (f == nullptr) return Error::Os(errno, "audit log: " + path);
-    std::string data;
-    char buf[65536];
-    size_t n;
-    while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) data.append(buf, n);
-    std::fclose(f);
-    size_t pos = 0;
-    while (pos < data.size()) {
-      size_t nl = data.find('\n', pos);
-      if (nl == std::string::npos) break;  // a torn tail
-      auto r = ParseAuditRecord(std::string_view(data).substr(pos, nl - pos));
-      if (r) out.push_back(std::move(*r));
-      pos = nl + 1;
-    }
-  }
+  std::vector<std::string> files;
+  for (const auto& seg : AuditSegments(dir)) files.push_back(dir + "/" + seg);
+  CUSTODY_RETURN_IF_ERROR(ReadAuditFiles(
+      files,
+      [&](AuditChainLine&& l) {
+        auto r = ParseAuditRecord(l.text);
+        if (r) out.push_back(std::move(*r));
+      },
+      nullptr));
   return out;
 }
 
 Result<AuditVerifyReport> VerifyAuditLog(const AuditVerifyOptions& o) {
-  struct Line {
-    std::string file;
-    size_t lineno;
-    std::string text;
-  };
   std::vector<std::string> files = o.files;
   if (files.empty()) {
     for (const auto& s : AuditSegments(o.dir)) files.push_back(o.dir + "/" + s);
   }
   if (files.empty()) return Error(Category::kNotFound, "audit log: no segments in " + o.dir);
-  AuditVerifyReport rep;
-  std::vector<Line> lines;
-  for (size_t fi = 0; fi < files.size(); ++fi) {
-    FILE* f = std::fopen(files[fi].c_str(), "rb");
-    if (f == nullptr) return Error::Os(errno, "audit log: " + files[fi], Category::kNotFound);
-    std::string data;
-    char buf[65536];
-    size_t n;
-    while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) data.append(buf, n);
-    std::fclose(f);
-    size_t pos = 0, lineno = 0;
-    std::string base = files[fi].substr(files[fi].rfind('/') + 1);
-    while (pos < data.size()) {
-      size_t nl = data.find('\n', pos);
-      ++lineno;
-      if (nl == std::string::npos) {
-        if (fi + 1 == files.size()) {
-          rep.torn_tail = true;  // a crash mid-write; the writer cuts it on its next append
-          break;
-        }
-        rep.problem = base + ":" + std::to_string(lineno) + ": a segment that is not the last ends mid-record";
-        return rep;
-      }
-      lines.push_back({base, lineno, data.substr(pos, nl - pos)});
-      pos = nl + 1;
-    }
+  std::vector<AuditChainLine> lines;
+  bool torn = false;
+  Status read = ReadAuditFiles(files, [&](AuditChainLine&& l) { lines.push_back(std::move(l)); }, &torn);
+  if (!read.ok()) {
+    if (read.error().category() != Category::kIntegrity) return read.error();
+    AuditVerifyReport rep;
+    rep.problem = read.error().message();
+    return rep;
   }
+  std::optional<std::pair<uint64_t, std::string>> folder;
+  if (!o.dir.empty()) {
+    AuditOptions fo;
+    fo.dir = o.dir;
+    CUSTODY_ASSIGN_OR_RETURN(folder, FileAuditStorage(fo)->Witness(""));
+  }
+  return VerifyAuditChain(lines, torn, o, "", folder);
+}
+
+Result<AuditVerifyReport> VerifyAuditChain(const std::vector<AuditChainLine>& lines, bool torn_tail,
+                                           const AuditVerifyOptions& o, const std::string& node,
+                                           const std::optional<std::pair<uint64_t, std::string>>& storage_witness) {
+  AuditVerifyReport rep;
+  rep.torn_tail = torn_tail;
   // First pass: every seq that appears, for telling deletions from reorders.
   std::map<uint64_t, size_t> first_at;
   std::vector<std::optional<AuditRecord>> recs(lines.size());
@@ -725,10 +499,10 @@ Result<AuditVerifyReport> VerifyAuditLog(const AuditVerifyOptions& o) {
     }
   }
   auto where = [&](size_t i) {
-    std::string s = lines[i].file + ":" + std::to_string(lines[i].lineno);
+    std::string s = lines[i].where;
     return recs[i] ? "record seq " + std::to_string(recs[i]->seq) + " (" + s + ")" : "record at " + s;
   };
-  std::string prev_hash = kGenesis;
+  std::string prev_hash = kAuditGenesis;
   uint64_t expected = 1;
   bool have_key = !o.public_key_pem.empty();
   std::map<uint64_t, std::string> hash_of;  // seq -> hash, as verified
@@ -756,6 +530,12 @@ Result<AuditVerifyReport> VerifyAuditLog(const AuditVerifyOptions& o) {
                                 (r.seq - 1 > expected ? " to " + std::to_string(r.seq - 1) : "") +
                                 " missing before it";
       }
+      return rep;
+    }
+    if (!node.empty() && r.node != node) {
+      // The hash chain would catch it too; this says what happened.
+      rep.problem = where(i) + ": moved: the record names node '" + EscapeUntrusted(r.node, 64) +
+                    "', not this chain's '" + node + "'";
       return rep;
     }
     if (r.prev != prev_hash) {
@@ -802,15 +582,15 @@ Result<AuditVerifyReport> VerifyAuditLog(const AuditVerifyOptions& o) {
     ++rep.records;
   }
   rep.unsigned_tail = rep.last_seq - rep.last_checkpoint_seq;
-  // Truncation: witnesses kept outside the segments know of later checkpoints.
+  // Truncation: witnesses kept outside the records know of later checkpoints.
   auto truncated = [&](uint64_t seq, const std::string& witness) {
-    rep.problem = "truncated: the log ends at seq " + std::to_string(rep.last_seq) + " but " + witness +
-                  " records a checkpoint at seq " + std::to_string(seq);
+    rep.problem = "truncated: the log ends at seq " + std::to_string(rep.last_seq) + " but " + witness + " at seq " +
+                  std::to_string(seq);
   };
   if (o.witness) {
     auto [seq, hash] = *o.witness;
     if (seq > rep.last_seq) {
-      truncated(seq, "the store");
+      truncated(seq, "the store records a checkpoint");
       return rep;
     }
     if (!covers_of.count(seq) || covers_of[seq] != hash) {
@@ -818,20 +598,9 @@ Result<AuditVerifyReport> VerifyAuditLog(const AuditVerifyOptions& o) {
       return rep;
     }
   }
-  if (!o.dir.empty()) {
-    DIR* d = ::opendir((o.dir + "/checkpoints").c_str());
-    if (d != nullptr) {
-      uint64_t highest = 0;
-      while (dirent* e = ::readdir(d)) {
-        std::string n = e->d_name;
-        if (n.size() == 16 && n.substr(12) == ".msg") highest = std::max<uint64_t>(highest, std::stoull(n.substr(0, 12)));
-      }
-      ::closedir(d);
-      if (highest > rep.last_seq) {
-        truncated(highest, "checkpoints/");
-        return rep;
-      }
-    }
+  if (storage_witness && storage_witness->first > rep.last_seq) {
+    truncated(storage_witness->first, storage_witness->second);
+    return rep;
   }
   rep.intact = true;
   return rep;

@@ -84,16 +84,16 @@ struct Server::Impl {
   // server may be gone before an asynchronous callback would run).
   void WriteRefusals(bool wait) {
     for (auto& e : refused.Take(options.refusal_summary_seconds)) {
-      auto failed = [this] {
+      auto failed = [this](const Error& why) {
         custodian.stats().audit_failures.fetch_add(1);
-        custodian.stats().audit_healthy.store(false);
+        custodian.stats().NoteAudit(why.message());
       };
       if (wait) {
-        if (!custodian.audit().Append(e).ok()) failed();
+        if (auto r = custodian.audit().Append(e); !r.ok()) failed(r.error());
         continue;
       }
       custodian.audit().AppendAsync(e, [failed](Result<uint64_t> r) {
-        if (!r.ok()) failed();
+        if (!r.ok()) failed(r.error());
       });
     }
   }

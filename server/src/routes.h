@@ -144,7 +144,7 @@ std::optional<http::response<http::string_body>> Session<StreamT>::Handle(http::
     const auto policy = srv_.custodian.policy_state();
     return Json(ok ? 200 : 503, {{"status", ok ? "ok" : "degraded"},
                                  {"node", srv_.options.node_name},
-                                 {"audit", st.audit_healthy.load() ? "ok" : "failing: records cannot be written"},
+                                 {"audit", st.audit_healthy.load() ? "ok" : "failing: " + st.audit_problem()},
                                  {"token", st.token_healthy.load() ? "ok" : "failing: see custody_token_errors_total"},
                                  {"store", st.store_healthy.load() ? "ok" : "failing: the store cannot be read"},
                                  {"policy_version", policy.in_force},

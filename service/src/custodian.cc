@@ -77,10 +77,10 @@ struct Custodian::Flow {
   static Status Appended(Custodian& owner, const std::string& action, Result<uint64_t> seq) {
     if (!seq) {
       owner.stats_.audit_failures.fetch_add(1);
-      owner.stats_.audit_healthy.store(false);
+      owner.stats_.NoteAudit(seq.error().message());
       return std::move(seq).error().Wrap("refusing " + action);
     }
-    owner.stats_.audit_healthy.store(true);
+    if (!owner.stats_.audit_healthy.load(std::memory_order_relaxed)) owner.stats_.NoteAudit(std::nullopt);
     return Status::Ok();
   }
   // Appends the record once; fail closed.

@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "../support/cli_fixture.h"
+#include "../support/pg_server.h"
 
 namespace custody::test {
 namespace {
@@ -38,33 +39,29 @@ class AuditCliTest : public CliFixture {
  protected:
   void SetUp() override { InitWithPolicy(token_, kPolicy); }
   std::string AuditDir() const { return token_.dir() / "state/audit"; }
+  // Everything the audit trail holds: its records (files or the store),
+  // and a file log's checkpoint files.
   std::string AllAuditBytes() const {
     std::string all;
-    for (const auto& e : std::filesystem::recursive_directory_iterator(AuditDir())) {
-      if (e.is_regular_file()) all += ReadFile(e.path().string());
+    for (const auto& line : TrailLines(token_.config_path())) all += line + "\n";
+    if (std::filesystem::exists(AuditDir())) {
+      for (const auto& e : std::filesystem::recursive_directory_iterator(AuditDir())) {
+        if (e.is_regular_file()) all += ReadFile(e.path().string());
+      }
     }
     return all;
   }
-  // Every record in the log's segments, in order, each line parsed: fails
-  // the test on a line that is not a JSON object or a sequence that skips.
+  // Every record of the trail (this host's one chain), in order, each line
+  // parsed: fails the test on a line that is not a JSON object or a
+  // sequence that skips.
   std::vector<nlohmann::json> AuditRecords() const {
-    std::vector<std::string> segments;
-    for (const auto& e : std::filesystem::directory_iterator(AuditDir())) {
-      const std::string name = e.path().filename().string();
-      if (name.rfind("audit-", 0) == 0 && e.path().extension() == ".jsonl") segments.push_back(e.path().string());
-    }
-    std::sort(segments.begin(), segments.end());
     std::vector<nlohmann::json> records;
-    for (const auto& seg : segments) {
-      std::istringstream lines(ReadFile(seg));
-      std::string line;
-      while (std::getline(lines, line)) {
-        auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
-        EXPECT_TRUE(j.is_object()) << seg << ": " << line;
-        if (!j.is_object()) continue;
-        EXPECT_EQ(j.value("seq", 0u), records.size() + 1) << seg << ": " << line;
-        records.push_back(std::move(j));
-      }
+    for (const auto& line : TrailLines(token_.config_path())) {
+      auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+      EXPECT_TRUE(j.is_object()) << line;
+      if (!j.is_object()) continue;
+      EXPECT_EQ(j.value("seq", 0u), records.size() + 1) << line;
+      records.push_back(std::move(j));
     }
     return records;
   }
@@ -243,6 +240,137 @@ TEST_F(AuditCliTest, OfflineVerifyWithThePublicKeyAndTheStockOpensslCommand) {
   auto nokey = RunCustody({"audit", "verify", copy + "/audit-000001.jsonl"}, offline);
   EXPECT_EQ(nokey.exit_code, 78) << nokey.err;
   EXPECT_NE(nokey.err.find("audit verify needs --pubkey or a config"), std::string::npos) << nokey.err;
+}
+
+// `audit export` writes the records as they are stored, byte for byte the
+// file log's lines, so a SIEM gets what `audit verify` checks: the export of
+// a chain verifies offline with the audit key's PEM, as a log file does.
+TEST_F(AuditCliTest, ExportWritesTheRecordsAsStoredAndTheExportVerifiesOffline) {
+  ASSERT_EQ(Cli({"secret", "put", "payments/prod/stripe"}, kSecret).exit_code, 0);
+  ASSERT_EQ(Cli({"secret", "get", "payments/prod/stripe"}).exit_code, 0);
+  ASSERT_EQ(Cli({"audit", "checkpoint"}).exit_code, 0);
+  const std::string out = token_.dir() / "export.jsonl", pem = token_.dir() / "audit.pem";
+  ASSERT_EQ(Cli({"audit", "pubkey", "--out", pem}).exit_code, 0);
+  auto r = Cli({"audit", "export", "--out", out});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const std::string exported = ReadFile(out);
+  const std::vector<std::string> stored = TrailLines(token_.config_path());
+  std::string expected;
+  // The trail now also holds the export's own record, written after it.
+  for (size_t i = 0; i + 1 < stored.size(); ++i) expected += stored[i] + "\n";
+  EXPECT_EQ(exported, expected);
+  EXPECT_NE(stored.back().find("\"action\":\"audit.export\""), std::string::npos) << stored.back();
+  auto offline = RunCustody({"audit", "verify", out, "--pubkey", pem}, {});
+  EXPECT_EQ(offline.exit_code, 0) << offline.out << offline.err;
+  EXPECT_NE(offline.out.find("audit log intact"), std::string::npos) << offline.out;
+  // To stdout, and filtered by time: nothing is newer than the year 2099.
+  auto later = Cli({"audit", "export", "--since", "2099-01-01"});
+  EXPECT_EQ(later.exit_code, 0) << later.err;
+  EXPECT_EQ(later.out, "");
+  ExpectOneLine(Cli({"audit", "export", "--node", "bad name!"}), 64, "--node");
+  // An export that cannot be written leaves no file behind.
+  ExpectOneLine(Cli({"audit", "export", "--out", token_.dir() / "no-such-dir/x.jsonl"}), 64, "--out");
+  EXPECT_FALSE(std::filesystem::exists(token_.dir() / "no-such-dir"));
+}
+
+// The audit trail in PostgreSQL, always (also in the first run): each
+// node's chain in the database, verified from any host; tampering with a
+// row (modified, deleted, inserted, reordered, cut off, moved from another
+// node's chain) is found as in the file log, naming the node and the
+// record.
+class PostgresAuditCliTest : public CliFixture {
+ protected:
+  void SetUp() override {
+    pg_ = PgServer::Shared();
+    CUSTODY_REQUIRE_PG(pg_);
+    url_ = pg_->NewDatabase();
+    db_ = PgServer::DatabaseOf(url_);
+    ASSERT_FALSE(db_.empty()) << url_;
+    auto r = RunCli(token_.CliEnv(), {"init", "--module", SoftHsmToken::kModule, "--token", token_.uri(), "--pin-file",
+                                      token_.pin_file(), "--state-dir", token_.dir() / "state", "--store", url_});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    WriteFile(token_.dir() / "policy.toml", kPolicy);
+    ASSERT_EQ(Cli({"policy", "apply", token_.dir() / "policy.toml"}).exit_code, 0);
+    // A second node's config: the same store, its own name.
+    const std::string text = ReadFile(token_.config_path());
+    WriteFile(NodeB(), text + "\n[node]\nname = \"node-b\"\n");
+  }
+  std::string NodeB() const { return token_.dir() / "node-b.toml"; }
+  RunResult AsNodeB(const std::vector<std::string>& args, const std::string& in = "") {
+    return RunCli({{"CUSTODY_CONFIG", NodeB()}, {"SOFTHSM2_CONF", token_.conf()}}, args, in);
+  }
+  std::string Sql(const std::string& sql) { return pg_->Sql(db_, sql); }
+
+  PgServer* pg_ = nullptr;
+  std::string url_, db_;
+};
+
+TEST_F(PostgresAuditCliTest, EveryNodesChainVerifiesAndTamperingWithAnyRowIsFound) {
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_EQ(Cli({"secret", "put", "payments/dev/k" + std::to_string(i)}, kSecret).exit_code, 0);
+    auto got = AsNodeB({"secret", "get", "payments/dev/k" + std::to_string(i)});
+    ASSERT_EQ(got.exit_code, 0) << got.err;
+  }
+  ASSERT_EQ(Cli({"audit", "checkpoint"}).exit_code, 0);
+  ASSERT_EQ(AsNodeB({"audit", "checkpoint"}).exit_code, 0);
+  ASSERT_EQ(AsNodeB({"secret", "list"}).exit_code, 0);
+  EXPECT_EQ(std::filesystem::exists(token_.dir() / "state/audit"), false) << "no audit files with the store";
+  auto ok = AsNodeB({"audit", "verify"});
+  ASSERT_EQ(ok.exit_code, 0) << ok.out << ok.err;
+  EXPECT_NE(ok.out.find("audit trail intact: 2 node chains"), std::string::npos) << ok.out;
+  EXPECT_NE(ok.out.find("  node node-b: "), std::string::npos) << ok.out;
+  const std::string a = Sql("SELECT node FROM audit_heads WHERE node <> 'node-b'");
+  const std::string node_a = a.substr(0, a.find_first_of("\n "));
+  ASSERT_FALSE(node_a.empty());
+  Sql("CREATE TABLE saved AS SELECT * FROM audit_records; CREATE TABLE saved_heads AS SELECT * FROM audit_heads");
+  auto restore = [&] {
+    Sql("DELETE FROM audit_records; INSERT INTO audit_records SELECT * FROM saved; "
+        "DELETE FROM audit_heads; INSERT INTO audit_heads SELECT * FROM saved_heads");
+  };
+  struct Case {
+    const char* what;
+    std::string sql;
+    std::string says;
+  };
+  const std::vector<Case> cases = {
+      {"modified", "UPDATE audit_records SET line = replace(line, 'secret.get', 'secret.GET') WHERE node = 'node-b' AND seq = 1",
+       "node node-b: record at node node-b row 1: modified"},
+      {"deleted", "DELETE FROM audit_records WHERE node = 'node-b' AND seq = 3", "node node-b: record seq 4 (node node-b row 4): deleted: seq 3"},
+      {"inserted", "INSERT INTO audit_records SELECT node, 100, line FROM saved WHERE node = 'node-b' AND seq = 2",
+       "inserted: a second copy of seq 2"},
+      {"reordered",
+       "UPDATE audit_records r SET line = s.line FROM saved s WHERE r.node = 'node-b' AND s.node = 'node-b' AND "
+       "((r.seq = 2 AND s.seq = 3) OR (r.seq = 3 AND s.seq = 2))",
+       "reordered"},
+      {"cut off", "DELETE FROM audit_records WHERE node = 'node-b' AND seq > 4",
+       "node node-b: truncated: the log ends at seq 4 but the head row of node node-b points at seq"},
+      {"moved", "UPDATE audit_records r SET line = s.line FROM saved s WHERE r.node = 'node-b' AND r.seq = 2 AND "
+                "s.node = '" + node_a + "' AND s.seq = 2",
+       "node node-b: record seq 2 (node node-b row 2): moved: the record names node '" + node_a + "'"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.what);
+    Sql(c.sql);
+    auto bad = Cli({"audit", "verify"});
+    EXPECT_EQ(bad.exit_code, 65) << bad.out << bad.err;
+    EXPECT_NE(bad.err.find("audit trail is NOT intact: "), std::string::npos) << bad.err;
+    EXPECT_NE(bad.err.find(c.says), std::string::npos) << bad.err;
+    EXPECT_EQ(bad.err.find("node " + node_a + ":"), std::string::npos) << "only node-b's chain is bad: " << bad.err;
+    restore();
+    auto again = Cli({"audit", "verify"});
+    EXPECT_EQ(again.exit_code, 0) << again.out << again.err;
+  }
+  // What a SIEM gets: one node's chain, which verifies offline as a file.
+  const std::string pem = token_.dir() / "audit.pem", out = token_.dir() / "node-b.jsonl";
+  ASSERT_EQ(Cli({"audit", "pubkey", "--out", pem}).exit_code, 0);
+  auto e = Cli({"audit", "export", "--node", "node-b", "--out", out});
+  ASSERT_EQ(e.exit_code, 0) << e.err;
+  auto offline = RunCustody({"audit", "verify", out, "--pubkey", pem}, {});
+  EXPECT_EQ(offline.exit_code, 0) << offline.out << offline.err;
+  auto shown = Cli({"audit", "show", "--action", "secret.get"});
+  EXPECT_EQ(shown.exit_code, 0) << shown.err;
+  EXPECT_NE(shown.out.find("NODE"), std::string::npos) << shown.out;
+  EXPECT_NE(shown.out.find("node-b"), std::string::npos) << shown.out;
 }
 
 }  // namespace

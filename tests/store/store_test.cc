@@ -513,7 +513,7 @@ TEST(PostgresOpen, ADatabaseWithOtherTablesIsRefusedAndLeftAlone) {
   test::PgServer* pg = test::PgServer::Shared();
   CUSTODY_REQUIRE_PG(pg);
   const std::string url = pg->NewDatabase();
-  const std::string db = url.substr(url.find("dbname=") + 7, url.find(' ', url.find("dbname=")) - url.find("dbname=") - 7);
+  const std::string db = test::PgServer::DatabaseOf(url);
   pg->Sql(db, "CREATE TABLE invoices (id int)");
   auto s = OpenPostgresStore(url, /*create=*/true);
   ASSERT_FALSE(s.ok());
@@ -527,7 +527,7 @@ TEST(PostgresOpen, AnEmptyDatabaseIsNotFoundUnlessCreatingAndANewerSchemaIsRefus
   test::PgServer* pg = test::PgServer::Shared();
   CUSTODY_REQUIRE_PG(pg);
   const std::string url = pg->NewDatabase();
-  const std::string db = url.substr(url.find("dbname=") + 7, url.find(' ', url.find("dbname=")) - url.find("dbname=") - 7);
+  const std::string db = test::PgServer::DatabaseOf(url);
   auto missing = OpenPostgresStore(url, /*create=*/false);
   ASSERT_FALSE(missing.ok());
   EXPECT_EQ(missing.error().category(), Category::kNotFound);
@@ -573,7 +573,7 @@ TEST(PostgresFaults, APutWhoseCommitAnswerIsLostIsCheckedNotGuessed) {
   test::PgServer* pg = test::PgServer::Shared();
   CUSTODY_REQUIRE_PG(pg);
   const std::string url = pg->NewDatabase();
-  const std::string db = url.substr(url.find("dbname=") + 7, url.find(' ', url.find("dbname=")) - url.find("dbname=") - 7);
+  const std::string db = test::PgServer::DatabaseOf(url);
   auto store = OpenPostgresStore(url, true);
   ASSERT_TRUE(store.ok()) << store.error().message();
   auto p = (*store)->CreateProject("payments", {"prod"}, Kek(1), "l");

@@ -2,6 +2,9 @@
 
 #include <algorithm>
 
+#include "custody/app/backend.h"
+#include "custody/app/config.h"
+
 namespace custody::test {
 
 RunResult RunCli(const std::map<std::string, std::string>& env, const std::vector<std::string>& args,
@@ -45,6 +48,35 @@ RunResult CliFixture::Apply(const std::string& text, const std::string& name) {
 void CliFixture::Put(const std::string& path, const std::string& value) {
   auto r = Cli({"secret", "put", path}, value);
   ASSERT_EQ(r.exit_code, 0) << r.err;
+}
+
+std::vector<std::string> TrailLines(const std::string& config_path, const std::optional<std::string>& chain) {
+  std::vector<std::string> out;
+  auto config = core::LoadConfig(config_path);
+  EXPECT_TRUE(config.ok()) << (config.ok() ? "" : config.error().message());
+  if (!config.ok()) return out;
+  auto storage = core::OpenAuditStorage(*config);
+  EXPECT_TRUE(storage.ok()) << (storage.ok() ? "" : storage.error().message());
+  if (!storage.ok()) return out;
+  auto chains = (*storage)->Chains();
+  EXPECT_TRUE(chains.ok()) << (chains.ok() ? "" : chains.error().message());
+  if (!chains.ok()) return out;
+  for (const auto& c : *chains) {
+    if (chain && c != *chain) continue;
+    Status read = (*storage)->Read(c, [&](core::AuditChainLine&& l) { out.push_back(std::move(l.text)); });
+    EXPECT_TRUE(read.ok()) << (read.ok() ? "" : read.error().message());
+  }
+  return out;
+}
+
+std::vector<core::AuditRecord> TrailRecords(const std::string& config_path, const std::optional<std::string>& chain) {
+  std::vector<core::AuditRecord> out;
+  for (const auto& line : TrailLines(config_path, chain)) {
+    auto r = core::ParseAuditRecord(line);
+    EXPECT_TRUE(r.ok()) << line << ": " << (r.ok() ? "" : r.error().message());
+    if (r.ok()) out.push_back(std::move(*r));
+  }
+  return out;
 }
 
 }  // namespace custody::test

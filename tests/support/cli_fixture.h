@@ -13,9 +13,11 @@
 #include <gtest/gtest.h>
 
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "custody/audit/audit.h"
 #include "testenv.h"
 
 namespace custody::test {
@@ -36,6 +38,17 @@ RunResult InitTpm(const SoftHsmToken& token, const Swtpm& swtpm, const std::map<
 
 // Fails the test unless `r` is the CLI's one-line refusal: exit `code`, a
 // single line on stderr starting "custody: " and saying `says`, and no PIN.
+// The lines of the audit trail the config at `config_path` names (the file
+// log, or the store's chains), read as `custody audit` reads them: every
+// chain, or only `chain` (a node name).
+std::vector<std::string> TrailLines(const std::string& config_path,
+                                    const std::optional<std::string>& chain = std::nullopt);
+// The records of the audit trail the config at `config_path` names (the
+// file log, or the store's chains), read as `custody audit` reads them:
+// every chain, or only `chain` (a node name). A record that does not parse
+// fails the test.
+std::vector<core::AuditRecord> TrailRecords(const std::string& config_path,
+                                            const std::optional<std::string>& chain = std::nullopt);
 void ExpectOneLine(const RunResult& r, int code, const std::string& says);
 
 // One token, and the CLI run against it. Tests set up the state they need

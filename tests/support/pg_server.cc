@@ -213,6 +213,13 @@ std::string PgServer::NewDatabase() {
   return Url(name);
 }
 
+std::string PgServer::DatabaseOf(const std::string& url) {
+  const size_t at = url.find("dbname=");
+  if (at == std::string::npos) return "";
+  const size_t end = url.find(' ', at);
+  return url.substr(at + 7, end == std::string::npos ? std::string::npos : end - at - 7);
+}
+
 std::string PgServer::Sql(const std::string& db, const std::string& sql) const {
   auto r = RunProgram(bindir_ + "/psql", {"-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-d", Url(db), "-c", sql}, {});
   EXPECT_EQ(r.exit_code, 0) << "psql: " << sql << ": " << r.err;

@@ -31,8 +31,9 @@ class PgServer {
 
   // A new empty database, as a libpq connection string custody accepts.
   std::string NewDatabase();
-  // The connection string of database `db` on this server.
+  // The connection string of database `db` on this server, and back.
   std::string Url(const std::string& db) const;
+  static std::string DatabaseOf(const std::string& url);
   const std::string& dir() const { return dir_; }
   std::string log_path() const { return dir_ + "/server.log"; }
   std::string data_dir() const { return dir_ + "/data"; }

@@ -220,19 +220,9 @@ size_t ServerTest::AuditCount(const std::string& action) {
 }
 
 std::vector<uint64_t> ServerTest::CheckpointSeqs() {
-  std::vector<std::filesystem::path> segments;
-  for (const auto& e : std::filesystem::directory_iterator(token_.dir() / "state/audit")) {
-    const std::string name = e.path().filename();
-    if (name.rfind("audit-", 0) == 0 && name.size() > 6 && e.path().extension() == ".jsonl") segments.push_back(e.path());
-  }
-  std::sort(segments.begin(), segments.end());
   std::vector<uint64_t> seqs;
-  for (const auto& path : segments) {
-    std::istringstream lines(ReadFile(path));
-    for (std::string line; std::getline(lines, line);) {
-      auto rec = nlohmann::json::parse(line, nullptr, false);
-      if (rec.is_object() && rec.value("type", "") == "checkpoint") seqs.push_back(rec.value("seq", uint64_t{0}));
-    }
+  for (const auto& r : TrailRecords(token_.config_path())) {
+    if (r.type == "checkpoint") seqs.push_back(r.seq);
   }
   return seqs;
 }

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "cli_fixture.h"
+#include "custody/audit/audit.h"
 
 namespace custody::test {
 
@@ -71,6 +72,7 @@ std::optional<long> MetricValue(const std::string& metrics, const std::string& n
 // Flips the last byte (the GCM tag's) of payments/prod/stripe's stored blob,
 // through the store the config at `config_path` names.
 void TamperWithStripe(const std::string& config_path);
+
 
 class ServerTest : public CliFixture {
  protected:

@@ -242,10 +242,15 @@ Status Attest(const Globals& g, const AttestArgs& a) {
 
     CUSTODY_ASSIGN_OR_RETURN(auto policy, o.store->CurrentPolicy());
     payload["policy"] = {{"version", policy ? policy->version : 0}, {"sha256", policy ? policy->sha256 : ""}};
-    CUSTODY_ASSIGN_OR_RETURN(auto records, core::ReadAuditLog(o.config.audit.dir));
-    json audit{{"head_seq", records.empty() ? 0 : records.back().seq},
-               {"head_hash", records.empty() ? "" : records.back().hash}};
-    CUSTODY_ASSIGN_OR_RETURN(auto last_ckpt, o.store->LastAuditCheckpoint(o.config.node.name));
+    // This node's chain (with a PostgreSQL store, each node has its own).
+    CUSTODY_ASSIGN_OR_RETURN(core::AuditHead head, o.audit->storage().Head());
+    json audit{{"head_seq", head.seq}, {"head_hash", head.seq == 0 ? "" : head.hash}};
+    // The store's witness of the newest checkpoint (a file log's; a trail in
+    // the store has its checkpoints among its records).
+    std::optional<std::pair<uint64_t, std::string>> last_ckpt;
+    if (!core::AuditInStore(o.config)) {
+      CUSTODY_ASSIGN_OR_RETURN(last_ckpt, o.store->LastAuditCheckpoint(o.config.node.name));
+    }
     if (last_ckpt) {
       audit["last_checkpoint"] = {{"seq", last_ckpt->first}, {"covers_hash", last_ckpt->second}};
     }
@@ -277,7 +282,7 @@ Status Attest(const Globals& g, const AttestArgs& a) {
                  {"keys", keys.size()}, {"attestation_key", ak_fp}});
     } else {
       std::printf("wrote %s: %zu key(s), policy v%u, audit head seq %" PRIu64 "%s\n", a.out.c_str(), keys.size(),
-                  policy ? policy->version : 0u, records.empty() ? uint64_t{0} : records.back().seq,
+                  policy ? policy->version : 0u, head.seq,
                   nonce ? ", nonce bound" : "");
       std::printf("signed bytes %s.bin, signature %s.sig (attestation key %s)\n", a.out.c_str(), a.out.c_str(),
                   ak_fp.c_str());

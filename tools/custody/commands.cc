@@ -124,6 +124,10 @@ Status Init(const Globals& g, const InitArgs& a) {
   if (!parent.empty()) CUSTODY_RETURN_IF_ERROR(MakePrivateDir(parent.string()));
   CUSTODY_ASSIGN_OR_RETURN(auto store, core::OpenStore(c, /*create=*/true));
   c.audit.dir = c.state_dir + "/audit";
+  if (c.node.name.empty()) {
+    CUSTODY_ASSIGN_OR_RETURN(c.node.name, core::HostNodeName("the host name"));
+  }
+  c.audit.node = c.node.name;
   CUSTODY_ASSIGN_OR_RETURN(auto audit, OpenAudit(c));
   core::AuditEvent ev;
   ev.action = "custody.init";
@@ -776,15 +780,74 @@ Result<int64_t> ParseSince(const std::string& text) {
 
 }  // namespace
 
+namespace {
+
+// One chain of the configured trail, read and verified.
+struct ChainReport {
+  std::string node;  // "" for the file log's one chain
+  core::AuditVerifyReport rep;
+};
+
+void PrintUnsignedTail(const core::AuditVerifyReport& rep, const char* indent) {
+  if (rep.unsigned_tail > 0) {
+    std::printf("%s%" PRIu64 " records after the last checkpoint (seq %" PRIu64
+                ") are chained but not yet signed: a cut there would not show\n",
+                indent, rep.unsigned_tail, rep.last_checkpoint_seq);
+  }
+  if (rep.torn_tail) std::printf("%sthe last line is torn (a crash mid-write); the next write repairs it\n", indent);
+}
+
+json ReportJson(const core::AuditVerifyReport& rep) {
+  return {{"intact", rep.intact}, {"records", rep.records}, {"checkpoints", rep.checkpoints},
+          {"last_seq", rep.last_seq}, {"last_checkpoint_seq", rep.last_checkpoint_seq},
+          {"unsigned_tail", rep.unsigned_tail}, {"torn_tail", rep.torn_tail}, {"problem", rep.problem}};
+}
+
+// Every chain of the configured trail: the file log's one, or one per node
+// in the store. The store's checkpoint witness is used for a file log only
+// (a trail in the store keeps its checkpoints among its records, and its
+// head rows witness how far each chain reached).
+Result<std::vector<ChainReport>> VerifyConfiguredTrail(const core::Config& config, core::Store& store,
+                                                       const std::string& public_key_pem) {
+  CUSTODY_ASSIGN_OR_RETURN(auto storage, core::OpenAuditStorage(config));
+  const bool in_store = core::AuditInStore(config);
+  CUSTODY_ASSIGN_OR_RETURN(std::vector<std::string> chains, storage->Chains());
+  std::vector<ChainReport> out;
+  for (const auto& chain : chains) {
+    std::vector<core::AuditChainLine> lines;
+    bool torn = false;
+    Status read = storage->Read(chain, [&](core::AuditChainLine&& l) { lines.push_back(std::move(l)); }, &torn);
+    ChainReport cr;
+    cr.node = chain;
+    if (!read.ok() && read.error().category() != Category::kIntegrity) return read.error();
+    if (!read.ok()) {
+      cr.rep.problem = read.error().message();
+      out.push_back(std::move(cr));
+      continue;
+    }
+    if (lines.empty() && !in_store) return Error(Category::kNotFound, storage->Describe() + ": no records yet");
+    core::AuditVerifyOptions vo;
+    vo.public_key_pem = public_key_pem;
+    if (!in_store) {
+      CUSTODY_ASSIGN_OR_RETURN(vo.witness, store.LastAuditCheckpoint(config.node.name));
+    }
+    CUSTODY_ASSIGN_OR_RETURN(auto witness, storage->Witness(chain));
+    CUSTODY_ASSIGN_OR_RETURN(cr.rep, core::VerifyAuditChain(lines, torn, vo, in_store ? chain : "", witness));
+    out.push_back(std::move(cr));
+  }
+  if (out.empty()) return Error(Category::kNotFound, storage->Describe() + ": no records yet");
+  return out;
+}
+
+}  // namespace
+
 Status AuditVerify(const Globals& g, const std::vector<std::string>& files, const std::string& pubkey_file) {
   // A problem found in a segment names its file, in the --json answer too.
   for (const auto& f : files) CUSTODY_RETURN_IF_ERROR(CheckArgText("FILES", f));
   CUSTODY_RETURN_IF_ERROR(CheckArgText("--pubkey", pubkey_file));
-  core::AuditVerifyOptions vo;
-  vo.files = files;
   std::optional<Opened> o;
   if (files.empty() || pubkey_file.empty()) {
-    // The log, the witness and the key come from the configured installation.
+    // The trail, the witness and the key come from the configured installation.
     auto opened = [&]() -> Result<Opened> {
       Opened x;
       x.globals = &g;
@@ -797,40 +860,102 @@ Status AuditVerify(const Globals& g, const std::vector<std::string>& files, cons
                                                           : "audit verify needs --pubkey or a config");
     }
     o.emplace(std::move(*opened));
-    if (files.empty()) {
-      vo.dir = o->config.audit.dir;
-      CUSTODY_ASSIGN_OR_RETURN(vo.witness, o->store->LastAuditCheckpoint(o->config.node.name));
-    }
   }
-  if (!files.empty()) {
-    std::string first = files.front();
-    vo.dir = first.rfind('/') == std::string::npos ? "." : first.substr(0, first.rfind('/'));
-  }
+  std::string public_key_pem;
   if (!pubkey_file.empty()) {
-    CUSTODY_ASSIGN_OR_RETURN(vo.public_key_pem, ReadText(pubkey_file, "--pubkey"));
+    CUSTODY_ASSIGN_OR_RETURN(public_key_pem, ReadText(pubkey_file, "--pubkey"));
   } else {
     CUSTODY_ASSIGN_OR_RETURN(auto signer, OpenSigner(g, *o, /*create=*/false));
-    CUSTODY_ASSIGN_OR_RETURN(vo.public_key_pem, signer->PublicKeyPem());
+    CUSTODY_ASSIGN_OR_RETURN(public_key_pem, signer->PublicKeyPem());
   }
-  CUSTODY_ASSIGN_OR_RETURN(core::AuditVerifyReport rep, core::VerifyAuditLog(vo));
-  if (g.json) {
-    PrintJson({{"intact", rep.intact}, {"records", rep.records}, {"checkpoints", rep.checkpoints},
-               {"last_seq", rep.last_seq}, {"last_checkpoint_seq", rep.last_checkpoint_seq},
-               {"unsigned_tail", rep.unsigned_tail}, {"torn_tail", rep.torn_tail}, {"problem", rep.problem}});
+  std::vector<ChainReport> chains;
+  const bool in_store = files.empty() && core::AuditInStore(o->config);
+  if (!files.empty()) {
+    core::AuditVerifyOptions vo;
+    vo.files = files;
+    std::string first = files.front();
+    vo.dir = first.rfind('/') == std::string::npos ? "." : first.substr(0, first.rfind('/'));
+    vo.public_key_pem = public_key_pem;
+    CUSTODY_ASSIGN_OR_RETURN(core::AuditVerifyReport rep, core::VerifyAuditLog(vo));
+    chains.push_back({"", std::move(rep)});
+  } else {
+    CUSTODY_ASSIGN_OR_RETURN(chains, VerifyConfiguredTrail(o->config, *o->store, public_key_pem));
   }
-  if (!rep.intact) return Error(Category::kIntegrity, "audit log is NOT intact: " + rep.problem);
-  if (!g.json) {
-    std::printf("audit log intact: %" PRIu64 " records, %" PRIu64 " signed checkpoints, last seq %" PRIu64 "\n",
-                rep.records, rep.checkpoints, rep.last_seq);
-    if (rep.unsigned_tail > 0) {
-      std::printf("  %" PRIu64 " records after the last checkpoint (seq %" PRIu64
-                  ") are chained but not yet signed: a cut there would not show\n",
-                  rep.unsigned_tail, rep.last_checkpoint_seq);
+  if (!in_store) {
+    // The file log: one chain, reported as it always was.
+    const core::AuditVerifyReport& rep = chains.front().rep;
+    if (g.json) PrintJson(ReportJson(rep));
+    if (!rep.intact) return Error(Category::kIntegrity, "audit log is NOT intact: " + rep.problem);
+    if (!g.json) {
+      std::printf("audit log intact: %" PRIu64 " records, %" PRIu64 " signed checkpoints, last seq %" PRIu64 "\n",
+                  rep.records, rep.checkpoints, rep.last_seq);
+      PrintUnsignedTail(rep, "  ");
     }
-    if (rep.torn_tail) std::printf("  the last line is torn (a crash mid-write); the next write repairs it\n");
+    return Status::Ok();
+  }
+  // The trail in the store: every node's chain, and the first bad record of each.
+  uint64_t records = 0, checkpoints = 0;
+  std::string problems;
+  json per_node = json::array();
+  for (const auto& c : chains) {
+    records += c.rep.records;
+    checkpoints += c.rep.checkpoints;
+    if (!c.rep.intact) problems += (problems.empty() ? "" : "; ") + ("node " + c.node + ": " + c.rep.problem);
+    json j = ReportJson(c.rep);
+    j["node"] = c.node;
+    per_node.push_back(std::move(j));
+  }
+  if (g.json) {
+    PrintJson({{"intact", problems.empty()}, {"records", records}, {"checkpoints", checkpoints},
+               {"nodes", per_node}, {"problem", problems}});
+  }
+  if (!problems.empty()) return Error(Category::kIntegrity, "audit trail is NOT intact: " + problems);
+  if (!g.json) {
+    std::printf("audit trail intact: %zu node chain%s, %" PRIu64 " records, %" PRIu64 " signed checkpoints\n",
+                chains.size(), chains.size() == 1 ? "" : "s", records, checkpoints);
+    for (const auto& c : chains) {
+      std::printf("  node %s: %" PRIu64 " records, %" PRIu64 " signed checkpoints, last seq %" PRIu64 "\n",
+                  c.node.c_str(), c.rep.records, c.rep.checkpoints, c.rep.last_seq);
+      PrintUnsignedTail(c.rep, "    ");
+    }
   }
   return Status::Ok();
 }
+
+namespace {
+
+// Each record of the trail, with its line and its chain, to `each`: chain
+// by chain, in chain order. Records that do not parse are counted in
+// `damaged` (audit verify names them).
+struct TrailRecord {
+  std::string chain;
+  std::string line;
+  core::AuditRecord rec;
+};
+Status ReadTrail(core::AuditStorage& storage, const std::optional<std::string>& node, size_t* damaged,
+                 const std::function<void(TrailRecord&&)>& each) {
+  CUSTODY_ASSIGN_OR_RETURN(std::vector<std::string> chains, storage.Chains());
+  for (const auto& chain : chains) {
+    if (node && chain != *node) continue;
+    CUSTODY_RETURN_IF_ERROR(storage.Read(chain, [&](core::AuditChainLine&& l) {
+      auto r = core::ParseAuditRecord(l.text);
+      if (!r) {
+        ++*damaged;
+        return;
+      }
+      each({chain, std::move(l.text), std::move(*r)});
+    }));
+  }
+  return Status::Ok();
+}
+
+// Whether the caller may see a record: admins see all, auditors and owners
+// their projects' records.
+bool RecordVisible(const Opened& o, bool admin, const core::AuditEvent& e) {
+  return admin || (!e.project.empty() && o.authz->Allows(o.who, Action::kReadAudit, {e.project, "", ""}));
+}
+
+}  // namespace
 
 Status AuditShow(const Globals& g, const AuditShowArgs& a) {
   // --project goes into the record; the others are only compared, but are
@@ -853,42 +978,128 @@ Status AuditShow(const Globals& g, const AuditShowArgs& a) {
     CUSTODY_RETURN_IF_ERROR(Guard(o));
     if (a.project) CUSTODY_RETURN_IF_ERROR(Ask(o, Action::kReadAudit, {*a.project, "", ""}));
     bool admin = o.authz->Allows(o.who, Action::kApplyPolicy, {});
-    CUSTODY_ASSIGN_OR_RETURN(auto records, core::ReadAuditLog(o.config.audit.dir));
+    std::vector<TrailRecord> records;
+    size_t damaged = 0;
+    CUSTODY_RETURN_IF_ERROR(ReadTrail(o.audit->storage(), std::nullopt, &damaged, [&](TrailRecord&& t) {
+      const core::AuditRecord& r = t.rec;
+      const core::AuditEvent& e = r.event;
+      if (!RecordVisible(o, admin, e)) return;
+      if (a.project && e.project != *a.project) return;
+      if (a.principal && e.principal != *a.principal) return;
+      if (a.action && e.action != *a.action && r.type != *a.action) return;
+      if (since && r.unix_time < *since) return;
+      t.line.clear();
+      records.push_back(std::move(t));
+    }));
+    const bool in_store = core::AuditInStore(o.config);
+    // Several nodes' chains read as one story: in time order, each chain's
+    // own order kept among records of the same second.
+    if (in_store) {
+      std::stable_sort(records.begin(), records.end(),
+                       [](const TrailRecord& x, const TrailRecord& y) { return x.rec.time < y.rec.time; });
+    }
     CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
     json out = json::array();
-    std::vector<std::vector<std::string>> rows{
-        {"SEQ", "TIME", "PRINCIPAL", "ACTION", "TARGET", "DECISION", "RESULT", "RULE OR ERROR"}};
-    for (const auto& r : records) {
+    std::vector<std::vector<std::string>> rows;
+    if (in_store) {
+      rows.push_back({"NODE", "SEQ", "TIME", "PRINCIPAL", "ACTION", "TARGET", "DECISION", "RESULT", "RULE OR ERROR"});
+    } else {
+      rows.push_back({"SEQ", "TIME", "PRINCIPAL", "ACTION", "TARGET", "DECISION", "RESULT", "RULE OR ERROR"});
+    }
+    for (const auto& t : records) {
+      const core::AuditRecord& r = t.rec;
       const core::AuditEvent& e = r.event;
-      // Auditors and owners see their projects' records; admins see all.
-      bool visible = admin || (!e.project.empty() && o.authz->Allows(o.who, Action::kReadAudit, {e.project, "", ""}));
-      if (!visible) continue;
-      if (a.project && e.project != *a.project) continue;
-      if (a.principal && e.principal != *a.principal) continue;
-      if (a.action && e.action != *a.action && r.type != *a.action) continue;
-      if (since && r.unix_time < *since) continue;
       std::string target = e.project;
       if (!e.environment.empty()) target += "/" + e.environment;
       if (!e.name.empty()) target += "/" + e.name;
       if (e.version) target += " v" + std::to_string(*e.version);
       std::string action = r.type == "checkpoint" ? "audit.checkpoint" : e.action;
       if (r.type == "checkpoint") target = "covers seq " + std::to_string(r.covers_seq);
-      out.push_back({{"seq", r.seq}, {"time", r.time}, {"type", r.type}, {"principal", e.principal},
+      out.push_back({{"node", r.node}, {"seq", r.seq}, {"time", r.time}, {"type", r.type}, {"principal", e.principal},
                      {"identified_by", e.identified_by}, {"action", action}, {"project", e.project},
                      {"environment", e.environment}, {"name", e.name},
                      {"version", e.version ? json(*e.version) : json(nullptr)}, {"kek_id", e.kek_id},
                      {"decision", core::AuditDecisionName(e.decision)}, {"rule", e.rule}, {"result", core::AuditResultName(e.result)}, {"error", e.error},
                      {"request_id", e.request_id}, {"detail", e.detail}});
       const std::string decision = core::AuditDecisionName(e.decision), result = core::AuditResultName(e.result);
-      rows.push_back({std::to_string(r.seq), r.time, e.principal.empty() ? "-" : e.principal, action,
-                      target.empty() ? "-" : target, decision.empty() ? "-" : decision,
-                      result.empty() ? "-" : result, e.error.empty() ? e.rule : e.error});
+      std::vector<std::string> row{std::to_string(r.seq), r.time, e.principal.empty() ? "-" : e.principal, action,
+                                   target.empty() ? "-" : target, decision.empty() ? "-" : decision,
+                                   result.empty() ? "-" : result, e.error.empty() ? e.rule : e.error};
+      if (in_store) row.insert(row.begin(), t.chain);
+      rows.push_back(std::move(row));
     }
     if (g.json) {
       PrintJson(out);
     } else {
       PrintTable(rows);
     }
+    if (damaged > 0) {
+      std::fprintf(stderr, "custody: %zu damaged record(s) left out; run 'custody audit verify'\n", damaged);
+    }
+    return Status::Ok();
+  }());
+}
+
+Status AuditExport(const Globals& g, const AuditExportArgs& a) {
+  if (a.since) CUSTODY_RETURN_IF_ERROR(CheckArgText("--since", *a.since));
+  if (a.node) {
+    CUSTODY_RETURN_IF_ERROR(CheckArgText("--node", *a.node));
+    if (Status s = core::ValidateNodeName(*a.node, "--node"); !s.ok()) {
+      return Error(Category::kUsage, s.error().message());
+    }
+  }
+  if (a.out) CUSTODY_RETURN_IF_ERROR(CheckArgText("--out", *a.out));
+  std::optional<int64_t> since;
+  if (a.since) {
+    CUSTODY_ASSIGN_OR_RETURN(since, ParseSince(*a.since));
+  }
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "audit.export"));
+  o.best_effort = true;  // exporting a damaged trail must stay possible
+  if (a.node) o.ev.detail = "node " + *a.node;
+  return Finish(o, [&]() -> Status {
+    CUSTODY_RETURN_IF_ERROR(Guard(o));
+    const bool admin = o.authz->Allows(o.who, Action::kApplyPolicy, {});
+    // Written to a temporary file and renamed: an export that fails half
+    // way leaves no half file where the SIEM collector looks.
+    std::string tmp;
+    FILE* f = stdout;
+    if (a.out) {
+      tmp = *a.out + ".tmp";
+      f = std::fopen(tmp.c_str(), "wx");
+      if (f == nullptr) return Error::Os(errno, "--out " + tmp, Category::kUsage);
+    }
+    size_t damaged = 0, written = 0;
+    bool write_failed = false;
+    Status read = ReadTrail(o.audit->storage(), a.node, &damaged, [&](TrailRecord&& t) {
+      if (!RecordVisible(o, admin, t.rec.event)) return;
+      if (since && t.rec.unix_time < *since) return;
+      // The line as stored, byte for byte: the file log's format.
+      if (std::fwrite(t.line.data(), 1, t.line.size(), f) != t.line.size() || std::fputc('\n', f) == EOF) {
+        write_failed = true;
+      }
+      ++written;
+    });
+    if (a.out) {
+      write_failed = std::fflush(f) != 0 || ::fsync(fileno(f)) != 0 || write_failed;
+      write_failed = std::fclose(f) != 0 || write_failed;
+      if (!read.ok() || write_failed) {
+        ::unlink(tmp.c_str());
+      } else if (::rename(tmp.c_str(), a.out->c_str()) != 0) {
+        int e = errno;
+        ::unlink(tmp.c_str());
+        return Error::Os(e, "--out " + *a.out, Category::kUsage);
+      }
+    } else {
+      write_failed = std::fflush(stdout) != 0 || write_failed;
+    }
+    CUSTODY_RETURN_IF_ERROR(read);
+    if (write_failed) return Error(Category::kUnavailable, "audit export: writing the records failed");
+    o.ev.detail += (o.ev.detail.empty() ? "" : ", ") + std::to_string(written) + " records";
+    CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
+    if (damaged > 0) {
+      std::fprintf(stderr, "custody: %zu damaged record(s) left out; run 'custody audit verify'\n", damaged);
+    }
+    if (a.out) std::fprintf(stderr, "custody: wrote %zu records to %s\n", written, a.out->c_str());
     return Status::Ok();
   }());
 }
@@ -924,7 +1135,9 @@ Status AuditCheckpoint(const Globals& g) {
     CUSTODY_ASSIGN_OR_RETURN(auto signer, OpenSigner(g, o, /*create=*/true));
     std::pair<uint64_t, std::string> covers;
     CUSTODY_ASSIGN_OR_RETURN(uint64_t seq, o.audit->Checkpoint(*signer, &covers));
-    CUSTODY_RETURN_IF_ERROR(o.store->RecordAuditCheckpoint(o.config.node.name, seq, covers.second));
+    if (!core::AuditInStore(o.config)) {
+      CUSTODY_RETURN_IF_ERROR(o.store->RecordAuditCheckpoint(o.config.node.name, seq, covers.second));
+    }
     if (g.json) {
       PrintJson({{"checkpoint_seq", seq}, {"covers_seq", covers.first}, {"covers_hash", covers.second}});
     } else {

@@ -118,6 +118,10 @@ struct AuditShowArgs {
   std::optional<std::string> project, principal, since, action;
 };
 Status AuditShow(const Globals& g, const AuditShowArgs& a);
+struct AuditExportArgs {
+  std::optional<std::string> since, node, out;
+};
+Status AuditExport(const Globals& g, const AuditExportArgs& a);
 Status AuditPubkey(const Globals& g, const std::optional<std::string>& out);
 Status AuditCheckpoint(const Globals& g);
 

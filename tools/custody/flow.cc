@@ -45,7 +45,7 @@ std::string IdentifiedBy(const policy::Caller& c) {
 }
 
 Result<std::unique_ptr<core::AuditLog>> OpenAudit(const core::Config& c) {
-  auto log = core::AuditLog::Open(c.audit);
+  auto log = core::OpenAuditLog(c);
   if (!log) return std::move(log).error().Wrap("refusing to work without an audit log");
   return log;
 }
@@ -175,7 +175,9 @@ void MaybeCheckpoint(Opened& o) {
   if (!signer) return;
   std::pair<uint64_t, std::string> covers;
   auto seq = o.audit->Checkpoint(**signer, &covers);
-  if (seq) (void)o.store->RecordAuditCheckpoint(o.config.node.name, *seq, covers.second);
+  // The store witnesses a file log's checkpoints; a trail in the store
+  // keeps them beside its records.
+  if (seq && !core::AuditInStore(o.config)) (void)o.store->RecordAuditCheckpoint(o.config.node.name, *seq, covers.second);
 }
 
 // Ends a command: records its outcome (if the command did not already) and

@@ -305,6 +305,12 @@ int main(int argc, char** argv) {
   c_ashow->add_option("--since", show.since, "UTC date or time (2026-11-29T10:00), or an age (30m, 12h, 7d)");
   c_ashow->add_option("--action", show.action, "e.g. secret.get");
   c_ashow->callback(run([&] { return custody::cli::AuditShow(g, show); }));
+  custody::cli::AuditExportArgs export_args;
+  auto* c_aexport = c_audit->add_subcommand("export", "write the records as JSON lines (the file log's format), for a SIEM");
+  c_aexport->add_option("--since", export_args.since, "UTC date or time (2026-11-29T10:00), or an age (30m, 12h, 7d)");
+  c_aexport->add_option("--node", export_args.node, "only this node's chain (a trail in a PostgreSQL store)");
+  c_aexport->add_option("--out", export_args.out, "write to this file (made whole or not at all) instead of stdout");
+  c_aexport->callback(run([&] { return custody::cli::AuditExport(g, export_args); }));
   std::optional<std::string> pubkey_out;
   auto* c_apub = c_audit->add_subcommand("pubkey", "export the checkpoint key's public key as PEM");
   c_apub->add_option("--out", pubkey_out, "write to this file instead of stdout");

@@ -77,7 +77,7 @@ int main(int argc, char** argv) {
   if (!config) return Fail(config.error());
   auto store = custody::core::OpenStore(*config, /*create=*/false);
   if (!store) return Fail(store.error());
-  auto audit = custody::core::AuditLog::Open(config->audit);
+  auto audit = custody::core::OpenAuditLog(*config);
   if (!audit) return Fail(std::move(audit).error().Wrap("refusing to serve without an audit log"));
   auto authz = custody::core::Authorizer::Load(**store);
   if (!authz) return Fail(authz.error());
@@ -125,7 +125,9 @@ int main(int argc, char** argv) {
     std::pair<uint64_t, std::string> covers;
     auto seq = (*audit)->Checkpoint(**signer, &covers);
     if (seq) {
-      (void)(*store)->RecordAuditCheckpoint(config->node.name, *seq, covers.second);
+      if (!custody::core::AuditInStore(*config)) {
+        (void)(*store)->RecordAuditCheckpoint(config->node.name, *seq, covers.second);
+      }
     } else {
       spdlog::warn("audit checkpoint failed: {}", seq.error().message());
     }

@@ -210,6 +210,10 @@ class PgStore final : public Store {
   Status RecordAuditCheckpoint(const std::string& node, uint64_t seq, const std::string& covers_hash) override;
   Result<std::optional<std::pair<uint64_t, std::string>>> LastAuditCheckpoint(const std::string& node) override;
 
+  // audit.cc
+  Result<std::unique_ptr<AuditStorage>> OpenAuditStorage(const std::string& node,
+                                                         std::chrono::milliseconds timeout) override;
+
   // limits.cc
   Result<Admission> Admit(const UsageKey& key, const std::vector<policy::LimitRule>& rules, UsageEvent event,
                           double now) override;
@@ -228,6 +232,8 @@ class PgStore final : public Store {
   Status ReleaseLock(const std::string& name, const LockHolder& me) override;
 
   const std::string& where() const { return where_; }
+  // A connection of its own, outside the pool (the audit writer's).
+  Result<std::unique_ptr<Conn>> OpenConnection() { return Open(false); }
 
   // Runs `body` in one transaction on one leased connection: BEGIN
   // (`begin` may add SET LOCAL statements), the body, COMMIT; ROLLBACK on

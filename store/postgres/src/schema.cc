@@ -106,6 +106,24 @@ ALTER TABLE audit_checkpoints ADD COLUMN node TEXT NOT NULL DEFAULT '';
 ALTER TABLE audit_checkpoints DROP CONSTRAINT audit_checkpoints_pkey;
 ALTER TABLE audit_checkpoints ADD PRIMARY KEY (node, seq);
 )sql",
+    // 3: the audit trail of the nodes that use this store: one hash chain
+    // per node (records are the file log's lines, byte for byte), and each
+    // chain's head, whose row lock gives one writer of a node at a time.
+    R"sql(
+CREATE TABLE audit_heads (
+  node      TEXT PRIMARY KEY,
+  seq       BIGINT NOT NULL DEFAULT 0,
+  hash      TEXT NOT NULL DEFAULT repeat('0', 64),
+  ckpt_seq  BIGINT NOT NULL DEFAULT 0,
+  ckpt_time BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE audit_records (
+  node TEXT NOT NULL,
+  seq  BIGINT NOT NULL,
+  line TEXT NOT NULL,
+  PRIMARY KEY (node, seq)
+);
+)sql",
 };
 
 // Taken by every migration's transaction: two nodes starting at once on a

@@ -23,6 +23,17 @@ namespace custody::core {
 // `create`, made when missing. Callers see only the Store interface.
 Result<std::unique_ptr<Store>> OpenStore(const Config& config, bool create);
 
+// Where the audit trail lives: with a PostgreSQL store ([store] url), in
+// the store, one chain per node ([node] name), so that no acknowledged
+// record depends on one node's disk; otherwise the file log in [audit] dir.
+bool AuditInStore(const Config& config);
+// The trail's storage, for reading (verify, show, export) or writing. With
+// the store, it has a connection pool of its own, so audit records never
+// wait behind requests for a connection.
+Result<std::unique_ptr<AuditStorage>> OpenAuditStorage(const Config& config);
+// The writer on it (the file log's folder is made when missing).
+Result<std::unique_ptr<AuditLog>> OpenAuditLog(const Config& config);
+
 // The token named by the config, logged in, with a session pool.
 struct Token {
   std::shared_ptr<hsm::Module> module;

@@ -79,6 +79,9 @@ struct Config {
 // both call it.
 Status CheckConfigCoherence(const Config& config);
 
+// The host name as a node name (the default of [node] name); kConfig
+// naming `what` when the host's name is not one.
+Result<std::string> HostNodeName(const std::string& what);
 // A node name as [node] name takes it; kConfig naming `what` otherwise.
 Status ValidateNodeName(const std::string& name, const std::string& what);
 

@@ -98,9 +98,79 @@ struct AuditRecord {
 // kIntegrity and say what is wrong.
 Result<AuditRecord> ParseAuditRecord(std::string_view line);
 
+// The head of a chain: its newest record as the storage holds it.
+struct AuditHead {
+  uint64_t seq = 0;       // 0: no record yet
+  std::string hash;       // of record `seq`; 64 zeros before the first
+  uint64_t ckpt_seq = 0;  // the newest checkpoint at or before `seq`
+  int64_t ckpt_time = 0;
+  uint64_t torn_bytes = 0;  // a record torn by a crash, cut off when the turn was taken (files only)
+};
+
+// One record as its storage keeps it: the line, and for a checkpoint its
+// message and DER signature (the file log also writes them as .msg/.sig).
+struct AuditLine {
+  uint64_t seq = 0;
+  std::string text;  // without a newline
+  bool checkpoint = false;
+  std::string message, signature;
+  // The head once this record is written: its hash, and the newest
+  // checkpoint as of it.
+  std::string hash;
+  uint64_t ckpt_seq = 0;
+  int64_t ckpt_time = 0;
+};
+
+// A record as read back for verification: its text and where it was found
+// ("audit-000001.jsonl:17", "node node-a row 17"), for the report.
+struct AuditChainLine {
+  std::string where;
+  std::string text;
+};
+
+// Where the records of a chain live. AuditLog does the chaining, hashing,
+// checkpoint signing and group commit; a storage only gives one writer at a
+// time the head and keeps what it writes durably. The file log
+// (FileAuditStorage) keeps one chain in segment files; the PostgreSQL store
+// keeps one chain per node in a table, so that no acknowledged record
+// depends on one node's disk (store/postgres/).
+class AuditStorage {
+ public:
+  virtual ~AuditStorage() = default;
+  // Takes this writer's exclusive turn on the chain, waiting no later than
+  // `deadline`; calls `build` with the head, and makes the lines it returns
+  // durable before returning Ok (all of them or none). `build` may return no
+  // lines. Errors are kUnavailable (kIntegrity for a damaged head) and mean
+  // that nothing `build` returned may be taken as written.
+  using Build = std::function<std::vector<AuditLine>(const AuditHead&)>;
+  virtual Status Append(std::chrono::steady_clock::time_point deadline, const Build& build) = 0;
+  // The head without writing (for CheckpointDue after opening).
+  virtual Result<AuditHead> Head() = 0;
+  // The chains this storage holds: one ("") for files, one per node name
+  // for the database.
+  virtual Result<std::vector<std::string>> Chains() = 0;
+  // Every record of `chain` in storage order (files: segments and lines;
+  // database: the row's seq), to `each`. `torn` is set when the chain ends
+  // in a partial record (a crash mid-write, files only).
+  virtual Status Read(const std::string& chain, const std::function<void(AuditChainLine&&)>& each,
+                      bool* torn = nullptr) = 0;
+  // A witness this storage keeps besides the records, of how far `chain`
+  // reached (the file log's checkpoints/ folder, the database's head row):
+  // the seq, and what says so ("checkpoints/ records a checkpoint"), for
+  // the report of a truncation. nullopt: none.
+  virtual Result<std::optional<std::pair<uint64_t, std::string>>> Witness(const std::string& chain) = 0;
+  // For messages: "audit log /var/lib/custody/audit", "audit trail in store ...".
+  virtual std::string Describe() const = 0;
+};
+
+// The file log's storage: segment files in `options.dir`, an flock on the
+// folder between processes, fdatasync per batch.
+std::unique_ptr<AuditStorage> FileAuditStorage(const AuditOptions& options);
+
 class AuditLog {
  public:
-  static Result<std::unique_ptr<AuditLog>> Open(AuditOptions options);
+  // `storage` null: the file log in options.dir.
+  static Result<std::unique_ptr<AuditLog>> Open(AuditOptions options, std::unique_ptr<AuditStorage> storage = nullptr);
   ~AuditLog();
 
   // Appends one record; returns its seq once it is durable. kUnavailable
@@ -126,6 +196,7 @@ class AuditLog {
   Result<uint64_t> Checkpoint(AuditSigner& signer, std::pair<uint64_t, std::string>* covers = nullptr);
 
   const std::string& dir() const { return options_.dir; }
+  AuditStorage& storage() { return *storage_; }
 
   // AppendAsync callbacks that threw (they are caught so that the others
   // still run; custodyd reports the count).
@@ -142,7 +213,7 @@ class AuditLog {
     uint64_t seq = 0;
     std::pair<uint64_t, std::string> covers;
   };
-  explicit AuditLog(AuditOptions o) : options_(std::move(o)) {}
+  AuditLog(AuditOptions o, std::unique_ptr<AuditStorage> s) : options_(std::move(o)), storage_(std::move(s)) {}
   Result<uint64_t> Submit(Item item, std::pair<uint64_t, std::string>* covers);
   // With mu_ held through `lk` and no leader: writes everything queued as one
   // batch (mu_ released meanwhile), files the outcomes for waiting callers
@@ -153,6 +224,7 @@ class AuditLog {
   std::vector<Outcome> WriteBatch(std::vector<Item>& items);
 
   AuditOptions options_;
+  std::unique_ptr<AuditStorage> storage_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<std::pair<uint64_t, Item>> queue_;
@@ -164,16 +236,6 @@ class AuditLog {
   std::thread writer_;
   bool stop_ = false;
   std::atomic<uint64_t> failed_callbacks_{0};
-  // The head as this process left it after its last batch: reused when the
-  // newest segment still has the same inode and size (no other process
-  // wrote since), which saves re-reading the tail on every batch.
-  struct CachedHead {
-    bool valid = false;
-    uint32_t segment = 0;
-    uint64_t size = 0, dev = 0, ino = 0, seq = 0, ckpt_seq = 0;
-    int64_t ckpt_time = 0;
-    std::string hash;
-  } cache_;
   // What this process last saw of the head (for CheckpointDue).
   mutable std::mutex head_mu_;
   uint64_t last_seq_ = 0, last_ckpt_seq_ = 0;
@@ -199,6 +261,16 @@ struct AuditVerifyReport {
 };
 
 Result<AuditVerifyReport> VerifyAuditLog(const AuditVerifyOptions& options);
+
+// Verifies one chain as a storage gives it (lines in storage order): the
+// hash chain, every checkpoint (signatures with options.public_key_pem when
+// set), options.witness (the store's record of the newest checkpoint) and
+// `storage_witness` (AuditStorage::Witness). `node`, when not empty, is the
+// chain's node: a record naming another node is reported as moved.
+// Errors only for a key that is not a PEM public key.
+Result<AuditVerifyReport> VerifyAuditChain(const std::vector<AuditChainLine>& lines, bool torn_tail,
+                                           const AuditVerifyOptions& options, const std::string& node,
+                                           const std::optional<std::pair<uint64_t, std::string>>& storage_witness);
 
 // Reads every record of the segments in `dir`, in order (for `audit show`).
 Result<std::vector<AuditRecord>> ReadAuditLog(const std::string& dir);

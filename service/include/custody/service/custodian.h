@@ -51,6 +51,22 @@ struct CustodianStats {
   std::atomic<bool> store_healthy{true};
   std::atomic<uint64_t> token_recoveries{0};
   std::atomic<uint64_t> token_reinitializations{0};
+
+  // An audit append failed (`why`), or one worked (nullopt): audit_healthy,
+  // and the reason /v1/health gives its readers.
+  void NoteAudit(const std::optional<std::string>& why) {
+    std::lock_guard lock(problem_mu_);
+    if (why) audit_problem_ = *why;
+    audit_healthy.store(!why);
+  }
+  std::string audit_problem() const {
+    std::lock_guard lock(problem_mu_);
+    return audit_problem_;
+  }
+
+ private:
+  mutable std::mutex problem_mu_;
+  std::string audit_problem_;
 };
 
 class Custodian {

@@ -10,6 +10,7 @@
 // is one transaction: it happens whole or not at all.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <functional>
@@ -18,6 +19,7 @@
 #include <string_view>
 #include <vector>
 
+#include "custody/audit/audit.h"
 #include "custody/common/result.h"
 #include "custody/seal/blob.h"
 #include "custody/seal/sealer.h"
@@ -363,6 +365,18 @@ class Store : public KekUsageLedger, public KekMaterialSource {
   // witnesses had a node: the one host of that time) while `node` has none.
   virtual Status RecordAuditCheckpoint(const std::string& node, uint64_t seq, const std::string& covers_hash) = 0;
   virtual Result<std::optional<std::pair<uint64_t, std::string>>> LastAuditCheckpoint(const std::string& node) = 0;
+
+  // The audit trail, when this store keeps it: PostgreSQL keeps one chain
+  // per node beside the state every node shares, so that no acknowledged
+  // record depends on one node's disk. nullptr when it does not (SQLite:
+  // the file log on the host, as before). `timeout` bounds a batch: past
+  // it, the batch fails (its requests are refused) rather than waiting.
+  virtual Result<std::unique_ptr<AuditStorage>> OpenAuditStorage(const std::string& node,
+                                                                 std::chrono::milliseconds timeout) {
+    (void)node;
+    (void)timeout;
+    return std::unique_ptr<AuditStorage>();
+  }
 
   // Every row of the deployment (StoreSnapshot), read in one consistent
   // snapshot (one read transaction).

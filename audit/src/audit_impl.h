@@ -1,0 +1,22 @@
+// What audit.cc and file_storage.cc share; private to audit/.
+#pragma once
+
+#include <cstddef>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "custody/audit/audit.h"
+
+namespace custody::core {
+
+inline const std::string kAuditGenesis(64, '0');  // the prev of the first record
+inline constexpr size_t kAuditMaxLine = 64 * 1024;
+
+// Reads the lines of segment files in order, naming each "file:line". A
+// partial last line of the last file sets `torn`; one in an earlier file is
+// kIntegrity.
+Status ReadAuditFiles(const std::vector<std::string>& files, const std::function<void(AuditChainLine&&)>& each,
+                      bool* torn);
+
+}  // namespace custody::core
