@@ -699,5 +699,17 @@ TEST_F(CliTest, VersionNamesTheReleaseAndTheBackends) {
   EXPECT_EQ(Cli({"secret", "get", "payments/prod/stripe", "--version", "1"}).out, "one");
 }
 
+// A node list that is not one is refused before anything is sent: exit 78,
+// one line naming the address (escaped: the variable may hold any bytes).
+TEST_F(CliTest, ABadNodeListInCustodyAddrIsRefusedNamingTheAddress) {
+  auto with = [&](const std::string& addr) { return Cli({"secret", "get", "payments/prod/stripe"}, "", {.env = {{"CUSTODY_ADDR", addr}}}); };
+  ExpectOneLine(with("unix:/run/a.sock,,unix:/run/b.sock"), 78, "CUSTODY_ADDR has an empty address");
+  ExpectOneLine(with("unix:/run/a.sock,https://node-b:99999"), 78, "CUSTODY_ADDR 'https://node-b:99999' needs a port from 1 to 65535");
+  ExpectOneLine(with("ftp://x"), 78, "CUSTODY_ADDR 'ftp://x' must be unix:/path/to/custody.sock or https://host:port");
+  std::string many;
+  for (int i = 0; i < 65; ++i) many += (i ? ",unix:/run/n" : "unix:/run/n") + std::to_string(i);
+  ExpectOneLine(with(many), 78, "CUSTODY_ADDR names more than 64 nodes");
+}
+
 }  // namespace
 }  // namespace custody::test
