@@ -1,6 +1,7 @@
 #include "custody/client/client.h"
 
 #include <openssl/crypto.h>
+#include <openssl/rand.h>
 
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
@@ -199,13 +200,14 @@ Result<Client::Response> Client::RequestOn(const Node& node, Outgoing& out, bool
 }
 
 Result<Client::Response> Client::Request(const std::string& method, const std::string& target,
-                                         std::string* body) const {
+                                         std::string* body, const std::string& idempotency_key) const {
   Outgoing out;
   auto& req = out.req;
   req = http::request<http::string_body>{http::string_to_verb(method), target, 11};
   req.set(http::field::host, "custodyd");
   req.set(http::field::user_agent, "custody-client");
   req.keep_alive(true);
+  if (!idempotency_key.empty()) req.set("Idempotency-Key", idempotency_key);
   if (body != nullptr) {
     req.set(http::field::content_type, "application/json");
     req.body() = std::move(*body);
@@ -217,8 +219,9 @@ Result<Client::Response> Client::Request(const std::string& method, const std::s
     http::request<http::string_body>& r;
     ~WipeBody() { OPENSSL_cleanse(r.body().data(), r.body().size()); }
   } wipe_body{req};
-  // Only a read may be asked again of another node once it was sent.
-  const bool may_repeat = method == "GET";
+  // Once sent, only a read, or a write the store recognises when it comes
+  // again (its Idempotency-Key), may be asked of another node.
+  const bool may_repeat = method == "GET" || !idempotency_key.empty();
   std::lock_guard lock(state_->turn);
   std::optional<Result<Response>> last;
   const size_t n = nodes_.size();
@@ -299,7 +302,16 @@ Result<uint32_t> Client::Put(const std::string& path, const SecretBuffer& value)
     OPENSSL_cleanse(encoded.data(), encoded.size());
   }
   body += "\"}";
-  CUSTODY_ASSIGN_OR_RETURN(Response r, Request("PUT", "/v1/secrets/" + path, &body));
+  // One key for this put, on every node it is tried on.
+  uint8_t key[16];
+  if (RAND_bytes(key, sizeof key) != 1) return Error(Category::kInternal, "no random bytes for the Idempotency-Key");
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string idempotency_key;
+  for (uint8_t b : key) {
+    idempotency_key += kHex[b >> 4];
+    idempotency_key += kHex[b & 15];
+  }
+  CUSTODY_ASSIGN_OR_RETURN(Response r, Request("PUT", "/v1/secrets/" + path, &body, idempotency_key));
   OPENSSL_cleanse(body.data(), body.size());
   json a = json::parse(r.body, nullptr, false);
   if (a.is_discarded() || !a.contains("version")) return Error(Category::kIntegrity, "custodyd sent a malformed answer");

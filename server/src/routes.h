@@ -222,10 +222,25 @@ std::optional<http::response<http::string_body>> Session<StreamT>::Handle(http::
         return Error(400, "the body must have a string \"value\" (or \"value_base64\")");
       }
       if (value->size() > core::kMaxSecretSize) return Error(413, "the value is larger than 65536 bytes");
+      // Idempotency-Key (as in the IETF httpapi draft): a retry of this put
+      // with the same key, through any node, is answered with the version
+      // the first one stored. 16 to 64 of [A-Za-z0-9_-], so it can be
+      // stored and compared as it is; anything else is refused, unquoted.
+      std::string put_key;
+      if (auto k = req.find("Idempotency-Key"); k != req.end()) {
+        const std::string_view key(k->value().data(), k->value().size());
+        const bool good = key.size() >= 16 && key.size() <= 64 &&
+                          key.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-") ==
+                              std::string_view::npos;
+        if (!good) return Error(400, "the Idempotency-Key header must be 16 to 64 characters of A-Z a-z 0-9 _ -");
+        put_key = std::string(key);
+      }
       audited_ = true;
-      auto v = srv_.custodian.Put(peer_, *sp, *value);
+      bool replayed = false;
+      auto v = srv_.custodian.Put(peer_, *sp, *value, put_key, &replayed);
       if (!v) return FromError(v.error());
-      return Json(201, {{"path", sp->str()}, {"version", *v}});
+      // 200 for a retry (nothing new was made), 201 for a new version.
+      return Json(replayed ? 200 : 201, {{"path", sp->str()}, {"version", *v}, {"replayed", replayed}});
     }
     return Error(405, "use GET or PUT for /v1/secrets/PROJECT/ENV/NAME");
   }

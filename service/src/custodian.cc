@@ -196,7 +196,8 @@ void Custodian::GetAsync(const RequestContext& rc, const SecretPath& path, std::
   });
 }
 
-Result<uint32_t> Custodian::Put(const RequestContext& rc, const SecretPath& path, const SecretBuffer& value) {
+Result<uint32_t> Custodian::Put(const RequestContext& rc, const SecretPath& path, const SecretBuffer& value,
+                                const std::string& put_key, bool* replayed) {
   Flow f(*this, rc, "secret.put");
   f.ev.project = path.project;
   f.ev.environment = path.environment;
@@ -207,10 +208,32 @@ Result<uint32_t> Custodian::Put(const RequestContext& rc, const SecretPath& path
     CUSTODY_RETURN_IF_ERROR(f.Ask(policy::Action::kPut, t));
     if (value.empty()) return Error(Category::kUsage, "refusing to store an empty value for " + path.str());
     CUSTODY_ASSIGN_OR_RETURN(auto env, store_.FindEnvironment(path.project, path.environment));
+    auto replay = [&](uint32_t n) -> Result<uint32_t> {
+      if (replayed != nullptr) *replayed = true;
+      AuditEvent again = f.ev;
+      again.version = n;
+      again.detail = "a retry: v" + std::to_string(n) +
+                     " was stored by an earlier put with this Idempotency-Key; nothing stored now";
+      if (f.recorded) {
+        // This request's record named the version it meant to store.
+        CUSTODY_RETURN_IF_ERROR(audit_.Append(again));
+        return n;
+      }
+      f.ev = again;
+      CUSTODY_RETURN_IF_ERROR(f.Record(Status::Ok()));
+      return n;
+    };
+    if (!put_key.empty()) {
+      // Before the limits: a retry is not a second put.
+      CUSTODY_ASSIGN_OR_RETURN(std::optional<uint32_t> earlier,
+                               store_.VersionForPutKey(env.id, path.name, put_key, static_cast<int64_t>(std::time(nullptr))));
+      if (earlier) return replay(*earlier);
+    }
     CUSTODY_RETURN_IF_ERROR(f.Charge(t, UsageEvent::kSeal));
     CUSTODY_ASSIGN_OR_RETURN(KekRecord kek, store_.CurrentKek(env.project_id));
     f.ev.kek_id = ToHex(kek.ref.id);
     SecretService svc(store_, sealer_);
+    bool raced = false;
     auto put = [&]() {
       return svc.Put(path, value, [&](uint32_t n) -> Status {
       if (f.recorded) {
@@ -224,9 +247,11 @@ Result<uint32_t> Custodian::Put(const RequestContext& rc, const SecretPath& path
       }
       f.ev.version = n;
       return f.Record(Status::Ok());
-      });
+      }, put_key, &raced);
     };
     auto v = put();
+    // A twin of this put (same key) stored first, on this node or another.
+    if (v && raced) return replay(*v);
     // Sealing failed on a lost session before anything was recorded or
     // stored: recovered and tried once more, as a GET does.
     if (!f.recorded && RecoverFrom(v)) v = put();

@@ -31,19 +31,30 @@ Result<ProjectRecord> SecretService::CreateProject(const std::string& name, cons
 }
 
 Result<uint32_t> SecretService::Put(const SecretPath& path, const SecretBuffer& value,
-                                    const std::function<Status(uint32_t version)>& before_commit) {
+                                    const std::function<Status(uint32_t version)>& before_commit,
+                                    const std::string& put_key, bool* replayed) {
   if (value.empty()) return Error(Category::kIntegrity, "refusing to store an empty value for " + path.str());
   CUSTODY_ASSIGN_OR_RETURN(EnvironmentRecord env, store_.FindEnvironment(path.project, path.environment));
   // A concurrent writer may take our version number between NextVersion and
   // AddVersion, or a KEK rotation may retire the KEK we sealed under; the
   // version and the KEK are bound into the seal, so re-seal and retry.
   for (int attempt = 0; attempt < 8; ++attempt) {
+    if (!put_key.empty()) {
+      // A retry of a put that landed (its answer was lost), or the loser of
+      // a race with its twin on another node: answered with that version.
+      CUSTODY_ASSIGN_OR_RETURN(std::optional<uint32_t> earlier,
+                               store_.VersionForPutKey(env.id, path.name, put_key, clock_()));
+      if (earlier) {
+        if (replayed != nullptr) *replayed = true;
+        return *earlier;
+      }
+    }
     CUSTODY_ASSIGN_OR_RETURN(KekRecord kek, store_.CurrentKek(env.project_id));
     CUSTODY_ASSIGN_OR_RETURN(uint32_t version, store_.NextVersion(env.id, path.name));
     SealContext ctx{path.project, path.environment, path.name, version};
     CUSTODY_ASSIGN_OR_RETURN(auto blob, sealer_.Seal(kek.ref, ctx, value));
     if (before_commit) CUSTODY_RETURN_IF_ERROR(before_commit(version));
-    Status s = store_.AddVersion(env.id, path.name, version, kek.id, blob, clock_());
+    Status s = store_.AddVersion(env.id, path.name, version, kek.id, blob, clock_(), put_key);
     if (s.ok()) return version;
     // Only a taken version is worth sealing again: every attempt spends KEK
     // budget and runs before_commit (an audit record), so anything else

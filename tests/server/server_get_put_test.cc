@@ -256,5 +256,42 @@ TEST_F(TpmServerTest, ServesGetsAndPutsFromTheTpmToConcurrentClientsAndAuditsEac
   EXPECT_GE(report.value("checkpoints", size_t{0}), checkpoints.size()) << verify.out;
 }
 
+// A PUT with an Idempotency-Key, sent twice (a client retrying after a lost
+// answer): the second is answered 200 with the version the first stored,
+// nothing new is stored, and the audit trail says it was a retry. A key
+// that is not 16 to 64 of [A-Za-z0-9_-] is refused with 400 naming it.
+TEST_F(ServerTest, APutRetriedWithItsIdempotencyKeyIsStoredOnce) {
+  auto put = [&](const std::string& key, const std::string& value) {
+    const std::string body = "{\"value\":\"" + value + "\"}";
+    return Raw(socket_, "PUT /v1/secrets/payments/dev/idem HTTP/1.1\r\nHost: x\r\nIdempotency-Key: " + key +
+                            "\r\nContent-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body);
+  };
+  const std::string key = "retry-0123456789abcdef";
+  auto first = put(key, "value-one");
+  EXPECT_NE(first.find("HTTP/1.1 201"), std::string::npos) << first;
+  EXPECT_NE(first.find("\"version\":1"), std::string::npos) << first;
+  EXPECT_NE(first.find("\"replayed\":false"), std::string::npos) << first;
+  auto again = put(key, "value-one");
+  EXPECT_NE(again.find("HTTP/1.1 200"), std::string::npos) << again;
+  EXPECT_NE(again.find("\"version\":1"), std::string::npos) << again;
+  EXPECT_NE(again.find("\"replayed\":true"), std::string::npos) << again;
+  auto v2 = Raw(socket_, "GET /v1/secrets/payments/dev/idem?version=2 HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(v2.find("HTTP/1.1 404"), std::string::npos) << "the retry stored a second version: " << v2;
+  bool recorded = false;
+  for (const auto& r : TrailRecords(token_.config_path())) {
+    recorded = recorded || (r.event.action == "secret.put" && r.event.version == 1u &&
+                            r.event.detail.find("a retry: v1 was stored by an earlier put") != std::string::npos);
+  }
+  EXPECT_TRUE(recorded) << "the retry has no record saying so";
+  // A new key makes a new version.
+  EXPECT_NE(put("retry-fedcba9876543210", "value-two").find("\"version\":2"), std::string::npos);
+  for (const std::string& bad : std::vector<std::string>{"short", "has space 0123456789", std::string(65, 'a'), "quote\"0123456789abc"}) {
+    auto r = put(bad, "value-x");
+    EXPECT_NE(r.find("HTTP/1.1 400"), std::string::npos) << bad << ": " << r;
+    EXPECT_NE(r.find("Idempotency-Key header must be 16 to 64 characters"), std::string::npos) << r;
+    EXPECT_EQ(r.find(bad), std::string::npos) << "the refused key is quoted back: " << r;
+  }
+}
+
 }  // namespace
 }  // namespace custody::test

@@ -110,6 +110,35 @@ TEST_P(StoreTest, AFailedProjectCreationLeavesNothing) {
   EXPECT_TRUE(keks->empty());
 }
 
+// A put's Idempotency-Key is kept with the version it stored, in the same
+// transaction: a second put with the key (a retry, or its twin on another
+// node) stores nothing and finds that version; the key is per secret, kept
+// for a day, and goes with the secret.
+TEST_P(StoreTest, APutKeyIsKeptWithItsVersionAndATwinStoresNothing) {
+  auto p = store_->CreateProject("payments", {"prod"}, Kek(1), "l");
+  ASSERT_TRUE(p.ok());
+  auto env = *store_->FindEnvironment("payments", "prod");
+  auto kek = *store_->CurrentKek(p->id);
+  const std::string key = "0123456789abcdef0123";
+  EXPECT_EQ(*store_->VersionForPutKey(env.id, "stripe", key, 1000), std::nullopt) << "a secret that does not exist";
+  ASSERT_TRUE(store_->AddVersion(env.id, "stripe", 1, kek.id, {1}, 1000, key).ok());
+  EXPECT_EQ(*store_->VersionForPutKey(env.id, "stripe", key, 1000), std::optional<uint32_t>(1));
+  Status twin = store_->AddVersion(env.id, "stripe", 2, kek.id, {2}, 1001, key);
+  ASSERT_FALSE(twin.ok());
+  EXPECT_TRUE(twin.error().version_taken()) << twin.error().message();
+  EXPECT_FALSE(store_->GetVersion(env, "stripe", 2).ok()) << "the twin stored a version";
+  EXPECT_EQ(*store_->NextVersion(env.id, "stripe"), 2u);
+  // Another key on the same secret, and the same key on another secret.
+  ASSERT_TRUE(store_->AddVersion(env.id, "stripe", 2, kek.id, {2}, 1002, "another-key-000000").ok());
+  ASSERT_TRUE(store_->AddVersion(env.id, "other", 1, kek.id, {3}, 1002, key).ok());
+  EXPECT_EQ(*store_->VersionForPutKey(env.id, "other", key, 1002), std::optional<uint32_t>(1));
+  // A day later the key is forgotten.
+  EXPECT_EQ(*store_->VersionForPutKey(env.id, "stripe", key, 1000 + Store::kPutKeySeconds + 1), std::nullopt);
+  // And it goes with its secret.
+  ASSERT_TRUE(store_->DeleteSecret(env, "other").ok());
+  EXPECT_EQ(*store_->VersionForPutKey(env.id, "other", key, 1002), std::nullopt);
+}
+
 TEST_P(StoreTest, VersionsAreSequentialAndATakenVersionIsReported) {
   auto p = store_->CreateProject("payments", {"prod"}, Kek(1), "l");
   ASSERT_TRUE(p.ok());

@@ -109,7 +109,9 @@ Result<Res> PgAuditStorage::Run(const std::string& sql, const std::vector<std::s
     pollfd p{PQsocket(c), events, 0};
     int n = ::poll(&p, 1, static_cast<int>(std::min<long long>(left, 1000)));
     if (n < 0 && errno != EINTR) return Failed("waiting for the server failed", nullptr);
-    if (n > 0 && (p.revents & POLLIN) != 0 && PQconsumeInput(c) != 1) return Failed("the connection was lost", nullptr);
+    // Any event (data, a hang-up, an error): libpq reads what there is and
+    // says whether the connection still stands.
+    if (n > 0 && p.revents != 0 && PQconsumeInput(c) != 1) return Failed("the connection was lost", nullptr);
     return Status::Ok();
   };
   for (;;) {

@@ -124,6 +124,16 @@ CREATE TABLE audit_records (
   PRIMARY KEY (node, seq)
 );
 )sql",
+    // 4: idempotency keys of puts (Idempotency-Key): the version each stored.
+    R"sql(
+CREATE TABLE put_keys (
+  secret_id  BIGINT NOT NULL REFERENCES secrets(id) ON DELETE CASCADE,
+  key        TEXT NOT NULL,
+  version    BIGINT NOT NULL,
+  created_at BIGINT NOT NULL,
+  PRIMARY KEY (secret_id, key)
+);
+)sql",
 };
 
 // Taken by every migration's transaction: two nodes starting at once on a

@@ -51,7 +51,7 @@ Result<uint32_t> PgStore::NextVersion(int64_t env_id, const std::string& name) {
 }
 
 Status PgStore::AddVersion(int64_t env_id, const std::string& name, uint32_t version, int64_t kek_record_id,
-                           const std::vector<uint8_t>& blob, int64_t now) {
+                           const std::vector<uint8_t>& blob, int64_t now, const std::string& put_key) {
   int backend_pid = 0;
   auto body = [&](Session& s) -> Result<bool> {
     backend_pid = s.backend_pid();
@@ -82,6 +82,21 @@ Status PgStore::AddVersion(int64_t env_id, const std::string& name, uint32_t ver
           .WithVersionTaken();
     }
     if (!ins) return std::move(ins).error();
+    if (!put_key.empty()) {
+      // Keys older than a day go first, so the table stays small. Two puts
+      // with one key on two nodes: the second waits on the first's key row
+      // and then fails the primary key (it is a retry of the first).
+      CUSTODY_RETURN_IF_ERROR(s.Run("DELETE FROM put_keys WHERE secret_id = $1 AND created_at < $2",
+                                    Params().Add(sid).Add(now - kPutKeySeconds)));
+      auto key = s.Run("INSERT INTO put_keys(secret_id, key, version, created_at) VALUES ($1, $2, $3, $4)",
+                       Params().Add(sid).Add(put_key).Add(static_cast<int64_t>(version)).Add(now));
+      if (!key && HasSqlState(key.error(), "23505")) {
+        return Error(Category::kUnavailable, "a put with this Idempotency-Key already stored a version of '" + name + "'",
+                     Backend::kStore, key.error().code())
+            .WithVersionTaken();
+      }
+      if (!key) return std::move(key).error();
+    }
     // The version that was current starts its grace period now.
     CUSTODY_RETURN_IF_ERROR(s.Run("UPDATE secret_versions SET superseded_at = $1 WHERE secret_id = $2 AND version < $3 "
                                   "AND superseded_at IS NULL AND revoked_at IS NULL",
@@ -105,6 +120,17 @@ Status PgStore::AddVersion(int64_t env_id, const std::string& name, uint32_t ver
   return Error(Category::kUnavailable, "store " + where_ + ": the connection was lost while storing version " +
                                            std::to_string(version) + " of '" + name +
                                            "'; it was not stored (checked after reconnecting)");
+}
+
+Result<std::optional<uint32_t>> PgStore::VersionForPutKey(int64_t env_id, const std::string& name,
+                                                         const std::string& put_key, int64_t now) {
+  Session s(*this);
+  if (!s.ok()) return s.error();
+  CUSTODY_ASSIGN_OR_RETURN(Res r, s.Run("SELECT k.version FROM put_keys k JOIN secrets s ON s.id = k.secret_id "
+                                        "WHERE s.environment_id = $1 AND s.name = $2 AND k.key = $3 AND k.created_at >= $4",
+                                        Params().Add(env_id).Add(name).Add(put_key).Add(now - kPutKeySeconds)));
+  if (r.rows() == 0) return std::optional<uint32_t>();
+  return std::optional<uint32_t>(static_cast<uint32_t>(r.Int(0, 0)));
 }
 
 Result<bool> PgStore::ResolveLostCommit(int backend_pid, const std::function<Result<bool>(Session&)>& landed) {

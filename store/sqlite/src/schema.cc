@@ -137,6 +137,16 @@ INSERT INTO audit_checkpoints_by_node(node, seq, covers_hash, created_at)
 DROP TABLE audit_checkpoints;
 ALTER TABLE audit_checkpoints_by_node RENAME TO audit_checkpoints;
 )sql",
+    // 8: idempotency keys of puts (Idempotency-Key): the version each stored.
+    R"sql(
+CREATE TABLE put_keys (
+  secret_id  INTEGER NOT NULL REFERENCES secrets(id) ON DELETE CASCADE,
+  key        TEXT NOT NULL,
+  version    INTEGER NOT NULL,
+  created_at INTEGER NOT NULL,
+  PRIMARY KEY (secret_id, key)
+);
+)sql",
 };
 
 }  // namespace

@@ -33,8 +33,8 @@ Result<uint32_t> SqliteStore::NextVersion(int64_t env_id, const std::string& nam
   return static_cast<uint32_t>(s.Int(0) + 1);
 }
 
-Status SqliteStore::AddVersion(int64_t env_id, const std::string& name, uint32_t version,
-                               int64_t kek_record_id, const std::vector<uint8_t>& blob, int64_t now) {
+Status SqliteStore::AddVersion(int64_t env_id, const std::string& name, uint32_t version, int64_t kek_record_id,
+                               const std::vector<uint8_t>& blob, int64_t now, const std::string& put_key) {
   Lease lease(*this);
   if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
   // A write transaction from the start (BEGIN IMMEDIATE): the KEK's state
@@ -76,6 +76,21 @@ Status SqliteStore::AddVersion(int64_t env_id, const std::string& name, uint32_t
     }
     if (rc != SQLITE_DONE) return Fail(rc, "storing sealed version");
   }
+  if (!put_key.empty()) {
+    // Keys older than a day go first, so the table stays small.
+    Stmt old(db(), "DELETE FROM put_keys WHERE secret_id = ? AND created_at < ?");
+    old.Bind(1, sid).Bind(2, now - kPutKeySeconds);
+    if (int rc = old.Step(); rc != SQLITE_DONE) return Fail(rc, "pruning idempotency keys");
+    Stmt s(db(), "INSERT INTO put_keys(secret_id, key, version, created_at) VALUES (?, ?, ?, ?)");
+    s.Bind(1, sid).Bind(2, put_key).Bind(3, static_cast<int64_t>(version)).Bind(4, now);
+    int rc = s.Step();
+    if (rc == SQLITE_CONSTRAINT_PRIMARYKEY) {
+      return Error(Category::kUnavailable, "a put with this Idempotency-Key already stored a version of '" + name + "'",
+                   Backend::kStore, static_cast<uint64_t>(rc))
+          .WithVersionTaken();
+    }
+    if (rc != SQLITE_DONE) return Fail(rc, "keeping the idempotency key");
+  }
   {
     // The version that was current starts its grace period now. Older ones
     // keep the time their own grace began.
@@ -106,6 +121,19 @@ SecretVersionRecord ReadVersion(const Stmt& s) {
   return r;
 }
 }  // namespace
+
+Result<std::optional<uint32_t>> SqliteStore::VersionForPutKey(int64_t env_id, const std::string& name,
+                                                             const std::string& put_key, int64_t now) {
+  Lease lease(*this);
+  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  Stmt s(db(), "SELECT k.version FROM put_keys k JOIN secrets s ON s.id = k.secret_id "
+               "WHERE s.environment_id = ? AND s.name = ? AND k.key = ? AND k.created_at >= ?");
+  s.Bind(1, env_id).Bind(2, name).Bind(3, put_key).Bind(4, now - kPutKeySeconds);
+  int rc = s.Step();
+  if (rc == SQLITE_DONE) return std::optional<uint32_t>();
+  if (rc != SQLITE_ROW) return Fail(rc, "reading an idempotency key");
+  return std::optional<uint32_t>(static_cast<uint32_t>(s.Int(0)));
+}
 
 Result<SecretVersionRecord> SqliteStore::GetVersion(const EnvironmentRecord& env, const std::string& name,
                                                     std::optional<uint32_t> version) {

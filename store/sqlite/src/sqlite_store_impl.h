@@ -197,8 +197,11 @@ class SqliteStore final : public Store {
   Result<UnsealInputs> ReadForUnseal(const std::string& project, const std::string& env, const std::string& name,
                                      std::optional<uint32_t> version) override;
   Result<uint32_t> NextVersion(int64_t env_id, const std::string& name) override;
+  using Store::AddVersion;
   Status AddVersion(int64_t env_id, const std::string& name, uint32_t version, int64_t kek_record_id,
-                    const std::vector<uint8_t>& blob, int64_t now) override;
+                    const std::vector<uint8_t>& blob, int64_t now, const std::string& put_key) override;
+  Result<std::optional<uint32_t>> VersionForPutKey(int64_t env_id, const std::string& name, const std::string& put_key,
+                                                   int64_t now) override;
   Result<SecretVersionRecord> GetVersion(const EnvironmentRecord& env, const std::string& name,
                                          std::optional<uint32_t> version) override;
   Result<std::vector<SecretVersionRecord>> ListVersions(const EnvironmentRecord& env, const std::string& name) override;

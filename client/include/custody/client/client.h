@@ -13,8 +13,9 @@
 // (CUSTODY_ADDR takes the same list). A GET goes to the node that answered
 // last and moves on to the next when a node cannot be reached, does not
 // answer within CUSTODY_TIMEOUT seconds (default 10) or answers 503. A PUT
-// moves on only when nothing was sent (the connection could not be made):
-// once its bytes left, another node could make a second version.
+// carries a fresh Idempotency-Key and moves on in the same cases: if a node
+// stored it and then failed to answer, the next node finds the key in the
+// shared store and answers with that version instead of making a second.
 #pragma once
 
 #include <cstdint>
@@ -62,7 +63,11 @@ class Client {
     std::shared_ptr<Tls> tls;   // https://
     std::shared_ptr<Connection> conn;
   };
-  Result<Response> Request(const std::string& method, const std::string& target, std::string* body) const;
+  // `idempotency_key`: sent as Idempotency-Key; with it, a request that was
+  // sent may be asked again of another node (the store answers a retry
+  // with what the first one did).
+  Result<Response> Request(const std::string& method, const std::string& target, std::string* body,
+                           const std::string& idempotency_key = "") const;
   // One attempt on one node. `sent`: whether any byte of the request left.
   struct Outgoing;  // the HTTP request, built once for every attempt
   Result<Response> RequestOn(const Node& node, Outgoing& out, bool* sent) const;

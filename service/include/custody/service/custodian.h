@@ -84,7 +84,12 @@ class Custodian {
   // is handed over unless its record was written.
   using GetDone = std::function<void(Result<Unsealed>)>;
   void GetAsync(const RequestContext& rc, const SecretPath& path, std::optional<uint32_t> version, GetDone done);
-  Result<uint32_t> Put(const RequestContext& rc, const SecretPath& path, const SecretBuffer& value);
+  // `put_key`: the request's Idempotency-Key, or empty. A put whose key
+  // already stored a version of this secret is answered with that version
+  // (`*replayed` set): nothing is sealed, stored or charged again, and its
+  // audit record says so.
+  Result<uint32_t> Put(const RequestContext& rc, const SecretPath& path, const SecretBuffer& value,
+                       const std::string& put_key = "", bool* replayed = nullptr);
   Result<std::vector<UsageRow>> Usage(const RequestContext& rc, const std::optional<std::string>& project);
   // Every secret's place in the rotation schedule under the policy in force
   // (for the server's metrics: counts, never names or values).

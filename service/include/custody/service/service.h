@@ -48,8 +48,13 @@ class SecretService {
   // `before_commit`, if given, runs after sealing and before the store
   // commits the version (the CLI makes its audit record durable there); an
   // error from it stops the put with nothing stored.
+  // `put_key` (not empty): the request's Idempotency-Key. If a put with it
+  // already stored a version of this secret (within a day), that version
+  // is returned, nothing is sealed or stored, and `*replayed` is set; a
+  // concurrent put with the same key on another node ends the same way.
   Result<uint32_t> Put(const SecretPath& path, const SecretBuffer& value,
-                       const std::function<Status(uint32_t version)>& before_commit = {});
+                       const std::function<Status(uint32_t version)>& before_commit = {},
+                       const std::string& put_key = "", bool* replayed = nullptr);
   // The current version, or `version` if its state allows (current or
   // previous within `grace`).
   Result<Unsealed> Get(const SecretPath& path, std::optional<uint32_t> version,

@@ -309,8 +309,23 @@ class Store : public KekUsageLedger, public KekMaterialSource {
   // took `version` first, or KEK rotation retired `kek_record_id` meanwhile,
   // kUnavailable with Error::version_taken(): the caller re-reads the current
   // KEK and re-seals with the next number. Any other failure is not that.
-  virtual Status AddVersion(int64_t env_id, const std::string& name, uint32_t version,
-                            int64_t kek_record_id, const std::vector<uint8_t>& blob, int64_t now) = 0;
+  // `put_key` (not empty: the request's Idempotency-Key) is kept with the
+  // version, in the same transaction: if a put with that key already stored
+  // a version of this secret, nothing is added and the answer is
+  // version_taken too; the caller then finds it with VersionForPutKey.
+  virtual Status AddVersion(int64_t env_id, const std::string& name, uint32_t version, int64_t kek_record_id,
+                            const std::vector<uint8_t>& blob, int64_t now, const std::string& put_key) = 0;
+  Status AddVersion(int64_t env_id, const std::string& name, uint32_t version, int64_t kek_record_id,
+                    const std::vector<uint8_t>& blob, int64_t now) {
+    return AddVersion(env_id, name, version, kek_record_id, blob, now, "");
+  }
+  // The version a put with Idempotency-Key `put_key` stored for this secret
+  // within the last kPutKeySeconds, or nullopt. (A retry of a put whose
+  // answer was lost, through this node or another, is answered with it
+  // instead of storing the value twice.)
+  static constexpr int64_t kPutKeySeconds = 24 * 3600;
+  virtual Result<std::optional<uint32_t>> VersionForPutKey(int64_t env_id, const std::string& name,
+                                                           const std::string& put_key, int64_t now) = 0;
   // The current version (the newest not revoked), or `version` if given,
   // whatever its state. kNotFound names what is missing, and says so when
   // every version is revoked.
