@@ -250,12 +250,12 @@ Result<uint32_t> Custodian::Put(const RequestContext& rc, const SecretPath& path
       }, put_key, &raced);
     };
     auto v = put();
-    // A twin of this put (same key) stored first, on this node or another.
-    if (v && raced) return replay(*v);
     // Sealing failed on a lost session before anything was recorded or
     // stored: recovered and tried once more, as a GET does.
     if (!f.recorded && RecoverFrom(v)) v = put();
     stats_.token_healthy.store(!TokenFault(v));
+    // A twin of this put (same key) stored first, on this node or another.
+    if (v && raced) return replay(*v);
     if (!v && f.recorded) {
       AuditEvent failed = f.ev;
       failed.result = core::AuditResult::kError;

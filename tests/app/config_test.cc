@@ -196,6 +196,18 @@ TEST(Config, AStoreUrlLoadsButNotWithAPasswordOrBesideAPath) {
   ASSERT_FALSE(both.ok());
   EXPECT_NE(both.error().message().find("both path (SQLite) and url (PostgreSQL)"), std::string::npos)
       << both.error().message();
+
+  // With the store, the audit trail is in it: a folder is refused, and
+  // the config written back for a store has none.
+  EXPECT_EQ(test::ReadFile(dir / "back.toml").find("\ndir = "), std::string::npos) << test::ReadFile(dir / "back.toml");
+  test::WriteFile(path, head + "url = \"host=/run/postgresql dbname=custody\"\n[audit]\ndir = \"/var/lib/custody/audit\"\n");
+  auto folder = LoadConfig(path);
+  ASSERT_FALSE(folder.ok());
+  EXPECT_EQ(folder.error().exit_code(), 78);
+  EXPECT_NE(folder.error().message().find("audit.dir: with a PostgreSQL store ([store] url) the audit trail is kept in "
+                                          "the store"),
+            std::string::npos)
+      << folder.error().message();
 }
 
 TEST(ResolvePin, DescriptorThenEnvironmentThenFile) {
