@@ -3,7 +3,7 @@
 // client GETting one secret in a loop. Per row: the total rate, p50 and p99,
 // the nodes' CPU time per GET (all their threads, summed), PostgreSQL's CPU
 // time per GET (its processes, from /proc) and the statements each GET sent
-// to PostgreSQL (pg_stat_statements).
+// to PostgreSQL (pg_stat_statements), the audit trail's batches included.
 //
 // On a 2-core machine the clients, the nodes and PostgreSQL share two cores,
 // so the total rate cannot grow with nodes: what the run shows is the cost
@@ -80,7 +80,8 @@ int main() {
   Sh(custody + " policy apply " + dir + "/policy.toml >/dev/null");
   Sh("head -c 48 /dev/urandom | base64 | head -c 64 | " + custody + " secret put bench/prod/api-key >/dev/null");
 
-  // Three node configs: the same file with its own name, socket and audit folder.
+  // Three node configs: the same file with its own name and socket (each
+  // node's audit chain is in the store).
   auto loaded = custody::core::LoadConfig(cfg);
   if (!loaded) Die(loaded.error().message());
   std::vector<std::string> sockets, configs;
@@ -88,7 +89,6 @@ int main() {
     const std::string name = "node-" + std::string(1, static_cast<char>('a' + i));
     custody::core::Config c = *loaded;
     c.node = {name, true};
-    c.audit.dir = dir + "/state/audit-" + name;
     c.server.socket_path = dir + "/" + name + ".sock";
     c.server.max_connections = 1024;
     c.server.max_connections_per_peer = 1024;
