@@ -782,6 +782,15 @@ Result<int64_t> ParseSince(const std::string& text) {
 
 namespace {
 
+// --since of `audit show` and `audit export`: checked as text, then read
+// as a date or an age; nullopt when not given.
+Result<std::optional<int64_t>> SinceArg(const std::optional<std::string>& since) {
+  if (!since) return std::optional<int64_t>();
+  CUSTODY_RETURN_IF_ERROR(CheckArgText("--since", *since));
+  CUSTODY_ASSIGN_OR_RETURN(int64_t t, ParseSince(*since));
+  return std::optional<int64_t>(t);
+}
+
 // One chain of the configured trail, read and verified.
 struct ChainReport {
   std::string node;  // "" for the file log's one chain
@@ -965,12 +974,8 @@ Status AuditShow(const Globals& g, const AuditShowArgs& a) {
     CUSTODY_RETURN_IF_ERROR(core::ValidateProjectName(*a.project));
   }
   if (a.principal) CUSTODY_RETURN_IF_ERROR(CheckArgText("--principal", *a.principal));
-  if (a.since) CUSTODY_RETURN_IF_ERROR(CheckArgText("--since", *a.since));
   if (a.action) CUSTODY_RETURN_IF_ERROR(CheckArgText("--action", *a.action));
-  std::optional<int64_t> since;
-  if (a.since) {
-    CUSTODY_ASSIGN_OR_RETURN(since, ParseSince(*a.since));
-  }
+  CUSTODY_ASSIGN_OR_RETURN(std::optional<int64_t> since, SinceArg(a.since));
   CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "audit.show"));
   o.best_effort = true;  // reading a damaged log must stay possible
   o.ev.project = a.project.value_or("");
@@ -1041,7 +1046,7 @@ Status AuditShow(const Globals& g, const AuditShowArgs& a) {
 }
 
 Status AuditExport(const Globals& g, const AuditExportArgs& a) {
-  if (a.since) CUSTODY_RETURN_IF_ERROR(CheckArgText("--since", *a.since));
+  CUSTODY_ASSIGN_OR_RETURN(std::optional<int64_t> since, SinceArg(a.since));
   if (a.node) {
     CUSTODY_RETURN_IF_ERROR(CheckArgText("--node", *a.node));
     if (Status s = core::ValidateNodeName(*a.node, "--node"); !s.ok()) {
@@ -1049,10 +1054,6 @@ Status AuditExport(const Globals& g, const AuditExportArgs& a) {
     }
   }
   if (a.out) CUSTODY_RETURN_IF_ERROR(CheckArgText("--out", *a.out));
-  std::optional<int64_t> since;
-  if (a.since) {
-    CUSTODY_ASSIGN_OR_RETURN(since, ParseSince(*a.since));
-  }
   CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "audit.export"));
   o.best_effort = true;  // exporting a damaged trail must stay possible
   if (a.node) o.ev.detail = "node " + *a.node;
