@@ -208,6 +208,7 @@ int main() {
       }
       if (!std::filesystem::exists(socket2)) Die("custodyd on the PostgreSQL store did not start");
       ServerRun(pg_server, socket2, 4, std::chrono::seconds(1), "", "benchpg/prod/api-key");  // warm up
+      Sh(pg_bindir + "/psql -X -q -d '" + url + "' -c 'SELECT stats.pg_stat_statements_reset()' >/dev/null");
       const double before = PgStatements(pg_bindir, url);
       pg16 = ServerRun(pg_server, socket2, 16, secs, "", "benchpg/prod/api-key");
       const double sent = PgStatements(pg_bindir, url) - before;
@@ -217,6 +218,7 @@ int main() {
       std::printf("         PostgreSQL store: %.2f of the SQLite store's rate; %.2f statements to PostgreSQL per GET "
                   "(usage counts are batched: a flush of several statements every few seconds is included)\n",
                   at16.rate > 0 ? pg16.rate / at16.rate : 0, pg_statements_per_get);
+      PrintPgStatements(pg_bindir, url, gets);
     }
   }
 

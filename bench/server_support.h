@@ -153,5 +153,26 @@ inline double PgStatements(const std::string& bindir, const std::string& url) {
   return n;
 }
 
+// What PostgreSQL ran in database custody, by statement: calls and mean
+// time, most total time first (pg_stat_statements), to show where a GET's
+// round trips go.
+inline void PrintPgStatements(const std::string& bindir, const std::string& url, double gets) {
+  std::string out = "/tmp/custody-bench-pgstat";
+  Sh(bindir + "/psql -X -q -t -A -F '|' -d '" + url +
+     "' -c \"SELECT calls, round(mean_exec_time::numeric * 1000, 1), left(regexp_replace(query, '\\\\s+', ' ', 'g'), 90) "
+     "FROM stats.pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = 'custody' AND "
+     "s.query NOT LIKE '%pg_stat_statements%' ORDER BY total_exec_time DESC LIMIT 8\" > " + out);
+  std::ifstream in(out);
+  std::string line;
+  std::printf("         %9s %9s  statement\n", "per GET", "mean us");
+  while (std::getline(in, line)) {
+    const auto a = line.find('|'), b = line.find('|', a + 1);
+    if (a == std::string::npos || b == std::string::npos) continue;
+    const double calls = std::atof(line.substr(0, a).c_str());
+    std::printf("         %9.3f %9s  %s\n", gets > 0 ? calls / gets : 0, line.substr(a + 1, b - a - 1).c_str(),
+                line.substr(b + 1).c_str());
+  }
+  std::filesystem::remove(out);
+}
 
 }  // namespace bench

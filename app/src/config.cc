@@ -165,6 +165,14 @@ Result<Config> LoadConfig(const std::string& path) {
     CUSTODY_ASSIGN_OR_RETURN(std::string pf, RequireString(*token, "pin_file", path, "token"));
     c.token.pin_file = std::move(pf);
   }
+  if (const toml::node* n = token->get("call_timeout")) {
+    auto v = n->value_exact<int64_t>();
+    if (!v || *v < 100 || *v > 600000) {
+      return Error(Category::kConfig, Where(path, n->source()) +
+                                          ": token.call_timeout must be 100 to 600000 (milliseconds)");
+    }
+    c.token.call_timeout_ms = static_cast<int>(*v);
+  }
   if (const toml::node* pin = token->get("pin"); pin != nullptr) {
     return Error(Category::kConfig, Where(path, pin->source()) +
                                         ": a PIN may not be written in the config; use pin_file, CUSTODY_PIN or --pin-fd");
@@ -321,6 +329,7 @@ Status WriteConfig(const Config& c, const std::string& path) {
     token.insert("uri", c.token.pkcs11.uri);
   }
   if (c.token.pin_file) token.insert("pin_file", *c.token.pin_file);
+  if (c.token.call_timeout_ms != TokenSection{}.call_timeout_ms) token.insert("call_timeout", c.token.call_timeout_ms);
   if (!c.token.environment.empty()) {
     toml::table env;
     for (const auto& [k, v] : c.token.environment) env.insert(k, v);

@@ -103,6 +103,11 @@ class Metrics {
            std::to_string(s.token_recoveries.load()) + "\n";
     out += "# TYPE custody_token_reinitializations_total counter\ncustody_token_reinitializations_total " +
            std::to_string(s.token_reinitializations.load()) + "\n";
+    out += "# HELP custody_token_call_timeouts_total Token or TPM calls that did not return within [token] call_timeout.\n";
+    out += "# TYPE custody_token_call_timeouts_total counter\ncustody_token_call_timeouts_total " +
+           std::to_string(s.token_timeouts.load()) + "\n";
+    out += "# HELP custody_token_calls_hung Token or TPM calls out past their deadline now.\n";
+    out += "# TYPE custody_token_calls_hung gauge\ncustody_token_calls_hung " + std::to_string(s.token_hung.load()) + "\n";
     out += "# TYPE custody_audit_write_failures_total counter\ncustody_audit_write_failures_total " +
            std::to_string(s.audit_failures.load()) + "\n";
     out += "# TYPE custody_audit_healthy gauge\ncustody_audit_healthy " + std::string(s.audit_healthy ? "1" : "0") + "\n";

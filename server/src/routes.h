@@ -3,6 +3,7 @@
 // Private to the server library: included by its own sources only.
 #pragma once
 
+#include "custody/common/time.h"
 #include "session.h"
 
 namespace custody::server {
@@ -133,8 +134,13 @@ std::optional<http::response<http::string_body>> Session<StreamT>::Handle(http::
 
   if (path == "/v1/health") {
     action_ = "health";
+    srv_.custodian.RefreshTokenStalls();
     auto& st = srv_.custodian.stats();
-    bool ok = st.audit_healthy.load() && st.token_healthy.load() && st.store_healthy.load();
+    // A call to the token that has not returned within [token] call_timeout:
+    // this node's requests to it may all be refused; let a balancer choose
+    // another node until it answers again.
+    const uint64_t hung = st.token_hung.load();
+    bool ok = st.audit_healthy.load() && st.token_healthy.load() && st.store_healthy.load() && hung == 0;
     // Anyone who can connect learns whether this node can serve (a load
     // balancer needs no more) and which node answered; what fails and the
     // policy version are for the readers of /metrics.
@@ -145,7 +151,10 @@ std::optional<http::response<http::string_body>> Session<StreamT>::Handle(http::
     return Json(ok ? 200 : 503, {{"status", ok ? "ok" : "degraded"},
                                  {"node", srv_.options.node_name},
                                  {"audit", st.audit_healthy.load() ? "ok" : "failing: " + st.audit_problem()},
-                                 {"token", st.token_healthy.load() ? "ok" : "failing: see custody_token_errors_total"},
+                                 {"token", hung > 0 ? "slow or hung since " + FormatUtc(st.token_hung_since.load()) + ": " +
+                                                          std::to_string(hung) + " call(s) have not returned"
+                                            : st.token_healthy.load() ? "ok"
+                                                                      : "failing: see custody_token_errors_total"},
                                  {"store", st.store_healthy.load() ? "ok" : "failing: the store cannot be read"},
                                  {"policy_version", policy.in_force},
                                  {"policy", policy.problem.empty() ? "ok" : policy.problem}});
@@ -161,6 +170,7 @@ std::optional<http::response<http::string_body>> Session<StreamT>::Handle(http::
     }
     http::response<http::string_body> res{http::status::ok, 11};
     res.set(http::field::content_type, "text/plain; version=0.0.4");
+    srv_.custodian.RefreshTokenStalls();
     srv_.metrics.RefreshSchedule(srv_.custodian);
     res.body() = srv_.metrics.Render(srv_.custodian.stats(), srv_.custodian.usage_flush_failures(), srv_.connections.load(),
                                      srv_.custodian.policy_state(), srv_.options.node_name);

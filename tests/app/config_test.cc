@@ -155,6 +155,30 @@ TEST(Config, MissingOrMistypedKeysAreConfigErrors) {
   EXPECT_EQ(LoadConfig(dir / "missing.toml").error().category(), Category::kConfig);
 }
 
+// [token] call_timeout: written back when it is not the default, and
+// refused (naming the key and the range) outside 100 ms to 10 minutes.
+TEST(Config, ATokenCallTimeoutIsKeptAndChecked) {
+  test::TempDir dir;
+  Config c = Sample(dir);
+  c.token.call_timeout_ms = 1500;
+  std::string path = dir / "custody.toml";
+  ASSERT_TRUE(WriteConfig(c, path).ok());
+  auto back = LoadConfig(path);
+  ASSERT_TRUE(back.ok()) << back.error().message();
+  EXPECT_EQ(back->token.call_timeout_ms, 1500);
+  EXPECT_EQ(Config{}.token.call_timeout_ms, 5000) << "the default";
+  for (const std::string bad : {"0", "99", "600001", "\"5s\"", "-1"}) {
+    test::WriteFile(path, "state_dir = \"/x\"\n[token]\nmodule = \"/m.so\"\nuri = \"pkcs11:\"\ncall_timeout = " + bad +
+                              "\n[store]\npath = \"/x/db\"\n");
+    auto r = LoadConfig(path);
+    ASSERT_FALSE(r.ok()) << bad;
+    EXPECT_EQ(r.error().category(), Category::kConfig);
+    EXPECT_NE(r.error().message().find(path + ":5:"), std::string::npos) << r.error().message();
+    EXPECT_NE(r.error().message().find("token.call_timeout must be 100 to 600000"), std::string::npos)
+        << r.error().message();
+  }
+}
+
 TEST(Config, APinInTheConfigIsRefused) {
   test::TempDir dir;
   std::string path = dir / "c.toml";

@@ -7,9 +7,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
+#include <algorithm>
+#include <iterator>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -320,6 +324,204 @@ TEST_F(FaultyTokenServerTest, APutWhoseSealTheTokenRefusesWritesNothingAndLeaves
   EXPECT_EQ(nlohmann::json::parse(versions.out).size(), 4u) << "no version from a refused PUT: " << versions.out;
   auto verify = Cli({"audit", "verify"});
   EXPECT_EQ(verify.exit_code, 0) << verify.out << verify.err;
+}
+
+// Adds `line` to the [token] table of the config at `path`.
+void AddToTokenTable(const std::string& path, const std::string& line) {
+  std::string cfg = ReadFile(path);
+  const size_t at = cfg.find("[token]\n");
+  ASSERT_NE(at, std::string::npos) << cfg;
+  cfg.insert(at + 8, line + "\n");
+  WriteFile(path, cfg);
+}
+
+// A token call that hangs (a network HSM that stops answering) holds only
+// the request that made it, and that one only until [token] call_timeout:
+// 8 clients read while the next two C_Decrypt calls hang for 5 s. Every
+// request gets its value with one audit record or a 503, within the
+// deadline and well before the hang ends; no wrong value; health says the
+// token is slow or hung and /metrics counts the calls; once the hung calls
+// return, everything is back without a restart.
+class HungTokenServerTest : public FaultyTokenServerTest {
+ protected:
+  void BeforeStart() override {
+    FaultyTokenServerTest::BeforeStart();
+    AddToTokenTable(token_.config_path(), "call_timeout = 1000");
+  }
+};
+
+TEST_F(HungTokenServerTest, AHungCallCostsItsRequestA503AtTheDeadlineAndNoOneElseWaits) {
+  ASSERT_EQ(StatusLine(Get("payments/prod/stripe")), "HTTP/1.1 200 OK");
+  const size_t records_before = AuditCount("secret.get");
+  std::filesystem::remove(control_ + ".hung");
+  Fault("hang 5000 2 C_Decrypt");
+  using Clock = std::chrono::steady_clock;
+  const auto start = Clock::now();
+  struct Tally {
+    int sent = 0, ok = 0, unavailable = 0, wrong = 0, other = 0;
+    double slowest_ms = 0;
+  };
+  std::vector<Tally> tallies(8);
+  std::vector<std::thread> clients;
+  for (int c = 0; c < 8; ++c) {
+    clients.emplace_back([&, c] {
+      Tally& t = tallies[c];
+      while (Clock::now() - start < std::chrono::milliseconds(3000)) {
+        const auto t0 = Clock::now();
+        const std::string a = Get("payments/prod/stripe");
+        const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+        t.slowest_ms = std::max(t.slowest_ms, ms);
+        ++t.sent;
+        const std::string status = StatusLine(a);
+        if (status == "HTTP/1.1 200 OK") {
+          (a.find(kSecret) != std::string::npos ? t.ok : t.wrong)++;
+        } else if (status == "HTTP/1.1 503 Service Unavailable" && a.find("Retry-After") != std::string::npos &&
+                   a.find(kSecret) == std::string::npos) {
+          ++t.unavailable;
+        } else {
+          ++t.other;
+        }
+      }
+    });
+  }
+  // While the two calls hang: health and metrics say so.
+  for (int i = 0; i < 300 && !std::filesystem::exists(control_ + ".hung"); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));  // past the 1 s deadline
+  const std::string health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+  const std::string metrics = Raw(socket_, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+  for (auto& t : clients) t.join();
+  const auto loaded = Clock::now();
+  Tally all;
+  for (const auto& t : tallies) {
+    all.sent += t.sent;
+    all.ok += t.ok;
+    all.unavailable += t.unavailable;
+    all.wrong += t.wrong;
+    all.other += t.other;
+    all.slowest_ms = std::max(all.slowest_ms, t.slowest_ms);
+  }
+  std::printf("hung token: sent %d, answered %d, 503 %d, wrong %d, other %d, slowest %.0f ms\n", all.sent, all.ok,
+              all.unavailable, all.wrong, all.other, all.slowest_ms);
+  EXPECT_EQ(std::count(std::istreambuf_iterator<char>(*std::make_unique<std::ifstream>(control_ + ".hung")),
+                       std::istreambuf_iterator<char>(), '\n'),
+            2)
+      << "two calls hung";
+  EXPECT_EQ(all.unavailable, 2) << "the two requests whose calls hung, and only they, got 503";
+  EXPECT_EQ(all.wrong, 0);
+  EXPECT_EQ(all.other, 0);
+  EXPECT_GT(all.ok, 8) << "the other requests were served while two calls hung";
+  // No request waited for the hang (5 s): the two held ones were let go at
+  // the 1 s deadline. (A bound far from both, not a timing target.)
+  EXPECT_LT(all.slowest_ms, 4000) << "a request waited for the hung call";
+  EXPECT_NE(health.find("503"), std::string::npos) << health;
+  EXPECT_NE(health.find("\"token\":\"slow or hung since "), std::string::npos) << health;
+  EXPECT_NE(metrics.find("custody_token_call_timeouts_total{node=\"node-a\"} 2"), std::string::npos) << metrics;
+  EXPECT_NE(metrics.find("custody_token_calls_hung{node=\"node-a\"} 2"), std::string::npos) << metrics;
+  // One record per request, the refused ones included.
+  EXPECT_EQ(AuditCount("secret.get"), records_before + static_cast<size_t>(all.sent));
+
+  // The hang ends (5 s after it began): served again, health ok, no restart.
+  bool back = false;
+  for (int i = 0; i < 200 && !back; ++i) {
+    const std::string h = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+    back = h.find("\"status\":\"ok\"") != std::string::npos;
+    if (!back) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_TRUE(back) << "health did not come back";
+  std::printf("hung token: healthy again %.1f s after the load ended\n",
+              std::chrono::duration<double>(Clock::now() - loaded).count());
+  const std::string after = Get("payments/prod/stripe");
+  EXPECT_EQ(StatusLine(after), "HTTP/1.1 200 OK") << after;
+  EXPECT_NE(after.find(kSecret), std::string::npos);
+  EXPECT_EQ(Cli({"audit", "verify"}).exit_code, 0);
+}
+
+// swtpm killed and started again on the same state under a TPM-backed
+// custodyd serving 8 clients: while it is down requests get 503 (never a
+// wrong value, never a wait past the deadline); once it is back custodyd
+// reconnects by itself (the SRK found again and checked), and serves; after
+// it stops, no transient object is left in the TPM.
+class TpmRestartServerTest : public TpmServerTest {
+ protected:
+  void BeforeStart() override {
+    TpmServerTest::BeforeStart();
+    AddToTokenTable(token_.config_path(), "call_timeout = 2000");
+  }
+};
+
+TEST_F(TpmRestartServerTest, AKilledAndRestartedTpmIsServedAgainWithoutARestart) {
+  auto get = [&] { return Raw(socket_, "GET /v1/secrets/payments/prod/stripe HTTP/1.1\r\nHost: x\r\n\r\n"); };
+  ASSERT_NE(get().find("200 OK"), std::string::npos);
+  const size_t records_before = AuditCount("secret.get");
+  using Clock = std::chrono::steady_clock;
+  std::atomic<bool> stop{false};
+  std::atomic<int> sent{0}, ok{0}, unavailable{0}, wrong{0}, other{0};
+  std::atomic<int64_t> slowest_ms{0}, last_failure_ms{0};
+  const auto start = Clock::now();
+  std::vector<std::thread> clients;
+  for (int c = 0; c < 8; ++c) {
+    clients.emplace_back([&] {
+      while (!stop) {
+        const auto t0 = Clock::now();
+        const std::string a = get();
+        const auto t1 = Clock::now();
+        const int64_t ms = std::chrono::duration_cast<std::chrono::milliseconds>(t1 - t0).count();
+        int64_t seen = slowest_ms.load();
+        while (ms > seen && !slowest_ms.compare_exchange_weak(seen, ms)) {
+        }
+        ++sent;
+        const std::string status = a.substr(0, a.find("\r\n"));
+        if (status == "HTTP/1.1 200 OK") {
+          (a.find(kSecret) != std::string::npos ? ok : wrong)++;
+        } else {
+          (status == "HTTP/1.1 503 Service Unavailable" && a.find(kSecret) == std::string::npos ? unavailable : other)++;
+          last_failure_ms = std::chrono::duration_cast<std::chrono::milliseconds>(t1 - start).count();
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      }
+    });
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  swtpm_.Kill();
+  std::this_thread::sleep_for(std::chrono::milliseconds(1000));
+  const std::string health_down = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+  ASSERT_TRUE(swtpm_.Restart());
+  const int64_t restarted_ms = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start).count();
+  // Served again, with no restart of custodyd: wait for a run of answers.
+  bool back = false;
+  for (int i = 0; i < 200 && !back; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    back = get().find(kSecret) != std::string::npos;
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(1000));
+  stop = true;
+  for (auto& t : clients) t.join();
+  std::printf("tpm restart: sent %d, answered %d, 503 %d, wrong %d, other %d, slowest %lld ms, last failure %lld ms "
+              "after the load began, swtpm back at %lld ms\n",
+              sent.load(), ok.load(), unavailable.load(), wrong.load(), other.load(),
+              static_cast<long long>(slowest_ms.load()), static_cast<long long>(last_failure_ms.load()),
+              static_cast<long long>(restarted_ms));
+  EXPECT_TRUE(back) << "custodyd did not serve again after swtpm came back";
+  EXPECT_EQ(wrong.load(), 0);
+  EXPECT_EQ(other.load(), 0);
+  EXPECT_GT(unavailable.load(), 0) << "the outage was not seen at all";
+  EXPECT_LT(slowest_ms.load(), 4000) << "a request waited past the deadline";
+  EXPECT_LE(last_failure_ms.load(), restarted_ms + 3000) << "failures went on long after swtpm was back";
+  EXPECT_NE(health_down.find("503"), std::string::npos) << health_down;
+  // One record per request (the extra get() calls in the wait included).
+  EXPECT_GE(AuditCount("secret.get"), records_before + static_cast<size_t>(sent.load()));
+  auto metrics = Raw(socket_, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_EQ(metrics.find("custody_token_recoveries_total{node=\"node-a\"} 0"), std::string::npos) << metrics;
+  // Stopped: nothing custodyd loaded is left in the TPM.
+  ::kill(pid_, SIGTERM);
+  auto status = WaitForExit(pid_, std::chrono::seconds(30));
+  ASSERT_TRUE(status.has_value());
+  auto caps = RunProgram("/usr/bin/tpm2_getcap", {"-T", swtpm_.tcti(), "handles-transient"}, {});
+  EXPECT_EQ(caps.exit_code, 0) << caps.err;
+  EXPECT_EQ(caps.out.find("0x80"), std::string::npos) << "transient handles left: " << caps.out;
+  EXPECT_EQ(Cli({"audit", "verify"}).exit_code, 0);
 }
 
 class StuckAuditDiskServerTest : public ServerTest {

@@ -20,6 +20,13 @@
 //                       CKR_SESSION_HANDLE_INVALID, CKR_USER_NOT_LOGGED_IN,
 //                       CKR_OBJECT_HANDLE_INVALID; with +N the first N such
 //                       calls of this process still work
+//   "hang MS N [FUNC...]"
+//                       the next N calls of the named functions (C_Decrypt
+//                       when none is named) of this process wait MS
+//                       milliseconds before they reach the token, as a
+//                       network HSM that stops answering; later calls pass.
+//                       PATH.hung gets a line as each hang begins. Written
+//                       again with other text, the count starts over.
 // Slot and token information keep working, so a slot can still be found.
 // "down", "reset" and "slow" act on the first eleven functions below (the
 // session, login, crypto, search and RNG calls); "fail" also reaches key
@@ -43,6 +50,7 @@
 #include <cstring>
 #include <fstream>
 #include <mutex>
+#include <sstream>
 #include <string>
 #include <thread>
 
@@ -98,6 +106,35 @@ std::string RvText(CK_RV rv) {
 
 std::atomic<long> g_fail_passed{0};  // "+N": matching calls let through so far
 
+std::string g_hang_text;  // the "hang" command its count belongs to
+long g_hangs = 0;         // hangs begun under it
+
+// "hang MS N [FUNC...]": whether this call of `fn` is one of the N to hang,
+// and if so the hang itself.
+void MaybeHang(const char* fn, const std::string& text, const std::string& path) {
+  std::istringstream in(text);
+  std::string word;
+  long ms = 0, n = 0;
+  in >> word >> ms >> n;
+  bool named = false, match = false;
+  for (std::string t; in >> t;) {
+    named = true;
+    match = match || t == fn;
+  }
+  if (named ? !match : std::string(fn) != "C_Decrypt") return;
+  {
+    std::lock_guard lock(g_mu);
+    if (text != g_hang_text) {
+      g_hang_text = text;
+      g_hangs = 0;
+    }
+    if (g_hangs >= n) return;
+    ++g_hangs;
+  }
+  std::ofstream(path + ".hung", std::ios::app) << fn << "\n";
+  std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+}
+
 // What this call of `fn` answers instead of reaching the token (CKR_OK:
 // nothing, forward it). `legacy`: one of the eleven "down"/"reset" reach.
 CK_RV Fault(const char* fn, bool legacy) {
@@ -106,6 +143,13 @@ CK_RV Fault(const char* fn, bool legacy) {
   std::ifstream f(path);
   std::string word, arg;
   if (f) f >> word >> arg;
+  if (word == "hang") {
+    std::ifstream again(path);
+    std::string text;
+    std::getline(again, text);
+    MaybeHang(fn, text, path);
+    return legacy && g_broken.load() ? CKR_DEVICE_ERROR : CKR_OK;
+  }
   if (word == "fail") {
     CK_RV rv = CKR_GENERAL_ERROR;  // an unknown name: a broken test, loudly
     for (const auto& n : kRvs) {

@@ -230,4 +230,9 @@ std::string PgServer::Sql(const std::string& db, const std::string& sql) const {
   return r.out;
 }
 
+int PgServer::TrySql(const std::string& db, const std::string& sql) const {
+  return RunProgram(bindir_ + "/psql", {"-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-d", Url(db), "-c", sql}, {})
+      .exit_code;
+}
+
 }  // namespace custody::test

@@ -40,6 +40,8 @@ class PgServer {
   // Runs SQL as the superuser (through psql); returns psql's stdout, and
   // fails the test on an error.
   std::string Sql(const std::string& db, const std::string& sql) const;
+  // The same, but an error is the caller's to judge: psql's exit code.
+  int TrySql(const std::string& db, const std::string& sql) const;
 
   // Stops the server: `immediate` as a crash would (SIGQUIT), else a fast
   // shutdown (SIGINT, which ends every session). Start() brings it back on

@@ -277,51 +277,75 @@ Swtpm::Swtpm() {
   for (int attempt = 0; attempt < 20 && pid_ < 0; ++attempt) {
     int probe = Listening(0);
     const int port = probe < 0 ? 0 : PortOf(probe);
-    int ctrl_fd = (port > 0 && port < 65535) ? Listening(port + 1) : -1;
     if (probe >= 0) ::close(probe);
-    if (ctrl_fd < 0) continue;
-    port_ = port;
-    std::string state = "dir=" + std::string(dir_.path());
-    constexpr int kCtrlFd = 3;
-    std::string server = "type=tcp,port=" + std::to_string(port_) + ",bindaddr=127.0.0.1";
-    std::string control = "type=tcp,fd=" + std::to_string(kCtrlFd);
-    pid_t pid = ::fork();
-    if (pid == 0) {
-      int null = ::open("/dev/null", O_RDWR);
-      ::dup2(null, 0);
-      ::dup2(null, 1);
-      ::dup2(null, 2);
-      // dup2 clears FD_CLOEXEC: swtpm keeps the listening control socket.
-      int c = ::fcntl(ctrl_fd, F_DUPFD, 10);
-      ::dup2(c, kCtrlFd);
-      ::execl(bin, "swtpm", "socket", "--tpm2", "--tpmstate", state.c_str(), "--server", server.c_str(), "--ctrl",
-              control.c_str(), "--flags", "not-need-init,startup-clear", static_cast<char*>(nullptr));
-      ::_exit(127);
-    }
-    ::close(ctrl_fd);
-    if (pid < 0) break;
-    bool exited = false;
-    for (int i = 0; i < 100 && !exited; ++i) {
-      if (::waitpid(pid, nullptr, WNOHANG) == pid) {
-        exited = true;  // its command port was taken: try other ports
-      } else if (ControlAnswers(port_ + 1)) {
-        // swtpm binds its command port before it serves the control
-        // channel, and exits when it cannot: still running means bound.
-        std::this_thread::sleep_for(std::chrono::milliseconds(20));
-        if (::waitpid(pid, nullptr, WNOHANG) == pid) {
-          exited = true;
-        } else {
-          pid_ = pid;
-        }
-        break;
-      }
-    }
-    if (pid_ < 0 && !exited) {
-      ::kill(pid, SIGKILL);
-      ::waitpid(pid, nullptr, 0);
-    }
+    if (port <= 0 || port >= 65535) continue;
+    Launch(port);
   }
   if (pid_ < 0) why_not_ = "swtpm did not start (20 tries)";
+}
+
+bool Swtpm::Launch(int port) {
+  const char* bin = "/usr/bin/swtpm";
+  int ctrl_fd = Listening(port + 1);
+  if (ctrl_fd < 0) return false;
+  port_ = port;
+  std::string state = "dir=" + std::string(dir_.path());
+  constexpr int kCtrlFd = 3;
+  std::string server = "type=tcp,port=" + std::to_string(port_) + ",bindaddr=127.0.0.1";
+  std::string control = "type=tcp,fd=" + std::to_string(kCtrlFd);
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    int null = ::open("/dev/null", O_RDWR);
+    ::dup2(null, 0);
+    ::dup2(null, 1);
+    ::dup2(null, 2);
+    // dup2 clears FD_CLOEXEC: swtpm keeps the listening control socket.
+    int c = ::fcntl(ctrl_fd, F_DUPFD, 10);
+    ::dup2(c, kCtrlFd);
+    ::execl(bin, "swtpm", "socket", "--tpm2", "--tpmstate", state.c_str(), "--server", server.c_str(), "--ctrl",
+            control.c_str(), "--flags", "not-need-init,startup-clear", static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  ::close(ctrl_fd);
+  if (pid < 0) return false;
+  bool exited = false;
+  for (int i = 0; i < 100 && !exited; ++i) {
+    if (::waitpid(pid, nullptr, WNOHANG) == pid) {
+      exited = true;  // its command port was taken: try other ports
+    } else if (ControlAnswers(port_ + 1)) {
+      // swtpm binds its command port before it serves the control
+      // channel, and exits when it cannot: still running means bound.
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      if (::waitpid(pid, nullptr, WNOHANG) == pid) {
+        exited = true;
+      } else {
+        pid_ = pid;
+        return true;
+      }
+    }
+  }
+  if (!exited) {
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, nullptr, 0);
+  }
+  return false;
+}
+
+void Swtpm::Kill() {
+  if (pid_ <= 0) return;
+  ::kill(pid_, SIGKILL);
+  ::waitpid(pid_, nullptr, 0);
+  pid_ = -1;
+}
+
+bool Swtpm::Restart() {
+  Kill();
+  // The ports may take a moment to be free again.
+  for (int attempt = 0; attempt < 50; ++attempt) {
+    if (Launch(port_)) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  return false;
 }
 
 Swtpm::~Swtpm() {

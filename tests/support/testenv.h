@@ -82,8 +82,16 @@ class Swtpm {
   const std::string& why_not() const { return why_not_; }
   int port() const { return port_; }
   std::string tcti() const { return "swtpm:host=127.0.0.1,port=" + std::to_string(port_); }
+  // kill -9, as a crash would: every connection to it breaks, and what a
+  // TPM holds only while powered (transient objects, sessions) is gone.
+  void Kill();
+  // Starts it again on the same state and ports (a TPM power cycle: the
+  // seeds, so the SRK's Name, are kept). False if it did not come up.
+  bool Restart();
 
  private:
+  // Starts swtpm on `port` (control on port + 1); false if it exited.
+  bool Launch(int port);
   TempDir dir_;
   int pid_ = -1;
   int port_ = 0;

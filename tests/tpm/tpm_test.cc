@@ -31,6 +31,44 @@ class TpmTest : public ::testing::Test {
   std::unique_ptr<Tpm> tpm_;
 };
 
+// The TPM restarts (swtpm killed and started on the same state): the
+// connection and every transient object are gone. The failure says so
+// (LooksLost), Reconnect makes a new connection with the same SRK, what was
+// sealed before unseals, and no transient object is left over.
+TEST_F(TpmTest, AfterTheTpmRestartsAReconnectServesAgainWithNoHandleLeft) {
+  auto obj = tpm_->Seal(S("0123456789abcdef"), S("auth-value"), {});
+  ASSERT_TRUE(obj.ok()) << obj.error().message();
+  const auto srk = tpm_->GetInfo();
+  ASSERT_TRUE(srk.ok());
+  ASSERT_TRUE(swtpm_.Restart());
+  auto lost = tpm_->Unseal(*obj, S("auth-value"));
+  ASSERT_FALSE(lost.ok()) << "the old connection cannot work after a restart";
+  EXPECT_TRUE(Tpm::LooksLost(lost.error())) << lost.error().message();
+  ASSERT_TRUE(tpm_->Reconnect().ok());
+  EXPECT_EQ(tpm_->reconnects(), 1u);
+  for (int i = 0; i < 5; ++i) {
+    auto back = tpm_->Unseal(*obj, S("auth-value"));
+    ASSERT_TRUE(back.ok()) << back.error().message();
+    EXPECT_EQ(back->RevealString(SecretAccess{}), "0123456789abcdef");
+  }
+  auto info = tpm_->GetInfo();
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->srk_name, srk->srk_name) << "the same SRK, pinned at Open";
+  EXPECT_EQ(*tpm_->TransientObjects(), 1u) << "the new SRK only";
+  // While the TPM is down a reconnect fails; the next call tries again.
+  swtpm_.Kill();
+  EXPECT_FALSE(tpm_->Reconnect().ok());
+  EXPECT_FALSE(tpm_->Unseal(*obj, S("auth-value")).ok());
+  ASSERT_TRUE(swtpm_.Restart());
+  auto again = tpm_->Unseal(*obj, S("auth-value"));
+  ASSERT_TRUE(again.ok()) << "a call after the TPM is back reconnects by itself: " << again.error().message();
+  EXPECT_EQ(*tpm_->TransientObjects(), 1u);
+  // A wrong auth value is not a lost connection: not retried.
+  auto wrong = tpm_->Unseal(*obj, S("other"));
+  ASSERT_FALSE(wrong.ok());
+  EXPECT_FALSE(Tpm::LooksLost(wrong.error())) << wrong.error().message();
+}
+
 TEST_F(TpmTest, SealUnsealRoundTripLeavesNoTransientObjects) {
   auto before = tpm_->TransientObjects();
   ASSERT_TRUE(before.ok()) << before.error().message();

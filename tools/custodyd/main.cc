@@ -20,6 +20,7 @@
 #include <thread>
 
 #include "custody/app/backend.h"
+#include "custody/seal/deadline_sealer.h"
 #include "custody/app/config.h"
 #include "custody/audit/audit.h"
 #include "custody/common/secret.h"
@@ -77,6 +78,7 @@ int main(int argc, char** argv) {
   if (!config) return Fail(config.error());
   auto store = custody::core::OpenStore(*config, /*create=*/false);
   if (!store) return Fail(store.error());
+  (*store)->EnableReadCache();
   auto audit = custody::core::OpenAuditLog(*config);
   if (!audit) return Fail(std::move(audit).error().Wrap("refusing to serve without an audit log"));
   auto authz = custody::core::Authorizer::Load(**store);
@@ -94,7 +96,11 @@ int main(int argc, char** argv) {
     backend = std::move(*b);
     pin_held.emplace(std::move(*pin));
   }
-  custody::core::Custodian custodian(**store, **audit, *backend.sealer,
+  // Token and TPM calls of requests run under [token] call_timeout: a hung
+  // call costs its request a 503, never a server thread for longer.
+  custody::core::DeadlineSealer sealer(
+      *backend.sealer, {std::chrono::milliseconds(config->token.call_timeout_ms), /*max_calls=*/16});
+  custody::core::Custodian custodian(**store, **audit, sealer,
                                      std::make_shared<const custody::core::Authorizer>(std::move(*authz)));
   auto signer = custody::core::OpenAuditSigner(backend, *config, *pin_held, /*create=*/true, store->get());
   if (!signer) return Fail(signer.error());
@@ -238,6 +244,13 @@ int main(int argc, char** argv) {
   watch_cv.notify_all();
   policy_watcher.join();
   checkpoint();
+  // A token call still hung: closing the token under it (C_CloseSession,
+  // C_Finalize) could hang too or free what it uses. End without closing.
+  if (!sealer.Drain(std::chrono::milliseconds(config->token.call_timeout_ms))) {
+    spdlog::error("stopped with a token call that has not returned; exiting without closing the token");
+    std::fflush(nullptr);
+    std::_Exit(69);
+  }
   spdlog::info("stopped");
   return 0;
 }

@@ -485,11 +485,13 @@ struct Tpm::Impl {
 Tpm::Tpm(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Tpm::~Tpm() = default;
 
-Result<std::unique_ptr<Tpm>> Tpm::Open(const Options& options) {
-  // tpm2-tss logs its errors to stderr; custody reports them itself, in one
-  // line. An explicit TSS2_LOG from the user still wins.
-  ::setenv("TSS2_LOG", "all+NONE", /*overwrite=*/0);
-  auto impl = std::make_unique<Impl>();
+namespace {
+
+// A connection: the TCTI, the ESAPI context, TPM2_Startup if the TPM was
+// just powered on, the SRK (checked against `expected_srk_name` when set).
+// The SRK's Name goes to `srk_name`.
+Result<std::unique_ptr<Tpm::Impl>> Connect(const Options& options, std::string* srk_name) {
+  auto impl = std::make_unique<Tpm::Impl>();
   TSS2_RC rc = Tss2_TctiLdr_Initialize(options.tcti.empty() ? nullptr : options.tcti.c_str(), &impl->tcti);
   if (rc != TSS2_RC_SUCCESS) {
     impl->tcti = nullptr;
@@ -508,25 +510,92 @@ Result<std::unique_ptr<Tpm>> Tpm::Open(const Options& options) {
   rc = Esys_Startup(impl->ctx, TPM2_SU_CLEAR);
   if (rc != TSS2_RC_SUCCESS && BaseRc(rc) != TPM2_RC_INITIALIZE) return TpmError(rc, "Esys_Startup");
   CUSTODY_RETURN_IF_ERROR(impl->Srk(options.persist_srk));
-  if (!options.expected_srk_name.empty()) {
-    TPM2B_NAME* name = nullptr;
-    rc = Esys_TR_GetName(impl->ctx, impl->srk, &name);
-    if (rc != TSS2_RC_SUCCESS) return TpmError(rc, "Esys_TR_GetName (SRK)");
-    std::string got = ToHex(std::span<const uint8_t>(name->name, name->size));
-    Esys_Free(name);
-    if (got != options.expected_srk_name) {
-      return Error(Category::kIntegrity, "the TPM's storage root key (name " + got +
-                                             ") is not the one custody was set up with (" + options.expected_srk_name +
-                                             "): another TPM, a cleared owner hierarchy, or a substituted key; refusing",
-                   Backend::kTpm, 0);
-    }
+  TPM2B_NAME* name = nullptr;
+  rc = Esys_TR_GetName(impl->ctx, impl->srk, &name);
+  if (rc != TSS2_RC_SUCCESS) return TpmError(rc, "Esys_TR_GetName (SRK)");
+  std::string got = ToHex(std::span<const uint8_t>(name->name, name->size));
+  Esys_Free(name);
+  if (!options.expected_srk_name.empty() && got != options.expected_srk_name) {
+    return Error(Category::kIntegrity, "the TPM's storage root key (name " + got +
+                                           ") is not the one custody was set up with (" + options.expected_srk_name +
+                                           "): another TPM, a cleared owner hierarchy, or a substituted key; refusing",
+                 Backend::kTpm, 0);
   }
-  return std::unique_ptr<Tpm>(new Tpm(std::move(impl)));
+  *srk_name = std::move(got);
+  return impl;
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Tpm>> Tpm::Open(const Options& options) {
+  // tpm2-tss logs its errors to stderr; custody reports them itself, in one
+  // line. An explicit TSS2_LOG from the user still wins.
+  ::setenv("TSS2_LOG", "all+NONE", /*overwrite=*/0);
+  std::string srk_name;
+  CUSTODY_ASSIGN_OR_RETURN(auto impl, Connect(options, &srk_name));
+  std::unique_ptr<Tpm> tpm(new Tpm(std::move(impl)));
+  tpm->options_ = options;
+  // Pinned from here on: a reconnect must find the same SRK (re-created
+  // from the same template on the same TPM, it has the same Name).
+  tpm->options_.expected_srk_name = srk_name;
+  return tpm;
+}
+
+Result<Tpm::Impl*> Tpm::Ready() {
+  if (impl_) return impl_.get();
+  // Lost at the last reconnect: every call tries again, so serving resumes
+  // as soon as the TPM answers.
+  std::string srk_name;
+  auto fresh = Connect(options_, &srk_name);
+  if (!fresh) return std::move(fresh).error().Wrap("reconnecting to the TPM");
+  impl_ = std::move(*fresh);
+  ++reconnects_;
+  return impl_.get();
+}
+
+Status Tpm::Reconnect() {
+  std::lock_guard lock(mu_);
+  // The old context goes first, flushing what it had loaded (on a TPM
+  // that did not restart these are still there; on one that did the
+  // flushes fail harmlessly). Done after the new context existed, they
+  // could hit the new context's objects under the same handle numbers.
+  impl_.reset();
+  auto r = Ready();
+  if (!r) return std::move(r).error();
+  return Status::Ok();
+}
+
+uint64_t Tpm::reconnects() const { return reconnects_.load(); }
+
+bool Tpm::LooksLost(const Error& e) {
+  if (e.backend() != Backend::kTpm) return false;
+  const auto rc = static_cast<uint32_t>(e.code());
+  const uint32_t layer = rc & TSS2_RC_LAYER_MASK;
+  // The transport: swtpm or tpm2-abrmd restarted, the device gone.
+  if (layer == TSS2_TCTI_RC_LAYER) return true;
+  if (layer == TSS2_ESAPI_RC_LAYER || layer == TSS2_SYS_RC_LAYER) {
+    const uint32_t base = rc & 0xFFFF;
+    // BAD_SEQUENCE: a command cut off half-way (the transport broke between
+    // its send and its answer) leaves the ESAPI context in a state no call
+    // can leave; only a new context can.
+    return base == TSS2_BASE_RC_IO_ERROR || base == TSS2_BASE_RC_NO_CONNECTION || base == TSS2_BASE_RC_TRY_AGAIN ||
+           base == TSS2_BASE_RC_BAD_SEQUENCE;
+  }
+  if (layer != TSS2_TPM_RC_LAYER && layer != TSS2_RESMGR_TPM_RC_LAYER) return false;
+  const uint32_t base = BaseRc(rc);
+  // A TPM that restarted (TPM2_Startup not yet run), or whose transient
+  // objects and sessions are gone (a reset flushes them): the handles this
+  // context holds refer to nothing.
+  if (base == TPM2_RC_INITIALIZE) return true;
+  if (base >= TPM2_RC_REFERENCE_H0 && base <= TPM2_RC_REFERENCE_S6) return true;
+  if (base == TPM2_RC_HANDLE) return true;
+  return false;
 }
 
 Result<SealedObject> Tpm::Seal(const SecretBuffer& data, const SecretBuffer& auth, const SealOptions& options) {
   std::lock_guard lock(mu_);
-  Impl& t = *impl_;
+  CUSTODY_ASSIGN_OR_RETURN(Impl * connected, Ready());
+  Impl& t = *connected;
   auto d = data.Reveal(SecretAccess{});
   TPM2B_SENSITIVE_CREATE sens{};
   if (d.empty() || d.size() > sizeof sens.sensitive.data.buffer) {
@@ -563,7 +632,8 @@ Result<SealedObject> Tpm::Seal(const SecretBuffer& data, const SecretBuffer& aut
 
 Result<SecretBuffer> Tpm::Unseal(const SealedObject& object, const SecretBuffer& auth) {
   std::lock_guard lock(mu_);
-  Impl& t = *impl_;
+  CUSTODY_ASSIGN_OR_RETURN(Impl * connected, Ready());
+  Impl& t = *connected;
   Impl::Loaded obj{&t};
   CUSTODY_RETURN_IF_ERROR(t.Load(object, obj));
   TPM2B_AUTH a{};
@@ -592,7 +662,8 @@ Result<SecretBuffer> Tpm::Unseal(const SealedObject& object, const SecretBuffer&
 
 Result<SigningKey> Tpm::CreateSigningKey(const SecretBuffer& auth) {
   std::lock_guard lock(mu_);
-  Impl& t = *impl_;
+  CUSTODY_ASSIGN_OR_RETURN(Impl * connected, Ready());
+  Impl& t = *connected;
   TPM2B_PUBLIC tmpl{};
   tmpl.publicArea.type = TPM2_ALG_ECC;
   tmpl.publicArea.nameAlg = TPM2_ALG_SHA256;
@@ -621,7 +692,8 @@ Result<SigningKey> Tpm::CreateSigningKey(const SecretBuffer& auth) {
 Result<std::vector<uint8_t>> Tpm::Sign(const SigningKey& key, const SecretBuffer& auth,
                                        std::span<const uint8_t, 32> digest) {
   std::lock_guard lock(mu_);
-  Impl& t = *impl_;
+  CUSTODY_ASSIGN_OR_RETURN(Impl * connected, Ready());
+  Impl& t = *connected;
   Impl::Loaded obj{&t};
   CUSTODY_RETURN_IF_ERROR(t.Load(key.blobs, obj));
   TPM2B_AUTH a{};
@@ -660,7 +732,8 @@ Result<std::vector<uint8_t>> Tpm::Sign(const SigningKey& key, const SecretBuffer
 
 Status Tpm::Random(std::span<uint8_t> out) {
   std::lock_guard lock(mu_);
-  Impl& t = *impl_;
+  CUSTODY_ASSIGN_OR_RETURN(Impl * connected, Ready());
+  Impl& t = *connected;
   size_t off = 0;
   while (off < out.size()) {
     UINT16 want = static_cast<UINT16>(std::min<size_t>(32, out.size() - off));
@@ -682,7 +755,8 @@ Status Tpm::Random(std::span<uint8_t> out) {
 
 Result<Info> Tpm::GetInfo() {
   std::lock_guard lock(mu_);
-  Impl& t = *impl_;
+  CUSTODY_ASSIGN_OR_RETURN(Impl * connected, Ready());
+  Impl& t = *connected;
   TPMS_CAPABILITY_DATA* cap = nullptr;
   TPMI_YES_NO more = 0;
   TSS2_RC rc = Esys_GetCapability(t.ctx, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, TPM2_CAP_TPM_PROPERTIES,
@@ -759,7 +833,8 @@ Result<std::vector<uint8_t>> EcdsaSignatureRs(std::span<const uint8_t> signature
 
 Result<Quote> Tpm::QuotePcrs(std::span<const uint8_t> qualifying, const std::vector<uint8_t>& pcrs) {
   std::lock_guard lock(mu_);
-  Impl& t = *impl_;
+  CUSTODY_ASSIGN_OR_RETURN(Impl * connected, Ready());
+  Impl& t = *connected;
   TPM2B_DATA q{};
   if (qualifying.size() > sizeof q.buffer) return Error(Category::kUsage, "the nonce is longer than 64 bytes");
   q.size = static_cast<UINT16>(qualifying.size());
@@ -835,7 +910,8 @@ Result<Quote> Tpm::QuotePcrs(std::span<const uint8_t> qualifying, const std::vec
 
 Result<Attested> Tpm::Certify(const SealedObject& object, const SecretBuffer& auth, std::span<const uint8_t> qualifying) {
   std::lock_guard lock(mu_);
-  Impl& t = *impl_;
+  CUSTODY_ASSIGN_OR_RETURN(Impl * connected, Ready());
+  Impl& t = *connected;
   TPM2B_DATA q{};
   if (qualifying.size() > sizeof q.buffer) return Error(Category::kUsage, "the nonce is longer than 64 bytes");
   q.size = static_cast<UINT16>(qualifying.size());
@@ -868,7 +944,8 @@ Result<Attested> Tpm::Certify(const SealedObject& object, const SecretBuffer& au
 
 Result<size_t> Tpm::TransientObjects() {
   std::lock_guard lock(mu_);
-  Impl& t = *impl_;
+  CUSTODY_ASSIGN_OR_RETURN(Impl * connected, Ready());
+  Impl& t = *connected;
   TPMS_CAPABILITY_DATA* cap = nullptr;
   TPMI_YES_NO more = 0;
   TSS2_RC rc = Esys_GetCapability(t.ctx, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, TPM2_CAP_HANDLES,
@@ -882,7 +959,8 @@ Result<size_t> Tpm::TransientObjects() {
 Status Tpm::ExtendPcr(uint32_t pcr, std::span<const uint8_t> data) {
   if (pcr >= 24) return Error(Category::kUsage, "PCR " + std::to_string(pcr) + " does not exist");
   std::lock_guard lock(mu_);
-  Impl& t = *impl_;
+  CUSTODY_ASSIGN_OR_RETURN(Impl * connected, Ready());
+  Impl& t = *connected;
   TPML_DIGEST_VALUES values{};
   values.count = 1;
   values.digests[0].hashAlg = TPM2_ALG_SHA256;

@@ -65,6 +65,13 @@ std::string TpmSealer::ResealMode() {
 
 Status TpmSealer::Random(std::span<uint8_t> out) { return tpm_.Random(out); }
 
+bool TpmSealer::Recover(const Error& failure) {
+  if (!tpm::Tpm::LooksLost(failure)) return false;
+  // Reconnect even if another request just did: a second reconnect costs a
+  // few TPM commands, a stale connection costs every request.
+  return tpm_.Reconnect().ok();
+}
+
 Result<tpm::Attested> TpmSealer::CertifyKek(const KekRef& kek, std::string_view project,
                                             std::span<const uint8_t> qualifying) {
   CUSTODY_ASSIGN_OR_RETURN(auto material, material_.KekMaterial(kek));

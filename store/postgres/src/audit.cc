@@ -1,7 +1,9 @@
 // The audit trail in PostgreSQL: one hash chain per node in audit_records,
 // the lines byte for byte those of the file log, and each chain's head in
 // audit_heads. A batch is one transaction on a connection of the writer's
-// own: lock the head row, insert the lines, move the head, COMMIT. A value
+// own: lock the head row, insert the lines, move the head, COMMIT; once the
+// writer knows the head, one statement that moves it only from where it
+// was and inserts with it (one round trip). A value
 // is released only after that COMMIT (AuditLog's group commit calls back
 // once Append returns), so no acknowledged record depends on one node.
 //
@@ -73,6 +75,9 @@ class PgAuditStorage final : public AuditStorage {
   std::string node_;
   std::chrono::milliseconds timeout_;
   std::unique_ptr<Conn> conn_;  // the writer's; AuditLog has one batch in flight at a time
+  // The head as this writer last wrote it, while its connection stands:
+  // lets a batch be one statement (see Append).
+  std::optional<AuditHead> known_;
 };
 
 Error PgAuditStorage::Failed(const std::string& what, const PGresult* r) {
@@ -142,10 +147,37 @@ Result<Res> PgAuditStorage::Run(const std::string& sql, const std::vector<std::s
 
 Status PgAuditStorage::Append(Clock::time_point deadline, const Build& build) {
   if (!conn_) {
+    known_.reset();  // a lost connection may have lost a COMMIT's answer
     CUSTODY_ASSIGN_OR_RETURN(conn_, store_.OpenConnection());
     // Non-blocking sends: a full socket buffer returns to our poll()
     // instead of holding the writer.
     if (PQsetnonblocking(conn_->pg, 1) != 0) return Failed("setting up the connection failed", nullptr);
+  }
+  if (known_) {
+    // The usual batch: one statement, one round trip. The head this writer
+    // wrote last is moved only if it is still what the row holds (seq and
+    // hash), and the lines go in only with that move, in the same implicit
+    // transaction. A writer on another host that moved the head in between
+    // (two processes given one node name) makes it touch nothing; the batch
+    // is then built again on the locked path below.
+    std::vector<AuditLine> lines = build(*known_);
+    if (lines.empty()) return Status::Ok();
+    const AuditLine& last = lines.back();
+    CUSTODY_ASSIGN_OR_RETURN(
+        Res r, Run("WITH up AS (UPDATE audit_heads SET seq = $4, hash = $5, ckpt_seq = $6, ckpt_time = $7 "
+                   "WHERE node = $1 AND seq = $8 AND hash = $9 RETURNING node), "
+                   "ins AS (INSERT INTO audit_records(node, seq, line) SELECT up.node, s, l FROM up, "
+                   "unnest($2::bigint[], $3::text[]) AS t(s, l) RETURNING 1) "
+                   "SELECT count(*) FROM ins",
+                   {node_, IntArray(lines), TextArray(lines), std::to_string(last.seq), last.hash,
+                    std::to_string(last.ckpt_seq), std::to_string(last.ckpt_time), std::to_string(known_->seq),
+                    known_->hash},
+                   deadline));
+    if (r.Int(0, 0) == static_cast<int64_t>(lines.size())) {
+      known_ = AuditHead{last.seq, last.hash, last.ckpt_seq, last.ckpt_time};
+      return Status::Ok();
+    }
+    known_.reset();
   }
   CUSTODY_RETURN_IF_ERROR(Run("BEGIN", {}, deadline));
   // The head row, made on a node's first record and locked until COMMIT:
@@ -161,6 +193,7 @@ Status PgAuditStorage::Append(Clock::time_point deadline, const Build& build) {
   std::vector<AuditLine> lines = build(head);
   if (lines.empty()) {
     CUSTODY_RETURN_IF_ERROR(Run("ROLLBACK", {}, deadline));
+    known_ = head;
     return Status::Ok();
   }
   const AuditLine& last = lines.back();
@@ -172,6 +205,7 @@ Status PgAuditStorage::Append(Clock::time_point deadline, const Build& build) {
            std::to_string(last.ckpt_time)},
           deadline));
   CUSTODY_RETURN_IF_ERROR(Run("COMMIT", {}, deadline));
+  known_ = AuditHead{last.seq, last.hash, last.ckpt_seq, last.ckpt_time};
   return Status::Ok();
 }
 

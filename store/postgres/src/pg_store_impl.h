@@ -152,6 +152,61 @@ class Session {
   bool commit_unknown_ = false;
 };
 
+// What ReadForUnseal returned, kept in this process while a connection of
+// its own listens on channel custody_store_changed (schema migration 5):
+// any committed change to projects, environments, secrets, versions or KEKs,
+// by any process on any host, empties it. Reads use it only while that
+// connection is known to stand (a heartbeat every kHeartbeat, answered
+// within kHeartbeatAnswer); when it is lost the cache is emptied and unused
+// until the connection listens again.
+//
+// A read that was in flight when a change arrived is not kept (the epoch
+// moved since Begin()), so a result from before a change cannot outlive the
+// change's notification. What stays: between a change's COMMIT and its
+// notification reaching this process (normally well under a millisecond) a
+// GET may still be answered from before the change. Writes through this
+// process empty the cache before they return (PgStore::InTx).
+class ReadCache {
+ public:
+  explicit ReadCache(PgStore& store);
+  ~ReadCache();
+  ReadCache(const ReadCache&) = delete;
+  ReadCache& operator=(const ReadCache&) = delete;
+
+  struct Ticket {
+    uint64_t epoch = 0;
+    bool usable = false;
+  };
+  std::optional<UnsealInputs> Find(const std::string& key);
+  // Taken before the statement whose result Keep() may store.
+  Ticket Begin();
+  void Keep(const Ticket& t, const std::string& key, const UnsealInputs& in);
+  // Something changed (a notification, or a write through this process).
+  void Changed();
+
+  static constexpr size_t kMaxEntries = 4096;
+  static constexpr std::chrono::seconds kHeartbeat{2};
+  static constexpr std::chrono::seconds kHeartbeatAnswer{3};
+
+ private:
+  void Run();
+  // Serves one listening connection until it fails or Stop; false on stop.
+  bool Listen(Conn& c);
+  void SetListening(bool on);
+  bool WaitStop(std::chrono::milliseconds d);
+
+  PgStore& store_;
+  std::mutex mu_;
+  std::unordered_map<std::string, UnsealInputs> entries_;
+  bool listening_ = false;
+  uint64_t epoch_ = 0;
+  std::mutex stop_mu_;
+  std::condition_variable stop_cv_;
+  bool stop_ = false;
+  int wake_[2] = {-1, -1};  // a pipe: Stop() wakes the listener's poll()
+  std::thread thread_;
+};
+
 class PgStore final : public Store {
  public:
   PgStore(std::string url, std::string where) : url_(std::move(url)), where_(std::move(where)) {}
@@ -234,6 +289,8 @@ class PgStore final : public Store {
   Status RenewLock(const std::string& name, const LockHolder& me, int64_t ttl) override;
   Status ReleaseLock(const std::string& name, const LockHolder& me) override;
 
+  void EnableReadCache() override;
+
   const std::string& where() const { return where_; }
   // A connection of its own, outside the pool (the audit writer's).
   Result<std::unique_ptr<Conn>> OpenConnection() { return Open(false); }
@@ -276,6 +333,8 @@ class PgStore final : public Store {
 
   std::string url_;    // as configured (no password: refused at load)
   std::string where_;  // host and database, for messages
+  // Last: stopped (its thread joined) before anything it uses goes.
+  std::unique_ptr<ReadCache> cache_;
 };
 
 template <typename T>
@@ -290,6 +349,9 @@ Result<T> PgStore::InTx(const std::function<Result<T>(Session&)>& body, bool rel
     std::optional<Error> err;
     if (r.ok()) {
       Status c = s.Commit();
+      // Whatever it wrote is not read from this process's cache again (a
+      // lost COMMIT may have landed too).
+      if (!relaxed && cache_ && (c.ok() || s.CommitOutcomeUnknown())) cache_->Changed();
       if (c.ok()) return r;
       err = std::move(c).error();
       if (s.CommitOutcomeUnknown()) {

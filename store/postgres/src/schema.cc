@@ -134,6 +134,29 @@ CREATE TABLE put_keys (
   PRIMARY KEY (secret_id, key)
 );
 )sql",
+    // 5: change notifications for nodes' read caches. Any statement that
+    // changes what a GET reads (a project, an environment, a secret, a
+    // version, a KEK) notifies channel custody_store_changed; PostgreSQL
+    // sends it to listeners when the transaction commits, once per
+    // transaction, and never for one that rolls back.
+    R"sql(
+CREATE FUNCTION custody_store_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM pg_notify('custody_store_changed', '');
+  RETURN NULL;
+END
+$$;
+CREATE TRIGGER projects_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON projects
+  FOR EACH STATEMENT EXECUTE FUNCTION custody_store_changed();
+CREATE TRIGGER environments_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON environments
+  FOR EACH STATEMENT EXECUTE FUNCTION custody_store_changed();
+CREATE TRIGGER secrets_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON secrets
+  FOR EACH STATEMENT EXECUTE FUNCTION custody_store_changed();
+CREATE TRIGGER secret_versions_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON secret_versions
+  FOR EACH STATEMENT EXECUTE FUNCTION custody_store_changed();
+CREATE TRIGGER keks_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keks
+  FOR EACH STATEMENT EXECUTE FUNCTION custody_store_changed();
+)sql",
 };
 
 // Taken by every migration's transaction: two nodes starting at once on a

@@ -183,6 +183,18 @@ Result<SecretVersionRecord> PgStore::GetVersionOn(Session& s, const EnvironmentR
 
 Result<UnsealInputs> PgStore::ReadForUnseal(const std::string& project, const std::string& env,
                                             const std::string& name, std::optional<uint32_t> version) {
+  // In custodyd, what was read before and has not changed since (ReadCache).
+  std::string key;
+  ReadCache::Ticket ticket;
+  if (cache_) {
+    key.reserve(project.size() + env.size() + name.size() + 16);
+    key.append(project).push_back('\0');
+    key.append(env).push_back('\0');
+    key.append(name).push_back('\0');
+    if (version) key += std::to_string(*version);
+    if (auto hit = cache_->Find(key)) return std::move(*hit);
+    ticket = cache_->Begin();
+  }
   Session s(*this);
   if (!s.ok()) return s.error();
   // A GET's whole lookup is one statement: one round trip, and one snapshot
@@ -208,6 +220,7 @@ Result<UnsealInputs> PgStore::ReadForUnseal(const std::string& project, const st
     in.version.blob = r.Bytes(0, 8);
     in.env = EnvironmentRecord{r.Int(0, 9), r.Int(0, 10), project, env};
     in.kek = ReadKek(r, 0, /*first=*/11);
+    if (cache_) cache_->Keep(ticket, key, in);
     return in;
   }
   CUSTODY_ASSIGN_OR_RETURN(EnvironmentRecord e, FindEnvironmentOn(s, project, env));

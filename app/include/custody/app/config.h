@@ -45,6 +45,10 @@ struct TokenSection {
   std::optional<std::string> pin_file;
   // [token.environment]: set before the module loads (SOFTHSM2_CONF, ...).
   std::vector<std::pair<std::string, std::string>> environment;
+  // How long custodyd lets one token or TPM call run before the request
+  // that made it is refused (503); the call itself goes on on its own
+  // thread (seal/deadline_sealer.h). 100 to 600,000 ms.
+  int call_timeout_ms = 5000;
 
   bool operator==(const TokenSection&) const = default;
 };

@@ -112,6 +112,15 @@ class Sealer {
     uint64_t recovered = 0, reinitialized = 0;
   };
   virtual Recoveries recoveries() const { return {}; }
+  // Calls that did not return within their deadline (DeadlineSealer): how
+  // many ever, how many are still out now, and since when (unix seconds,
+  // the oldest; 0 when none is out). For health and metrics.
+  struct Stalls {
+    uint64_t timed_out = 0;
+    size_t hung = 0;
+    int64_t hung_since = 0;
+  };
+  virtual Stalls stalls() const { return {}; }
 };
 
 }  // namespace custody::core

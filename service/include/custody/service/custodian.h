@@ -51,6 +51,12 @@ struct CustodianStats {
   std::atomic<bool> store_healthy{true};
   std::atomic<uint64_t> token_recoveries{0};
   std::atomic<uint64_t> token_reinitializations{0};
+  // Token or TPM calls past [token] call_timeout (DeadlineSealer): ever,
+  // still out now, and since when the oldest is out (unix s; 0: none).
+  // Refreshed from the sealer by Custodian::RefreshTokenStalls().
+  std::atomic<uint64_t> token_timeouts{0};
+  std::atomic<uint64_t> token_hung{0};
+  std::atomic<int64_t> token_hung_since{0};
 
   // An audit append failed (`why`), or one worked (nullopt): audit_healthy,
   // and the reason /v1/health gives its readers.
@@ -113,6 +119,18 @@ class Custodian {
   };
   PolicyState policy_state() const;
   CustodianStats& stats() { return stats_; }
+  // Copies the sealer's stalled calls into stats() (for health and metrics).
+  void RefreshTokenStalls() {
+    const Sealer::Stalls s = sealer_.stalls();
+    stats_.token_timeouts.store(s.timed_out);
+    stats_.token_hung.store(s.hung);
+    stats_.token_hung_since.store(s.hung_since);
+    // Recoveries made inside a call (a TPM reconnect at the next call once
+    // it is back) are counted too, not only those of RecoverFrom.
+    const Sealer::Recoveries n = sealer_.recoveries();
+    stats_.token_recoveries.store(n.recovered);
+    stats_.token_reinitializations.store(n.reinitialized);
+  }
   // The log every request's record goes to (custodyd also writes its
   // summaries of refused connections there).
   AuditLog& audit() { return audit_; }

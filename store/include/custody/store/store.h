@@ -275,6 +275,12 @@ class Store : public KekUsageLedger, public KekMaterialSource {
   // The KEK new seals in this project use.
   virtual Result<KekRecord> CurrentKek(int64_t project_id) = 0;
   virtual Result<KekRecord> KekById(int64_t kek_record_id) = 0;
+  // A hint from a process that serves GETs for a long time (custodyd): the
+  // store may keep what ReadForUnseal returns in memory while it can learn
+  // of every change to it, so that a GET costs no round trip to a database
+  // server. The SQLite store (a local file, no round trip) ignores it; the
+  // PostgreSQL store listens for change notifications (docs/STORE.md).
+  virtual void EnableReadCache() {}
   // FindEnvironment, GetVersion and KekById of that version in one read
   // transaction (a GET's whole lookup); the same errors as those three.
   virtual Result<UnsealInputs> ReadForUnseal(const std::string& project, const std::string& env,

@@ -14,6 +14,7 @@
 // One Tpm serialises its callers: an ESAPI context is not thread-safe.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -129,6 +130,19 @@ class Tpm {
   // TPM2_Certify of a sealed object by that attestation key: the TPM vouches
   // that an object with this Name is loaded in it (under our SRK).
   Result<Attested> Certify(const SealedObject& object, const SecretBuffer& auth, std::span<const uint8_t> qualifying);
+  // After the TPM's transport failed or the TPM restarted (swtpm or
+  // tpm2-abrmd restarted, a TPM reset that flushed every loaded object):
+  // drops this connection (flushing what it had loaded, when it still can)
+  // and opens a new one: the TCTI, TPM2_Startup if needed, the SRK (the
+  // persistent one, or re-created from the same template) checked against
+  // the Name it had at Open, and a new session. No handle crosses it. When
+  // the TPM cannot be reached yet, every later call tries again first.
+  Status Reconnect();
+  uint64_t reconnects() const;  // connections made again, by Reconnect or a later call
+  // Whether `e` says the connection or the TPM's loaded objects were lost
+  // (a TCTI error, TPM_RC_INITIALIZE, a handle that refers to nothing).
+  static bool LooksLost(const Error& e);
+
   // Transient objects loaded now (leak checks in tests).
   Result<size_t> TransientObjects();
   // Extends a SHA-256 PCR with `data`'s digest (tests; and to bind to state).
@@ -138,8 +152,13 @@ class Tpm {
 
  private:
   explicit Tpm(std::unique_ptr<Impl> impl);
-  std::mutex mu_;
-  std::unique_ptr<Impl> impl_;
+  // The connection, made again first if the last reconnect failed. Call
+  // with mu_ held.
+  Result<Impl*> Ready();
+  mutable std::mutex mu_;
+  std::unique_ptr<Impl> impl_;  // null after a reconnect that failed
+  Options options_;             // expected_srk_name pinned at Open
+  std::atomic<uint64_t> reconnects_{0};  // read without mu_ (health must not wait on a hung call)
 };
 
 // What a verifier can learn from an object's public area, without the TPM:

@@ -47,6 +47,12 @@ class TpmSealer final : public Sealer {
   Result<std::vector<uint8_t>> Seal(const KekRef& kek, const SealContext& ctx, const SecretBuffer& value) override;
   Result<SecretBuffer> Unseal(const KekRef& expected, const SealContext& ctx, std::span<const uint8_t> blob) override;
 
+  // A lost connection or a restarted TPM (Tpm::LooksLost): reconnects
+  // (Tpm::Reconnect), and the request is tried once more. Any other failure
+  // (a wrong PIN, a PCR mismatch, a lockout) is not retried.
+  bool Recover(const Error& failure) override;
+  Recoveries recoveries() const override { return {tpm_.reconnects(), 0}; }
+
   // TPM2_Certify of a project KEK's sealed object (for attestation).
   Result<tpm::Attested> CertifyKek(const KekRef& kek, std::string_view project, std::span<const uint8_t> qualifying);
 
