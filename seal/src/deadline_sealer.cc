@@ -17,6 +17,7 @@ struct DeadlineSealer::Call {
   std::condition_variable cv;
   bool done = false;
   uint64_t id = 0;
+  Clock::time_point queued;  // when its caller began to wait: its deadline counts from here
 };
 
 namespace {
@@ -54,7 +55,7 @@ void DeadlineSealer::Worker() {
     std::shared_ptr<Call> call = std::move(queue_.front());
     queue_.pop_front();
     const uint64_t id = call->id;
-    running_[id] = Clock::now();
+    running_[id] = call->queued;
     lock.unlock();
     call->body();
     lock.lock();
@@ -79,6 +80,7 @@ Status DeadlineSealer::Run(const std::shared_ptr<Call>& call, const char* what) 
     std::lock_guard lock(mu_);
     if (stop_) return Error(Category::kUnavailable, "the token is being closed");
     call->id = ++next_id_;
+    call->queued = Clock::now();
     // A thread for it: an idle one, or a new one within the bound. Every
     // thread past the bound is held by a call that has not returned.
     if (threads_.size() - running_.size() <= queue_.size()) {
