@@ -155,7 +155,7 @@ std::optional<http::response<http::string_body>> Session<StreamT>::Handle(http::
                                                           std::to_string(hung) + " call(s) have not returned"
                                             : st.token_healthy.load() ? "ok"
                                                                       : "failing: see custody_token_errors_total"},
-                                 {"store", st.store_healthy.load() ? "ok" : "failing: the store cannot be read"},
+                                 {"store", st.store_healthy.load() ? "ok" : "failing: " + st.store_problem()},
                                  {"policy_version", policy.in_force},
                                  {"policy", policy.problem.empty() ? "ok" : policy.problem}});
   }

@@ -119,7 +119,11 @@ std::shared_ptr<const Authorizer> Custodian::policy() const {
 
 Result<uint32_t> Custodian::RefreshPolicy(bool retry) {
   auto newest = store_.CurrentPolicyVersion();
-  stats_.store_healthy.store(newest.ok() || newest.error().category() != Category::kUnavailable);
+  if (newest.ok() || newest.error().category() != Category::kUnavailable) {
+    stats_.NoteStore(std::nullopt);
+  } else {
+    stats_.NoteStore(newest.error().message());
+  }
   if (!newest) return std::move(newest).error();
   const uint32_t in_force = policy()->version();
   {

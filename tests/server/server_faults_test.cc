@@ -438,6 +438,83 @@ TEST_F(HungTokenServerTest, AHungCallCostsItsRequestA503AtTheDeadlineAndNoOneEls
   EXPECT_EQ(Cli({"audit", "verify"}).exit_code, 0);
 }
 
+// Each token fault under load, 8 clients reading throughout: a device
+// reset (sessions, login and handles gone until the module is initialised
+// again), the device down for a second, a burst of CKR_DEVICE_ERROR from
+// C_Decrypt, and sessions closed from outside (stale handles). For each:
+// every request got its value or a 503, none a wrong value, none waited
+// past the deadline, one audit record per request, and once the fault
+// clears the requests succeed again without a restart.
+TEST_F(HungTokenServerTest, EveryTokenFaultUnderLoadIsRefusedOrServedAndThenRecovered) {
+  using Clock = std::chrono::steady_clock;
+  struct Fault_ {
+    const char* name;
+    const char* command;  // written to the control file during the fault
+    int hold_ms;          // then healed after this long (0: the command heals itself)
+  };
+  const Fault_ faults[] = {
+      {"device reset", "reset 1", 0},
+      {"device down 0.7 s", "down", 700},
+      {"CKR_DEVICE_ERROR burst 0.7 s", "fail CKR_DEVICE_ERROR C_Decrypt", 700},
+      {"sessions invalid 0.7 s", "fail CKR_SESSION_HANDLE_INVALID C_DecryptInit C_Decrypt", 700},
+  };
+  const size_t records_before = AuditCount("secret.get");
+  size_t all_sent = 0;
+  for (const auto& f : faults) {
+    SCOPED_TRACE(f.name);
+    ASSERT_EQ(StatusLine(Get("payments/prod/stripe")), "HTTP/1.1 200 OK");
+    ++all_sent;
+    std::atomic<bool> stop{false};
+    std::atomic<int> sent{0}, ok{0}, unavailable{0}, wrong{0}, other{0};
+    std::atomic<int64_t> slowest{0}, last_failure{0};
+    const auto start = Clock::now();
+    std::vector<std::thread> clients;
+    for (int c = 0; c < 8; ++c) {
+      clients.emplace_back([&] {
+        while (!stop) {
+          const auto t0 = Clock::now();
+          const std::string a = Get("payments/prod/stripe");
+          const auto t1 = Clock::now();
+          const int64_t ms = std::chrono::duration_cast<std::chrono::milliseconds>(t1 - t0).count();
+          for (int64_t seen = slowest.load(); ms > seen && !slowest.compare_exchange_weak(seen, ms);) {
+          }
+          ++sent;
+          const std::string st = StatusLine(a);
+          if (st == "HTTP/1.1 200 OK") {
+            (a.find(kSecret) != std::string::npos ? ok : wrong)++;
+          } else {
+            (st == "HTTP/1.1 503 Service Unavailable" && a.find(kSecret) == std::string::npos ? unavailable : other)++;
+            last_failure = std::chrono::duration_cast<std::chrono::milliseconds>(t1 - start).count();
+          }
+        }
+      });
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    Fault(f.command);
+    if (f.hold_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(f.hold_ms));
+    Heal();
+    const int64_t healed = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start).count();
+    std::this_thread::sleep_for(std::chrono::milliseconds(1200));
+    stop = true;
+    for (auto& t : clients) t.join();
+    std::printf("%s: sent %d, answered %d, 503 %d, wrong %d, other %d, slowest %lld ms, last failure %lld ms after "
+                "the fault cleared\n",
+                f.name, sent.load(), ok.load(), unavailable.load(), wrong.load(), other.load(),
+                static_cast<long long>(slowest.load()),
+                static_cast<long long>(last_failure.load() > 0 ? std::max<int64_t>(0, last_failure.load() - healed) : 0));
+    EXPECT_EQ(wrong.load(), 0);
+    EXPECT_EQ(other.load(), 0);
+    EXPECT_LT(slowest.load(), 6000) << "a request waited past the deadline (1 s) and the 5 s re-initialisation wait";
+    // Recovered: the last failure is within a few seconds of the fault
+    // clearing, and what follows is served (the last 1.2 s had successes).
+    EXPECT_LT(last_failure.load(), healed + 1000);
+    EXPECT_GT(ok.load(), 8);
+    all_sent += static_cast<size_t>(sent.load());
+  }
+  EXPECT_EQ(AuditCount("secret.get"), records_before + all_sent) << "one record a request";
+  EXPECT_EQ(Cli({"audit", "verify"}).exit_code, 0);
+}
+
 // swtpm killed and started again on the same state under a TPM-backed
 // custodyd serving 8 clients: while it is down requests get 503 (never a
 // wrong value, never a wait past the deadline); once it is back custodyd
@@ -521,6 +598,71 @@ TEST_F(TpmRestartServerTest, AKilledAndRestartedTpmIsServedAgainWithoutARestart)
   auto caps = RunProgram("/usr/bin/tpm2_getcap", {"-T", swtpm_.tcti(), "handles-transient"}, {});
   EXPECT_EQ(caps.exit_code, 0) << caps.err;
   EXPECT_EQ(caps.out.find("0x80"), std::string::npos) << "transient handles left: " << caps.out;
+  EXPECT_EQ(Cli({"audit", "verify"}).exit_code, 0);
+}
+
+// The SQLite store deleted, then replaced, under a running custodyd: the
+// open descriptors would go on reading and writing the unlinked file, and
+// every put would be lost with it. Instead each request is refused (503,
+// naming what happened), health says which, nothing is written, and once
+// the file is back at its path serving resumes by itself.
+TEST_F(ServerTest, AStoreFileDeletedOrReplacedIsRefusedUntilItIsBack) {
+  if (TestOnPostgres()) GTEST_SKIP() << "the SQLite file itself";
+  auto get = [&] { return Raw(socket_, "GET /v1/secrets/payments/prod/stripe HTTP/1.1\r\nHost: x\r\n\r\n"); };
+  auto put = [&](const std::string& v) {
+    const std::string body = "{\"value\":\"" + v + "\"}";
+    return Raw(socket_, "PUT /v1/secrets/payments/dev/k HTTP/1.1\r\nHost: x\r\nContent-Length: " +
+                            std::to_string(body.size()) + "\r\n\r\n" + body);
+  };
+  auto health = [&] { return Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n"); };
+  auto health_says = [&](const std::string& what) {
+    for (int i = 0; i < 100; ++i) {  // the watcher looks twice a second
+      if (health().find(what) != std::string::npos) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return false;
+  };
+  ASSERT_NE(get().find("200 OK"), std::string::npos);
+  const std::string db = token_.store_path(), keep = db + ".keep";
+  ASSERT_EQ(::link(db.c_str(), keep.c_str()), 0);
+
+  // Deleted.
+  ASSERT_EQ(::unlink(db.c_str()), 0);
+  std::string a = get();
+  EXPECT_NE(a.find("503 Service Unavailable"), std::string::npos) << a;
+  EXPECT_NE(a.find("is gone (deleted or moved away"), std::string::npos) << a;
+  EXPECT_EQ(a.find(kSecret), std::string::npos);
+  a = put("lost-1");
+  EXPECT_NE(a.find("503 Service Unavailable"), std::string::npos) << a;
+  EXPECT_TRUE(health_says("\"store\":\"failing: store " + db + " is gone")) << health();
+  EXPECT_NE(health().find("503"), std::string::npos);
+
+  // Back: served again, without a restart.
+  ASSERT_EQ(::link(keep.c_str(), db.c_str()), 0);
+  a = get();
+  EXPECT_NE(a.find("200 OK"), std::string::npos) << a;
+  EXPECT_NE(a.find(kSecret), std::string::npos);
+  EXPECT_TRUE(health_says("\"status\":\"ok\"")) << health();
+
+  // Replaced by a copy (another inode, same bytes).
+  ASSERT_EQ(std::system(("cp " + db + " " + db + ".copy && mv " + db + ".copy " + db).c_str()), 0);
+  a = get();
+  EXPECT_NE(a.find("503 Service Unavailable"), std::string::npos) << a;
+  EXPECT_NE(a.find("was replaced by another file"), std::string::npos) << a;
+  a = put("lost-2");
+  EXPECT_NE(a.find("503 Service Unavailable"), std::string::npos) << a;
+  EXPECT_TRUE(health_says("was replaced by another file")) << health();
+
+  // The original back: served again.
+  ASSERT_EQ(::rename(keep.c_str(), db.c_str()), 0);
+  a = put("kept");
+  EXPECT_NE(a.find("201 Created"), std::string::npos) << a;
+  EXPECT_NE(get().find(kSecret), std::string::npos);
+  EXPECT_TRUE(health_says("\"status\":\"ok\"")) << health();
+  // Nothing of the refused puts was written: one version, "kept".
+  auto versions = Cli({"--json", "secret", "versions", "payments/dev/k"});
+  ASSERT_EQ(versions.exit_code, 0) << versions.err;
+  EXPECT_EQ(nlohmann::json::parse(versions.out).size(), 1u) << versions.out;
   EXPECT_EQ(Cli({"audit", "verify"}).exit_code, 0);
 }
 

@@ -43,6 +43,13 @@ void SqliteStore::EndWrite() {
 }
 
 SqliteStore::Lease::Lease(SqliteStore& s, bool relaxed) : s_(s), prev_(tls_conn), relaxed_(relaxed) {
+  // Checked once per outermost lease: a stat, far below a statement's cost.
+  if (prev_ == nullptr) {
+    if (auto gone = s_.CheckFile()) {
+      error_ = std::move(gone);
+      return;
+    }
+  }
   auto& pool = relaxed_ ? s_.relaxed_free_ : s_.free_;
   {
     std::lock_guard lock(s_.pool_mu_);
@@ -53,6 +60,29 @@ SqliteStore::Lease::Lease(SqliteStore& s, bool relaxed) : s_(s), prev_(tls_conn)
   }
   if (!conn_) conn_ = s_.OpenConnection(relaxed_);
   tls_conn = conn_.get();
+}
+
+Error SqliteStore::Lease::error() const {
+  if (error_) return *error_;
+  return Error(Category::kUnavailable, "store " + s_.path_ + ": cannot open another connection");
+}
+
+std::optional<Error> SqliteStore::CheckFile() const {
+  if (!pinned_) return std::nullopt;
+  struct stat st {};
+  if (::stat(path_.c_str(), &st) != 0) {
+    return Error(Category::kUnavailable,
+                 "store " + path_ + " is gone (deleted or moved away while this process runs); refusing to read or "
+                 "write a file no longer at its path: put it back, or restart on a restored copy",
+                 Backend::kStore, 0);
+  }
+  if (st.st_dev != dev_ || st.st_ino != ino_) {
+    return Error(Category::kUnavailable,
+                 "store " + path_ + " was replaced by another file while this process runs; refusing to go on "
+                 "with the old one: put the original back, or restart to use the new one",
+                 Backend::kStore, 0);
+  }
+  return std::nullopt;
 }
 
 SqliteStore::Lease::~Lease() {

@@ -35,7 +35,7 @@ void BindBytes(Stmt& s, int i, const std::vector<uint8_t>& v) {
 
 Result<StoreSnapshot> SqliteStore::Export() {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   // One read transaction: every table from the same snapshot, whatever a
   // running server writes meanwhile.
   CUSTODY_ASSIGN_OR_RETURN(Transaction tx, Transaction::Begin(*this, Transaction::kRead));
@@ -124,7 +124,7 @@ Result<StoreSnapshot> SqliteStore::Export() {
 
 Status SqliteStore::Import(const StoreSnapshot& snap, const std::function<void(size_t, size_t)>& progress) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   CUSTODY_ASSIGN_OR_RETURN(Transaction tx, Transaction::Begin(*this, Transaction::kWrite));
   int rc;
   {

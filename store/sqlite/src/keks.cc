@@ -26,7 +26,7 @@ KekRecord ReadKek(const Stmt& s) {
 
 Result<KekRecord> SqliteStore::CurrentKek(int64_t project_id) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   std::string sql = std::string("SELECT ") + kKekColumns +
                     " FROM keks WHERE project_id = ? AND state = 'active' ORDER BY version DESC LIMIT 1";
   Stmt s(db(), sql.c_str());
@@ -39,7 +39,7 @@ Result<KekRecord> SqliteStore::CurrentKek(int64_t project_id) {
 
 Result<KekRecord> SqliteStore::KekById(int64_t id) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   return KekByIdHeld(id);
 }
 
@@ -55,7 +55,7 @@ Result<KekRecord> SqliteStore::KekByIdHeld(int64_t id) {
 
 Result<std::vector<KekRecord>> SqliteStore::ProjectKeks(int64_t project_id) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   std::string sql = std::string("SELECT ") + kKekColumns + " FROM keks WHERE project_id = ? ORDER BY version";
   Stmt s(db(), sql.c_str());
   s.Bind(1, project_id);
@@ -68,7 +68,7 @@ Result<std::vector<KekRecord>> SqliteStore::ProjectKeks(int64_t project_id) {
 
 Result<std::vector<uint8_t>> SqliteStore::KekMaterial(const KekRef& kek) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   Stmt s(db(), "SELECT material FROM keks WHERE token_id = ? AND version = ?");
   s.Bind(1, kek.id).Bind(2, static_cast<int64_t>(kek.version));
   int rc = s.Step();
@@ -80,7 +80,7 @@ Result<std::vector<uint8_t>> SqliteStore::KekMaterial(const KekRef& kek) {
 Result<KekRecord> SqliteStore::AddKek(int64_t project_id, const KekRef& kek, const std::string& label, int64_t now,
                                       const std::vector<uint8_t>& material, const LockFence* fence) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   // Retiring the old KEKs and recording the new one commit together: a
   // project never has two active KEKs, nor none.
   CUSTODY_ASSIGN_OR_RETURN(Transaction tx, Transaction::Begin(*this, Transaction::kWrite));
@@ -120,7 +120,7 @@ Result<KekRecord> SqliteStore::AddKek(int64_t project_id, const KekRef& kek, con
 Result<std::vector<SealedItem>> SqliteStore::SealedUnder(int64_t kek_record_id, std::pair<int64_t, uint32_t> after,
                                                          size_t limit) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   Stmt s(db(),
          "SELECT v.secret_id, e.name, s.name, v.version, v.blob FROM secret_versions v "
          "JOIN secrets s ON s.id = v.secret_id JOIN environments e ON e.id = s.environment_id "
@@ -138,7 +138,7 @@ Result<std::vector<SealedItem>> SqliteStore::SealedUnder(int64_t kek_record_id, 
 
 Result<uint64_t> SqliteStore::CountSealedUnder(int64_t kek_record_id) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   Stmt s(db(), "SELECT count(*) FROM secret_versions WHERE kek_id = ?");
   s.Bind(1, kek_record_id);
   int rc = s.Step();
@@ -148,7 +148,7 @@ Result<uint64_t> SqliteStore::CountSealedUnder(int64_t kek_record_id) {
 
 Result<size_t> SqliteStore::ReplaceSealed(int64_t from, int64_t to, const std::vector<Resealed>& items) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   // A batch lands whole. `kek_id = from` skips a row that changed since it
   // was read (deleted, trimmed, or re-sealed by another run).
   CUSTODY_ASSIGN_OR_RETURN(Transaction tx, Transaction::Begin(*this, Transaction::kWrite));
@@ -166,7 +166,7 @@ Result<size_t> SqliteStore::ReplaceSealed(int64_t from, int64_t to, const std::v
 
 Status SqliteStore::SetKekState(int64_t kek_record_id, KekState state) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   CUSTODY_ASSIGN_OR_RETURN(Transaction tx, Transaction::Begin(*this, Transaction::kWrite));
   if (state == KekState::kDestroying) {
     // Under the write lock: no put can add a blob under a KEK that is not
@@ -207,7 +207,7 @@ Status SqliteStore::SetKekState(int64_t kek_record_id, KekState state) {
 
 Result<std::vector<KekRecord>> SqliteStore::ListKeks() {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   std::string sql = std::string("SELECT ") + kKekColumns + " FROM keks ORDER BY project_id, version";
   Stmt s(db(), sql.c_str());
   std::vector<KekRecord> out;
@@ -219,7 +219,7 @@ Result<std::vector<KekRecord>> SqliteStore::ListKeks() {
 
 Status SqliteStore::Reserve(const KekRef& kek, uint64_t n, uint64_t limit) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   Stmt s(db(),
          "UPDATE keks SET encryptions_reserved = encryptions_reserved + ?1 "
          "WHERE token_id = ?2 AND encryptions_reserved + ?1 <= ?3");

@@ -31,7 +31,7 @@ Status SqliteStore::RecordLocked(const UsageKey& key, UsageEvent event, int64_t 
 
 Status SqliteStore::Record(const UsageKey& key, UsageEvent event, int64_t now) {
   Lease lease(*this, /*relaxed=*/true);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   CUSTODY_ASSIGN_OR_RETURN(Transaction tx, Transaction::Begin(*this, Transaction::kWrite));
   CUSTODY_RETURN_IF_ERROR(RecordLocked(key, event, now));
   return tx.Commit();
@@ -40,7 +40,7 @@ Status SqliteStore::Record(const UsageKey& key, UsageEvent event, int64_t now) {
 Status SqliteStore::AddUsage(const std::vector<UsageCount>& counts) {
   if (counts.empty()) return Status::Ok();
   Lease lease(*this, /*relaxed=*/true);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   CUSTODY_ASSIGN_OR_RETURN(Transaction tx, Transaction::Begin(*this, Transaction::kWrite));
   for (const auto& c : counts) {
     Stmt s(db(), "INSERT INTO usage(project, environment, principal, day, unseals, seals, denied, rate_limited, "
@@ -62,7 +62,7 @@ Status SqliteStore::AddUsage(const std::vector<UsageCount>& counts) {
 Result<Admission> SqliteStore::Admit(const UsageKey& key, const std::vector<policy::LimitRule>& rules,
                                      UsageEvent event, double now) {
   Lease lease(*this, /*relaxed=*/true);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   const int64_t now_s = static_cast<int64_t>(now);
   // Every bucket and budget is read and charged under one write lock, by
   // every process: two requests cannot both spend the last token.
@@ -124,7 +124,7 @@ Result<Admission> SqliteStore::Admit(const UsageKey& key, const std::vector<poli
 
 Result<std::vector<UsageRow>> SqliteStore::Usage(const std::optional<std::string>& project, int64_t now) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   Stmt s(db(),
          "SELECT project, environment, principal, sum(unseals), sum(seals), sum(denied), sum(rate_limited), "
          "sum(spend_limited), sum(CASE WHEN day = ?2 THEN unseals ELSE 0 END), max(last_use) FROM usage "

@@ -7,7 +7,7 @@ namespace custody::core::sqlite {
 Result<std::optional<HeldLock>> SqliteStore::TakeLock(const std::string& name, const LockHolder& me, int64_t ttl,
                                                       const std::function<bool(const LockHolder&)>& gone) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   // Read and claim under one write lock, so two takers cannot both win
   // (`gone` is asked with it held, so it must be quick). Finding another
   // holder ends the transaction with nothing written.
@@ -51,13 +51,13 @@ Status SqliteStore::RenewHere(const std::string& name, const LockHolder& me, int
 
 Status SqliteStore::RenewLock(const std::string& name, const LockHolder& me, int64_t ttl) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   return RenewHere(name, me, Now() + ttl);
 }
 
 Status SqliteStore::ReleaseLock(const std::string& name, const LockHolder& me) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   Stmt s(db(),
          "DELETE FROM locks WHERE name = ? AND holder_host = ? AND holder_pid = ? AND holder_started = ? AND "
          "holder_instance = ?");

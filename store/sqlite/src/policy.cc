@@ -6,7 +6,7 @@ namespace custody::core::sqlite {
 
 Result<std::optional<PolicyRecord>> SqliteStore::CurrentPolicy() {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   Stmt s(db(), "SELECT version, sha256, text, applied_at, applied_by FROM policies ORDER BY version DESC LIMIT 1");
   int rc = s.Step();
   if (rc == SQLITE_DONE) return std::optional<PolicyRecord>();
@@ -17,7 +17,7 @@ Result<std::optional<PolicyRecord>> SqliteStore::CurrentPolicy() {
 
 Result<uint32_t> SqliteStore::CurrentPolicyVersion() {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   Stmt s(db(), "SELECT coalesce(max(version), 0) FROM policies");
   int rc = s.Step();
   if (rc != SQLITE_ROW) return Fail(rc, "reading the policy version");
@@ -27,7 +27,7 @@ Result<uint32_t> SqliteStore::CurrentPolicyVersion() {
 Result<PolicyRecord> SqliteStore::SavePolicy(const std::string& text, const std::string& sha256,
                                              const std::string& applied_by) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   // Numbered and stored under one write lock: two saves never race for a
   // number.
   CUSTODY_ASSIGN_OR_RETURN(Transaction tx, Transaction::Begin(*this, Transaction::kWrite));
@@ -45,7 +45,7 @@ Result<PolicyRecord> SqliteStore::SavePolicy(const std::string& text, const std:
 
 Status SqliteStore::RecordAuditCheckpoint(const std::string& node, uint64_t seq, const std::string& covers_hash) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   Stmt s(db(), "INSERT OR REPLACE INTO audit_checkpoints(node, seq, covers_hash, created_at) VALUES (?, ?, ?, ?)");
   s.Bind(1, node).Bind(2, static_cast<int64_t>(seq)).Bind(3, covers_hash).Bind(4, Now());
   int rc = s.Step();
@@ -55,7 +55,7 @@ Status SqliteStore::RecordAuditCheckpoint(const std::string& node, uint64_t seq,
 
 Result<std::optional<std::pair<uint64_t, std::string>>> SqliteStore::LastAuditCheckpoint(const std::string& node) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   // This node's rows; only when it has none, those of node '' (older rows).
   Stmt s(db(), "SELECT seq, covers_hash FROM audit_checkpoints WHERE node = ?1 OR "
                "(node = '' AND NOT EXISTS (SELECT 1 FROM audit_checkpoints WHERE node = ?1)) "

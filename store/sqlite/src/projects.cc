@@ -16,7 +16,7 @@ Result<ProjectRecord> SqliteStore::CreateProject(const std::string& name, const 
                                                  const KekRef& kek, const std::string& kek_label,
                                                  const std::vector<uint8_t>& kek_material) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   // The project, its first KEK and its environments land together or not at
   // all: a project without a KEK record could never seal.
   CUSTODY_ASSIGN_OR_RETURN(Transaction tx, Transaction::Begin(*this, Transaction::kWrite));
@@ -49,7 +49,7 @@ Result<ProjectRecord> SqliteStore::CreateProject(const std::string& name, const 
 
 Result<ProjectRecord> SqliteStore::FindProject(const std::string& name) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   Stmt s(db(), "SELECT id, created_at FROM projects WHERE name = ?");
   s.Bind(1, name);
   int rc = s.Step();
@@ -60,7 +60,7 @@ Result<ProjectRecord> SqliteStore::FindProject(const std::string& name) {
 
 Result<std::vector<ProjectRecord>> SqliteStore::ListProjects() {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   Stmt s(db(), "SELECT id, name, created_at FROM projects ORDER BY name");
   std::vector<ProjectRecord> out;
   int rc;
@@ -71,7 +71,7 @@ Result<std::vector<ProjectRecord>> SqliteStore::ListProjects() {
 
 Result<EnvironmentRecord> SqliteStore::CreateEnvironment(const std::string& project, const std::string& env) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   CUSTODY_ASSIGN_OR_RETURN(Transaction tx, Transaction::Begin(*this, Transaction::kWrite));
   CUSTODY_ASSIGN_OR_RETURN(int64_t pid, ProjectId(project));
   Stmt s(db(), "INSERT INTO environments(project_id, name, created_at) VALUES (?, ?, ?)");
@@ -88,7 +88,7 @@ Result<EnvironmentRecord> SqliteStore::CreateEnvironment(const std::string& proj
 
 Result<EnvironmentRecord> SqliteStore::FindEnvironment(const std::string& project, const std::string& env) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   return FindEnvironmentHeld(project, env);
 }
 
@@ -109,7 +109,7 @@ Result<EnvironmentRecord> SqliteStore::FindEnvironmentHeld(const std::string& pr
 
 Result<std::vector<EnvironmentRecord>> SqliteStore::ListEnvironments(const std::string& project) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   CUSTODY_ASSIGN_OR_RETURN(int64_t pid, ProjectId(project));
   Stmt s(db(), "SELECT id, name FROM environments WHERE project_id = ? ORDER BY name");
   s.Bind(1, pid);

@@ -228,6 +228,7 @@ Result<std::unique_ptr<Store>> OpenSqliteStore(const std::string& path, bool cre
   if (!exists) ::chmod(path.c_str(), 0600);
   auto store = std::make_unique<sqlite::SqliteStore>(db, path);
   CUSTODY_RETURN_IF_ERROR(store->Init(create));
+  if (struct stat now {}; ::stat(path.c_str(), &now) == 0) store->PinFile(now.st_dev, now.st_ino);
   return std::unique_ptr<Store>(std::move(store));
 }
 

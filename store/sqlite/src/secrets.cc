@@ -23,7 +23,7 @@ Result<int64_t> SqliteStore::SecretIdIn(const EnvironmentRecord& env, const std:
 
 Result<uint32_t> SqliteStore::NextVersion(int64_t env_id, const std::string& name) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   Stmt s(db(),
          "SELECT coalesce(max(v.version), 0) FROM secrets s JOIN secret_versions v ON v.secret_id = s.id "
          "WHERE s.environment_id = ? AND s.name = ?");
@@ -36,7 +36,7 @@ Result<uint32_t> SqliteStore::NextVersion(int64_t env_id, const std::string& nam
 Status SqliteStore::AddVersion(int64_t env_id, const std::string& name, uint32_t version, int64_t kek_record_id,
                                const std::vector<uint8_t>& blob, int64_t now, const std::string& put_key) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   // A write transaction from the start (BEGIN IMMEDIATE): the KEK's state
   // read below holds until this version has landed.
   CUSTODY_ASSIGN_OR_RETURN(Transaction tx, Transaction::Begin(*this, Transaction::kWrite));
@@ -125,7 +125,7 @@ SecretVersionRecord ReadVersion(const Stmt& s) {
 Result<std::optional<uint32_t>> SqliteStore::VersionForPutKey(int64_t env_id, const std::string& name,
                                                              const std::string& put_key, int64_t now) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   Stmt s(db(), "SELECT k.version FROM put_keys k JOIN secrets s ON s.id = k.secret_id "
                "WHERE s.environment_id = ? AND s.name = ? AND k.key = ? AND k.created_at >= ?");
   s.Bind(1, env_id).Bind(2, name).Bind(3, put_key).Bind(4, now - kPutKeySeconds);
@@ -138,14 +138,14 @@ Result<std::optional<uint32_t>> SqliteStore::VersionForPutKey(int64_t env_id, co
 Result<SecretVersionRecord> SqliteStore::GetVersion(const EnvironmentRecord& env, const std::string& name,
                                                     std::optional<uint32_t> version) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   return GetVersionHeld(env, name, version);
 }
 
 Result<UnsealInputs> SqliteStore::ReadForUnseal(const std::string& project, const std::string& env,
                                                 const std::string& name, std::optional<uint32_t> version) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   // One read transaction: one snapshot (a KEK rotation cannot move the blob
   // between the version and its KEK, and the KEK record is the one that
   // blob names) and one WAL read lock, not three.
@@ -196,7 +196,7 @@ Result<SecretVersionRecord> SqliteStore::GetVersionHeld(const EnvironmentRecord&
 Result<std::vector<SecretVersionRecord>> SqliteStore::ListVersions(const EnvironmentRecord& env,
                                                                    const std::string& name) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   CUSTODY_ASSIGN_OR_RETURN(int64_t sid, SecretIdIn(env, name));
   static const std::string sql =
       std::string("SELECT ") + kVersionColumns + " FROM secret_versions v WHERE v.secret_id = ? ORDER BY v.version";
@@ -212,7 +212,7 @@ Result<std::vector<SecretVersionRecord>> SqliteStore::ListVersions(const Environ
 Result<uint32_t> SqliteStore::RevokeVersion(const EnvironmentRecord& env, const std::string& name, uint32_t version,
                                             const std::string& reason, const std::string& by, int64_t now) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   std::string where = env.project + "/" + env.name + "/" + name;
   // The current version before and after, and the revocation, under one
   // write lock: a concurrent put or revoke cannot slip in between and have
@@ -263,7 +263,7 @@ Result<size_t> SqliteStore::TrimVersions(const EnvironmentRecord& env, const std
                                          const std::vector<uint32_t>& versions) {
   if (versions.empty()) return size_t{0};
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   // Each DELETE works out the current version itself, under the write lock:
   // whatever the caller's list says, the version current at this moment
   // stays.
@@ -285,7 +285,7 @@ Result<size_t> SqliteStore::TrimVersions(const EnvironmentRecord& env, const std
 Result<std::vector<SecretSummary>> SqliteStore::ListSecrets(const std::optional<std::string>& project,
                                                             const std::optional<std::string>& env) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   if (project) CUSTODY_RETURN_IF_ERROR(ProjectId(*project));
   Stmt s(db(),
          "SELECT p.name, e.name, s.name, max(v.version), count(v.version), max(v.created_at), "
@@ -314,7 +314,7 @@ Result<std::vector<SecretSummary>> SqliteStore::ListSecrets(const std::optional<
 
 Status SqliteStore::DeleteSecret(const EnvironmentRecord& env, const std::string& name) {
   Lease lease(*this);
-  if (!lease.ok()) return Error(Category::kUnavailable, "store " + path_ + ": cannot open another connection");
+  if (!lease.ok()) return lease.error();
   CUSTODY_ASSIGN_OR_RETURN(Transaction tx, Transaction::Begin(*this, Transaction::kWrite));
   CUSTODY_ASSIGN_OR_RETURN(int64_t sid, SecretIdIn(env, name));
   Stmt s(db(), "DELETE FROM secrets WHERE id = ?");  // versions go by ON DELETE CASCADE

@@ -7,6 +7,8 @@
 // store/.
 #pragma once
 
+#include <sys/stat.h>
+
 #include <sqlite3.h>
 
 #include <cstdint>
@@ -288,8 +290,11 @@ class SqliteStore final : public Store {
     Lease(const Lease&) = delete;
     Lease& operator=(const Lease&) = delete;
     bool ok() const { return conn_ != nullptr; }
+    // Why there is no connection (ok() false).
+    Error error() const;
 
    private:
+    std::optional<Error> error_;
     SqliteStore& s_;
     Conn* prev_;
     bool relaxed_;
@@ -302,6 +307,24 @@ class SqliteStore final : public Store {
   std::mutex pool_mu_;
   std::vector<std::unique_ptr<Conn>> free_, relaxed_free_;
   std::string path_;
+
+ public:
+  // The file this store opened, by device and inode (OpenSqliteStore).
+  void PinFile(dev_t dev, ino_t ino) {
+    dev_ = dev;
+    ino_ = ino;
+    pinned_ = true;
+  }
+
+ private:
+  // Whether the file at path_ is still the one opened. A store deleted or
+  // replaced under a running process would otherwise go on being read and
+  // written through the open descriptors, and every write would be lost
+  // with the unlinked inode: refused instead, until the file is back.
+  std::optional<Error> CheckFile() const;
+  dev_t dev_ = 0;
+  ino_t ino_ = 0;
+  bool pinned_ = false;
 };
 
 }  // namespace custody::core::sqlite

@@ -69,10 +69,21 @@ struct CustodianStats {
     std::lock_guard lock(problem_mu_);
     return audit_problem_;
   }
+  // The store could not be read (`why`: the store's own words), or it could.
+  void NoteStore(const std::optional<std::string>& why) {
+    std::lock_guard lock(problem_mu_);
+    if (why) store_problem_ = *why;
+    store_healthy.store(!why);
+  }
+  std::string store_problem() const {
+    std::lock_guard lock(problem_mu_);
+    return store_problem_;
+  }
 
  private:
   mutable std::mutex problem_mu_;
   std::string audit_problem_;
+  std::string store_problem_;
 };
 
 class Custodian {
