@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <algorithm>
 #include <iterator>
 #include <nlohmann/json.hpp>
@@ -326,6 +327,62 @@ TEST_F(FaultyTokenServerTest, APutWhoseSealTheTokenRefusesWritesNothingAndLeaves
   EXPECT_EQ(verify.exit_code, 0) << verify.out << verify.err;
 }
 
+// Clients reading one secret in a loop, from construction until Stop(),
+// and what they saw: the value, a 503 without it, a wrong value, anything
+// else; the slowest answer and when the last failure came (ms since start).
+class ReadLoad {
+ public:
+  using Clock = std::chrono::steady_clock;
+  ReadLoad(int clients, std::function<std::string()> get, std::string value, int pause_ms = 0)
+      : get_(std::move(get)), value_(std::move(value)) {
+    for (int c = 0; c < clients; ++c) {
+      threads_.emplace_back([this, pause_ms] {
+        while (!stop_) {
+          const auto t0 = Clock::now();
+          const std::string a = get_();
+          Note(a, t0, Clock::now());
+          if (pause_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(pause_ms));
+        }
+      });
+    }
+  }
+  ~ReadLoad() { Stop(); }
+  void Stop() {
+    stop_ = true;
+    for (auto& t : threads_) t.join();
+    threads_.clear();
+  }
+  int64_t Now() const { return std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start_).count(); }
+  std::string Summary() const {
+    return "sent " + std::to_string(sent) + ", answered " + std::to_string(ok) + ", 503 " +
+           std::to_string(unavailable) + ", wrong " + std::to_string(wrong) + ", other " + std::to_string(other) +
+           ", slowest " + std::to_string(slowest_ms) + " ms";
+  }
+
+  std::atomic<int> sent{0}, ok{0}, unavailable{0}, wrong{0}, other{0};
+  std::atomic<int64_t> slowest_ms{0}, last_failure_ms{0};
+
+ private:
+  void Note(const std::string& a, Clock::time_point t0, Clock::time_point t1) {
+    const int64_t ms = std::chrono::duration_cast<std::chrono::milliseconds>(t1 - t0).count();
+    for (int64_t seen = slowest_ms.load(); ms > seen && !slowest_ms.compare_exchange_weak(seen, ms);) {
+    }
+    ++sent;
+    const std::string status = a.substr(0, a.find("\r\n"));
+    if (status == "HTTP/1.1 200 OK") {
+      (a.find(value_) != std::string::npos ? ok : wrong)++;
+      return;
+    }
+    (status == "HTTP/1.1 503 Service Unavailable" && a.find(value_) == std::string::npos ? unavailable : other)++;
+    last_failure_ms = std::chrono::duration_cast<std::chrono::milliseconds>(t1 - start_).count();
+  }
+  std::function<std::string()> get_;
+  std::string value_;
+  const Clock::time_point start_ = Clock::now();
+  std::atomic<bool> stop_{false};
+  std::vector<std::thread> threads_;
+};
+
 // Adds `line` to the [token] table of the config at `path`.
 void AddToTokenTable(const std::string& path, const std::string& line) {
   std::string cfg = ReadFile(path);
@@ -440,13 +497,12 @@ TEST_F(HungTokenServerTest, AHungCallCostsItsRequestA503AtTheDeadlineAndNoOneEls
 
 // Each token fault under load, 8 clients reading throughout: a device
 // reset (sessions, login and handles gone until the module is initialised
-// again), the device down for a second, a burst of CKR_DEVICE_ERROR from
+// again), the device down for 0.7 s, a burst of CKR_DEVICE_ERROR from
 // C_Decrypt, and sessions closed from outside (stale handles). For each:
 // every request got its value or a 503, none a wrong value, none waited
 // past the deadline, one audit record per request, and once the fault
 // clears the requests succeed again without a restart.
 TEST_F(HungTokenServerTest, EveryTokenFaultUnderLoadIsRefusedOrServedAndThenRecovered) {
-  using Clock = std::chrono::steady_clock;
   struct Fault_ {
     const char* name;
     const char* command;  // written to the control file during the fault
@@ -464,52 +520,25 @@ TEST_F(HungTokenServerTest, EveryTokenFaultUnderLoadIsRefusedOrServedAndThenReco
     SCOPED_TRACE(f.name);
     ASSERT_EQ(StatusLine(Get("payments/prod/stripe")), "HTTP/1.1 200 OK");
     ++all_sent;
-    std::atomic<bool> stop{false};
-    std::atomic<int> sent{0}, ok{0}, unavailable{0}, wrong{0}, other{0};
-    std::atomic<int64_t> slowest{0}, last_failure{0};
-    const auto start = Clock::now();
-    std::vector<std::thread> clients;
-    for (int c = 0; c < 8; ++c) {
-      clients.emplace_back([&] {
-        while (!stop) {
-          const auto t0 = Clock::now();
-          const std::string a = Get("payments/prod/stripe");
-          const auto t1 = Clock::now();
-          const int64_t ms = std::chrono::duration_cast<std::chrono::milliseconds>(t1 - t0).count();
-          for (int64_t seen = slowest.load(); ms > seen && !slowest.compare_exchange_weak(seen, ms);) {
-          }
-          ++sent;
-          const std::string st = StatusLine(a);
-          if (st == "HTTP/1.1 200 OK") {
-            (a.find(kSecret) != std::string::npos ? ok : wrong)++;
-          } else {
-            (st == "HTTP/1.1 503 Service Unavailable" && a.find(kSecret) == std::string::npos ? unavailable : other)++;
-            last_failure = std::chrono::duration_cast<std::chrono::milliseconds>(t1 - start).count();
-          }
-        }
-      });
-    }
+    ReadLoad load(8, [&] { return Get("payments/prod/stripe"); }, kSecret);
     std::this_thread::sleep_for(std::chrono::milliseconds(300));
     Fault(f.command);
     if (f.hold_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(f.hold_ms));
     Heal();
-    const int64_t healed = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start).count();
+    const int64_t healed = load.Now();
     std::this_thread::sleep_for(std::chrono::milliseconds(1200));
-    stop = true;
-    for (auto& t : clients) t.join();
-    std::printf("%s: sent %d, answered %d, 503 %d, wrong %d, other %d, slowest %lld ms, last failure %lld ms after "
-                "the fault cleared\n",
-                f.name, sent.load(), ok.load(), unavailable.load(), wrong.load(), other.load(),
-                static_cast<long long>(slowest.load()),
-                static_cast<long long>(last_failure.load() > 0 ? std::max<int64_t>(0, last_failure.load() - healed) : 0));
-    EXPECT_EQ(wrong.load(), 0);
-    EXPECT_EQ(other.load(), 0);
-    EXPECT_LT(slowest.load(), 6000) << "a request waited past the deadline (1 s) and the 5 s re-initialisation wait";
-    // Recovered: the last failure is within a few seconds of the fault
+    load.Stop();
+    const int64_t last = load.last_failure_ms.load();
+    std::printf("%s: %s, last failure %lld ms after the fault cleared\n", f.name, load.Summary().c_str(),
+                static_cast<long long>(last > 0 ? std::max<int64_t>(0, last - healed) : 0));
+    EXPECT_EQ(load.wrong.load(), 0);
+    EXPECT_EQ(load.other.load(), 0);
+    EXPECT_LT(load.slowest_ms.load(), 6000) << "a request waited past the deadline (1 s) and the 5 s re-initialisation wait";
+    // Recovered: the last failure is within a second of the fault
     // clearing, and what follows is served (the last 1.2 s had successes).
-    EXPECT_LT(last_failure.load(), healed + 1000);
-    EXPECT_GT(ok.load(), 8);
-    all_sent += static_cast<size_t>(sent.load());
+    EXPECT_LT(last, healed + 1000);
+    EXPECT_GT(load.ok.load(), 8);
+    all_sent += static_cast<size_t>(load.sent.load());
   }
   EXPECT_EQ(AuditCount("secret.get"), records_before + all_sent) << "one record a request";
   EXPECT_EQ(Cli({"audit", "verify"}).exit_code, 0);
@@ -532,63 +561,35 @@ TEST_F(TpmRestartServerTest, AKilledAndRestartedTpmIsServedAgainWithoutARestart)
   auto get = [&] { return Raw(socket_, "GET /v1/secrets/payments/prod/stripe HTTP/1.1\r\nHost: x\r\n\r\n"); };
   ASSERT_NE(get().find("200 OK"), std::string::npos);
   const size_t records_before = AuditCount("secret.get");
-  using Clock = std::chrono::steady_clock;
-  std::atomic<bool> stop{false};
-  std::atomic<int> sent{0}, ok{0}, unavailable{0}, wrong{0}, other{0};
-  std::atomic<int64_t> slowest_ms{0}, last_failure_ms{0};
-  const auto start = Clock::now();
-  std::vector<std::thread> clients;
-  for (int c = 0; c < 8; ++c) {
-    clients.emplace_back([&] {
-      while (!stop) {
-        const auto t0 = Clock::now();
-        const std::string a = get();
-        const auto t1 = Clock::now();
-        const int64_t ms = std::chrono::duration_cast<std::chrono::milliseconds>(t1 - t0).count();
-        int64_t seen = slowest_ms.load();
-        while (ms > seen && !slowest_ms.compare_exchange_weak(seen, ms)) {
-        }
-        ++sent;
-        const std::string status = a.substr(0, a.find("\r\n"));
-        if (status == "HTTP/1.1 200 OK") {
-          (a.find(kSecret) != std::string::npos ? ok : wrong)++;
-        } else {
-          (status == "HTTP/1.1 503 Service Unavailable" && a.find(kSecret) == std::string::npos ? unavailable : other)++;
-          last_failure_ms = std::chrono::duration_cast<std::chrono::milliseconds>(t1 - start).count();
-        }
-        std::this_thread::sleep_for(std::chrono::milliseconds(5));
-      }
-    });
-  }
+  ReadLoad load(8, get, kSecret, /*pause_ms=*/5);
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
   swtpm_.Kill();
   std::this_thread::sleep_for(std::chrono::milliseconds(1000));
   const std::string health_down = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
   ASSERT_TRUE(swtpm_.Restart());
-  const int64_t restarted_ms = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start).count();
+  const int64_t restarted_ms = load.Now();
   // Served again, with no restart of custodyd: wait for a run of answers.
+  int extra = 0;
   bool back = false;
   for (int i = 0; i < 200 && !back; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
     back = get().find(kSecret) != std::string::npos;
+    ++extra;
   }
   std::this_thread::sleep_for(std::chrono::milliseconds(1000));
-  stop = true;
-  for (auto& t : clients) t.join();
-  std::printf("tpm restart: sent %d, answered %d, 503 %d, wrong %d, other %d, slowest %lld ms, last failure %lld ms "
-              "after the load began, swtpm back at %lld ms\n",
-              sent.load(), ok.load(), unavailable.load(), wrong.load(), other.load(),
-              static_cast<long long>(slowest_ms.load()), static_cast<long long>(last_failure_ms.load()),
+  load.Stop();
+  std::printf("tpm restart: %s, last failure %lld ms after the load began, swtpm back at %lld ms\n",
+              load.Summary().c_str(), static_cast<long long>(load.last_failure_ms.load()),
               static_cast<long long>(restarted_ms));
   EXPECT_TRUE(back) << "custodyd did not serve again after swtpm came back";
-  EXPECT_EQ(wrong.load(), 0);
-  EXPECT_EQ(other.load(), 0);
-  EXPECT_GT(unavailable.load(), 0) << "the outage was not seen at all";
-  EXPECT_LT(slowest_ms.load(), 4000) << "a request waited past the deadline";
-  EXPECT_LE(last_failure_ms.load(), restarted_ms + 3000) << "failures went on long after swtpm was back";
+  EXPECT_EQ(load.wrong.load(), 0);
+  EXPECT_EQ(load.other.load(), 0);
+  EXPECT_GT(load.unavailable.load(), 0) << "the outage was not seen at all";
+  EXPECT_LT(load.slowest_ms.load(), 4000) << "a request waited past the deadline";
+  EXPECT_LE(load.last_failure_ms.load(), restarted_ms + 3000) << "failures went on long after swtpm was back";
   EXPECT_NE(health_down.find("503"), std::string::npos) << health_down;
-  // One record per request (the extra get() calls in the wait included).
-  EXPECT_GE(AuditCount("secret.get"), records_before + static_cast<size_t>(sent.load()));
+  // One record per request (the get() calls of the wait included).
+  EXPECT_EQ(AuditCount("secret.get"), records_before + static_cast<size_t>(load.sent.load() + extra));
   auto metrics = Raw(socket_, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
   EXPECT_EQ(metrics.find("custody_token_recoveries_total{node=\"node-a\"} 0"), std::string::npos) << metrics;
   // Stopped: nothing custodyd loaded is left in the TPM.
