@@ -20,7 +20,7 @@ elapsed() {
 
 bash ci/install-deps.sh
 nice -n 5 cmake --preset tsan >/dev/null
-nice -n 5 cmake --build --preset tsan --target audit_test server_test hsm_test store_test
+nice -n 5 cmake --build --preset tsan --target audit_test server_test hsm_test store_test core_unit_test
 built=$EPOCHREALTIME
 echo "tsan: build $(elapsed "$started")s"
 

@@ -186,7 +186,11 @@ struct Server::Impl {
   }
 
   // A periodic job on the loop; owned by Impl, so callbacks may hold `this`.
+  // Its timer lives on a strand of its own: the loop runs on several
+  // threads, and re-arming (in the handler) and cancelling (in Stop) must
+  // never touch the timer at once.
   struct Ticker {
+    asio::strand<asio::io_context::executor_type> strand;
     asio::steady_timer timer;
     std::chrono::seconds period;
     std::function<void()> fn;

@@ -275,10 +275,12 @@ bool Server::Run(unsigned threads) {
 void Server::Post(std::function<void()> fn) { asio::post(impl_->io, std::move(fn)); }
 
 void Server::Every(std::chrono::seconds period, std::function<void()> fn) {
-  auto t = std::make_unique<Impl::Ticker>(Impl::Ticker{asio::steady_timer(impl_->io), period, std::move(fn), impl_.get()});
+  auto strand = asio::make_strand(impl_->io);
+  auto t = std::make_unique<Impl::Ticker>(
+      Impl::Ticker{strand, asio::steady_timer(strand), period, std::move(fn), impl_.get()});
   Impl::Ticker* raw = t.get();
   impl_->tickers.push_back(std::move(t));
-  asio::post(impl_->io, [raw] { raw->Arm(); });
+  asio::post(raw->strand, [raw] { raw->Arm(); });
 }
 
 void Server::SetLimits(const ServerOptions& fresh) { impl_->limits.Set(fresh); }
@@ -290,7 +292,10 @@ void Server::Stop(std::chrono::seconds grace) {
     if (impl_->acceptor) impl_->acceptor->close(ignored);
     if (impl_->tls_acceptor) impl_->tls_acceptor->close(ignored);
     ::unlink(impl_->options.socket_path.c_str());
-    for (auto& t : impl_->tickers) t->timer.cancel();
+    for (auto& t : impl_->tickers) {
+      Impl::Ticker* raw = t.get();
+      asio::post(raw->strand, [raw] { raw->timer.cancel(); });
+    }
     // Requests in flight finish; connections waiting for a request close now.
     impl_->CloseIdle();
     impl_->drain_deadline = std::chrono::steady_clock::now() + grace;
