@@ -11,10 +11,13 @@ cd "$(dirname "$0")/.."
 root=$PWD
 
 bash ci/install-deps.sh
-cmake --preset release >/dev/null
-cmake --build --preset release --target custody
+# CUSTODY_DEMO_PRESET: another build of the same sources (CI runs the demo
+# on the `dev` build its tests use, so the run builds the code once fewer).
+preset="${CUSTODY_DEMO_PRESET:-release}"
+cmake --preset "$preset" >/dev/null
+cmake --build --preset "$preset" --target custody
 
-custody="$root/build/release/tools/custody"
+custody="$root/build/$preset/tools/custody"
 state="${CUSTODY_STATE_DIR:-$root/state}"
 umask 077
 mkdir -p "$state/softhsm/tokens"
