@@ -328,8 +328,9 @@ TEST_F(FaultyTokenServerTest, APutWhoseSealTheTokenRefusesWritesNothingAndLeaves
 }
 
 // Clients reading one secret in a loop, from construction until Stop(),
-// and what they saw: the value, a 503 without it, a wrong value, anything
-// else; the slowest answer and when the last failure came (ms since start).
+// and what they saw: the value, a 503 (with Retry-After) without it, a
+// wrong value, anything else; the slowest answer and when the last failure
+// came (ms since start).
 class ReadLoad {
  public:
   using Clock = std::chrono::steady_clock;
@@ -373,7 +374,9 @@ class ReadLoad {
       (a.find(value_) != std::string::npos ? ok : wrong)++;
       return;
     }
-    (status == "HTTP/1.1 503 Service Unavailable" && a.find(value_) == std::string::npos ? unavailable : other)++;
+    const bool refused = status == "HTTP/1.1 503 Service Unavailable" && a.find("Retry-After") != std::string::npos &&
+                         a.find(value_) == std::string::npos;
+    (refused ? unavailable : other)++;
     last_failure_ms = std::chrono::duration_cast<std::chrono::milliseconds>(t1 - start_).count();
   }
   std::function<std::string()> get_;
@@ -412,35 +415,7 @@ TEST_F(HungTokenServerTest, AHungCallCostsItsRequestA503AtTheDeadlineAndNoOneEls
   const size_t records_before = AuditCount("secret.get");
   std::filesystem::remove(control_ + ".hung");
   Fault("hang 5000 2 C_Decrypt");
-  using Clock = std::chrono::steady_clock;
-  const auto start = Clock::now();
-  struct Tally {
-    int sent = 0, ok = 0, unavailable = 0, wrong = 0, other = 0;
-    double slowest_ms = 0;
-  };
-  std::vector<Tally> tallies(8);
-  std::vector<std::thread> clients;
-  for (int c = 0; c < 8; ++c) {
-    clients.emplace_back([&, c] {
-      Tally& t = tallies[c];
-      while (Clock::now() - start < std::chrono::milliseconds(3000)) {
-        const auto t0 = Clock::now();
-        const std::string a = Get("payments/prod/stripe");
-        const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-        t.slowest_ms = std::max(t.slowest_ms, ms);
-        ++t.sent;
-        const std::string status = StatusLine(a);
-        if (status == "HTTP/1.1 200 OK") {
-          (a.find(kSecret) != std::string::npos ? t.ok : t.wrong)++;
-        } else if (status == "HTTP/1.1 503 Service Unavailable" && a.find("Retry-After") != std::string::npos &&
-                   a.find(kSecret) == std::string::npos) {
-          ++t.unavailable;
-        } else {
-          ++t.other;
-        }
-      }
-    });
-  }
+  ReadLoad load(8, [&] { return Get("payments/prod/stripe"); }, kSecret);
   // While the two calls hang: health and metrics say so.
   for (int i = 0; i < 300 && !std::filesystem::exists(control_ + ".hung"); ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
@@ -448,36 +423,27 @@ TEST_F(HungTokenServerTest, AHungCallCostsItsRequestA503AtTheDeadlineAndNoOneEls
   std::this_thread::sleep_for(std::chrono::milliseconds(1500));  // past the 1 s deadline
   const std::string health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
   const std::string metrics = Raw(socket_, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
-  for (auto& t : clients) t.join();
-  const auto loaded = Clock::now();
-  Tally all;
-  for (const auto& t : tallies) {
-    all.sent += t.sent;
-    all.ok += t.ok;
-    all.unavailable += t.unavailable;
-    all.wrong += t.wrong;
-    all.other += t.other;
-    all.slowest_ms = std::max(all.slowest_ms, t.slowest_ms);
-  }
-  std::printf("hung token: sent %d, answered %d, 503 %d, wrong %d, other %d, slowest %.0f ms\n", all.sent, all.ok,
-              all.unavailable, all.wrong, all.other, all.slowest_ms);
+  std::this_thread::sleep_for(std::chrono::milliseconds(std::max<int64_t>(0, 3000 - load.Now())));
+  load.Stop();
+  const auto loaded = std::chrono::steady_clock::now();
+  std::printf("hung token: %s\n", load.Summary().c_str());
   EXPECT_EQ(std::count(std::istreambuf_iterator<char>(*std::make_unique<std::ifstream>(control_ + ".hung")),
                        std::istreambuf_iterator<char>(), '\n'),
             2)
       << "two calls hung";
-  EXPECT_EQ(all.unavailable, 2) << "the two requests whose calls hung, and only they, got 503";
-  EXPECT_EQ(all.wrong, 0);
-  EXPECT_EQ(all.other, 0);
-  EXPECT_GT(all.ok, 8) << "the other requests were served while two calls hung";
+  EXPECT_EQ(load.unavailable.load(), 2) << "the two requests whose calls hung, and only they, got 503";
+  EXPECT_EQ(load.wrong.load(), 0);
+  EXPECT_EQ(load.other.load(), 0);
+  EXPECT_GT(load.ok.load(), 8) << "the other requests were served while two calls hung";
   // No request waited for the hang (5 s): the two held ones were let go at
   // the 1 s deadline. (A bound far from both, not a timing target.)
-  EXPECT_LT(all.slowest_ms, 4000) << "a request waited for the hung call";
+  EXPECT_LT(load.slowest_ms.load(), 4000) << "a request waited for the hung call";
   EXPECT_NE(health.find("503"), std::string::npos) << health;
   EXPECT_NE(health.find("\"token\":\"slow or hung since "), std::string::npos) << health;
   EXPECT_NE(metrics.find("custody_token_call_timeouts_total{node=\"node-a\"} 2"), std::string::npos) << metrics;
   EXPECT_NE(metrics.find("custody_token_calls_hung{node=\"node-a\"} 2"), std::string::npos) << metrics;
   // One record per request, the refused ones included.
-  EXPECT_EQ(AuditCount("secret.get"), records_before + static_cast<size_t>(all.sent));
+  EXPECT_EQ(AuditCount("secret.get"), records_before + static_cast<size_t>(load.sent.load()));
 
   // The hang ends (5 s after it began): served again, health ok, no restart.
   bool back = false;
@@ -488,7 +454,7 @@ TEST_F(HungTokenServerTest, AHungCallCostsItsRequestA503AtTheDeadlineAndNoOneEls
   }
   EXPECT_TRUE(back) << "health did not come back";
   std::printf("hung token: healthy again %.1f s after the load ended\n",
-              std::chrono::duration<double>(Clock::now() - loaded).count());
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - loaded).count());
   const std::string after = Get("payments/prod/stripe");
   EXPECT_EQ(StatusLine(after), "HTTP/1.1 200 OK") << after;
   EXPECT_NE(after.find(kSecret), std::string::npos);

@@ -60,27 +60,22 @@ struct CustodianStats {
 
   // An audit append failed (`why`), or one worked (nullopt): audit_healthy,
   // and the reason /v1/health gives its readers.
-  void NoteAudit(const std::optional<std::string>& why) {
-    std::lock_guard lock(problem_mu_);
-    if (why) audit_problem_ = *why;
-    audit_healthy.store(!why);
-  }
-  std::string audit_problem() const {
-    std::lock_guard lock(problem_mu_);
-    return audit_problem_;
-  }
+  void NoteAudit(const std::optional<std::string>& why) { Note(audit_healthy, audit_problem_, why); }
+  std::string audit_problem() const { return Problem(audit_problem_); }
   // The store could not be read (`why`: the store's own words), or it could.
-  void NoteStore(const std::optional<std::string>& why) {
-    std::lock_guard lock(problem_mu_);
-    if (why) store_problem_ = *why;
-    store_healthy.store(!why);
-  }
-  std::string store_problem() const {
-    std::lock_guard lock(problem_mu_);
-    return store_problem_;
-  }
+  void NoteStore(const std::optional<std::string>& why) { Note(store_healthy, store_problem_, why); }
+  std::string store_problem() const { return Problem(store_problem_); }
 
  private:
+  void Note(std::atomic<bool>& healthy, std::string& problem, const std::optional<std::string>& why) {
+    std::lock_guard lock(problem_mu_);
+    if (why) problem = *why;
+    healthy.store(!why);
+  }
+  std::string Problem(const std::string& problem) const {
+    std::lock_guard lock(problem_mu_);
+    return problem;
+  }
   mutable std::mutex problem_mu_;
   std::string audit_problem_;
   std::string store_problem_;
