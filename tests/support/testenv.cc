@@ -261,11 +261,33 @@ bool InCi() {
   return ci != nullptr && *ci != '\0' && std::string_view(ci) != "false" && std::string_view(ci) != "0";
 }
 
-Swtpm::Swtpm() {
+Swtpm::Swtpm(const SwtpmOptions& options) {
   const char* bin = "/usr/bin/swtpm";
   if (::access(bin, X_OK) != 0) {
     why_not_ = "swtpm is not installed (apt-get install swtpm swtpm-tools tpm2-tools, or run ci/install-deps.sh)";
     return;
+  }
+  if (options.ek_certificate) {
+    // A local CA of this test's own (swtpm_localca creates its root and
+    // issuer on first use), never the system's /var/lib/swtpm-localca.
+    std::ofstream(ca_ / "localca.conf") << "statedir = " << ca_.path() << "\nsigningkey = " << (ca_ / "signkey.pem")
+                                        << "\nissuercert = " << (ca_ / "issuercert.pem")
+                                        << "\ncertserial = " << (ca_ / "certserial") << "\n";
+    std::ofstream(ca_ / "localca.options") << "--platform-manufacturer custody-test\n--platform-version 2.1\n"
+                                              "--platform-model swtpm\n";
+    std::ofstream(ca_ / "setup.conf") << "create_certs_tool = /usr/bin/swtpm_localca\ncreate_certs_tool_config = "
+                                      << (ca_ / "localca.conf") << "\ncreate_certs_tool_options = "
+                                      << (ca_ / "localca.options") << "\nactive_pcr_banks = sha256\n";
+    auto r = RunProgram("/usr/bin/swtpm_setup",
+                        {"--tpm2", "--tpmstate", dir_.path(), "--create-ek-cert", "--config", ca_ / "setup.conf",
+                         "--pcr-banks", "sha256", "--overwrite"},
+                        {});
+    std::ofstream(ca_ / "ek-ca.pem") << ReadFile(ca_ / "swtpm-localca-rootca-cert.pem")
+                                     << ReadFile(ca_ / "issuercert.pem");
+    if (r.exit_code != 0) {
+      why_not_ = "swtpm_setup --create-ek-cert failed: " + r.out + r.err;
+      return;
+    }
   }
   // The swtpm TCTI finds the control channel at port + 1. The control
   // socket is bound and listening here and handed to swtpm as a descriptor

@@ -72,9 +72,14 @@ class SoftHsmToken {
 // When swtpm is not installed, available() is false and the test must skip
 // (CUSTODY_REQUIRE_SWTPM), never pass silently; in CI it fails. Its ports
 // are bound here and handed to swtpm, so parallel tests cannot race for them.
+struct SwtpmOptions {
+  // Manufactured first by `swtpm_setup --create-ek-cert` with a local CA of
+  // the test's own: the TPM then holds an RSA EK certificate at 0x01c00002.
+  bool ek_certificate = false;
+};
 class Swtpm {
  public:
-  Swtpm();
+  explicit Swtpm(const SwtpmOptions& options = {});
   ~Swtpm();
   Swtpm(const Swtpm&) = delete;
   Swtpm& operator=(const Swtpm&) = delete;
@@ -88,11 +93,15 @@ class Swtpm {
   // Starts it again on the same state and ports (a TPM power cycle: the
   // seeds, so the SRK's Name, are kept). False if it did not come up.
   bool Restart();
+  // With ek_certificate: the local CA's root and issuing certificates (PEM),
+  // what a verifier passes as `attest verify --ek-ca`.
+  std::string ek_ca() const { return ca_ / "ek-ca.pem"; }
 
  private:
   // Starts swtpm on `port` (control on port + 1); false if it exited.
   bool Launch(int port);
   TempDir dir_;
+  TempDir ca_;
   int pid_ = -1;
   int port_ = 0;
   std::string why_not_;

@@ -7,9 +7,12 @@
 #include <openssl/ecdsa.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
+#include <openssl/rand.h>
+#include <openssl/x509.h>
 
 #include "../support/testenv.h"
 #include "custody/audit/audit.h"
+#include "custody/common/hex.h"
 #include "custody/tpm/tpm.h"
 
 namespace custody::tpm {
@@ -193,6 +196,87 @@ TEST(TpmInterop, TpmReadpublicShowsThePersistentSrkWeUse) {
   ASSERT_TRUE(again.ok());
   EXPECT_EQ((*again)->GetInfo()->srk_name, name);
   EXPECT_EQ(*(*again)->TransientObjects(), 0u) << "a persistent SRK takes no transient slot";
+}
+
+// The EK chain: a verifier with only the EK certificate's public key and the
+// AK's Name wraps a secret in software (MakeCredential); the TPM that holds
+// that EK gives it back only for that AK. Another AK Name or another EK is
+// refused, and nothing stays loaded.
+TEST(TpmEndorsement, ASoftwareCredentialIsActivatedOnlyByItsTpmAndForItsAk) {
+  Swtpm swtpm({.ek_certificate = true});
+  CUSTODY_REQUIRE_SWTPM(swtpm);
+  auto t = Tpm::Open({.tcti = swtpm.tcti()});
+  ASSERT_TRUE(t.ok()) << t.error().message();
+  Tpm& tpm = **t;
+  auto cert = tpm.EkCertificate();
+  ASSERT_TRUE(cert.ok()) << cert.error().message();
+  const unsigned char* p = cert->data();
+  X509* x = d2i_X509(nullptr, &p, static_cast<long>(cert->size()));
+  ASSERT_NE(x, nullptr) << "the EK certificate is DER";
+  unsigned char* der = nullptr;
+  int der_len = i2d_PUBKEY(X509_get0_pubkey(x), &der);
+  ASSERT_GT(der_len, 0);
+  std::vector<uint8_t> ek_pub(der, der + der_len);
+  OPENSSL_free(der);
+  X509_free(x);
+  auto quote = tpm.QuotePcrs(std::vector<uint8_t>(16, 7), {0});
+  ASSERT_TRUE(quote.ok()) << quote.error().message();
+  auto ak_name = FromHex(quote->ak_name);
+  ASSERT_TRUE(ak_name.has_value());
+  SealedObject ak_public;
+  ak_public.public_area = quote->ak_public;
+  auto ak = Describe(ak_public);
+  ASSERT_TRUE(ak.ok()) << ak.error().message();
+  EXPECT_EQ(ak->name, quote->ak_name) << "the public area given out hashes to the AK's Name";
+  EXPECT_TRUE(ak->fixed_tpm && ak->restricted && ak->sign && !ak->decrypt);
+
+  std::vector<uint8_t> secret(32);
+  ASSERT_EQ(RAND_bytes(secret.data(), 32), 1);
+  auto cred = MakeCredential(ek_pub, *ak_name, secret);
+  ASSERT_TRUE(cred.ok()) << cred.error().message();
+  auto back = tpm.ActivateCredential(cred->blob, cred->encrypted_secret);
+  ASSERT_TRUE(back.ok()) << back.error().message();
+  EXPECT_EQ(*back, secret);
+  EXPECT_EQ(*tpm.TransientObjects(), 1u) << "the SRK only: the EK, the AK and the policy session are gone";
+
+  // Made for another AK: the TPM's integrity check fails.
+  auto other_name = *ak_name;
+  other_name.back() ^= 1;
+  auto wrong_ak = MakeCredential(ek_pub, other_name, secret);
+  ASSERT_TRUE(wrong_ak.ok());
+  auto refused = tpm.ActivateCredential(wrong_ak->blob, wrong_ak->encrypted_secret);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.error().category(), Category::kIntegrity) << refused.error().message();
+
+  // Made for another EK (software that claims this EK certificate but holds
+  // another key cannot answer, and this TPM cannot answer another's).
+  EVP_PKEY* other = EVP_RSA_gen(2048);
+  ASSERT_NE(other, nullptr);
+  der = nullptr;
+  der_len = i2d_PUBKEY(other, &der);
+  std::vector<uint8_t> other_pub(der, der + der_len);
+  OPENSSL_free(der);
+  EVP_PKEY_free(other);
+  auto wrong_ek = MakeCredential(other_pub, *ak_name, secret);
+  ASSERT_TRUE(wrong_ek.ok());
+  refused = tpm.ActivateCredential(wrong_ek->blob, wrong_ek->encrypted_secret);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.error().category(), Category::kIntegrity) << refused.error().message();
+  EXPECT_EQ(*tpm.TransientObjects(), 1u);
+  // Garbage is refused before it reaches the TPM.
+  std::vector<uint8_t> junk(7, 0xff);
+  EXPECT_EQ(tpm.ActivateCredential(junk, cred->encrypted_secret).error().category(), Category::kIntegrity);
+}
+
+TEST(TpmEndorsement, ATpmWithoutAnEkCertificateSaysSo) {
+  Swtpm swtpm;
+  CUSTODY_REQUIRE_SWTPM(swtpm);
+  auto t = Tpm::Open({.tcti = swtpm.tcti()});
+  ASSERT_TRUE(t.ok());
+  auto cert = (*t)->EkCertificate();
+  ASSERT_FALSE(cert.ok());
+  EXPECT_EQ(cert.error().category(), Category::kNotFound) << cert.error().message();
+  EXPECT_NE(cert.error().message().find("--create-ek-cert"), std::string::npos) << cert.error().message();
 }
 
 }  // namespace

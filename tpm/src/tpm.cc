@@ -177,6 +177,10 @@ Result<ObjectInfo> Describe(const SealedObject& object) {
   info.sensitive_data_origin = (a & TPMA_OBJECT_SENSITIVEDATAORIGIN) != 0;
   info.user_with_auth = (a & TPMA_OBJECT_USERWITHAUTH) != 0;
   info.policy_bound = pub.publicArea.authPolicy.size > 0;
+  info.restricted = (a & TPMA_OBJECT_RESTRICTED) != 0;
+  info.sign = (a & TPMA_OBJECT_SIGN_ENCRYPT) != 0;
+  info.decrypt = (a & TPMA_OBJECT_DECRYPT) != 0;
+  info.name_alg_sha256 = pub.publicArea.nameAlg == TPM2_ALG_SHA256;
   return info;
 }
 
@@ -411,7 +415,8 @@ struct Tpm::Impl {
 
   // The attestation key, made from the endorsement seed (deterministic), and
   // flushed by the caller's guard.
-  Status LoadAk(Loaded& out, std::vector<uint8_t>* point, std::string* name) {
+  Status LoadAk(Loaded& out, std::vector<uint8_t>* point, std::string* name,
+                std::vector<uint8_t>* public_area = nullptr) {
     TPM2B_PUBLIC tmpl{};
     tmpl.publicArea.type = TPM2_ALG_ECC;
     tmpl.publicArea.nameAlg = TPM2_ALG_SHA256;
@@ -444,6 +449,17 @@ struct Tpm::Impl {
     (*point)[0] = 0x04;
     std::memcpy(point->data() + 1 + (32 - ecc.x.size), ecc.x.buffer, std::min<size_t>(ecc.x.size, 32));
     std::memcpy(point->data() + 33 + (32 - ecc.y.size), ecc.y.buffer, std::min<size_t>(ecc.y.size, 32));
+    if (public_area != nullptr) {
+      // As the TSS marshals a TPM2B_PUBLIC: a verifier recomputes the Name
+      // from it and reads the attributes (fixedTPM, restricted, sign).
+      uint8_t buf[sizeof(TPM2B_PUBLIC)];
+      size_t off = 0;
+      if (Tss2_MU_TPM2B_PUBLIC_Marshal(pub, buf, sizeof buf, &off) != TSS2_RC_SUCCESS) {
+        Esys_Free(pub);
+        return Error(Category::kInternal, "cannot marshal the attestation key's public area");
+      }
+      public_area->assign(buf, buf + off);
+    }
     Esys_Free(pub);
     TPM2B_NAME* n = nullptr;
     if (Esys_TR_GetName(ctx, out.handle, &n) == TSS2_RC_SUCCESS) {
@@ -845,7 +861,7 @@ Result<Quote> Tpm::QuotePcrs(std::span<const uint8_t> qualifying, const std::vec
   sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
   if (sorted.empty() || sorted.back() >= 24) return Error(Category::kUsage, "quote: PCRs are 0 to 23");
   Impl::Loaded ak{&t};
-  CUSTODY_RETURN_IF_ERROR(t.LoadAk(ak, &out.ak_point, &out.ak_name));
+  CUSTODY_RETURN_IF_ERROR(t.LoadAk(ak, &out.ak_point, &out.ak_name, &out.ak_public));
   TPML_PCR_SELECTION sel = Selection(sorted);
   TPMT_SIG_SCHEME scheme{};
   scheme.scheme = TPM2_ALG_NULL;  // the key's own: ECDSA with SHA-256
@@ -940,6 +956,155 @@ Result<Attested> Tpm::Certify(const SealedObject& object, const SecretBuffer& au
     return t.Fail(rc, "Esys_Certify");
   }
   return Impl::Collect(attest, sig);
+}
+
+Result<std::vector<uint8_t>> Tpm::EkCertificate() {
+  // TCG EK Credential Profile: the RSA 2048 EK certificate's NV index.
+  constexpr TPM2_HANDLE kRsaEkCertIndex = 0x01c00002;
+  std::lock_guard lock(mu_);
+  CUSTODY_ASSIGN_OR_RETURN(Impl * connected, Ready());
+  Impl& t = *connected;
+  ESYS_TR nv = ESYS_TR_NONE;
+  TSS2_RC rc = Esys_TR_FromTPMPublic(t.ctx, kRsaEkCertIndex, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, &nv);
+  if (rc != TSS2_RC_SUCCESS) {
+    if (BaseRc(rc) == TPM2_RC_HANDLE || (rc & TSS2_RC_LAYER_MASK) == TSS2_TPM_RC_LAYER) {
+      return Error(Category::kNotFound,
+                   "this TPM holds no RSA EK certificate (NV index 0x01c00002): its manufacturer did not write one; "
+                   "a swtpm gets one from `swtpm_setup --create-ek-cert`",
+                   Backend::kTpm, rc);
+    }
+    return t.Fail(rc, "Esys_TR_FromTPMPublic (EK certificate index)");
+  }
+  // Released (not flushed: an NV index is not a loaded object) on every path.
+  struct Close {
+    ESYS_CONTEXT* ctx;
+    ESYS_TR* tr;
+    ~Close() { Esys_TR_Close(ctx, tr); }
+  } close{t.ctx, &nv};
+  TPM2B_NV_PUBLIC* pub = nullptr;
+  TPM2B_NAME* name = nullptr;
+  rc = Esys_NV_ReadPublic(t.ctx, nv, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, &pub, &name);
+  if (rc != TSS2_RC_SUCCESS) return t.Fail(rc, "Esys_NV_ReadPublic (EK certificate index)");
+  const size_t size = pub->nvPublic.dataSize;
+  Esys_Free(pub);
+  Esys_Free(name);
+  std::vector<uint8_t> out;
+  // 512 bytes per read: at or under every TPM's TPM_PT_NV_BUFFER_MAX.
+  while (out.size() < size) {
+    UINT16 n = static_cast<UINT16>(std::min<size_t>(512, size - out.size()));
+    TPM2B_MAX_NV_BUFFER* data = nullptr;
+    rc = Esys_NV_Read(t.ctx, nv, nv, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, n,
+                      static_cast<UINT16>(out.size()), &data);
+    if (rc != TSS2_RC_SUCCESS) return t.Fail(rc, "Esys_NV_Read (EK certificate)");
+    out.insert(out.end(), data->buffer, data->buffer + data->size);
+    bool short_read = data->size == 0;
+    Esys_Free(data);
+    if (short_read) return Error(Category::kIntegrity, "the TPM's EK certificate index returned no data");
+  }
+  // Some manufacturers pad the index; a DER certificate says its own length.
+  if (out.size() >= 4 && out[0] == 0x30 && out[1] == 0x82) {
+    size_t der = 4 + ((size_t{out[2]} << 8) | out[3]);
+    if (der <= out.size()) out.resize(der);
+  }
+  return out;
+}
+
+Result<std::vector<uint8_t>> Tpm::ActivateCredential(std::span<const uint8_t> credential_blob,
+                                                     std::span<const uint8_t> encrypted_secret) {
+  TPM2B_ID_OBJECT blob{};
+  TPM2B_ENCRYPTED_SECRET secret{};
+  size_t off = 0;
+  if (Tss2_MU_TPM2B_ID_OBJECT_Unmarshal(credential_blob.data(), credential_blob.size(), &off, &blob) !=
+          TSS2_RC_SUCCESS ||
+      off != credential_blob.size()) {
+    return Error(Category::kIntegrity, "the challenge's credential is not a TPM2B_ID_OBJECT");
+  }
+  off = 0;
+  if (Tss2_MU_TPM2B_ENCRYPTED_SECRET_Unmarshal(encrypted_secret.data(), encrypted_secret.size(), &off, &secret) !=
+          TSS2_RC_SUCCESS ||
+      off != encrypted_secret.size()) {
+    return Error(Category::kIntegrity, "the challenge's encrypted secret is not a TPM2B_ENCRYPTED_SECRET");
+  }
+  std::lock_guard lock(mu_);
+  CUSTODY_ASSIGN_OR_RETURN(Impl * connected, Ready());
+  Impl& t = *connected;
+  // The EK from the TCG default template L-1 (RSA 2048, AES-128-CFB,
+  // admin only through PolicySecret(TPM_RH_ENDORSEMENT)): the key whose
+  // public part the certificate carries, re-created from the endorsement
+  // seed, so the same key every time on one TPM.
+  static constexpr uint8_t kEkPolicy[32] = {0x83, 0x71, 0x97, 0x67, 0x44, 0x84, 0xB3, 0xF8, 0x1A, 0x90, 0xCC,
+                                            0x8D, 0x46, 0xA5, 0xD7, 0x24, 0xFD, 0x52, 0xD7, 0x6E, 0x06, 0x52,
+                                            0x0B, 0x64, 0xF2, 0xA1, 0xDA, 0x1B, 0x33, 0x14, 0x69, 0xAA};
+  TPM2B_PUBLIC tmpl{};
+  tmpl.publicArea.type = TPM2_ALG_RSA;
+  tmpl.publicArea.nameAlg = TPM2_ALG_SHA256;
+  tmpl.publicArea.objectAttributes = TPMA_OBJECT_FIXEDTPM | TPMA_OBJECT_FIXEDPARENT |
+                                     TPMA_OBJECT_SENSITIVEDATAORIGIN | TPMA_OBJECT_ADMINWITHPOLICY |
+                                     TPMA_OBJECT_RESTRICTED | TPMA_OBJECT_DECRYPT;
+  tmpl.publicArea.authPolicy.size = sizeof kEkPolicy;
+  std::memcpy(tmpl.publicArea.authPolicy.buffer, kEkPolicy, sizeof kEkPolicy);
+  tmpl.publicArea.parameters.rsaDetail.symmetric.algorithm = TPM2_ALG_AES;
+  tmpl.publicArea.parameters.rsaDetail.symmetric.keyBits.aes = 128;
+  tmpl.publicArea.parameters.rsaDetail.symmetric.mode.aes = TPM2_ALG_CFB;
+  tmpl.publicArea.parameters.rsaDetail.scheme.scheme = TPM2_ALG_NULL;
+  tmpl.publicArea.parameters.rsaDetail.keyBits = 2048;
+  tmpl.publicArea.parameters.rsaDetail.exponent = 0;
+  tmpl.publicArea.unique.rsa.size = 256;
+  TPM2B_SENSITIVE_CREATE sens{};
+  TPM2B_DATA outside{};
+  TPML_PCR_SELECTION none{};
+  Impl::Loaded ek{&t};
+  {
+    TPM2B_PUBLIC* pub = nullptr;
+    CreationOutputs unused;
+    TSS2_RC rc = Esys_CreatePrimary(t.ctx, ESYS_TR_RH_ENDORSEMENT, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE,
+                                    &sens, &tmpl, &outside, &none, &ek.handle, &pub, &unused.data, &unused.hash,
+                                    &unused.ticket);
+    if (rc != TSS2_RC_SUCCESS) {
+      ek.handle = ESYS_TR_NONE;
+      return t.Fail(rc, "Esys_CreatePrimary (endorsement key)");
+    }
+    Esys_Free(pub);
+  }
+  Impl::Loaded ak{&t};
+  std::vector<uint8_t> point;
+  std::string name;
+  CUSTODY_RETURN_IF_ERROR(t.LoadAk(ak, &point, &name));
+  // The EK's user role is its policy: PolicySecret on the endorsement
+  // hierarchy (whose auth is empty here, as provisioned).
+  Impl::Loaded policy{&t};
+  TPMT_SYM_DEF sym{};
+  sym.algorithm = TPM2_ALG_NULL;
+  TSS2_RC rc = Esys_StartAuthSession(t.ctx, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
+                                     nullptr, TPM2_SE_POLICY, &sym, TPM2_ALG_SHA256, &policy.handle);
+  if (rc != TSS2_RC_SUCCESS) {
+    policy.handle = ESYS_TR_NONE;
+    return t.Fail(rc, "Esys_StartAuthSession (EK policy)");
+  }
+  TPM2B_TIMEOUT* timeout = nullptr;
+  TPMT_TK_AUTH* ticket = nullptr;
+  rc = Esys_PolicySecret(t.ctx, ESYS_TR_RH_ENDORSEMENT, policy.handle, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE,
+                         nullptr, nullptr, nullptr, 0, &timeout, &ticket);
+  Esys_Free(timeout);
+  Esys_Free(ticket);
+  if (rc != TSS2_RC_SUCCESS) return t.Fail(rc, "Esys_PolicySecret (endorsement hierarchy)");
+  TPM2B_DIGEST* info = nullptr;
+  rc = Esys_ActivateCredential(t.ctx, ak.handle, ek.handle, ESYS_TR_PASSWORD, policy.handle, ESYS_TR_NONE, &blob,
+                               &secret, &info);
+  if (rc != TSS2_RC_SUCCESS) {
+    if ((rc & TSS2_RC_LAYER_MASK) == TSS2_TPM_RC_LAYER) {
+      // The TPM refuses a credential whose seed it cannot decrypt (another
+      // EK) or whose integrity HMAC fails (another AK Name).
+      return Error(Category::kIntegrity,
+                   TpmError(rc, "Esys_ActivateCredential").message() +
+                       ": the challenge was not made for this TPM's endorsement key and attestation key",
+                   Backend::kTpm, rc);
+    }
+    return t.Fail(rc, "Esys_ActivateCredential");
+  }
+  std::vector<uint8_t> out(info->buffer, info->buffer + info->size);
+  Free(info);
+  return out;
 }
 
 Result<size_t> Tpm::TransientObjects() {

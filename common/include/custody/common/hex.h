@@ -3,9 +3,11 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace custody {
 
@@ -17,5 +19,9 @@ std::string Sha256Hex(std::string_view text);
 
 // Whether `s` is exactly `digits` lower-case hex digits.
 bool IsLowerHex(std::string_view s, size_t digits);
+
+// The bytes of hex text (either case); nullopt if it is not an even number
+// of hex digits.
+std::optional<std::vector<uint8_t>> FromHex(std::string_view hex);
 
 }  // namespace custody

@@ -86,6 +86,7 @@ struct Quote {
   std::vector<uint8_t> pcr_file;
   std::vector<uint8_t> ak_point;    // the attestation key, 04||X||Y
   std::string ak_name;              // hex
+  std::vector<uint8_t> ak_public;   // its TPM2B_PUBLIC, as the TSS marshals it
 };
 // What a verifier reads from TPMS_ATTEST bytes without the TPM.
 struct AttestInfo {
@@ -130,6 +131,18 @@ class Tpm {
   // TPM2_Certify of a sealed object by that attestation key: the TPM vouches
   // that an object with this Name is loaded in it (under our SRK).
   Result<Attested> Certify(const SealedObject& object, const SecretBuffer& auth, std::span<const uint8_t> qualifying);
+  // The endorsement key's certificate (DER) from its NV index: the RSA 2048
+  // EK's, 0x01c00002, which the manufacturer (or `swtpm_setup
+  // --create-ek-cert`) writes. kNotFound when the TPM holds none.
+  Result<std::vector<uint8_t>> EkCertificate();
+  // TPM2_ActivateCredential: the TPM gives back the secret a verifier
+  // wrapped with MakeCredential (below) only if the endorsement key it was
+  // wrapped to is this TPM's (the RSA EK, re-created from the TCG default
+  // template L-1) and the object it names is this TPM's attestation key.
+  // That is what chains the AK to the EK certificate. A credential made for
+  // another TPM or another key is kIntegrity.
+  Result<std::vector<uint8_t>> ActivateCredential(std::span<const uint8_t> credential_blob,
+                                                  std::span<const uint8_t> encrypted_secret);
   // After the TPM's transport failed or the TPM restarted (swtpm or
   // tpm2-abrmd restarted, a TPM reset that flushed every loaded object):
   // drops this connection (flushing what it had loaded, when it still can)
@@ -168,10 +181,25 @@ struct ObjectInfo {
   std::string name;  // hex
   bool fixed_tpm = false, fixed_parent = false, sensitive_data_origin = false, user_with_auth = false;
   bool policy_bound = false;  // authPolicy set (PCR policy)
+  bool restricted = false, sign = false, decrypt = false;
+  bool name_alg_sha256 = false;  // the Name above is nameAlg || SHA-256 only when this holds
 };
 Result<ObjectInfo> Describe(const SealedObject& object);
 // The P-256 public point (04||X||Y) of an ECC key's public area.
 Result<std::vector<uint8_t>> EccPoint(const SealedObject& object);
+
+// TPM2_MakeCredential done in software, by a verifier that has no TPM: wraps
+// `secret` (at most 32 bytes) so that only the TPM holding the RSA 2048
+// endorsement key `ek_public_der` (a DER SubjectPublicKeyInfo, from the EK
+// certificate) can recover it, and only for the object named `ak_name`
+// (TPM Name bytes). Returns the TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET
+// as the TSS marshals them (TPM 2.0 Part 1, 24: seed by RSA-OAEP with the
+// label "IDENTITY", KDFa "STORAGE" and "INTEGRITY", AES-128-CFB, HMAC).
+struct Credential {
+  std::vector<uint8_t> blob, encrypted_secret;
+};
+Result<Credential> MakeCredential(std::span<const uint8_t> ek_public_der, std::span<const uint8_t> ak_name,
+                                  std::span<const uint8_t> secret);
 
 // Maps a TSS2_RC to custody's error: the decoded text (Tss2_RC_Decode), the
 // call, and advice for the cases people meet (PCR mismatch, lockout).
