@@ -256,6 +256,45 @@ Result<StatementSummary> VerifyStatementFile(std::string_view text, const std::s
     if (info.pcr_digest != std::vector<uint8_t>(md, md + 32)) {
       return Bad("tpm_quote: the listed PCR values are not the ones the TPM quoted");
     }
+    s.ak_name = (*q)["ak_name"].get<std::string>();
+    // The AK's public area (newer statements carry it): its Name must be the
+    // one quoted, its point the key the quote was checked with, and its
+    // attributes those of a key the TPM made and keeps (fixedTPM, fixedParent,
+    // sensitiveDataOrigin) that signs only what the TPM itself produced
+    // (restricted). What a credential from the EK is bound to is this Name.
+    if (auto ap = q->find("ak_public_area"); ap != q->end()) {
+      if (!ap->is_string()) return Bad("payload field tpm_quote.ak_public_area is not a string");
+      auto area = Base64Decode(ap->get<std::string>());
+      if (!area) return Bad("tpm_quote.ak_public_area is not base64");
+      tpm::SealedObject ak_obj;
+      ak_obj.public_area = std::move(*area);
+      auto described = tpm::Describe(ak_obj);
+      if (!described) return Bad("tpm_quote.ak_public_area: " + described.error().message());
+      if (!described->name_alg_sha256 || described->name != s.ak_name) {
+        return Bad("tpm_quote.ak_public_area is not the public area of the AK named in the quote");
+      }
+      if (!(described->fixed_tpm && described->fixed_parent && described->sensitive_data_origin &&
+            described->restricted && described->sign && !described->decrypt)) {
+        return Bad("tpm_quote.ak_public_area: the AK is not a restricted signing key made and kept by the TPM");
+      }
+      auto point = tpm::EccPoint(ak_obj);
+      if (!point) return Bad("tpm_quote.ak_public_area: " + point.error().message());
+      auto pem_point = P256PublicKeyPem(*point);
+      if (!pem_point || *pem_point != ak_pem) {
+        return Bad("tpm_quote.ak_public_area holds another key than tpm_quote.ak_public_key");
+      }
+      s.ak_public_area = std::move(ak_obj.public_area);
+    }
+  }
+  if (auto ek = p.find("tpm_ek"); ek != p.end()) {
+    if (!ek->is_object()) return Bad("payload field tpm_ek is not an object");
+    auto c = ek->find("certificate");
+    if (c != ek->end() && !c->is_null()) {
+      if (!c->is_string()) return Bad("payload field tpm_ek.certificate is not a string");
+      auto der = Base64Decode(c->get<std::string>());
+      if (!der || der->empty()) return Bad("tpm_ek.certificate is not base64");
+      s.ek_certificate = std::move(*der);
+    }
   }
   for (size_t i = 0; i < keys->size(); ++i) {
     const json& k = (*keys)[i];
@@ -264,8 +303,43 @@ Result<StatementSummary> VerifyStatementFile(std::string_view text, const std::s
     std::string at = "keys[" + std::to_string(i) + "].certify";
     if (!c->is_object()) return Bad("payload field " + at + " is not an object");
     CUSTODY_ASSIGN_OR_RETURN(auto info, tpm_evidence(*c, at, false));
-    if ("tpm-name:" + info.certified_name != k["fingerprint"].get<std::string>()) {
+    // A KEK's fingerprint is its TPM Name; a signing key's is its public
+    // key's, with the Name beside it (tpm_name).
+    std::string certified_object = k["fingerprint"].get<std::string>();
+    if (certified_object.rfind("tpm-name:", 0) != 0) {
+      auto tn = k.find("tpm_name");
+      if (tn == k.end() || !tn->is_string()) return Bad("payload field keys[" + std::to_string(i) + "].tpm_name is missing");
+      certified_object = "tpm-name:" + tn->get<std::string>();
+    }
+    if ("tpm-name:" + info.certified_name != certified_object) {
       return Bad(at + " certifies another object than the key it is attached to");
+    }
+    // The key that signed this statement, certified by the AK: its public
+    // area must hash to the certified Name and hold the very key the
+    // statement's signature was checked with. Then the statement, not only
+    // the quote, comes from the TPM the AK is in.
+    if (k["role"] == "attestation") {
+      auto pa = k.find("public_area");
+      if (pa == k.end() || !pa->is_string()) return Bad("payload field keys[" + std::to_string(i) + "].public_area is missing");
+      auto area = Base64Decode(pa->get<std::string>());
+      if (!area) return Bad("keys[" + std::to_string(i) + "].public_area is not base64");
+      tpm::SealedObject obj;
+      obj.public_area = std::move(*area);
+      auto described = tpm::Describe(obj);
+      auto point = tpm::EccPoint(obj);
+      if (!described || !point || "tpm-name:" + described->name != certified_object) {
+        return Bad("keys[" + std::to_string(i) + "].public_area is not the certified object's public area");
+      }
+      auto pem_point = P256PublicKeyPem(*point);
+      if (!pem_point) return Bad("keys[" + std::to_string(i) + "].public_area: " + pem_point.error().message());
+      CUSTODY_ASSIGN_OR_RETURN(EVP_PKEY * given, ReadPublicKey(public_key_pem));
+      std::unique_ptr<EVP_PKEY, decltype(&EVP_PKEY_free)> g(given, &EVP_PKEY_free);
+      CUSTODY_ASSIGN_OR_RETURN(EVP_PKEY * certified, ReadPublicKey(*pem_point));
+      std::unique_ptr<EVP_PKEY, decltype(&EVP_PKEY_free)> ck(certified, &EVP_PKEY_free);
+      if (EVP_PKEY_eq(given, certified) != 1) {
+        return Bad("keys[" + std::to_string(i) + "]: the certified attestation key is not the key that signed the statement");
+      }
+      s.signer_certified = true;
     }
   }
   return s;

@@ -12,6 +12,7 @@
 
 #include "../support/testenv.h"
 #include "custody/attest/attestation.h"
+#include "custody/attest/endorsement.h"
 #include "custody/audit/audit.h"
 #include "custody/common/base64.h"
 #include "custody/common/hex.h"
@@ -61,12 +62,13 @@ class TpmEvidenceTest : public ::testing::Test {
     auto q = (*t)->QuotePcrs(nonce, {0, 1, 2, 3});
     ASSERT_TRUE(q.ok()) << q.error().message();
     quote_ = *q;
+    tpm_ = std::move(*t);
   }
   // A statement around `quote`, signed by the software key.
-  std::string Statement(const json& tpm_quote) {
+  std::string Statement(const json& tpm_quote, const json& keys = json::array()) {
     auto fp = PublicKeyFingerprint(key_.Pem());
     json p{{"format", kStatementFormat}, {"time", "2026-11-29T00:00:00Z"}, {"nonce", kNonce}, {"backend", "tpm"},
-           {"token", json::object()}, {"keys", json::array()}, {"policy", {{"sha256", "x"}}},
+           {"token", json::object()}, {"keys", keys}, {"policy", {{"sha256", "x"}}},
            {"audit", {{"head_seq", 1}, {"head_hash", "h"}}}, {"attestation_key", {{"fingerprint", *fp}}},
            {"tpm_quote", tpm_quote}};
     std::string bytes = p.dump();
@@ -80,7 +82,107 @@ class TpmEvidenceTest : public ::testing::Test {
   test::Swtpm swtpm_;
   tpm::Quote quote_;
   SoftwareKey key_;
+  std::unique_ptr<tpm::Tpm> tpm_;
 };
+
+// The AK's public area, when a statement carries it, must be the quoted
+// AK's (its Name) and a restricted signing key made in the TPM; the signing
+// key a statement says the AK certified must be the key that signed it.
+TEST_F(TpmEvidenceTest, TheAkPublicAreaAndTheCertifiedSignerMustBeTheOnesUsed) {
+  json q = QuoteJson();
+  q["ak_public_area"] = Base64Encode(quote_.ak_public);
+  auto ok = VerifyStatementFile(Statement(q), key_.Pem(), std::string(kNonce));
+  ASSERT_TRUE(ok.ok()) << ok.error().message();
+  EXPECT_EQ(ok->ak_public_area, quote_.ak_public);
+  EXPECT_FALSE(ok->signer_certified);
+  // Another TPM key's public area (unrestricted, another Name).
+  auto other = tpm_->CreateSigningKey(SecretBuffer::Copy("a"));
+  ASSERT_TRUE(other.ok()) << other.error().message();
+  q["ak_public_area"] = Base64Encode(other->blobs.public_area);
+  auto v = VerifyStatementFile(Statement(q), key_.Pem(), std::string(kNonce));
+  ASSERT_FALSE(v.ok());
+  EXPECT_NE(v.error().message().find("is not the public area of the AK named in the quote"), std::string::npos)
+      << v.error().message();
+  // An attestation key entry whose certified TPM key is not the key that
+  // signed the statement (here a software key signs).
+  q["ak_public_area"] = Base64Encode(quote_.ak_public);
+  std::vector<uint8_t> nonce = *FromHex(kNonce);
+  auto cert = tpm_->Certify(other->blobs, SecretBuffer::Copy("a"), nonce);
+  ASSERT_TRUE(cert.ok()) << cert.error().message();
+  auto described = tpm::Describe(other->blobs);
+  json keys = json::array({json{{"role", "attestation"}, {"label", "custody:attest:v1"}, {"attributes", json::object()},
+                                {"fingerprint", *PublicKeyFingerprint(key_.Pem())}, {"tpm_name", described->name},
+                                {"public_area", Base64Encode(other->blobs.public_area)},
+                                {"certify", {{"message", Base64Encode(cert->message)},
+                                             {"signature", Base64Encode(cert->signature)}}}}});
+  v = VerifyStatementFile(Statement(q, keys), key_.Pem(), std::string(kNonce));
+  ASSERT_FALSE(v.ok());
+  EXPECT_NE(v.error().message().find("is not the key that signed the statement"), std::string::npos)
+      << v.error().message();
+  // The same entry with another object's public area.
+  keys[0]["public_area"] = Base64Encode(quote_.ak_public);
+  v = VerifyStatementFile(Statement(q, keys), key_.Pem(), std::string(kNonce));
+  ASSERT_FALSE(v.ok());
+  EXPECT_NE(v.error().message().find("is not the certified object's public area"), std::string::npos)
+      << v.error().message();
+}
+
+// VerifyEndorsement's own checks, each alone: a summary that passes, then
+// the same with one property taken away.
+TEST(EkEndorsement, EachMissingLinkOfTheChainIsRefusedByName) {
+  test::Swtpm swtpm({.ek_certificate = true});
+  CUSTODY_REQUIRE_SWTPM(swtpm);
+  auto t = tpm::Tpm::Open({.tcti = swtpm.tcti()});
+  ASSERT_TRUE(t.ok());
+  auto cert = (*t)->EkCertificate();
+  ASSERT_TRUE(cert.ok()) << cert.error().message();
+  auto q = (*t)->QuotePcrs(*FromHex(kNonce), {0});
+  ASSERT_TRUE(q.ok());
+  std::string ca = test::ReadFile(swtpm.ek_ca());
+  StatementSummary s;
+  s.ak_name = q->ak_name;
+  s.ak_public_area = q->ak_public;
+  s.ek_certificate = *cert;
+  s.signer_certified = true;
+  auto c = MakeEkChallenge(s, ca);
+  ASSERT_TRUE(c.ok()) << c.error().message();
+  auto key = ParseEkChallengeKey(c->key);
+  ASSERT_TRUE(key.ok()) << key.error().message();
+  s.nonce = key->nonce;
+  auto good = VerifyEndorsement(s, ca, *key);
+  ASSERT_TRUE(good.ok()) << good.error().message();
+  EXPECT_EQ(good->ek_issuer, "CN=swtpm-localca");
+  auto refused = [&](StatementSummary changed, const std::string& says) {
+    auto r = VerifyEndorsement(changed, ca, *key);
+    ASSERT_FALSE(r.ok()) << says;
+    EXPECT_EQ(r.error().category(), Category::kIntegrity);
+    EXPECT_NE(r.error().message().find(says), std::string::npos) << r.error().message();
+  };
+  StatementSummary x = s;
+  x.nonce = kNonce;
+  refused(x, "not the challenge's secret");
+  x = s;
+  x.ek_certificate.clear();
+  refused(x, "carries no EK certificate");
+  x = s;
+  x.ak_name.back() = x.ak_name.back() == '0' ? '1' : '0';
+  refused(x, "not the one the challenge was bound to");
+  x = s;
+  x.signer_certified = false;
+  refused(x, "not certified by the AK");
+  x = s;
+  x.ak_public_area.clear();
+  refused(x, "does not carry its AK's public area");
+  // The challenge carries no secret in clear, and parses back.
+  auto parsed = ParseEkChallenge(c->challenge);
+  ASSERT_TRUE(parsed.ok()) << parsed.error().message();
+  EXPECT_EQ(parsed->ak_name, q->ak_name);
+  EXPECT_EQ(c->challenge.find(key->nonce), std::string::npos);
+  // The secret goes back only through the TPM.
+  auto back = (*t)->ActivateCredential(parsed->credential_blob, parsed->encrypted_secret);
+  ASSERT_TRUE(back.ok()) << back.error().message();
+  EXPECT_EQ(ToHex(*back), key->nonce);
+}
 
 TEST_F(TpmEvidenceTest, AGenuineQuoteVerifies) {
   auto v = VerifyStatementFile(Statement(QuoteJson()), key_.Pem(), std::string(kNonce));

@@ -288,5 +288,122 @@ TEST(AttestTpmCliTest, ATpmStatementVerifies) {
   EXPECT_TRUE(kek);
 }
 
+// One TPM host for the EK tests: its swtpm (with or without an EK
+// certificate from its own local CA), its token folder and config, a policy
+// and a KEK, and a first statement with a plain nonce.
+struct TpmHost {
+  explicit TpmHost(bool ek_certificate) : swtpm({.ek_certificate = ek_certificate}) {}
+  void SetUp() {
+    CUSTODY_REQUIRE_SWTPM(swtpm);
+    o.env = {{"CUSTODY_CONFIG", t.config_path()}};
+    auto init = InitTpm(t, swtpm, o.env);
+    ASSERT_EQ(init.exit_code, 0) << init.err;
+    WriteFile(t.dir() / "policy.toml", Policy());
+    ASSERT_EQ(RunCustody({"policy", "apply", t.dir() / "policy.toml"}, o).exit_code, 0);
+    auto put = RunCustody({"secret", "put", "payments/prod/k"}, RunOptions{.env = o.env, .stdin_data = "v"});
+    ASSERT_EQ(put.exit_code, 0) << put.err;
+    first = t.dir() / "first.json";
+    ak = t.dir() / "ak.pem";
+    auto r = RunCustody({"attest", "--nonce", kNonce, "--out", first, "--pubkey-out", ak}, o);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+  }
+  RunResult Run(const std::vector<std::string>& args) const { return RunCustody(args, o); }
+  Swtpm swtpm;
+  SoftHsmToken t;
+  RunOptions o;
+  std::string first, ak;
+};
+
+RunResult Offline(const std::vector<std::string>& args) { return RunCustody(args, {}); }
+
+// The whole EK chain, as a verifier who trusts only the TPM manufacturer's
+// CA would run it: a challenge made from a statement's EK certificate and
+// AK, answered by the host's TPM, and a statement whose nonce is the
+// challenge's secret, checked against the CA. Another TPM cannot answer the
+// challenge; another CA, a plain nonce or another challenge's key fail.
+TEST(AttestTpmCliTest, AnEkChallengeChainsTheStatementToTheTpmManufacturersCa) {
+  TpmHost host(true);
+  ASSERT_NO_FATAL_FAILURE(host.SetUp());
+  if (::testing::Test::IsSkipped()) return;
+  auto first = json::parse(ReadFile(host.first));
+  ASSERT_TRUE(first["statement"]["tpm_ek"]["certificate"].is_string()) << first["statement"].dump();
+  std::string dir = host.t.dir().path();
+  std::string ch = dir + "/challenge.json", key = dir + "/challenge.key";
+  auto c = Offline({"attest", "challenge", host.first, "--pubkey", host.ak, "--ek-ca", host.swtpm.ek_ca(), "--out", ch,
+                    "--key-out", key});
+  ASSERT_EQ(c.exit_code, 0) << c.err;
+  EXPECT_NE(c.out.find("issued by CN=swtpm-localca"), std::string::npos) << c.out;
+  auto secret = json::parse(ReadFile(key))["nonce"].get<std::string>();
+  EXPECT_EQ(ReadFile(ch).find(secret), std::string::npos) << "the challenge must not carry its secret in clear";
+
+  std::string st = dir + "/answer.json";
+  auto answer = host.Run({"attest", "--challenge", ch, "--out", st});
+  ASSERT_EQ(answer.exit_code, 0) << answer.err;
+  auto signed_part = json::parse(ReadFile(st))["statement"];
+  EXPECT_EQ(signed_part["nonce"], secret) << "only the TPM that holds the EK could recover it";
+  auto v = Offline({"attest", "verify", st, "--pubkey", host.ak, "--ek-ca", host.swtpm.ek_ca(), "--challenge-key", key});
+  ASSERT_EQ(v.exit_code, 0) << v.err;
+  EXPECT_NE(v.out.find("activated the challenge"), std::string::npos) << v.out;
+  auto vj = Offline({"attest", "verify", st, "--pubkey", host.ak, "--ek-ca", host.swtpm.ek_ca(), "--challenge-key", key,
+                     "--json"});
+  ASSERT_EQ(vj.exit_code, 0) << vj.err;
+  EXPECT_EQ(json::parse(vj.out)["ek_chained"], true);
+  // Without the EK check, verify says the AK is not shown to be genuine.
+  auto plain = Offline({"attest", "verify", st, "--pubkey", host.ak});
+  ASSERT_EQ(plain.exit_code, 0) << plain.err;
+  EXPECT_NE(plain.out.find("not checked: the AK is not shown to be a genuine TPM"), std::string::npos) << plain.out;
+
+  // Another TPM, with its own EK certificate and CA.
+  TpmHost other(true);
+  ASSERT_NO_FATAL_FAILURE(other.SetUp());
+  // ... cannot answer this TPM's challenge,
+  auto stolen = other.Run({"attest", "--challenge", ch, "--out", other.t.dir() / "stolen.json"});
+  ExpectOneLine(stolen, 65, "not made for this TPM's endorsement key");
+  // ... and its CA does not vouch for this TPM's EK.
+  auto wrong_ca = Offline({"attest", "verify", st, "--pubkey", host.ak, "--ek-ca", other.swtpm.ek_ca(),
+                           "--challenge-key", key});
+  ExpectOneLine(wrong_ca, 65, "does not chain to --ek-ca");
+  auto wrong_ca_challenge = Offline({"attest", "challenge", host.first, "--pubkey", host.ak, "--ek-ca",
+                                     other.swtpm.ek_ca(), "--out", dir + "/c2.json", "--key-out", dir + "/c2.key"});
+  ExpectOneLine(wrong_ca_challenge, 65, "does not chain to --ek-ca");
+  // A statement with a nonce of its own choosing is not an answer.
+  auto replay = Offline({"attest", "verify", host.first, "--pubkey", host.ak, "--ek-ca", host.swtpm.ek_ca(),
+                         "--challenge-key", key});
+  ExpectOneLine(replay, 65, "not fresh");
+  // The other TPM's answer to its own challenge does not pass for this one's.
+  std::string och = other.t.dir() / "challenge.json", okey = other.t.dir() / "challenge.key";
+  ASSERT_EQ(Offline({"attest", "challenge", other.first, "--pubkey", other.ak, "--ek-ca", other.swtpm.ek_ca(), "--out",
+                     och, "--key-out", okey})
+                .exit_code,
+            0);
+  std::string ost = other.t.dir() / "answer.json";
+  ASSERT_EQ(other.Run({"attest", "--challenge", och, "--out", ost}).exit_code, 0);
+  ExpectOneLine(Offline({"attest", "verify", ost, "--pubkey", other.ak, "--ek-ca", host.swtpm.ek_ca(),
+                         "--challenge-key", okey}),
+                65, "does not chain to --ek-ca");
+  ExpectOneLine(Offline({"attest", "verify", ost, "--pubkey", other.ak, "--ek-ca", other.swtpm.ek_ca(),
+                         "--challenge-key", key}),
+                65, "not fresh");
+  // The EK CA alone proves nothing about the AK: it needs the challenge.
+  auto no_key = Offline({"attest", "verify", st, "--pubkey", host.ak, "--ek-ca", host.swtpm.ek_ca()});
+  EXPECT_EQ(no_key.exit_code, 64) << no_key.err;
+  // A token has no EK to answer with.
+  auto garbage = host.Run({"attest", "--challenge", host.ak, "--out", dir + "/x.json"});
+  ExpectOneLine(garbage, 65, "EK challenge");
+}
+
+TEST(AttestTpmCliTest, ATpmWithoutAnEkCertificateCannotBeChallenged) {
+  TpmHost host(false);
+  ASSERT_NO_FATAL_FAILURE(host.SetUp());
+  if (::testing::Test::IsSkipped()) return;
+  auto first = json::parse(ReadFile(host.first));
+  EXPECT_TRUE(first["statement"]["tpm_ek"]["certificate"].is_null());
+  Swtpm with_ca({.ek_certificate = true});
+  CUSTODY_REQUIRE_SWTPM(with_ca);
+  auto c = Offline({"attest", "challenge", host.first, "--pubkey", host.ak, "--ek-ca", with_ca.ek_ca(), "--out",
+                    host.t.dir() / "c.json", "--key-out", host.t.dir() / "c.key"});
+  ExpectOneLine(c, 65, "carries no EK certificate");
+}
+
 }  // namespace
 }  // namespace custody::test

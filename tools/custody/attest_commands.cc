@@ -12,6 +12,7 @@
 #include "commands.h"
 #include "custody/app/backend.h"
 #include "custody/attest/attestation.h"
+#include "custody/attest/endorsement.h"
 #include "custody/common/base64.h"
 #include "custody/common/hex.h"
 #include "custody/common/time.h"
@@ -125,6 +126,14 @@ Status Attest(const Globals& g, const AttestArgs& a) {
   if (a.nonce) {
     CUSTODY_ASSIGN_OR_RETURN(nonce, Hex(*a.nonce, "--nonce"));
   }
+  std::optional<core::ParsedEkChallenge> challenge;
+  if (a.challenge) {
+    CUSTODY_RETURN_IF_ERROR(CheckArgText("--challenge", *a.challenge));
+    CUSTODY_ASSIGN_OR_RETURN(auto bytes, ReadBytes(*a.challenge));
+    auto parsed = core::ParseEkChallenge(std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()));
+    if (!parsed) return std::move(parsed).error().Wrap(*a.challenge);
+    challenge = std::move(*parsed);
+  }
   if (a.project) CUSTODY_RETURN_IF_ERROR(core::ValidateProjectName(*a.project));
   CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "attest"));
   o.ev.project = a.project.value_or("");
@@ -140,6 +149,17 @@ Status Attest(const Globals& g, const AttestArgs& a) {
     CUSTODY_ASSIGN_OR_RETURN(auto ak, OpenAttestationKey(g, o, /*create=*/true));
     CUSTODY_ASSIGN_OR_RETURN(std::string ak_pem, ak->PublicKeyPem());
     CUSTODY_ASSIGN_OR_RETURN(std::string ak_fp, core::PublicKeyFingerprint(ak_pem));
+    if (challenge) {
+      // The TPM gives the secret back only if the challenge was wrapped to
+      // its EK for its AK; the secret is then this statement's nonce.
+      if (!o.backend.is_tpm()) {
+        return Error(Category::kUsage, "--challenge needs the TPM backend: a PKCS#11 token has no endorsement key");
+      }
+      CUSTODY_ASSIGN_OR_RETURN(auto secret,
+                               o.backend.tpm->ActivateCredential(challenge->credential_blob, challenge->encrypted_secret));
+      nonce = ToHex(secret);
+      o.ev.detail += "; EK challenge answered";
+    }
     o.ev.detail += "; attestation key " + ak_fp.substr(0, 16) + (nonce ? "; nonce " + *nonce : "");
     // Recorded first: the statement's audit head includes this request.
     CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
@@ -157,11 +177,7 @@ Status Attest(const Globals& g, const AttestArgs& a) {
     for (const auto& p : projects) project_names[p.id] = p.name;
 
     std::vector<uint8_t> qualifying;
-    if (nonce) {
-      for (size_t i = 0; i < nonce->size(); i += 2) {
-        qualifying.push_back(static_cast<uint8_t>(std::stoi(nonce->substr(i, 2), nullptr, 16)));
-      }
-    }
+    if (nonce) qualifying = FromHex(*nonce).value_or(std::vector<uint8_t>{});
     std::optional<tpm::Quote> quote;
     if (o.backend.is_tpm()) {
       // The TPM's own word: a quote over the PCRs (the configured ones, or
@@ -172,8 +188,19 @@ Status Attest(const Globals& g, const AttestArgs& a) {
       CUSTODY_ASSIGN_OR_RETURN(std::string ak_tpm_pem, core::P256PublicKeyPem(quote->ak_point));
       json q{{"pcr_bank", "sha256"}, {"pcrs", quote->pcrs}, {"pcr_values", ToHex(quote->pcr_values)},
              {"message", Base64Encode(quote->attested.message)}, {"signature", Base64Encode(quote->attested.signature)},
-             {"ak_public_key", ak_tpm_pem}, {"ak_name", quote->ak_name}};
+             {"ak_public_key", ak_tpm_pem}, {"ak_name", quote->ak_name},
+             {"ak_public_area", Base64Encode(quote->ak_public)}};
       payload["tpm_quote"] = q;
+      // The EK certificate, for a verifier that chains the AK to the
+      // manufacturer (`attest challenge`, then `attest verify --ek-ca`).
+      auto ek_cert = o.backend.tpm->EkCertificate();
+      if (ek_cert) {
+        payload["tpm_ek"] = {{"certificate", Base64Encode(*ek_cert)}};
+      } else if (ek_cert.error().category() == Category::kNotFound) {
+        payload["tpm_ek"] = {{"certificate", nullptr}, {"note", "this TPM holds no RSA EK certificate"}};
+      } else {
+        return std::move(ek_cert).error();
+      }
       CUSTODY_ASSIGN_OR_RETURN(tpm::Info info, o.backend.tpm->GetInfo());
       payload["token"] = {{"kind", "TPM 2.0"}, {"manufacturer", info.manufacturer}, {"vendor", info.vendor},
                           {"firmware", info.firmware}, {"srk_name", info.srk_name},
@@ -205,8 +232,16 @@ Status Attest(const Globals& g, const AttestArgs& a) {
             if (auto f = core::PublicKeyFingerprint(*pem); f) fp = *f;
           }
         }
-        keys.push_back({{"role", role}, {"label", label}, {"attributes", TpmAttributes(oi)}, {"fingerprint", fp},
-                        {"tpm_name", oi.name}});
+        json entry{{"role", role}, {"label", label}, {"attributes", TpmAttributes(oi)}, {"fingerprint", fp},
+                   {"tpm_name", oi.name}, {"public_area", Base64Encode(object.public_area)}};
+        if (std::string(role) == "attestation") {
+          // The key signing this statement, certified by the AK with the
+          // nonce: the statement is then the TPM's, not only the quote.
+          if (!signer) return std::move(signer).error();
+          CUSTODY_ASSIGN_OR_RETURN(auto cert, (*signer)->Certify(qualifying));
+          entry["certify"] = {{"message", Base64Encode(cert.message)}, {"signature", Base64Encode(cert.signature)}};
+        }
+        keys.push_back(std::move(entry));
       }
     } else {
       core::Token& t = o.backend.token;
@@ -291,18 +326,38 @@ Status Attest(const Globals& g, const AttestArgs& a) {
   }());
 }
 
-Status AttestVerify(const Globals& g, const std::string& file, const std::string& pubkey,
-                    const std::optional<std::string>& nonce_text) {
-  // Offline: no config, no store, no token. Only the file, the key and the nonce.
+Status AttestVerify(const Globals& g, const AttestVerifyArgs& a) {
+  // Offline: no config, no store, no token. Only the file, the key, the
+  // nonce (or the challenge key) and the EK CA.
+  const std::string& file = a.statement;
   std::optional<std::string> nonce;
-  if (nonce_text) {
-    CUSTODY_ASSIGN_OR_RETURN(nonce, Hex(*nonce_text, "--nonce"));
+  if (a.nonce) {
+    CUSTODY_ASSIGN_OR_RETURN(nonce, Hex(*a.nonce, "--nonce"));
+  }
+  std::optional<core::EkChallengeKey> challenge_key;
+  std::string ca_pem;
+  if (a.challenge_key) {
+    CUSTODY_ASSIGN_OR_RETURN(auto key_bytes, ReadBytes(*a.challenge_key));
+    auto k = core::ParseEkChallengeKey(std::string_view(reinterpret_cast<const char*>(key_bytes.data()), key_bytes.size()));
+    if (!k) return std::move(k).error().Wrap(*a.challenge_key);
+    challenge_key = std::move(*k);
+    nonce = challenge_key->nonce;
+  }
+  if (a.ek_ca) {
+    CUSTODY_ASSIGN_OR_RETURN(auto ca_bytes, ReadBytes(*a.ek_ca));
+    ca_pem.assign(ca_bytes.begin(), ca_bytes.end());
   }
   CUSTODY_ASSIGN_OR_RETURN(auto text, ReadBytes(file));
-  CUSTODY_ASSIGN_OR_RETURN(auto pem, ReadBytes(pubkey));
+  CUSTODY_ASSIGN_OR_RETURN(auto pem, ReadBytes(a.pubkey));
   auto s = core::VerifyStatementFile(std::string_view(reinterpret_cast<const char*>(text.data()), text.size()),
                                      std::string(pem.begin(), pem.end()), nonce);
   if (!s) return std::move(s).error().Wrap(file);
+  std::optional<core::Endorsement> endorsement;
+  if (challenge_key) {
+    auto e = core::VerifyEndorsement(*s, ca_pem, *challenge_key);
+    if (!e) return std::move(e).error().Wrap(file);
+    endorsement = std::move(*e);
+  }
   // Everything shown comes from the signed bytes (the summary), never from
   // the file's readable copy, which verify has checked to be the same.
   std::string nonce_note = nonce ? "matches" : (s->nonce.empty() ? "none" : "not checked (no --nonce)");
@@ -316,7 +371,9 @@ Status AttestVerify(const Globals& g, const std::string& file, const std::string
                {"policy_version", s->policy_version ? json(*s->policy_version) : json(nullptr)},
                {"policy_sha256", s->policy_sha256}, {"audit_head_seq", s->audit_head_seq},
                {"audit_head_hash", s->audit_head_hash}, {"attestation_key", s->attestation_key},
-               {"nonce", s->nonce}, {"nonce_checked", nonce.has_value()}});
+               {"nonce", s->nonce}, {"nonce_checked", nonce.has_value()},
+               {"ek_chained", endorsement.has_value()},
+               {"ek_issuer", endorsement ? json(endorsement->ek_issuer) : json(nullptr)}});
   } else {
     std::string policy_version = s->policy_version ? " v" + std::to_string(*s->policy_version) : "";
     std::printf("statement verified: made %s on %s (%s), %zu key(s), policy%s %s, audit head seq %" PRIu64 "%s\n",
@@ -333,8 +390,43 @@ Status AttestVerify(const Globals& g, const std::string& file, const std::string
     for (const auto& k : s->key_list) {
       rows.push_back({"  key", k.role + " " + k.label + (k.id.empty() ? "" : " id " + k.id) + " " + k.fingerprint});
     }
+    if (endorsement) {
+      rows.push_back({"  endorsement", "AK " + s->ak_name.substr(0, 20) + "... activated the challenge for EK " +
+                                           endorsement->ek_cert_sha256.substr(0, 16) + "..., issued by " +
+                                           endorsement->ek_issuer + " (chains to --ek-ca)"});
+    } else if (!s->ak_name.empty()) {
+      rows.push_back({"  endorsement", "not checked: the AK is not shown to be a genuine TPM's (see attest challenge)"});
+    }
     PrintTable(rows);
   }
+  return Status::Ok();
+}
+
+Status AttestChallenge(const Globals&, const AttestChallengeArgs& a) {
+  CUSTODY_RETURN_IF_ERROR(CheckArgText("--out", a.out));
+  CUSTODY_RETURN_IF_ERROR(CheckArgText("--key-out", a.key_out));
+  CUSTODY_ASSIGN_OR_RETURN(auto text, ReadBytes(a.statement));
+  CUSTODY_ASSIGN_OR_RETURN(auto pem, ReadBytes(a.pubkey));
+  CUSTODY_ASSIGN_OR_RETURN(auto ca, ReadBytes(a.ek_ca));
+  // The statement the EK certificate and the AK come from must itself
+  // verify with the key the verifier trusts (its nonce is not checked here:
+  // freshness comes from the challenge's answer).
+  auto s = core::VerifyStatementFile(std::string_view(reinterpret_cast<const char*>(text.data()), text.size()),
+                                     std::string(pem.begin(), pem.end()), std::nullopt);
+  if (!s) return std::move(s).error().Wrap(a.statement);
+  auto c = core::MakeEkChallenge(*s, std::string(ca.begin(), ca.end()));
+  if (!c) return std::move(c).error().Wrap(a.statement);
+  auto as_span = [](const std::string& t) {
+    return std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(t.data()), t.size());
+  };
+  // The key first: a challenge sent without its key kept could never be checked.
+  CUSTODY_RETURN_IF_ERROR(WritePrivateFile(a.key_out, as_span(c->key)));
+  CUSTODY_RETURN_IF_ERROR(WritePrivateFile(a.out, as_span(c->challenge)));
+  std::printf("challenge for the TPM whose EK certificate (%s) is issued by %s, bound to AK %s\n",
+              c->ek_subject.c_str(), c->ek_issuer.c_str(), s->ak_name.c_str());
+  std::printf("send %s to the host (custody attest --challenge %s --out FILE); keep %s for attest verify "
+              "--challenge-key\n",
+              a.out.c_str(), a.out.c_str(), a.key_out.c_str());
   return Status::Ok();
 }
 

@@ -102,10 +102,18 @@ struct AttestArgs {
   std::optional<std::string> nonce;  // hex, from the verifier
   std::string out;
   std::optional<std::string> pubkey_out;  // also write the attestation public key (PEM)
+  std::optional<std::string> challenge;   // an EK challenge file (`attest challenge`) instead of --nonce
 };
 Status Attest(const Globals& g, const AttestArgs& a);
-Status AttestVerify(const Globals& g, const std::string& file, const std::string& pubkey,
-                    const std::optional<std::string>& nonce);
+struct AttestVerifyArgs {
+  std::string statement, pubkey;
+  std::optional<std::string> nonce, ek_ca, challenge_key;
+};
+Status AttestVerify(const Globals& g, const AttestVerifyArgs& a);
+struct AttestChallengeArgs {
+  std::string statement, pubkey, ek_ca, out, key_out;
+};
+Status AttestChallenge(const Globals& g, const AttestChallengeArgs& a);
 
 Status PolicyCheck(const Globals& g, const std::string& file);
 Status PolicyApply(const Globals& g, const std::string& file);

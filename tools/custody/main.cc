@@ -219,18 +219,40 @@ int main(int argc, char** argv) {
   custody::cli::AttestArgs attest;
   c_attest->add_option("--project", attest.project, "only this project's KEKs (its auditors may ask)");
   c_attest->add_option("--nonce", attest.nonce, "the verifier's challenge, hex (8 to 64 bytes)");
+  c_attest->add_option("--challenge", attest.challenge,
+                       "answer an EK challenge file from `attest challenge` (TPM): its secret becomes the nonce");
   c_attest->add_option("--out", attest.out, "statement file; FILE.bin and FILE.sig are written beside it for openssl");
   c_attest->add_option("--pubkey-out", attest.pubkey_out, "also write the attestation public key (PEM)");
-  std::string verify_statement, verify_key;
-  std::optional<std::string> verify_nonce;
-  auto* c_atverify = c_attest->add_subcommand("verify", "check a statement offline: signature, structure, nonce");
-  c_atverify->add_option("STATEMENT", verify_statement)->required();
-  c_atverify->add_option("--pubkey", verify_key, "the attestation public key (PEM) you trust")->required();
-  c_atverify->add_option("--nonce", verify_nonce, "require this nonce (hex)");
-  c_atverify->callback(run([&] { return custody::cli::AttestVerify(g, verify_statement, verify_key, verify_nonce); }));
+  custody::cli::AttestVerifyArgs verify;
+  auto* c_atverify = c_attest->add_subcommand("verify", "check a statement offline: signature, structure, nonce, EK chain");
+  c_atverify->add_option("STATEMENT", verify.statement)->required();
+  c_atverify->add_option("--pubkey", verify.pubkey, "the attestation public key (PEM) you trust")->required();
+  auto* v_nonce = c_atverify->add_option("--nonce", verify.nonce, "require this nonce (hex)");
+  auto* v_ca = c_atverify->add_option("--ek-ca", verify.ek_ca,
+                                      "TPM: the manufacturer's CA certificates (PEM); needs --challenge-key");
+  auto* v_key = c_atverify->add_option("--challenge-key", verify.challenge_key,
+                                       "TPM: the key file `attest challenge` kept; its secret is the nonce required");
+  v_key->excludes(v_nonce);
+  v_ca->needs(v_key);
+  v_key->needs(v_ca);
+  c_atverify->callback(run([&] { return custody::cli::AttestVerify(g, verify); }));
+  custody::cli::AttestChallengeArgs challenge;
+  auto* c_atchallenge = c_attest->add_subcommand(
+      "challenge", "verifier, TPM: wrap a secret to the EK of a statement's TPM, for that TPM's AK only");
+  c_atchallenge->add_option("STATEMENT", challenge.statement, "a statement from the host (carries its EK certificate)")
+      ->required();
+  c_atchallenge->add_option("--pubkey", challenge.pubkey, "the attestation public key (PEM) you trust")->required();
+  c_atchallenge->add_option("--ek-ca", challenge.ek_ca, "the manufacturer's CA certificates (PEM)")->required();
+  c_atchallenge->add_option("--out", challenge.out, "the challenge to send to the host")->required();
+  c_atchallenge->add_option("--key-out", challenge.key_out, "the secret to keep for `attest verify --challenge-key`")
+      ->required();
+  c_atchallenge->callback(run([&] { return custody::cli::AttestChallenge(g, challenge); }));
   c_attest->callback(run([&] {
-    if (c_atverify->parsed()) return result;
+    if (c_atverify->parsed() || c_atchallenge->parsed()) return result;
     if (attest.out.empty()) return Status(custody::Error(Category::kUsage, "attest needs --out FILE"));
+    if (attest.nonce && attest.challenge) {
+      return Status(custody::Error(Category::kUsage, "attest takes --nonce or --challenge, not both"));
+    }
     return custody::cli::Attest(g, attest);
   }));
 

@@ -16,20 +16,17 @@
 
 #include <memory>
 
+#include "custody/common/owned.h"
 #include "custody/tpm/tpm.h"
 
 namespace custody::tpm {
 namespace {
 
-template <typename T, void (*F)(T*)>
-struct Deleter {
-  void operator()(T* p) const { F(p); }
-};
-using Pkey = std::unique_ptr<EVP_PKEY, Deleter<EVP_PKEY, EVP_PKEY_free>>;
-using PkeyCtx = std::unique_ptr<EVP_PKEY_CTX, Deleter<EVP_PKEY_CTX, EVP_PKEY_CTX_free>>;
-using CipherCtx = std::unique_ptr<EVP_CIPHER_CTX, Deleter<EVP_CIPHER_CTX, EVP_CIPHER_CTX_free>>;
-using Kdf = std::unique_ptr<EVP_KDF, Deleter<EVP_KDF, EVP_KDF_free>>;
-using KdfCtx = std::unique_ptr<EVP_KDF_CTX, Deleter<EVP_KDF_CTX, EVP_KDF_CTX_free>>;
+using Pkey = Owned<EVP_PKEY, EVP_PKEY_free>;
+using PkeyCtx = Owned<EVP_PKEY_CTX, EVP_PKEY_CTX_free>;
+using CipherCtx = Owned<EVP_CIPHER_CTX, EVP_CIPHER_CTX_free>;
+using Kdf = Owned<EVP_KDF, EVP_KDF_free>;
+using KdfCtx = Owned<EVP_KDF_CTX, EVP_KDF_CTX_free>;
 
 Error Fail(const char* what) { return Error(Category::kInternal, std::string("MakeCredential: ") + what); }
 

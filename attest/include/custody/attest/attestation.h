@@ -53,6 +53,16 @@ struct StatementSummary {
   size_t keys = 0;
   std::vector<StatementKey> key_list;
   uint64_t audit_head_seq = 0;
+  // TPM statements. ak_name: the quote's AK (hex Name). ak_public_area: its
+  // TPM2B_PUBLIC, checked to hash to that Name and to be a restricted
+  // signing key made in the TPM (empty in statements made before it was
+  // added). ek_certificate: the TPM's EK certificate (DER) as the statement
+  // carries it, NOT checked here (see endorsement.h). signer_certified: the
+  // key that signed the statement is certified by the AK (TPM2_Certify with
+  // the nonce), so the whole statement, not only the quote, is the TPM's.
+  std::string ak_name;
+  std::vector<uint8_t> ak_public_area, ek_certificate;
+  bool signer_certified = false;
 };
 // Verifies, in order: the file's structure; the signature over the payload
 // with `public_key_pem`; that the readable copy, if the file has one, is

@@ -25,6 +25,13 @@ class TpmAuditSigner final : public AuditSigner {
   Result<std::vector<uint8_t>> Sign(std::string_view message) override;
   std::string key_id() const override;
   Result<std::string> PublicKeyPem() const override;
+  // TPM2_Certify of this key by the TPM's attestation key, with
+  // `qualifying` (the verifier's nonce): the TPM vouches that the key with
+  // this public area is loaded in it.
+  Result<tpm::Attested> Certify(std::span<const uint8_t> qualifying) {
+    return tpm_.Certify(key_.blobs, auth_, qualifying);
+  }
+  const std::vector<uint8_t>& public_area() const { return key_.blobs.public_area; }
 
  private:
   TpmAuditSigner(tpm::Tpm& tpm, tpm::SigningKey key, SecretBuffer auth)
