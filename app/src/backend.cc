@@ -124,7 +124,14 @@ Result<Token> OpenToken(const Config& config, const SecretBuffer& pin) {
     Status s = Status::Ok();
     if (auto slot = hsm::FindSlot(*t.module, uri); slot.ok()) {
       t.slot = *slot;
-      auto pool = hsm::SessionPool::Open(t.module, t.slot, pin);
+      hsm::SessionPool::Options pool_options;
+      // After a re-initialisation the token is looked up again by its URI:
+      // a restarted HSM may give it another slot id.
+      pool_options.find_slot = [module = t.module.get(), text = config.token.pkcs11.uri]() -> Result<CK_SLOT_ID> {
+        CUSTODY_ASSIGN_OR_RETURN(auto again, hsm::TokenUri::Parse(text));
+        return hsm::FindSlot(*module, again);
+      };
+      auto pool = hsm::SessionPool::Open(t.module, t.slot, pin, pool_options);
       if (pool.ok()) {
         t.pool = std::move(*pool);
         return t;

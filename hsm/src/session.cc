@@ -81,7 +81,7 @@ Status SessionPool::Relogin() {
     stale.swap(idle_);
   }
   stale.clear();  // closing a dead session fails quietly
-  CUSTODY_ASSIGN_OR_RETURN(Session anchor, Session::Open(module_, slot_, /*read_write=*/true));
+  CUSTODY_ASSIGN_OR_RETURN(Session anchor, Session::Open(module_, slot_.load(), /*read_write=*/true));
   CUSTODY_RETURN_IF_ERROR(anchor.Login(pin_));
   std::lock_guard lock(mu_);
   anchor_ = std::move(anchor);
@@ -114,6 +114,15 @@ Status SessionPool::Recover(std::chrono::milliseconds wait) {
   {
     std::lock_guard lock(mu_);
     ++reinitializations_;
+  }
+  std::function<Result<CK_SLOT_ID>()> find_slot;
+  {
+    std::lock_guard lock(mu_);
+    find_slot = options_.find_slot;
+  }
+  if (find_slot) {
+    CUSTODY_ASSIGN_OR_RETURN(CK_SLOT_ID slot, find_slot());
+    slot_.store(slot);
   }
   // Still exclusive: the idle sessions of the old generation are dropped
   // and the new anchor logs in before any other thread may lend a session.
@@ -168,7 +177,7 @@ Result<SessionPool::Lease> SessionPool::Acquire() {
     }
   }
   // Opened outside the lock: a slow token must not serialise every caller.
-  CUSTODY_ASSIGN_OR_RETURN(Session s, Session::Open(module_, slot_, /*read_write=*/true));
+  CUSTODY_ASSIGN_OR_RETURN(Session s, Session::Open(module_, slot_.load(), /*read_write=*/true));
   std::lock_guard lock(mu_);
   ++outstanding_;
   return Lease(this, std::move(gate), std::move(s));

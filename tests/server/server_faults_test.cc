@@ -464,7 +464,9 @@ TEST_F(HungTokenServerTest, AHungCallCostsItsRequestA503AtTheDeadlineAndNoOneEls
 // Each token fault under load, 8 clients reading throughout: a device
 // reset (sessions, login and handles gone until the module is initialised
 // again), the device down for 0.7 s, a burst of CKR_DEVICE_ERROR from
-// C_Decrypt, and sessions closed from outside (stale handles). For each:
+// C_Decrypt, stale session handles, the token's sessions really closed from
+// outside, CKR_CRYPTOKI_NOT_INITIALIZED until re-initialised, and an HSM
+// restart that gives the token another slot id. For each:
 // every request got its value or a 503, none a wrong value, none waited
 // past the deadline, one audit record per request, and once the fault
 // clears the requests succeed again without a restart.
@@ -473,12 +475,26 @@ TEST_F(HungTokenServerTest, EveryTokenFaultUnderLoadIsRefusedOrServedAndThenReco
     const char* name;
     const char* command;  // written to the control file during the fault
     int hold_ms;          // then healed after this long (0: the command heals itself)
+    const char* metric;   // a counter this fault must move (how custodyd recovered), or null
   };
   const Fault_ faults[] = {
-      {"device reset", "reset 1", 0},
-      {"device down 0.7 s", "down", 700},
-      {"CKR_DEVICE_ERROR burst 0.7 s", "fail CKR_DEVICE_ERROR C_Decrypt", 700},
-      {"sessions invalid 0.7 s", "fail CKR_SESSION_HANDLE_INVALID C_DecryptInit C_Decrypt", 700},
+      {"device reset", "reset 1", 200, "custody_token_reinitializations_total"},
+      {"device down 0.7 s", "down", 700, nullptr},
+      {"CKR_DEVICE_ERROR burst 0.7 s", "fail CKR_DEVICE_ERROR C_Decrypt", 700, nullptr},
+      {"sessions invalid 0.7 s", "fail CKR_SESSION_HANDLE_INVALID C_DecryptInit C_Decrypt", 700, nullptr},
+      // The real C_CloseAllSessions on the token, from outside custody's pool.
+      {"sessions closed from outside", "closeall 1", 200, "custody_token_recoveries_total"},
+      // A network HSM client that lost its server: CKR_CRYPTOKI_NOT_INITIALIZED until C_Initialize.
+      {"CKR_CRYPTOKI_NOT_INITIALIZED until re-initialised", "uninit 2", 200, "custody_token_reinitializations_total"},
+      // An HSM restart after which the token has another slot id: found again by its URI.
+      {"HSM restart with new slot ids", "renumber 3", 200, "custody_token_reinitializations_total"},
+  };
+  auto counter = [&](const std::string& name) -> long {
+    const std::string m = Raw(socket_, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    const size_t at = m.find("\n" + name + "{");
+    if (at == std::string::npos) return -1;
+    const size_t sp = m.find("} ", at);
+    return sp == std::string::npos ? -1 : std::atol(m.c_str() + sp + 2);
   };
   const size_t records_before = AuditCount("secret.get");
   size_t all_sent = 0;
@@ -486,6 +502,7 @@ TEST_F(HungTokenServerTest, EveryTokenFaultUnderLoadIsRefusedOrServedAndThenReco
     SCOPED_TRACE(f.name);
     ASSERT_EQ(StatusLine(Get("payments/prod/stripe")), "HTTP/1.1 200 OK");
     ++all_sent;
+    const long moved_before = f.metric ? counter(f.metric) : 0;
     ReadLoad load(8, [&] { return Get("payments/prod/stripe"); }, kSecret);
     std::this_thread::sleep_for(std::chrono::milliseconds(300));
     Fault(f.command);
@@ -504,6 +521,10 @@ TEST_F(HungTokenServerTest, EveryTokenFaultUnderLoadIsRefusedOrServedAndThenReco
     // clearing, and what follows is served (the last 1.2 s had successes).
     EXPECT_LT(last, healed + 1000);
     EXPECT_GT(load.ok.load(), 8);
+    if (f.metric) {
+      EXPECT_GE(moved_before, 0) << f.metric << " is not in /metrics";
+      EXPECT_GT(counter(f.metric), moved_before) << "the fault did not reach custodyd (" << f.metric << ")";
+    }
     all_sent += static_cast<size_t>(load.sent.load());
   }
   EXPECT_EQ(AuditCount("secret.get"), records_before + all_sent) << "one record a request";

@@ -11,6 +11,18 @@
 //                       such call answers CKR_DEVICE_ERROR until the module is
 //                       re-initialised (C_Finalize + C_Initialize), as a
 //                       token that lost its state would
+//   "uninit N"          as "reset N", but the calls answer
+//                       CKR_CRYPTOKI_NOT_INITIALIZED (a network HSM's client
+//                       library that lost its server and wants C_Initialize)
+//   "renumber N"        an HSM restart, once per new N: as "reset N", and
+//                       after the re-initialisation every slot has another
+//                       id (1000 more each time); the old ids answer
+//                       CKR_SLOT_ID_INVALID
+//   "closeall N"        once per new N, the token's sessions are closed
+//                       from outside (the real C_CloseAllSessions on every
+//                       slot, as another application of the same process, or
+//                       a proxy that restarted, would); the calls then fail
+//                       as the token itself answers
 //   "slow MS"           every such call works, MS milliseconds late (a busy
 //                       or remote HSM): keeps a request in flight; the
 //                       file PATH.slow appears when the first one starts
@@ -63,8 +75,12 @@ constexpr const char* kRealModule = "/usr/lib/softhsm/libsofthsm2.so";
 CK_FUNCTION_LIST* g_real = nullptr;
 CK_FUNCTION_LIST g_list;
 std::mutex g_mu;
-std::string g_last_reset;     // the N of the last "reset N" seen
-std::atomic<bool> g_broken{false};  // reset seen, not yet re-initialised
+std::string g_last_reset;     // the N of the last "reset N", "uninit N" or "renumber N" seen
+std::string g_last_closeall;  // the N of the last "closeall N" done
+// What the legacy calls answer after a reset, until re-initialised (CKR_OK: working).
+std::atomic<CK_RV> g_broken{CKR_OK};
+bool g_renumber_pending = false;          // under g_mu: shift the slot ids at the next C_Initialize
+std::atomic<CK_SLOT_ID> g_slot_offset{0};  // added to every real slot id shown to the application
 
 // True when the device should fail this call ("down", "reset", "slow").
 bool Failing(const std::string& word, const std::string& arg) {
@@ -75,15 +91,31 @@ bool Failing(const std::string& word, const std::string& arg) {
     std::ofstream(std::string(std::getenv("CUSTODY_FAULT_CONTROL")) + ".slow") << "1";
     std::this_thread::sleep_for(std::chrono::milliseconds(std::atoi(arg.c_str())));
   }
-  if (word == "reset") {
+  if (word == "reset" || word == "uninit" || word == "renumber") {
     std::lock_guard lock(g_mu);
     if (arg != g_last_reset) {
       g_last_reset = arg;
-      g_broken.store(true);
+      g_broken.store(word == "uninit" ? CKR_CRYPTOKI_NOT_INITIALIZED : CKR_DEVICE_ERROR);
+      g_renumber_pending = word == "renumber";
     }
   }
-  return g_broken.load();
+  if (word == "closeall") {
+    std::lock_guard lock(g_mu);
+    if (arg != g_last_closeall) {
+      g_last_closeall = arg;
+      CK_SLOT_ID slots[16];
+      CK_ULONG n = 16;
+      if (g_real->C_GetSlotList(CK_TRUE, slots, &n) == CKR_OK) {
+        for (CK_ULONG i = 0; i < n; ++i) g_real->C_CloseAllSessions(slots[i]);
+      }
+    }
+    return false;
+  }
+  return g_broken.load() != CKR_OK;
 }
+
+// What a legacy call answers while the device is broken (CKR_OK: forward).
+CK_RV Broken(bool legacy) { return legacy ? g_broken.load() : CKR_OK; }
 
 struct NamedRv {
   const char* name;
@@ -139,7 +171,7 @@ void MaybeHang(const char* fn, const std::string& text, const std::string& path)
 // nothing, forward it). `legacy`: one of the eleven "down"/"reset" reach.
 CK_RV Fault(const char* fn, bool legacy) {
   const char* path = std::getenv("CUSTODY_FAULT_CONTROL");
-  if (path == nullptr) return legacy && g_broken.load() ? CKR_DEVICE_ERROR : CKR_OK;
+  if (path == nullptr) return Broken(legacy);
   std::ifstream f(path);
   std::string word, arg;
   if (f) f >> word >> arg;
@@ -148,7 +180,7 @@ CK_RV Fault(const char* fn, bool legacy) {
     std::string text;
     std::getline(again, text);
     MaybeHang(fn, text, path);
-    return legacy && g_broken.load() ? CKR_DEVICE_ERROR : CKR_OK;
+    return Broken(legacy);
   }
   if (word == "fail") {
     CK_RV rv = CKR_GENERAL_ERROR;  // an unknown name: a broken test, loudly
@@ -165,12 +197,12 @@ CK_RV Fault(const char* fn, bool legacy) {
         match = match || t == fn;
       }
     }
-    if (named && !match) return legacy && g_broken.load() ? CKR_DEVICE_ERROR : CKR_OK;
+    if (named && !match) return Broken(legacy);
     if (g_fail_passed.fetch_add(1) < pass) return CKR_OK;
     return rv;
   }
   if (!legacy) return CKR_OK;
-  return Failing(word, arg) ? CKR_DEVICE_ERROR : CKR_OK;
+  return Failing(word, arg) ? (g_broken.load() != CKR_OK ? g_broken.load() : CKR_DEVICE_ERROR) : CKR_OK;
 }
 
 void Append(const std::string& line) {
@@ -187,8 +219,50 @@ CK_RV Logged(const char* fn, CK_RV rv) {
 
 CK_RV Initialize(CK_VOID_PTR args) {
   CK_RV rv = g_real->C_Initialize(args);
-  if (rv == CKR_OK) g_broken.store(false);  // a re-initialised device works again
+  if (rv == CKR_OK) {
+    g_broken.store(CKR_OK);  // a re-initialised device works again
+    std::lock_guard lock(g_mu);
+    if (g_renumber_pending) g_slot_offset += 1000;  // ... behind slots with new ids
+    g_renumber_pending = false;
+  }
   return rv;
+}
+
+// Slot ids as the application sees them ("renumber"): the real id plus the
+// offset; an id from before the last renumbering is unknown.
+bool RealSlot(CK_SLOT_ID shown, CK_SLOT_ID* real) {
+  const CK_SLOT_ID off = g_slot_offset.load();
+  if (shown < off) return false;
+  *real = shown - off;
+  return true;
+}
+
+CK_RV Shifted_C_GetSlotList(CK_BBOOL present, CK_SLOT_ID_PTR list, CK_ULONG_PTR n) {
+  CK_RV rv = g_real->C_GetSlotList(present, list, n);
+  if (rv == CKR_OK && list != nullptr) {
+    for (CK_ULONG i = 0; i < *n; ++i) list[i] += g_slot_offset.load();
+  }
+  return rv;
+}
+CK_RV Shifted_C_GetSlotInfo(CK_SLOT_ID slot, CK_SLOT_INFO_PTR info) {
+  CK_SLOT_ID real = 0;
+  return RealSlot(slot, &real) ? g_real->C_GetSlotInfo(real, info) : CKR_SLOT_ID_INVALID;
+}
+CK_RV Shifted_C_GetTokenInfo(CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info) {
+  CK_SLOT_ID real = 0;
+  return RealSlot(slot, &real) ? g_real->C_GetTokenInfo(real, info) : CKR_SLOT_ID_INVALID;
+}
+CK_RV Shifted_C_GetMechanismList(CK_SLOT_ID slot, CK_MECHANISM_TYPE_PTR list, CK_ULONG_PTR n) {
+  CK_SLOT_ID real = 0;
+  return RealSlot(slot, &real) ? g_real->C_GetMechanismList(real, list, n) : CKR_SLOT_ID_INVALID;
+}
+CK_RV Shifted_C_GetMechanismInfo(CK_SLOT_ID slot, CK_MECHANISM_TYPE type, CK_MECHANISM_INFO_PTR info) {
+  CK_SLOT_ID real = 0;
+  return RealSlot(slot, &real) ? g_real->C_GetMechanismInfo(real, type, info) : CKR_SLOT_ID_INVALID;
+}
+CK_RV Shifted_C_CloseAllSessions(CK_SLOT_ID slot) {
+  CK_SLOT_ID real = 0;
+  return RealSlot(slot, &real) ? g_real->C_CloseAllSessions(real) : CKR_SLOT_ID_INVALID;
 }
 
 // Wraps a forwarding function: answers what Fault() says, and logs it.
@@ -200,10 +274,19 @@ CK_RV Initialize(CK_VOID_PTR args) {
     return Logged(#name, g_real->name args);             \
   }
 
-CUSTODY_FAULTY(true, C_OpenSession,
-               (CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app, CK_NOTIFY notify, CK_SESSION_HANDLE_PTR h),
-               (slot, flags, app, notify, h))
-CUSTODY_FAULTY(true, C_GetSessionInfo, (CK_SESSION_HANDLE h, CK_SESSION_INFO_PTR info), (h, info))
+CK_RV Faulty_C_OpenSession(CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app, CK_NOTIFY notify,
+                           CK_SESSION_HANDLE_PTR h) {
+  if (CK_RV f = Fault("C_OpenSession", true); f != CKR_OK) return Logged("C_OpenSession", f);
+  CK_SLOT_ID real = 0;
+  if (!RealSlot(slot, &real)) return Logged("C_OpenSession", CKR_SLOT_ID_INVALID);
+  return Logged("C_OpenSession", g_real->C_OpenSession(real, flags, app, notify, h));
+}
+CK_RV Faulty_C_GetSessionInfo(CK_SESSION_HANDLE h, CK_SESSION_INFO_PTR info) {
+  if (CK_RV f = Fault("C_GetSessionInfo", true); f != CKR_OK) return Logged("C_GetSessionInfo", f);
+  CK_RV rv = g_real->C_GetSessionInfo(h, info);
+  if (rv == CKR_OK) info->slotID += g_slot_offset.load();
+  return Logged("C_GetSessionInfo", rv);
+}
 CUSTODY_FAULTY(true, C_Login, (CK_SESSION_HANDLE h, CK_USER_TYPE u, CK_UTF8CHAR_PTR pin, CK_ULONG n), (h, u, pin, n))
 CUSTODY_FAULTY(true, C_EncryptInit, (CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k), (h, m, k))
 CUSTODY_FAULTY(true, C_Encrypt, (CK_SESSION_HANDLE h, CK_BYTE_PTR in, CK_ULONG n, CK_BYTE_PTR out, CK_ULONG_PTR len),
@@ -268,6 +351,12 @@ extern "C" __attribute__((visibility("default"))) CK_RV C_GetFunctionList(CK_FUN
     // replaced.
     std::memcpy(&g_list, g_real, sizeof g_list);
     g_list.C_Initialize = Initialize;
+    g_list.C_GetSlotList = Shifted_C_GetSlotList;
+    g_list.C_GetSlotInfo = Shifted_C_GetSlotInfo;
+    g_list.C_GetTokenInfo = Shifted_C_GetTokenInfo;
+    g_list.C_GetMechanismList = Shifted_C_GetMechanismList;
+    g_list.C_GetMechanismInfo = Shifted_C_GetMechanismInfo;
+    g_list.C_CloseAllSessions = Shifted_C_CloseAllSessions;
     g_list.C_OpenSession = Faulty_C_OpenSession;
     g_list.C_GetSessionInfo = Faulty_C_GetSessionInfo;
     g_list.C_Login = Faulty_C_Login;

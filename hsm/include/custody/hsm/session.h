@@ -13,6 +13,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstddef>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <shared_mutex>
@@ -62,6 +63,10 @@ class SessionPool {
     // fail. Off when another library (libp11, for a TLS key in the token)
     // holds sessions on the same module that it cannot re-open itself.
     bool allow_reinitialize = true;
+    // Finds the token's slot again after a re-initialisation: an HSM or
+    // proxy that restarted may number its slots differently (the token is
+    // found by its URI, never by a remembered id). Unset: the slot is kept.
+    std::function<Result<CK_SLOT_ID>()> find_slot = {};
   };
 
   // A borrowed session; goes back to the pool when destroyed, unless
@@ -116,7 +121,7 @@ class SessionPool {
   void set_allow_reinitialize(bool allow);
 
   Module& module() const { return *module_; }
-  CK_SLOT_ID slot() const { return slot_; }
+  CK_SLOT_ID slot() const { return slot_.load(); }
   size_t idle() const;
 
  private:
@@ -133,7 +138,8 @@ class SessionPool {
   std::mutex recover_mu_;  // one recovery at a time
 
   std::shared_ptr<Module> module_;
-  CK_SLOT_ID slot_;
+  // Changes only in Recover(), with the gate held exclusively (no lease out).
+  std::atomic<CK_SLOT_ID> slot_;
   std::shared_timed_mutex gate_;
   Session anchor_;
   Options options_;
