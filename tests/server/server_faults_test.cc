@@ -3,13 +3,17 @@
 // tests/support/faulty_pkcs11.cc), an audit disk that stops answering
 // (an fdatasync that never returns, tests/support/stall_fsync.cc).
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/mount.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <chrono>
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -529,6 +533,113 @@ TEST_F(HungTokenServerTest, EveryTokenFaultUnderLoadIsRefusedOrServedAndThenReco
   }
   EXPECT_EQ(AuditCount("secret.get"), records_before + all_sent) << "one record a request";
   EXPECT_EQ(Cli({"audit", "verify"}).exit_code, 0);
+}
+
+// The state folder (the SQLite store and the audit log) on a small tmpfs of
+// its own, filled to the last byte while 8 clients read and one writes: a
+// full disk. Every GET gets its value or a 503, never a wrong one, and
+// every value that left has its audit record; a PUT is stored (201) or
+// refused (503), never half-written; health says the audit log is failing;
+// once space is freed both serve again by themselves, the last acknowledged
+// PUT is what a GET returns, and the audit chain verifies. Needs a tmpfs
+// mount (root with CAP_SYS_ADMIN): skipped where it cannot mount one.
+class FullDiskServerTest : public ServerTest {
+ protected:
+  void BeforeStart() override {
+    state_ = token_.dir() / "state";
+    const std::string aside = token_.dir() / "state.before";
+    std::filesystem::rename(state_, aside);
+    std::filesystem::create_directory(state_);
+    if (::mount("tmpfs", state_.c_str(), "tmpfs", MS_NOSUID | MS_NODEV, "size=4m,mode=0700") != 0) {
+      const int e = errno;
+      std::filesystem::remove(state_);
+      std::filesystem::rename(aside, state_);
+      GTEST_SKIP() << "cannot mount a tmpfs for the full-disk test: " << std::strerror(e);
+    }
+    mounted_ = true;
+    std::filesystem::copy(aside, state_, std::filesystem::copy_options::recursive);
+  }
+  void TearDown() override {
+    ServerTest::TearDown();
+    if (mounted_) ::umount2(state_.c_str(), MNT_DETACH);
+  }
+  // Writes a file until the file system refuses another byte.
+  void Fill() {
+    const int fd = ::open((state_ + "/filler").c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    ASSERT_GE(fd, 0);
+    std::vector<char> chunk(64 * 1024, 'x');
+    for (size_t size = chunk.size(); size > 0; size /= 2) {
+      while (::write(fd, chunk.data(), size) == static_cast<ssize_t>(size)) {
+      }
+    }
+    ::close(fd);
+  }
+  void Free() { ::unlink((state_ + "/filler").c_str()); }
+  std::string state_;
+  bool mounted_ = false;
+};
+
+TEST_F(FullDiskServerTest, AFullDiskRefusesWithoutLosingARecordOrAPutAndRecoversByItself) {
+  auto get = [&] { return Raw(socket_, "GET /v1/secrets/payments/prod/stripe HTTP/1.1\r\nHost: x\r\n\r\n"); };
+  auto put = [&](const std::string& value) {
+    const std::string body = "{\"value\":\"" + value + "\"}";
+    return Raw(socket_, "PUT /v1/secrets/payments/prod/rotating HTTP/1.1\r\nHost: x\r\nContent-Length: " +
+                            std::to_string(body.size()) + "\r\n\r\n" + body);
+  };
+  const size_t records_before = AuditCount("secret.get");
+  std::atomic<bool> stop{false};
+  std::atomic<int> puts_ok{0}, puts_refused{0}, puts_other{0};
+  std::string last_stored;
+  std::thread writer([&] {
+    for (int i = 0; !stop; ++i) {
+      const std::string v = "invoice-" + std::to_string(i);
+      const std::string a = put(v);
+      const std::string status = a.substr(0, a.find("\r\n"));
+      if (status == "HTTP/1.1 201 Created") {
+        ++puts_ok;
+        last_stored = v;
+      } else if (status == "HTTP/1.1 503 Service Unavailable") {
+        ++puts_refused;
+      } else {
+        ++puts_other;
+        ADD_FAILURE() << a;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  });
+  ReadLoad load(8, get, kSecret);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  Fill();
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  const std::string health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  const int refused_while_full = load.unavailable.load() + puts_refused.load();
+  Free();
+  const int64_t freed = load.Now();
+  std::this_thread::sleep_for(std::chrono::milliseconds(2000));
+  load.Stop();
+  stop = true;
+  writer.join();
+  const int64_t last = load.last_failure_ms.load();
+  std::printf("full disk: GETs %s; PUTs stored %d, refused %d; last failure %lld ms after space was freed\n",
+              load.Summary().c_str(), puts_ok.load(), puts_refused.load(),
+              static_cast<long long>(last > 0 ? std::max<int64_t>(0, last - freed) : 0));
+  EXPECT_GT(refused_while_full, 0) << "the full disk never reached custodyd";
+  EXPECT_NE(health.find("503"), std::string::npos) << health;
+  EXPECT_NE(health.find("\"audit\":\"failing: "), std::string::npos) << health;
+  EXPECT_EQ(load.wrong.load(), 0);
+  EXPECT_EQ(load.other.load(), 0);
+  EXPECT_EQ(puts_other.load(), 0);
+  EXPECT_LT(last, freed + 1500) << "still failing 1.5 s after space was freed";
+  EXPECT_GT(load.ok.load(), 8);
+  // Every value that left has its record (refused ones may have one too).
+  EXPECT_GE(AuditCount("secret.get"), records_before + static_cast<size_t>(load.ok.load()));
+  // Nothing acknowledged was lost, nothing refused was half-stored.
+  ASSERT_FALSE(last_stored.empty()) << "no PUT was stored";
+  const std::string now = Raw(socket_, "GET /v1/secrets/payments/prod/rotating HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(now.find("\"" + last_stored + "\""), std::string::npos) << "last acknowledged: " << last_stored << "\n" << now;
+  auto verify = Cli({"audit", "verify"});
+  EXPECT_EQ(verify.exit_code, 0) << verify.out << verify.err;
 }
 
 // swtpm killed and started again on the same state under a TPM-backed
