@@ -465,6 +465,62 @@ TEST_F(HungTokenServerTest, AHungCallCostsItsRequestA503AtTheDeadlineAndNoOneEls
   EXPECT_EQ(Cli({"audit", "verify"}).exit_code, 0);
 }
 
+// A checkpoint whose C_Sign hangs: checkpoints are signed inside an audit
+// batch, so without a deadline the requests whose records share that batch
+// would wait for the hang (5 s). With 8 clients reading and a checkpoint
+// due every 20 records, the one hung signature costs its batch at most the
+// deadline (1 s): no request waits for the hang, none is refused for it,
+// the log says the checkpoint failed and why, and checkpoints resume.
+class HungCheckpointServerTest : public HungTokenServerTest {
+ protected:
+  void BeforeStart() override {
+    HungTokenServerTest::BeforeStart();
+    std::string cfg = ReadFile(token_.config_path());
+    const size_t at = cfg.find("checkpoint_every = ");
+    ASSERT_NE(at, std::string::npos) << cfg;
+    cfg.replace(at, cfg.find('\n', at) - at, "checkpoint_every = 20");
+    WriteFile(token_.config_path(), cfg);
+  }
+};
+
+TEST_F(HungCheckpointServerTest, AHungCheckpointSignatureHoldsNoRequestPastTheDeadline) {
+  ASSERT_EQ(StatusLine(Get("payments/prod/stripe")), "HTTP/1.1 200 OK");
+  std::filesystem::remove(control_ + ".hung");
+  Fault("hang 5000 1 C_Sign");
+  ReadLoad load(8, [&] { return Get("payments/prod/stripe"); }, kSecret);
+  for (int i = 0; i < 300 && !std::filesystem::exists(control_ + ".hung"); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(3000));
+  load.Stop();
+  std::printf("hung checkpoint signature: %s\n", load.Summary().c_str());
+  ASSERT_TRUE(std::filesystem::exists(control_ + ".hung")) << "no checkpoint was signed during the load";
+  EXPECT_EQ(load.wrong.load(), 0);
+  EXPECT_EQ(load.other.load(), 0);
+  EXPECT_GT(load.ok.load(), 8);
+  EXPECT_LT(load.slowest_ms.load(), 4000) << "a request waited for the hung checkpoint signature";
+  const std::string log = ReadFile(token_.dir() / "custodyd.log");
+  EXPECT_NE(log.find("audit checkpoint failed: audit checkpoint: the token did not sign within call_timeout"),
+            std::string::npos)
+      << log;
+  // After the hang (5 s from its start), checkpoints are signed again.
+  Heal();
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+  auto last_checkpoint = [&]() -> uint64_t {
+    auto v = Cli({"--json", "audit", "verify"});
+    auto j = nlohmann::json::parse(v.out, nullptr, false);
+    return v.exit_code == 0 && j.is_object() ? j.value("last_checkpoint_seq", uint64_t{0}) : 0;
+  };
+  const uint64_t before = last_checkpoint();
+  for (int i = 0; i < 30; ++i) ASSERT_EQ(StatusLine(Get("payments/prod/stripe")), "HTTP/1.1 200 OK");
+  bool signed_again = false;
+  for (int i = 0; i < 40 && !signed_again; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    signed_again = last_checkpoint() > before;
+  }
+  EXPECT_TRUE(signed_again) << Cli({"--json", "audit", "verify"}).out;
+}
+
 // Each token fault under load, 8 clients reading throughout: a device
 // reset (sessions, login and handles gone until the module is initialised
 // again), the device down for 0.7 s, a burst of CKR_DEVICE_ERROR from

@@ -20,6 +20,7 @@
 #include <thread>
 
 #include "custody/app/backend.h"
+#include "custody/audit/deadline_signer.h"
 #include "custody/seal/deadline_sealer.h"
 #include "custody/app/config.h"
 #include "custody/audit/audit.h"
@@ -104,6 +105,9 @@ int main(int argc, char** argv) {
                                      std::make_shared<const custody::core::Authorizer>(std::move(*authz)));
   auto signer = custody::core::OpenAuditSigner(backend, *config, *pin_held, /*create=*/true, store->get());
   if (!signer) return Fail(signer.error());
+  // A checkpoint is signed inside an audit batch: a C_Sign that hangs must
+  // not hold the records of the requests in that batch past the deadline.
+  custody::core::DeadlineSigner checkpoint_signer(**signer, std::chrono::milliseconds(config->token.call_timeout_ms));
 
   custody::server::ServerOptions options;
   static_cast<custody::server::ServerSettings&>(options) = config->server;
@@ -129,7 +133,7 @@ int main(int argc, char** argv) {
   auto checkpoint = [&] {
     if (!(*audit)->CheckpointDue()) return;
     std::pair<uint64_t, std::string> covers;
-    auto seq = (*audit)->Checkpoint(**signer, &covers);
+    auto seq = (*audit)->Checkpoint(checkpoint_signer, &covers);
     if (seq) {
       if (!custody::core::AuditInStore(*config)) {
         (void)(*store)->RecordAuditCheckpoint(config->node.name, *seq, covers.second);
@@ -246,7 +250,8 @@ int main(int argc, char** argv) {
   checkpoint();
   // A token call still hung: closing the token under it (C_CloseSession,
   // C_Finalize) could hang too or free what it uses. End without closing.
-  if (!sealer.Drain(std::chrono::milliseconds(config->token.call_timeout_ms))) {
+  if (!sealer.Drain(std::chrono::milliseconds(config->token.call_timeout_ms)) ||
+      !checkpoint_signer.Drain(std::chrono::milliseconds(config->token.call_timeout_ms))) {
     spdlog::error("stopped with a token call that has not returned; exiting without closing the token");
     std::fflush(nullptr);
     std::_Exit(69);
