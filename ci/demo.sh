@@ -3,9 +3,12 @@
 # on an embedded default: a SoftHSM2 token and a SQLite store in ./state.
 # It applies a policy that declares a project with dev/staging/prod (which
 # creates its KEK in the token), seals an API-key-shaped secret into prod,
-# reads it back, asks the policy whether CI may read it, shows usage and what
-# the token holds, and verifies the audit log (also with stock openssl).
-# Safe to re-run.
+# then does the main job: starts custodyd on a socket in the state folder and
+# fetches the key as a production server would (custody exec, then curl),
+# shows another local user refused by policy with its audit record, and stops
+# custodyd with SIGTERM. Then it rotates, shows usage and what the token
+# holds, and verifies the audit log (also with stock openssl) and an
+# attestation statement. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -15,9 +18,10 @@ bash ci/install-deps.sh
 # on the `dev` build its tests use, so the run builds the code once fewer).
 preset="${CUSTODY_DEMO_PRESET:-release}"
 cmake --preset "$preset" >/dev/null
-cmake --build --preset "$preset" --target custody
+cmake --build --preset "$preset" --target custody custody-full custodyd
 
 custody="$root/build/$preset/tools/custody"
+custodyd="$root/build/$preset/tools/custodyd"
 state="${CUSTODY_STATE_DIR:-$root/state}"
 umask 077
 mkdir -p "$state/softhsm/tokens"
@@ -42,6 +46,14 @@ if [[ ! -f "$CUSTODY_CONFIG" ]]; then
     --pin-file "$state/softhsm/user.pin" --state-dir "$state" --module-env "SOFTHSM2_CONF=$SOFTHSM2_CONF"
 fi
 
+# Another local account, for the CI principal of the policy below: the demo
+# shows custodyd refusing it the production key.
+demo_ci_user=custody-demo-ci
+if ! id -u "$demo_ci_user" >/dev/null 2>&1; then
+  useradd --system --no-create-home --shell /usr/sbin/nologin "$demo_ci_user"
+  echo "demo: created the local account $demo_ci_user (the policy's CI principal)"
+fi
+
 # Policy as code: the operator running this demo is admin and owner; a
 # production web service may read prod only; CI reaches dev and staging only.
 # Applying it creates the project, its environments and its KEK.
@@ -54,7 +66,7 @@ uid = $(id -u)
 [principals."svc:web-prod"]
 tls_san = "web.prod.demo.internal"
 [principals."svc:ci"]
-unix_user = "ci-runner"
+unix_user = "$demo_ci_user"
 
 [projects.demo]
 rate = "600/min"
@@ -94,6 +106,48 @@ if [[ "$back" != "$key" ]]; then
 fi
 echo "demo: read back demo/prod/openai-api-key = ${back:0:11}... (${#back} bytes, matches what was sealed)"
 unset key back
+
+echo
+echo "demo: the main job: custodyd serves the keys to production servers over a Unix socket"
+# The socket lives in the state folder; other local users may reach it
+# (the folders are traversable, not listable), and the policy decides.
+mkdir -p "$state/run"
+chmod 0711 "$state" "$state/run"
+sock="$state/run/custody.sock"
+if ! grep -q '^\[server\]' "$CUSTODY_CONFIG"; then
+  printf '\n[server]\nsocket = "%s"\n' "$sock" >> "$CUSTODY_CONFIG"
+fi
+"$custodyd" 2> "$state/custodyd.log" &
+custodyd_pid=$!
+trap 'kill "$custodyd_pid" 2>/dev/null || true' EXIT
+for _ in $(seq 1 100); do
+  [[ -S "$sock" ]] && curl -sf --unix-socket "$sock" http://custody/v1/health >/dev/null 2>&1 && break
+  if ! kill -0 "$custodyd_pid" 2>/dev/null; then
+    echo "demo: custodyd did not start:" >&2
+    cat "$state/custodyd.log" >&2
+    exit 1
+  fi
+  sleep 0.1
+done
+echo "demo: custodyd is serving on $sock (pid $custodyd_pid); it holds the token PIN, its clients never do"
+export CUSTODY_ADDR="unix:$sock"
+echo "demo: custody exec: the child process sees the key in its environment only"
+"$custody" exec --env OPENAI_API_KEY=demo/prod/openai-api-key -- \
+  sh -c 'echo "  child: OPENAI_API_KEY has ${#OPENAI_API_KEY} bytes and starts with ${OPENAI_API_KEY%"${OPENAI_API_KEY#????????}"}..."'
+echo "demo: the same over HTTP on the socket (the value masked here by the demo):"
+curl -s --unix-socket "$sock" http://custody/v1/secrets/demo/prod/openai-api-key |
+  sed -E 's/("value":")(.{8})[^"]*"/\1\2...(masked)"/'
+echo
+echo "demo: the CI account ($demo_ci_user) asks for the production key: refused by policy"
+runuser -u "$demo_ci_user" -- curl -s --unix-socket "$sock" http://custody/v1/secrets/demo/prod/openai-api-key
+echo
+echo "demo: ... and the audit record that says so:"
+"$custody" audit show --project demo --since 5m | grep -E 'svc:ci.*deny|deny.*svc:ci' | tail -n 1
+unset CUSTODY_ADDR
+kill -TERM "$custodyd_pid"
+wait "$custodyd_pid" && echo "demo: custodyd stopped on SIGTERM (exit 0)"
+trap - EXIT
+"$custody" audit verify
 
 echo
 echo "demo: may CI read the production key? (deny by design)"

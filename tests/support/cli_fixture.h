@@ -51,6 +51,9 @@ std::vector<core::AuditRecord> TrailRecords(const std::string& config_path,
                                             const std::optional<std::string>& chain = std::nullopt);
 void ExpectOneLine(const RunResult& r, int code, const std::string& says);
 
+// The smallest policy: root (uid 0, as the tests run) is its admin.
+inline constexpr const char* kRootAdminPolicy = "version = 1\nadmins = [\"user:root\"]\n[principals.\"user:root\"]\nuid = 0\n";
+
 // One token, and the CLI run against it. Tests set up the state they need
 // (InitWithPolicy, InitTpm) in their own SetUp.
 class CliFixture : public ::testing::Test {

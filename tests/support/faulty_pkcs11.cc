@@ -45,6 +45,11 @@
 // generation, destroy, attribute reads, the rest of an object search, and
 // wrap and unwrap (which custody does not call today).
 //
+// $CUSTODY_FAULT_NO_MECHS (hex mechanism numbers, comma-separated, e.g.
+// "0x1087" for CKM_AES_GCM): a token without them. They are left out of
+// C_GetMechanismList, and C_GetMechanismInfo, C_EncryptInit and
+// C_DecryptInit answer CKR_MECHANISM_INVALID for them.
+//
 // Observation, for tests that check what reached the token:
 //   $CUSTODY_FAULT_CALLS  a file that gets one line per call of a function
 //                         below: "NAME RV" (RV by name, or in hex), and for
@@ -252,13 +257,35 @@ CK_RV Shifted_C_GetTokenInfo(CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info) {
   CK_SLOT_ID real = 0;
   return RealSlot(slot, &real) ? g_real->C_GetTokenInfo(real, info) : CKR_SLOT_ID_INVALID;
 }
+// Whether $CUSTODY_FAULT_NO_MECHS hides this mechanism.
+bool Hidden(CK_MECHANISM_TYPE type) {
+  const char* list = std::getenv("CUSTODY_FAULT_NO_MECHS");
+  if (list == nullptr) return false;
+  std::istringstream in(list);
+  for (std::string t; std::getline(in, t, ',');) {
+    if (!t.empty() && std::strtoul(t.c_str(), nullptr, 0) == type) return true;
+  }
+  return false;
+}
+
 CK_RV Shifted_C_GetMechanismList(CK_SLOT_ID slot, CK_MECHANISM_TYPE_PTR list, CK_ULONG_PTR n) {
   CK_SLOT_ID real = 0;
-  return RealSlot(slot, &real) ? g_real->C_GetMechanismList(real, list, n) : CKR_SLOT_ID_INVALID;
+  if (!RealSlot(slot, &real)) return CKR_SLOT_ID_INVALID;
+  // Asked for the count: the real one is an upper bound, which PKCS#11 allows.
+  CK_RV rv = g_real->C_GetMechanismList(real, list, n);
+  if (rv != CKR_OK || list == nullptr) return rv;
+  CK_ULONG kept = 0;
+  for (CK_ULONG i = 0; i < *n; ++i) {
+    if (!Hidden(list[i])) list[kept++] = list[i];
+  }
+  *n = kept;
+  return CKR_OK;
 }
 CK_RV Shifted_C_GetMechanismInfo(CK_SLOT_ID slot, CK_MECHANISM_TYPE type, CK_MECHANISM_INFO_PTR info) {
   CK_SLOT_ID real = 0;
-  return RealSlot(slot, &real) ? g_real->C_GetMechanismInfo(real, type, info) : CKR_SLOT_ID_INVALID;
+  if (!RealSlot(slot, &real)) return CKR_SLOT_ID_INVALID;
+  if (Hidden(type)) return CKR_MECHANISM_INVALID;
+  return g_real->C_GetMechanismInfo(real, type, info);
 }
 CK_RV Shifted_C_CloseAllSessions(CK_SLOT_ID slot) {
   CK_SLOT_ID real = 0;
@@ -288,10 +315,18 @@ CK_RV Faulty_C_GetSessionInfo(CK_SESSION_HANDLE h, CK_SESSION_INFO_PTR info) {
   return Logged("C_GetSessionInfo", rv);
 }
 CUSTODY_FAULTY(true, C_Login, (CK_SESSION_HANDLE h, CK_USER_TYPE u, CK_UTF8CHAR_PTR pin, CK_ULONG n), (h, u, pin, n))
-CUSTODY_FAULTY(true, C_EncryptInit, (CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k), (h, m, k))
+CK_RV Faulty_C_EncryptInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k) {
+  if (CK_RV f = Fault("C_EncryptInit", true); f != CKR_OK) return Logged("C_EncryptInit", f);
+  if (m != nullptr && Hidden(m->mechanism)) return Logged("C_EncryptInit", CKR_MECHANISM_INVALID);
+  return Logged("C_EncryptInit", g_real->C_EncryptInit(h, m, k));
+}
 CUSTODY_FAULTY(true, C_Encrypt, (CK_SESSION_HANDLE h, CK_BYTE_PTR in, CK_ULONG n, CK_BYTE_PTR out, CK_ULONG_PTR len),
                (h, in, n, out, len))
-CUSTODY_FAULTY(true, C_DecryptInit, (CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k), (h, m, k))
+CK_RV Faulty_C_DecryptInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k) {
+  if (CK_RV f = Fault("C_DecryptInit", true); f != CKR_OK) return Logged("C_DecryptInit", f);
+  if (m != nullptr && Hidden(m->mechanism)) return Logged("C_DecryptInit", CKR_MECHANISM_INVALID);
+  return Logged("C_DecryptInit", g_real->C_DecryptInit(h, m, k));
+}
 CUSTODY_FAULTY(true, C_Decrypt, (CK_SESSION_HANDLE h, CK_BYTE_PTR in, CK_ULONG n, CK_BYTE_PTR out, CK_ULONG_PTR len),
                (h, in, n, out, len))
 CUSTODY_FAULTY(true, C_FindObjectsInit, (CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR t, CK_ULONG n), (h, t, n))

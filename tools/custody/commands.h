@@ -115,6 +115,24 @@ struct AttestChallengeArgs {
 };
 Status AttestChallenge(const Globals& g, const AttestChallengeArgs& a);
 
+struct TokenCheckArgs {
+  std::optional<std::string> against;             // a saved --json report to compare with
+  std::optional<std::string> module, token;       // without a config: this module and token URI
+  std::optional<std::string> pin_file;            // with --module: the PIN's file (or CUSTODY_PIN, --pin-fd)
+};
+// Exit 0 when every required capability is present, 1 (check_failed_exit) when one is missing.
+Status TokenCheck(const Globals& g, const TokenCheckArgs& a);
+
+struct SandboxArgs {
+  std::string dir;
+  std::optional<std::string> project;  // a minimal policy: the caller owns this project
+  std::optional<std::string> policy;   // or this policy file
+  bool serve = false;                  // start custodyd on DIR/custody.sock
+  bool stop = false;                   // stop the custodyd --serve started
+};
+// Prints, on stdout, environment lines for `eval`; everything else on stderr.
+Status Sandbox(const Globals& g, const SandboxArgs& a);
+
 Status PolicyCheck(const Globals& g, const std::string& file);
 Status PolicyApply(const Globals& g, const std::string& file);
 Status PolicyExplain(const Globals& g, const std::string& principal, const std::string& action,

@@ -256,11 +256,37 @@ int main(int argc, char** argv) {
     return custody::cli::Attest(g, attest);
   }));
 
+  // sandbox
+  custody::cli::SandboxArgs sandbox;
+  auto* c_sandbox = app.add_subcommand(
+      "sandbox", "custody on a SoftHSM2 token in DIR for CI: random PINs in files, init, policy, custodyd");
+  c_sandbox->add_option("DIR", sandbox.dir)->required();
+  auto* sb_project = c_sandbox->add_option("--project", sandbox.project, "a minimal policy: you own this project");
+  auto* sb_policy = c_sandbox->add_option("--policy", sandbox.policy, "apply this policy file");
+  sb_project->excludes(sb_policy);
+  auto* sb_serve = c_sandbox->add_flag("--serve", sandbox.serve, "start custodyd on DIR/custody.sock");
+  c_sandbox->add_flag("--stop", sandbox.stop, "stop the custodyd that --serve started")
+      ->excludes(sb_serve)
+      ->excludes(sb_project)
+      ->excludes(sb_policy);
+  c_sandbox->callback(run([&] { return custody::cli::Sandbox(g, sandbox); }));
+
   // token
   auto* c_token = app.add_subcommand("token", "the token");
   c_token->require_subcommand(1);
   c_token->add_subcommand("info", "show the token and the objects it holds")
       ->callback(run([&] { return custody::cli::TokenInfo(g); }));
+  custody::cli::TokenCheckArgs token_check;
+  auto* c_tcheck = c_token->add_subcommand(
+      "check", "try every capability custody relies on; exit 1 when a required one is missing");
+  c_tcheck->add_option("--against", token_check.against, "a saved `token check --json` report to compare with");
+  auto* tc_module = c_tcheck->add_option("--module", token_check.module, "without a config: the PKCS#11 module");
+  auto* tc_token = c_tcheck->add_option("--token", token_check.token, "without a config: the token URI (RFC 7512)");
+  c_tcheck->add_option("--pin-file", token_check.pin_file, "with --module: file holding the user PIN (mode 0600)")
+      ->needs(tc_module);
+  tc_module->needs(tc_token);
+  tc_token->needs(tc_module);
+  c_tcheck->callback(run([&] { return custody::cli::TokenCheck(g, token_check); }));
 
   // policy
   auto* c_policy = app.add_subcommand("policy", "policy as code: who may do what, and the limits");
