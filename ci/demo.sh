@@ -110,13 +110,25 @@ unset key back
 echo
 echo "demo: the main job: custodyd serves the keys to production servers over a Unix socket"
 # The socket lives in the state folder; other local users may reach it
-# (the folders are traversable, not listable), and the policy decides.
+# (the folders are traversable, not listable), and the policy decides. When
+# a folder above the state folder keeps other users out (a private temporary
+# folder, a home folder), the socket goes to /run/custody-demo instead:
+# loosening someone's home folder is not the demo's business.
 mkdir -p "$state/run"
 chmod 0711 "$state" "$state/run"
-sock="$state/run/custody.sock"
+if runuser -u "$demo_ci_user" -- test -x "$state/run"; then
+  sock_dir="$state/run"
+else
+  sock_dir=/run/custody-demo
+  mkdir -p "$sock_dir"
+  chmod 0755 "$sock_dir"
+  echo "demo: $state is not reachable by other local users; the socket goes to $sock_dir"
+fi
+sock="$sock_dir/custody.sock"
 if ! grep -q '^\[server\]' "$CUSTODY_CONFIG"; then
   printf '\n[server]\nsocket = "%s"\n' "$sock" >> "$CUSTODY_CONFIG"
 fi
+sock="$(sed -n 's/^socket = "\(.*\)"$/\1/p' "$CUSTODY_CONFIG" | tail -n 1)"
 "$custodyd" 2> "$state/custodyd.log" &
 custodyd_pid=$!
 trap 'kill "$custodyd_pid" 2>/dev/null || true' EXIT

@@ -23,6 +23,10 @@ packages=(
   # (systemd_unit_verifies); in a container this only adds the binaries,
   # nothing is started
   systemd
+  # packaging (dist/): man pages from --help (help2man) and from prose
+  # (scdoc), the .deb's computed Depends (dpkg-shlibdeps, in dpkg-dev), and
+  # man-db for the install check's `man -w`
+  help2man scdoc dpkg-dev man-db
   # tests and benchmarks
   googletest libgtest-dev libgmock-dev libbenchmark-dev
   # fuzzing (ci/fuzz.sh): clang, its libFuzzer and sanitizer runtimes (only

@@ -38,6 +38,21 @@ TEST(Config, WriteThenLoadRoundTripsAndIsPrivate) {
   EXPECT_EQ(back->token.environment, c.token.environment);
 }
 
+// The example config the package installs (dist/custody.toml.example)
+// loads, and says what its comments say.
+TEST(Config, TheInstalledExampleConfigLoads) {
+  auto c = LoadConfig(std::string(CUSTODY_SOURCE_DIR) + "/dist/custody.toml.example");
+  ASSERT_TRUE(c.ok()) << c.error().message();
+  EXPECT_EQ(c->state_dir, "/var/lib/custody");
+  EXPECT_EQ(c->token.backend, "pkcs11");
+  EXPECT_EQ(c->token.pkcs11.uri, "pkcs11:token=custody");
+  EXPECT_EQ(c->token.pin_file, std::optional<std::string>("/etc/custody/pin"));
+  EXPECT_EQ(c->token.call_timeout_ms, 5000);
+  EXPECT_EQ(c->server.socket_path, "/run/custody/custody.sock");
+  EXPECT_EQ(c->store.path, "/var/lib/custody/custody.db");
+  EXPECT_EQ(c->node.name, "custody-1");
+}
+
 // Every example config that loads is written by WriteConfig and loads back
 // equal: nothing a config says is dropped when custody writes one.
 TEST(Config, EveryExampleConfigWritesAndLoadsBackEqual) {

@@ -116,8 +116,8 @@ std::optional<Lean> Recognise(int argc, char** argv) {
   return std::nullopt;
 }
 
-// custody-full: beside this binary (the build tree, or a relocated install),
-// else where `make install` put it.
+// custody-full: beside this binary (the build tree), in ../libexec/custody
+// (an install under any prefix), else where `make install` put it.
 std::string FullTool() {
   char self[PATH_MAX];
   ssize_t n = ::readlink("/proc/self/exe", self, sizeof self - 1);
@@ -127,6 +127,10 @@ std::string FullTool() {
     dir.resize(dir.rfind('/') + 1);
     std::string beside = dir + "custody-full";
     if (::access(beside.c_str(), X_OK) == 0) return beside;
+    // An install under another prefix than the build's (a package under
+    // /usr of a build configured for /usr/local): bin/../libexec/custody.
+    std::string relocated = dir + "../libexec/custody/custody-full";
+    if (::access(relocated.c_str(), X_OK) == 0) return relocated;
   }
   return CUSTODY_FULL_TOOL;
 }
