@@ -330,6 +330,15 @@ Result<StatementSummary> VerifyStatementFile(std::string_view text, const std::s
       if (!described || !point || "tpm-name:" + described->name != certified_object) {
         return Bad("keys[" + std::to_string(i) + "].public_area is not the certified object's public area");
       }
+      // Made by the TPM and never leaving it: a key loaded from outside
+      // (TPM2_LoadExternal, or a duplicable one) would be certified just the
+      // same, and whoever holds its private half could sign any statement.
+      if (!(described->name_alg_sha256 && described->fixed_tpm && described->fixed_parent &&
+            described->sensitive_data_origin && described->sign && !described->decrypt)) {
+        return Bad("keys[" + std::to_string(i) +
+                   "]: the certified attestation key is not a signing key made and kept by the TPM (fixedTPM, "
+                   "fixedParent, sensitiveDataOrigin)");
+      }
       auto pem_point = P256PublicKeyPem(*point);
       if (!pem_point) return Bad("keys[" + std::to_string(i) + "].public_area: " + pem_point.error().message());
       CUSTODY_ASSIGN_OR_RETURN(EVP_PKEY * given, ReadPublicKey(public_key_pem));

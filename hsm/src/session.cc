@@ -92,6 +92,19 @@ Status SessionPool::Relogin() {
 Status SessionPool::Recover(std::chrono::milliseconds wait) {
   std::lock_guard one(recover_mu_);
   healthy_.store(false);
+  std::function<Result<CK_SLOT_ID>()> find_slot;
+  {
+    std::lock_guard lock(mu_);
+    find_slot = options_.find_slot;
+  }
+  if (slot_unknown_.load()) {
+    // The last re-initialisation did not find the token again: its old id
+    // may name another token now, and logging in there with our PIN would
+    // count towards its lockout. Find it first, or fail.
+    CUSTODY_ASSIGN_OR_RETURN(CK_SLOT_ID found, find_slot());
+    slot_.store(found);
+    slot_unknown_.store(false);
+  }
   Status soft = Relogin();
   if (soft.ok()) {
     healthy_.store(true);
@@ -115,14 +128,13 @@ Status SessionPool::Recover(std::chrono::milliseconds wait) {
     std::lock_guard lock(mu_);
     ++reinitializations_;
   }
-  std::function<Result<CK_SLOT_ID>()> find_slot;
-  {
-    std::lock_guard lock(mu_);
-    find_slot = options_.find_slot;
-  }
   if (find_slot) {
-    CUSTODY_ASSIGN_OR_RETURN(CK_SLOT_ID slot, find_slot());
-    slot_.store(slot);
+    auto slot = find_slot();
+    if (!slot) {
+      slot_unknown_.store(true);
+      return std::move(slot).error();
+    }
+    slot_.store(*slot);
   }
   // Still exclusive: the idle sessions of the old generation are dropped
   // and the new anchor logs in before any other thread may lend a session.

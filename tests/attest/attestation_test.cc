@@ -7,6 +7,7 @@
 #include <openssl/evp.h>
 #include <openssl/pem.h>
 
+#include <array>
 #include <functional>
 #include <nlohmann/json.hpp>
 
@@ -125,6 +126,46 @@ TEST_F(TpmEvidenceTest, TheAkPublicAreaAndTheCertifiedSignerMustBeTheOnesUsed) {
   ASSERT_FALSE(v.ok());
   EXPECT_NE(v.error().message().find("is not the certified object's public area"), std::string::npos)
       << v.error().message();
+}
+
+// The positive case: a statement signed by a TPM signing key that the AK
+// certified with the nonce, its public area beside it, is the TPM's
+// (signer_certified), as `custody attest` makes them.
+TEST_F(TpmEvidenceTest, AStatementSignedByAKeyTheAkCertifiedIsTheTpms) {
+  const SecretBuffer auth = SecretBuffer::Copy("attest-key-auth");
+  auto key = tpm_->CreateSigningKey(auth);
+  ASSERT_TRUE(key.ok()) << key.error().message();
+  auto pem = P256PublicKeyPem(key->point);
+  ASSERT_TRUE(pem.ok());
+  auto fp = PublicKeyFingerprint(*pem);
+  ASSERT_TRUE(fp.ok());
+  auto cert = tpm_->Certify(key->blobs, auth, *FromHex(kNonce));
+  ASSERT_TRUE(cert.ok()) << cert.error().message();
+  auto described = tpm::Describe(key->blobs);
+  ASSERT_TRUE(described.ok());
+  json q = QuoteJson();
+  q["ak_public_area"] = Base64Encode(quote_.ak_public);
+  json keys = json::array({json{{"role", "attestation"}, {"label", "custody:attest:v1"}, {"attributes", json::object()},
+                                {"fingerprint", *fp}, {"tpm_name", described->name},
+                                {"public_area", Base64Encode(key->blobs.public_area)},
+                                {"certify", {{"message", Base64Encode(cert->message)},
+                                             {"signature", Base64Encode(cert->signature)}}}}});
+  json p{{"format", kStatementFormat}, {"time", "2026-11-29T00:00:00Z"}, {"nonce", kNonce}, {"backend", "tpm"},
+         {"token", json::object()}, {"keys", keys}, {"policy", {{"sha256", "x"}}},
+         {"audit", {{"head_seq", 1}, {"head_hash", "h"}}}, {"attestation_key", {{"fingerprint", *fp}}},
+         {"tpm_quote", q}};
+  const std::string bytes = p.dump();
+  std::array<uint8_t, 32> digest{};
+  unsigned int len = 0;
+  EVP_Digest(bytes.data(), bytes.size(), digest.data(), &len, EVP_sha256(), nullptr);
+  auto rs = tpm_->Sign(*key, auth, digest);
+  ASSERT_TRUE(rs.ok()) << rs.error().message();
+  auto der = P256SignatureDer(*rs);
+  ASSERT_TRUE(der.ok());
+  auto v = VerifyStatementFile(EncodeStatementFile(bytes, *der, *pem), *pem, std::string(kNonce));
+  ASSERT_TRUE(v.ok()) << v.error().message();
+  EXPECT_TRUE(v->signer_certified);
+  EXPECT_EQ(v->ak_name, quote_.ak_name);
 }
 
 // VerifyEndorsement's own checks, each alone: a summary that passes, then

@@ -387,7 +387,7 @@ TEST(AttestTpmCliTest, AnEkChallengeChainsTheStatementToTheTpmManufacturersCa) {
   // The EK CA alone proves nothing about the AK: it needs the challenge.
   auto no_key = Offline({"attest", "verify", st, "--pubkey", host.ak, "--ek-ca", host.swtpm.ek_ca()});
   EXPECT_EQ(no_key.exit_code, 64) << no_key.err;
-  // A token has no EK to answer with.
+  // A file that is not a challenge is refused before the TPM is asked.
   auto garbage = host.Run({"attest", "--challenge", host.ak, "--out", dir + "/x.json"});
   ExpectOneLine(garbage, 65, "EK challenge");
 }

@@ -8,6 +8,7 @@
 // running.
 #include <gtest/gtest.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <filesystem>
 
@@ -77,6 +78,31 @@ TEST(SandboxCliTest, AFolderNameThatCannotBeQuotedIsRefused) {
   TempDir scratch;
   auto r = RunCustody({"sandbox", scratch / "it's"}, {});
   ExpectOneLine(r, 64, "DIR must not hold quotes");
+  // The same quote reached through a symlink: the full path is checked too.
+  std::filesystem::create_directory(scratch / "it's");
+  std::filesystem::create_directory_symlink(scratch / "it's", scratch / "link");
+  auto linked = RunCustody({"sandbox", scratch / "link/sb"}, {});
+  ExpectOneLine(linked, 64, "holds a quote");
+  EXPECT_FALSE(std::filesystem::exists(scratch / "it's/sb/custody.toml"));
+}
+
+// Only a folder of the caller's own, new or already a sandbox: another
+// user's folder (a config or module planted there would run as the caller)
+// and a folder with other things in it are refused, and left as they were.
+TEST(SandboxCliTest, SomeoneElsesFolderOrABusyOneIsRefused) {
+  TempDir scratch;
+  const std::string theirs = scratch / "theirs";
+  std::filesystem::create_directory(theirs);
+  ASSERT_EQ(::chown(theirs.c_str(), 65534, 65534), 0) << "the tests run as root";
+  ExpectOneLine(RunCustody({"sandbox", theirs}, {}), 77, "belongs to another user");
+  EXPECT_TRUE(std::filesystem::is_empty(theirs));
+  const std::string busy = scratch / "busy";
+  std::filesystem::create_directory(busy);
+  WriteFile(busy + "/notes.txt", "mine");
+  ExpectOneLine(RunCustody({"sandbox", busy, "--project", "x"}, {}), 64, "is not empty and holds no sandbox");
+  struct stat st {};
+  ASSERT_EQ(::stat(busy.c_str(), &st), 0);
+  EXPECT_NE(st.st_mode & 0777, 0700u) << "its mode was changed";
 }
 
 }  // namespace

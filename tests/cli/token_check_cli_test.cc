@@ -4,6 +4,8 @@
 // is missing, and with --against the differences from a saved report.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 #include <nlohmann/json.hpp>
 
 #include "../support/cli_fixture.h"
@@ -88,7 +90,9 @@ TEST_F(TokenCheckCliTest, ATokenWithoutAesGcmExits1NamingItAndDiffersFromTheSave
   WriteFile(token_.dir() / "odd.json",
             "{\"format\":\"custody-token-check-v1\",\"token\":7,\"capabilities\":[1,{\"id\":2},{\"id\":\"rng\",\"present\":\"yes\"}]}");
   auto odd = Bare({"--json", "--against", token_.dir() / "odd.json"}, "");
-  EXPECT_EQ(odd.exit_code, 0) << odd.err;
+  ASSERT_EQ(odd.exit_code, 0) << odd.err;
+  const auto diffs = json::parse(odd.out)["differences"];
+  EXPECT_NE(std::find(diffs.begin(), diffs.end(), "rng: not in the saved report"), diffs.end()) << diffs.dump();
 }
 
 }  // namespace

@@ -498,6 +498,7 @@ TEST_F(HungCheckpointServerTest, AHungCheckpointSignatureHoldsNoRequestPastTheDe
   EXPECT_EQ(load.wrong.load(), 0);
   EXPECT_EQ(load.other.load(), 0);
   EXPECT_GT(load.ok.load(), 8);
+  EXPECT_EQ(load.unavailable.load(), 0) << "a failed checkpoint costs no request its answer";
   EXPECT_LT(load.slowest_ms.load(), 4000) << "a request waited for the hung checkpoint signature";
   const std::string log = ReadFile(token_.dir() / "custodyd.log");
   EXPECT_NE(log.find("audit checkpoint failed: audit checkpoint: the token did not sign within call_timeout"),

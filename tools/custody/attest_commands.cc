@@ -160,7 +160,9 @@ Status Attest(const Globals& g, const AttestArgs& a) {
       nonce = ToHex(secret);
       o.ev.detail += "; EK challenge answered";
     }
-    o.ev.detail += "; attestation key " + ak_fp.substr(0, 16) + (nonce ? "; nonce " + *nonce : "");
+    // An answered challenge's nonce is its secret: the record says only that
+    // it was answered (the statement carries it, to the verifier).
+    o.ev.detail += "; attestation key " + ak_fp.substr(0, 16) + (nonce && !challenge ? "; nonce " + *nonce : "");
     // Recorded first: the statement's audit head includes this request.
     CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
 
@@ -193,13 +195,16 @@ Status Attest(const Globals& g, const AttestArgs& a) {
       payload["tpm_quote"] = q;
       // The EK certificate, for a verifier that chains the AK to the
       // manufacturer (`attest challenge`, then `attest verify --ek-ca`).
+      // A TPM without one, or with an index it will not read, still
+      // attests; the statement says why it carries no certificate.
       auto ek_cert = o.backend.tpm->EkCertificate();
       if (ek_cert) {
         payload["tpm_ek"] = {{"certificate", Base64Encode(*ek_cert)}};
-      } else if (ek_cert.error().category() == Category::kNotFound) {
-        payload["tpm_ek"] = {{"certificate", nullptr}, {"note", "this TPM holds no RSA EK certificate"}};
       } else {
-        return std::move(ek_cert).error();
+        payload["tpm_ek"] = {{"certificate", nullptr},
+                             {"note", ek_cert.error().category() == Category::kNotFound
+                                          ? std::string("this TPM holds no RSA EK certificate")
+                                          : "the EK certificate could not be read: " + ek_cert.error().message()}};
       }
       CUSTODY_ASSIGN_OR_RETURN(tpm::Info info, o.backend.tpm->GetInfo());
       payload["token"] = {{"kind", "TPM 2.0"}, {"manufacturer", info.manufacturer}, {"vendor", info.vendor},

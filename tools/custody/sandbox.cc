@@ -24,16 +24,21 @@
 #include <fstream>
 #include <iterator>
 #include <thread>
+#include <array>
+#include <string_view>
 
 #include "commands.h"
 #include "custody/common/base64.h"
 #include "custody/common/names.h"
 #include "custody/common/secret.h"
+#include "custody/common/untrusted.h"
 #include "custody/hsm/module.h"
 #include "custody/hsm/rv.h"
 #include "custody/hsm/session.h"
 #include "custody/hsm/uri.h"
 #include "io.h"
+
+extern char** environ;
 
 namespace custody::cli {
 namespace {
@@ -110,7 +115,15 @@ std::string FindCustodyd() {
   for (const char* p : {"/usr/sbin/custodyd", "/usr/local/sbin/custodyd", "/usr/bin/custodyd"}) {
     if (::access(p, X_OK) == 0) return p;
   }
-  return "custodyd";
+  const char* path = std::getenv("PATH");
+  std::string dirs = path != nullptr ? path : "";
+  for (size_t at = 0; at <= dirs.size();) {
+    const size_t end = std::min(dirs.find(':', at), dirs.size());
+    const std::string candidate = dirs.substr(at, end - at) + "/custodyd";
+    if (end > at && ::access(candidate.c_str(), X_OK) == 0) return candidate;
+    at = end + 1;
+  }
+  return "/usr/sbin/custodyd";  // not found: the error names where it was expected
 }
 
 bool HealthAnswers(const std::string& socket_path) {
@@ -154,13 +167,32 @@ Result<pid_t> ReadPid(const std::string& path) {
   return static_cast<pid_t>(pid);
 }
 
+// Whether `pid` is a custodyd started for this sandbox: its executable is a
+// custodyd (also one replaced on disk since: "custodyd (deleted)") and its
+// environment names this sandbox's config.
+bool OursRunning(pid_t pid, const std::string& dir) {
+  std::error_code ec;
+  const std::string proc = "/proc/" + std::to_string(pid);
+  auto exe = std::filesystem::read_symlink(proc + "/exe", ec);
+  if (ec || exe.filename().string().rfind("custodyd", 0) != 0) return false;
+  std::ifstream env(proc + "/environ", std::ios::binary);
+  std::string all((std::istreambuf_iterator<char>(env)), std::istreambuf_iterator<char>());
+  const std::string want = std::string("CUSTODY_CONFIG=") + dir + "/custody.toml";
+  for (size_t at = 0; at < all.size();) {
+    const size_t end = all.find('\0', at);
+    if (all.compare(at, (end == std::string::npos ? all.size() : end) - at, want) == 0) return true;
+    if (end == std::string::npos) break;
+    at = end + 1;
+  }
+  return false;
+}
+
 Status Stop(const std::string& dir) {
   const std::string pid_file = dir + "/custodyd.pid";
   CUSTODY_ASSIGN_OR_RETURN(pid_t pid, ReadPid(pid_file));
-  // Only ever a custodyd: a stale file must not make us signal another process.
-  std::error_code ec;
-  auto exe = std::filesystem::read_symlink("/proc/" + std::to_string(pid) + "/exe", ec);
-  if (ec || exe.filename() != "custodyd") {
+  // Only ever this sandbox's custodyd: a stale file (a pid used again) must
+  // not make us signal another process.
+  if (!OursRunning(pid, dir)) {
     ::unlink(pid_file.c_str());
     return Error(Category::kNotFound, "the sandbox's custodyd (pid " + std::to_string(pid) + ") is not running");
   }
@@ -179,36 +211,55 @@ Status Stop(const std::string& dir) {
 }
 
 Result<pid_t> Serve(const std::string& dir, const std::string& config, const std::string& socket_path) {
-  if (auto running = ReadPid(dir + "/custodyd.pid"); running && ::kill(*running, 0) == 0) {
+  if (auto running = ReadPid(dir + "/custodyd.pid"); running && OursRunning(*running, dir)) {
     if (HealthAnswers(socket_path)) return *running;
   }
   const std::string bin = FindCustodyd();
   const std::string log = dir + "/custodyd.log";
+  // Everything the child needs is made before fork: between fork and exec
+  // only async-signal-safe calls.
+  std::vector<std::string> env_text{"CUSTODY_CONFIG=" + config};
+  for (char** e = environ; *e != nullptr; ++e) {
+    const std::string_view kv(*e);
+    bool keep = true;
+    for (const char* drop : {"CUSTODY_CONFIG=", "CUSTODY_ADDR=", "CUSTODY_PIN="}) keep = keep && kv.rfind(drop, 0) != 0;
+    if (keep) env_text.emplace_back(kv);
+  }
+  std::vector<char*> envp;
+  for (auto& e : env_text) envp.push_back(e.data());
+  envp.push_back(nullptr);
+  const int null = ::open("/dev/null", O_RDWR | O_CLOEXEC);
+  const int err = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+  if (null < 0 || err < 0) {
+    if (null >= 0) ::close(null);
+    if (err >= 0) ::close(err);
+    return Error::Os(errno, "cannot open " + log);
+  }
   pid_t pid = ::fork();
-  if (pid < 0) return Error::Os(errno, "fork");
+  if (pid < 0) {
+    ::close(null);
+    ::close(err);
+    return Error::Os(errno, "fork");
+  }
   if (pid == 0) {
     ::setsid();  // outlives this command and its terminal
-    int null = ::open("/dev/null", O_RDWR | O_CLOEXEC);
-    int err = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
-    if (null >= 0) {
-      ::dup2(null, 0);
-      ::dup2(null, 1);
-    }
-    if (err >= 0) ::dup2(err, 2);
-    ::setenv("CUSTODY_CONFIG", config.c_str(), 1);
-    ::unsetenv("CUSTODY_ADDR");
-    ::unsetenv("CUSTODY_PIN");
-    ::execl(bin.c_str(), "custodyd", static_cast<char*>(nullptr));
-    ::execlp("custodyd", "custodyd", static_cast<char*>(nullptr));
+    // dup2 to 0, 1, 2 clears close-on-exec there (the sources are >= 3,
+    // since 0 to 2 are open in a CLI process).
+    ::dup2(null, 0);
+    ::dup2(null, 1);
+    ::dup2(err, 2);
+    ::execve(bin.c_str(), const_cast<char* const*>(std::array<const char*, 2>{"custodyd", nullptr}.data()),
+             envp.data());
     ::_exit(127);
   }
+  ::close(null);
+  ::close(err);
+  // At once: a sandbox stopped before custodyd answers can still be stopped.
+  const std::string text = std::to_string(pid) + "\n";
+  CUSTODY_RETURN_IF_ERROR(WritePrivateFile(
+      dir + "/custodyd.pid", std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(text.data()), text.size())));
   for (int i = 0; i < 300; ++i) {
-    if (HealthAnswers(socket_path)) {
-      std::string text = std::to_string(pid) + "\n";
-      CUSTODY_RETURN_IF_ERROR(WritePrivateFile(
-          dir + "/custodyd.pid", std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(text.data()), text.size())));
-      return pid;
-    }
+    if (HealthAnswers(socket_path)) return pid;
     int status = 0;
     if (::waitpid(pid, &status, WNOHANG) == pid) {
       return Error(Category::kUnavailable, "custodyd (" + bin + ") exited at start; see " + log);
@@ -225,17 +276,31 @@ Status Sandbox(const Globals& g, const SandboxArgs& a) {
   CUSTODY_RETURN_IF_ERROR(CheckArgText("DIR", a.dir));
   // The paths go into the environment lines this prints for `eval`, inside
   // single quotes, and into the config: no quote, no control character.
-  if (a.dir.find_first_of("'\"\\\n$`") != std::string::npos) {
-    return Error(Category::kUsage, "DIR must not hold quotes, backslashes, $ or backquotes");
-  }
+  auto quotable = [](const std::string& path) { return path.find_first_of("'\"\\\n$`") == std::string::npos; };
+  if (!quotable(a.dir)) return Error(Category::kUsage, "DIR must not hold quotes, backslashes, $ or backquotes");
   std::error_code ec;
+  const bool existed = std::filesystem::exists(a.dir, ec);
   std::filesystem::create_directories(a.dir, ec);
   if (ec) return Error(Category::kUsage, "cannot make " + a.dir + ": " + ec.message());
-  const std::string dir = std::filesystem::canonical(a.dir).string();
+  const std::string dir = std::filesystem::canonical(a.dir, ec).string();
+  if (ec) return Error(Category::kUsage, "cannot resolve " + a.dir + ": " + ec.message());
+  // The full path too (the current folder, a symlink's target).
+  if (!quotable(dir)) return Error(Category::kUsage, "DIR's full path " + EscapeUntrusted(dir) + " holds a quote, backslash, $ or backquote");
+  // Only a folder of the caller's own, that nobody else may write in: a
+  // config or a module planted there would run as the caller, and a
+  // custodyd socket there would receive the job's secrets.
+  struct stat st {};
+  if (::lstat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) return Error(Category::kUsage, dir + " is not a folder");
+  if (st.st_uid != ::geteuid()) {
+    return Error(Category::kDenied, dir + " belongs to another user; a sandbox needs a folder of your own");
+  }
   if (a.stop) return Stop(dir);
   if (a.policy) CUSTODY_RETURN_IF_ERROR(CheckArgText("--policy", *a.policy));
   if (a.project) CUSTODY_RETURN_IF_ERROR(core::ValidateProjectName(*a.project));
-  ::chmod(dir.c_str(), 0700);
+  if (existed && !std::filesystem::exists(dir + "/custody.toml") && !std::filesystem::is_empty(dir, ec)) {
+    return Error(Category::kUsage, dir + " is not empty and holds no sandbox: give a new or empty folder");
+  }
+  if (::chmod(dir.c_str(), 0700) != 0) return Error::Os(errno, "cannot make " + dir + " private");
   const std::string softhsm_conf = dir + "/softhsm2.conf";
   const std::string config = dir + "/custody.toml";
   const std::string socket_path = dir + "/custody.sock";
@@ -245,7 +310,8 @@ Status Sandbox(const Globals& g, const SandboxArgs& a) {
   ::setenv("SOFTHSM2_CONF", softhsm_conf.c_str(), 1);
   const bool fresh = !std::filesystem::exists(config);
   if (fresh) {
-    std::filesystem::create_directories(dir + "/tokens");
+    std::filesystem::create_directories(dir + "/tokens", ec);
+    if (ec) return Error(Category::kUnavailable, "cannot make " + dir + "/tokens: " + ec.message());
     const std::string conf_text = "directories.tokendir = " + dir + "/tokens\nobjectstore.backend = file\nlog.level = ERROR\n";
     CUSTODY_RETURN_IF_ERROR(WritePrivateFile(
         softhsm_conf, std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(conf_text.data()), conf_text.size())));

@@ -189,6 +189,10 @@ class Prober {
       c.detail = rv != CKR_OK ? "decrypt: " + Rv(rv) : "decrypt returned other bytes";
       return c;
     }
+    if (sealed_len != sizeof plain + 16) {
+      c.detail = "encrypt returned " + std::to_string(sealed_len) + " bytes, not the 64 + 16-byte tag";
+      return c;
+    }
     sealed[sealed_len - 1] ^= 1;  // a tampered tag must be refused
     back_len = sizeof back;
     rv = fn_->C_DecryptInit(h_, &m, key);

@@ -967,7 +967,7 @@ Result<std::vector<uint8_t>> Tpm::EkCertificate() {
   ESYS_TR nv = ESYS_TR_NONE;
   TSS2_RC rc = Esys_TR_FromTPMPublic(t.ctx, kRsaEkCertIndex, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, &nv);
   if (rc != TSS2_RC_SUCCESS) {
-    if (BaseRc(rc) == TPM2_RC_HANDLE || (rc & TSS2_RC_LAYER_MASK) == TSS2_TPM_RC_LAYER) {
+    if (BaseRc(rc) == TPM2_RC_HANDLE) {
       return Error(Category::kNotFound,
                    "this TPM holds no RSA EK certificate (NV index 0x01c00002): its manufacturer did not write one; "
                    "a swtpm gets one from `swtpm_setup --create-ek-cert`",

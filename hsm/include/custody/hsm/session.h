@@ -140,6 +140,8 @@ class SessionPool {
   std::shared_ptr<Module> module_;
   // Changes only in Recover(), with the gate held exclusively (no lease out).
   std::atomic<CK_SLOT_ID> slot_;
+  // Set when find_slot failed after a re-initialisation: slot_ is stale.
+  std::atomic<bool> slot_unknown_{false};
   std::shared_timed_mutex gate_;
   Session anchor_;
   Options options_;
