@@ -508,6 +508,7 @@ Result<AuditVerifyReport> VerifyAuditChain(const std::vector<AuditChainLine>& li
   std::map<uint64_t, std::string> hash_of;  // seq -> hash, as verified
   std::map<uint64_t, std::string> covers_of;  // checkpoint seq -> the hash it signed
   for (size_t i = 0; i < lines.size(); ++i) {
+    if (o.progress && (i % 4096 == 0)) o.progress(i, lines.size());
     if (!recs[i]) {
       rep.problem = where(i) + ": " + ParseAuditRecord(lines[i].text).error().message();
       return rep;
@@ -581,6 +582,7 @@ Result<AuditVerifyReport> VerifyAuditChain(const std::vector<AuditChainLine>& li
     ++expected;
     ++rep.records;
   }
+  if (o.progress) o.progress(lines.size(), lines.size());
   rep.unsigned_tail = rep.last_seq - rep.last_checkpoint_seq;
   // Truncation: witnesses kept outside the records know of later checkpoints.
   auto truncated = [&](uint64_t seq, const std::string& witness) {

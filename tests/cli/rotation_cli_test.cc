@@ -316,6 +316,31 @@ TEST_F(RotationCliTest, StatusSortsByUrgencyAndGatesCi) {
   EXPECT_EQ(after.exit_code, 0) << after.out << after.err;
 }
 
+// Progress of a long command: on a terminal (a pty made by script(1)) a
+// line rewritten in place with counts, rate and time taken; plain lines
+// when asked (--progress lines, for logs); nothing with --json on a
+// terminal, and nothing off a terminal (the test above).
+TEST_F(RotationCliTest, ProgressShowsOnATerminalAsLinesWhenAskedAndNeverInJson) {
+  Put("payments/prod/a", "value-a");
+  Put("payments/dev/b", "value-b");
+  RunOptions o;
+  o.env = cli_env_;
+  auto on_tty = RunProgram("/usr/bin/script", {"-qec", std::string(CUSTODY_BIN) + " kek rotate payments", "/dev/null"}, o);
+  ASSERT_EQ(on_tty.exit_code, 0) << on_tty.out << on_tty.err;
+  EXPECT_NE(on_tty.out.find("\r\033[Kcustody: re-sealed "), std::string::npos) << "a line redrawn in place: " << on_tty.out;
+  EXPECT_NE(on_tty.out.find("re-sealed 2/2 versions ("), std::string::npos) << on_tty.out;
+  EXPECT_NE(on_tty.out.find("/s, done in "), std::string::npos) << on_tty.out;
+  auto lines = Cli({"kek", "rotate", "payments", "--progress", "lines"});
+  ASSERT_EQ(lines.exit_code, 0) << lines.err;
+  EXPECT_NE(lines.err.find("custody: re-sealed 2/2\n"), std::string::npos) << lines.err;
+  auto json_tty =
+      RunProgram("/usr/bin/script", {"-qec", std::string(CUSTODY_BIN) + " --json kek rotate payments", "/dev/null"}, o);
+  ASSERT_EQ(json_tty.exit_code, 0) << json_tty.out;
+  EXPECT_EQ(json_tty.out.find("re-sealed 2/2"), std::string::npos) << json_tty.out;
+  auto bad = Cli({"kek", "rotate", "payments", "--progress", "sometimes"});
+  EXPECT_EQ(bad.exit_code, 64) << bad.err;
+}
+
 TEST_F(RotationCliTest, KekRotationReSealsEverythingAndDestroysTheOldKek) {
   Put("payments/prod/a", "value-a");
   Put("payments/prod/a", "value-a2");
@@ -331,7 +356,7 @@ TEST_F(RotationCliTest, KekRotationReSealsEverythingAndDestroysTheOldKek) {
   auto r = Cli({"kek", "rotate", "payments"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("KEK v2 is active; re-sealed 3 version(s); destroyed KEK v1"), std::string::npos) << r.out;
-  EXPECT_NE(r.err.find("re-sealed 3/3"), std::string::npos) << "plain progress lines off a terminal: " << r.err;
+  EXPECT_EQ(r.err.find("re-sealed 3/3"), std::string::npos) << "no progress off a terminal unless asked: " << r.err;
 
   auto keks = Json({"kek", "list", "payments"});
   ASSERT_EQ(keks.size(), 2u);
@@ -454,7 +479,7 @@ TEST_F(RotationCliTest, KekRotationSurvivesSigkillAtRandomPoints) {
   RunOptions measure;
   measure.kill_after = std::chrono::hours(1);  // never: only to note when the line came
   measure.kill_after_stderr = kResealed;
-  auto full = Cli({"kek", "rotate", "payments", "--batch", "4"}, "", measure);
+  auto full = Cli({"kek", "rotate", "payments", "--batch", "4", "--progress", "lines"}, "", measure);
   ASSERT_EQ(full.exit_code, 0) << full.err;
   ASSERT_TRUE(full.stderr_seen_after.has_value()) << "no progress line: " << full.err;
   const auto span = full.elapsed;
@@ -487,7 +512,7 @@ TEST_F(RotationCliTest, KekRotationSurvivesSigkillAtRandomPoints) {
       o.kill_after_stderr = kResealed;
       o.kill_after = std::chrono::microseconds(std::uniform_int_distribution<int64_t>(0, rotating.count())(rng));
     }
-    auto k = Cli({"kek", "rotate", "payments", "--batch", "4"}, "", o);
+    auto k = Cli({"kek", "rotate", "payments", "--batch", "4", "--progress", "lines"}, "", o);
     if (k.exit_code == 137) ++killed_mid_run;
     if (k.exit_code == 137 && k.err.find(kResealed) != std::string::npos) ++killed_inside_rotation;
     if (k.exit_code == 137 && ReadFile(token_object).size() < token_object_before.size()) {

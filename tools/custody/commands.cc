@@ -32,6 +32,7 @@
 #include "fetch.h"
 #include "flow.h"
 #include "io.h"
+#include "progress.h"
 
 namespace custody::cli {
 using nlohmann::json;
@@ -817,7 +818,7 @@ json ReportJson(const core::AuditVerifyReport& rep) {
 // (a trail in the store keeps its checkpoints among its records, and its
 // head rows witness how far each chain reached).
 Result<std::vector<ChainReport>> VerifyConfiguredTrail(const core::Config& config, core::Store& store,
-                                                       const std::string& public_key_pem) {
+                                                       const std::string& public_key_pem, Progress* progress) {
   CUSTODY_ASSIGN_OR_RETURN(auto storage, core::OpenAuditStorage(config));
   const bool in_store = core::AuditInStore(config);
   CUSTODY_ASSIGN_OR_RETURN(std::vector<std::string> chains, storage->Chains());
@@ -837,6 +838,7 @@ Result<std::vector<ChainReport>> VerifyConfiguredTrail(const core::Config& confi
     if (lines.empty() && !in_store) return Error(Category::kNotFound, storage->Describe() + ": no records yet");
     core::AuditVerifyOptions vo;
     vo.public_key_pem = public_key_pem;
+    if (progress != nullptr) vo.progress = [&](uint64_t done, uint64_t total) { progress->Update(done, total); };
     if (!in_store) {
       CUSTODY_ASSIGN_OR_RETURN(vo.witness, store.LastAuditCheckpoint(config.node.name));
     }
@@ -882,13 +884,16 @@ Status AuditVerify(const Globals& g, const std::vector<std::string>& files, cons
   if (!files.empty()) {
     core::AuditVerifyOptions vo;
     vo.files = files;
+    Progress progress(g, "checked", "records");
+    vo.progress = [&](uint64_t done, uint64_t total) { progress.Update(done, total); };
     std::string first = files.front();
     vo.dir = first.rfind('/') == std::string::npos ? "." : first.substr(0, first.rfind('/'));
     vo.public_key_pem = public_key_pem;
     CUSTODY_ASSIGN_OR_RETURN(core::AuditVerifyReport rep, core::VerifyAuditLog(vo));
     chains.push_back({"", std::move(rep)});
   } else {
-    CUSTODY_ASSIGN_OR_RETURN(chains, VerifyConfiguredTrail(o->config, *o->store, public_key_pem));
+    Progress progress(g, "checked", "records");
+    CUSTODY_ASSIGN_OR_RETURN(chains, VerifyConfiguredTrail(o->config, *o->store, public_key_pem, &progress));
   }
   if (!in_store) {
     // The file log: one chain, reported as it always was.

@@ -14,6 +14,7 @@ struct Globals {
   std::optional<std::string> config;
   bool json = false;
   std::optional<int> pin_fd;
+  std::string progress = "auto";  // --progress auto|lines|none (progress.h)
   // A command that succeeded but must fail a check (rotation status
   // --fail-on-overdue) sets this; main() exits with it.
   mutable int check_failed_exit = 0;

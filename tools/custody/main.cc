@@ -35,6 +35,9 @@ void AddGlobalOptions(CLI::App& app, custody::cli::Globals& g) {
   app.add_option("--config", g.config, "config file (default: $CUSTODY_CONFIG, then /etc/custody/custody.toml)");
   app.add_flag("--json", g.json, "machine-readable output");
   app.add_option("--pin-fd", g.pin_fd, "read the token PIN from this file descriptor");
+  app.add_option("--progress", g.progress,
+                 "long commands: auto (on a terminal), lines (plain lines, for logs) or none")
+      ->check(CLI::IsMember({"auto", "lines", "none"}));
 }
 
 void AddGlobalOptionsBelow(CLI::App& app, custody::cli::Globals& g) {

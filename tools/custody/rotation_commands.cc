@@ -22,6 +22,7 @@
 #include "custody/service/rotation.h"
 #include "flow.h"
 #include "io.h"
+#include "progress.h"
 
 extern char** environ;
 
@@ -404,39 +405,6 @@ Status KekList(const Globals& g, const std::string& project) {
   }());
 }
 
-namespace {
-
-// A progress bar on a terminal, plain lines otherwise (logs, CI).
-class Progress {
- public:
-  Progress() : tty_(::isatty(STDERR_FILENO) == 1) {}
-  void Update(uint64_t done, uint64_t total) {
-    if (total == 0) return;
-    if (tty_) {
-      constexpr int kWidth = 30;
-      int filled = static_cast<int>(kWidth * std::min(done, total) / total);
-      std::fprintf(stderr, "\r  re-sealing [%s%s] %llu/%llu", std::string(static_cast<size_t>(filled), '#').c_str(),
-                   std::string(static_cast<size_t>(kWidth - filled), '.').c_str(),
-                   static_cast<unsigned long long>(done), static_cast<unsigned long long>(total));
-      if (done >= total) std::fprintf(stderr, "\n");
-      return;
-    }
-    // About every tenth, and the last.
-    uint64_t step = std::max<uint64_t>(1, total / 10);
-    if (done >= total || done / step != last_ / step) {
-      std::fprintf(stderr, "custody: re-sealed %llu/%llu\n", static_cast<unsigned long long>(done),
-                   static_cast<unsigned long long>(total));
-    }
-    last_ = done;
-  }
-
- private:
-  bool tty_;
-  uint64_t last_ = 0;
-};
-
-}  // namespace
-
 Status KekRotate(const Globals& g, const KekRotateArgs& a) {
   CUSTODY_RETURN_IF_ERROR(core::ValidateProjectName(a.project));
   if (a.batch < 1 || a.batch > 10000) return Error(Category::kUsage, "--batch must be from 1 to 10000");
@@ -469,7 +437,7 @@ Status KekRotate(const Globals& g, const KekRotateArgs& a) {
       std::printf("dry run: nothing was changed\n");
       return Status::Ok();
     }
-    Progress progress;
+    Progress progress(g, "re-sealed", "versions");
     core::KekRotator::Hooks hooks;
     hooks.batch = a.batch;
     hooks.progress = [&](uint64_t done, uint64_t total) { progress.Update(done, total); };

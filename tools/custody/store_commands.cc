@@ -11,28 +11,12 @@
 #include "custody/app/config.h"
 #include "flow.h"
 #include "io.h"
+#include "progress.h"
 
 namespace custody::cli {
 namespace {
 
 using nlohmann::json;
-
-// "copied N of M versions" on a terminal, rewritten in place; nothing when
-// stderr is not one (logs and pipes get the summary line only).
-class Progress {
- public:
-  explicit Progress(const char* verb) : tty_(::isatty(STDERR_FILENO) == 1), verb_(verb) {}
-  void Update(size_t done, size_t total) {
-    if (!tty_ || total == 0) return;
-    if (done != total && done % 16 != 0) return;
-    std::fprintf(stderr, "\rcustody: %s %zu of %zu versions", verb_, done, total);
-    if (done >= total) std::fprintf(stderr, "\n");
-  }
-
- private:
-  bool tty_;
-  const char* verb_;
-};
 
 struct Names {
   std::string project, environment, name;
@@ -91,7 +75,7 @@ Status StoreCopy(const Globals& g, const StoreCopyArgs& a) {
     CUSTODY_ASSIGN_OR_RETURN(core::StoreSnapshot snap, o.store->Export());
     const size_t total = snap.versions.size();
     {
-      Progress progress("copied");
+      Progress progress(g, "copied", "versions");
       Status copied = target->Import(snap, [&](size_t done, size_t all) { progress.Update(done, all); });
       if (!copied.ok()) return std::move(copied).error().Wrap("copying " + from_text + " to " + to_text);
     }
@@ -108,7 +92,7 @@ Status StoreCopy(const Globals& g, const StoreCopyArgs& a) {
       const auto& e = envs[s.environment_id];
       secrets[s.id] = {projects[e.first], e.second, s.name};
     }
-    Progress verified("verified");
+    Progress verified(g, "verified", "versions");
     size_t done = 0;
     for (const auto& v : snap.versions) {
       const Names& n = secrets[v.secret_id];

@@ -250,6 +250,9 @@ struct AuditVerifyOptions {
   // highest checkpoint recorded elsewhere (the store: its seq and the hash it
   // covers), and the checkpoints/ folder of .msg/.sig files.
   std::optional<std::pair<uint64_t, std::string>> witness;
+  // Called now and then with the records checked so far and the total (for
+  // a progress display on a large log); optional.
+  std::function<void(uint64_t done, uint64_t total)> progress = {};
 };
 
 struct AuditVerifyReport {
