@@ -214,6 +214,13 @@ TEST(EkEndorsement, EachMissingLinkOfTheChainIsRefusedByName) {
   x = s;
   x.ak_public_area.clear();
   refused(x, "does not carry its AK's public area");
+  // A key kept for a challenge to another EK certificate (the nonce the same).
+  EkChallengeKey other_cert = *key;
+  other_cert.ek_cert_sha256 = std::string(64, '0');
+  auto mismatch = VerifyEndorsement(s, ca, other_cert);
+  ASSERT_FALSE(mismatch.ok());
+  EXPECT_NE(mismatch.error().message().find("not the one the challenge was made for"), std::string::npos)
+      << mismatch.error().message();
   // The challenge carries no secret in clear, and parses back.
   auto parsed = ParseEkChallenge(c->challenge);
   ASSERT_TRUE(parsed.ok()) << parsed.error().message();

@@ -234,10 +234,12 @@ TEST(TpmEndorsement, ASoftwareCredentialIsActivatedOnlyByItsTpmAndForItsAk) {
   ASSERT_EQ(RAND_bytes(secret.data(), 32), 1);
   auto cred = MakeCredential(ek_pub, *ak_name, secret);
   ASSERT_TRUE(cred.ok()) << cred.error().message();
+  const size_t sessions = *tpm.LoadedSessions();
   auto back = tpm.ActivateCredential(cred->blob, cred->encrypted_secret);
   ASSERT_TRUE(back.ok()) << back.error().message();
   EXPECT_EQ(*back, secret);
-  EXPECT_EQ(*tpm.TransientObjects(), 1u) << "the SRK only: the EK, the AK and the policy session are gone";
+  EXPECT_EQ(*tpm.TransientObjects(), 1u) << "the SRK only: the EK and the AK are flushed";
+  EXPECT_EQ(*tpm.LoadedSessions(), sessions) << "the EK's policy session is flushed";
 
   // Made for another AK: the TPM's integrity check fails.
   auto other_name = *ak_name;
@@ -263,6 +265,7 @@ TEST(TpmEndorsement, ASoftwareCredentialIsActivatedOnlyByItsTpmAndForItsAk) {
   ASSERT_FALSE(refused.ok());
   EXPECT_EQ(refused.error().category(), Category::kIntegrity) << refused.error().message();
   EXPECT_EQ(*tpm.TransientObjects(), 1u);
+  EXPECT_EQ(*tpm.LoadedSessions(), sessions) << "no policy session left by a refused activation";
   // Garbage is refused before it reaches the TPM.
   std::vector<uint8_t> junk(7, 0xff);
   EXPECT_EQ(tpm.ActivateCredential(junk, cred->encrypted_secret).error().category(), Category::kIntegrity);

@@ -1121,6 +1121,20 @@ Result<size_t> Tpm::TransientObjects() {
   return n;
 }
 
+Result<size_t> Tpm::LoadedSessions() {
+  std::lock_guard lock(mu_);
+  CUSTODY_ASSIGN_OR_RETURN(Impl * connected, Ready());
+  Impl& t = *connected;
+  TPMS_CAPABILITY_DATA* cap = nullptr;
+  TPMI_YES_NO more = 0;
+  TSS2_RC rc = Esys_GetCapability(t.ctx, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, TPM2_CAP_HANDLES,
+                                  TPM2_LOADED_SESSION_FIRST, TPM2_MAX_CAP_HANDLES, &more, &cap);
+  if (rc != TSS2_RC_SUCCESS) return t.Fail(rc, "Esys_GetCapability(sessions)");
+  size_t n = cap->data.handles.count;
+  Esys_Free(cap);
+  return n;
+}
+
 Status Tpm::ExtendPcr(uint32_t pcr, std::span<const uint8_t> data) {
   if (pcr >= 24) return Error(Category::kUsage, "PCR " + std::to_string(pcr) + " does not exist");
   std::lock_guard lock(mu_);

@@ -156,8 +156,9 @@ class Tpm {
   // (a TCTI error, TPM_RC_INITIALIZE, a handle that refers to nothing).
   static bool LooksLost(const Error& e);
 
-  // Transient objects loaded now (leak checks in tests).
+  // Transient objects and sessions loaded now (leak checks in tests).
   Result<size_t> TransientObjects();
+  Result<size_t> LoadedSessions();
   // Extends a SHA-256 PCR with `data`'s digest (tests; and to bind to state).
   Status ExtendPcr(uint32_t pcr, std::span<const uint8_t> data);
 
