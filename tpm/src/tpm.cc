@@ -1107,32 +1107,27 @@ Result<std::vector<uint8_t>> Tpm::ActivateCredential(std::span<const uint8_t> cr
   return out;
 }
 
-Result<size_t> Tpm::TransientObjects() {
+// How many handles of one kind (from `first`) the TPM has loaded now.
+Result<size_t> Tpm::LoadedHandles(uint32_t first, const char* what) {
   std::lock_guard lock(mu_);
   CUSTODY_ASSIGN_OR_RETURN(Impl * connected, Ready());
   Impl& t = *connected;
   TPMS_CAPABILITY_DATA* cap = nullptr;
   TPMI_YES_NO more = 0;
-  TSS2_RC rc = Esys_GetCapability(t.ctx, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, TPM2_CAP_HANDLES,
-                                  TPM2_TRANSIENT_FIRST, TPM2_MAX_CAP_HANDLES, &more, &cap);
-  if (rc != TSS2_RC_SUCCESS) return t.Fail(rc, "Esys_GetCapability(handles)");
+  TSS2_RC rc = Esys_GetCapability(t.ctx, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, TPM2_CAP_HANDLES, first,
+                                  TPM2_MAX_CAP_HANDLES, &more, &cap);
+  if (rc != TSS2_RC_SUCCESS) return t.Fail(rc, what);
   size_t n = cap->data.handles.count;
   Esys_Free(cap);
   return n;
 }
 
+Result<size_t> Tpm::TransientObjects() {
+  return LoadedHandles(TPM2_TRANSIENT_FIRST, "Esys_GetCapability(handles)");
+}
+
 Result<size_t> Tpm::LoadedSessions() {
-  std::lock_guard lock(mu_);
-  CUSTODY_ASSIGN_OR_RETURN(Impl * connected, Ready());
-  Impl& t = *connected;
-  TPMS_CAPABILITY_DATA* cap = nullptr;
-  TPMI_YES_NO more = 0;
-  TSS2_RC rc = Esys_GetCapability(t.ctx, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, TPM2_CAP_HANDLES,
-                                  TPM2_LOADED_SESSION_FIRST, TPM2_MAX_CAP_HANDLES, &more, &cap);
-  if (rc != TSS2_RC_SUCCESS) return t.Fail(rc, "Esys_GetCapability(sessions)");
-  size_t n = cap->data.handles.count;
-  Esys_Free(cap);
-  return n;
+  return LoadedHandles(TPM2_LOADED_SESSION_FIRST, "Esys_GetCapability(sessions)");
 }
 
 Status Tpm::ExtendPcr(uint32_t pcr, std::span<const uint8_t> data) {

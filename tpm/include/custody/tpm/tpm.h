@@ -166,6 +166,7 @@ class Tpm {
 
  private:
   explicit Tpm(std::unique_ptr<Impl> impl);
+  Result<size_t> LoadedHandles(uint32_t first, const char* what);
   // The connection, made again first if the last reconnect failed. Call
   // with mu_ held.
   Result<Impl*> Ready();
