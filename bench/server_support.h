@@ -62,7 +62,8 @@ inline double CpuMicros(pid_t pid) {
 // that of every process in `servers`, per request.
 inline Run ServerRun(const std::vector<pid_t>& servers, const std::vector<std::string>& sockets, int clients,
                      std::chrono::seconds length, const std::string& target = "",
-                     const std::string& secret = "bench/prod/api-key") {
+                     const std::string& secret = "bench/prod/api-key",
+                     const custody::client::Client::Headers& headers = {}) {
   auto cpu = [&] {
     double us = 0;
     for (pid_t p : servers) us += CpuMicros(p);
@@ -84,7 +85,7 @@ inline Run ServerRun(const std::vector<pid_t>& servers, const std::vector<std::s
           auto f = client->Get(secret);
           if (!f) failed = f.error();
         } else {
-          auto f = client->Fetch(target);
+          auto f = client->Fetch(target, headers);
           if (!f) failed = f.error();
         }
         lat[static_cast<size_t>(c)].push_back(std::chrono::duration<double, std::milli>(Clock::now() - s).count());
@@ -112,8 +113,10 @@ inline Run ServerRun(const std::vector<pid_t>& servers, const std::vector<std::s
 
 // One custodyd.
 inline Run ServerRun(pid_t server, const std::string& socket, int clients, std::chrono::seconds length,
-                     const std::string& target = "", const std::string& secret = "bench/prod/api-key") {
-  return ServerRun(std::vector<pid_t>{server}, std::vector<std::string>{socket}, clients, length, target, secret);
+                     const std::string& target = "", const std::string& secret = "bench/prod/api-key",
+                     const custody::client::Client::Headers& headers = {}) {
+  return ServerRun(std::vector<pid_t>{server}, std::vector<std::string>{socket}, clients, length, target, secret,
+                   headers);
 }
 
 // A PostgreSQL server for the PostgreSQL row, in `dir` (as nobody when

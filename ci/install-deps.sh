@@ -27,8 +27,9 @@ packages=(
   # (scdoc), the .deb's computed Depends (dpkg-shlibdeps, in dpkg-dev), and
   # man-db for the install check's `man -w`
   help2man scdoc dpkg-dev man-db
-  # tests and benchmarks
-  googletest libgtest-dev libgmock-dev libbenchmark-dev
+  # tests and benchmarks; python3-hvac is the real Vault client the
+  # Vault-compatible API is tested with (tests/server/vault_hvac_client.py)
+  googletest libgtest-dev libgmock-dev libbenchmark-dev python3 python3-hvac
   # fuzzing (ci/fuzz.sh): clang, its libFuzzer and sanitizer runtimes (only
   # recommended by clang, so named here), llvm-symbolizer for readable stacks
   clang libclang-rt-14-dev llvm

@@ -8,7 +8,8 @@
 // untrusted), through the server's fuzzing hook for SO_PEERCRED.
 //
 // Input: byte 0 picks the peer; up to the first '\n' within the next 32
-// bytes is its user name; the rest is sent as it is.
+// bytes is its user name; the rest is sent as it is, but for "@TOKEN@",
+// which becomes a live access token (the Vault-compatible API's).
 // Fails (abort) when: an answer is not HTTP, the server does not answer
 // within 10 s, or a GET of a known secret by its owner stops succeeding
 // (the audit writer wedged, as a non-UTF-8 query once did).
@@ -25,6 +26,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -39,6 +41,7 @@
 #include "custody/audit/audit.h"
 #include "custody/server/peer.h"
 #include "custody/server/server.h"
+#include "custody/service/access_tokens.h"
 #include "custody/service/authz.h"
 #include "custody/service/custodian.h"
 #include "custody/service/service.h"
@@ -112,6 +115,8 @@ struct World {
   std::unique_ptr<core::AuditLog> audit;
   core::SealingBackend backend;
   std::unique_ptr<core::Custodian> custodian;
+  std::optional<core::AccessTokens> tokens;
+  std::string token;  // a live access token for user:nobody
   std::unique_ptr<server::Server> server;
   std::thread loop;
   std::mutex peer_mu;
@@ -162,6 +167,15 @@ void SetUp() {
   w->backend = std::move(*backend);
   w->custodian = std::make_unique<core::Custodian>(*w->store, *w->audit, *w->backend.sealer,
                                                    std::make_shared<const core::Authorizer>(std::move(*authz)));
+  // Access tokens (the Vault-compatible API): "@TOKEN@" in an input is
+  // replaced by a live token for user:nobody, so seeds reach past the check.
+  auto key = core::LoadAccessTokenKey(*cfg);
+  if (!key || !*key) Die("no access-token key");
+  w->tokens.emplace(*w->store, std::move(**key));
+  w->custodian->SetAccessTokens(&*w->tokens);
+  auto issued = w->tokens->Issue("user:nobody", 86400, 86400, "fuzz set-up", std::time(nullptr));
+  if (!issued) Die(issued.error().message());
+  w->token = std::string(issued->token.RevealString(SecretAccess{}));
   server::ServerOptions o;
   w->socket = w->dir + "/custody.sock";
   o.socket_path = w->socket;
@@ -253,7 +267,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const uint32_t uid = who == 0 ? 0 : who == 1 ? 65534 : who == 2 ? 1000 : 4242;
   if (who == 3 && !user) user = "fuzz-user";
   Become(server::PeerFromAccount(uid, 1, user, {uid}));
-  auto answer = Exchange(std::string(rest));
+  std::string request(rest);
+  for (size_t at = request.find("@TOKEN@"); at != std::string::npos; at = request.find("@TOKEN@", at)) {
+    request.replace(at, 7, world->token);
+  }
+  auto answer = Exchange(request);
   if (!answer) Die("no answer within 10 s");
   if (!answer->empty() && answer->rfind("HTTP/1.1 ", 0) != 0) Die("an answer that is not HTTP");
 

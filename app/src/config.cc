@@ -17,6 +17,7 @@
 #include "custody/common/hex.h"
 #include "custody/common/untrusted.h"
 #include "custody/policy/model.h"
+#include "custody/service/access_tokens.h"
 #include "custody/store/postgres_store.h"
 
 namespace custody::core {
@@ -260,10 +261,19 @@ Result<Config> LoadConfig(const std::string& path) {
     for (auto [key, out] : {std::pair<const char*, std::string*>{"tls_listen", &c.server.tls_listen},
                             {"tls_cert", &c.server.tls_cert},
                             {"tls_key", &c.server.tls_key},
-                            {"tls_client_ca", &c.server.tls_client_ca}}) {
+                            {"tls_client_ca", &c.server.tls_client_ca},
+                            {"token_key_file", &c.server.token_key_file}}) {
       if (server->contains(key)) {
         CUSTODY_ASSIGN_OR_RETURN(*out, RequireString(*server, key, path, "server"));
       }
+    }
+    if (const toml::node* n = server->get("tls_client_certificate")) {
+      auto v = n->value<std::string>();
+      if (!v || (*v != "required" && *v != "optional")) {
+        return Error(Category::kConfig, Where(path, n->source()) +
+                                            ": server.tls_client_certificate must be \"required\" or \"optional\"");
+      }
+      c.server.tls_client_certificate_optional = *v == "optional";
     }
     if (!c.server.tls_listen.empty() &&
         (c.server.tls_cert.empty() || c.server.tls_key.empty() || c.server.tls_client_ca.empty())) {
@@ -307,6 +317,11 @@ Result<Config> LoadConfig(const std::string& path) {
     CUSTODY_RETURN_IF_ERROR(positive("idle_timeout_seconds", c.server.idle_timeout_seconds, 3600));
     CUSTODY_RETURN_IF_ERROR(positive("max_header_bytes", c.server.max_header_bytes, 1 << 20));
     CUSTODY_RETURN_IF_ERROR(positive("max_body_bytes", c.server.max_body_bytes, 16 << 20));
+    CUSTODY_RETURN_IF_ERROR(positive("token_ttl_seconds", c.server.token_ttl_seconds, 366 * 86400));
+    CUSTODY_RETURN_IF_ERROR(positive("token_max_ttl_seconds", c.server.token_max_ttl_seconds, 366 * 86400));
+    if (c.server.token_max_ttl_seconds < c.server.token_ttl_seconds) {
+      return Error(Category::kConfig, path + ": server.token_max_ttl_seconds is shorter than token_ttl_seconds");
+    }
   }
   return c;
 }
@@ -368,7 +383,9 @@ Status WriteConfig(const Config& c, const std::string& path) {
         {"refusal_summary_seconds", c.server.refusal_summary_seconds, defaults.server.refusal_summary_seconds},
         {"idle_timeout_seconds", c.server.idle_timeout_seconds, defaults.server.idle_timeout_seconds},
         {"max_header_bytes", c.server.max_header_bytes, defaults.server.max_header_bytes},
-        {"max_body_bytes", c.server.max_body_bytes, defaults.server.max_body_bytes}}) {
+        {"max_body_bytes", c.server.max_body_bytes, defaults.server.max_body_bytes},
+        {"token_ttl_seconds", c.server.token_ttl_seconds, defaults.server.token_ttl_seconds},
+        {"token_max_ttl_seconds", c.server.token_max_ttl_seconds, defaults.server.token_max_ttl_seconds}}) {
     if (value != fallback) server.insert(key, static_cast<int64_t>(value));
   }
   if (!c.server.metrics_uids.empty()) {
@@ -384,9 +401,11 @@ Status WriteConfig(const Config& c, const std::string& path) {
   for (auto [key, value] : {std::pair<const char*, const std::string*>{"tls_listen", &c.server.tls_listen},
                             {"tls_cert", &c.server.tls_cert},
                             {"tls_key", &c.server.tls_key},
-                            {"tls_client_ca", &c.server.tls_client_ca}}) {
+                            {"tls_client_ca", &c.server.tls_client_ca},
+                            {"token_key_file", &c.server.token_key_file}}) {
     if (!value->empty()) server.insert(key, *value);
   }
+  if (c.server.tls_client_certificate_optional) server.insert("tls_client_certificate", "optional");
   if (!server.empty()) root.insert("server", std::move(server));
   std::ostringstream out;
   out << "# custody configuration, written by 'custody init'. It never holds a PIN.\n" << root << "\n";
@@ -428,6 +447,18 @@ Status WriteConfig(const Config& c, const std::string& path) {
 
 void ApplyTokenEnvironment(const Config& c) {
   for (const auto& [k, v] : c.token.environment) ::setenv(k.c_str(), v.c_str(), /*overwrite=*/0);
+}
+
+Result<std::optional<SecretBuffer>> LoadAccessTokenKey(const Config& config) {
+  if (!config.server.token_key_file.empty()) {
+    // Named: it must be there. Made here, each node would get a key of its
+    // own, and a token issued through one node would be unknown to the rest.
+    CUSTODY_ASSIGN_OR_RETURN(SecretBuffer key, AccessTokens::LoadKey(config.server.token_key_file, /*create=*/false));
+    return std::optional<SecretBuffer>(std::move(key));
+  }
+  if (!config.store.url.empty()) return std::optional<SecretBuffer>();
+  CUSTODY_ASSIGN_OR_RETURN(SecretBuffer key, AccessTokens::LoadKey(config.state_dir + "/access-token.key", true));
+  return std::optional<SecretBuffer>(std::move(key));
 }
 
 Result<SecretBuffer> ResolvePin(const Config& c, std::optional<int> pin_fd) {

@@ -200,7 +200,8 @@ Result<Client::Response> Client::RequestOn(const Node& node, Outgoing& out, bool
 }
 
 Result<Client::Response> Client::Request(const std::string& method, const std::string& target,
-                                         std::string* body, const std::string& idempotency_key) const {
+                                         std::string* body, const std::string& idempotency_key,
+                                         const Headers& headers) const {
   Outgoing out;
   auto& req = out.req;
   req = http::request<http::string_body>{http::string_to_verb(method), target, 11};
@@ -208,6 +209,7 @@ Result<Client::Response> Client::Request(const std::string& method, const std::s
   req.set(http::field::user_agent, "custody-client");
   req.keep_alive(true);
   if (!idempotency_key.empty()) req.set("Idempotency-Key", idempotency_key);
+  for (const auto& [name, value] : headers) req.set(name, value);
   if (body != nullptr) {
     req.set(http::field::content_type, "application/json");
     req.body() = std::move(*body);
@@ -318,8 +320,8 @@ Result<uint32_t> Client::Put(const std::string& path, const SecretBuffer& value)
   return a["version"].get<uint32_t>();
 }
 
-Result<std::string> Client::Fetch(const std::string& target) const {
-  CUSTODY_ASSIGN_OR_RETURN(Response r, Request("GET", target, nullptr));
+Result<std::string> Client::Fetch(const std::string& target, const Headers& headers) const {
+  CUSTODY_ASSIGN_OR_RETURN(Response r, Request("GET", target, nullptr, "", headers));
   return r.body;
 }
 

@@ -66,6 +66,13 @@ Error Error::WithVersionTaken() && {
   return std::move(*this);
 }
 
+Error Error::WithVersionGone(Gone gone) && {
+  detail_ = ErrorDetail::kVersionGone;
+  retry_after_ = 0;
+  gone_ = gone;
+  return std::move(*this);
+}
+
 Error Error::WithNeedsAuthentication() && {
   detail_ = ErrorDetail::kNeedsAuthentication;
   retry_after_ = 0;

@@ -110,7 +110,7 @@ Result<InPlaceJson> InPlaceJson::Parse(std::string& text) {
 
 namespace {
 
-const rapidjson::Value* Member(const rapidjson::Document& d, std::string_view key) {
+const rapidjson::Value* Member(const rapidjson::Value& d, std::string_view key) {
   rapidjson::Value k(rapidjson::StringRef(key.data(), static_cast<rapidjson::SizeType>(key.size())));
   auto it = d.FindMember(k);
   return it == d.MemberEnd() ? nullptr : &it->value;
@@ -131,5 +131,23 @@ std::optional<uint64_t> InPlaceJson::Uint(std::string_view key) const {
 }
 
 bool InPlaceJson::Has(std::string_view key) const { return Member(doc_->d, key) != nullptr; }
+
+std::optional<std::vector<std::string_view>> InPlaceJson::ObjectKeys(std::string_view object) const {
+  const rapidjson::Value* o = Member(doc_->d, object);
+  if (o == nullptr || !o->IsObject()) return std::nullopt;
+  std::vector<std::string_view> names;
+  for (auto m = o->MemberBegin(); m != o->MemberEnd(); ++m) {
+    names.emplace_back(m->name.GetString(), m->name.GetStringLength());
+  }
+  return names;
+}
+
+std::optional<std::string_view> InPlaceJson::String(std::string_view object, std::string_view key) const {
+  const rapidjson::Value* o = Member(doc_->d, object);
+  if (o == nullptr || !o->IsObject()) return std::nullopt;
+  const rapidjson::Value* v = Member(*o, key);
+  if (v == nullptr || !v->IsString()) return std::nullopt;
+  return std::string_view(v->GetString(), v->GetStringLength());
+}
 
 }  // namespace custody

@@ -104,6 +104,12 @@ std::optional<PrincipalId> Engine::Identify(const Caller& c, std::string* why) c
   // Personal identities (uid, user name, certificate) first; group ids only
   // when nothing personal matches. Two different principals at the same
   // level is ambiguous and identifies nobody.
+  if (c.token_principal) {
+    if (auto id = FindPrincipal(*c.token_principal)) return id;
+    // The token outlived its principal (a policy applied since): nobody.
+    if (why) *why = "the access token's principal " + *c.token_principal + " is no longer in the policy";
+    return std::nullopt;
+  }
   std::optional<uint32_t> found;
   bool ambiguous = false;
   auto consider = [&](auto& map, const auto& key) {

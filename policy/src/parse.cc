@@ -193,8 +193,20 @@ class Parser {
     }
     std::string where = "projects." + name;
     OnlyKeys(*t, {"rate", "principal_rate", "unseals_per_day", "unseals_per_month", "max_age", "grace", "warn_before",
-                  "keep_versions", "environments", "grants"},
+                  "keep_versions", "environments", "grants", "vault_value_key"},
              where);
+    if (const toml::node* n = t->get("vault_value_key")) {
+      // The key a Vault KV v2 client finds the value under (data.data.KEY):
+      // a JSON object key clients type in code, so a plain identifier.
+      auto v = n->value<std::string>();
+      if (!v || v->empty() || v->size() > 64 ||
+          v->find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-.") !=
+              std::string::npos) {
+        Error(n->source(), where + ".vault_value_key must be 1 to 64 of A-Z a-z 0-9 _ - .");
+      } else {
+        pj.vault_value_key = *v;
+      }
+    }
     ParseLimits(*t, pj.limits, where);
     ParseRotation(*t, pj.rotation, where);
     if (const toml::node* envs = t->get("environments")) {

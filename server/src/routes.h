@@ -20,7 +20,9 @@ void Session<StreamT>::StartGet(const core::SecretPath& sp, std::optional<uint32
   srv_.pending_audits.fetch_add(1);
   srv_.custodian.GetAsync(peer_, sp, version, [self = this->shared_from_this(), sp](Result<core::Unsealed> u) {
     auto got = std::make_shared<Result<core::Unsealed>>(std::move(u));
-    asio::post(self->stream_.get_executor(), [self, got, sp] { self->Answer(self->GetAnswer(sp, *got)); });
+    asio::post(self->stream_.get_executor(), [self, got, sp] {
+      self->Answer(self->vault_ ? self->VaultGetAnswer(*got) : self->GetAnswer(sp, *got));
+    });
     self->srv_.pending_audits.fetch_sub(1);
   });
 }
@@ -60,6 +62,14 @@ http::response<http::string_body> Session<StreamT>::Error(int status, const std:
   if (decision_ == "allow") decision_ = "error";
   http::response<http::string_body> res{static_cast<http::status>(status), 11};
   res.set(http::field::content_type, "application/json");
+  if (vault_) {
+    // Vault's shape: {"errors": [...]}, and Retry-After as a header only.
+    if (retry_after > 0) res.set(http::field::retry_after, std::to_string(retry_after));
+    json errors = json::array();
+    if (!message.empty()) errors.push_back(ValidUtf8(message));
+    res.body() = json{{"errors", errors}}.dump(-1, ' ', false, json::error_handler_t::replace) + "\n";
+    return res;
+  }
   // A message may quote what a caller sent (a certificate's SAN in "... is
   // not a principal"): bytes that are not UTF-8 are shown as \xHH.
   json body{{"error", ValidUtf8(message)}, {"category", std::string(CategoryName(category))}, {"status", status}};
@@ -77,6 +87,12 @@ http::response<http::string_body> Session<StreamT>::FromError(const custody::Err
               : e.category() == Category::kLimit ? "limit"
                                                  : "error";
   int status = e.http_status();
+  // Vault answers every refusal of identity or policy with 403, and a read
+  // of nothing with 404 and no message.
+  if (vault_ && e.category() == Category::kDenied) status = 403;
+  if (vault_ && e.category() == Category::kNotFound) {
+    return Error(404, "", Category::kNotFound);
+  }
   uint64_t retry = e.retry_after().value_or(0);
   // Unavailable (the token, the store's database restarting): worth asking
   // again shortly, and clients that honour Retry-After do so without a
@@ -102,7 +118,13 @@ http::response<http::string_body> Session<StreamT>::Json(int status, const json&
 // The answer, or nothing when it will come from StartGet.
 template <typename StreamT>
 std::optional<http::response<http::string_body>> Session<StreamT>::Handle(http::request<http::string_body>& req) {
+  if (token_used_) {
+    peer_ = conn_peer_;
+    token_used_ = false;
+  }
   peer_.request_id = core::NewRequestId();
+  peer_.via = "custodyd";
+  vault_ = false;
   action_ = "other";
   project_.clear();
   env_.clear();
@@ -179,6 +201,7 @@ std::optional<http::response<http::string_body>> Session<StreamT>::Handle(http::
   if (path == "/v1/usage") {
     action_ = "usage.read";
     if (req.method() != http::verb::get) return Error(405, "use GET for /v1/usage");
+    if (auto refused = UseToken(req)) return refused;
     auto project = param("project");
     if (project && !core::ValidateProjectName(*project).ok()) {
       return Error(400, "the project parameter is not a project name ([a-z0-9][a-z0-9_-]*, at most 63)");
@@ -197,6 +220,10 @@ std::optional<http::response<http::string_body>> Session<StreamT>::Handle(http::
     }
     return Json(200, out);
   }
+  {
+    std::optional<http::response<http::string_body>> out;
+    if (Vault(req, path, query, out)) return out;
+  }
   constexpr std::string_view kSecrets = "/v1/secrets/";
   if (path.substr(0, kSecrets.size()) == kSecrets) {
     auto sp = core::SecretPath::Parse(path.substr(kSecrets.size()));
@@ -205,6 +232,7 @@ std::optional<http::response<http::string_body>> Session<StreamT>::Handle(http::
     env_ = sp->environment;
     if (req.method() == http::verb::get) {
       action_ = "secret.get";
+      if (auto refused = UseToken(req)) return refused;
       std::optional<uint32_t> version;
       if (auto v = param("version")) {
         char* end = nullptr;
@@ -217,6 +245,7 @@ std::optional<http::response<http::string_body>> Session<StreamT>::Handle(http::
     }
     if (req.method() == http::verb::put) {
       action_ = "secret.put";
+      if (auto refused = UseToken(req)) return refused;
       // Parsed in place: the value is copied once, into locked memory, and
       // the body (wiped after the answer) holds the only other copy.
       auto body = InPlaceJson::Parse(req.body());
@@ -260,3 +289,5 @@ std::optional<http::response<http::string_body>> Session<StreamT>::Handle(http::
 }  // namespace detail
 
 }  // namespace custody::server
+
+#include "vault_routes.h"

@@ -35,7 +35,9 @@ void Server::Impl::AcceptTls() {
       raw->Handshake(std::chrono::seconds(limits.idle_timeout_seconds.load()), [session](bool ok, TlsStream& stream) {
         if (!ok) return;
         auto peer = PeerOf(stream);
-        if (!peer) return;
+        // No certificate (only when tls_client_certificate = "optional"):
+        // nobody, until an access token says otherwise.
+        if (!peer) peer = core::RequestContext{.identified_by = "tls client without a certificate"};
         session->SetPeer(std::move(*peer));
         session->Start();
       });
@@ -216,7 +218,11 @@ Status Server::ListenTls() {
   }
   ctx.load_verify_file(o.tls_client_ca, ec);
   if (ec) return fail("cannot load tls_client_ca " + o.tls_client_ca + ": " + ec.message());
-  ctx.set_verify_mode(asio::ssl::verify_peer | asio::ssl::verify_fail_if_no_peer_cert);
+  // A certificate that is sent is always verified; "optional" only lets a
+  // client send none (it then needs an access token for anything).
+  ctx.set_verify_mode(o.tls_client_certificate_optional
+                          ? asio::ssl::verify_peer
+                          : asio::ssl::verify_peer | asio::ssl::verify_fail_if_no_peer_cert);
   impl_->tls_acceptor.emplace(impl_->io);
   asio::ip::tcp::endpoint ep(addr, static_cast<unsigned short>(port));
   impl_->tls_acceptor->open(ep.protocol(), ec);

@@ -36,6 +36,7 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
       : srv_(srv),
         stream_(std::move(stream)),
         peer_(std::move(peer)),
+        conn_peer_(peer_),
         peer_key_(std::move(peer_key)),
         unidentified_(unidentified) {
     srv_.connections.fetch_add(1);
@@ -57,6 +58,7 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
   // The peer then takes a principal's place if the policy knows it.
   void SetPeer(core::RequestContext peer) {
     peer_ = std::move(peer);
+    conn_peer_ = peer_;
     if (unidentified_ && srv_.Known(peer_)) {
       unidentified_ = false;
       srv_.unidentified.fetch_sub(1);
@@ -84,6 +86,7 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
     project_.clear();
     env_.clear();
     decision_ = "error";
+    vault_ = false;  // a refusal before Handle() has custody's own error body
     parser_.emplace();
     parser_->header_limit(srv_.limits.max_header_bytes.load());
     parser_->body_limit(srv_.limits.max_body_bytes.load());
@@ -202,6 +205,21 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
   // The answer, or nothing when it will come from StartGet.
   std::optional<http::response<http::string_body>> Handle(http::request<http::string_body>& req);
 
+  // The Vault-compatible API (vault_routes.h; docs/VAULT_COMPAT.md). False
+  // when `path` is none of its routes; else `out` is the answer, or
+  // nothing when StartGet will give it.
+  bool Vault(http::request<http::string_body>& req, std::string_view path, std::string_view query,
+             std::optional<http::response<http::string_body>>& out);
+  // X-Vault-Token, when the request has one: the request then speaks for
+  // the token's principal. An answer when the token is refused (its record
+  // written), or nothing to go on.
+  std::optional<http::response<http::string_body>> UseToken(http::request<http::string_body>& req,
+                                                            std::optional<core::AccessTokenRecord>* used = nullptr);
+  http::response<http::string_body> VaultGetAnswer(Result<core::Unsealed>& u);
+  // Vault's envelope around `data` (an object's JSON text, or "null").
+  http::response<http::string_body> VaultJson(int status, const std::string& data_json,
+                                              const std::string& auth_json = "null");
+
   void Reply(http::response<http::string_body> res, bool keep) {
     res.keep_alive(keep);
     res.set(http::field::server, "custodyd");
@@ -244,6 +262,12 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
   std::optional<http::request_parser<http::string_body>> parser_;
   http::response<http::string_body> res_;
   core::RequestContext peer_;
+  // Who the transport says the peer is; peer_ is this request's (a token
+  // may speak for another principal), reset from it when a token was used.
+  core::RequestContext conn_peer_;
+  bool token_used_ = false;
+  bool vault_ = false;  // this request is on the Vault API: Vault's error body
+  std::string vault_key_ = "value";  // the project's vault_value_key
   std::string action_, project_, env_, decision_;
   std::string peer_key_;
   bool unidentified_ = false;  // counted in srv_.unidentified

@@ -18,6 +18,10 @@ std::vector<std::string> ChangesNeedingRestart(const ServerSettings& running, co
   note("tls_cert", running.tls_cert != fresh.tls_cert);
   note("tls_key", running.tls_key != fresh.tls_key);
   note("tls_client_ca", running.tls_client_ca != fresh.tls_client_ca);
+  note("tls_client_certificate", running.tls_client_certificate_optional != fresh.tls_client_certificate_optional);
+  note("token_key_file", running.token_key_file != fresh.token_key_file);
+  note("token_ttl_seconds", running.token_ttl_seconds != fresh.token_ttl_seconds);
+  note("token_max_ttl_seconds", running.token_max_ttl_seconds != fresh.token_max_ttl_seconds);
   // Whatever is left must be what SetLimits applies: a field added to the
   // settings and to neither list still shows up, as the whole table.
   ServerSettings masked = fresh;

@@ -176,6 +176,7 @@ Result<Unsealed> Custodian::GetUnrecorded(Flow& f, const RequestContext& rc, con
   // tried once more.
   if (RecoverFrom(u)) u = svc.Unseal(path, env, rec, kek);
   stats_.token_healthy.store(!TokenFault(u));
+  if (u) u->created_at = rec.created_at;
   return u;
 }
 
@@ -294,6 +295,179 @@ Result<std::vector<UsageRow>> Custodian::Usage(const RequestContext& rc, const s
       f.ev.rule = "rows filtered by read-usage grants";
     }
     return out;
+  };
+  return f.Finish(run());
+}
+
+Result<std::vector<SecretSummary>> Custodian::List(const RequestContext& rc, const std::string& project,
+                                                   const std::string& env) {
+  Flow f(*this, rc, "secret.list");
+  f.ev.project = project;
+  f.ev.environment = env;
+  auto run = [&]() -> Result<std::vector<SecretSummary>> {
+    CUSTODY_RETURN_IF_ERROR(f.Identify(rc));
+    // One environment: the caller must be allowed to list it. The whole
+    // project (env empty): only what the caller may list is shown.
+    if (!env.empty()) {
+      CUSTODY_RETURN_IF_ERROR(f.Ask(policy::Action::kList, {project, env, ""}));
+    } else {
+      f.ev.decision = AuditDecision::kAllow;
+      f.ev.rule = "rows filtered by list grants";
+    }
+    CUSTODY_ASSIGN_OR_RETURN(auto rows, store_.ListSecrets(project, env.empty() ? std::nullopt
+                                                                                : std::optional<std::string>(env)));
+    std::vector<SecretSummary> out;
+    for (auto& r : rows) {
+      if (f.authz->Allows(f.who, policy::Action::kList, {r.project, r.environment, r.name})) out.push_back(std::move(r));
+    }
+    f.ev.detail += "; " + std::to_string(out.size()) + " name(s)";
+    return out;
+  };
+  return f.Finish(run());
+}
+
+Result<std::vector<SecretVersionRecord>> Custodian::Versions(const RequestContext& rc, const SecretPath& path) {
+  Flow f(*this, rc, "secret.metadata");
+  f.ev.project = path.project;
+  f.ev.environment = path.environment;
+  f.ev.name = path.name;
+  auto run = [&]() -> Result<std::vector<SecretVersionRecord>> {
+    CUSTODY_RETURN_IF_ERROR(f.Identify(rc));
+    CUSTODY_RETURN_IF_ERROR(f.Ask(policy::Action::kList, {path.project, path.environment, path.name}));
+    CUSTODY_ASSIGN_OR_RETURN(EnvironmentRecord env, store_.FindEnvironment(path.project, path.environment));
+    CUSTODY_ASSIGN_OR_RETURN(auto versions, store_.ListVersions(env, path.name));
+    if (versions.empty()) return Error(Category::kNotFound, "no secret " + path.str());
+    return versions;
+  };
+  return f.Finish(run());
+}
+
+namespace {
+Error NoTokens() {
+  return Error(Category::kConfig, "this node issues no access tokens (see [server] token_key_file)");
+}
+// "token 0123abcd... for svc:web", appended to the transport's identity.
+std::string TokenShown(const AccessTokenRecord& t) { return "token " + t.accessor; }
+}  // namespace
+
+Result<AccessTokenRecord> Custodian::Authenticate(RequestContext& rc, std::string_view token, const std::string& action,
+                                                  const std::string& project, const std::string& env) {
+  Flow f(*this, rc, action);
+  f.ev.project = project;
+  f.ev.environment = env;
+  auto run = [&]() -> Result<AccessTokenRecord> {
+    if (tokens_ == nullptr) return NoTokens();
+    auto r = tokens_->Check(token, SystemNow());
+    if (!r) {
+      f.ev.decision = AuditDecision::kDeny;
+      f.ev.rule = "access token";
+      return std::move(r).error();
+    }
+    return r;
+  };
+  auto r = run();
+  if (!r) return f.Finish(std::move(r));  // the refusal's record
+  rc.caller.token_principal = r->principal;
+  rc.identified_by = TokenShown(*r) + " via " + rc.identified_by;
+  return r;
+}
+
+Result<AccessTokens::Issued> Custodian::Login(const RequestContext& rc, int64_t ttl, int64_t max_ttl) {
+  Flow f(*this, rc, "token.login");
+  auto run = [&]() -> Result<AccessTokens::Issued> {
+    if (tokens_ == nullptr) return NoTokens();
+    CUSTODY_RETURN_IF_ERROR(f.Identify(rc));
+    f.ev.decision = AuditDecision::kAllow;
+    f.ev.rule = "certificate identifies the principal";
+    CUSTODY_ASSIGN_OR_RETURN(auto issued, tokens_->Issue(f.ev.principal, ttl, max_ttl, "login " + rc.identified_by,
+                                                         SystemNow()));
+    f.ev.detail += "; issued " + TokenShown(issued.record);
+    return issued;
+  };
+  return f.Finish(run());
+}
+
+Result<AccessTokens::Issued> Custodian::IssueToken(const RequestContext& rc, const std::string& principal, int64_t ttl,
+                                                   int64_t max_ttl) {
+  Flow f(*this, rc, "token.issue");
+  auto run = [&]() -> Result<AccessTokens::Issued> {
+    if (tokens_ == nullptr) return NoTokens();
+    CUSTODY_RETURN_IF_ERROR(f.Identify(rc));
+    if (!f.authz->Allows(f.who, policy::Action::kCreateProject, {})) {
+      f.ev.decision = AuditDecision::kDeny;
+      f.ev.rule = "policy admins only";
+      return Error(Category::kDenied, f.ev.principal + " may not issue tokens: policy admins only");
+    }
+    if (!f.authz->engine().FindPrincipal(principal)) {
+      return Error(Category::kNotFound, "no principal " + principal + " in the policy in force");
+    }
+    f.ev.decision = AuditDecision::kAllow;
+    f.ev.rule = "policy admin";
+    CUSTODY_ASSIGN_OR_RETURN(auto issued, tokens_->Issue(principal, ttl, max_ttl, f.ev.principal, SystemNow()));
+    f.ev.detail += "; issued " + TokenShown(issued.record) + " for " + principal;
+    return issued;
+  };
+  return f.Finish(run());
+}
+
+Result<AccessTokenRecord> Custodian::LookupSelf(const RequestContext& rc, const AccessTokenRecord& token) {
+  Flow f(*this, rc, "token.lookup");
+  auto run = [&]() -> Result<AccessTokenRecord> {
+    CUSTODY_RETURN_IF_ERROR(f.Identify(rc));
+    f.ev.decision = AuditDecision::kAllow;
+    f.ev.rule = "own token";
+    return token;
+  };
+  return f.Finish(run());
+}
+
+Result<AccessTokenRecord> Custodian::RenewSelf(const RequestContext& rc, std::string_view token, int64_t increment) {
+  Flow f(*this, rc, "token.renew");
+  auto run = [&]() -> Result<AccessTokenRecord> {
+    if (tokens_ == nullptr) return NoTokens();
+    CUSTODY_RETURN_IF_ERROR(f.Identify(rc));
+    f.ev.decision = AuditDecision::kAllow;
+    f.ev.rule = "own token";
+    CUSTODY_ASSIGN_OR_RETURN(auto r, tokens_->Renew(token, increment, SystemNow()));
+    f.ev.detail += "; expires " + std::to_string(r.expires_at);
+    return r;
+  };
+  return f.Finish(run());
+}
+
+Result<size_t> Custodian::RevokeTokens(const RequestContext& rc, const std::string& accessor,
+                                       const std::string& principal) {
+  Flow f(*this, rc, "token.revoke");
+  auto run = [&]() -> Result<size_t> {
+    if (tokens_ == nullptr) return NoTokens();
+    CUSTODY_RETURN_IF_ERROR(f.Identify(rc));
+    if (!f.authz->Allows(f.who, policy::Action::kCreateProject, {})) {
+      f.ev.decision = AuditDecision::kDeny;
+      f.ev.rule = "policy admins only";
+      return Error(Category::kDenied, f.ev.principal + " may not revoke tokens: policy admins only");
+    }
+    f.ev.decision = AuditDecision::kAllow;
+    f.ev.rule = "policy admin";
+    CUSTODY_ASSIGN_OR_RETURN(size_t n, tokens_->Revoke(accessor, principal, SystemNow()));
+    f.ev.detail += "; revoked " + std::to_string(n) + " token(s) " +
+                   (accessor.empty() ? "of " + principal : "with accessor " + accessor);
+    return n;
+  };
+  return f.Finish(run());
+}
+
+Result<std::vector<AccessTokenRecord>> Custodian::ListTokens(const RequestContext& rc) {
+  Flow f(*this, rc, "token.list");
+  auto run = [&]() -> Result<std::vector<AccessTokenRecord>> {
+    CUSTODY_RETURN_IF_ERROR(f.Identify(rc));
+    if (!f.authz->Allows(f.who, policy::Action::kCreateProject, {})) {
+      f.ev.decision = AuditDecision::kDeny;
+      f.ev.rule = "policy admins only";
+      return Error(Category::kDenied, f.ev.principal + " may not list tokens: policy admins only");
+    }
+    f.ev.decision = AuditDecision::kAllow;
+    f.ev.rule = "policy admin";
+    return store_.ListAccessTokens();
   };
   return f.Finish(run());
 }

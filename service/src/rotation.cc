@@ -51,14 +51,16 @@ Status CheckReadable(const SecretPath& path, const SecretVersionRecord& rec, uin
     case VersionState::kCurrent:
     case VersionState::kPrevious:
       return Status::Ok();
-    case VersionState::kRetired:
-      return Error(Category::kDenied, v + " is retired: its grace period ended at " +
-                                          FormatUtc(rec.superseded_at.value_or(rec.created_at) + static_cast<int64_t>(grace)) +
-                                          current);
+    case VersionState::kRetired: {
+      const int64_t ended = rec.superseded_at.value_or(rec.created_at) + static_cast<int64_t>(grace);
+      return Error(Category::kDenied, v + " is retired: its grace period ended at " + FormatUtc(ended) + current)
+          .WithVersionGone({rec.version, rec.created_at, ended});
+    }
     case VersionState::kRevoked:
       return Error(Category::kDenied, v + " was revoked at " + FormatUtc(*rec.revoked_at) +
                                           (rec.revoked_reason.empty() ? "" : " (" + rec.revoked_reason + ")") +
-                                          current);
+                                          current)
+          .WithVersionGone({rec.version, rec.created_at, *rec.revoked_at});
   }
   return Error(Category::kInternal, "unknown version state");
 }

@@ -75,6 +75,12 @@ class ClusterTest : public CliFixture {
     ::chmod(run_.path().c_str(), 0755);
     auto base = core::LoadConfig(token_.config_path());
     ASSERT_TRUE(base.ok()) << base.error().message();
+    // One access-token key for every node (as an operator copies it): a
+    // PostgreSQL store has no default one.
+    const std::string token_key = token_.dir() / "state/access-token.key";
+    WriteFile(token_key, std::string(32, '\x5a'));
+    ::chmod(token_key.c_str(), 0600);
+    base->server.token_key_file = token_key;
     for (int i = 0; i < kNodes; ++i) {
       core::Config c = *base;
       c.node = {Name(i), true};
@@ -180,6 +186,34 @@ class ClusterTest : public CliFixture {
   TempDir run_;
   std::array<pid_t, kNodes> pid_{-1, -1, -1};
 };
+
+// An access token (the Vault-compatible API) issued from one host is good
+// on every node that shares the store and the key; revoked from another
+// host, every node refuses it within two seconds.
+TEST_F(ClusterTest, AnAccessTokenWorksOnEveryNodeUntilARevocationReachesThemAll) {
+  auto env = [&](int i) { return RunOptions{.env = {{"CUSTODY_CONFIG", Config(i)}, {"SOFTHSM2_CONF", token_.conf()}}}; };
+  auto issued = RunCustody({"token", "issue", "--principal", "user:root", "--ttl", "1h"}, env(0));
+  ASSERT_EQ(issued.exit_code, 0) << issued.err;
+  const std::string token = issued.out.substr(0, 36);
+  auto get = [&](int i) {
+    return Raw(Socket(i), "GET /v1/payments/data/prod/stripe HTTP/1.1\r\nHost: x\r\nX-Vault-Token: " + token +
+                              "\r\nConnection: close\r\n\r\n");
+  };
+  for (int i = 0; i < kNodes; ++i) {
+    const std::string a = get(i);
+    EXPECT_NE(a.find("200 OK"), std::string::npos) << Name(i) << ": " << a;
+    EXPECT_NE(a.find("stripe-v1"), std::string::npos) << Name(i) << ": " << a;
+  }
+  auto revoked = RunCustody({"token", "revoke", "--principal", "user:root"}, env(1));
+  ASSERT_EQ(revoked.exit_code, 0) << revoked.err;
+  for (int i = 0; i < kNodes; ++i) {
+    auto took = Within(2000ms, [&] { return get(i).find("403 Forbidden") != std::string::npos; });
+    EXPECT_TRUE(took) << Name(i) << " still takes the revoked token: " << get(i);
+  }
+  EXPECT_NE(get(2).find("was revoked"), std::string::npos) << get(2);
+  // Each refusal is in the node's own chain.
+  for (int i = 0; i < kNodes; ++i) EXPECT_GE(Records(i, "secret.get", "refused"), 1u) << Name(i);
+}
 
 // A revoke, a delete and a policy apply done through one node (or from the
 // CLI on any host) are in force on every other node within 2 s; each node

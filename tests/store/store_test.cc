@@ -139,6 +139,48 @@ TEST_P(StoreTest, APutKeyIsKeptWithItsVersionAndATwinStoresNothing) {
   EXPECT_EQ(*store_->VersionForPutKey(env.id, "other", key, 1002), std::nullopt);
 }
 
+// Access tokens (the Vault-compatible API): found by hash, renewed only
+// while not revoked, revoked by accessor or by principal, forgotten a day
+// after they end.
+TEST_P(StoreTest, AccessTokensAreFoundByHashRevokedAndForgotten) {
+  const int64_t now = 1'000'000;
+  AccessTokenRecord a{"00112233aabbccdd", "svc:web", "user:root", now, 60, now + 60, now + 600, std::nullopt};
+  AccessTokenRecord b{"ffeeddccbbaa9988", "svc:web", "login dns:web", now, 60, now + 60, now + 600, std::nullopt};
+  AccessTokenRecord c{"0123456789abcdef", "svc:api", "user:root", now, 60, now + 60, now + 600, std::nullopt};
+  ASSERT_TRUE(store_->AddAccessToken(std::string(64, 'a'), a, now).ok());
+  ASSERT_TRUE(store_->AddAccessToken(std::string(64, 'b'), b, now).ok());
+  ASSERT_TRUE(store_->AddAccessToken(std::string(64, 'c'), c, now).ok());
+  auto found = store_->FindAccessToken(std::string(64, 'a'));
+  ASSERT_TRUE(found.ok()) << found.error().message();
+  EXPECT_EQ(found->accessor, a.accessor);
+  EXPECT_EQ(found->principal, "svc:web");
+  EXPECT_EQ(found->max_expires_at, now + 600);
+  EXPECT_FALSE(found->revoked_at);
+  EXPECT_EQ(store_->FindAccessToken(std::string(64, 'd')).error().category(), Category::kNotFound);
+  // A second token with the same accessor is refused (accessors are unique).
+  EXPECT_FALSE(store_->AddAccessToken(std::string(64, 'e'), a, now).ok());
+
+  ASSERT_TRUE(store_->SetAccessTokenExpiry(std::string(64, 'a'), now + 120).ok());
+  EXPECT_EQ(store_->FindAccessToken(std::string(64, 'a'))->expires_at, now + 120);
+  // By principal: both of svc:web's, not svc:api's.
+  EXPECT_EQ(*store_->RevokeAccessTokens("", "svc:web", now + 5), 2u);
+  EXPECT_EQ(store_->FindAccessToken(std::string(64, 'b'))->revoked_at, std::optional<int64_t>(now + 5));
+  EXPECT_FALSE(store_->FindAccessToken(std::string(64, 'c'))->revoked_at);
+  EXPECT_EQ(store_->SetAccessTokenExpiry(std::string(64, 'a'), now + 999).error().category(), Category::kNotFound)
+      << "a revoked token was renewed";
+  EXPECT_EQ(*store_->RevokeAccessTokens("", "svc:web", now + 6), 0u) << "revoked twice";
+  EXPECT_EQ(*store_->RevokeAccessTokens(c.accessor, "", now + 7), 1u);
+  EXPECT_FALSE(store_->RevokeAccessTokens("", "", now).ok());
+  EXPECT_EQ(store_->ListAccessTokens()->size(), 3u);
+  // A day after they ended, adding another forgets them.
+  AccessTokenRecord d{"9999999999999999", "svc:web", "user:root", now + 90000, 60, now + 90060, now + 90600,
+                      std::nullopt};
+  ASSERT_TRUE(store_->AddAccessToken(std::string(64, 'f'), d, now + 90000).ok());
+  auto left = store_->ListAccessTokens();
+  ASSERT_EQ(left->size(), 1u);
+  EXPECT_EQ(left->front().accessor, d.accessor);
+}
+
 TEST_P(StoreTest, VersionsAreSequentialAndATakenVersionIsReported) {
   auto p = store_->CreateProject("payments", {"prod"}, Kek(1), "l");
   ASSERT_TRUE(p.ok());

@@ -124,6 +124,17 @@ struct TokenCheckArgs {
 // Exit 0 when every required capability is present, 1 (check_failed_exit) when one is missing.
 Status TokenCheck(const Globals& g, const TokenCheckArgs& a);
 
+// Access tokens of the Vault-compatible API (docs/VAULT_COMPAT.md).
+struct TokenIssueArgs {
+  std::string principal;
+  std::string ttl;                      // "1h", "30m", "3600"; default [server] token_ttl_seconds
+  std::optional<std::string> max_ttl;   // default [server] token_max_ttl_seconds (at least ttl)
+};
+// Prints the token once, on stdout; policy admins only.
+Status TokenIssue(const Globals& g, const TokenIssueArgs& a);
+Status TokenRevoke(const Globals& g, const std::string& accessor, const std::string& principal);
+Status TokenList(const Globals& g);
+
 struct SandboxArgs {
   std::string dir;
   std::optional<std::string> project;  // a minimal policy: the caller owns this project

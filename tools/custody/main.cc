@@ -275,7 +275,7 @@ int main(int argc, char** argv) {
   c_sandbox->callback(run([&] { return custody::cli::Sandbox(g, sandbox); }));
 
   // token
-  auto* c_token = app.add_subcommand("token", "the token");
+  auto* c_token = app.add_subcommand("token", "the HSM token, and access tokens of the Vault-compatible API");
   c_token->require_subcommand(1);
   c_token->add_subcommand("info", "show the token and the objects it holds")
       ->callback(run([&] { return custody::cli::TokenInfo(g); }));
@@ -290,6 +290,20 @@ int main(int argc, char** argv) {
   tc_module->needs(tc_token);
   tc_token->needs(tc_module);
   c_tcheck->callback(run([&] { return custody::cli::TokenCheck(g, token_check); }));
+  custody::cli::TokenIssueArgs token_issue;
+  auto* c_tissue = c_token->add_subcommand(
+      "issue", "an access token for the Vault-compatible API, printed once (policy admins only)");
+  c_tissue->add_option("--principal", token_issue.principal, "the principal it speaks for (svc:web)")->required();
+  c_tissue->add_option("--ttl", token_issue.ttl, "its life: 90s, 30m, 1h, 7d (default [server] token_ttl_seconds)");
+  c_tissue->add_option("--max-ttl", token_issue.max_ttl, "renewable up to this after issue");
+  c_tissue->callback(run([&] { return custody::cli::TokenIssue(g, token_issue); }));
+  std::string revoke_accessor, revoke_principal;
+  auto* c_trevoke = c_token->add_subcommand("revoke", "revoke an access token (by accessor) or all of a principal's");
+  auto* tr_acc = c_trevoke->add_option("--accessor", revoke_accessor, "the accessor `token list` shows");
+  c_trevoke->add_option("--principal", revoke_principal, "every live token of this principal")->excludes(tr_acc);
+  c_trevoke->callback(run([&] { return custody::cli::TokenRevoke(g, revoke_accessor, revoke_principal); }));
+  c_token->add_subcommand("list", "access tokens: accessor, principal, state, expiry (never the tokens)")
+      ->callback(run([&] { return custody::cli::TokenList(g); }));
 
   // policy
   auto* c_policy = app.add_subcommand("policy", "policy as code: who may do what, and the limits");

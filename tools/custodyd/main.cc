@@ -109,6 +109,18 @@ int main(int argc, char** argv) {
   // not hold the records of the requests in that batch past the deadline.
   custody::core::DeadlineSigner checkpoint_signer(**signer, std::chrono::milliseconds(config->token.call_timeout_ms));
 
+  // Access tokens of the Vault-compatible API (docs/VAULT_COMPAT.md).
+  std::optional<custody::core::AccessTokens> access_tokens;
+  {
+    auto key = custody::core::LoadAccessTokenKey(*config);
+    if (!key) return Fail(key.error());
+    if (*key) {
+      access_tokens.emplace(**store, std::move(**key));
+      custodian.SetAccessTokens(&*access_tokens);
+    } else {
+      spdlog::info("no access tokens: with a PostgreSQL store, name the same [server] token_key_file on every node");
+    }
+  }
   custody::server::ServerOptions options;
   static_cast<custody::server::ServerSettings&>(options) = config->server;
   if (options.tls_key.rfind("pkcs11:", 0) == 0) {
@@ -123,6 +135,7 @@ int main(int argc, char** argv) {
     backend.token.pool->set_allow_reinitialize(false);
   }
   options.node_name = config->node.name;
+  options.version = std::string(custody::kVersion);
   options.token_key = [&](const std::string& uri) { return custody::server::LoadTokenKey(*config, uri, *pin_held); };
   custody::server::Server server(options, custodian);
   Status listening = server.Listen();

@@ -157,6 +157,21 @@ CREATE TRIGGER secret_versions_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNC
 CREATE TRIGGER keks_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keks
   FOR EACH STATEMENT EXECUTE FUNCTION custody_store_changed();
 )sql",
+    // 6: access tokens for the Vault-compatible API, by keyed hash only.
+    R"sql(
+CREATE TABLE access_tokens (
+  token_hash     TEXT PRIMARY KEY,
+  accessor       TEXT NOT NULL UNIQUE,
+  principal      TEXT NOT NULL,
+  issued_by      TEXT NOT NULL,
+  issued_at      BIGINT NOT NULL,
+  ttl            BIGINT NOT NULL,
+  expires_at     BIGINT NOT NULL,
+  max_expires_at BIGINT NOT NULL,
+  revoked_at     BIGINT
+);
+CREATE INDEX access_tokens_by_principal ON access_tokens(principal);
+)sql",
 };
 
 // Taken by every migration's transaction: two nodes starting at once on a

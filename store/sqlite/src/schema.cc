@@ -147,6 +147,21 @@ CREATE TABLE put_keys (
   PRIMARY KEY (secret_id, key)
 );
 )sql",
+    // 9: access tokens for the Vault-compatible API, by keyed hash only.
+    R"sql(
+CREATE TABLE access_tokens (
+  token_hash     TEXT PRIMARY KEY,
+  accessor       TEXT NOT NULL UNIQUE,
+  principal      TEXT NOT NULL,
+  issued_by      TEXT NOT NULL,
+  issued_at      INTEGER NOT NULL,
+  ttl            INTEGER NOT NULL,
+  expires_at     INTEGER NOT NULL,
+  max_expires_at INTEGER NOT NULL,
+  revoked_at     INTEGER
+);
+CREATE INDEX access_tokens_by_principal ON access_tokens(principal);
+)sql",
 };
 
 }  // namespace

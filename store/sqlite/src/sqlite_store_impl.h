@@ -239,6 +239,11 @@ class SqliteStore final : public Store {
                                            const std::function<bool(const LockHolder&)>& gone) override;
   Status RenewLock(const std::string& name, const LockHolder& me, int64_t ttl) override;
   Status ReleaseLock(const std::string& name, const LockHolder& me) override;
+  Status AddAccessToken(const std::string& hash, const AccessTokenRecord& token, int64_t now) override;
+  Result<AccessTokenRecord> FindAccessToken(const std::string& hash) override;
+  Status SetAccessTokenExpiry(const std::string& hash, int64_t expires_at) override;
+  Result<size_t> RevokeAccessTokens(const std::string& accessor, const std::string& principal, int64_t now) override;
+  Result<std::vector<AccessTokenRecord>> ListAccessTokens() override;
 
  private:
   friend class Transaction;

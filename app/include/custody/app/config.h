@@ -116,4 +116,10 @@ void ApplyTokenEnvironment(const Config& config);
 // newline is dropped.
 Result<SecretBuffer> ResolvePin(const Config& config, std::optional<int> pin_fd);
 
+// The access-token key ([server] token_key_file; docs/VAULT_COMPAT.md), or
+// nothing when this deployment issues no tokens (a PostgreSQL store with
+// no key file named). The default file, state_dir/access-token.key, is
+// made at first use.
+Result<std::optional<SecretBuffer>> LoadAccessTokenKey(const Config& config);
+
 }  // namespace custody::core

@@ -43,8 +43,10 @@ class Client {
 
   Result<Fetched> Get(const std::string& path, std::optional<uint32_t> version = std::nullopt) const;
   Result<uint32_t> Put(const std::string& path, const SecretBuffer& value) const;
-  // GET any endpoint, the body as text (for /v1/usage, /v1/health, /metrics).
-  Result<std::string> Fetch(const std::string& target) const;
+  // GET any endpoint, the body as text (for /v1/usage, /v1/health, /metrics),
+  // with `headers` added (X-Vault-Token for the Vault-compatible API).
+  using Headers = std::vector<std::pair<std::string, std::string>>;
+  Result<std::string> Fetch(const std::string& target, const Headers& headers = {}) const;
 
  private:
   Client() = default;
@@ -67,7 +69,7 @@ class Client {
   // sent may be asked again of another node (the store answers a retry
   // with what the first one did).
   Result<Response> Request(const std::string& method, const std::string& target, std::string* body,
-                           const std::string& idempotency_key = "") const;
+                           const std::string& idempotency_key = "", const Headers& headers = {}) const;
   // One attempt on one node. `sent`: whether any byte of the request left.
   struct Outgoing;  // the HTTP request, built once for every attempt
   Result<Response> RequestOn(const Node& node, Outgoing& out, bool* sent) const;

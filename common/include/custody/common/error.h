@@ -43,6 +43,7 @@ enum class ErrorDetail : uint8_t {
   kVersionTaken,         // another writer took the version, or the KEK was retired: seal again
   kRetryAfter,           // a limit refills after retry_after() seconds (HTTP Retry-After)
   kNeedsAuthentication,  // no principal matched the caller (HTTP 401, not 403)
+  kVersionGone,          // the version asked for was revoked or retired (gone())
 };
 
 // sysexits.h values, one per category: the table the CLI reads.
@@ -73,6 +74,16 @@ class Error {
   ErrorDetail detail() const { return detail_; }
   bool version_taken() const { return detail_ == ErrorDetail::kVersionTaken; }
   bool needs_authentication() const { return detail_ == ErrorDetail::kNeedsAuthentication; }
+  // For kVersionGone: which version, when it was made and when it went
+  // (unix seconds), so an answer can describe it as Vault does a destroyed one.
+  struct Gone {
+    uint32_t version = 0;
+    int64_t created_at = 0, gone_at = 0;
+  };
+  std::optional<Gone> gone() const {
+    if (detail_ != ErrorDetail::kVersionGone) return std::nullopt;
+    return gone_;
+  }
   std::optional<uint64_t> retry_after() const {
     if (detail_ != ErrorDetail::kRetryAfter) return std::nullopt;
     return retry_after_;
@@ -82,6 +93,7 @@ class Error {
   // detail is only ever set on an error being built or passed on.
   Error WithVersionTaken() &&;
   Error WithNeedsAuthentication() &&;
+  Error WithVersionGone(Gone gone) &&;
   // At least one second: a Retry-After of 0 would invite a busy loop.
   Error WithRetryAfter(uint64_t seconds) &&;
 
@@ -95,6 +107,7 @@ class Error {
   uint64_t code_ = 0;
   ErrorDetail detail_ = ErrorDetail::kNone;
   uint64_t retry_after_ = 0;  // only with kRetryAfter
+  Gone gone_;                 // only with kVersionGone
 };
 
 }  // namespace custody

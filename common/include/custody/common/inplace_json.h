@@ -17,6 +17,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "custody/common/result.h"
 
@@ -54,6 +55,11 @@ class InPlaceJson {
   // A top-level non-negative integer member, or nullopt.
   std::optional<uint64_t> Uint(std::string_view key) const;
   bool Has(std::string_view key) const;
+  // The member names of a top-level object member (repeats included, in
+  // order), or nullopt if it is absent or not an object.
+  std::optional<std::vector<std::string_view>> ObjectKeys(std::string_view object) const;
+  // A string member of a top-level object member: {"data": {"value": "..."}}.
+  std::optional<std::string_view> String(std::string_view object, std::string_view key) const;
 
  private:
   struct Doc;

@@ -41,6 +41,10 @@ struct Caller {
   std::optional<std::string> user = {};
   std::vector<std::string> tls_sans = {};
   std::optional<std::string> tls_subject = {};
+  // A principal named by a custody access token the front already checked
+  // (X-Vault-Token). When set, it alone decides who the caller is: the
+  // transport's identities (uid, certificate) are only recorded.
+  std::optional<std::string> token_principal = {};
 };
 
 struct Target {

@@ -130,6 +130,8 @@ struct Project {
   std::vector<Grant> grants;
   Limits limits;
   Rotation rotation;
+  // The key of data.data a Vault KV v2 client reads the value under.
+  std::string vault_value_key = "value";
   Location where;
 };
 

@@ -33,6 +33,8 @@ struct ServerOptions : ServerSettings {
   // [node] name: in /v1/health and as the `node` label of every metric.
   // Checked by the config ([A-Za-z0-9._-]); empty: no label.
   std::string node_name;
+  // custody's version, for Vault's sys/health.
+  std::string version;
 };
 
 class Server {

@@ -44,6 +44,20 @@ struct ServerSettings {
   std::string tls_cert;       // server certificate chain, PEM
   std::string tls_key;        // server private key: a PEM file or a pkcs11: URI
   std::string tls_client_ca;  // CA certificates that client certificates must chain to
+  // "required" (the default): no TLS connection without a client
+  // certificate from tls_client_ca. "optional": a client may come without
+  // one; it is then nobody until it sends an access token (X-Vault-Token),
+  // for Vault clients that can neither log in by certificate nor use the
+  // Unix socket (docs/VAULT_COMPAT.md). A certificate that is sent must
+  // still chain to tls_client_ca.
+  bool tls_client_certificate_optional = false;
+  // Access tokens of the Vault-compatible API (docs/VAULT_COMPAT.md): the
+  // 32-byte key their hashes are keyed with. Empty: state_dir/access-token.key,
+  // made at first use, with a SQLite store; with a PostgreSQL store every
+  // node must name the same key file, and without one no token is issued.
+  std::string token_key_file;
+  uint32_t token_ttl_seconds = 3600;      // a new token's life, and a renewal's step
+  uint32_t token_max_ttl_seconds = 86400;  // no renewal goes past issue + this
 
   bool operator==(const ServerSettings&) const = default;
 };

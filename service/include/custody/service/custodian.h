@@ -25,6 +25,7 @@
 #include "custody/audit/audit.h"
 #include "custody/common/names.h"
 #include "custody/common/result.h"
+#include "custody/service/access_tokens.h"
 #include "custody/service/authz.h"
 #include "custody/service/rotation.h"
 #include "custody/service/service.h"
@@ -103,6 +104,36 @@ class Custodian {
   Result<uint32_t> Put(const RequestContext& rc, const SecretPath& path, const SecretBuffer& value,
                        const std::string& put_key = "", bool* replayed = nullptr);
   Result<std::vector<UsageRow>> Usage(const RequestContext& rc, const std::optional<std::string>& project);
+  // Names and versions (never values) in one environment (or the whole
+  // project when `env` is empty), filtered by the caller's list grants;
+  // audited as secret.list.
+  Result<std::vector<SecretSummary>> List(const RequestContext& rc, const std::string& project, const std::string& env);
+  // Every version of one secret (no blobs); audited as secret.metadata.
+  Result<std::vector<SecretVersionRecord>> Versions(const RequestContext& rc, const SecretPath& path);
+
+  // Access tokens of the Vault-compatible API (docs/VAULT_COMPAT.md); none
+  // until SetAccessTokens. Every use below writes its audit record, which
+  // names the token by its accessor, never by its text.
+  void SetAccessTokens(AccessTokens* tokens) { tokens_ = tokens; }
+  bool has_access_tokens() const { return tokens_ != nullptr; }
+  // Checks an X-Vault-Token. Good: `rc` now speaks for the token's principal
+  // (its transport identity stays in identified_by). Refused: a record of
+  // `action` refused for that reason is written, and kDenied returned.
+  // `project` and `env` (may be empty) name what the request was about.
+  Result<AccessTokenRecord> Authenticate(RequestContext& rc, std::string_view token, const std::string& action,
+                                         const std::string& project = "", const std::string& env = "");
+  // A token for the caller itself (the cert login): ttl and max_ttl seconds.
+  Result<AccessTokens::Issued> Login(const RequestContext& rc, int64_t ttl, int64_t max_ttl);
+  // A token for `principal`, asked by a policy admin (`custody token issue`).
+  Result<AccessTokens::Issued> IssueToken(const RequestContext& rc, const std::string& principal, int64_t ttl,
+                                          int64_t max_ttl);
+  // lookup-self and renew-self, for a caller Authenticate accepted.
+  Result<AccessTokenRecord> LookupSelf(const RequestContext& rc, const AccessTokenRecord& token);
+  Result<AccessTokenRecord> RenewSelf(const RequestContext& rc, std::string_view token, int64_t increment);
+  // Policy admins only: revoke by accessor or by principal; list.
+  Result<size_t> RevokeTokens(const RequestContext& rc, const std::string& accessor, const std::string& principal);
+  Result<std::vector<AccessTokenRecord>> ListTokens(const RequestContext& rc);
+
   // Every secret's place in the rotation schedule under the policy in force
   // (for the server's metrics: counts, never names or values).
   Result<std::vector<RotationItem>> RotationSchedule();
@@ -163,6 +194,7 @@ class Custodian {
   CustodianStats stats_;
   // Usage of requests no limit applies to, written behind (usage_buffer.h).
   UsageBuffer usage_{store_};
+  AccessTokens* tokens_ = nullptr;
 };
 
 }  // namespace custody::core

@@ -26,6 +26,7 @@ namespace custody::core {
 struct Unsealed {
   SecretBuffer value;
   uint32_t version = 0;
+  int64_t created_at = 0;  // of this version (unix seconds)
 };
 
 // A new value from the token's RNG for `secret rotate --generate`: `bytes`

@@ -158,6 +158,21 @@ struct HeldLock {
 };
 
 // What a GET needs from the store, read in one snapshot.
+// A Vault-style access token custody issued (`custody token issue`, cert
+// login). The token itself is never stored: rows are keyed by its keyed
+// hash (service/access_tokens.h), so a copy of the store cannot be used to
+// call custodyd, nor can a writer of the database make a token of its own.
+struct AccessTokenRecord {
+  std::string accessor;   // public handle (16 hex): lists, audit records, revoke
+  std::string principal;  // the policy principal the token speaks for
+  std::string issued_by;  // "cert login dns:web.internal", "alice (uid 1000)"
+  int64_t issued_at = 0;
+  int64_t ttl = 0;             // seconds a renewal extends it by
+  int64_t expires_at = 0;      // unix seconds
+  int64_t max_expires_at = 0;  // no renewal goes past this
+  std::optional<int64_t> revoked_at;
+};
+
 struct UnsealInputs {
   EnvironmentRecord env;
   SecretVersionRecord version;  // the current one, or the one asked for
@@ -409,6 +424,21 @@ class Store : public KekUsageLedger, public KekMaterialSource {
   // `progress`, if given, is told (rows of versions written, of all).
   virtual Status Import(const StoreSnapshot& snapshot,
                         const std::function<void(size_t, size_t)>& progress = {}) = 0;
+
+  // Access tokens (AccessTokenRecord), by the hex of their keyed hash.
+  // Adding one also forgets tokens that expired or were revoked more than
+  // a day before `now`.
+  virtual Status AddAccessToken(const std::string& hash, const AccessTokenRecord& token, int64_t now) = 0;
+  // kNotFound when no token has that hash (any more).
+  virtual Result<AccessTokenRecord> FindAccessToken(const std::string& hash) = 0;
+  // Moves a token's expiry (a renewal); kNotFound if it is gone or revoked.
+  virtual Status SetAccessTokenExpiry(const std::string& hash, int64_t expires_at) = 0;
+  // Revokes the token with `accessor`, or every token of `principal` (one
+  // of the two is given): how many were revoked now.
+  virtual Result<size_t> RevokeAccessTokens(const std::string& accessor, const std::string& principal,
+                                            int64_t now) = 0;
+  // Tokens not yet forgotten, newest first.
+  virtual Result<std::vector<AccessTokenRecord>> ListAccessTokens() = 0;
 
   // Exclusive locks on a name, with an expiry, kept in the store so that
   // every process on every host that shares it sees them (one KEK rotation
