@@ -37,7 +37,10 @@ void Server::Impl::AcceptTls() {
         auto peer = PeerOf(stream);
         // No certificate (only when tls_client_certificate = "optional"):
         // nobody, until an access token says otherwise.
-        if (!peer) peer = core::RequestContext{.identified_by = "tls client without a certificate"};
+        if (!peer) {
+          peer.emplace();
+          peer->identified_by = "tls client without a certificate";
+        }
         session->SetPeer(std::move(*peer));
         session->Start();
       });
