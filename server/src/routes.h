@@ -87,9 +87,13 @@ http::response<http::string_body> Session<StreamT>::FromError(const custody::Err
               : e.category() == Category::kLimit ? "limit"
                                                  : "error";
   int status = e.http_status();
-  // Vault answers every refusal of identity or policy with 403, and a read
-  // of nothing with 404 and no message.
-  if (vault_ && e.category() == Category::kDenied) status = 403;
+  // Vault answers every refusal of identity or policy with 403 and only
+  // "permission denied" (which project exists, and what the policy says,
+  // are in the audit record, not in the answer), and a read of nothing
+  // with 404 and no message.
+  if (vault_ && e.category() == Category::kDenied) {
+    return Error(403, "permission denied", Category::kDenied);
+  }
   if (vault_ && e.category() == Category::kNotFound) {
     return Error(404, "", Category::kNotFound);
   }

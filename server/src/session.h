@@ -170,8 +170,12 @@ class Session : public std::enable_shared_from_this<Session<StreamT>> {
     keep_ = req.keep_alive() && !srv_.draining.load();
     started_ = std::chrono::steady_clock::now();
     std::optional<http::response<http::string_body>> res = Handle(req);
-    // The request body may hold a value being stored: wipe it.
+    // The request body may hold a value being stored: wipe it; and an
+    // access token's header (Beast keeps each field in its own block).
     OPENSSL_cleanse(req.body().data(), req.body().size());
+    if (auto t = req.find("X-Vault-Token"); t != req.end()) {
+      OPENSSL_cleanse(const_cast<char*>(t->value().data()), t->value().size());
+    }
     // Nothing: StartGet's callback answers, maybe already on another thread,
     // so no member of this session may be touched here any more.
     if (res) Answer(std::move(*res));

@@ -83,10 +83,29 @@ std::optional<http::response<http::string_body>> Session<StreamT>::UseToken(
   auto h = req.find("X-Vault-Token");
   if (h == req.end() || h->value().empty()) return std::nullopt;
   const std::string_view token(h->value().data(), h->value().size());
+  // Not even a token's shape: refused here, counted in the peer's refusal
+  // summary (no store query, no fsync'd record per stranger's guess).
+  if (!core::AccessTokens::LooksLikeToken(token)) {
+    decision_ = "deny";
+    return Error(403, "the X-Vault-Token is not a custody access token", Category::kDenied);
+  }
   token_used_ = true;  // peer_ changes: reset from conn_peer_ at the next request
-  audited_ = true;     // a refusal below has its own record
   auto r = srv_.custodian.Authenticate(peer_, token, action_, project_, env_);
-  if (!r) return FromError(r.error());
+  if (!r) {
+    audited_ = true;  // Authenticate wrote the refusal's record
+    decision_ = "deny";
+    // The reason is about the token (unknown, expired, revoked), never
+    // about a project, and helps its holder: it is kept.
+    return Error(r.error().category() == Category::kDenied ? 403 : r.error().http_status(), r.error().message(),
+                 r.error().category());
+  }
+  // A client the transport did not identify (a TLS client without a
+  // certificate, a uid the policy does not know) now is a principal: it
+  // leaves the places strangers share.
+  if (unidentified_ && srv_.Known(peer_)) {
+    unidentified_ = false;
+    srv_.unidentified.fetch_sub(1);
+  }
   if (used != nullptr) *used = std::move(*r);
   return std::nullopt;
 }
@@ -167,6 +186,9 @@ bool Session<StreamT>::Vault(http::request<http::string_body>& req, std::string_
                                 {"cluster_name", "custody"},
                                 {"cluster_id", ""},
                                 {"node", srv_.options.node_name}});
+    // HEAD (load balancers): the status alone. A body would be read as the
+    // start of the next answer on a kept-alive connection.
+    if (req.method() == http::verb::head) out->body().clear();
     return true;
   }
   constexpr std::string_view kMounts = "sys/internal/ui/mounts/";

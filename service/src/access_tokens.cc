@@ -2,14 +2,15 @@
 
 #include <fcntl.h>
 #include <openssl/evp.h>
+#include <openssl/core_names.h>
 #include <openssl/hmac.h>
 #include <openssl/rand.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstring>
 
-#include "custody/common/base64.h"
 #include "custody/common/hex.h"
 
 namespace custody::core {
@@ -21,50 +22,48 @@ constexpr std::string_view kPrefix = "cst.";
 constexpr auto kCacheFor = std::chrono::seconds(1);
 constexpr size_t kCacheMax = 10000;
 
-std::string Base64Url(std::span<const uint8_t> bytes) {
-  std::string s = Base64Encode(bytes);
-  for (char& c : s) {
-    if (c == '+') c = '-';
-    if (c == '/') c = '_';
-  }
-  while (!s.empty() && s.back() == '=') s.pop_back();
-  return s;
-}
-
 }  // namespace
 
 Result<SecretBuffer> AccessTokens::LoadKey(const std::string& path, bool create) {
-  if (create) {
-    // O_EXCL: a key another process made first is read, never overwritten.
-    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
-    if (fd >= 0) {
-      // Made by root (an admin's `custody token issue`): handed to whoever
-      // owns the folder, the account custodyd runs as, or custodyd could
-      // not read it.
-      const std::string dir = path.find('/') == std::string::npos ? "." : path.substr(0, path.rfind('/') + 1);
-      struct stat st {};
-      if (::geteuid() == 0 && ::stat(dir.c_str(), &st) == 0 && st.st_uid != 0) {
-        if (::fchown(fd, st.st_uid, st.st_gid) != 0) {
-          const int saved = errno;
-          ::close(fd);
-          ::unlink(path.c_str());
-          return Error::Os(saved, "cannot give the access-token key " + path + " to the state folder's owner",
-                           Category::kConfig);
-        }
-      }
-      SecretBuffer key(kKeyBytes);
-      auto bytes = key.RevealMutable(SecretAccess{});
-      bool ok = RAND_priv_bytes(bytes.data(), static_cast<int>(bytes.size())) == 1;
-      ok = ok && ::write(fd, bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size()) && ::fsync(fd) == 0;
-      const int saved = errno;
+  if (create && ::access(path.c_str(), F_OK) != 0 && errno == ENOENT) {
+    // Written whole under a temporary name, then linked into place: a
+    // reader never sees half a key, a crash leaves none, and a key another
+    // process linked first wins (link() never replaces one).
+    const std::string dir = path.find('/') == std::string::npos ? "." : path.substr(0, path.rfind('/'));
+    std::string tmp = path + ".XXXXXX";
+    int fd = ::mkstemp(tmp.data());
+    if (fd < 0) return Error::Os(errno, "cannot create the access-token key " + path, Category::kConfig);
+    auto fail = [&](int err, const std::string& what) {
       ::close(fd);
-      if (!ok) {
-        ::unlink(path.c_str());
-        return Error::Os(saved, "cannot write the access-token key " + path, Category::kConfig);
+      ::unlink(tmp.c_str());
+      return Error::Os(err, what + " " + path, Category::kConfig);
+    };
+    // Made by root (an admin's `custody token issue`): handed to whoever
+    // owns the folder, the account custodyd runs as, or custodyd could not
+    // read it.
+    struct stat st {};
+    if (::geteuid() == 0 && ::stat(dir.c_str(), &st) == 0 && st.st_uid != 0 && ::fchown(fd, st.st_uid, st.st_gid) != 0) {
+      return fail(errno, "cannot give the state folder's owner the access-token key");
+    }
+    SecretBuffer key(kKeyBytes);
+    auto bytes = key.RevealMutable(SecretAccess{});
+    if (RAND_priv_bytes(bytes.data(), static_cast<int>(bytes.size())) != 1) return fail(EIO, "no random bytes for");
+    if (::fchmod(fd, 0600) != 0 || ::write(fd, bytes.data(), bytes.size()) != static_cast<ssize_t>(bytes.size()) ||
+        ::fsync(fd) != 0) {
+      return fail(errno, "cannot write the access-token key");
+    }
+    ::close(fd);
+    const int linked = ::link(tmp.c_str(), path.c_str());
+    const int err = errno;
+    ::unlink(tmp.c_str());
+    if (linked == 0) {
+      if (int d = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC); d >= 0) {
+        (void)::fsync(d);
+        ::close(d);
       }
       return key;
     }
-    if (errno != EEXIST) return Error::Os(errno, "cannot create the access-token key " + path, Category::kConfig);
+    if (err != EEXIST) return Error::Os(err, "cannot create the access-token key " + path, Category::kConfig);
   }
   auto key = SecretBuffer::ReadFile(path, kKeyBytes + 1, /*require_private=*/true);
   if (!key) {
@@ -84,12 +83,32 @@ bool AccessTokens::LooksLikeToken(std::string_view text) {
              "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_") == std::string_view::npos;
 }
 
-std::string AccessTokens::Hash(std::string_view token) const {
+AccessTokens::AccessTokens(Store& store, SecretBuffer key) : store_(store), key_(std::move(key)) {
+  EVP_MAC* hmac = EVP_MAC_fetch(nullptr, "HMAC", nullptr);
+  if (hmac != nullptr) {
+    mac_ = EVP_MAC_CTX_new(hmac);
+    EVP_MAC_free(hmac);
+  }
+  char digest[] = "SHA256";
+  OSSL_PARAM params[] = {OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, digest, 0), OSSL_PARAM_construct_end()};
+  auto k = key_.Reveal(SecretAccess{});
+  if (mac_ != nullptr && EVP_MAC_init(mac_, k.data(), k.size(), params) != 1) {
+    EVP_MAC_CTX_free(mac_);
+    mac_ = nullptr;
+  }
+}
+
+AccessTokens::~AccessTokens() { EVP_MAC_CTX_free(mac_); }
+
+std::optional<std::string> AccessTokens::Hash(std::string_view token) const {
   unsigned char mac[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  auto key = key_.Reveal(SecretAccess{});
-  HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()), reinterpret_cast<const unsigned char*>(token.data()),
-       token.size(), mac, &len);
+  size_t len = 0;
+  EVP_MAC_CTX* ctx = mac_ != nullptr ? EVP_MAC_CTX_dup(mac_) : nullptr;
+  const bool ok = ctx != nullptr &&
+                  EVP_MAC_update(ctx, reinterpret_cast<const unsigned char*>(token.data()), token.size()) == 1 &&
+                  EVP_MAC_final(ctx, mac, &len, sizeof mac) == 1;
+  EVP_MAC_CTX_free(ctx);
+  if (!ok) return std::nullopt;
   return ToHex(std::span<const uint8_t>(mac, len));
 }
 
@@ -100,38 +119,52 @@ Result<AccessTokens::Issued> AccessTokens::Issue(const std::string& principal, i
   if (RAND_priv_bytes(raw, sizeof raw) != 1 || RAND_bytes(acc, sizeof acc) != 1) {
     return Error(Category::kUnavailable, "the random number generator failed");
   }
-  std::string text = std::string(kPrefix) + Base64Url(raw);
+  // Built in locked memory: "cst." and the 24 bytes as 32 base64url
+  // characters (no padding: 24 is a multiple of 3).
+  Issued out{SecretBuffer(kPrefix.size() + 32), {}};
+  auto text = out.token.RevealMutable(SecretAccess{});
+  std::memcpy(text.data(), kPrefix.data(), kPrefix.size());
+  unsigned char encoded[33];
+  EVP_EncodeBlock(encoded, raw, sizeof raw);
   OPENSSL_cleanse(raw, sizeof raw);
-  Issued out{SecretBuffer::Copy(text), {}};
-  const std::string hash = Hash(text);
-  OPENSSL_cleanse(text.data(), text.size());
+  for (size_t i = 0; i < 32; ++i) {
+    const unsigned char c = encoded[i];
+    text[kPrefix.size() + i] = c == '+' ? '-' : c == '/' ? '_' : c;
+  }
+  OPENSSL_cleanse(encoded, sizeof encoded);
+  const std::optional<std::string> hash = Hash(out.token.RevealString(SecretAccess{}));
+  if (!hash) return Error(Category::kUnavailable, "OpenSSL could not compute HMAC-SHA-256");
   out.record = AccessTokenRecord{ToHex(acc), principal, issued_by, now, ttl, now + ttl, now + max_ttl, std::nullopt};
-  CUSTODY_RETURN_IF_ERROR(store_.AddAccessToken(hash, out.record, now));
+  CUSTODY_RETURN_IF_ERROR(store_.AddAccessToken(*hash, out.record, now));
   return out;
 }
 
 Result<AccessTokenRecord> AccessTokens::Check(std::string_view token, int64_t now) {
   if (!LooksLikeToken(token)) return Error(Category::kDenied, "the access token is not a custody token");
-  const std::string hash = Hash(token);
+  const std::optional<std::string> hashed = Hash(token);
+  if (!hashed) return Error(Category::kUnavailable, "OpenSSL could not compute HMAC-SHA-256");
+  const std::string& hash = *hashed;
   const auto t = std::chrono::steady_clock::now();
   std::optional<AccessTokenRecord> record;
+  bool cached = false;
   {
     std::lock_guard lock(mu_);
-    if (auto it = cache_.find(hash); it != cache_.end() && t - it->second.read < kCacheFor) record = it->second.record;
-  }
-  if (!record) {
-    auto found = store_.FindAccessToken(hash);
-    if (!found) {
-      if (found.error().category() == Category::kNotFound) {
-        return Error(Category::kDenied, "the access token is unknown (never issued here, or forgotten)");
-      }
-      return std::move(found).error();
+    if (auto it = cache_.find(hash); it != cache_.end() && t - it->second.read < kCacheFor) {
+      record = it->second.record;
+      cached = true;
     }
-    record = std::move(*found);
+  }
+  if (!cached) {
+    auto found = store_.FindAccessToken(hash);
+    if (!found && found.error().category() != Category::kNotFound) return std::move(found).error();
+    // Unknown tokens are remembered too: one guessing client costs the
+    // store one query per token a second, not one per request.
+    if (found) record = std::move(*found);
     std::lock_guard lock(mu_);
     if (cache_.size() >= kCacheMax) cache_.clear();
-    cache_[hash] = Cached{*record, t};
+    cache_[hash] = Cached{record, t};
   }
+  if (!record) return Error(Category::kDenied, "the access token is unknown (never issued here, or forgotten)");
   if (record->revoked_at) {
     return Error(Category::kDenied, "the access token " + record->accessor + " was revoked");
   }
@@ -145,10 +178,11 @@ Result<AccessTokenRecord> AccessTokens::Renew(std::string_view token, int64_t in
   CUSTODY_ASSIGN_OR_RETURN(AccessTokenRecord r, Check(token, now));
   const int64_t by = increment > 0 ? std::min(increment, r.ttl) : r.ttl;
   r.expires_at = std::min(r.max_expires_at, now + by);
-  const std::string hash = Hash(token);
-  CUSTODY_RETURN_IF_ERROR(store_.SetAccessTokenExpiry(hash, r.expires_at));
+  const std::optional<std::string> hash = Hash(token);
+  if (!hash) return Error(Category::kUnavailable, "OpenSSL could not compute HMAC-SHA-256");
+  CUSTODY_RETURN_IF_ERROR(store_.SetAccessTokenExpiry(*hash, r.expires_at));
   std::lock_guard lock(mu_);
-  cache_.erase(hash);
+  cache_.erase(*hash);
   return r;
 }
 

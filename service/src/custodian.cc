@@ -344,7 +344,7 @@ Result<std::vector<SecretVersionRecord>> Custodian::Versions(const RequestContex
 
 namespace {
 Error NoTokens() {
-  return Error(Category::kConfig, "this node issues no access tokens (see [server] token_key_file)");
+  return Error(Category::kConfig, "this node issues no access tokens ([server] token_key_file is not set)");
 }
 // "token 0123abcd... for svc:web", appended to the transport's identity.
 std::string TokenShown(const AccessTokenRecord& t) { return "token " + t.accessor; }
@@ -352,21 +352,22 @@ std::string TokenShown(const AccessTokenRecord& t) { return "token " + t.accesso
 
 Result<AccessTokenRecord> Custodian::Authenticate(RequestContext& rc, std::string_view token, const std::string& action,
                                                   const std::string& project, const std::string& env) {
-  Flow f(*this, rc, action);
-  f.ev.project = project;
-  f.ev.environment = env;
-  auto run = [&]() -> Result<AccessTokenRecord> {
-    if (tokens_ == nullptr) return NoTokens();
-    auto r = tokens_->Check(token, SystemNow());
-    if (!r) {
+  // A node without the key refuses tokens as it would an unknown one.
+  auto r = tokens_ != nullptr ? tokens_->Check(token, SystemNow())
+                              : Result<AccessTokenRecord>(Error(
+                                    Category::kDenied, "this node takes no access tokens ([server] token_key_file is not set)"));
+  if (!r) {
+    // Only a refusal writes a record here; a good token's request writes
+    // its own, naming the principal and the token.
+    Flow f(*this, rc, action);
+    f.ev.project = project;
+    f.ev.environment = env;
+    if (r.error().category() == Category::kDenied) {
       f.ev.decision = AuditDecision::kDeny;
       f.ev.rule = "access token";
-      return std::move(r).error();
     }
-    return r;
-  };
-  auto r = run();
-  if (!r) return f.Finish(std::move(r));  // the refusal's record
+    return f.Finish(std::move(r));
+  }
   rc.caller.token_principal = r->principal;
   rc.identified_by = TokenShown(*r) + " via " + rc.identified_by;
   return r;

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 
+#include <filesystem>
 #include <thread>
 
 #include "../support/testenv.h"
@@ -70,6 +71,7 @@ TEST_F(AccessTokensTest, ACheckNamesThePrincipalUntilTheTokenExpiresOrIsRevoked)
   auto unknown = tokens_->Check(other, now);
   ASSERT_FALSE(unknown.ok());
   EXPECT_NE(unknown.error().message().find("unknown"), std::string::npos);
+  EXPECT_EQ(unknown.error().message().find(other.substr(4)), std::string::npos) << "the message quotes the token";
   EXPECT_FALSE(tokens_->Check("hvs.not-ours", now).ok());
   // Revoked on this node: refused at once (its cache is dropped).
   ASSERT_EQ(*tokens_->Revoke(issued->record.accessor, "", now), 1u);
@@ -118,6 +120,30 @@ TEST_F(AccessTokensTest, ARenewalExtendsByTheTtlButNeverPastTheMax) {
   ASSERT_TRUE(last.ok()) << last.error().message();
   EXPECT_EQ(last->expires_at, now + 150);
   EXPECT_FALSE(tokens_->Check(Text(*issued), now + 150).ok());
+}
+
+// Processes starting at once (custodyd and an admin's CLI) agree on one key:
+// the first whole key linked into place wins, and nobody reads half a key.
+TEST_F(AccessTokensTest, EverybodyMakingTheKeyAtOnceGetsTheSameOne) {
+  const std::string path = dir_ / "raced.key";
+  std::vector<std::optional<std::string>> got(8);
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < got.size(); ++i) {
+    threads.emplace_back([&, i] {
+      auto k = AccessTokens::LoadKey(path, /*create=*/true);
+      if (k) got[i] = std::string(k->RevealString(SecretAccess{}));
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (const auto& k : got) {
+    ASSERT_TRUE(k.has_value());
+    EXPECT_EQ(*k, *got[0]);
+    EXPECT_EQ(k->size(), 32u);
+  }
+  EXPECT_EQ(test::ReadFile(path), *got[0]);
+  for (const auto& e : std::filesystem::directory_iterator(dir_.path())) {
+    EXPECT_NE(e.path().filename().string().rfind("raced.key.", 0), 0u) << "a temporary key file was left: " << e.path();
+  }
 }
 
 TEST_F(AccessTokensTest, AKeyFileOthersCanReadOrOfTheWrongSizeIsRefused) {

@@ -2,6 +2,9 @@
 // API, for clients that can neither log in with a certificate nor use the
 // Unix socket. Run in direct mode, through the same Custodian flow as
 // custodyd: policy admins only, each use in the audit trail (by accessor).
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstdio>
 #include <nlohmann/json.hpp>
 
@@ -21,6 +24,9 @@ using nlohmann::json;
 Result<int64_t> ParseTtl(std::string_view what, const std::string& text) {
   CUSTODY_RETURN_IF_ERROR(CheckArgText(what, text, 16));
   const size_t digits = text.find_first_not_of("0123456789");
+  if (text.empty() || digits == 0) {
+    return Error(Category::kUsage, std::string(what) + " must be a duration like 90s, 30m, 1h or 7d");
+  }
   const std::string unit = digits == std::string::npos ? "s" : text.substr(digits);
   const int64_t scale = unit == "s" ? 1 : unit == "m" ? 60 : unit == "h" ? 3600 : unit == "d" ? 86400 : 0;
   if (digits == 0 || scale == 0 || (digits != std::string::npos && digits > 9)) {
@@ -65,23 +71,33 @@ Status TokenIssue(const Globals& g, const TokenIssueArgs& a) {
     const int64_t max_ttl = asked_max.value_or(std::max<int64_t>(ttl, config.server.token_max_ttl_seconds));
     CUSTODY_ASSIGN_OR_RETURN(auto issued, c.IssueToken(rc, a.principal, ttl, max_ttl));
     const auto& r = issued.record;
-    // The token goes to stdout once, straight from locked memory; what it
-    // is goes to stderr, so `custody token issue ... > file` keeps only it.
+    // The token goes to stdout once, straight from locked memory (write(2),
+    // not stdio, whose buffer would keep a copy); what it is goes to
+    // stderr, so `custody token issue ... > file` keeps only the token.
     std::string_view token = issued.token.RevealString(SecretAccess{});
+    auto out = [](std::string_view s) -> Status {
+      while (!s.empty()) {
+        const ssize_t n = ::write(STDOUT_FILENO, s.data(), s.size());
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return Error::Os(errno, "cannot write the token to stdout");
+        s.remove_prefix(static_cast<size_t>(n));
+      }
+      return Status::Ok();
+    };
+    std::fflush(stdout);
     if (g.json) {
-      std::printf("{\"token\":\"");
-      std::fwrite(token.data(), 1, token.size(), stdout);
-      std::printf("\",\"accessor\":\"%s\",\"principal\":%s,\"expires_at\":%lld,\"max_expires_at\":%lld}\n",
-                  r.accessor.c_str(), json(r.principal).dump().c_str(), static_cast<long long>(r.expires_at),
-                  static_cast<long long>(r.max_expires_at));
+      CUSTODY_RETURN_IF_ERROR(out("{\"token\":\""));
+      CUSTODY_RETURN_IF_ERROR(out(token));
+      CUSTODY_RETURN_IF_ERROR(out("\",\"accessor\":\"" + r.accessor + "\",\"principal\":" + json(r.principal).dump() +
+                                  ",\"expires_at\":" + std::to_string(r.expires_at) +
+                                  ",\"max_expires_at\":" + std::to_string(r.max_expires_at) + "}\n"));
     } else {
-      std::fwrite(token.data(), 1, token.size(), stdout);
-      std::fputc('\n', stdout);
+      CUSTODY_RETURN_IF_ERROR(out(token));
+      CUSTODY_RETURN_IF_ERROR(out("\n"));
       std::fprintf(stderr, "token for %s, accessor %s, expires %s (renewable until %s); shown once\n",
                    r.principal.c_str(), r.accessor.c_str(), FormatTime(r.expires_at).c_str(),
                    FormatTime(r.max_expires_at).c_str());
     }
-    std::fflush(stdout);
     return Status::Ok();
   });
 }

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <ctime>
 #include <filesystem>
+#include <set>
 #include <nlohmann/json.hpp>
 
 #include "custody/app/backend.h"
@@ -18,6 +19,7 @@
 #include "custody/client/client.h"
 #include "custody/common/hex.h"
 #include "custody/common/names.h"
+#include "custody/common/time.h"
 #include "custody/hsm/objects.h"
 #include "custody/hsm/rv.h"
 #include "custody/hsm/token_signer.h"
@@ -587,6 +589,21 @@ Status PolicyApply(const Globals& g, const std::string& file) {
   }
   std::string sha = custody::Sha256Hex(text);
   CUSTODY_ASSIGN_OR_RETURN(core::PolicyRecord rec, o.store->SavePolicy(text, sha, applied_by));
+  // Access tokens of principals this policy drops are revoked: a token
+  // names its principal only by name, and a later policy that brought the
+  // name back (a rollback, a new service reusing it) must not revive them.
+  size_t tokens_revoked = 0;
+  {
+    CUSTODY_ASSIGN_OR_RETURN(auto tokens, o.store->ListAccessTokens());
+    std::set<std::string> gone;
+    for (const auto& t : tokens) {
+      if (!t.revoked_at && !next.FindPrincipal(t.principal)) gone.insert(t.principal);
+    }
+    for (const auto& principal : gone) {
+      CUSTODY_ASSIGN_OR_RETURN(size_t n, o.store->RevokeAccessTokens("", principal, SystemNow()));
+      tokens_revoked += n;
+    }
+  }
   CUSTODY_ASSIGN_OR_RETURN(auto projects, o.store->ListProjects());
   std::vector<std::string> orphans;
   for (const auto& p : projects) {
@@ -594,11 +611,14 @@ Status PolicyApply(const Globals& g, const std::string& file) {
   }
   if (g.json) {
     PrintJson({{"version", rec.version}, {"sha256", sha}, {"applied_by", applied_by}, {"created", created},
-               {"projects_without_policy", orphans}});
+               {"projects_without_policy", orphans}, {"access_tokens_revoked", tokens_revoked}});
     return Status::Ok();
   }
   std::printf("policy v%u in force (sha256 %s), applied by %s\n", rec.version, sha.c_str(), applied_by.c_str());
   for (const auto& c : created) std::printf("  created %s\n", c.c_str());
+  if (tokens_revoked > 0) {
+    std::printf("  revoked %zu access token(s) of principals no longer in the policy\n", tokens_revoked);
+  }
   for (const auto& p : orphans) {
     std::printf("  note: project %s is in the store but not in this policy: nobody can use it\n", p.c_str());
   }

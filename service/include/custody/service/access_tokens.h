@@ -21,12 +21,15 @@
 #include <chrono>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <string_view>
 
 #include "custody/common/result.h"
 #include "custody/common/secret.h"
 #include "custody/store/store.h"
+
+struct evp_mac_ctx_st;  // OpenSSL's EVP_MAC_CTX
 
 namespace custody::core {
 
@@ -40,7 +43,10 @@ class AccessTokens {
   // looked up, so a header of any other shape is refused without a query).
   static bool LooksLikeToken(std::string_view text);
 
-  AccessTokens(Store& store, SecretBuffer key) : store_(store), key_(std::move(key)) {}
+  AccessTokens(Store& store, SecretBuffer key);
+  ~AccessTokens();
+  AccessTokens(const AccessTokens&) = delete;
+  AccessTokens& operator=(const AccessTokens&) = delete;
 
   struct Issued {
     SecretBuffer token;  // shown once, to its holder
@@ -58,12 +64,16 @@ class AccessTokens {
   Result<size_t> Revoke(const std::string& accessor, const std::string& principal, int64_t now);
 
  private:
-  std::string Hash(std::string_view token) const;
+  // Hex of HMAC-SHA-256(key, token); nullopt if OpenSSL fails.
+  std::optional<std::string> Hash(std::string_view token) const;
   Store& store_;
   const SecretBuffer key_;
+  // HMAC-SHA-256 keyed once; each hash works on a copy (OpenSSL 3 looks an
+  // algorithm up on every one-shot HMAC(), which cost more than the hash).
+  evp_mac_ctx_st* mac_ = nullptr;
   std::mutex mu_;
   struct Cached {
-    AccessTokenRecord record;
+    std::optional<AccessTokenRecord> record;  // nullopt: unknown
     std::chrono::steady_clock::time_point read;
   };
   std::map<std::string, Cached, std::less<>> cache_;  // by hash
