@@ -182,8 +182,14 @@ int main() {
     token.erase(token.find_last_not_of("\n") + 1);
     Run vault = ServerRun(pid, socket, 16, secs, "/v1/bench/data/prod/api-key", "", {{"X-Vault-Token", token}});
     print("16", vault, "   GET /v1/bench/data/prod/api-key, X-Vault-Token");
-    std::printf("  Vault GET / native GET at 16 clients: %.2f (target >= 0.90)\n\n",
-                at16.rate > 0 ? vault.rate / at16.rate : 0.0);
+    // The native GET once more right after: this machine drifts by more
+    // than the difference measured, so the baseline is the mean of the
+    // native rows on either side of the Vault row.
+    Run again = ServerRun(pid, socket, 16, secs);
+    print("16", again, "   native GET again");
+    const double native = (at16.rate + again.rate) / 2;
+    std::printf("  Vault GET / native GET at 16 clients: %.2f (target >= 0.90; native %.0f/s, mean of two rows)\n\n",
+                native > 0 ? vault.rate / native : 0.0, native);
   }
 
   // The PostgreSQL store: the same GET, another deployment (project
