@@ -100,6 +100,101 @@ double RawDecryptRate(const std::string& label, double* cpu_us) {
   return rate;
 }
 
+// p11-kit's PKCS#11 RPC: what a team would otherwise run to share one token
+// with many processes (`p11-kit server` in front of SoftHSM2, each client
+// loading p11-kit-client.so). No policy and no audit. `threads` threads,
+// each with its own session and its own AES-256 session key, doing
+// C_DecryptInit + C_Decrypt of 64 bytes. Its RPC carries no GCM parameters
+// (p11-kit 0.24 serializes no CK_GCM_PARAMS), so the mechanism is
+// CKM_AES_ECB: the token does less work per call than custody's unseal.
+// A rate of 0 when p11-kit's server or client module is missing.
+Run P11KitRpcRun(const std::string& dir, int threads, std::chrono::seconds length) {
+  using namespace custody;
+  const std::string client_so = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so";
+  Run r;
+  r.clients = threads;
+  if (!std::filesystem::exists(client_so) || !std::filesystem::exists("/usr/bin/p11-kit")) return r;
+  const std::string sock = dir + "/p11-kit.sock";
+  pid_t server = ::fork();
+  if (server == 0) {
+    ::execl("/usr/bin/p11-kit", "p11-kit", "server", "-f", "--provider", "/usr/lib/softhsm/libsofthsm2.so", "-n",
+            sock.c_str(), "pkcs11:token=bench", nullptr);
+    ::_exit(127);
+  }
+  for (int i = 0; i < 100 && !std::filesystem::exists(sock); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  if (!std::filesystem::exists(sock)) Die("p11-kit server did not start");
+  ::setenv("P11_KIT_SERVER_ADDRESS", ("unix:path=" + sock).c_str(), 1);
+  {
+    auto m = hsm::Module::Load(client_so);
+    if (!m) Die("p11-kit-client.so: " + m.error().message());
+    auto slot = hsm::FindSlot(**m, *hsm::TokenUri::Parse("pkcs11:token=bench"));
+    if (!slot) Die("p11-kit client: " + slot.error().message());
+    CK_FUNCTION_LIST* fn = (*m)->fn();
+    std::vector<std::vector<double>> lat(static_cast<size_t>(threads));
+    std::atomic<int> ready{0};
+    std::atomic<bool> go{false};
+    std::vector<std::thread> workers;
+    Clock::time_point t0;
+    for (int t = 0; t < threads; ++t) {
+      workers.emplace_back([&, t] {
+        CK_SESSION_HANDLE h = 0;
+        if (fn->C_OpenSession(*slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr, &h) != CKR_OK) {
+          Die("p11-kit client: C_OpenSession failed");
+        }
+        CK_RV rv = fn->C_Login(h, CKU_USER, reinterpret_cast<CK_UTF8CHAR*>(const_cast<char*>(kPin.data())), kPin.size());
+        if (rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN) Die("p11-kit client: C_Login failed");
+        CK_ULONG len = 32;
+        CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
+        CK_ATTRIBUTE tmpl[] = {{CKA_VALUE_LEN, &len, sizeof len},
+                               {CKA_ENCRYPT, &yes, sizeof yes},
+                               {CKA_DECRYPT, &yes, sizeof yes},
+                               {CKA_TOKEN, &no, sizeof no}};
+        CK_MECHANISM gen{CKM_AES_KEY_GEN, nullptr, 0};
+        CK_OBJECT_HANDLE key = 0;
+        if (fn->C_GenerateKey(h, &gen, tmpl, 4, &key) != CKR_OK) Die("p11-kit client: C_GenerateKey failed");
+        CK_MECHANISM ecb{CKM_AES_ECB, nullptr, 0};
+        std::vector<uint8_t> ct(64, 0x5a), out(64);
+        ready.fetch_add(1);
+        while (!go.load()) std::this_thread::yield();
+        auto& mine = lat[static_cast<size_t>(t)];
+        while (Clock::now() - t0 < length) {
+          const auto s = Clock::now();
+          CK_ULONG n = out.size();
+          if (fn->C_DecryptInit(h, &ecb, key) != CKR_OK || fn->C_Decrypt(h, ct.data(), 64, out.data(), &n) != CKR_OK) {
+            Die("p11-kit client: C_Decrypt failed");
+          }
+          mine.push_back(std::chrono::duration<double, std::milli>(Clock::now() - s).count());
+        }
+        fn->C_CloseSession(h);
+      });
+    }
+    while (ready.load() < threads) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    const double cpu0 = CpuMicros(server);
+    t0 = Clock::now();
+    go.store(true);
+    for (auto& w : workers) w.join();
+    const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+    std::vector<double> all;
+    for (auto& v : lat) all.insert(all.end(), v.begin(), v.end());
+    std::sort(all.begin(), all.end());
+    r.rate = static_cast<double>(all.size()) / secs;
+    if (!all.empty()) {
+      r.p50_ms = all[all.size() / 2];
+      r.p90_ms = all[all.size() * 9 / 10];
+      r.p99_ms = all[all.size() * 99 / 100];
+      r.p999_ms = all[all.size() * 999 / 1000];
+    }
+    // Not measured: p11-kit's server serves each client connection in a
+    // process of its own, which the parent's schedstat does not count.
+    (void)cpu0;
+    r.server_us = 0;
+  }
+  ::kill(server, SIGTERM);
+  ::waitpid(server, nullptr, 0);
+  ::unsetenv("P11_KIT_SERVER_ADDRESS");
+  return r;
+}
+
 }  // namespace
 
 int main() {
@@ -190,6 +285,20 @@ int main() {
     const double native = (at16.rate + again.rate) / 2;
     std::printf("  Vault GET / native GET at 16 clients: %.2f (target >= 0.90; native %.0f/s, mean of two rows)\n\n",
                 native > 0 ? vault.rate / native : 0.0, native);
+  }
+  // The peer a team would otherwise use: p11-kit's PKCS#11 RPC to the same
+  // token, 16 threads (issue 21: GET at 16 clients at least 1.5 times it).
+  {
+    Run rpc = P11KitRpcRun(dir, 16, secs);
+    if (rpc.rate == 0) {
+      std::printf("16 p11-kit RPC: p11-kit server or p11-kit-client.so is missing (row left out)\n");
+    } else {
+      print("16", rpc, "   p11-kit RPC C_DecryptInit+C_Decrypt, AES-ECB 64 B (no policy, no audit)");
+      std::printf("  GET / p11-kit RPC at 16 clients: %.2f (issue 21 target >= 1.5)\n", at16.rate / rpc.rate);
+    }
+    const Run floor = ServerRun(pid, socket, 16, secs, "/v1/health");
+    std::printf("  GET / HTTP floor (GET /v1/health) at 16 clients: %.2f (issue 21 target >= 0.30)\n\n",
+                floor.rate > 0 ? at16.rate / floor.rate : 0.0);
   }
 
   // The PostgreSQL store: the same GET, another deployment (project
