@@ -15,6 +15,7 @@
 // secret get` process at most half the time of a `pkcs11-tool` one; the
 // PostgreSQL store at least 0.7 of the SQLite store's GET rate, with at most
 // one round trip to PostgreSQL per GET.
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -117,6 +118,8 @@ Run P11KitRpcRun(const std::string& dir, int threads, std::chrono::seconds lengt
   const std::string sock = dir + "/p11-kit.sock";
   pid_t server = ::fork();
   if (server == 0) {
+    // It prints its address as shell lines: not part of the report.
+    if (int null = ::open("/dev/null", O_WRONLY); null >= 0) ::dup2(null, 1);
     ::execl("/usr/bin/p11-kit", "p11-kit", "server", "-f", "--provider", "/usr/lib/softhsm/libsofthsm2.so", "-n",
             sock.c_str(), "pkcs11:token=bench", nullptr);
     ::_exit(127);
@@ -265,6 +268,9 @@ int main() {
   // machine, the bench's client threads included. A GET of a secret adds the
   // store reads, the unseal and the audit record on top of it.
   print("16", ServerRun(pid, socket, 16, secs, "/v1/health"), "   GET /v1/health: HTTP alone");
+  // The native GET at 16 clients for the ratios below: the mean of the row
+  // above and one measured after the Vault row.
+  double native16 = at16.rate;
   // The Vault-compatible read of the same secret with an access token
   // (docs/VAULT_COMPAT.md): the token's check and Vault's envelope on top
   // of the same flow. Target: at least 0.9 of the native GET's rate.
@@ -283,6 +289,7 @@ int main() {
     Run again = ServerRun(pid, socket, 16, secs);
     print("16", again, "   native GET again");
     const double native = (at16.rate + again.rate) / 2;
+    native16 = native;
     std::printf("  Vault GET / native GET at 16 clients: %.2f (target >= 0.90; native %.0f/s, mean of two rows)\n\n",
                 native > 0 ? vault.rate / native : 0.0, native);
   }
@@ -294,11 +301,11 @@ int main() {
       std::printf("16 p11-kit RPC: p11-kit server or p11-kit-client.so is missing (row left out)\n");
     } else {
       print("16", rpc, "   p11-kit RPC C_DecryptInit+C_Decrypt, AES-ECB 64 B (no policy, no audit)");
-      std::printf("  GET / p11-kit RPC at 16 clients: %.2f (issue 21 target >= 1.5)\n", at16.rate / rpc.rate);
+      std::printf("  GET / p11-kit RPC at 16 clients: %.2f (issue 21 target >= 1.5)\n", native16 / rpc.rate);
     }
     const Run floor = ServerRun(pid, socket, 16, secs, "/v1/health");
     std::printf("  GET / HTTP floor (GET /v1/health) at 16 clients: %.2f (issue 21 target >= 0.30)\n\n",
-                floor.rate > 0 ? at16.rate / floor.rate : 0.0);
+                floor.rate > 0 ? native16 / floor.rate : 0.0);
   }
 
   // The PostgreSQL store: the same GET, another deployment (project
