@@ -180,9 +180,17 @@ Result<AccessTokenRecord> AccessTokens::Renew(std::string_view token, int64_t in
   r.expires_at = std::min(r.max_expires_at, now + by);
   const std::optional<std::string> hash = Hash(token);
   if (!hash) return Error(Category::kUnavailable, "OpenSSL could not compute HMAC-SHA-256");
-  CUSTODY_RETURN_IF_ERROR(store_.SetAccessTokenExpiry(*hash, r.expires_at));
-  std::lock_guard lock(mu_);
-  cache_.erase(*hash);
+  // The store decides, not this node's cache: a token revoked elsewhere a
+  // moment ago is not renewed (the UPDATE skips revoked rows).
+  Status set = store_.SetAccessTokenExpiry(*hash, r.expires_at);
+  {
+    std::lock_guard lock(mu_);
+    cache_.erase(*hash);
+  }
+  if (!set.ok() && set.error().category() == Category::kNotFound) {
+    return Error(Category::kDenied, "the access token " + r.accessor + " was revoked");
+  }
+  CUSTODY_RETURN_IF_ERROR(set);
   return r;
 }
 

@@ -94,6 +94,23 @@ TEST_F(AccessTokensTest, ARevocationOnAnotherNodeReachesThisOneWithinASecond) {
   EXPECT_FALSE(tokens_->Check(Text(*issued), now).ok());
 }
 
+// A renewal asks the store, not the cache: a token revoked on another node
+// a moment ago (still cached here as good) is not renewed.
+TEST_F(AccessTokensTest, ARenewalOfATokenRevokedElsewhereIsRefused) {
+  const int64_t now = SystemNow();
+  auto issued = tokens_->Issue("svc:web", 60, 600, "user:root", now);
+  ASSERT_TRUE(tokens_->Check(Text(*issued), now).ok());  // cached here
+  auto other_store = OpenSqliteStore(dir_ / "custody.db", /*create=*/false);
+  ASSERT_TRUE(other_store.ok());
+  AccessTokens other(**other_store, *AccessTokens::LoadKey(dir_ / "access-token.key", /*create=*/false));
+  ASSERT_EQ(*other.Revoke(issued->record.accessor, "", now), 1u);
+  auto r = tokens_->Renew(Text(*issued), 0, now + 1);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().category(), Category::kDenied);
+  EXPECT_NE(r.error().message().find("was revoked"), std::string::npos) << r.error().message();
+  EXPECT_FALSE(tokens_->Check(Text(*issued), now + 1).ok()) << "the refused renewal left the token cached as good";
+}
+
 TEST_F(AccessTokensTest, AnotherKeyKnowsNoToken) {
   const int64_t now = SystemNow();
   auto issued = tokens_->Issue("svc:web", 60, 600, "user:root", now);
