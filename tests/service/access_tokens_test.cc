@@ -26,6 +26,15 @@ class AccessTokensTest : public ::testing::Test {
     ASSERT_TRUE(key.ok()) << key.error().message();
     tokens_.emplace(*store_, std::move(*key));
   }
+  // Another node: its own store handle and AccessTokens, the same file and key.
+  std::pair<std::unique_ptr<Store>, std::unique_ptr<AccessTokens>> OtherNode() {
+    auto store = OpenSqliteStore(dir_ / "custody.db", /*create=*/false);
+    EXPECT_TRUE(store.ok());
+    auto key = AccessTokens::LoadKey(dir_ / "access-token.key", /*create=*/false);
+    EXPECT_TRUE(key.ok());
+    auto tokens = std::make_unique<AccessTokens>(**store, std::move(*key));
+    return {std::move(*store), std::move(tokens)};
+  }
   std::string Text(const AccessTokens::Issued& i) { return std::string(i.token.RevealString(SecretAccess{})); }
   test::TempDir dir_;
   std::unique_ptr<Store> store_;
@@ -86,10 +95,8 @@ TEST_F(AccessTokensTest, ARevocationOnAnotherNodeReachesThisOneWithinASecond) {
   const int64_t now = SystemNow();
   auto issued = tokens_->Issue("svc:web", 60, 600, "user:root", now);
   ASSERT_TRUE(tokens_->Check(Text(*issued), now).ok());  // cached here
-  auto other_store = OpenSqliteStore(dir_ / "custody.db", /*create=*/false);
-  ASSERT_TRUE(other_store.ok());
-  AccessTokens other(**other_store, *AccessTokens::LoadKey(dir_ / "access-token.key", /*create=*/false));
-  ASSERT_EQ(*other.Revoke("", "svc:web", now), 1u);
+  auto [other_store, other] = OtherNode();
+  ASSERT_EQ(*other->Revoke("", "svc:web", now), 1u);
   std::this_thread::sleep_for(std::chrono::milliseconds(1100));
   EXPECT_FALSE(tokens_->Check(Text(*issued), now).ok());
 }
@@ -100,10 +107,8 @@ TEST_F(AccessTokensTest, ARenewalOfATokenRevokedElsewhereIsRefused) {
   const int64_t now = SystemNow();
   auto issued = tokens_->Issue("svc:web", 60, 600, "user:root", now);
   ASSERT_TRUE(tokens_->Check(Text(*issued), now).ok());  // cached here
-  auto other_store = OpenSqliteStore(dir_ / "custody.db", /*create=*/false);
-  ASSERT_TRUE(other_store.ok());
-  AccessTokens other(**other_store, *AccessTokens::LoadKey(dir_ / "access-token.key", /*create=*/false));
-  ASSERT_EQ(*other.Revoke(issued->record.accessor, "", now), 1u);
+  auto [other_store, other] = OtherNode();
+  ASSERT_EQ(*other->Revoke(issued->record.accessor, "", now), 1u);
   auto r = tokens_->Renew(Text(*issued), 0, now + 1);
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.error().category(), Category::kDenied);
