@@ -116,9 +116,53 @@ std::optional<AuditResult> ParseAuditResult(std::string_view word) {
   return std::nullopt;
 }
 
+namespace {
+
+// Request ids: a random 32-bit prefix per process and a counter that starts
+// at a random value, 16 hex digits as before. An id names a request in the
+// records; it is no secret and grants nothing, so one draw from the RNG per
+// process is enough (it was one per request, a system call each time). A
+// forked child draws its own prefix at its first id (the fork handler only
+// marks it: little is safe to call there).
+struct RequestIds {
+  std::atomic<uint64_t> next{0};
+  std::atomic<bool> stale{true};
+  RequestIds() {
+    ::pthread_atfork(nullptr, nullptr, [] { Instance().stale.store(true, std::memory_order_relaxed); });
+  }
+  uint64_t Next() {
+    if (stale.load(std::memory_order_relaxed)) {
+      uint8_t b[8] = {};
+      if (RAND_bytes(b, sizeof b) != 1) {
+        // No RNG: the clock still tells processes apart.
+        const auto t = static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+        std::memcpy(b, &t, sizeof b);
+      }
+      uint64_t v = 0;
+      std::memcpy(&v, b, sizeof v);
+      next.store(v, std::memory_order_relaxed);
+      stale.store(false, std::memory_order_relaxed);
+    }
+    // The high half stays the prefix; the low half counts.
+    uint64_t v = next.load(std::memory_order_relaxed);
+    uint64_t id = 0;
+    do {
+      id = (v & 0xffffffff00000000ULL) | ((v + 1) & 0xffffffffULL);
+    } while (!next.compare_exchange_weak(v, id, std::memory_order_relaxed));
+    return id;
+  }
+  static RequestIds& Instance() {
+    static RequestIds ids;
+    return ids;
+  }
+};
+
+}  // namespace
+
 std::string NewRequestId() {
+  const uint64_t id = RequestIds::Instance().Next();
   uint8_t b[8];
-  if (RAND_bytes(b, sizeof b) != 1) return "unknown";
+  for (int i = 0; i < 8; ++i) b[i] = static_cast<uint8_t>(id >> (56 - 8 * i));
   return ToHex(b);
 }
 

@@ -103,36 +103,78 @@ Result<FileHead> ReadHead(const std::string& dir, bool repair) {
   return h;
 }
 
-class DirLock {
+// The folder's lock file, opened once and kept: each batch takes and drops
+// the flock on it, with no file to open and free each time. Taking it
+// checks that .lock is still the file this descriptor holds: a lock on a
+// file that was deleted or replaced would exclude no other process.
+class LockFile {
  public:
-  static Result<DirLock> Take(const std::string& dir, std::chrono::steady_clock::time_point deadline,
-                              std::chrono::milliseconds timeout) {
-    std::string path = dir + "/.lock";
-    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-    if (fd < 0) return Error::Os(errno, "audit log: " + path);
-    while (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
-      if (errno != EWOULDBLOCK || std::chrono::steady_clock::now() > deadline) {
-        ::close(fd);
-        return Error(Category::kUnavailable, "audit log: another process has held " + path + " for more than " +
-                                                 std::to_string(timeout.count()) + " ms; refusing to wait longer");
+  LockFile() = default;
+  LockFile(const LockFile&) = delete;
+  LockFile& operator=(const LockFile&) = delete;
+  ~LockFile() { Close(); }
+
+  Status Take(const std::string& dir, std::chrono::steady_clock::time_point deadline,
+              std::chrono::milliseconds timeout) {
+    const std::string path = dir + "/.lock";
+    for (int attempt = 0;; ++attempt) {
+      if (fd_ < 0) {
+        fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+        if (fd_ < 0) return Error::Os(errno, "audit log: " + path);
+        struct stat st {};
+        if (::fstat(fd_, &st) != 0) {
+          const int e = errno;
+          Close();
+          return Error::Os(e, "audit log: " + path);
+        }
+        dev_ = st.st_dev;
+        ino_ = st.st_ino;
       }
-      std::this_thread::sleep_for(std::chrono::microseconds(200));
+      while (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+        if (errno != EWOULDBLOCK || std::chrono::steady_clock::now() > deadline) {
+          return Error(Category::kUnavailable, "audit log: another process has held " + path + " for more than " +
+                                                   std::to_string(timeout.count()) + " ms; refusing to wait longer");
+        }
+        std::this_thread::sleep_for(std::chrono::microseconds(200));
+      }
+      struct stat now {};
+      if (::stat(path.c_str(), &now) == 0 && now.st_dev == dev_ && now.st_ino == ino_) return Status::Ok();
+      // Deleted or replaced under us: lock the file that is there now.
+      Close();
+      if (attempt > 0) return Error(Category::kUnavailable, "audit log: " + path + " keeps changing; refusing to write");
     }
-    return DirLock(fd);
   }
-  DirLock(DirLock&& o) noexcept : fd_(o.fd_) { o.fd_ = -1; }
-  ~DirLock() {
-    if (fd_ >= 0) ::close(fd_);
+  // Ends this process's turn.
+  void Release() {
+    if (fd_ >= 0) (void)::flock(fd_, LOCK_UN);
   }
 
  private:
-  explicit DirLock(int fd) : fd_(fd) {}
-  int fd_;
+  void Close() {
+    if (fd_ >= 0) ::close(fd_);  // drops the flock too
+    fd_ = -1;
+  }
+  int fd_ = -1;
+  dev_t dev_ = 0;
+  ino_t ino_ = 0;
+};
+
+// Releases the turn when a batch ends, however it ends.
+class Turn {
+ public:
+  explicit Turn(LockFile& lock) : lock_(lock) {}
+  Turn(const Turn&) = delete;
+  Turn& operator=(const Turn&) = delete;
+  ~Turn() { lock_.Release(); }
+
+ private:
+  LockFile& lock_;
 };
 
 class FileStorage final : public AuditStorage {
  public:
   explicit FileStorage(const AuditOptions& o) : dir_(o.dir), segment_bytes_(o.segment_bytes), timeout_(o.timeout) {}
+  ~FileStorage() override { ForgetSegment(); }
 
   Status Append(std::chrono::steady_clock::time_point deadline, const Build& build) override;
   Result<AuditHead> Head() override {
@@ -145,21 +187,34 @@ class FileStorage final : public AuditStorage {
   std::string Describe() const override { return "audit log " + dir_; }
 
  private:
+  void ForgetSegment() {
+    cache_.valid = false;
+    if (cache_.fd >= 0) ::close(cache_.fd);
+    cache_.fd = -1;
+  }
+
   std::string dir_;
   uint64_t segment_bytes_;
   std::chrono::milliseconds timeout_;
-  // The head as this process left it after its last batch: reused when the
-  // newest segment still has the same inode and size (no other process
-  // wrote since), which saves re-reading the tail on every batch.
+  // Only the batch's leader calls Append (AuditLog writes one batch at a
+  // time), so these need no lock of their own.
+  LockFile lock_;
+  // The head as this process left it after its last batch, and the newest
+  // segment still open for appending: both reused when that segment still
+  // has the same inode and size and no newer one exists (no other process
+  // wrote since), which saves re-reading the tail and re-opening the file
+  // on every batch.
   struct CachedHead {
     bool valid = false;
     FileHead head;
     uint64_t dev = 0, ino = 0;
+    int fd = -1;  // the segment, O_APPEND; -1 when none is open
   } cache_;
 };
 
 Status FileStorage::Append(std::chrono::steady_clock::time_point deadline, const Build& build) {
-  CUSTODY_ASSIGN_OR_RETURN(DirLock lock, DirLock::Take(dir_, deadline, timeout_));
+  CUSTODY_RETURN_IF_ERROR(lock_.Take(dir_, deadline, timeout_));
+  Turn turn(lock_);
   FileHead h;
   bool cached = false;
   if (cache_.valid) {
@@ -174,6 +229,7 @@ Status FileStorage::Append(std::chrono::steady_clock::time_point deadline, const
     }
   }
   if (!cached) {
+    ForgetSegment();
     CUSTODY_ASSIGN_OR_RETURN(h, ReadHead(dir_, /*repair=*/true));
   }
   cache_.valid = false;
@@ -184,12 +240,33 @@ Status FileStorage::Append(std::chrono::steady_clock::time_point deadline, const
   std::string path = dir_ + "/" + SegmentName(segment);
 
   std::vector<AuditLine> lines = build(h);
-  if (lines.empty() && h.torn_bytes == 0) return Status::Ok();
-  int fd = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
-  if (fd < 0) return Error::Os(errno, "audit log: cannot open " + path);
-  struct stat st {};
-  ::fstat(fd, &st);
-  const off_t original = st.st_size;
+  if (lines.empty() && h.torn_bytes == 0) {
+    cache_.valid = cached;  // nothing written: what was cached still holds
+    return Status::Ok();
+  }
+  int fd = -1;
+  off_t original = 0;
+  if (cached && segment == h.segment && cache_.fd >= 0) {
+    // The open segment is the one stat just checked (same inode, same size).
+    fd = cache_.fd;
+    original = static_cast<off_t>(h.size);
+  } else {
+    ForgetSegment();
+    fd = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0) return Error::Os(errno, "audit log: cannot open " + path);
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) {
+      const int e = errno;
+      ::close(fd);
+      return Error::Os(e, "audit log: cannot open " + path);
+    }
+    original = st.st_size;
+    cache_.fd = fd;
+    cache_.dev = static_cast<uint64_t>(st.st_dev);
+    cache_.ino = static_cast<uint64_t>(st.st_ino);
+  }
+  // From here the descriptor is cache_.fd; a failure closes it
+  // (ForgetSegment), and the next batch opens the segment afresh.
   std::string buffer;
   for (const auto& l : lines) {
     buffer += l.text;
@@ -203,7 +280,7 @@ Status FileStorage::Append(std::chrono::steady_clock::time_point deadline, const
       int e = errno;
       // Leave no partial record behind: cut back to where we started.
       (void)::ftruncate(fd, original);
-      ::close(fd);
+      ForgetSegment();
       return Error::Os(e, "audit log: cannot write " + path);
     }
     off += static_cast<size_t>(n);
@@ -213,10 +290,9 @@ Status FileStorage::Append(std::chrono::steady_clock::time_point deadline, const
   if (::fdatasync(fd) != 0) {
     int e = errno;
     (void)::ftruncate(fd, original);
-    ::close(fd);
+    ForgetSegment();
     return Error::Os(e, "audit log: cannot sync " + path);
   }
-  ::close(fd);
   if (fresh) {
     // A new segment's directory entry must be durable too.
     int dfd = ::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -241,17 +317,16 @@ Status FileStorage::Append(std::chrono::steady_clock::time_point deadline, const
       ::close(cfd);
     }
   }
-  struct stat fs {};
-  if (!lines.empty() && ::stat(path.c_str(), &fs) == 0) {
+  if (!lines.empty()) {
+    // The size this batch left: the lock kept every other writer out, and
+    // the next batch checks it against the file before trusting it.
     cache_.head.segment = segment;
-    cache_.head.size = static_cast<uint64_t>(fs.st_size);
+    cache_.head.size = static_cast<uint64_t>(original) + buffer.size();
     cache_.head.seq = lines.back().seq;
     cache_.head.hash = lines.back().hash;
     cache_.head.ckpt_seq = lines.back().ckpt_seq;
     cache_.head.ckpt_time = lines.back().ckpt_time;
     cache_.head.torn_bytes = 0;
-    cache_.dev = static_cast<uint64_t>(fs.st_dev);
-    cache_.ino = static_cast<uint64_t>(fs.st_ino);
     cache_.valid = true;
   }
   return Status::Ok();

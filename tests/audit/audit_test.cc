@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 #include <openssl/evp.h>
 #include <signal.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -474,6 +476,96 @@ TEST_F(AuditTest, ConcurrentProcessesShareOneChainAcrossSegments) {
   auto all = ReadAuditLog(opts_.dir);
   for (const auto& rec : *all) details.insert(rec.event.detail);
   EXPECT_EQ(details.size(), static_cast<size_t>(kProcs * kEach)) << "no record lost or duplicated";
+}
+
+// The log keeps its lock file open between batches and only takes the
+// flock on it per batch. A .lock that was deleted and made again (by an
+// operator, a clean-up job) must be the one it locks: here another holder
+// has the new file locked, and the append must wait for it (and give up at
+// its timeout) instead of writing beside it under the old, unlinked file.
+TEST_F(AuditTest, AReplacedLockFileIsTheOneTheNextBatchWaitsFor) {
+  opts_.timeout = std::chrono::milliseconds(300);
+  auto log = AuditLog::Open(opts_);
+  ASSERT_TRUE(log.ok()) << log.error().message();
+  ASSERT_TRUE((*log)->Append(Event(1)).ok());
+  const std::string lock = opts_.dir + "/.lock";
+  ASSERT_EQ(::unlink(lock.c_str()), 0);
+  int held = ::open(lock.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  ASSERT_GE(held, 0);
+  ASSERT_EQ(::flock(held, LOCK_EX | LOCK_NB), 0);
+  auto refused = (*log)->Append(Event(2));
+  ASSERT_FALSE(refused.ok()) << "written while another holder had the lock file";
+  EXPECT_NE(refused.error().message().find("another process has held " + lock), std::string::npos)
+      << refused.error().message();
+  ::close(held);
+  auto s = (*log)->Append(Event(3));
+  ASSERT_TRUE(s.ok()) << s.error().message();
+  EXPECT_EQ(*s, 2u);
+  auto rep = Verify();
+  EXPECT_TRUE(rep.intact) << rep.problem;
+  EXPECT_EQ(rep.records, 2u);
+}
+
+// The newest segment also stays open between batches. A segment replaced by
+// a copy (another inode at the same name, as a restore or an rsync leaves
+// it) must get the next records, not the file that was moved away.
+TEST_F(AuditTest, ASegmentReplacedBetweenBatchesGetsTheNextRecords) {
+  auto log = AuditLog::Open(opts_);
+  ASSERT_TRUE(log.ok()) << log.error().message();
+  ASSERT_TRUE((*log)->Append(Event(1)).ok());
+  ASSERT_TRUE((*log)->Append(Event(2)).ok());
+  const std::string moved = opts_.dir + "/moved.jsonl.bak";
+  std::filesystem::copy_file(Segment(), moved);
+  std::filesystem::rename(moved, Segment());  // same bytes, another inode
+  auto s = (*log)->Append(Event(3));
+  ASSERT_TRUE(s.ok()) << s.error().message();
+  EXPECT_EQ(*s, 3u);
+  auto all = ReadAuditLog(opts_.dir);
+  ASSERT_TRUE(all.ok());
+  ASSERT_EQ(all->size(), 3u) << "the third record went to the file that was replaced";
+  EXPECT_EQ(all->back().seq, 3u);
+  auto rep = Verify();
+  EXPECT_TRUE(rep.intact) << rep.problem;
+}
+
+// Request ids are counted from a random prefix per process: 16 lower-case
+// hex digits, none repeated across threads, and a forked child's are its own.
+TEST(RequestIds, AreSixteenHexDigitsUniqueAcrossThreadsAndForks) {
+  constexpr int kThreads = 4, kEach = 5000;
+  std::vector<std::vector<std::string>> got(kThreads);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kEach; ++i) got[t].push_back(NewRequestId());
+    });
+  }
+  for (auto& t : threads) t.join();
+  std::set<std::string> all;
+  for (const auto& v : got) {
+    for (const auto& id : v) {
+      ASSERT_TRUE(IsLowerHex(id, 16)) << id;
+      all.insert(id);
+    }
+  }
+  EXPECT_EQ(all.size(), static_cast<size_t>(kThreads * kEach)) << "a request id was given twice";
+  // A child's next id does not share the parent's prefix (the first 8 digits).
+  const std::string parent = NewRequestId();
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    const std::string id = NewRequestId();
+    (void)!::write(fds[1], id.data(), id.size());
+    ::_exit(0);
+  }
+  ::close(fds[1]);
+  char buf[32] = {};
+  ssize_t n = ::read(fds[0], buf, sizeof buf);
+  ::close(fds[0]);
+  ::waitpid(pid, nullptr, 0);
+  ASSERT_EQ(n, 16);
+  const std::string child(buf, 16);
+  EXPECT_NE(child.substr(0, 8), parent.substr(0, 8)) << parent << " / " << child;
 }
 
 TEST_F(AuditTest, KillNineMidWriteLeavesAVerifiableLogThatContinuesCleanly) {
