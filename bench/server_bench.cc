@@ -57,6 +57,35 @@ double ThreadCpuMicros() {
   return static_cast<double>(ts.tv_sec) * 1e6 + static_cast<double>(ts.tv_nsec) / 1e3;
 }
 
+struct FsyncTimes {
+  double p50_ms = 0, p99_ms = 0, cpu_us = 0;
+};
+
+// What one durable record costs the disk alone: append a line of a GET
+// record's size and fdatasync it, `runs` times, to a file of its own on the
+// same file system as the audit log (the same two calls the log makes).
+FsyncTimes AppendSyncLoop(const std::string& path, int runs) {
+  int fd = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+  if (fd < 0) Die("cannot open " + path);
+  const std::string line = std::string(671, 'x') + "\n";
+  std::vector<double> ms;
+  ms.reserve(static_cast<size_t>(runs));
+  const double cpu0 = ThreadCpuMicros();
+  for (int i = 0; i < runs; ++i) {
+    auto s = Clock::now();
+    if (::write(fd, line.data(), line.size()) != static_cast<ssize_t>(line.size()) ||
+        ::fdatasync(fd) != 0) {
+      Die("append to " + path + " failed");
+    }
+    ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - s).count());
+  }
+  const double cpu = ThreadCpuMicros() - cpu0;
+  ::close(fd);
+  ::unlink(path.c_str());
+  std::sort(ms.begin(), ms.end());
+  return {ms[ms.size() / 2], ms[ms.size() * 99 / 100], cpu / runs};
+}
+
 // The raw loop's rate, and its CPU time per decrypt in *cpu_us.
 double RawDecryptRate(const std::string& label, double* cpu_us) {
   using namespace custody;
@@ -241,15 +270,17 @@ int main() {
   // "cpu us": custodyd's CPU time per request, all threads; "x raw": that
   // over the raw decrypt's. Unlike the rate, neither counts time spent
   // waiting for a core that the bench's own client threads hold.
-  std::printf("%-8s %10s %8s %8s %8s %8s %8s %8s %7s %7s\n", "clients", "requests/s", "ratio", "p50 ms", "p90 ms",
-              "p99 ms", "p99.9 ms", "cpu us", "x raw", "errors");
+  // "switches": custodyd's context switches per request (hand-offs between
+  // its threads, waits for the disk).
+  std::printf("%-8s %10s %8s %8s %8s %8s %8s %8s %7s %8s %7s\n", "clients", "requests/s", "ratio", "p50 ms", "p90 ms",
+              "p99 ms", "p99.9 ms", "cpu us", "x raw", "switches", "errors");
   auto print = [&](const std::string& label, const Run& r, const char* what) {
-    std::printf("%-8s %10.0f %8.2f %8.3f %8.3f %8.3f %8.3f %8.1f %7.1f %7llu%s\n", label.c_str(), r.rate, r.rate / raw,
-                r.p50_ms, r.p90_ms, r.p99_ms, r.p999_ms, r.server_us, r.server_us / raw_cpu_us,
-                static_cast<unsigned long long>(r.errors), what);
+    std::printf("%-8s %10.0f %8.2f %8.3f %8.3f %8.3f %8.3f %8.1f %7.1f %8.2f %7llu%s\n", label.c_str(), r.rate,
+                r.rate / raw, r.p50_ms, r.p90_ms, r.p99_ms, r.p999_ms, r.server_us, r.server_us / raw_cpu_us,
+                r.server_switches, static_cast<unsigned long long>(r.errors), what);
   };
   ServerRun(pid, socket, 4, std::chrono::seconds(1));  // warm up
-  Run at16;
+  Run at16, at1;
   // SERVER_BENCH_CLIENTS=16 SERVER_BENCH_SECONDS=20 narrows a run for a profiler.
   std::vector<int> loads{1, 4, 16, 64};
   if (const char* only = std::getenv("SERVER_BENCH_CLIENTS")) loads = {std::atoi(only)};
@@ -258,6 +289,7 @@ int main() {
   for (int n : loads) {
     Run r = ServerRun(pid, socket, n, secs);
     if (n == 16) at16 = r;
+    if (n == 1) at1 = r;
     print(std::to_string(n), r, "");
   }
   // The floor: GET /v1/health touches no store, token or audit log, so its
@@ -265,6 +297,18 @@ int main() {
   // machine, the bench's client threads included. A GET of a secret adds the
   // store reads, the unseal and the audit record on top of it.
   print("16", ServerRun(pid, socket, 16, secs, "/v1/health"), "   GET /v1/health: HTTP alone");
+  // The one-client floor: what one GET cannot avoid on this machine, its
+  // HTTP exchange (/v1/health from one client) and one durable append of a
+  // record-sized line to the audit log's disk (write + fdatasync, as the
+  // log does), measured here, in this run.
+  const Run health1 = ServerRun(pid, socket, 1, secs, "/v1/health");
+  print("1", health1, "   GET /v1/health: HTTP alone");
+  const FsyncTimes sync = AppendSyncLoop(dir + "/state/fsync-probe", 2000);
+  std::printf("  append 672 B + fdatasync on the state disk: p50 %.3f ms, p99 %.3f ms, %.1f us CPU each\n",
+              sync.p50_ms, sync.p99_ms, sync.cpu_us);
+  const double floor1 = health1.p50_ms + sync.p50_ms;
+  std::printf("  one-client floor: HTTP p50 %.3f + fdatasync p50 %.3f = %.3f ms (GET p50 %.3f ms, issue 21 target < 0.35)\n\n",
+              health1.p50_ms, sync.p50_ms, floor1, at1.p50_ms);
   // The native GET at 16 clients for the ratios below: the mean of the row
   // above and one measured after the Vault row.
   double native16 = at16.rate;
@@ -290,6 +334,7 @@ int main() {
     std::printf("  Vault GET / native GET at 16 clients: %.2f (target >= 0.90; native %.0f/s, mean of two rows)\n\n",
                 native > 0 ? vault.rate / native : 0.0, native);
   }
+  double floor16 = 0, rpc16 = 0;
   // The peer a team would otherwise use: p11-kit's PKCS#11 RPC to the same
   // token, 16 threads (issue 21: GET at 16 clients at least 1.5 times it).
   {
@@ -301,6 +346,8 @@ int main() {
       std::printf("  GET / p11-kit RPC at 16 clients: %.2f (issue 21 target >= 1.5)\n", native16 / rpc.rate);
     }
     const Run floor = ServerRun(pid, socket, 16, secs, "/v1/health");
+    floor16 = floor.rate;
+    rpc16 = rpc.rate;
     std::printf("  GET / HTTP floor (GET /v1/health) at 16 clients: %.2f (issue 21 target >= 0.30)\n\n",
                 floor.rate > 0 ? native16 / floor.rate : 0.0);
   }
@@ -371,9 +418,23 @@ int main() {
   std::printf("  pkcs11-tool --decrypt                 %6.2f ms\n", tool);
   std::printf("  custody secret get (through custodyd)  %6.2f ms  ratio %.2f (target <= 0.50)\n", via, via / tool);
   std::printf("  custody secret get (direct)            %6.2f ms  ratio %.2f\n", direct, direct / tool);
-  if (at16.clients == 16) std::printf("\ntargets: server at 16 clients %.2f of raw (>= 0.50: %s), p99 %.3f ms (< 2 ms: %s); process %s\n",
-              at16.rate / raw, at16.rate / raw >= 0.5 ? "met" : "NOT met", at16.p99_ms,
-              at16.p99_ms < 2.0 ? "met" : "NOT met", via / tool <= 0.5 ? "met" : "NOT met");
+  std::printf("\ntargets: process %s\n", via / tool <= 0.5 ? "met" : "NOT met");
+  // Issue 21's targets, in one place (the 0.5-of-raw target of the
+  // custodyd issue is retired: it compared a network service with an
+  // in-process call).
+  auto met = [](bool ok) { return ok ? "met" : "NOT met"; };
+  if (at16.clients == 16 && floor16 > 0) {
+    std::printf("issue 21: GET/HTTP floor at 16 clients %.2f (>= 0.30: %s); p99 at 16 clients %.3f ms (< 2 ms: %s)\n",
+                native16 / floor16, met(native16 / floor16 >= 0.30), at16.p99_ms, met(at16.p99_ms < 2.0));
+  }
+  if (at16.clients == 16 && rpc16 > 0) {
+    std::printf("issue 21: GET / p11-kit RPC at 16 clients %.2f (>= 1.5: %s)\n", native16 / rpc16,
+                met(native16 / rpc16 >= 1.5));
+  }
+  if (at1.clients == 1) {
+    std::printf("issue 21: one-client p50 %.3f ms (< 0.35 ms: %s; this machine's floor %.3f ms)\n", at1.p50_ms,
+                met(at1.p50_ms < 0.35), floor1);
+  }
 
   if (pg16.clients == 16) {
     std::printf("targets: PostgreSQL store at 16 clients %.2f of SQLite's (>= 0.70: %s), %.2f statements per GET "
