@@ -61,7 +61,9 @@ inline double CpuMicros(pid_t pid) {
 // Context switches a process has made so far, all threads, voluntary or
 // not (/proc/PID/task/*/status). Each is a hand-off between threads or a
 // wait for the disk; on a virtual machine each costs more than on bare
-// metal, so their count per request says more than a rate.
+// metal, so their count per request says more than a rate. Only threads
+// alive when it is read count: custodyd keeps its threads for its life,
+// so none is lost between two readings.
 inline double ContextSwitches(pid_t pid) {
   double n = 0;
   std::error_code ec;

@@ -10,6 +10,7 @@
 #include <openssl/rand.h>
 #include <pthread.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -122,26 +123,40 @@ namespace {
 // at a random value, 16 hex digits as before. An id names a request in the
 // records; it is no secret and grants nothing, so one draw from the RNG per
 // process is enough (it was one per request, a system call each time). A
-// forked child draws its own prefix at its first id (the fork handler only
-// marks it: little is safe to call there).
+// new prefix is drawn in a forked child at its first id (the fork handler
+// only marks it: little is safe to call there), and when the counter comes
+// back to where it started, so that no id repeats within a process.
 struct RequestIds {
+  enum : int { kStale, kDrawing, kReady };
+  std::atomic<int> state{kStale};
   std::atomic<uint64_t> next{0};
-  std::atomic<bool> stale{true};
+  std::atomic<uint32_t> start{0};
   RequestIds() {
-    ::pthread_atfork(nullptr, nullptr, [] { Instance().stale.store(true, std::memory_order_relaxed); });
+    ::pthread_atfork(nullptr, nullptr, [] { Instance().state.store(kStale, std::memory_order_release); });
+  }
+  void Draw() {
+    uint8_t b[8] = {};
+    uint64_t v = 0;
+    if (RAND_bytes(b, sizeof b) == 1) {
+      std::memcpy(&v, b, sizeof v);
+    } else {
+      // No RNG: the clock and the process id still tell processes apart.
+      v = static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) ^
+          (static_cast<uint64_t>(::getpid()) << 32);
+    }
+    next.store(v, std::memory_order_relaxed);
+    start.store(static_cast<uint32_t>(v), std::memory_order_relaxed);
   }
   uint64_t Next() {
-    if (stale.load(std::memory_order_relaxed)) {
-      uint8_t b[8] = {};
-      if (RAND_bytes(b, sizeof b) != 1) {
-        // No RNG: the clock still tells processes apart.
-        const auto t = static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
-        std::memcpy(b, &t, sizeof b);
+    for (int s = state.load(std::memory_order_acquire); s != kReady; s = state.load(std::memory_order_acquire)) {
+      // One thread draws; the others wait the moment it takes (no mutex: a
+      // fork could leave one locked in the child).
+      if (s == kStale && state.compare_exchange_strong(s, kDrawing, std::memory_order_acquire)) {
+        Draw();
+        state.store(kReady, std::memory_order_release);
+        break;
       }
-      uint64_t v = 0;
-      std::memcpy(&v, b, sizeof v);
-      next.store(v, std::memory_order_relaxed);
-      stale.store(false, std::memory_order_relaxed);
+      std::this_thread::yield();
     }
     // The high half stays the prefix; the low half counts.
     uint64_t v = next.load(std::memory_order_relaxed);
@@ -149,6 +164,11 @@ struct RequestIds {
     do {
       id = (v & 0xffffffff00000000ULL) | ((v + 1) & 0xffffffffULL);
     } while (!next.compare_exchange_weak(v, id, std::memory_order_relaxed));
+    if (static_cast<uint32_t>(id) == start.load(std::memory_order_relaxed)) {
+      // 2^32 ids from this prefix: the next would repeat the first.
+      int ready = kReady;
+      state.compare_exchange_strong(ready, kStale, std::memory_order_release);
+    }
     return id;
   }
   static RequestIds& Instance() {

@@ -5,11 +5,13 @@
 // records that it did.
 #include <dirent.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cinttypes>
 #include <cstdio>
@@ -103,6 +105,22 @@ Result<FileHead> ReadHead(const std::string& dir, bool repair) {
   return h;
 }
 
+// Forks so far in this process (counted in the child). A descriptor kept
+// open across a fork is shared with the child: an flock belongs to the open
+// file, so parent and child would both "hold" it and either's unlock would
+// end the other's turn. A storage that finds the count moved drops what it
+// inherited (close, never unlock: the parent's turn stays the parent's) and
+// opens its own.
+std::atomic<uint64_t> g_forks{0};
+uint64_t Forks() {
+  static const bool registered = [] {
+    ::pthread_atfork(nullptr, nullptr, [] { g_forks.fetch_add(1, std::memory_order_relaxed); });
+    return true;
+  }();
+  (void)registered;
+  return g_forks.load(std::memory_order_relaxed);
+}
+
 // The folder's lock file, opened once and kept: each batch takes and drops
 // the flock on it, with no file to open and free each time. Taking it
 // checks that .lock is still the file this descriptor holds: a lock on a
@@ -117,8 +135,13 @@ class LockFile {
   Status Take(const std::string& dir, std::chrono::steady_clock::time_point deadline,
               std::chrono::milliseconds timeout) {
     const std::string path = dir + "/.lock";
+    if (fd_ >= 0 && forks_ != Forks()) {
+      ::close(fd_);  // inherited: the parent's, lock and all
+      fd_ = -1;
+    }
     for (int attempt = 0;; ++attempt) {
       if (fd_ < 0) {
+        forks_ = Forks();
         fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
         if (fd_ < 0) return Error::Os(errno, "audit log: " + path);
         struct stat st {};
@@ -155,6 +178,7 @@ class LockFile {
     fd_ = -1;
   }
   int fd_ = -1;
+  uint64_t forks_ = 0;  // Forks() when fd_ was opened
   dev_t dev_ = 0;
   ino_t ino_ = 0;
 };
@@ -209,10 +233,17 @@ class FileStorage final : public AuditStorage {
     FileHead head;
     uint64_t dev = 0, ino = 0;
     int fd = -1;  // the segment, O_APPEND; -1 when none is open
+    uint64_t forks = 0;  // Forks() when fd was opened
   } cache_;
 };
 
 Status FileStorage::Append(std::chrono::steady_clock::time_point deadline, const Build& build) {
+  if (cache_.fd >= 0 && cache_.forks != Forks()) {
+    // Inherited from the parent: its own to write with, not ours.
+    ::close(cache_.fd);
+    cache_.fd = -1;
+    cache_.valid = false;
+  }
   CUSTODY_RETURN_IF_ERROR(lock_.Take(dir_, deadline, timeout_));
   Turn turn(lock_);
   FileHead h;
@@ -235,7 +266,9 @@ Status FileStorage::Append(std::chrono::steady_clock::time_point deadline, const
   cache_.valid = false;
 
   uint32_t segment = h.segment == 0 ? 1 : h.segment;
-  bool fresh = h.segment == 0 || h.size >= segment_bytes_;
+  // An empty newest segment is fresh too: a batch that made it and then
+  // failed to write left its directory entry unsynced.
+  bool fresh = h.segment == 0 || h.size == 0 || h.size >= segment_bytes_;
   if (h.segment != 0 && h.size >= segment_bytes_) segment = h.segment + 1;
   std::string path = dir_ + "/" + SegmentName(segment);
 
@@ -262,6 +295,7 @@ Status FileStorage::Append(std::chrono::steady_clock::time_point deadline, const
     }
     original = st.st_size;
     cache_.fd = fd;
+    cache_.forks = Forks();
     cache_.dev = static_cast<uint64_t>(st.st_dev);
     cache_.ino = static_cast<uint64_t>(st.st_ino);
   }

@@ -64,7 +64,8 @@ struct AuditEvent {
   std::string detail;    // free text that is not secret (policy sha256, counts)
 };
 
-// A random id for one command or request, shared by its audit records.
+// An id for one command or request, shared by its audit records: 16 hex
+// digits, a random prefix per process and a counter (unique, not secret).
 std::string NewRequestId();
 
 // Signs checkpoint messages; the token implementation is TokenAuditSigner.
