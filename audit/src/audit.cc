@@ -123,17 +123,15 @@ namespace {
 // at a random value, 16 hex digits as before. An id names a request in the
 // records; it is no secret and grants nothing, so one draw from the RNG per
 // process is enough (it was one per request, a system call each time). A
-// new prefix is drawn in a forked child at its first id (the fork handler
-// only marks it: little is safe to call there), and when the counter comes
+// new prefix is drawn in a forked child at its first id (ForksSoFar says
+// it is one), and when the counter comes
 // back to where it started, so that no id repeats within a process.
 struct RequestIds {
   enum : int { kStale, kDrawing, kReady };
   std::atomic<int> state{kStale};
   std::atomic<uint64_t> next{0};
   std::atomic<uint32_t> start{0};
-  RequestIds() {
-    ::pthread_atfork(nullptr, nullptr, [] { Instance().state.store(kStale, std::memory_order_release); });
-  }
+  std::atomic<uint64_t> forks{0};  // ForksSoFar() at the draw
   void Draw() {
     uint8_t b[8] = {};
     uint64_t v = 0;
@@ -148,6 +146,11 @@ struct RequestIds {
     start.store(static_cast<uint32_t>(v), std::memory_order_relaxed);
   }
   uint64_t Next() {
+    if (const uint64_t f = ForksSoFar(); f != forks.load(std::memory_order_relaxed)) {
+      // A forked child (the count moves only in the child): its own prefix.
+      forks.store(f, std::memory_order_relaxed);
+      state.store(kStale, std::memory_order_release);
+    }
     for (int s = state.load(std::memory_order_acquire); s != kReady; s = state.load(std::memory_order_acquire)) {
       // One thread draws; the others wait the moment it takes (no mutex: a
       // fork could leave one locked in the child).

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <string>
 #include <vector>
@@ -18,5 +19,10 @@ inline constexpr size_t kAuditMaxLine = 64 * 1024;
 // kIntegrity.
 Status ReadAuditFiles(const std::vector<std::string>& files, const std::function<void(AuditChainLine&&)>& each,
                       bool* torn);
+
+// Forks so far in this process, counted in each child (file_storage.cc). A
+// descriptor or a random draw kept from before a fork is the parent's:
+// whoever keeps one notes this count with it and drops it when it moved.
+uint64_t ForksSoFar();
 
 }  // namespace custody::core

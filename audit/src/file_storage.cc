@@ -105,14 +105,16 @@ Result<FileHead> ReadHead(const std::string& dir, bool repair) {
   return h;
 }
 
-// Forks so far in this process (counted in the child). A descriptor kept
-// open across a fork is shared with the child: an flock belongs to the open
-// file, so parent and child would both "hold" it and either's unlock would
-// end the other's turn. A storage that finds the count moved drops what it
-// inherited (close, never unlock: the parent's turn stays the parent's) and
-// opens its own.
+// A descriptor kept open across a fork is shared with the child: an flock
+// belongs to the open file, so parent and child would both "hold" it and
+// either's unlock would end the other's turn. A storage that finds the fork
+// count moved drops what it inherited (close, never unlock: the parent's
+// turn stays the parent's) and opens its own.
 std::atomic<uint64_t> g_forks{0};
-uint64_t Forks() {
+
+}  // namespace
+
+uint64_t ForksSoFar() {
   static const bool registered = [] {
     ::pthread_atfork(nullptr, nullptr, [] { g_forks.fetch_add(1, std::memory_order_relaxed); });
     return true;
@@ -120,6 +122,8 @@ uint64_t Forks() {
   (void)registered;
   return g_forks.load(std::memory_order_relaxed);
 }
+
+namespace {
 
 // The folder's lock file, opened once and kept: each batch takes and drops
 // the flock on it, with no file to open and free each time. Taking it
@@ -135,13 +139,13 @@ class LockFile {
   Status Take(const std::string& dir, std::chrono::steady_clock::time_point deadline,
               std::chrono::milliseconds timeout) {
     const std::string path = dir + "/.lock";
-    if (fd_ >= 0 && forks_ != Forks()) {
+    if (fd_ >= 0 && forks_ != ForksSoFar()) {
       ::close(fd_);  // inherited: the parent's, lock and all
       fd_ = -1;
     }
     for (int attempt = 0;; ++attempt) {
       if (fd_ < 0) {
-        forks_ = Forks();
+        forks_ = ForksSoFar();
         fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
         if (fd_ < 0) return Error::Os(errno, "audit log: " + path);
         struct stat st {};
@@ -178,7 +182,7 @@ class LockFile {
     fd_ = -1;
   }
   int fd_ = -1;
-  uint64_t forks_ = 0;  // Forks() when fd_ was opened
+  uint64_t forks_ = 0;  // ForksSoFar() when fd_ was opened
   dev_t dev_ = 0;
   ino_t ino_ = 0;
 };
@@ -233,12 +237,12 @@ class FileStorage final : public AuditStorage {
     FileHead head;
     uint64_t dev = 0, ino = 0;
     int fd = -1;  // the segment, O_APPEND; -1 when none is open
-    uint64_t forks = 0;  // Forks() when fd was opened
+    uint64_t forks = 0;  // ForksSoFar() when fd was opened
   } cache_;
 };
 
 Status FileStorage::Append(std::chrono::steady_clock::time_point deadline, const Build& build) {
-  if (cache_.fd >= 0 && cache_.forks != Forks()) {
+  if (cache_.fd >= 0 && cache_.forks != ForksSoFar()) {
     // Inherited from the parent: its own to write with, not ours.
     ::close(cache_.fd);
     cache_.fd = -1;
@@ -295,7 +299,7 @@ Status FileStorage::Append(std::chrono::steady_clock::time_point deadline, const
     }
     original = st.st_size;
     cache_.fd = fd;
-    cache_.forks = Forks();
+    cache_.forks = ForksSoFar();
     cache_.dev = static_cast<uint64_t>(st.st_dev);
     cache_.ino = static_cast<uint64_t>(st.st_ino);
   }
