@@ -24,20 +24,12 @@
 #include "custody/hsm/uri.h"
 #include "flow.h"
 #include "io.h"
+#include "token_report.h"
 
 namespace custody::cli {
 namespace {
 
 using nlohmann::json;
-
-struct Capability {
-  std::string id;       // stable key, for --against
-  std::string what;     // for people
-  bool required = false;
-  bool present = false;
-  std::string detail;       // what the token answered
-  std::string without_it;   // what custody does without it
-};
 
 std::string Rv(CK_RV rv) { return hsm::RvName(rv); }
 
@@ -304,38 +296,11 @@ json ReportJson(const std::string& module, const std::string& token, const std::
   return {{"format", "custody-token-check-v1"}, {"module", module}, {"token", token}, {"capabilities", list}};
 }
 
-// Differences between this report and a saved one, one line each.
 Result<std::vector<std::string>> Compare(const std::vector<Capability>& caps, const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return Error(Category::kNotFound, "--against " + path + " cannot be read");
   std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  json other = json::parse(text, nullptr, /*allow_exceptions=*/false);
-  // Read without value(): it throws on a field of another type.
-  auto format = other.is_object() ? other.find("format") : other.end();
-  auto list = other.is_object() ? other.find("capabilities") : other.end();
-  if (other.is_discarded() || !other.is_object() || format == other.end() || !format->is_string() ||
-      *format != "custody-token-check-v1" || list == other.end() || !list->is_array()) {
-    return Error(Category::kIntegrity, "--against " + path + " is not a saved `custody token check --json` report");
-  }
-  std::map<std::string, bool> theirs;
-  for (const auto& c : *list) {
-    if (c.is_object() && c.contains("id") && c["id"].is_string() && c.contains("present") && c["present"].is_boolean()) {
-      theirs[c["id"].get<std::string>()] = c["present"].get<bool>();
-    }
-  }
-  auto token = other.find("token");
-  std::string their_token = token != other.end() && token->is_string() ? token->get<std::string>() : "the other token";
-  std::vector<std::string> out;
-  for (const auto& c : caps) {
-    auto it = theirs.find(c.id);
-    if (it == theirs.end()) {
-      out.push_back(c.id + ": not in the saved report");
-    } else if (it->second != c.present) {
-      out.push_back(c.id + ": " + (c.present ? "present here, missing on " : "missing here, present on ") +
-                    EscapeUntrusted(their_token) + (c.required ? " (required)" : " (optional)"));
-    }
-  }
-  return out;
+  return CompareWithSaved(caps, text, path);
 }
 
 }  // namespace
