@@ -1,6 +1,7 @@
 #include "server_fixture.h"
 
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -159,8 +160,16 @@ pid_t StartCustodyd(const CustodydStart& how) {
   for (const char* k : {"ASAN_OPTIONS", "UBSAN_OPTIONS", "TSAN_OPTIONS"}) {
     if (const char* v = std::getenv(k)) env_strings.push_back(std::string(k) + "=" + v);
   }
+  const pid_t parent = ::getpid();
   pid_t pid = ::fork();
   if (pid == 0) {
+    // Otherwise a custodyd outlives a test process that dies (a crash, the
+    // SIGKILL of ctest's timeout), holding its socket and token until
+    // someone kills it. The signal follows the thread that forked: every
+    // caller starts custodyd from the test's own thread, never from one of
+    // the client threads a test joins.
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (::getppid() != parent) ::_exit(127);  // it died before the prctl
     std::vector<char*> envp;
     for (auto& e : env_strings) envp.push_back(e.data());
     envp.push_back(nullptr);
