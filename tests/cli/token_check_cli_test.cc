@@ -86,6 +86,10 @@ TEST_F(TokenCheckCliTest, ATokenWithoutAesGcmExits1NamingItAndDiffersFromTheSave
     ExpectOneLine(Bare({"--against", token_.dir() / "junk.json"}, ""), 65,
                   "is not a saved `custody token check --json` report");
   }
+  // Nor is a file far larger than any report (read no further than 1 MiB).
+  WriteFile(token_.dir() / "junk.json", "{\"format\":\"custody-token-check-v1\",\"capabilities\":[]}" +
+                                            std::string(2 * 1024 * 1024, ' '));
+  ExpectOneLine(Bare({"--against", token_.dir() / "junk.json"}, ""), 65, "(larger than 1 MiB)");
   // Entries of the wrong shape inside a good frame are skipped, not trusted.
   WriteFile(token_.dir() / "odd.json",
             "{\"format\":\"custody-token-check-v1\",\"token\":7,\"capabilities\":[1,{\"id\":2},{\"id\":\"rng\",\"present\":\"yes\"}]}");

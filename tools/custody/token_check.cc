@@ -10,9 +10,7 @@
 // token (CI's SoftHSM2 against production's HSM).
 #include <cstdio>
 #include <cstring>
-#include <map>
 #include <fstream>
-#include <iterator>
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
@@ -299,7 +297,16 @@ json ReportJson(const std::string& module, const std::string& token, const std::
 Result<std::vector<std::string>> Compare(const std::vector<Capability>& caps, const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return Error(Category::kNotFound, "--against " + path + " cannot be read");
-  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  // A saved report is a few KB: anything past 1 MiB is refused before it
+  // is held in memory whole.
+  constexpr size_t kMaxSavedReport = 1024 * 1024;
+  std::string text(kMaxSavedReport + 1, '\0');
+  in.read(text.data(), static_cast<std::streamsize>(text.size()));
+  text.resize(static_cast<size_t>(in.gcount()));
+  if (text.size() > kMaxSavedReport) {
+    return Error(Category::kIntegrity,
+                 "--against " + path + " is not a saved `custody token check --json` report (larger than 1 MiB)");
+  }
   return CompareWithSaved(caps, text, path);
 }
 
