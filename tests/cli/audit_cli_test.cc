@@ -2,6 +2,7 @@
 // nothing secret is in it, the CLI refuses to work without it, and `audit
 // verify` / `audit show` tell the user what they need to know.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <filesystem>
@@ -251,8 +252,20 @@ TEST_F(AuditCliTest, ExportWritesTheRecordsAsStoredAndTheExportVerifiesOffline) 
   ASSERT_EQ(Cli({"audit", "checkpoint"}).exit_code, 0);
   const std::string out = token_.dir() / "export.jsonl", pem = token_.dir() / "audit.pem";
   ASSERT_EQ(Cli({"audit", "pubkey", "--out", pem}).exit_code, 0);
+  // What an export killed half way by an older custody left, or what
+  // another user put there first: neither stops the export nor receives it.
+  WriteFile(out + ".tmp", "left over\n");
   auto r = Cli({"audit", "export", "--out", out});
   ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(ReadFile(out + ".tmp"), "left over\n");
+  std::filesystem::remove(out + ".tmp");
+  for (const auto& e : std::filesystem::directory_iterator(std::filesystem::path(out).parent_path())) {
+    EXPECT_EQ(e.path().filename().string().rfind(".custody-", 0), std::string::npos)
+        << "a temporary file was left beside the export: " << e.path();
+  }
+  struct stat st {};
+  ASSERT_EQ(::stat(out.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
   const std::string exported = ReadFile(out);
   const std::vector<std::string> stored = TrailLines(token_.config_path());
   std::string expected;

@@ -1085,36 +1085,46 @@ Status AuditExport(const Globals& g, const AuditExportArgs& a) {
   return Finish(o, [&]() -> Status {
     CUSTODY_RETURN_IF_ERROR(Guard(o));
     const bool admin = o.authz->Allows(o.who, Action::kApplyPolicy, {});
-    // Written to a temporary file and renamed: an export that fails half
-    // way leaves no half file where the SIEM collector looks.
-    std::string tmp;
-    FILE* f = stdout;
+    // With --out, a StagedFile: an export that fails or is killed half way
+    // leaves no half file where the SIEM collector looks, and no leftover
+    // that stops the next export; nobody can pre-create or redirect it.
+    std::optional<StagedFile> staged;
     if (a.out) {
-      tmp = *a.out + ".tmp";
-      f = std::fopen(tmp.c_str(), "wx");
-      if (f == nullptr) return Error::Os(errno, "--out " + tmp, Category::kUsage);
+      auto made = StagedFile::Create(*a.out);
+      if (!made) return Error(Category::kUsage, "--out " + *a.out + ": " + made.error().message());
+      staged.emplace(std::move(*made));
     }
+    std::string pending;  // records for the file, written 64 KiB at a time
+    Status wrote = Status::Ok();
+    auto flush = [&] {
+      if (wrote.ok() && !pending.empty()) {
+        wrote = staged->Write(std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(pending.data()),
+                                                       pending.size()));
+      }
+      pending.clear();
+    };
     size_t damaged = 0, written = 0;
     bool write_failed = false;
     Status read = ReadTrail(o.audit->storage(), a.node, &damaged, [&](TrailRecord&& t) {
       if (!RecordVisible(o, admin, t.rec.event)) return;
       if (since && t.rec.unix_time < *since) return;
       // The line as stored, byte for byte: the file log's format.
-      if (std::fwrite(t.line.data(), 1, t.line.size(), f) != t.line.size() || std::fputc('\n', f) == EOF) {
+      if (staged) {
+        pending.append(t.line).push_back('\n');
+        if (pending.size() >= 64 * 1024) flush();
+      } else if (std::fwrite(t.line.data(), 1, t.line.size(), stdout) != t.line.size() ||
+                 std::fputc('\n', stdout) == EOF) {
         write_failed = true;
       }
       ++written;
     });
-    if (a.out) {
-      write_failed = std::fflush(f) != 0 || ::fsync(fileno(f)) != 0 || write_failed;
-      write_failed = std::fclose(f) != 0 || write_failed;
-      if (!read.ok() || write_failed) {
-        ::unlink(tmp.c_str());
-      } else if (::rename(tmp.c_str(), a.out->c_str()) != 0) {
-        int e = errno;
-        ::unlink(tmp.c_str());
-        return Error::Os(e, "--out " + *a.out, Category::kUsage);
-      }
+    if (staged) {
+      flush();
+      // Committed only when every record was read and written; otherwise
+      // the staged file goes away with `staged`.
+      if (read.ok() && wrote.ok()) wrote = staged->Commit();
+      CUSTODY_RETURN_IF_ERROR(read);
+      if (!wrote.ok()) return Error(Category::kUnavailable, "audit export: " + wrote.error().message());
     } else {
       write_failed = std::fflush(stdout) != 0 || write_failed;
     }

@@ -10,6 +10,7 @@
 #include <ctime>
 #include <filesystem>
 #include <optional>
+#include <utility>
 
 #include "custody/common/hex.h"
 #include "custody/common/inplace_json.h"
@@ -25,7 +26,7 @@ std::string FolderOf(const std::string& path) {
   return dir.empty() ? "." : dir;
 }
 
-Status WriteAllTo(int fd, std::span<const uint8_t> bytes) {
+Status WriteAll(int fd, std::span<const uint8_t> bytes) {
   size_t off = 0;
   while (off < bytes.size()) {
     ssize_t n = ::write(fd, bytes.data() + off, bytes.size() - off);
@@ -33,7 +34,6 @@ Status WriteAllTo(int fd, std::span<const uint8_t> bytes) {
     if (n < 0) return Error::Os(errno, "write");
     off += static_cast<size_t>(n);
   }
-  if (::fsync(fd) != 0) return Error::Os(errno, "fsync");
   return Status::Ok();
 }
 
@@ -55,82 +55,132 @@ Result<std::string> RandomName(const std::string& dir) {
 // random bits means someone is in the way on purpose, not bad luck.
 constexpr int kNameTries = 8;
 
+}  // namespace
+
 // The unnamed way: the file has no name until it is whole; then it is linked
 // under a random name and renamed over `path` (linkat cannot replace a file
-// that exists). nullopt when this filesystem or kernel cannot make unnamed
-// files: the caller falls back to a named one.
-std::optional<Status> WriteThroughUnnamedFile(const std::string& dir, const std::string& path,
-                                              std::span<const uint8_t> bytes) {
-  int fd = ::open(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
-  if (fd < 0) {
-    int e = errno;
-    if (e == EOPNOTSUPP || e == EISDIR || e == EINVAL) return std::nullopt;
-    return Error::Os(e, "cannot create a file in " + dir);
+// that exists). The named way, for filesystems without O_TMPFILE: a random
+// name that must not exist (O_EXCL) and is never followed if it is a link
+// (O_NOFOLLOW). Never a predictable name beside `path`: in a shared folder
+// another user could create it first (the write fails) or make it a link
+// (the write goes elsewhere).
+Result<StagedFile> StagedFile::Create(const std::string& path) {
+  StagedFile f;
+  f.path_ = path;
+  f.dir_ = FolderOf(path);
+  f.fd_ = ::open(f.dir_.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
+  if (f.fd_ >= 0) {
+    if (::fchmod(f.fd_, 0600) != 0) return Error::Os(errno, "cannot write " + path);
+    return f;
   }
-  // Closing an unnamed file discards it: any failure below leaves nothing.
+  if (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL) {
+    return Error::Os(errno, "cannot create a file in " + f.dir_);
+  }
+  CUSTODY_RETURN_IF_ERROR(f.OpenNamed());
+  return f;
+}
+
+Status StagedFile::OpenNamed() {
+  for (int i = 0; i < kNameTries; ++i) {
+    CUSTODY_ASSIGN_OR_RETURN(std::string tmp, RandomName(dir_));
+    int fd = ::open(tmp.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (fd < 0 && errno == EEXIST) continue;
+    if (fd < 0) return Error::Os(errno, "cannot create a file in " + dir_);
+    fd_ = fd;
+    named_ = std::move(tmp);
+    if (::fchmod(fd_, 0600) != 0) return Error::Os(errno, "cannot write " + path_);
+    return Status::Ok();
+  }
+  return Error(Category::kUnavailable,
+               "cannot write " + path_ + ": every temporary name tried in " + dir_ + " was taken");
+}
+
+StagedFile::StagedFile(StagedFile&& o) noexcept
+    : path_(std::move(o.path_)), dir_(std::move(o.dir_)), named_(std::move(o.named_)), fd_(o.fd_) {
+  o.fd_ = -1;
+  o.named_.clear();
+}
+
+StagedFile::~StagedFile() { Discard(); }
+
+void StagedFile::Discard() {
+  // An unnamed file vanishes with its descriptor; a named one is unlinked.
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
+  if (!named_.empty()) ::unlink(named_.c_str());
+  named_.clear();
+}
+
+Status StagedFile::Write(std::span<const uint8_t> bytes) {
+  if (fd_ < 0) return Error(Category::kInternal, "write to " + path_ + " after it was closed");
+  if (Status s = WriteAll(fd_, bytes); !s.ok()) return std::move(s).error().Wrap("cannot write " + path_);
+  return Status::Ok();
+}
+
+Status StagedFile::Commit() {
+  if (fd_ < 0) return Error(Category::kInternal, "commit of " + path_ + " after it was closed");
+  Status s = ::fsync(fd_) == 0 ? Status::Ok() : Error::Os(errno, "cannot write " + path_);
+  if (s.ok() && named_.empty()) s = LinkUnnamed();
+  if (s.ok() && ::rename(named_.c_str(), path_.c_str()) != 0) s = Error::Os(errno, "cannot write " + path_);
+  if (!s.ok()) {
+    Discard();
+    return s;
+  }
+  named_.clear();  // it is `path` now: nothing to unlink
+  Discard();
+  return Status::Ok();
+}
+
+// Gives the unnamed file a random name beside `path`, for the rename.
+Status StagedFile::LinkUnnamed() {
+  char proc[64];
+  std::snprintf(proc, sizeof proc, "/proc/self/fd/%d", fd_);
+  for (int i = 0; i < kNameTries; ++i) {
+    CUSTODY_ASSIGN_OR_RETURN(std::string tmp, RandomName(dir_));
+    int rc = ::linkat(AT_FDCWD, proc, AT_FDCWD, tmp.c_str(), AT_SYMLINK_FOLLOW);
+    // Without /proc, the descriptor itself (needs CAP_DAC_READ_SEARCH on
+    // older kernels).
+    if (rc != 0 && errno == ENOENT) rc = ::linkat(fd_, "", AT_FDCWD, tmp.c_str(), AT_EMPTY_PATH);
+    if (rc == 0) {
+      named_ = std::move(tmp);
+      return Status::Ok();
+    }
+    if (errno == EEXIST) continue;
+    int e = errno;
+    // Neither way to name it works here (no /proc, no capability): copy it
+    // into a named file, which the rename can then move.
+    if (e == ENOENT || e == EPERM || e == EOPNOTSUPP) return CopyIntoNamed();
+    return Error::Os(e, "cannot write " + path_);
+  }
+  return Error(Category::kUnavailable,
+               "cannot write " + path_ + ": every temporary name tried in " + dir_ + " was taken");
+}
+
+Status StagedFile::CopyIntoNamed() {
+  int unnamed = fd_;
+  fd_ = -1;
   struct Closer {
     int fd;
     ~Closer() { ::close(fd); }
-  } closer{fd};
-  if (::fchmod(fd, 0600) != 0) return Error::Os(errno, "cannot write " + path);
-  if (Status s = WriteAllTo(fd, bytes); !s.ok()) return std::move(s).error().Wrap("cannot write " + path);
-  char proc[64];
-  std::snprintf(proc, sizeof proc, "/proc/self/fd/%d", fd);
-  for (int i = 0; i < kNameTries; ++i) {
-    auto tmp = RandomName(dir);
-    if (!tmp) return std::move(tmp).error();
-    int rc = ::linkat(AT_FDCWD, proc, AT_FDCWD, tmp->c_str(), AT_SYMLINK_FOLLOW);
-    // Without /proc, the descriptor itself (needs CAP_DAC_READ_SEARCH on
-    // older kernels).
-    if (rc != 0 && errno == ENOENT) rc = ::linkat(fd, "", AT_FDCWD, tmp->c_str(), AT_EMPTY_PATH);
-    if (rc != 0 && errno == EEXIST) continue;
-    if (rc != 0) {
-      int e = errno;
-      // Neither way to name it works here (no /proc, no capability): the
-      // named fallback can still do the job.
-      if (e == ENOENT || e == EPERM || e == EOPNOTSUPP) return std::nullopt;
-      return Error::Os(e, "cannot write " + path);
-    }
-    if (::rename(tmp->c_str(), path.c_str()) != 0) {
-      int e = errno;
-      ::unlink(tmp->c_str());
-      return Error::Os(e, "cannot write " + path);
-    }
-    return Status::Ok();
+  } closer{unnamed};
+  CUSTODY_RETURN_IF_ERROR(OpenNamed());
+  std::vector<uint8_t> buf(64 * 1024);
+  for (off_t at = 0;;) {
+    ssize_t n = ::pread(unnamed, buf.data(), buf.size(), at);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return Error::Os(errno, "cannot write " + path_);
+    if (n == 0) break;
+    CUSTODY_RETURN_IF_ERROR(Write(std::span<const uint8_t>(buf.data(), static_cast<size_t>(n))));
+    at += n;
   }
-  return Error(Category::kUnavailable, "cannot write " + path + ": every temporary name tried in " + dir + " was taken");
+  if (::fsync(fd_) != 0) return Error::Os(errno, "cannot write " + path_);
+  return Status::Ok();
 }
-
-// The named way, for filesystems without O_TMPFILE: a random name that must
-// not exist (O_EXCL) and is never followed if it is a link (O_NOFOLLOW).
-Status WriteThroughNamedFile(const std::string& dir, const std::string& path, std::span<const uint8_t> bytes) {
-  for (int i = 0; i < kNameTries; ++i) {
-    CUSTODY_ASSIGN_OR_RETURN(std::string tmp, RandomName(dir));
-    int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
-    if (fd < 0 && errno == EEXIST) continue;
-    if (fd < 0) return Error::Os(errno, "cannot create a file in " + dir);
-    Status s = WriteAllTo(fd, bytes);
-    if (s.ok() && ::fchmod(fd, 0600) != 0) s = Error::Os(errno, "fchmod");
-    if (::close(fd) != 0 && s.ok()) s = Error::Os(errno, "close");
-    if (s.ok() && ::rename(tmp.c_str(), path.c_str()) != 0) s = Error::Os(errno, "rename");
-    if (!s.ok()) {
-      ::unlink(tmp.c_str());
-      return std::move(s).error().Wrap("cannot write " + path);
-    }
-    return Status::Ok();
-  }
-  return Error(Category::kUnavailable, "cannot write " + path + ": every temporary name tried in " + dir + " was taken");
-}
-
-}  // namespace
 
 Status WritePrivateFile(const std::string& path, std::span<const uint8_t> bytes) {
-  // Never a predictable name beside `path`: in a shared folder another user
-  // could create it first (the write fails) or make it a link (the write
-  // goes elsewhere).
-  std::string dir = FolderOf(path);
-  if (auto done = WriteThroughUnnamedFile(dir, path, bytes)) return *done;
-  return WriteThroughNamedFile(dir, path, bytes);
+  CUSTODY_ASSIGN_OR_RETURN(StagedFile f, StagedFile::Create(path));
+  CUSTODY_RETURN_IF_ERROR(f.Write(bytes));
+  return f.Commit();
 }
 
 Status MakePrivateDir(const std::string& path) {

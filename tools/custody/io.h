@@ -11,11 +11,44 @@
 
 namespace custody::cli {
 
+// A file that appears at `path` whole, with mode 0600, when Commit()
+// succeeds, and not at all otherwise: it is written unnamed (O_TMPFILE) or
+// under a random name made with O_EXCL|O_NOFOLLOW in `path`'s folder, which
+// no other user can create or replace first; Commit() fsyncs it and renames
+// it over `path`. Destroyed without a Commit(), it leaves nothing, also when
+// the process is killed half way (an unnamed file) or nothing but a hidden
+// `.custody-<random>.tmp` (the named way, on filesystems without O_TMPFILE).
+//
+//   CUSTODY_ASSIGN_OR_RETURN(auto f, StagedFile::Create(path));
+//   CUSTODY_RETURN_IF_ERROR(f.Write(bytes));   // as often as needed
+//   return f.Commit();
+class StagedFile {
+ public:
+  static Result<StagedFile> Create(const std::string& path);
+  StagedFile(StagedFile&& other) noexcept;
+  StagedFile& operator=(StagedFile&&) = delete;
+  StagedFile(const StagedFile&) = delete;
+  ~StagedFile();
+  Status Write(std::span<const uint8_t> bytes);
+  Status Commit();
+
+ private:
+  StagedFile() = default;
+  Status OpenNamed();
+  Status LinkUnnamed();
+  Status CopyIntoNamed();
+  void Discard();
+  std::string path_, dir_;
+  std::string named_;  // the temporary name, while it has one
+  int fd_ = -1;
+};
+
 // Writes `bytes` to `path` through a 0600 file in the same folder that no
 // other user can create or replace first: an unnamed file (O_TMPFILE) linked
 // in once it is whole, or, where the filesystem has no O_TMPFILE, a random
-// name made with O_EXCL|O_NOFOLLOW. fsync, then rename over `path`: the file
-// appears whole with mode 0600 or not at all, and a failure leaves nothing.
+// name made with O_EXCL|O_NOFOLLOW (a StagedFile). fsync, then rename over
+// `path`: the file appears whole with mode 0600 or not at all, and a failure
+// leaves nothing.
 Status WritePrivateFile(const std::string& path, std::span<const uint8_t> bytes);
 
 // Creates a folder (and parents) with mode 0700 if missing.
