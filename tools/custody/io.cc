@@ -68,7 +68,8 @@ Result<StagedFile> StagedFile::Create(const std::string& path) {
   StagedFile f;
   f.path_ = path;
   f.dir_ = FolderOf(path);
-  f.fd_ = ::open(f.dir_.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
+  // Read-write: CopyIntoNamed() reads it back where it cannot be linked.
+  f.fd_ = ::open(f.dir_.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
   if (f.fd_ >= 0) {
     if (::fchmod(f.fd_, 0600) != 0) return Error::Os(errno, "cannot write " + path);
     return f;
