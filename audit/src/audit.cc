@@ -307,6 +307,14 @@ void AuditLog::AppendAsync(const AuditEvent& event, Done done) {
   writer_cv_.notify_one();
 }
 
+std::chrono::milliseconds AuditLog::write_in_progress_for() const {
+  const int64_t since = writing_since_ns_.load();
+  if (since == 0) return std::chrono::milliseconds(0);
+  const auto now = std::chrono::steady_clock::now().time_since_epoch().count();
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+      std::chrono::steady_clock::duration(std::max<int64_t>(0, now - since)));
+}
+
 void AuditLog::WriterLoop() {
   std::unique_lock lk(mu_);
   for (;;) {
@@ -327,14 +335,19 @@ void AuditLog::Lead(std::unique_lock<std::mutex>& lk) {
   lk.unlock();
   std::vector<Item> items;
   std::vector<Outcome> outcomes;
+  writing_since_ns_.store(std::max<int64_t>(1, std::chrono::steady_clock::now().time_since_epoch().count()));
   try {
     items.reserve(batch.size());
     for (auto& [t, i] : batch) items.push_back(std::move(i));
     outcomes = WriteBatch(items);
-  } catch (const std::exception&) {
+  } catch (...) {
+    // Whatever was thrown (std::bad_alloc, or anything a storage or signer
+    // lets out): this batch fails, the log goes on.
     outcomes.clear();
   }
+  writing_since_ns_.store(0);
   if (outcomes.size() != batch.size()) {
+    failed_batches_.fetch_add(1);
     // WriteBatch threw (out of memory): nothing of the batch is known to be
     // durable, so every request in it is refused.
     outcomes.assign(batch.size(), Outcome{});
@@ -365,7 +378,7 @@ void AuditLog::Lead(std::unique_lock<std::mutex>& lk) {
       } else {
         done(std::move(o.status).error());
       }
-    } catch (const std::exception&) {
+    } catch (...) {
       failed_callbacks_.fetch_add(1);
     }
   }

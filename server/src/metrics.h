@@ -110,7 +110,19 @@ class Metrics {
     out += "# TYPE custody_token_calls_hung gauge\ncustody_token_calls_hung " + std::to_string(s.token_hung.load()) + "\n";
     out += "# TYPE custody_audit_write_failures_total counter\ncustody_audit_write_failures_total " +
            std::to_string(s.audit_failures.load()) + "\n";
-    out += "# TYPE custody_audit_healthy gauge\ncustody_audit_healthy " + std::string(s.audit_healthy ? "1" : "0") + "\n";
+    const int64_t stalled_ms = s.audit_write_stalled_ms.load();
+    out += "# TYPE custody_audit_healthy gauge\ncustody_audit_healthy " +
+           std::string(s.audit_healthy && stalled_ms == 0 ? "1" : "0") + "\n";
+    out += "# HELP custody_audit_write_stalled_seconds How long the audit write under way has not returned (0: none "
+           "past 2 s).\n";
+    out += "# TYPE custody_audit_write_stalled_seconds gauge\ncustody_audit_write_stalled_seconds " +
+           std::to_string(stalled_ms / 1000) + "\n";
+    out += "# HELP custody_audit_failed_batches_total Audit batches whose writing threw; their requests were refused.\n";
+    out += "# TYPE custody_audit_failed_batches_total counter\ncustody_audit_failed_batches_total " +
+           std::to_string(s.audit_failed_batches.load()) + "\n";
+    out += "# HELP custody_audit_failed_callbacks_total Answers to requests that threw after their record was written.\n";
+    out += "# TYPE custody_audit_failed_callbacks_total counter\ncustody_audit_failed_callbacks_total " +
+           std::to_string(s.audit_failed_callbacks.load()) + "\n";
     out += "# HELP custody_usage_write_failures_total Times the write-behind usage counts could not be stored (kept, retried).\n";
     out += "# TYPE custody_usage_write_failures_total counter\ncustody_usage_write_failures_total " +
            std::to_string(usage_flush_failures) + "\n";

@@ -161,12 +161,17 @@ std::optional<http::response<http::string_body>> Session<StreamT>::Handle(http::
   if (path == "/v1/health") {
     action_ = "health";
     srv_.custodian.RefreshTokenStalls();
+    // A write to the audit disk that has not returned (a stuck fdatasync
+    // raises no error): every GET and PUT here waits for its record, so a
+    // balancer should choose another node until the disk answers again.
+    const bool audit_stalled = srv_.custodian.RefreshAuditStall();
     auto& st = srv_.custodian.stats();
     // A call to the token that has not returned within [token] call_timeout:
     // this node's requests to it may all be refused; let a balancer choose
     // another node until it answers again.
     const uint64_t hung = st.token_hung.load();
-    bool ok = st.audit_healthy.load() && st.token_healthy.load() && st.store_healthy.load() && hung == 0;
+    bool ok = st.audit_healthy.load() && !audit_stalled && st.token_healthy.load() && st.store_healthy.load() &&
+              hung == 0;
     // Anyone who can connect learns whether this node can serve (a load
     // balancer needs no more) and which node answered; what fails and the
     // policy version are for the readers of /metrics.
@@ -176,7 +181,11 @@ std::optional<http::response<http::string_body>> Session<StreamT>::Handle(http::
     const auto policy = srv_.custodian.policy_state();
     return Json(ok ? 200 : 503, {{"status", ok ? "ok" : "degraded"},
                                  {"node", srv_.options.node_name},
-                                 {"audit", st.audit_healthy.load() ? "ok" : "failing: " + st.audit_problem()},
+                                 {"audit", audit_stalled ? "stalled: a write to the audit log has not returned for " +
+                                                               std::to_string(st.audit_write_stalled_ms.load() / 1000) +
+                                                               " s (the disk does not answer)"
+                                           : st.audit_healthy.load() ? "ok"
+                                                                     : "failing: " + st.audit_problem()},
                                  {"token", hung > 0 ? "slow or hung since " + FormatUtc(st.token_hung_since.load()) + ": " +
                                                           std::to_string(hung) + " call(s) have not returned"
                                             : st.token_healthy.load() ? "ok"
@@ -197,6 +206,7 @@ std::optional<http::response<http::string_body>> Session<StreamT>::Handle(http::
     http::response<http::string_body> res{http::status::ok, 11};
     res.set(http::field::content_type, "text/plain; version=0.0.4");
     srv_.custodian.RefreshTokenStalls();
+    srv_.custodian.RefreshAuditStall();
     srv_.metrics.RefreshSchedule(srv_.custodian);
     res.body() = srv_.metrics.Render(srv_.custodian.stats(), srv_.custodian.usage_flush_failures(), srv_.connections.load(),
                                      srv_.custodian.policy_state(), srv_.options.node_name);

@@ -457,6 +457,66 @@ TEST_F(AuditTest, ACallbackThatThrowsDoesNotStopTheWriter) {
   EXPECT_TRUE(Verify().intact);
 }
 
+// A storage that throws something that is not a std::exception while
+// armed: what a buggy storage or signer might let out of a batch.
+class ThrowingStorage : public AuditStorage {
+ public:
+  explicit ThrowingStorage(std::unique_ptr<AuditStorage> real) : real_(std::move(real)) {}
+  Status Append(std::chrono::steady_clock::time_point deadline, const Build& build) override {
+    if (armed.load()) throw 42;
+    return real_->Append(deadline, build);
+  }
+  Result<AuditHead> Head() override { return real_->Head(); }
+  Result<std::vector<std::string>> Chains() override { return real_->Chains(); }
+  Status Read(const std::string& chain, const std::function<void(AuditChainLine&&)>& each, bool* torn) override {
+    return real_->Read(chain, each, torn);
+  }
+  Result<std::optional<std::pair<uint64_t, std::string>>> Witness(const std::string& chain) override {
+    return real_->Witness(chain);
+  }
+  std::string Describe() const override { return real_->Describe(); }
+  std::atomic<bool> armed{false};
+
+ private:
+  std::unique_ptr<AuditStorage> real_;
+};
+
+// A batch whose writing throws, whatever it throws, fails its own requests
+// (the async ones through their callbacks, the waiting ones with an error)
+// and nothing else: the log takes the next records, and the chain verifies.
+TEST_F(AuditTest, ABatchThatThrowsFailsItsOwnRequestsAndTheLogGoesOn) {
+  log_.reset();
+  auto storage = std::make_unique<ThrowingStorage>(FileAuditStorage(opts_));
+  ThrowingStorage* st = storage.get();
+  auto opened = AuditLog::Open(opts_, std::move(storage));
+  ASSERT_TRUE(opened.ok()) << opened.error().message();
+  log_ = std::move(*opened);
+  ASSERT_TRUE(log_->Append(Event(1)).ok());
+  st->armed = true;
+  std::atomic<int> refused{0}, ran{0};
+  for (int i = 0; i < 5; ++i) {
+    log_->AppendAsync(Event(10 + i), [&](Result<uint64_t> r) {
+      if (!r.ok() && r.error().message().find("could not be written") != std::string::npos) ++refused;
+      ++ran;
+    });
+  }
+  auto sync = log_->Append(Event(20));
+  ASSERT_FALSE(sync.ok());
+  EXPECT_NE(sync.error().message().find("the batch could not be written; refusing"), std::string::npos)
+      << sync.error().message();
+  for (int i = 0; i < 200 && ran.load() < 5; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  EXPECT_EQ(refused.load(), 5);
+  EXPECT_GE(log_->failed_batches(), 1u);
+  EXPECT_EQ(log_->write_in_progress_for().count(), 0) << "no write is under way once the batch failed";
+  st->armed = false;
+  auto after = log_->Append(Event(30));
+  ASSERT_TRUE(after.ok()) << after.error().message();
+  log_.reset();
+  auto rep = Verify();
+  EXPECT_TRUE(rep.intact) << rep.problem;
+  EXPECT_EQ(rep.records, 2u) << "the two records written, none of the refused ones";
+}
+
 TEST_F(AuditTest, ConcurrentProcessesShareOneChainAcrossSegments) {
   constexpr int kProcs = 4, kEach = 300;
   std::vector<std::thread> threads;

@@ -828,10 +828,42 @@ class StuckAuditDiskServerTest : public ServerTest {
   std::vector<std::string> ExtraServerEnv() override {
     std::string asan = std::getenv("ASAN_OPTIONS") ? std::getenv("ASAN_OPTIONS") : "";
     // The shim comes before the sanitizer runtime in the load order: allowed.
-    return {std::string("LD_PRELOAD=") + STALL_FSYNC, "CUSTODY_TEST_STALL_FSYNC=" + Flag(),
-            "ASAN_OPTIONS=" + asan + (asan.empty() ? "" : ":") + "verify_asan_link_order=0"};
+    std::vector<std::string> env = {std::string("LD_PRELOAD=") + STALL_FSYNC, "CUSTODY_TEST_STALL_FSYNC=" + Flag(),
+                                    "ASAN_OPTIONS=" + asan + (asan.empty() ? "" : ":") + "verify_asan_link_order=0"};
+    if (!only_.empty()) env.push_back("CUSTODY_TEST_STALL_ONLY=" + only_);
+    return env;
   }
   std::string Flag() const { return run_ / "stall-fsync"; }
+  std::string only_;  // stall only the syncs of files whose path holds this
+  void PutThenStop() {
+    ASSERT_TRUE(AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"}).exit_code == 0);
+    WriteFile(Flag(), "");
+    const std::string body = R"({"value":"never-stored-7f3a"})";
+    std::string answer;
+    std::thread put([&] {
+      answer = Raw(socket_, "PUT /v1/secrets/payments/prod/stripe HTTP/1.1\r\nHost: x\r\nContent-Length: " +
+                                std::to_string(body.size()) + "\r\n\r\n" + body);
+    });
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    auto code = StopWithin(pid_, 25);
+    std::filesystem::remove(Flag());
+    put.join();
+    ASSERT_TRUE(code.has_value()) << "custodyd did not stop within 25 s of SIGTERM";
+    const std::string log = ReadFile(token_.dir() / "custodyd.log");
+    EXPECT_EQ(*code, 69) << log;
+    EXPECT_NE(log.find("not stopped 14 s after the stop signal"), std::string::npos) << log;
+    EXPECT_EQ(answer.find("201"), std::string::npos) << answer;
+    auto got = Cli({"secret", "get", "payments/prod/stripe"});  // direct: custodyd is gone
+    ASSERT_EQ(got.exit_code, 0) << got.err;
+    EXPECT_EQ(got.out.find("never-stored-7f3a"), std::string::npos) << "a PUT stored without its record";
+    EXPECT_EQ(Cli({"audit", "verify"}).exit_code, 0);
+  }
+};
+
+// Only the audit segments' disk stops answering; the store's still does.
+class StuckAuditSegmentServerTest : public StuckAuditDiskServerTest {
+ protected:
+  void BeforeStart() override { only_ = "/audit-"; }
 };
 
 // SIGTERM stops custodyd within the drain deadline whatever state the audit
@@ -843,8 +875,21 @@ TEST_F(StuckAuditDiskServerTest, AStuckAuditDiskDoesNotHoldTheShutdown) {
   WriteFile(Flag(), "");
   RunResult stuck;
   std::thread get([&] { stuck = AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"}); });
-  // The GET is in the writer's hands once a request is waiting on it.
-  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  // The GET is in the writer's hands once a request is waiting on it. A
+  // stuck fdatasync raises no error: health must see the write that has not
+  // returned (2 s), so that a balancer sends clients elsewhere.
+  std::string health;
+  for (int i = 0; i < 100; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+    if (health.find("503") != std::string::npos) break;
+  }
+  EXPECT_EQ(health.substr(0, health.find("\r\n")), "HTTP/1.1 503 Service Unavailable") << health;
+  EXPECT_NE(health.find("\"audit\":\"stalled: a write to the audit log has not returned for "), std::string::npos)
+      << health;
+  const std::string metrics = Raw(socket_, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_EQ(MetricValue(metrics, "custody_audit_healthy"), 0) << metrics;
+  EXPECT_GE(MetricValue(metrics, "custody_audit_write_stalled_seconds").value_or(0), 2) << metrics;
   const auto started = std::chrono::steady_clock::now();
   auto code = StopWithin(pid_, 25);
   const auto took = std::chrono::steady_clock::now() - started;
@@ -858,6 +903,16 @@ TEST_F(StuckAuditDiskServerTest, AStuckAuditDiskDoesNotHoldTheShutdown) {
   EXPECT_EQ(stuck.out.find(kSecret), std::string::npos) << "a value without its record";
   (void)took;
 }
+
+// A PUT on a stuck disk. Its seal's store write and its record are made on
+// the server thread that took the PUT (a synchronous append leads its own
+// batch), so that thread hangs in fdatasync and cannot be joined. SIGTERM
+// still ends custodyd (69, saying why) within the drain and its margin, and
+// the PUT, whose record never became durable, is not stored. Both ways:
+// the whole disk stuck (the store's commit hangs first), and only the audit
+// segments' (the PUT's own record hangs).
+TEST_F(StuckAuditDiskServerTest, APutStuckOnItsRecordDoesNotHoldTheShutdown) { PutThenStop(); }
+TEST_F(StuckAuditSegmentServerTest, APutStuckOnItsRecordDoesNotHoldTheShutdown) { PutThenStop(); }
 
 }  // namespace
 }  // namespace custody::test

@@ -103,7 +103,7 @@ class LimitsServerTest : public ServerTest {
   std::string ExtraServerConfig() override {
     // 4 s: the stalled connections must outlast a whole CLI run (slow under
     // ThreadSanitizer) before the test fills the last place.
-    return "max_connections = 4\nidle_timeout_seconds = 4\nmetrics_uids = [65534]\n";
+    return "max_connections = 4\nidle_timeout_seconds = 4\nmetrics_uids = [65534]\nrefusal_summary_seconds = 1\n";
   }
 };
 
@@ -144,6 +144,11 @@ TEST_F(LimitsServerTest, StalledClientsCannotStopTheOthers) {
   RunResult again = GetOnceAPlaceIsFree();
   EXPECT_EQ(again.exit_code, 0) << again.err;
   EXPECT_EQ(again.out, kSecret);
+  // Neither refusal had a request to record: both are in root's summary.
+  const std::string summaries = RefusalSummaries("request not complete within the idle timeout", 4);
+  EXPECT_NE(summaries.find("uid 0"), std::string::npos) << summaries;
+  EXPECT_GE(RefusalCount(summaries, "503 connection limit"), 1u) << summaries;
+  EXPECT_EQ(RefusalCount(summaries, "request not complete within the idle timeout"), 4u) << summaries;
 }
 
 class PerPeerLimitServerTest : public LimitsServerTest {
@@ -176,7 +181,8 @@ TEST_F(PerPeerLimitServerTest, OneUserCannotTakeEveryPlace) {
 class StrangerSlotsServerTest : public ServerTest {
  protected:
   std::string ExtraServerConfig() override {
-    return "max_connections = 8\nmax_connections_per_peer = 8\nmax_unidentified_connections = 4\nmetrics_uids = [0]\n";
+    return "max_connections = 8\nmax_connections_per_peer = 8\nmax_unidentified_connections = 4\nmetrics_uids = [0]\n"
+           "refusal_summary_seconds = 1\n";
   }
 };
 
@@ -222,6 +228,10 @@ TEST_F(StrangerSlotsServerTest, StrangersCannotTakeThePlacesOfPrincipals) {
   ::close(release[1]);
   ::waitpid(child, nullptr, 0);
   ::close(report[0]);
+  // The four refused places leave one summary record for that uid.
+  const std::string summaries = RefusalSummaries("503 connection limit for unidentified peers", 4);
+  EXPECT_NE(summaries.find("uid 12345"), std::string::npos) << summaries;
+  EXPECT_EQ(RefusalCount(summaries, "503 connection limit for unidentified peers"), 4u) << summaries;
 }
 
 }  // namespace

@@ -56,7 +56,7 @@ class TlsServerTest : public ServerTest {
     // A handshake's deadline is the idle timeout: a minute, far past the
     // 10 s drain, so only the drain can end a stop that a client stuck
     // before its handshake holds.
-    return "idle_timeout_seconds = 60\ntls_listen = \"127.0.0.1:" + std::to_string(port_) + "\"\ntls_cert = \"" + P("server.pem") +
+    return "idle_timeout_seconds = 60\nrefusal_summary_seconds = 1\ntls_listen = \"127.0.0.1:" + std::to_string(port_) + "\"\ntls_cert = \"" + P("server.pem") +
            "\"\ntls_key = \"" + P("server.key") + "\"\ntls_client_ca = \"" + P("test-ca.pem") + "\"\n";
   }
   std::string P(const std::string& f) { return *pki_ / f; }
@@ -175,6 +175,11 @@ TEST_F(TlsServerTest, NoCertificateOrAnotherCasCertificateIsRefused) {
   EXPECT_NE(old.exit_code, 0);
   // And the server is still up for a good client.
   EXPECT_EQ(Https("web-prod", {"secret", "get", "payments/prod/stripe"}).exit_code, 0);
+  // No request, so no request record: the three failed handshakes (another
+  // CA, no certificate, TLS 1.2) are counted in the peers' summary records.
+  const std::string summaries = RefusalSummaries("tls handshake failed", 3);
+  EXPECT_EQ(RefusalCount(summaries, "tls handshake failed"), 3u) << summaries;
+  EXPECT_NE(summaries.find("127.0.0.1"), std::string::npos) << summaries;
 }
 
 // A TCP client that never starts its handshake holds a session that is not

@@ -228,6 +228,35 @@ size_t ServerTest::AuditCount(const std::string& action) {
   return n;
 }
 
+std::string ServerTest::RefusalSummaries(const std::string& reason, uint64_t n) {
+  std::string text;
+  for (int i = 0; i < 50; ++i) {
+    text.clear();
+    auto r = Cli({"--json", "audit", "show", "--action", "http.refused"});
+    auto j = nlohmann::json::parse(r.out, nullptr, false);
+    if (j.is_array()) {
+      for (const auto& rec : j) {
+        text += rec.value("identified_by", "") + ": " + rec.value("detail", "") + "\n";
+      }
+    }
+    if (RefusalCount(text, reason) >= n) return text;
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  return text;
+}
+
+uint64_t ServerTest::RefusalCount(const std::string& summaries, const std::string& reason) {
+  // A detail reads "N refused in at most S s: REASON xK, REASON xK".
+  uint64_t n = 0;
+  const std::string key = reason + " x";
+  for (size_t at = summaries.find(key); at != std::string::npos; at = summaries.find(key, at + 1)) {
+    const char before = at >= 2 ? summaries[at - 2] : ':';
+    if (at >= 2 && before != ':' && before != ',') continue;  // the end of a longer reason
+    n += std::strtoull(summaries.c_str() + at + key.size(), nullptr, 10);
+  }
+  return n;
+}
+
 std::vector<uint64_t> ServerTest::CheckpointSeqs() {
   std::vector<uint64_t> seqs;
   for (const auto& r : TrailRecords(token_.config_path())) {

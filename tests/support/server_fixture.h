@@ -139,6 +139,14 @@ role = "reader"
   std::string CurlAs(int uid, const std::string& target);
   // How many records of `action` the audit log holds (read in direct mode).
   size_t AuditCount(const std::string& action);
+  // The http.refused summary records (docs/AUDIT.md), one line each: who
+  // (identified_by), then the detail, once they count at least `n` refusals
+  // for `reason` (a reason seen over several periods is in several records),
+  // or what they hold after 10 s. Set refusal_summary_seconds = 1 in the
+  // config, or the first summary comes a minute later.
+  std::string RefusalSummaries(const std::string& reason, uint64_t n);
+  // How many refusals for `reason` those lines count.
+  static uint64_t RefusalCount(const std::string& summaries, const std::string& reason);
   // The seqs of the signed checkpoint records in the audit log, read from
   // its segment files (no command runs, so none is added).
   std::vector<uint64_t> CheckpointSeqs();

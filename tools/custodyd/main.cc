@@ -40,6 +40,12 @@ namespace {
 using custody::Category;
 using custody::Status;
 
+// SIGTERM: requests in flight get this long to finish. The whole stop ends
+// within it and the margin, whatever hangs (under systemd's TimeoutStopSec
+// of 15 s in dist/custodyd.service, so custodyd says why before a SIGKILL).
+constexpr std::chrono::seconds kDrainGrace{10};
+constexpr std::chrono::seconds kStopMargin{4};
+
 int Fail(const custody::Error& e) {
   spdlog::error("{}", e.message());
   std::fprintf(stderr, "custodyd: %s\n", e.message().c_str());
@@ -230,7 +236,26 @@ int main(int argc, char** argv) {
       }
       spdlog::info("signal {}: draining and stopping", sig);
       sd_notify(0, "STOPPING=1");
-      server.Stop();
+      server.Stop(kDrainGrace);
+      // The stop's last resort. Every step of the stop has its own deadline,
+      // but a thread inside a call that never returns (an fdatasync on a
+      // disk that stopped answering, taken by a PUT's record or a summary
+      // record; a token call) cannot be joined, and a destructor that joins
+      // it would hang the process for ever. Past the drain and a margin,
+      // end without closing anything: nothing is released without its
+      // record, and a PUT whose record was not durable was not stored.
+      static std::once_flag armed;
+      std::call_once(armed, [] {
+        std::thread([] {
+          std::this_thread::sleep_for(kDrainGrace + kStopMargin);
+          spdlog::error("not stopped {} s after the stop signal: a disk or token call has not returned; exiting "
+                        "without closing the token or the audit log",
+                        (kDrainGrace + kStopMargin).count());
+          spdlog::default_logger()->flush();
+          std::fflush(nullptr);
+          std::_Exit(69);
+        }).detach();
+      });
     });
   };
   wait_signal();

@@ -203,6 +203,15 @@ class AuditLog {
   // still run; custodyd reports the count).
   uint64_t failed_callbacks() const { return failed_callbacks_.load(); }
 
+  // How long the batch being written now has been at it (zero when no
+  // write is under way). A disk that stopped answering shows here, not as
+  // an error: its fdatasync simply never returns, and every request that
+  // needs a record waits. custodyd reports it in /v1/health and /metrics.
+  std::chrono::milliseconds write_in_progress_for() const;
+  // Batches whose writing threw (out of memory, say): their requests were
+  // refused, the log went on.
+  uint64_t failed_batches() const { return failed_batches_.load(); }
+
  private:
   struct Item {
     AuditEvent event;
@@ -237,6 +246,9 @@ class AuditLog {
   std::thread writer_;
   bool stop_ = false;
   std::atomic<uint64_t> failed_callbacks_{0};
+  std::atomic<uint64_t> failed_batches_{0};
+  // steady_clock nanoseconds at which the current batch began; 0: none.
+  std::atomic<int64_t> writing_since_ns_{0};
   // What this process last saw of the head (for CheckpointDue).
   mutable std::mutex head_mu_;
   uint64_t last_seq_ = 0, last_ckpt_seq_ = 0;

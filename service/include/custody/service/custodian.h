@@ -58,6 +58,12 @@ struct CustodianStats {
   std::atomic<uint64_t> token_timeouts{0};
   std::atomic<uint64_t> token_hung{0};
   std::atomic<int64_t> token_hung_since{0};
+  // The audit batch being written now has been at it this long (ms; 0:
+  // none, or not yet past kAuditStallMs), and batches or callbacks of the
+  // log that threw. Refreshed by Custodian::RefreshAuditStall().
+  std::atomic<int64_t> audit_write_stalled_ms{0};
+  std::atomic<uint64_t> audit_failed_batches{0};
+  std::atomic<uint64_t> audit_failed_callbacks{0};
 
   // An audit append failed (`why`), or one worked (nullopt): audit_healthy,
   // and the reason /v1/health gives its readers.
@@ -167,6 +173,19 @@ class Custodian {
     const Sealer::Recoveries n = sealer_.recoveries();
     stats_.token_recoveries.store(n.recovered);
     stats_.token_reinitializations.store(n.reinitialized);
+  }
+  // A write to the audit log that has not returned within this long makes
+  // the node unhealthy: a sound disk syncs a batch in milliseconds, and
+  // meanwhile every GET and PUT of this node waits for its record.
+  static constexpr int64_t kAuditStallMs = 2000;
+  // Copies the audit log's write in progress into stats(); true when it is
+  // stalled (for health and metrics).
+  bool RefreshAuditStall() {
+    const int64_t ms = audit_.write_in_progress_for().count();
+    stats_.audit_write_stalled_ms.store(ms >= kAuditStallMs ? ms : 0);
+    stats_.audit_failed_batches.store(audit_.failed_batches());
+    stats_.audit_failed_callbacks.store(audit_.failed_callbacks());
+    return ms >= kAuditStallMs;
   }
   // The log every request's record goes to (custodyd also writes its
   // summaries of refused connections there).
