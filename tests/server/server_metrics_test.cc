@@ -165,6 +165,23 @@ TEST_F(MetricsAccessServerTest, MetricsAndHealthDetailsAreForAdminsAuditorsAndTh
   EXPECT_EQ(health.find("policy_version"), std::string::npos) << health;
   auto detailed = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
   EXPECT_NE(detailed.find("\"policy_version\":1"), std::string::npos) << detailed;
+
+  // An auditor of one project (uid 34567, in policy v2) reads them too; as
+  // a stranger before that policy, it could not.
+  EXPECT_NE(CurlAs(34567, "/metrics").find("HTTP/1.1 401"), std::string::npos);
+  std::string p2 = kPolicy;
+  p2 += "[principals.\"user:audit\"]\nuid = 34567\n[[projects.billing.grants]]\nprincipal = \"user:audit\"\n"
+        "role = \"auditor\"\n";
+  ASSERT_EQ(Apply(p2, "policy2.toml").exit_code, 0);
+  std::string auditor;
+  for (int i = 0; i < 50; ++i) {
+    auditor = CurlAs(34567, "/metrics");
+    if (auditor.find("HTTP/1.1 200") != std::string::npos) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_NE(auditor.find("HTTP/1.1 200"), std::string::npos) << auditor;
+  EXPECT_NE(auditor.find("custody_policy_version{node=\"node-a\"} 2"), std::string::npos) << auditor;
+  EXPECT_NE(CurlAs(34567, "/v1/health").find("\"policy_version\":2"), std::string::npos);
 }
 
 }  // namespace

@@ -52,11 +52,14 @@ class TlsServerTest : public ServerTest {
     // e-mail SAN spelled like the DNS name the policy names.
     leaf("odd", "test-ca", "subjectAltName=DNS:web\xff\xfe.internal\nextendedKeyUsage=clientAuth");
     leaf("mail", "test-ca", "subjectAltName=email:web-prod.payments.internal\nextendedKeyUsage=clientAuth");
+    // The metrics scraper: not in the policy, named by metrics_tls_sans.
+    leaf("scraper", "test-ca", "subjectAltName=DNS:Scraper.Monitoring.internal\nextendedKeyUsage=clientAuth");
     port_ = FreePort();
     // A handshake's deadline is the idle timeout: a minute, far past the
     // 10 s drain, so only the drain can end a stop that a client stuck
     // before its handshake holds.
-    return "idle_timeout_seconds = 60\nrefusal_summary_seconds = 1\ntls_listen = \"127.0.0.1:" + std::to_string(port_) + "\"\ntls_cert = \"" + P("server.pem") +
+    return "idle_timeout_seconds = 60\nrefusal_summary_seconds = 1\n"
+           "metrics_tls_sans = [\"dns:scraper.monitoring.internal\"]\ntls_listen = \"127.0.0.1:" + std::to_string(port_) + "\"\ntls_cert = \"" + P("server.pem") +
            "\"\ntls_key = \"" + P("server.key") + "\"\ntls_client_ca = \"" + P("test-ca.pem") + "\"\n";
   }
   std::string P(const std::string& f) { return *pki_ / f; }
@@ -180,6 +183,28 @@ TEST_F(TlsServerTest, NoCertificateOrAnotherCasCertificateIsRefused) {
   const std::string summaries = RefusalSummaries("tls handshake failed", 3);
   EXPECT_EQ(RefusalCount(summaries, "tls handshake failed"), 3u) << summaries;
   EXPECT_NE(summaries.find("127.0.0.1"), std::string::npos) << summaries;
+}
+
+// The scraper named by metrics_tls_sans (a DNS name, matched without case)
+// reads /metrics over TLS though the policy does not know it; a principal
+// that is only a reader may not, and a certificate whose SAN is another
+// type spelled the same (e-mail) is not the scraper.
+TEST_F(TlsServerTest, MetricsTlsSansNameTheScraper) {
+  auto curl = [&](const std::string& who, const std::string& target) {
+    return RunProgram("/usr/bin/curl", {"-s", "-i", "--cacert", P("test-ca.pem"), "--cert", P(who + ".pem"), "--key",
+                                        P(who + ".key"), "https://127.0.0.1:" + std::to_string(port_) + target},
+                      {})
+        .out;
+  };
+  auto scraper = curl("scraper", "/metrics");
+  EXPECT_NE(scraper.find("HTTP/1.1 200"), std::string::npos) << scraper;
+  EXPECT_NE(scraper.find("custody_policy_version"), std::string::npos) << scraper;
+  EXPECT_NE(curl("scraper", "/v1/health").find("\"policy_version\""), std::string::npos);
+  auto reader = curl("web-prod", "/metrics");
+  EXPECT_NE(reader.find("HTTP/1.1 403"), std::string::npos) << reader;
+  EXPECT_EQ(reader.find("custody_policy_version"), std::string::npos) << reader;
+  auto mail = curl("mail", "/metrics");
+  EXPECT_EQ(mail.find("HTTP/1.1 200"), std::string::npos) << mail;
 }
 
 // A TCP client that never starts its handshake holds a session that is not
