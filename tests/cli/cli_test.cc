@@ -285,6 +285,40 @@ TEST_F(CliTest, GetToFileIgnoresWhatOthersPutBesideIt) {
   EXPECT_EQ(names, (std::set<std::string>{"a.key", "a.key.custody-tmp", "b.key", "b.key.custody-tmp", "c.key"}));
 }
 
+// The same --out where the unnamed temporary file cannot be used: a
+// filesystem without O_TMPFILE (a random O_EXCL name instead), and a host
+// where the unnamed file cannot be given a name (no /proc, no capability
+// for linkat AT_EMPTY_PATH: it is copied into a random named file). Made so
+// by an LD_PRELOAD shim that also notes each refusal, so the fallback is
+// known to have run. Same result: the value, 0600, nothing else left.
+TEST_F(CliTest, GetToFileWorksWhereTheUnnamedFileCannotBeUsed) {
+  Put("payments/prod/stripe", kSecret);
+  std::string shared = token_.dir() / "shared";
+  ASSERT_EQ(::mkdir(shared.c_str(), 0700), 0);
+  std::string asan = std::getenv("ASAN_OPTIONS") ? std::getenv("ASAN_OPTIONS") : "";
+  for (const auto& [mode, refusal] : std::vector<std::pair<std::string, std::string>>{
+           {"open", "open O_TMPFILE refused"}, {"link", "linkat AT_EMPTY_PATH refused"}}) {
+    SCOPED_TRACE(mode);
+    const std::string out = shared + "/" + mode + ".key", log = token_.dir() / (mode + ".shim");
+    WriteFile(out, "old value");
+    auto r = Cli({"secret", "get", "payments/prod/stripe", "--out", out}, "",
+                 {.env = {{"LD_PRELOAD", NO_TMPFILE},
+                          {"CUSTODY_TEST_NO_TMPFILE", mode},
+                          {"CUSTODY_TEST_NO_TMPFILE_LOG", log},
+                          {"ASAN_OPTIONS", asan + (asan.empty() ? "" : ":") + "verify_asan_link_order=0"}}});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_NE(ReadFile(log).find(refusal), std::string::npos) << "the fallback did not run: " << ReadFile(log);
+    EXPECT_EQ(ReadFile(out), kSecret);
+    struct stat st {};
+    ASSERT_EQ(::lstat(out.c_str(), &st), 0);
+    EXPECT_TRUE(S_ISREG(st.st_mode));
+    EXPECT_EQ(st.st_mode & 0777, 0600u);
+  }
+  std::set<std::string> names;
+  for (const auto& e : std::filesystem::directory_iterator(shared)) names.insert(e.path().filename().string());
+  EXPECT_EQ(names, (std::set<std::string>{"link.key", "open.key"})) << "a temporary file was left";
+}
+
 TEST_F(CliTest, PutFromFileAndPinFromEnvironmentOrDescriptor) {
   std::string f = token_.dir() / "value";
   WriteFile(f, "from-a-file");
