@@ -38,7 +38,11 @@ elapsed() {
 }
 
 bash ci/install-deps.sh
-nice -n 5 cmake --preset fuzz >/dev/null
+# http_fuzz's set-up runs a custody-full: the dev build's when it is there
+# (CI builds it before this step), instead of compiling the CLI again.
+setup_bin=""
+[[ -x $root/build/dev/tools/custody-full ]] && setup_bin="$root/build/dev/tools/custody-full"
+nice -n 5 cmake --preset fuzz -DCUSTODY_FUZZ_SETUP_BIN="$setup_bin" >/dev/null
 nice -n 5 cmake --build --preset fuzz --target fuzz_all
 build_seconds=$(elapsed "$started")
 
