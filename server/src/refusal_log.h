@@ -4,6 +4,7 @@
 
 #include <map>
 #include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -33,12 +34,24 @@ class RefusalLog {
     ++it->second[what];
   }
 
+  // A peer the policy does not know gets a request record (and the
+  // policy's answer) for its first request of each period; true for that
+  // one. Its other requests of the period are refused before the policy
+  // and counted here: a stranger cannot grow the audit log at the rate it
+  // sends. Bounded like the counts.
+  bool FirstRecordOf(const std::string& peer) {
+    std::lock_guard lock(mu_);
+    if (recorded_.size() >= kMaxPeers) return false;
+    return recorded_.insert(peer).second;
+  }
+
   // The records for what was counted since the last call.
   std::vector<core::AuditEvent> Take(uint32_t period_seconds) {
     std::map<std::string, Counts> counts;
     {
       std::lock_guard lock(mu_);
       counts.swap(counts_);
+      recorded_.clear();
     }
     std::vector<core::AuditEvent> out;
     for (const auto& [peer, what] : counts) {
@@ -64,6 +77,7 @@ class RefusalLog {
   using Counts = std::map<std::string, uint64_t>;
   std::mutex mu_;
   std::map<std::string, Counts> counts_;
+  std::set<std::string> recorded_;  // strangers whose record this period was written
 };
 
 

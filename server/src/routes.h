@@ -144,6 +144,18 @@ std::optional<http::response<http::string_body>> Session<StreamT>::Handle(http::
   }
   std::string_view path = target.substr(0, target.find('?'));
   std::string_view query = target.find('?') == std::string_view::npos ? "" : target.substr(target.find('?') + 1);
+  // A peer the policy does not know, without an access token: its first
+  // request of each refusal_summary_seconds is handled and recorded like
+  // any other (the policy refuses it, or it is the open health answer);
+  // the rest are refused here, before the store or the log, and counted in
+  // its http.refused summary. The check costs nothing for known peers
+  // (unidentified_ is settled when the connection is identified).
+  if (unidentified_ && path != "/v1/health" && path != "/v1/sys/health" && req.find("X-Vault-Token") == req.end() &&
+      !srv_.Known(peer_) && !srv_.refused.FirstRecordOf(peer_key_)) {
+    action_ = "unidentified";
+    decision_ = "deny";
+    return Error(401, peer_key_ + " is not a principal in the policy", Category::kDenied);
+  }
   auto param = [&](std::string_view key) -> std::optional<std::string> {
     size_t pos = 0;
     while (pos <= query.size()) {

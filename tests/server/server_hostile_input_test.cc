@@ -179,8 +179,11 @@ TEST_F(HostileInputServerTest, StrangersCannotGrowTheMetricsOrTheAuditLog) {
     }
     requests += "GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
     const std::string answers = RawAs(12345, socket_, requests, 30);
-    for (size_t at = answers.find("HTTP/1.1 400"); at != std::string::npos; at = answers.find("HTTP/1.1 400", at + 1)) {
-      ++refused;
+    // 400 for a value that is not a project name; 401 once this stranger's
+    // one request record of the period is spent (before the value is
+    // looked at). Neither writes a record of its own.
+    for (const char* status : {"HTTP/1.1 400", "HTTP/1.1 401"}) {
+      for (size_t at = answers.find(status); at != std::string::npos; at = answers.find(status, at + 1)) ++refused;
     }
   }
   EXPECT_EQ(refused, 300u);
@@ -218,6 +221,44 @@ TEST_F(HostileInputServerTest, StrangersCannotGrowTheMetricsOrTheAuditLog) {
   }
   EXPECT_EQ(total, 300u) << all;
   EXPECT_LT(summaries.size(), 8u) << "one record per peer and period, not one per request: " << all;
+}
+
+// A uid the policy does not know cannot grow the audit log at the rate it
+// sends: its first request of each summary period (1 s here) gets its own
+// record (the policy's refusal); the others are refused (401) before the
+// policy and counted in its http.refused summary. Every request is in the
+// log, one way or the other; the records stay a handful.
+TEST_F(HostileInputServerTest, AStrangersRequestsAreSummarisedAfterItsFirstRecordOfAPeriod) {
+  const size_t before = AuditCount("secret.get");
+  constexpr int kRequests = 200;
+  std::string requests;
+  for (int i = 0; i < kRequests; ++i) requests += "GET /v1/secrets/payments/prod/stripe HTTP/1.1\r\nHost: x\r\n\r\n";
+  requests += "GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+  const auto started = std::chrono::steady_clock::now();
+  const std::string answers = RawAs(12345, socket_, requests, 60);
+  const auto seconds = std::chrono::duration_cast<std::chrono::seconds>(std::chrono::steady_clock::now() - started);
+  size_t unauthorized = 0;
+  for (size_t at = answers.find("HTTP/1.1 401"); at != std::string::npos; at = answers.find("HTTP/1.1 401", at + 1)) {
+    ++unauthorized;
+  }
+  EXPECT_EQ(unauthorized, static_cast<size_t>(kRequests));
+  EXPECT_EQ(answers.find(kSecret), std::string::npos);
+  EXPECT_NE(answers.find("uid 12345 is not a principal in the policy"), std::string::npos) << answers.substr(0, 400);
+  EXPECT_NE(answers.find("HTTP/1.1 200"), std::string::npos) << "the open health answer still comes";
+  // One record per period the requests spanned, at most (plus one for a
+  // period boundary); the rest are in the summaries, so that every request
+  // is counted exactly once.
+  const size_t records = AuditCount("secret.get") - before;
+  EXPECT_GE(records, 1u);
+  EXPECT_LE(records, static_cast<size_t>(seconds.count()) + 2) << "over " << seconds.count() << " s";
+  const std::string summaries = ServerTest::RefusalSummaries("401 unidentified", kRequests - records);
+  EXPECT_EQ(RefusalCount(summaries, "401 unidentified") + records, static_cast<size_t>(kRequests)) << summaries;
+  EXPECT_NE(summaries.find("uid 12345"), std::string::npos) << summaries;
+  // A principal is untouched: each of its requests has its own record.
+  const size_t root_before = AuditCount("secret.get");
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"}).out, kSecret);
+  EXPECT_EQ(AuditCount("secret.get"), root_before + 3);
+  EXPECT_EQ(Cli({"audit", "verify"}).exit_code, 0);
 }
 
 // Every refusal at the HTTP layer is in the audit log, as a per-peer
