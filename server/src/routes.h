@@ -150,8 +150,10 @@ std::optional<http::response<http::string_body>> Session<StreamT>::Handle(http::
   // the rest are refused here, before the store or the log, and counted in
   // its http.refused summary. The check costs nothing for known peers
   // (unidentified_ is settled when the connection is identified).
-  if (unidentified_ && path != "/v1/health" && path != "/v1/sys/health" && req.find("X-Vault-Token") == req.end() &&
-      !srv_.Known(peer_) && !srv_.refused.FirstRecordOf(peer_key_)) {
+  // (The Vault login routes under /v1/auth/ keep their own answers: a
+  // login is how a client without a principal gets a token.)
+  if (unidentified_ && path != "/v1/health" && path != "/v1/sys/health" && !path.starts_with("/v1/auth/") &&
+      req.find("X-Vault-Token") == req.end() && !srv_.Known(peer_) && !srv_.refused.FirstRecordOf(peer_key_)) {
     action_ = "unidentified";
     decision_ = "deny";
     return Error(401, peer_key_ + " is not a principal in the policy", Category::kDenied);
