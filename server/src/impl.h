@@ -128,6 +128,25 @@ struct Server::Impl {
   // Whether the policy in force knows this peer (decides which share of
   // the connection places it may take).
   bool Known(const core::RequestContext& rc) { return custodian.policy()->Identify(rc.caller).ok(); }
+  // Whether this node can serve now, for both health endpoints: records can
+  // be written and no write has stalled, the token answers and no call to
+  // it is out past its deadline, the store can be read. Refreshes the
+  // stall figures in custodian.stats() that the detailed answer shows.
+  struct Health {
+    bool ok = false;
+    bool audit_stalled = false;
+    uint64_t token_hung = 0;
+  };
+  Health CheckHealth() {
+    custodian.RefreshTokenStalls();
+    Health h;
+    h.audit_stalled = custodian.RefreshAuditStall();
+    const auto& st = custodian.stats();
+    h.token_hung = st.token_hung.load();
+    h.ok = st.audit_healthy.load() && !h.audit_stalled && st.token_healthy.load() && st.store_healthy.load() &&
+           h.token_hung == 0;
+    return h;
+  }
   // Open connections per peer ("uid 1000", "address 10.0.0.7").
   std::mutex peers_mu;
   std::map<std::string, uint32_t> peers;

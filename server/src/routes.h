@@ -174,18 +174,14 @@ std::optional<http::response<http::string_body>> Session<StreamT>::Handle(http::
 
   if (path == "/v1/health") {
     action_ = "health";
-    srv_.custodian.RefreshTokenStalls();
     // A write to the audit disk that has not returned (a stuck fdatasync
-    // raises no error): every GET and PUT here waits for its record, so a
-    // balancer should choose another node until the disk answers again.
-    const bool audit_stalled = srv_.custodian.RefreshAuditStall();
-    auto& st = srv_.custodian.stats();
-    // A call to the token that has not returned within [token] call_timeout:
-    // this node's requests to it may all be refused; let a balancer choose
+    // raises no error) or a call to the token past [token] call_timeout:
+    // this node's requests wait or are refused; let a balancer choose
     // another node until it answers again.
-    const uint64_t hung = st.token_hung.load();
-    bool ok = st.audit_healthy.load() && !audit_stalled && st.token_healthy.load() && st.store_healthy.load() &&
-              hung == 0;
+    const auto health = srv_.CheckHealth();
+    const bool ok = health.ok, audit_stalled = health.audit_stalled;
+    const uint64_t hung = health.token_hung;
+    auto& st = srv_.custodian.stats();
     // Anyone who can connect learns whether this node can serve (a load
     // balancer needs no more) and which node answered; what fails and the
     // policy version are for the readers of /metrics.
@@ -219,8 +215,7 @@ std::optional<http::response<http::string_body>> Session<StreamT>::Handle(http::
     }
     http::response<http::string_body> res{http::status::ok, 11};
     res.set(http::field::content_type, "text/plain; version=0.0.4");
-    srv_.custodian.RefreshTokenStalls();
-    srv_.custodian.RefreshAuditStall();
+    (void)srv_.CheckHealth();  // the stall figures the metrics show
     srv_.metrics.RefreshSchedule(srv_.custodian);
     res.body() = srv_.metrics.Render(srv_.custodian.stats(), srv_.custodian.usage_flush_failures(), srv_.connections.load(),
                                      srv_.custodian.policy_state(), srv_.options.node_name);

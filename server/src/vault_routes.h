@@ -170,11 +170,7 @@ bool Session<StreamT>::Vault(http::request<http::string_body>& req, std::string_
   if (rest == "sys/health" && (get || req.method() == http::verb::head)) {
     vault_ = true;
     action_ = "health";
-    srv_.custodian.RefreshTokenStalls();
-    const bool audit_stalled = srv_.custodian.RefreshAuditStall();
-    auto& st = srv_.custodian.stats();
-    const bool ok = st.audit_healthy.load() && !audit_stalled && st.token_healthy.load() && st.store_healthy.load() &&
-                    st.token_hung.load() == 0;
+    const bool ok = srv_.CheckHealth().ok;
     // Vault's codes: 200 serving; 503 sealed (here: cannot serve now).
     out = Json(ok ? 200 : 503, {{"initialized", true},
                                 {"sealed", !ok},

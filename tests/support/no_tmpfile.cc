@@ -35,40 +35,38 @@ void Note(const char* what) {
 
 using OpenFn = int (*)(const char*, int, ...);
 
-int OpenVia(const char* name, const char* path, int flags, mode_t mode) {
+// open and open64 alike: refuse O_TMPFILE in "open" mode, else pass on to
+// `real` (looked up once by its caller). The mode argument exists only with
+// O_CREAT or O_TMPFILE.
+int Open(OpenFn real, const char* path, int flags, va_list ap) {
+  mode_t mode = 0;
+  if ((flags & O_CREAT) != 0 || (flags & O_TMPFILE) == O_TMPFILE) mode = static_cast<mode_t>(va_arg(ap, int));
   if ((flags & O_TMPFILE) == O_TMPFILE && Mode("open")) {
     Note("open O_TMPFILE refused");
     errno = EOPNOTSUPP;
     return -1;
   }
-  static OpenFn real_open = reinterpret_cast<OpenFn>(::dlsym(RTLD_NEXT, "open"));
-  static OpenFn real_open64 = reinterpret_cast<OpenFn>(::dlsym(RTLD_NEXT, "open64"));
-  OpenFn real = std::strcmp(name, "open64") == 0 ? real_open64 : real_open;
   return real(path, flags, mode);
 }
 
 }  // namespace
 
 extern "C" int open(const char* path, int flags, ...) {
-  mode_t mode = 0;
-  if ((flags & O_CREAT) != 0 || (flags & O_TMPFILE) == O_TMPFILE) {
-    va_list ap;
-    va_start(ap, flags);
-    mode = static_cast<mode_t>(va_arg(ap, int));
-    va_end(ap);
-  }
-  return OpenVia("open", path, flags, mode);
+  static auto real = reinterpret_cast<OpenFn>(::dlsym(RTLD_NEXT, "open"));
+  va_list ap;
+  va_start(ap, flags);
+  const int fd = Open(real, path, flags, ap);
+  va_end(ap);
+  return fd;
 }
 
 extern "C" int open64(const char* path, int flags, ...) {
-  mode_t mode = 0;
-  if ((flags & O_CREAT) != 0 || (flags & O_TMPFILE) == O_TMPFILE) {
-    va_list ap;
-    va_start(ap, flags);
-    mode = static_cast<mode_t>(va_arg(ap, int));
-    va_end(ap);
-  }
-  return OpenVia("open64", path, flags, mode);
+  static auto real = reinterpret_cast<OpenFn>(::dlsym(RTLD_NEXT, "open64"));
+  va_list ap;
+  va_start(ap, flags);
+  const int fd = Open(real, path, flags, ap);
+  va_end(ap);
+  return fd;
 }
 
 extern "C" int linkat(int olddirfd, const char* oldpath, int newdirfd, const char* newpath, int flags) {
