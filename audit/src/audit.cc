@@ -294,9 +294,14 @@ bool AuditLog::CheckpointDue() const {
 
 Result<uint64_t> AuditLog::Append(const AuditEvent& event) { return Submit(Item{event, nullptr, nullptr}, nullptr); }
 
-void AuditLog::AppendAsync(const AuditEvent& event, Done done) {
+void AuditLog::AppendAsync(const AuditEvent& event, Done done, bool lead_if_idle) {
   std::unique_lock lk(mu_);
+  const bool idle = !leader_ && queue_.empty() && !stop_;
   queue_.emplace_back(next_ticket_++, Item{event, nullptr, std::move(done)});
+  if (lead_if_idle && idle) {
+    Lead(lk);  // runs `done` here; never throws
+    return;
+  }
   if (!writer_.joinable()) {
     writer_ = std::thread([this] {
       ::pthread_setname_np(::pthread_self(), "audit-writer");  // for top -H and perf
@@ -367,7 +372,9 @@ void AuditLog::Lead(std::unique_lock<std::mutex>& lk) {
   }
   leader_ = false;
   cv_.notify_all();
-  writer_cv_.notify_one();
+  // Only when there is something for the writer: waking it for nothing
+  // (after a batch a request thread led) is a context switch per request.
+  if (!queue_.empty() || stop_) writer_cv_.notify_one();
   if (callbacks.empty()) return;
   lk.unlock();
   for (auto& [done, o] : callbacks) {

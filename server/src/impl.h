@@ -171,6 +171,7 @@ struct Server::Impl {
   // GETs waiting for their audit record (Custodian::GetAsync): their
   // callbacks post to `io`, so Run() waits for them before it returns.
   std::atomic<int> pending_audits{0};
+  unsigned threads = 1;  // request threads, set by Run()
   // Sessions waiting for their next request, and how to close each: on
   // Stop() they are closed at once instead of holding the drain until
   // their idle timeout. Requests in flight still finish.

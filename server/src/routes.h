@@ -17,14 +17,24 @@ namespace detail {
 template <typename StreamT>
 void Session<StreamT>::StartGet(const core::SecretPath& sp, std::optional<uint32_t> version) {
   audited_ = true;
-  srv_.pending_audits.fetch_add(1);
+  // Alone in flight, and another thread to serve whoever comes meanwhile:
+  // this thread writes the record itself if the log is idle (the hand-offs
+  // to the writer thread and back cost a lone GET on an idle machine more
+  // than the fsync). A disk that stops answering holds at most this one
+  // thread: the next GETs find the batch under way and queue behind it.
+  // Under load the writer thread batches the records, and no request
+  // thread waits for the disk.
+  const bool alone = srv_.pending_audits.fetch_add(1) == 0 && srv_.threads > 1;
   srv_.custodian.GetAsync(peer_, sp, version, [self = this->shared_from_this(), sp](Result<core::Unsealed> u) {
     auto got = std::make_shared<Result<core::Unsealed>>(std::move(u));
+    // On this session's strand: from the thread that holds it (the record
+    // was written here) the answer runs as soon as this handler returns,
+    // with no other thread woken.
     asio::post(self->stream_.get_executor(), [self, got, sp] {
       self->Answer(self->vault_ ? self->VaultGetAnswer(*got) : self->GetAnswer(sp, *got));
     });
     self->srv_.pending_audits.fetch_sub(1);
-  });
+  }, alone);
 }
 
 template <typename StreamT>

@@ -257,6 +257,7 @@ void RunCatching(asio::io_context& io) {
 }  // namespace
 
 bool Server::Run(unsigned threads) {
+  impl_->threads = std::max(1u, threads);
   std::vector<std::thread> pool;
   for (unsigned i = 1; i < threads; ++i) {
     pool.emplace_back([this] {

@@ -187,7 +187,7 @@ Result<Unsealed> Custodian::Get(const RequestContext& rc, const SecretPath& path
 }
 
 void Custodian::GetAsync(const RequestContext& rc, const SecretPath& path, std::optional<uint32_t> version,
-                         GetDone done) {
+                         GetDone done, bool lead_if_idle) {
   auto f = std::make_shared<Flow>(*this, rc, "secret.get");
   auto r = std::make_shared<Result<Unsealed>>(GetUnrecorded(*f, rc, path, version));
   f->Prepare(r->ok() ? Status::Ok() : Status(r->error()));
@@ -198,7 +198,7 @@ void Custodian::GetAsync(const RequestContext& rc, const SecretPath& path, std::
     if (!r->ok()) return done(std::move(*r));
     if (!rec.ok()) return done(rec.error());
     done(std::move(*r));
-  });
+  }, lead_if_idle);
 }
 
 Result<uint32_t> Custodian::Put(const RequestContext& rc, const SecretPath& path, const SecretBuffer& value,

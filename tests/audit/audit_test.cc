@@ -15,6 +15,7 @@
 #include <future>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <set>
 #include <sstream>
@@ -515,6 +516,69 @@ TEST_F(AuditTest, ABatchThatThrowsFailsItsOwnRequestsAndTheLogGoesOn) {
   auto rep = Verify();
   EXPECT_TRUE(rep.intact) << rep.problem;
   EXPECT_EQ(rep.records, 2u) << "the two records written, none of the refused ones";
+}
+
+// A storage whose writes wait at a gate while it is held: a batch kept
+// under way for as long as a test needs.
+class GatedStorage : public ThrowingStorage {
+ public:
+  using ThrowingStorage::ThrowingStorage;
+  Status Append(std::chrono::steady_clock::time_point deadline, const Build& build) override {
+    entered.fetch_add(1);
+    while (held.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    return ThrowingStorage::Append(deadline, build);
+  }
+  std::atomic<bool> held{false};
+  std::atomic<int> entered{0};
+};
+
+// lead_if_idle (custodyd's GET alone in flight): on an idle log the record
+// is written on the calling thread, durable before AppendAsync returns and
+// its callback run there; while a batch is under way it is queued behind
+// it and written by the writer thread, so the caller never waits.
+TEST_F(AuditTest, ARecordLedOnAnIdleLogIsWrittenOnTheCallersThreadAndQueuedOtherwise) {
+  log_.reset();
+  auto storage = std::make_unique<GatedStorage>(FileAuditStorage(opts_));
+  GatedStorage* st = storage.get();
+  auto opened = AuditLog::Open(opts_, std::move(storage));
+  ASSERT_TRUE(opened.ok()) << opened.error().message();
+  log_ = std::move(*opened);
+
+  const auto me = std::this_thread::get_id();
+  std::optional<std::thread::id> ran_on;
+  uint64_t seq = 0;
+  log_->AppendAsync(Event(1), [&](Result<uint64_t> r) {
+    ran_on = std::this_thread::get_id();
+    seq = r.ok() ? *r : 0;
+  }, true);
+  ASSERT_TRUE(ran_on.has_value()) << "the callback had not run when AppendAsync returned";
+  EXPECT_EQ(*ran_on, me);
+  EXPECT_EQ(seq, 1u);
+  EXPECT_EQ(ReadAuditLog(opts_.dir)->size(), 1u) << "durable before AppendAsync returned";
+
+  // A batch under way (a checkpoint-less synchronous append held at the gate).
+  st->held = true;
+  const int before = st->entered.load();
+  std::thread leader([&] { EXPECT_TRUE(log_->Append(Event(2)).ok()); });
+  for (int i = 0; i < 2000 && st->entered.load() == before; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  ASSERT_GT(st->entered.load(), before) << "the synchronous append never reached the storage";
+  std::atomic<bool> done{false};
+  std::thread::id queued_on;
+  log_->AppendAsync(Event(3), [&](Result<uint64_t> r) {
+    EXPECT_TRUE(r.ok());
+    queued_on = std::this_thread::get_id();
+    done = true;
+  }, true);
+  EXPECT_FALSE(done.load()) << "AppendAsync waited for a batch under way";
+  st->held = false;
+  leader.join();
+  for (int i = 0; i < 500 && !done.load(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  ASSERT_TRUE(done.load());
+  EXPECT_NE(queued_on, me) << "a queued record is written by the writer thread";
+  log_.reset();
+  auto rep = Verify();
+  EXPECT_TRUE(rep.intact) << rep.problem;
+  EXPECT_EQ(rep.records, 3u);
 }
 
 TEST_F(AuditTest, ConcurrentProcessesShareOneChainAcrossSegments) {

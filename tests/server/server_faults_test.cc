@@ -897,7 +897,12 @@ TEST_F(StuckAuditDiskServerTest, AStuckAuditDiskDoesNotHoldTheShutdown) {
   get.join();
   ASSERT_TRUE(code.has_value()) << "custodyd did not stop within 25 s of SIGTERM";
   EXPECT_EQ(*code, 69) << ReadFile(token_.dir() / "custodyd.log");
-  EXPECT_NE(ReadFile(token_.dir() / "custodyd.log").find("still waiting for their audit records"), std::string::npos)
+  // The GET was alone in flight, so its own server thread led the write
+  // (issue 21) and hangs in fdatasync: the stop watchdog ends custodyd.
+  // (A GET queued behind a batch under way would leave its record to the
+  // writer thread; the server's threads then return, and custodyd says
+  // "still waiting for their audit records" before it exits 69.)
+  EXPECT_NE(ReadFile(token_.dir() / "custodyd.log").find("not stopped 14 s after the stop signal"), std::string::npos)
       << ReadFile(token_.dir() / "custodyd.log");
   EXPECT_NE(stuck.exit_code, 0);
   EXPECT_EQ(stuck.out.find(kSecret), std::string::npos) << "a value without its record";

@@ -186,8 +186,17 @@ class AuditLog {
   // It runs on the log's writer thread (or on a thread inside Append that
   // wrote the batch): it must be short and must not call into this log.
   // Destroying the log writes what is queued and runs every `done` first.
+  //
+  // `lead_if_idle`: when no batch is being written and nothing is queued,
+  // write this record on the calling thread instead (`done` then runs here,
+  // before AppendAsync returns). For a caller with nothing else to do while
+  // it waits: it saves the two thread hand-offs to the writer and back,
+  // which on an idle machine cost more than the fsync. A caller that has
+  // other work must not pass it; nor one that cannot afford to be held by
+  // a disk that stops answering (the record's fsync is then waited for on
+  // this thread).
   using Done = std::function<void(Result<uint64_t>)>;
-  void AppendAsync(const AuditEvent& event, Done done);
+  void AppendAsync(const AuditEvent& event, Done done, bool lead_if_idle = false);
 
   // Whether checkpoint_every records or checkpoint_seconds have passed since
   // the last checkpoint (as of the last record this process saw).

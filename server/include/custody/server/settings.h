@@ -12,10 +12,11 @@ namespace custody::server {
 struct ServerSettings {
   std::string socket_path;    // "socket": the Unix socket; empty: no Unix listener
   uint32_t socket_mode = 0666;  // who may connect; the policy decides what they get
-  // Request threads; 0: one per CPU, at least 2. They never wait for the
-  // disk (a GET's audit fsync is waited for without a thread), so more than
-  // the CPUs only contend on the token's and the store's locks
-  // (bench/server_bench).
+  // Request threads; 0: one per CPU, at least 2. Under load they never wait
+  // for the disk (a GET's audit fsync is waited for without a thread); a GET
+  // alone in flight writes its own record when the log is idle, while the
+  // other threads serve. More threads than CPUs only contend on the token's
+  // and the store's locks (bench/server_bench).
   uint32_t threads = 0;
   uint32_t max_connections = 256;
   // From one peer (a uid on the Unix socket, an address over TLS): one local

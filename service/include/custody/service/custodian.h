@@ -101,8 +101,12 @@ class Custodian {
   // durable, on the audit log's writer thread (keep it short: post the
   // answer to the transport's own threads). Fail closed as Get: no value
   // is handed over unless its record was written.
+  // `lead_if_idle`: the record is written on this thread when the log is
+  // idle (AuditLog::AppendAsync), and `done` may then run here before
+  // GetAsync returns. For a caller alone in flight: see custodyd's StartGet.
   using GetDone = std::function<void(Result<Unsealed>)>;
-  void GetAsync(const RequestContext& rc, const SecretPath& path, std::optional<uint32_t> version, GetDone done);
+  void GetAsync(const RequestContext& rc, const SecretPath& path, std::optional<uint32_t> version, GetDone done,
+                bool lead_if_idle = false);
   // `put_key`: the request's Idempotency-Key, or empty. A put whose key
   // already stored a version of this secret is answered with that version
   // (`*replayed` set): nothing is sealed, stored or charged again, and its
