@@ -101,6 +101,16 @@ class AuditTest : public ::testing::Test {
     signer_.reset();
     pool_.reset();
   }
+  // Closes the log and opens it again over `storage` (a test's wrapper of
+  // the file storage); the caller keeps the returned pointer to drive it.
+  template <typename S>
+  void ReopenWith(std::unique_ptr<S> storage, S** kept) {
+    log_.reset();
+    *kept = storage.get();
+    auto opened = AuditLog::Open(opts_, std::move(storage));
+    ASSERT_TRUE(opened.ok()) << opened.error().message();
+    log_ = std::move(*opened);
+  }
 
   // seq 1..4 events, 5 checkpoint, 6..9 events, 10 checkpoint, 11..12 events.
   void WriteStandard() {
@@ -486,12 +496,8 @@ class ThrowingStorage : public AuditStorage {
 // (the async ones through their callbacks, the waiting ones with an error)
 // and nothing else: the log takes the next records, and the chain verifies.
 TEST_F(AuditTest, ABatchThatThrowsFailsItsOwnRequestsAndTheLogGoesOn) {
-  log_.reset();
-  auto storage = std::make_unique<ThrowingStorage>(FileAuditStorage(opts_));
-  ThrowingStorage* st = storage.get();
-  auto opened = AuditLog::Open(opts_, std::move(storage));
-  ASSERT_TRUE(opened.ok()) << opened.error().message();
-  log_ = std::move(*opened);
+  ThrowingStorage* st = nullptr;
+  ASSERT_NO_FATAL_FAILURE(ReopenWith(std::make_unique<ThrowingStorage>(FileAuditStorage(opts_)), &st));
   ASSERT_TRUE(log_->Append(Event(1)).ok());
   st->armed = true;
   std::atomic<int> refused{0}, ran{0};
@@ -537,12 +543,8 @@ class GatedStorage : public ThrowingStorage {
 // its callback run there; while a batch is under way it is queued behind
 // it and written by the writer thread, so the caller never waits.
 TEST_F(AuditTest, ARecordLedOnAnIdleLogIsWrittenOnTheCallersThreadAndQueuedOtherwise) {
-  log_.reset();
-  auto storage = std::make_unique<GatedStorage>(FileAuditStorage(opts_));
-  GatedStorage* st = storage.get();
-  auto opened = AuditLog::Open(opts_, std::move(storage));
-  ASSERT_TRUE(opened.ok()) << opened.error().message();
-  log_ = std::move(*opened);
+  GatedStorage* st = nullptr;
+  ASSERT_NO_FATAL_FAILURE(ReopenWith(std::make_unique<GatedStorage>(FileAuditStorage(opts_)), &st));
 
   const auto me = std::this_thread::get_id();
   std::optional<std::thread::id> ran_on;
