@@ -13,17 +13,24 @@ mkdir -p "$out"
 include=$(mktemp)
 trap 'rm -f "$include"' EXIT
 
-# The subcommands `custody WORDS... --help` lists.
-subcommands() {
-  "$custody" "$@" --help | awk '/^Subcommands:/ { on = 1; next } on && /^  [a-z]/ { print $1 } on && /^$/ { on = 0 }'
-}
-# Each subcommand's help, depth first, as roff that shows it verbatim.
+# The binaries are run only to print their help: under the sanitizer build
+# a leak check at each exit would cost more than the rest of this script.
+export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0"
+
+# Each subcommand's help, depth first, as roff that shows it verbatim. One
+# `custody WORDS... --help` per command: its output is printed and also
+# gives the subcommands to walk into.
 walk() {
-  local sub
-  for sub in $(subcommands "$@"); do
-    printf '.SS "custody%s %s"\n.nf\n' "$(printf ' %s' "$@")" "$sub" | sed 's/custody  /custody /'
-    "$custody" "$@" "$sub" --help | sed -e 's/\\/\\e/g' -e "s/^\\./\\\\\\&./" -e "s/^'/\\\\\\&'/"
+  local help sub
+  # (The x keeps the help's trailing blank lines, which $(...) would drop.)
+  help=$("$custody" "$@" --help && echo x) || return
+  help=${help%x}
+  if (($# > 0)); then
+    printf '.SS "custody %s"\n.nf\n' "$*"
+    sed -e 's/\\/\\e/g' -e "s/^\\./\\\\\\&./" -e "s/^'/\\\\\\&'/" <<< "${help%$'\n'}"
     printf '.fi\n'
+  fi
+  for sub in $(awk '/^Subcommands:/ { on = 1; next } on && /^  [a-z]/ { print $1 } on && /^$/ { on = 0 }' <<< "$help"); do
     walk "$@" "$sub"
   done
 }
