@@ -3,6 +3,11 @@
 # AddressSanitizer + UndefinedBehaviorSanitizer and warnings as errors, and run
 # the whole suite. Every integration test makes its own SoftHSM2 token in a
 # temporary folder; nothing outside build/ and /tmp is touched.
+#
+# The `dev` test preset runs three tests at a time on two cores: a quarter of
+# the suite's time is tests waiting (a stop watchdog, a hung token's
+# deadline, a server's restart), not computing. Measured on 2 cores: 567 s
+# at two at a time, 490 s at three, every test passing in both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
