@@ -19,7 +19,7 @@ namespace {
 
 // The documented job: the first ```sh block after the tested marker.
 std::string DocumentedJob() {
-  const std::string doc = ReadFile(std::string(CUSTODY_SOURCE_DIR) + "/docs/CI.md");
+  const std::string doc = ReadFile(CUSTODY_SOURCE_DIR "/docs/CI.md");
   const size_t marker = doc.find("<!-- tested:");
   if (marker == std::string::npos) return "";
   const size_t start = doc.find("```sh\n", marker);
