@@ -75,7 +75,7 @@ Result<KekRef> Pkcs11Sealer::CreateKek(std::string_view project, uint32_t versio
 
 Status Pkcs11Sealer::DestroyKek(const KekRef& kek) {
   CUSTODY_ASSIGN_OR_RETURN(auto lease, pool_.Acquire());
-  CUSTODY_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE h, KekHandle(*lease, kek));
+  CUSTODY_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE h, KekHandle(lease, kek));
   ForgetHandle(kek);
   return hsm::DestroyObject(*lease, h);
 }
@@ -146,7 +146,7 @@ Status Pkcs11Sealer::Random(std::span<uint8_t> out) {
   return hsm::GenerateRandom(*lease, out);
 }
 
-Result<CK_OBJECT_HANDLE> Pkcs11Sealer::KekHandle(hsm::Session& s, const KekRef& kek) {
+Result<CK_OBJECT_HANDLE> Pkcs11Sealer::KekHandle(hsm::SessionPool::Lease& lease, const KekRef& kek) {
   const uint64_t generation = pool_.module().generation();
   {
     std::shared_lock lock(handles_mu_);
@@ -171,17 +171,34 @@ Result<CK_OBJECT_HANDLE> Pkcs11Sealer::KekHandle(hsm::Session& s, const KekRef& 
       {CKA_TOKEN, &yes, sizeof yes},
       {CKA_ID, id.data(), static_cast<CK_ULONG>(id.size())},
   };
-  CUSTODY_ASSIGN_OR_RETURN(auto found, hsm::FindObjects(s, tmpl, 2));
-  if (found.empty()) {
+  auto found = hsm::FindObjects(*lease, tmpl, 2);
+  if (!found) {
+    if (found.error().backend() == Backend::kPkcs11 && hsm::IsSessionFatal(static_cast<CK_RV>(found.error().code()))) {
+      lease.Discard();
+    }
+    return found.error();
+  }
+  if (found->empty()) {
+    // A private object is invisible to a session that is not logged in:
+    // after C_CloseAllSessions (by any application of this process, or a
+    // token reset) the login is gone, and a session opened before the pool
+    // logged in again finds nothing. That is a lost login, to recover from,
+    // not a deleted key (a 404 to a client that did nothing wrong).
+    CK_SESSION_INFO info{};
+    const CK_RV rv = lease->fn()->C_GetSessionInfo(lease->handle(), &info);
+    if (rv != CKR_OK) return Fail(lease, rv, "C_GetSessionInfo");
+    if (info.state != CKS_RO_USER_FUNCTIONS && info.state != CKS_RW_USER_FUNCTIONS) {
+      return Fail(lease, CKR_USER_NOT_LOGGED_IN, "C_FindObjects (the session's login was lost)");
+    }
     return Error(Category::kNotFound, "KEK " + ToHex(kek.id) + " (v" + std::to_string(kek.version) +
                                           ") is not in the token; was the token replaced or the key deleted?");
   }
-  if (found.size() > 1) {
+  if (found->size() > 1) {
     return Error(Category::kIntegrity, "two token objects share KEK id " + ToHex(kek.id));
   }
   std::unique_lock lock(handles_mu_);
-  handles_[kek.id] = found[0];
-  return found[0];
+  handles_[kek.id] = (*found)[0];
+  return (*found)[0];
 }
 
 void Pkcs11Sealer::ForgetHandle(const KekRef& kek) {
@@ -223,7 +240,7 @@ Result<std::vector<uint8_t>> Pkcs11Sealer::Seal(const KekRef& kek, const SealCon
   std::copy(header_bytes.begin(), header_bytes.end(), blob.begin());
 
   for (int attempt = 0;; ++attempt) {
-    CUSTODY_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE key, KekHandle(*lease, kek));
+    CUSTODY_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE key, KekHandle(lease, kek));
     CK_GCM_PARAMS gcm{header.nonce.data(), kNonceSize, kNonceSize * 8, aad.data(),
                       static_cast<CK_ULONG>(aad.size()), kTagSize * 8};
     CK_MECHANISM mech{CKM_AES_GCM, &gcm, sizeof gcm};
@@ -256,7 +273,7 @@ Result<SecretBuffer> Pkcs11Sealer::Unseal(const KekRef& expected, const SealCont
   // is shorter by the tag and the buffer is truncated after.
   SecretBuffer out(view.ciphertext_and_tag.size());
   for (int attempt = 0;; ++attempt) {
-    CUSTODY_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE key, KekHandle(*lease, expected));
+    CUSTODY_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE key, KekHandle(lease, expected));
     CK_GCM_PARAMS gcm{const_cast<CK_BYTE*>(view.header.nonce.data()), kNonceSize, kNonceSize * 8,
                       aad.data(), static_cast<CK_ULONG>(aad.size()), kTagSize * 8};
     CK_MECHANISM mech{CKM_AES_GCM, &gcm, sizeof gcm};

@@ -266,6 +266,35 @@ TEST_F(SealerTest, APoolRecoversAfterEverySessionOfTheApplicationWasClosed) {
   EXPECT_TRUE(back->Equals(kValue));
 }
 
+// A session that lost its login (C_Logout, or every session closed and a
+// new one opened before the pool logged in again) sees no private object:
+// its search for the KEK finds nothing. That is a session fault to recover
+// from (a 503 at worst), not a deleted key (a 404 that tells the client
+// its secret's key is gone). Seen under load when sessions were closed
+// from outside (server_faults_test).
+TEST_F(SealerTest, AKekSearchOnASessionThatLostItsLoginIsASessionFaultNotAMissingKey) {
+  KekRef kek = MakeKek("payments");
+  SealContext ctx{"payments", "prod", "stripe", 1};
+  auto blob = sealer_->Seal(kek, ctx, kValue);
+  ASSERT_TRUE(blob.ok());
+  {
+    auto lease = pool_->Acquire();
+    ASSERT_TRUE(lease.ok());
+    ASSERT_EQ((*lease)->fn()->C_Logout((*lease)->handle()), CKR_OK);
+  }
+  Pkcs11Sealer fresh(*pool_, *store_);  // no cached handle: it must search
+  auto lost = fresh.Unseal(kek, ctx, *blob);
+  ASSERT_FALSE(lost.ok());
+  EXPECT_EQ(lost.error().category(), Category::kUnavailable) << lost.error().message();
+  EXPECT_EQ(lost.error().code(), static_cast<uint64_t>(CKR_USER_NOT_LOGGED_IN)) << lost.error().message();
+  EXPECT_EQ(lost.error().message().find("is not in the token"), std::string::npos) << lost.error().message();
+  EXPECT_NE(lost.error().message().find("login was lost"), std::string::npos) << lost.error().message();
+  ASSERT_TRUE(fresh.Recover(lost.error()));
+  auto back = fresh.Unseal(kek, ctx, *blob);
+  ASSERT_TRUE(back.ok()) << back.error().message();
+  EXPECT_TRUE(back->Equals(kValue));
+}
+
 TEST_F(SealerTest, ServiceCreateProjectRollsBackTheKekWhenTheStoreRefuses) {
   SecretService svc(*store_, *sealer_);
   ASSERT_TRUE(svc.CreateProject("payments", {"prod"}).ok());

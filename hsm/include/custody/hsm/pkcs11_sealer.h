@@ -35,7 +35,12 @@ class Pkcs11Sealer final : public Sealer {
   bool GcmWrapOffered();
 
  private:
-  Result<CK_OBJECT_HANDLE> KekHandle(hsm::Session& s, const KekRef& kek);
+  // The KEK's object handle (cached per module generation). A search that
+  // finds nothing on a session that is not logged in (its login lost when
+  // every session was closed, say) is a session fault, not a missing key:
+  // the session is discarded and CKR_USER_NOT_LOGGED_IN returned, which
+  // the caller recovers from and retries.
+  Result<CK_OBJECT_HANDLE> KekHandle(hsm::SessionPool::Lease& lease, const KekRef& kek);
   void ForgetHandle(const KekRef& kek);
   Status NextNonce(hsm::Session& s, std::span<uint8_t, kNonceSize> out);
 
