@@ -40,6 +40,7 @@ struct Run {
   double rate = 0, p50_ms = 0, p90_ms = 0, p99_ms = 0, p999_ms = 0;
   double server_us = 0;  // custodyd CPU time per request, all its threads
   double server_switches = 0;  // custodyd context switches per request, all its threads
+  double records_per_batch = 0;  // audit records per fsync (custodyd's /metrics); 0: unknown
   uint64_t errors = 0;
 };
 
@@ -80,6 +81,25 @@ inline double ContextSwitches(pid_t pid) {
   return n;
 }
 
+// custody_audit_batches_total and custody_audit_records_total from
+// custodyd's /metrics (the bench's user is a policy admin); zeros when
+// they cannot be read.
+inline std::pair<double, double> AuditBatches(const std::string& socket) {
+  auto client = custody::client::Client::Connect("unix:" + socket);
+  if (!client) return {0, 0};
+  auto m = client->Fetch("/metrics");
+  if (!m) return {0, 0};
+  // "NAME{node=\"...\"} VALUE": the value after the line's last space.
+  auto value = [&](const std::string& name) {
+    const size_t at = m->find("\n" + name);
+    if (at == std::string::npos) return 0.0;
+    const size_t eol = m->find('\n', at + 1);
+    const size_t sp = m->rfind(' ', eol);
+    return sp == std::string::npos || sp < at ? 0.0 : std::atof(m->c_str() + sp + 1);
+  };
+  return {value("custody_audit_batches_total"), value("custody_audit_records_total")};
+}
+
 // `clients` threads, each GETting `secret` (or fetching `target`) in a loop
 // for `length`, client c through sockets[c % n]; the CPU time counted is
 // that of every process in `servers`, per request.
@@ -97,6 +117,7 @@ inline Run ServerRun(const std::vector<pid_t>& servers, const std::vector<std::s
     for (pid_t p : servers) n += ContextSwitches(p);
     return n;
   };
+  const auto batches0 = AuditBatches(sockets.front());
   const double cpu0 = cpu(), switches0 = switches();
   std::vector<std::vector<double>> lat(static_cast<size_t>(clients));
   std::atomic<uint64_t> errors{0};
@@ -137,6 +158,10 @@ inline Run ServerRun(const std::vector<pid_t>& servers, const std::vector<std::s
   r.errors = errors.load();
   r.server_us = all.empty() ? 0 : (cpu() - cpu0) / static_cast<double>(all.size());
   r.server_switches = all.empty() ? 0 : (switches() - switches0) / static_cast<double>(all.size());
+  const auto batches1 = AuditBatches(sockets.front());
+  if (batches1.first > batches0.first) {
+    r.records_per_batch = (batches1.second - batches0.second) / (batches1.first - batches0.first);
+  }
   return r;
 }
 

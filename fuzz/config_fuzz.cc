@@ -97,7 +97,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
               back->token.tpm.kek_cache_seconds == c->token.tpm.kek_cache_seconds && back->token.pin_file == c->token.pin_file &&
               back->token.environment == c->token.environment && back->store == c->store &&
               back->audit.dir == c->audit.dir && back->audit.checkpoint_every == c->audit.checkpoint_every &&
-              back->audit.checkpoint_seconds == c->audit.checkpoint_seconds,
+              back->audit.checkpoint_seconds == c->audit.checkpoint_seconds && back->audit.gather == c->audit.gather,
           "a config written by WriteConfig loads back different");
   return 0;
 }

@@ -123,6 +123,13 @@ class Metrics {
     out += "# HELP custody_audit_failed_callbacks_total Answers to requests that threw after their record was written.\n";
     out += "# TYPE custody_audit_failed_callbacks_total counter\ncustody_audit_failed_callbacks_total " +
            std::to_string(s.audit_failed_callbacks.load()) + "\n";
+    out += "# HELP custody_audit_batches_total Audit batches written, each with one fsync (or one commit in PostgreSQL).\n";
+    out += "# TYPE custody_audit_batches_total counter\ncustody_audit_batches_total " +
+           std::to_string(s.audit_batches.load()) + "\n";
+    out += "# HELP custody_audit_records_total Audit records written; over custody_audit_batches_total, the records "
+           "sharing one fsync.\n";
+    out += "# TYPE custody_audit_records_total counter\ncustody_audit_records_total " +
+           std::to_string(s.audit_records.load()) + "\n";
     out += "# HELP custody_usage_write_failures_total Times the write-behind usage counts could not be stored (kept, retried).\n";
     out += "# TYPE custody_usage_write_failures_total counter\ncustody_usage_write_failures_total " +
            std::to_string(usage_flush_failures) + "\n";

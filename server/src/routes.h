@@ -27,10 +27,15 @@ void Session<StreamT>::StartGet(const core::SecretPath& sp, std::optional<uint32
   const bool alone = srv_.pending_audits.fetch_add(1) == 0 && srv_.threads > 1;
   srv_.custodian.GetAsync(peer_, sp, version, [self = this->shared_from_this(), sp](Result<core::Unsealed> u) {
     auto got = std::make_shared<Result<core::Unsealed>>(std::move(u));
-    // On this session's strand: from the thread that holds it (the record
-    // was written here) the answer runs as soon as this handler returns,
-    // with no other thread woken.
-    asio::post(self->stream_.get_executor(), [self, got, sp] {
+    // On this session's strand. When this thread wrote the record itself
+    // (`alone`), it is still inside the session's handler: dispatch answers
+    // here and now. A post would queue the answer behind that handler, and
+    // the strand would hand it to the io_context with a wake-up of another
+    // server thread (an epoll interrupt, two context switches) that then
+    // does the write this thread could do. Safe because StartGet's callers
+    // return at once and touch no member after it. From the audit writer's
+    // thread, dispatch posts, as before.
+    asio::dispatch(self->stream_.get_executor(), [self, got, sp] {
       self->Answer(self->vault_ ? self->VaultGetAnswer(*got) : self->GetAnswer(sp, *got));
     });
     self->srv_.pending_audits.fetch_sub(1);

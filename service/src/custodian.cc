@@ -188,6 +188,7 @@ Result<Unsealed> Custodian::Get(const RequestContext& rc, const SecretPath& path
 
 void Custodian::GetAsync(const RequestContext& rc, const SecretPath& path, std::optional<uint32_t> version,
                          GetDone done, bool lead_if_idle) {
+  core::AuditLog::Announcement coming = audit_.Announce();
   auto f = std::make_shared<Flow>(*this, rc, "secret.get");
   auto r = std::make_shared<Result<Unsealed>>(GetUnrecorded(*f, rc, path, version));
   f->Prepare(r->ok() ? Status::Ok() : Status(r->error()));
@@ -198,7 +199,7 @@ void Custodian::GetAsync(const RequestContext& rc, const SecretPath& path, std::
     if (!r->ok()) return done(std::move(*r));
     if (!rec.ok()) return done(rec.error());
     done(std::move(*r));
-  }, lead_if_idle);
+  }, lead_if_idle, &coming);
 }
 
 Result<uint32_t> Custodian::Put(const RequestContext& rc, const SecretPath& path, const SecretBuffer& value,

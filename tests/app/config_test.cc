@@ -75,6 +75,7 @@ TEST(Config, EveryExampleConfigWritesAndLoadsBackEqual) {
   Config c = Sample(dir);
   c.audit.dir = dir / "audit";
   c.audit.segment_bytes = 4096;
+  c.audit.gather = std::chrono::microseconds(0);
   c.server.socket_path = dir / "custody.sock";
   c.server.socket_mode = 0660;
   c.server.threads = 3;
@@ -190,6 +191,36 @@ TEST(Config, ATokenCallTimeoutIsKeptAndChecked) {
     EXPECT_EQ(r.error().category(), Category::kConfig);
     EXPECT_NE(r.error().message().find(path + ":5:"), std::string::npos) << r.error().message();
     EXPECT_NE(r.error().message().find("token.call_timeout must be 100 to 600000"), std::string::npos)
+        << r.error().message();
+  }
+}
+
+// [audit] group_commit_us: 0 (off) to 100000, kept when written; anything
+// else refused naming the key, its place and the range.
+TEST(Config, AGroupCommitHoldIsKeptAndChecked) {
+  test::TempDir dir;
+  const std::string path = dir / "custody.toml";
+  EXPECT_EQ(Config{}.audit.gather, std::chrono::microseconds(500)) << "the default";
+  const std::string head = "state_dir = \"/x\"\n[token]\nmodule = \"/m.so\"\nuri = \"pkcs11:\"\n[store]\npath = \"/x/db\"\n"
+                           "[audit]\ngroup_commit_us = ";
+  for (const auto& [text, us] : std::vector<std::pair<std::string, int64_t>>{{"0", 0}, {"250", 250}, {"100000", 100000}}) {
+    test::WriteFile(path, head + text + "\n");
+    auto c = LoadConfig(path);
+    ASSERT_TRUE(c.ok()) << text << ": " << c.error().message();
+    EXPECT_EQ(c->audit.gather, std::chrono::microseconds(us));
+    ASSERT_TRUE(WriteConfig(*c, dir / "back.toml").ok());
+    auto back = LoadConfig(dir / "back.toml");
+    ASSERT_TRUE(back.ok()) << back.error().message();
+    EXPECT_EQ(back->audit.gather, std::chrono::microseconds(us)) << test::ReadFile(dir / "back.toml");
+  }
+  for (const std::string bad : {"-1", "100001", "\"500us\"", "0.5"}) {
+    test::WriteFile(path, head + bad + "\n");
+    auto r = LoadConfig(path);
+    ASSERT_FALSE(r.ok()) << bad;
+    EXPECT_EQ(r.error().category(), Category::kConfig);
+    EXPECT_NE(r.error().message().find(path + ":8:"), std::string::npos) << r.error().message();
+    EXPECT_NE(r.error().message().find("audit.group_commit_us must be a number of microseconds from 0 (off) to 100000"),
+              std::string::npos)
         << r.error().message();
   }
 }

@@ -583,6 +583,92 @@ TEST_F(AuditTest, ARecordLedOnAnIdleLogIsWrittenOnTheCallersThreadAndQueuedOther
   EXPECT_EQ(rep.records, 3u);
 }
 
+// Group commit ([audit] group_commit_us): a GET announces its record
+// before its store read and unseal (AuditLog::Announce). The writer holds
+// a batch back until the records announced when it began have joined it,
+// or group_commit_us has passed since the oldest was queued, so requests
+// in flight together share one fsync.
+class GroupCommitTest : public AuditTest {
+ protected:
+  // Reopens the log with `gather`; `done` is fulfilled by the callback.
+  void Reopen(std::chrono::microseconds gather) {
+    log_.reset();
+    opts_.gather = gather;
+    auto log = AuditLog::Open(opts_);
+    ASSERT_TRUE(log.ok()) << log.error().message();
+    log_ = std::move(*log);
+  }
+  AuditLog::Done Into(std::promise<Result<uint64_t>>& p) {
+    return [&p](Result<uint64_t> r) { p.set_value(std::move(r)); };
+  }
+  static bool ArrivesWithin(std::future<Result<uint64_t>>& f, std::chrono::seconds s) {
+    return f.wait_for(s) == std::future_status::ready;
+  }
+};
+
+TEST_F(GroupCommitTest, RecordsAnnouncedTogetherShareOneBatch) {
+  // A hold far longer than the test: only the arrival of every announced
+  // record can end it in time.
+  ASSERT_NO_FATAL_FAILURE(Reopen(std::chrono::seconds(60)));
+  auto a1 = log_->Announce();
+  auto a2 = log_->Announce();
+  auto a3 = log_->Announce();
+  std::promise<Result<uint64_t>> p1, p2, p3;
+  auto f1 = p1.get_future(), f2 = p2.get_future(), f3 = p3.get_future();
+  log_->AppendAsync(Event(1), Into(p1), false, &a1);
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // the writer is holding by now
+  EXPECT_EQ(f1.wait_for(std::chrono::milliseconds(0)), std::future_status::timeout)
+      << "the first record was written alone while two more were announced";
+  log_->AppendAsync(Event(2), Into(p2), false, &a2);
+  log_->AppendAsync(Event(3), Into(p3), false, &a3);
+  ASSERT_TRUE(ArrivesWithin(f1, std::chrono::seconds(20))) << "the batch was held after every record had come";
+  ASSERT_TRUE(ArrivesWithin(f2, std::chrono::seconds(20)));
+  ASSERT_TRUE(ArrivesWithin(f3, std::chrono::seconds(20)));
+  EXPECT_EQ(*f1.get(), 1u);
+  EXPECT_EQ(*f2.get(), 2u);
+  EXPECT_EQ(*f3.get(), 3u);
+  EXPECT_EQ(log_->batches_written(), 1u) << "three records, one fsync";
+  EXPECT_EQ(log_->records_written(), 3u);
+  log_.reset();
+  auto rep = Verify();
+  EXPECT_TRUE(rep.intact) << rep.problem;
+  EXPECT_EQ(rep.records, 3u);
+}
+
+// A request that announced its record and then never appends it (its
+// announcement destroyed) does not hold the others back.
+TEST_F(GroupCommitTest, AnAnnouncementGivenUpEndsTheHold) {
+  ASSERT_NO_FATAL_FAILURE(Reopen(std::chrono::seconds(60)));
+  auto a1 = log_->Announce();
+  std::promise<Result<uint64_t>> p1;
+  auto f1 = p1.get_future();
+  {
+    auto gone = log_->Announce();
+    log_->AppendAsync(Event(1), Into(p1), false, &a1);
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    EXPECT_EQ(f1.wait_for(std::chrono::milliseconds(0)), std::future_status::timeout);
+  }
+  ASSERT_TRUE(ArrivesWithin(f1, std::chrono::seconds(20))) << "the hold outlived the announcement given up";
+  EXPECT_EQ(*f1.get(), 1u);
+}
+
+// The hold is bounded: a record still announced (a GET whose token call
+// hangs, say) holds the batch for group_commit_us at most; 0 holds nothing.
+TEST_F(GroupCommitTest, AStragglerHoldsTheBatchForGroupCommitUsAtMost) {
+  for (const auto gather : {std::chrono::microseconds(50000), std::chrono::microseconds(0)}) {
+    SCOPED_TRACE("group_commit_us " + std::to_string(gather.count()));
+    ASSERT_NO_FATAL_FAILURE(Reopen(gather));
+    auto a1 = log_->Announce();
+    auto straggler = log_->Announce();
+    std::promise<Result<uint64_t>> p1;
+    auto f1 = p1.get_future();
+    log_->AppendAsync(Event(1), Into(p1), false, &a1);
+    ASSERT_TRUE(ArrivesWithin(f1, std::chrono::seconds(20))) << "written while the straggler is still out";
+    EXPECT_TRUE(f1.get().ok());
+    EXPECT_EQ(log_->batches_written(), 1u);
+  }
+}
+
 TEST_F(AuditTest, ConcurrentProcessesShareOneChainAcrossSegments) {
   constexpr int kProcs = 4, kEach = 300;
   std::vector<std::thread> threads;

@@ -36,6 +36,14 @@ TEST_F(ServerTest, ALimitAnswers429WithRetryAfter) {
       << metrics;
   EXPECT_NE(metrics.find("custody_request_duration_seconds_bucket{node=\"node-a\",action=\"secret.get\""), std::string::npos);
   EXPECT_NE(metrics.find("custody_audit_healthy{node=\"node-a\"} 1"), std::string::npos);
+  // Four GETs so far (two served, two refused by the limit), each with its
+  // record, written in at least one batch and at most one each.
+  const auto records = MetricValue(metrics, "custody_audit_records_total");
+  const auto batches = MetricValue(metrics, "custody_audit_batches_total");
+  ASSERT_TRUE(records && batches) << metrics;
+  EXPECT_GE(*records, 4) << metrics;
+  EXPECT_GE(*batches, 1) << metrics;
+  EXPECT_LE(*batches, *records) << metrics;
   // Usage written behind (payments has no limit) is stored without a
   // failure: a GET's count, flushed by a usage read (which then shows it),
   // leaves the failure counter at 0. (UsageThatCannotBeWrittenIsCountedAndNotLost

@@ -17,6 +17,7 @@
 //   dir = "/var/lib/custody/audit"         # default: state_dir/audit
 //   checkpoint_every = 1000                # records between signed checkpoints
 //   checkpoint_seconds = 300               # seconds between signed checkpoints
+//   group_commit_us = 500                  # longest a batch waits for GETs under way; 0: off
 //
 // The config never holds a PIN: only where to read one.
 #pragma once

@@ -196,7 +196,31 @@ class AuditLog {
   // a disk that stops answering (the record's fsync is then waited for on
   // this thread).
   using Done = std::function<void(Result<uint64_t>)>;
-  void AppendAsync(const AuditEvent& event, Done done, bool lead_if_idle = false);
+  class Announcement;
+  void AppendAsync(const AuditEvent& event, Done done, bool lead_if_idle = false, Announcement* announced = nullptr);
+
+  // A record on its way: a caller that will call AppendAsync soon (a GET
+  // whose store read and unseal are under way) says so first. While any
+  // record is announced, the writer thread holds a batch back for up to
+  // options.gather, until every announced record has joined it, so that
+  // requests in flight together share one fsync instead of each paying
+  // one (group commit, as PostgreSQL's commit_delay). AppendAsync with it
+  // ends the announcement; so does destroying it.
+  class Announcement {
+   public:
+    Announcement() = default;
+    Announcement(const Announcement&) = delete;
+    Announcement& operator=(const Announcement&) = delete;
+    Announcement(Announcement&& o) noexcept : log_(o.log_) { o.log_ = nullptr; }
+    Announcement& operator=(Announcement&& o) noexcept;
+    ~Announcement();
+
+   private:
+    friend class AuditLog;
+    explicit Announcement(AuditLog* log) : log_(log) {}
+    AuditLog* log_ = nullptr;
+  };
+  Announcement Announce();
 
   // Whether checkpoint_every records or checkpoint_seconds have passed since
   // the last checkpoint (as of the last record this process saw).
@@ -220,6 +244,10 @@ class AuditLog {
   // Batches whose writing threw (out of memory, say): their requests were
   // refused, the log went on.
   uint64_t failed_batches() const { return failed_batches_.load(); }
+  // Batches written and the records in them (their ratio is how many
+  // records share one fsync: custodyd's /metrics).
+  uint64_t batches_written() const { return batches_written_.load(); }
+  uint64_t records_written() const { return records_written_.load(); }
 
  private:
   struct Item {
@@ -254,8 +282,18 @@ class AuditLog {
   std::condition_variable writer_cv_;
   std::thread writer_;
   bool stop_ = false;
+  // Records announced and not yet queued (Announce); the writer holding a
+  // batch back for them (mu_).
+  std::atomic<int64_t> announced_{0};
+  bool gathering_ = false;
+  size_t gather_target_ = 0;  // the queue's size at which the writer stops holding
+  std::chrono::steady_clock::time_point first_queued_;  // of the oldest record queued
+  // With mu_ held: one announced record was queued, or given up.
+  void EndAnnouncement(std::unique_lock<std::mutex>& lk, bool given_up);
   std::atomic<uint64_t> failed_callbacks_{0};
   std::atomic<uint64_t> failed_batches_{0};
+  std::atomic<uint64_t> batches_written_{0};
+  std::atomic<uint64_t> records_written_{0};
   // steady_clock nanoseconds at which the current batch began; 0: none.
   std::atomic<int64_t> writing_since_ns_{0};
   // What this process last saw of the head (for CheckpointDue).

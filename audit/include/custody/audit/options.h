@@ -14,6 +14,9 @@ struct AuditOptions {
   uint64_t checkpoint_every = 1000;           // records between checkpoints, at most
   int64_t checkpoint_seconds = 300;           // seconds between checkpoints, at most
   std::chrono::milliseconds timeout{10000};   // longest wait for the lock or a batch
+  // Longest time the writer holds a batch back for announced records
+  // (AuditLog::Announce); zero: never.
+  std::chrono::microseconds gather{500};
   // [node] name of custody.toml: written into every record as "node", so
   // that the records of several nodes say which node made each. Empty: no
   // field (a log written before nodes had names reads the same).

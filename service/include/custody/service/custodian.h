@@ -64,6 +64,8 @@ struct CustodianStats {
   std::atomic<int64_t> audit_write_stalled_ms{0};
   std::atomic<uint64_t> audit_failed_batches{0};
   std::atomic<uint64_t> audit_failed_callbacks{0};
+  std::atomic<uint64_t> audit_batches{0};
+  std::atomic<uint64_t> audit_records{0};
 
   // An audit append failed (`why`), or one worked (nullopt): audit_healthy,
   // and the reason /v1/health gives its readers.
@@ -189,6 +191,8 @@ class Custodian {
     stats_.audit_write_stalled_ms.store(ms >= kAuditStallMs ? ms : 0);
     stats_.audit_failed_batches.store(audit_.failed_batches());
     stats_.audit_failed_callbacks.store(audit_.failed_callbacks());
+    stats_.audit_batches.store(audit_.batches_written());
+    stats_.audit_records.store(audit_.records_written());
     return ms >= kAuditStallMs;
   }
   // The log every request's record goes to (custodyd also writes its
