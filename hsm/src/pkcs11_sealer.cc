@@ -171,27 +171,35 @@ Result<CK_OBJECT_HANDLE> Pkcs11Sealer::KekHandle(hsm::SessionPool::Lease& lease,
       {CKA_TOKEN, &yes, sizeof yes},
       {CKA_ID, id.data(), static_cast<CK_ULONG>(id.size())},
   };
-  auto found = hsm::FindObjects(*lease, tmpl, 2);
-  if (!found) {
-    if (found.error().backend() == Backend::kPkcs11 && hsm::IsSessionFatal(static_cast<CK_RV>(found.error().code()))) {
-      lease.Discard();
+  // A private object is invisible to a session that is not logged in:
+  // after C_CloseAllSessions (by any application of this process, or a
+  // token reset) the login is gone, and a session opened before the pool
+  // logged in again finds nothing. That is a lost login, to recover from,
+  // not a deleted key (a 404 to a client that did nothing wrong). Login is
+  // the token's state, not the session's: another thread's recovery may
+  // log in between an empty search and the look at the state, so a state
+  // that says "logged in" earns one more search before the key is called
+  // missing.
+  Result<std::vector<CK_OBJECT_HANDLE>> found = std::vector<CK_OBJECT_HANDLE>{};
+  for (int search = 0;; ++search) {
+    found = hsm::FindObjects(*lease, tmpl, 2);
+    if (!found) {
+      if (found.error().backend() == Backend::kPkcs11 && hsm::IsSessionFatal(static_cast<CK_RV>(found.error().code()))) {
+        lease.Discard();
+      }
+      return found.error();
     }
-    return found.error();
-  }
-  if (found->empty()) {
-    // A private object is invisible to a session that is not logged in:
-    // after C_CloseAllSessions (by any application of this process, or a
-    // token reset) the login is gone, and a session opened before the pool
-    // logged in again finds nothing. That is a lost login, to recover from,
-    // not a deleted key (a 404 to a client that did nothing wrong).
+    if (!found->empty()) break;
     CK_SESSION_INFO info{};
     const CK_RV rv = lease->fn()->C_GetSessionInfo(lease->handle(), &info);
     if (rv != CKR_OK) return Fail(lease, rv, "C_GetSessionInfo");
     if (info.state != CKS_RO_USER_FUNCTIONS && info.state != CKS_RW_USER_FUNCTIONS) {
       return Fail(lease, CKR_USER_NOT_LOGGED_IN, "C_FindObjects (the session's login was lost)");
     }
-    return Error(Category::kNotFound, "KEK " + ToHex(kek.id) + " (v" + std::to_string(kek.version) +
-                                          ") is not in the token; was the token replaced or the key deleted?");
+    if (search > 0) {
+      return Error(Category::kNotFound, "KEK " + ToHex(kek.id) + " (v" + std::to_string(kek.version) +
+                                            ") is not in the token; was the token replaced or the key deleted?");
+    }
   }
   if (found->size() > 1) {
     return Error(Category::kIntegrity, "two token objects share KEK id " + ToHex(kek.id));

@@ -26,19 +26,35 @@ void Session<StreamT>::StartGet(const core::SecretPath& sp, std::optional<uint32
   // thread waits for the disk.
   const bool alone = srv_.pending_audits.fetch_add(1) == 0 && srv_.threads > 1;
   srv_.custodian.GetAsync(peer_, sp, version, [self = this->shared_from_this(), sp](Result<core::Unsealed> u) {
+    // Counted down however this ends, an answer that throws included: a
+    // count left up would make no GET `alone` again and hold Run()'s end
+    // to its deadline. After the post below, so that Run() never sees zero
+    // while an answer is still on its way to the loop.
+    struct Settled {
+      std::atomic<int>& pending;
+      ~Settled() { pending.fetch_sub(1); }
+    } settled{self->srv_.pending_audits};
     auto got = std::make_shared<Result<core::Unsealed>>(std::move(u));
-    // On this session's strand. When this thread wrote the record itself
-    // (`alone`), it is still inside the session's handler: dispatch answers
-    // here and now. A post would queue the answer behind that handler, and
-    // the strand would hand it to the io_context with a wake-up of another
-    // server thread (an epoll interrupt, two context switches) that then
-    // does the write this thread could do. Safe because StartGet's callers
-    // return at once and touch no member after it. From the audit writer's
-    // thread, dispatch posts, as before.
-    asio::dispatch(self->stream_.get_executor(), [self, got, sp] {
+    auto answer = [self, got, sp] {
       self->Answer(self->vault_ ? self->VaultGetAnswer(*got) : self->GetAnswer(sp, *got));
-    });
-    self->srv_.pending_audits.fetch_sub(1);
+    };
+    // When this thread wrote the record itself (`alone`), it is still
+    // inside this session's handler, on its strand: answer here and now. A
+    // post would queue the answer behind that handler, and the strand would
+    // hand it to the io_context with a wake-up of another server thread (an
+    // epoll interrupt, two context switches) to do the write this thread
+    // can do. Safe because StartGet's callers return at once and touch no
+    // member after it. Any other thread posts: the audit writer, and also a
+    // thread that led a batch for a PUT or a checkpoint, which must not
+    // write other sessions' answers one after another on its own (what
+    // asio::dispatch would do whenever their strands are idle).
+    auto ex = self->stream_.get_executor();
+    const auto* strand = ex.template target<asio::strand<asio::io_context::executor_type>>();
+    if (strand != nullptr && strand->running_in_this_thread()) {
+      answer();
+    } else {
+      asio::post(ex, std::move(answer));
+    }
   }, alone);
 }
 
