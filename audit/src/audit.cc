@@ -299,15 +299,6 @@ AuditLog::Announcement AuditLog::Announce() {
   return Announcement(this);
 }
 
-AuditLog::Announcement& AuditLog::Announcement::operator=(Announcement&& o) noexcept {
-  if (this != &o) {
-    Announcement gone(std::move(*this));
-    log_ = o.log_;
-    o.log_ = nullptr;
-  }
-  return *this;
-}
-
 AuditLog::Announcement::~Announcement() {
   if (log_ == nullptr) return;
   std::unique_lock lk(log_->mu_);
@@ -410,9 +401,13 @@ void AuditLog::Lead(std::unique_lock<std::mutex>& lk) {
     outcomes.clear();
   }
   writing_since_ns_.store(0);
-  if (outcomes.size() == batch.size() && !outcomes.empty() && outcomes.front().status.ok()) {
-    batches_written_.fetch_add(1);
-    records_written_.fetch_add(outcomes.size());
+  if (outcomes.size() == batch.size()) {
+    const auto written = static_cast<uint64_t>(
+        std::count_if(outcomes.begin(), outcomes.end(), [](const Outcome& o) { return o.status.ok(); }));
+    if (written > 0) {
+      batches_written_.fetch_add(1);
+      records_written_.fetch_add(written);
+    }
   }
   if (outcomes.size() != batch.size()) {
     failed_batches_.fetch_add(1);

@@ -208,11 +208,8 @@ class AuditLog {
   // ends the announcement; so does destroying it.
   class Announcement {
    public:
-    Announcement() = default;
     Announcement(const Announcement&) = delete;
     Announcement& operator=(const Announcement&) = delete;
-    Announcement(Announcement&& o) noexcept : log_(o.log_) { o.log_ = nullptr; }
-    Announcement& operator=(Announcement&& o) noexcept;
     ~Announcement();
 
    private:
