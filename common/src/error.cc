@@ -57,11 +57,18 @@ Error Error::Os(int err, std::string_view what, Category category) {
 
 int Error::http_status() const {
   if (category_ == Category::kDenied && needs_authentication()) return 401;
+  if (precondition_failed()) return 412;
   return HttpStatus(category_);
 }
 
 Error Error::WithVersionTaken() && {
   detail_ = ErrorDetail::kVersionTaken;
+  retry_after_ = 0;
+  return std::move(*this);
+}
+
+Error Error::WithPreconditionFailed() && {
+  detail_ = ErrorDetail::kPreconditionFailed;
   retry_after_ = 0;
   return std::move(*this);
 }

@@ -142,6 +142,14 @@ std::optional<std::vector<std::string_view>> InPlaceJson::ObjectKeys(std::string
   return names;
 }
 
+std::optional<uint64_t> InPlaceJson::Uint(std::string_view object, std::string_view key) const {
+  const rapidjson::Value* o = Member(doc_->d, object);
+  if (o == nullptr || !o->IsObject()) return std::nullopt;
+  const rapidjson::Value* v = Member(*o, key);
+  if (v == nullptr || !v->IsUint64()) return std::nullopt;
+  return v->GetUint64();
+}
+
 std::optional<std::string_view> InPlaceJson::String(std::string_view object, std::string_view key) const {
   const rapidjson::Value* o = Member(doc_->d, object);
   if (o == nullptr || !o->IsObject()) return std::nullopt;

@@ -10,6 +10,23 @@ namespace custody::server {
 
 namespace detail {
 
+// A version sent as a strong entity tag, the form GET's ETag has: "N",
+// N in 1..2^32-1 in plain decimal. Anything else (weak tags W/"N", lists,
+// *, leading zeros or signs) is refused by the caller: a check-and-set
+// must name one version exactly.
+inline std::optional<uint32_t> ParseVersionTag(std::string_view tag) {
+  if (tag.size() < 3 || tag.size() > 12 || tag.front() != '"' || tag.back() != '"') return std::nullopt;
+  const std::string_view digits = tag.substr(1, tag.size() - 2);
+  if (digits.front() == '0') return std::nullopt;
+  uint64_t n = 0;
+  for (char c : digits) {
+    if (c < '0' || c > '9') return std::nullopt;
+    n = n * 10 + static_cast<uint64_t>(c - '0');
+  }
+  if (n > UINT32_MAX) return std::nullopt;
+  return static_cast<uint32_t>(n);
+}
+
 // GET of a secret: everything up to the audit record runs here; the wait
 // for the record's fsync holds no server thread, so every request in
 // flight shares one fsync. The answer is built back on the server's
@@ -69,6 +86,9 @@ http::response<http::string_body> Session<StreamT>::GetAnswer(const core::Secret
   const std::string version = std::to_string(u->version);
   http::response<http::string_body> res{http::status::ok, 11};
   res.set(http::field::content_type, "application/json");
+  // The version as a strong entity tag: a client that read it can put the
+  // next value with If-Match and lose no concurrent writer's version.
+  res.set(http::field::etag, "\"" + version + "\"");
   std::string& body = res.body();
   // (A looser text check once let an overlong UTF-8 form through, and the
   // JSON writer threw on it: one stored value could stop the server.)
@@ -328,9 +348,27 @@ std::optional<http::response<http::string_body>> Session<StreamT>::Handle(http::
         if (!good) return Error(400, "the Idempotency-Key header must be 16 to 64 characters of A-Z a-z 0-9 _ -");
         put_key = std::string(key);
       }
+      // Check-and-set (RFC 9110 conditional requests): If-Match: "N" stores
+      // only if N is still the newest version (the ETag a GET gave), and
+      // If-None-Match: * only if the secret has no version yet; else 412.
+      std::optional<uint32_t> expect;
+      const auto if_match = req.find(http::field::if_match);
+      const auto if_none = req.find(http::field::if_none_match);
+      if (if_match != req.end() && if_none != req.end()) {
+        return Error(400, "send If-Match or If-None-Match, not both");
+      }
+      if (if_match != req.end()) {
+        expect = ParseVersionTag(std::string_view(if_match->value().data(), if_match->value().size()));
+        if (!expect) return Error(400, "the If-Match header must be one version as an entity tag, such as \"3\"");
+      } else if (if_none != req.end()) {
+        if (std::string_view(if_none->value().data(), if_none->value().size()) != "*") {
+          return Error(400, "the If-None-Match header of a put must be * (store only if there is no version yet)");
+        }
+        expect = 0;
+      }
       audited_ = true;
       bool replayed = false;
-      auto v = srv_.custodian.Put(peer_, *sp, *value, put_key, &replayed);
+      auto v = srv_.custodian.Put(peer_, *sp, *value, put_key, &replayed, expect);
       if (!v) return FromError(v.error());
       // 200 for a retry (nothing new was made), 201 for a new version.
       return Json(replayed ? 200 : 201, {{"path", sp->str()}, {"version", *v}, {"replayed", replayed}});

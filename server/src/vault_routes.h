@@ -499,9 +499,16 @@ bool Session<StreamT>::Vault(http::request<http::string_body>& req, std::string_
     out = Error(400, shape + " with a string value");
     return true;
   }
+  // Check-and-set as Vault has it: options.cas = 0 writes only if the
+  // secret has no version yet, N only if N is its newest version.
+  std::optional<uint32_t> cas;
   if (auto opts = body->ObjectKeys("options"); opts && std::find(opts->begin(), opts->end(), "cas") != opts->end()) {
-    out = Error(400, "check-and-set (options.cas) is not offered: custody numbers versions itself");
-    return true;
+    auto n = body->Uint("options", "cas");
+    if (!n || *n > UINT32_MAX) {
+      out = Error(400, "options.cas must be a version number (0: only if the secret has no version yet)");
+      return true;
+    }
+    cas = static_cast<uint32_t>(*n);
   }
   SecretBuffer value = SecretBuffer::Copy(*text);
   if (value.size() > core::kMaxSecretSize) {
@@ -509,9 +516,12 @@ bool Session<StreamT>::Vault(http::request<http::string_body>& req, std::string_
     return true;
   }
   audited_ = true;
-  auto v = srv_.custodian.Put(peer_, *sp, value);
+  auto v = srv_.custodian.Put(peer_, *sp, value, "", nullptr, cas);
   if (!v) {
-    out = FromError(v.error());
+    // Vault's own words for a failed check-and-set, with a 400 as Vault's.
+    out = v.error().precondition_failed()
+              ? Error(400, "check-and-set parameter did not match the current version (" + v.error().message() + ")")
+              : FromError(v.error());
     return true;
   }
   out = VaultJson(200, json{{"created_time", vault::Time(SystemNow())},

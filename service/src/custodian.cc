@@ -203,7 +203,8 @@ void Custodian::GetAsync(const RequestContext& rc, const SecretPath& path, std::
 }
 
 Result<uint32_t> Custodian::Put(const RequestContext& rc, const SecretPath& path, const SecretBuffer& value,
-                                const std::string& put_key, bool* replayed) {
+                                const std::string& put_key, bool* replayed,
+                                std::optional<uint32_t> expect_current) {
   Flow f(*this, rc, "secret.put");
   f.ev.project = path.project;
   f.ev.environment = path.environment;
@@ -253,7 +254,7 @@ Result<uint32_t> Custodian::Put(const RequestContext& rc, const SecretPath& path
       }
       f.ev.version = n;
       return f.Record(Status::Ok());
-      }, put_key, &raced);
+      }, put_key, &raced, expect_current);
     };
     auto v = put();
     // Sealing failed on a lost session before anything was recorded or

@@ -32,7 +32,8 @@ Result<ProjectRecord> SecretService::CreateProject(const std::string& name, cons
 
 Result<uint32_t> SecretService::Put(const SecretPath& path, const SecretBuffer& value,
                                     const std::function<Status(uint32_t version)>& before_commit,
-                                    const std::string& put_key, bool* replayed) {
+                                    const std::string& put_key, bool* replayed,
+                                    std::optional<uint32_t> expect_current) {
   if (value.empty()) return Error(Category::kIntegrity, "refusing to store an empty value for " + path.str());
   CUSTODY_ASSIGN_OR_RETURN(EnvironmentRecord env, store_.FindEnvironment(path.project, path.environment));
   // A concurrent writer may take our version number between NextVersion and
@@ -51,6 +52,16 @@ Result<uint32_t> SecretService::Put(const SecretPath& path, const SecretBuffer& 
     }
     CUSTODY_ASSIGN_OR_RETURN(KekRecord kek, store_.CurrentKek(env.project_id));
     CUSTODY_ASSIGN_OR_RETURN(uint32_t version, store_.NextVersion(env.id, path.name));
+    // Checked on every attempt: a retry after a taken version finds the
+    // newer version here and is refused, while a retry after a KEK
+    // rotation (the same number still free) goes on.
+    if (expect_current && version != *expect_current + 1) {
+      const std::string now = version == 1 ? " has no version" : " is at v" + std::to_string(version - 1);
+      const std::string wanted = *expect_current == 0 ? "absent" : "v" + std::to_string(*expect_current);
+      return Error(Category::kUsage, path.str() + now + ", not " + wanted +
+                                         " as this put required; nothing stored (read it again, then retry)")
+          .WithPreconditionFailed();
+    }
     SealContext ctx{path.project, path.environment, path.name, version};
     CUSTODY_ASSIGN_OR_RETURN(auto blob, sealer_.Seal(kek.ref, ctx, value));
     if (before_commit) CUSTODY_RETURN_IF_ERROR(before_commit(version));

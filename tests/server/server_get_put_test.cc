@@ -293,5 +293,82 @@ TEST_F(ServerTest, APutRetriedWithItsIdempotencyKeyIsStoredOnce) {
   }
 }
 
+// Check-and-set on the native API (RFC 9110 conditional requests): a GET
+// gives the version as its ETag; a PUT with If-Match: "N" stores only if N
+// is still the newest version, one with If-None-Match: * only if there is
+// no version yet; otherwise 412, nothing stored, and a record that says so.
+// Of writers racing with the same ETag, exactly one stores.
+TEST_F(ServerTest, AConditionalPutStoresOnlyOverTheVersionItRead) {
+  auto put = [&](const std::string& header, const std::string& value) {
+    const std::string body = "{\"value\":\"" + value + "\"}";
+    return Raw(socket_, "PUT /v1/secrets/payments/dev/cas HTTP/1.1\r\nHost: x\r\n" + header +
+                            "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body);
+  };
+  const std::string none_body = "{\"value\":\"nothing-yet\"}";
+  auto none = Raw(socket_, "PUT /v1/secrets/payments/dev/cas-none HTTP/1.1\r\nHost: x\r\nIf-Match: \"1\"\r\n"
+                           "Content-Length: " + std::to_string(none_body.size()) + "\r\n\r\n" + none_body);
+  EXPECT_NE(none.find("HTTP/1.1 412"), std::string::npos) << none;
+  EXPECT_NE(none.find("payments/dev/cas-none has no version, not v1"), std::string::npos) << none;
+  auto first = put("If-None-Match: *\r\n", "value-one");
+  EXPECT_NE(first.find("HTTP/1.1 201"), std::string::npos) << first;
+  auto twice = put("If-None-Match: *\r\n", "value-two");
+  EXPECT_NE(twice.find("HTTP/1.1 412"), std::string::npos) << twice;
+  EXPECT_NE(twice.find("payments/dev/cas is at v1, not absent"), std::string::npos) << twice;
+  auto got = Raw(socket_, "GET /v1/secrets/payments/dev/cas HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(got.find("ETag: \"1\""), std::string::npos) << got;
+  EXPECT_NE(got.find("value-one"), std::string::npos) << got;
+  auto second = put("If-Match: \"1\"\r\n", "value-two");
+  EXPECT_NE(second.find("HTTP/1.1 201"), std::string::npos) << second;
+  EXPECT_NE(second.find("\"version\":2"), std::string::npos) << second;
+  auto stale = put("If-Match: \"1\"\r\n", "value-stale");
+  EXPECT_NE(stale.find("HTTP/1.1 412"), std::string::npos) << stale;
+  EXPECT_NE(stale.find("is at v2, not v1"), std::string::npos) << stale;
+  got = Raw(socket_, "GET /v1/secrets/payments/dev/cas HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(got.find("value-two"), std::string::npos) << "a refused put changed the value: " << got;
+  EXPECT_NE(got.find("ETag: \"2\""), std::string::npos) << got;
+  bool recorded = false;
+  for (const auto& r : TrailRecords(token_.config_path())) {
+    recorded = recorded || (r.event.action == "secret.put" && r.event.result == core::AuditResult::kError &&
+                            r.event.error.find("is at v2, not v1") != std::string::npos);
+  }
+  EXPECT_TRUE(recorded) << "the refused put has no record saying why";
+  // A retry of a stored conditional put (same Idempotency-Key) is the same
+  // request: answered with its version although the condition now fails.
+  auto keyed = put("If-Match: \"2\"\r\nIdempotency-Key: cas-retry-0123456789\r\n", "value-three");
+  EXPECT_NE(keyed.find("HTTP/1.1 201"), std::string::npos) << keyed;
+  auto retried = put("If-Match: \"2\"\r\nIdempotency-Key: cas-retry-0123456789\r\n", "value-three");
+  EXPECT_NE(retried.find("HTTP/1.1 200"), std::string::npos) << retried;
+  EXPECT_NE(retried.find("\"replayed\":true"), std::string::npos) << retried;
+  EXPECT_NE(retried.find("\"version\":3"), std::string::npos) << retried;
+  // Malformed conditions are refused before anything is sealed, and the
+  // header's text is not quoted back.
+  for (const std::string& bad : {std::string("If-Match: 2\r\n"), std::string("If-Match: W/\"2\"\r\n"),
+                                 std::string("If-Match: \"2\", \"3\"\r\n"), std::string("If-Match: \"02\"\r\n"),
+                                 std::string("If-Match: \"4294967296\"\r\n"), std::string("If-Match: *\r\n"),
+                                 std::string("If-Match: \"0\"\r\n"), std::string("If-None-Match: \"2\"\r\n"),
+                                 std::string("If-Match: \"2\"\r\nIf-None-Match: *\r\n")}) {
+    auto r = put(bad, "value-x");
+    EXPECT_NE(r.find("HTTP/1.1 400"), std::string::npos) << bad << ": " << r;
+  }
+  // Racing writers that read the same version: one stores, the others get
+  // 412, and the versions stay one apart.
+  constexpr int kWriters = 6;
+  std::vector<std::string> answers(kWriters);
+  std::vector<std::thread> writers;
+  for (int i = 0; i < kWriters; ++i) {
+    writers.emplace_back([&, i] { answers[static_cast<size_t>(i)] = put("If-Match: \"3\"\r\n", "racer-" + std::to_string(i)); });
+  }
+  for (auto& t : writers) t.join();
+  int stored = 0, refused = 0;
+  for (const auto& a : answers) {
+    stored += a.find("HTTP/1.1 201") != std::string::npos ? 1 : 0;
+    refused += a.find("HTTP/1.1 412") != std::string::npos ? 1 : 0;
+  }
+  EXPECT_EQ(stored, 1);
+  EXPECT_EQ(refused, kWriters - 1);
+  auto v5 = Raw(socket_, "GET /v1/secrets/payments/dev/cas?version=5 HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(v5.find("HTTP/1.1 404"), std::string::npos) << "two racers stored: " << v5;
+}
+
 }  // namespace
 }  // namespace custody::test

@@ -114,6 +114,7 @@ TEST_F(VaultServerTest, HvacLogsInReadsListsAndWrites) {
   for (const char* step : {"ok: cert login as svc:web-prod", "ok: read_secret_version payments prod/stripe v1",
                            "ok: list_secrets payments prod", "ok: a reader's write is Forbidden",
                            "ok: create_or_update_secret by svc:deploy made version 2", "ok: the reader reads version 2",
+                           "ok: a write with cas=1 on version 2 is InvalidRequest", "ok: the refused write stored nothing",
                            "ok: svc:other cannot read payments", "ok: svc:other reads billing", "ok: renew_self",
                            "ok: an unknown token is Forbidden"}) {
     EXPECT_NE(r.out.find(step), std::string::npos) << "missing step: " << step << "\n" << r.out;
@@ -125,7 +126,7 @@ TEST_F(VaultServerTest, HvacLogsInReadsListsAndWrites) {
   std::vector<std::string> actions;
   for (const auto& rec : recs) actions.push_back(rec.value("action", ""));
   EXPECT_EQ(actions, (std::vector<std::string>{"token.login", "token.lookup", "secret.get", "secret.list",
-                                               "secret.put", "secret.get", "token.renew"}))
+                                               "secret.put", "secret.get", "secret.get", "token.renew"}))
       << recs.dump(1);
   ASSERT_GE(recs.size(), 7u);
   EXPECT_EQ(recs[0].value("identified_by", "").find("tls client certificate san dns:web-prod.payments.internal"), 0u)
@@ -198,8 +199,31 @@ TEST_F(VaultServerTest, EveryEndpointHasVaultsShapeFieldByField) {
   EXPECT_EQ(bad.status, 400) << bad.raw;
   ASSERT_TRUE(bad.body["errors"].is_array()) << bad.raw;
   EXPECT_NE(bad.body["errors"][0].get<std::string>().find("one value per secret"), std::string::npos) << bad.raw;
-  auto cas = Curl(0, "POST", "/v1/payments/data/prod/stripe", "", R"({"options":{"cas":1},"data":{"value":"x"}})");
-  EXPECT_EQ(cas.status, 400) << cas.raw;
+  // Check-and-set, as Vault's: cas = the newest version, or 0 for none yet.
+  // A mismatch is a 400 with Vault's words and stores nothing.
+  auto stale = Curl(0, "POST", "/v1/payments/data/prod/stripe", "", R"({"options":{"cas":1},"data":{"value":"x"}})");
+  EXPECT_EQ(stale.status, 400) << stale.raw;
+  ASSERT_TRUE(stale.body["errors"].is_array()) << stale.raw;
+  EXPECT_NE(stale.body["errors"][0].get<std::string>().find("check-and-set parameter did not match the current version"),
+            std::string::npos) << stale.raw;
+  EXPECT_NE(stale.body["errors"][0].get<std::string>().find("is at v2, not v1"), std::string::npos) << stale.raw;
+  auto taken = Curl(0, "POST", "/v1/payments/data/prod/other", "", R"({"options":{"cas":0},"data":{"value":"x"}})");
+  EXPECT_EQ(taken.status, 400) << taken.raw;
+  auto next = Curl(0, "POST", "/v1/payments/data/prod/other", "", R"({"options":{"cas":1},"data":{"value":"y"}})");
+  ASSERT_EQ(next.status, 200) << next.raw;
+  EXPECT_EQ(next.body["data"]["version"], 2);
+  auto fresh = Curl(0, "POST", "/v1/payments/data/prod/fresh", "", R"({"options":{"cas":0},"data":{"value":"z"}})");
+  ASSERT_EQ(fresh.status, 200) << fresh.raw;
+  EXPECT_EQ(fresh.body["data"]["version"], 1);
+  for (const char* body : {R"({"options":{"cas":-1},"data":{"value":"x"}})", R"({"options":{"cas":"2"},"data":{"value":"x"}})",
+                           R"({"options":{"cas":4294967296},"data":{"value":"x"}})"}) {
+    auto badcas = Curl(0, "POST", "/v1/payments/data/prod/other", "", body);
+    EXPECT_EQ(badcas.status, 400) << body << ": " << badcas.raw;
+    EXPECT_NE(badcas.raw.find("options.cas must be a version number"), std::string::npos) << badcas.raw;
+  }
+  auto after = Curl(0, "GET", "/v1/payments/data/prod/other");
+  ASSERT_EQ(after.status, 200) << after.raw;
+  EXPECT_EQ(after.body["data"]["metadata"]["version"], 2) << "a refused check-and-set stored a version";
 
   // Metadata: versions, never values.
   auto md = Curl(0, "GET", "/v1/payments/metadata/prod/stripe");
@@ -214,9 +238,9 @@ TEST_F(VaultServerTest, EveryEndpointHasVaultsShapeFieldByField) {
   // LIST, both spellings; the mount's root lists environments.
   auto l1 = Curl(0, "LIST", "/v1/payments/metadata/prod");
   ASSERT_EQ(l1.status, 200) << l1.raw;
-  EXPECT_EQ(l1.body["data"]["keys"], json({"other", "stripe"}));
+  EXPECT_EQ(l1.body["data"]["keys"], json({"fresh", "other", "stripe"}));
   auto l2 = Curl(0, "GET", "/v1/payments/metadata/prod/?list=true");
-  EXPECT_EQ(l2.body["data"]["keys"], json({"other", "stripe"})) << l2.raw;
+  EXPECT_EQ(l2.body["data"]["keys"], json({"fresh", "other", "stripe"})) << l2.raw;
   auto root = Curl(0, "LIST", "/v1/payments/metadata/");
   EXPECT_EQ(root.body["data"]["keys"], json({"prod/"})) << root.raw;
   // Nobody reads billing only: payments lists nothing for them.

@@ -62,6 +62,19 @@ r = reader.secrets.kv.v2.read_secret_version(path="prod/stripe", mount_point="pa
 assert r["data"]["data"]["value"] == "rotated-by-hvac" and r["data"]["metadata"]["version"] == 2
 step("the reader reads version 2")
 
+# Check-and-set: a write that names a version no longer the newest is
+# refused as Vault refuses it, and nothing is stored.
+try:
+    deployer.secrets.kv.v2.create_or_update_secret(path="prod/stripe", secret={"value": "stale-write"},
+                                                   cas=1, mount_point="payments")
+    raise AssertionError("a stale check-and-set write was stored")
+except hvac.exceptions.InvalidRequest as e:
+    assert "check-and-set parameter did not match the current version" in str(e), str(e)
+    step("a write with cas=1 on version 2 is InvalidRequest")
+r = reader.secrets.kv.v2.read_secret_version(path="prod/stripe", mount_point="payments")
+assert r["data"]["data"]["value"] == "rotated-by-hvac" and r["data"]["metadata"]["version"] == 2
+step("the refused write stored nothing")
+
 # Another principal cannot read payments, but reads its own project.
 other = client("other")
 other.auth.cert.login()

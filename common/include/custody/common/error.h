@@ -44,6 +44,7 @@ enum class ErrorDetail : uint8_t {
   kRetryAfter,           // a limit refills after retry_after() seconds (HTTP Retry-After)
   kNeedsAuthentication,  // no principal matched the caller (HTTP 401, not 403)
   kVersionGone,          // the version asked for was revoked or retired (gone())
+  kPreconditionFailed,   // a write's expected current version was not the current one (HTTP 412)
 };
 
 // sysexits.h values, one per category: the table the CLI reads.
@@ -74,6 +75,7 @@ class Error {
   ErrorDetail detail() const { return detail_; }
   bool version_taken() const { return detail_ == ErrorDetail::kVersionTaken; }
   bool needs_authentication() const { return detail_ == ErrorDetail::kNeedsAuthentication; }
+  bool precondition_failed() const { return detail_ == ErrorDetail::kPreconditionFailed; }
   // For kVersionGone: which version, when it was made and when it went
   // (unix seconds), so an answer can describe it as Vault does a destroyed one.
   struct Gone {
@@ -94,6 +96,7 @@ class Error {
   Error WithVersionTaken() &&;
   Error WithNeedsAuthentication() &&;
   Error WithVersionGone(Gone gone) &&;
+  Error WithPreconditionFailed() &&;
   // At least one second: a Retry-After of 0 would invite a busy loop.
   Error WithRetryAfter(uint64_t seconds) &&;
 

@@ -60,6 +60,8 @@ class InPlaceJson {
   std::optional<std::vector<std::string_view>> ObjectKeys(std::string_view object) const;
   // A string member of a top-level object member: {"data": {"value": "..."}}.
   std::optional<std::string_view> String(std::string_view object, std::string_view key) const;
+  // A non-negative integer member of a top-level object member: {"options": {"cas": 3}}.
+  std::optional<uint64_t> Uint(std::string_view object, std::string_view key) const;
 
  private:
   struct Doc;

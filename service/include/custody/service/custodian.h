@@ -113,8 +113,10 @@ class Custodian {
   // already stored a version of this secret is answered with that version
   // (`*replayed` set): nothing is sealed, stored or charged again, and its
   // audit record says so.
+  // `expect_current`: check-and-set, see SecretService::Put.
   Result<uint32_t> Put(const RequestContext& rc, const SecretPath& path, const SecretBuffer& value,
-                       const std::string& put_key = "", bool* replayed = nullptr);
+                       const std::string& put_key = "", bool* replayed = nullptr,
+                       std::optional<uint32_t> expect_current = std::nullopt);
   Result<std::vector<UsageRow>> Usage(const RequestContext& rc, const std::optional<std::string>& project);
   // Names and versions (never values) in one environment (or the whole
   // project when `env` is empty), filtered by the caller's list grants;

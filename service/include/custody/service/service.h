@@ -53,9 +53,15 @@ class SecretService {
   // already stored a version of this secret (within a day), that version
   // is returned, nothing is sealed or stored, and `*replayed` is set; a
   // concurrent put with the same key on another node ends the same way.
+  // `expect_current` (check-and-set): store only if the secret's newest
+  // version is this one (0: only if it has none yet). Otherwise kUsage
+  // with precondition_failed(), nothing sealed or stored. Atomic with the
+  // store's own version numbering: of two puts expecting the same version,
+  // one stores and the other is refused, on one node or several.
   Result<uint32_t> Put(const SecretPath& path, const SecretBuffer& value,
                        const std::function<Status(uint32_t version)>& before_commit = {},
-                       const std::string& put_key = "", bool* replayed = nullptr);
+                       const std::string& put_key = "", bool* replayed = nullptr,
+                       std::optional<uint32_t> expect_current = std::nullopt);
   // The current version, or `version` if its state allows (current or
   // previous within `grace`).
   Result<Unsealed> Get(const SecretPath& path, std::optional<uint32_t> version,
