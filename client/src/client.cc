@@ -254,6 +254,7 @@ Result<Client::Response> Client::Request(const std::string& method, const std::s
     // The server's typed details, as the direct mode would have them.
     Error e(CategoryOf(j, res.status), message);
     if (res.status == 401) return std::move(e).WithNeedsAuthentication();
+    if (res.status == 412) return std::move(e).WithPreconditionFailed();
     if (retry > 0) return std::move(e).WithRetryAfter(retry);
     return e;
   }
@@ -286,7 +287,8 @@ Result<Fetched> Client::Get(const std::string& path, std::optional<uint32_t> ver
   return f;
 }
 
-Result<uint32_t> Client::Put(const std::string& path, const SecretBuffer& value) const {
+Result<uint32_t> Client::Put(const std::string& path, const SecretBuffer& value,
+                             std::optional<uint32_t> expect_current) const {
   std::string_view v = value.RevealString(SecretAccess{});
   // Written straight into a body reserved at its largest size, so no
   // reallocation (and no serializer's buffer) leaves a copy of the value
@@ -313,8 +315,17 @@ Result<uint32_t> Client::Put(const std::string& path, const SecretBuffer& value)
     idempotency_key += kHex[b >> 4];
     idempotency_key += kHex[b & 15];
   }
-  CUSTODY_ASSIGN_OR_RETURN(Response r, Request("PUT", "/v1/secrets/" + path, &body, idempotency_key));
+  Headers conditions;
+  if (expect_current) {
+    if (*expect_current == 0) {
+      conditions.emplace_back("If-None-Match", "*");
+    } else {
+      conditions.emplace_back("If-Match", "\"" + std::to_string(*expect_current) + "\"");
+    }
+  }
+  auto sent = Request("PUT", "/v1/secrets/" + path, &body, idempotency_key, conditions);
   OPENSSL_cleanse(body.data(), body.size());
+  CUSTODY_ASSIGN_OR_RETURN(Response r, std::move(sent));
   json a = json::parse(r.body, nullptr, false);
   if (a.is_discarded() || !a.contains("version")) return Error(Category::kIntegrity, "custodyd sent a malformed answer");
   return a["version"].get<uint32_t>();

@@ -236,6 +236,12 @@ Result<uint32_t> Custodian::Put(const RequestContext& rc, const SecretPath& path
                                store_.VersionForPutKey(env.id, path.name, put_key, static_cast<int64_t>(std::time(nullptr))));
       if (earlier) return replay(*earlier);
     }
+    if (expect_current) {
+      // A writer that read a version since replaced is refused before the
+      // limits are charged; the check that decides a race is SecretService's.
+      CUSTODY_ASSIGN_OR_RETURN(uint32_t next, store_.NextVersion(env.id, path.name));
+      CUSTODY_RETURN_IF_ERROR(SecretService::CheckExpected(path, next, *expect_current));
+    }
     CUSTODY_RETURN_IF_ERROR(f.Charge(t, UsageEvent::kSeal));
     CUSTODY_ASSIGN_OR_RETURN(KekRecord kek, store_.CurrentKek(env.project_id));
     f.ev.kek_id = ToHex(kek.ref.id);

@@ -55,13 +55,7 @@ Result<uint32_t> SecretService::Put(const SecretPath& path, const SecretBuffer& 
     // Checked on every attempt: a retry after a taken version finds the
     // newer version here and is refused, while a retry after a KEK
     // rotation (the same number still free) goes on.
-    if (expect_current && version != *expect_current + 1) {
-      const std::string now = version == 1 ? " has no version" : " is at v" + std::to_string(version - 1);
-      const std::string wanted = *expect_current == 0 ? "absent" : "v" + std::to_string(*expect_current);
-      return Error(Category::kUsage, path.str() + now + ", not " + wanted +
-                                         " as this put required; nothing stored (read it again, then retry)")
-          .WithPreconditionFailed();
-    }
+    if (expect_current) CUSTODY_RETURN_IF_ERROR(CheckExpected(path, version, *expect_current));
     SealContext ctx{path.project, path.environment, path.name, version};
     CUSTODY_ASSIGN_OR_RETURN(auto blob, sealer_.Seal(kek.ref, ctx, value));
     if (before_commit) CUSTODY_RETURN_IF_ERROR(before_commit(version));
@@ -73,6 +67,15 @@ Result<uint32_t> SecretService::Put(const SecretPath& path, const SecretBuffer& 
     if (!s.error().version_taken()) return s.error();
   }
   return Error(Category::kUnavailable, "too many concurrent writers to " + path.str() + "; retry");
+}
+
+Status SecretService::CheckExpected(const SecretPath& path, uint32_t next_version, uint32_t expect_current) {
+  if (next_version == expect_current + 1) return Status::Ok();
+  const std::string now = next_version == 1 ? " has no version" : " is at v" + std::to_string(next_version - 1);
+  const std::string wanted = expect_current == 0 ? "absent" : "v" + std::to_string(expect_current);
+  return Error(Category::kUsage, path.str() + now + ", not " + wanted +
+                                     " as this put required; nothing stored (read it again, then retry)")
+      .WithPreconditionFailed();
 }
 
 Result<Unsealed> SecretService::Get(const SecretPath& path, std::optional<uint32_t> version, uint64_t grace) {

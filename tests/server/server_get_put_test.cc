@@ -169,6 +169,26 @@ TEST_F(ServerTest, PutThroughTheServerAndExecWithTheValueInTheEnvironmentOnly) {
   auto p = RunCustody({"secret", "put", "payments/dev/db"}, o);
   ASSERT_EQ(p.exit_code, 0) << p.err;
   EXPECT_NE(p.out.find("sealed payments/dev/db version 1"), std::string::npos);
+  // Check-and-set through the server and in direct mode alike: exit 64
+  // naming the newest version, nothing stored.
+  o.stdin_data = "db-password-stale";
+  auto stale = RunCustody({"secret", "put", "payments/dev/db", "--if-version", "0"}, o);
+  EXPECT_EQ(stale.exit_code, 64) << stale.err;
+  EXPECT_NE(stale.err.find("payments/dev/db is at v1, not absent"), std::string::npos) << stale.err;
+  RunOptions direct;
+  direct.env = token_.CliEnv();
+  direct.stdin_data = "db-password-stale";
+  auto stale_direct = RunCustody({"secret", "put", "payments/dev/db", "--if-version", "2"}, direct);
+  EXPECT_EQ(stale_direct.exit_code, 64) << stale_direct.err;
+  EXPECT_NE(stale_direct.err.find("payments/dev/db is at v1, not v2"), std::string::npos) << stale_direct.err;
+  direct.stdin_data = "db-password-43";
+  auto stored = RunCustody({"secret", "put", "payments/dev/db", "--if-version", "1"}, direct);
+  EXPECT_EQ(stored.exit_code, 0) << stored.err;
+  EXPECT_NE(stored.out.find("sealed payments/dev/db version 2"), std::string::npos) << stored.out;
+  o.stdin_data = "db-password-42";
+  auto back = RunCustody({"secret", "put", "payments/dev/db", "--if-version", "2"}, o);
+  ASSERT_EQ(back.exit_code, 0) << back.err;
+  EXPECT_NE(back.out.find("sealed payments/dev/db version 3"), std::string::npos) << back.out;
   auto e = RunCustody({"exec", "--env", "DB_PASSWORD=payments/dev/db", "--env", "STRIPE=payments/prod/stripe", "--",
                        "/bin/sh", "-c", "printf '%s|%s' \"$DB_PASSWORD\" \"$STRIPE\""},
                       {.env = {{"CUSTODY_ADDR", "unix:" + socket_}}});
@@ -350,6 +370,20 @@ TEST_F(ServerTest, AConditionalPutStoresOnlyOverTheVersionItRead) {
     auto r = put(bad, "value-x");
     EXPECT_NE(r.find("HTTP/1.1 400"), std::string::npos) << bad << ": " << r;
   }
+  // A writer that read a replaced version is refused before the limits are
+  // charged: billing/prod allows 3 requests a minute, and five stale
+  // conditional puts leave room for a good one.
+  auto billing = [&](const std::string& header) {
+    const std::string body = "{\"value\":\"invoice-2\"}";
+    return Raw(socket_, "PUT /v1/secrets/billing/prod/invoice-key HTTP/1.1\r\nHost: x\r\n" + header +
+                            "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body);
+  };
+  for (int i = 0; i < 5; ++i) {
+    auto r = billing("If-None-Match: *\r\n");
+    EXPECT_NE(r.find("HTTP/1.1 412"), std::string::npos) << r;
+  }
+  auto good = billing("If-Match: \"1\"\r\n");
+  EXPECT_NE(good.find("HTTP/1.1 201"), std::string::npos) << "stale puts were charged to the limit: " << good;
   // Racing writers that read the same version: one stores, the others get
   // 412, and the versions stay one apart.
   constexpr int kWriters = 6;

@@ -253,7 +253,7 @@ Status SecretPut(const Globals& g, const PutArgs& a) {
   // modes, after the policy: the same answer through custodyd and here.
   if (auto addr = ServerAddress()) {
     CUSTODY_ASSIGN_OR_RETURN(auto c, client::Client::Connect(*addr));
-    auto v = c.Put(path.str(), value);
+    auto v = c.Put(path.str(), value, a.if_version);
     if (!v) return std::move(v).error().Wrap(path.str());
     if (g.json) {
       PrintJson({{"path", path.str()}, {"version", *v}});
@@ -267,7 +267,7 @@ Status SecretPut(const Globals& g, const PutArgs& a) {
   // The flow custodyd runs: policy, limits, the record made durable after
   // sealing and before the store commits the new version.
   return WithCustodian(g, o, [&](core::Custodian& c, const core::RequestContext& rc) -> Status {
-    CUSTODY_ASSIGN_OR_RETURN(uint32_t version, c.Put(rc, path, value));
+    CUSTODY_ASSIGN_OR_RETURN(uint32_t version, c.Put(rc, path, value, "", nullptr, a.if_version));
     if (g.json) {
       PrintJson({{"path", path.str()}, {"version", version}});
     } else {

@@ -47,6 +47,7 @@ struct PutArgs {
   std::string path;
   std::optional<std::string> from_file;
   bool keep_newline = false;
+  std::optional<uint32_t> if_version;  // check-and-set: 0 = only if there is no version yet
 };
 Status SecretPut(const Globals& g, const PutArgs& a);
 

@@ -136,6 +136,8 @@ int main(int argc, char** argv) {
   c_put->add_option("PATH", put.path, "PROJECT/ENV/NAME")->required();
   c_put->add_option("--from-file", put.from_file, "read the value from this file instead of stdin");
   c_put->add_flag("--keep-newline", put.keep_newline, "keep a trailing newline in the value");
+  c_put->add_option("--if-version", put.if_version,
+                    "store only if N is the newest version (0: only if there is none yet); else exit 64, nothing stored");
   c_put->callback(run([&] { return custody::cli::SecretPut(g, put); }));
 
   custody::cli::GetArgs get;

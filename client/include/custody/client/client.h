@@ -42,7 +42,11 @@ class Client {
   static Result<Client> Connect(const std::string& addresses);
 
   Result<Fetched> Get(const std::string& path, std::optional<uint32_t> version = std::nullopt) const;
-  Result<uint32_t> Put(const std::string& path, const SecretBuffer& value) const;
+  // `expect_current` (check-and-set): store only if the secret's newest
+  // version is this one, 0 only if it has none yet (If-Match /
+  // If-None-Match); otherwise kUsage with precondition_failed().
+  Result<uint32_t> Put(const std::string& path, const SecretBuffer& value,
+                       std::optional<uint32_t> expect_current = std::nullopt) const;
   // GET any endpoint, the body as text (for /v1/usage, /v1/health, /metrics),
   // with `headers` added (X-Vault-Token for the Vault-compatible API).
   using Headers = std::vector<std::pair<std::string, std::string>>;

@@ -58,6 +58,9 @@ class SecretService {
   // with precondition_failed(), nothing sealed or stored. Atomic with the
   // store's own version numbering: of two puts expecting the same version,
   // one stores and the other is refused, on one node or several.
+  // The check-and-set test: `next_version` (the store's NextVersion) must
+  // follow `expect_current`; else the refusal naming the newest version.
+  static Status CheckExpected(const SecretPath& path, uint32_t next_version, uint32_t expect_current);
   Result<uint32_t> Put(const SecretPath& path, const SecretBuffer& value,
                        const std::function<Status(uint32_t version)>& before_commit = {},
                        const std::string& put_key = "", bool* replayed = nullptr,
