@@ -27,6 +27,10 @@ constexpr size_t kMaxPinSize = 256;
 // [audit] group_commit_us: past a tenth of a second, a hold meant to share
 // an fsync would cost each GET more than the fsync it saves.
 constexpr int64_t kMaxGroupCommitUs = 100000;
+// [audit] timeout_ms: from a tenth of a second (a test's stuck disk) to ten
+// minutes (a network file system that fails over slowly).
+constexpr int64_t kMinAuditTimeoutMs = 100;
+constexpr int64_t kMaxAuditTimeoutMs = 600000;
 
 std::string Where(const std::string& path, const toml::source_region& r) {
   return path + ":" + std::to_string(r.begin.line) + ":" + std::to_string(r.begin.column);
@@ -246,6 +250,16 @@ Result<Config> LoadConfig(const std::string& path) {
       }
       c.audit.gather = std::chrono::microseconds(*v);
     }
+    if (const toml::node* n = audit->get("timeout_ms")) {
+      auto v = n->value_exact<int64_t>();
+      if (!v || *v < kMinAuditTimeoutMs || *v > kMaxAuditTimeoutMs) {
+        return Error(Category::kConfig, Where(path, n->source()) + ": audit.timeout_ms must be a number of "
+                                                                   "milliseconds from " +
+                                            std::to_string(kMinAuditTimeoutMs) + " to " +
+                                            std::to_string(kMaxAuditTimeoutMs));
+      }
+      c.audit.timeout = std::chrono::milliseconds(*v);
+    }
   }
   if (const toml::table* server = root["server"].as_table()) {
     if (server->contains("socket")) {
@@ -371,6 +385,7 @@ Status WriteConfig(const Config& c, const std::string& path) {
                       {"checkpoint_seconds", c.audit.checkpoint_seconds},
                       {"segment_bytes", static_cast<int64_t>(c.audit.segment_bytes)}};
     if (c.audit.gather != AuditOptions{}.gather) audit.insert("group_commit_us", static_cast<int64_t>(c.audit.gather.count()));
+    if (c.audit.timeout != AuditOptions{}.timeout) audit.insert("timeout_ms", static_cast<int64_t>(c.audit.timeout.count()));
     // With a PostgreSQL store the trail is in the store: no folder.
     if (c.store.url.empty()) audit.insert("dir", c.audit.dir);
     root.insert("audit", std::move(audit));

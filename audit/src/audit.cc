@@ -292,7 +292,7 @@ bool AuditLog::CheckpointDue() const {
   return last_ckpt_time_ == 0 || now - last_ckpt_time_ >= options_.checkpoint_seconds;
 }
 
-Result<uint64_t> AuditLog::Append(const AuditEvent& event) { return Submit(Item{event, nullptr, nullptr}, nullptr); }
+Result<uint64_t> AuditLog::Append(const AuditEvent& event) { return Submit(Item{event, nullptr, nullptr, {}}, nullptr); }
 
 AuditLog::Announcement AuditLog::Announce() {
   announced_.fetch_add(1);
@@ -322,7 +322,7 @@ void AuditLog::AppendAsync(const AuditEvent& event, Done done, bool lead_if_idle
   std::unique_lock lk(mu_);
   const bool idle = !leader_ && queue_.empty() && !stop_;
   if (queue_.empty()) first_queued_ = std::chrono::steady_clock::now();
-  queue_.emplace_back(next_ticket_++, Item{event, nullptr, std::move(done)});
+  queue_.emplace_back(next_ticket_++, Item{event, nullptr, std::move(done), std::chrono::steady_clock::now()});
   if (announced != nullptr && announced->log_ == this) {
     announced->log_ = nullptr;
     EndAnnouncement(lk, /*given_up=*/false);
@@ -340,6 +340,28 @@ void AuditLog::AppendAsync(const AuditEvent& event, Done done, bool lead_if_idle
   const bool wake = !gathering_ || queue_.size() >= gather_target_;
   lk.unlock();
   if (wake) writer_cv_.notify_one();
+}
+
+size_t AuditLog::ExpireQueued() {
+  std::vector<Done> expired;
+  {
+    std::lock_guard lk(mu_);
+    const auto cutoff = std::chrono::steady_clock::now() - options_.timeout;
+    for (auto it = queue_.begin(); it != queue_.end();) {
+      // Synchronous appends (no `done`) keep their own deadline (Submit).
+      if (it->second.done && it->second.queued_at <= cutoff) {
+        expired.push_back(std::move(it->second.done));
+        it = queue_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  // Outside the lock, as Lead runs callbacks: a callback may append again.
+  for (auto& done : expired) {
+    done(Error(Category::kUnavailable, "audit log: timed out waiting for the disk; refusing"));
+  }
+  return expired.size();
 }
 
 std::chrono::milliseconds AuditLog::write_in_progress_for() const {
@@ -451,7 +473,7 @@ void AuditLog::Lead(std::unique_lock<std::mutex>& lk) {
 }
 
 Result<uint64_t> AuditLog::Checkpoint(AuditSigner& signer, std::pair<uint64_t, std::string>* covers) {
-  return Submit(Item{AuditEvent{}, &signer, nullptr}, covers);
+  return Submit(Item{AuditEvent{}, &signer, nullptr, {}}, covers);
 }
 
 Result<uint64_t> AuditLog::Submit(Item item, std::pair<uint64_t, std::string>* covers) {

@@ -225,6 +225,36 @@ TEST(Config, AGroupCommitHoldIsKeptAndChecked) {
   }
 }
 
+// [audit] timeout_ms: 100 to 600000, kept when written; anything else
+// refused naming the key, its place and the range.
+TEST(Config, AnAuditTimeoutIsKeptAndChecked) {
+  test::TempDir dir;
+  const std::string path = dir / "custody.toml";
+  EXPECT_EQ(Config{}.audit.timeout, std::chrono::milliseconds(10000)) << "the default";
+  const std::string head = "state_dir = \"/x\"\n[token]\nmodule = \"/m.so\"\nuri = \"pkcs11:\"\n[store]\npath = \"/x/db\"\n"
+                           "[audit]\ntimeout_ms = ";
+  for (const auto& [text, ms] : std::vector<std::pair<std::string, int64_t>>{{"100", 100}, {"2500", 2500}, {"600000", 600000}}) {
+    test::WriteFile(path, head + text + "\n");
+    auto c = LoadConfig(path);
+    ASSERT_TRUE(c.ok()) << text << ": " << c.error().message();
+    EXPECT_EQ(c->audit.timeout, std::chrono::milliseconds(ms));
+    ASSERT_TRUE(WriteConfig(*c, dir / "back.toml").ok());
+    auto back = LoadConfig(dir / "back.toml");
+    ASSERT_TRUE(back.ok()) << back.error().message();
+    EXPECT_EQ(back->audit.timeout, std::chrono::milliseconds(ms)) << test::ReadFile(dir / "back.toml");
+  }
+  for (const std::string bad : {"0", "99", "600001", "-5", "\"10s\"", "1.5"}) {
+    test::WriteFile(path, head + bad + "\n");
+    auto r = LoadConfig(path);
+    ASSERT_FALSE(r.ok()) << bad;
+    EXPECT_EQ(r.error().category(), Category::kConfig);
+    EXPECT_NE(r.error().message().find(path + ":8:"), std::string::npos) << r.error().message();
+    EXPECT_NE(r.error().message().find("audit.timeout_ms must be a number of milliseconds from 100 to 600000"),
+              std::string::npos)
+        << r.error().message();
+  }
+}
+
 TEST(Config, APinInTheConfigIsRefused) {
   test::TempDir dir;
   std::string path = dir / "c.toml";

@@ -878,6 +878,62 @@ class StuckAuditSegmentServerTest : public StuckAuditDiskServerTest {
   void BeforeStart() override { only_ = "/audit-"; }
 };
 
+// Only the audit segments stall, and [audit] timeout_ms is one second.
+class StuckAuditQueueServerTest : public StuckAuditDiskServerTest {
+ protected:
+  void BeforeStart() override {
+    only_ = "/audit-";
+    std::string cfg = ReadFile(token_.config_path());
+    const size_t at = cfg.find("[audit]\n");
+    ASSERT_NE(at, std::string::npos) << cfg;
+    cfg.insert(at + 8, "timeout_ms = 1000\n");
+    WriteFile(token_.config_path(), cfg);
+  }
+};
+
+// GETs queued behind a batch whose fdatasync does not return are refused
+// (503, "timed out waiting for the disk") once they have waited [audit]
+// timeout_ms, while the disk is still stuck: their connections are freed,
+// and no value leaves without its record. The GET whose record is in the
+// stuck batch keeps its own outcome: served once the disk answers again.
+TEST_F(StuckAuditQueueServerTest, GetsQueuedBehindAStuckDiskAreRefusedAtTheAuditTimeout) {
+  ASSERT_EQ(AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"}).exit_code, 0);
+  WriteFile(Flag(), "");
+  // The first GET leads the batch (it is alone in flight) and its fsync hangs.
+  std::string first;
+  std::thread lead([&] { first = Raw(socket_, "GET /v1/secrets/payments/prod/stripe HTTP/1.1\r\nHost: x\r\n\r\n"); });
+  std::string health;
+  for (int i = 0; i < 100 && health.find("stalled") == std::string::npos; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+  }
+  ASSERT_NE(health.find("\"audit\":\"stalled"), std::string::npos) << health;
+  // Three more queue behind it, and are answered while the disk is stuck.
+  std::vector<std::string> queued(3);
+  std::vector<std::thread> gets;
+  for (size_t i = 0; i < queued.size(); ++i) {
+    gets.emplace_back([&, i] { queued[i] = Raw(socket_, "GET /v1/secrets/payments/prod/stripe HTTP/1.1\r\nHost: x\r\n\r\n"); });
+  }
+  for (auto& t : gets) t.join();
+  EXPECT_TRUE(std::filesystem::exists(Flag())) << "the disk was still stuck when they were answered";
+  for (const auto& a : queued) {
+    EXPECT_EQ(a.substr(0, a.find("\r\n")), "HTTP/1.1 503 Service Unavailable") << a;
+    EXPECT_NE(a.find("timed out waiting for the disk"), std::string::npos) << a;
+    EXPECT_EQ(a.find(kSecret), std::string::npos) << "a value without its record: " << a;
+  }
+  EXPECT_NE(ReadFile(token_.dir() / "custodyd.log").find("request(s) refused after waiting 1000 ms for the disk"),
+            std::string::npos)
+      << ReadFile(token_.dir() / "custodyd.log");
+  // The disk answers again: the first GET's record is written, and it is served.
+  std::filesystem::remove(Flag());
+  lead.join();
+  EXPECT_EQ(first.substr(0, first.find("\r\n")), "HTTP/1.1 200 OK") << first;
+  EXPECT_NE(first.find(kSecret), std::string::npos) << first;
+  auto after = AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"});
+  EXPECT_EQ(after.exit_code, 0) << after.err;
+  EXPECT_EQ(Cli({"audit", "verify"}).exit_code, 0);
+}
+
 // SIGTERM stops custodyd within the drain deadline whatever state the audit
 // writer is in: here its fdatasync never returns (a disk that stopped
 // answering) while a GET waits for its record. The GET gets no value, and

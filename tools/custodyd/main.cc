@@ -162,6 +162,13 @@ int main(int argc, char** argv) {
     }
   };
   server.Every(std::chrono::seconds(1), checkpoint);
+  // GETs queued behind a batch whose fsync does not return (a disk that
+  // stopped answering) are refused at [audit] timeout_ms, not held for ever.
+  server.Every(std::chrono::seconds(1), [&] {
+    if (const size_t n = (*audit)->ExpireQueued(); n > 0) {
+      spdlog::warn("audit log: {} request(s) refused after waiting {} ms for the disk", n, config->audit.timeout.count());
+    }
+  });
 
   // The policy watcher: a policy applied through any node (or the CLI on any
   // host sharing the store) is in force here within about a second, with

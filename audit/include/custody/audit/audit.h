@@ -199,6 +199,16 @@ class AuditLog {
   class Announcement;
   void AppendAsync(const AuditEvent& event, Done done, bool lead_if_idle = false, Announcement* announced = nullptr);
 
+  // Fails every AppendAsync record that has waited in the queue longer
+  // than `timeout` (kUnavailable, "timed out waiting for the disk"): what
+  // is queued behind a batch whose fsync does not return (a disk that
+  // stopped answering) is refused instead of waiting for ever, so its
+  // request gets a 503 and its connection is freed. A record already in
+  // the batch under way is not touched: it may yet become durable, and its
+  // outcome is its own. Returns how many were failed. custodyd calls it
+  // every second.
+  size_t ExpireQueued();
+
   // A record on its way: a caller that will call AppendAsync soon (a GET
   // whose store read and unseal are under way) says so first. While any
   // record is announced, the writer thread holds a batch back for up to
@@ -251,6 +261,7 @@ class AuditLog {
     AuditEvent event;
     AuditSigner* signer = nullptr;  // set for a checkpoint
     Done done;                      // set for AppendAsync
+    std::chrono::steady_clock::time_point queued_at{};  // set for AppendAsync
   };
   struct Outcome {
     Status status;

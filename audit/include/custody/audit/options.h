@@ -7,13 +7,15 @@
 
 namespace custody::core {
 
-// [audit] of custody.toml (all but `timeout`), and how the log is opened.
+// [audit] of custody.toml, and how the log is opened.
 struct AuditOptions {
   std::string dir;                            // the config's default: state_dir/audit
   uint64_t segment_bytes = 16 * 1024 * 1024;  // start a new segment past this size
   uint64_t checkpoint_every = 1000;           // records between checkpoints, at most
   int64_t checkpoint_seconds = 300;           // seconds between checkpoints, at most
-  std::chrono::milliseconds timeout{10000};   // longest wait for the lock or a batch
+  // [audit] timeout_ms: the longest wait for the log's lock or a batch, and
+  // for a record queued behind a batch that does not end (ExpireQueued).
+  std::chrono::milliseconds timeout{10000};
   // Longest time the writer holds a batch back for announced records
   // (AuditLog::Announce); zero: never.
   std::chrono::microseconds gather{500};
