@@ -669,6 +669,39 @@ TEST_F(GroupCommitTest, AStragglerHoldsTheBatchForGroupCommitUsAtMost) {
   }
 }
 
+// ExpireQueued ([audit] timeout_ms): a record that has waited in the queue
+// longer than the timeout is refused with kUnavailable and never written;
+// a younger one is left alone; the log goes on and stays intact. (Held in
+// the queue here by a long group-commit hold and a straggler; in custodyd
+// by a batch whose fsync does not return: StuckAuditQueueServerTest.)
+TEST_F(GroupCommitTest, ARecordQueuedPastTheTimeoutIsRefusedAndNeverWritten) {
+  opts_.timeout = std::chrono::milliseconds(100);
+  ASSERT_NO_FATAL_FAILURE(Reopen(std::chrono::seconds(60)));
+  auto a1 = log_->Announce();
+  std::promise<Result<uint64_t>> p1, p2;
+  auto f1 = p1.get_future(), f2 = p2.get_future();
+  {
+    auto straggler = log_->Announce();
+    log_->AppendAsync(Event(1), Into(p1), false, &a1);
+    EXPECT_EQ(log_->ExpireQueued(), 0u) << "a record younger than the timeout was refused";
+    std::this_thread::sleep_for(std::chrono::milliseconds(150));
+    EXPECT_EQ(log_->ExpireQueued(), 1u);
+    ASSERT_TRUE(ArrivesWithin(f1, std::chrono::seconds(5)));
+    auto r1 = f1.get();
+    ASSERT_FALSE(r1.ok()) << "expired, yet written as " << *r1;
+    EXPECT_EQ(r1.error().category(), Category::kUnavailable);
+    EXPECT_NE(r1.error().message().find("timed out waiting for the disk"), std::string::npos) << r1.error().message();
+    EXPECT_EQ(log_->ExpireQueued(), 0u) << "refused twice";
+  }
+  log_->AppendAsync(Event(2), Into(p2));
+  ASSERT_TRUE(ArrivesWithin(f2, std::chrono::seconds(20)));
+  EXPECT_EQ(*f2.get(), 1u) << "the refused record took a sequence number";
+  log_.reset();
+  auto rep = Verify();
+  EXPECT_TRUE(rep.intact) << rep.problem;
+  EXPECT_EQ(rep.records, 1u);
+}
+
 TEST_F(AuditTest, ConcurrentProcessesShareOneChainAcrossSegments) {
   constexpr int kProcs = 4, kEach = 300;
   std::vector<std::thread> threads;
