@@ -28,6 +28,10 @@
 
 namespace custody::core {
 namespace {
+// A record that waited past [audit] timeout_ms (Submit, ExpireQueued).
+Error TimedOutWaitingForTheDisk() {
+  return Error(Category::kUnavailable, "audit log: timed out waiting for the disk; refusing");
+}
 
 using nlohmann::ordered_json;
 
@@ -359,7 +363,7 @@ size_t AuditLog::ExpireQueued() {
   }
   // Outside the lock, as Lead runs callbacks: a callback may append again.
   for (auto& done : expired) {
-    done(Error(Category::kUnavailable, "audit log: timed out waiting for the disk; refusing"));
+    done(TimedOutWaitingForTheDisk());
   }
   return expired.size();
 }
@@ -498,7 +502,7 @@ Result<uint64_t> AuditLog::Submit(Item item, std::pair<uint64_t, std::string>* c
       auto q = std::find_if(queue_.begin(), queue_.end(), [&](const auto& p) { return p.first == ticket; });
       if (q != queue_.end()) {
         queue_.erase(q);
-        return Error(Category::kUnavailable, "audit log: timed out waiting for the disk; refusing");
+        return TimedOutWaitingForTheDisk();
       }
       // Already in a batch being written: its outcome is on its way.
     }

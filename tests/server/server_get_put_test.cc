@@ -181,6 +181,11 @@ TEST_F(ServerTest, PutThroughTheServerAndExecWithTheValueInTheEnvironmentOnly) {
   auto stale_direct = RunCustody({"secret", "put", "payments/dev/db", "--if-version", "2"}, direct);
   EXPECT_EQ(stale_direct.exit_code, 64) << stale_direct.err;
   EXPECT_NE(stale_direct.err.find("payments/dev/db is at v1, not v2"), std::string::npos) << stale_direct.err;
+  // An empty condition (a script's unset variable) is refused, not read
+  // as no condition.
+  auto empty = RunCustody({"secret", "put", "payments/dev/db", "--if-version", ""}, direct);
+  EXPECT_EQ(empty.exit_code, 64) << empty.err;
+  EXPECT_NE(empty.err.find("--if-version: empty; give a version number"), std::string::npos) << empty.err;
   direct.stdin_data = "db-password-43";
   auto stored = RunCustody({"secret", "put", "payments/dev/db", "--if-version", "1"}, direct);
   EXPECT_EQ(stored.exit_code, 0) << stored.err;

@@ -137,7 +137,10 @@ int main(int argc, char** argv) {
   c_put->add_option("--from-file", put.from_file, "read the value from this file instead of stdin");
   c_put->add_flag("--keep-newline", put.keep_newline, "keep a trailing newline in the value");
   c_put->add_option("--if-version", put.if_version,
-                    "store only if N is the newest version (0: only if there is none yet); else exit 64, nothing stored");
+                    "store only if N is the newest version (0: only if there is none yet); else exit 64, nothing stored")
+      // An empty value (a script's unset variable) would otherwise read as
+      // no condition at all: an unconditional write the caller did not ask for.
+      ->check([](const std::string& v) { return v.empty() ? std::string("empty; give a version number (0: only if there is none yet)") : std::string(); });
   c_put->callback(run([&] { return custody::cli::SecretPut(g, put); }));
 
   custody::cli::GetArgs get;

@@ -57,14 +57,15 @@ class SecretService {
   // version is this one (0: only if it has none yet). Otherwise kUsage
   // with precondition_failed(), nothing sealed or stored. Atomic with the
   // store's own version numbering: of two puts expecting the same version,
-  // one stores and the other is refused, on one node or several.
-  // The check-and-set test: `next_version` (the store's NextVersion) must
-  // follow `expect_current`; else the refusal naming the newest version.
-  static Status CheckExpected(const SecretPath& path, uint32_t next_version, uint32_t expect_current);
+  // one stores and the other is refused (nodes sharing PostgreSQL meet at
+  // the same unique version number).
   Result<uint32_t> Put(const SecretPath& path, const SecretBuffer& value,
                        const std::function<Status(uint32_t version)>& before_commit = {},
                        const std::string& put_key = "", bool* replayed = nullptr,
                        std::optional<uint32_t> expect_current = std::nullopt);
+  // The check-and-set test: `next_version` (the store's NextVersion) must
+  // follow `expect_current`; else the refusal naming the newest version.
+  static Status CheckExpected(const SecretPath& path, uint32_t next_version, uint32_t expect_current);
   // The current version, or `version` if its state allows (current or
   // previous within `grace`).
   Result<Unsealed> Get(const SecretPath& path, std::optional<uint32_t> version,
