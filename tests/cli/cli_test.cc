@@ -457,6 +457,35 @@ TEST_F(CliTest, UsageErrorsAre64) {
   EXPECT_EQ(Cli({"project", "list"}).out.find("new"), std::string::npos);
 }
 
+// An option given an empty value (a script's "$V" with V unset) is refused
+// naming it. CLI11 read it as not given or as 0: `secret get --version ""`
+// printed the newest version, `revoke --version ""` went for version 0,
+// `--pin-fd ""` looked for the PIN elsewhere, `--timeout ""` ran the
+// provider with no time at all.
+TEST_F(CliTest, AnEmptyOptionValueIsRefusedNamingTheOption) {
+  Put("payments/prod/stripe", "first");
+  Put("payments/prod/stripe", "second");
+  ExpectOneLine(Cli({"secret", "get", "payments/prod/stripe", "--version", ""}), 64, "--version: empty; give a number");
+  ExpectOneLine(Cli({"secret", "get", "payments/prod/stripe", "--version="}), 64, "--version");
+  ExpectOneLine(Cli({"secret", "revoke", "payments/prod/stripe", "--version", "", "--reason", "leaked"}), 64,
+                "--version: empty; give a number");
+  ExpectOneLine(Cli({"--pin-fd", "", "secret", "list"}), 64, "--pin-fd: empty; give a number");
+  ExpectOneLine(Cli({"secret", "list", "--pin-fd", ""}), 64, "--pin-fd: empty; give a number");
+  ExpectOneLine(Cli({"secret", "rotate", "payments/prod/stripe", "--generate", ""}), 64, "--generate: empty");
+  ExpectOneLine(Cli({"secret", "rotate", "payments/prod/stripe", "--exec", "/bin/echo", "--timeout", ""}), 64,
+                "--timeout: empty; give a number");
+  ExpectOneLine(Cli({"kek", "rotate", "payments", "--batch", ""}), 64, "--batch: empty; give a number");
+  ExpectOneLine(Cli({"audit", "show", "--since", ""}), 64, "--since: empty; give a value");
+  ExpectOneLine(Cli({"--config", "", "secret", "list"}), 64, "--config: empty; give a value");
+  // Nothing happened: both versions are there and readable, the newest is 2.
+  EXPECT_EQ(Cli({"secret", "get", "payments/prod/stripe", "--version", "1"}).out, "first");
+  EXPECT_EQ(Cli({"secret", "get", "payments/prod/stripe"}).out, "second");
+  // An empty --prefix is no prefix, as before.
+  auto rot = Cli({"secret", "rotate", "payments/prod/stripe", "--generate", "16", "--format", "hex", "--prefix", ""});
+  EXPECT_EQ(rot.exit_code, 0) << rot.err;
+  EXPECT_EQ(Cli({"secret", "get", "payments/prod/stripe"}).out.size(), 32u);
+}
+
 // Bytes that are not UTF-8 (or control characters) in an argument that goes
 // into the audit record are refused before anything happens: exit 64, one
 // line naming the argument, the bytes never echoed. (They used to reach the

@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdlib>
@@ -24,6 +25,23 @@
 
 namespace custody::test {
 namespace {
+
+// custodyd's own arguments: an empty --config or --pin-fd (a unit's unset
+// variable) is refused naming it, not read as not given (another config, the
+// PIN from elsewhere); an unexpected argument is named escaped.
+TEST(CustodydArguments, AnEmptyValueOrAStrayArgumentIsOneEscapedLineAndExit64) {
+  for (const std::vector<std::string>& args :
+       {std::vector<std::string>{"--config", ""}, {"--config="}, {"--pin-fd", ""}}) {
+    auto r = RunProgram(CUSTODYD_BIN, args, {});
+    EXPECT_EQ(r.exit_code, 64) << args[0] << ": " << r.err;
+    EXPECT_NE(r.err.find(args[0].substr(0, args[0].find('=')) + ":"), std::string::npos) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  }
+  auto stray = RunProgram(CUSTODYD_BIN, {"\x1b[31mred"}, {});
+  EXPECT_EQ(stray.exit_code, 64) << stray.err;
+  EXPECT_NE(stray.err.find("\\x1b[31mred"), std::string::npos) << stray.err;
+  EXPECT_EQ(stray.err.find('\x1b'), std::string::npos) << "the escape byte reached the terminal";
+}
 
 TEST_F(ServerTest, SighupWithABrokenConfigKeepsTheOldOneAndAGoodOneLoadsTheNewPolicy) {
   std::string cfg = ReadFile(token_.config_path());

@@ -40,6 +40,27 @@ void AddGlobalOptions(CLI::App& app, custody::cli::Globals& g) {
       ->check(CLI::IsMember({"auto", "lines", "none"}));
 }
 
+// An option given an empty value ("--version \"$V\"" with V unset) is
+// refused, naming it: CLI11 would read it as not given (the newest version,
+// the default timeout, the PIN from elsewhere) or as 0 (revoke version 0), a
+// request other than the one the caller wrote. On every option that takes a
+// value, at every level; --prefix may be empty (no prefix), and
+// --if-version has its own words.
+void RefuseEmptyValues(CLI::App& app) {
+  for (CLI::Option* opt : app.get_options()) {
+    if (opt->get_positional() || opt->get_items_expected_min() == 0) continue;  // flags
+    const std::string name = opt->get_name();
+    if (name == "--prefix" || name == "--if-version") continue;
+    const bool number = opt->get_type_name() == "UINT" || opt->get_type_name() == "INT";
+    opt->check(CLI::Validator(
+        [number](std::string& v) {
+          return v.empty() ? std::string(number ? "empty; give a number" : "empty; give a value") : std::string();
+        },
+        "", "not empty"));
+  }
+  for (CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; })) RefuseEmptyValues(*sub);
+}
+
 void AddGlobalOptionsBelow(CLI::App& app, custody::cli::Globals& g) {
   for (CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; })) {
     AddGlobalOptions(*sub, g);
@@ -390,6 +411,7 @@ int main(int argc, char** argv) {
 
   // Now that every subcommand exists (each one's help lists them too).
   AddGlobalOptionsBelow(app, g);
+  RefuseEmptyValues(app);
 
   // Before a subcommand, CLI11 reports an unknown command as "a subcommand is
   // required" and may take an unknown option's value for the command; name

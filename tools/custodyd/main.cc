@@ -32,6 +32,7 @@
 #include "custody/service/service.h"
 #include "custody/store/store.h"
 #include "custody/tpm/tpm_signer.h"
+#include "custody/common/untrusted.h"
 #include "custody/version.h"
 #include "token_key.h"
 
@@ -62,8 +63,13 @@ int main(int argc, char** argv) {
   CLI::App app{"custodyd: serves sealed keys over a Unix socket under the custody policy", "custodyd"};
   std::optional<std::string> config_flag;
   std::optional<int> pin_fd;
-  app.add_option("--config", config_flag, "config file (default: $CUSTODY_CONFIG, then /etc/custody/custody.toml)");
-  app.add_option("--pin-fd", pin_fd, "read the token PIN from this file descriptor");
+  // An empty value (a unit's unset variable) is refused, not read as not
+  // given: that would serve another config, or look for the PIN elsewhere.
+  const CLI::Validator not_empty(
+      [](std::string& v) { return v.empty() ? std::string("empty; give a value") : std::string(); }, "", "not empty");
+  app.add_option("--config", config_flag, "config file (default: $CUSTODY_CONFIG, then /etc/custody/custody.toml)")
+      ->check(not_empty);
+  app.add_option("--pin-fd", pin_fd, "read the token PIN from this file descriptor")->check(not_empty);
   // Answered during the parse, before the config is looked for.
   app.set_version_flag("--version", custody::VersionLine("custodyd"), "print the version and the backends built in");
   try {
@@ -73,7 +79,8 @@ int main(int argc, char** argv) {
   } catch (const CLI::CallForVersion& e) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
-    std::fprintf(stderr, "custodyd: %s (see 'custodyd --help')\n", e.what());
+    // CLI11 quotes the arguments it did not expect: shown escaped.
+    std::fprintf(stderr, "custodyd: %s (see 'custodyd --help')\n", custody::EscapeUntrusted(e.what(), 1024).c_str());
     return 64;
   }
   // Operational logs go to stderr (the journal under systemd); never a value or a PIN.
