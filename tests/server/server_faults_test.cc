@@ -977,6 +977,47 @@ TEST_F(StuckAuditDiskServerTest, AStuckAuditDiskDoesNotHoldTheShutdown) {
   (void)took;
 }
 
+// One server thread: no GET leads its own record (that needs another
+// thread to serve meanwhile), so a GET on a stuck disk leaves its record to
+// the writer thread and its server thread is free. SIGTERM then ends the
+// loop at the drain deadline with the GET still waiting for its record:
+// custodyd says so and exits 69, before the 14 s watchdog would have to.
+class StuckAuditOneThreadServerTest : public StuckAuditDiskServerTest {
+ protected:
+  void BeforeStart() override {
+    only_ = "/audit-";
+    std::string cfg = ReadFile(token_.config_path());
+    const size_t at = cfg.find("\nthreads = 4\n");  // ServerTest's
+    ASSERT_NE(at, std::string::npos) << cfg;
+    cfg.replace(at, 13, "\nthreads = 1\n");
+    WriteFile(token_.config_path(), cfg);
+  }
+};
+
+TEST_F(StuckAuditOneThreadServerTest, AStopWithAGetStillWaitingForItsRecordSaysSoAndExits69) {
+  ASSERT_EQ(AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"}).exit_code, 0);
+  WriteFile(Flag(), "");
+  std::string answer;
+  std::thread get([&] { answer = Raw(socket_, "GET /v1/secrets/payments/prod/stripe HTTP/1.1\r\nHost: x\r\n\r\n"); });
+  std::string health;
+  for (int i = 0; i < 100 && health.find("stalled") == std::string::npos; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+  }
+  ASSERT_NE(health.find("stalled"), std::string::npos) << "the GET's record never reached the stuck disk: " << health;
+  auto code = StopWithin(pid_, 25);
+  std::filesystem::remove(Flag());
+  get.join();
+  ASSERT_TRUE(code.has_value()) << "custodyd did not stop within 25 s of SIGTERM";
+  const std::string log = ReadFile(token_.dir() / "custodyd.log");
+  EXPECT_EQ(*code, 69) << log;
+  EXPECT_NE(log.find("stopped with requests still waiting for their audit records (the audit disk does not answer)"),
+            std::string::npos)
+      << log;
+  EXPECT_EQ(log.find("not stopped 14 s after the stop signal"), std::string::npos) << log;
+  EXPECT_EQ(answer.find(kSecret), std::string::npos) << "a value without its record: " << answer;
+}
+
 // A PUT on a stuck disk. Its seal's store write and its record are made on
 // the server thread that took the PUT (a synchronous append leads its own
 // batch), so that thread hangs in fdatasync and cannot be joined. SIGTERM
