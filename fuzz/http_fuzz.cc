@@ -21,6 +21,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -205,6 +206,10 @@ void TearDown() {
 
 // One connection: sends `request`, half-closes, reads until the server
 // closes. nullopt when the server did not answer in time.
+// How the last Exchange's read ended: "end of stream", or the error, for
+// the message when an answer is missing.
+std::string last_end;
+
 std::optional<std::string> Exchange(const std::string& request) {
   int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   sockaddr_un addr{};
@@ -233,6 +238,7 @@ std::optional<std::string> Exchange(const std::string& request) {
       ::close(fd);
       return std::nullopt;
     }
+    last_end = n == 0 ? "end of stream" : std::string("recv: ") + std::strerror(errno);
     break;
   }
   ::close(fd);
@@ -285,7 +291,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     const std::string get = "GET /v1/secrets/payments/prod/stripe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
     auto check = Exchange(get);
     if (check && check->empty()) {
-      std::fprintf(stderr, "http_fuzz: the owner's GET was closed with no answer; asking again\n");
+      // Said with how the read ended (a reset, or the server's close), for
+      // the cause still to be found.
+      std::fprintf(stderr, "http_fuzz: the owner's GET was closed with no answer (%s); asking again\n",
+                   last_end.c_str());
       check = Exchange(get);
     }
     if (!check || check->rfind("HTTP/1.1 200", 0) != 0) {
