@@ -373,7 +373,33 @@ std::optional<http::response<http::string_body>> Session<StreamT>::Handle(http::
       // 200 for a retry (nothing new was made), 201 for a new version.
       return Json(replayed ? 200 : 201, {{"path", sp->str()}, {"version", *v}, {"replayed", replayed}});
     }
-    return Error(405, "use GET or PUT for /v1/secrets/PROJECT/ENV/NAME");
+    if (req.method() == http::verb::post) {
+      // An operation on the secret, named by the body: {"revoke": N,
+      // "reason": "..."} withdraws version N at once (custody secret
+      // revoke), for principals the policy lets rotate.
+      action_ = "secret.revoke";
+      if (auto refused = UseToken(req)) return refused;
+      auto body = InPlaceJson::Parse(req.body());
+      if (!body) {
+        return Error(400, "the body must be a JSON object {\"revoke\": N, \"reason\": \"...\"}: " +
+                              body.error().message());
+      }
+      const auto version = body->Uint("revoke");
+      if (!version || *version == 0 || *version > UINT32_MAX) {
+        return Error(400, "the body must have \"revoke\": the version to revoke, a positive number");
+      }
+      const auto reason = body->String("reason");
+      if (!reason || reason->empty()) return Error(400, "the body must have \"reason\": why the version is revoked");
+      if (reason->size() > core::Custodian::kMaxRevokeReasonBytes || !PrintableText(*reason)) {
+        return Error(400, "\"reason\" must be printable UTF-8 text of at most " +
+                              std::to_string(core::Custodian::kMaxRevokeReasonBytes) + " bytes");
+      }
+      audited_ = true;
+      auto current = srv_.custodian.Revoke(peer_, *sp, static_cast<uint32_t>(*version), std::string(*reason));
+      if (!current) return FromError(current.error());
+      return Json(200, {{"path", sp->str()}, {"revoked", *version}, {"current_version", *current}});
+    }
+    return Error(405, "use GET, PUT or POST for /v1/secrets/PROJECT/ENV/NAME");
   }
   return Error(404, "no such endpoint: " + EscapeUntrusted(path, 64), Category::kNotFound);
 }

@@ -360,10 +360,10 @@ bool Session<StreamT>::Vault(http::request<http::string_body>& req, std::string_
     vault_key_ = pj != nullptr ? pj->vault_value_key : "value";
   }
   const std::string_view sub = tail.size() > kind.size() ? tail.substr(kind.size() + 1) : std::string_view();
-  if (kind != "data" && kind != "metadata") {
+  if (kind != "data" && kind != "metadata" && kind != "destroy") {
     action_ = "vault.other";
     out = Error(405, "custody does not " + std::string(kind) +
-                         " through the Vault API: versions are revoked with 'custody secret revoke'");
+                         " through the Vault API: versions are withdrawn with destroy (or 'custody secret revoke')");
     return true;
   }
 
@@ -402,6 +402,63 @@ bool Session<StreamT>::Vault(http::request<http::string_body>& req, std::string_
     return true;
   }
   env_ = sp->environment;
+
+  if (kind == "destroy") {
+    // Vault's destroy: {"versions": [N, ...]} withdrawn for good, which is
+    // custody's revoke (a destroyed version reads as revoked, and back).
+    // Idempotent as in Vault: a version already revoked is left as it is.
+    action_ = "secret.revoke";
+    if (req.method() != http::verb::post && req.method() != http::verb::put) {
+      out = Error(405, "use POST or PUT for destroy");
+      return true;
+    }
+    if (auto refused = UseToken(req)) {
+      out = std::move(refused);
+      return true;
+    }
+    // No value travels in this body: parsed as a whole, without throwing.
+    const json body = json::parse(req.body(), nullptr, /*allow_exceptions=*/false);
+    std::vector<uint32_t> versions;
+    const bool shaped = body.is_object() && body.contains("versions") && body["versions"].is_array() &&
+                        !body["versions"].empty() && body["versions"].size() <= 100;
+    if (shaped) {
+      for (const auto& v : body["versions"]) {
+        if (!v.is_number_unsigned() || v.get<uint64_t>() == 0 || v.get<uint64_t>() > UINT32_MAX) {
+          versions.clear();
+          break;
+        }
+        versions.push_back(static_cast<uint32_t>(v.get<uint64_t>()));
+      }
+    }
+    if (versions.empty()) {
+      out = Error(400, "the body must be {\"versions\": [N, ...]}: 1 to 100 positive version numbers");
+      return true;
+    }
+    std::sort(versions.begin(), versions.end());
+    versions.erase(std::unique(versions.begin(), versions.end()), versions.end());
+    audited_ = true;
+    // One record per version. Every version named must exist, checked
+    // before the first changes (400 naming the one that does not: Vault's
+    // 404 carries no words); a failure after that (the store lost) stops
+    // there and says which versions were withdrawn (those stay withdrawn).
+    std::string done;
+    for (size_t i = 0; i < versions.size(); ++i) {
+      auto r = srv_.custodian.Revoke(peer_, *sp, versions[i], "destroyed through the Vault API", /*already_ok=*/true,
+                                     i == 0 ? versions : std::vector<uint32_t>{});
+      if (!r) {
+        custody::Error e = r.error();
+        if (!done.empty()) {
+          e = custody::Error(e.category(), e.message() + " (destroyed before it: version(s) " + done + ")");
+        }
+        out = FromError(e);
+        return true;
+      }
+      done += (done.empty() ? "" : ", ") + std::to_string(versions[i]);
+    }
+    http::response<http::string_body> res{http::status::no_content, 11};
+    out = std::move(res);
+    return true;
+  }
 
   if (kind == "metadata") {
     action_ = "secret.metadata";

@@ -1,6 +1,8 @@
 #include "custody/service/custodian.h"
 
 #include "custody/common/hex.h"
+#include "custody/common/time.h"
+#include "custody/common/untrusted.h"
 
 namespace custody::core {
 namespace {
@@ -276,6 +278,62 @@ Result<uint32_t> Custodian::Put(const RequestContext& rc, const SecretPath& path
       (void)audit_.Append(failed);
     }
     return v;
+  };
+  return f.Finish(run());
+}
+
+Result<uint32_t> Custodian::Revoke(const RequestContext& rc, const SecretPath& path, uint32_t version,
+                                   const std::string& reason, bool already_ok,
+                                   const std::vector<uint32_t>& must_exist) {
+  Flow f(*this, rc, "secret.revoke");
+  f.ev.project = path.project;
+  f.ev.environment = path.environment;
+  f.ev.name = path.name;
+  f.ev.version = version;
+  auto run = [&]() -> Result<uint32_t> {
+    CUSTODY_RETURN_IF_ERROR(f.Identify(rc));
+    CUSTODY_RETURN_IF_ERROR(f.Ask(policy::Action::kRotate, {path.project, path.environment, path.name}));
+    // Free text for the store and the record: one line of printable UTF-8,
+    // checked here whoever sent it (the fronts check it too, to say which
+    // field is wrong).
+    if (reason.empty()) return Error(Category::kUsage, "the reason is empty: say why the version is revoked");
+    if (reason.size() > kMaxRevokeReasonBytes || !PrintableText(reason)) {
+      return Error(Category::kUsage, "the reason must be printable UTF-8 text of at most " +
+                                         std::to_string(kMaxRevokeReasonBytes) + " bytes");
+    }
+    if (version == 0) return Error(Category::kUsage, "version must be a positive number");
+    CUSTODY_ASSIGN_OR_RETURN(auto env, store_.FindEnvironment(path.project, path.environment));
+    // After the policy's answer: who may not rotate learns nothing of the versions.
+    for (uint32_t v : must_exist) {
+      auto there = store_.GetVersion(env, path.name, v);
+      if (there) continue;
+      if (there.error().category() != Category::kNotFound) return std::move(there).error();
+      return Error(Category::kUsage, "version " + std::to_string(v) + " of " + path.str() +
+                                         " does not exist; nothing was revoked");
+    }
+    CUSTODY_ASSIGN_OR_RETURN(auto rec, store_.GetVersion(env, path.name, version));
+    if (rec.revoked_at) {
+      if (!already_ok) {
+        return Error(Category::kUsage, "version " + std::to_string(version) + " of " + path.str() +
+                                           " was already revoked at " + FormatUtc(*rec.revoked_at));
+      }
+      f.ev.detail += "; already revoked at " + FormatUtc(*rec.revoked_at) + "; nothing changed";
+      auto current = store_.GetVersion(env, path.name, std::nullopt);
+      if (current) return current->version;
+      if (current.error().category() == Category::kNotFound) return 0u;  // every version revoked
+      return std::move(current).error();
+    }
+    f.ev.detail += "; reason: " + reason;
+    // Recorded before the store changes: a revocation never goes unrecorded.
+    CUSTODY_RETURN_IF_ERROR(f.Record(Status::Ok()));
+    auto current = store_.RevokeVersion(env, path.name, version, reason, f.ev.principal, SystemNow());
+    if (!current) {
+      AuditEvent failed = f.ev;
+      failed.result = AuditResult::kError;
+      failed.error = current.error().message();
+      (void)audit_.Append(failed);
+    }
+    return current;
   };
   return f.Finish(run());
 }

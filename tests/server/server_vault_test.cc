@@ -115,6 +115,8 @@ TEST_F(VaultServerTest, HvacLogsInReadsListsAndWrites) {
                            "ok: list_secrets payments prod", "ok: a reader's write is Forbidden",
                            "ok: create_or_update_secret by svc:deploy made version 2", "ok: the reader reads version 2",
                            "ok: a write with cas=1 on version 2 is InvalidRequest", "ok: the refused write stored nothing",
+                           "ok: a reader's destroy is Forbidden",
+                           "ok: destroy_secret_versions [1] by svc:deploy: version 1 destroyed, 2 current",
                            "ok: svc:other cannot read payments", "ok: svc:other reads billing", "ok: renew_self",
                            "ok: an unknown token is Forbidden"}) {
     EXPECT_NE(r.out.find(step), std::string::npos) << "missing step: " << step << "\n" << r.out;
@@ -126,7 +128,7 @@ TEST_F(VaultServerTest, HvacLogsInReadsListsAndWrites) {
   std::vector<std::string> actions;
   for (const auto& rec : recs) actions.push_back(rec.value("action", ""));
   EXPECT_EQ(actions, (std::vector<std::string>{"token.login", "token.lookup", "secret.get", "secret.list",
-                                               "secret.put", "secret.get", "secret.get", "token.renew"}))
+                                               "secret.put", "secret.get", "secret.get", "secret.revoke", "token.renew"}))
       << recs.dump(1);
   ASSERT_GE(recs.size(), 7u);
   EXPECT_EQ(recs[0].value("identified_by", "").find("tls client certificate san dns:web-prod.payments.internal"), 0u)
@@ -265,7 +267,7 @@ TEST_F(VaultServerTest, EveryEndpointHasVaultsShapeFieldByField) {
   EXPECT_EQ(missing.status, 404);
   EXPECT_EQ(missing.body, json({{"errors", json::array()}})) << missing.raw;
   for (const auto& [method, target] : std::vector<std::pair<std::string, std::string>>{
-           {"GET", "/v1/sys/mounts"}, {"GET", "/v1/auth/approle/login"}, {"POST", "/v1/payments/destroy/prod/stripe"},
+           {"GET", "/v1/sys/mounts"}, {"GET", "/v1/auth/approle/login"}, {"POST", "/v1/payments/undelete/prod/stripe"},
            {"DELETE", "/v1/payments/data/prod/stripe"}}) {
     auto a = Curl(0, method, target);
     EXPECT_TRUE(a.status == 404 || a.status == 405) << method << " " << target << ": " << a.status << " " << a.raw;
@@ -425,6 +427,121 @@ TEST_F(VaultServerTest, APolicyThatDropsAPrincipalRevokesItsTokens) {
 // tls_client_certificate = "optional": a Vault client with a token and no
 // certificate reads over TLS; without a token it is nobody; a certificate
 // it does send must still chain to the CA.
+// custody's revoke over its own API: POST {"revoke": N, "reason": ...} on
+// the secret, for principals the policy lets rotate. The version is never
+// readable again, the one before it becomes current, and the record (with
+// the reason) is written before the store changes.
+TEST_F(VaultServerTest, APostRevokesAVersionForGoodForThoseWhoMayRotate) {
+  auto put = Curl(0, "PUT", "/v1/secrets/payments/prod/stripe", "", R"({"value":"second-value"})");
+  ASSERT_EQ(put.status, 201) << put.raw;
+  // A reader of billing only, and bodies that do not say what to do: refused,
+  // nothing changed.
+  const std::string target = "/v1/secrets/payments/prod/stripe";
+  auto denied = Curl(65534, "POST", target, "", R"({"revoke":1,"reason":"leaked"})");
+  EXPECT_EQ(denied.status, 403) << denied.raw;
+  for (const std::string& body : {std::string(R"({"reason":"leaked"})"), std::string(R"({"revoke":0,"reason":"x"})"),
+                                  std::string(R"({"revoke":"1","reason":"x"})"), std::string(R"({"revoke":1})"),
+                                  std::string(R"({"revoke":1,"reason":""})"),
+                                  std::string("{\"revoke\":1,\"reason\":\"a\\u001b[31mb\"}"),
+                                  std::string(R"({"revoke":1,"reason":")") + std::string(501, 'r') + "\"}",
+                                  std::string("not json")}) {
+    auto bad = Curl(0, "POST", target, "", body);
+    EXPECT_EQ(bad.status, 400) << body << ": " << bad.raw;
+    EXPECT_EQ(bad.raw.find("\x1b"), std::string::npos) << bad.raw;
+  }
+  EXPECT_EQ(Curl(0, "GET", target + "?version=1").status, 200) << "a refused revoke changed something";
+  // An owner revokes version 2, the current one: version 1 is current again.
+  auto ok = Curl(0, "POST", target, "", R"({"revoke":2,"reason":"pasted into a CI log"})");
+  ASSERT_EQ(ok.status, 200) << ok.raw;
+  EXPECT_EQ(ok.body, json({{"path", "payments/prod/stripe"}, {"revoked", 2}, {"current_version", 1}})) << ok.raw;
+  auto v2 = Curl(0, "GET", target + "?version=2");
+  EXPECT_EQ(v2.status, 403) << v2.raw;
+  EXPECT_NE(v2.raw.find("revoked"), std::string::npos) << v2.raw;
+  EXPECT_EQ(v2.raw.find("second-value"), std::string::npos) << v2.raw;
+  auto now = Curl(0, "GET", target);
+  ASSERT_EQ(now.status, 200) << now.raw;
+  EXPECT_EQ(now.body["version"], 1) << now.raw;
+  // Once only; a version that never was is not found.
+  auto again = Curl(0, "POST", target, "", R"({"revoke":2,"reason":"again"})");
+  EXPECT_EQ(again.status, 400) << again.raw;
+  EXPECT_NE(again.raw.find("version 2 of payments/prod/stripe was already revoked at "), std::string::npos) << again.raw;
+  EXPECT_EQ(Curl(0, "POST", target, "", R"({"revoke":9,"reason":"x"})").status, 404);
+  // The records: one per request, the reason in the successful one.
+  auto recs = Cli({"--json", "audit", "show", "--action", "secret.revoke"});
+  ASSERT_EQ(recs.exit_code, 0) << recs.err;
+  json all = json::parse(recs.out, nullptr, false);
+  ASSERT_TRUE(all.is_array()) << recs.out;
+  size_t ok_records = 0, refused = 0;
+  for (const auto& r : all) {
+    if (r.value("result", "") == "ok") {
+      ++ok_records;
+      EXPECT_NE(r.value("detail", "").find("reason: pasted into a CI log"), std::string::npos) << r;
+      EXPECT_EQ(r.value("version", 0), 2) << r;
+      EXPECT_EQ(r.value("principal", ""), "user:root") << r;
+    } else {
+      ++refused;
+    }
+  }
+  EXPECT_EQ(ok_records, 1u) << all.dump(1);
+  EXPECT_EQ(refused, 3u) << "the reader's, the second and the unknown version's: " << all.dump(1);
+  EXPECT_EQ(Cli({"audit", "verify"}).exit_code, 0);
+}
+
+// Vault's destroy is custody's revoke: {"versions": [...]} withdrawn for
+// good, 204 as Vault answers, idempotent as in Vault; one record per version.
+TEST_F(VaultServerTest, DestroyWithdrawsVersionsForGoodAsRevokeDoes) {
+  auto put = Curl(0, "PUT", "/v1/secrets/payments/prod/stripe", "", R"({"value":"second-value"})");
+  ASSERT_EQ(put.status, 201) << put.raw;
+  const std::string destroy = "/v1/payments/destroy/prod/stripe";
+  EXPECT_EQ(Curl(65534, "POST", destroy, "", R"({"versions":[1]})").status, 403);
+  for (const std::string& body : {std::string("{}"), std::string(R"({"versions":[]})"), std::string(R"({"versions":[0]})"),
+                                  std::string(R"({"versions":["1"]})"), std::string(R"({"versions":1})"),
+                                  std::string("nope")}) {
+    auto bad = Curl(0, "POST", destroy, "", body);
+    EXPECT_EQ(bad.status, 400) << body << ": " << bad.raw;
+    EXPECT_TRUE(bad.body.contains("errors")) << bad.raw;
+  }
+  EXPECT_EQ(Curl(0, "GET", destroy).status, 405);
+  auto gone = Curl(0, "POST", destroy, "", R"({"versions":[1]})");
+  EXPECT_EQ(gone.status, 204) << gone.raw;
+  EXPECT_EQ(gone.raw, "");
+  auto meta = Curl(0, "GET", "/v1/payments/metadata/prod/stripe");
+  EXPECT_EQ(meta.body["data"]["versions"]["1"]["destroyed"], true) << meta.raw;
+  EXPECT_EQ(meta.body["data"]["versions"]["2"]["destroyed"], false) << meta.raw;
+  EXPECT_EQ(meta.body["data"]["current_version"], 2) << meta.raw;
+  EXPECT_EQ(Curl(0, "GET", "/v1/payments/data/prod/stripe?version=1").status, 404);
+  EXPECT_EQ(Curl(0, "GET", "/v1/payments/data/prod/stripe").body["data"]["data"]["value"], "second-value");
+  // Again: nothing to do, 204, and said so in its record.
+  EXPECT_EQ(Curl(0, "POST", destroy, "", R"({"versions":[1]})").status, 204);
+  // Versions 2 and 9: 9 never was, so nothing is destroyed, and the
+  // answer names it (Vault's 404 would carry no words).
+  auto none = Curl(0, "POST", destroy, "", R"({"versions":[9,2]})");
+  EXPECT_EQ(none.status, 400) << none.raw;
+  EXPECT_EQ(none.body, json({{"errors", {"version 9 of payments/prod/stripe does not exist; nothing was revoked"}}}))
+      << none.raw;
+  EXPECT_EQ(Curl(0, "GET", "/v1/payments/data/prod/stripe").body["data"]["data"]["value"], "second-value");
+  // Then 2 alone: no version is left to read.
+  EXPECT_EQ(Curl(0, "POST", destroy, "", R"({"versions":[2]})").status, 204);
+  EXPECT_EQ(Curl(0, "GET", "/v1/payments/data/prod/stripe").status, 404) << "no version is left to read";
+  auto recs = Cli({"--json", "audit", "show", "--action", "secret.revoke"});
+  ASSERT_EQ(recs.exit_code, 0) << recs.err;
+  json all = json::parse(recs.out, nullptr, false);
+  ASSERT_TRUE(all.is_array()) << recs.out;
+  std::vector<std::string> seen;
+  for (const auto& r : all) {
+    const std::string d = r.value("detail", "");
+    seen.push_back(r.value("result", "") + " v" + std::to_string(r.value("version", 0)) +
+                   (d.find("already revoked") != std::string::npos ? " already" : "") +
+                   (d.find("reason: destroyed through the Vault API") != std::string::npos ? " vault" : ""));
+    if (r.value("result", "") == "ok") {
+      EXPECT_NE(d.find("vault-api"), std::string::npos) << r;
+    }
+  }
+  EXPECT_EQ(seen, (std::vector<std::string>{"refused v1", "ok v1 vault", "ok v1 already", "error v2", "ok v2 vault"}))
+      << all.dump(1);
+  EXPECT_EQ(Cli({"audit", "verify"}).exit_code, 0);
+}
+
 class VaultOptionalCertServerTest : public VaultServerTest {
  protected:
   std::string ExtraServerConfig() override {

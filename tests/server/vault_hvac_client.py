@@ -75,6 +75,19 @@ r = reader.secrets.kv.v2.read_secret_version(path="prod/stripe", mount_point="pa
 assert r["data"]["data"]["value"] == "rotated-by-hvac" and r["data"]["metadata"]["version"] == 2
 step("the refused write stored nothing")
 
+# Destroy: a version withdrawn for good (custody's revoke). Not for a
+# reader; an owner may.
+try:
+    reader.secrets.kv.v2.destroy_secret_versions(path="prod/stripe", versions=[1], mount_point="payments")
+    raise AssertionError("a reader destroyed a version")
+except hvac.exceptions.Forbidden:
+    step("a reader's destroy is Forbidden")
+deployer.secrets.kv.v2.destroy_secret_versions(path="prod/stripe", versions=[1], mount_point="payments")
+meta = deployer.secrets.kv.v2.read_secret_metadata(path="prod/stripe", mount_point="payments")["data"]
+assert meta["versions"]["1"]["destroyed"] is True and meta["versions"]["2"]["destroyed"] is False, meta
+assert meta["current_version"] == 2, meta
+step("destroy_secret_versions [1] by svc:deploy: version 1 destroyed, 2 current")
+
 # Another principal cannot read payments, but reads its own project.
 other = client("other")
 other.auth.cert.login()

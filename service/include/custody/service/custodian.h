@@ -109,6 +109,21 @@ class Custodian {
   using GetDone = std::function<void(Result<Unsealed>)>;
   void GetAsync(const RequestContext& rc, const SecretPath& path, std::optional<uint32_t> version, GetDone done,
                 bool lead_if_idle = false);
+  // Withdraws one version at once (`custody secret revoke`, the server's
+  // revocations and Vault's destroy): never readable again; if it was
+  // current, the newest remaining version becomes current. For principals
+  // the policy lets rotate. `reason` (printable UTF-8, 1 to
+  // kMaxRevokeReasonBytes) goes into the store and the record, which is
+  // written before the store changes. A version already revoked is kUsage,
+  // or with `already_ok` an answer that changes nothing (Vault's destroy
+  // is idempotent) and says so in its record. Returns the current version
+  // afterwards (0: none). `must_exist`: versions checked before anything
+  // changes (a destroy of several is refused as a whole, kUsage naming the
+  // first that does not exist, when one of them does not).
+  static constexpr size_t kMaxRevokeReasonBytes = 500;
+  Result<uint32_t> Revoke(const RequestContext& rc, const SecretPath& path, uint32_t version,
+                          const std::string& reason, bool already_ok = false,
+                          const std::vector<uint32_t>& must_exist = {});
   // `put_key`: the request's Idempotency-Key, or empty. A put whose key
   // already stored a version of this secret is answered with that version
   // (`*replayed` set): nothing is sealed, stored or charged again, and its
