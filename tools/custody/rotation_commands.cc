@@ -32,9 +32,6 @@ namespace {
 using nlohmann::json;
 using policy::Action;
 
-// The longest --reason a revocation keeps.
-constexpr size_t kMaxReasonBytes = 500;
-
 // Runs a provider command (`/bin/sh -c CMD`) and reads its stdout into
 // locked memory. Its stderr is ours, so its own errors reach the user. It
 // never sees the token PIN: CUSTODY_PIN is dropped from its environment and
@@ -222,41 +219,25 @@ Status SecretRevoke(const Globals& g, const std::string& text, uint32_t version,
   CUSTODY_ASSIGN_OR_RETURN(core::SecretPath path, core::SecretPath::Parse(text));
   // Free text for the store and the audit record: one line of UTF-8.
   if (reason.empty()) return Error(Category::kUsage, "--reason is empty: say why the version is revoked");
-  CUSTODY_RETURN_IF_ERROR(CheckArgText("--reason", reason, kMaxReasonBytes));
+  CUSTODY_RETURN_IF_ERROR(CheckArgText("--reason", reason, core::Custodian::kMaxRevokeReasonBytes));
   CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "secret.revoke", path));
-  o.ev.version = version;
-  return Finish(o, [&]() -> Status {
-    CUSTODY_RETURN_IF_ERROR(Guard(o));
-    CUSTODY_RETURN_IF_ERROR(Ask(o, Action::kRotate, {path.project, path.environment, path.name}));
-    CUSTODY_ASSIGN_OR_RETURN(auto env, o.store->FindEnvironment(path.project, path.environment));
-    CUSTODY_ASSIGN_OR_RETURN(auto rec, o.store->GetVersion(env, path.name, version));
-    if (rec.revoked_at) {
-      return Error(Category::kUsage, "version " + std::to_string(version) + " of " + path.str() + " was already revoked at " + FormatTime(*rec.revoked_at));
-    }
-    o.ev.detail += "; reason: " + reason;
-    // Recorded before the store changes: a revocation never goes unrecorded.
-    CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
-    auto current = o.store->RevokeVersion(env, path.name, version, reason, o.ev.principal, custody::SystemNow());
-    if (!current) {
-      core::AuditEvent failed = o.ev;
-      failed.result = core::AuditResult::kError;
-      failed.error = current.error().message();
-      (void)o.audit->Append(failed);
-      return std::move(current).error();
-    }
+  // The flow custodyd runs for POST /v1/secrets/... {"revoke": N} and
+  // Vault's destroy: the policy, the record before the store changes.
+  return WithCustodian(g, o, [&](core::Custodian& c, const core::RequestContext& rc) -> Status {
+    CUSTODY_ASSIGN_OR_RETURN(uint32_t current, c.Revoke(rc, path, version, reason));
     if (g.json) {
-      PrintJson({{"path", path.str()}, {"revoked", version}, {"current_version", *current}});
+      PrintJson({{"path", path.str()}, {"revoked", version}, {"current_version", current}});
     } else {
       std::printf("revoked version %u of %s\n", version, path.str().c_str());
-      if (*current == 0) {
+      if (current == 0) {
         std::printf("%s has no current version now: 'secret get' fails until a new one is stored (custody secret rotate)\n",
                     path.str().c_str());
       } else {
-        std::printf("current version: %u\n", *current);
+        std::printf("current version: %u\n", current);
       }
     }
     return Status::Ok();
-  }());
+  });
 }
 
 Status SecretVersions(const Globals& g, const std::string& text) {
