@@ -568,6 +568,50 @@ TEST_F(ClusterTest, ConditionalPutsRacingThroughEveryNodeStoreExactlyOnePerVersi
   EXPECT_EQ(ended_error, static_cast<size_t>(kRounds * (kWriters - 1)));
 }
 
+// A responder revokes through one node (POST {"revoke": N}): that node
+// serves the version before it at once (its own write clears its read
+// cache), the other nodes within two seconds, and none serves the revoked
+// version again. Vault's destroy through a third node withdraws the next.
+TEST_F(ClusterTest, ARevokeThroughOneNodeHoldsOnEveryNode) {
+  auto a = client::Client::Connect("unix:" + Socket(0));
+  ASSERT_TRUE(a.ok());
+  ASSERT_TRUE(a->Put("payments/prod/stripe", SecretBuffer::Copy("stripe-v2")).ok());
+  ASSERT_TRUE(a->Put("payments/prod/stripe", SecretBuffer::Copy("stripe-v3")).ok());
+  for (int i = 0; i < kNodes; ++i) ASSERT_EQ(GetVia(i, "payments/prod/stripe"), "stripe-v3") << Name(i);
+  const std::string body = R"({"revoke":3,"reason":"seen in a public repository"})";
+  const std::string answer = Raw(Socket(1), "POST /v1/secrets/payments/prod/stripe HTTP/1.1\r\nHost: x\r\n"
+                                            "Content-Type: application/json\r\nContent-Length: " +
+                                                std::to_string(body.size()) + "\r\n\r\n" + body);
+  ASSERT_EQ(answer.substr(0, answer.find("\r\n")), "HTTP/1.1 200 OK") << answer;
+  EXPECT_NE(answer.find(R"("current_version":2)"), std::string::npos) << answer;
+  EXPECT_EQ(GetVia(1, "payments/prod/stripe"), "stripe-v2") << "the node that revoked served its cached read";
+  for (int i : {0, 2}) {
+    EXPECT_TRUE(Within(2000ms, [&] { return GetVia(i, "payments/prod/stripe") == "stripe-v2"; }))
+        << Name(i) << " still serves the revoked version: " << GetVia(i, "payments/prod/stripe");
+  }
+  const std::string destroy = R"({"versions":[2]})";
+  const std::string vault = Raw(Socket(2), "POST /v1/payments/destroy/prod/stripe HTTP/1.1\r\nHost: x\r\n"
+                                           "Content-Length: " + std::to_string(destroy.size()) + "\r\n\r\n" + destroy);
+  ASSERT_EQ(vault.substr(0, vault.find("\r\n")), "HTTP/1.1 204 No Content") << vault;
+  EXPECT_EQ(GetVia(2, "payments/prod/stripe"), "stripe-v1");
+  for (int i : {0, 1}) {
+    EXPECT_TRUE(Within(2000ms, [&] { return GetVia(i, "payments/prod/stripe") == "stripe-v1"; })) << Name(i);
+  }
+  for (int i = 0; i < kNodes; ++i) {
+    for (uint32_t v : {2u, 3u}) {
+      auto c = client::Client::Connect("unix:" + Socket(i));
+      ASSERT_TRUE(c.ok());
+      auto old = c->Get("payments/prod/stripe", v);
+      ASSERT_FALSE(old.ok()) << Name(i) << " served revoked v" << v;
+      EXPECT_EQ(old.error().exit_code(), 77) << old.error().message();
+    }
+  }
+  EXPECT_EQ(Records(1, "secret.revoke", "ok"), 1u);
+  EXPECT_EQ(Records(2, "secret.revoke", "ok"), 1u);
+  auto verified = VerifyAudit(0);
+  EXPECT_EQ(verified.exit_code, 0) << verified.out << verified.err;
+}
+
 // `custody kek rotate` while the three nodes serve: no GET fails, and every
 // secret reads back afterwards through every node.
 TEST_F(ClusterTest, AKekRotationWhileEveryNodeServesFailsNoGet) {
