@@ -331,6 +331,17 @@ Result<uint32_t> Client::Put(const std::string& path, const SecretBuffer& value,
   return a["version"].get<uint32_t>();
 }
 
+Result<uint32_t> Client::Revoke(const std::string& path, uint32_t version, const std::string& reason) const {
+  // No value in this body: the JSON writer may keep its copies.
+  std::string body = json{{"revoke", version}, {"reason", reason}}.dump(-1, ' ', false, json::error_handler_t::replace);
+  CUSTODY_ASSIGN_OR_RETURN(Response r, Request("POST", "/v1/secrets/" + path, &body, "", {}));
+  json a = json::parse(r.body, nullptr, false);
+  if (a.is_discarded() || !a.contains("current_version") || !a["current_version"].is_number_unsigned()) {
+    return Error(Category::kIntegrity, "custodyd sent a malformed answer");
+  }
+  return a["current_version"].get<uint32_t>();
+}
+
 Result<std::string> Client::Fetch(const std::string& target, const Headers& headers) const {
   CUSTODY_ASSIGN_OR_RETURN(Response r, Request("GET", target, nullptr, "", headers));
   return r.body;

@@ -207,6 +207,37 @@ TEST_F(ServerTest, PutThroughTheServerAndExecWithTheValueInTheEnvironmentOnly) {
   EXPECT_EQ(AsUser(65534, {"usage", "payments"}).exit_code, 77) << "nobody has no grant in payments";
 }
 
+// `custody secret revoke` with CUSTODY_ADDR goes through custodyd: a
+// responder needs neither the store nor the PIN, and gets the words and
+// exit codes of direct mode.
+TEST_F(ServerTest, SecretRevokeThroughCustodydNeedsNoStore) {
+  RunOptions o;
+  o.env = {{"CUSTODY_ADDR", "unix:" + socket_}};
+  o.stdin_data = "second-value";
+  ASSERT_EQ(RunCustody({"secret", "put", "payments/prod/stripe"}, o).exit_code, 0);
+  auto denied = AsUser(65534, {"secret", "revoke", "payments/prod/stripe", "--version", "2", "--reason", "x"});
+  EXPECT_EQ(denied.exit_code, 77) << denied.err;
+  auto r = AsUser(std::nullopt, {"secret", "revoke", "payments/prod/stripe", "--version", "2", "--reason",
+                                 "leaked in a CI log"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("revoked version 2 of payments/prod/stripe"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("current version: 1"), std::string::npos) << r.out;
+  auto again = AsUser(std::nullopt, {"secret", "revoke", "payments/prod/stripe", "--version", "2", "--reason", "again"});
+  EXPECT_EQ(again.exit_code, 64) << again.err;
+  EXPECT_NE(again.err.find("was already revoked at"), std::string::npos) << again.err;
+  auto missing = AsUser(std::nullopt, {"secret", "revoke", "payments/prod/stripe", "--version", "9", "--reason", "x"});
+  EXPECT_EQ(missing.exit_code, 66) << missing.err;
+  auto get = AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"});
+  EXPECT_EQ(get.exit_code, 0) << get.err;
+  EXPECT_EQ(get.out, kSecret);
+  auto old = AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe", "--version", "2"});
+  EXPECT_EQ(old.exit_code, 77) << old.err;
+  EXPECT_EQ(old.out.find("second-value"), std::string::npos);
+  auto recs = Cli({"--json", "audit", "show", "--action", "secret.revoke"});
+  ASSERT_EQ(recs.exit_code, 0) << recs.err;
+  EXPECT_NE(recs.out.find("via custodyd; reason: leaked in a CI log"), std::string::npos) << recs.out;
+}
+
 TEST_F(ServerTest, ManyConcurrentClientsGetNoErrorsAndExactlyOneAuditRecordEach) {
   size_t before = AuditCount("secret.get");
   constexpr int kThreads = 16, kEach = 25;

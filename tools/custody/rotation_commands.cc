@@ -16,6 +16,7 @@
 
 #include "commands.h"
 #include "custody/app/backend.h"
+#include "custody/client/client.h"
 #include "custody/common/hex.h"
 #include "custody/hsm/objects.h"
 #include "custody/service/kek_rotation.h"
@@ -220,11 +221,7 @@ Status SecretRevoke(const Globals& g, const std::string& text, uint32_t version,
   // Free text for the store and the audit record: one line of UTF-8.
   if (reason.empty()) return Error(Category::kUsage, "--reason is empty: say why the version is revoked");
   CUSTODY_RETURN_IF_ERROR(CheckArgText("--reason", reason, core::Custodian::kMaxRevokeReasonBytes));
-  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "secret.revoke", path));
-  // The flow custodyd runs for POST /v1/secrets/... {"revoke": N} and
-  // Vault's destroy: the policy, the record before the store changes.
-  return WithCustodian(g, o, [&](core::Custodian& c, const core::RequestContext& rc) -> Status {
-    CUSTODY_ASSIGN_OR_RETURN(uint32_t current, c.Revoke(rc, path, version, reason));
+  auto report = [&](uint32_t current) {
     if (g.json) {
       PrintJson({{"path", path.str()}, {"revoked", version}, {"current_version", current}});
     } else {
@@ -236,6 +233,21 @@ Status SecretRevoke(const Globals& g, const std::string& text, uint32_t version,
         std::printf("current version: %u\n", current);
       }
     }
+  };
+  // With CUSTODY_ADDR, through custodyd (a responder need not reach the store).
+  if (auto addr = ServerAddress()) {
+    CUSTODY_ASSIGN_OR_RETURN(auto c, client::Client::Connect(*addr));
+    auto current = c.Revoke(path.str(), version, reason);
+    if (!current) return std::move(current).error().Wrap(path.str());
+    report(*current);
+    return Status::Ok();
+  }
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, "secret.revoke", path));
+  // The flow custodyd runs for POST /v1/secrets/... {"revoke": N} and
+  // Vault's destroy: the policy, the record before the store changes.
+  return WithCustodian(g, o, [&](core::Custodian& c, const core::RequestContext& rc) -> Status {
+    CUSTODY_ASSIGN_OR_RETURN(uint32_t current, c.Revoke(rc, path, version, reason));
+    report(current);
     return Status::Ok();
   });
 }

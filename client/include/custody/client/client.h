@@ -47,6 +47,11 @@ class Client {
   // If-None-Match); otherwise kUsage with precondition_failed().
   Result<uint32_t> Put(const std::string& path, const SecretBuffer& value,
                        std::optional<uint32_t> expect_current = std::nullopt) const;
+  // Revokes `version` at once (POST {"revoke": N, "reason": ...}): never
+  // readable again. Returns the current version afterwards (0: none). Not
+  // sent to another node once one took it: a revoke carries no
+  // Idempotency-Key, and its retry would be refused as already done.
+  Result<uint32_t> Revoke(const std::string& path, uint32_t version, const std::string& reason) const;
   // GET any endpoint, the body as text (for /v1/usage, /v1/health, /metrics),
   // with `headers` added (X-Vault-Token for the Vault-compatible API).
   using Headers = std::vector<std::pair<std::string, std::string>>;
