@@ -846,6 +846,24 @@ class StuckAuditDiskServerTest : public ServerTest {
     return env;
   }
   std::string Flag() const { return run_ / "stall-fsync"; }
+  // /v1/health once it says the audit write under way has stalled, or its
+  // last answer after 10 s.
+  std::string HealthOnceStalled() {
+    std::string health;
+    for (int i = 0; i < 100 && health.find("stalled") == std::string::npos; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+    }
+    return health;
+  }
+  // Replaces `from` in the config (ServerTest's, before the start) by `to`.
+  void EditConfig(const std::string& from, const std::string& to) {
+    std::string cfg = ReadFile(token_.config_path());
+    const size_t at = cfg.find(from);
+    ASSERT_NE(at, std::string::npos) << from << " not in " << cfg;
+    cfg.replace(at, from.size(), to);
+    WriteFile(token_.config_path(), cfg);
+  }
   std::string only_;  // stall only the syncs of files whose path holds this
   void PutThenStop() {
     ASSERT_TRUE(AsUser(std::nullopt, {"secret", "get", "payments/prod/stripe"}).exit_code == 0);
@@ -883,11 +901,7 @@ class StuckAuditQueueServerTest : public StuckAuditDiskServerTest {
  protected:
   void BeforeStart() override {
     only_ = "/audit-";
-    std::string cfg = ReadFile(token_.config_path());
-    const size_t at = cfg.find("[audit]\n");
-    ASSERT_NE(at, std::string::npos) << cfg;
-    cfg.insert(at + 8, "timeout_ms = 1000\n");
-    WriteFile(token_.config_path(), cfg);
+    EditConfig("[audit]\n", "[audit]\ntimeout_ms = 1000\n");
   }
 };
 
@@ -902,11 +916,7 @@ TEST_F(StuckAuditQueueServerTest, GetsQueuedBehindAStuckDiskAreRefusedAtTheAudit
   // The first GET leads the batch (it is alone in flight) and its fsync hangs.
   std::string first;
   std::thread lead([&] { first = Raw(socket_, "GET /v1/secrets/payments/prod/stripe HTTP/1.1\r\nHost: x\r\n\r\n"); });
-  std::string health;
-  for (int i = 0; i < 100 && health.find("stalled") == std::string::npos; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
-  }
+  const std::string health = HealthOnceStalled();
   ASSERT_NE(health.find("\"audit\":\"stalled"), std::string::npos) << health;
   // Three more queue behind it, and are answered while the disk is stuck.
   std::vector<std::string> queued(3);
@@ -986,11 +996,7 @@ class StuckAuditOneThreadServerTest : public StuckAuditDiskServerTest {
  protected:
   void BeforeStart() override {
     only_ = "/audit-";
-    std::string cfg = ReadFile(token_.config_path());
-    const size_t at = cfg.find("\nthreads = 4\n");  // ServerTest's
-    ASSERT_NE(at, std::string::npos) << cfg;
-    cfg.replace(at, 13, "\nthreads = 1\n");
-    WriteFile(token_.config_path(), cfg);
+    EditConfig("\nthreads = 4\n", "\nthreads = 1\n");  // ServerTest's
   }
 };
 
@@ -999,11 +1005,7 @@ TEST_F(StuckAuditOneThreadServerTest, AStopWithAGetStillWaitingForItsRecordSaysS
   WriteFile(Flag(), "");
   std::string answer;
   std::thread get([&] { answer = Raw(socket_, "GET /v1/secrets/payments/prod/stripe HTTP/1.1\r\nHost: x\r\n\r\n"); });
-  std::string health;
-  for (int i = 0; i < 100 && health.find("stalled") == std::string::npos; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    health = Raw(socket_, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
-  }
+  const std::string health = HealthOnceStalled();
   ASSERT_NE(health.find("stalled"), std::string::npos) << "the GET's record never reached the stuck disk: " << health;
   auto code = StopWithin(pid_, 25);
   std::filesystem::remove(Flag());
