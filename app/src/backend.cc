@@ -77,6 +77,12 @@ class StoreAuditStorage final : public AuditStorage {
     return inner_->Witness(chain);
   }
   std::string Describe() const override { return inner_->Describe(); }
+  Status ScanPruneUnits(const std::string& chain, const std::function<bool(const AuditPruneUnit&)>& each) override {
+    return inner_->ScanPruneUnits(chain, each);
+  }
+  Result<uint64_t> Prune(const std::string& chain, uint64_t through_seq) override {
+    return inner_->Prune(chain, through_seq);
+  }
 
  private:
   std::unique_ptr<Store> store_;

@@ -631,6 +631,46 @@ Result<std::vector<AuditRecord>> ReadAuditLog(const std::string& dir) {
   return out;
 }
 
+namespace {
+constexpr std::string_view kPruneStarts = "the log now starts at seq ";
+constexpr std::string_view kPruneAfter = " after hash ";
+}  // namespace
+
+std::string AuditPruneStatement(uint64_t first_kept_seq, std::string_view prev_hash) {
+  return std::string(kPruneStarts) + std::to_string(first_kept_seq) + std::string(kPruneAfter) + std::string(prev_hash);
+}
+
+std::optional<std::pair<uint64_t, std::string>> FindAuditPruneStatement(std::string_view detail) {
+  const size_t at = detail.find(kPruneStarts);
+  if (at == std::string_view::npos) return std::nullopt;
+  std::string_view rest = detail.substr(at + kPruneStarts.size());
+  if (rest.empty() || rest[0] == '0') return std::nullopt;  // one way to write each number
+  uint64_t seq = 0;
+  size_t digits = 0;
+  while (digits < rest.size() && digits < 19 && rest[digits] >= '0' && rest[digits] <= '9') {
+    seq = seq * 10 + static_cast<uint64_t>(rest[digits] - '0');
+    ++digits;
+  }
+  if (digits == 0 || seq == 0) return std::nullopt;
+  rest = rest.substr(digits);
+  if (rest.substr(0, kPruneAfter.size()) != kPruneAfter) return std::nullopt;
+  rest = rest.substr(kPruneAfter.size());
+  if (rest.size() < 64 ||
+      !std::all_of(rest.begin(), rest.begin() + 64, [](char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'); })) {
+    return std::nullopt;
+  }
+  return std::make_pair(seq, std::string(rest.substr(0, 64)));
+}
+
+Status AuditStorage::ScanPruneUnits(const std::string& /*chain*/,
+                                    const std::function<bool(const AuditPruneUnit&)>& /*each*/) {
+  return Error(Category::kUnavailable, Describe() + " cannot be pruned");
+}
+
+Result<uint64_t> AuditStorage::Prune(const std::string& /*chain*/, uint64_t /*through_seq*/) {
+  return Error(Category::kUnavailable, Describe() + " cannot be pruned");
+}
+
 Result<AuditVerifyReport> VerifyAuditLog(const AuditVerifyOptions& o) {
   std::vector<std::string> files = o.files;
   if (files.empty()) {
@@ -676,6 +716,30 @@ Result<AuditVerifyReport> VerifyAuditChain(const std::vector<AuditChainLine>& li
   };
   std::string prev_hash = kAuditGenesis;
   uint64_t expected = 1;
+  // A chain that starts past seq 1: its oldest records were pruned, if and
+  // only if a prune record in it says so, naming a record the chain has
+  // (at or after the first: a prune cut short leaves some of the units it
+  // meant to remove) and that record's prev hash. The chain from the first
+  // record on is then checked as usual, so the statement's record and the
+  // record it names are bound by the same hashes (and checkpoints) as the
+  // rest. Anything else is a deletion, reported below.
+  if (!recs.empty() && recs[0] && recs[0]->seq > 1) {
+    const uint64_t first = recs[0]->seq;
+    for (const auto& r : recs) {
+      if (!r || r->type != "event" || r->event.action != kAuditPruneAction || r->event.result != AuditResult::kOk) {
+        continue;
+      }
+      auto st = FindAuditPruneStatement(r->event.detail);
+      if (!st || st->first < first) continue;
+      auto named = first_at.find(st->first);
+      if (named == first_at.end() || recs[named->second]->prev != st->second) continue;
+      expected = first;
+      prev_hash = recs[0]->prev;
+      rep.pruned_by = r->seq;
+      break;
+    }
+  }
+  rep.first_seq = expected;
   bool have_key = !o.public_key_pem.empty();
   std::map<uint64_t, std::string> hash_of;  // seq -> hash, as verified
   std::map<uint64_t, std::string> covers_of;  // checkpoint seq -> the hash it signed

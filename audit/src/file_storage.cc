@@ -213,6 +213,8 @@ class FileStorage final : public AuditStorage {
   Status Read(const std::string& chain, const std::function<void(AuditChainLine&&)>& each, bool* torn) override;
   Result<std::optional<std::pair<uint64_t, std::string>>> Witness(const std::string& chain) override;
   std::string Describe() const override { return "audit log " + dir_; }
+  Status ScanPruneUnits(const std::string& chain, const std::function<bool(const AuditPruneUnit&)>& each) override;
+  Result<uint64_t> Prune(const std::string& chain, uint64_t through_seq) override;
 
  private:
   void ForgetSegment() {
@@ -391,6 +393,74 @@ Result<std::optional<std::pair<uint64_t, std::string>>> FileStorage::Witness(con
   ::closedir(d);
   if (highest > 0) out.emplace(highest, "checkpoints/ records a checkpoint");
   return out;
+}
+
+// The segments before the newest one that holds a record: the head is
+// read from that one (an empty newest segment sends ReadHead back to it), so
+// it and everything after it always stay.
+std::vector<std::string> SegmentsBeforeTheHead(const std::string& dir) {
+  std::vector<std::string> segs = AuditSegments(dir);
+  while (!segs.empty()) {
+    struct stat st {};
+    const bool holds_records = ::stat((dir + "/" + segs.back()).c_str(), &st) == 0 && st.st_size > 0;
+    segs.pop_back();
+    if (holds_records) break;
+  }
+  return segs;
+}
+
+Result<AuditPruneUnit> ReadUnit(const std::string& dir, const std::string& name) {
+  AuditPruneUnit u;
+  u.name = name;
+  Status read = ReadAuditFiles(
+      {dir + "/" + name},
+      [&](AuditChainLine&& l) {
+        u.bytes += l.text.size() + 1;
+        auto r = ParseAuditRecord(l.text);
+        if (!r) return;  // counted below as a unit that cannot be read
+        if (u.first_seq == 0) u.first_seq = r->seq;
+        u.last_seq = r->seq;
+        u.last_hash = r->hash;
+        u.newest_unix_time = std::max(u.newest_unix_time, r->unix_time);
+      },
+      nullptr);
+  if (!read.ok()) return read.error();
+  if (u.first_seq == 0 || u.last_seq < u.first_seq) {
+    return Error(Category::kIntegrity, "audit log: " + name + " holds no record that can be read");
+  }
+  return u;
+}
+
+Status FileStorage::ScanPruneUnits(const std::string& /*chain*/,
+                                   const std::function<bool(const AuditPruneUnit&)>& each) {
+  for (const auto& name : SegmentsBeforeTheHead(dir_)) {
+    CUSTODY_ASSIGN_OR_RETURN(AuditPruneUnit u, ReadUnit(dir_, name));
+    if (!each(u)) break;
+  }
+  return Status::Ok();
+}
+
+Result<uint64_t> FileStorage::Prune(const std::string& /*chain*/, uint64_t through_seq) {
+  // In the writers' turn: no writer starts a segment while the head's is
+  // worked out, and readers of the log see each segment whole or not at all.
+  CUSTODY_RETURN_IF_ERROR(lock_.Take(dir_, std::chrono::steady_clock::now() + timeout_, timeout_));
+  Turn turn(lock_);
+  uint64_t removed = 0;
+  for (const auto& name : SegmentsBeforeTheHead(dir_)) {
+    CUSTODY_ASSIGN_OR_RETURN(AuditPruneUnit u, ReadUnit(dir_, name));
+    if (u.last_seq > through_seq) break;
+    const std::string path = dir_ + "/" + name;
+    if (::unlink(path.c_str()) != 0) return Error::Os(errno, "audit log: removing " + path);
+    removed += u.last_seq - u.first_seq + 1;
+  }
+  if (removed > 0) {
+    int d = ::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (d < 0) return Error::Os(errno, "audit log: " + dir_);
+    Status s = Fsync(d, dir_);
+    ::close(d);
+    CUSTODY_RETURN_IF_ERROR(s);
+  }
+  return removed;
 }
 
 }  // namespace

@@ -293,6 +293,137 @@ TEST_F(AuditTest, TheStoreWitnessMustMatchTheCheckpointItRecorded) {
   EXPECT_NE(r->problem.find("the store recorded a checkpoint here that the log does not have"), std::string::npos);
 }
 
+// Retention: a log with one record per segment (seq 1..12, checkpoints at
+// 5 and 10), for pruning whole segments.
+class AuditPruneTest : public AuditTest {
+ protected:
+  void SetUp() override {
+    ASSERT_NO_FATAL_FAILURE(AuditTest::SetUp());
+    log_.reset();
+    opts_.segment_bytes = 1;  // every batch starts a segment
+    auto log = AuditLog::Open(opts_);
+    ASSERT_TRUE(log.ok()) << log.error().message();
+    log_ = std::move(*log);
+    ASSERT_NO_FATAL_FAILURE(WriteStandard());
+    Status scanned = log_->storage().ScanPruneUnits("", [&](const AuditPruneUnit& u) {
+      units_.push_back(u);
+      return true;
+    });
+    ASSERT_TRUE(scanned.ok()) << scanned.error().message();
+  }
+  // The record `custody audit prune` writes before removing anything.
+  uint64_t AppendPruneRecord(uint64_t starts_at, const std::string& prev) {
+    AuditEvent e = Event(0);
+    e.action = kAuditPruneAction;
+    e.version.reset();
+    e.detail = "pruned seq 1 to " + std::to_string(starts_at - 1) + "; " + AuditPruneStatement(starts_at, prev);
+    auto seq = log_->Append(e);
+    EXPECT_TRUE(seq.ok()) << seq.error().message();
+    return seq.ok() ? *seq : 0;
+  }
+  std::string SegmentNo(int n) const {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "/audit-%06d.jsonl", n);
+    return opts_.dir + buf;
+  }
+  std::vector<AuditPruneUnit> units_;
+};
+
+TEST_F(AuditPruneTest, EverySegmentButTheHeadsIsAUnitWithItsRecordsSpan) {
+  ASSERT_EQ(units_.size(), 11u);  // seq 12's segment holds the head
+  EXPECT_EQ(units_.front().name, "audit-000001.jsonl");
+  EXPECT_EQ(units_[5].first_seq, 6u);
+  EXPECT_EQ(units_[5].last_seq, 6u);
+  EXPECT_EQ(units_[5].last_hash.size(), 64u);
+  EXPECT_GT(units_[5].newest_unix_time, 0);
+  EXPECT_GT(units_[5].bytes, 100u);
+}
+
+TEST_F(AuditPruneTest, APrunedLogVerifiesFromWhereItsPruneRecordSaysItStarts) {
+  const uint64_t by = AppendPruneRecord(7, units_[5].last_hash);
+  ASSERT_EQ(by, 13u);
+  auto removed = log_->storage().Prune("", 6);
+  ASSERT_TRUE(removed.ok()) << removed.error().message();
+  EXPECT_EQ(*removed, 6u);  // records, one per segment here
+  EXPECT_FALSE(std::filesystem::exists(SegmentNo(6)));
+  EXPECT_TRUE(std::filesystem::exists(SegmentNo(7)));
+  auto r = Verify();
+  EXPECT_TRUE(r.intact) << r.problem;
+  EXPECT_EQ(r.first_seq, 7u);
+  EXPECT_EQ(r.pruned_by, 13u);
+  EXPECT_EQ(r.records, 7u);  // 7..13
+  EXPECT_EQ(r.last_checkpoint_seq, 10u);
+  // The log goes on from its head, and stays verifiable.
+  auto next = log_->Append(Event(14));
+  ASSERT_TRUE(next.ok());
+  EXPECT_EQ(*next, 14u);
+  EXPECT_TRUE(Verify().intact);
+  // The statement does not stretch to cover one segment more.
+  std::filesystem::remove(SegmentNo(7));
+  ExpectProblem("record seq 8 (audit-000008.jsonl:1)", "deleted: seq 1 to 7 missing before it");
+}
+
+TEST_F(AuditPruneTest, SegmentsRemovedWithoutAMatchingPruneRecordAreADeletion) {
+  for (int n = 1; n <= 3; ++n) std::filesystem::remove(SegmentNo(n));
+  ExpectProblem("record seq 4 (audit-000004.jsonl:1)", "deleted: seq 1 to 3 missing before it");
+  // A prune record that names the start with another hash than the chain's.
+  AppendPruneRecord(4, std::string(64, 'a'));
+  ExpectProblem("record seq 4 (audit-000004.jsonl:1)", "deleted: seq 1 to 3 missing before it");
+  // One that names a start before what is left does not cover it either:
+  // records 3 and on were to stay.
+  AppendPruneRecord(3, units_[1].last_hash);
+  ExpectProblem("record seq 4 (audit-000004.jsonl:1)", "deleted: seq 1 to 3 missing before it");
+  // A refused or failed prune says nothing about the start.
+  AuditEvent e = Event(0);
+  e.action = kAuditPruneAction;
+  e.result = AuditResult::kError;
+  e.detail = AuditPruneStatement(4, units_[2].last_hash);
+  ASSERT_TRUE(log_->Append(e).ok());
+  ExpectProblem("record seq 4 (audit-000004.jsonl:1)", "deleted: seq 1 to 3 missing before it");
+}
+
+TEST_F(AuditPruneTest, APruneCutShortVerifiesAndTheNextRunRemovesTheRest) {
+  AppendPruneRecord(7, units_[5].last_hash);
+  // As if the process died after removing three of the six segments.
+  for (int n = 1; n <= 3; ++n) std::filesystem::remove(SegmentNo(n));
+  auto r = Verify();
+  EXPECT_TRUE(r.intact) << r.problem;
+  EXPECT_EQ(r.first_seq, 4u);
+  auto removed = log_->storage().Prune("", 6);
+  ASSERT_TRUE(removed.ok());
+  EXPECT_EQ(*removed, 3u);
+  EXPECT_EQ(Verify().first_seq, 7u);
+}
+
+TEST_F(AuditPruneTest, ThePruneNeverRemovesTheSegmentTheHeadIsReadFrom) {
+  // An empty newest segment (a batch that made it and failed) sends the
+  // head back to the one before: both stay.
+  std::ofstream(SegmentNo(13)).flush();
+  auto removed = log_->storage().Prune("", ~uint64_t{0});
+  ASSERT_TRUE(removed.ok()) << removed.error().message();
+  EXPECT_EQ(*removed, 11u);
+  EXPECT_TRUE(std::filesystem::exists(SegmentNo(12)));
+  EXPECT_TRUE(std::filesystem::exists(SegmentNo(13)));
+  // The chain goes on at seq 13, not at 1.
+  auto next = log_->Append(Event(13));
+  ASSERT_TRUE(next.ok()) << next.error().message();
+  EXPECT_EQ(*next, 13u);
+}
+
+TEST(AuditPruneStatement, IsFoundInADetailOnlyWhole) {
+  const std::string h(64, 'c');
+  auto st = FindAuditPruneStatement("policy v3; pruned seq 1 to 9; " + AuditPruneStatement(10, h));
+  ASSERT_TRUE(st.has_value());
+  EXPECT_EQ(st->first, 10u);
+  EXPECT_EQ(st->second, h);
+  EXPECT_FALSE(FindAuditPruneStatement("the log now starts at seq  after hash " + h));
+  EXPECT_FALSE(FindAuditPruneStatement("the log now starts at seq 0 after hash " + h));
+  EXPECT_FALSE(FindAuditPruneStatement("the log now starts at seq 010 after hash " + h));
+  EXPECT_FALSE(FindAuditPruneStatement("the log now starts at seq 10 after hash " + h.substr(1)));
+  EXPECT_FALSE(FindAuditPruneStatement("the log now starts at seq 10 after hash " + std::string(64, 'C')));
+  EXPECT_FALSE(FindAuditPruneStatement("the log now starts at seq 99999999999999999999 after hash " + h));
+}
+
 TEST_F(AuditTest, ATailCutAfterTheLastCheckpointIsNotDetectable) {
   // Documented limit: records after the last checkpoint can be cut unseen.
   WriteStandard();

@@ -9,6 +9,8 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <thread>
+#include <ctime>
 
 #include "../support/cli_fixture.h"
 #include "../support/pg_server.h"
@@ -35,6 +37,19 @@ role = "owner"
 principal = "user:root"
 role = "reader"
 )";
+
+// A time for `audit prune --before` (UTC, whole seconds) that every record
+// written before the call is older than, and none written after it.
+std::string CutOff() {
+  std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+  const std::time_t cut = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&cut, &tm);
+  char text[32];
+  std::strftime(text, sizeof text, "%Y-%m-%dT%H:%M:%S", &tm);
+  std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+  return text;
+}
 
 class AuditCliTest : public CliFixture {
  protected:
@@ -286,6 +301,134 @@ TEST_F(AuditCliTest, ExportWritesTheRecordsAsStoredAndTheExportVerifiesOffline) 
   EXPECT_FALSE(std::filesystem::exists(token_.dir() / "no-such-dir"));
 }
 
+// Retention: `audit prune --before T` removes the oldest segments whose
+// records are all older than T and signed by a checkpoint, writes first the
+// record that lets `audit verify` accept the shorter log, and refuses to
+// prune a log that does not verify.
+TEST_F(AuditCliTest, PruneRemovesSignedSegmentsOlderThanBeforeAndTheRestStillVerifies) {
+  // One segment per command's batch, so that there are segments to prune.
+  std::string config = ReadFile(token_.config_path());
+  const size_t at = config.find("segment_bytes = ");
+  ASSERT_NE(at, std::string::npos) << config;
+  config.replace(at, config.find('\n', at) - at, "segment_bytes = 1");
+  WriteFile(token_.config_path(), config);
+  ASSERT_EQ(Cli({"secret", "put", "payments/dev/a"}, "value-a").exit_code, 0);
+  ASSERT_EQ(Cli({"secret", "put", "payments/dev/b"}, "value-b").exit_code, 0);
+  ASSERT_EQ(Cli({"audit", "checkpoint"}).exit_code, 0);
+  const std::vector<core::AuditRecord> before_prune = TrailRecords(token_.config_path());
+  uint64_t checkpoint_seq = 0;
+  for (const auto& r : before_prune) {
+    if (r.type == "checkpoint") checkpoint_seq = r.seq;
+  }
+  ASSERT_GT(checkpoint_seq, 3u);
+  // Everything so far is older than the cut-off; what comes after is not.
+  const std::string cutoff = CutOff();
+  ASSERT_EQ(Cli({"secret", "put", "payments/dev/c"}, "value-c").exit_code, 0);
+  auto segments = [&] {
+    size_t n = 0;
+    for (const auto& e : std::filesystem::directory_iterator(AuditDir())) {
+      n += e.path().filename().string().rfind("audit-", 0) == 0;
+    }
+    return n;
+  };
+  const size_t segments_before = segments();
+
+  // What a dry run says, and that it removes nothing. The checkpoint record
+  // signs the records before it, so the prune stops there.
+  const std::string span = "seq 1 to " + std::to_string(checkpoint_seq - 1);
+  auto dry = Cli({"audit", "prune", "--before", cutoff, "--dry-run"});
+  ASSERT_EQ(dry.exit_code, 0) << dry.err;
+  EXPECT_NE(dry.out.find("would prune " + span + " ("), std::string::npos) << dry.out;
+  EXPECT_NE(dry.out.find("the checkpoints sign only up to seq " + std::to_string(checkpoint_seq - 1)),
+            std::string::npos)
+      << dry.out;
+  EXPECT_TRUE(std::filesystem::exists(AuditDir() + "/audit-000001.jsonl"));
+  EXPECT_EQ(segments(), segments_before + 1);  // the dry run's own record
+  auto dry_json = Cli({"--json", "audit", "prune", "--before", cutoff, "--dry-run"});
+  ASSERT_EQ(dry_json.exit_code, 0) << dry_json.err;
+  const auto j = nlohmann::json::parse(dry_json.out, nullptr, false);
+  ASSERT_TRUE(j.is_object()) << dry_json.out;
+  EXPECT_EQ(j.value("pruned", true), false);
+  EXPECT_EQ(j.value("first_seq", 0u), 1u);
+  EXPECT_EQ(j.value("last_seq", 0u), checkpoint_seq - 1);
+  EXPECT_EQ(j.value("starts_at_seq", 0u), checkpoint_seq);
+  ASSERT_TRUE(j.contains("segments") && j["segments"].is_array());
+  EXPECT_EQ(j["segments"].front(), "audit-000001.jsonl");
+
+  auto pruned = Cli({"audit", "prune", "--before", cutoff});
+  ASSERT_EQ(pruned.exit_code, 0) << pruned.err;
+  EXPECT_NE(pruned.out.find("pruned " + span + " ("), std::string::npos) << pruned.out;
+  EXPECT_NE(pruned.out.find("the log now starts at seq " + std::to_string(checkpoint_seq)), std::string::npos)
+      << pruned.out;
+  EXPECT_FALSE(std::filesystem::exists(AuditDir() + "/audit-000001.jsonl"));
+  const std::vector<core::AuditRecord> after = TrailRecords(token_.config_path());
+  ASSERT_FALSE(after.empty());
+  EXPECT_EQ(after.front().seq, checkpoint_seq);
+  // The prune's own record: who, and where the log starts.
+  const core::AuditRecord* prune_record = nullptr;
+  for (const auto& r : after) {
+    if (r.event.action == "audit.prune" && r.event.detail.find("dry run") == std::string::npos) prune_record = &r;
+  }
+  ASSERT_NE(prune_record, nullptr);
+  EXPECT_EQ(prune_record->event.principal, "user:root");
+  EXPECT_EQ(prune_record->event.result, core::AuditResult::kOk);
+  EXPECT_NE(prune_record->event.detail.find("the log now starts at seq " + std::to_string(checkpoint_seq) +
+                                            " after hash " + before_prune[checkpoint_seq - 2].hash),
+            std::string::npos)
+      << prune_record->event.detail;
+
+  auto verify = Cli({"audit", "verify"});
+  ASSERT_EQ(verify.exit_code, 0) << verify.err;
+  EXPECT_NE(verify.out.find("audit log intact"), std::string::npos) << verify.out;
+  EXPECT_NE(verify.out.find("starts at seq " + std::to_string(checkpoint_seq) +
+                            ": the records before it were pruned (the audit.prune record at seq " +
+                            std::to_string(prune_record->seq) + " says so)"),
+            std::string::npos)
+      << verify.out;
+  // The statement was signed before anything went: a checkpoint follows it.
+  EXPECT_EQ(after.back().type, "checkpoint");
+  EXPECT_EQ(after.back().covers_seq, prune_record->seq);
+  // The values were never in the log: all three are still there.
+  EXPECT_EQ(Cli({"secret", "get", "payments/dev/a"}).out, "value-a");
+  // An export of the pruned log verifies offline, the statement inside it.
+  const std::string out = token_.dir() / "export.jsonl", pem = token_.dir() / "audit.pem";
+  ASSERT_EQ(Cli({"audit", "pubkey", "--out", pem}).exit_code, 0);
+  ASSERT_EQ(Cli({"audit", "export", "--out", out}).exit_code, 0);
+  auto offline = RunCustody({"audit", "verify", out, "--pubkey", pem}, {});
+  EXPECT_EQ(offline.exit_code, 0) << offline.out << offline.err;
+
+  // Again: the checkpoint segment is now signed (by the prune's own
+  // checkpoint) and goes; then the put made after the cut-off stops it.
+  auto again = Cli({"audit", "prune", "--before", cutoff});
+  ASSERT_EQ(again.exit_code, 0) << again.err;
+  const std::string next = std::to_string(checkpoint_seq);
+  EXPECT_NE(again.out.find("pruned seq " + next + " to " + next + " (1 segment, "), std::string::npos) << again.out;
+  auto third = Cli({"audit", "prune", "--before", cutoff});
+  ASSERT_EQ(third.exit_code, 0) << third.err;
+  EXPECT_NE(third.out.find("nothing to prune: audit-"), std::string::npos) << third.out;
+  EXPECT_NE(third.out.find(".jsonl has records from 20"), std::string::npos) << third.out;
+  EXPECT_EQ(Cli({"audit", "verify"}).exit_code, 0);
+  EXPECT_EQ(Cli({"secret", "get", "payments/dev/c"}).out, "value-c");
+
+  // Refused, naming the argument.
+  ExpectOneLine(Cli({"audit", "prune"}), 64, "--before");
+  ExpectOneLine(Cli({"audit", "prune", "--before", "2099-01-01"}), 64, "--before '2099-01-01' is in the future");
+  ExpectOneLine(Cli({"audit", "prune", "--before", "yesterday"}), 64, "--before 'yesterday' is not a date");
+  // A segment removed by hand is a deletion: verify says so, and prune
+  // will not remove more of a log that does not verify.
+  std::vector<std::string> names;
+  for (const auto& e : std::filesystem::directory_iterator(AuditDir())) {
+    if (e.path().filename().string().rfind("audit-", 0) == 0) names.push_back(e.path().string());
+  }
+  std::sort(names.begin(), names.end());
+  ASSERT_GE(names.size(), 3u);
+  const uint64_t first_kept = TrailRecords(token_.config_path()).front().seq;
+  std::filesystem::remove(names.front());
+  ExpectOneLine(Cli({"audit", "verify"}), 65, "deleted: seq 1 to " + std::to_string(first_kept));
+  ExpectOneLine(Cli({"audit", "prune", "--before", "1m"}), 65, "the audit log is NOT intact");
+  for (size_t i = 1; i < names.size(); ++i) EXPECT_TRUE(std::filesystem::exists(names[i])) << names[i];
+}
+
 // The audit trail in PostgreSQL, always (also in the first run): each
 // node's chain in the database, verified from any host; tampering with a
 // row (modified, deleted, inserted, reordered, cut off, moved from another
@@ -384,6 +527,52 @@ TEST_F(PostgresAuditCliTest, EveryNodesChainVerifiesAndTamperingWithAnyRowIsFoun
   EXPECT_EQ(shown.exit_code, 0) << shown.err;
   EXPECT_NE(shown.out.find("NODE"), std::string::npos) << shown.out;
   EXPECT_NE(shown.out.find("node-b"), std::string::npos) << shown.out;
+}
+
+// Retention with the trail in PostgreSQL: a node prunes its own chain (the
+// prune's record goes into the chain it shortens), row by row up to the
+// cut-off; the other node's chain is untouched and both still verify.
+TEST_F(PostgresAuditCliTest, APruneRemovesThisNodesOldRowsOnlyAndEveryChainStillVerifies) {
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_EQ(Cli({"secret", "put", "payments/dev/k" + std::to_string(i)}, kSecret).exit_code, 0);
+    ASSERT_EQ(AsNodeB({"secret", "get", "payments/dev/k" + std::to_string(i)}).exit_code, 0);
+  }
+  ASSERT_EQ(Cli({"audit", "checkpoint"}).exit_code, 0);
+  ASSERT_EQ(AsNodeB({"audit", "checkpoint"}).exit_code, 0);
+  const std::string a = Sql("SELECT node FROM audit_heads WHERE node <> 'node-b'");
+  const std::string node_a = a.substr(0, a.find_first_of("\n "));
+  ASSERT_FALSE(node_a.empty());
+  const std::string b_rows = Sql("SELECT count(*) FROM audit_records WHERE node = 'node-b'");
+  const std::string cutoff = CutOff();
+  ASSERT_EQ(Cli({"secret", "put", "payments/dev/later"}, "v").exit_code, 0);
+  // Node a's checkpoint record is the last one signed-over; it and what
+  // follows stay.
+  const std::string ckpt = Sql("SELECT max(seq) FROM audit_records WHERE node = '" + node_a +
+                               "' AND line LIKE '%\"type\":\"checkpoint\"%'");
+  const uint64_t checkpoint_seq = std::stoull(ckpt);
+  ASSERT_GT(checkpoint_seq, 2u);
+
+  auto pruned = Cli({"audit", "prune", "--before", cutoff});
+  ASSERT_EQ(pruned.exit_code, 0) << pruned.err;
+  EXPECT_NE(pruned.out.find("pruned seq 1 to " + std::to_string(checkpoint_seq - 1) + " (node " + node_a + ", "),
+            std::string::npos)
+      << pruned.out;
+  EXPECT_EQ(std::stoull(Sql("SELECT min(seq) FROM audit_records WHERE node = '" + node_a + "'")), checkpoint_seq);
+  EXPECT_EQ(Sql("SELECT count(*) FROM audit_records WHERE node = 'node-b'"), b_rows) << "node-b's chain is its own";
+  auto verify = AsNodeB({"audit", "verify"});
+  ASSERT_EQ(verify.exit_code, 0) << verify.out << verify.err;
+  EXPECT_NE(verify.out.find("audit trail intact: 2 node chains"), std::string::npos) << verify.out;
+  EXPECT_NE(verify.out.find("    starts at seq " + std::to_string(checkpoint_seq) + ": the records before it were pruned"),
+            std::string::npos)
+      << verify.out;
+  // Rows deleted past what the statement says are a deletion.
+  Sql("DELETE FROM audit_records WHERE node = '" + node_a + "' AND seq = " + std::to_string(checkpoint_seq));
+  auto bad = Cli({"audit", "verify"});
+  EXPECT_EQ(bad.exit_code, 65) << bad.out;
+  EXPECT_NE(bad.err.find("node " + node_a + ": record seq " + std::to_string(checkpoint_seq + 1)), std::string::npos)
+      << bad.err;
+  EXPECT_NE(bad.err.find("deleted: seq 1 to " + std::to_string(checkpoint_seq) + " missing"), std::string::npos)
+      << bad.err;
 }
 
 }  // namespace

@@ -773,7 +773,7 @@ Result<std::string> ReadText(const std::string& path, const std::string& what) {
 
 // Parses --since: an ISO date or time prefix ("2026-11-29", "2026-11-29T10:00")
 // or an age ("30m", "12h", "7d").
-Result<int64_t> ParseSince(const std::string& text) {
+Result<int64_t> ParseSince(const std::string& text, const char* option = "--since") {
   if (!text.empty() && (text.back() == 'm' || text.back() == 'h' || text.back() == 'd') &&
       text.find('-') == std::string::npos) {
     char* end = nullptr;
@@ -794,7 +794,8 @@ Result<int64_t> ParseSince(const std::string& text) {
     end = strptime(text.c_str(), "%Y-%m-%d", &tm);
   }
   if (end == nullptr || *end != '\0') {
-    return Error(Category::kUsage, "--since '" + text + "' is not a date (2026-11-29[T10:00[:00]], UTC) or an age (30m, 12h, 7d)");
+    return Error(Category::kUsage, std::string(option) + " '" + text +
+                                       "' is not a date (2026-11-29[T10:00[:00]], UTC) or an age (30m, 12h, 7d)");
   }
   return static_cast<int64_t>(timegm(&tm));
 }
@@ -819,6 +820,11 @@ struct ChainReport {
 };
 
 void PrintUnsignedTail(const core::AuditVerifyReport& rep, const char* indent) {
+  if (rep.pruned_by > 0) {
+    std::printf("%sstarts at seq %" PRIu64 ": the records before it were pruned (the audit.prune record at seq %" PRIu64
+                " says so)\n",
+                indent, rep.first_seq, rep.pruned_by);
+  }
   if (rep.unsigned_tail > 0) {
     std::printf("%s%" PRIu64 " records after the last checkpoint (seq %" PRIu64
                 ") are chained but not yet signed: a cut there would not show\n",
@@ -830,7 +836,8 @@ void PrintUnsignedTail(const core::AuditVerifyReport& rep, const char* indent) {
 json ReportJson(const core::AuditVerifyReport& rep) {
   return {{"intact", rep.intact}, {"records", rep.records}, {"checkpoints", rep.checkpoints},
           {"last_seq", rep.last_seq}, {"last_checkpoint_seq", rep.last_checkpoint_seq},
-          {"unsigned_tail", rep.unsigned_tail}, {"torn_tail", rep.torn_tail}, {"problem", rep.problem}};
+          {"unsigned_tail", rep.unsigned_tail}, {"torn_tail", rep.torn_tail}, {"first_seq", rep.first_seq},
+          {"pruned_by", rep.pruned_by}, {"problem", rep.problem}};
 }
 
 // Every chain of the configured trail: the file log's one, or one per node
@@ -1179,6 +1186,140 @@ Status AuditCheckpoint(const Globals& g) {
     } else {
       std::printf("checkpoint seq %" PRIu64 " signs seq %" PRIu64 " (hash %s)\n", seq, covers.first,
                   covers.second.c_str());
+    }
+    return Status::Ok();
+  }());
+}
+
+namespace {
+
+std::string UtcTime(int64_t unix_time) {
+  std::time_t t = static_cast<std::time_t>(unix_time);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+}  // namespace
+
+Status AuditPrune(const Globals& g, const AuditPruneArgs& a) {
+  CUSTODY_RETURN_IF_ERROR(CheckArgText("--before", a.before));
+  CUSTODY_ASSIGN_OR_RETURN(int64_t before, ParseSince(a.before, "--before"));
+  const int64_t now = static_cast<int64_t>(std::time(nullptr));
+  if (before > now) {
+    return Error(Category::kUsage, "--before '" + a.before + "' is in the future; nothing was pruned");
+  }
+  CUSTODY_ASSIGN_OR_RETURN(Opened o, OpenStore(g, core::kAuditPruneAction));
+  return Finish(o, [&]() -> Status {
+    CUSTODY_RETURN_IF_ERROR(Guard(o));
+    CUSTODY_RETURN_IF_ERROR(Ask(o, Action::kApplyPolicy, {}));
+    // The chain this host writes: the file log's one, or this node's in the
+    // store (the prune's record must go into the chain it shortens, so each
+    // node prunes its own).
+    const bool in_store = core::AuditInStore(o.config);
+    const std::string chain = in_store ? o.config.node.name : "";
+    const std::string log_name = in_store ? "node " + chain + "'s audit chain" : "the audit log";
+    // Only a log that verifies is pruned, with the token's key: removing
+    // records must never hide a problem in them, and every record removed
+    // must be signed by a checkpoint the remaining log still holds.
+    CUSTODY_RETURN_IF_ERROR(OpenTokenFor(g, o));
+    CUSTODY_ASSIGN_OR_RETURN(auto signer, OpenSigner(g, o, /*create=*/false));
+    CUSTODY_ASSIGN_OR_RETURN(std::string pem, signer->PublicKeyPem());
+    CUSTODY_ASSIGN_OR_RETURN(std::vector<ChainReport> chains, VerifyConfiguredTrail(o.config, *o.store, pem, nullptr));
+    auto mine = std::find_if(chains.begin(), chains.end(), [&](const ChainReport& c) { return c.node == chain; });
+    if (mine == chains.end()) {
+      return Error(Category::kNotFound, "audit prune: " + log_name + " has no records yet; nothing was pruned");
+    }
+    const core::AuditVerifyReport& rep = mine->rep;
+    if (!rep.intact) {
+      return Error(Category::kIntegrity, "audit prune: " + log_name + " is NOT intact (" + rep.problem +
+                                             "); nothing was pruned");
+    }
+    // A checkpoint at seq C signs the records before it.
+    const uint64_t signed_through = rep.last_checkpoint_seq > 0 ? rep.last_checkpoint_seq - 1 : 0;
+    // The oldest units, while every record in them is older than --before
+    // and signed; the first that is not ends the run, and says why.
+    uint64_t first = 0, last = 0, bytes = 0, units = 0;
+    std::string last_hash, stop;
+    std::vector<std::string> names;  // the file log's segments, for the listing
+    CUSTODY_RETURN_IF_ERROR(o.audit->storage().ScanPruneUnits(chain, [&](const core::AuditPruneUnit& u) {
+      if (u.newest_unix_time >= before) {
+        stop = u.name + " has records from " + UtcTime(u.newest_unix_time);
+        return false;
+      }
+      if (u.last_seq > signed_through) {
+        stop = u.name + " holds records up to seq " + std::to_string(u.last_seq) +
+               " and the checkpoints sign only up to seq " + std::to_string(signed_through) +
+               "; run 'custody audit checkpoint' first";
+        return false;
+      }
+      if (units++ == 0) first = u.first_seq;
+      last = u.last_seq;
+      last_hash = u.last_hash;
+      bytes += u.bytes;
+      if (!in_store) names.push_back(u.name);
+      return true;
+    }));
+    if (stop.empty()) {
+      stop = in_store ? "the newest record always stays" : "the newest segment holding records always stays";
+    }
+    const std::string cutoff = UtcTime(before);
+    if (units == 0) {
+      o.ev.detail += "; nothing before " + cutoff + " to prune";
+      if (g.json) {
+        PrintJson({{"pruned", false}, {"records", 0}, {"kept_because", stop}});
+      } else {
+        std::printf("nothing to prune: %s\n", stop.c_str());
+      }
+      return Status::Ok();
+    }
+    const uint64_t records = last - first + 1;
+    const std::string what =
+        "seq " + std::to_string(first) + " to " + std::to_string(last) + " (" +
+        (in_store ? "node " + chain : std::to_string(units) + " segment" + (units == 1 ? "" : "s")) + ", " +
+        std::to_string(bytes) + " bytes, every record before " + cutoff + ")";
+    auto report = [&](bool pruned) {
+      json j = {{"pruned", pruned}, {"first_seq", first}, {"last_seq", last}, {"records", records},
+                {"bytes", bytes}, {"starts_at_seq", last + 1}};
+      if (!in_store) j["segments"] = names;
+      if (!pruned) j["kept_because"] = stop;
+      PrintJson(j);
+    };
+    if (a.dry_run) {
+      o.ev.detail += "; dry run: would prune " + what;
+      if (g.json) {
+        report(false);
+      } else {
+        std::printf("would prune %s:\n", what.c_str());
+        for (const auto& n : names) std::printf("  %s\n", n.c_str());
+        std::printf("the log would then start at seq %" PRIu64 "; the next stays because %s\n", last + 1,
+                    stop.c_str());
+      }
+      return Status::Ok();
+    }
+    // The record goes first, durable and signed by a checkpoint before any
+    // file is removed: without it, verify would call the shorter log a
+    // deletion, and unsigned it would be a claim anyone able to append could
+    // make. A prune cut short after it leaves segments that the statement
+    // covers; the next run removes them.
+    o.ev.detail += "; pruned " + what + "; " + core::AuditPruneStatement(last + 1, last_hash);
+    CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
+    std::pair<uint64_t, std::string> covers;
+    CUSTODY_ASSIGN_OR_RETURN(uint64_t checkpoint, o.audit->Checkpoint(*signer, &covers));
+    if (!in_store) {
+      CUSTODY_RETURN_IF_ERROR(o.store->RecordAuditCheckpoint(o.config.node.name, checkpoint, covers.second));
+    }
+    CUSTODY_ASSIGN_OR_RETURN(uint64_t removed, o.audit->storage().Prune(chain, last));
+    if (removed != records) {
+      return Error(Category::kUnavailable, "audit prune: removed " + std::to_string(removed) + " of the " +
+                                               std::to_string(records) + " records meant; run it again to finish");
+    }
+    if (g.json) {
+      report(true);
+    } else {
+      std::printf("pruned %s; the log now starts at seq %" PRIu64 "\n", what.c_str(), last + 1);
     }
     return Status::Ok();
   }());

@@ -163,5 +163,13 @@ struct AuditExportArgs {
 Status AuditExport(const Globals& g, const AuditExportArgs& a);
 Status AuditPubkey(const Globals& g, const std::optional<std::string>& out);
 Status AuditCheckpoint(const Globals& g);
+// Retention: removes the oldest segments of the file log whose records are
+// all older than `before` and already signed by a checkpoint, after writing
+// the audit.prune record that lets `audit verify` accept the shorter log.
+struct AuditPruneArgs {
+  std::string before;
+  bool dry_run = false;
+};
+Status AuditPrune(const Globals& g, const AuditPruneArgs& a);
 
 }  // namespace custody::cli

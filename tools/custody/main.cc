@@ -408,6 +408,12 @@ int main(int argc, char** argv) {
   c_apub->callback(run([&] { return custody::cli::AuditPubkey(g, pubkey_out); }));
   c_audit->add_subcommand("checkpoint", "sign a checkpoint now (policy admins)")
       ->callback(run([&] { return custody::cli::AuditCheckpoint(g); }));
+  custody::cli::AuditPruneArgs prune_args;
+  auto* c_aprune = c_audit->add_subcommand(
+      "prune", "remove the oldest segments of the file log, once signed and older than --before (policy admins)");
+  c_aprune->add_option("--before", prune_args.before, "UTC date or time (2026-09-01), or an age (90d)")->required();
+  c_aprune->add_flag("--dry-run", prune_args.dry_run, "say what would go; remove nothing");
+  c_aprune->callback(run([&] { return custody::cli::AuditPrune(g, prune_args); }));
 
   // Now that every subcommand exists (each one's help lists them too).
   AddGlobalOptionsBelow(app, g);

@@ -65,6 +65,8 @@ class PgAuditStorage final : public AuditStorage {
   Status Read(const std::string& chain, const std::function<void(AuditChainLine&&)>& each, bool* torn) override;
   Result<std::optional<std::pair<uint64_t, std::string>>> Witness(const std::string& chain) override;
   std::string Describe() const override { return "audit trail in store " + store_.where(); }
+  Status ScanPruneUnits(const std::string& chain, const std::function<bool(const AuditPruneUnit&)>& each) override;
+  Result<uint64_t> Prune(const std::string& chain, uint64_t through_seq) override;
 
  private:
   // One statement on the writer's connection, awaited until `deadline`.
@@ -265,6 +267,66 @@ Result<std::optional<std::pair<uint64_t, std::string>>> PgAuditStorage::Witness(
     out.emplace(static_cast<uint64_t>(r.Int(0, 0)), "the head row of node " + EscapeUntrusted(chain, 64) + " points");
   }
   return out;
+}
+
+// A row is a unit: nothing forces a coarser cut. Read in pages by seq, so a
+// long trail is never one result in memory.
+Status PgAuditStorage::ScanPruneUnits(const std::string& chain,
+                                      const std::function<bool(const AuditPruneUnit&)>& each) {
+  Session s(store_);
+  if (!s.ok()) return s.error();
+  CUSTODY_ASSIGN_OR_RETURN(Res h, s.Run("SELECT seq FROM audit_heads WHERE node = $1", Params().Add(chain)));
+  if (h.rows() != 1) return Status::Ok();
+  const int64_t head = h.Int(0, 0);
+  constexpr int64_t kPage = 5000;
+  int64_t after = -1;
+  for (;;) {
+    CUSTODY_ASSIGN_OR_RETURN(Res r, s.Run("SELECT seq, line FROM audit_records WHERE node = $1 AND seq > $2 "
+                                          "AND seq < $3 ORDER BY seq LIMIT $4",
+                                          Params().Add(chain).Add(after).Add(head).Add(kPage)));
+    for (int i = 0; i < r.rows(); ++i) {
+      after = r.Int(i, 0);
+      const std::string line = r.Text(i, 1);
+      auto rec = ParseAuditRecord(line);
+      if (!rec) {
+        return Error(Category::kIntegrity, Describe() + ": node " + EscapeUntrusted(chain, 64) + " row " +
+                                               std::to_string(after) + ": " + rec.error().message());
+      }
+      AuditPruneUnit u;
+      u.name = "record " + std::to_string(rec->seq);
+      u.first_seq = u.last_seq = rec->seq;
+      u.last_hash = rec->hash;
+      u.newest_unix_time = rec->unix_time;
+      u.bytes = line.size();
+      if (!each(u)) return Status::Ok();
+    }
+    if (r.rows() < kPage) return Status::Ok();
+  }
+}
+
+Result<uint64_t> PgAuditStorage::Prune(const std::string& chain, uint64_t through_seq) {
+  Session s(store_);
+  if (!s.ok()) return s.error();
+  CUSTODY_RETURN_IF_ERROR(s.Exec("BEGIN"));
+  // The head row's lock is the writers' turn (see Append): the head's
+  // record stays, whatever `through_seq` says.
+  auto h = s.Run("SELECT seq FROM audit_heads WHERE node = $1 FOR UPDATE", Params().Add(chain));
+  if (!h || h->rows() != 1) {
+    s.Rollback();
+    if (!h) return std::move(h).error();
+    return uint64_t{0};
+  }
+  const int64_t last = std::min<int64_t>(static_cast<int64_t>(std::min<uint64_t>(through_seq, INT64_MAX)), h->Int(0, 0) - 1);
+  auto d = s.Run("WITH gone AS (DELETE FROM audit_records WHERE node = $1 AND seq <= $2 RETURNING 1) "
+                 "SELECT count(*) FROM gone",
+                 Params().Add(chain).Add(last));
+  if (!d) {
+    s.Rollback();
+    return std::move(d).error();
+  }
+  const uint64_t removed = static_cast<uint64_t>(d->Int(0, 0));
+  CUSTODY_RETURN_IF_ERROR(s.Commit());
+  return removed;
 }
 
 }  // namespace

@@ -28,6 +28,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -129,6 +130,29 @@ struct AuditChainLine {
   std::string text;
 };
 
+// Retention (`custody audit prune`). A chain's oldest records may be
+// removed, in whole units (the file log: segment files), only after a
+// record of action kAuditPruneAction in the same chain, written first, says
+// where the chain now starts: AuditPruneStatement(first kept seq, the prev
+// hash that record carries) in its detail. VerifyAuditChain accepts a chain
+// whose first record is past seq 1 only when such a record, itself hashed
+// into the chain (and, once a checkpoint follows, signed), names a record
+// the chain still has and its prev hash; otherwise the missing records are
+// reported as deleted, as before.
+inline constexpr const char* kAuditPruneAction = "audit.prune";
+std::string AuditPruneStatement(uint64_t first_kept_seq, std::string_view prev_hash);
+// The (seq, prev hash) of a statement found in `detail`; nullopt when none.
+std::optional<std::pair<uint64_t, std::string>> FindAuditPruneStatement(std::string_view detail);
+
+// A unit a chain's oldest records can be removed in (a segment file).
+struct AuditPruneUnit {
+  std::string name;  // "audit-000001.jsonl"; "record 17" in the store (a row is a unit)
+  uint64_t first_seq = 0, last_seq = 0;
+  int64_t newest_unix_time = 0;  // of its records (seconds)
+  std::string last_hash;         // of record last_seq
+  uint64_t bytes = 0;
+};
+
 // Where the records of a chain live. AuditLog does the chaining, hashing,
 // checkpoint signing and group commit; a storage only gives one writer at a
 // time the head and keeps what it writes durably. The file log
@@ -162,6 +186,16 @@ class AuditStorage {
   virtual Result<std::optional<std::pair<uint64_t, std::string>>> Witness(const std::string& chain) = 0;
   // For messages: "audit log /var/lib/custody/audit", "audit trail in store ...".
   virtual std::string Describe() const = 0;
+  // Retention: the units `chain`'s oldest records could be removed in, to
+  // `each`, oldest first, until it returns false; never the unit the head
+  // is in. The default (a storage that cannot prune) is kUnavailable.
+  virtual Status ScanPruneUnits(const std::string& chain, const std::function<bool(const AuditPruneUnit&)>& each);
+  // Removes, oldest first and in the writers' turn, every unit whose records
+  // are all at or before `through_seq`; never the head's unit. Returns how
+  // many records went. The caller has already made durable the
+  // kAuditPruneAction record that says where the chain starts once they
+  // are gone.
+  virtual Result<uint64_t> Prune(const std::string& chain, uint64_t through_seq);
 };
 
 // The file log's storage: segment files in `options.dir`, an flock on the
@@ -328,6 +362,8 @@ struct AuditVerifyReport {
   uint64_t records = 0, checkpoints = 0, last_seq = 0, last_checkpoint_seq = 0;
   uint64_t unsigned_tail = 0;  // records after the last checkpoint (not yet covered by a signature)
   bool torn_tail = false;      // a partial last line, as a crash leaves it
+  uint64_t first_seq = 0;      // of the first record: 1, or past it when the oldest were pruned
+  uint64_t pruned_by = 0;      // the kAuditPruneAction record that says the chain starts there (0: none)
   std::string problem;         // first problem: "record seq 17 (audit-000001.jsonl:17): modified: ..."
 };
 
