@@ -634,32 +634,51 @@ Result<std::vector<AuditRecord>> ReadAuditLog(const std::string& dir) {
 namespace {
 constexpr std::string_view kPruneStarts = "the log now starts at seq ";
 constexpr std::string_view kPruneAfter = " after hash ";
+constexpr std::string_view kPruneSignature = "; signature ";
 }  // namespace
 
-std::string AuditPruneStatement(uint64_t first_kept_seq, std::string_view prev_hash) {
-  return std::string(kPruneStarts) + std::to_string(first_kept_seq) + std::string(kPruneAfter) + std::string(prev_hash);
+std::string AuditPruneMessage(uint64_t first_kept_seq, std::string_view prev_hash) {
+  return "custody-audit-prune-v1 start=" + std::to_string(first_kept_seq) + " prev=" + std::string(prev_hash) + "\n";
 }
 
-std::optional<std::pair<uint64_t, std::string>> FindAuditPruneStatement(std::string_view detail) {
+std::string AuditPruneStatement(uint64_t first_kept_seq, std::string_view prev_hash,
+                                std::span<const uint8_t> signature_der) {
+  return std::string(kPruneStarts) + std::to_string(first_kept_seq) + std::string(kPruneAfter) +
+         std::string(prev_hash) + std::string(kPruneSignature) + Base64Encode(signature_der);
+}
+
+std::optional<AuditPruneClaim> FindAuditPruneStatement(std::string_view detail) {
   const size_t at = detail.find(kPruneStarts);
   if (at == std::string_view::npos) return std::nullopt;
   std::string_view rest = detail.substr(at + kPruneStarts.size());
   if (rest.empty() || rest[0] == '0') return std::nullopt;  // one way to write each number
-  uint64_t seq = 0;
+  AuditPruneClaim c;
   size_t digits = 0;
   while (digits < rest.size() && digits < 19 && rest[digits] >= '0' && rest[digits] <= '9') {
-    seq = seq * 10 + static_cast<uint64_t>(rest[digits] - '0');
+    c.first_kept_seq = c.first_kept_seq * 10 + static_cast<uint64_t>(rest[digits] - '0');
     ++digits;
   }
-  if (digits == 0 || seq == 0) return std::nullopt;
+  if (digits == 0) return std::nullopt;
   rest = rest.substr(digits);
   if (rest.substr(0, kPruneAfter.size()) != kPruneAfter) return std::nullopt;
   rest = rest.substr(kPruneAfter.size());
   if (rest.size() < 64 ||
-      !std::all_of(rest.begin(), rest.begin() + 64, [](char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'); })) {
+      !std::all_of(rest.begin(), rest.begin() + 64, [](char ch) { return (ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f'); })) {
     return std::nullopt;
   }
-  return std::make_pair(seq, std::string(rest.substr(0, 64)));
+  c.prev_hash = std::string(rest.substr(0, 64));
+  rest = rest.substr(64);
+  if (rest.substr(0, kPruneSignature.size()) != kPruneSignature) return std::nullopt;
+  rest = rest.substr(kPruneSignature.size());
+  size_t n = 0;
+  while (n < rest.size() && n < 256 &&
+         ((rest[n] >= 'A' && rest[n] <= 'Z') || (rest[n] >= 'a' && rest[n] <= 'z') || (rest[n] >= '0' && rest[n] <= '9') ||
+          rest[n] == '+' || rest[n] == '/' || rest[n] == '=')) {
+    ++n;
+  }
+  if (n == 0) return std::nullopt;
+  c.signature_b64 = std::string(rest.substr(0, n));
+  return c;
 }
 
 Status AuditStorage::ScanPruneUnits(const std::string& /*chain*/,
@@ -719,24 +738,49 @@ Result<AuditVerifyReport> VerifyAuditChain(const std::vector<AuditChainLine>& li
   // A chain that starts past seq 1: its oldest records were pruned, if and
   // only if a prune record in it says so, naming a record the chain has
   // (at or after the first: a prune cut short leaves some of the units it
-  // meant to remove) and that record's prev hash. The chain from the first
-  // record on is then checked as usual, so the statement's record and the
-  // record it names are bound by the same hashes (and checkpoints) as the
-  // rest. Anything else is a deletion, reported below.
+  // meant to remove) and that record's prev hash, under the audit key's
+  // signature. Record hashes have no key, so without the signature anyone
+  // able to append a line could claim any start. Anything else is a
+  // deletion, reported below.
   if (!recs.empty() && recs[0] && recs[0]->seq > 1) {
     const uint64_t first = recs[0]->seq;
+    std::string refused;  // the first claim that names this start but is not signed by the key
     for (const auto& r : recs) {
       if (!r || r->type != "event" || r->event.action != kAuditPruneAction || r->event.result != AuditResult::kOk) {
         continue;
       }
-      auto st = FindAuditPruneStatement(r->event.detail);
-      if (!st || st->first < first) continue;
-      auto named = first_at.find(st->first);
-      if (named == first_at.end() || recs[named->second]->prev != st->second) continue;
+      auto claim = FindAuditPruneStatement(r->event.detail);
+      if (!claim || claim->first_kept_seq < first) continue;
+      auto named = first_at.find(claim->first_kept_seq);
+      if (named == first_at.end() || recs[named->second]->prev != claim->prev_hash) continue;
+      const std::string whose = "the audit.prune record at seq " + std::to_string(r->seq);
+      if (o.public_key_pem.empty()) {
+        if (refused.empty()) refused = whose + " says the log starts at seq " + std::to_string(first) +
+                                       ", but without the audit key its signature cannot be checked";
+        continue;
+      }
+      auto sig = Base64Decode(claim->signature_b64);
+      bool good = false;
+      if (sig) {
+        CUSTODY_ASSIGN_OR_RETURN(good, VerifySignature(o.public_key_pem, AuditPruneMessage(claim->first_kept_seq,
+                                                                                           claim->prev_hash),
+                                                       *sig));
+      }
+      if (!good) {
+        if (refused.empty()) refused = whose + " says the log starts at seq " + std::to_string(first) +
+                                       ", but its signature does not verify with the given key: records before it "
+                                       "were removed and the record forged, or the key is another token's";
+        continue;
+      }
       expected = first;
       prev_hash = recs[0]->prev;
       rep.pruned_by = r->seq;
       break;
+    }
+    if (rep.pruned_by == 0 && !refused.empty()) {
+      rep.first_seq = first;
+      rep.problem = where(0) + ": deleted: seq 1 to " + std::to_string(first - 1) + " missing before it; " + refused;
+      return rep;
     }
   }
   rep.first_seq = expected;

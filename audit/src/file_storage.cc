@@ -395,29 +395,49 @@ Result<std::optional<std::pair<uint64_t, std::string>>> FileStorage::Witness(con
   return out;
 }
 
+// Whether a segment holds a complete record (a line ending in a newline):
+// a complete record is at most kAuditMaxLine bytes, so its newline is
+// within the first kAuditMaxLine + 1 bytes. A segment holding only a torn
+// line (a crash mid-write) does not: ReadHead then reads the head from the
+// segment before it.
+bool HoldsARecord(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return true;  // when in doubt, it stays
+  std::string head(kAuditMaxLine + 1, '\0');
+  ssize_t n = ::pread(fd, head.data(), head.size(), 0);
+  ::close(fd);
+  if (n < 0) return true;
+  return head.find('\n') < static_cast<size_t>(n);
+}
+
 // The segments before the newest one that holds a record: the head is
-// read from that one (an empty newest segment sends ReadHead back to it), so
-// it and everything after it always stay.
+// read from that one (ReadHead goes back past an empty or torn-only newest
+// segment), so it and everything after it always stay.
 std::vector<std::string> SegmentsBeforeTheHead(const std::string& dir) {
   std::vector<std::string> segs = AuditSegments(dir);
   while (!segs.empty()) {
-    struct stat st {};
-    const bool holds_records = ::stat((dir + "/" + segs.back()).c_str(), &st) == 0 && st.st_size > 0;
+    const bool holds_record = HoldsARecord(dir + "/" + segs.back());
     segs.pop_back();
-    if (holds_records) break;
+    if (holds_record) break;
   }
   return segs;
 }
 
+// One segment's records: first and last seq, newest time. An empty segment
+// (a batch that made it and failed) has none: first_seq stays 0.
 Result<AuditPruneUnit> ReadUnit(const std::string& dir, const std::string& name) {
   AuditPruneUnit u;
   u.name = name;
+  bool damaged = false;
   Status read = ReadAuditFiles(
       {dir + "/" + name},
       [&](AuditChainLine&& l) {
         u.bytes += l.text.size() + 1;
         auto r = ParseAuditRecord(l.text);
-        if (!r) return;  // counted below as a unit that cannot be read
+        if (!r) {
+          damaged = true;
+          return;
+        }
         if (u.first_seq == 0) u.first_seq = r->seq;
         u.last_seq = r->seq;
         u.last_hash = r->hash;
@@ -425,8 +445,8 @@ Result<AuditPruneUnit> ReadUnit(const std::string& dir, const std::string& name)
       },
       nullptr);
   if (!read.ok()) return read.error();
-  if (u.first_seq == 0 || u.last_seq < u.first_seq) {
-    return Error(Category::kIntegrity, "audit log: " + name + " holds no record that can be read");
+  if (damaged || u.last_seq < u.first_seq) {
+    return Error(Category::kIntegrity, "audit log: " + name + " holds a record that cannot be read; run 'custody audit verify'");
   }
   return u;
 }
@@ -435,22 +455,36 @@ Status FileStorage::ScanPruneUnits(const std::string& /*chain*/,
                                    const std::function<bool(const AuditPruneUnit&)>& each) {
   for (const auto& name : SegmentsBeforeTheHead(dir_)) {
     CUSTODY_ASSIGN_OR_RETURN(AuditPruneUnit u, ReadUnit(dir_, name));
+    if (u.first_seq == 0) continue;  // empty: nothing to prune, nothing to stop at
     if (!each(u)) break;
   }
   return Status::Ok();
 }
 
 Result<uint64_t> FileStorage::Prune(const std::string& /*chain*/, uint64_t through_seq) {
-  // In the writers' turn: no writer starts a segment while the head's is
-  // worked out, and readers of the log see each segment whole or not at all.
-  CUSTODY_RETURN_IF_ERROR(lock_.Take(dir_, std::chrono::steady_clock::now() + timeout_, timeout_));
-  Turn turn(lock_);
-  uint64_t removed = 0;
+  // Segments before the head's are never written again, so they are read
+  // (the slow part) outside the writers' turn; the turn is taken only to
+  // find the head's segment once more and remove the files, so a running
+  // custodyd waits for a few unlinks, not for the reading.
+  std::vector<AuditPruneUnit> doomed;
   for (const auto& name : SegmentsBeforeTheHead(dir_)) {
     CUSTODY_ASSIGN_OR_RETURN(AuditPruneUnit u, ReadUnit(dir_, name));
+    if (u.first_seq == 0) continue;
     if (u.last_seq > through_seq) break;
-    const std::string path = dir_ + "/" + name;
-    if (::unlink(path.c_str()) != 0) return Error::Os(errno, "audit log: removing " + path);
+    doomed.push_back(std::move(u));
+  }
+  if (doomed.empty()) return uint64_t{0};
+  CUSTODY_RETURN_IF_ERROR(lock_.Take(dir_, std::chrono::steady_clock::now() + timeout_, timeout_));
+  Turn turn(lock_);
+  const std::vector<std::string> below = SegmentsBeforeTheHead(dir_);
+  uint64_t removed = 0;
+  for (const auto& u : doomed) {
+    if (std::find(below.begin(), below.end(), u.name) == below.end()) break;
+    const std::string path = dir_ + "/" + u.name;
+    if (::unlink(path.c_str()) != 0) {
+      if (errno == ENOENT) continue;  // another prune took it
+      return Error::Os(errno, "audit log: removing " + path);
+    }
     removed += u.last_seq - u.first_seq + 1;
   }
   if (removed > 0) {

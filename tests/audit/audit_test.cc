@@ -2,6 +2,7 @@
 // real processes: tampering of every kind is found at the right record,
 // concurrent writers keep one valid chain, and a crash mid-write is survived.
 #include <gtest/gtest.h>
+#include <openssl/ec.h>
 #include <openssl/evp.h>
 #include <signal.h>
 #include <fcntl.h>
@@ -311,12 +312,37 @@ class AuditPruneTest : public AuditTest {
     });
     ASSERT_TRUE(scanned.ok()) << scanned.error().message();
   }
+  // The statement `custody audit prune` writes, signed by the audit key,
+  // or (`forged`) by a key of the forger's own.
+  std::string Statement(uint64_t starts_at, const std::string& prev, bool forged = false) {
+    const std::string message = AuditPruneMessage(starts_at, prev);
+    std::vector<uint8_t> sig;
+    if (forged) {
+      EVP_PKEY* key = EVP_EC_gen("P-256");
+      EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+      size_t n = 0;
+      EXPECT_EQ(EVP_DigestSignInit(ctx, nullptr, EVP_sha256(), nullptr, key), 1);
+      EXPECT_EQ(EVP_DigestSign(ctx, nullptr, &n, reinterpret_cast<const unsigned char*>(message.data()), message.size()), 1);
+      sig.resize(n);
+      EXPECT_EQ(EVP_DigestSign(ctx, sig.data(), &n, reinterpret_cast<const unsigned char*>(message.data()), message.size()), 1);
+      sig.resize(n);
+      EVP_MD_CTX_free(ctx);
+      EVP_PKEY_free(key);
+    } else {
+      auto signed_by_token = signer_->Sign(message);
+      EXPECT_TRUE(signed_by_token.ok());
+      if (signed_by_token.ok()) sig = *signed_by_token;
+    }
+    return AuditPruneStatement(starts_at, prev, sig);
+  }
   // The record `custody audit prune` writes before removing anything.
-  uint64_t AppendPruneRecord(uint64_t starts_at, const std::string& prev) {
+  uint64_t AppendPruneRecord(uint64_t starts_at, const std::string& prev, bool forged = false,
+                             AuditResult result = AuditResult::kOk) {
     AuditEvent e = Event(0);
     e.action = kAuditPruneAction;
     e.version.reset();
-    e.detail = "pruned seq 1 to " + std::to_string(starts_at - 1) + "; " + AuditPruneStatement(starts_at, prev);
+    e.result = result;
+    e.detail = "pruned seq 1 to " + std::to_string(starts_at - 1) + "; " + Statement(starts_at, prev, forged);
     auto seq = log_->Append(e);
     EXPECT_TRUE(seq.ok()) << seq.error().message();
     return seq.ok() ? *seq : 0;
@@ -374,12 +400,39 @@ TEST_F(AuditPruneTest, SegmentsRemovedWithoutAMatchingPruneRecordAreADeletion) {
   AppendPruneRecord(3, units_[1].last_hash);
   ExpectProblem("record seq 4 (audit-000004.jsonl:1)", "deleted: seq 1 to 3 missing before it");
   // A refused or failed prune says nothing about the start.
+  AppendPruneRecord(4, units_[2].last_hash, false, AuditResult::kError);
+  ExpectProblem("record seq 4 (audit-000004.jsonl:1)", "deleted: seq 1 to 3 missing before it");
+}
+
+// Record hashes have no key: whoever can write the log folder can append a
+// well-formed prune record. Without the audit key's signature over the
+// start it names, it is a forgery, and the removal stays a deletion.
+TEST_F(AuditPruneTest, APruneRecordNotSignedByTheAuditKeyIsAForgery) {
+  for (int n = 1; n <= 6; ++n) std::filesystem::remove(SegmentNo(n));
+  // Signed by a key of the forger's own.
+  const uint64_t forged = AppendPruneRecord(7, units_[5].last_hash, /*forged=*/true);
+  ExpectProblem("record seq 7 (audit-000007.jsonl:1)",
+                "deleted: seq 1 to 6 missing before it; the audit.prune record at seq " + std::to_string(forged) +
+                    " says the log starts at seq 7, but its signature does not verify with the given key");
+  // A signature copied from another statement (seq 4's start) does not fit.
   AuditEvent e = Event(0);
   e.action = kAuditPruneAction;
-  e.result = AuditResult::kError;
-  e.detail = AuditPruneStatement(4, units_[2].last_hash);
+  const std::string real = Statement(4, units_[2].last_hash);
+  e.detail = "the log now starts at seq 7 after hash " + units_[5].last_hash + real.substr(real.find("; signature"));
   ASSERT_TRUE(log_->Append(e).ok());
-  ExpectProblem("record seq 4 (audit-000004.jsonl:1)", "deleted: seq 1 to 3 missing before it");
+  ExpectProblem("record seq 7 (audit-000007.jsonl:1)", "but its signature does not verify with the given key");
+  // Without the key the start cannot be taken on the record's word.
+  AuditVerifyOptions o;
+  o.dir = opts_.dir;
+  auto r = VerifyAuditLog(o);
+  ASSERT_TRUE(r.ok());
+  EXPECT_FALSE(r->intact);
+  EXPECT_NE(r->problem.find("deleted: seq 1 to 6"), std::string::npos) << r->problem;
+  // Once signed by the audit key, the same start is a prune.
+  AppendPruneRecord(7, units_[5].last_hash);
+  auto good = Verify();
+  EXPECT_TRUE(good.intact) << good.problem;
+  EXPECT_EQ(good.first_seq, 7u);
 }
 
 TEST_F(AuditPruneTest, APruneCutShortVerifiesAndTheNextRunRemovesTheRest) {
@@ -393,6 +446,21 @@ TEST_F(AuditPruneTest, APruneCutShortVerifiesAndTheNextRunRemovesTheRest) {
   ASSERT_TRUE(removed.ok());
   EXPECT_EQ(*removed, 3u);
   EXPECT_EQ(Verify().first_seq, 7u);
+}
+
+// A newest segment holding only a torn line (a crash mid-write) sends the
+// head back to the segment before it, which must stay too.
+TEST_F(AuditPruneTest, ASegmentWithOnlyATornLineDoesNotHoldTheHead) {
+  std::ofstream(SegmentNo(13)) << "{\"seq\":13,\"time\":\"torn";
+  auto removed = log_->storage().Prune("", ~uint64_t{0});
+  ASSERT_TRUE(removed.ok()) << removed.error().message();
+  EXPECT_EQ(*removed, 11u);
+  EXPECT_TRUE(std::filesystem::exists(SegmentNo(12)));
+  // The chain goes on from seq 12: the cut of the torn line is recorded
+  // as seq 13, the event is 14.
+  auto next = log_->Append(Event(13));
+  ASSERT_TRUE(next.ok()) << next.error().message();
+  EXPECT_EQ(*next, 14u);
 }
 
 TEST_F(AuditPruneTest, ThePruneNeverRemovesTheSegmentTheHeadIsReadFrom) {
@@ -412,16 +480,20 @@ TEST_F(AuditPruneTest, ThePruneNeverRemovesTheSegmentTheHeadIsReadFrom) {
 
 TEST(AuditPruneStatement, IsFoundInADetailOnlyWhole) {
   const std::string h(64, 'c');
-  auto st = FindAuditPruneStatement("policy v3; pruned seq 1 to 9; " + AuditPruneStatement(10, h));
+  const std::vector<uint8_t> sig = {0x30, 0x02, 0x01, 0xff};
+  auto st = FindAuditPruneStatement("policy v3; pruned seq 1 to 9; " + AuditPruneStatement(10, h, sig));
   ASSERT_TRUE(st.has_value());
-  EXPECT_EQ(st->first, 10u);
-  EXPECT_EQ(st->second, h);
-  EXPECT_FALSE(FindAuditPruneStatement("the log now starts at seq  after hash " + h));
-  EXPECT_FALSE(FindAuditPruneStatement("the log now starts at seq 0 after hash " + h));
-  EXPECT_FALSE(FindAuditPruneStatement("the log now starts at seq 010 after hash " + h));
-  EXPECT_FALSE(FindAuditPruneStatement("the log now starts at seq 10 after hash " + h.substr(1)));
-  EXPECT_FALSE(FindAuditPruneStatement("the log now starts at seq 10 after hash " + std::string(64, 'C')));
-  EXPECT_FALSE(FindAuditPruneStatement("the log now starts at seq 99999999999999999999 after hash " + h));
+  EXPECT_EQ(st->first_kept_seq, 10u);
+  EXPECT_EQ(st->prev_hash, h);
+  EXPECT_EQ(st->signature_b64, "MAIB/w==");
+  EXPECT_FALSE(FindAuditPruneStatement("the log now starts at seq 10 after hash " + h));  // unsigned
+  EXPECT_FALSE(FindAuditPruneStatement("the log now starts at seq 10 after hash " + h + "; signature "));
+  EXPECT_FALSE(FindAuditPruneStatement("the log now starts at seq  after hash " + h + "; signature MAIB/w=="));
+  EXPECT_FALSE(FindAuditPruneStatement("the log now starts at seq 0 after hash " + h + "; signature MAIB/w=="));
+  EXPECT_FALSE(FindAuditPruneStatement("the log now starts at seq 010 after hash " + h + "; signature MAIB/w=="));
+  EXPECT_FALSE(FindAuditPruneStatement("the log now starts at seq 10 after hash " + h.substr(1) + "; signature MAIB/w=="));
+  EXPECT_FALSE(FindAuditPruneStatement("the log now starts at seq 10 after hash " + std::string(64, 'C') + "; signature MAIB/w=="));
+  EXPECT_FALSE(FindAuditPruneStatement("the log now starts at seq 99999999999999999999 after hash " + h + "; signature MAIB/w=="));
 }
 
 TEST_F(AuditTest, ATailCutAfterTheLastCheckpointIsNotDetectable) {

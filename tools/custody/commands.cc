@@ -778,8 +778,9 @@ Result<int64_t> ParseSince(const std::string& text, const char* option = "--sinc
       text.find('-') == std::string::npos) {
     char* end = nullptr;
     long n = std::strtol(text.c_str(), &end, 10);
-    if (end == text.c_str() + text.size() - 1 && n > 0) {
-      int64_t unit = text.back() == 'm' ? 60 : text.back() == 'h' ? 3600 : 86400;
+    const int64_t unit = text.back() == 'm' ? 60 : text.back() == 'h' ? 3600 : 86400;
+    // At most a thousand years back: a larger number would overflow.
+    if (end == text.c_str() + text.size() - 1 && n > 0 && n <= 1000L * 366 * 86400 / unit) {
       return static_cast<int64_t>(std::time(nullptr)) - n * unit;
     }
   }
@@ -1304,17 +1305,33 @@ Status AuditPrune(const Globals& g, const AuditPruneArgs& a) {
     // deletion, and unsigned it would be a claim anyone able to append could
     // make. A prune cut short after it leaves segments that the statement
     // covers; the next run removes them.
-    o.ev.detail += "; pruned " + what + "; " + core::AuditPruneStatement(last + 1, last_hash);
+    CUSTODY_ASSIGN_OR_RETURN(std::vector<uint8_t> signature, signer->Sign(core::AuditPruneMessage(last + 1, last_hash)));
+    o.ev.detail += "; pruned " + what + "; " + core::AuditPruneStatement(last + 1, last_hash, signature);
     CUSTODY_RETURN_IF_ERROR(Record(o, Status::Ok()));
+    // From here on the log says "pruned": a failure gets a record of its
+    // own (same request id), so the log never claims more than happened.
+    auto failed = [&](Error e) -> Status {
+      core::AuditEvent after = o.ev;
+      after.result = core::AuditResult::kError;
+      after.error = e.message();
+      after.detail = "the prune recorded just before did not finish";
+      (void)o.audit->Append(after);
+      return e;
+    };
     std::pair<uint64_t, std::string> covers;
-    CUSTODY_ASSIGN_OR_RETURN(uint64_t checkpoint, o.audit->Checkpoint(*signer, &covers));
+    auto checkpoint = o.audit->Checkpoint(*signer, &covers);
+    if (!checkpoint) return failed(std::move(checkpoint).error());
     if (!in_store) {
-      CUSTODY_RETURN_IF_ERROR(o.store->RecordAuditCheckpoint(o.config.node.name, checkpoint, covers.second));
+      Status witnessed = o.store->RecordAuditCheckpoint(o.config.node.name, *checkpoint, covers.second);
+      if (!witnessed.ok()) return failed(witnessed.error());
     }
-    CUSTODY_ASSIGN_OR_RETURN(uint64_t removed, o.audit->storage().Prune(chain, last));
-    if (removed != records) {
-      return Error(Category::kUnavailable, "audit prune: removed " + std::to_string(removed) + " of the " +
-                                               std::to_string(records) + " records meant; run it again to finish");
+    auto removed = o.audit->storage().Prune(chain, last);
+    if (!removed) return failed(std::move(removed).error());
+    if (*removed != records) {
+      return failed(Error(Category::kUnavailable, "audit prune: removed " + std::to_string(*removed) + " of the " +
+                                                      std::to_string(records) +
+                                                      " records meant (another prune at the same time?); run it "
+                                                      "again to finish"));
     }
     if (g.json) {
       report(true);

@@ -133,16 +133,27 @@ struct AuditChainLine {
 // Retention (`custody audit prune`). A chain's oldest records may be
 // removed, in whole units (the file log: segment files), only after a
 // record of action kAuditPruneAction in the same chain, written first, says
-// where the chain now starts: AuditPruneStatement(first kept seq, the prev
-// hash that record carries) in its detail. VerifyAuditChain accepts a chain
-// whose first record is past seq 1 only when such a record, itself hashed
-// into the chain (and, once a checkpoint follows, signed), names a record
-// the chain still has and its prev hash; otherwise the missing records are
-// reported as deleted, as before.
+// where the chain now starts: AuditPruneStatement in its detail, the first
+// kept seq, the prev hash that record carries, and the audit key's
+// signature over AuditPruneMessage of the two. VerifyAuditChain accepts a
+// chain whose first record is past seq 1 only when such a statement names a
+// record the chain still has, that record's prev hash, and its signature
+// verifies with the audit key: record hashes alone are keyless, and anyone
+// able to append a line could otherwise claim any start. Otherwise the
+// missing records are reported as deleted, as before.
 inline constexpr const char* kAuditPruneAction = "audit.prune";
-std::string AuditPruneStatement(uint64_t first_kept_seq, std::string_view prev_hash);
-// The (seq, prev hash) of a statement found in `detail`; nullopt when none.
-std::optional<std::pair<uint64_t, std::string>> FindAuditPruneStatement(std::string_view detail);
+// What the audit key signs: "custody-audit-prune-v1 start=42 prev=<hex>\n".
+std::string AuditPruneMessage(uint64_t first_kept_seq, std::string_view prev_hash);
+// "the log now starts at seq 42 after hash <hex>; signature <base64 DER>".
+std::string AuditPruneStatement(uint64_t first_kept_seq, std::string_view prev_hash,
+                                std::span<const uint8_t> signature_der);
+struct AuditPruneClaim {
+  uint64_t first_kept_seq = 0;
+  std::string prev_hash;      // 64 lowercase hex digits
+  std::string signature_b64;  // as written; decoded and checked by the verifier
+};
+// The statement found in `detail`; nullopt when there is none, well formed.
+std::optional<AuditPruneClaim> FindAuditPruneStatement(std::string_view detail);
 
 // A unit a chain's oldest records can be removed in (a segment file).
 struct AuditPruneUnit {
