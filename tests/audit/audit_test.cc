@@ -11,6 +11,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <filesystem>
 #include <fstream>
 #include <future>
@@ -476,6 +477,38 @@ TEST_F(AuditPruneTest, ThePruneNeverRemovesTheSegmentTheHeadIsReadFrom) {
   auto next = log_->Append(Event(13));
   ASSERT_TRUE(next.ok()) << next.error().message();
   EXPECT_EQ(*next, 13u);
+}
+
+// A prune beside a writer that keeps appending (custodyd's case): every
+// appended record is kept, in one chain, and the log verifies from where the
+// statement says it starts.
+TEST_F(AuditPruneTest, APruneBesideAWriterThatKeepsAppendingLosesNothing) {
+  AppendPruneRecord(7, units_[5].last_hash);  // seq 13
+  std::atomic<bool> stop{false};
+  std::vector<uint64_t> seqs;
+  std::thread writer([&] {
+    for (int i = 0; i < 2000 && !stop.load(); ++i) {
+      auto s = log_->Append(Event(100 + i));
+      if (!s.ok()) {
+        ADD_FAILURE() << s.error().message();
+        return;
+      }
+      seqs.push_back(*s);
+    }
+  });
+  // Let the writer get going (new segments), then prune under it.
+  while (!std::filesystem::exists(SegmentNo(20))) std::this_thread::sleep_for(std::chrono::microseconds(200));
+  auto removed = log_->storage().Prune("", 6);
+  stop = true;
+  writer.join();
+  ASSERT_TRUE(removed.ok()) << removed.error().message();
+  EXPECT_EQ(*removed, 6u);
+  ASSERT_FALSE(seqs.empty());
+  for (size_t i = 0; i < seqs.size(); ++i) EXPECT_EQ(seqs[i], 14 + i);
+  auto r = Verify();
+  EXPECT_TRUE(r.intact) << r.problem;
+  EXPECT_EQ(r.first_seq, 7u);
+  EXPECT_EQ(r.last_seq, seqs.back());
 }
 
 TEST(AuditPruneStatement, IsFoundInADetailOnlyWhole) {
