@@ -55,6 +55,15 @@ class AuditCliTest : public CliFixture {
  protected:
   void SetUp() override { InitWithPolicy(token_, kPolicy); }
   std::string AuditDir() const { return token_.dir() / "state/audit"; }
+  // Every command's batch in a segment of its own, so that there are
+  // segments to prune.
+  void OneSegmentPerBatch() {
+    std::string config = ReadFile(token_.config_path());
+    const size_t at = config.find("segment_bytes = ");
+    ASSERT_NE(at, std::string::npos) << config;
+    config.replace(at, config.find('\n', at) - at, "segment_bytes = 1");
+    WriteFile(token_.config_path(), config);
+  }
   // Everything the audit trail holds: its records (files or the store),
   // and a file log's checkpoint files.
   std::string AllAuditBytes() const {
@@ -306,12 +315,7 @@ TEST_F(AuditCliTest, ExportWritesTheRecordsAsStoredAndTheExportVerifiesOffline) 
 // record that lets `audit verify` accept the shorter log, and refuses to
 // prune a log that does not verify.
 TEST_F(AuditCliTest, PruneRemovesSignedSegmentsOlderThanBeforeAndTheRestStillVerifies) {
-  // One segment per command's batch, so that there are segments to prune.
-  std::string config = ReadFile(token_.config_path());
-  const size_t at = config.find("segment_bytes = ");
-  ASSERT_NE(at, std::string::npos) << config;
-  config.replace(at, config.find('\n', at) - at, "segment_bytes = 1");
-  WriteFile(token_.config_path(), config);
+  ASSERT_NO_FATAL_FAILURE(OneSegmentPerBatch());
   ASSERT_EQ(Cli({"secret", "put", "payments/dev/a"}, "value-a").exit_code, 0);
   ASSERT_EQ(Cli({"secret", "put", "payments/dev/b"}, "value-b").exit_code, 0);
   ASSERT_EQ(Cli({"audit", "checkpoint"}).exit_code, 0);
@@ -428,6 +432,47 @@ TEST_F(AuditCliTest, PruneRemovesSignedSegmentsOlderThanBeforeAndTheRestStillVer
   ExpectOneLine(Cli({"audit", "verify"}), 65, "deleted: seq 1 to " + std::to_string(first_kept));
   ExpectOneLine(Cli({"audit", "prune", "--before", "1m"}), 65, "the audit log is NOT intact");
   for (size_t i = 1; i < names.size(); ++i) EXPECT_TRUE(std::filesystem::exists(names[i])) << names[i];
+}
+
+// A prune whose removal fails after its statement is in the log: exit 69
+// naming the failure, a second record saying it did not finish (same
+// request id), nothing removed, and the log still verifies; the next run
+// finishes the job.
+TEST_F(AuditCliTest, APruneThatCannotRemoveASegmentSaysSoInTheLogAndTheNextRunFinishes) {
+  ASSERT_NO_FATAL_FAILURE(OneSegmentPerBatch());
+  ASSERT_EQ(Cli({"secret", "put", "payments/dev/a"}, "value-a").exit_code, 0);
+  ASSERT_EQ(Cli({"audit", "checkpoint"}).exit_code, 0);
+  const std::string cutoff = CutOff();
+  std::string asan = std::getenv("ASAN_OPTIONS") ? std::getenv("ASAN_OPTIONS") : "";
+  auto failed = Cli({"audit", "prune", "--before", cutoff}, "",
+                    {.env = {{"LD_PRELOAD", FAIL_UNLINK},
+                             {"CUSTODY_TEST_FAIL_UNLINK", "audit-000001.jsonl"},
+                             {"ASAN_OPTIONS", asan + (asan.empty() ? "" : ":") + "verify_asan_link_order=0"}}});
+  ExpectOneLine(failed, 69, "audit-000001.jsonl");
+  EXPECT_TRUE(std::filesystem::exists(AuditDir() + "/audit-000001.jsonl"));
+  const std::vector<core::AuditRecord> records = TrailRecords(token_.config_path());
+  const core::AuditRecord* said = nullptr;
+  const core::AuditRecord* undone = nullptr;
+  for (const auto& r : records) {
+    if (r.event.action != "audit.prune") continue;
+    if (r.event.result == core::AuditResult::kOk) said = &r;
+    if (r.event.result == core::AuditResult::kError) undone = &r;
+  }
+  ASSERT_NE(said, nullptr);
+  ASSERT_NE(undone, nullptr) << "the log claims a prune that did not happen";
+  EXPECT_GT(undone->seq, said->seq);
+  EXPECT_EQ(undone->event.request_id, said->event.request_id);
+  EXPECT_NE(undone->event.detail.find("did not finish"), std::string::npos) << undone->event.detail;
+  EXPECT_NE(undone->event.error.find("audit-000001.jsonl"), std::string::npos) << undone->event.error;
+  EXPECT_EQ(Cli({"audit", "verify"}).exit_code, 0);
+  // Without the fault, the next run removes what the first meant to.
+  auto again = Cli({"audit", "prune", "--before", cutoff});
+  ASSERT_EQ(again.exit_code, 0) << again.err;
+  EXPECT_NE(again.out.find("pruned seq 1 to "), std::string::npos) << again.out;
+  EXPECT_FALSE(std::filesystem::exists(AuditDir() + "/audit-000001.jsonl"));
+  auto verify = Cli({"audit", "verify"});
+  EXPECT_EQ(verify.exit_code, 0) << verify.err;
+  EXPECT_NE(verify.out.find("the records before it were pruned"), std::string::npos) << verify.out;
 }
 
 // The audit trail in PostgreSQL, always (also in the first run): each
