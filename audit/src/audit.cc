@@ -627,7 +627,7 @@ Result<std::vector<AuditRecord>> ReadAuditLog(const std::string& dir) {
         auto r = ParseAuditRecord(l.text);
         if (r) out.push_back(std::move(*r));
       },
-      nullptr));
+      nullptr, /*listed=*/true));
   return out;
 }
 
@@ -692,13 +692,14 @@ Result<uint64_t> AuditStorage::Prune(const std::string& /*chain*/, uint64_t /*th
 
 Result<AuditVerifyReport> VerifyAuditLog(const AuditVerifyOptions& o) {
   std::vector<std::string> files = o.files;
-  if (files.empty()) {
+  const bool listed = files.empty();  // named by the caller: each must be there
+  if (listed) {
     for (const auto& s : AuditSegments(o.dir)) files.push_back(o.dir + "/" + s);
   }
   if (files.empty()) return Error(Category::kNotFound, "audit log: no segments in " + o.dir);
   std::vector<AuditChainLine> lines;
   bool torn = false;
-  Status read = ReadAuditFiles(files, [&](AuditChainLine&& l) { lines.push_back(std::move(l)); }, &torn);
+  Status read = ReadAuditFiles(files, [&](AuditChainLine&& l) { lines.push_back(std::move(l)); }, &torn, listed);
   if (!read.ok()) {
     if (read.error().category() != Category::kIntegrity) return read.error();
     AuditVerifyReport rep;

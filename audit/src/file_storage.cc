@@ -375,7 +375,7 @@ Status FileStorage::Append(std::chrono::steady_clock::time_point deadline, const
 Status FileStorage::Read(const std::string& /*chain*/, const std::function<void(AuditChainLine&&)>& each, bool* torn) {
   std::vector<std::string> files;
   for (const auto& s : AuditSegments(dir_)) files.push_back(dir_ + "/" + s);
-  return ReadAuditFiles(files, each, torn);
+  return ReadAuditFiles(files, each, torn, /*listed=*/true);
 }
 
 Result<std::optional<std::pair<uint64_t, std::string>>> FileStorage::Witness(const std::string& /*chain*/) {
@@ -516,11 +516,14 @@ std::vector<std::string> AuditSegments(const std::string& dir) {
 }
 
 Status ReadAuditFiles(const std::vector<std::string>& files, const std::function<void(AuditChainLine&&)>& each,
-                      bool* torn) {
+                      bool* torn, bool listed) {
   if (torn != nullptr) *torn = false;
+  bool opened_any = false;
   for (size_t fi = 0; fi < files.size(); ++fi) {
     FILE* f = std::fopen(files[fi].c_str(), "rb");
+    if (f == nullptr && errno == ENOENT && listed && !opened_any && fi + 1 < files.size()) continue;
     if (f == nullptr) return Error::Os(errno, "audit log: " + files[fi], Category::kNotFound);
+    opened_any = true;
     std::string data;
     char buf[65536];
     size_t n;

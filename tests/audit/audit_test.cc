@@ -23,6 +23,7 @@
 #include <sstream>
 #include <thread>
 
+#include "../../audit/src/audit_impl.h"  // ReadAuditFiles, for the reader racing a prune
 #include "../support/sealer_fixture.h"
 #include "custody/audit/audit.h"
 #include "custody/common/hex.h"
@@ -509,6 +510,33 @@ TEST_F(AuditPruneTest, APruneBesideAWriterThatKeepsAppendingLosesNothing) {
   EXPECT_TRUE(r.intact) << r.problem;
   EXPECT_EQ(r.first_seq, 7u);
   EXPECT_EQ(r.last_seq, seqs.back());
+}
+
+// A reader that listed the segments just before a prune removed the oldest
+// reads on from the first that is still there (the statement covers it);
+// a segment missing in the middle is still an error, and so is a file the
+// caller named that is not there.
+TEST_F(AuditPruneTest, AReaderRacingAPruneReadsOnFromTheFirstSegmentLeft) {
+  AppendPruneRecord(7, units_[5].last_hash);
+  std::vector<std::string> listed;
+  for (const auto& seg : AuditSegments(opts_.dir)) listed.push_back(opts_.dir + "/" + seg);
+  ASSERT_TRUE(log_->storage().Prune("", 6).ok());
+  std::vector<AuditChainLine> lines;
+  ASSERT_TRUE(ReadAuditFiles(listed, [&](AuditChainLine&& l) { lines.push_back(std::move(l)); }, nullptr,
+                             /*listed=*/true)
+                  .ok());
+  ASSERT_FALSE(lines.empty());
+  EXPECT_EQ(lines.front().where, "audit-000007.jsonl:1");
+  std::filesystem::remove(SegmentNo(9));
+  Status gap = ReadAuditFiles(listed, [](AuditChainLine&&) {}, nullptr, /*listed=*/true);
+  ASSERT_FALSE(gap.ok());
+  EXPECT_NE(gap.error().message().find("audit-000009.jsonl"), std::string::npos) << gap.error().message();
+  AuditVerifyOptions named;
+  named.files = {SegmentNo(1), SegmentNo(7)};
+  named.public_key_pem = pem_;
+  auto r = VerifyAuditLog(named);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().category(), Category::kNotFound);
 }
 
 TEST(AuditPruneStatement, IsFoundInADetailOnlyWhole) {
