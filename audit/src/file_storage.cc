@@ -478,22 +478,27 @@ Result<uint64_t> FileStorage::Prune(const std::string& /*chain*/, uint64_t throu
   Turn turn(lock_);
   const std::vector<std::string> below = SegmentsBeforeTheHead(dir_);
   uint64_t removed = 0;
+  // The removals made durable, also when a later one fails.
+  auto sync_folder = [&]() -> Status {
+    if (removed == 0) return Status::Ok();
+    int d = ::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (d < 0) return Error::Os(errno, "audit log: " + dir_);
+    Status s = Fsync(d, dir_);
+    ::close(d);
+    return s;
+  };
   for (const auto& u : doomed) {
     if (std::find(below.begin(), below.end(), u.name) == below.end()) break;
     const std::string path = dir_ + "/" + u.name;
     if (::unlink(path.c_str()) != 0) {
       if (errno == ENOENT) continue;  // another prune took it
-      return Error::Os(errno, "audit log: removing " + path);
+      Error e = Error::Os(errno, "audit log: removing " + path);
+      (void)sync_folder();
+      return e;
     }
     removed += u.last_seq - u.first_seq + 1;
   }
-  if (removed > 0) {
-    int d = ::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (d < 0) return Error::Os(errno, "audit log: " + dir_);
-    Status s = Fsync(d, dir_);
-    ::close(d);
-    CUSTODY_RETURN_IF_ERROR(s);
-  }
+  CUSTODY_RETURN_IF_ERROR(sync_folder());
   return removed;
 }
 

@@ -1315,7 +1315,11 @@ Status AuditPrune(const Globals& g, const AuditPruneArgs& a) {
       after.result = core::AuditResult::kError;
       after.error = e.message();
       after.detail = "the prune recorded just before did not finish";
-      (void)o.audit->Append(after);
+      auto noted = o.audit->Append(after);
+      if (!noted) {
+        return Error(e.category(), e.message() + " (and the record saying the prune did not finish could not be "
+                                                 "written: " + noted.error().message() + ")");
+      }
       return e;
     };
     std::pair<uint64_t, std::string> covers;

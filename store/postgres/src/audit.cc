@@ -242,19 +242,28 @@ Status PgAuditStorage::Read(const std::string& chain, const std::function<void(A
   if (torn != nullptr) *torn = false;  // a transaction leaves no partial record
   Session s(store_);
   if (!s.ok()) return s.error();
-  // In pages by seq, so a long trail is never one result in memory.
+  // In pages by seq, so a long trail is never one result in memory; all
+  // pages from one snapshot, so a prune deleting old rows in batches
+  // meanwhile cannot make the chain look cut in the middle.
+  CUSTODY_RETURN_IF_ERROR(s.Exec("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"));
   constexpr int64_t kPage = 5000;
   int64_t after = -1;
   const std::string who = "node " + EscapeUntrusted(chain, 64) + " row ";
   for (;;) {
-    CUSTODY_ASSIGN_OR_RETURN(Res r, s.Run("SELECT seq, line FROM audit_records WHERE node = $1 AND seq > $2 "
-                                          "ORDER BY seq LIMIT $3",
-                                          Params().Add(chain).Add(after).Add(kPage)));
-    for (int i = 0; i < r.rows(); ++i) {
-      after = r.Int(i, 0);
-      each({who + std::to_string(after), r.Text(i, 1)});
+    auto r = s.Run("SELECT seq, line FROM audit_records WHERE node = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                   Params().Add(chain).Add(after).Add(kPage));
+    if (!r) {
+      s.Rollback();
+      return std::move(r).error();
     }
-    if (r.rows() < kPage) return Status::Ok();
+    for (int i = 0; i < r->rows(); ++i) {
+      after = r->Int(i, 0);
+      each({who + std::to_string(after), r->Text(i, 1)});
+    }
+    if (r->rows() < kPage) {
+      s.Rollback();  // nothing was written: ending it either way is the same
+      return Status::Ok();
+    }
   }
 }
 
