@@ -419,6 +419,8 @@ TEST_F(AuditCliTest, PruneRemovesSignedSegmentsOlderThanBeforeAndTheRestStillVer
   ExpectOneLine(Cli({"audit", "prune", "--before", "2099-01-01"}), 64, "--before '2099-01-01' is in the future");
   ExpectOneLine(Cli({"audit", "prune", "--before", "yesterday"}), 64, "--before 'yesterday' is not a date");
   ExpectOneLine(Cli({"audit", "prune", "--before", "999999999999999d"}), 64, "--before '999999999999999d' is not a date");
+  ExpectOneLine(Cli({"audit", "prune", "--before", "2026-01-01\xff"}), 64, "--before");
+  ExpectOneLine(Cli({"audit", "prune", "--before", std::string(100000, '9') + "d"}), 64, "--before");
   // A segment removed by hand is a deletion: verify says so, and prune
   // will not remove more of a log that does not verify.
   std::vector<std::string> names;

@@ -1192,19 +1192,6 @@ Status AuditCheckpoint(const Globals& g) {
   }());
 }
 
-namespace {
-
-std::string UtcTime(int64_t unix_time) {
-  std::time_t t = static_cast<std::time_t>(unix_time);
-  std::tm tm{};
-  gmtime_r(&t, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return buf;
-}
-
-}  // namespace
-
 Status AuditPrune(const Globals& g, const AuditPruneArgs& a) {
   CUSTODY_RETURN_IF_ERROR(CheckArgText("--before", a.before));
   CUSTODY_ASSIGN_OR_RETURN(int64_t before, ParseSince(a.before, "--before"));
@@ -1247,7 +1234,7 @@ Status AuditPrune(const Globals& g, const AuditPruneArgs& a) {
     std::vector<std::string> names;  // the file log's segments, for the listing
     CUSTODY_RETURN_IF_ERROR(o.audit->storage().ScanPruneUnits(chain, [&](const core::AuditPruneUnit& u) {
       if (u.newest_unix_time >= before) {
-        stop = u.name + " has records from " + UtcTime(u.newest_unix_time);
+        stop = u.name + " has records from " + FormatUtc(u.newest_unix_time);
         return false;
       }
       if (u.last_seq > signed_through) {
@@ -1266,7 +1253,7 @@ Status AuditPrune(const Globals& g, const AuditPruneArgs& a) {
     if (stop.empty()) {
       stop = in_store ? "the newest record always stays" : "the newest segment holding records always stays";
     }
-    const std::string cutoff = UtcTime(before);
+    const std::string cutoff = FormatUtc(before);
     if (units == 0) {
       o.ev.detail += "; nothing before " + cutoff + " to prune";
       if (g.json) {

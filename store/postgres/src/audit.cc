@@ -54,6 +54,24 @@ std::string IntArray(const std::vector<AuditLine>& lines) {
   return out;
 }
 
+// `chain`'s records with seq below `below`, in seq order, to `each` until
+// it returns false: in pages, so a long trail is never one result in memory.
+Status ReadRows(Session& s, const std::string& chain, int64_t below,
+                const std::function<bool(int64_t seq, std::string line)>& each) {
+  constexpr int64_t kPage = 5000;
+  int64_t after = -1;
+  for (;;) {
+    CUSTODY_ASSIGN_OR_RETURN(Res r, s.Run("SELECT seq, line FROM audit_records WHERE node = $1 AND seq > $2 "
+                                          "AND seq < $3 ORDER BY seq LIMIT $4",
+                                          Params().Add(chain).Add(after).Add(below).Add(kPage)));
+    for (int i = 0; i < r.rows(); ++i) {
+      after = r.Int(i, 0);
+      if (!each(after, r.Text(i, 1))) return Status::Ok();
+    }
+    if (r.rows() < kPage) return Status::Ok();
+  }
+}
+
 class PgAuditStorage final : public AuditStorage {
  public:
   PgAuditStorage(PgStore& store, std::string node, std::chrono::milliseconds timeout)
@@ -242,29 +260,16 @@ Status PgAuditStorage::Read(const std::string& chain, const std::function<void(A
   if (torn != nullptr) *torn = false;  // a transaction leaves no partial record
   Session s(store_);
   if (!s.ok()) return s.error();
-  // In pages by seq, so a long trail is never one result in memory; all
-  // pages from one snapshot, so a prune deleting old rows in batches
+  // All pages from one snapshot, so a prune deleting old rows in batches
   // meanwhile cannot make the chain look cut in the middle.
   CUSTODY_RETURN_IF_ERROR(s.Exec("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"));
-  constexpr int64_t kPage = 5000;
-  int64_t after = -1;
   const std::string who = "node " + EscapeUntrusted(chain, 64) + " row ";
-  for (;;) {
-    auto r = s.Run("SELECT seq, line FROM audit_records WHERE node = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-                   Params().Add(chain).Add(after).Add(kPage));
-    if (!r) {
-      s.Rollback();
-      return std::move(r).error();
-    }
-    for (int i = 0; i < r->rows(); ++i) {
-      after = r->Int(i, 0);
-      each({who + std::to_string(after), r->Text(i, 1)});
-    }
-    if (r->rows() < kPage) {
-      s.Rollback();  // nothing was written: ending it either way is the same
-      return Status::Ok();
-    }
-  }
+  Status read = ReadRows(s, chain, INT64_MAX, [&](int64_t seq, std::string line) {
+    each({who + std::to_string(seq), std::move(line)});
+    return true;
+  });
+  s.Rollback();  // nothing was written: ending it either way is the same
+  return read;
 }
 
 Result<std::optional<std::pair<uint64_t, std::string>>> PgAuditStorage::Witness(const std::string& chain) {
@@ -278,39 +283,30 @@ Result<std::optional<std::pair<uint64_t, std::string>>> PgAuditStorage::Witness(
   return out;
 }
 
-// A row is a unit: nothing forces a coarser cut. Read in pages by seq, so a
-// long trail is never one result in memory.
+// A row is a unit: nothing forces a coarser cut.
 Status PgAuditStorage::ScanPruneUnits(const std::string& chain,
                                       const std::function<bool(const AuditPruneUnit&)>& each) {
   Session s(store_);
   if (!s.ok()) return s.error();
   CUSTODY_ASSIGN_OR_RETURN(Res h, s.Run("SELECT seq FROM audit_heads WHERE node = $1", Params().Add(chain)));
   if (h.rows() != 1) return Status::Ok();
-  const int64_t head = h.Int(0, 0);
-  constexpr int64_t kPage = 5000;
-  int64_t after = -1;
-  for (;;) {
-    CUSTODY_ASSIGN_OR_RETURN(Res r, s.Run("SELECT seq, line FROM audit_records WHERE node = $1 AND seq > $2 "
-                                          "AND seq < $3 ORDER BY seq LIMIT $4",
-                                          Params().Add(chain).Add(after).Add(head).Add(kPage)));
-    for (int i = 0; i < r.rows(); ++i) {
-      after = r.Int(i, 0);
-      const std::string line = r.Text(i, 1);
-      auto rec = ParseAuditRecord(line);
-      if (!rec) {
-        return Error(Category::kIntegrity, Describe() + ": node " + EscapeUntrusted(chain, 64) + " row " +
-                                               std::to_string(after) + ": " + rec.error().message());
-      }
-      AuditPruneUnit u;
-      u.name = "record " + std::to_string(rec->seq);
-      u.first_seq = u.last_seq = rec->seq;
-      u.last_hash = rec->hash;
-      u.newest_unix_time = rec->unix_time;
-      u.bytes = line.size();
-      if (!each(u)) return Status::Ok();
+  Status damaged = Status::Ok();
+  CUSTODY_RETURN_IF_ERROR(ReadRows(s, chain, h.Int(0, 0), [&](int64_t seq, std::string line) {
+    auto rec = ParseAuditRecord(line);
+    if (!rec) {
+      damaged = Error(Category::kIntegrity, Describe() + ": node " + EscapeUntrusted(chain, 64) + " row " +
+                                                std::to_string(seq) + ": " + rec.error().message());
+      return false;
     }
-    if (r.rows() < kPage) return Status::Ok();
-  }
+    AuditPruneUnit u;
+    u.name = "record " + std::to_string(rec->seq);
+    u.first_seq = u.last_seq = rec->seq;
+    u.last_hash = rec->hash;
+    u.newest_unix_time = rec->unix_time;
+    u.bytes = line.size();
+    return each(u);
+  }));
+  return damaged;
 }
 
 Result<uint64_t> PgAuditStorage::Prune(const std::string& chain, uint64_t through_seq) {
